@@ -1,0 +1,249 @@
+"""KL estimators between the policy π_θ and the reference π_ref, and where they go.
+
+Pure torch (STYLE.md §1). Sources: Schulman, "Approximating KL Divergence" (2020) for k1/k2/k3;
+Amini et al. 2025 (arXiv:2504.10637) for the Rao-Blackwellised exact estimator; MATH.md §2–3 for
+the value-versus-gradient table that ``ESTIMATORS`` encodes and the tests check numerically.
+
+Samples are always drawn from π_θ (or from π_old in off-policy inner epochs). Per sampled token,
+``lr_t = logps_t - ref_logps_t``; with r_t = π_ref/π_θ = exp(-lr_t):
+
+=========  ==================================  ==================================
+estimator  reverse KL[π_θ‖π_ref] per token     forward KL[π_ref‖π_θ] per token
+=========  ==================================  ==================================
+k1         lr                                  r·(-lr)               (importance-weighted k1)
+k2         lr²/2                               r·lr²/2               (importance-weighted k2)
+k3         r - 1 - log r = e^{-lr} - 1 + lr     r·log r - (r - 1)
+exact      Σ_v π_θ (log π_θ - log π_ref)        Σ_v π_ref (log π_ref - log π_θ)
+=========  ==================================  ==================================
+
+Names of reductions are distinct on purpose (MATH.md §2): ``seq_sum`` is the sequence KL that
+Ziegler, Stiennon and the DPO paper's Figure 2 report; ``token_mean`` is a different quantity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, NamedTuple, Optional
+
+import torch
+
+from .logprobs import exact_kl_from_logits
+
+Estimator = Literal["k1", "k2", "k3", "exact"]
+Direction = Literal["reverse", "forward"]
+Placement = Literal["reward", "loss", "loss_is"]
+ESTIMATOR_NAMES: tuple[str, ...] = ("k1", "k2", "k3", "exact")
+
+
+@dataclass(frozen=True)
+class EstimatorInfo:
+    """What an estimator's value and gradient are, per placement (MATH.md §3, on-policy).
+
+    Placements: ``reward`` — the detached per-token value is subtracted from the reward and reaches
+    θ through the score-function (policy-gradient) estimator; ``loss`` — the value is added to the
+    loss and differentiated by autograd with the samples held fixed; ``loss_is`` — the same, times
+    the importance weight π_θ/π_old (old detached), as needed off-policy.
+    """
+
+    name: str
+    value: str  # what E_{π_θ}[value] equals
+    grad_reward: str
+    grad_loss: str
+    grad_loss_is: str
+
+
+ESTIMATORS: dict[str, EstimatorInfo] = {
+    "k1": EstimatorInfo(
+        "k1",
+        value="unbiased for KL[π_θ‖π_ref]; can be negative per sample; highest variance",
+        grad_reward="∇ KL[π_θ‖π_ref] (correct)",
+        grad_loss="0 in expectation: no regularisation at all",
+        grad_loss_is="∇ KL[π_θ‖π_ref] (correct)",
+    ),
+    "k2": EstimatorInfo(
+        "k2",
+        value="biased: E[lr²/2] ≥ 0, ≈ KL only when π_θ is close to π_ref; low variance",
+        grad_reward="∇ of the wrong objective (k2 is not an unbiased value)",
+        grad_loss="∇ KL[π_θ‖π_ref] (correct, on-policy: ∇E[lr²/2] pathwise = E[lr ∇logπ])",
+        grad_loss_is="∇ E_{π_θ}[lr²/2] — biased (differentiates the biased value)",
+    ),
+    "k3": EstimatorInfo(
+        "k3",
+        value="unbiased for KL[π_θ‖π_ref]; ≥ 0; low variance near π_ref",
+        grad_reward="∇ KL[π_θ‖π_ref] - ∇ KL[π_ref‖π_θ] (biased)",
+        grad_loss="∇ KL[π_ref‖π_θ]: the forward KL (GRPO, DeepSeekMath Eq. 3)",
+        grad_loss_is="∇ KL[π_θ‖π_ref] (correct; DeepSeek-V3.2 / TRL use_bias_correction_kl)",
+    ),
+    "exact": EstimatorInfo(
+        "exact",
+        value="unbiased for KL[π_θ‖π_ref] (Rao-Blackwellised k1); ≥ 0 per token; lowest variance",
+        grad_reward="∇ KL[π_θ‖π_ref] (correct)",
+        grad_loss="Σ_t ∇ KL_t with states held fixed: misses early tokens' effect on later states "
+        "(Tang & Munos, arXiv:2506.09477); add k1 reward-to-go for the full gradient",
+        grad_loss_is="as 'loss', with the sampled-state weighting corrected to π_θ",
+    ),
+}
+
+
+def log_ratio(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """lr_t = log π_θ(y_t|s_t) - log π_ref(y_t|s_t) in fp32. (B, T), (B, T) -> (B, T)."""
+    return logps.float() - ref_logps.float()
+
+
+def k1(lr: torch.Tensor) -> torch.Tensor:
+    """k1 = lr (Schulman 2020). Unbiased for the reverse KL; sign-indefinite."""
+    return lr
+
+
+def k2(lr: torch.Tensor) -> torch.Tensor:
+    """k2 = lr²/2 (Schulman 2020). Biased value; its on-policy autograd gradient is unbiased."""
+    return 0.5 * lr * lr
+
+
+def k3(lr: torch.Tensor) -> torch.Tensor:
+    """k3 = (r - 1) - log r with r = exp(-lr) (Schulman 2020). Unbiased, ≥ 0.
+
+    Written as expm1(-lr) + lr for accuracy near lr = 0.
+    """
+    return torch.expm1(-lr) + lr
+
+
+def forward_k1(lr: torch.Tensor) -> torch.Tensor:
+    """Importance-weighted k1 for KL[π_ref‖π_θ] from π_θ samples: r·log r, r = exp(-lr)."""
+    return torch.exp(-lr) * (-lr)
+
+
+def forward_k2(lr: torch.Tensor) -> torch.Tensor:
+    """Importance-weighted k2 for KL[π_ref‖π_θ] from π_θ samples: r·lr²/2 (biased like k2)."""
+    return torch.exp(-lr) * 0.5 * lr * lr
+
+
+def forward_k3(lr: torch.Tensor) -> torch.Tensor:
+    """r·log r - (r - 1) with r = exp(-lr): unbiased for KL[π_ref‖π_θ] from π_θ samples, ≥ 0."""
+    r = torch.exp(-lr)
+    return r * (-lr) - torch.expm1(-lr)
+
+
+_SAMPLED = {
+    ("k1", "reverse"): k1,
+    ("k2", "reverse"): k2,
+    ("k3", "reverse"): k3,
+    ("k1", "forward"): forward_k1,
+    ("k2", "forward"): forward_k2,
+    ("k3", "forward"): forward_k3,
+}
+
+
+class KLTokens(NamedTuple):
+    """Per-token KL values and what happened to them."""
+
+    per_token: torch.Tensor  # (B, T) fp32, zero where mask is False
+    clamped_frac: torch.Tensor  # () fp32, fraction of counted tokens whose input or output was clamped
+
+
+def kl_per_token(
+    logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    estimator: Estimator = "k1",
+    direction: Direction = "reverse",
+    logits: Optional[torch.Tensor] = None,
+    ref_logits: Optional[torch.Tensor] = None,
+    clamp_input: Optional[float] = None,
+    clamp_output: Optional[float] = None,
+) -> KLTokens:
+    """Per-token KL estimate for the sampled completion tokens.
+
+    Args:
+        logps, ref_logps: (B, T) log-probs of the sampled tokens under π_θ and π_ref.
+        mask: (B, T) bool, True where the token counts.
+        estimator: k1 | k2 | k3 | exact (see module docstring and ``ESTIMATORS``).
+        direction: ``reverse`` = KL[π_θ‖π_ref] (the RLHF penalty), ``forward`` = KL[π_ref‖π_θ].
+        logits, ref_logits: (B, T, V) logits at the same positions; required for ``exact``.
+        clamp_input: clamp lr to [-c, c] before the estimator (verl uses 20 for k3).
+        clamp_output: clamp the value to [-c, c] (verl/OpenRLHF use 10). Clamping zeroes the
+            gradient of the clamped tokens, so the clamped fraction is reported.
+    Returns:
+        ``KLTokens(per_token (B, T) fp32, clamped_frac ())``.
+    """
+    mask = mask.bool()
+    clamped = torch.zeros_like(mask)
+    if estimator == "exact":
+        if logits is None or ref_logits is None:
+            raise ValueError("estimator='exact' needs the full logits of policy and reference (logits=, ref_logits=)")
+        if direction == "reverse":
+            vals = exact_kl_from_logits(logits, ref_logits)
+        else:
+            vals = exact_kl_from_logits(ref_logits, logits)
+    else:
+        key = (estimator, direction)
+        if key not in _SAMPLED:
+            raise ValueError(f"unknown estimator {estimator!r} / direction {direction!r}; choose from {ESTIMATOR_NAMES}")
+        lr = log_ratio(logps, ref_logps)
+        if clamp_input is not None:
+            clamped = clamped | (lr.abs() > clamp_input)
+            lr = lr.clamp(-clamp_input, clamp_input)
+        vals = _SAMPLED[key](lr)
+    if clamp_output is not None:
+        clamped = clamped | (vals.abs() > clamp_output)
+        vals = vals.clamp(-clamp_output, clamp_output)
+    vals = vals.masked_fill(~mask, 0.0)
+    n = mask.sum().clamp(min=1)
+    return KLTokens(vals, (clamped & mask).sum().float() / n)
+
+
+def seq_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sequence sum over counted tokens: (B, T) -> (B,). The sequence KL of MATH.md §2."""
+    return (values * mask).sum(-1)
+
+
+def token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over all counted tokens of the batch: (B, T) -> (). Not the sequence KL."""
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def importance_weight(logps: torch.Tensor, old_logps: torch.Tensor) -> torch.Tensor:
+    """π_θ/π_old per token, with π_old detached: equals 1 in value on-policy, carries ∇ log π_θ."""
+    return torch.exp(logps.float() - old_logps.detach().float())
+
+
+def kl_loss_term(
+    logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    estimator: Estimator,
+    old_logps: Optional[torch.Tensor] = None,
+    logits: Optional[torch.Tensor] = None,
+    ref_logits: Optional[torch.Tensor] = None,
+    clamp_input: Optional[float] = None,
+    clamp_output: Optional[float] = None,
+) -> KLTokens:
+    """The KL placed in the loss, per token (placement ``loss`` or, with ``old_logps``, ``loss_is``).
+
+    Returns the per-token term to be *added* to the loss (multiplied by β by the caller), with
+    gradients through ``logps`` (and ``logits`` for exact). With ``old_logps`` each token is weighted
+    by π_θ/π_old (detached denominator), which makes k1 and k3 unbiased for ∇KL[π_θ‖π_ref] and
+    is required when samples come from π_old (MATH.md §3). The gradient each choice gives is in
+    ``ESTIMATORS[estimator]``.
+    """
+    out = kl_per_token(
+        logps, ref_logps.detach(), mask, estimator=estimator, direction="reverse",
+        logits=logits, ref_logits=None if ref_logits is None else ref_logits.detach(),
+        clamp_input=clamp_input, clamp_output=clamp_output,
+    )
+    vals = out.per_token
+    if old_logps is not None:
+        vals = importance_weight(logps, old_logps) * vals
+    return KLTokens(vals.masked_fill(~mask.bool(), 0.0), out.clamped_frac)
+
+
+def kl_reward_penalty(kl_tokens: torch.Tensor, mask: torch.Tensor, *, beta: float) -> torch.Tensor:
+    """Per-token rewards from the KL placed in the reward (placement ``reward``): -β·sg(kl_t).
+
+    MATH.md §1: ``rewards_t = -β·kl_t`` on every completion token; the caller adds the sequence
+    score at the last token. The value is detached, so θ receives the KL only through the
+    policy-gradient estimator — which is what makes k1 (and exact) unbiased here.
+    """
+    return (-beta * kl_tokens.detach().float()).masked_fill(~mask.bool(), 0.0)

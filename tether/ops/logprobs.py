@@ -1,0 +1,138 @@
+"""Per-token log-probabilities, entropies and exact KLs from logits, in fp32, chunked.
+
+Pure torch. Every function here takes logits of shape (B, T, V) (any float dtype) and never
+materialises a second (B, T, V) float32 tensor: rows are processed in chunks of ``chunk_size``
+positions, and when gradients are needed each chunk is wrapped in activation checkpointing, so what
+autograd keeps between forward and backward is the (already existing) logits, not one fp32 copy
+per chunk. The backward pass necessarily produces one (B, T, V) gradient for the logits.
+
+Conventions (STYLE.md §4): ``mask`` is True where a token counts; results are float32.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+DEFAULT_CHUNK = 1024  # positions per chunk: 1024 x 150k vocab x 4 B = 600 MB transient at most
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])  # (B*T, V)
+
+
+def _chunked(fn: Callable[..., torch.Tensor], tensors: list[torch.Tensor], chunk_size: int) -> torch.Tensor:
+    """Apply ``fn`` row-chunk by row-chunk to flattened (N, ...) tensors and concatenate.
+
+    With autograd on, each chunk runs under non-reentrant checkpointing: the chunk's fp32
+    intermediates are recomputed in backward instead of stored.
+    """
+    n = tensors[0].shape[0]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    outs = []
+    for start in range(0, n, chunk_size):
+        parts = [t[start : start + chunk_size] for t in tensors]
+        if needs_grad:
+            outs.append(checkpoint(fn, *parts, use_reentrant=False))
+        else:
+            outs.append(fn(*parts))
+    if not outs:
+        return tensors[0].new_zeros((0,), dtype=torch.float32)
+    return torch.cat(outs, dim=0)
+
+
+def _gather_logp(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    logits = logits.float()  # (n, V)
+    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (n,)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def selective_logps(logits: torch.Tensor, tokens: torch.Tensor, *, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """log softmax(logits)[..., tokens] in fp32.
+
+    Args:
+        logits: (B, T, V) next-token logits, position t scoring ``tokens[:, t]``.
+        tokens: (B, T) int64 token ids.
+    Returns:
+        (B, T) float32 log-probabilities. Equal in value and gradient to
+        ``logits.float().log_softmax(-1).gather(-1, tokens[..., None])[..., 0]``.
+    """
+    if logits.shape[:-1] != tokens.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)} disagree on (B, T)")
+    out = _chunked(_gather_logp, [_rows(logits), tokens.reshape(-1)], chunk_size)
+    return out.reshape(tokens.shape)
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    logp = F.log_softmax(logits.float(), dim=-1)  # (n, V)
+    p = logp.exp()
+    # Filtered-out tokens have logp = -inf and p = 0: 0·log 0 = 0, and zeroing the input (not the
+    # output) keeps the backward free of 0·inf = nan.
+    logp = logp.masked_fill(p == 0, 0.0)
+    return -(p * logp).sum(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor, *, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Per-position entropy H[softmax(logits)] in nats. (B, T, V) -> (B, T) float32."""
+    out = _chunked(_entropy, [_rows(logits)], chunk_size)
+    return out.reshape(logits.shape[:-1])
+
+
+def _kl_rows(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    logp = F.log_softmax(p_logits.float(), dim=-1)  # (n, V)
+    logq = F.log_softmax(q_logits.float(), dim=-1)  # (n, V)
+    p = logp.exp()
+    outside = p == 0  # tokens p never samples (e.g. removed by top-k) contribute 0, whatever q says
+    diff = (logp - logq).masked_fill(outside, 0.0)
+    return (p * diff).sum(-1)
+
+
+def exact_kl_from_logits(
+    p_logits: torch.Tensor, q_logits: torch.Tensor, *, chunk_size: int = DEFAULT_CHUNK
+) -> torch.Tensor:
+    """Exact per-position KL[p‖q] = Σ_v p(v) (log p(v) - log q(v)) over the full vocabulary.
+
+    This is the Rao-Blackwellised per-token KL (MATH.md §2, Amini et al. 2025): for states s_t
+    sampled from π_θ, its sequence sum is an unbiased, lowest-variance estimate of the sequence KL.
+
+    Args:
+        p_logits, q_logits: (B, T, V) logits of the two next-token distributions at each position.
+    Returns:
+        (B, T) float32, ≥ 0 up to rounding.
+    """
+    if p_logits.shape != q_logits.shape:
+        raise ValueError(
+            f"cannot compare distributions of shape {tuple(p_logits.shape)} and {tuple(q_logits.shape)}: "
+            "policy and reference must share the vocabulary"
+        )
+    out = _chunked(_kl_rows, [_rows(p_logits), _rows(q_logits)], chunk_size)
+    return out.reshape(p_logits.shape[:-1])
+
+
+def apply_sampling_filters(
+    logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> torch.Tensor:
+    """Logits of the distribution actually sampled from: divide by temperature, then drop tokens
+    outside top-k / the top-p nucleus (set to -inf), as transformers' warpers do.
+
+    Scoring a sample's log-prob (and its KL) must use the same transformation that generated it,
+    otherwise the "policy" in KL[π‖π_ref] is not the one the samples came from (MATH.md §3, last
+    paragraph). (..., V) -> (..., V), same dtype.
+    """
+    if temperature <= 0:
+        raise ValueError("temperature must be > 0 (use a small value for near-greedy sampling)")
+    out = logits / temperature if temperature != 1.0 else logits
+    if top_k and top_k > 0 and top_k < out.shape[-1]:
+        kth = torch.topk(out, top_k, dim=-1).values[..., -1:]
+        out = out.masked_fill(out < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(out, dim=-1, descending=False)
+        cum = sorted_logits.float().softmax(-1).cumsum(-1)
+        drop_sorted = cum <= (1 - top_p)
+        drop_sorted[..., -1:] = False  # always keep the most likely token
+        drop = drop_sorted.scatter(-1, idx, drop_sorted)
+        out = out.masked_fill(drop, float("-inf"))
+    return out
