@@ -1,0 +1,1 @@
+"""One module per ``tether`` command, each with ``main(argv) -> int``."""

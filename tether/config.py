@@ -1,0 +1,154 @@
+"""Typed configs: dataclasses loadable from YAML and overridable from the command line.
+
+``parse_config(Cls, argv)`` reads ``--config FILE.yaml`` (optional), then applies ``--field value``
+overrides for any field of ``Cls``. The docstring written under each field is its ``--help`` text.
+Unknown keys (in YAML or on the command line) are errors that name the key and list the fields.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import sys
+import textwrap
+import types
+import typing
+from pathlib import Path
+from typing import Any, Optional, Sequence, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Map field name -> the string literal written under it in the class body (and its bases)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                    if isinstance(nxt.value.value, str):
+                        docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _base_type(tp: Any) -> Any:
+    """Optional[X] / X | None -> X."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def coerce(name: str, tp: Any, value: Any) -> Any:
+    """Convert a YAML/CLI value to the field's type, with an error naming the field."""
+    if value is None:
+        return None
+    base = _base_type(tp)
+    if isinstance(value, str) and value.lower() in ("none", "null") and base is not str:
+        return None
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            s = str(value).lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if base is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if base is float:
+            return float(value)
+        if base is str:
+            return str(value)
+        if base is list or typing.get_origin(base) is list:
+            if isinstance(value, str):
+                parsed = yaml.safe_load(value) if value.strip().startswith("[") else [
+                    yaml.safe_load(v) for v in value.split(",") if v.strip()
+                ]
+                return list(parsed)
+            return list(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"config field {name!r}: cannot read {value!r} as {getattr(base, '__name__', base)}") from None
+    return value
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def from_dict(cls: type[T], data: dict, *, source: str = "config") -> T:
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{source}: unknown field(s) {unknown}; {cls.__name__} has: {', '.join(sorted(names))}")
+    hints = _hints(cls)
+    return cls(**{k: coerce(k, hints[k], v) for k, v in data.items()})  # type: ignore[call-arg]
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def load_config(cls: type[T], path: str | Path) -> T:
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file must be a YAML mapping of field: value")
+    return from_dict(cls, data, source=str(path))
+
+
+def build_parser(cls: type, *, prog: str, description: str = "", extra: Sequence[tuple] = ()) -> argparse.ArgumentParser:
+    docs = field_docs(cls)
+    parser = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", help="YAML file of field: value; command-line flags override it")
+    for args, kwargs in extra:
+        parser.add_argument(*args, **kwargs)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+        )
+        help_text = docs.get(f.name, "")
+        parser.add_argument(f"--{f.name}", dest=f.name, metavar="V", help=f"{help_text} (default: {default!r})")
+    return parser
+
+
+def parse_config(
+    cls: type[T], argv: Optional[Sequence[str]] = None, *, prog: str = "tether", description: str = "",
+    extra: Sequence[tuple] = (),
+) -> tuple[T, argparse.Namespace]:
+    """YAML (``--config``) then command-line overrides -> a ``cls`` instance, plus the parsed namespace
+    (for ``extra`` arguments that are not config fields, such as ``--resume``)."""
+    parser = build_parser(cls, prog=prog, description=description, extra=extra)
+    ns = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    data: dict = {}
+    if getattr(ns, "config", None):
+        data.update(yaml.safe_load(Path(ns.config).read_text()) or {})
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for k, v in vars(ns).items():
+        if k in names:
+            data[k] = v
+    try:
+        cfg = from_dict(cls, data, source=getattr(ns, "config", None) or "command line")
+    except (ValueError, TypeError) as e:
+        parser.error(str(e))
+    return cfg, ns

@@ -1,0 +1,93 @@
+"""Several processes: data parallelism with torch.distributed, launched by ``accelerate launch`` or
+``torchrun`` (both set RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT).
+
+Exactness rule (STYLE.md §6c): every process computes its shard's loss *sum* divided by the
+**global** normaliser (token or sequence count over all processes and micro-batches), and gradients
+are all-reduced with SUM. The result equals the single-process full-batch gradient up to float
+summation order, which is what the 2-process == 1-process test checks. Metrics are reduced here
+and nowhere else.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+
+
+class Dist:
+    """Process-group facade; a single process behaves as world_size 1 with no communication."""
+
+    def __init__(self) -> None:
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
+        self.device = (
+            torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else torch.device("cpu")
+        )
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def shard(self, items: list) -> list:
+        """This process's contiguous slice of a global batch (sizes must divide exactly)."""
+        if len(items) % self.world_size:
+            raise ValueError(f"global batch of {len(items)} does not divide over {self.world_size} processes")
+        n = len(items) // self.world_size
+        return items[self.rank * n : (self.rank + 1) * n]
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            x = x.clone()
+            dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        return x
+
+    def sum_float(self, x: float) -> float:
+        return float(self.sum(torch.tensor(float(x), dtype=torch.float64)))
+
+    def all_gather_float(self, values: list[float]) -> list[float]:
+        """Concatenate equal-length lists of floats from every process (rank order)."""
+        if not self.enabled:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64)
+        out = [torch.zeros_like(t) for _ in range(self.world_size)]
+        dist.all_gather(out, t)
+        return [v for o in out for v in o.tolist()]
+
+    def sync_gradients(self, params: Iterable[torch.nn.Parameter]) -> None:
+        """All-reduce SUM of gradients (losses are already divided by global normalisers)."""
+        if not self.enabled:
+            return
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+
+    def broadcast_params(self, module: torch.nn.Module) -> None:
+        """Make every process start from rank 0's weights."""
+        if self.enabled:
+            for p in module.parameters():
+                dist.broadcast(p.data, src=0)
+
+    def reduce_metrics(self, sums: dict[str, float], counts: dict[str, float]) -> dict[str, float]:
+        """Global means: Σ_processes sums[k] / Σ_processes counts[k] (one all-reduce)."""
+        keys = sorted(sums)
+        t = torch.tensor([sums[k] for k in keys] + [counts[k] for k in keys], dtype=torch.float64)
+        t = self.sum(t)
+        n = len(keys)
+        return {k: (t[i] / t[n + i]).item() if t[n + i] > 0 else float("nan") for i, k in enumerate(keys)}
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,169 @@
+"""Hugging Face causal LMs as tether sees them: loading, tokenizers, batches, completion scoring.
+
+Layout of every scored batch (``CompletionBatch``): prompts left-padded to width P, completions
+right-padded to width T, concatenated to (B, P + T). Per-token tensors (``logps``, ``ref_logps``,
+``mask``...) are (B, T) and aligned with the completion tokens. Position ids are computed from the
+attention mask, so left padding does not shift positions (a model called without them numbers
+padded positions too, which changes its outputs).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from .ops.logprobs import apply_sampling_filters, selective_logps
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def load_tokenizer(path: str, *, padding_side: str = "left"):
+    """AutoTokenizer with a pad token guaranteed.
+
+    A tokenizer with no pad token (stories260K's, Llama's) gets ``pad_token = eos_token``. This is
+    safe in tether because padding is always tracked by masks, never by comparing ids to pad_id.
+    """
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ValueError(
+                f"tokenizer at {path} has neither a pad token nor an eos token; add one "
+                "(tokenizer.add_special_tokens({'pad_token': ...})) and resize the model's embeddings"
+            )
+        tok.pad_token = tok.eos_token
+        log.info("tokenizer has no pad token; using eos %r for padding (masks decide what counts)", tok.eos_token)
+    tok.padding_side = padding_side
+    return tok
+
+
+def load_causal_lm(path: str, *, dtype: str = "float32", device: str | torch.device = "cpu", **kwargs):
+    """AutoModelForCausalLM in eval mode on ``device``; ``dtype`` is a name from ``DTYPES``."""
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} not supported; choose from {sorted(DTYPES)}")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], **kwargs)
+    return model.to(device).eval()
+
+
+def vocab_size(model) -> int:
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def check_compatible(policy, reference, policy_tokenizer=None, reference_tokenizer=None) -> None:
+    """Raise a clear error when policy and reference cannot be compared token by token."""
+    vp, vr = vocab_size(policy), vocab_size(reference)
+    if vp != vr:
+        raise ValueError(
+            f"policy and reference have different vocabularies (output sizes {vp} vs {vr}): the KL and "
+            "log-ratios are only defined over a shared vocabulary; use a reference from the same model family "
+            "and tokenizer as the policy"
+        )
+    if policy_tokenizer is not None and reference_tokenizer is not None:
+        if policy_tokenizer.get_vocab() != reference_tokenizer.get_vocab():
+            raise ValueError(
+                "policy and reference tokenizers differ (same size, different token ids): token-level KL would "
+                "compare unrelated tokens; use the policy's tokenizer for both models"
+            )
+
+
+@dataclass
+class CompletionBatch:
+    """Left-padded prompts + right-padded completions.
+
+    input_ids: (B, P + T) long; attention_mask: (B, P + T) long; mask: (B, T) bool, True on counted
+    completion tokens; prompt_len: P.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    mask: torch.Tensor
+    prompt_len: int
+
+    @property
+    def completion_ids(self) -> torch.Tensor:
+        return self.input_ids[:, self.prompt_len :]  # (B, T)
+
+    def to(self, device) -> "CompletionBatch":
+        return CompletionBatch(self.input_ids.to(device), self.attention_mask.to(device), self.mask.to(device), self.prompt_len)
+
+    def select(self, idx) -> "CompletionBatch":
+        return CompletionBatch(self.input_ids[idx], self.attention_mask[idx], self.mask[idx], self.prompt_len)
+
+
+def make_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *, pad_id: int) -> CompletionBatch:
+    """Build a ``CompletionBatch`` from token-id lists (prompts must be non-empty)."""
+    if len(prompts) != len(completions):
+        raise ValueError("need as many completions as prompts")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty: every completion needs at least one context token (e.g. BOS)")
+    P = max(len(p) for p in prompts)
+    T = max(1, max(len(c) for c in completions))
+    B = len(prompts)
+    ids = torch.full((B, P + T), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, P + T), dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.bool)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        ids[i, P - len(p) : P] = torch.tensor(list(p), dtype=torch.long)
+        attn[i, P - len(p) : P] = 1
+        if len(c):
+            ids[i, P : P + len(c)] = torch.tensor(list(c), dtype=torch.long)
+            attn[i, P : P + len(c)] = 1
+            mask[i, : len(c)] = True
+    return CompletionBatch(ids, attn, mask, P)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only: (B, L) -> (B, L), 0 on padding."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def completion_logits(
+    model, batch: CompletionBatch, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> torch.Tensor:
+    """Next-token logits at the positions that predict the completion tokens: (B, T, V).
+
+    Only the last T + 1 positions are projected to the vocabulary (``logits_to_keep``), so prompt
+    positions cost no (B, P, V) logits. Sampling filters, if any, are applied so the result is the
+    distribution the completions were sampled from.
+    """
+    T = batch.mask.shape[1]
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=position_ids(batch.attention_mask),
+        logits_to_keep=T + 1,
+        use_cache=False,
+    )
+    logits = out.logits[:, :-1, :]  # (B, T, V): position P-1+t predicts completion token t
+    if temperature != 1.0 or top_k or top_p < 1.0:
+        logits = apply_sampling_filters(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    return logits
+
+
+def completion_logps(model, batch: CompletionBatch, *, logits: Optional[torch.Tensor] = None, **filters) -> torch.Tensor:
+    """Per-token log-probs of the completion tokens: (B, T) fp32, 0 where ``batch.mask`` is False."""
+    if logits is None:
+        logits = completion_logits(model, batch, **filters)
+    return selective_logps(logits, batch.completion_ids).masked_fill(~batch.mask, 0.0)
+
+
+def model_fingerprint(model) -> str:
+    """A content hash of a model's parameters (for cache keys): sha256 over names, shapes, bytes."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        h.update(p.detach().to("cpu").contiguous().float().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,390 @@
+"""The reference model π_ref: the one place that owns it, whatever form it takes.
+
+Every form answers the same two questions for a ``CompletionBatch``: ``logps(batch)`` — the
+per-token log-probs of the completion tokens, (B, T) fp32 — and ``logits(batch)`` — the full
+next-token distributions, (B, T, V), needed by the exact KL estimator. Both are computed with no
+gradient and in eval mode (no dropout: TRL #506 shows dropout making the step-0 KL negative).
+``on_step(policy, step)`` is called by trainers after every optimiser step; only synced forms act.
+
+Forms (``build_reference`` picks one from a name):
+
+- ``copy``        a separate frozen copy (eval mode, ``requires_grad=False``).
+- ``lora``        the policy's own weights with its LoRA adapters disabled (peft): no second copy.
+- ``precomputed`` reference log-probs computed once for a fixed dataset and cached on disk, keyed by
+                  a hash of the reference weights and the tokenized data (a stale cache is never
+                  read); the reference model is freed afterwards.
+- ``offload``     a frozen copy that lives in CPU memory and visits the compute device per call.
+- ``sync``        a copy re-synchronised from the policy: hard θ_ref ← θ every τ steps, or soft
+                  θ_ref ← αθ + (1-α)θ_ref (TR-DPO, Gorbatovski et al. 2024). With a LoRA policy the
+                  reference is a second adapter on the same base (``LoraSyncedReference``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+from .modeling import CompletionBatch, check_compatible, completion_logits, completion_logps, model_fingerprint
+
+log = logging.getLogger(__name__)
+
+REFERENCE_FORMS = ("copy", "lora", "precomputed", "offload", "sync")
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Eval mode (no dropout) and no grad for the duration; restores the training flag after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
+def freeze(model):
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+class Reference:
+    """Interface of every reference form."""
+
+    kind = "base"
+    has_distributions = True
+
+    def logits(self, batch: CompletionBatch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def logps(self, batch: CompletionBatch, *, ids: Optional[Sequence] = None) -> torch.Tensor:
+        """(B, T) fp32 reference log-probs of ``batch``'s completion tokens (0 off-mask).
+
+        ``ids`` identifies the rows for the precomputed form; the others ignore it."""
+        return completion_logps(None, batch, logits=self.logits(batch))
+
+    def on_step(self, policy, step: int) -> bool:
+        """Called after optimiser step ``step`` (1-based). Returns True if the reference changed."""
+        return False
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class FrozenReference(Reference):
+    """(a) A separate frozen copy of a model."""
+
+    kind = "copy"
+
+    def __init__(self, model):
+        self.model = freeze(model)
+
+    def logits(self, batch):
+        with eval_mode(self.model):
+            device = next(self.model.parameters()).device
+            return completion_logits(self.model, batch.to(device))
+
+
+class OffloadedReference(FrozenReference):
+    """(d) A frozen copy kept in ``offload_device`` memory (CPU) and moved to ``compute_device``
+    only for the duration of a call, so it holds no accelerator memory while the policy trains."""
+
+    kind = "offload"
+
+    def __init__(self, model, *, compute_device: str | torch.device = "cpu", offload_device: str = "cpu"):
+        super().__init__(model.to(offload_device))
+        self.compute_device, self.offload_device = torch.device(compute_device), torch.device(offload_device)
+
+    def logits(self, batch):
+        moved = self.compute_device != self.offload_device
+        if moved:
+            self.model.to(self.compute_device)
+        try:
+            with eval_mode(self.model):
+                return completion_logits(self.model, batch.to(self.compute_device))
+        finally:
+            if moved:
+                self.model.to(self.offload_device)
+
+
+class LoraDisabledReference(Reference):
+    """(b) The policy itself with its LoRA adapters switched off (peft ``disable_adapter``):
+    the frozen base weights *are* the reference, at no memory cost."""
+
+    kind = "lora"
+
+    def __init__(self, peft_model):
+        if not hasattr(peft_model, "disable_adapter"):
+            raise ValueError("reference 'lora' needs a peft (LoRA) policy; enable LoRA or choose reference 'copy'")
+        self.model = peft_model
+
+    def logits(self, batch):
+        with eval_mode(self.model), self.model.disable_adapter():
+            device = next(self.model.parameters()).device
+            return completion_logits(self.model, batch.to(device))
+
+
+class SyncedReference(FrozenReference):
+    """(e) A frozen copy re-synchronised from the policy (TR-DPO, Gorbatovski et al. 2024, Eq. 6–7).
+
+    mode ``hard``: θ_ref ← θ every ``every`` steps (paper default τ = 512). mode ``soft``:
+    θ_ref ← αθ + (1-α)θ_ref every ``every`` steps (paper: every step, α = 0.6). MATH.md §6.
+    """
+
+    kind = "sync"
+
+    def __init__(self, model, *, mode: str = "hard", every: int = 512, alpha: float = 0.6):
+        super().__init__(model)
+        if mode not in ("hard", "soft"):
+            raise ValueError(f"ref_sync mode must be 'hard' or 'soft', got {mode!r}")
+        if every < 1 or not 0.0 < alpha <= 1.0:
+            raise ValueError("ref_sync_every must be >= 1 and ref_sync_alpha in (0, 1]")
+        self.mode, self.every, self.alpha = mode, int(every), float(alpha)
+        self.syncs = 0
+
+    @torch.no_grad()
+    def on_step(self, policy, step):
+        if step % self.every:
+            return False
+        ref_params = dict(self.model.named_parameters())
+        for name, p in policy.named_parameters():
+            if name not in ref_params:
+                raise ValueError(f"cannot sync reference: parameter {name!r} missing from the reference")
+            target = ref_params[name]
+            src = p.detach().to(target.device, target.dtype)
+            if self.mode == "hard":
+                target.copy_(src)
+            else:
+                target.mul_(1 - self.alpha).add_(src, alpha=self.alpha)
+        self.syncs += 1
+        return True
+
+    def state_dict(self):
+        # The reference weights themselves diverge from any file on disk once synced: checkpoint them.
+        return {"syncs": self.syncs, "weights": {k: v.detach().clone() for k, v in self.model.state_dict().items()}}
+
+    def load_state_dict(self, state):
+        self.syncs = int(state.get("syncs", 0))
+        if "weights" in state:
+            self.model.load_state_dict(state["weights"])
+
+
+REF_ADAPTER = "tether_ref"
+
+
+class LoraSyncedReference(Reference):
+    """(e) with LoRA: the reference is the base plus a second adapter ``tether_ref`` that starts
+    equal to the policy's adapter (zero delta at init) and is re-synced from it.
+
+    Hard sync copies the adapter exactly. Soft sync mixes the LoRA factors A and B separately;
+    since (αB₁+(1-α)B₀)(αA₁+(1-α)A₀) ≠ αB₁A₁+(1-α)B₀A₀, this is an approximation of TR-DPO's
+    weight-space mixture (exact when either side is the zero delta or α = 1).
+    """
+
+    kind = "sync"
+
+    def __init__(self, peft_model, *, mode: str = "hard", every: int = 512, alpha: float = 0.6, adapter: str = "default"):
+        if not hasattr(peft_model, "peft_config"):
+            raise ValueError("LoraSyncedReference needs a peft model")
+        if mode not in ("hard", "soft"):
+            raise ValueError(f"ref_sync mode must be 'hard' or 'soft', got {mode!r}")
+        self.model, self.mode, self.every, self.alpha, self.adapter = peft_model, mode, int(every), float(alpha), adapter
+        self.syncs = 0
+        cfg = copy.deepcopy(peft_model.peft_config[adapter])
+        cfg.inference_mode = True
+        peft_model.add_adapter(REF_ADAPTER, cfg)
+        self._copy(alpha=1.0)
+        peft_model.set_adapter(adapter)  # keep the policy adapter active and trainable
+        self.model.base_model.train(peft_model.training)
+
+    def _pairs(self):
+        params = dict(self.model.named_parameters())
+        for name, p in params.items():
+            if f".{self.adapter}." in name:
+                yield p, params[name.replace(f".{self.adapter}.", f".{REF_ADAPTER}.")]
+
+    @torch.no_grad()
+    def _copy(self, *, alpha: float):
+        for src, dst in self._pairs():
+            dst.requires_grad_(False)
+            dst.mul_(1 - alpha).add_(src.detach(), alpha=alpha)
+
+    def logits(self, batch):
+        trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        self.model.set_adapter(REF_ADAPTER)
+        try:
+            with eval_mode(self.model):
+                device = next(self.model.parameters()).device
+                return completion_logits(self.model, batch.to(device))
+        finally:
+            self.model.set_adapter(self.adapter)
+            for n, p in self.model.named_parameters():  # set_adapter flips requires_grad: restore exactly
+                p.requires_grad_(n in trainable)
+
+    def on_step(self, policy, step):
+        if step % self.every:
+            return False
+        self._copy(alpha=1.0 if self.mode == "hard" else self.alpha)
+        self.syncs += 1
+        return True
+
+    def state_dict(self):
+        return {"syncs": self.syncs, "adapter": {id_: dst.detach().clone() for id_, (_, dst) in enumerate(self._pairs())}}
+
+    def load_state_dict(self, state):
+        self.syncs = int(state.get("syncs", 0))
+        with torch.no_grad():
+            for i, (_, dst) in enumerate(self._pairs()):
+                dst.copy_(state["adapter"][i])
+
+
+def _data_fingerprint(rows: Iterable[tuple], extra: str = "") -> str:
+    h = hashlib.sha256(extra.encode())
+    for key, prompt, completion in rows:
+        h.update(repr((key, list(prompt), list(completion))).encode())
+    return h.hexdigest()[:16]
+
+
+class PrecomputedReference(Reference):
+    """(c) Reference log-probs computed once over a fixed set of (id, prompt, completion) rows and
+    cached on disk (safetensors), after which the reference model is released.
+
+    The cache file name is a hash of the reference weights and of the exact token ids, so a changed
+    model or dataset can never read a stale cache. No full distributions are kept (they would be
+    (N, T, V)), so the exact KL estimator needs a live reference form.
+    """
+
+    kind = "precomputed"
+    has_distributions = False
+
+    def __init__(self, table: dict, path: Optional[Path] = None):
+        self.table, self.path = table, path
+
+    @classmethod
+    def build(
+        cls,
+        reference: Reference,
+        model_for_key,
+        rows: Sequence[tuple],
+        *,
+        pad_id: int,
+        cache_dir: str | os.PathLike,
+        batch_size: int = 32,
+        progress: bool = False,
+    ) -> "PrecomputedReference":
+        """rows: (id, prompt_ids, completion_ids). ``model_for_key``: the model whose weights key the cache."""
+        from safetensors.torch import load_file, save_file
+
+        from .modeling import make_batch
+
+        key = f"{model_fingerprint(model_for_key)}-{_data_fingerprint(rows)}"
+        path = Path(cache_dir) / f"ref_logps-{key}.safetensors"
+        if path.exists():
+            flat = load_file(str(path))
+            log.info("reference log-probs read from cache %s", path)
+            return cls(_unflatten(flat), path)
+        table: dict = {}
+        it = range(0, len(rows), batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, desc="reference log-probs", unit="batch")
+        for start in it:
+            chunk = rows[start : start + batch_size]
+            batch = make_batch([r[1] for r in chunk], [r[2] for r in chunk], pad_id=pad_id)
+            lp = reference.logps(batch)
+            for (rid, _, comp), row in zip(chunk, lp):
+                table[rid] = row[: len(comp)].clone()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file(_flatten(table), str(tmp))
+        os.replace(tmp, path)  # atomic: a half-written cache is never visible under the final name
+        return cls(table, path)
+
+    def logits(self, batch):
+        raise ValueError(
+            "the precomputed reference stores log-probs only; the exact KL estimator needs full reference "
+            "distributions: use reference 'copy', 'offload' or 'lora' for it"
+        )
+
+    def logps(self, batch, *, ids=None):
+        if ids is None:
+            raise ValueError("the precomputed reference needs the row ids of the batch (ids=...)")
+        out = torch.zeros(batch.mask.shape, dtype=torch.float32)
+        for i, rid in enumerate(ids):
+            row = self.table.get(rid)
+            if row is None:
+                raise KeyError(f"row {rid!r} is not in the precomputed reference cache (was the data changed?)")
+            n = int(batch.mask[i].sum())
+            if n != row.numel():
+                raise ValueError(f"row {rid!r}: cached {row.numel()} tokens but the batch has {n}")
+            out[i, :n] = row
+        return out.to(batch.mask.device)
+
+
+def _flatten(table: dict) -> dict:
+    keys = list(table)
+    values = [table[k] for k in keys]
+    lengths = torch.tensor([v.numel() for v in values], dtype=torch.long)
+    flat = torch.cat(values) if values else torch.zeros(0)
+    key_bytes = torch.tensor(list("\n".join(map(str, keys)).encode()), dtype=torch.uint8)
+    return {"values": flat.contiguous(), "lengths": lengths, "keys": key_bytes}
+
+
+def _unflatten(flat: dict) -> dict:
+    keys = bytes(flat["keys"].tolist()).decode().split("\n") if flat["keys"].numel() else []
+    out, start = {}, 0
+    for k, n in zip(keys, flat["lengths"].tolist()):
+        out[_parse_key(k)] = flat["values"][start : start + n]
+        start += n
+    return out
+
+
+def _parse_key(k: str):
+    return int(k) if k.lstrip("-").isdigit() else k
+
+
+def build_reference(
+    form: str,
+    *,
+    policy,
+    reference_model=None,
+    policy_tokenizer=None,
+    reference_tokenizer=None,
+    compute_device: str | torch.device = "cpu",
+    sync_mode: str = "hard",
+    sync_every: int = 512,
+    sync_alpha: float = 0.6,
+) -> Reference:
+    """The one factory trainers call. ``reference_model`` defaults to a deep copy of ``policy``
+    (the reference defaults to the starting model); for 'lora' it is ignored."""
+    if form not in REFERENCE_FORMS:
+        raise ValueError(f"unknown reference form {form!r}; choose from {REFERENCE_FORMS}")
+    is_peft = hasattr(policy, "peft_config")
+    if form == "lora":
+        return LoraDisabledReference(policy)
+    if form == "sync" and is_peft:
+        return LoraSyncedReference(policy, mode=sync_mode, every=sync_every, alpha=sync_alpha)
+    if reference_model is None:
+        if is_peft:
+            raise ValueError(f"reference {form!r} with a LoRA policy: load the reference model separately "
+                             "(reference_model=...), or use reference 'lora' (adapters disabled)")
+        reference_model = copy.deepcopy(policy)
+    check_compatible(policy, reference_model, policy_tokenizer, reference_tokenizer)
+    if form == "copy" or form == "precomputed":  # precomputed starts live; the trainer converts it
+        return FrozenReference(reference_model)
+    if form == "offload":
+        return OffloadedReference(reference_model, compute_device=compute_device)
+    return SyncedReference(reference_model, mode=sync_mode, every=sync_every, alpha=sync_alpha)

@@ -1,0 +1,101 @@
+"""Batched sampling with a KV cache, returning a ``CompletionBatch`` ready to be scored.
+
+The sampler applies exactly ``ops.logprobs.apply_sampling_filters`` (temperature, top-k, top-p) —
+the same function ``modeling.completion_logits`` applies when scoring — so the log-probs and KL of
+a sample are computed under the distribution it was actually drawn from.
+
+How sampling settings interact with the KL (documented for users, README "KL and sampling"):
+temperature τ ≠ 1 or top-k/top-p define a *different* policy π_τ from the trained π_θ. tether's
+``kl/ref`` measures KL[π_sampled‖π_ref] with both scored on the sampled tokens; the reference is
+scored unfiltered (it is the anchor, not a sampler). With top-k/top-p, tokens outside the filter have
+π_sampled = 0 and contribute nothing; the exact estimator sums only over the kept tokens.
+
+Completion tokens after the first EOS are padding (mask False); the EOS itself counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from .modeling import CompletionBatch, make_batch, position_ids
+from .ops.logprobs import apply_sampling_filters
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 32
+    """Completion length limit (tokens)."""
+    temperature: float = 1.0
+    """Softmax temperature of the sampler (the KL is measured for the filtered distribution)."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0 = off)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0 = off)."""
+
+    def filters(self) -> dict:
+        return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
+
+
+@torch.no_grad()
+def sample(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    eos_id: Optional[int],
+    max_new_tokens: int = 32,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+) -> tuple[CompletionBatch, torch.Tensor]:
+    """Sample one completion per prompt (token-id lists). Returns (batch, no_eos (B,) bool).
+
+    Runs the model in eval mode with a KV cache: one forward over the left-padded prompts, then one
+    token per step. Stops early once every row has produced EOS.
+    """
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    base = make_batch(prompts, [[]] * len(prompts), pad_id=pad_id)
+    P = base.prompt_len
+    ids = base.input_ids[:, :P].to(device)
+    attn = base.attention_mask[:, :P].to(device)
+    B = ids.shape[0]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    out_tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    out_mask = torch.zeros((B, max_new_tokens), dtype=torch.bool, device=device)
+    past = None
+    step_ids, step_attn = ids, attn
+    pos = position_ids(attn)
+    try:
+        for t in range(max_new_tokens):
+            out = model(input_ids=step_ids, attention_mask=step_attn, position_ids=pos, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            logits = apply_sampling_filters(out.logits[:, -1, :].float(), temperature=temperature, top_k=top_k, top_p=top_p)
+            probs = torch.softmax(logits, dim=-1)  # (B, V)
+            tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+            live = ~done
+            out_tokens[:, t] = torch.where(live, tok, torch.full_like(tok, pad_id))
+            out_mask[:, t] = live
+            if eos_id is not None:
+                done = done | (live & (tok == eos_id))
+            if bool(done.all()):
+                break
+            step_attn = torch.cat([step_attn, torch.ones((B, 1), dtype=step_attn.dtype, device=device)], dim=1)
+            pos = pos[:, -1:] + 1
+            step_ids = out_tokens[:, t : t + 1]
+    finally:
+        model.train(was_training)
+    T = int(out_mask.sum(-1).max().item()) if out_mask.any() else 1
+    completions = [out_tokens[i, : int(out_mask[i].sum())].tolist() for i in range(B)]
+    batch = make_batch(prompts, completions, pad_id=pad_id)
+    if batch.mask.shape[1] != max(T, 1):  # make_batch pads to the longest completion
+        raise AssertionError("internal: completion width mismatch")
+    no_eos = ~done.cpu()
+    return batch, no_eos
