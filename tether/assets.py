@@ -67,6 +67,8 @@ def resolve(name: str, assets: Optional[str | os.PathLike] = None, *, download: 
     cached.mkdir(parents=True, exist_ok=True)
     try:
         _DOWNLOADERS[name](cached)
+    except ImportError as e:  # an optional dependency of the conversion (sentencepiece): not a network problem
+        raise AssetError(f"could not build asset {name!r}: {e}. Or pass --assets DIR / set TETHER_ASSETS.") from e
     except Exception as e:  # network errors, hub errors
         raise AssetError(
             f"could not download asset {name!r} ({type(e).__name__}: {e}). Offline? Pass --assets DIR or set "

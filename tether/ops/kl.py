@@ -27,7 +27,7 @@ from typing import Literal, NamedTuple, Optional
 
 import torch
 
-from .logprobs import exact_kl_from_logits
+from .logprobs import exact_kl_from_logits, upcast
 
 Estimator = Literal["k1", "k2", "k3", "exact"]
 Direction = Literal["reverse", "forward"]
@@ -43,6 +43,14 @@ class EstimatorInfo:
     θ through the score-function (policy-gradient) estimator; ``loss`` — the value is added to the
     loss and differentiated by autograd with the samples held fixed; ``loss_is`` — the same, times
     the importance weight π_θ/π_old (old detached), as needed off-policy.
+
+    Sequences versus single tokens. A per-token loss term is differentiated with the states
+    s_t = (x, y_<t) held fixed, so at best it gives Σ_t E_{s_t~π_θ}[∇ KL_t(s_t)], KL_t(s) the
+    per-state KL: the gradient of KL[π_θ‖π_ref] for T = 1, but on sequences it misses how early
+    tokens change the distribution of later states (Tang & Munos, arXiv:2506.09477). The full
+    sequence gradient is ∇KL_seq = Σ_t E[∇KL_t] + E[Σ_t ∇log π_θ(y_t|s_t) Σ_{t'>t} KL_{t'}(s_{t'})].
+    The strings below say which one each pair gives; ``tests/test_kl_estimators.py`` checks every
+    pair exactly on an enumerated autoregressive tree (``tether.oracle``).
     """
 
     name: str
@@ -52,42 +60,56 @@ class EstimatorInfo:
     grad_loss_is: str
 
 
+_LOCAL = "Σ_t E_{s_t~π_θ}[∇ KL_t(s_t)] with states held fixed"
+
 ESTIMATORS: dict[str, EstimatorInfo] = {
     "k1": EstimatorInfo(
         "k1",
-        value="unbiased for KL[π_θ‖π_ref]; can be negative per sample; highest variance",
-        grad_reward="∇ KL[π_θ‖π_ref] (correct)",
+        value="unbiased for KL[π_θ‖π_ref] (per token, so the sequence sum is unbiased for the sequence KL); "
+        "can be negative per sample; highest variance",
+        grad_reward="∇ KL[π_θ‖π_ref] (correct, for sequences too, with reward-to-go)",
         grad_loss="0 in expectation: no regularisation at all",
-        grad_loss_is="∇ KL[π_θ‖π_ref] (correct)",
+        grad_loss_is=f"{_LOCAL}: ∇ KL[π_θ‖π_ref] for single tokens (T = 1); on sequences it misses the "
+        "state-distribution part, like 'exact' in the loss",
     ),
     "k2": EstimatorInfo(
         "k2",
-        value="biased: E[lr²/2] ≥ 0, ≈ KL only when π_θ is close to π_ref; low variance",
-        grad_reward="∇ of the wrong objective (k2 is not an unbiased value)",
-        grad_loss="∇ KL[π_θ‖π_ref] (correct, on-policy: ∇E[lr²/2] pathwise = E[lr ∇logπ])",
-        grad_loss_is="∇ E_{π_θ}[lr²/2] — biased (differentiates the biased value)",
+        value="biased: E[lr²/2] ≥ 0 = KL + O(lr³), ≈ KL only when π_θ is close to π_ref; low variance",
+        grad_reward="score-function gradient of a biased value: ∇ E_{π_θ}[Σ_t lr_t²/2] minus its pathwise "
+        "part ('loss'); no KL target",
+        grad_loss=f"{_LOCAL} (per state E[lr ∇log π] = ∇ KL_t): ∇ KL[π_θ‖π_ref] for single tokens (T = 1, "
+        "on-policy); on sequences the same as 'exact' in the loss",
+        grad_loss_is="Σ_t E_{s_t}[∇ E_{π_θ(·|s_t)}[lr²/2]] — biased (differentiates the biased value)",
     ),
     "k3": EstimatorInfo(
         "k3",
         value="unbiased for KL[π_θ‖π_ref]; ≥ 0; low variance near π_ref",
-        grad_reward="∇ KL[π_θ‖π_ref] - ∇ KL[π_ref‖π_θ] (biased)",
-        grad_loss="∇ KL[π_ref‖π_θ]: the forward KL (GRPO, DeepSeekMath Eq. 3)",
-        grad_loss_is="∇ KL[π_θ‖π_ref] (correct; DeepSeek-V3.2 / TRL use_bias_correction_kl)",
+        grad_reward="∇ KL[π_θ‖π_ref] - Σ_t E_{s_t~π_θ}[∇ KL[π_ref‖π_θ](s_t)] (biased; = ∇ KL[π_θ‖π_ref] - "
+        "∇ KL[π_ref‖π_θ] for T = 1)",
+        grad_loss="Σ_t E_{s_t~π_θ}[∇ KL[π_ref(·|s_t)‖π_θ(·|s_t)]]: the forward KL (GRPO, DeepSeekMath Eq. 3) "
+        "at the states π_θ visits; = ∇ KL[π_ref‖π_θ] for T = 1 only (the sequence forward KL weights "
+        "states by π_ref's visits). Its fixed point: tether.oracle.forward_kl_optimum",
+        grad_loss_is=f"{_LOCAL}: ∇ KL[π_θ‖π_ref] for single tokens (T = 1; DeepSeek-V3.2 / TRL "
+        "use_bias_correction_kl); on sequences like 'exact' in the loss",
     ),
     "exact": EstimatorInfo(
         "exact",
         value="unbiased for KL[π_θ‖π_ref] (Rao-Blackwellised k1); ≥ 0 per token; lowest variance",
-        grad_reward="∇ KL[π_θ‖π_ref] (correct)",
-        grad_loss="Σ_t ∇ KL_t with states held fixed: misses early tokens' effect on later states "
-        "(Tang & Munos, arXiv:2506.09477); add k1 reward-to-go for the full gradient",
-        grad_loss_is="as 'loss', with the sampled-state weighting corrected to π_θ",
+        grad_reward="only the state-distribution part, ∇ KL[π_θ‖π_ref] - Σ_t E[∇ KL_t] (states fixed): 0 for "
+        "T = 1, since KL_t does not depend on the token sampled at s_t. Use it together with 'loss' "
+        "(their sum is ∇ KL[π_θ‖π_ref])",
+        grad_loss=f"{_LOCAL}: misses early tokens' effect on later states (Tang & Munos, arXiv:2506.09477); "
+        "add the same values in the reward, or k1 with strictly-future reward-to-go Σ_{t'>t}, for the "
+        "full gradient",
+        grad_loss_is="as 'loss' (states from π_old): the weight π_θ(y_t|s_t)/π_old(y_t|s_t) has mean 1 at "
+        "s_t and KL_t does not depend on y_t, so it corrects neither tokens nor states",
     ),
 }
 
 
 def log_ratio(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
-    """lr_t = log π_θ(y_t|s_t) - log π_ref(y_t|s_t) in fp32. (B, T), (B, T) -> (B, T)."""
-    return logps.float() - ref_logps.float()
+    """lr_t = log π_θ(y_t|s_t) - log π_ref(y_t|s_t) in fp32 (fp64 if given fp64). (B, T), (B, T) -> (B, T)."""
+    return upcast(logps) - upcast(ref_logps)
 
 
 def k1(lr: torch.Tensor) -> torch.Tensor:
@@ -159,7 +181,11 @@ def kl_per_token(
         logps, ref_logps: (B, T) log-probs of the sampled tokens under π_θ and π_ref.
         mask: (B, T) bool, True where the token counts.
         estimator: k1 | k2 | k3 | exact (see module docstring and ``ESTIMATORS``).
-        direction: ``reverse`` = KL[π_θ‖π_ref] (the RLHF penalty), ``forward`` = KL[π_ref‖π_θ].
+        direction: ``reverse`` = KL[π_θ‖π_ref] (the RLHF penalty), ``forward`` = KL[π_ref‖π_θ], both
+            per token at the sampled state. For ``reverse`` the sequence sum is unbiased for the
+            sequence KL (chain rule, states visited by π_θ). For ``forward`` it is unbiased for
+            Σ_t E_{s_t~π_θ} KL[π_ref(·|s_t)‖π_θ(·|s_t)], which is the sequence KL[π_ref‖π_θ] only
+            for single tokens: the latter weights states by π_ref's visits.
         logits, ref_logits: (B, T, V) logits at the same positions; required for ``exact``.
         clamp_input: clamp lr to [-c, c] before the estimator (verl uses 20 for k3).
         clamp_output: clamp the value to [-c, c] (verl/OpenRLHF use 10). Clamping zeroes the
@@ -205,7 +231,7 @@ def token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def importance_weight(logps: torch.Tensor, old_logps: torch.Tensor) -> torch.Tensor:
     """π_θ/π_old per token, with π_old detached: equals 1 in value on-policy, carries ∇ log π_θ."""
-    return torch.exp(logps.float() - old_logps.detach().float())
+    return torch.exp(upcast(logps) - upcast(old_logps.detach()))
 
 
 def kl_loss_term(
@@ -224,8 +250,10 @@ def kl_loss_term(
 
     Returns the per-token term to be *added* to the loss (multiplied by β by the caller), with
     gradients through ``logps`` (and ``logits`` for exact). With ``old_logps`` each token is weighted
-    by π_θ/π_old (detached denominator), which makes k1 and k3 unbiased for ∇KL[π_θ‖π_ref] and
-    is required when samples come from π_old (MATH.md §3). The gradient each choice gives is in
+    by π_θ/π_old (detached denominator), which makes k1 and k3 give the per-state gradient
+    ∇KL[π_θ(·|s_t)‖π_ref(·|s_t)] at each sampled state, as needed when samples come from π_old
+    (MATH.md §3); summed over a sequence that is ∇KL[π_θ‖π_ref] with the states held fixed, not
+    the full sequence gradient (see ``EstimatorInfo``). The gradient each choice gives is in
     ``ESTIMATORS[estimator]``.
     """
     out = kl_per_token(
@@ -246,4 +274,4 @@ def kl_reward_penalty(kl_tokens: torch.Tensor, mask: torch.Tensor, *, beta: floa
     score at the last token. The value is detached, so θ receives the KL only through the
     policy-gradient estimator — which is what makes k1 (and exact) unbiased here.
     """
-    return (-beta * kl_tokens.detach().float()).masked_fill(~mask.bool(), 0.0)
+    return (-beta * upcast(kl_tokens.detach())).masked_fill(~mask.bool(), 0.0)

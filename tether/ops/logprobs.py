@@ -6,7 +6,8 @@ positions, and when gradients are needed each chunk is wrapped in activation che
 autograd keeps between forward and backward is the (already existing) logits, not one fp32 copy
 per chunk. The backward pass necessarily produces one (B, T, V) gradient for the logits.
 
-Conventions (STYLE.md §4): ``mask`` is True where a token counts; results are float32.
+Conventions (STYLE.md §4): ``mask`` is True where a token counts; results are float32 (float64 when
+the logits are float64: nothing is ever computed below fp32, and fp64 inputs are not rounded down).
 """
 
 from __future__ import annotations
@@ -20,6 +21,16 @@ from torch.utils.checkpoint import checkpoint
 DEFAULT_CHUNK = 1024  # positions per chunk: 1024 x 150k vocab x 4 B = 600 MB transient at most
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32, or fp64 when the input already is fp64 (the exact oracles in ``tether.oracle``)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16/fp32 -> fp32; fp64 stays fp64 (``.float()`` would silently round it to fp32)."""
+    return x.to(_compute_dtype(x.dtype))
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])  # (B*T, V)
 
@@ -30,35 +41,36 @@ def _chunked(fn: Callable[..., torch.Tensor], tensors: list[torch.Tensor], chunk
     With autograd on, each chunk runs under non-reentrant checkpointing: the chunk's fp32
     intermediates are recomputed in backward instead of stored.
     """
-    n = tensors[0].shape[0]
+    # torch.split, not slicing: one SplitBackward node concatenates the chunks' gradients once. A
+    # slice per chunk makes autograd allocate, zero and accumulate a full (N, V) gradient per chunk
+    # (num_chunks x the work and a second full-size buffer during backward).
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     outs = []
-    for start in range(0, n, chunk_size):
-        parts = [t[start : start + chunk_size] for t in tensors]
+    for parts in zip(*(t.split(chunk_size) for t in tensors)):
         if needs_grad:
             outs.append(checkpoint(fn, *parts, use_reentrant=False))
         else:
             outs.append(fn(*parts))
     if not outs:
-        return tensors[0].new_zeros((0,), dtype=torch.float32)
+        return tensors[0].new_zeros((0,), dtype=_compute_dtype(tensors[0].dtype))
     return torch.cat(outs, dim=0)
 
 
 def _gather_logp(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    logits = logits.float()  # (n, V)
+    logits = upcast(logits)  # (n, V)
     picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (n,)
     return picked - torch.logsumexp(logits, dim=-1)
 
 
 def selective_logps(logits: torch.Tensor, tokens: torch.Tensor, *, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """log softmax(logits)[..., tokens] in fp32.
+    """log softmax(logits)[..., tokens] in fp32 (fp64 for fp64 logits).
 
     Args:
         logits: (B, T, V) next-token logits, position t scoring ``tokens[:, t]``.
         tokens: (B, T) int64 token ids.
     Returns:
-        (B, T) float32 log-probabilities. Equal in value and gradient to
-        ``logits.float().log_softmax(-1).gather(-1, tokens[..., None])[..., 0]``.
+        (B, T) float32 (float64 for float64 logits) log-probabilities. Equal in value and gradient
+        to ``upcast(logits).log_softmax(-1).gather(-1, tokens[..., None])[..., 0]``.
     """
     if logits.shape[:-1] != tokens.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)} disagree on (B, T)")
@@ -67,7 +79,7 @@ def selective_logps(logits: torch.Tensor, tokens: torch.Tensor, *, chunk_size: i
 
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:
-    logp = F.log_softmax(logits.float(), dim=-1)  # (n, V)
+    logp = F.log_softmax(upcast(logits), dim=-1)  # (n, V)
     p = logp.exp()
     # Filtered-out tokens have logp = -inf and p = 0: 0·log 0 = 0, and zeroing the input (not the
     # output) keeps the backward free of 0·inf = nan.
@@ -76,14 +88,14 @@ def _entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def entropy_from_logits(logits: torch.Tensor, *, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """Per-position entropy H[softmax(logits)] in nats. (B, T, V) -> (B, T) float32."""
+    """Per-position entropy H[softmax(logits)] in nats. (B, T, V) -> (B, T) float32 (fp64 for fp64)."""
     out = _chunked(_entropy, [_rows(logits)], chunk_size)
     return out.reshape(logits.shape[:-1])
 
 
 def _kl_rows(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
-    logp = F.log_softmax(p_logits.float(), dim=-1)  # (n, V)
-    logq = F.log_softmax(q_logits.float(), dim=-1)  # (n, V)
+    logp = F.log_softmax(upcast(p_logits), dim=-1)  # (n, V)
+    logq = F.log_softmax(upcast(q_logits), dim=-1)  # (n, V)
     p = logp.exp()
     outside = p == 0  # tokens p never samples (e.g. removed by top-k) contribute 0, whatever q says
     diff = (logp - logq).masked_fill(outside, 0.0)
@@ -101,7 +113,7 @@ def exact_kl_from_logits(
     Args:
         p_logits, q_logits: (B, T, V) logits of the two next-token distributions at each position.
     Returns:
-        (B, T) float32, ≥ 0 up to rounding.
+        (B, T) float32 (float64 for float64 logits), ≥ 0 up to rounding.
     """
     if p_logits.shape != q_logits.shape:
         raise ValueError(
@@ -130,7 +142,7 @@ def apply_sampling_filters(
         out = out.masked_fill(out < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, idx = torch.sort(out, dim=-1, descending=False)
-        cum = sorted_logits.float().softmax(-1).cumsum(-1)
+        cum = upcast(sorted_logits).softmax(-1).cumsum(-1)
         drop_sorted = cum <= (1 - top_p)
         drop_sorted[..., -1:] = False  # always keep the most likely token
         drop = drop_sorted.scatter(-1, idx, drop_sorted)

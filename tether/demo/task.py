@@ -1,0 +1,150 @@
+"""The demo's task: controlled sentiment generation on movie-review snippets (DPO paper §6.1,
+Figure 2; MATH.md §9), at laptop scale.
+
+- data: rt-polarity snippets (Pang & Lee 2005), split into SFT text, preference prompts and
+  held-out evaluation prompts (disjoint, seeded);
+- prompts: 2–8-token prefixes of snippets (the paper: 2–8-token IMDb prefixes);
+- gold reward: VADER compound sentiment of the completion (the paper: a sentiment classifier);
+- preference pairs: ``samples_per_prompt`` reference samples per prompt ranked by the gold reward,
+  every ordered pair with distinct scores (4 samples -> up to 6 pairs, as in the paper);
+- evaluation: sample from a policy on held-out prompts, exact sequence KL to the reference with its
+  standard error, mean gold and proxy reward of the same samples.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from ..assets import resolve
+from ..measure import mean_stderr, score_kl
+from ..reference import Reference
+from ..sampling import sample
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    text: str
+
+
+def read_snippets(assets: Optional[str]) -> tuple[list[str], list[str]]:
+    """(positive, negative) snippets from the rt-polarity asset (latin-1 text, one per line)."""
+    root = resolve("rt-polarity", assets)
+    pos = [ln.strip() for ln in (root / "rt-polarity.pos").read_text(encoding="latin-1").splitlines() if ln.strip()]
+    neg = [ln.strip() for ln in (root / "rt-polarity.neg").read_text(encoding="latin-1").splitlines() if ln.strip()]
+    return pos, neg
+
+
+def split_snippets(pos: list[str], neg: list[str], *, n_sft: int, n_pref: int, n_eval: int, seed: int) -> dict[str, list[str]]:
+    """Disjoint, seeded, label-balanced splits: SFT text, preference-prompt snippets, eval snippets."""
+    rng = random.Random(seed)
+    both = [(s, 1) for s in pos] + [(s, 0) for s in neg]
+    rng.shuffle(both)
+    need = n_sft + n_pref + n_eval
+    if need > len(both):
+        raise ValueError(f"the demo asks for {need} snippets but rt-polarity has {len(both)}")
+    texts = [s for s, _ in both]
+    return {
+        "sft": texts[:n_sft],
+        "pref": texts[n_sft : n_sft + n_pref],
+        "eval": texts[n_sft + n_pref : need],
+    }
+
+
+def make_prompts(tokenizer, snippets: Sequence[str], *, seed: int, min_tokens: int = 2, max_tokens: int = 8) -> list[Prompt]:
+    """A 2–8-token prefix of each snippet (BOS + k tokens, k uniform in [min, max])."""
+    rng = random.Random(seed)
+    out = []
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    for s in snippets:
+        ids = tokenizer(s, add_special_tokens=False)["input_ids"]
+        if len(ids) < min_tokens + 1:
+            continue
+        k = rng.randint(min_tokens, min(max_tokens, len(ids) - 1))
+        out.append(Prompt(bos + ids[:k], tokenizer.decode(ids[:k])))
+    return out
+
+
+def decode_completions(tokenizer, batch) -> list[str]:
+    """Completion text per row (counted tokens only, special tokens dropped)."""
+    return [tokenizer.decode(batch.completion_ids[i][batch.mask[i]].tolist(), skip_special_tokens=True) for i in range(batch.mask.shape[0])]
+
+
+@torch.no_grad()
+def preference_pairs(
+    reference_model, tokenizer, prompts: Sequence[Prompt], gold, *, samples_per_prompt: int = 4,
+    max_new_tokens: int = 24, seed: int = 0, batch_size: int = 64, progress: bool = True,
+) -> list[dict]:
+    """Rows {prompt, chosen, rejected} ranked by the gold reward (DPO paper §6.1: 4 samples per
+    prefix -> 6 pairs). Pairs with equal gold scores carry no preference and are skipped."""
+    gen = torch.Generator().manual_seed(seed)
+    flat = [p for p in prompts for _ in range(samples_per_prompt)]
+    texts: list[str] = []
+    it = range(0, len(flat), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc="preference samples", unit="batch")
+    for start in it:
+        chunk = flat[start : start + batch_size]
+        batch, _ = sample(reference_model, [p.ids for p in chunk], pad_id=tokenizer.pad_token_id,
+                          eos_id=tokenizer.eos_token_id, max_new_tokens=max_new_tokens, generator=gen)
+        texts.extend(decode_completions(tokenizer, batch))
+    scores = gold([p.text for p in flat], texts).tolist()
+    rows = []
+    for i, p in enumerate(prompts):
+        group = [(texts[i * samples_per_prompt + j], scores[i * samples_per_prompt + j]) for j in range(samples_per_prompt)]
+        for (ta, sa), (tb, sb) in itertools.combinations(group, 2):
+            if sa == sb or ta.strip() == "" or tb.strip() == "" or ta == tb:
+                continue
+            chosen, rejected = (ta, tb) if sa > sb else (tb, ta)
+            rows.append({"prompt": p.text, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+@torch.no_grad()
+def evaluate_policy(
+    policy, reference: Reference, tokenizer, prompts: Sequence[Prompt], *, gold, proxy=None,
+    max_new_tokens: int = 24, seed: int = 1234, batch_size: int = 64, n_keep: int = 6,
+) -> dict:
+    """One evaluation point: samples from ``policy`` on held-out prompts (the same seed for every
+    run and step, so differences are the policy's), exact sequence KL[π‖π_ref] with its standard
+    error, and the mean gold / proxy reward of the same samples."""
+    gen = torch.Generator().manual_seed(seed)
+    kls, golds, proxies, kept = [], [], [], []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        batch, _ = sample(policy, [p.ids for p in chunk], pad_id=tokenizer.pad_token_id,
+                          eos_id=tokenizer.eos_token_id, max_new_tokens=max_new_tokens, generator=gen)
+        kls.append(score_kl(policy, reference, batch, estimators=("exact",))["exact"])
+        texts = decode_completions(tokenizer, batch)
+        g = gold([p.text for p in chunk], texts)
+        golds.append(g)
+        if proxy is not None:
+            proxies.append(proxy([p.text for p in chunk], texts))
+        for p, t, s in zip(chunk, texts, g.tolist()):
+            if len(kept) < n_keep:
+                kept.append({"prompt": p.text, "completion": t, "gold": s})
+    kl, kl_se = mean_stderr(torch.cat(kls))
+    out = {"kl": kl, "kl_stderr": kl_se, "gold_reward": float(torch.cat(golds).mean())}
+    out["proxy_reward"] = float(torch.cat(proxies).mean()) if proxies else None
+    out["samples"] = kept
+    return out
+
+
+def write_prompts(path: Path, prompts: Sequence[Prompt]) -> None:
+    import json
+
+    path.write_text("".join(json.dumps({"prompt": p.text, "ids": p.ids}) + "\n" for p in prompts))
+
+
+def read_prompt_file(path: Path) -> list[Prompt]:
+    import json
+
+    return [Prompt(r["ids"], r["prompt"]) for r in map(json.loads, Path(path).read_text().splitlines()) if r]
