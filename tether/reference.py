@@ -308,7 +308,7 @@ class PrecomputedReference(Reference):
             for (rid, _, comp), row in zip(chunk, lp):
                 table[rid] = row[: len(comp)].clone()
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # per-process name: concurrent builders never share a file
         save_file(_flatten(table), str(tmp))
         os.replace(tmp, path)  # atomic: a half-written cache is never visible under the final name
         return cls(table, path)
