@@ -1,0 +1,290 @@
+"""``tether demo``: the reward–KL frontier on a real tiny model, end to end, offline.
+
+Stages (each leaves a marker under ``OUT/work`` so an interrupted demo resumes where it stopped, and a
+finished run is never redone):
+
+1. SFT the starting model (stories260K) on movie-review snippets -> the reference π_ref.
+2. Prompts: 2–8-token prefixes of disjoint snippet sets (preference prompts, held-out eval prompts).
+3. Preference pairs: ``samples_per_prompt`` reference samples per prompt ranked by the gold reward.
+4. Proxy reward model trained on those pairs (``tether rm``'s trainer).
+5. The sweep, in parallel worker processes: DPO at several β, PPO against the proxy RM at several
+   adaptive KL targets, PPO against the gold reward (PPO-GT), best-of-n for several n. Every run is
+   evaluated with the same protocol (``task.evaluate_policy``: same held-out prompts, same sampling
+   seed) every ``eval_every`` steps.
+6. The report (``report.write_report``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+METHODS = ("dpo", "ppo", "ppo_gt", "best_of_n")
+
+
+@dataclass
+class DemoConfig:
+    """Settings of the demo. ``--quick`` and ``--full`` fill these from ``PRESETS``."""
+
+    output_dir: str = "outputs/demo"
+    """Where the report and every run go."""
+    assets: Optional[str] = None
+    """Assets folder (default: $TETHER_ASSETS, else download)."""
+    model: str = "stories260K"
+    """Starting model: any Hugging Face causal LM folder or hub name (the SFT makes the reference from it)."""
+    seed: int = 0
+    """Seed of data splits, sampling and training."""
+    methods: list = field(default_factory=lambda: list(METHODS))
+    """Which methods to run: dpo, ppo, ppo_gt, best_of_n."""
+    dpo_betas: list = field(default_factory=lambda: [0.05, 0.1, 0.5])
+    """DPO β values (DPO paper: 0.05, 0.1, 1, 5)."""
+    ppo_kl_targets: list = field(default_factory=lambda: [2.0, 6.0])
+    """PPO (proxy reward) adaptive KL targets, nats per completion (DPO paper: 3, 6, 9, 12)."""
+    ppo_gt_kl_targets: list = field(default_factory=lambda: [4.0])
+    """PPO-GT (gold reward) adaptive KL targets."""
+    bon_ns: list = field(default_factory=lambda: [2, 4, 8, 16])
+    """Best-of-n sample counts (selection by the proxy reward model)."""
+    n_sft: int = 4000
+    """Snippets for SFT."""
+    sft_steps: int = 150
+    """SFT optimiser steps."""
+    n_pref_prompts: int = 300
+    """Prompts whose reference samples become preference pairs."""
+    samples_per_prompt: int = 4
+    """Reference samples per preference prompt (4 -> up to 6 pairs, as in the DPO paper)."""
+    rm_steps: int = 120
+    """Reward-model optimiser steps."""
+    n_eval_prompts: int = 64
+    """Held-out prompts per evaluation point."""
+    max_new_tokens: int = 24
+    """Completion length for every sample (preference data, training, evaluation)."""
+    dpo_steps: int = 60
+    """DPO optimiser steps per run."""
+    ppo_steps: int = 40
+    """PPO optimiser steps per run."""
+    eval_every: int = 10
+    """Evaluate every N optimiser steps (and at steps 0 and the end)."""
+    batch_size: int = 32
+    """Examples (DPO pairs, PPO rollouts) per optimiser step."""
+    workers: int = 0
+    """Parallel run processes (0 = one per 2 cores... at least 1, at most the number of runs)."""
+
+    def runs(self) -> list[dict]:
+        specs: list[dict] = []
+        if "dpo" in self.methods:
+            specs += [{"method": "dpo", "run": f"dpo-beta{b:g}", "beta": float(b)} for b in self.dpo_betas]
+        if "ppo" in self.methods:
+            specs += [{"method": "ppo", "run": f"ppo-kl{t:g}", "kl_target": float(t)} for t in self.ppo_kl_targets]
+        if "ppo_gt" in self.methods:
+            specs += [{"method": "ppo_gt", "run": f"ppo_gt-kl{t:g}", "kl_target": float(t)} for t in self.ppo_gt_kl_targets]
+        if "best_of_n" in self.methods:
+            specs += [{"method": "best_of_n", "run": f"bon-n{n}", "n": int(n)} for n in self.bon_ns]
+        return specs
+
+
+PRESETS = {
+    "quick": {},
+    "full": {
+        "dpo_betas": [0.05, 0.1, 0.5, 1.0, 5.0], "ppo_kl_targets": [3.0, 6.0, 9.0, 12.0], "ppo_gt_kl_targets": [3.0, 6.0, 9.0],
+        "bon_ns": [2, 4, 8, 16, 32, 64], "n_sft": 8000, "sft_steps": 400, "n_pref_prompts": 1000, "rm_steps": 300,
+        "n_eval_prompts": 128, "dpo_steps": 200, "ppo_steps": 120, "eval_every": 20, "max_new_tokens": 32,
+    },
+    # A miniature for the test suite: every stage runs, a few steps each.
+    "tiny": {
+        "dpo_betas": [0.1, 1.0], "ppo_kl_targets": [4.0], "ppo_gt_kl_targets": [4.0], "bon_ns": [2, 4],
+        "n_sft": 200, "sft_steps": 4, "n_pref_prompts": 24, "rm_steps": 4, "n_eval_prompts": 8,
+        "dpo_steps": 4, "ppo_steps": 2, "eval_every": 2, "max_new_tokens": 8, "batch_size": 8,
+    },
+}
+
+
+class Paths:
+    def __init__(self, out: Path):
+        self.out = out
+        self.work = out / "work"
+        self.sft = self.work / "sft"
+        self.rm = self.work / "rm"
+        self.runs = self.work / "runs"
+
+    @property
+    def reference(self) -> Path:
+        return self.sft / "final"
+
+    @property
+    def proxy(self) -> Path:
+        return self.rm / "final"
+
+
+def _done(marker: Path) -> bool:
+    return marker.exists()
+
+
+def _mark(marker: Path, data: dict) -> None:
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, marker)
+
+
+def stage_sft(cfg: DemoConfig, paths: Paths, splits: dict) -> None:
+    marker = paths.work / "sft.done"
+    if _done(marker):
+        return
+    from ..trainers.sft import SFTConfig, train_sft
+
+    paths.sft.mkdir(parents=True, exist_ok=True)
+    data = paths.work / "sft_snippets.txt"
+    data.write_text("\n".join(splits["sft"]) + "\n")
+    scfg = SFTConfig(model=cfg.model, assets=cfg.assets, dataset=str(data), output_dir=str(paths.sft), seed=cfg.seed,
+                     max_steps=cfg.sft_steps, batch_size=cfg.batch_size, learning_rate=3e-3, warmup_steps=10,
+                     lr_schedule="cosine", max_length=48, completion_only_loss=False, eval_examples=min(200, len(splits["sft"]) // 10),
+                     eval_every=0, save_every=0)
+    out = train_sft(scfg)
+    _mark(marker, {k: v for k, v in out.items() if isinstance(v, (int, float, str))})
+
+
+def stage_prompts(cfg: DemoConfig, paths: Paths, splits: dict):
+    from ..modeling import load_tokenizer
+    from .task import make_prompts, read_prompt_file, write_prompts
+
+    pref_file, eval_file = paths.work / "pref_prompts.jsonl", paths.work / "eval_prompts.jsonl"
+    if not (pref_file.exists() and eval_file.exists()):
+        tok = load_tokenizer(str(paths.reference))
+        write_prompts(pref_file, make_prompts(tok, splits["pref"], seed=cfg.seed + 1))
+        write_prompts(eval_file, make_prompts(tok, splits["eval"], seed=cfg.seed + 2))
+    return read_prompt_file(pref_file), read_prompt_file(eval_file)
+
+
+def stage_prefs(cfg: DemoConfig, paths: Paths, pref_prompts) -> list[dict]:
+    prefs = paths.work / "prefs.jsonl"
+    if not prefs.exists():
+        from ..modeling import load_causal_lm, load_tokenizer
+        from ..rewards import VaderSource
+        from .task import preference_pairs
+
+        tok, ref = load_tokenizer(str(paths.reference)), load_causal_lm(str(paths.reference))
+        rows = preference_pairs(ref, tok, pref_prompts, VaderSource(), samples_per_prompt=cfg.samples_per_prompt,
+                                max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 3)
+        tmp = prefs.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, prefs)
+    return [json.loads(l) for l in prefs.read_text().splitlines() if l.strip()]
+
+
+def stage_rm(cfg: DemoConfig, paths: Paths) -> dict:
+    marker = paths.work / "rm.done"
+    if not _done(marker):
+        from ..trainers.reward_model import RMConfig, train_reward_model
+
+        rcfg = RMConfig(model=str(paths.reference), dataset=str(paths.work / "prefs.jsonl"), output_dir=str(paths.rm),
+                        seed=cfg.seed, max_steps=cfg.rm_steps, batch_size=cfg.batch_size, learning_rate=1e-3,
+                        eval_fraction=0.1, max_length=64, eval_every=0, save_every=0)
+        out = train_reward_model(rcfg)
+        _mark(marker, {k: v for k, v in out.items() if isinstance(v, (int, float, str))})
+    return json.loads(marker.read_text())
+
+
+def run_all(cfg: DemoConfig, specs: list[dict], paths: Paths, *, workers: int) -> None:
+    """Each run in its own process (``python -m tether.demo.worker``); finished runs are skipped."""
+    todo = [s for s in specs if not (paths.runs / s["run"] / "result.json").exists()]
+    if not todo:
+        return
+    from tqdm.auto import tqdm
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    paths.runs.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(todo), desc=f"sweep ({workers} parallel)", unit="run")
+    failures = []
+
+    def launch(spec: dict) -> None:
+        run_dir = paths.runs / spec["run"]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        spec_file = run_dir / "spec.json"
+        spec_file.write_text(json.dumps({"spec": spec, "demo": asdict(cfg), "work": str(paths.work)}))
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TETHER_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+        with open(run_dir / "worker.log", "w") as logf:
+            rc = subprocess.call([sys.executable, "-m", "tether.demo.worker", str(spec_file)], stdout=logf, stderr=subprocess.STDOUT, env=env)
+        if rc != 0:
+            failures.append((spec["run"], rc, run_dir / "worker.log"))
+        bar.update(1)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(launch, todo))
+    bar.close()
+    if failures:
+        tails = "\n".join(f"--- {name} (exit {rc}), last lines of {logp}:\n" + "\n".join(logp.read_text().splitlines()[-15:])
+                          for name, rc, logp in failures)
+        raise RuntimeError(f"{len(failures)} demo run(s) failed:\n{tails}")
+
+
+def reference_row(cfg: DemoConfig, paths: Paths, eval_prompts) -> dict:
+    marker = paths.work / "reference_eval.json"
+    if not marker.exists():
+        from ..modeling import load_causal_lm, load_tokenizer
+        from ..reference import FrozenReference
+        from ..rewards import RewardModelSource, VaderSource
+        from .task import evaluate_policy
+
+        tok, ref = load_tokenizer(str(paths.reference)), load_causal_lm(str(paths.reference))
+        ev = evaluate_policy(ref, FrozenReference(load_causal_lm(str(paths.reference))), tok, eval_prompts, gold=VaderSource(),
+                             proxy=RewardModelSource(str(paths.proxy)), max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 100)
+        _mark(marker, {"method": "reference", "run": "reference", "step": 0, **ev})
+    return json.loads(marker.read_text())
+
+
+def collect(paths: Paths, specs: list[dict], ref_row: dict) -> tuple[list[dict], list[dict], dict]:
+    rows = [{k: v for k, v in ref_row.items() if k != "samples"}]
+    finals = [dict(rows[0])]
+    samples = {"reference": ref_row.get("samples", [])}
+    for spec in specs:
+        run_dir = paths.runs / spec["run"]
+        pts = [json.loads(l) for l in (run_dir / "eval.jsonl").read_text().splitlines() if l.strip()]
+        for p in pts:
+            rows.append({k: v for k, v in p.items() if k != "samples"})
+        last = pts[-1]
+        finals.append({k: v for k, v in last.items() if k != "samples"})
+        samples[spec["run"]] = last.get("samples", [])
+    return rows, finals, samples
+
+
+def default_workers(n_runs: int) -> int:
+    cores = os.cpu_count() or 1
+    return max(1, min(n_runs, cores))
+
+
+def run_demo(cfg: DemoConfig) -> Path:
+    """Run (or resume) the whole demo; returns the path of report.html."""
+    from .report import write_report
+    from .task import read_snippets, split_snippets
+
+    t0 = time.time()
+    paths = Paths(Path(cfg.output_dir))
+    paths.work.mkdir(parents=True, exist_ok=True)
+    (paths.work / "demo_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    pos, neg = read_snippets(cfg.assets)
+    n_pref = cfg.n_pref_prompts
+    splits = split_snippets(pos, neg, n_sft=cfg.n_sft, n_pref=n_pref, n_eval=cfg.n_eval_prompts, seed=cfg.seed)
+    log.info("[1/6] SFT -> reference"); stage_sft(cfg, paths, splits)
+    log.info("[2/6] prompts"); pref_prompts, eval_prompts = stage_prompts(cfg, paths, splits)
+    log.info("[3/6] preference pairs"); pairs = stage_prefs(cfg, paths, pref_prompts)
+    log.info("[4/6] proxy reward model (%d pairs)", len(pairs)); rm = stage_rm(cfg, paths)
+    specs = cfg.runs()
+    workers = cfg.workers or default_workers(len(specs))
+    log.info("[5/6] sweep: %d runs, %d in parallel", len(specs), workers)
+    ref_row = reference_row(cfg, paths, eval_prompts)
+    run_all(cfg, specs, paths, workers=workers)
+    log.info("[6/6] report")
+    rows, finals, samples = collect(paths, specs, ref_row)
+    meta = {"model": cfg.model, "preference pairs": len(pairs), "proxy RM held-out accuracy": rm.get("eval/rm/accuracy"),
+            "eval prompts": len(eval_prompts), "max new tokens": cfg.max_new_tokens, "seed": cfg.seed,
+            "runs": len(specs), "wall time (s)": round(time.time() - t0, 1)}
+    return write_report(Path(cfg.output_dir), rows, finals, samples, meta=meta)

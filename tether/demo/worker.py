@@ -1,0 +1,85 @@
+"""One demo run in its own process: ``python -m tether.demo.worker RUN_DIR/spec.json``.
+
+Trains (DPO, PPO on the proxy RM, PPO-GT on the gold reward) or samples (best-of-n) from the SFT
+reference, evaluating with ``task.evaluate_policy`` at step 0, every ``eval_every`` steps and at
+the end; writes ``eval.jsonl`` (one row per evaluation point) and, last, ``result.json`` (its
+presence marks the run finished, so a resumed demo skips it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def main(spec_path: str) -> int:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("TETHER_THREADS", "1")))
+    from ..modeling import load_causal_lm, load_tokenizer
+    from ..reference import FrozenReference
+    from ..rewards import RewardModelSource, VaderSource
+    from .pipeline import DemoConfig
+    from .task import evaluate_policy, read_prompt_file
+
+    blob = json.loads(Path(spec_path).read_text())
+    spec, cfg, work = blob["spec"], DemoConfig(**blob["demo"]), Path(blob["work"])
+    run_dir = Path(spec_path).parent
+    ref_path = str(work / "sft" / "final")
+    tok = load_tokenizer(ref_path)
+    reference = FrozenReference(load_causal_lm(ref_path))
+    gold, proxy = VaderSource(), RewardModelSource(str(work / "rm" / "final"))
+    gold.name, proxy.name = "gold", "proxy"
+    eval_prompts = read_prompt_file(work / "eval_prompts.jsonl")
+    train_prompts = read_prompt_file(work / "pref_prompts.jsonl")
+    eval_file = run_dir / "eval.jsonl"
+    eval_file.write_text("")  # a rerun of an unfinished run starts its curve again
+    tags = {k: spec[k] for k in ("beta", "kl_target", "n") if k in spec}
+
+    def record(step: int, policy, extra: dict | None = None) -> None:
+        ev = evaluate_policy(policy, reference, tok, eval_prompts, gold=gold, proxy=proxy,
+                             max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 100)
+        row = {"method": spec["method"], "run": spec["run"], "step": step, **tags, **(extra or {}), **ev}
+        with open(eval_file, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    method = spec["method"]
+    if method == "dpo":
+        from ..trainers.dpo import DPOConfig, train_dpo
+
+        dcfg = DPOConfig(model=ref_path, dataset=str(work / "prefs.jsonl"), output_dir=str(run_dir / "train"), seed=cfg.seed,
+                         beta=spec["beta"], loss_type="sigmoid", max_steps=cfg.dpo_steps, batch_size=cfg.batch_size,
+                         learning_rate=2e-3, eval_every=cfg.eval_every, kl_prompts=0, progress=False,
+                         max_length=96)
+        train_dpo(dcfg, eval_hook=lambda step, policy: record(step, policy, {"beta": spec["beta"]}))
+    elif method in ("ppo", "ppo_gt"):
+        from ..rewards import RewardSet
+        from ..trainers.ppo import PPOConfig, train_ppo
+
+        optimised, logged = (proxy, gold) if method == "ppo" else (gold, proxy)
+        pcfg = PPOConfig(model=ref_path, output_dir=str(run_dir / "train"), seed=cfg.seed, beta=0.1,
+                         kl_target=spec["kl_target"], kl_horizon=max(200, cfg.ppo_steps * cfg.batch_size // 4),
+                         max_steps=cfg.ppo_steps, batch_size=cfg.batch_size, learning_rate=1e-3,
+                         max_new_tokens=cfg.max_new_tokens, eval_every=cfg.eval_every, progress=False)
+        betas: list = []
+        train_ppo(pcfg, prompts=[p.text for p in train_prompts], reward=RewardSet(optimised, [logged]),
+                  eval_hook=lambda step, policy, beta=None: record(step, policy, {"beta": beta} if beta is not None else {}))
+    elif method == "best_of_n":
+        from ..trainers.best_of_n import best_of_n
+
+        res = best_of_n(reference.model, tok, [p.ids for p in eval_prompts], [p.text for p in eval_prompts], n=spec["n"],
+                        select=proxy, gold=gold, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 100)
+        row = {"method": "best_of_n", "run": spec["run"], "step": 0, "n": spec["n"], **res}
+        with open(eval_file, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    else:
+        raise ValueError(f"unknown demo method {method!r}")
+    rows = [json.loads(l) for l in eval_file.read_text().splitlines() if l.strip()]
+    (run_dir / "result.json").write_text(json.dumps({k: v for k, v in rows[-1].items() if k != "samples"}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
