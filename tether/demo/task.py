@@ -24,6 +24,7 @@ import torch
 from ..assets import resolve
 from ..measure import mean_stderr, score_kl
 from ..reference import Reference
+from ..rewards import decode_batch
 from ..sampling import sample
 
 
@@ -58,22 +59,33 @@ def split_snippets(pos: list[str], neg: list[str], *, n_sft: int, n_pref: int, n
 
 
 def make_prompts(tokenizer, snippets: Sequence[str], *, seed: int, min_tokens: int = 2, max_tokens: int = 8) -> list[Prompt]:
-    """A 2–8-token prefix of each snippet (BOS + k tokens, k uniform in [min, max])."""
+    """A 2–8-token prefix of each snippet (BOS + k tokens, k uniform in [min, max]), cut back to
+    the last whole word so no prompt ends mid-word (with a 512-token vocabulary a word is often
+    several tokens); the first word is kept whole even if it alone exceeds k."""
     rng = random.Random(seed)
     out = []
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     for s in snippets:
-        ids = tokenizer(s, add_special_tokens=False)["input_ids"]
-        if len(ids) < min_tokens + 1:
+        words = s.split()
+        if len(words) < 2:
             continue
-        k = rng.randint(min_tokens, min(max_tokens, len(ids) - 1))
-        out.append(Prompt(bos + ids[:k], tokenizer.decode(ids[:k])))
+        k = rng.randint(min_tokens, max_tokens)
+        n_words = 1
+        while n_words < len(words) - 1:
+            longer = tokenizer(" ".join(words[: n_words + 1]), add_special_tokens=False)["input_ids"]
+            if len(longer) > k:
+                break
+            n_words += 1
+        text = " ".join(words[:n_words])
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        out.append(Prompt(bos + ids, text))
     return out
 
 
 def decode_completions(tokenizer, batch) -> list[str]:
-    """Completion text per row (counted tokens only, special tokens dropped)."""
-    return [tokenizer.decode(batch.completion_ids[i][batch.mask[i]].tolist(), skip_special_tokens=True) for i in range(batch.mask.shape[0])]
+    """Completion text per row, such that prompt + completion is the decoded sequence
+    (``rewards.decode_batch``: decoding completion tokens alone drops a leading space)."""
+    return decode_batch(tokenizer, batch)[1]
 
 
 @torch.no_grad()

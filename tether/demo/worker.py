@@ -69,9 +69,10 @@ def main(spec_path: str) -> int:
     elif method == "best_of_n":
         from ..trainers.best_of_n import best_of_n
 
-        res = best_of_n(reference.model, tok, [p.ids for p in eval_prompts], [p.text for p in eval_prompts], n=spec["n"],
-                        select=proxy, gold=gold, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 100)
-        row = {"method": "best_of_n", "run": spec["run"], "step": 0, "n": spec["n"], **res}
+        res = best_of_n(reference.model, tok, [p.text for p in eval_prompts], prompt_ids=[p.ids for p in eval_prompts],
+                        n=spec["n"], reward=proxy, gold=gold, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 100)
+        keys = ("kl", "kl_stderr", "gold_reward", "proxy_reward", "kl_bound", "samples")
+        row = {"method": "best_of_n", "run": spec["run"], "step": 0, "n": spec["n"], **{k: res[k] for k in keys}}
         with open(eval_file, "a") as f:
             f.write(json.dumps(row) + "\n")
     else:

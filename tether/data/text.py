@@ -1,0 +1,328 @@
+"""Text data for supervised fine-tuning: rows from files, folders or the hub; tokenising; packing.
+
+A dataset argument (``--dataset``) is one of, or a comma-separated list of:
+
+- a text file (``.txt``, rt-polarity's ``.pos`` / ``.neg``, anything not listed below; ``.gz`` ok):
+  one example per non-blank line;
+- ``.jsonl`` / ``.json`` (a list of objects, or an object of equal-length lists) / ``.parquet``,
+  optionally ``.gz``: rows with a ``text`` field, or ``prompt`` + ``completion`` fields;
+- a folder written by ``datasets.Dataset.save_to_disk`` (its ``train`` split if it is a
+  ``DatasetDict``), or a folder of the data files above (read in name order);
+- the asset short name ``rt-polarity`` (both files of shared/assets/rt-polarity);
+- otherwise a Hugging Face hub dataset name (``datasets.load_dataset(name, split="train")``).
+
+Every row becomes a ``TextExample(prompt, completion)``; plain text is ``prompt=""``. Tokenising
+gives ``(ids, targets)`` where ``targets[i]`` is True when token i is predicted by the loss (never the
+first token, which has no context). ``completion_only_loss`` restricts targets to completion tokens.
+
+Packing concatenates tokenised examples (each ending in EOS) into blocks of exactly ``max_length``
+tokens. Attention crosses example boundaries inside a block (the GPT-2/nanoGPT "naive" packing): it
+wastes no compute on padding, and the EOS separators tell the model where a new text starts; the
+cost is that a few tokens after a boundary can attend to the previous example.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_TABLE_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+@dataclass(frozen=True)
+class TextExample:
+    """One SFT example. Plain text has ``prompt == ""`` and the whole text as ``completion``."""
+
+    prompt: str
+    completion: str
+
+
+# --------------------------------------------------------------------------------------------------
+# Rows
+
+
+def _strip_gz(path: Path) -> str:
+    name = path.name.lower()
+    return name[:-3] if name.endswith(".gz") else name
+
+
+def _read_bytes(path: Path) -> bytes:
+    data = path.read_bytes()
+    return gzip.decompress(data) if path.name.lower().endswith(".gz") else data
+
+
+def _is_table_file(path: Path) -> bool:
+    return _strip_gz(path).endswith(_TABLE_SUFFIXES)
+
+
+def read_table_file(path: str | Path) -> list[dict]:
+    """Rows of a ``.jsonl`` / ``.json`` / ``.parquet`` file (each optionally ``.gz``)."""
+    path = Path(path)
+    name = _strip_gz(path)
+    raw = _read_bytes(path)
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return pq.read_table(io.BytesIO(raw)).to_pylist()
+    text = raw.decode("utf-8")
+    if name.endswith(".jsonl"):
+        rows = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        return rows
+    data = json.loads(text)
+    if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
+        lengths = {len(v) for v in data.values()}
+        if len(lengths) != 1:
+            raise ValueError(f"{path}: a JSON object of columns needs equal-length lists, got lengths {sorted(lengths)}")
+        keys = list(data)
+        return [dict(zip(keys, vals)) for vals in zip(*data.values())]
+    if isinstance(data, list):
+        return data
+    raise ValueError(f"{path}: a .json dataset must be a list of objects or an object of equal-length lists")
+
+
+def read_text_lines(path: str | Path) -> list[str]:
+    """Non-blank lines of a text file (``.gz`` ok), stripped; undecodable bytes are replaced."""
+    text = _read_bytes(Path(path)).decode("utf-8", errors="replace")
+    return [ln.strip() for ln in text.splitlines() if ln.strip()]
+
+
+def _read_dir(path: Path, split: str) -> list[dict]:
+    if (path / "dataset_dict.json").exists() or (path / "state.json").exists() or (path / "dataset_info.json").exists():
+        from datasets import DatasetDict, load_from_disk
+
+        ds = load_from_disk(str(path))
+        if isinstance(ds, DatasetDict):
+            if split not in ds:
+                raise ValueError(f"{path}: dataset has splits {sorted(ds)}, not {split!r}")
+            ds = ds[split]
+        return [dict(r) for r in ds]
+    files = sorted(p for p in path.iterdir() if p.is_file() and _is_table_file(p))
+    if not files:
+        raise ValueError(f"{path}: folder is neither a saved `datasets` dataset nor holds .jsonl/.json/.parquet files")
+    return [r for f in files for r in read_table_file(f)]
+
+
+def read_rows(spec: str, *, assets: Optional[str] = None, split: str = "train") -> list:
+    """Raw rows of ONE dataset argument: dicts for tables, strings for text files."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _read_dir(path, split)
+    if path.is_file():
+        return read_table_file(path) if _is_table_file(path) else read_text_lines(path)
+    if spec == "rt-polarity":
+        from ..assets import resolve
+
+        root = resolve("rt-polarity", assets)
+        return read_text_lines(root / "rt-polarity.pos") + read_text_lines(root / "rt-polarity.neg")
+    if spec.endswith(_TABLE_SUFFIXES + (".txt", ".gz")) or spec.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"dataset file {spec} does not exist")
+    try:
+        from datasets import load_dataset
+
+        return [dict(r) for r in load_dataset(spec, split=split)]
+    except Exception as e:
+        raise FileNotFoundError(
+            f"dataset {spec!r} is not a file or folder here, and loading it from the Hugging Face hub failed "
+            f"({type(e).__name__}: {e}); pass a local .txt/.jsonl/.json/.parquet file or a saved dataset folder"
+        ) from e
+
+
+def row_to_example(row, *, where: str, text_field: str = "text", prompt_field: str = "prompt",
+                   completion_field: str = "completion") -> TextExample:
+    if isinstance(row, str):
+        return TextExample("", row)
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected an object, got {type(row).__name__}")
+    if prompt_field in row and completion_field in row:
+        p, c = row[prompt_field], row[completion_field]
+        if not isinstance(p, str) or not isinstance(c, str):
+            raise ValueError(f"{where}: '{prompt_field}' and '{completion_field}' must be strings")
+        return TextExample(p, c)
+    if text_field in row:
+        if not isinstance(row[text_field], str):
+            raise ValueError(f"{where}: '{text_field}' must be a string")
+        return TextExample("", row[text_field])
+    raise ValueError(
+        f"{where}: row has fields {sorted(row)}; SFT needs '{text_field}' (plain text) or '{prompt_field}' + "
+        f"'{completion_field}' (set --text_field / --prompt_field / --completion_field to map other names)"
+    )
+
+
+def load_text_examples(
+    dataset: str, *, assets: Optional[str] = None, split: str = "train", text_field: str = "text",
+    prompt_field: str = "prompt", completion_field: str = "completion",
+) -> list[TextExample]:
+    """All examples of a (comma-separated list of) dataset argument(s), in file order."""
+    if not dataset or not dataset.strip():
+        raise ValueError("dataset is empty: pass --dataset FILE (text, .jsonl, .json, .parquet), a folder, or a hub name")
+    out: list[TextExample] = []
+    for spec in [s.strip() for s in dataset.split(",") if s.strip()]:
+        rows = read_rows(spec, assets=assets, split=split)
+        out += [
+            row_to_example(r, where=f"{spec} row {i}", text_field=text_field, prompt_field=prompt_field,
+                           completion_field=completion_field)
+            for i, r in enumerate(rows)
+        ]
+    out = [e for e in out if e.prompt or e.completion.strip()]
+    if not out:
+        raise ValueError(f"dataset {dataset!r} has no non-empty examples")
+    return out
+
+
+def split_heldout(examples: Sequence, n_eval: int, *, seed: int) -> tuple[list, list]:
+    """(train, eval): a seeded random ``n_eval`` examples held out; n_eval must leave some to train on."""
+    if n_eval <= 0:
+        return list(examples), []
+    if n_eval >= len(examples):
+        raise ValueError(f"eval_examples={n_eval} leaves nothing to train on ({len(examples)} examples); lower it")
+    perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + 7919)).tolist()
+    held = set(perm[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokens
+
+
+@dataclass
+class Tokenized:
+    """ids: token ids; targets: same length, True where the token is predicted by the loss."""
+
+    ids: list[int]
+    targets: list[bool]
+
+
+def tokenize_example(
+    tokenizer, ex: TextExample, *, completion_only_loss: bool = True, append_eos: bool = True,
+) -> Tokenized:
+    """Prompt and completion are tokenised separately (prompt with the tokenizer's BOS, completion
+    without special tokens, then EOS), the way the sampler sees them: prompt tokens, then generated
+    tokens. The first token is never a target (nothing predicts it)."""
+    p_ids = tokenizer(ex.prompt)["input_ids"] if ex.prompt else tokenizer("")["input_ids"]
+    c_ids = tokenizer(ex.completion, add_special_tokens=False)["input_ids"]
+    if append_eos and tokenizer.eos_token_id is not None:
+        c_ids = c_ids + [tokenizer.eos_token_id]
+    ids = list(p_ids) + list(c_ids)
+    targets = [not (completion_only_loss and ex.prompt)] * len(p_ids) + [True] * len(c_ids)
+    if targets:
+        targets[0] = False
+    return Tokenized(ids, targets)
+
+
+def truncate(t: Tokenized, max_length: int) -> Tokenized:
+    return Tokenized(t.ids[:max_length], t.targets[:max_length])
+
+
+def pack(items: Sequence[Tokenized], max_length: int) -> list[Tokenized]:
+    """Concatenate and cut into blocks of ``max_length`` tokens (the last block may be shorter).
+    The first token of each block is not a target: it has no context inside the block."""
+    ids = [i for t in items for i in t.ids]
+    targets = [m for t in items for m in t.targets]
+    blocks = []
+    for s in range(0, len(ids), max_length):
+        b = Tokenized(ids[s : s + max_length], targets[s : s + max_length])
+        b.targets[0] = False
+        if len(b.ids) > 1 and any(b.targets):
+            blocks.append(b)
+    return blocks
+
+
+def prepare_sft(
+    tokenizer, examples: Sequence[TextExample], *, max_length: int, packing: bool, completion_only_loss: bool = True,
+    append_eos: bool = True, seed: int = 0,
+) -> list[Tokenized]:
+    """Tokenise (and pack, or truncate) a list of examples. Examples left with no target token (a
+    prompt that fills ``max_length``) are dropped with a warning."""
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2 tokens, got {max_length}")
+    toks = [tokenize_example(tokenizer, e, completion_only_loss=completion_only_loss, append_eos=append_eos) for e in examples]
+    if packing:
+        # Shuffle before packing (seeded) so a block mixes examples from different files.
+        perm = torch.randperm(len(toks), generator=torch.Generator().manual_seed(seed + 104729)).tolist()
+        return pack([toks[i] for i in perm], max_length)
+    out = [truncate(t, max_length) for t in toks]
+    kept = [t for t in out if any(t.targets)]
+    if len(kept) < len(out):
+        log.warning("dropped %d of %d examples with no completion token within max_length=%d", len(out) - len(kept), len(out), max_length)
+    return kept
+
+
+def collate(items: Sequence[Tokenized], *, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest item: input_ids (B, L) long, attention_mask (B, L) long,
+    targets (B, L) bool (True = this token is predicted by the loss)."""
+    L = max(len(t.ids) for t in items)
+    B = len(items)
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, L), dtype=torch.long)
+    targets = torch.zeros((B, L), dtype=torch.bool)
+    for i, t in enumerate(items):
+        n = len(t.ids)
+        ids[i, :n] = torch.tensor(t.ids, dtype=torch.long)
+        attn[i, :n] = 1
+        targets[i, :n] = torch.tensor(t.targets, dtype=torch.bool)
+    return {"input_ids": ids, "attention_mask": attn, "targets": targets}
+
+
+def batch_indices(step: int, batch_size: int, n: int, *, seed: int) -> list[int]:
+    """Example indices of optimiser step ``step`` (0-based): a seeded permutation per epoch, read in
+    order across epoch boundaries. A pure function of (seed, step), so a resumed run reads exactly
+    the batches the uninterrupted run would have."""
+    if n <= 0:
+        raise ValueError("no training examples")
+    out = []
+    for k in range(step * batch_size, (step + 1) * batch_size):
+        epoch, pos = divmod(k, n)
+        out.append(_epoch_perm(n, seed, epoch)[pos])
+    return out
+
+
+_PERM_CACHE: dict[tuple[int, int, int], list[int]] = {}
+
+
+def _epoch_perm(n: int, seed: int, epoch: int) -> list[int]:
+    key = (n, seed, epoch)
+    if key not in _PERM_CACHE:
+        if len(_PERM_CACHE) > 8:
+            _PERM_CACHE.clear()
+        _PERM_CACHE[key] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+    return _PERM_CACHE[key]
+
+
+# --------------------------------------------------------------------------------------------------
+# Preference pairs from labelled text
+
+
+def polarity_pairs(assets: Optional[str] = None, *, seed: int = 0, pos: Optional[str] = None,
+                   neg: Optional[str] = None) -> list[dict]:
+    """Preference pairs from the rt-polarity movie-review snippets: ``{"prompt": "", "chosen": a
+    positive snippet, "rejected": a negative snippet}``, positives and negatives each shuffled with
+    ``seed`` and zipped (5,331 pairs). A reward model trained on them scores the sentiment of any
+    text — the learned proxy for the VADER gold reward in the movie-review demo. An empty prompt
+    (not a shared prefix) because the two snippets of a pair are unrelated reviews: the pair says
+    only "this text is more positive than that one", which is what the proxy should learn.
+    ``pos`` / ``neg`` override the two files (default: the rt-polarity asset)."""
+    if pos is None or neg is None:
+        from ..assets import resolve
+
+        root = resolve("rt-polarity", assets)
+        pos, neg = pos or str(root / "rt-polarity.pos"), neg or str(root / "rt-polarity.neg")
+    p, n = read_text_lines(pos), read_text_lines(neg)
+    g = torch.Generator().manual_seed(seed)
+    pp = [p[i] for i in torch.randperm(len(p), generator=g).tolist()]
+    nn = [n[i] for i in torch.randperm(len(n), generator=g).tolist()]
+    return [{"prompt": "", "chosen": a, "rejected": b} for a, b in zip(pp, nn)]

@@ -1,0 +1,419 @@
+"""Reward sources: text in, one float per (prompt, completion) out, composable.
+
+Every source is a ``RewardSource``: ``source(prompts, completions) -> scores`` with ``scores`` a
+(B,) float32 CPU tensor (one per sequence; STYLE.md §4 vocabulary) and a ``.name`` used in metric
+names (``reward/<name>``). Three kinds:
+
+- ``RewardModelSource(path)``: a reward model trained by ``tether rm`` (any
+  ``AutoModelForSequenceClassification`` with ``num_labels=1``), scoring the text
+  ``join_text(prompt, completion)`` = prompt + completion, exactly as ``tether rm`` trained it.
+- ``CallableSource("module:function")`` (or ``"path/to/file.py:function"``): a Python function
+  given the batch of completion strings (and ``prompts=`` if it accepts that keyword) that returns
+  one float per completion.
+- ``VaderSource()``: the VADER compound sentiment of the completion in [-1, 1] (Hutto & Gilbert
+  2014; the ``vaderSentiment`` package ships its lexicon, so it works offline). The project's gold
+  reward for the movie-review demo.
+
+``build_reward(spec)`` makes one from a string (``vader``, a reward-model folder, ``module:function``,
+optionally prefixed ``name=`` to choose its metric name), and ``RewardSet`` is the "gold versus
+proxy" view used by online trainers (Gao, Schulman & Hilton 2022): the ``optimised`` source (often a
+learned proxy) is normalised/clipped and returned for optimisation, while every source, optimised and
+``logged`` (the gold), is reported raw as ``reward/<name>``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import math
+import re
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .ops.reward_model import update_moments
+
+
+def join_text(prompt: str, completion: str) -> str:
+    """The text a reward model scores: the prompt immediately followed by the completion.
+
+    Plain concatenation (no separator) so that a completion sampled after a prompt is scored as the
+    exact string the policy produced, and so that HH-RLHF-style pairs (prompt = shared prefix of two
+    dialogues) score the full dialogue. ``tether rm`` trains on the same join.
+    """
+    return prompt + completion
+
+
+def decode_completions(tokenizer, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]]) -> list[str]:
+    """Completion texts of sampled token ids, such that ``decoded_prompt + completion`` is the decoded
+    whole sequence.
+
+    Decoding the completion tokens alone loses information: SentencePiece tokenizers (Llama's,
+    stories260K's) drop the leading space of the first token (``decode([▁was]) == "was"``), so
+    ``join_text(prompt, completion)`` would glue words together. Instead decode prompt + completion
+    and keep what follows the decoded prompt. Special tokens (EOS) are skipped.
+    """
+    out = []
+    for p, c in zip(prompt_ids, completion_ids):
+        p, c = list(p), list(c)
+        full = tokenizer.decode(p + c, skip_special_tokens=True)
+        head = tokenizer.decode(p, skip_special_tokens=True)
+        out.append(full[len(head):] if full.startswith(head) else tokenizer.decode(c, skip_special_tokens=True))
+    return out
+
+
+def decode_batch(tokenizer, batch) -> tuple[list[str], list[str]]:
+    """(prompt texts, completion texts) of a ``modeling.CompletionBatch`` (padding and EOS removed)."""
+    P = batch.prompt_len
+    prompts = [batch.input_ids[i, :P][batch.attention_mask[i, :P].bool()].tolist() for i in range(len(batch.input_ids))]
+    comps = [batch.completion_ids[i][batch.mask[i]].tolist() for i in range(len(batch.input_ids))]
+    return [tokenizer.decode(p, skip_special_tokens=True) for p in prompts], decode_completions(tokenizer, prompts, comps)
+
+
+def _check_batch(prompts: Sequence[str], completions: Sequence[str]) -> None:
+    if len(prompts) != len(completions):
+        raise ValueError(f"reward source got {len(prompts)} prompts but {len(completions)} completions; pass one prompt per completion")
+
+
+class RewardSource:
+    """Base class: ``__call__(prompts, completions) -> (B,) float32`` CPU tensor of ``scores``."""
+
+    name: str = "reward"
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+# --------------------------------------------------------------------------------------------------
+# Reward models
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last attended token per row, for left or right padding: (B, L) -> (B,) long."""
+    L = attention_mask.shape[1]
+    idx = torch.arange(L, device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), idx, torch.full_like(idx, -1)).max(dim=1).values
+
+
+def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scalar reward-model output per sequence: (B, L) ids + mask -> (B,) ``scores`` (model dtype).
+
+    ``model`` is an ``AutoModelForSequenceClassification`` with ``num_labels=1`` (possibly wrapped by
+    peft). We run its backbone and its ``score`` head ourselves and read the head at the last
+    *attended* token, with position ids counted over real tokens, instead of calling the class's
+    forward: that forward pools at the rightmost token that differs from ``pad_token_id``, which is
+    wrong when pad = eos (tether's tokenizers, stories260K's) and a text ends in eos, and it numbers
+    left-padded positions from 0. For right-padded text that does not end in the pad token both give
+    the same number (tests/test_reward_model.py checks this), so a model trained here scores the same
+    under plain ``transformers``.
+    """
+    from .modeling import position_ids
+
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: LoRA layers are injected in place
+    head = getattr(core, "score", None)
+    if head is None:
+        raise ValueError(
+            f"{type(core).__name__} has no 'score' head; a tether reward model is an "
+            "AutoModelForSequenceClassification (e.g. LlamaForSequenceClassification) with num_labels=1"
+        )
+    backbone = getattr(core, core.base_model_prefix)
+    hidden = backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
+    ).last_hidden_state  # (B, L, H)
+    last = last_token_index(attention_mask)  # (B,)
+    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+    out = head(pooled)  # (B, num_labels)
+    if out.shape[-1] != 1:
+        raise ValueError(f"reward model must have num_labels=1 (one scalar per sequence), this one has {out.shape[-1]}")
+    return out[:, 0]  # (B,)
+
+
+def load_reward_model(path: str, *, device: str | torch.device = "cpu", dtype: str = "float32"):
+    """(tokenizer, model) of a reward-model folder, model in eval mode; tokenizer right-padded."""
+    from transformers import AutoModelForSequenceClassification
+
+    from .modeling import DTYPES, load_tokenizer
+
+    tok = load_tokenizer(path, padding_side="right")
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[dtype])
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    return tok, model.to(device).eval()
+
+
+def _check_is_reward_model(path: str) -> None:
+    import json
+
+    archs = json.loads((Path(path) / "config.json").read_text()).get("architectures") or []
+    if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise ValueError(
+            f"{path} holds a {archs[0]}, not a reward model (an ...ForSequenceClassification with num_labels=1); "
+            f"train one with `tether rm --model {path}` and pass its final/ folder"
+        )
+
+
+class RewardModelSource(RewardSource):
+    """Scores ``join_text(prompt, completion)`` with a reward model trained by ``tether rm``.
+
+    path: a folder loadable by ``AutoModelForSequenceClassification`` (num_labels=1).
+    batch_size: texts per forward pass. max_length: token limit; longer texts keep their *last*
+    tokens (the score is read at the last token), None = no truncation.
+    """
+
+    def __init__(
+        self, path: str, *, device: str | torch.device = "cpu", batch_size: int = 32,
+        max_length: Optional[int] = None, name: str = "rm", dtype: str = "float32",
+    ):
+        if not (Path(path) / "config.json").exists():
+            raise FileNotFoundError(f"reward model folder {path} has no config.json; pass the final/ folder written by `tether rm`")
+        _check_is_reward_model(path)
+        self.path, self.name, self.batch_size, self.max_length = str(path), name, int(batch_size), max_length
+        self.device = torch.device(device)
+        self.tokenizer, self.model = load_reward_model(self.path, device=self.device, dtype=dtype)
+        self.tokenizer.truncation_side = "left"
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
+        _check_batch(prompts, completions)
+        texts = [join_text(p, c) for p, c in zip(prompts, completions)]
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(
+                texts[i : i + self.batch_size], return_tensors="pt", padding=True,
+                truncation=self.max_length is not None, max_length=self.max_length,
+            ).to(self.device)
+            out.append(sequence_scores(self.model, enc["input_ids"], enc["attention_mask"]).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Python callables
+
+
+def _import_callable(spec: str) -> Callable:
+    """``module.path:function`` or ``path/to/file.py:function`` -> the function."""
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr:
+        raise ValueError(f"callable reward {spec!r} must look like 'module.path:function' or 'file.py:function'")
+    if target.endswith(".py"):
+        if not Path(target).exists():
+            raise FileNotFoundError(f"callable reward {spec!r}: file {target} does not exist")
+        mod_spec = importlib.util.spec_from_file_location(f"tether_reward_{Path(target).stem}", target)
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)  # type: ignore[union-attr]
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as e:
+            raise ImportError(f"callable reward {spec!r}: cannot import module {target!r} ({e}); is it on PYTHONPATH?") from e
+    fn = getattr(module, attr, None)
+    if fn is None or not callable(fn):
+        raise AttributeError(f"callable reward {spec!r}: module {target!r} has no function {attr!r}")
+    return fn
+
+
+def _accepts_prompts(fn: Callable) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "prompts" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+class CallableSource(RewardSource):
+    """A Python function as a reward: ``fn(completions: list[str][, prompts=list[str]]) -> list[float]``.
+
+    ``fn`` is a callable or a ``"module:function"`` / ``"file.py:function"`` string. It is called once
+    per batch; it gets ``prompts=`` only if its signature has a ``prompts`` parameter (or ``**kwargs``).
+    It must return one finite number per completion.
+    """
+
+    def __init__(self, fn: Callable | str, *, name: Optional[str] = None):
+        self.spec = fn if isinstance(fn, str) else f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', fn)}"
+        self.fn = _import_callable(fn) if isinstance(fn, str) else fn
+        self.name = name or getattr(self.fn, "__name__", "callable")
+        self._pass_prompts = _accepts_prompts(self.fn)
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
+        _check_batch(prompts, completions)
+        comps = list(completions)
+        out = self.fn(comps, prompts=list(prompts)) if self._pass_prompts else self.fn(comps)
+        try:
+            scores = torch.as_tensor([float(v) for v in out], dtype=torch.float32)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"reward function {self.spec} must return a list of floats, got {type(out).__name__}: {e}") from e
+        if scores.numel() != len(comps):
+            raise ValueError(f"reward function {self.spec} returned {scores.numel()} values for {len(comps)} completions")
+        if not torch.isfinite(scores).all():
+            raise ValueError(f"reward function {self.spec} returned a non-finite value: {scores.tolist()}")
+        return scores
+
+
+# --------------------------------------------------------------------------------------------------
+# VADER sentiment
+
+
+class VaderSource(RewardSource):
+    """VADER compound sentiment of the completion (Hutto & Gilbert 2014), in [-1, 1].
+
+    Scores the completion only (the prompt is shared context, and would shift every sample by the
+    same sentiment). ``include_prompt=True`` scores ``join_text(prompt, completion)`` instead.
+    """
+
+    def __init__(self, *, include_prompt: bool = False, name: str = "vader"):
+        try:
+            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        except ImportError as e:  # pragma: no cover - it is a declared dependency
+            raise ImportError("the vader reward needs the vaderSentiment package: pip install vaderSentiment") from e
+        self.analyzer = SentimentIntensityAnalyzer()
+        self.include_prompt, self.name = include_prompt, name
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
+        _check_batch(prompts, completions)
+        texts = [join_text(p, c) for p, c in zip(prompts, completions)] if self.include_prompt else list(completions)
+        return torch.tensor([self.analyzer.polarity_scores(t)["compound"] for t in texts], dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Construction from a string
+
+
+_NAMED = re.compile(r"^([A-Za-z_][A-Za-z0-9_\-]*)=(.+)$")
+
+
+def build_reward(
+    spec: str, *, device: str | torch.device = "cpu", assets: Optional[str] = None, batch_size: int = 32,
+    max_length: Optional[int] = None,
+) -> RewardSource:
+    """A reward source from a string:
+
+    - ``vader`` — ``VaderSource()``;
+    - a folder with ``config.json`` — ``RewardModelSource(folder)`` (a ``tether rm`` output's final/,
+      or a run folder containing final/);
+    - ``module.path:function`` or ``file.py:function`` — ``CallableSource``;
+    - any of these prefixed by ``NAME=`` (e.g. ``gold=vader``, ``proxy=runs/rm/final``) to set the
+      source's ``name`` (its metric is ``reward/NAME``).
+
+    ``assets`` is accepted for symmetry with model arguments (a reward model given as an asset short
+    name resolves through it).
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError("reward spec is empty; pass 'vader', a reward-model folder, or 'module:function'")
+    spec = spec.strip()
+    name = None
+    m = _NAMED.match(spec)
+    if m and not Path(spec).exists():
+        name, spec = m.group(1), m.group(2)
+    kw = {"name": name} if name else {}
+    if spec.lower() == "vader":
+        return VaderSource(**kw)
+    from .assets import resolve_model
+
+    path = Path(resolve_model(spec, assets))
+    if path.is_dir():
+        if not (path / "config.json").exists() and (path / "final" / "config.json").exists():
+            path = path / "final"
+        return RewardModelSource(str(path), device=device, batch_size=batch_size, max_length=max_length, **kw)
+    if ":" in spec:
+        return CallableSource(spec, **kw)
+    raise ValueError(
+        f"reward spec {spec!r} is not 'vader', an existing reward-model folder, or 'module:function'; "
+        "check the path (reward models are the final/ folder of `tether rm`)"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Gold versus proxy
+
+
+class RunningMoments:
+    """Running mean and (population) variance of every score seen, with a checkpointable state."""
+
+    def __init__(self) -> None:
+        self.mean = torch.zeros((), dtype=torch.float64)
+        self.var = torch.zeros((), dtype=torch.float64)
+        self.count = torch.zeros((), dtype=torch.float64)
+
+    def update(self, x: torch.Tensor) -> None:
+        self.mean, self.var, self.count = update_moments(self.mean, self.var, self.count, x)
+
+    @property
+    def std(self) -> float:
+        return float(self.var.sqrt())
+
+    def state_dict(self) -> dict:
+        return {"mean": float(self.mean), "var": float(self.var), "count": float(self.count)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean = torch.tensor(float(state["mean"]), dtype=torch.float64)
+        self.var = torch.tensor(float(state["var"]), dtype=torch.float64)
+        self.count = torch.tensor(float(state["count"]), dtype=torch.float64)
+
+
+class RewardSet:
+    """The reward to optimise plus rewards to watch (Gao et al. 2022: optimise a proxy, log the gold).
+
+    ``rs(prompts, completions) -> (scores, metrics)``:
+
+    - ``scores`` (B,) float32: the ``optimised`` source's scores, then, if ``normalize``, standardised
+      with the running mean/std of every optimised score seen so far *including this batch*
+      (``(s - mean) / sqrt(var + eps)``; openai/lm-human-preferences and OpenRLHF normalise the same
+      way), then, if ``clip`` is set, clamped to [-clip, clip] (after normalisation, so ``clip`` is
+      in standard deviations when both are on);
+    - ``metrics``: ``{"reward/<name>": (B,) raw scores}`` for the optimised source and each logged one.
+
+    ``state_dict()`` / ``load_state_dict()`` carry the running statistics, so a resumed run
+    normalises exactly as the uninterrupted one would.
+    """
+
+    def __init__(
+        self, optimised: RewardSource, logged: Sequence[RewardSource] = (), *, clip: Optional[float] = None,
+        normalize: bool = False, eps: float = 1e-8,
+    ):
+        names = [optimised.name] + [s.name for s in logged]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"reward sources need distinct names (metric reward/<name>); duplicated: {dup}. Use NAME=spec to rename")
+        if clip is not None and not (clip > 0 and math.isfinite(clip)):
+            raise ValueError(f"reward clip must be a positive number or None, got {clip}")
+        self.optimised, self.logged = optimised, list(logged)
+        self.clip, self.normalize, self.eps = clip, normalize, eps
+        self.moments = RunningMoments()
+
+    @property
+    def sources(self) -> list[RewardSource]:
+        return [self.optimised, *self.logged]
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raw = self.optimised(prompts, completions).float()  # (B,)
+        metrics = {f"reward/{self.optimised.name}": raw}
+        for src in self.logged:
+            metrics[f"reward/{src.name}"] = src(prompts, completions).float()
+        scores = raw
+        if self.normalize:
+            self.moments.update(raw)
+            scores = ((raw.double() - self.moments.mean) / torch.sqrt(self.moments.var + self.eps)).float()
+        if self.clip is not None:
+            scores = scores.clamp(-self.clip, self.clip)
+        return scores, metrics
+
+    def state_dict(self) -> dict:
+        return {"moments": self.moments.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.moments.load_state_dict(state["moments"])
+
+
+def build_reward_set(
+    reward: str, gold: Sequence[str] = (), *, clip: Optional[float] = None, normalize: bool = False,
+    device: str | torch.device = "cpu", assets: Optional[str] = None, batch_size: int = 32,
+) -> RewardSet:
+    """``RewardSet(build_reward(reward), [build_reward(g) for g in gold], clip=, normalize=)``."""
+    opt = build_reward(reward, device=device, assets=assets, batch_size=batch_size)
+    logged = [build_reward(g, device=device, assets=assets, batch_size=batch_size) for g in gold]
+    return RewardSet(opt, logged, clip=clip, normalize=normalize)

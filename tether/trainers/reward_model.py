@@ -1,0 +1,198 @@
+"""Reward model: a scalar head on a causal-LM backbone, trained with the Bradley–Terry loss.
+
+    loss = mean_pairs -log σ(r(x, y_w) - r(x, y_l))        (Stiennon et al. 2020 Eq. 1; ops.reward_model)
+
+The model is ``AutoModelForSequenceClassification(num_labels=1)`` initialised from the causal LM (for
+Llama: ``LlamaForSequenceClassification``; the backbone weights are copied, the ``score`` head is
+new). ``r(x, y)`` is the head at the last token of ``join_text(x, y)`` = prompt + completion
+(``rewards.sequence_scores``), with no EOS appended, so that ``rewards.RewardModelSource`` scores
+sampled text exactly as it was trained, and so that the saved ``final/`` gives the same number with
+plain ``transformers`` (``config.pad_token_id`` is set so batches work there too).
+
+Each micro-batch runs the chosen and rejected sequences of its pairs in one forward pass (2m rows);
+its mean loss is weighted by m / batch_size so accumulation and processes give the full-batch
+gradient. Metrics: ``loss``, ``rm/accuracy``, ``rm/margin`` (mean r_w - r_l), ``opt/lr``,
+``opt/grad_norm``; held out: ``eval/loss``, ``eval/rm/accuracy``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from ..assets import resolve_model
+from ..data.preference import StepBatches, collate_pairs, load_preference_rows, pair_width, split_holdout, tokenize_pairs
+from ..distributed import Dist
+from ..modeling import DTYPES, load_tokenizer
+from ..ops.reward_model import bradley_terry_loss
+from ..rewards import sequence_scores
+from ..runs import RunDir, save_final, seed_everything
+from ..training import (
+    Checkpointer, TrainConfig, clip_and_norm, derive_micro_batch, make_optimizer, make_scheduler, progress_bar,
+    trainable_params,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RMConfig(TrainConfig):
+    """Config of ``tether rm`` (fields of TrainConfig plus these)."""
+
+    dataset: str = ""
+    """Preference pairs, as for tether dpo: .jsonl/.json/.parquet with prompt/chosen/rejected (or chosen/rejected sharing a prefix), a datasets folder, a hub name, hh-rlhf; or rt-polarity: a positive movie-review snippet chosen over a negative one."""
+    dataset_split: str = "train"
+    """Split to read from a hub dataset or a saved DatasetDict."""
+    eval_dataset: Optional[str] = None
+    """Held-out pairs (same formats); default: eval_fraction of dataset held out."""
+    eval_fraction: float = 0.05
+    """Fraction of dataset held out for eval/rm/accuracy when eval_dataset is not given (0 = none)."""
+    limit: Optional[int] = None
+    """Use only the first N rows of dataset (None = all)."""
+    skip_bad_rows: bool = False
+    """Skip (and count) malformed rows instead of stopping."""
+    max_length: int = 256
+    """Tokens per sequence (prompt + completion); prompts lose tokens from the left, completions from the right."""
+    max_prompt_length: Optional[int] = None
+    """Prompt token limit (default: what max_length leaves, at least max_length // 2)."""
+    eval_batch_size: int = 32
+    """Pairs per forward pass when evaluating."""
+
+
+def load_reward_backbone(cfg: RMConfig, dist: Dist):
+    """(tokenizer, model): the causal LM at cfg.model with a fresh scalar head (LoRA if lora_r > 0)."""
+    from transformers import AutoModelForSequenceClassification
+
+    seed_everything(cfg.seed)
+    path = resolve_model(cfg.model, cfg.assets)
+    tok = load_tokenizer(path, padding_side="right")
+    # Saved with final/: plain transformers then right-pads too, which its pooling (rightmost
+    # non-pad token) and its position ids (counted from 0, not from the mask) both need.
+    tok.init_kwargs["padding_side"] = "right"
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"dtype {cfg.dtype!r} not supported; choose from {sorted(DTYPES)}")
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[cfg.dtype])
+    model.config.pad_token_id = tok.pad_token_id  # HF's class needs it to find the last token of a batch row
+    if cfg.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            target_modules=list(cfg.lora_target_modules), task_type="SEQ_CLS",  # SEQ_CLS also trains the head
+        ))
+    model.to(dist.device)
+    dist.broadcast_params(model)
+    model.train()
+    return tok, model
+
+
+def load_pairs(source: str, cfg: RMConfig, tok) -> list[dict]:
+    """Rows of {prompt, chosen, rejected} strings; ``rt-polarity`` builds sentiment pairs."""
+    if source == "rt-polarity" and not Path(source).exists():
+        from ..data.text import polarity_pairs
+
+        rows = polarity_pairs(cfg.assets, seed=cfg.seed)
+        return rows[: cfg.limit] if cfg.limit else rows
+    return load_preference_rows(source, split=cfg.dataset_split, tokenizer=tok, skip_bad_rows=cfg.skip_bad_rows,
+                                assets=cfg.assets, limit=cfg.limit)
+
+
+def load_rm_data(cfg: RMConfig, tok) -> tuple[list[dict], list[dict]]:
+    rows = load_pairs(cfg.dataset, cfg, tok)
+    if cfg.eval_dataset:
+        train_rows, eval_rows = rows, load_pairs(cfg.eval_dataset, cfg, tok)
+    else:
+        tr, ev = split_holdout(len(rows), cfg.eval_fraction, seed=cfg.seed)
+        train_rows, eval_rows = [rows[i] for i in tr], [rows[i] for i in ev]
+    # No EOS: the score is read at the last text token, as RewardModelSource reads sampled text.
+    kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, add_eos=False)
+    train, _ = tokenize_pairs(train_rows, tok, source=cfg.dataset, **kw)
+    evals = tokenize_pairs(eval_rows, tok, source=cfg.eval_dataset or "held-out", **kw)[0] if eval_rows else []
+    log.info("reward-model data: %d training pairs, %d held-out", len(train), len(evals))
+    return train, evals
+
+
+def pair_scores(model, pairs: Sequence[dict], *, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen_scores (m,), rejected_scores (m,)) of m tokenised pairs, in one forward pass."""
+    batch = collate_pairs(pairs, pad_id=pad_id).to(device)
+    scores = sequence_scores(model, batch.input_ids, batch.attention_mask).float()  # (2m,)
+    m = len(pairs)
+    return scores[:m], scores[m:]
+
+
+@torch.no_grad()
+def evaluate_rm(model, pairs: Sequence[dict], *, pad_id: int, batch_size: int, dist: Optional[Dist] = None) -> dict:
+    """Held-out ``eval/loss`` and ``eval/rm/accuracy`` (pairs strided over processes)."""
+    dist = dist or Dist()
+    mine = list(pairs)[dist.rank :: dist.world_size]
+    was = model.training
+    model.eval()
+    sums = {"eval/loss": 0.0, "eval/rm/accuracy": 0.0}
+    try:
+        for s in range(0, len(mine), batch_size):
+            chunk = mine[s : s + batch_size]
+            loss, stats = bradley_terry_loss(*pair_scores(model, chunk, pad_id=pad_id, device=dist.device))
+            sums["eval/loss"] += float(loss) * len(chunk)
+            sums["eval/rm/accuracy"] += float(stats["accuracy"]) * len(chunk)
+    finally:
+        model.train(was)
+    return dist.reduce_metrics(sums, {k: float(len(mine)) for k in sums})
+
+
+def train_reward_model(cfg: RMConfig, *, resume: bool = False) -> dict:
+    """Run reward-model training; returns {"final": path, "loss", "rm/accuracy", "eval/rm/accuracy", "eval/loss"}."""
+    if not cfg.dataset:
+        raise ValueError("rm needs preference pairs: pass --dataset FILE (or hh-rlhf, or rt-polarity)")
+    dist = Dist()
+    run = RunDir(cfg.output_dir, is_main=dist.is_main)
+    run.save_config(cfg)
+    tok, model = load_reward_backbone(cfg, dist)
+    train, evals = load_rm_data(cfg, tok)
+    micro = derive_micro_batch(cfg, dist)
+    batches = StepBatches([pair_width(p) for p in train], cfg.batch_size, seed=cfg.seed)
+    params = trainable_params(model)
+    opt = make_optimizer(params, cfg)
+    sched = make_scheduler(opt, cfg)
+    ckpt = Checkpointer(run, model, opt, sched)
+    step = ckpt.resume()[0] if resume else 0
+    evaluate = lambda: evaluate_rm(model, evals, pad_id=tok.pad_token_id, batch_size=cfg.eval_batch_size, dist=dist)  # noqa: E731
+    bar = progress_bar(cfg.max_steps, step, enabled=cfg.progress and dist.is_main, desc="rm")
+    metrics: dict = {}
+    while step < cfg.max_steps:
+        idx = dist.shard(batches(step))
+        sums = {"loss": 0.0, "rm/accuracy": 0.0, "rm/margin": 0.0}
+        for j in range(0, len(idx), micro):
+            chunk = [train[i] for i in idx[j : j + micro]]
+            loss, stats = bradley_terry_loss(*pair_scores(model, chunk, pad_id=tok.pad_token_id, device=dist.device))
+            (loss * len(chunk) / cfg.batch_size).backward()  # mean over the global batch
+            sums["loss"] += float(loss.detach()) * len(chunk)
+            sums["rm/accuracy"] += float(stats["accuracy"]) * len(chunk)
+            sums["rm/margin"] += float(stats["margin"]) * len(chunk)
+        dist.sync_gradients(params)
+        grad_norm = clip_and_norm(params, cfg.max_grad_norm)
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        metrics = {**dist.reduce_metrics(sums, {k: float(len(idx)) for k in sums}), "opt/lr": lr, "opt/grad_norm": grad_norm}
+        if evals and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
+            metrics.update(evaluate())
+        if step % cfg.log_every == 0 or "eval/loss" in metrics or step == cfg.max_steps:
+            run.log(step, metrics)
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+            ckpt.save(step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['rm/accuracy']:.2f}")
+    bar.close()
+    if evals and "eval/loss" not in metrics:  # resumed at max_steps
+        metrics.update(evaluate())
+    ckpt.save(step)
+    final = save_final(model, cfg.output_dir, tokenizer=tok, merge_lora=cfg.merge_lora, is_main=dist.is_main)
+    run.close()
+    keys = ("loss", "rm/accuracy", "eval/loss", "eval/rm/accuracy")
+    return {"final": str(final), **{k: metrics.get(k) for k in keys}}

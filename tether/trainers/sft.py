@@ -1,0 +1,162 @@
+"""Supervised fine-tuning of a causal LM: the usual way to make the reference model π_ref.
+
+Loss: mean negative log-likelihood per target token over the whole global batch,
+
+    loss = -Σ_{b,t} targets[b,t] · log π_θ(x_{b,t} | x_{b,<t}) / Σ_{b,t} targets[b,t]
+
+(targets = completion tokens only with ``completion_only_loss``, else every token after the first).
+Each micro-batch contributes its NLL *sum* divided by the global target count, so gradient
+accumulation and data parallelism give the same gradient as one full batch (distributed.py).
+
+Metrics: ``loss``, ``opt/lr``, ``opt/grad_norm``, ``eval/loss`` (held-out token-mean NLL).
+Output: ``final/`` in Hugging Face format (AutoModelForCausalLM), with the tokenizer.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from ..data.text import batch_indices, collate, load_text_examples, prepare_sft, split_heldout
+from ..distributed import Dist
+from ..modeling import position_ids
+from ..ops.logprobs import selective_logps
+from ..runs import RunDir, save_final
+from ..training import (
+    Checkpointer, TrainConfig, clip_and_norm, derive_micro_batch, load_policy, make_optimizer, make_scheduler,
+    progress_bar, trainable_params,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Config of ``tether sft`` (fields of TrainConfig plus these)."""
+
+    dataset: str = ""
+    """Training data: text file (one example per line), .jsonl/.json/.parquet (text, or prompt + completion), a saved datasets folder, a hub name, or a comma-separated list (e.g. both rt-polarity files)."""
+    eval_dataset: Optional[str] = None
+    """Held-out data (same formats); default: eval_examples examples held out from dataset."""
+    eval_examples: int = 200
+    """Examples held out from dataset for eval/loss when eval_dataset is not given (0 = no eval)."""
+    max_length: int = 128
+    """Tokens per example (truncated) or per packed block."""
+    packing: bool = False
+    """Concatenate examples (EOS-separated) into full blocks of max_length tokens."""
+    completion_only_loss: bool = True
+    """For prompt/completion rows: train on completion tokens only (plain text trains on every token)."""
+    append_eos: bool = True
+    """End every example with the EOS token (so the model learns to stop)."""
+    text_field: str = "text"
+    """Field holding plain text in table rows."""
+    prompt_field: str = "prompt"
+    """Field holding the prompt in table rows."""
+    completion_field: str = "completion"
+    """Field holding the completion in table rows."""
+    eval_batch_size: int = 32
+    """Examples per forward pass when evaluating."""
+
+
+def token_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ NLL over target tokens (), number of target tokens ()) of a collated batch."""
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), use_cache=False).logits
+    logps = selective_logps(logits[:, :-1], ids[:, 1:])  # (B, L-1): position t predicts token t+1
+    mask = batch["targets"][:, 1:]  # (B, L-1)
+    return -(logps * mask).sum(), mask.sum()
+
+
+@torch.no_grad()
+def eval_loss(model, items: Sequence, *, pad_id: int, batch_size: int, dist: Optional[Dist] = None) -> float:
+    """Token-mean NLL over ``items`` (strided over processes, summed globally)."""
+    dist = dist or Dist()
+    mine = list(items)[dist.rank :: dist.world_size]
+    was = model.training
+    model.eval()
+    nll, n = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    device = next(model.parameters()).device
+    try:
+        for s in range(0, len(mine), batch_size):
+            b = {k: v.to(device) for k, v in collate(mine[s : s + batch_size], pad_id=pad_id).items()}
+            a, c = token_nll(model, b)
+            nll += float(a)
+            n += float(c)
+    finally:
+        model.train(was)
+    nll, n = dist.sum(nll), dist.sum(n)
+    return float(nll / n) if n > 0 else float("nan")
+
+
+def load_sft_data(cfg: SFTConfig, tok) -> tuple[list, list]:
+    kw = dict(assets=cfg.assets, text_field=cfg.text_field, prompt_field=cfg.prompt_field, completion_field=cfg.completion_field)
+    examples = load_text_examples(cfg.dataset, **kw)
+    if cfg.eval_dataset:
+        train_ex, eval_ex = examples, load_text_examples(cfg.eval_dataset, **kw)
+    else:
+        train_ex, eval_ex = split_heldout(examples, cfg.eval_examples, seed=cfg.seed)
+    prep = dict(max_length=cfg.max_length, packing=cfg.packing, completion_only_loss=cfg.completion_only_loss,
+                append_eos=cfg.append_eos, seed=cfg.seed)
+    train = prepare_sft(tok, train_ex, **prep)
+    evals = prepare_sft(tok, eval_ex, **prep) if eval_ex else []
+    if not train:
+        raise ValueError(f"dataset {cfg.dataset!r} gives no training examples with a target token; raise max_length")
+    log.info("sft data: %d training %s, %d held-out", len(train), "blocks" if cfg.packing else "examples", len(evals))
+    return train, evals
+
+
+def train_sft(cfg: SFTConfig, *, resume: bool = False) -> dict:
+    """Run SFT; returns {"final": path, "loss": last loss, "eval/loss": final held-out loss}."""
+    if not cfg.dataset:
+        raise ValueError("sft needs a dataset: pass --dataset FILE (or a comma-separated list)")
+    dist = Dist()
+    run = RunDir(cfg.output_dir, is_main=dist.is_main)
+    run.save_config(cfg)
+    tok, model, _ = load_policy(cfg, dist)
+    train, evals = load_sft_data(cfg, tok)
+    micro = derive_micro_batch(cfg, dist)
+    params = trainable_params(model)
+    opt = make_optimizer(params, cfg)
+    sched = make_scheduler(opt, cfg)
+    ckpt = Checkpointer(run, model, opt, sched)
+    step = ckpt.resume()[0] if resume else 0
+    evaluate = lambda: eval_loss(model, evals, pad_id=tok.pad_token_id, batch_size=cfg.eval_batch_size, dist=dist)  # noqa: E731
+    bar = progress_bar(cfg.max_steps, step, enabled=cfg.progress and dist.is_main, desc="sft")
+    metrics: dict = {}
+    while step < cfg.max_steps:
+        idx = dist.shard(batch_indices(step, cfg.batch_size, len(train), seed=cfg.seed))
+        mbs = [collate([train[i] for i in idx[j : j + micro]], pad_id=tok.pad_token_id) for j in range(0, len(idx), micro)]
+        n_global = dist.sum_float(sum(float(mb["targets"][:, 1:].sum()) for mb in mbs))  # global normaliser
+        nll_sum = 0.0
+        for mb in mbs:
+            nll, _ = token_nll(model, {k: v.to(dist.device) for k, v in mb.items()})
+            (nll / n_global).backward()
+            nll_sum += float(nll.detach())
+        dist.sync_gradients(params)
+        grad_norm = clip_and_norm(params, cfg.max_grad_norm)
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        metrics = {"loss": dist.sum_float(nll_sum) / n_global, "opt/lr": lr, "opt/grad_norm": grad_norm}
+        if evals and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+            metrics["eval/loss"] = evaluate()
+        if step == cfg.max_steps and evals:
+            metrics["eval/loss"] = evaluate()
+        if step % cfg.log_every == 0 or "eval/loss" in metrics or step == cfg.max_steps:
+            run.log(step, metrics)
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+            ckpt.save(step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+    bar.close()
+    if "eval/loss" not in metrics and evals:  # resumed at max_steps: still report the held-out loss
+        metrics["eval/loss"] = evaluate()
+    ckpt.save(step)
+    final = save_final(model, cfg.output_dir, tokenizer=tok, merge_lora=cfg.merge_lora, is_main=dist.is_main)
+    run.close()
+    return {"final": str(final), "loss": metrics.get("loss"), "eval/loss": metrics.get("eval/loss")}
