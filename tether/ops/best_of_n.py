@@ -13,7 +13,7 @@ Because π_bon/π_ref depends on y only through its reward level,
 
 For an atomless reward distribution this is ∫_0^1 n u^{n-1} log(n u^{n-1}) du = log n - (n-1)/n,
 the analytic value of Stiennon et al. 2020 (footnote 15); with atoms (ties) it is smaller, so the
-analytic value is an upper bound (Beirami et al. 2024, Theorem 1). ``ops.policy.best_of_n_kl_bound``
+analytic value is an upper bound (Beirami et al. 2024, Theorem 1). ``best_of_n_kl_bound``
 returns that bound.
 
 Sample estimate (``best_of_n_kl_estimate``): from m reference samples of one prompt, reward values
@@ -40,32 +40,47 @@ def _levels(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return levels, inverse
 
 
-def best_of_n_probs(rewards: torch.Tensor, probs: torch.Tensor, *, n: int) -> torch.Tensor:
-    """π_bon over K outcomes of a known reference distribution.
+def best_of_n_kl_bound(n: int) -> float:
+    """log n - (n - 1)/n (Stiennon et al. 2020 fn. 15; Beirami et al. 2024): an upper bound on
+    KL[π_bon‖π_ref].
 
-    rewards: (K,) reward of each outcome; probs: (K,) π_ref of each outcome (sums to 1).
-    Returns (K,) float64: q_ℓ · p_k / p_ℓ (ties share their level's mass in proportion to π_ref).
+    It is the exact KL when the reward's distribution under π_ref has no atoms: then
+    F(r(y)) ~ U(0, 1), π_bon/π_ref = n F^{n-1} and KL = ∫_0^1 n u^{n-1} log(n u^{n-1}) du. With atoms
+    (any discrete problem, even with all rewards distinct) Jensen makes the KL strictly smaller for
+    n ≥ 2; the gap closes as the largest atom's mass goes to 0.
     """
     _check_n(n)
-    p = probs.double()
-    levels, inv = _levels(rewards)
-    p_level = torch.zeros(len(levels), dtype=torch.float64).index_add_(0, inv, p)  # (L,)
-    F = p_level.cumsum(0).clamp(max=1.0)  # (L,)
-    F_prev = torch.cat([F.new_zeros(1), F[:-1]])
-    q_level = F.pow(n) - F_prev.pow(n)  # (L,) Beirami Lemma 1
-    return torch.where(p > 0, q_level[inv] * p / p_level[inv].clamp(min=1e-300), torch.zeros_like(p))
+    return math.log(n) - (n - 1) / n
+
+
+def best_of_n_probs(rewards: torch.Tensor, probs: torch.Tensor, *, n: int) -> torch.Tensor:
+    """Exact π_bon over K outcomes of a known discrete reference, batched over leading dims.
+
+    rewards, probs: (..., K) reward and π_ref of each outcome (probs sum to 1 over K).
+    Returns (..., K) float64. With F(ρ) = P_ref(r ≤ ρ) and m the mass of the level {r = ρ}, the kept
+    draw's level has probability F^n - (F - m)^n and, by exchangeability, within a level the mass is
+    shared in proportion to π_ref: π_bon(y) = π_ref(y)·h, h = F^{n-1}(1 - (1 - m/F)^n)/(m/F)
+    (written without the cancellation of F^n - (F-m)^n).
+    """
+    _check_n(n)
+    p = probs.to(torch.float64)
+    r = rewards.to(torch.float64)
+    le = (r[..., None, :] <= r[..., :, None]).to(torch.float64)  # [i, j] = r_j <= r_i
+    eq = (r[..., None, :] == r[..., :, None]).to(torch.float64)
+    F = (le * p[..., None, :]).sum(-1)  # (..., K) P(r <= r_i)
+    m = (eq * p[..., None, :]).sum(-1)  # (..., K) P(r == r_i)
+    frac = (m / F).clamp(max=1.0)
+    h = F.pow(n - 1) * -torch.expm1(n * torch.log1p(-frac)) / frac
+    return torch.where(p > 0, p * h, 0.0)
 
 
 def best_of_n_kl_exact(rewards: torch.Tensor, probs: torch.Tensor, *, n: int) -> torch.Tensor:
-    """KL[π_bon‖π_ref] for a known discrete reference (rewards, probs as in ``best_of_n_probs``): ()."""
-    _check_n(n)
-    levels, inv = _levels(rewards)
-    p_level = torch.zeros(len(levels), dtype=torch.float64).index_add_(0, inv, probs.double())
-    F = p_level.cumsum(0).clamp(max=1.0)
-    F_prev = torch.cat([F.new_zeros(1), F[:-1]])
-    q = F.pow(n) - F_prev.pow(n)
-    keep = q > 0
-    return (q[keep] * (q[keep].log() - p_level[keep].log())).sum()
+    """Exact KL[π_bon‖π_ref] for a known discrete reference: (..., K) -> (...) float64.
+    Equals Σ_levels q log(q/m): only the levels' masses matter."""
+    p = probs.to(torch.float64)
+    q = best_of_n_probs(rewards, p, n=n)
+    terms = torch.where(q > 0, q * (q.clamp(min=1e-300).log() - p.clamp(min=1e-300).log()), 0.0)
+    return terms.sum(-1)
 
 
 def _G(u: float, n: int) -> float:

@@ -21,6 +21,8 @@ from typing import Literal, Optional, Union
 
 import torch
 
+from .best_of_n import best_of_n_kl_bound  # noqa: F401  (re-exported: the bound lives with best-of-n)
+
 from .kl import k3, kl_reward_penalty, log_ratio
 from .logprobs import upcast
 
@@ -304,13 +306,3 @@ def aggregate_loss(
     if mode == "seq_sum":
         return loss.sum() / n_seq
     raise ValueError(f"unknown aggregation mode {mode!r}; choose from {AGGREGATION_MODES}")
-
-
-def best_of_n_kl_bound(n: int) -> float:
-    """KL[π_bon‖π_ref] ≤ log n - (n-1)/n for best-of-n sampling (Stiennon et al. 2020, footnote 15).
-
-    An upper bound (Beirami et al. 2024), exact when all outcomes are distinct (continuous rewards).
-    """
-    if n < 1 or int(n) != n:
-        raise ValueError(f"n must be a positive integer, got {n}")
-    return math.log(n) - (n - 1) / n

@@ -212,49 +212,7 @@ def forward_kl_optimum(ref: TabularPolicy, rewards: torch.Tensor, beta: float) -
     return TabularPolicy(sp, table, trainable=False)
 
 
-# ---- best-of-n ----------------------------------------------------------------------------------------
+# ---- best-of-n: the exact computations live with the rest of the best-of-n math -----------------------
 
-def best_of_n_probs(rewards: torch.Tensor, ref_probs: torch.Tensor, *, n: int) -> torch.Tensor:
-    """Exact distribution of best-of-n: draw y_1..y_n i.i.d. from π_ref, keep one of highest reward,
-    ties broken uniformly at random among the tied draws. Over the last dim: (..., K) -> (..., K).
-    (Argument order as ``tether.ops.best_of_n.best_of_n_probs``, which it cross-checks, batched.)
-
-    With F(ρ) = P_ref(r ≤ ρ), F⁻(ρ) = P_ref(r < ρ), the kept draw's reward is ρ with probability
-    F(ρ)^n - F⁻(ρ)^n; given that, by exchangeability it is any of the tied draws, each distributed as
-    π_ref restricted to {r = ρ}. Hence π_bon(y) = π_ref(y) · h(y), h = (F^n - F⁻^n) / (F - F⁻) at ρ = r(y),
-    computed as F^{n-1} (1 - (1 - m/F)^n) / (m/F), m = F - F⁻ the level's mass (no cancellation).
-    """
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    p = ref_probs.to(DTYPE)
-    r = rewards.to(DTYPE)
-    le = (r[..., None, :] <= r[..., :, None]).to(DTYPE)  # [i, j] = r_j <= r_i
-    eq = (r[..., None, :] == r[..., :, None]).to(DTYPE)
-    F = (le * p[..., None, :]).sum(-1)  # (..., K) P(r <= r_i)
-    m = (eq * p[..., None, :]).sum(-1)  # (..., K) P(r == r_i)
-    frac = (m / F).clamp(max=1.0)
-    h = F.pow(n - 1) * -torch.expm1(n * torch.log1p(-frac)) / frac
-    return torch.where(p > 0, p * h, 0.0)
-
-
-def best_of_n_kl(rewards: torch.Tensor, ref_probs: torch.Tensor, *, n: int) -> torch.Tensor:
-    """Exact KL[π_bon‖π_ref] over the last dim: (..., K) -> (...). Equals Σ_ρ q_ρ log(q_ρ/m_ρ) over
-    reward levels (q_ρ = F^n - F⁻^n, m_ρ = F - F⁻): only the levels' masses matter."""
-    p = ref_probs.to(DTYPE)
-    q = best_of_n_probs(rewards, p, n=n)
-    return _xlogratio(q, q.log(), p.log())
-
-
-def best_of_n_kl_bound(n: int) -> float:
-    """log n - (n - 1)/n (Stiennon et al. 2020 fn. 15; Beirami et al. 2024).
-
-    It is the exact KL when the reward's distribution under π_ref has no atoms (continuous, all
-    outcomes distinct with vanishing mass): then F(r(y)) ~ U(0, 1), π_bon/π_ref = n F^{n-1} and
-    KL = ∫_0^1 n u^{n-1} log(n u^{n-1}) du = log n - (n-1)/n. With atoms (any discrete problem,
-    even with all rewards distinct) the level ratio is the average of n u^{n-1} over the level's
-    interval, and Jensen (x log x convex) makes the KL strictly smaller for n ≥ 2; the gap closes
-    as the largest atom's mass goes to 0.
-    """
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    return math.log(n) - (n - 1) / n
+from tether.ops.best_of_n import best_of_n_kl_bound, best_of_n_probs  # noqa: E402,F401
+from tether.ops.best_of_n import best_of_n_kl_exact as best_of_n_kl  # noqa: E402,F401

@@ -6,7 +6,7 @@ ranks highest (ties: the first drawn). Reported per n, averaged over prompts:
 - ``score`` / ``reward/<name>``: mean reward of the kept completion, for the selecting reward and for
   every gold reward evaluated on the same completion; ``*_ref``: the mean over all samples (what
   π_ref itself scores, best-of-1 in expectation).
-- ``kl_bound`` = log n - (n-1)/n (``ops.policy.best_of_n_kl_bound``; Stiennon et al. 2020 fn. 15).
+- ``kl_bound`` = log n - (n-1)/n (``ops.best_of_n.best_of_n_kl_bound``; Stiennon et al. 2020 fn. 15).
   It is an UPPER bound on KL[π_bon‖π_ref] (Beirami et al. 2024), reached only when the selecting
   reward has no ties.
 - ``kl_estimate`` (± ``kl_estimate_stderr`` over prompts): per prompt, the exact KL of best-of-n
@@ -29,7 +29,7 @@ import torch
 
 from ..measure import encode_prompts, mean_stderr
 from ..ops.best_of_n import best_of_n_kl_estimate
-from ..ops.policy import best_of_n_kl_bound
+from ..ops.best_of_n import best_of_n_kl_bound
 from ..rewards import RewardSet, RewardSource, build_reward, decode_completions
 from ..sampling import sample
 
