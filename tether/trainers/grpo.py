@@ -1,0 +1,101 @@
+"""GRPO: group-normalised advantages and the KL in the loss (Shao et al. 2024, DeepSeekMath §4.1).
+
+The loop is ``online.train_online``; this file is GRPO's two pieces (STYLE.md §2):
+
+- ``prepare``: the ``samples_per_prompt`` = G completions of a prompt form a group; each gets the
+  outcome advantage (r_i - mean_group) / (std_group + ε) on every token (``ops.policy.group_advantages``;
+  ``scale_rewards=False`` only centres, as Dr. GRPO argues). No value model, no KL in the reward.
+- ``loss``: clipped surrogate with π_old (PPO Eq. 7) + β x the per-token KL term in the loss
+  (``ops.kl.kl_loss_term``), aggregated as DeepSeekMath Eq. 3 does: 1/G Σ_i 1/|o_i| Σ_t
+  (``loss_aggregation=seq_mean_token_mean``; ``token_mean`` is DAPO's choice).
+
+Which KL, and the bias of each choice (MATH.md §3; ``ops.kl.ESTIMATORS``), set by ``kl_estimator`` and
+``kl_placement``:
+
+- ``k3`` + ``loss`` (the paper's default): the value is unbiased for KL[π_θ‖π_ref], but its gradient is
+  ∇KL[π_ref‖π_θ] — the *forward* KL, a mass-covering regulariser different from the reverse KL that
+  the KL-regularised objective (MATH.md §1) penalises.
+- ``k2`` + ``loss``: on-policy its gradient is exactly ∇KL[π_θ‖π_ref] (the value is biased, ≥ 0); after
+  the first update of a step (num_epochs or num_minibatches > 1) the samples are off-policy and it is
+  no longer corrected.
+- ``k3`` + ``loss_is``: each token's k3 weighted by π_θ/π_old (old detached): gradient ∇KL[π_θ‖π_ref],
+  unbiased on- and off-policy (DeepSeek-V3.2; TRL ``use_bias_correction_kl``).
+- ``k1`` + ``loss`` has zero expected gradient (no regularisation) and is rejected; ``k1`` + ``loss_is``
+  is unbiased but noisy. ``exact`` + ``loss`` differentiates Σ_t KL_t with the states held fixed and
+  misses the effect of early tokens on later states (Tang & Munos, arXiv:2506.09477).
+
+``kl/ref`` reports the exact sequence KL of the rollout whatever is chosen here; ``grpo/kl_loss`` is
+the token mean of the term as applied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..ops.kl import kl_loss_term
+from ..ops.policy import aggregate_loss, group_advantages, masked_mean, ppo_policy_loss
+from .online import Counts, OnlineConfig, OnlineMethod, PolicyOutput, train_online
+from .rollout import Rollout
+
+KL_PLACEMENTS = ("loss", "loss_is")
+
+
+@dataclass
+class GRPOConfig(OnlineConfig):
+    """Config of ``tether grpo`` (OnlineConfig's fields plus these)."""
+
+    beta: float = 0.04
+    """β of the KL term in the loss (DeepSeekMath: 0.04)."""
+    samples_per_prompt: int = 4
+    """Group size G: completions per prompt (>= 2)."""
+    kl_estimator: str = "k3"
+    """KL term in the loss: k3 (the paper; gradient of the *forward* KL) | k2 (reverse-KL gradient on-policy) | k1 (only with loss_is) | exact. See the module docstring."""
+    kl_placement: str = "loss"
+    """loss: the estimator's value differentiated as is | loss_is: weighted by π_θ/π_old (k3 + loss_is gives the unbiased reverse-KL gradient, also off-policy)."""
+    scale_rewards: bool = True
+    """Divide group-centred scores by the group std (DeepSeekMath); False only centres them (Dr. GRPO)."""
+    loss_aggregation: str = "seq_mean_token_mean"
+    """seq_mean_token_mean (DeepSeekMath Eq. 3) | token_mean (DAPO) | seq_sum."""
+
+    method: ClassVar[str] = "grpo"
+
+
+def prepare(ro: Rollout, cfg: GRPOConfig, beta: float) -> dict:
+    ro.advantages = group_advantages(ro.scores, group_size=cfg.samples_per_prompt, scale=cfg.scale_rewards)  # (B,)
+    return {}
+
+
+def loss(out: PolicyOutput, mb: Rollout, *, cfg: GRPOConfig, beta: float, counts: Counts, reference) -> tuple[torch.Tensor, dict]:
+    pg, pg_stats = ppo_policy_loss(out.logps, mb.old_logps, mb.advantages, mb.mask, clip=cfg.clip_eps)  # (B, T)
+    exact = cfg.kl_estimator == "exact"
+    kl = kl_loss_term(
+        out.logps, mb.ref_logps, mb.mask, estimator=cfg.kl_estimator,
+        old_logps=mb.old_logps if cfg.kl_placement == "loss_is" else None,
+        logits=out.logits if exact else None,
+        ref_logits=reference.logits(mb.batch).to(out.logits.device) if exact else None,  # recomputed: (B, T, V) not kept
+    ).per_token  # (B, T)
+    total = aggregate_loss(pg + beta * kl, mb.mask, mode=cfg.loss_aggregation, num_tokens=counts.tokens, num_seqs=counts.seqs)
+    stats = {"ppo/policy_loss": masked_mean(pg, mb.mask).detach(), "ppo/clipfrac": pg_stats["clipfrac"],
+             "ppo/approx_kl_old": pg_stats["approx_kl_old"], "grpo/kl_loss": masked_mean(kl, mb.mask).detach()}
+    return total, stats
+
+
+def validate(cfg: GRPOConfig) -> None:
+    if cfg.samples_per_prompt < 2:
+        raise ValueError(f"GRPO needs samples_per_prompt >= 2 (a group to normalise over), got {cfg.samples_per_prompt}")
+    if cfg.kl_placement not in KL_PLACEMENTS:
+        raise ValueError(f"kl_placement must be one of {KL_PLACEMENTS}, got {cfg.kl_placement!r}")
+    if cfg.kl_estimator == "k1" and cfg.kl_placement == "loss":
+        raise ValueError("kl_estimator=k1 with kl_placement=loss has zero expected gradient (no regularisation, MATH.md §3); "
+                         "use kl_placement=loss_is, or k3/k2")
+
+
+GRPO = OnlineMethod(name="grpo", prepare=prepare, loss=loss, validate=validate)
+
+
+def train_grpo(cfg: GRPOConfig, **kwargs) -> dict:
+    """``train_online(cfg, method=GRPO, **kwargs)``: see its docstring for the arguments and result."""
+    return train_online(cfg, method=GRPO, **kwargs)

@@ -1,0 +1,540 @@
+"""Online RL from a reward: the one rollout-and-update loop that PPO, GRPO and RLOO share.
+
+A method (``OnlineMethod``: PPO in ``ppo.py``, GRPO in ``grpo.py``, RLOO in ``rloo.py``) supplies
+only what differs between them — how a rollout becomes advantages (``prepare``) and the per-token
+loss of a micro-batch (``loss``); everything else is this file (the rollout itself is
+``rollout.py``), read top to bottom in ``train_online``:
+
+    for step in range(max_steps):
+        prompts  = this step's prompts (a pure function of (seed, step)), each repeated G times
+        rollout  = sample with a KV cache (stop at EOS; tokens after it are masked out)
+                   -> scores from the reward (optional no-EOS penalty)
+                   -> old_logps (policy), ref_logps (reference), per-token KL (kl_estimator),
+                      exact per-token KL (for kl/ref), entropy, values (PPO)
+        method.prepare(rollout, β)            rewards / advantages / returns
+        for epoch, minibatch, micro-batch:    method.loss(...).backward(); all-reduce; clip; step
+        β controller.update(kl/ref)           log, log samples, evaluate, checkpoint
+
+KL conventions (MATH.md §2–3): every KL is KL[π_sampled‖π_ref] with π_sampled the *filtered*
+distribution the tokens were drawn from (temperature/top-k/top-p applied when scoring the policy;
+the reference is scored unfiltered), both models in eval mode (no dropout: the online methods keep
+the policy in eval mode throughout, so π_θ/π_old = 1 before the first update and step-0 KL is 0;
+TRL #506). ``kl/ref`` is the mean *sequence-sum* KL measured with the exact (Rao-Blackwellised)
+estimator on the rollout — unbiased and the lowest-variance choice — whatever estimator the method
+puts in its reward or loss; it is also what the adaptive β controller is fed. ``kl/penalty`` is
+β·(mean sequence sum of the configured estimator), the KL as applied. The loss itself differentiates
+the temperature-scaled policy without top-k/top-p (``loss_filters`` says why).
+
+Sizes (checked once, ``derive_sizes``): ``batch_size`` completions per step = prompts x
+``samples_per_prompt``; prompts are split over processes (a GRPO/RLOO group never straddles two);
+each process's rollout is cut into ``num_minibatches`` optimiser updates per epoch, each
+accumulated over ``grad_accum`` micro-batches. A "step" (``max_steps``) is one rollout plus its
+``num_epochs x num_minibatches`` updates. Losses are divided by *global* token / sequence counts, so
+N processes == 1 process for a given rollout (distributed.py); each process samples its own shard
+with its own generator, so the samples themselves depend on the number of processes. Deviations,
+documented where they happen: advantage whitening (PPO) and reward normalisation use per-process
+statistics, as TRL does; evaluation runs the same prompts on every process (identical results).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Optional, Sequence
+
+import torch
+
+from ..assets import resolve_model
+from ..control import BetaConfig, build_controller
+from ..data.text import batch_indices
+from ..distributed import Dist
+from ..measure import encode_prompts, measure_kl, read_prompts
+from ..modeling import CompletionBatch, load_causal_lm, load_tokenizer
+from ..ops.kl import ESTIMATOR_NAMES, kl_loss_term
+from ..ops.logprobs import selective_logps
+from ..ops.policy import AGGREGATION_MODES, masked_mean
+from ..reference import build_reference
+from ..rewards import CallableSource, RewardSet, RewardSource, build_reward
+from ..runs import RunDir, save_final
+from ..training import (
+    Checkpointer, TrainConfig, clip_and_norm, load_policy, make_optimizer, make_scheduler, progress_bar, trainable_params,
+)
+from ..value import build_value_model, forward_completion
+from .rollout import Rollout, collect_rollout, decode_completion, loss_filters, rollout_stats
+
+log = logging.getLogger(__name__)
+
+ONLINE_REFERENCE_FORMS = ("copy", "lora", "offload")
+
+
+@dataclass
+class OnlineConfig(TrainConfig, BetaConfig):
+    """Fields shared by ``tether ppo``, ``grpo`` and ``rloo`` (plus TrainConfig's and BetaConfig's)."""
+
+    prompts: str = ""
+    """Training prompts: a text file (one prompt per line) or JSONL with a 'prompt' field."""
+    reward: str = "vader"
+    """Reward to optimise: 'vader', a reward-model folder (tether rm's final/), or 'module:function' (NAME=spec renames its metric)."""
+    log_rewards: list = field(default_factory=list)
+    """Extra rewards to log but not optimise (gold vs proxy), e.g. gold=vader,other=mod:fn -> reward/<name>."""
+    reward_normalize: bool = False
+    """Standardise the optimised score with its running mean/std (state is checkpointed; per process)."""
+    reward_clip: Optional[float] = None
+    """Clamp the optimised score to [-c, c] (after normalisation)."""
+    no_eos_penalty: Optional[float] = None
+    """Subtract this from the score of every completion that hit max_new_tokens without EOS (None = off)."""
+    samples_per_prompt: int = 1
+    """Completions sampled per prompt (the group size G of GRPO/RLOO); batch_size must divide by it."""
+    max_new_tokens: int = 32
+    """Completion length limit (tokens)."""
+    temperature: float = 1.0
+    """Sampling temperature; the KL and the losses score the filtered distribution actually sampled."""
+    top_k: int = 0
+    """Top-k sampling filter (0 = off)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0 = off)."""
+    max_prompt_length: Optional[int] = None
+    """Error on prompts longer than this many tokens (None = no limit)."""
+    kl_estimator: str = "k1"
+    """Per-token KL estimator k1 | k2 | k3 | exact (MATH.md §2-3; tether.ops.kl.ESTIMATORS lists value and gradient bias per placement)."""
+    reference: str = "copy"
+    """Reference form: copy (frozen copy) | lora (the LoRA policy with adapters off) | offload (copy kept in CPU memory)."""
+    reference_model: Optional[str] = None
+    """Reference model path (default: the starting policy `model`)."""
+    num_epochs: int = 1
+    """Passes over each rollout (PPO epochs; GRPO's μ). Epochs after the first are off-policy (ratio ≠ 1)."""
+    num_minibatches: int = 1
+    """Optimiser updates per epoch; each process's rollout must divide into them (and each into grad_accum micro-batches)."""
+    clip_eps: float = 0.2
+    """ε of the clipped surrogate min(ρA, clip(ρ, 1-ε, 1+ε)A) (PPO Eq. 7)."""
+    loss_aggregation: str = "token_mean"
+    """token_mean | seq_mean_token_mean | seq_sum: how per-token losses become a scalar (tether.ops.policy.aggregate_loss)."""
+    target_kl_old: Optional[float] = None
+    """Stop this step's remaining updates once the k3 KL to the behaviour policy (ppo/approx_kl_old) exceeds this (None = off)."""
+    eval_prompts: Optional[str] = None
+    """Held-out prompts for eval/* (file); default: the first eval_max_prompts training prompts (then not held out)."""
+    eval_max_prompts: int = 64
+    """At most this many eval prompts are used."""
+    eval_samples: int = 2
+    """Completions per eval prompt for eval/kl (exact estimator) and eval/reward/<name>."""
+    sample_every: int = 10
+    """Append num_logged_samples rollout samples to samples.jsonl every N steps (0 = never)."""
+    num_logged_samples: int = 4
+    """Samples written each time."""
+
+    method: ClassVar[str] = "online"
+
+
+# --------------------------------------------------------------------------------------------------
+# Sizes, data order, seeds
+
+
+@dataclass(frozen=True)
+class Sizes:
+    prompts_per_process: int  # distinct prompts per process per step
+    rollout: int  # completions per process per step
+    minibatch: int  # completions per process per optimiser update
+    micro: int  # completions per forward/backward
+
+
+def derive_sizes(cfg: OnlineConfig, dist: Dist) -> Sizes:
+    """All batch sizes, derived once with exact divisibility (STYLE.md §5)."""
+    G = cfg.samples_per_prompt
+    if G < 1:
+        raise ValueError(f"samples_per_prompt must be >= 1, got {G}")
+    if cfg.batch_size % G:
+        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by samples_per_prompt={G} (batch_size counts completions)")
+    n_prompts = cfg.batch_size // G
+    if n_prompts % dist.world_size:
+        raise ValueError(f"prompts per step (batch_size / samples_per_prompt = {n_prompts}) must divide over {dist.world_size} processes")
+    rollout = cfg.batch_size // dist.world_size
+    if rollout % cfg.num_minibatches:
+        raise ValueError(f"each process's rollout ({rollout} completions) must divide into num_minibatches={cfg.num_minibatches}")
+    mb = rollout // cfg.num_minibatches
+    if mb % cfg.grad_accum:
+        raise ValueError(f"each minibatch ({mb} completions per process) must divide into grad_accum={cfg.grad_accum} micro-batches")
+    return Sizes(n_prompts // dist.world_size, rollout, mb, mb // cfg.grad_accum)
+
+
+def seeded(*keys: int) -> torch.Generator:
+    """A generator seeded from integers (seed, step, ...): sampling and minibatch order are pure
+    functions of them, so a resumed run draws exactly what the uninterrupted one would have."""
+    s = 0
+    for k in keys:
+        s = (s * 1_000_003 + int(k)) % (2**62)
+    return torch.Generator().manual_seed(s)
+
+
+# --------------------------------------------------------------------------------------------------
+# Methods
+
+
+@dataclass
+class PolicyOutput:
+    """The policy's forward pass over a micro-batch, with gradients."""
+
+    logits: torch.Tensor  # (B, T, V) at the sampling temperature (``loss_filters``)
+    logps: torch.Tensor  # (B, T) fp32, 0 off-mask
+    values: Optional[torch.Tensor] = None  # (B, T) (PPO)
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Global normalisers of one optimiser update (all processes, all micro-batches)."""
+
+    tokens: float
+    seqs: float
+
+
+@dataclass(frozen=True)
+class OnlineMethod:
+    """What distinguishes PPO, GRPO and RLOO. Composition, not inheritance: the loop calls these.
+
+    prepare(rollout, cfg, beta) -> stats: fills rollout.advantages (and rewards/returns); stats are
+        local token-mean scalars. loss(out, micro, cfg=, beta=, counts=, reference=) -> (loss, stats):
+        the micro-batch's share of the update's loss (divided by the global ``counts``) and
+        token-mean stats. validate(cfg) raises on invalid settings. aux (optional, PPO-ptx) builds
+        an extra term ``aux(policy, update_index, dist) -> stats`` that backpropagates itself.
+    """
+
+    name: str
+    prepare: Callable
+    loss: Callable
+    validate: Callable = lambda cfg: None
+    uses_value_model: Callable = lambda cfg: False
+    make_aux: Optional[Callable] = None
+
+
+def adv_std(advantages: torch.Tensor, mask: torch.Tensor) -> float:
+    """The population std that ``ops.policy.masked_whiten`` divides by, over counted entries."""
+    return float(masked_mean((advantages - masked_mean(advantages, mask)) ** 2, mask).add(1e-8).sqrt())
+
+
+def exact_kl_local(out: PolicyOutput, mb: Rollout, reference) -> torch.Tensor:
+    """(B, T) exact per-token KL_t(s_t; θ) with gradient through the policy's logits.
+
+    Why: with ``kl_estimator=exact`` *in the reward*, each KL_t is a function of the state s_t only,
+    not of the sampled token y_t, so the score-function gradient sees only how earlier tokens change
+    later states, never the direct dependence of KL_t on π_θ(·|s_t). The full gradient of
+    E[Σ_t KL_t] is that score-function part plus Σ_t ∇KL_t at fixed states (Tang & Munos,
+    arXiv:2506.09477; MATH.md §3, last row, read the other way round). PPO and RLOO add β x this term,
+    divided by the advantages' scale, to their loss. (k1 needs no such term: E_π[∇log π] = 0.)
+    The reference logits are recomputed here rather than kept from the rollout ((B, T, V) each).
+    """
+    ref_logits = reference.logits(mb.batch).to(out.logits.device)  # (B, T, V)
+    return kl_loss_term(out.logps, mb.ref_logps, mb.mask, estimator="exact", logits=out.logits, ref_logits=ref_logits).per_token
+
+
+def policy_output(policy, value_model, batch: CompletionBatch, *, filters: dict) -> PolicyOutput:
+    want_hidden = value_model is not None and value_model.needs_policy_hidden
+    logits, hidden = forward_completion(policy, batch, filters=filters, hidden=want_hidden)
+    logps = selective_logps(logits, batch.completion_ids).masked_fill(~batch.mask, 0.0)
+    values = value_model.values(batch, policy_hidden=hidden) if value_model is not None else None
+    return PolicyOutput(logits, logps, values)
+
+
+def optimise(policy, value_model, opt, params: list, value_params: list, ro: Rollout, method: OnlineMethod, *, cfg,
+             beta: float, sizes: Sizes, dist: Dist, reference, step: int, aux=None) -> tuple[dict, dict, list]:
+    """``num_epochs`` passes of ``num_minibatches`` optimiser updates over the rollout.
+    Returns (stat sums, stat counts, policy grad norms); stops early past ``target_kl_old``.
+
+    Policy and value parameters are clipped separately: with one joint clip a large value loss
+    (returns of a few nats once β·KL grows) would shrink the policy's step, and Adam's second-moment
+    memory would keep it small for hundreds of updates."""
+    filters = loss_filters({"temperature": cfg.temperature})
+    sums: dict = {}
+    counts: dict = {}
+    norms: list = []
+    B = ro.mask.shape[0]
+    for epoch in range(cfg.num_epochs):
+        perm = torch.randperm(B, generator=seeded(cfg.seed, step, epoch, dist.rank, 2))
+        for m in range(cfg.num_minibatches):
+            mb = ro.select(perm[m * sizes.minibatch : (m + 1) * sizes.minibatch])
+            n = Counts(tokens=dist.sum_float(mb.mask.sum()), seqs=dist.sum_float(mb.mask.shape[0]))
+            kl_old = [0.0, 0.0]
+            for j in range(0, sizes.minibatch, sizes.micro):
+                micro = mb.select(slice(j, j + sizes.micro))
+                out = policy_output(policy, value_model, micro.batch, filters=filters)
+                loss, stats = method.loss(out, micro, cfg=cfg, beta=beta, counts=n, reference=reference)
+                loss.backward()
+                w = float(micro.mask.sum())
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * w
+                    counts[k] = counts.get(k, 0.0) + w
+                if "ppo/approx_kl_old" in stats:
+                    kl_old[0] += float(stats["ppo/approx_kl_old"]) * w
+                    kl_old[1] += w
+            if aux is not None:
+                for k, v in aux(policy, step * cfg.num_epochs * cfg.num_minibatches + epoch * cfg.num_minibatches + m, dist).items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                    counts[k] = counts.get(k, 0.0) + 1.0
+            dist.sync_gradients(params + value_params)
+            norms.append(clip_and_norm(params, cfg.max_grad_norm))
+            if value_params:
+                v = clip_and_norm(value_params, cfg.max_grad_norm)
+                sums["ppo/value_grad_norm"] = sums.get("ppo/value_grad_norm", 0.0) + v
+                counts["ppo/value_grad_norm"] = counts.get("ppo/value_grad_norm", 0.0) + 1.0
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if cfg.target_kl_old is not None:
+                # Global mean of this update's KL to the behaviour policy (measured before the step):
+                # every process must take the same decision (CleanRL's target_kl, per minibatch).
+                t = dist.sum(torch.tensor(kl_old, dtype=torch.float64))
+                if float(t[0] / t[1].clamp(min=1)) > cfg.target_kl_old:
+                    return sums, counts, norms
+    return sums, counts, norms
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def _as_reward_set(cfg: OnlineConfig, reward, log_rewards) -> RewardSet:
+    """The RewardSet from config specs, or from objects passed to train_online."""
+    if isinstance(reward, RewardSet):
+        if log_rewards:
+            raise ValueError("pass log_rewards inside the RewardSet (RewardSet(optimised, logged)), not both")
+        return reward
+
+    def source(r):
+        if isinstance(r, RewardSource):
+            return r
+        if isinstance(r, str):
+            return build_reward(r, assets=cfg.assets)
+        if callable(r):
+            return CallableSource(r)
+        raise TypeError(f"a reward must be a spec string, a RewardSource or a function of completions; got {type(r).__name__}")
+
+    opt = source(cfg.reward if reward is None else reward)
+    logged = [source(r) for r in (cfg.log_rewards if log_rewards is None else log_rewards)]
+    return RewardSet(opt, logged, clip=cfg.reward_clip, normalize=cfg.reward_normalize)
+
+
+def evaluate(policy, reference, rewards: RewardSet, tok, prompt_texts: Sequence[str], prompt_ids, *, cfg: OnlineConfig) -> dict:
+    """eval/kl (exact estimator, mean sequence KL) with its standard error, and the mean raw score
+    of every reward source (optimised and logged) on the same samples. The normaliser is untouched.
+    Every process evaluates the same prompts with the same seed (identical results; simple > fast)."""
+    res = measure_kl(
+        policy, reference, prompt_ids, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
+        samples_per_prompt=cfg.eval_samples, max_new_tokens=cfg.max_new_tokens, batch_size=max(cfg.batch_size, 8),
+        seed=cfg.seed + 7_777_777, estimators=("exact",),  # a fixed eval seed: eval noise is common to all steps
+        filters={"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}, return_samples=True,
+    )
+    flat = [p for p in prompt_texts for _ in range(cfg.eval_samples)]  # measure_kl's order
+    flat_ids = [p for p in prompt_ids for _ in range(cfg.eval_samples)]
+    completions = [decode_completion(tok, p, c) for p, c in zip(flat_ids, res["completions"])]
+    out = {"eval/kl": res["estimators"]["exact"]["mean"], "eval/kl_stderr": res["estimators"]["exact"]["stderr"],
+           "eval/kl_token_mean": res["token_mean"], "eval/response_len": res["response_len"]}
+    for src in rewards.sources:
+        out[f"eval/reward/{src.name}"] = float(src(flat, completions).float().mean())
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+
+
+def _validate(cfg: OnlineConfig, method: OnlineMethod) -> None:
+    if cfg.kl_estimator not in ESTIMATOR_NAMES:
+        raise ValueError(f"kl_estimator must be one of {ESTIMATOR_NAMES}, got {cfg.kl_estimator!r}")
+    if cfg.reference not in ONLINE_REFERENCE_FORMS:
+        raise ValueError(f"reference={cfg.reference!r}: online methods score fresh samples every step, so the reference "
+                         f"must be a live model; choose from {ONLINE_REFERENCE_FORMS}")
+    if cfg.loss_aggregation not in AGGREGATION_MODES:
+        raise ValueError(f"loss_aggregation must be one of {AGGREGATION_MODES}, got {cfg.loss_aggregation!r}")
+    if cfg.num_epochs < 1 or cfg.num_minibatches < 1:
+        raise ValueError("num_epochs and num_minibatches must be >= 1")
+    if cfg.max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    method.validate(cfg)
+
+
+def _load_reference(cfg: OnlineConfig, policy, tok, path: str, dist: Dist):
+    if cfg.reference == "lora":
+        return build_reference("lora", policy=policy)
+    ref_path = resolve_model(cfg.reference_model, cfg.assets) if cfg.reference_model else path
+    # Loaded from disk rather than deep-copied: works for LoRA policies too, and equals the
+    # starting policy exactly when reference_model is not given.
+    ref_model = load_causal_lm(ref_path, dtype=cfg.dtype, device="cpu" if cfg.reference == "offload" else dist.device)
+    ref_tok = load_tokenizer(ref_path) if cfg.reference_model else tok
+    return build_reference(cfg.reference, policy=policy, reference_model=ref_model, policy_tokenizer=tok,
+                           reference_tokenizer=ref_tok, compute_device=dist.device)
+
+
+def _prompt_texts(cfg: OnlineConfig, prompts) -> list[str]:
+    if prompts is not None:
+        out = [str(p) for p in prompts]
+    elif cfg.prompts:
+        out = read_prompts(cfg.prompts)
+    else:
+        raise ValueError("no prompts: pass --prompts FILE (one prompt per line, or JSONL with a 'prompt' field)")
+    if not out:
+        raise ValueError("the prompt list is empty")
+    return out
+
+
+@dataclass
+class Session:
+    """Everything one run holds, built once by ``setup`` (models, data, optimiser, β, run directory)."""
+
+    cfg: OnlineConfig
+    method: OnlineMethod
+    dist: Dist
+    sizes: Sizes
+    run: RunDir
+    tok: object
+    policy: torch.nn.Module
+    reference: object
+    value_model: Optional[torch.nn.Module]
+    rewards: RewardSet
+    texts: list  # training prompts and their token ids
+    ids: list
+    eval_texts: list
+    eval_ids: list
+    aux: Optional[Callable]  # PPO-ptx
+    params: list  # policy parameters / value-model parameters (clipped separately)
+    value_params: list
+    opt: torch.optim.Optimizer
+    sched: object
+    controller: object
+    ckpt: Checkpointer
+    step: int = 0
+    history: list = field(default_factory=list)
+    eval_history: list = field(default_factory=list)
+
+    def save(self) -> None:
+        """Checkpoint, with what Checkpointer does not know about in its data state."""
+        self.ckpt.save(self.step, data_state={
+            "value_model": None if self.value_model is None else self.value_model.state_dict(),
+            "rewards": self.rewards.state_dict(), "history": self.history, "eval_history": self.eval_history,
+        })
+
+    def evaluate(self) -> dict:
+        ev = evaluate(self.policy, self.reference, self.rewards, self.tok, self.eval_texts, self.eval_ids, cfg=self.cfg)
+        self.eval_history.append({"step": self.step, **ev})
+        return ev
+
+    def log_samples(self, ro: Rollout) -> None:
+        n = min(self.cfg.num_logged_samples, len(ro.prompts))
+        self.run.log_samples(self.step, [
+            {"prompt": ro.prompts[i], "completion": ro.completions[i], "score": float(ro.scores[i]),
+             **{k: float(v[i]) for k, v in ro.reward_metrics.items()}} for i in range(n)
+        ])
+
+
+def setup(cfg: OnlineConfig, method: OnlineMethod, *, prompts=None, reward=None, log_rewards=None, eval_prompts=None,
+          resume: bool = False) -> Session:
+    """Validate, load policy / reference / value model / rewards / prompts, build the optimiser and
+    β controller, and restore the latest checkpoint if ``resume``."""
+    _validate(cfg, method)
+    dist = Dist()
+    sizes = derive_sizes(cfg, dist)
+    run = RunDir(cfg.output_dir, is_main=dist.is_main)
+    run.save_config(cfg)
+    tok, policy, path = load_policy(cfg, dist)
+    policy.eval()  # no dropout anywhere (module docstring); gradients still flow
+    reference = _load_reference(cfg, policy, tok, path, dist)
+    value_model = build_value_model(cfg.value_model, policy, model_path=path, dtype=cfg.dtype, device=dist.device) \
+        if method.uses_value_model(cfg) else None
+    texts = _prompt_texts(cfg, prompts)
+    eval_texts = list(eval_prompts) if eval_prompts is not None else (read_prompts(cfg.eval_prompts) if cfg.eval_prompts else texts)
+    eval_texts = eval_texts[: cfg.eval_max_prompts]
+    params = trainable_params(policy)
+    value_params = list(value_model.parameters()) if value_model is not None else []
+    opt = make_optimizer(params + value_params, cfg)
+    sched = make_scheduler(opt, cfg)
+    controller = build_controller(cfg, total_steps=cfg.max_steps)
+    s = Session(
+        cfg=cfg, method=method, dist=dist, sizes=sizes, run=run, tok=tok, policy=policy, reference=reference,
+        value_model=value_model, rewards=_as_reward_set(cfg, reward, log_rewards),
+        texts=texts, ids=encode_prompts(tok, texts, max_prompt_length=cfg.max_prompt_length),
+        eval_texts=eval_texts, eval_ids=encode_prompts(tok, eval_texts, max_prompt_length=cfg.max_prompt_length),
+        aux=method.make_aux(cfg, tok, dist) if method.make_aux is not None else None,
+        params=params, value_params=value_params, opt=opt, sched=sched, controller=controller,
+        ckpt=Checkpointer(run, policy, opt, sched, controller, reference),
+    )
+    if resume:
+        s.step, state = s.ckpt.resume()
+        if state.get("value_model") is not None and value_model is not None:
+            value_model.load_state_dict(state["value_model"])
+        if state.get("rewards") is not None:
+            s.rewards.load_state_dict(state["rewards"])
+        s.history, s.eval_history = list(state.get("history", [])), list(state.get("eval_history", []))
+    return s
+
+
+def train_online(
+    cfg: OnlineConfig, *, method: Optional[OnlineMethod] = None, prompts: Optional[Sequence[str]] = None,
+    reward=None, log_rewards=None, eval_prompts: Optional[Sequence[str]] = None, resume: bool = False,
+) -> dict:
+    """Train with PPO, GRPO or RLOO (chosen by ``method``, default: by the config class).
+
+    ``prompts``, ``eval_prompts`` (lists of strings), ``reward`` (a spec, a ``RewardSource``, a
+    function of completions, or a whole ``RewardSet``) and ``log_rewards`` (list of the same)
+    override the config's file/spec fields. Returns ``{"final", "metrics" (last step), "history"
+    (every step's metrics), "eval_history" (rows of eval/kl, eval/kl_stderr, eval/reward/<name>,
+    from step 0 — the reference itself — when eval_every > 0, and at the last step)}``.
+    """
+    s = setup(cfg, method or method_for(cfg), prompts=prompts, reward=reward, log_rewards=log_rewards,
+              eval_prompts=eval_prompts, resume=resume)
+    G, dist = cfg.samples_per_prompt, s.dist
+    if s.step == 0 and cfg.eval_every:  # the starting point (KL 0) of the reward-KL curve
+        s.run.log(0, s.evaluate())
+    bar = progress_bar(cfg.max_steps, s.step, enabled=cfg.progress and dist.is_main, desc=s.method.name)
+    metrics: dict = s.history[-1] if s.history else {}
+    while s.step < cfg.max_steps:
+        # 1. this step's prompts (a pure function of (seed, step)), G contiguous copies each: a group
+        idx = dist.shard(batch_indices(s.step, cfg.batch_size // G, len(s.texts), seed=cfg.seed))
+        p_texts, p_ids = [s.texts[i] for i in idx for _ in range(G)], [s.ids[i] for i in idx for _ in range(G)]
+        # 2. rollout: sample, reward, score under policy / reference / value model
+        beta = s.controller.value
+        ro = collect_rollout(s.policy, s.reference, s.value_model, s.rewards, s.tok, p_texts, p_ids, cfg=cfg,
+                             generator=seeded(cfg.seed, s.step, dist.rank, 1), chunk=s.sizes.micro, device=dist.device)
+        # 3. advantages (method-specific)
+        prep = s.method.prepare(ro, cfg, beta)
+        sums, counts = rollout_stats(ro, beta=beta)
+        n_tok = float(ro.mask.sum())
+        for k, v in prep.items():
+            sums[k], counts[k] = float(v) * n_tok, n_tok
+        # 4. epochs x minibatches of updates
+        lr = s.sched.get_last_lr()[0]
+        u_sums, u_counts, norms = optimise(s.policy, s.value_model, s.opt, s.params, s.value_params, ro, s.method, cfg=cfg,
+                                           beta=beta, sizes=s.sizes, dist=dist, reference=s.reference, step=s.step, aux=s.aux)
+        s.sched.step()
+        s.step += 1
+        s.reference.on_step(s.policy, s.step)
+        # 5. metrics (one global reduction), β update, logs, evaluation, checkpoint
+        metrics = dist.reduce_metrics({**sums, **u_sums}, {**counts, **u_counts})
+        metrics.update({"beta": beta, "opt/lr": lr, "opt/grad_norm": sum(norms) / max(len(norms), 1), "opt/updates": len(norms)})
+        s.controller.update(kl=metrics["kl/ref"], n_episodes=cfg.batch_size)
+        if (cfg.eval_every and s.step % cfg.eval_every == 0) or s.step == cfg.max_steps:
+            metrics.update(s.evaluate())
+        metrics = {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
+        s.history.append({"step": s.step, **metrics})
+        if s.step % cfg.log_every == 0 or s.step == cfg.max_steps or "eval/kl" in metrics:
+            s.run.log(s.step, metrics)
+        if cfg.sample_every and (s.step % cfg.sample_every == 0 or s.step == 1):
+            s.log_samples(ro)
+        if cfg.save_every and s.step % cfg.save_every == 0 and s.step < cfg.max_steps:
+            s.save()
+        bar.update(1)
+        bar.set_postfix(score=f"{metrics['reward/score']:.3f}", kl=f"{metrics['kl/ref']:.2f}", beta=f"{beta:.3g}")
+    bar.close()
+    s.save()
+    final = save_final(s.policy, cfg.output_dir, tokenizer=s.tok, merge_lora=cfg.merge_lora, is_main=dist.is_main)
+    s.run.close()
+    return {"final": str(final), "metrics": metrics, "history": s.history, "eval_history": s.eval_history}
+
+
+METHODS = {"ppo": "tether.trainers.ppo:PPO", "grpo": "tether.trainers.grpo:GRPO", "rloo": "tether.trainers.rloo:RLOO"}
+
+
+def method_for(cfg: OnlineConfig) -> OnlineMethod:
+    """The method a config class belongs to (its ``method`` class attribute)."""
+    import importlib
+
+    if cfg.method not in METHODS:
+        raise ValueError(f"{type(cfg).__name__} names no online method; use PPOConfig, GRPOConfig or RLOOConfig")
+    module, attr = METHODS[cfg.method].split(":")
+    return getattr(importlib.import_module(module), attr)

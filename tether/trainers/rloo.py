@@ -1,0 +1,83 @@
+"""RLOO: REINFORCE with a leave-one-out baseline, KL in the reward (Ahmadian et al. 2024, "Back to
+Basics"; Kool et al. 2019).
+
+The loop is ``online.train_online``; this file is RLOO's two pieces (STYLE.md §2):
+
+- ``prepare``: each completion's sequence reward is its score minus β x the detached sequence sum of
+  the per-token KL (k1 by default: ``ops.policy.token_rewards`` summed over the completion, MATH.md §1),
+  and its advantage is that reward minus the mean of the other k - 1 completions of the same prompt
+  (``ops.policy.rloo_advantages``). No value model.
+- ``loss``: the sequence advantage on every token through the clipped surrogate (PPO Eq. 7) with
+  ``loss_aggregation=seq_sum``: with one epoch and one minibatch ρ = 1 and this is exactly the RLOO
+  gradient -A_i·∇log π_θ(y_i); with more updates per rollout the ratio corrects for π_old (as TRL's
+  RLOOTrainer does).
+
+The KL estimator sits in the reward as a detached value, so k1 gives the unbiased ∇KL[π_θ‖π_ref],
+k2 and k3 biased ones (MATH.md §3), and exact an unbiased one only with its direct term, which the
+loss adds (``online.exact_kl_local``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..ops.kl import seq_sum
+from ..ops.policy import aggregate_loss, masked_mean, masked_whiten, ppo_policy_loss, rloo_advantages, token_rewards
+from .online import Counts, OnlineConfig, OnlineMethod, PolicyOutput, adv_std, exact_kl_local, train_online
+from .rollout import Rollout
+
+
+@dataclass
+class RLOOConfig(OnlineConfig):
+    """Config of ``tether rloo`` (OnlineConfig's fields plus these)."""
+
+    beta: float = 0.05
+    """β of the detached sequence KL subtracted from the score (TRL RLOO: 0.05)."""
+    samples_per_prompt: int = 4
+    """k: completions per prompt (>= 2; the baseline of each is the mean of the other k - 1)."""
+    kl_estimator: str = "k1"
+    """KL in the reward: k1 (the paper; unbiased gradient) | exact (unbiased with its direct term, added to the loss; lower variance) | k2, k3 (biased, MATH.md §3)."""
+    loss_aggregation: str = "seq_sum"
+    """seq_sum (RLOO: one action per sequence) | token_mean | seq_mean_token_mean."""
+    normalize_advantages: bool = False
+    """Standardise the advantages over the rollout (per process; TRL normalize_advantages)."""
+
+    method: ClassVar[str] = "rloo"
+
+
+def prepare(ro: Rollout, cfg: RLOOConfig, beta: float) -> dict:
+    ro.rewards = token_rewards(ro.scores, ro.kl_tokens, ro.mask, beta=beta)  # (B, T)
+    seq_rewards = seq_sum(ro.rewards, ro.mask)  # (B,) score - β·Σ_t kl_t
+    adv = rloo_advantages(seq_rewards, group_size=cfg.samples_per_prompt)  # (B,)
+    if cfg.normalize_advantages:
+        ones = torch.ones_like(adv, dtype=torch.bool).unsqueeze(-1)  # (B, 1)
+        ro.adv_scale = adv_std(adv.unsqueeze(-1), ones)
+        adv = masked_whiten(adv.unsqueeze(-1), ones).squeeze(-1)  # (B, 1) -> (B,)
+    ro.advantages = adv
+    return {}
+
+
+def loss(out: PolicyOutput, mb: Rollout, *, cfg: RLOOConfig, beta: float, counts: Counts, reference) -> tuple[torch.Tensor, dict]:
+    pg, pg_stats = ppo_policy_loss(out.logps, mb.old_logps, mb.advantages, mb.mask, clip=cfg.clip_eps)  # (B, T)
+    if cfg.kl_estimator == "exact":  # the direct part of ∇KL that a detached exact KL in the reward misses
+        pg = pg + (beta / mb.adv_scale) * exact_kl_local(out, mb, reference)
+    total = aggregate_loss(pg, mb.mask, mode=cfg.loss_aggregation, num_tokens=counts.tokens, num_seqs=counts.seqs)
+    stats = {"ppo/policy_loss": masked_mean(pg, mb.mask).detach(), "ppo/clipfrac": pg_stats["clipfrac"],
+             "ppo/approx_kl_old": pg_stats["approx_kl_old"]}
+    return total, stats
+
+
+def validate(cfg: RLOOConfig) -> None:
+    if cfg.samples_per_prompt < 2:
+        raise ValueError(f"RLOO needs samples_per_prompt >= 2 (the leave-one-out baseline), got {cfg.samples_per_prompt}")
+
+
+RLOO = OnlineMethod(name="rloo", prepare=prepare, loss=loss, validate=validate)
+
+
+def train_rloo(cfg: RLOOConfig, **kwargs) -> dict:
+    """``train_online(cfg, method=RLOO, **kwargs)``: see its docstring for the arguments and result."""
+    return train_online(cfg, method=RLOO, **kwargs)
