@@ -38,12 +38,14 @@ def main(spec_path: str) -> int:
     eval_file.write_text("")  # a rerun of an unfinished run starts its curve again
     tags = {k: spec[k] for k in ("beta", "kl_target", "n") if k in spec}
 
-    def record(step: int, policy, extra: dict | None = None) -> None:
+    def record(step: int, policy, extra: dict | None = None) -> dict:
         ev = evaluate_policy(policy, reference, tok, eval_prompts, gold=gold, proxy=proxy,
                              max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 100)
         row = {"method": spec["method"], "run": spec["run"], "step": step, **tags, **(extra or {}), **ev}
         with open(eval_file, "a") as f:
             f.write(json.dumps(row) + "\n")
+        return {"eval/kl": ev["kl"], "eval/kl_stderr": ev["kl_stderr"], "eval/reward/gold": ev["gold_reward"],
+                "eval/reward/proxy": ev["proxy_reward"]}
 
     method = spec["method"]
     if method == "dpo":
@@ -63,7 +65,6 @@ def main(spec_path: str) -> int:
                          kl_target=spec["kl_target"], kl_horizon=max(200, cfg.ppo_steps * cfg.batch_size // 4),
                          max_steps=cfg.ppo_steps, batch_size=cfg.batch_size, learning_rate=1e-3,
                          max_new_tokens=cfg.max_new_tokens, eval_every=cfg.eval_every, progress=False)
-        betas: list = []
         train_ppo(pcfg, prompts=[p.text for p in train_prompts], reward=RewardSet(optimised, [logged]),
                   eval_hook=lambda step, policy, beta=None: record(step, policy, {"beta": beta} if beta is not None else {}))
     elif method == "best_of_n":

@@ -402,6 +402,7 @@ class Session:
     step: int = 0
     history: list = field(default_factory=list)
     eval_history: list = field(default_factory=list)
+    eval_hook: Optional[Callable] = None  # eval_hook(step, policy, beta=) -> metrics: replaces the built-in evaluation
 
     def save(self) -> None:
         """Checkpoint, with what Checkpointer does not know about in its data state."""
@@ -411,7 +412,10 @@ class Session:
         })
 
     def evaluate(self) -> dict:
-        ev = evaluate(self.policy, self.reference, self.rewards, self.tok, self.eval_texts, self.eval_ids, cfg=self.cfg)
+        if self.eval_hook is not None:  # an external protocol (the demo's): same prompts and seeds for every method
+            ev = dict(self.eval_hook(self.step, self.policy, beta=self.controller.value) or {}) if self.dist.is_main else {}
+        else:
+            ev = evaluate(self.policy, self.reference, self.rewards, self.tok, self.eval_texts, self.eval_ids, cfg=self.cfg)
         self.eval_history.append({"step": self.step, **ev})
         return ev
 
@@ -467,6 +471,7 @@ def setup(cfg: OnlineConfig, method: OnlineMethod, *, prompts=None, reward=None,
 def train_online(
     cfg: OnlineConfig, *, method: Optional[OnlineMethod] = None, prompts: Optional[Sequence[str]] = None,
     reward=None, log_rewards=None, eval_prompts: Optional[Sequence[str]] = None, resume: bool = False,
+    eval_hook: Optional[Callable] = None,
 ) -> dict:
     """Train with PPO, GRPO or RLOO (chosen by ``method``, default: by the config class).
 
@@ -475,9 +480,12 @@ def train_online(
     override the config's file/spec fields. Returns ``{"final", "metrics" (last step), "history"
     (every step's metrics), "eval_history" (rows of eval/kl, eval/kl_stderr, eval/reward/<name>,
     from step 0 — the reference itself — when eval_every > 0, and at the last step)}``.
+    ``eval_hook(step, policy, beta=) -> metrics``, if given, replaces the built-in evaluation at those
+    same points (the demo evaluates every method with one protocol this way).
     """
     s = setup(cfg, method or method_for(cfg), prompts=prompts, reward=reward, log_rewards=log_rewards,
               eval_prompts=eval_prompts, resume=resume)
+    s.eval_hook = eval_hook
     G, dist = cfg.samples_per_prompt, s.dist
     if s.step == 0 and cfg.eval_every:  # the starting point (KL 0) of the reward-KL curve
         s.run.log(0, s.evaluate())

@@ -1,0 +1,196 @@
+"""``tether certify``: the whole certification suite (every KL-regularised method against the exact
+target its theory predicts), its command line, its power to catch a broken method, and the targets
+it certifies against (tether.oracle.certify_targets) checked against independent derivations."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from tether.commands import certify as command
+from tether.oracle import (
+    forward_kl_optimum, forward_kl_optimum_sequence, make_problem, optimal_policy, sequence_kl, tilted_sequence_probs,
+)
+from tether.oracle import certify
+from tether.oracle.certify_targets import (
+    beta_for_kl, bt_preferences, cdpo_optimum_sequence, f_optimum_sequence, group_advantage_table, grpo_fixed_point,
+    ipo_optimum_sequence, local_kl_optimum, optimum_kl,
+)
+from tether.ops.policy import group_advantages
+from tether.ops.preference import LOSS_TYPES
+
+EXACT = 1e-10  # two exact float64 computations of the same quantity (actual agreement ~1e-14)
+
+
+@pytest.fixture(scope="module")
+def certificate():
+    """The whole suite, once (2 forked workers; ~50 s of CPU in all)."""
+    return certify.run_certification(jobs=2)
+
+
+def test_every_configuration_meets_its_expectation(certificate):
+    failed = [(c.name, c.expected, c.kl_to_target, c.kl_to_optimum, c.note) for c in certificate if not c.ok]
+    assert not failed, failed
+    for c in certificate:
+        if c.method == "best_of_n":
+            continue
+        if c.expected == "converges" or c.expected.startswith("biased: reaches"):
+            assert c.kl_to_target < c.tolerance, c.name  # what ok means, restated
+        if c.expected.startswith("biased") or c.expected.startswith("no KL anchor"):
+            assert c.kl_to_optimum > certify.SEPARATION, c.name  # ... and not π*
+        if c.target == "reverse_kl_optimum" and c.expected == "converges":
+            assert c.kl_to_optimum == pytest.approx(c.kl_to_target)
+        if c.tolerance > certify.TOLERANCE and c.method != "best_of_n":
+            assert "tolerance_why" in c.config, c.name  # every looser bar says why
+        # J(π) = β log Z - β KL[π‖π*] (MATH.md §5): the gap and the distance agree when β is fixed
+        if isinstance(c.config.get("beta"), float):
+            beta = c.config.get("optimum_beta", c.config["beta"])
+            assert c.objective_gap == pytest.approx(beta * c.kl_to_optimum, rel=1e-6, abs=1e-12), c.name
+
+
+def test_the_suite_covers_what_tether_ships(certificate):
+    methods = {c.method for c in certificate}
+    assert {"ppo", "grpo", "rloo", "dpo", "ipo", "cdpo", "robust_dpo", "fdpo_forward_kl", "pg_kl_loss_k3",
+            "adaptive_kl", "constraint_kl", "best_of_n", "simpo"} <= methods
+    loss_types = {c.config.get("loss_type") for c in certificate}
+    assert set(LOSS_TYPES) <= loss_types  # every preference loss (simpo as "no KL anchor")
+    grid = {(c.config.get("kl_estimator"), c.config.get("kl_placement")) for c in certificate if c.method.startswith("pg_kl")}
+    for est in ("k1", "k2", "k3", "exact"):
+        assert {(est, "reward"), (est, "loss"), (est, "loss_is")} <= grid, est
+    grpo = {(c.config["kl_estimator"], c.config["kl_placement"]) for c in certificate if c.method == "grpo"}
+    assert {("k3", "loss"), ("k2", "loss"), ("k3", "loss_is")} <= grpo
+    # the named biased targets are the ones theory gives (MATH.md §3)
+    by_name = {c.name: c for c in certificate}
+    assert by_name["pg_kl_loss_k3"].target == "forward_kl_optimum"
+    assert by_name["pg_kl_loss_exact"].target == "local_kl_optimum"
+    assert by_name["pg_kl_loss_k1"].target == "reward_max"
+    assert by_name["ipo"].target == "ipo_optimum" and by_name["dpo"].target == "reverse_kl_optimum"
+    assert by_name["simpo"].expected.startswith("no KL anchor")
+
+
+def test_json_table_only_and_plot(tmp_path, capsys):
+    out, png = tmp_path / "cert.json", tmp_path / "curves.png"
+    assert command.main(["--only", "ipo,best_of_n", "--json", str(out), "--plot", str(png)]) == 0
+    assert png.stat().st_size > 10_000
+    rows = json.loads(out.read_text())
+    assert {r["method"] for r in rows} == {"ipo", "best_of_n"}
+    assert len(rows) == 2 + 3  # ipo (sequence sums, length-normalised) + best-of-n (n = 2, 4, 16)
+    for r in rows:
+        assert {"method", "config", "target", "kl_to_target", "tolerance", "ok", "objective_gap", "steps", "expected"} <= set(r)
+        assert r["ok"] is True
+    table = capsys.readouterr().out
+    assert "KL[π‖target]" in table and "objective gap" in table and table.count(" ok") >= 5
+    assert command.main(["--only", "no_such_method"]) == 2  # unknown names are an error, listing the choices
+    assert "choose from" in capsys.readouterr().err
+
+
+def test_a_flipped_kl_sign_fails_the_certificate(monkeypatch, capsys):
+    """Break the shipped KL-in-the-reward function (+β·kl instead of -β·kl): PPO-style training now
+    *rewards* divergence from π_ref, the row must fail and the command must exit non-zero."""
+    import tether.ops.policy as policy_ops
+
+    real = policy_ops.kl_reward_penalty
+    monkeypatch.setattr(policy_ops, "kl_reward_penalty", lambda kl, mask, *, beta: -real(kl, mask, beta=beta))
+    (cert,) = certify.run_certification(["pg_kl_reward_k1"])
+    assert not cert.ok and cert.kl_to_target > 1.0
+    assert command.main(["--only", "rloo_k1", "--jobs", "1"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_a_broken_preference_loss_fails(monkeypatch):
+    """DPO with the logit's sign flipped prefers the rejected responses: not π*."""
+    import tether.ops.preference as pref
+
+    monkeypatch.setattr(pref, "dpo_sigmoid_loss", lambda h: -torch.nn.functional.logsigmoid(-h))
+    (cert,) = certify.run_certification(["dpo"])
+    assert not cert.ok and cert.kl_to_target > 0.1
+
+
+# ---- the targets, against independent derivations ------------------------------------------------------------
+
+
+def test_local_kl_optimum_is_pistar_for_single_tokens_and_not_for_sequences():
+    """T = 1: 'states held fixed' changes nothing, π(a) ∝ π_ref(a) e^{r(a)/β} = π*. T = 2 by hand: at a
+    one-word prefix s the local solution is the tilt of π_ref(·|s) by r/β (as π*), but at the root it
+    tilts by the *expected reward* E_π[r | a] instead of π*'s soft value β log E_ref[e^{r/β} | a]."""
+    one = make_problem(4, 1, n_prompts=2, seed=3)
+    assert sequence_kl(local_kl_optimum(one.ref, one.rewards, 0.7), optimal_policy(one.ref, one.rewards, 0.7)).max() < EXACT
+    pb = make_problem(3, 2, n_prompts=1, seed=1)
+    beta, sp = 0.6, pb.space
+    local = local_kl_optimum(pb.ref, pb.rewards, beta)
+    ref_p = pb.ref.probs()[0]
+    r = {y: float(pb.rewards[0, k]) for k, y in enumerate(sp.sequences)}
+    for s_idx, s in enumerate(sp.prefixes[1:], start=1):  # leaves' parents: tilt by r
+        w = torch.tensor([ref_p[s_idx, a] * math.exp(r[s + (a,)] / beta) for a in range(3)])
+        assert torch.allclose(local.probs()[0, s_idx], w / w.sum(), atol=EXACT)
+    pi_s = local.probs()[0]
+    q_root = [r[(0,)]] + [sum(float(pi_s[sp.prefix_index[(a,)], b]) * r[(a, b)] for b in range(3)) for a in (1, 2)]
+    w = torch.tensor([ref_p[0, a] * math.exp(q_root[a] / beta) for a in range(3)])
+    assert torch.allclose(local.probs()[0, 0], w / w.sum(), atol=EXACT)
+    assert sequence_kl(local, optimal_policy(pb.ref, pb.rewards, beta)).item() > 1e-4
+
+
+def test_grpo_fixed_point_reduces_to_the_forward_kl_optimum_without_its_quirks():
+    """Centred advantages (no std), no 1/|y| weighting, G = 2: Ã(y) = (r(y) - E_π r)/2, a constant shift of
+    r/2, so the fixed point is exact.forward_kl_optimum with β·G/(G-1) = 2β. With the quirks it is not."""
+    pb = make_problem(3, 3, n_prompts=2, seed=0)
+    plain = grpo_fixed_point(pb.ref, pb.rewards, 0.5, group_size=2, scale=False, length_weighted=False)
+    assert sequence_kl(plain, forward_kl_optimum(pb.ref, pb.rewards, 1.0)).max() < EXACT
+    default = grpo_fixed_point(pb.ref, pb.rewards, 0.5, group_size=2)
+    assert sequence_kl(default, forward_kl_optimum(pb.ref, pb.rewards, 1.0)).mean() > 1e-3
+
+
+def test_group_advantage_table_matches_the_shipped_group_advantages():
+    """Ã(y) from the definition == the π-weighted mean of ops.policy.group_advantages over enumerated groups."""
+    torch.manual_seed(0)
+    rewards = torch.randn(1, 5, dtype=torch.float64)
+    probs = torch.softmax(torch.randn(1, 5, dtype=torch.float64), -1)
+    for G, scale in ((2, True), (3, True), (3, False)):
+        table = group_advantage_table(rewards, probs, group_size=G, scale=scale)
+        tuples = torch.cartesian_prod(*[torch.arange(5)] * G)
+        adv = group_advantages(rewards[0, tuples].reshape(-1), group_size=G, scale=scale).view(-1, G)[:, 0]
+        w = probs[0, tuples[:, 1:]].prod(-1)
+        want = torch.zeros(5, dtype=torch.float64).index_add_(0, tuples[:, 0], w * adv)
+        assert torch.allclose(table[0], want, atol=EXACT)
+
+
+def test_preference_targets():
+    """f-DPO forward KL == exact.forward_kl_optimum_sequence; reverse KL == the tilt; α → 0 approaches it;
+    cDPO at ε = 0 is π*; IPO's target satisfies the least-squares normal equations of Azar et al.
+    (Σ_{y'} μ(y')[lr(y) - lr(y') - (p(y≻y') - 1/2)/β] = 0 for every y)."""
+    pb = make_problem(3, 2, n_prompts=2, seed=5)
+    ref, r, beta = pb.ref, pb.rewards, 0.8
+    tilt = tilted_sequence_probs(ref, r, beta)
+    assert torch.allclose(f_optimum_sequence(ref, r, beta, divergence="forward_kl"), forward_kl_optimum_sequence(ref, r, beta), atol=EXACT)
+    assert torch.allclose(f_optimum_sequence(ref, r, beta, divergence="reverse_kl"), tilt, atol=EXACT)
+    assert (f_optimum_sequence(ref, r, beta, divergence="alpha", alpha=1e-4) - tilt).abs().max() < 1e-3
+    assert torch.allclose(f_optimum_sequence(ref, r, beta, divergence="alpha", alpha=1.0),
+                          forward_kl_optimum_sequence(ref, r, beta), atol=1e-8)  # α = 1 is the forward KL
+    for div in ("js", "alpha"):
+        assert torch.allclose(f_optimum_sequence(ref, r, beta, divergence=div).sum(-1), torch.ones(2, dtype=torch.float64))
+    assert torch.allclose(cdpo_optimum_sequence(ref, r, beta, label_smoothing=0.0), tilt, atol=1e-9)
+    assert (cdpo_optimum_sequence(ref, r, beta, label_smoothing=0.2) - tilt).abs().max() > 1e-3
+    mu = ref.sequence_probs().detach()
+    lr = ipo_optimum_sequence(ref, r, beta).log() - mu.log()
+    resid = (mu[:, None, :] * (lr[:, :, None] - lr[:, None, :] - (bt_preferences(r) - 0.5) / beta)).sum(-1)
+    assert resid.abs().max() < EXACT
+
+
+def test_beta_for_kl_inverts_the_optimum_kl():
+    pb = make_problem(3, 3, n_prompts=2, seed=0)
+    b = beta_for_kl(pb.ref, pb.rewards, 0.5)
+    assert optimum_kl(pb.ref, pb.rewards, b) == pytest.approx(0.5, abs=1e-9)
+    with pytest.raises(ValueError, match="not reachable"):
+        beta_for_kl(pb.ref, pb.rewards, 1e6)
+
+
+def test_verdict_rules():
+    """verdict() itself: 'converges' needs the tolerance; 'biased: reaches' also needs distance from π*."""
+    assert certify.verdict("converges", 1e-4, 1e-4, 1e-3)
+    assert not certify.verdict("converges", 2e-3, 2e-3, 1e-3)
+    assert not certify.verdict("converges", float("nan"), 0.0, 1e-3)
+    assert certify.verdict("biased: reaches x", 1e-5, 0.5, 1e-3)
+    assert not certify.verdict("biased: reaches x", 1e-5, 1e-3, 1e-3)  # it reached π*: not the predicted bias
+    assert not certify.verdict("biased: not π*", None, 1e-4, 1e-3)
+    assert not certify.verdict("converges", 1e-5, 1e-5, 1e-3, extra=False)  # e.g. a controller's β did not settle
