@@ -13,16 +13,20 @@ Which KL, and the bias of each choice (MATH.md §3; ``ops.kl.ESTIMATORS``), set 
 ``kl_placement``:
 
 - ``k3`` + ``loss`` (the paper's default): the value is unbiased for KL[π_θ‖π_ref], but its gradient is
-  ∇KL[π_ref‖π_θ] — the *forward* KL, a mass-covering regulariser different from the reverse KL that
-  the KL-regularised objective (MATH.md §1) penalises.
-- ``k2`` + ``loss``: on-policy its gradient is exactly ∇KL[π_θ‖π_ref] (the value is biased, ≥ 0); after
-  the first update of a step (num_epochs or num_minibatches > 1) the samples are off-policy and it is
-  no longer corrected.
-- ``k3`` + ``loss_is``: each token's k3 weighted by π_θ/π_old (old detached): gradient ∇KL[π_θ‖π_ref],
-  unbiased on- and off-policy (DeepSeek-V3.2; TRL ``use_bias_correction_kl``).
-- ``k1`` + ``loss`` has zero expected gradient (no regularisation) and is rejected; ``k1`` + ``loss_is``
-  is unbiased but noisy. ``exact`` + ``loss`` differentiates Σ_t KL_t with the states held fixed and
-  misses the effect of early tokens on later states (Tang & Munos, arXiv:2506.09477).
+  the *forward* KL's, ∇KL[π_ref(·|s)‖π_θ(·|s)], at the states π_θ visits — a mass-covering regulariser
+  different from the reverse KL the objective (MATH.md §1) penalises. Fixed point:
+  ``oracle.forward_kl_optimum`` (certified by ``tether certify``).
+- ``k2`` + ``loss``, ``k3`` + ``loss_is``, ``k1`` + ``loss_is``, ``exact`` + ``loss``: all give the
+  *local* gradient Σ_t E_{s_t}[∇KL_t] with the visited states held fixed — ∇KL[π_θ‖π_ref] for a single
+  token, but on sequences it misses how early tokens change later states (Tang & Munos,
+  arXiv:2506.09477), so they converge to ``oracle.certify_targets.local_kl_optimum``, not π* (certified).
+  The π_θ/π_old weight (DeepSeek-V3.2; TRL ``use_bias_correction_kl``) corrects the token distribution
+  off-policy, not the state distribution.
+- ``k1`` + ``loss`` has zero expected gradient (no regularisation) and is rejected.
+- With the defaults (std-scaled group advantages, ``seq_mean_token_mean``) GRPO's fixed point is
+  neither π* nor the forward-KL optimum: ``oracle.certify_targets.grpo_fixed_point``.
+
+For the exact reverse-KL optimum use PPO or RLOO (KL in the reward).
 
 ``kl/ref`` reports the exact sequence KL of the rollout whatever is chosen here; ``grpo/kl_loss`` is
 the token mean of the term as applied.
@@ -54,7 +58,7 @@ class GRPOConfig(OnlineConfig):
     kl_estimator: str = "k3"
     """KL term in the loss: k3 (the paper; gradient of the *forward* KL) | k2 (reverse-KL gradient on-policy) | k1 (only with loss_is) | exact. See the module docstring."""
     kl_placement: str = "loss"
-    """loss: the estimator's value differentiated as is | loss_is: weighted by π_θ/π_old (k3 + loss_is gives the unbiased reverse-KL gradient, also off-policy)."""
+    """loss: the estimator's value differentiated as is | loss_is: weighted by π_θ/π_old (k3 + loss_is gives the per-token reverse-KL gradient; on sequences it is local: see the module docstring)."""
     scale_rewards: bool = True
     """Divide group-centred scores by the group std (DeepSeekMath); False only centres them (Dr. GRPO)."""
     loss_aggregation: str = "seq_mean_token_mean"
