@@ -46,11 +46,11 @@ class DemoConfig:
     """Seed of data splits, sampling and training."""
     methods: list = field(default_factory=lambda: list(METHODS))
     """Which methods to run: dpo, ppo, ppo_gt, best_of_n."""
-    dpo_betas: list = field(default_factory=lambda: [0.05, 0.1, 0.5])
+    dpo_betas: list = field(default_factory=lambda: [0.05, 0.2, 1.0])
     """DPO β values (DPO paper: 0.05, 0.1, 1, 5)."""
-    ppo_kl_targets: list = field(default_factory=lambda: [2.0, 6.0])
+    ppo_kl_targets: list = field(default_factory=lambda: [3.0, 8.0])
     """PPO (proxy reward) adaptive KL targets, nats per completion (DPO paper: 3, 6, 9, 12)."""
-    ppo_gt_kl_targets: list = field(default_factory=lambda: [4.0])
+    ppo_gt_kl_targets: list = field(default_factory=lambda: [6.0])
     """PPO-GT (gold reward) adaptive KL targets."""
     bon_ns: list = field(default_factory=lambda: [2, 4, 8, 16])
     """Best-of-n sample counts (selection by the proxy reward model)."""
@@ -76,6 +76,11 @@ class DemoConfig:
     """Evaluate every N optimiser steps (and at steps 0 and the end)."""
     batch_size: int = 32
     """Examples (DPO pairs, PPO rollouts) per optimiser step."""
+    dpo_lr: float = 5e-4
+    """DPO learning rate."""
+    ppo_lr: float = 3e-4
+    """PPO learning rate. The adaptive controller's horizon is 2 x batch_size (Ziegler's 10000 is for
+    long runs: here β may move up to 10% per step so a 40-step run can settle)."""
     workers: int = 0
     """Parallel run processes (0 = one per 2 cores... at least 1, at most the number of runs)."""
 

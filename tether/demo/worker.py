@@ -53,7 +53,7 @@ def main(spec_path: str) -> int:
 
         dcfg = DPOConfig(model=ref_path, dataset=str(work / "prefs.jsonl"), output_dir=str(run_dir / "train"), seed=cfg.seed,
                          beta=spec["beta"], loss_type="sigmoid", max_steps=cfg.dpo_steps, batch_size=cfg.batch_size,
-                         learning_rate=2e-3, eval_every=cfg.eval_every, kl_prompts=0, progress=False,
+                         learning_rate=cfg.dpo_lr, eval_every=cfg.eval_every, kl_prompts=0, progress=False,
                          max_length=96)
         train_dpo(dcfg, eval_hook=lambda step, policy: record(step, policy, {"beta": spec["beta"]}))
     elif method in ("ppo", "ppo_gt"):
@@ -62,8 +62,8 @@ def main(spec_path: str) -> int:
 
         optimised, logged = (proxy, gold) if method == "ppo" else (gold, proxy)
         pcfg = PPOConfig(model=ref_path, output_dir=str(run_dir / "train"), seed=cfg.seed, beta=0.1,
-                         kl_target=spec["kl_target"], kl_horizon=max(200, cfg.ppo_steps * cfg.batch_size // 4),
-                         max_steps=cfg.ppo_steps, batch_size=cfg.batch_size, learning_rate=1e-3,
+                         kl_target=spec["kl_target"], kl_horizon=2 * cfg.batch_size,
+                         max_steps=cfg.ppo_steps, batch_size=cfg.batch_size, learning_rate=cfg.ppo_lr,
                          max_new_tokens=cfg.max_new_tokens, eval_every=cfg.eval_every, progress=False)
         train_ppo(pcfg, prompts=[p.text for p in train_prompts], reward=RewardSet(optimised, [logged]),
                   eval_hook=lambda step, policy, beta=None: record(step, policy, {"beta": beta} if beta is not None else {}))

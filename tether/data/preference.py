@@ -1,0 +1,616 @@
+"""Preference pairs: loading TRL-compatible data, checking it, tokenising, truncating, batching.
+
+Three row formats (the ones TRL's DPOTrainer accepts):
+
+- explicit prompt   ``{"prompt": str, "chosen": str, "rejected": str}``
+- implicit prompt   ``{"chosen": str, "rejected": str}`` sharing a prefix (HH-RLHF): the prompt is
+                    their common prefix, cut back to end at the last ``"\\n\\nAssistant:"`` turn
+                    (``prompt_marker``); without a marker in it, the whole common prefix (as TRL).
+- conversational    ``prompt``/``chosen``/``rejected`` as lists of ``{"role", "content"}`` messages
+                    (``prompt`` optional: the common leading messages), rendered to text with the
+                    tokenizer's chat template (or ``chat_template``); a tokenizer without one is an
+                    error that says what to pass.
+
+Sources: local ``.json`` / ``.jsonl`` / ``.parquet`` (each optionally ``.gz``), a folder written by
+``datasets.save_to_disk`` (or of data files ``datasets`` can read), a hub dataset name, the asset
+short name ``hh-rlhf``, or rows already in memory (a list of dicts or a ``datasets.Dataset``).
+
+Bad rows (missing field, non-string value, empty or identical chosen/rejected) raise
+``PreferenceDataError`` naming the row and field, or are skipped and counted with ``skip_bad_rows``.
+
+Tokenisation follows TRL: the completion starts where the tokenised prompt and the tokenised
+prompt+completion diverge (tokens can merge across the boundary), and EOS ends each completion.
+Truncation never cuts the start of a completion silently: prompts lose tokens from the left (the
+start of a long dialogue; BOS is kept), completions from the right, and every truncation is counted
+in ``TruncationReport`` and logged.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+FIELDS = ("prompt", "chosen", "rejected")
+HH_MARKER = "\n\nAssistant:"
+DATA_ASSETS = {"hh-rlhf": "harmless-base-test.jsonl.gz"}
+
+
+class PreferenceDataError(ValueError):
+    """A preference row or source that cannot be used; the message names the row, field and fix."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading raw rows
+# ----------------------------------------------------------------------------------------------------
+
+
+def _open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+
+
+def _read_jsonl(path: Path) -> list:
+    rows = []
+    with _open_text(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise PreferenceDataError(f"{path}: line {i} is not valid JSON ({e.msg})") from None
+    return rows
+
+
+def _read_json(path: Path) -> list:
+    with _open_text(path) as f:
+        text = f.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return _read_jsonl(path)  # many ".json" files are JSON lines
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if "data" in data and isinstance(data["data"], list):
+            return data["data"]
+        if len(lists) == 1:
+            return lists[0]
+        if all(isinstance(v, list) for v in data.values()) and len({len(v) for v in data.values()}) == 1:
+            keys = list(data)  # column layout {"chosen": [...], "rejected": [...]}
+            return [dict(zip(keys, vals)) for vals in zip(*data.values())]
+        raise PreferenceDataError(f"{path}: a JSON file must hold a list of rows (or {{'data': [...]}})")
+    if not isinstance(data, list):
+        raise PreferenceDataError(f"{path}: a JSON file must hold a list of rows, found {type(data).__name__}")
+    return data
+
+
+def _read_parquet(path: Path) -> list:
+    import pyarrow.parquet as pq
+
+    if path.suffix == ".gz":
+        with gzip.open(path, "rb") as f:
+            return pq.read_table(io.BytesIO(f.read())).to_pylist()
+    return pq.read_table(path).to_pylist()
+
+
+def _from_datasets_obj(ds, split: str, where: str) -> list:
+    from datasets import DatasetDict
+
+    if isinstance(ds, DatasetDict):
+        if split not in ds:
+            raise PreferenceDataError(f"{where} has splits {sorted(ds)}, not {split!r}: pass --dataset_split NAME")
+        ds = ds[split]
+    return ds.to_list()
+
+
+def read_raw_rows(source: Any, *, split: str = "train", assets: Optional[str] = None) -> list:
+    """Rows as stored (dicts), before checking. ``source``: a path, a hub name, ``hh-rlhf``, a list
+    of dicts or a ``datasets.Dataset``."""
+    if isinstance(source, (list, tuple)):
+        return list(source)
+    if hasattr(source, "to_list") and hasattr(source, "column_names"):  # datasets.Dataset
+        return source.to_list()
+    if not isinstance(source, (str, os.PathLike)):
+        raise PreferenceDataError(f"dataset must be a path, a hub name or a list of rows, got {type(source).__name__}")
+    path = Path(source).expanduser()
+    if not path.exists() and str(source) in DATA_ASSETS:
+        from ..assets import resolve
+
+        path = resolve(str(source), assets) / DATA_ASSETS[str(source)]
+    if path.is_file():
+        name = path.name[:-3] if path.suffix == ".gz" else path.name
+        if name.endswith(".jsonl"):
+            return _read_jsonl(path)
+        if name.endswith(".json"):
+            return _read_json(path)
+        if name.endswith(".parquet"):
+            return _read_parquet(path)
+        raise PreferenceDataError(f"{path}: unknown file type; use .json, .jsonl or .parquet (optionally .gz)")
+    if path.is_dir():
+        import datasets
+
+        if any((path / f).exists() for f in ("dataset_dict.json", "dataset_info.json", "state.json")):
+            return _from_datasets_obj(datasets.load_from_disk(str(path)), split, str(path))
+        try:
+            return _from_datasets_obj(datasets.load_dataset(str(path), split=split), split, str(path))
+        except Exception as e:  # noqa: BLE001 - re-raised with the fix
+            raise PreferenceDataError(f"{path}: not a datasets folder or a folder of data files ({e})") from e
+    looks_local = str(source).endswith((".json", ".jsonl", ".parquet", ".gz"))
+    if looks_local or str(source).startswith((".", "/", "~")) or str(source).count("/") > 1:
+        raise PreferenceDataError(f"dataset {source!r} does not exist (a local path was expected)")
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(str(source), split=split)
+    except Exception as e:  # noqa: BLE001 - network/hub errors, re-raised with the fix
+        raise PreferenceDataError(
+            f"could not load dataset {source!r} from the hub ({type(e).__name__}: {e}). Offline? Pass a local "
+            "JSON/JSONL/Parquet file or a datasets folder instead."
+        ) from e
+    return ds.to_list()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checking rows and extracting prompts
+# ----------------------------------------------------------------------------------------------------
+
+
+def _is_messages(v: Any) -> bool:
+    return isinstance(v, list) and len(v) > 0 and all(isinstance(m, dict) for m in v)
+
+
+def _check_messages(v: list, where: str) -> None:
+    for j, m in enumerate(v):
+        if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise PreferenceDataError(f"{where}[{j}]: each message needs string 'role' and 'content'")
+
+
+def implicit_prompt(chosen: str, rejected: str, *, marker: str = HH_MARKER) -> tuple[str, str, str]:
+    """Split two strings sharing a prefix into (prompt, chosen, rejected).
+
+    The prompt is the common prefix cut back to end right after the last ``marker`` in it (HH-RLHF:
+    ``"\\n\\nAssistant:"``, so the prompt ends at the final assistant turn and each completion is that
+    turn's text). Without the marker, the whole common prefix, less a trailing space (TRL's rule).
+    """
+    common = os.path.commonprefix([chosen, rejected])
+    cut = common.rfind(marker) if marker else -1
+    if cut >= 0:
+        k = cut + len(marker)
+    else:
+        k = len(common)
+        if k and k < len(chosen) and chosen[k - 1] == " ":
+            k -= 1  # keep the space with the completion, as TRL's extract_prompt does
+    return chosen[:k], chosen[k:], rejected[k:]
+
+
+def _render_chat(tokenizer, prompt_msgs: list, chosen_msgs: list, rejected_msgs: list) -> dict:
+    p = tokenizer.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
+    c = tokenizer.apply_chat_template(prompt_msgs + chosen_msgs, tokenize=False)
+    r = tokenizer.apply_chat_template(prompt_msgs + rejected_msgs, tokenize=False)
+    # Some templates render the prompt differently alone than followed by an answer: split where
+    # the three texts stop agreeing (never past the rendered prompt).
+    k = min(len(os.path.commonprefix([p, c, r])), len(p))
+    if k < len(p):
+        log.warning("chat template renders the prompt differently alone; the completion starts at the common prefix")
+    return {"prompt": p[:k], "chosen": c[k:], "rejected": r[k:], "templated": True}
+
+
+def _use_template(tokenizer, chat_template: Optional[str]):
+    if chat_template:
+        text = Path(chat_template).read_text() if os.path.isfile(chat_template) else chat_template
+        tokenizer.chat_template = text
+    return getattr(tokenizer, "chat_template", None)
+
+
+def check_row(row: Any, i: int, *, tokenizer=None, chat_template: Optional[str] = None,
+              prompt_marker: str = HH_MARKER) -> dict:
+    """One raw row -> ``{"prompt", "chosen", "rejected"}`` strings (+ ``"templated": True`` for
+    conversational rows, whose text already holds the template's special tokens). Raises
+    ``PreferenceDataError`` naming row ``i`` and the field."""
+    where = f"row {i}"
+    if not isinstance(row, dict):
+        raise PreferenceDataError(f"{where}: expected an object with 'chosen' and 'rejected', got {type(row).__name__}")
+    for f in ("chosen", "rejected"):
+        if f not in row or row[f] is None:
+            raise PreferenceDataError(f"{where}: missing field {f!r} (found {sorted(row)})")
+    chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
+    conversational = _is_messages(chosen) or _is_messages(rejected)
+    if conversational:
+        for f, v in (("chosen", chosen), ("rejected", rejected)):
+            if not _is_messages(v):
+                raise PreferenceDataError(f"{where}: field {f!r} must be a list of messages like the other, got {type(v).__name__}")
+            _check_messages(v, f"{where} field {f!r}")
+        if _is_messages(prompt):
+            _check_messages(prompt, f"{where} field 'prompt'")
+            p_msgs, c_msgs, r_msgs = prompt, chosen, rejected
+        else:  # implicit prompt: the common leading messages (a string prompt is ignored, as in TRL)
+            k = 0
+            while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:
+                k += 1
+            p_msgs, c_msgs, r_msgs = chosen[:k], chosen[k:], rejected[k:]
+        for f, v in (("chosen", c_msgs), ("rejected", r_msgs)):
+            if not v or all(not m["content"].strip() for m in v):
+                raise PreferenceDataError(f"{where}: field {f!r} has no completion after the prompt messages")
+        if c_msgs == r_msgs:
+            raise PreferenceDataError(f"{where}: 'chosen' and 'rejected' are identical")
+        if tokenizer is None:
+            raise PreferenceDataError(f"{where}: conversational rows need a tokenizer (to apply its chat template)")
+        if not _use_template(tokenizer, chat_template):
+            raise PreferenceDataError(
+                f"{where}: conversational data (lists of messages) needs a chat template, and the tokenizer "
+                f"{getattr(tokenizer, 'name_or_path', '')!r} has none: pass --chat_template TEMPLATE (a Jinja "
+                "string or a file holding one), or give plain-text prompt/chosen/rejected"
+            )
+        return _render_chat(tokenizer, p_msgs, c_msgs, r_msgs)
+    for f, v in (("chosen", chosen), ("rejected", rejected)) + ((("prompt", prompt),) if prompt is not None else ()):
+        if not isinstance(v, str):
+            raise PreferenceDataError(f"{where}: field {f!r} must be a string (or a list of messages), got {type(v).__name__}")
+    if prompt is None:
+        prompt, chosen, rejected = implicit_prompt(chosen, rejected, marker=prompt_marker)
+    for f, v in (("chosen", chosen), ("rejected", rejected)):
+        if not v.strip():
+            raise PreferenceDataError(f"{where}: field {f!r} is empty" + (" after the shared prompt" if "prompt" not in row else ""))
+    if chosen == rejected:
+        raise PreferenceDataError(f"{where}: 'chosen' and 'rejected' are identical")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def check_rows(raw: Iterable, *, skip_bad_rows: bool = False, tokenizer=None, chat_template: Optional[str] = None,
+               prompt_marker: str = HH_MARKER, source: str = "dataset") -> tuple[list[dict], dict[str, int]]:
+    """Check every row; returns (rows, skipped) with ``skipped`` counting bad rows by reason."""
+    rows, skipped = [], {}
+    for i, row in enumerate(raw):
+        try:
+            rows.append(check_row(row, i, tokenizer=tokenizer, chat_template=chat_template, prompt_marker=prompt_marker))
+        except PreferenceDataError as e:
+            if not skip_bad_rows:
+                raise PreferenceDataError(f"{source}: {e}; fix the data or pass --skip_bad_rows to skip such rows") from None
+            reason = str(e).split(": ", 1)[-1]
+            skipped[reason] = skipped.get(reason, 0) + 1
+    if skipped:
+        log.warning("%s: skipped %d bad rows: %s", source, sum(skipped.values()), skipped)
+    if not rows:
+        raise PreferenceDataError(f"{source}: no usable preference rows")
+    return rows, skipped
+
+
+def load_preference_rows(source: Any, *, split: str = "train", tokenizer=None, chat_template: Optional[str] = None,
+                         skip_bad_rows: bool = False, prompt_marker: str = HH_MARKER, assets: Optional[str] = None,
+                         limit: Optional[int] = None) -> list[dict]:
+    """Load and check preference data: a list of ``{"prompt", "chosen", "rejected"}`` strings.
+
+    ``tokenizer`` is needed only for conversational rows (chat template). ``limit`` keeps the first
+    N raw rows. Skipped rows (with ``skip_bad_rows``) are counted in the log."""
+    raw = read_raw_rows(source, split=split, assets=assets)
+    if limit:
+        raw = raw[:limit]
+    name = str(source) if isinstance(source, (str, os.PathLike)) else "rows"
+    rows, _ = check_rows(raw, skip_bad_rows=skip_bad_rows, tokenizer=tokenizer, chat_template=chat_template,
+                         prompt_marker=prompt_marker, source=name)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenising and truncating
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TruncationReport:
+    """How many pairs tokenisation changed (each pair counted once per kind)."""
+
+    pairs: int = 0
+    prompt_truncated: int = 0
+    completion_truncated: int = 0
+    dropped_identical: int = 0
+    """Pairs whose chosen and rejected became identical after truncation (no signal): dropped."""
+    boundary_merges: int = 0
+    """Pairs where prompt and completion tokens merge across the boundary (completion starts earlier)."""
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def log(self, name: str = "data") -> None:
+        if self.prompt_truncated or self.completion_truncated or self.dropped_identical:
+            log.warning(
+                "%s: of %d pairs, %d had prompts truncated (from the left), %d had completions truncated (from the "
+                "right), %d were dropped as identical after truncation", name, self.pairs, self.prompt_truncated,
+                self.completion_truncated, self.dropped_identical,
+            )
+
+
+def truncate_pair(
+    prompt: Sequence[int], chosen: Sequence[int], rejected: Sequence[int], *, max_length: Optional[int] = None,
+    max_prompt_length: Optional[int] = None, max_completion_length: Optional[int] = None, bos_id: Optional[int] = None,
+) -> tuple[list[int], list[int], list[int], bool, bool]:
+    """Fit a pair into ``max_length`` tokens per sequence (prompt + completion).
+
+    Rules, in order: completions are cut from the right to ``max_completion_length``; the prompt is
+    cut from the left to ``max_prompt_length`` (keeping a leading ``bos_id``); then, if
+    prompt + longer completion still exceeds ``max_length``, the prompt gives up tokens from the left
+    down to ``max_prompt_length`` (default ``max_length // 2``) and the completions are cut from the
+    right to what remains. The first tokens of a completion are never dropped.
+    Returns (prompt, chosen, rejected, prompt_truncated, completion_truncated).
+    """
+    p, c, r = list(prompt), list(chosen), list(rejected)
+    p_cut = c_cut = False
+
+    def cut_left(ids: list[int], n: int) -> list[int]:
+        n = max(n, 1)
+        if len(ids) <= n:
+            return ids
+        if bos_id is not None and ids and ids[0] == bos_id and n >= 2:
+            return [ids[0]] + ids[len(ids) - (n - 1):]
+        return ids[len(ids) - n:]
+
+    if max_completion_length is not None and max(len(c), len(r)) > max_completion_length:
+        c, r, c_cut = c[:max_completion_length], r[:max_completion_length], True
+    if max_prompt_length is not None and len(p) > max_prompt_length:
+        p, p_cut = cut_left(p, max_prompt_length), True
+    if max_length is not None:
+        longest = max(len(c), len(r))
+        if len(p) + longest > max_length:
+            floor = max_prompt_length if max_prompt_length is not None else max_length // 2
+            keep_p = min(len(p), max(max_length - longest, floor, 1))
+            if keep_p < len(p):
+                p, p_cut = cut_left(p, keep_p), True
+            room = max_length - len(p)
+            if room < 1:
+                raise ValueError(f"max_length={max_length} leaves no room for a completion after a {len(p)}-token prompt")
+            if longest > room:
+                c, r, c_cut = c[:room], r[:room], True
+    return p, c, r, p_cut, c_cut
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def tokenize_pairs(
+    rows: Sequence[dict], tokenizer, *, max_length: Optional[int] = None, max_prompt_length: Optional[int] = None,
+    max_completion_length: Optional[int] = None, add_eos: bool = True, source: str = "data",
+) -> tuple[list[dict], TruncationReport]:
+    """Rows of strings -> ``[{"prompt_ids", "chosen_ids", "rejected_ids", "row"}]`` plus a report.
+
+    As TRL: tokenise the prompt and prompt+completion, start the completion where they diverge,
+    end it with EOS (``add_eos``; not for chat-templated rows, whose template ends the turn).
+    Special tokens (BOS) are added unless the text already starts with the BOS string (rendered
+    chat templates). ``row`` is the index in ``rows``. Pairs identical after truncation are dropped.
+    """
+    report = TruncationReport()
+    out: list[dict] = []
+    bos, eos = tokenizer.bos_token, tokenizer.eos_token_id
+    if add_eos and eos is None:
+        raise ValueError("add_eos=True but the tokenizer has no eos token; set add_eos=False or give it one")
+
+    def enc(texts: list[str]) -> list[list[int]]:
+        plain = [j for j, t in enumerate(texts) if not (bos and t.startswith(bos))]
+        ids: list = [None] * len(texts)
+        for idx, special in ((plain, True), ([j for j in range(len(texts)) if j not in set(plain)], False)):
+            if idx:
+                for j, x in zip(idx, tokenizer([texts[j] for j in idx], add_special_tokens=special)["input_ids"]):
+                    ids[j] = list(x)
+        return ids
+
+    prompts = enc([r["prompt"] for r in rows])
+    full_c = enc([r["prompt"] + r["chosen"] for r in rows])
+    full_r = enc([r["prompt"] + r["rejected"] for r in rows])
+    for i, (row, p, fc, fr) in enumerate(zip(rows, prompts, full_c, full_r)):
+        k = min(_common_prefix(p, fc), _common_prefix(p, fr))
+        if k < len(p):
+            report.boundary_merges += 1
+        p_ids, c_ids, r_ids = p[:k], fc[k:], fr[k:]
+        if add_eos and not row.get("templated"):
+            c_ids = c_ids if c_ids[-1:] == [eos] else c_ids + [eos]
+            r_ids = r_ids if r_ids[-1:] == [eos] else r_ids + [eos]
+        if not p_ids:
+            raise PreferenceDataError(
+                f"{source}: row {i}: the prompt tokenizes to nothing; every completion needs context (use a tokenizer "
+                "that adds BOS, or give a prompt)"
+            )
+        p_ids, c_ids, r_ids, p_cut, c_cut = truncate_pair(
+            p_ids, c_ids, r_ids, max_length=max_length, max_prompt_length=max_prompt_length,
+            max_completion_length=max_completion_length, bos_id=tokenizer.bos_token_id,
+        )
+        report.pairs += 1
+        report.prompt_truncated += p_cut
+        report.completion_truncated += c_cut
+        if c_ids == r_ids:
+            report.dropped_identical += 1
+            continue
+        out.append({"prompt_ids": p_ids, "chosen_ids": c_ids, "rejected_ids": r_ids, "row": i})
+    report.log(source)
+    if not out:
+        raise PreferenceDataError(f"{source}: no pairs left after tokenisation and truncation")
+    return out, report
+
+
+# ----------------------------------------------------------------------------------------------------
+# Splitting, ordering and collating
+# ----------------------------------------------------------------------------------------------------
+
+
+def split_holdout(n: int, fraction: float, *, seed: int) -> tuple[list[int], list[int]]:
+    """Deterministic (train, held-out) index lists: a seeded permutation, the last ``fraction`` held out."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {fraction}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    k = int(round(n * fraction))
+    return sorted(perm[: n - k]), sorted(perm[n - k:])
+
+
+def pair_width(pair: dict) -> int:
+    """Tokens one pair's rows occupy when batched: prompt + the longer completion."""
+    return len(pair["prompt_ids"]) + max(len(pair["chosen_ids"]), len(pair["rejected_ids"]))
+
+
+def pair_tokens(pair: dict) -> int:
+    """Real (non-padding) tokens of a pair's two sequences."""
+    return 2 * len(pair["prompt_ids"]) + len(pair["chosen_ids"]) + len(pair["rejected_ids"])
+
+
+def epoch_batches(widths: Sequence[int], batch_size: int, *, seed: int, epoch: int, shuffle: bool = True,
+                  group_by_length: bool = True, window: int = 32) -> list[list[int]]:
+    """The global batches (index lists) of one epoch, a pure function of (seed, epoch).
+
+    ``shuffle``: a permutation from ``torch.Generator().manual_seed(seed + epoch)`` (else data order).
+    ``group_by_length``: the permutation is cut into windows of ``window`` batches, each window is
+    sorted by width and cut into batches, and the batches are shuffled again, so each batch holds
+    pairs of similar length (little padding) while batch order stays random. The incomplete last
+    batch is dropped so every step has exactly ``batch_size`` pairs.
+    """
+    n = len(widths)
+    if n < batch_size:
+        raise ValueError(f"only {n} training pairs for batch_size={batch_size}: use a smaller batch or more data")
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=g).tolist() if shuffle else list(range(n))
+    order = order[: n - n % batch_size]
+    if not group_by_length:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = []
+    span = batch_size * max(window, 1)
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start : start + span], key=lambda j: (widths[j], j))
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    if shuffle:
+        batches = [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
+    return batches
+
+
+class StepBatches:
+    """Step -> global batch, deterministic from (seed, step) so a resumed run continues exactly.
+    Epoch e's order is ``epoch_batches(..., epoch=e)``; epochs are built on demand and cached."""
+
+    def __init__(self, widths: Sequence[int], batch_size: int, *, seed: int, shuffle: bool = True,
+                 group_by_length: bool = True, window: int = 32):
+        self.widths, self.batch_size, self.seed = list(widths), batch_size, seed
+        self.kw = dict(shuffle=shuffle, group_by_length=group_by_length, window=window)
+        self.per_epoch = len(self.widths) // batch_size
+        if self.per_epoch == 0:
+            raise ValueError(f"only {len(self.widths)} training pairs for batch_size={batch_size}")
+        self._cache: dict[int, list[list[int]]] = {}
+
+    def __call__(self, step: int) -> list[int]:
+        """Indices of the global batch of optimiser step ``step`` (0-based)."""
+        epoch, j = divmod(step, self.per_epoch)
+        if epoch not in self._cache:
+            self._cache = {epoch: epoch_batches(self.widths, self.batch_size, seed=self.seed, epoch=epoch, **self.kw)}
+        return self._cache[epoch][j]
+
+    def visited(self, steps: range) -> list[int]:
+        """Sorted indices of every pair used by ``steps``."""
+        return sorted({i for s in steps for i in self(s)})
+
+
+def collate_pairs(pairs: Sequence[dict], *, pad_id: int):
+    """A ``CompletionBatch`` of 2B rows: the B chosen completions, then the B rejected ones, each after
+    its prompt (one forward pass scores both)."""
+    from ..modeling import make_batch
+
+    prompts = [p["prompt_ids"] for p in pairs]
+    completions = [p["chosen_ids"] for p in pairs] + [p["rejected_ids"] for p in pairs]
+    return make_batch(prompts + prompts, completions, pad_id=pad_id)
+
+
+@dataclass
+class PackedPairs:
+    """Padding-free layout of a batch of pairs: the 2B sequences (prompt + completion; chosen ones
+    first, then rejected) packed first-fit-decreasing into R rows of width W (the longest sequence).
+
+    Each sequence's ``position_ids`` restart at 0, and the model is called with no attention mask,
+    so Hugging Face models build a block-diagonal causal mask (``find_packed_sequence_indices``):
+    no token attends across sequences. The tail of a row is padding with its own positions (its own
+    block), and nothing reads it.
+
+    input_ids, position_ids: (R, W) long. src: (N,) flat index r·W + w of the hidden state that
+    predicts each of the N completion tokens; targets: (N,) those tokens; seq: (N,) the sequence
+    (0..2B-1) each belongs to; lengths: (2B,) completion lengths.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    src: torch.Tensor
+    targets: torch.Tensor
+    seq: torch.Tensor
+    lengths: torch.Tensor
+
+    @property
+    def n_seqs(self) -> int:
+        return int(self.lengths.shape[0])
+
+    def to(self, device) -> "PackedPairs":
+        return PackedPairs(*(t.to(device) for t in (self.input_ids, self.position_ids, self.src, self.targets,
+                                                     self.seq, self.lengths)))
+
+
+def pack_pairs(pairs: Sequence[dict], *, pad_id: int) -> PackedPairs:
+    """Pack the chosen and rejected sequences of ``pairs`` into as few rows as first-fit decreasing
+    finds, each row no wider than the longest sequence (so no row is longer than the padded layout's)."""
+    seqs = [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
+    lens = [len(a) + len(b) for a, b in seqs]
+    W = max(lens)
+    free: list[int] = []  # room left in each row
+    place: dict[int, tuple[int, int]] = {}
+    for i in sorted(range(len(seqs)), key=lambda j: (-lens[j], j)):
+        for r, room in enumerate(free):
+            if room >= lens[i]:
+                place[i] = (r, W - room)
+                free[r] -= lens[i]
+                break
+        else:
+            place[i] = (len(free), 0)
+            free.append(W - lens[i])
+    R = len(free)
+    ids = torch.full((R, W), pad_id, dtype=torch.long)
+    pos = torch.zeros((R, W), dtype=torch.long)
+    src, tgt, seq = [], [], []
+    for i, (p, c) in enumerate(seqs):
+        r, o = place[i]
+        L = lens[i]
+        ids[r, o : o + L] = torch.tensor(list(p) + list(c), dtype=torch.long)
+        pos[r, o : o + L] = torch.arange(L)
+        start = r * W + o + len(p) - 1  # position o + |p| - 1 predicts the first completion token
+        src.extend(range(start, start + len(c)))
+        tgt.extend(c)
+        seq.extend([i] * len(c))
+    for r, room in enumerate(free):
+        if room:
+            pos[r, W - room :] = torch.arange(room)  # padding tail: a block of its own
+    return PackedPairs(ids, pos, torch.tensor(src, dtype=torch.long), torch.tensor(tgt, dtype=torch.long),
+                       torch.tensor(seq, dtype=torch.long), torch.tensor([len(c) for _, c in seqs], dtype=torch.long))
+
+
+def sentiment_pairs(positive: Sequence[str], negative: Sequence[str], *, n: int, prompt_words: tuple[int, int] = (2, 4),
+                    seed: int = 0) -> list[dict]:
+    """Synthetic preference pairs from sentiment-labelled snippets (e.g. rt-polarity): the prompt is the
+    first few words of a positive snippet, chosen its continuation, rejected the continuation of a
+    negative snippet after as many words. A controlled-sentiment task in the spirit of the DPO
+    paper's IMDb experiment (§6.1), for tests, benchmarks and demos."""
+    g = torch.Generator().manual_seed(seed)
+    pos = [p.split() for p in positive]
+    neg = [q.split() for q in negative]
+    lo, hi = prompt_words
+    rows = []
+    for j in torch.randperm(min(len(pos), len(neg)), generator=g).tolist():
+        k = int(torch.randint(lo, hi + 1, (1,), generator=g))
+        p, q = pos[j], neg[j]
+        if len(p) <= k or len(q) <= k:
+            continue
+        rows.append({"prompt": " ".join(p[:k]), "chosen": " " + " ".join(p[k:]), "rejected": " " + " ".join(q[k:])})
+        if len(rows) == n:
+            break
+    return rows

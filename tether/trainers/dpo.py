@@ -1,0 +1,461 @@
+"""Offline preference optimisation: DPO (Rafailov et al. 2023) and its variants, with the KL to the
+reference measured, not assumed.
+
+Each optimiser step, top to bottom:
+
+1. the step's global batch of pairs is a pure function of (seed, step) (``StepBatches``), sharded
+   over processes and cut into ``grad_accum`` micro-batches;
+2. one forward pass scores chosen and rejected together, giving sequence log-probs
+   ``logps`` = Σ_t log π_θ(y_t|s_t): the 2B sequences are packed padding-free into rows (positions
+   restart per sequence, so attention stays within a sequence) and the LM head runs only on the
+   positions that predict completion tokens (``padding_free``; else a padded 2B-row batch with
+   ``logits_to_keep``);
+3. ``ref_logps`` come from the one reference object (precomputed cache by default, or a live copy,
+   the LoRA-disabled policy, an offloaded copy, or a TR-DPO synced copy);
+4. ``ops.preference.preference_loss`` gives per-pair losses; each micro-batch backpropagates its
+   loss *sum* divided by the global number of pairs, so accumulation and data parallelism equal
+   one full batch (gradients all-reduced with SUM);
+5. clip, step, schedule, β update, reference sync; log the fixed metrics.
+
+Every ``eval_every`` steps (and at the end): held-out pair accuracy, and ``kl/ref`` — completions
+sampled from π_θ for held-out prompts, scored with the exact (Rao-Blackwellised) sequence KL
+against a live reference (with the precomputed form, the frozen copy that built the cache, or the
+LoRA-disabled policy; with TR-DPO ``sync``, the moving reference). The sampling seed is the same at
+every evaluation (common random numbers), so changes in ``kl/ref`` reflect the policy, not the draw.
+
+Metrics (metrics.jsonl, TensorBoard): ``loss``, ``rewards/{chosen,rejected,margins,accuracy}``
+(implicit rewards β·(logπ_θ - logπ_ref), means over the global batch), ``logps/{chosen,rejected}``
+(mean sequence log-probs), ``beta``, ``opt/lr``, ``opt/grad_norm`` (before clipping),
+``data/tokens``, ``data/padding_frac``, ``perf/tokens_per_s``; at evaluations ``kl/ref``,
+``kl/ref_stderr``, ``eval/loss``, ``eval/rewards/accuracy``, ``eval/rewards/margins``.
+
+Deviations from the DPO reference code, and why:
+- The reference log-probs are cached once for the pairs the run visits (and reused by any run with
+  the same reference weights and data), instead of a reference forward pass per step.
+- Batches are grouped by length (``group_by_length``) and packed (``padding_free``) so padding does
+  not dominate compute; grouping changes which pairs share a step (as HF's ``group_by_length``), not
+  what each pair contributes; packing changes only float rounding (~1e-6 relative).
+- β may follow a schedule (``BetaConfig``); adaptive/constraint controllers need on-policy KL every
+  step, which offline DPO does not measure, so they are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ..assets import resolve_model
+from ..control import BetaConfig, build_controller
+from ..data.preference import (
+    PackedPairs, StepBatches, check_rows, collate_pairs, pack_pairs, pair_tokens, pair_width, read_raw_rows,
+    split_holdout, tokenize_pairs,
+)
+from ..distributed import Dist
+from ..measure import measure_kl
+from ..modeling import completion_logps, load_causal_lm, load_tokenizer
+from ..ops.kl import seq_sum
+from ..ops.logprobs import selective_logps
+from ..ops.preference import LOSS_TYPES, preference_loss
+from ..reference import REFERENCE_FORMS, OffloadedReference, PrecomputedReference, Reference, build_reference, eval_mode
+from ..runs import RunDir, save_final
+from ..training import (
+    Checkpointer, TrainConfig, clip_and_norm, derive_micro_batch, load_policy, make_optimizer, make_scheduler,
+    progress_bar, trainable_params,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DPOConfig(TrainConfig, BetaConfig):
+    """Config of ``tether dpo`` (fields of TrainConfig and BetaConfig plus these)."""
+
+    dataset: str = ""
+    """Preference pairs: .json/.jsonl/.parquet (optionally .gz), a datasets folder, a hub name, or hh-rlhf (asset)."""
+    dataset_split: str = "train"
+    """Split to read from a datasets folder or hub dataset."""
+    eval_dataset: Optional[str] = None
+    """Held-out pairs (same formats); default: eval_fraction of dataset held out (seeded)."""
+    eval_fraction: float = 0.1
+    """Fraction of dataset held out for eval/* and kl/ref prompts when eval_dataset is not given."""
+    eval_pairs: int = 256
+    """At most this many held-out pairs are scored for eval/rewards/accuracy (0 = all)."""
+    skip_bad_rows: bool = False
+    """Skip (and count) rows with missing, non-string, empty or identical chosen/rejected instead of failing."""
+    chat_template: Optional[str] = None
+    """Jinja chat template (string or file) for conversational rows when the tokenizer has none."""
+    max_length: int = 256
+    """Tokens per sequence (prompt + completion); prompts are cut from the left, completions from the right."""
+    max_prompt_length: Optional[int] = None
+    """Prompt tokens kept at most (default: max_length // 2 when a pair is too long)."""
+    max_completion_length: Optional[int] = None
+    """Completion tokens kept at most (default: whatever max_length leaves)."""
+    add_eos: bool = True
+    """End each plain-text completion with EOS (as TRL)."""
+    loss_type: str = "sigmoid"
+    """One of tether.ops.preference.LOSS_TYPES: sigmoid, cdpo, robust, ipo, hinge, fdpo_*, simpo."""
+    label_smoothing: float = 0.0
+    """ε: cdpo's soft-label weight or robust's assumed flip rate (0 for the other losses)."""
+    ipo_length_normalize: bool = False
+    """IPO on per-token log-ratios (TRL's convention) instead of sequence sums (the DPO reference code)."""
+    f_alpha: float = 0.5
+    """α of fdpo_alpha (paper convention; TRL's f_alpha_divergence_coef is 1 - α)."""
+    simpo_gamma: float = 0.5
+    """SimPO target margin γ."""
+    reference: str = "precomputed"
+    """precomputed (cache ref log-probs once; default) | copy | lora (adapters disabled) | offload | sync (TR-DPO)."""
+    reference_model: Optional[str] = None
+    """Reference model path (default: the starting --model)."""
+    ref_sync_mode: str = "hard"
+    """TR-DPO sync: hard (θ_ref ← θ) or soft (θ_ref ← αθ + (1-α)θ_ref)."""
+    ref_sync_every: int = 512
+    """TR-DPO τ: sync the reference every N optimiser steps."""
+    ref_sync_alpha: float = 0.6
+    """TR-DPO α for soft sync."""
+    ref_cache_dir: Optional[str] = None
+    """Where precomputed reference log-probs are cached (default: OUTPUT_DIR/ref_cache); share it across runs."""
+    ref_batch_size: int = 64
+    """Sequences per forward pass when precomputing reference log-probs."""
+    shuffle: bool = True
+    """Shuffle pairs every epoch (seeded by seed + epoch); off = data order."""
+    padding_free: bool = True
+    """Pack the policy's 2B sequences into rows with restarting positions (no padding inside a row);
+    checked once against the padded layout, which is used instead if the model does not support it."""
+    group_by_length: bool = True
+    """Group pairs of similar length into the same step (windows of bucket_window batches) to cut padding."""
+    bucket_window: int = 32
+    """Batches per length-sorting window when group_by_length is on."""
+    eval_batch_size: int = 32
+    """Pairs per forward pass when scoring held-out pairs."""
+    kl_prompts: int = 32
+    """Held-out prompts sampled for kl/ref (0 = no KL measurement)."""
+    kl_samples: int = 2
+    """Completions sampled per prompt for kl/ref."""
+    kl_max_new_tokens: int = 32
+    """Length limit of the completions sampled for kl/ref."""
+    kl_temperature: float = 1.0
+    """Sampling temperature for kl/ref (1.0 = the policy itself)."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------
+
+
+def load_pairs(cfg: DPOConfig, tok, *, rows: Optional[Sequence[dict]] = None, eval_rows: Optional[Sequence[dict]] = None,
+               is_main: bool = True) -> tuple[list[dict], list[dict], dict]:
+    """(train pairs, held-out pairs, data report). Each pair: prompt_ids, chosen_ids, rejected_ids."""
+    check = dict(skip_bad_rows=cfg.skip_bad_rows, tokenizer=tok, chat_template=cfg.chat_template)
+    raw = list(rows) if rows is not None else read_raw_rows(cfg.dataset, split=cfg.dataset_split, assets=cfg.assets)
+    train_rows, skipped = check_rows(raw, source=cfg.dataset or "rows", **check)
+    if eval_rows is not None or cfg.eval_dataset:
+        raw_eval = list(eval_rows) if eval_rows is not None else read_raw_rows(cfg.eval_dataset, split=cfg.dataset_split, assets=cfg.assets)
+        held_rows, _ = check_rows(raw_eval, source=cfg.eval_dataset or "eval rows", **check)
+    else:
+        tr, ho = split_holdout(len(train_rows), cfg.eval_fraction, seed=cfg.seed)
+        train_rows, held_rows = [train_rows[i] for i in tr], [train_rows[i] for i in ho]
+    trunc = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                 max_completion_length=cfg.max_completion_length, add_eos=cfg.add_eos)
+    train, report = tokenize_pairs(train_rows, tok, source="train pairs", **trunc)
+    held = tokenize_pairs(held_rows, tok, source="held-out pairs", **trunc)[0] if held_rows else []
+    if cfg.eval_pairs and len(held) > cfg.eval_pairs:
+        held = held[: cfg.eval_pairs]
+    info = {"train_pairs": len(train), "eval_pairs": len(held), "skipped_rows": sum(skipped.values()),
+            **{f"truncation/{k}": v for k, v in report.as_dict().items()}}
+    if is_main:
+        log.info("dpo data: %s", info)
+    return train, held, info
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------------------------------
+
+
+def setup_reference(cfg: DPOConfig, policy, tok, pairs: list[dict], visited: list[int], dist: Dist) -> tuple[Reference, Reference]:
+    """(training reference, live reference for kl/ref). They are the same object except for
+    'precomputed', whose live partner is the model that built the cache (kept for kl/ref).
+
+    ``pairs``: every pair the run may score (training pairs, then held-out ones); pair i's chosen
+    and rejected rows have reference ids 2i and 2i + 1. ``visited``: the pair indices to cache."""
+    is_peft = hasattr(policy, "peft_config")
+    sync = dict(sync_mode=cfg.ref_sync_mode, sync_every=cfg.ref_sync_every, sync_alpha=cfg.ref_sync_alpha)
+    if cfg.reference == "lora" or (is_peft and cfg.reference in ("precomputed", "sync") and not cfg.reference_model):
+        live = build_reference("lora" if cfg.reference != "sync" else "sync", policy=policy, **sync)
+    else:
+        ref_model, ref_tok = None, None
+        if cfg.reference_model or is_peft:
+            path = resolve_model(cfg.reference_model or cfg.model, cfg.assets)
+            ref_model = load_causal_lm(path, dtype=cfg.dtype, device=dist.device)
+            ref_tok = load_tokenizer(path)
+        form = "copy" if cfg.reference == "precomputed" else cfg.reference
+        live = build_reference(form, policy=policy, reference_model=ref_model, policy_tokenizer=tok,
+                               reference_tokenizer=ref_tok, compute_device=dist.device, **sync)
+    if cfg.reference != "precomputed":
+        return live, live
+    rows = [(2 * i, pairs[i]["prompt_ids"], pairs[i]["chosen_ids"]) for i in visited]
+    rows += [(2 * i + 1, pairs[i]["prompt_ids"], pairs[i]["rejected_ids"]) for i in visited]
+    rows.sort(key=lambda r: (len(r[1]) + len(r[2]), r[0]))  # similar lengths share a batch: little padding
+    cache = Path(cfg.ref_cache_dir or Path(cfg.output_dir) / "ref_cache")
+    build = lambda: PrecomputedReference.build(  # noqa: E731
+        live, live.model, rows, pad_id=tok.pad_token_id, cache_dir=cache, batch_size=cfg.ref_batch_size,
+        progress=cfg.progress and dist.is_main)
+    ref = build() if dist.is_main else None
+    dist.barrier()  # rank 0 writes the cache; the others then read it (no two writers)
+    if ref is None:
+        ref = build()
+    if dist.device.type != "cpu" and type(live).__name__ == "FrozenReference":
+        live = OffloadedReference(live.model, compute_device=dist.device)  # eval-only: keep it off the accelerator
+    return ref, live
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scoring pairs
+# ----------------------------------------------------------------------------------------------------
+
+
+def pair_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence log-probs and completion lengths of a 2B-row batch of pairs: ((2B,), (2B,)).
+
+    ``batch``: a ``CompletionBatch`` (padded; logits only at completion positions via
+    ``logits_to_keep``) or ``PackedPairs`` (padding-free; the LM head runs only on the hidden states
+    that predict completion tokens)."""
+    if isinstance(batch, PackedPairs):
+        return packed_logps(model, batch), batch.lengths
+    logps = completion_logps(model, batch)  # (2B, T) fp32, 0 off-mask
+    return seq_sum(logps, batch.mask), batch.mask.sum(-1)
+
+
+def packed_logps(model, batch: PackedPairs) -> torch.Tensor:
+    """(2B,) sequence log-probs from the packed layout: decoder over (R, W) rows with restarting
+    positions and no attention mask (block-diagonal causal attention), then the LM head on the N
+    predicting positions only."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: LoRA layers stay active
+    hidden = base.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                                use_cache=False).last_hidden_state  # (R, W, H)
+    h = hidden.reshape(-1, hidden.shape[-1])[batch.src]  # (N, H)
+    logits = base.get_output_embeddings()(h)  # (N, V)
+    lp = selective_logps(logits[None], batch.targets[None])[0]  # (N,) fp32
+    return torch.zeros(batch.n_seqs, dtype=lp.dtype, device=lp.device).index_add(0, batch.seq, lp)
+
+
+@torch.no_grad()
+def packing_works(model, pairs: list[dict], *, pad_id: int, device) -> bool:
+    """True if the packed layout gives this model's padded-layout log-probs (to float rounding).
+    Models whose output is not decoder → LM head (logit soft-capping, scaling) or whose attention
+    ignores packed position ids fail here and train padded."""
+    try:
+        with eval_mode(model):
+            packed = packed_logps(model, pack_pairs(pairs, pad_id=pad_id).to(device))
+            padded = pair_logps(model, collate_pairs(pairs, pad_id=pad_id).to(device))[0]
+    except Exception as e:  # noqa: BLE001 - any failure means: use the padded layout
+        log.warning("padding-free batches unavailable for this model (%s: %s); using padded batches", type(e).__name__, e)
+        return False
+    err = float(((packed - padded).abs() / (1 + padded.abs())).max())
+    if err > 1e-4:
+        log.warning("padding-free log-probs differ from padded ones by %.2g (relative) for this model; using padded "
+                    "batches", err)
+        return False
+    return True
+
+
+def pair_loss(cfg: DPOConfig, logps, ref_logps, lengths, *, beta: float):
+    """preference_loss on a 2B-row batch (first half chosen): (losses (B,), stats)."""
+    c, r = logps.chunk(2)
+    rc, rr = ref_logps.chunk(2)
+    lc, lr = lengths.chunk(2)
+    return preference_loss(
+        c, r, rc, rr, lc, lr, beta=beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
+        ipo_length_normalize=cfg.ipo_length_normalize, alpha=cfg.f_alpha, simpo_gamma=cfg.simpo_gamma,
+    )
+
+
+def ref_ids(indices: Sequence[int]) -> list[int]:
+    """Reference-row ids of a collated batch of pairs (chosen rows first): 2i, then 2i + 1."""
+    return [2 * i for i in indices] + [2 * i + 1 for i in indices]
+
+
+@torch.no_grad()
+def eval_pairs(cfg: DPOConfig, policy, reference: Reference, pairs: list[dict], ids: list[int], *, beta: float,
+               pad_id: int, dist: Dist, packed: bool = False) -> dict:
+    """eval/loss, eval/rewards/accuracy, eval/rewards/margins over held-out pairs (strided over
+    processes, reduced globally). ``ids``: each pair's index for the reference (see ``setup_reference``)."""
+    mine = list(range(dist.rank, len(pairs), dist.world_size))
+    keys = ("eval/loss", "eval/rewards/accuracy", "eval/rewards/margins")
+    sums = {k: 0.0 for k in keys}
+    with eval_mode(policy):
+        for s in range(0, len(mine), cfg.eval_batch_size):
+            chunk = [pairs[j] for j in mine[s : s + cfg.eval_batch_size]]
+            padded = collate_pairs(chunk, pad_id=pad_id).to(dist.device)
+            logps, lengths = pair_logps(policy, pack_pairs(chunk, pad_id=pad_id).to(dist.device) if packed else padded)
+            ref = reference.logps(padded, ids=ref_ids([ids[j] for j in mine[s : s + cfg.eval_batch_size]]))
+            losses, st = pair_loss(cfg, logps, seq_sum(ref.to(logps.device), padded.mask), lengths, beta=beta)
+            for k, v in zip(keys, (losses, st["accuracy"], st["margins"])):
+                sums[k] += float(v.sum())
+    return dist.reduce_metrics(sums, {k: float(len(mine)) for k in keys})
+
+
+def measure_ref_kl(cfg: DPOConfig, policy, reference: Reference, prompts: list[list[int]], tok) -> dict:
+    """kl/ref and kl/ref_stderr: mean exact sequence KL[π_θ‖π_ref] of sampled completions."""
+    res = measure_kl(policy, reference, prompts, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
+                     samples_per_prompt=cfg.kl_samples, max_new_tokens=cfg.kl_max_new_tokens,
+                     batch_size=64, seed=cfg.seed, estimators=("exact",),
+                     filters={"temperature": cfg.kl_temperature, "top_k": 0, "top_p": 1.0})
+    ex = res["estimators"]["exact"]
+    return {"kl/ref": ex["mean"], "kl/ref_stderr": ex["stderr"]}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The training loop
+# ----------------------------------------------------------------------------------------------------
+
+
+STEP_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy", "logps/chosen",
+                "logps/rejected")
+
+
+def accumulate_gradients(cfg: DPOConfig, policy, reference: Reference, train: list[dict], idx: list[int], *, micro: int,
+                         beta: float, packed: bool, pad_id: int, device) -> tuple[dict, int, int]:
+    """Forward + backward over this process's pairs ``idx`` in micro-batches of ``micro``; gradients
+    accumulate in ``.grad``. Each micro-batch backpropagates Σ losses / batch_size (the *global*
+    pair count), so N processes x accumulation steps give the full-batch gradient.
+    Returns (metric sums over the pairs, real tokens, token slots computed)."""
+    sums = dict.fromkeys(STEP_METRICS, 0.0)
+    tokens = slots = 0
+    for j in range(0, len(idx), micro):
+        mb = idx[j : j + micro]
+        pairs = [train[i] for i in mb]
+        padded = collate_pairs(pairs, pad_id=pad_id).to(device)  # the reference's layout (and ids)
+        batch = pack_pairs(pairs, pad_id=pad_id).to(device) if packed else padded
+        logps, lengths = pair_logps(policy, batch)  # (2B,), (2B,)
+        with torch.no_grad():
+            ref_logps = seq_sum(reference.logps(padded, ids=ref_ids(mb)).to(logps.device), padded.mask)  # (2B,)
+        losses, st = pair_loss(cfg, logps, ref_logps, lengths, beta=beta)  # (B,)
+        (losses.sum() / cfg.batch_size).backward()
+        c, r = logps.detach().chunk(2)
+        for k, v in zip(STEP_METRICS, (losses.detach(), st["chosen_rewards"], st["rejected_rewards"], st["margins"],
+                                       st["accuracy"], c, r)):
+            sums[k] += float(v.sum())
+        tokens += sum(pair_tokens(p) for p in pairs)
+        slots += int(batch.input_ids.numel())
+    return sums, tokens, slots
+
+
+def check_config(cfg: DPOConfig) -> None:
+    if cfg.reference not in REFERENCE_FORMS:
+        raise ValueError(f"reference must be one of {REFERENCE_FORMS}, got {cfg.reference!r}")
+    if cfg.loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {cfg.loss_type!r}")
+    if cfg.kl_target is not None or cfg.kl_budget is not None:
+        raise ValueError("dpo supports a fixed or scheduled beta (beta, beta_schedule); kl_target/kl_budget need an "
+                         "on-policy KL every step, which offline DPO does not measure")
+    if cfg.reference == "precomputed" and cfg.loss_type == "simpo":
+        log.info("simpo ignores the reference; ref log-probs are still computed for logging")
+    if not cfg.dataset:
+        raise ValueError("dpo needs preference data: pass --dataset PATH_OR_NAME (or rows=... from Python)")
+
+
+def train_dpo(cfg: DPOConfig, *, rows: Optional[Sequence[dict]] = None, eval_rows: Optional[Sequence[dict]] = None,
+              resume: bool = False, callback: Optional[Callable[[int, dict], None]] = None,
+              eval_hook: Optional[Callable] = None) -> dict:
+    """Train with DPO (or a variant) and return the final metrics (plus "final": the model folder).
+
+    ``rows`` / ``eval_rows``: preference rows already in memory (dicts with prompt/chosen/rejected);
+    they are written to OUTPUT_DIR/dataset.jsonl and the saved config points at it, so the run can be
+    resumed from the command line. ``eval_hook(step, policy) -> metrics`` (main process only) runs at
+    step 0 and with every evaluation, its metrics logged with the rest (the demo evaluates every
+    method with one protocol this way). ``callback(step, metrics)`` is called after each step's log and
+    checkpoint (raising from it interrupts the run, as a kill would)."""
+    dist = Dist()
+    run = RunDir(cfg.output_dir, is_main=dist.is_main)
+    if rows is not None:
+        cfg = dataclasses.replace(cfg, dataset=str(Path(cfg.output_dir) / "dataset.jsonl"))
+        if dist.is_main:
+            Path(cfg.dataset).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    check_config(cfg)
+    run.save_config(cfg)
+    tok, policy, _ = load_policy(cfg, dist)
+    train, held, data_info = load_pairs(cfg, tok, rows=rows, eval_rows=eval_rows, is_main=dist.is_main)
+    micro = derive_micro_batch(cfg, dist)
+    order = StepBatches([pair_width(p) for p in train], cfg.batch_size, seed=cfg.seed, shuffle=cfg.shuffle,
+                        group_by_length=cfg.group_by_length, window=cfg.bucket_window)
+    n = len(train)
+    held_ids = list(range(n, n + len(held)))  # held-out pairs follow the training pairs in the reference's ids
+    visited = order.visited(range(cfg.max_steps)) + held_ids
+    reference, live_ref = setup_reference(cfg, policy, tok, train + held, visited, dist)
+    controller = build_controller(cfg, total_steps=cfg.max_steps)
+    params = trainable_params(policy)
+    opt = make_optimizer(params, cfg)
+    sched = make_scheduler(opt, cfg)
+    ckpt = Checkpointer(run, policy, opt, sched, controller=controller, reference=reference)
+    step = ckpt.resume()[0] if resume else 0
+    kl_prompts = [p["prompt_ids"] for p in held[: cfg.kl_prompts]]
+    if not kl_prompts:
+        live_ref = None  # nothing samples: with the precomputed form, the reference model is freed here
+    pad_id = tok.pad_token_id
+    packed = cfg.padding_free and packing_works(policy, train[:4], pad_id=pad_id, device=dist.device)
+
+    def evaluate(beta: float) -> dict:
+        out = eval_pairs(cfg, policy, reference, held, held_ids, beta=beta, pad_id=pad_id, dist=dist,
+                         packed=packed) if held else {}
+        if kl_prompts and dist.is_main:  # sampling is replicated work: only the logging process measures
+            out.update(measure_ref_kl(cfg, policy, live_ref, kl_prompts, tok))
+        if eval_hook is not None and dist.is_main:
+            out.update(eval_hook(step, policy) or {})
+        return out
+
+    if step == 0 and eval_hook is not None and dist.is_main:  # the start of the reward-KL curve (KL 0)
+        run.log(0, eval_hook(0, policy) or {})
+
+    bar = progress_bar(cfg.max_steps, step, enabled=cfg.progress and dist.is_main, desc=f"dpo[{cfg.loss_type}]")
+    metrics: dict = {}
+    last_eval: dict = {}
+    policy.train()
+    while step < cfg.max_steps:
+        t0 = time.perf_counter()
+        beta = controller.value
+        idx = dist.shard(order(step))
+        sums, tokens, slots = accumulate_gradients(cfg, policy, reference, train, idx, micro=micro, beta=beta,
+                                                   packed=packed, pad_id=pad_id, device=dist.device)
+        dist.sync_gradients(params)
+        grad_norm = clip_and_norm(params, cfg.max_grad_norm)
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        reference.on_step(policy, step)
+        controller.update()
+        metrics = dist.reduce_metrics(sums, dict.fromkeys(sums, float(len(idx))))
+        tokens, slots = dist.sum_float(tokens), dist.sum_float(slots)
+        metrics.update({"beta": beta, "opt/lr": lr, "opt/grad_norm": grad_norm, "data/tokens": tokens,
+                        "data/padding_frac": 1.0 - tokens / max(slots, 1.0),
+                        "perf/tokens_per_s": tokens / (time.perf_counter() - t0)})
+        evaluated = bool(cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps
+        if evaluated:
+            last_eval = evaluate(beta)
+            metrics.update(last_eval)
+        if step % cfg.log_every == 0 or evaluated:
+            run.log(step, metrics)
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+            ckpt.save(step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['rewards/accuracy']:.2f}",
+                        kl=f"{last_eval.get('kl/ref', float('nan')):.2f}")
+        if callback is not None:
+            callback(step, metrics)
+    bar.close()
+    if not last_eval:  # resumed at max_steps: still report the held-out metrics
+        last_eval = evaluate(controller.value)
+        metrics.update(last_eval)
+    ckpt.save(step)
+    final = save_final(policy, cfg.output_dir, tokenizer=tok, merge_lora=cfg.merge_lora, is_main=dist.is_main)
+    run.close()
+    return {**metrics, **data_info, "final": str(final)}
