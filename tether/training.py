@@ -135,6 +135,18 @@ def clip_and_norm(params, max_norm: float) -> float:
     return float(torch.norm(torch.stack([p.grad.detach().float().norm() for p in params])))
 
 
+def optimizer_step(opt: torch.optim.Optimizer, sched, params, *, dist: Dist, max_grad_norm: float) -> tuple[float, float]:
+    """All-reduce gradients, clip, step optimiser and schedule, zero gradients.
+    Returns (grad norm before clipping, the learning rate this step used)."""
+    dist.sync_gradients(params)
+    grad_norm = clip_and_norm(params, max_grad_norm)
+    lr = sched.get_last_lr()[0]
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return grad_norm, lr
+
+
 @dataclass
 class Checkpointer:
     """Saves and restores everything a run needs to continue the same trajectory."""

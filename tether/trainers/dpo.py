@@ -66,8 +66,8 @@ from ..ops.preference import LOSS_TYPES, preference_loss
 from ..reference import REFERENCE_FORMS, OffloadedReference, PrecomputedReference, Reference, build_reference, eval_mode
 from ..runs import RunDir, save_final
 from ..training import (
-    Checkpointer, TrainConfig, clip_and_norm, derive_micro_batch, load_policy, make_optimizer, make_scheduler,
-    progress_bar, trainable_params,
+    Checkpointer, TrainConfig, derive_micro_batch, load_policy, make_optimizer, make_scheduler,
+    progress_bar, trainable_params, optimizer_step,
 )
 
 log = logging.getLogger(__name__)
@@ -424,12 +424,7 @@ def train_dpo(cfg: DPOConfig, *, rows: Optional[Sequence[dict]] = None, eval_row
         idx = dist.shard(order(step))
         sums, tokens, slots = accumulate_gradients(cfg, policy, reference, train, idx, micro=micro, beta=beta,
                                                    packed=packed, pad_id=pad_id, device=dist.device)
-        dist.sync_gradients(params)
-        grad_norm = clip_and_norm(params, cfg.max_grad_norm)
-        lr = sched.get_last_lr()[0]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        grad_norm, lr = optimizer_step(opt, sched, params, dist=dist, max_grad_norm=cfg.max_grad_norm)
         step += 1
         reference.on_step(policy, step)
         controller.update()

@@ -32,8 +32,8 @@ from ..ops.reward_model import bradley_terry_loss
 from ..rewards import sequence_scores
 from ..runs import RunDir, save_final, seed_everything
 from ..training import (
-    Checkpointer, TrainConfig, clip_and_norm, derive_micro_batch, make_optimizer, make_scheduler, progress_bar,
-    trainable_params,
+    Checkpointer, TrainConfig, derive_micro_batch, make_optimizer, make_scheduler, progress_bar,
+    trainable_params, optimizer_step,
 )
 
 log = logging.getLogger(__name__)
@@ -172,12 +172,7 @@ def train_reward_model(cfg: RMConfig, *, resume: bool = False) -> dict:
             sums["loss"] += float(loss.detach()) * len(chunk)
             sums["rm/accuracy"] += float(stats["accuracy"]) * len(chunk)
             sums["rm/margin"] += float(stats["margin"]) * len(chunk)
-        dist.sync_gradients(params)
-        grad_norm = clip_and_norm(params, cfg.max_grad_norm)
-        lr = sched.get_last_lr()[0]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        grad_norm, lr = optimizer_step(opt, sched, params, dist=dist, max_grad_norm=cfg.max_grad_norm)
         step += 1
         metrics = {**dist.reduce_metrics(sums, {k: float(len(idx)) for k in sums}), "opt/lr": lr, "opt/grad_norm": grad_norm}
         if evals and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):

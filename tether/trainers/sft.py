@@ -26,8 +26,8 @@ from ..modeling import position_ids
 from ..ops.logprobs import selective_logps
 from ..runs import RunDir, save_final
 from ..training import (
-    Checkpointer, TrainConfig, clip_and_norm, derive_micro_batch, load_policy, make_optimizer, make_scheduler,
-    progress_bar, trainable_params,
+    Checkpointer, TrainConfig, derive_micro_batch, load_policy, make_optimizer, make_scheduler,
+    progress_bar, trainable_params, optimizer_step,
 )
 
 log = logging.getLogger(__name__)
@@ -135,12 +135,7 @@ def train_sft(cfg: SFTConfig, *, resume: bool = False) -> dict:
             nll, _ = token_nll(model, {k: v.to(dist.device) for k, v in mb.items()})
             (nll / n_global).backward()
             nll_sum += float(nll.detach())
-        dist.sync_gradients(params)
-        grad_norm = clip_and_norm(params, cfg.max_grad_norm)
-        lr = sched.get_last_lr()[0]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        grad_norm, lr = optimizer_step(opt, sched, params, dist=dist, max_grad_norm=cfg.max_grad_norm)
         step += 1
         metrics = {"loss": dist.sum_float(nll_sum) / n_global, "opt/lr": lr, "opt/grad_norm": grad_norm}
         if evals and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
