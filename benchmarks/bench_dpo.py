@@ -101,13 +101,17 @@ def run_tether(spec: dict) -> dict:
 
     rows = json.loads(Path(spec["rows"]).read_text())
     stamps: list[float] = []
+    first: list[float] = []  # when the first step started
     cpu: list[float] = []
     tokens: list[float] = []
     padded: list[float] = []
     losses: list[float] = []
 
     def cb(step, metrics):
-        stamps.append(time.perf_counter())
+        now = time.perf_counter()
+        if not stamps:  # the step's own duration, measured inside the step (excludes logging)
+            first.append(now - metrics["data/tokens"] / metrics["perf/tokens_per_s"])
+        stamps.append(now)
         cpu.append(time.process_time())
         tokens.append(metrics["data/tokens"])
         padded.append(metrics["data/tokens"] / (1.0 - metrics["data/padding_frac"]))
@@ -121,7 +125,8 @@ def run_tether(spec: dict) -> dict:
     )
     t0 = time.perf_counter()
     train_dpo(cfg, rows=rows, callback=cb)
-    return {"losses": losses, "stamps": stamps, "cpu": cpu, "tokens": tokens, "padded": padded, "start": t0}
+    return {"losses": losses, "stamps": stamps, "cpu": cpu, "tokens": tokens, "padded": padded, "start": t0,
+            "first": first[0]}
 
 
 def run_trl(spec: dict) -> dict:
@@ -152,7 +157,13 @@ def run_trl(spec: dict) -> dict:
     tokens: list[float] = []
     padded: list[float] = []
 
+    first: list[float] = []
+
     class Stamp(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            if not first:
+                first.append(time.perf_counter())
+
         def on_step_end(self, a, state, control, **kw):
             stamps.append(time.perf_counter())
             cpu.append(time.process_time())
@@ -173,7 +184,7 @@ def run_trl(spec: dict) -> dict:
     trainer.compute_loss = spy
     trainer.train()
     return {"losses": losses, "stamps": stamps, "cpu": cpu, "tokens": tokens, "padded": padded, "start": t0,
-            "token_ids": [trainer.train_dataset[i] for i in range(2)]}
+            "first": first[0], "token_ids": [trainer.train_dataset[i] for i in range(2)]}
 
 
 class PeakRSS:
@@ -225,7 +236,7 @@ def worker(spec: dict) -> dict:
     return {
         "system": spec["system"], "steps_per_s": (n - 2) / dt, "tokens_per_s": sum(tk[steady]) / dt,
         "cpu_tokens_per_s": sum(tk[steady]) / dcpu, "padding_frac": 1 - sum(tk[steady]) / sum(res["padded"][steady]),
-        "setup_s": st[0] - res["start"] - (st[1] - st[0]), "total_s": st[-1] - res["start"],
+        "setup_s": res["first"] - res["start"], "total_s": st[-1] - res["start"],
         "peak_rss_mb": peak_mb, "delta_rss_mb": delta_mb, "losses": res["losses"],
     }
 
