@@ -127,14 +127,14 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def completion_logits(
-    model, batch: CompletionBatch, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
-) -> torch.Tensor:
-    """Next-token logits at the positions that predict the completion tokens: (B, T, V).
+def forward_completion(model, batch: CompletionBatch, *, filters: Optional[dict] = None, hidden: bool = False):
+    """The one forward pass over a ``CompletionBatch``: next-token logits at the positions that
+    predict the completion tokens, (B, T, V), and, if ``hidden``, the last hidden states at the same
+    positions, (B, T, H) (for a value head); otherwise None.
 
     Only the last T + 1 positions are projected to the vocabulary (``logits_to_keep``), so prompt
-    positions cost no (B, P, V) logits. Sampling filters, if any, are applied so the result is the
-    distribution the completions were sampled from.
+    positions cost no (B, P, V) logits. Sampling filters (temperature, top_k, top_p), if any, are
+    applied so the logits are those of the distribution the completions were sampled from.
     """
     T = batch.mask.shape[1]
     out = model(
@@ -143,11 +143,21 @@ def completion_logits(
         position_ids=position_ids(batch.attention_mask),
         logits_to_keep=T + 1,
         use_cache=False,
+        output_hidden_states=hidden,
     )
     logits = out.logits[:, :-1, :]  # (B, T, V): position P-1+t predicts completion token t
-    if temperature != 1.0 or top_k or top_p < 1.0:
-        logits = apply_sampling_filters(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-    return logits
+    f = filters or {}
+    if f.get("temperature", 1.0) != 1.0 or f.get("top_k", 0) or f.get("top_p", 1.0) < 1.0:
+        logits = apply_sampling_filters(logits, **f)
+    h = out.hidden_states[-1][:, -(T + 1) : -1, :] if hidden else None  # (B, T, H), after the final norm
+    return logits, h
+
+
+def completion_logits(
+    model, batch: CompletionBatch, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> torch.Tensor:
+    """Completion logits (B, T, V) of ``forward_completion``, without hidden states."""
+    return forward_completion(model, batch, filters={"temperature": temperature, "top_k": top_k, "top_p": top_p})[0]
 
 
 def completion_logps(model, batch: CompletionBatch, *, logits: Optional[torch.Tensor] = None, **filters) -> torch.Tensor:

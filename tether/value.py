@@ -21,34 +21,8 @@ import torch
 from torch import nn
 
 from .modeling import CompletionBatch, position_ids
-from .ops.logprobs import apply_sampling_filters
 
 VALUE_MODELS = ("critic", "head")
-
-
-def forward_completion(model, batch: CompletionBatch, *, filters: Optional[dict] = None, hidden: bool = False):
-    """One forward pass over a ``CompletionBatch`` returning the completion logits (B, T, V), with the
-    sampling filters applied (so they score the distribution the tokens were drawn from), and, if
-    ``hidden``, the last hidden states at the same positions (B, T, H) for a value head.
-
-    Same positions and ``logits_to_keep`` trick as ``modeling.completion_logits``; the only addition
-    is the hidden states.
-    """
-    T = batch.mask.shape[1]
-    out = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=position_ids(batch.attention_mask),
-        logits_to_keep=T + 1,
-        use_cache=False,
-        output_hidden_states=hidden,
-    )
-    logits = out.logits[:, :-1, :]  # (B, T, V): position P-1+t predicts completion token t
-    filters = filters or {}
-    if filters.get("temperature", 1.0) != 1.0 or filters.get("top_k", 0) or filters.get("top_p", 1.0) < 1.0:
-        logits = apply_sampling_filters(logits, **filters)
-    h = out.hidden_states[-1][:, -(T + 1) : -1, :] if hidden else None  # (B, T, H), post final norm
-    return logits, h
 
 
 class ValueModel(nn.Module):

@@ -60,7 +60,8 @@ from ..runs import RunDir, save_final
 from ..training import (
     Checkpointer, TrainConfig, clip_and_norm, load_policy, make_optimizer, make_scheduler, progress_bar, trainable_params,
 )
-from ..value import build_value_model, forward_completion
+from ..modeling import forward_completion
+from ..value import build_value_model
 from .rollout import Rollout, collect_rollout, decode_completion, loss_filters, rollout_stats
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from ..ops.kl import kl_per_token, seq_sum, token_mean
 from ..ops.logprobs import apply_sampling_filters, entropy_from_logits, selective_logps
 from ..rewards import RewardSet
 from ..sampling import sample
-from ..value import forward_completion
+from ..modeling import forward_completion
 
 if TYPE_CHECKING:
     from .online import OnlineConfig
