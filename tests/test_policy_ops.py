@@ -305,3 +305,15 @@ def test_best_of_n_kl_bound():
         assert gaps[0] > 1e-2 and gaps[1] < 1e-6
     with pytest.raises(ValueError):
         best_of_n_kl_bound(0)
+
+
+def test_masked_std_by_hand():
+    """values [1, 3 | 5, x] with x masked out: mean 3, population variance ((1-3)² + 0 + (5-3)²)/3 = 8/3,
+    so std = sqrt(8/3 + eps); whitening divides by exactly this."""
+    from tether.ops.policy import masked_std
+
+    v = torch.tensor([[1.0, 3.0], [5.0, 100.0]])
+    m = torch.tensor([[True, True], [True, False]])
+    assert abs(float(masked_std(v, m, eps=0.0)) - math.sqrt(8 / 3)) < 1e-6
+    w = masked_whiten(v, m, eps=0.0)
+    assert abs(float(w[0, 0]) - (1 - 3) / math.sqrt(8 / 3)) < 1e-6 and float(w[1, 1]) == 0.0

@@ -16,7 +16,6 @@ Where this deviates from a paper, and why:
 
 from __future__ import annotations
 
-import math
 from typing import Literal, Optional, Union
 
 import torch
@@ -42,6 +41,14 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, *, dim: Optional[int] 
     return total.sum(dim) / mask.sum(dim).clamp(min=1)
 
 
+def masked_std(values: torch.Tensor, mask: torch.Tensor, *, eps: float = 1e-8) -> torch.Tensor:
+    """sqrt(population variance + eps) over the counted entries: the scale ``masked_whiten`` divides by.
+    (B, T), (B, T) -> ()."""
+    mask = mask.bool()
+    mean = masked_mean(values, mask)
+    return (masked_mean((upcast(values) - mean) ** 2, mask) + eps).sqrt()
+
+
 def masked_whiten(
     values: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8
 ) -> torch.Tensor:
@@ -53,8 +60,7 @@ def masked_whiten(
     """
     mask = mask.bool()
     mean = masked_mean(values, mask)
-    var = masked_mean((upcast(values) - mean) ** 2, mask)
-    out = (upcast(values) - mean) * torch.rsqrt(var + eps)
+    out = (upcast(values) - mean) / masked_std(values, mask, eps=eps)
     if not shift_mean:
         out = out + mean
     return torch.where(mask, out, 0.0)

@@ -53,7 +53,7 @@ from ..measure import encode_prompts, measure_kl, read_prompts
 from ..modeling import CompletionBatch, load_causal_lm, load_tokenizer
 from ..ops.kl import ESTIMATOR_NAMES, kl_loss_term
 from ..ops.logprobs import selective_logps
-from ..ops.policy import AGGREGATION_MODES, masked_mean
+from ..ops.policy import AGGREGATION_MODES
 from ..reference import build_reference
 from ..rewards import CallableSource, RewardSet, RewardSource, build_reward
 from ..runs import RunDir, save_final
@@ -205,11 +205,6 @@ class OnlineMethod:
     validate: Callable = lambda cfg: None
     uses_value_model: Callable = lambda cfg: False
     make_aux: Optional[Callable] = None
-
-
-def adv_std(advantages: torch.Tensor, mask: torch.Tensor) -> float:
-    """The population std that ``ops.policy.masked_whiten`` divides by, over counted entries."""
-    return float(masked_mean((advantages - masked_mean(advantages, mask)) ** 2, mask).add(1e-8).sqrt())
 
 
 def exact_kl_local(out: PolicyOutput, mb: Rollout, reference) -> torch.Tensor:

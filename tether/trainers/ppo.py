@@ -27,9 +27,9 @@ from typing import ClassVar, Optional
 import torch
 
 from ..data.text import batch_indices, collate, load_text_examples, prepare_sft
-from ..ops.policy import aggregate_loss, gae, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss, token_rewards
+from ..ops.policy import aggregate_loss, gae, masked_mean, masked_std, masked_whiten, ppo_policy_loss, ppo_value_loss, token_rewards
 from ..value import VALUE_MODELS
-from .online import Counts, OnlineConfig, OnlineMethod, PolicyOutput, adv_std, exact_kl_local, train_online
+from .online import Counts, OnlineConfig, OnlineMethod, PolicyOutput, exact_kl_local, train_online
 from .rollout import Rollout
 from .sft import token_nll
 
@@ -79,7 +79,7 @@ def prepare(ro: Rollout, cfg: PPOConfig, beta: float) -> dict:
     ro.rewards = token_rewards(ro.scores, ro.kl_tokens, ro.mask, beta=beta)  # (B, T): -β·kl_t, + score at the end
     adv, ro.returns = gae(ro.rewards, ro.values, ro.mask, gamma=cfg.gamma, lam=cfg.lam)  # (B, T) each
     if cfg.whiten_advantages:
-        ro.adv_scale = adv_std(adv, ro.mask)
+        ro.adv_scale = float(masked_std(adv, ro.mask))
         adv = masked_whiten(adv, ro.mask)
     ro.advantages = adv
     return {"ppo/explained_variance": explained_variance(ro.values, ro.returns, ro.mask),

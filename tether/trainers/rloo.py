@@ -25,8 +25,8 @@ from typing import ClassVar
 import torch
 
 from ..ops.kl import seq_sum
-from ..ops.policy import aggregate_loss, masked_mean, masked_whiten, ppo_policy_loss, rloo_advantages, token_rewards
-from .online import Counts, OnlineConfig, OnlineMethod, PolicyOutput, adv_std, exact_kl_local, train_online
+from ..ops.policy import aggregate_loss, masked_mean, masked_std, masked_whiten, ppo_policy_loss, rloo_advantages, token_rewards
+from .online import Counts, OnlineConfig, OnlineMethod, PolicyOutput, exact_kl_local, train_online
 from .rollout import Rollout
 
 
@@ -54,7 +54,7 @@ def prepare(ro: Rollout, cfg: RLOOConfig, beta: float) -> dict:
     adv = rloo_advantages(seq_rewards, group_size=cfg.samples_per_prompt)  # (B,)
     if cfg.normalize_advantages:
         ones = torch.ones_like(adv, dtype=torch.bool).unsqueeze(-1)  # (B, 1)
-        ro.adv_scale = adv_std(adv.unsqueeze(-1), ones)
+        ro.adv_scale = float(masked_std(adv.unsqueeze(-1), ones))
         adv = masked_whiten(adv.unsqueeze(-1), ones).squeeze(-1)  # (B, 1) -> (B,)
     ro.advantages = adv
     return {}
