@@ -3,7 +3,7 @@ with the VADER sentiment of the completion as the reward.
 
 Layers (STYLE.md §6): (a) hand-derived numbers for the orchestration pieces — where the score lands,
 reward-to-go, the leave-one-out advantage, the no-EOS penalty; (b) an exact-enumeration check of the
-gradient claim behind ``online.exact_kl_local``; real-model rollouts — masks after EOS, on-policy first
+gradient claim behind ``online.exact_kl_direct_term``; real-model rollouts — masks after EOS, on-policy first
 update, KL 0 at step 0; (d) short end-to-end runs: PPO raises VADER with a bounded KL, a larger β
 ends with a smaller KL, the adaptive controller settles near its target, resume continues the same
 trajectory; GRPO and RLOO raise VADER; the CLI writes the run directory with the fixed metric names.
@@ -83,20 +83,22 @@ def test_ppo_score_lands_on_last_token_and_returns_are_reward_to_go():
     row 2: (-.05, -.05, -.05, -1.05) -> (-1.2, -1.15, -1.1, -1.05)."""
     ro = _rollout([3, 1, 4], T=4, scores=[1.0, 2.0, -1.0], kl=0.5)
     cfg = PPOConfig(gamma=1.0, lam=1.0, whiten_advantages=False)
-    ppo_prepare(ro, cfg, 0.1)
+    prep = ppo_prepare(scores=ro.scores, kl_tokens=ro.kl_tokens, mask=ro.mask, values=ro.values, cfg=cfg, beta=0.1)
     want_r = torch.tensor([[-.05, -.05, .95, 0], [1.95, 0, 0, 0], [-.05, -.05, -.05, -1.05]])
     want_g = torch.tensor([[.85, .9, .95, 0], [1.95, 0, 0, 0], [-1.2, -1.15, -1.1, -1.05]])
-    torch.testing.assert_close(ro.rewards, want_r, atol=1e-6, rtol=0)
-    torch.testing.assert_close(ro.returns, want_g, atol=1e-6, rtol=0)
-    torch.testing.assert_close(ro.advantages, want_g, atol=1e-6, rtol=0)
-    assert ro.adv_scale == 1.0
+    torch.testing.assert_close(prep.rewards, want_r, atol=1e-6, rtol=0)
+    torch.testing.assert_close(prep.returns, want_g, atol=1e-6, rtol=0)
+    torch.testing.assert_close(prep.advantages, want_g, atol=1e-6, rtol=0)
+    assert prep.adv_scale == 1.0
+    assert not hasattr(ro, "advantages")  # prepare returns; it writes nothing into the rollout
 
     ro = _rollout([3, 1, 4], T=4, scores=[1.0, 2.0, -1.0], kl=0.5)
-    ppo_prepare(ro, PPOConfig(gamma=1.0, lam=1.0, whiten_advantages=True), 0.1)
+    prep = ppo_prepare(scores=ro.scores, kl_tokens=ro.kl_tokens, mask=ro.mask, values=ro.values,
+                       cfg=PPOConfig(gamma=1.0, lam=1.0, whiten_advantages=True), beta=0.1)
     counted = want_g[ro.mask]
-    assert ro.adv_scale == pytest.approx(float(counted.std(unbiased=False)), rel=1e-5)
-    torch.testing.assert_close(ro.advantages[ro.mask], (counted - counted.mean()) / ro.adv_scale, atol=1e-5, rtol=0)
-    assert float(ro.advantages[~ro.mask].abs().sum()) == 0.0
+    assert prep.adv_scale == pytest.approx(float(counted.std(unbiased=False)), rel=1e-5)
+    torch.testing.assert_close(prep.advantages[ro.mask], (counted - counted.mean()) / prep.adv_scale, atol=1e-5, rtol=0)
+    assert float(prep.advantages[~ro.mask].abs().sum()) == 0.0
 
 
 def test_rloo_sequence_reward_and_leave_one_out_advantage():
@@ -104,8 +106,8 @@ def test_rloo_sequence_reward_and_leave_one_out_advantage():
     sequence rewards = score - 0.5·len = (1 - 1, 0 - 1.5, 2 - 0.5, 1 - 2) = (0, -1.5, 1.5, -1);
     with k = 2 the leave-one-out baseline is the other sample: A = (1.5, -1.5, 2.5, -2.5)."""
     ro = _rollout([2, 3, 1, 4], T=4, scores=[1.0, 0.0, 2.0, 1.0], kl=1.0)
-    rloo_prepare(ro, RLOOConfig(samples_per_prompt=2), 0.5)
-    torch.testing.assert_close(ro.advantages, torch.tensor([1.5, -1.5, 2.5, -2.5]), atol=1e-6, rtol=0)
+    prep = rloo_prepare(scores=ro.scores, kl_tokens=ro.kl_tokens, mask=ro.mask, cfg=RLOOConfig(samples_per_prompt=2), beta=0.5)
+    torch.testing.assert_close(prep.advantages, torch.tensor([1.5, -1.5, 2.5, -2.5]), atol=1e-6, rtol=0)
 
 
 def test_no_eos_penalty_numbers():
@@ -135,14 +137,14 @@ def test_config_errors_name_the_field():
 
 
 # --------------------------------------------------------------------------------------------------
-# (b) the gradient claim behind exact_kl_local, by exact enumeration
+# (b) the gradient claim behind exact_kl_direct_term, by exact enumeration
 
 
 def test_exact_kl_in_reward_needs_its_direct_term():
     """A two-token autoregressive policy over 3 symbols (tabular logits), all 9 sequences enumerated.
     J(θ) = E_y[Σ_t KL_t(s_t)] with KL_t the exact per-state KL to a fixed reference. The score-function
     gradient with the *detached* exact KL as reward-to-go misses Σ_t E[∇KL_t] at fixed states; adding
-    that term (kl_loss_term estimator='exact', as online.exact_kl_local does) recovers ∇J exactly."""
+    that term (kl_loss_term estimator='exact', as online.exact_kl_direct_term does) recovers ∇J exactly."""
     torch.manual_seed(0)
     V = 3
     theta0 = torch.randn(V, requires_grad=True)  # logits at the first state
@@ -253,15 +255,15 @@ def test_update_is_invariant_to_micro_batching(stories, stories_path, method):
     prompts = [p for p in PROMPTS[:2] for _ in range(4)]
     ro = collect_rollout(policy, reference, vm, RewardSet(VaderSource()), tok, prompts, [tok(p)["input_ids"] for p in prompts],
                          cfg=cfg, generator=seeded(1, 2), chunk=8, device="cpu")
-    m.prepare(ro, cfg, 0.1)
+    prep = m.prepare(scores=ro.scores, kl_tokens=ro.kl_tokens, mask=ro.mask, values=ro.values, cfg=cfg, beta=0.1)
     out = []
     for micro in (8, 2):
         p = copy.deepcopy(policy)
         v = copy.deepcopy(vm)
         params, vparams = [x for x in p.parameters() if x.requires_grad], list(v.parameters()) if v is not None else []
         opt = torch.optim.SGD(params + vparams, lr=1.0)
-        optimise(p, v, opt, params, vparams, ro, m, cfg=cfg, beta=0.1, sizes=Sizes(2, 8, 8, micro), dist=Dist(),
-                 reference=reference, step=0)
+        optimise(p, v, opt, params, vparams, ro, prep, m, cfg=cfg, beta=0.1, sizes=Sizes(2, 8, 8, micro), dist=Dist(),
+                 ref_logits=None, step=0)
         out.append(torch.cat([x.detach().flatten() for x in params + vparams]))
     before = torch.cat([x.detach().flatten() for x in list(policy.parameters()) + (list(vm.parameters()) if vm else [])])
     assert float((out[0] - before).abs().max()) > 1e-4  # the update did something

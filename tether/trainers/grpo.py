@@ -41,8 +41,7 @@ import torch
 
 from ..ops.kl import kl_loss_term
 from ..ops.policy import aggregate_loss, group_advantages, masked_mean, ppo_policy_loss
-from .online import Counts, OnlineConfig, OnlineMethod, PolicyOutput, train_online
-from .rollout import Rollout
+from .online import Counts, LossInputs, OnlineConfig, OnlineMethod, Prepared, train_online
 
 KL_PLACEMENTS = ("loss", "loss_is")
 
@@ -67,23 +66,27 @@ class GRPOConfig(OnlineConfig):
     method: ClassVar[str] = "grpo"
 
 
-def prepare(ro: Rollout, cfg: GRPOConfig, beta: float) -> dict:
-    ro.advantages = group_advantages(ro.scores, group_size=cfg.samples_per_prompt, scale=cfg.scale_rewards)  # (B,)
-    return {}
+def prepare(*, scores: torch.Tensor, kl_tokens=None, mask=None, values=None, cfg: GRPOConfig, beta: float) -> Prepared:
+    """Group-normalised outcome advantages (B,); the KL is not in the reward. scores (B,)."""
+    return Prepared(group_advantages(scores, group_size=cfg.samples_per_prompt, scale=cfg.scale_rewards))
 
 
-def loss(out: PolicyOutput, mb: Rollout, *, cfg: GRPOConfig, beta: float, counts: Counts, reference) -> tuple[torch.Tensor, dict]:
-    pg, pg_stats = ppo_policy_loss(out.logps, mb.old_logps, mb.advantages, mb.mask, clip=cfg.clip_eps)  # (B, T)
+def loss(x: LossInputs, *, cfg: GRPOConfig, beta: float, counts: Counts) -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate with π_old (PPO Eq. 7) + β x the per-token KL term (DeepSeekMath Eq. 3), with
+    ``kl_clamp_input``/``kl_clamp_output`` applied to the KL term (``grpo/kl_clamped_frac`` logs how often)."""
+    pg, pg_stats = ppo_policy_loss(x.logps, x.old_logps, x.advantages, x.mask, clip=cfg.clip_eps)  # (B, T)
     exact = cfg.kl_estimator == "exact"
     kl = kl_loss_term(
-        out.logps, mb.ref_logps, mb.mask, estimator=cfg.kl_estimator,
-        old_logps=mb.old_logps if cfg.kl_placement == "loss_is" else None,
-        logits=out.logits if exact else None,
-        ref_logits=reference.logits(mb.batch).to(out.logits.device) if exact else None,  # recomputed: (B, T, V) not kept
-    ).per_token  # (B, T)
-    total = aggregate_loss(pg + beta * kl, mb.mask, mode=cfg.loss_aggregation, num_tokens=counts.tokens, num_seqs=counts.seqs)
-    stats = {"ppo/policy_loss": masked_mean(pg, mb.mask).detach(), "ppo/clipfrac": pg_stats["clipfrac"],
-             "ppo/approx_kl_old": pg_stats["approx_kl_old"], "grpo/kl_loss": masked_mean(kl, mb.mask).detach()}
+        x.logps, x.ref_logps, x.mask, estimator=cfg.kl_estimator,
+        old_logps=x.old_logps if cfg.kl_placement == "loss_is" else None,
+        logits=x.logits if exact else None, ref_logits=x.ref_logits if exact else None,
+        clamp_input=getattr(cfg, "kl_clamp_input", None), clamp_output=getattr(cfg, "kl_clamp_output", None),
+    )
+    total = aggregate_loss(pg + beta * kl.per_token, x.mask, mode=cfg.loss_aggregation, num_tokens=counts.tokens,
+                           num_seqs=counts.seqs)
+    stats = {"ppo/policy_loss": masked_mean(pg, x.mask).detach(), "ppo/clipfrac": pg_stats["clipfrac"],
+             "ppo/approx_kl_old": pg_stats["approx_kl_old"], "grpo/kl_loss": masked_mean(kl.per_token, x.mask).detach(),
+             "grpo/kl_clamped_frac": kl.clamped_frac.detach()}
     return total, stats
 
 
@@ -97,7 +100,8 @@ def validate(cfg: GRPOConfig) -> None:
                          "use kl_placement=loss_is, or k3/k2")
 
 
-GRPO = OnlineMethod(name="grpo", prepare=prepare, loss=loss, validate=validate)
+GRPO = OnlineMethod(name="grpo", prepare=prepare, loss=loss, validate=validate,
+                    needs_ref_logits=lambda cfg: cfg.kl_estimator == "exact")
 
 
 def train_grpo(cfg: GRPOConfig, **kwargs) -> dict:

@@ -171,15 +171,6 @@ def seeded(*keys: int) -> torch.Generator:
 # Methods
 
 
-@dataclass
-class PolicyOutput:
-    """The policy's forward pass over a micro-batch, with gradients."""
-
-    logits: torch.Tensor  # (B, T, V) at the sampling temperature (``loss_filters``)
-    logps: torch.Tensor  # (B, T) fp32, 0 off-mask
-    values: Optional[torch.Tensor] = None  # (B, T) (PPO)
-
-
 @dataclass(frozen=True)
 class Counts:
     """Global normalisers of one optimiser update (all processes, all micro-batches)."""
@@ -188,15 +179,59 @@ class Counts:
     seqs: float
 
 
+@dataclass
+class Prepared:
+    """What a method's ``prepare`` returns for a rollout (nothing is written into the rollout).
+
+    ``adv_scale`` is what the advantages were divided by (whitening; 1 otherwise): a loss-side term
+    that must stay in the reward's units next to whitened advantages (the exact estimator's direct
+    term) is divided by it too, so the loss reads it from here rather than from a side channel."""
+
+    advantages: torch.Tensor  # (B, T) per token, or (B,) per sequence
+    returns: Optional[torch.Tensor] = None  # (B, T) value targets (PPO)
+    rewards: Optional[torch.Tensor] = None  # (B, T) per-token rewards with the KL in them (PPO, RLOO)
+    adv_scale: float = 1.0
+    stats: dict = field(default_factory=dict)  # local token-mean scalars, logged under these names
+
+    def select(self, idx) -> "Prepared":
+        pick = lambda t: None if t is None else t[idx]  # noqa: E731
+        return Prepared(pick(self.advantages), pick(self.returns), pick(self.rewards), self.adv_scale, self.stats)
+
+
+@dataclass
+class LossInputs:
+    """Everything a method's ``loss`` sees for one micro-batch: tensors only (no model, no config
+    object beyond the method's own). Built by ``loss_inputs``; unit tests build it by hand.
+
+    Shapes: B completions, T completion positions, V vocabulary. ``logits``/``logps``/``values``
+    carry gradients (the current policy and value model); the rest are detached rollout data."""
+
+    logps: torch.Tensor  # (B, T) log π_θ of the sampled tokens (sampling filters applied), 0 off-mask
+    old_logps: torch.Tensor  # (B, T) log π_old at rollout
+    ref_logps: torch.Tensor  # (B, T) log π_ref (same filters)
+    mask: torch.Tensor  # (B, T) bool
+    advantages: torch.Tensor  # (B, T) or (B,)
+    adv_scale: float = 1.0  # Prepared.adv_scale
+    logits: Optional[torch.Tensor] = None  # (B, T, V) policy logits (exact estimator in a loss)
+    ref_logits: Optional[torch.Tensor] = None  # (B, T, V), present when method.needs_ref_logits(cfg)
+    values: Optional[torch.Tensor] = None  # (B, T) current value predictions (PPO)
+    old_values: Optional[torch.Tensor] = None  # (B, T) values at rollout (PPO value clipping)
+    returns: Optional[torch.Tensor] = None  # (B, T) value targets (PPO)
+
+
 @dataclass(frozen=True)
 class OnlineMethod:
-    """What distinguishes PPO, GRPO and RLOO. Composition, not inheritance: the loop calls these.
+    """What distinguishes PPO, GRPO and RLOO. Composition, not inheritance: the loop calls these,
+    and so does ``tether certify`` (through the loop itself: it trains with ``train_online``).
 
-    prepare(rollout, cfg, beta) -> stats: fills rollout.advantages (and rewards/returns); stats are
-        local token-mean scalars. loss(out, micro, cfg=, beta=, counts=, reference=) -> (loss, stats):
-        the micro-batch's share of the update's loss (divided by the global ``counts``) and
-        token-mean stats. validate(cfg) raises on invalid settings. aux (optional, PPO-ptx) builds
-        an extra term ``aux(policy, update_index, dist) -> stats`` that backpropagates itself.
+    prepare(*, scores, kl_tokens, mask, values, cfg, beta) -> Prepared: advantages (and returns /
+        rewards) from the rollout's tensors; pure (it mutates nothing).
+    loss(x: LossInputs, *, cfg, beta, counts) -> (loss, stats): the micro-batch's share of the
+        update's loss (divided by the global ``counts``) and token-mean stats; pure (no model call).
+    needs_ref_logits(cfg) -> bool: the loss needs the reference's full distributions (the exact
+        estimator); the loop then fetches them once per rollout.
+    validate(cfg) raises on invalid settings. make_aux (optional, PPO-ptx) builds an extra term
+    ``aux(policy, update_index, dist) -> stats`` that backpropagates itself.
     """
 
     name: str
@@ -204,22 +239,31 @@ class OnlineMethod:
     loss: Callable
     validate: Callable = lambda cfg: None
     uses_value_model: Callable = lambda cfg: False
+    needs_ref_logits: Callable = lambda cfg: False
     make_aux: Optional[Callable] = None
 
 
-def exact_kl_local(out: PolicyOutput, mb: Rollout, reference) -> torch.Tensor:
+def exact_kl_direct_term(x: LossInputs) -> torch.Tensor:
     """(B, T) exact per-token KL_t(s_t; θ) with gradient through the policy's logits.
 
     Why: with ``kl_estimator=exact`` *in the reward*, each KL_t is a function of the state s_t only,
     not of the sampled token y_t, so the score-function gradient sees only how earlier tokens change
     later states, never the direct dependence of KL_t on π_θ(·|s_t). The full gradient of
     E[Σ_t KL_t] is that score-function part plus Σ_t ∇KL_t at fixed states (Tang & Munos,
-    arXiv:2506.09477; MATH.md §3, last row, read the other way round). PPO and RLOO add β x this term,
-    divided by the advantages' scale, to their loss. (k1 needs no such term: E_π[∇log π] = 0.)
-    The reference logits are recomputed here rather than kept from the rollout ((B, T, V) each).
-    """
-    ref_logits = reference.logits(mb.batch).to(out.logits.device)  # (B, T, V)
-    return kl_loss_term(out.logps, mb.ref_logps, mb.mask, estimator="exact", logits=out.logits, ref_logits=ref_logits).per_token
+    arXiv:2506.09477; MATH.md §3). PPO and RLOO add β / adv_scale x this term to their loss.
+    (k1 needs no such term: E_π[∇log π] = 0.)"""
+    if x.logits is None or x.ref_logits is None:
+        raise ValueError("the exact KL term needs policy and reference logits (method.needs_ref_logits)")
+    return kl_loss_term(x.logps, x.ref_logps, x.mask, estimator="exact", logits=x.logits, ref_logits=x.ref_logits).per_token
+
+
+@dataclass
+class PolicyOutput:
+    """The policy's forward pass over a micro-batch, with gradients."""
+
+    logits: torch.Tensor  # (B, T, V) of the sampled distribution (temperature, stored filter set)
+    logps: torch.Tensor  # (B, T) fp32, 0 off-mask
+    values: Optional[torch.Tensor] = None  # (B, T) (PPO)
 
 
 def policy_output(policy, value_model, batch: CompletionBatch, *, filters: dict) -> PolicyOutput:
@@ -230,15 +274,30 @@ def policy_output(policy, value_model, batch: CompletionBatch, *, filters: dict)
     return PolicyOutput(logits, logps, values)
 
 
-def optimise(policy, value_model, opt, params: list, value_params: list, ro: Rollout, method: OnlineMethod, *, cfg,
-             beta: float, sizes: Sizes, dist: Dist, reference, step: int, aux=None) -> tuple[dict, dict, list]:
+def loss_inputs(out: PolicyOutput, ro: Rollout, prep: Prepared, ref_logits: Optional[torch.Tensor]) -> LossInputs:
+    """The method's view of one micro-batch (``ro``, ``prep`` and ``ref_logits`` are its rows)."""
+    return LossInputs(logps=out.logps, old_logps=ro.old_logps, ref_logps=ro.ref_logps, mask=ro.mask,
+                      advantages=prep.advantages, adv_scale=prep.adv_scale, logits=out.logits, ref_logits=ref_logits,
+                      values=out.values, old_values=ro.values, returns=prep.returns)
+
+
+def rollout_ref_logits(reference, ro: Rollout, *, chunk: int, filters: dict) -> torch.Tensor:
+    """(B, T, V) reference logits of the whole rollout, fetched once (``chunk`` rows per forward) for a
+    method whose loss needs full reference distributions."""
+    parts = [reference.logits(ro.batch.select(slice(s, s + chunk))) for s in range(0, ro.mask.shape[0], chunk)]
+    return torch.cat(parts).to(ro.mask.device)
+
+
+def optimise(policy, value_model, opt, params: list, value_params: list, ro: Rollout, prep: Prepared,
+             method: OnlineMethod, *, cfg, beta: float, sizes: Sizes, dist: Dist, ref_logits: Optional[torch.Tensor],
+             step: int, aux=None) -> tuple[dict, dict, list]:
     """``num_epochs`` passes of ``num_minibatches`` optimiser updates over the rollout.
     Returns (stat sums, stat counts, policy grad norms); stops early past ``target_kl_old``.
 
     Policy and value parameters are clipped separately: with one joint clip a large value loss
     (returns of a few nats once β·KL grows) would shrink the policy's step, and Adam's second-moment
     memory would keep it small for hundreds of updates."""
-    filters = loss_filters({"temperature": cfg.temperature})
+    filters = loss_filters({"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p})
     sums: dict = {}
     counts: dict = {}
     norms: list = []
@@ -246,13 +305,17 @@ def optimise(policy, value_model, opt, params: list, value_params: list, ro: Rol
     for epoch in range(cfg.num_epochs):
         perm = torch.randperm(B, generator=seeded(cfg.seed, step, epoch, dist.rank, 2))
         for m in range(cfg.num_minibatches):
-            mb = ro.select(perm[m * sizes.minibatch : (m + 1) * sizes.minibatch])
+            rows = perm[m * sizes.minibatch : (m + 1) * sizes.minibatch]
+            mb, mb_prep = ro.select(rows), prep.select(rows)
+            mb_ref = ref_logits[rows] if ref_logits is not None else None
             n = Counts(tokens=dist.sum_float(mb.mask.sum()), seqs=dist.sum_float(mb.mask.shape[0]))
             kl_old = [0.0, 0.0]
             for j in range(0, sizes.minibatch, sizes.micro):
-                micro = mb.select(slice(j, j + sizes.micro))
+                part = slice(j, j + sizes.micro)
+                micro = mb.select(part)
                 out = policy_output(policy, value_model, micro.batch, filters=filters)
-                loss, stats = method.loss(out, micro, cfg=cfg, beta=beta, counts=n, reference=reference)
+                x = loss_inputs(out, micro, mb_prep.select(part), mb_ref[part] if mb_ref is not None else None)
+                loss, stats = method.loss(x, cfg=cfg, beta=beta, counts=n)
                 loss.backward()
                 w = float(micro.mask.sum())
                 for k, v in stats.items():
@@ -329,6 +392,11 @@ def evaluate(policy, reference, rewards: RewardSet, tok, prompt_texts: Sequence[
 
 # --------------------------------------------------------------------------------------------------
 # The loop
+
+
+def _filters(cfg: OnlineConfig) -> dict:
+    """The sampling settings, as the sampler, the scorer and the reference take them."""
+    return {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}
 
 
 def _validate(cfg: OnlineConfig, method: OnlineMethod) -> None:
@@ -495,16 +563,19 @@ def train_online(
         beta = s.controller.value
         ro = collect_rollout(s.policy, s.reference, s.value_model, s.rewards, s.tok, p_texts, p_ids, cfg=cfg,
                              generator=seeded(cfg.seed, s.step, dist.rank, 1), chunk=s.sizes.micro, device=dist.device)
-        # 3. advantages (method-specific)
-        prep = s.method.prepare(ro, cfg, beta)
+        # 3. advantages (method-specific, pure)
+        prep = s.method.prepare(scores=ro.scores, kl_tokens=ro.kl_tokens, mask=ro.mask, values=ro.values, cfg=cfg, beta=beta)
         sums, counts = rollout_stats(ro, beta=beta)
         n_tok = float(ro.mask.sum())
-        for k, v in prep.items():
+        for k, v in prep.stats.items():
             sums[k], counts[k] = float(v) * n_tok, n_tok
+        ref_logits = rollout_ref_logits(s.reference, ro, chunk=s.sizes.micro, filters=_filters(cfg)) \
+            if s.method.needs_ref_logits(cfg) else None
         # 4. epochs x minibatches of updates
         lr = s.sched.get_last_lr()[0]
-        u_sums, u_counts, norms = optimise(s.policy, s.value_model, s.opt, s.params, s.value_params, ro, s.method, cfg=cfg,
-                                           beta=beta, sizes=s.sizes, dist=dist, reference=s.reference, step=s.step, aux=s.aux)
+        u_sums, u_counts, norms = optimise(s.policy, s.value_model, s.opt, s.params, s.value_params, ro, prep, s.method,
+                                           cfg=cfg, beta=beta, sizes=s.sizes, dist=dist, ref_logits=ref_logits,
+                                           step=s.step, aux=s.aux)
         s.sched.step()
         s.step += 1
         s.reference.on_step(s.policy, s.step)

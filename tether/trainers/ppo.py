@@ -12,7 +12,7 @@ The loop is ``online.train_online``; this file is PPO's two pieces (STYLE.md §2
 
 The KL estimator in the reward is ``kl_estimator`` (default k1: with a detached value in the reward its
 policy gradient is the unbiased ∇KL[π_θ‖π_ref]; k2's and k3's are biased — MATH.md §3; exact's is
-unbiased only together with its direct term, which the loss adds: ``online.exact_kl_local``). β is
+unbiased only together with its direct term, which the loss adds: ``online.exact_kl_direct_term``). β is
 fixed, scheduled or adaptive (``beta``, ``beta_schedule``, ``kl_target``: Ziegler's controller).
 
 Deviations: advantages are whitened with this process's statistics (as TRL does), so with N processes
@@ -29,8 +29,7 @@ import torch
 from ..data.text import batch_indices, collate, load_text_examples, prepare_sft
 from ..ops.policy import aggregate_loss, gae, masked_mean, masked_std, masked_whiten, ppo_policy_loss, ppo_value_loss, token_rewards
 from ..value import VALUE_MODELS
-from .online import Counts, OnlineConfig, OnlineMethod, PolicyOutput, exact_kl_local, train_online
-from .rollout import Rollout
+from .online import Counts, LossInputs, OnlineConfig, OnlineMethod, Prepared, exact_kl_direct_term, train_online
 from .sft import token_nll
 
 
@@ -75,26 +74,31 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return 1.0 - var(returns - values) / var(returns).clamp(min=1e-8)
 
 
-def prepare(ro: Rollout, cfg: PPOConfig, beta: float) -> dict:
-    ro.rewards = token_rewards(ro.scores, ro.kl_tokens, ro.mask, beta=beta)  # (B, T): -β·kl_t, + score at the end
-    adv, ro.returns = gae(ro.rewards, ro.values, ro.mask, gamma=cfg.gamma, lam=cfg.lam)  # (B, T) each
+def prepare(*, scores: torch.Tensor, kl_tokens: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, cfg: PPOConfig,
+            beta: float) -> Prepared:
+    """Per-token rewards -> GAE -> (whitened) advantages. scores (B,), kl_tokens / mask / values (B, T)."""
+    rewards = token_rewards(scores, kl_tokens, mask, beta=beta)  # (B, T): -β·kl_t, + score at the end
+    adv, returns = gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)  # (B, T) each
+    scale = 1.0
     if cfg.whiten_advantages:
-        ro.adv_scale = float(masked_std(adv, ro.mask))
-        adv = masked_whiten(adv, ro.mask)
-    ro.advantages = adv
-    return {"ppo/explained_variance": explained_variance(ro.values, ro.returns, ro.mask),
-            "ppo/returns": masked_mean(ro.returns, ro.mask)}
+        scale = float(masked_std(adv, mask))
+        adv = masked_whiten(adv, mask)
+    stats = {"ppo/explained_variance": float(explained_variance(values, returns, mask)),
+             "ppo/returns": float(masked_mean(returns, mask))}
+    return Prepared(adv, returns=returns, rewards=rewards, adv_scale=scale, stats=stats)
 
 
-def loss(out: PolicyOutput, mb: Rollout, *, cfg: PPOConfig, beta: float, counts: Counts, reference) -> tuple[torch.Tensor, dict]:
-    pg, pg_stats = ppo_policy_loss(out.logps, mb.old_logps, mb.advantages, mb.mask, clip=cfg.clip_eps)  # (B, T)
-    vf, vf_stats = ppo_value_loss(out.values, mb.values, mb.returns, mb.mask, clip=cfg.clip_value)  # (B, T)
+def loss(x: LossInputs, *, cfg: PPOConfig, beta: float, counts: Counts) -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate (PPO Eq. 7) + vf_coef x clipped value loss; with the exact estimator in the
+    reward, + β/adv_scale x its direct term (``online.exact_kl_direct_term``)."""
+    pg, pg_stats = ppo_policy_loss(x.logps, x.old_logps, x.advantages, x.mask, clip=cfg.clip_eps)  # (B, T)
+    vf, vf_stats = ppo_value_loss(x.values, x.old_values, x.returns, x.mask, clip=cfg.clip_value)  # (B, T)
     if cfg.kl_estimator == "exact":  # the direct part of ∇KL that a detached exact KL in the reward misses
-        pg = pg + (beta / mb.adv_scale) * exact_kl_local(out, mb, reference)
+        pg = pg + (beta / x.adv_scale) * exact_kl_direct_term(x)
     n = {"num_tokens": counts.tokens, "num_seqs": counts.seqs}
-    total = aggregate_loss(pg, mb.mask, mode=cfg.loss_aggregation, **n) + cfg.vf_coef * aggregate_loss(vf, mb.mask, mode="token_mean", **n)
+    total = aggregate_loss(pg, x.mask, mode=cfg.loss_aggregation, **n) + cfg.vf_coef * aggregate_loss(vf, x.mask, mode="token_mean", **n)
     stats = {
-        "ppo/policy_loss": masked_mean(pg, mb.mask).detach(), "ppo/value_loss": masked_mean(vf, mb.mask).detach(),
+        "ppo/policy_loss": masked_mean(pg, x.mask).detach(), "ppo/value_loss": masked_mean(vf, x.mask).detach(),
         "ppo/clipfrac": pg_stats["clipfrac"], "ppo/approx_kl_old": pg_stats["approx_kl_old"],
         "ppo/vf_clipfrac": vf_stats["vf_clipfrac"],
     }
@@ -136,6 +140,7 @@ def validate(cfg: PPOConfig) -> None:
 
 PPO = OnlineMethod(
     name="ppo", prepare=prepare, loss=loss, validate=validate, uses_value_model=lambda cfg: True,
+    needs_ref_logits=lambda cfg: cfg.kl_estimator == "exact",
     make_aux=lambda cfg, tok, dist: PtxTerm(cfg, tok, dist) if cfg.ptx_coef > 0 else None,
 )
 

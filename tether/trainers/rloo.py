@@ -14,7 +14,7 @@ The loop is ``online.train_online``; this file is RLOO's two pieces (STYLE.md §
 
 The KL estimator sits in the reward as a detached value, so k1 gives the unbiased ∇KL[π_θ‖π_ref],
 k2 and k3 biased ones (MATH.md §3), and exact an unbiased one only with its direct term, which the
-loss adds (``online.exact_kl_local``).
+loss adds (``online.exact_kl_direct_term``).
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ import torch
 
 from ..ops.kl import seq_sum
 from ..ops.policy import aggregate_loss, masked_mean, masked_std, masked_whiten, ppo_policy_loss, rloo_advantages, token_rewards
-from .online import Counts, OnlineConfig, OnlineMethod, PolicyOutput, exact_kl_local, train_online
-from .rollout import Rollout
+from .online import Counts, LossInputs, OnlineConfig, OnlineMethod, Prepared, exact_kl_direct_term, train_online
 
 
 @dataclass
@@ -48,24 +47,28 @@ class RLOOConfig(OnlineConfig):
     method: ClassVar[str] = "rloo"
 
 
-def prepare(ro: Rollout, cfg: RLOOConfig, beta: float) -> dict:
-    ro.rewards = token_rewards(ro.scores, ro.kl_tokens, ro.mask, beta=beta)  # (B, T)
-    seq_rewards = seq_sum(ro.rewards, ro.mask)  # (B,) score - β·Σ_t kl_t
+def prepare(*, scores: torch.Tensor, kl_tokens: torch.Tensor, mask: torch.Tensor, values=None, cfg: RLOOConfig,
+            beta: float) -> Prepared:
+    """Sequence reward score - β·Σ_t kl_t -> leave-one-out advantages (B,). scores (B,), kl_tokens / mask (B, T)."""
+    rewards = token_rewards(scores, kl_tokens, mask, beta=beta)  # (B, T)
+    seq_rewards = seq_sum(rewards, mask)  # (B,) score - β·Σ_t kl_t
     adv = rloo_advantages(seq_rewards, group_size=cfg.samples_per_prompt)  # (B,)
+    scale = 1.0
     if cfg.normalize_advantages:
         ones = torch.ones_like(adv, dtype=torch.bool).unsqueeze(-1)  # (B, 1)
-        ro.adv_scale = float(masked_std(adv.unsqueeze(-1), ones))
+        scale = float(masked_std(adv.unsqueeze(-1), ones))
         adv = masked_whiten(adv.unsqueeze(-1), ones).squeeze(-1)  # (B, 1) -> (B,)
-    ro.advantages = adv
-    return {}
+    return Prepared(adv, rewards=rewards, adv_scale=scale)
 
 
-def loss(out: PolicyOutput, mb: Rollout, *, cfg: RLOOConfig, beta: float, counts: Counts, reference) -> tuple[torch.Tensor, dict]:
-    pg, pg_stats = ppo_policy_loss(out.logps, mb.old_logps, mb.advantages, mb.mask, clip=cfg.clip_eps)  # (B, T)
+def loss(x: LossInputs, *, cfg: RLOOConfig, beta: float, counts: Counts) -> tuple[torch.Tensor, dict]:
+    """The sequence advantage on every token through the clipped surrogate (PPO Eq. 7); with the exact
+    estimator in the reward, + β/adv_scale x its direct term (``online.exact_kl_direct_term``)."""
+    pg, pg_stats = ppo_policy_loss(x.logps, x.old_logps, x.advantages, x.mask, clip=cfg.clip_eps)  # (B, T)
     if cfg.kl_estimator == "exact":  # the direct part of ∇KL that a detached exact KL in the reward misses
-        pg = pg + (beta / mb.adv_scale) * exact_kl_local(out, mb, reference)
-    total = aggregate_loss(pg, mb.mask, mode=cfg.loss_aggregation, num_tokens=counts.tokens, num_seqs=counts.seqs)
-    stats = {"ppo/policy_loss": masked_mean(pg, mb.mask).detach(), "ppo/clipfrac": pg_stats["clipfrac"],
+        pg = pg + (beta / x.adv_scale) * exact_kl_direct_term(x)
+    total = aggregate_loss(pg, x.mask, mode=cfg.loss_aggregation, num_tokens=counts.tokens, num_seqs=counts.seqs)
+    stats = {"ppo/policy_loss": masked_mean(pg, x.mask).detach(), "ppo/clipfrac": pg_stats["clipfrac"],
              "ppo/approx_kl_old": pg_stats["approx_kl_old"]}
     return total, stats
 
@@ -75,7 +78,8 @@ def validate(cfg: RLOOConfig) -> None:
         raise ValueError(f"RLOO needs samples_per_prompt >= 2 (the leave-one-out baseline), got {cfg.samples_per_prompt}")
 
 
-RLOO = OnlineMethod(name="rloo", prepare=prepare, loss=loss, validate=validate)
+RLOO = OnlineMethod(name="rloo", prepare=prepare, loss=loss, validate=validate,
+                    needs_ref_logits=lambda cfg: cfg.kl_estimator == "exact")
 
 
 def train_rloo(cfg: RLOOConfig, **kwargs) -> dict:

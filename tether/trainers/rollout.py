@@ -45,10 +45,6 @@ class Rollout:
     kl_exact: torch.Tensor  # (B, T) exact per-token KL (what kl/ref reports)
     entropy: torch.Tensor  # (B, T) entropy of the sampled distribution
     values: Optional[torch.Tensor] = None  # (B, T) V(s_t) at rollout (PPO)
-    rewards: Optional[torch.Tensor] = None  # (B, T) per-token rewards (KL in the reward)
-    advantages: Optional[torch.Tensor] = None  # (B, T) or (B,)
-    returns: Optional[torch.Tensor] = None  # (B, T) value targets (PPO)
-    adv_scale: float = 1.0  # what prepare divided the advantages by (whitening); see exact_kl_local
 
     @property
     def mask(self) -> torch.Tensor:
