@@ -57,7 +57,7 @@ class TrainConfig:
     lora_alpha: int = 16
     """LoRA alpha."""
     lora_dropout: float = 0.0
-    """LoRA dropout."""
+    """LoRA dropout (applied only with keep_dropout: otherwise all dropout is off)."""
     lora_target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     """Module names LoRA adapts."""
     merge_lora: bool = True
@@ -70,6 +70,11 @@ class TrainConfig:
     """Write a checkpoint every N steps (0 = only at the end)."""
     progress: bool = True
     """Show a progress bar."""
+    keep_dropout: bool = False
+    """Train the policy with the model's own dropout (and lora_dropout). Off by default: dropout makes
+    π_θ a random sub-network, so at step 1 (π_θ = π_ref) DPO's margins are not 0 and its loss is not
+    ln 2, and the KL to the reference is noisy, even negative (TRL #506). The reference is always in
+    eval mode. Online methods (ppo, grpo, rloo) run the policy in eval mode whatever this says."""
 
 
 def derive_micro_batch(cfg: TrainConfig, dist: Dist) -> int:
@@ -83,7 +88,8 @@ def derive_micro_batch(cfg: TrainConfig, dist: Dist) -> int:
 
 
 def load_policy(cfg: TrainConfig, dist: Dist):
-    """Tokenizer and policy (with LoRA adapters if lora_r > 0), seeded and in train mode."""
+    """Tokenizer and policy (with LoRA adapters if lora_r > 0), seeded and in training mode
+    (``set_train_mode``: dropout off unless keep_dropout)."""
     seed_everything(cfg.seed)
     path = resolve_model(cfg.model, cfg.assets)
     tok = load_tokenizer(path)
@@ -97,8 +103,26 @@ def load_policy(cfg: TrainConfig, dist: Dist):
                        target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM"),
         )
     dist.broadcast_params(model)
-    model.train()
+    set_train_mode(model, keep_dropout=cfg.keep_dropout)
     return tok, model, path
+
+
+def set_train_mode(model: torch.nn.Module, *, keep_dropout: bool) -> torch.nn.Module:
+    """The mode a trained model is in between optimiser steps: ``train()`` if ``keep_dropout``, else
+    ``eval()``. The one place trainers set it (TrainConfig.keep_dropout says why dropout is off).
+
+    Why the whole model in eval mode rather than train mode with the Dropout modules switched off:
+    not all dropout is a module. GPT-2's attention passes ``dropout_p = p if self.training else 0``
+    to SDPA (Llama's ``attention_dropout`` likewise), so switching off ``nn.Dropout`` modules leaves
+    it on; tests/test_dropout.py checks this. Eval mode changes no gradient (autograd ignores it) and
+    also covers peft's LoRA dropout. What else reads ``self.training`` in a causal LM is off too:
+    HF gradient checkpointing (not used by tether) and MoE router jitter noise (Mixtral)."""
+    model.train(keep_dropout)
+    if not keep_dropout:
+        n = sum(1 for m in model.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0)
+        if n:
+            log.info("dropout off in %d modules (p > 0) and in functional attention dropout; keep_dropout=true keeps it", n)
+    return model
 
 
 def trainable_params(model) -> list[torch.nn.Parameter]:

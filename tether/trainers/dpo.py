@@ -67,7 +67,7 @@ from ..reference import REFERENCE_FORMS, OffloadedReference, PrecomputedReferenc
 from ..runs import RunDir, save_final
 from ..training import (
     Checkpointer, TrainConfig, derive_micro_batch, load_policy, make_optimizer, make_scheduler,
-    progress_bar, trainable_params, optimizer_step,
+    progress_bar, trainable_params, optimizer_step, set_train_mode,
 )
 
 log = logging.getLogger(__name__)
@@ -417,7 +417,7 @@ def train_dpo(cfg: DPOConfig, *, rows: Optional[Sequence[dict]] = None, eval_row
     bar = progress_bar(cfg.max_steps, step, enabled=cfg.progress and dist.is_main, desc=f"dpo[{cfg.loss_type}]")
     metrics: dict = {}
     last_eval: dict = {}
-    policy.train()
+    set_train_mode(policy, keep_dropout=cfg.keep_dropout)  # again: an eval_hook may have changed the mode
     while step < cfg.max_steps:
         t0 = time.perf_counter()
         beta = controller.value

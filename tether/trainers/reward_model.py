@@ -33,7 +33,7 @@ from ..rewards import sequence_scores
 from ..runs import RunDir, save_final, seed_everything
 from ..training import (
     Checkpointer, TrainConfig, derive_micro_batch, make_optimizer, make_scheduler, progress_bar,
-    trainable_params, optimizer_step,
+    trainable_params, optimizer_step, set_train_mode,
 )
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def load_reward_backbone(cfg: RMConfig, dist: Dist):
         ))
     model.to(dist.device)
     dist.broadcast_params(model)
-    model.train()
+    set_train_mode(model, keep_dropout=cfg.keep_dropout)
     return tok, model
 
 
