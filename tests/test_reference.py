@@ -209,3 +209,74 @@ def test_unknown_form_and_peft_without_reference(stories):
         build_reference("magic", policy=model)
     with pytest.raises(ValueError, match="needs a peft"):
         build_reference("lora", policy=model)
+
+
+# ------------------------------------------------------------------ reference_from_config: the one builder
+
+
+def test_reference_from_config_builds_each_form(stories, stories_path, batch_rows):
+    """Each config form gives its class; every loaded reference scores as the starting policy; the
+    TR-DPO fields come from a config that has them (DPO) and default for one that does not (PPO)."""
+    from tether.reference import reference_from_config
+    from tether.trainers.dpo import DPOConfig
+    from tether.trainers.ppo import PPOConfig
+
+    tok, model = stories
+    _, batch = batch_rows
+    expected = completion_logps(model.eval(), batch)
+    build = lambda cfg, policy=model, policy_path=stories_path, **kw: reference_from_config(  # noqa: E731
+        cfg, policy=policy, tokenizer=tok, policy_path=policy_path, device="cpu", **kw)
+    dpo = lambda form, **kw: DPOConfig(model=stories_path, reference=form, **kw)  # noqa: E731
+    want = {"copy": FrozenReference, "precomputed": FrozenReference, "offload": OffloadedReference, "sync": SyncedReference}
+    for form, cls in want.items():
+        ref = build(dpo(form, ref_sync_mode="soft", ref_sync_every=3, ref_sync_alpha=0.25))
+        assert type(ref) is cls, form
+        assert ref.model is not model and not ref.model.training
+        assert torch.equal(ref.logps(batch), expected.detach()), form  # loaded from disk: the same weights
+    assert (ref.mode, ref.every, ref.alpha) == ("soft", 3, 0.25)  # the sync fields of the DPO config
+    # reference_model as an asset name, resolved like --model; its tokenizer is checked (same here).
+    assert torch.equal(build(dpo("copy", reference_model="stories260K")).logps(batch), expected.detach())
+    ref = build(PPOConfig(model=stories_path, reference="offload"), forms=("copy", "lora", "offload"))
+    assert type(ref) is OffloadedReference and next(ref.model.parameters()).device.type == "cpu"
+
+    # A LoRA policy: no second model for lora / precomputed / sync; a model loaded from disk for copy.
+    peft_forms = {"lora": LoraDisabledReference, "precomputed": LoraDisabledReference, "sync": LoraSyncedReference,
+                  "copy": FrozenReference}
+    for form, cls in peft_forms.items():
+        ref = build(dpo(form), policy=_lora(model))
+        assert type(ref) is cls, form
+        if form != "sync":  # (the synced adapter starts as the policy's, which _lora made non-zero)
+            torch.testing.assert_close(ref.logps(batch), expected.detach(), atol=1e-5, rtol=0, msg=form)
+    assert build(dpo("sync", ref_sync_every=7), policy=_lora(model)).every == 7
+    ref = build(PPOConfig(model=stories_path), policy=model, policy_path=None)  # no path: a deep copy of the policy
+    assert type(ref) is FrozenReference and ref.model is not model and torch.equal(ref.logps(batch), expected.detach())
+
+
+def test_reference_from_config_errors_name_the_field(stories, stories_path, tmp_path):
+    from tether.modeling import load_tokenizer
+    from tether.reference import reference_from_config
+    from tether.trainers.dpo import DPOConfig
+    from tether.trainers.ppo import PPOConfig
+
+    tok, model = stories
+    build = lambda cfg, policy=model, policy_path=stories_path, **kw: reference_from_config(  # noqa: E731
+        cfg, policy=policy, tokenizer=tok, policy_path=policy_path, device="cpu", **kw)
+    with pytest.raises(ValueError, match=r"^reference must be one of \('copy', 'lora', 'offload'\), got 'precomputed'$"):
+        build(PPOConfig(reference="precomputed"), forms=("copy", "lora", "offload"))
+    with pytest.raises(ValueError, match=r"^reference must be one of .*'sync'\), got 'mirror'$"):
+        build(DPOConfig(reference="mirror"))
+    with pytest.raises(ValueError, match="needs a peft"):
+        build(DPOConfig(reference="lora"))
+    with pytest.raises(ValueError, match="reference_model cannot be used with reference='lora'"):
+        build(DPOConfig(reference="lora", reference_model=stories_path), policy=_lora(model))
+    with pytest.raises(ValueError, match="reference_model cannot be used with reference='sync' and a LoRA policy"):
+        build(DPOConfig(reference="sync", reference_model=stories_path), policy=_lora(model))
+    with pytest.raises(ValueError, match="load the reference model separately"):  # a LoRA policy cannot be deep-copied
+        build(DPOConfig(reference="copy"), policy=_lora(model), policy_path=None)
+    other = tmp_path / "other_tokenizer"
+    model.save_pretrained(other)
+    other_tok = load_tokenizer(stories_path)
+    other_tok.add_tokens(["<extra_token_a>"])
+    other_tok.save_pretrained(other)
+    with pytest.raises(ValueError, match="tokenizers differ"):
+        build(DPOConfig(reference="copy", reference_model=str(other)))

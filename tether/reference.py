@@ -6,7 +6,8 @@ next-token distributions, (B, T, V), needed by the exact KL estimator. Both are 
 gradient and in eval mode (no dropout: TRL #506 shows dropout making the step-0 KL negative).
 ``on_step(policy, step)`` is called by trainers after every optimiser step; only synced forms act.
 
-Forms (``build_reference`` picks one from a name):
+Forms (``build_reference`` picks one from a name; ``reference_from_config`` is the one place that
+turns a trainer config's reference fields into one, loading the reference model):
 
 - ``copy``        a separate frozen copy (eval mode, ``requires_grad=False``).
 - ``lora``        the policy's own weights with its LoRA adapters disabled (peft): no second copy.
@@ -388,3 +389,52 @@ def build_reference(
     if form == "offload":
         return OffloadedReference(reference_model, compute_device=compute_device)
     return SyncedReference(reference_model, mode=sync_mode, every=sync_every, alpha=sync_alpha)
+
+
+SYNC_DEFAULTS = {"ref_sync_mode": "hard", "ref_sync_every": 512, "ref_sync_alpha": 0.6}
+
+
+def reference_from_config(cfg, *, policy, tokenizer, policy_path: Optional[str], device: str | torch.device,
+                          forms: Sequence[str] = REFERENCE_FORMS) -> Reference:
+    """The live reference a trainer's config asks for: the one place that reads the reference fields
+    of a config (DPO's and the online methods'), loads the reference model and calls ``build_reference``.
+
+    Reads ``cfg.reference`` (the form; must be in ``forms``, the ones the caller supports),
+    ``cfg.reference_model`` (a model path or asset name; default: the policy's own starting
+    weights), ``cfg.dtype``, ``cfg.assets`` and, when the config has them (DPO), the TR-DPO fields
+    ``ref_sync_mode``, ``ref_sync_every``, ``ref_sync_alpha`` (else ``SYNC_DEFAULTS``).
+
+    - ``lora``, and ``precomputed`` / ``sync`` with a LoRA policy and no reference_model: the policy's
+      base with its adapters off (or, for ``sync``, a second adapter): no second model is loaded.
+    - otherwise the reference model is loaded from disk (``reference_model``, else ``policy_path``),
+      directly into CPU memory for ``offload``. From disk rather than deep-copied: a LoRA policy
+      cannot be copied into a reference, the offloaded copy never visits the accelerator, and the
+      weights equal the starting policy's exactly. Its tokenizer is checked against ``tokenizer``.
+      ``policy_path=None`` deep-copies the (non-LoRA) policy instead.
+    - ``precomputed`` returns its live partner, a frozen copy: the caller builds the cache from it
+      (``PrecomputedReference.build``) and keeps it for the exact KL, which needs distributions.
+
+    ``device``: where the reference computes (and, except for ``offload``, lives)."""
+    form = cfg.reference
+    if form not in forms:
+        raise ValueError(f"reference must be one of {tuple(forms)}, got {form!r}")
+    sync = {k[4:]: getattr(cfg, k, v) for k, v in SYNC_DEFAULTS.items()}  # ref_sync_mode -> sync_mode, ...
+    is_peft = hasattr(policy, "peft_config")
+    if cfg.reference_model and (form == "lora" or (is_peft and form == "sync")):
+        # Refused rather than ignored: both forms are built from the policy's own weights.
+        raise ValueError(f"reference_model cannot be used with reference={form!r}"
+                         f"{' and a LoRA policy' if form == 'sync' else ''}: the reference is the policy's own base "
+                         "(adapters off, or a second adapter for sync); drop reference_model or use reference "
+                         "'copy' or 'offload'")
+    if form == "lora" or (is_peft and form in ("precomputed", "sync") and not cfg.reference_model):
+        return build_reference("sync" if form == "sync" else "lora", policy=policy, **sync)
+    ref_model = ref_tok = None
+    if cfg.reference_model or policy_path is not None:
+        from .assets import resolve_model
+        from .modeling import load_causal_lm, load_tokenizer
+
+        path = resolve_model(cfg.reference_model, cfg.assets) if cfg.reference_model else policy_path
+        ref_model = load_causal_lm(path, dtype=cfg.dtype, device="cpu" if form == "offload" else device)
+        ref_tok = load_tokenizer(path) if cfg.reference_model else tokenizer
+    return build_reference("copy" if form == "precomputed" else form, policy=policy, reference_model=ref_model,
+                           policy_tokenizer=tokenizer, reference_tokenizer=ref_tok, compute_device=device, **sync)

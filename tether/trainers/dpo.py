@@ -59,11 +59,13 @@ from ..data.preference import (
 )
 from ..distributed import Dist
 from ..measure import measure_kl
-from ..modeling import completion_logps, load_causal_lm, load_tokenizer
+from ..modeling import completion_logps
 from ..ops.kl import seq_sum
 from ..ops.logprobs import selective_logps
 from ..ops.preference import LOSS_TYPES, preference_loss
-from ..reference import REFERENCE_FORMS, OffloadedReference, PrecomputedReference, Reference, build_reference, eval_mode
+from ..reference import (
+    REFERENCE_FORMS, OffloadedReference, PrecomputedReference, Reference, eval_mode, reference_from_config,
+)
 from ..runs import RunDir, save_final
 from ..training import (
     Checkpointer, TrainConfig, derive_micro_batch, load_policy, make_optimizer, make_scheduler,
@@ -185,19 +187,8 @@ def setup_reference(cfg: DPOConfig, policy, tok, pairs: list[dict], visited: lis
 
     ``pairs``: every pair the run may score (training pairs, then held-out ones); pair i's chosen
     and rejected rows have reference ids 2i and 2i + 1. ``visited``: the pair indices to cache."""
-    is_peft = hasattr(policy, "peft_config")
-    sync = dict(sync_mode=cfg.ref_sync_mode, sync_every=cfg.ref_sync_every, sync_alpha=cfg.ref_sync_alpha)
-    if cfg.reference == "lora" or (is_peft and cfg.reference in ("precomputed", "sync") and not cfg.reference_model):
-        live = build_reference("lora" if cfg.reference != "sync" else "sync", policy=policy, **sync)
-    else:
-        ref_model, ref_tok = None, None
-        if cfg.reference_model or is_peft:
-            path = resolve_model(cfg.reference_model or cfg.model, cfg.assets)
-            ref_model = load_causal_lm(path, dtype=cfg.dtype, device=dist.device)
-            ref_tok = load_tokenizer(path)
-        form = "copy" if cfg.reference == "precomputed" else cfg.reference
-        live = build_reference(form, policy=policy, reference_model=ref_model, policy_tokenizer=tok,
-                               reference_tokenizer=ref_tok, compute_device=dist.device, **sync)
+    live = reference_from_config(cfg, policy=policy, tokenizer=tok, policy_path=resolve_model(cfg.model, cfg.assets),
+                                 device=dist.device)
     if cfg.reference != "precomputed":
         return live, live
     rows = [(2 * i, pairs[i]["prompt_ids"], pairs[i]["chosen_ids"]) for i in visited]

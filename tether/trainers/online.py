@@ -54,7 +54,7 @@ from ..modeling import CompletionBatch, load_causal_lm, load_tokenizer
 from ..ops.kl import ESTIMATOR_NAMES, kl_loss_term
 from ..ops.logprobs import selective_logps
 from ..ops.policy import AGGREGATION_MODES
-from ..reference import build_reference
+from ..reference import reference_from_config
 from ..rewards import CallableSource, RewardSet, RewardSource, build_reward
 from ..runs import RunDir, save_final
 from ..training import (
@@ -415,15 +415,9 @@ def _validate(cfg: OnlineConfig, method: OnlineMethod) -> None:
 
 
 def _load_reference(cfg: OnlineConfig, policy, tok, path: str, dist: Dist):
-    if cfg.reference == "lora":
-        return build_reference("lora", policy=policy)
-    ref_path = resolve_model(cfg.reference_model, cfg.assets) if cfg.reference_model else path
-    # Loaded from disk rather than deep-copied: works for LoRA policies too, and equals the
-    # starting policy exactly when reference_model is not given.
-    ref_model = load_causal_lm(ref_path, dtype=cfg.dtype, device="cpu" if cfg.reference == "offload" else dist.device)
-    ref_tok = load_tokenizer(ref_path) if cfg.reference_model else tok
-    return build_reference(cfg.reference, policy=policy, reference_model=ref_model, policy_tokenizer=tok,
-                           reference_tokenizer=ref_tok, compute_device=dist.device)
+    """The live reference (the online methods score fresh samples every step: no precomputed form)."""
+    return reference_from_config(cfg, policy=policy, tokenizer=tok, policy_path=path, device=dist.device,
+                                 forms=ONLINE_REFERENCE_FORMS)
 
 
 def _prompt_texts(cfg: OnlineConfig, prompts) -> list[str]:
