@@ -9,6 +9,10 @@ computed here exactly, in float64, by summing over every complete sequence (MATH
 - ``exact``: the optimum (sequence-level tilt and token-level soft Bellman backup), exact KLs and
   objectives, the forward-KL-regularised optimum, best-of-n.
 - ``gradients``: exact expected gradients of the KL terms of ``tether.ops.kl`` per placement.
+- ``lm``: a tabular problem as a Hugging Face causal LM + tokenizer + text reward, so the shipped
+  trainers run on it unchanged. Imported lazily (it needs transformers, ~5 s): the first access to
+  one of its names here, or ``import tether.oracle.lm``, registers ``tether_tabular`` with
+  ``AutoModelForCausalLM``; ``import tether.oracle`` alone stays torch-only.
 """
 
 from .exact import (
@@ -40,6 +44,12 @@ from .tabular import (
     reward_of,
 )
 
+_LM_NAMES = (  # from tether.oracle.lm, imported on first use (__getattr__ below)
+    "TabularLM", "TabularLMConfig", "TabularReward", "completion_text", "parse_completion", "parse_prompt",
+    "preference_rows", "prompt_texts", "reward_function", "save_tabular_lm", "tabular_lm", "tabular_policy",
+    "tabular_tokenizer", "token_names",
+)
+
 __all__ = [
     "Completions",
     "TabularPolicy",
@@ -66,4 +76,14 @@ __all__ = [
     "soft_values",
     "statewise_kl",
     "tilted_sequence_probs",
+    *_LM_NAMES,
 ]
+
+
+def __getattr__(name: str):
+    """PEP 562: the ``lm`` names import transformers only when first used."""
+    if name in _LM_NAMES:
+        from . import lm
+
+        return getattr(lm, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
