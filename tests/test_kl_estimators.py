@@ -395,6 +395,70 @@ def test_unknown_estimator_and_missing_logits_raise():
     assert set(ESTIMATORS) == set(ESTIMATOR_NAMES)
 
 
+# ---- under sampling filters (docs/theory.md §3) ------------------------------------------------------------
+
+# estimator -> phrases ESTIMATORS[...].under_filters must contain (matched-filter reference, unfiltered one)
+FILTER_TABLE = {
+    "k1": ("unbiased for KL[π^{τ,F}_θ‖π^{τ,F}_ref]", "unbiased for KL[π^{τ,F}_θ‖π^τ_ref]"),
+    "k2": ("biased", "biased"),
+    "k3": ("unbiased with the matched-filter reference", "biased by -(reference mass outside F_t)"),
+    "exact": ("unbiased for KL[π^{τ,F}_θ‖π^{τ,F}_ref]", "KL[π^{τ,F}_θ‖π^τ_ref]"),
+}
+
+
+def _filtered_expectations(pol_probs, ref_probs, *, top_k):
+    """E_p[estimator] by enumeration over the kept tokens, through the project's own filter, log-probs and
+    estimators: p = π_θ's top-k restricted; reference matched (same stored F) and unfiltered."""
+    from tether.ops.logprobs import apply_sampling_filters, pack_allowed
+
+    V = len(pol_probs)
+    x = torch.tensor(pol_probs, dtype=torch.float64).log().expand(V, 1, V)  # one row per token v: (V, 1, V)
+    y = torch.tensor(ref_probs, dtype=torch.float64).log().expand(V, 1, V)
+    p_logits = apply_sampling_filters(x, top_k=top_k)
+    allowed = pack_allowed(p_logits > float("-inf"))  # F, as the sampler stores it
+    tokens = torch.arange(V)[:, None]  # (V, 1): row v scores token v
+    kept = (p_logits[:, 0, :] > float("-inf"))[0]  # (V,)
+    w = torch.softmax(p_logits[0, 0], -1)  # p(v), 0 outside F
+    mask = kept[:, None]  # tokens outside F are never sampled
+    lp = selective_logps(p_logits, tokens)
+    out = {}
+    for ref_name, q_logits in (("matched", apply_sampling_filters(y, allowed=allowed)), ("unfiltered", y)):
+        lq = selective_logps(q_logits, tokens)
+        for est in ESTIMATOR_NAMES:
+            v = kl_per_token(lp, lq, mask, estimator=est, logits=p_logits, ref_logits=q_logits).per_token[:, 0]
+            out[ref_name, est] = float((w * v).sum())
+    return out
+
+
+def test_values_under_sampling_filters():
+    """docs/theory.md §3 worked example, exact expectations. π_θ = (0.5, 0.3, 0.2), π_ref = (0.2, 0.3, 0.5),
+    τ = 1, top-k = 2: F = {a, b}, p = (0.625, 0.375), q = π_ref restricted = (0.4, 0.6),
+    KL[p‖q] = 0.625 ln(0.625/0.4) + 0.375 ln(0.375/0.6) = 0.10268.
+    Matched reference q: E[k1] = E[k3] = exact = KL[p‖q]; E[k2] = Σ p lr²/2 = 0.10366 (biased, +1%).
+    Unfiltered q̃ = π_ref, m = q̃(F) = 0.5: E[k1] = exact = KL[p‖q̃] = KL[p‖q] - ln m = 0.79583, and
+    E[k3] = KL[p‖q̃] - (1 - m) = 0.29583: k3 undercounts by the reference mass outside F.
+    A model against itself (π_ref = π_θ, same filter, m = 0.8): matched 0 for all four; unfiltered
+    E[k1] = exact = -ln 0.8 = 0.22314 and E[k3] = 0.22314 - 0.2 = 0.02314."""
+    p, q = (0.625, 0.375), (0.4, 0.6)
+    kl = sum(a * math.log(a / b) for a, b in zip(p, q))
+    k2 = sum(a * math.log(a / b) ** 2 / 2 for a, b in zip(p, q))
+    got = _filtered_expectations((0.5, 0.3, 0.2), (0.2, 0.3, 0.5), top_k=2)
+    want = {("matched", "k1"): kl, ("matched", "k3"): kl, ("matched", "exact"): kl, ("matched", "k2"): k2,
+            ("unfiltered", "k1"): kl - math.log(0.5), ("unfiltered", "exact"): kl - math.log(0.5),
+            ("unfiltered", "k3"): kl - math.log(0.5) - 0.5}
+    for key, v in want.items():
+        assert got[key] == pytest.approx(v, rel=1e-12, abs=1e-14), key
+    assert k2 > kl * 1.005  # k2 stays biased
+    self_ = _filtered_expectations((0.5, 0.3, 0.2), (0.5, 0.3, 0.2), top_k=2)
+    for est in ESTIMATOR_NAMES:
+        assert self_["matched", est] == 0.0, est  # exactly: identical restricted distributions
+    assert self_["unfiltered", "k1"] == pytest.approx(-math.log(0.8), rel=1e-12)
+    assert self_["unfiltered", "exact"] == pytest.approx(-math.log(0.8), rel=1e-12)
+    assert self_["unfiltered", "k3"] == pytest.approx(-math.log(0.8) - 0.2, rel=1e-12)
+    for est, (matched, unfiltered) in FILTER_TABLE.items():
+        assert matched in ESTIMATORS[est].under_filters and unfiltered in ESTIMATORS[est].under_filters, est
+
+
 # ---- Schulman's blog check (MATH.md §2) -----------------------------------------------------------------
 
 def test_gaussian_blog_numbers():

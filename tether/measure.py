@@ -4,6 +4,11 @@
 ``kl/ref`` (exact estimator) and ``kl/ref_stderr``. For each sampled completion it computes the
 sequence-sum KL[π‖π_ref] with every estimator (k1, k2, k3, exact), so their means and standard
 errors can be compared side by side on the same samples.
+
+Under sampling settings (temperature τ, top-k, top-p) the KL is KL[π^{τ,F}_θ‖π^{τ,F}_ref]
+(docs/theory.md §3): both models' logits divided by τ and restricted to the token set F_t the
+sampler allowed at each position. A model against itself gives exactly 0 with every estimator;
+k1, k3 and exact are unbiased for it, k2 is biased (``tether.ops.kl.ESTIMATORS``).
 """
 
 from __future__ import annotations
@@ -13,9 +18,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from .modeling import completion_logits
+from .modeling import completion_logits, with_allowed
 from .ops.kl import ESTIMATOR_NAMES, kl_per_token, seq_sum
-from .ops.logprobs import selective_logps
+from .ops.logprobs import selective_logps, uses_token_filter
 from .reference import Reference
 from .sampling import sample
 
@@ -33,15 +38,21 @@ def mean_stderr(x: torch.Tensor) -> tuple[float, float]:
 @torch.no_grad()
 def score_kl(policy, reference: Reference, batch, *, estimators: Sequence[str] = ESTIMATOR_NAMES, filters: Optional[dict] = None) -> dict:
     """Per-sequence KL of a sampled batch under each estimator: {name: (B,) fp32}, plus
-    ``token_exact`` ((B, T) per-token exact KL) and ``lengths`` ((B,))."""
+    ``token_exact`` ((B, T) per-token exact KL) and ``lengths`` ((B,)).
+
+    ``filters``: the settings ``batch`` was sampled with. Policy and reference are both scored at
+    that temperature and restricted to the sets in ``batch.allowed`` (for a batch not from the
+    sampler: the policy's fp32 re-filter, attached with ``with_allowed``)."""
     filters = filters or {}
     was = policy.training
     policy.eval()
     try:
-        logits = completion_logits(policy, batch, **filters)  # (B, T, V) of the sampled distribution
+        logits = completion_logits(policy, batch, **filters)  # (B, T, V) of π^{τ,F}_θ
     finally:
         policy.train(was)
-    ref_logits = reference.logits(batch).to(logits.device)  # (B, T, V)
+    if uses_token_filter(filters) and batch.allowed is None:
+        batch = with_allowed(batch, logits)  # the reference is restricted to the policy's sets
+    ref_logits = reference.logits(batch, filters=filters).to(logits.device)  # (B, T, V) of π^{τ,F}_ref
     tokens = batch.completion_ids
     logps = selective_logps(logits, tokens)
     ref_logps = selective_logps(ref_logits, tokens)

@@ -9,13 +9,14 @@ padded positions too, which changes its outputs).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
-from .ops.logprobs import apply_sampling_filters, selective_logps
+from .ops.logprobs import allowed_set, apply_sampling_filters, pack_allowed, selective_logps, uses_token_filter
 
 log = logging.getLogger(__name__)
 
@@ -81,22 +82,33 @@ class CompletionBatch:
 
     input_ids: (B, P + T) long; attention_mask: (B, P + T) long; mask: (B, T) bool, True on counted
     completion tokens; prompt_len: P.
+
+    allowed: the token set F_t the sampler's top-k/top-p filter allowed at each completion position,
+    bit-packed (``ops.logprobs.pack_allowed``): (B, T, ceil(V/8)) uint8, B·T·V/8 bytes (64 x 512
+    tokens with a 150k vocabulary: 0.6 GB). Set by ``sampling.sample`` only when top-k or top-p was
+    active; None otherwise (``make_batch``, preference data). Scoring restricts the policy and the
+    reference to it (``forward_completion``; docs/theory.md §3). Positions that were not sampled
+    (after EOS) allow every token.
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     mask: torch.Tensor
     prompt_len: int
+    allowed: Optional[torch.Tensor] = None
 
     @property
     def completion_ids(self) -> torch.Tensor:
         return self.input_ids[:, self.prompt_len :]  # (B, T)
 
     def to(self, device) -> "CompletionBatch":
-        return CompletionBatch(self.input_ids.to(device), self.attention_mask.to(device), self.mask.to(device), self.prompt_len)
+        allowed = None if self.allowed is None else self.allowed.to(device)
+        return CompletionBatch(self.input_ids.to(device), self.attention_mask.to(device), self.mask.to(device), self.prompt_len,
+                               allowed)
 
     def select(self, idx) -> "CompletionBatch":
-        return CompletionBatch(self.input_ids[idx], self.attention_mask[idx], self.mask[idx], self.prompt_len)
+        allowed = None if self.allowed is None else self.allowed[idx]
+        return CompletionBatch(self.input_ids[idx], self.attention_mask[idx], self.mask[idx], self.prompt_len, allowed)
 
 
 def make_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *, pad_id: int) -> CompletionBatch:
@@ -133,8 +145,16 @@ def forward_completion(model, batch: CompletionBatch, *, filters: Optional[dict]
     positions, (B, T, H) (for a value head); otherwise None.
 
     Only the last T + 1 positions are projected to the vocabulary (``logits_to_keep``), so prompt
-    positions cost no (B, P, V) logits. Sampling filters (temperature, top_k, top_p), if any, are
-    applied so the logits are those of the distribution the completions were sampled from.
+    positions cost no (B, P, V) logits.
+
+    ``filters`` (temperature, top_k, top_p) make the logits those of π^{τ,F}, the distribution the
+    completions were sampled from (docs/theory.md §3): divided by the temperature, and — when top_k
+    or top_p is on — restricted (-inf outside) to the set F_t the sampler stored in
+    ``batch.allowed``. The set is never recomputed from these logits when it is stored: a full
+    forward pass (bf16, no KV cache) can rank tokens differently and drop the sampled one. Fallback,
+    for a batch not produced by the sampler (``batch.allowed`` None): F_t is recomputed from this
+    model's logits in fp32 (``ops.logprobs.allowed_set``). Call it with the *policy*: a reference
+    must be restricted to the policy's set (``with_allowed``), not to its own top-k.
     """
     T = batch.mask.shape[1]
     out = model(
@@ -147,8 +167,14 @@ def forward_completion(model, batch: CompletionBatch, *, filters: Optional[dict]
     )
     logits = out.logits[:, :-1, :]  # (B, T, V): position P-1+t predicts completion token t
     f = filters or {}
-    if f.get("temperature", 1.0) != 1.0 or f.get("top_k", 0) or f.get("top_p", 1.0) < 1.0:
-        logits = apply_sampling_filters(logits, **f)
+    temperature = f.get("temperature", 1.0)
+    if uses_token_filter(f):
+        allowed = batch.allowed
+        if allowed is None:  # fallback: not a sampler batch
+            allowed = allowed_set(logits, temperature=temperature, top_k=f.get("top_k", 0), top_p=f.get("top_p", 1.0))
+        logits = apply_sampling_filters(logits, temperature=temperature, allowed=allowed)
+    elif temperature != 1.0:
+        logits = apply_sampling_filters(logits, temperature=temperature)
     h = out.hidden_states[-1][:, -(T + 1) : -1, :] if hidden else None  # (B, T, H), after the final norm
     return logits, h
 
@@ -158,6 +184,14 @@ def completion_logits(
 ) -> torch.Tensor:
     """Completion logits (B, T, V) of ``forward_completion``, without hidden states."""
     return forward_completion(model, batch, filters={"temperature": temperature, "top_k": top_k, "top_p": top_p})[0]
+
+
+def with_allowed(batch: CompletionBatch, logits: torch.Tensor) -> CompletionBatch:
+    """``batch`` carrying the token sets of already filtered ``logits`` (B, T, V): F_t = the tokens
+    whose logit is not -inf. For batches not produced by the sampler: score the policy first
+    (``forward_completion``'s fallback recomputes F_t), then attach its sets here, so the reference
+    is restricted to the policy's sets."""
+    return dataclasses.replace(batch, allowed=pack_allowed(logits > float("-inf")))
 
 
 def completion_logps(model, batch: CompletionBatch, *, logits: Optional[torch.Tensor] = None, **filters) -> torch.Tensor:

@@ -4,6 +4,9 @@ Every form answers the same two questions for a ``CompletionBatch``: ``logps(bat
 per-token log-probs of the completion tokens, (B, T) fp32 — and ``logits(batch)`` — the full
 next-token distributions, (B, T, V), needed by the exact KL estimator. Both are computed with no
 gradient and in eval mode (no dropout: TRL #506 shows dropout making the step-0 KL negative).
+Both take the sampling ``filters`` of a sampled batch: the reference is then scored as the policy
+is, π^{τ,F}_ref — logits divided by the temperature τ and restricted to the token sets F_t the
+sampler stored in ``batch.allowed`` (docs/theory.md §3), so a model against itself has KL 0.
 ``on_step(policy, step)`` is called by trainers after every optimiser step; only synced forms act.
 
 Forms (``build_reference`` picks one from a name; ``reference_from_config`` is the one place that
@@ -32,7 +35,8 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-from .modeling import CompletionBatch, check_compatible, completion_logits, completion_logps, model_fingerprint
+from .modeling import CompletionBatch, check_compatible, completion_logps, forward_completion, model_fingerprint
+from .ops.logprobs import uses_token_filter
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +68,21 @@ class Reference:
     kind = "base"
     has_distributions = True
 
-    def logits(self, batch: CompletionBatch) -> torch.Tensor:
+    def logits(self, batch: CompletionBatch, *, filters: Optional[dict] = None) -> torch.Tensor:
+        """(B, T, V) reference logits at the completion positions, scored like the policy.
+
+        ``filters`` (temperature, top_k, top_p): the sampling settings of ``batch``. The logits are
+        divided by the temperature and, with top-k/top-p, restricted to the policy's stored sets
+        ``batch.allowed`` (never the reference's own top-k: the KL compares the two on the same
+        support F_t, docs/theory.md §3). None = the reference itself (τ = 1, no filter)."""
         raise NotImplementedError
 
-    def logps(self, batch: CompletionBatch, *, ids: Optional[Sequence] = None) -> torch.Tensor:
-        """(B, T) fp32 reference log-probs of ``batch``'s completion tokens (0 off-mask).
+    def logps(self, batch: CompletionBatch, *, ids: Optional[Sequence] = None, filters: Optional[dict] = None) -> torch.Tensor:
+        """(B, T) fp32 reference log-probs of ``batch``'s completion tokens (0 off-mask), under
+        ``filters`` as in ``logits``.
 
         ``ids`` identifies the rows for the precomputed form; the others ignore it."""
-        return completion_logps(None, batch, logits=self.logits(batch))
+        return completion_logps(None, batch, logits=self.logits(batch, filters=filters))
 
     def on_step(self, policy, step: int) -> bool:
         """Called after optimiser step ``step`` (1-based). Returns True if the reference changed."""
@@ -92,10 +103,10 @@ class FrozenReference(Reference):
     def __init__(self, model):
         self.model = freeze(model)
 
-    def logits(self, batch):
+    def logits(self, batch, *, filters=None):
         with eval_mode(self.model):
             device = next(self.model.parameters()).device
-            return completion_logits(self.model, batch.to(device))
+            return _scored(self.model, batch.to(device), filters)
 
 
 class OffloadedReference(FrozenReference):
@@ -108,13 +119,13 @@ class OffloadedReference(FrozenReference):
         super().__init__(model.to(offload_device))
         self.compute_device, self.offload_device = torch.device(compute_device), torch.device(offload_device)
 
-    def logits(self, batch):
+    def logits(self, batch, *, filters=None):
         moved = self.compute_device != self.offload_device
         if moved:
             self.model.to(self.compute_device)
         try:
             with eval_mode(self.model):
-                return completion_logits(self.model, batch.to(self.compute_device))
+                return _scored(self.model, batch.to(self.compute_device), filters)
         finally:
             if moved:
                 self.model.to(self.offload_device)
@@ -131,10 +142,10 @@ class LoraDisabledReference(Reference):
             raise ValueError("reference 'lora' needs a peft (LoRA) policy; enable LoRA or choose reference 'copy'")
         self.model = peft_model
 
-    def logits(self, batch):
+    def logits(self, batch, *, filters=None):
         with eval_mode(self.model), self.model.disable_adapter():
             device = next(self.model.parameters()).device
-            return completion_logits(self.model, batch.to(device))
+            return _scored(self.model, batch.to(device), filters)
 
 
 class SyncedReference(FrozenReference):
@@ -222,13 +233,13 @@ class LoraSyncedReference(Reference):
             dst.requires_grad_(False)
             dst.mul_(1 - alpha).add_(src.detach(), alpha=alpha)
 
-    def logits(self, batch):
+    def logits(self, batch, *, filters=None):
         trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
         self.model.set_adapter(REF_ADAPTER)
         try:
             with eval_mode(self.model):
                 device = next(self.model.parameters()).device
-                return completion_logits(self.model, batch.to(device))
+                return _scored(self.model, batch.to(device), filters)
         finally:
             self.model.set_adapter(self.adapter)
             for n, p in self.model.named_parameters():  # set_adapter flips requires_grad: restore exactly
@@ -249,6 +260,17 @@ class LoraSyncedReference(Reference):
         with torch.no_grad():
             for i, (_, dst) in enumerate(self._pairs()):
                 dst.copy_(state["adapter"][i])
+
+
+def _scored(model, batch: CompletionBatch, filters: Optional[dict]) -> torch.Tensor:
+    """The reference's completion logits under the sampling ``filters`` (``Reference.logits``)."""
+    if uses_token_filter(filters) and batch.allowed is None:
+        raise ValueError(
+            "top-k/top-p scoring of the reference needs the token sets the policy's sampler allowed (batch.allowed): "
+            "score a batch from tether.sampling.sample, or attach the policy's sets with "
+            "tether.modeling.with_allowed(batch, policy_logits); the reference's own top-k would be a different support"
+        )
+    return forward_completion(model, batch, filters=filters)[0]
 
 
 def _data_fingerprint(rows: Iterable[tuple], extra: str = "") -> str:
@@ -314,13 +336,16 @@ class PrecomputedReference(Reference):
         os.replace(tmp, path)  # atomic: a half-written cache is never visible under the final name
         return cls(table, path)
 
-    def logits(self, batch):
+    def logits(self, batch, *, filters=None):
         raise ValueError(
             "the precomputed reference stores log-probs only; the exact KL estimator needs full reference "
             "distributions: use reference 'copy', 'offload' or 'lora' for it"
         )
 
-    def logps(self, batch, *, ids=None):
+    def logps(self, batch, *, ids=None, filters=None):
+        if filters and (uses_token_filter(filters) or filters.get("temperature", 1.0) != 1.0):
+            raise ValueError("the precomputed reference stores log-probs at temperature 1 without top-k/top-p; scoring "
+                             "sampled completions needs a live reference form ('copy', 'offload' or 'lora')")
         if ids is None:
             raise ValueError("the precomputed reference needs the row ids of the batch (ids=...)")
         out = torch.zeros(batch.mask.shape, dtype=torch.float32)

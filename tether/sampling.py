@@ -1,14 +1,17 @@
 """Batched sampling with a KV cache, returning a ``CompletionBatch`` ready to be scored.
 
-The sampler applies exactly ``ops.logprobs.apply_sampling_filters`` (temperature, top-k, top-p) —
-the same function ``modeling.completion_logits`` applies when scoring — so the log-probs and KL of
-a sample are computed under the distribution it was actually drawn from.
+The sampler applies ``ops.logprobs.apply_sampling_filters`` (temperature, top-k, top-p) to fp32
+logits and, when top-k or top-p is on, records the token set F_t it allowed at every position in
+``batch.allowed`` (bit-packed). Scoring (``modeling.forward_completion``) divides by the same
+temperature and restricts to the *stored* F_t instead of re-filtering its own logits, so the log-probs
+and KL of a sample are computed under the distribution it was drawn from and every sampled token has
+a finite log-prob (a bf16 full-pass re-filter dropped about 2 in 1000 sampled tokens on stories260K).
 
-How sampling settings interact with the KL (documented for users, README "KL and sampling"):
-temperature τ ≠ 1 or top-k/top-p define a *different* policy π_τ from the trained π_θ. tether's
-``kl/ref`` measures KL[π_sampled‖π_ref] with both scored on the sampled tokens; the reference is
-scored unfiltered (it is the anchor, not a sampler). With top-k/top-p, tokens outside the filter have
-π_sampled = 0 and contribute nothing; the exact estimator sums only over the kept tokens.
+How sampling settings define the KL (docs/theory.md §3, README "KL and sampling settings"): the
+sampled policy is π^{τ,F}(v|s_t) = softmax(logits/τ) restricted to F_t and renormalised, and the
+reference is scored the same way: its logits divided by τ and restricted to the same stored F_t (TRL
+also divides the reference's logits by τ). ``kl/ref`` is KL[π^{τ,F}_θ‖π^{τ,F}_ref]: exactly 0 for a
+model against itself at any settings; k1, k3 and exact are unbiased for it, k2 is biased as always.
 
 Completion tokens after the first EOS are padding (mask False); the EOS itself counts.
 """
@@ -21,7 +24,7 @@ from typing import Optional, Sequence
 import torch
 
 from .modeling import CompletionBatch, make_batch, position_ids
-from .ops.logprobs import apply_sampling_filters
+from .ops.logprobs import apply_sampling_filters, pack_allowed, uses_token_filter
 
 
 @dataclass
@@ -29,7 +32,7 @@ class SamplingConfig:
     max_new_tokens: int = 32
     """Completion length limit (tokens)."""
     temperature: float = 1.0
-    """Softmax temperature of the sampler (the KL is measured for the filtered distribution)."""
+    """Softmax temperature of the sampler; policy and reference are both scored at it (docs/theory.md §3)."""
     top_k: int = 0
     """Keep only the k most likely tokens (0 = off)."""
     top_p: float = 1.0
@@ -55,7 +58,9 @@ def sample(
     """Sample one completion per prompt (token-id lists). Returns (batch, no_eos (B,) bool).
 
     Runs the model in eval mode with a KV cache: one forward over the left-padded prompts, then one
-    token per step. Stops early once every row has produced EOS.
+    token per step. Stops early once every row has produced EOS. With top_k or top_p on,
+    ``batch.allowed`` holds the allowed set F_t of every position, packed: (B, T, ceil(V/8)) uint8,
+    B·T·V/8 bytes on the CPU (positions after a row's EOS allow every token); None otherwise.
     """
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
@@ -70,6 +75,8 @@ def sample(
     done = torch.zeros(B, dtype=torch.bool, device=device)
     out_tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     out_mask = torch.zeros((B, max_new_tokens), dtype=torch.bool, device=device)
+    record = uses_token_filter({"top_k": top_k, "top_p": top_p})
+    allowed_steps: list[torch.Tensor] = []  # per step (B, ceil(V/8)) uint8, when record
     past = None
     step_ids, step_attn = ids, attn
     pos = position_ids(attn)
@@ -81,6 +88,8 @@ def sample(
             probs = torch.softmax(logits, dim=-1)  # (B, V)
             tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
             live = ~done
+            if record:  # F_t exactly as sampled from; finished rows allow everything (keeps padding finite)
+                allowed_steps.append(pack_allowed((logits > float("-inf")) | ~live[:, None]))  # (B, ceil(V/8))
             out_tokens[:, t] = torch.where(live, tok, torch.full_like(tok, pad_id))
             out_mask[:, t] = live
             if eos_id is not None:
@@ -97,5 +106,7 @@ def sample(
     batch = make_batch(prompts, completions, pad_id=pad_id)
     if batch.mask.shape[1] != max(T, 1):  # make_batch pads to the longest completion
         raise AssertionError("internal: completion width mismatch")
+    if record:
+        batch.allowed = torch.stack(allowed_steps, dim=1).cpu()  # (B, T, ceil(V/8)): one entry per step run
     no_eos = ~done.cpu()
     return batch, no_eos

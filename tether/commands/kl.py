@@ -4,6 +4,14 @@ Samples completions from the policy for each prompt and reports the mean sequenc
 its standard error under every estimator (k1, k2, k3, exact) on the same samples, the exact
 per-token mean and the response length. The exact (Rao-Blackwellised) estimator has the smallest
 standard error; k1 the largest.
+
+Sampling settings (docs/theory.md §3): --temperature τ, --top_k and --top_p set how the policy is
+sampled. At each position the sampler records the set F_t of tokens its filter allowed; the policy
+is π^{τ,F}(v|s_t) = softmax(logits/τ) restricted to F_t and renormalised, and the reference is
+scored the same way (its logits divided by τ and restricted to the same F_t, as TRL also divides the
+reference's logits by τ). The KL reported is KL[π^{τ,F}_θ‖π^{τ,F}_ref]: exactly 0 for a model against
+itself at any settings; k1, k3 and exact are unbiased for it; k2 is biased, as always. (Scoring the
+reference unfiltered instead would make E[k3] undercount the KL by the reference's mass outside F_t.)
 """
 
 from __future__ import annotations
@@ -22,15 +30,21 @@ from ..runs import seed_everything
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tether kl", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="tether kl", description="\n\n".join(__doc__.split("\n\n")[:3]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policy", required=True, help="policy model: a Hugging Face folder or hub name")
     p.add_argument("--reference", required=True, help="reference model: a Hugging Face folder or hub name")
     p.add_argument("--prompts", required=True, help="text file (one prompt per line) or JSONL with a 'prompt' field")
     p.add_argument("--samples", type=int, default=8, help="completions sampled per prompt (default 8)")
     p.add_argument("--max_new_tokens", type=int, default=32, help="completion length limit (default 32)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (the KL is of the sampled distribution)")
-    p.add_argument("--top_k", type=int, default=0)
-    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature τ of the policy; the reference's logits are divided by the same τ (default 1)")
+    p.add_argument("--top_k", type=int, default=0,
+                   help="sample the policy from its k most likely tokens (0 = off); the reference is restricted to the "
+                        "same sampled sets")
+    p.add_argument("--top_p", type=float, default=1.0,
+                   help="sample the policy from its top-p nucleus (1.0 = off); the reference is restricted to the same "
+                        "sampled sets")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--assets", default=None, help="assets folder (for short names such as stories260K)")

@@ -51,6 +51,13 @@ class EstimatorInfo:
     sequence gradient is ∇KL_seq = Σ_t E[∇KL_t] + E[Σ_t ∇log π_θ(y_t|s_t) Σ_{t'>t} KL_{t'}(s_{t'})].
     The strings below say which one each pair gives; ``tests/test_kl_estimators.py`` checks every
     pair exactly on an enumerated autoregressive tree (``tether.oracle``).
+
+    Under sampling filters (``under_filters``; docs/theory.md §3): with temperature τ and top-k/top-p
+    the sampled policy is p = π^{τ,F}_θ, softmax(logits/τ) restricted to the sampler's set F_t, and
+    tether scores the reference the same way, q = π^{τ,F}_ref (same τ, same stored F_t). Then
+    Σ_{F_t} p·r = Σ_{F_t} q = 1 and every value statement above holds for KL[p‖q]. Other tools score
+    an unfiltered reference q̃ (mass m_t = q̃(F_t) < 1 on the set): ``under_filters`` says what each
+    estimator estimates then. ``tests/test_kl_estimators.py`` checks these by exact enumeration.
     """
 
     name: str
@@ -58,6 +65,7 @@ class EstimatorInfo:
     grad_reward: str
     grad_loss: str
     grad_loss_is: str
+    under_filters: str  # its value under τ/top-k/top-p: matched-filter reference (tether) vs unfiltered
 
 
 _LOCAL = "Σ_t E_{s_t~π_θ}[∇ KL_t(s_t)] with states held fixed"
@@ -71,6 +79,9 @@ ESTIMATORS: dict[str, EstimatorInfo] = {
         grad_loss="0 in expectation: no regularisation at all",
         grad_loss_is=f"{_LOCAL}: ∇ KL[π_θ‖π_ref] for single tokens (T = 1); on sequences it misses the "
         "state-distribution part, like 'exact' in the loss",
+        under_filters="unbiased for KL[π^{τ,F}_θ‖π^{τ,F}_ref] with the matched-filter reference tether uses; with an "
+        "unfiltered reference, unbiased for KL[π^{τ,F}_θ‖π^τ_ref] = KL - Σ_t E[log m_t], > 0 even for a model "
+        "against itself",
     ),
     "k2": EstimatorInfo(
         "k2",
@@ -80,6 +91,8 @@ ESTIMATORS: dict[str, EstimatorInfo] = {
         grad_loss=f"{_LOCAL} (per state E[lr ∇log π] = ∇ KL_t): ∇ KL[π_θ‖π_ref] for single tokens (T = 1, "
         "on-policy); on sequences the same as 'exact' in the loss",
         grad_loss_is="Σ_t E_{s_t}[∇ E_{π_θ(·|s_t)}[lr²/2]] — biased (differentiates the biased value)",
+        under_filters="biased, as without filters, with either reference (0 for a model against itself with the "
+        "matched-filter reference)",
     ),
     "k3": EstimatorInfo(
         "k3",
@@ -91,6 +104,9 @@ ESTIMATORS: dict[str, EstimatorInfo] = {
         "states by π_ref's visits). Its fixed point: tether.oracle.forward_kl_optimum",
         grad_loss_is=f"{_LOCAL}: ∇ KL[π_θ‖π_ref] for single tokens (T = 1; DeepSeek-V3.2 / TRL "
         "use_bias_correction_kl); on sequences like 'exact' in the loss",
+        under_filters="unbiased with the matched-filter reference tether uses (E[k3] = Σ_F π(r - 1 - log r), "
+        "Σ_F π r = 1); with an unfiltered reference, biased by -(reference mass outside F_t) per token: "
+        "E[k3] = KL[π^{τ,F}_θ‖π^τ_ref] - (1 - m_t)",
     ),
     "exact": EstimatorInfo(
         "exact",
@@ -103,6 +119,8 @@ ESTIMATORS: dict[str, EstimatorInfo] = {
         "full gradient",
         grad_loss_is="as 'loss' (states from π_old): the weight π_θ(y_t|s_t)/π_old(y_t|s_t) has mean 1 at "
         "s_t and KL_t does not depend on y_t, so it corrects neither tokens nor states",
+        under_filters="unbiased for KL[π^{τ,F}_θ‖π^{τ,F}_ref] with the matched-filter reference tether uses (the sum "
+        "runs over F_t); with an unfiltered reference it is KL[π^{τ,F}_θ‖π^τ_ref], like k1",
     ),
 }
 
@@ -161,6 +179,7 @@ class KLTokens(NamedTuple):
 
     per_token: torch.Tensor  # (B, T) fp32, zero where mask is False
     clamped_frac: torch.Tensor  # () fp32, fraction of counted tokens whose input or output was clamped
+    clamped: Optional[torch.Tensor] = None  # (B, T) bool, True on counted tokens that were clamped
 
 
 def kl_per_token(
@@ -191,7 +210,8 @@ def kl_per_token(
         clamp_output: clamp the value to [-c, c] (verl/OpenRLHF use 10). Clamping zeroes the
             gradient of the clamped tokens, so the clamped fraction is reported.
     Returns:
-        ``KLTokens(per_token (B, T) fp32, clamped_frac ())``.
+        ``KLTokens(per_token (B, T) fp32, clamped_frac (), clamped (B, T) bool)``; ``clamped`` lets a
+        caller reduce the fraction over several batches or processes (sum of clamped / sum of mask).
     """
     mask = mask.bool()
     clamped = torch.zeros_like(mask)
@@ -216,7 +236,8 @@ def kl_per_token(
         vals = vals.clamp(-clamp_output, clamp_output)
     vals = vals.masked_fill(~mask, 0.0)
     n = mask.sum().clamp(min=1)
-    return KLTokens(vals, (clamped & mask).sum().float() / n)
+    clamped = clamped & mask
+    return KLTokens(vals, clamped.sum().float() / n, clamped)
 
 
 def seq_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -264,7 +285,7 @@ def kl_loss_term(
     vals = out.per_token
     if old_logps is not None:
         vals = importance_weight(logps, old_logps) * vals
-    return KLTokens(vals.masked_fill(~mask.bool(), 0.0), out.clamped_frac)
+    return KLTokens(vals.masked_fill(~mask.bool(), 0.0), out.clamped_frac, out.clamped)
 
 
 def kl_reward_penalty(kl_tokens: torch.Tensor, mask: torch.Tensor, *, beta: float) -> torch.Tensor:

@@ -12,7 +12,7 @@ the logits are float64: nothing is ever computed below fp32, and fp64 inputs are
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -124,19 +124,71 @@ def exact_kl_from_logits(
     return out.reshape(p_logits.shape[:-1])
 
 
+def uses_token_filter(filters: Optional[dict]) -> bool:
+    """True when ``filters`` (a dict with optional keys temperature, top_k, top_p) asks for top-k or
+    top-p, i.e. when the sampled distribution has a support F_t smaller than the vocabulary."""
+    f = filters or {}
+    return (f.get("top_k") or 0) > 0 or f.get("top_p", 1.0) < 1.0
+
+
+def pack_allowed(allowed: torch.Tensor) -> torch.Tensor:
+    """Bit-pack a token-set mask: bool (..., V) -> uint8 (..., ceil(V/8)).
+
+    Bit j (least significant first) of byte i is token 8i + j; the padding bits of the last byte are 0.
+    torch has no ``packbits``, so this is shift arithmetic. Inverse: ``unpack_allowed(packed, V)``.
+    """
+    if allowed.dtype != torch.bool:
+        raise TypeError(f"pack_allowed takes a bool mask, got {allowed.dtype}")
+    V = allowed.shape[-1]
+    n = (V + 7) // 8
+    bits = F.pad(allowed.to(torch.uint8), (0, 8 * n - V)).reshape(*allowed.shape[:-1], n, 8)  # (..., n, 8)
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=allowed.device)
+    return (bits * weights).sum(-1).to(torch.uint8)  # (..., n); at most 255, exact
+
+
+def unpack_allowed(packed: torch.Tensor, vocab: int) -> torch.Tensor:
+    """uint8 (..., ceil(V/8)) from ``pack_allowed`` -> bool (..., V)."""
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"unpack_allowed takes a uint8 tensor from pack_allowed, got {packed.dtype}")
+    if packed.shape[-1] != (vocab + 7) // 8:
+        raise ValueError(f"a packed set of {packed.shape[-1]} bytes cannot hold a vocabulary of {vocab} tokens")
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1  # (..., n, 8)
+    return bits.reshape(*packed.shape[:-1], -1)[..., :vocab].bool()  # (..., V)
+
+
 def apply_sampling_filters(
-    logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    allowed: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Logits of the distribution actually sampled from: divide by temperature, then drop tokens
-    outside top-k / the top-p nucleus (set to -inf), as transformers' warpers do.
+    outside the allowed set F_t (set to -inf, as transformers' warpers do).
 
-    Scoring a sample's log-prob (and its KL) must use the same transformation that generated it,
-    otherwise the "policy" in KL[π‖π_ref] is not the one the samples came from (MATH.md §3, last
-    paragraph). (..., V) -> (..., V), same dtype.
+    F_t is ``allowed`` when given — a bool (..., V) mask, or its ``pack_allowed`` form uint8
+    (..., ceil(V/8)) — and top_k/top_p are then ignored: scoring must use the set the sampler
+    recorded, because re-running top-k/top-p on logits from a different forward pass (a full pass
+    instead of the KV cache, bf16 instead of fp32) can pick a different set and drop the sampled
+    token (log-prob -inf). Without ``allowed``, F_t is recomputed here from top-k / the top-p
+    nucleus of ``logits / temperature`` (ties at the k-th value are all kept).
+
+    The result is softmax(logits/τ) restricted to F_t and renormalised, π^{τ,F} of docs/theory.md
+    §3; the reference is scored the same way (same τ, same F_t), so a model against itself has KL
+    exactly 0. Every row needs at least one allowed token (the sampler's always have one).
+    (..., V) -> (..., V), same dtype.
     """
     if temperature <= 0:
         raise ValueError("temperature must be > 0 (use a small value for near-greedy sampling)")
     out = logits / temperature if temperature != 1.0 else logits
+    if allowed is not None:
+        if allowed.dtype == torch.uint8:
+            allowed = unpack_allowed(allowed, out.shape[-1])
+        if allowed.shape != out.shape:
+            raise ValueError(f"allowed token set {tuple(allowed.shape)} does not match logits {tuple(out.shape)}")
+        return out.masked_fill(~allowed.to(out.device), float("-inf"))
     if top_k and top_k > 0 and top_k < out.shape[-1]:
         kth = torch.topk(out, top_k, dim=-1).values[..., -1:]
         out = out.masked_fill(out < kth, float("-inf"))
@@ -148,3 +200,13 @@ def apply_sampling_filters(
         drop = drop_sorted.scatter(-1, idx, drop_sorted)
         out = out.masked_fill(drop, float("-inf"))
     return out
+
+
+def allowed_set(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """The token set F_t that top-k / top-p keep, computed in fp32: (..., V) -> bool (..., V).
+
+    What the sampler records (``tether.sampling.sample``) and, for a batch not produced by it, the
+    fallback a scorer recomputes (``tether.modeling.forward_completion``). The fallback upcasts, so it
+    does materialise one fp32 copy of ``logits`` (acceptable for a path sampler batches never take)."""
+    kept = apply_sampling_filters(upcast(logits), temperature=temperature, top_k=top_k, top_p=top_p)
+    return kept > float("-inf")

@@ -16,7 +16,9 @@ ranks highest (ties: the first drawn). Reported per n, averaged over prompts:
   with many ties (VADER gives exactly 0 to most neutral text) make it much smaller than the bound.
 
 Both KLs are sequence KLs in nats per prompt, the unit ``kl/ref`` uses for trained policies, so
-best-of-n points sit on the same frontier plot. ``best_of_n_curve`` reuses one set of M samples per
+best-of-n points sit on the same frontier plot. With a temperature or top-k/top-p, π_ref is the
+distribution sampled, π^{τ,F}_ref (docs/theory.md §3): the same tempered, filtered reference that
+``tether kl`` and the trainers score against. ``best_of_n_curve`` reuses one set of M samples per
 prompt for several n (the first n samples for selection), so the points of a curve are coupled.
 """
 

@@ -15,15 +15,15 @@ loss of a micro-batch (``loss``); everything else is this file (the rollout itse
         for epoch, minibatch, micro-batch:    method.loss(...).backward(); all-reduce; clip; step
         β controller.update(kl/ref)           log, log samples, evaluate, checkpoint
 
-KL conventions (MATH.md §2–3): every KL is KL[π_sampled‖π_ref] with π_sampled the *filtered*
-distribution the tokens were drawn from (temperature/top-k/top-p applied when scoring the policy;
-the reference is scored unfiltered), both models in eval mode (no dropout: the online methods keep
+KL conventions (MATH.md §2–3, docs/theory.md §3): every KL is KL[π^{τ,F}_θ‖π^{τ,F}_ref], both models'
+logits divided by the sampling temperature τ and restricted to the token sets F_t the sampler's
+top-k/top-p allowed (stored in ``batch.allowed``), both models in eval mode (no dropout: the online methods keep
 the policy in eval mode throughout, so π_θ/π_old = 1 before the first update and step-0 KL is 0;
 TRL #506). ``kl/ref`` is the mean *sequence-sum* KL measured with the exact (Rao-Blackwellised)
 estimator on the rollout — unbiased and the lowest-variance choice — whatever estimator the method
 puts in its reward or loss; it is also what the adaptive β controller is fed. ``kl/penalty`` is
-β·(mean sequence sum of the configured estimator), the KL as applied. The loss itself differentiates
-the temperature-scaled policy without top-k/top-p (``loss_filters`` says why).
+β·(mean sequence sum of the configured estimator), the KL as applied. The loss differentiates the
+same π^{τ,F}_θ with the stored F_t, always finite since the sampled token is in F_t (``loss_filters``).
 
 Sizes (checked once, ``derive_sizes``): ``batch_size`` completions per step = prompts x
 ``samples_per_prompt``; prompts are split over processes (a GRPO/RLOO group never straddles two);
@@ -99,6 +99,10 @@ class OnlineConfig(TrainConfig, BetaConfig):
     """Error on prompts longer than this many tokens (None = no limit)."""
     kl_estimator: str = "k1"
     """Per-token KL estimator k1 | k2 | k3 | exact (MATH.md §2-3; tether.ops.kl.ESTIMATORS lists value and gradient bias per placement)."""
+    kl_clamp_input: Optional[float] = None
+    """Clamp the log-ratio lr = log π_θ - log π_ref to [-c, c] before the k1/k2/k3 estimator (None = off; verl uses 20 for k3). Clamped tokens get no KL gradient: kl/clamped_frac logs their fraction."""
+    kl_clamp_output: Optional[float] = None
+    """Clamp the per-token KL value to [-c, c] (None = off; verl uses 10 for k3, OpenRLHF 10). Applies to the rollout's kl_tokens and the loss-side KL; kl/ref (exact) is never clamped."""
     reference: str = "copy"
     """Reference form: copy (frozen copy) | lora (the LoRA policy with adapters off) | offload (copy kept in CPU memory)."""
     reference_model: Optional[str] = None

@@ -19,10 +19,10 @@ import torch
 
 from ..modeling import CompletionBatch
 from ..ops.kl import kl_per_token, seq_sum, token_mean
-from ..ops.logprobs import apply_sampling_filters, entropy_from_logits, selective_logps
+from ..ops.logprobs import entropy_from_logits, selective_logps, uses_token_filter
 from ..rewards import RewardSet
 from ..sampling import sample
-from ..modeling import forward_completion
+from ..modeling import forward_completion, with_allowed
 
 if TYPE_CHECKING:
     from .online import OnlineConfig
@@ -100,41 +100,59 @@ def decode_completions(tok, batch: CompletionBatch) -> list[str]:
 
 
 def loss_filters(filters: dict) -> dict:
-    """The policy the loss differentiates: the sampling temperature, without top-k/top-p (as TRL).
+    """The policy the loss differentiates: π^{τ,F}_θ, the sampling distribution itself — logits divided
+    by the temperature and restricted to the token sets F_t the sampler stored in ``batch.allowed``
+    (docs/theory.md §3). Returns the full sampling filters (temperature, top_k, top_p).
 
-    Why: a token sampled from the top-k of π_old can fall outside the top-k of the updated π_θ, where
-    its filtered log-prob is -inf (ratio 0, infinite KL to π_old, nan gradients). Scoring the loss
-    with the unfiltered (temperature-scaled) policy keeps every ratio finite; the bias this leaves is
-    the mass top-k/top-p removes, and ``kl/ref`` still measures the filtered, sampled distribution.
-    With top_k = 0 and top_p = 1 (the defaults) the two coincide."""
-    return {"temperature": filters.get("temperature", 1.0)}
+    Always finite: the sampled token is in F_t by construction, and F_t is rollout data (never
+    recomputed from the updated π_θ, never differentiated), so log π_θ(y_t), the ratio π_θ/π_old and
+    any loss-side KL stay finite after any number of updates. (This used to drop top-k/top-p from the
+    loss for lack of a stored set, which made the loss's π_θ differ from the sampled one.)"""
+    return {"temperature": filters.get("temperature", 1.0), "top_k": filters.get("top_k", 0),
+            "top_p": filters.get("top_p", 1.0)}
 
 
 @torch.no_grad()
-def score_rollout(policy, reference, value_model, batch: CompletionBatch, *, estimator: str, filters: dict, chunk: int) -> dict:
+def score_rollout(policy, reference, value_model, batch: CompletionBatch, *, estimator: str, filters: dict, chunk: int,
+                  clamp_input: Optional[float] = None, clamp_output: Optional[float] = None) -> dict:
     """Policy, reference and value scores of a sampled batch, ``chunk`` rows per forward pass.
-    Returns (B, T) tensors: old_logps, ref_logps, kl_tokens, kl_exact, entropy (+ values).
+    Returns (B, T) tensors: old_logps, ref_logps, kl_tokens, kl_exact, entropy (+ values; + kl_clamped
+    when a clamp is given).
 
-    The KL (``kl_tokens``, ``kl_exact``) and the entropy are those of the distribution actually sampled
-    from (temperature, top-k, top-p applied); ``old_logps`` — the ratio's denominator in the loss —
-    are at the temperature only, like the loss's π_θ (``loss_filters``)."""
+    Every score is of the sampling distribution (docs/theory.md §3): the policy π^{τ,F}_θ and the
+    reference π^{τ,F}_ref both at the sampling temperature and restricted to the sets F_t stored in
+    ``batch.allowed`` (for a batch not from the sampler: the policy's fp32 re-filter,
+    ``modeling.with_allowed``). So ``old_logps`` (the ratio's denominator, the same distribution as
+    the loss's π_θ, ``loss_filters``), ``ref_logps`` and the KL are finite on every sampled token,
+    and the step-0 KL of a policy against its own copy is exactly 0.
+
+    ``kl_tokens`` is the configured ``estimator`` with ``clamp_input``/``clamp_output`` applied
+    (``ops.kl.kl_per_token``; OnlineConfig.kl_clamp_input/kl_clamp_output); ``kl_exact`` (what kl/ref
+    reports) is never clamped. With a clamp, ``kl_clamped`` is (B, T) bool: True on counted tokens
+    whose ``kl_tokens`` input or output was clamped (their gradient through a loss-side KL is 0), so
+    kl/clamped_frac = kl_clamped.sum() / mask.sum(). Without a clamp the key is absent."""
     want_hidden = value_model is not None and value_model.needs_policy_hidden
+    clamps = {"clamp_input": clamp_input, "clamp_output": clamp_output}
     parts: dict[str, list] = {}
     for s in range(0, batch.mask.shape[0], chunk):
         b = batch.select(slice(s, s + chunk))
-        logits, hidden = forward_completion(policy, b, filters=loss_filters(filters), hidden=want_hidden)  # (b, T, V)
-        sampled = logits
-        if filters.get("top_k", 0) or filters.get("top_p", 1.0) < 1.0:  # temperature is already applied
-            sampled = apply_sampling_filters(logits, top_k=filters.get("top_k", 0), top_p=filters.get("top_p", 1.0))
-        ref_logits = reference.logits(b).to(logits.device)  # (b, T, V), unfiltered, eval mode
+        logits, hidden = forward_completion(policy, b, filters=loss_filters(filters), hidden=want_hidden)  # (b, T, V) π^{τ,F}_θ
+        if uses_token_filter(filters) and b.allowed is None:
+            b = with_allowed(b, logits)  # not a sampler batch: restrict the reference to the policy's sets
+        ref_logits = reference.logits(b, filters=filters).to(logits.device)  # (b, T, V) π^{τ,F}_ref, eval mode
         ids, mask = b.completion_ids, b.mask
         old_logps = selective_logps(logits, ids).masked_fill(~mask, 0.0)
-        logps = selective_logps(sampled, ids).masked_fill(~mask, 0.0)  # = old_logps without top-k/top-p
         ref_logps = selective_logps(ref_logits, ids).masked_fill(~mask, 0.0)
-        exact = kl_per_token(logps, ref_logps, mask, estimator="exact", logits=sampled, ref_logits=ref_logits).per_token
-        est = exact if estimator == "exact" else kl_per_token(logps, ref_logps, mask, estimator=estimator).per_token
+        exact = kl_per_token(old_logps, ref_logps, mask, estimator="exact", logits=logits, ref_logits=ref_logits).per_token
+        if estimator == "exact" and clamp_output is None:  # the same values (clamp_input does not apply to exact)
+            est, clamped = exact, torch.zeros_like(mask)
+        else:
+            kt = kl_per_token(old_logps, ref_logps, mask, estimator=estimator, logits=logits, ref_logits=ref_logits, **clamps)
+            est, clamped = kt.per_token, kt.clamped
         row = {"old_logps": old_logps, "ref_logps": ref_logps, "kl_tokens": est, "kl_exact": exact,
-               "entropy": entropy_from_logits(sampled).masked_fill(~mask, 0.0)}
+               "entropy": entropy_from_logits(logits).masked_fill(~mask, 0.0)}
+        if clamp_input is not None or clamp_output is not None:
+            row["kl_clamped"] = clamped
         if value_model is not None:
             row["values"] = value_model.values(b, policy_hidden=hidden)
         for k, v in row.items():
