@@ -1,4 +1,4 @@
-"""KL estimators (MATH.md §2) and what their gradients are in each placement (MATH.md §3), checked
+"""KL estimators (docs/theory.md §2) and what their gradients are in each placement (docs/theory.md §3), checked
 exactly: expectations are sums over the whole support weighted by probabilities, not samples.
 
 Two testbeds: small categoricals (T = 1), and a tabular autoregressive tree (``tether.oracle``, V = 3,
@@ -147,7 +147,7 @@ def test_values_on_a_tree():
 def test_k2_bias_is_third_order():
     """E_π[k2] - KL = E_π[k2 - k3] = E_π[lr³/6 - lr⁴/24 + ...]. With θ = θ_ref + ε·u, lr = O(ε), so
     the bias is c ε³ + O(ε⁴) while KL ~ ε²: halving ε divides the bias by 8 (to O(ε) = 1% here,
-    hence the 5% tolerance) and the relative bias vanishes near π_ref, as MATH.md §2 says."""
+    hence the 5% tolerance) and the relative bias vanishes near π_ref, as docs/theory.md §2 says."""
     _, ref, tokens = _categorical(V=6, seed=3)
     u = torch.randn(6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
 
@@ -205,7 +205,7 @@ def _targets(pol, ref):
 @pytest.mark.parametrize("pair", list(TABLE), ids=lambda p: f"{p[0]}-{p[1]}")
 def test_expected_gradient_table(pair, T):
     """Each (estimator, placement)'s exact expected gradient, from the project's own per-token code
-    (``tether.oracle.expected_kl_gradient``), equals its MATH.md §3 entry made precise for sequences."""
+    (``tether.oracle.expected_kl_gradient``), equals its docs/theory.md §3 entry made precise for sequences."""
     space, pol, ref = _tree(T=T)
     label, phrase = TABLE[pair]
     got = expected_kl_gradient(pol, ref, estimator=pair[0], placement=pair[1])
@@ -215,7 +215,7 @@ def test_expected_gradient_table(pair, T):
 
 
 def test_single_token_gradients_are_the_textbook_ones():
-    """T = 1 (a categorical per prompt): 'local' is the full gradient, so MATH.md §3 holds verbatim:
+    """T = 1 (a categorical per prompt): 'local' is the full gradient, so docs/theory.md §3 holds verbatim:
     k1-reward = k2-loss = k3-loss_is = exact-loss = ∇KL_rev; k3-loss = ∇KL_fwd; k3-reward =
     ∇KL_rev - ∇KL_fwd; k1-loss = 0; and exact-reward = 0 (the per-state KL does not depend on the
     sampled token, so a detached copy of it in the reward carries no signal).
@@ -238,7 +238,7 @@ def test_single_token_gradients_are_the_textbook_ones():
 def test_per_token_loss_misses_the_state_term_on_sequences():
     """For T = 3 the 'states held fixed' gradients differ from the sequence gradients (Tang & Munos
     2025), and the missing part is the state-distribution term: exact-loss + exact-reward = ∇KL_seq,
-    and so is exact-loss + k1 with a strictly-future reward-to-go Σ_{t'>t} lr_{t'} (MATH.md §3's fix;
+    and so is exact-loss + k1 with a strictly-future reward-to-go Σ_{t'>t} lr_{t'} (docs/theory.md §3's fix;
     including t' = t would count the local part twice)."""
     space, pol, ref = _tree(T=3)
     rev, fwd = _grad(sequence_kl(pol, ref), pol), _grad(sequence_kl(ref, pol), pol)
@@ -459,7 +459,7 @@ def test_values_under_sampling_filters():
         assert matched in ESTIMATORS[est].under_filters and unfiltered in ESTIMATORS[est].under_filters, est
 
 
-# ---- Schulman's blog check (MATH.md §2) -----------------------------------------------------------------
+# ---- Schulman's blog check (docs/theory.md §2) -----------------------------------------------------------------
 
 def test_gaussian_blog_numbers():
     """q = N(0, 1) samples, p = N(μ, 1), μ = 1, true KL[q‖p] = μ²/2 = 0.5. In the repo's convention
@@ -470,7 +470,7 @@ def test_gaussian_blog_numbers():
     k3: Var(r - log r) = e^{μ²} - 1 - μ² = e - 2 -> std/true = 2 sqrt(e - 2) = 1.695.
     Numerically integrated (trapezoid, x in [-12, 12], 240001 points: the integrand's tails beyond
     12σ are < e^{-60}, and the rule is spectrally accurate for Gaussians), checked against the closed
-    forms to 1e-9 and against MATH.md's rounded numbers to their last digit (1.73: ±0.005; 'about
+    forms to 1e-9 and against docs/theory.md's rounded numbers to their last digit (1.73: ±0.005; 'about
     1.7': ±0.05)."""
     mu = 1.0
     x = torch.linspace(-12, 12, 240001, dtype=torch.float64)
@@ -491,5 +491,5 @@ def test_gaussian_blog_numbers():
     assert (m2 - true) / true == pytest.approx(0.25, abs=1e-9)
     assert s2 / true == pytest.approx(math.sqrt(3), abs=1e-9)
     assert s3 / true == pytest.approx(math.sqrt(math.e - 1 - mu**2) / true, abs=1e-9)
-    assert s2 / true == pytest.approx(1.73, abs=0.005)  # MATH.md, 3 significant digits
-    assert s3 / true == pytest.approx(1.7, abs=0.05)  # MATH.md, "about 1.7"
+    assert s2 / true == pytest.approx(1.73, abs=0.005)  # docs/theory.md, 3 significant digits
+    assert s3 / true == pytest.approx(1.7, abs=0.05)  # docs/theory.md, "about 1.7"

@@ -96,8 +96,7 @@ def test_grpo_loss_k3_in_loss_value_and_gradient():
 def test_grpo_loss_k3_clamp_reaches_the_loss():
     """kl_clamp_output = 0.1 clamps k3 = 0.193 to 0.1 on token 0 (its gradient becomes 0): half the tokens."""
     x = _inputs(ref_shift=(math.log(2), 0.0))
-    cfg = GRPOConfig(kl_estimator="k3", loss_aggregation="token_mean")
-    cfg.kl_clamp_output = 0.1  # set as an attribute: the field is declared on OnlineConfig
+    cfg = GRPOConfig(kl_estimator="k3", loss_aggregation="token_mean", kl_clamp_output=0.1)
     loss, stats = grpo_loss(x, cfg=cfg, beta=0.1, counts=ONE)
     assert float(stats["grpo/kl_clamped_frac"]) == 0.5
     assert float(loss) == pytest.approx((-1.2 + 0.1 * 0.1 + 0.8) / 2, abs=1e-12)

@@ -1,6 +1,6 @@
 """The tabular oracle: its enumeration and policy interface, the exact optimum computed two ways
-(MATH.md §5), exact KLs and objectives, the forward-KL optimum that "k3 in the loss" targets
-(MATH.md §3), and exact best-of-n (MATH.md §7)."""
+(docs/theory.md §5), exact KLs and objectives, the forward-KL optimum that "k3 in the loss" targets
+(docs/theory.md §3), and exact best-of-n (docs/theory.md §7)."""
 
 import itertools
 import math
@@ -171,7 +171,7 @@ PROBLEMS = [  # (V, T, seed, reward, β): vocabularies 2-6, horizons 1-5, three 
 def test_tilt_and_soft_bellman_agree(V, T, seed, reward, beta):
     """Two independent computations of π* (enumeration vs backup on the tree) agree to 1e-10 in
     probability and log-probability; V(root) = β log Z; J(π*) = β log Z; and for any π the gap
-    β log Z - J(π) = β KL[π‖π*] (MATH.md §5)."""
+    β log Z - J(π) = β KL[π‖π*] (docs/theory.md §5)."""
     prob = make_problem(V, T, n_prompts=2, seed=seed, reward=reward, eos=seed % V)
     ref, r = prob.ref, prob.rewards
     tilt = tilted_sequence_probs(ref, r, beta)

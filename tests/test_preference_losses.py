@@ -302,7 +302,7 @@ def _spread(x):
     ("robust", 0.2, {"label_smoothing": 0.2}),  # labels flipped at exactly the assumed rate
 ])
 def test_population_minimiser_is_reverse_kl_optimum(loss_type, flip, kw):
-    """DPO / f-DPO reverse / robust DPO with matched noise reach π* ∝ π_ref exp(r/β) (MATH.md §5)."""
+    """DPO / f-DPO reverse / robust DPO with matched noise reach π* ∝ π_ref exp(r/β) (docs/theory.md §5)."""
     logp = _minimise(loss_type, flip=flip, **kw)
     pi_star = (PI_REF.log() + R / B_POP).softmax(-1)
     torch.testing.assert_close(logp.exp(), pi_star, atol=1e-6, rtol=0)

@@ -152,7 +152,7 @@ class SyncedReference(FrozenReference):
     """(e) A frozen copy re-synchronised from the policy (TR-DPO, Gorbatovski et al. 2024, Eq. 6–7).
 
     mode ``hard``: θ_ref ← θ every ``every`` steps (paper default τ = 512). mode ``soft``:
-    θ_ref ← αθ + (1-α)θ_ref every ``every`` steps (paper: every step, α = 0.6). MATH.md §6.
+    θ_ref ← αθ + (1-α)θ_ref every ``every`` steps (paper: every step, α = 0.6). docs/theory.md §6.
     """
 
     kind = "sync"

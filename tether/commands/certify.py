@@ -20,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, metavar="FILE", help="write the certificate (a list, one object per configuration) to FILE")
     p.add_argument("--only", default=None, metavar="NAME",
                    help="run a subset: method names (ppo, grpo, dpo, ...) or configuration names, comma-separated")
-    p.add_argument("--plot", default=None, metavar="FILE.png", help="draw the convergence curves (distance to target vs steps, log scale)")
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="draw the convergence curves of the exact-tier rows (distance to target vs steps, log scale)")
     p.add_argument("--jobs", type=int, default=None,
                    help="processes to spread the configurations over (default: min(2, CPU count); 1 = sequential)")
     p.add_argument("--list", action="store_true", help="list the methods and configurations and exit")

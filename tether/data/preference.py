@@ -27,6 +27,8 @@ in ``TruncationReport`` and logged.
 
 from __future__ import annotations
 
+import heapq
+
 import gzip
 import io
 import json
@@ -564,16 +566,22 @@ def pack_pairs(pairs: Sequence[dict], *, pad_id: int) -> PackedPairs:
     lens = [len(a) + len(b) for a, b in seqs]
     W = max(lens)
     free: list[int] = []  # room left in each row
+    by_room: dict[int, list[int]] = {}  # room -> min-heap of the rows with exactly that room
     place: dict[int, tuple[int, int]] = {}
     for i in sorted(range(len(seqs)), key=lambda j: (-lens[j], j)):
-        for r, room in enumerate(free):
-            if room >= lens[i]:
-                place[i] = (r, W - room)
-                free[r] -= lens[i]
-                break
+        # first fit: the lowest-numbered row with room >= L (heap tops per room value: O(W log R), not O(R))
+        fits = [by_room[room][0] for room in range(lens[i], W + 1) if by_room.get(room)]
+        if fits:
+            r = min(fits)
+            heapq.heappop(by_room[free[r]])
+            place[i] = (r, W - free[r])
+            free[r] -= lens[i]
         else:
-            place[i] = (len(free), 0)
+            r = len(free)
+            place[i] = (r, 0)
             free.append(W - lens[i])
+        if free[r]:
+            heapq.heappush(by_room.setdefault(free[r], []), r)
     R = len(free)
     ids = torch.full((R, W), pad_id, dtype=torch.long)
     pos = torch.zeros((R, W), dtype=torch.long)

@@ -1,5 +1,5 @@
 """The demo's task: controlled sentiment generation on movie-review snippets (DPO paper §6.1,
-Figure 2; MATH.md §9), at laptop scale.
+Figure 2; docs/theory.md §9), at laptop scale.
 
 - data: rt-polarity snippets (Pang & Lee 2005), split into SFT text, preference prompts and
   held-out evaluation prompts (disjoint, seeded);

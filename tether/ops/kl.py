@@ -1,7 +1,7 @@
 """KL estimators between the policy π_θ and the reference π_ref, and where they go.
 
 Pure torch (STYLE.md §1). Sources: Schulman, "Approximating KL Divergence" (2020) for k1/k2/k3;
-Amini et al. 2025 (arXiv:2504.10637) for the Rao-Blackwellised exact estimator; MATH.md §2–3 for
+Amini et al. 2025 (arXiv:2504.10637) for the Rao-Blackwellised exact estimator; docs/theory.md §2–3 for
 the value-versus-gradient table that ``ESTIMATORS`` encodes and the tests check numerically.
 
 Samples are always drawn from π_θ (or from π_old in off-policy inner epochs). Per sampled token,
@@ -16,7 +16,7 @@ k3         r - 1 - log r = e^{-lr} - 1 + lr     r·log r - (r - 1)
 exact      Σ_v π_θ (log π_θ - log π_ref)        Σ_v π_ref (log π_ref - log π_θ)
 =========  ==================================  ==================================
 
-Names of reductions are distinct on purpose (MATH.md §2): ``seq_sum`` is the sequence KL that
+Names of reductions are distinct on purpose (docs/theory.md §2): ``seq_sum`` is the sequence KL that
 Ziegler, Stiennon and the DPO paper's Figure 2 report; ``token_mean`` is a different quantity.
 """
 
@@ -37,7 +37,7 @@ ESTIMATOR_NAMES: tuple[str, ...] = ("k1", "k2", "k3", "exact")
 
 @dataclass(frozen=True)
 class EstimatorInfo:
-    """What an estimator's value and gradient are, per placement (MATH.md §3, on-policy).
+    """What an estimator's value and gradient are, per placement (docs/theory.md §3, on-policy).
 
     Placements: ``reward`` — the detached per-token value is subtracted from the reward and reaches
     θ through the score-function (policy-gradient) estimator; ``loss`` — the value is added to the
@@ -241,7 +241,7 @@ def kl_per_token(
 
 
 def seq_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-sequence sum over counted tokens: (B, T) -> (B,). The sequence KL of MATH.md §2."""
+    """Per-sequence sum over counted tokens: (B, T) -> (B,). The sequence KL of docs/theory.md §2."""
     return (values * mask).sum(-1)
 
 
@@ -273,7 +273,7 @@ def kl_loss_term(
     gradients through ``logps`` (and ``logits`` for exact). With ``old_logps`` each token is weighted
     by π_θ/π_old (detached denominator), which makes k1 and k3 give the per-state gradient
     ∇KL[π_θ(·|s_t)‖π_ref(·|s_t)] at each sampled state, as needed when samples come from π_old
-    (MATH.md §3); summed over a sequence that is ∇KL[π_θ‖π_ref] with the states held fixed, not
+    (docs/theory.md §3); summed over a sequence that is ∇KL[π_θ‖π_ref] with the states held fixed, not
     the full sequence gradient (see ``EstimatorInfo``). The gradient each choice gives is in
     ``ESTIMATORS[estimator]``.
     """
@@ -291,7 +291,7 @@ def kl_loss_term(
 def kl_reward_penalty(kl_tokens: torch.Tensor, mask: torch.Tensor, *, beta: float) -> torch.Tensor:
     """Per-token rewards from the KL placed in the reward (placement ``reward``): -β·sg(kl_t).
 
-    MATH.md §1: ``rewards_t = -β·kl_t`` on every completion token; the caller adds the sequence
+    docs/theory.md §1: ``rewards_t = -β·kl_t`` on every completion token; the caller adds the sequence
     score at the last token. The value is detached, so θ receives the KL only through the
     policy-gradient estimator — which is what makes k1 (and exact) unbiased here.
     """

@@ -107,7 +107,7 @@ def exact_kl_from_logits(
 ) -> torch.Tensor:
     """Exact per-position KL[p‖q] = Σ_v p(v) (log p(v) - log q(v)) over the full vocabulary.
 
-    This is the Rao-Blackwellised per-token KL (MATH.md §2, Amini et al. 2025): for states s_t
+    This is the Rao-Blackwellised per-token KL (docs/theory.md §2, Amini et al. 2025): for states s_t
     sampled from π_θ, its sequence sum is an unbiased, lowest-variance estimate of the sequence KL.
 
     Args:

@@ -1,6 +1,6 @@
 """Online-RL math: token rewards, GAE, PPO losses, group / leave-one-out advantages, loss aggregation.
 
-Pure torch (STYLE.md §1, §8); MATH.md §1 and §7. Shapes: B sequences, T positions; ``mask`` (B, T) is
+Pure torch (STYLE.md §1, §8); docs/theory.md §1 and §7. Shapes: B sequences, T positions; ``mask`` (B, T) is
 True where a completion token counts. Per-token tensors come back fp32 (fp64 for fp64 inputs, as
 ``logprobs.upcast``) and zero where ``mask`` is False.
 Per-token losses are *not* reduced here: ``aggregate_loss`` does that once, with global counts.
@@ -75,7 +75,7 @@ def _last_index(mask: torch.Tensor) -> torch.Tensor:
 def token_rewards(
     scores: torch.Tensor, kl_tokens: torch.Tensor, mask: torch.Tensor, *, beta: float
 ) -> torch.Tensor:
-    """Per-token rewards of KL-penalised PPO-RLHF (MATH.md §1; Stiennon et al. 2020; Ouyang et al. 2022 Eq. 2).
+    """Per-token rewards of KL-penalised PPO-RLHF (docs/theory.md §1; Stiennon et al. 2020; Ouyang et al. 2022 Eq. 2).
 
         rewards_t = -β·sg(kl_t)  on every counted token,  + scores  at each sequence's last counted token
 
@@ -116,7 +116,7 @@ def gae(
         rewards: (B, T) per-token rewards (``token_rewards``). Detached.
         values: (B, T) V(s_t) from the critic at the same positions. Detached.
         mask: (B, T) True on counted tokens, one contiguous run per row (raises otherwise).
-        gamma, lam: discount γ and GAE λ (MATH.md §7: γ = 1, λ = 0.95).
+        gamma, lam: discount γ and GAE λ (docs/theory.md §7: γ = 1, λ = 0.95).
     Returns:
         ``(advantages, returns)``, both (B, T) fp32, zero outside ``mask``, no grad.
     """
@@ -153,7 +153,7 @@ def ppo_policy_loss(
         old_logps: (B, T) log π_old, the behaviour policy that sampled them (detached).
         advantages: (B, T) per token, or (B,) per sequence (broadcast over T). Detached.
         mask: (B, T) True where a token counts.
-        clip: ε (MATH.md §7: 0.2).
+        clip: ε (docs/theory.md §7: 0.2).
     Returns:
         ``(per-token loss (B, T) fp32, zero outside mask, stats)``; stats are scalars over the counted
         tokens of this batch: ``clipfrac`` — fraction of tokens where the clipped term is selected (its

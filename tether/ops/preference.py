@@ -1,4 +1,4 @@
-"""Offline preference losses on sequence log-probabilities (MATH.md §6).
+"""Offline preference losses on sequence log-probabilities (docs/theory.md §6).
 
 Pure torch (STYLE.md §1, §8). Every input is per *sequence*, shape (B,): ``chosen_logps`` and
 ``rejected_logps`` are Σ_t log π_θ(y_t|s_t) over the completion tokens (``tether.ops.kl.seq_sum`` of
@@ -15,7 +15,7 @@ only constrains the policy on responses that μ covers: outside supp(μ) the pop
 and the minimiser is not identified (cf. Azar et al. 2023 on DPO's weak regularisation). On supp(μ):
 
 - DPO, f-DPO (reverse KL) and robust DPO (with its assumed ε equal to the real flip rate) reach the
-  reverse-KL optimum π*(y) ∝ π_ref(y)·exp(r(y)/β) of MATH.md §5.
+  reverse-KL optimum π*(y) ∝ π_ref(y)·exp(r(y)/β) of docs/theory.md §5.
 - cDPO with ε > 0 reaches something else: per pair, σ(h) = (1-2ε)·p + ε, a smoothed probability,
   so implicit-reward gaps are shrunk towards 0 and capped at |h| ≤ logit(1-ε).
 - IPO reaches π(y) ∝ π_ref(y)·exp(P(y ≻ μ)/β), a tilt by the bounded win-rate against μ, not by r.
@@ -105,7 +105,7 @@ def cdpo_loss(h: torch.Tensor, *, label_smoothing: float) -> torch.Tensor:
     L = -log σ(h) + ε·h, since -log σ(-h) = -log σ(h) + h.
     """
     eps = label_smoothing
-    return (1 - eps) * -F.logsigmoid(h) + eps * -F.logsigmoid(-h)  # MATH.md §6, cDPO row
+    return (1 - eps) * -F.logsigmoid(h) + eps * -F.logsigmoid(-h)  # docs/theory.md §6, cDPO row
 
 
 def robust_dpo_loss(h: torch.Tensor, *, label_smoothing: float) -> torch.Tensor:
@@ -120,7 +120,7 @@ def robust_dpo_loss(h: torch.Tensor, *, label_smoothing: float) -> torch.Tensor:
     dL/dh = -[(1-ε)σ(-h) + εσ(h)] / (1 - 2ε).
     """
     eps = label_smoothing
-    return ((1 - eps) * -F.logsigmoid(h) - eps * -F.logsigmoid(-h)) / (1 - 2 * eps)  # MATH.md §6, robust row
+    return ((1 - eps) * -F.logsigmoid(h) - eps * -F.logsigmoid(-h)) / (1 - 2 * eps)  # docs/theory.md §6, robust row
 
 
 def ipo_loss(gap: torch.Tensor, *, beta: float) -> torch.Tensor:
@@ -137,13 +137,13 @@ def hinge_loss(h: torch.Tensor) -> torch.Tensor:
 
     dL/dh = -1 for h < 1, 0 for h > 1.
     """
-    return torch.relu(1.0 - h)  # MATH.md §6, hinge row
+    return torch.relu(1.0 - h)  # docs/theory.md §6, hinge row
 
 
 def f_divergence_score(lr: torch.Tensor, *, divergence: FDivergence, alpha: float = 0.5) -> torch.Tensor:
     """f′(u) at u = π_θ/π_ref = exp(lr), up to an additive constant that cancels in f′(u_w) - f′(u_l).
 
-    (Wang et al. 2023, "Beyond Reverse KL", arXiv:2309.16240; MATH.md §6.) (B,) -> (B,).
+    (Wang et al. 2023, "Beyond Reverse KL", arXiv:2309.16240; docs/theory.md §6.) (B,) -> (B,).
 
     ============  ==========================  =================================  ====================
     divergence    f′(u)                       returned (constant dropped)        d/dlr
@@ -186,7 +186,7 @@ def fdpo_loss(
     """
     h = beta * (f_divergence_score(chosen_lr, divergence=divergence, alpha=alpha)
                 - f_divergence_score(rejected_lr, divergence=divergence, alpha=alpha))
-    return -F.logsigmoid(h)  # MATH.md §6, f-DPO row
+    return -F.logsigmoid(h)  # docs/theory.md §6, f-DPO row
 
 
 def simpo_loss(
@@ -246,7 +246,7 @@ def preference_loss(
     alpha: float = 0.5,
     simpo_gamma: float = 0.5,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-example preference loss and its stats (MATH.md §6).
+    """Per-example preference loss and its stats (docs/theory.md §6).
 
     Args:
         chosen_logps, rejected_logps: (B,) Σ_t log π_θ over the completion tokens of y_w and y_l.

@@ -2,7 +2,7 @@
 
 Every quantity a KL-regularised method estimates from samples (sequence KLs in both directions,
 expected gradients of each KL estimator in each placement, the optimal policy, best-of-n) is
-computed here exactly, in float64, by summing over every complete sequence (MATH.md §2, §3, §5, §7).
+computed here exactly, in float64, by summing over every complete sequence (docs/theory.md §2, §3, §5, §7).
 
 - ``tabular``: the space of sequences, ``TabularPolicy`` (one logit vector per (prompt, prefix)),
   reward tables.

@@ -1,25 +1,21 @@
-"""Online methods on the tabular oracle, with the shipped math: policy gradient with the KL in the
-reward or in the loss, PPO, GRPO, RLOO, and the β controllers (``tether certify``).
+"""The exact tier of ``tether certify``: REINFORCE with each KL estimator in each placement, on the
+tabular oracle, with exact expectations (the estimator × placement theory of docs/theory.md §3).
 
-Each update is composed exactly as the language-model trainers compose it (``tether.trainers.ppo``,
-``grpo``, ``rloo``) from the same functions — ``tether.ops.kl.kl_per_token`` / ``kl_loss_term`` /
-``kl_reward_penalty`` (through ``token_rewards``), ``tether.ops.policy.gae`` / ``ppo_policy_loss`` /
-``reinforce_loss`` / ``group_advantages`` / ``rloo_advantages`` / ``aggregate_loss``, and the
-``tether.control`` controllers — with the tabular policy's per-token ``logps`` and ``logits`` standing
-in for the language model's. Only the batch differs:
+The trainers themselves (PPO, GRPO, RLOO) are certified by running them (``oracle.shipped``); this
+module certifies the *math* they are built from, composed from the same functions —
+``tether.ops.kl.kl_per_token`` / ``kl_loss_term`` / ``kl_reward_penalty`` (through ``token_rewards``),
+``tether.ops.policy.gae`` / ``reinforce_loss`` / ``ppo_policy_loss`` / ``aggregate_loss`` — with the
+tabular policy's per-token ``logps`` and ``logits`` standing in for the language model's. The batch:
 
-- **exact** ("infinite batch"): the rollout is every complete sequence of every prompt (or, for
-  GRPO/RLOO, every group of G of them, K^G per prompt), each row weighted by its probability under the
-  behaviour policy π_old. The per-token losses are multiplied by the weights and ``aggregate_loss``
-  is given the matching global counts (Σ w for sequences, Σ w·|y| for tokens), which is exactly the
-  limit of a batch of N samples as N → ∞. Gradients are then exact expectations.
-- **sampled**: a finite batch drawn with ``TabularPolicy.sample``, unweighted, as a trainer sees it.
+- **exact** ("infinite batch"): the rollout is every complete sequence of every prompt, each row
+  weighted by its probability under the behaviour policy π_old. The per-token losses are multiplied
+  by the weights and ``aggregate_loss`` is given the matching global counts (Σ w for sequences,
+  Σ w·|y| for tokens), which is exactly the limit of a batch of N samples as N → ∞. Gradients are
+  then exact expectations.
+- **sampled**: a finite batch drawn with ``TabularPolicy.sample``, unweighted.
 
-Deviations from the trainers, and why: no advantage whitening in the exact runs (``masked_whiten``
-has no row weights; whitening shifts by a constant baseline and rescales by a positive scalar, which
-changes neither the expected gradient's zero nor, to first order, PPO's clipping at the fixed point);
-the exact runs' PPO critic is the exact value of π_old (the population minimiser of the value
-loss), not a trained value model; one optimiser update per epoch (no minibatches).
+``expected_update_norm`` measures ‖E∇‖ at a policy: zero exactly at a fixed point of a method's
+expected dynamics (used where no closed-form fixed point exists).
 """
 
 from __future__ import annotations
@@ -207,7 +203,7 @@ def collect(ctx: Context, policy: TabularPolicy, beta: float, *, logits_full: to
 
     if setup.algo in ("pg", "ppo"):
         in_reward = setup.kl_placement == "reward"
-        rewards = token_rewards(scores, kl_tokens, mask, beta=beta if in_reward else 0.0)  # (B, T) MATH.md §1
+        rewards = token_rewards(scores, kl_tokens, mask, beta=beta if in_reward else 0.0)  # (B, T) docs/theory.md §1
         values = torch.zeros_like(rewards)
         if setup.algo == "ppo" and setup.gae_lambda < 1.0:
             _, returns = gae(rewards, values, mask, gamma=1.0, lam=1.0)  # reward-to-go
@@ -302,6 +298,20 @@ def train_online(problem: TabularProblem, setup: OnlineSetup, controller: BetaCo
             break
     curve.append((steps, distance(policy)))
     return policy, Trace(steps, curve, betas, kls)
+
+
+def expected_update_norm(problem: TabularProblem, setup: OnlineSetup, policy: TabularPolicy, beta: float) -> float:
+    """‖E[∇ loss]‖ of one on-policy update at ``policy`` (exact expectation): 0 exactly at a fixed point of
+    the method's expected dynamics. Used to certify rows whose fixed point has no closed form."""
+    if setup.sampled:
+        raise ValueError("expected_update_norm needs the exact (enumerated) batch")
+    pol = TabularPolicy(problem.space, policy.table.detach().clone())
+    ctx = Context(problem, setup)
+    logits_full, logps_full = scores_of(pol, ctx.full)
+    ro = collect(ctx, pol, beta, logits_full=logits_full, logps_full=logps_full, generator=torch.Generator())
+    loss = update_loss(ctx, pol, ro, beta, logits_full=logits_full, logps_full=logps_full)
+    (grad,) = torch.autograd.grad(loss, [pol.table])
+    return float(grad.norm())
 
 
 def fixed(beta: float) -> FixedBeta:

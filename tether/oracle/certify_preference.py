@@ -95,13 +95,14 @@ def population_loss(policy: TabularPolicy, problem: TabularProblem, pairs: Pairs
 
 def train_preference(problem: TabularProblem, setup: PreferenceSetup, beta: float, *, steps: int,
                      distance: Callable[[TabularPolicy], float], optimizer: str = "lbfgs", lr: float = 1.0,
-                     lr_end: float = 1e-3) -> tuple[TabularPolicy, list, int]:
+                     lr_end: float = 1e-3, pairs: "Pairs | None" = None) -> tuple[TabularPolicy, list, int]:
     """Minimise the population loss from π_ref. ``lbfgs``: full-batch L-BFGS with a strong-Wolfe line
     search (the loss is deterministic and smooth); ``adam``: Adam with a geometric learning-rate decay
     (for the non-smooth hinge). ``steps``: L-BFGS iterations (each may evaluate the gradient more than
-    once) or Adam steps. Returns (policy, curve [(gradient evaluations, distance)], gradient evaluations)."""
+    once) or Adam steps. ``pairs``: weighted pairs to use instead of the population (a finite dataset's
+    empirical weights). Returns (policy, curve [(gradient evaluations, distance)], gradient evaluations)."""
     policy = TabularPolicy(problem.space, problem.ref.table.detach())
-    pairs = population_pairs(problem, flip=setup.flip)
+    pairs = population_pairs(problem, flip=setup.flip) if pairs is None else pairs
     full = problem.space.all_completions()
     with torch.no_grad():
         ref_seq_logps = seq_sum(scores_of(problem.ref, full)[1], full.mask)  # (P·K,)

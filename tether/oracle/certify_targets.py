@@ -1,14 +1,14 @@
 """Targets for ``tether certify`` that ``exact.py`` does not already give: what each biased or
 differently-regularised method provably converges to on a tabular problem (pure torch, float64).
 
-Every function here is derived from the theory (MATH.md §3, §5, §6; ``tether.ops.kl.ESTIMATORS``;
+Every function here is derived from the theory (docs/theory.md §3, §5, §6; ``tether.ops.kl.ESTIMATORS``;
 ``tether.ops.preference.TARGETS``), independently of the training code it certifies: the loops in
 ``certify_online`` / ``certify_preference`` run the shipped math functions, these compute where the
 theory says those loops must end.
 
 Per-state fixed points of "policy gradient of the reward + β x a per-token KL term in the loss".
 With the states held fixed, a per-token loss term contributes at each prefix s only the gradient of
-a per-state penalty F_s(π(·|s)) (MATH.md §3), while the reward reaches s through the score function
+a per-state penalty F_s(π(·|s)) (docs/theory.md §3), while the reward reaches s through the score function
 with Q(s, a) = E_π[r | s·a], the expected *reward* below s·a (no future penalty: the future penalty
 terms are losses, not rewards). The zero of d(s)·[Σ_a π(a|s) (Q(s, a) - V(s)) ∇log π(a|s) - β ∇F_s]
 at every visited state is solved by backward induction from the leaves, one state at a time, with

@@ -1,9 +1,9 @@
 """Exact solutions and exact divergences on a tabular language (pure torch, float64).
 
 Everything is per prompt: functions return (P,) or (P, ...) tensors; sum or average over prompts
-at the call site. Notation as in MATH.md: r(x, y) the reward of a complete sequence, β > 0.
+at the call site. Notation as in docs/theory.md: r(x, y) the reward of a complete sequence, β > 0.
 
-Reverse-KL optimum (MATH.md §5; DPO Eq. 4; Korbak et al. 2022), computed two independent ways:
+Reverse-KL optimum (docs/theory.md §5; DPO Eq. 4; Korbak et al. 2022), computed two independent ways:
 
 - sequence level, by enumeration: π*(y|x) = π_ref(y|x) exp(r(x, y)/β) / Z(x);
 - token level, soft Bellman backup on the tree: V(s) = β log Σ_a π_ref(a|s) exp(Q(s, a)/β) with
@@ -12,9 +12,9 @@ Reverse-KL optimum (MATH.md §5; DPO Eq. 4; Korbak et al. 2022), computed two in
 Both give the same distribution, V(root) = β log Z, and for any π:
 J(π) = E_π[r] - β KL[π‖π_ref] = β log Z - β KL[π‖π*], so the gap β log Z - J(π) = β KL[π‖π*] ≥ 0.
 
-Forward-KL optimum (what "k3 as a loss term" targets, MATH.md §3): see ``forward_kl_optimum``.
+Forward-KL optimum (what "k3 as a loss term" targets, docs/theory.md §3): see ``forward_kl_optimum``.
 
-Best-of-n (MATH.md §7; Stiennon et al. 2020 fn. 15; Beirami et al. 2024): see ``best_of_n_probs``.
+Best-of-n (docs/theory.md §7; Stiennon et al. 2020 fn. 15; Beirami et al. 2024): see ``best_of_n_probs``.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def log_partition(ref: TabularPolicy, rewards: torch.Tensor, beta: float) -> tor
 
 
 def tilted_sequence_probs(ref: TabularPolicy, rewards: torch.Tensor, beta: float) -> torch.Tensor:
-    """π*(y|x) ∝ π_ref(y|x) exp(r(x, y)/β) over the enumerated sequences (MATH.md §5): (P, K)."""
+    """π*(y|x) ∝ π_ref(y|x) exp(r(x, y)/β) over the enumerated sequences (docs/theory.md §5): (P, K)."""
     _check_beta(beta)
     return torch.softmax(ref.sequence_log_probs().detach() + rewards / beta, dim=-1)
 
@@ -72,7 +72,7 @@ def _soft_q(ref: TabularPolicy, rewards: torch.Tensor, beta: float) -> tuple[tor
 
 
 def soft_values(ref: TabularPolicy, rewards: torch.Tensor, beta: float) -> torch.Tensor:
-    """V(x, s) of every prefix by the soft Bellman backup (MATH.md §5): (P, S); [:, 0] = β log Z."""
+    """V(x, s) of every prefix by the soft Bellman backup (docs/theory.md §5): (P, S); [:, 0] = β log Z."""
     _check_beta(beta)
     return _soft_q(ref, rewards, beta)[0]
 
@@ -100,7 +100,7 @@ def statewise_kl(p: TabularPolicy, q: TabularPolicy, *, state_probs: torch.Tenso
 
     ``state_probs`` (P, S) are the weights w; default ``p.state_probs()``, which makes this the
     sequence KL[p‖q] by the chain rule. ``state_probs=pi.state_probs().detach()`` gives the
-    "states held fixed" quantities of MATH.md §3: with p = π it is what per-token KL terms
+    "states held fixed" quantities of docs/theory.md §3: with p = π it is what per-token KL terms
     differentiate, Σ_t E_{s_t~π}[KL_t]; with p = π_ref, q = π it is the forward KL *at the states π
     visits*, which is not KL[π_ref‖π] for T > 1 (that one weights states by π_ref's visits).
     """
@@ -115,7 +115,7 @@ def expected_reward(policy: TabularPolicy, rewards: torch.Tensor) -> torch.Tenso
 
 
 def objective(policy: TabularPolicy, ref: TabularPolicy, rewards: torch.Tensor, beta: float) -> torch.Tensor:
-    """J(π) = E_π[r] - β KL[π‖π_ref] (MATH.md §1), exact: (P,). Maximised by π*, max = β log Z."""
+    """J(π) = E_π[r] - β KL[π‖π_ref] (docs/theory.md §1), exact: (P,). Maximised by π*, max = β log Z."""
     return expected_reward(policy, rewards) - beta * sequence_kl(policy, ref)
 
 
@@ -168,7 +168,7 @@ def forward_kl_optimum(ref: TabularPolicy, rewards: torch.Tensor, beta: float) -
     """The policy on-policy training with "k3 as a loss term" (GRPO, DeepSeekMath Eq. 3) converges
     to: the zero of E[score-function reward gradient] - β E[∇ Σ_t k3_t] on a tabular softmax policy.
 
-    What the k3 loss term's expected gradient is (MATH.md §3). At a state s, with a ~ π_θ(·|s),
+    What the k3 loss term's expected gradient is (docs/theory.md §3). At a state s, with a ~ π_θ(·|s),
     lr = log π_θ(a|s) - log π_ref(a|s), k3 = e^{-lr} - 1 + lr, the samples held fixed:
     ∇k3 = (1 - π_ref(a|s)/π_θ(a|s)) ∇log π_θ(a|s), and
     E_a[∇k3] = Σ_a (π_θ - π_ref)(a|s) ∇log π_θ(a|s) = -Σ_a π_ref(a|s) ∇log π_θ(a|s) = ∇ KL[π_ref(·|s)‖π_θ(·|s)].

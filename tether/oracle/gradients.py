@@ -1,4 +1,4 @@
-"""Exact expected gradients of the KL terms of ``tether.ops.kl``, per placement (MATH.md §3).
+"""Exact expected gradients of the KL terms of ``tether.ops.kl``, per placement (docs/theory.md §3).
 
 The expectation over sampled completions is replaced by a sum over every complete sequence weighted
 by its probability under the behaviour policy; the per-sequence term is built from the project's own

@@ -381,7 +381,7 @@ def train_dpo(cfg: DPOConfig, *, rows: Optional[Sequence[dict]] = None, eval_row
     held_ids = list(range(n, n + len(held)))  # held-out pairs follow the training pairs in the reference's ids
     visited = order.visited(range(cfg.max_steps)) + held_ids
     reference, live_ref = setup_reference(cfg, policy, tok, train + held, visited, dist)
-    controller = build_controller(cfg, total_steps=cfg.max_steps)
+    controller = build_controller(cfg, total_steps=cfg.max_steps, episodes_per_step=cfg.batch_size)
     params = trainable_params(policy)
     opt = make_optimizer(params, cfg)
     sched = make_scheduler(opt, cfg)

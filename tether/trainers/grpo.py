@@ -9,12 +9,12 @@ The loop is ``online.train_online``; this file is GRPO's two pieces (STYLE.md §
   (``ops.kl.kl_loss_term``), aggregated as DeepSeekMath Eq. 3 does: 1/G Σ_i 1/|o_i| Σ_t
   (``loss_aggregation=seq_mean_token_mean``; ``token_mean`` is DAPO's choice).
 
-Which KL, and the bias of each choice (MATH.md §3; ``ops.kl.ESTIMATORS``), set by ``kl_estimator`` and
+Which KL, and the bias of each choice (docs/theory.md §3; ``ops.kl.ESTIMATORS``), set by ``kl_estimator`` and
 ``kl_placement``:
 
 - ``k3`` + ``loss`` (the paper's default): the value is unbiased for KL[π_θ‖π_ref], but its gradient is
   the *forward* KL's, ∇KL[π_ref(·|s)‖π_θ(·|s)], at the states π_θ visits — a mass-covering regulariser
-  different from the reverse KL the objective (MATH.md §1) penalises. Fixed point:
+  different from the reverse KL the objective (docs/theory.md §1) penalises. Fixed point:
   ``oracle.forward_kl_optimum`` (certified by ``tether certify``).
 - ``k2`` + ``loss``, ``k3`` + ``loss_is``, ``k1`` + ``loss_is``, ``exact`` + ``loss``: all give the
   *local* gradient Σ_t E_{s_t}[∇KL_t] with the visited states held fixed — ∇KL[π_θ‖π_ref] for a single
@@ -80,7 +80,7 @@ def loss(x: LossInputs, *, cfg: GRPOConfig, beta: float, counts: Counts) -> tupl
         x.logps, x.ref_logps, x.mask, estimator=cfg.kl_estimator,
         old_logps=x.old_logps if cfg.kl_placement == "loss_is" else None,
         logits=x.logits if exact else None, ref_logits=x.ref_logits if exact else None,
-        clamp_input=getattr(cfg, "kl_clamp_input", None), clamp_output=getattr(cfg, "kl_clamp_output", None),
+        clamp_input=cfg.kl_clamp_input, clamp_output=cfg.kl_clamp_output,
     )
     total = aggregate_loss(pg + beta * kl.per_token, x.mask, mode=cfg.loss_aggregation, num_tokens=counts.tokens,
                            num_seqs=counts.seqs)
@@ -96,7 +96,7 @@ def validate(cfg: GRPOConfig) -> None:
     if cfg.kl_placement not in KL_PLACEMENTS:
         raise ValueError(f"kl_placement must be one of {KL_PLACEMENTS}, got {cfg.kl_placement!r}")
     if cfg.kl_estimator == "k1" and cfg.kl_placement == "loss":
-        raise ValueError("kl_estimator=k1 with kl_placement=loss has zero expected gradient (no regularisation, MATH.md §3); "
+        raise ValueError("kl_estimator=k1 with kl_placement=loss has zero expected gradient (no regularisation, docs/theory.md §3); "
                          "use kl_placement=loss_is, or k3/k2")
 
 

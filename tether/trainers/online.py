@@ -15,7 +15,7 @@ loss of a micro-batch (``loss``); everything else is this file (the rollout itse
         for epoch, minibatch, micro-batch:    method.loss(...).backward(); all-reduce; clip; step
         β controller.update(kl/ref)           log, log samples, evaluate, checkpoint
 
-KL conventions (MATH.md §2–3, docs/theory.md §3): every KL is KL[π^{τ,F}_θ‖π^{τ,F}_ref], both models'
+KL conventions (docs/theory.md §2–3, docs/theory.md §3): every KL is KL[π^{τ,F}_θ‖π^{τ,F}_ref], both models'
 logits divided by the sampling temperature τ and restricted to the token sets F_t the sampler's
 top-k/top-p allowed (stored in ``batch.allowed``), both models in eval mode (no dropout: the online methods keep
 the policy in eval mode throughout, so π_θ/π_old = 1 before the first update and step-0 KL is 0;
@@ -45,12 +45,11 @@ from typing import Callable, ClassVar, Optional, Sequence
 
 import torch
 
-from ..assets import resolve_model
 from ..control import BetaConfig, build_controller
 from ..data.text import batch_indices
 from ..distributed import Dist
 from ..measure import encode_prompts, measure_kl, read_prompts
-from ..modeling import CompletionBatch, load_causal_lm, load_tokenizer
+from ..modeling import CompletionBatch
 from ..ops.kl import ESTIMATOR_NAMES, kl_loss_term
 from ..ops.logprobs import selective_logps
 from ..ops.policy import AGGREGATION_MODES
@@ -98,7 +97,7 @@ class OnlineConfig(TrainConfig, BetaConfig):
     max_prompt_length: Optional[int] = None
     """Error on prompts longer than this many tokens (None = no limit)."""
     kl_estimator: str = "k1"
-    """Per-token KL estimator k1 | k2 | k3 | exact (MATH.md §2-3; tether.ops.kl.ESTIMATORS lists value and gradient bias per placement)."""
+    """Per-token KL estimator k1 | k2 | k3 | exact (docs/theory.md §2-3; tether.ops.kl.ESTIMATORS lists value and gradient bias per placement)."""
     kl_clamp_input: Optional[float] = None
     """Clamp the log-ratio lr = log π_θ - log π_ref to [-c, c] before the k1/k2/k3 estimator (None = off; verl uses 20 for k3). Clamped tokens get no KL gradient: kl/clamped_frac logs their fraction."""
     kl_clamp_output: Optional[float] = None
@@ -254,7 +253,7 @@ def exact_kl_direct_term(x: LossInputs) -> torch.Tensor:
     not of the sampled token y_t, so the score-function gradient sees only how earlier tokens change
     later states, never the direct dependence of KL_t on π_θ(·|s_t). The full gradient of
     E[Σ_t KL_t] is that score-function part plus Σ_t ∇KL_t at fixed states (Tang & Munos,
-    arXiv:2506.09477; MATH.md §3). PPO and RLOO add β / adv_scale x this term to their loss.
+    arXiv:2506.09477; docs/theory.md §3). PPO and RLOO add β / adv_scale x this term to their loss.
     (k1 needs no such term: E_π[∇log π] = 0.)"""
     if x.logits is None or x.ref_logits is None:
         raise ValueError("the exact KL term needs policy and reference logits (method.needs_ref_logits)")
@@ -288,7 +287,7 @@ def loss_inputs(out: PolicyOutput, ro: Rollout, prep: Prepared, ref_logits: Opti
 def rollout_ref_logits(reference, ro: Rollout, *, chunk: int, filters: dict) -> torch.Tensor:
     """(B, T, V) reference logits of the whole rollout, fetched once (``chunk`` rows per forward) for a
     method whose loss needs full reference distributions."""
-    parts = [reference.logits(ro.batch.select(slice(s, s + chunk))) for s in range(0, ro.mask.shape[0], chunk)]
+    parts = [reference.logits(ro.batch.select(slice(s, s + chunk)), filters=filters) for s in range(0, ro.mask.shape[0], chunk)]
     return torch.cat(parts).to(ro.mask.device)
 
 
@@ -415,6 +414,9 @@ def _validate(cfg: OnlineConfig, method: OnlineMethod) -> None:
         raise ValueError("num_epochs and num_minibatches must be >= 1")
     if cfg.max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
+    if cfg.keep_dropout:
+        raise ValueError("keep_dropout=true is not available for online methods: the sampler, the scorer and the loss "
+                         "must see one policy (with dropout, π_θ/π_old ≠ 1 and the step-0 KL ≠ 0, TRL #506); drop the flag")
     method.validate(cfg)
 
 
@@ -499,7 +501,6 @@ def setup(cfg: OnlineConfig, method: OnlineMethod, *, prompts=None, reward=None,
     run = RunDir(cfg.output_dir, is_main=dist.is_main)
     run.save_config(cfg)
     tok, policy, path = load_policy(cfg, dist)
-    policy.eval()  # no dropout anywhere (module docstring); gradients still flow
     reference = _load_reference(cfg, policy, tok, path, dist)
     value_model = build_value_model(cfg.value_model, policy, model_path=path, dtype=cfg.dtype, device=dist.device) \
         if method.uses_value_model(cfg) else None
@@ -510,7 +511,7 @@ def setup(cfg: OnlineConfig, method: OnlineMethod, *, prompts=None, reward=None,
     value_params = list(value_model.parameters()) if value_model is not None else []
     opt = make_optimizer(params + value_params, cfg)
     sched = make_scheduler(opt, cfg)
-    controller = build_controller(cfg, total_steps=cfg.max_steps)
+    controller = build_controller(cfg, total_steps=cfg.max_steps, episodes_per_step=cfg.batch_size)
     s = Session(
         cfg=cfg, method=method, dist=dist, sizes=sizes, run=run, tok=tok, policy=policy, reference=reference,
         value_model=value_model, rewards=_as_reward_set(cfg, reward, log_rewards),
@@ -581,6 +582,7 @@ def train_online(
         metrics = dist.reduce_metrics({**sums, **u_sums}, {**counts, **u_counts})
         metrics.update({"beta": beta, "opt/lr": lr, "opt/grad_norm": sum(norms) / max(len(norms), 1), "opt/updates": len(norms)})
         s.controller.update(kl=metrics["kl/ref"], n_episodes=cfg.batch_size)
+        metrics.update(s.controller.stats())  # kl_ctl/*: the adaptive controller's error and saturation
         if (cfg.eval_every and s.step % cfg.eval_every == 0) or s.step == cfg.max_steps:
             metrics.update(s.evaluate())
         metrics = {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}

@@ -3,7 +3,7 @@
 The loop is ``online.train_online``; this file is PPO's two pieces (STYLE.md §2):
 
 - ``prepare``: per-token rewards ``r_t = -β·sg(kl_t)``, plus the score at the last completion token
-  (MATH.md §1, ``ops.policy.token_rewards``) -> GAE(γ, λ) against the value model's V(s_t) (PPO paper
+  (docs/theory.md §1, ``ops.policy.token_rewards``) -> GAE(γ, λ) against the value model's V(s_t) (PPO paper
   Eq. 11-12, ``ops.policy.gae``) -> advantages whitened over the rollout (``masked_whiten``).
 - ``loss``: clipped surrogate (PPO Eq. 7) + ``vf_coef`` x clipped value loss (``ppo_value_loss``),
   optionally + PPO-ptx: ``-ptx_coef`` x the token-mean log-likelihood of pretraining text
@@ -11,7 +11,7 @@ The loop is ``online.train_online``; this file is PPO's two pieces (STYLE.md §2
   mean here, so it is not directly comparable).
 
 The KL estimator in the reward is ``kl_estimator`` (default k1: with a detached value in the reward its
-policy gradient is the unbiased ∇KL[π_θ‖π_ref]; k2's and k3's are biased — MATH.md §3; exact's is
+policy gradient is the unbiased ∇KL[π_θ‖π_ref]; k2's and k3's are biased — docs/theory.md §3; exact's is
 unbiased only together with its direct term, which the loss adds: ``online.exact_kl_direct_term``). β is
 fixed, scheduled or adaptive (``beta``, ``beta_schedule``, ``kl_target``: Ziegler's controller).
 
@@ -46,9 +46,9 @@ class PPOConfig(OnlineConfig):
     clip_value: float = 0.2
     """Value-loss clip ε in value units (openai/lm-human-preferences: 0.2)."""
     gamma: float = 1.0
-    """GAE discount γ (MATH.md §7: 1)."""
+    """GAE discount γ (docs/theory.md §7: 1)."""
     lam: float = 0.95
-    """GAE λ (MATH.md §7: 0.95)."""
+    """GAE λ (docs/theory.md §7: 0.95)."""
     whiten_advantages: bool = True
     """Standardise advantages over the rollout (per process)."""
     num_epochs: int = 4

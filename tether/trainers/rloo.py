@@ -4,7 +4,7 @@ Basics"; Kool et al. 2019).
 The loop is ``online.train_online``; this file is RLOO's two pieces (STYLE.md §2):
 
 - ``prepare``: each completion's sequence reward is its score minus β x the detached sequence sum of
-  the per-token KL (k1 by default: ``ops.policy.token_rewards`` summed over the completion, MATH.md §1),
+  the per-token KL (k1 by default: ``ops.policy.token_rewards`` summed over the completion, docs/theory.md §1),
   and its advantage is that reward minus the mean of the other k - 1 completions of the same prompt
   (``ops.policy.rloo_advantages``). No value model.
 - ``loss``: the sequence advantage on every token through the clipped surrogate (PPO Eq. 7) with
@@ -13,7 +13,7 @@ The loop is ``online.train_online``; this file is RLOO's two pieces (STYLE.md §
   RLOOTrainer does).
 
 The KL estimator sits in the reward as a detached value, so k1 gives the unbiased ∇KL[π_θ‖π_ref],
-k2 and k3 biased ones (MATH.md §3), and exact an unbiased one only with its direct term, which the
+k2 and k3 biased ones (docs/theory.md §3), and exact an unbiased one only with its direct term, which the
 loss adds (``online.exact_kl_direct_term``).
 """
 
@@ -38,7 +38,7 @@ class RLOOConfig(OnlineConfig):
     samples_per_prompt: int = 4
     """k: completions per prompt (>= 2; the baseline of each is the mean of the other k - 1)."""
     kl_estimator: str = "k1"
-    """KL in the reward: k1 (the paper; unbiased gradient) | exact (unbiased with its direct term, added to the loss; lower variance) | k2, k3 (biased, MATH.md §3)."""
+    """KL in the reward: k1 (the paper; unbiased gradient) | exact (unbiased with its direct term, added to the loss; lower variance) | k2, k3 (biased, docs/theory.md §3)."""
     loss_aggregation: str = "seq_sum"
     """seq_sum (RLOO: one action per sequence) | token_mean | seq_mean_token_mean."""
     normalize_advantages: bool = False

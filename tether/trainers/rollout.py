@@ -39,12 +39,13 @@ class Rollout:
     no_eos: torch.Tensor  # (B,) bool: hit max_new_tokens without EOS
     scores: torch.Tensor  # (B,) optimised score (normalised/clipped, no-EOS penalty applied)
     reward_metrics: dict  # "reward/<name>" -> (B,) raw scores of every source
-    old_logps: torch.Tensor  # (B, T) log π_old at the sampling temperature (the ratio's denominator)
-    ref_logps: torch.Tensor  # (B, T) log π_ref
+    old_logps: torch.Tensor  # (B, T) log π_old, tempered and restricted to the stored filter sets (the ratio's denominator)
+    ref_logps: torch.Tensor  # (B, T) log π_ref, tempered and restricted the same way (docs/theory.md §3)
     kl_tokens: torch.Tensor  # (B, T) KL per token with cfg.kl_estimator (what the method applies)
     kl_exact: torch.Tensor  # (B, T) exact per-token KL (what kl/ref reports)
     entropy: torch.Tensor  # (B, T) entropy of the sampled distribution
     values: Optional[torch.Tensor] = None  # (B, T) V(s_t) at rollout (PPO)
+    kl_clamped: Optional[torch.Tensor] = None  # (B, T) bool: kl_tokens clamped (kl_clamp_input/output set)
 
     @property
     def mask(self) -> torch.Tensor:
@@ -172,7 +173,8 @@ def collect_rollout(
     completions = decode_completions(tok, batch)
     scores, reward_metrics = rewards(list(prompt_texts), completions)  # (B,), {"reward/<name>": (B,)}
     scores = apply_no_eos_penalty(scores, no_eos, cfg.no_eos_penalty).to(device)
-    scored = score_rollout(policy, reference, value_model, batch, estimator=cfg.kl_estimator, filters=filters, chunk=chunk)
+    scored = score_rollout(policy, reference, value_model, batch, estimator=cfg.kl_estimator, filters=filters, chunk=chunk,
+                           clamp_input=cfg.kl_clamp_input, clamp_output=cfg.kl_clamp_output)
     return Rollout(batch=batch, prompts=list(prompt_texts), completions=completions, no_eos=no_eos.to(device),
                    scores=scores, reward_metrics={k: v.to(device) for k, v in reward_metrics.items()}, **scored)
 
@@ -193,6 +195,8 @@ def rollout_stats(ro: Rollout, *, beta: float) -> tuple[dict, dict]:
         **{k: v.sum() for k, v in ro.reward_metrics.items()},
     }
     tok = {"kl/ref_token_mean": token_mean(ro.kl_exact, mask) * n_tok, "policy/entropy": token_mean(ro.entropy, mask) * n_tok}
+    if ro.kl_clamped is not None:  # fraction of counted tokens whose KL value was clamped (its gradient is 0)
+        tok["kl/clamped_frac"] = (ro.kl_clamped & mask).sum().float()
     sums = {k: float(v) for k, v in {**seq, **tok}.items()}
     counts = {**{k: B for k in seq}, **{k: n_tok for k in tok}}
     return sums, counts
