@@ -313,6 +313,24 @@ def test_adaptive_controller_settles_near_target_kl(stories_path, tmp_path):
 
 
 @pytest.mark.slow
+def test_bf16_ppo_with_top_k_and_top_p_logs_only_finite_metrics(stories_path, tmp_path):
+    """The certification issue's bar: 20 steps of PPO in bf16 with top_k = 20 and top_p = 0.9. Before the
+    sampler stored its token sets, the scorer's bf16 re-filter dropped sampled tokens (log-prob -inf),
+    k1 became +inf and GAE/whitening turned it into NaN. Every logged metric must be finite (NaN rows are
+    no longer dropped before logging, so a NaN would show here), and the first step's KL is exactly 0."""
+    cfg = _cfg(PPOConfig, stories_path, tmp_path, "bf16", dtype="bfloat16", top_k=20, top_p=0.9, max_steps=20,
+               batch_size=8, max_new_tokens=24, learning_rate=3e-3)
+    res = train_ppo(cfg, prompts=PROMPTS)
+    keys = set(res["history"][0])
+    for h in res["history"]:
+        assert set(h) >= keys, h["step"]
+        bad = {k: v for k, v in h.items() if isinstance(v, float) and not math.isfinite(v)}
+        assert not bad, (h["step"], bad)
+    assert res["history"][0]["kl/ref"] == 0.0
+    assert res["history"][-1]["kl/ref"] > 0.0  # it trained
+
+
+@pytest.mark.slow
 def test_resume_continues_the_same_trajectory(stories_path, tmp_path):
     """Interrupt after step 2 (delete the step-4 checkpoint), resume: steps 3-4 reproduce the
     uninterrupted run exactly — controller, reward normaliser, critic, optimiser and RNG included."""

@@ -39,7 +39,6 @@ statistics, as TRL does; evaluation runs the same prompts on every process (iden
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Optional, Sequence
 
@@ -585,7 +584,6 @@ def train_online(
         metrics.update(s.controller.stats())  # kl_ctl/*: the adaptive controller's error and saturation
         if (cfg.eval_every and s.step % cfg.eval_every == 0) or s.step == cfg.max_steps:
             metrics.update(s.evaluate())
-        metrics = {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
         s.history.append({"step": s.step, **metrics})
         if s.step % cfg.log_every == 0 or s.step == cfg.max_steps or "eval/kl" in metrics:
             s.run.log(s.step, metrics)
