@@ -1,7 +1,7 @@
 """Typed configs: YAML + command-line overrides, docstrings as help, clear errors."""
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import pytest
 
@@ -46,3 +46,31 @@ def test_errors_name_the_field(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_config(Toy, ["--steps", "2.5"])
     assert "'steps'" in capsys.readouterr().err
+
+
+@dataclass
+class WithUnion:
+    horizon: Optional[Union[int, str]] = "auto"
+    both: Union[int, float] = 1
+
+
+def test_union_fields_take_the_first_member_that_reads_the_value(tmp_path):
+    """int | str: '500' -> 500, 'ziegler' -> 'ziegler'; 'none' -> None (Optional); YAML the same."""
+    assert parse_config(WithUnion, [])[0].horizon == "auto"
+    assert parse_config(WithUnion, ["--horizon", "500"])[0].horizon == 500
+    assert parse_config(WithUnion, ["--horizon", "ziegler"])[0].horizon == "ziegler"
+    assert parse_config(WithUnion, ["--horizon", "none"])[0].horizon is None
+    assert parse_config(WithUnion, ["--both", "2.5"])[0].both == 2.5
+    f = tmp_path / "c.yaml"
+    f.write_text("horizon: 64\n")
+    assert load_config(WithUnion, f).horizon == 64
+    f.write_text("horizon: ziegler\n")
+    assert load_config(WithUnion, f).horizon == "ziegler"
+    save_config(WithUnion(horizon=77), f)
+    assert load_config(WithUnion, f).horizon == 77
+
+
+def test_union_field_errors_name_the_field(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(WithUnion, ["--both", "many"])
+    assert "'both'" in capsys.readouterr().err

@@ -1,19 +1,23 @@
-"""β controllers (MATH.md §4): hand-computed values, Ziegler's update rule, checkpoint round trips,
+"""β controllers (docs/theory.md §4): hand-computed values, Ziegler's update rule, checkpoint round trips,
 configuration errors, and closed loops on a toy plant where the measured KL ≈ c/β."""
 
 import copy
 import json
+import logging
 import math
 import random
 
 import pytest
 
+from tether.config import parse_config
 from tether.control import (
+    AUTO_KL_LOG_RANGE,
     AdaptiveKLController,
     BetaConfig,
     ConstraintBeta,
     FixedBeta,
     ScheduledBeta,
+    auto_kl_horizon,
     build_controller,
 )
 
@@ -110,6 +114,120 @@ def test_adaptive_errors():
         AdaptiveKLController(0.1, target=6.0).update(n_episodes=4)
 
 
+# ---- the adaptive controller's horizon, saturation stats and warning ---------------------------------
+
+def test_auto_horizon_hand_values():
+    """H = clip·total_episodes/log_range, rounded, at least one step's episodes:
+    60 steps x 8 episodes, clip 0.2, log_range 4: H = 0.2·480/4 = 24;  log_range 5: 96/5 = 19.2 -> 19;
+    100 x 8 = 800, log_range 4: 40;  2 steps x 8 = 16: 0.2·16/4 = 0.8 -> at least n = 8 (a saturated
+    step moves β by at most the factor 1 ± 0.2)."""
+    assert auto_kl_horizon(480, 8, log_range=4.0) == 24
+    assert auto_kl_horizon(480, 8, log_range=5.0) == 19
+    assert auto_kl_horizon(800, 8, log_range=4.0) == 40
+    assert auto_kl_horizon(16, 8, log_range=4.0) == 8
+    with pytest.raises(ValueError, match="episodes_per_step"):
+        auto_kl_horizon(480, 0)
+
+
+def test_auto_horizon_saturated_updates_hand_values():
+    """β0 = 0.05, H = 24 (60 steps x 8 episodes, log_range 4), every error clipped: each step multiplies
+    β by 1 ± 0.2·8/24 = 16/15 or 14/15.
+    3 up:   0.05·(16/15)^3 = 0.05·4096/3375 = 0.0606814814...
+    3 down: 0.05·(14/15)^3 = 0.05·2744/3375 = 0.0406518518...
+    60 up:  ln(β_60/β_0) = 60·ln(16/15) = 3.8723 (the first-order 0.2·480/24 = 4, less x²/2 per step)."""
+    assert AUTO_KL_LOG_RANGE == 4.0  # the values below are for the default
+    up = build_controller(BetaConfig(beta=0.05, kl_target=3.0), total_steps=60, episodes_per_step=8)
+    down = build_controller(BetaConfig(beta=0.05, kl_target=3.0), total_steps=60, episodes_per_step=8)
+    assert up.horizon == down.horizon == 24
+    assert _run(up, [9.0, 3.61, 4.0], n=8) == pytest.approx([0.05 * 16 / 15, 0.05 * 256 / 225, 0.05 * 4096 / 3375], rel=1e-12)
+    assert _run(down, [0.0, 2.0, 2.39], n=8)[-1] == pytest.approx(0.05 * 2744 / 3375, rel=1e-12)
+    _run(up, [30.0] * 57, n=8)
+    assert math.log(up.value / 0.05) == pytest.approx(60 * math.log(16 / 15), rel=1e-12)
+    assert math.log(up.value / 0.05) == pytest.approx(3.8723, abs=1e-4)
+
+
+@pytest.mark.parametrize("horizon, want", [("ziegler", 10000), (500, 500), ("auto", 24), (None, 24)])
+def test_kl_horizon_names(horizon, want):
+    c = build_controller(BetaConfig(kl_target=3.0, kl_horizon=horizon), total_steps=60, episodes_per_step=8)
+    assert c.horizon == want
+
+
+@pytest.mark.parametrize("horizon, match", [("bogus", "ziegler"), (0, "positive"), (-5, "positive"), (2.5, "positive")])
+def test_kl_horizon_errors(horizon, match):
+    with pytest.raises(ValueError, match=match):
+        build_controller(BetaConfig(kl_target=3.0, kl_horizon=horizon), total_steps=60, episodes_per_step=8)
+
+
+def test_auto_horizon_needs_the_episodes_per_step():
+    with pytest.raises(ValueError, match="episodes_per_step"):
+        build_controller(BetaConfig(kl_target=3.0), total_steps=60)
+    assert isinstance(build_controller(BetaConfig(beta=0.1), total_steps=60), FixedBeta)  # not needed without a target
+
+
+def test_kl_horizon_from_the_command_line_and_yaml(tmp_path):
+    """kl_horizon is Optional[int | str]: a number becomes an int, a name stays a string."""
+    assert parse_config(BetaConfig, [])[0].kl_horizon == "auto"
+    assert parse_config(BetaConfig, ["--kl_horizon", "ziegler"])[0].kl_horizon == "ziegler"
+    assert parse_config(BetaConfig, ["--kl_horizon", "500"])[0].kl_horizon == 500
+    f = tmp_path / "c.yaml"
+    f.write_text("kl_target: 3\nkl_horizon: 64\n")
+    cfg = parse_config(BetaConfig, ["--config", str(f)])[0]
+    assert cfg.kl_horizon == 64 and build_controller(cfg, total_steps=60, episodes_per_step=8).horizon == 64
+    f.write_text("kl_target: 3\nkl_horizon: ziegler\n")
+    assert build_controller(parse_config(BetaConfig, ["--config", str(f)])[0], total_steps=60, episodes_per_step=8).horizon == 10000
+
+
+def test_adaptive_stats_report_error_and_saturation():
+    """target 3, H 24: kl 4 -> e = 1/3 (clipped to 0.2: saturated); kl 3.3 -> e = 0.1 (not);
+    kl 2.4 -> e = -0.2 exactly (at the clip: saturated). Other controllers report nothing."""
+    c = AdaptiveKLController(0.05, target=3.0, horizon=24)
+    assert c.stats() == {}
+    c.update(kl=4.0, n_episodes=8)
+    assert c.stats() == pytest.approx({"kl_ctl/error": 1 / 3, "kl_ctl/saturated": 1.0, "kl_ctl/horizon": 24.0})
+    c.update(kl=3.3, n_episodes=8)
+    assert c.stats() == pytest.approx({"kl_ctl/error": 0.1, "kl_ctl/saturated": 0.0, "kl_ctl/horizon": 24.0})
+    c.update(kl=2.4, n_episodes=8)
+    assert c.stats()["kl_ctl/saturated"] == 1.0 and c.saturated_run == 1
+    for other in (FixedBeta(0.1), ScheduledBeta("linear", total_steps=3), ConstraintBeta(0.1, budget=1.0)):
+        other.update(kl=5.0)
+        assert other.stats() == {}
+
+
+def test_adaptive_warns_once_when_saturated_late(caplog):
+    """total_steps 20: ten clipped steps above the target by step 10 are not yet past half the run;
+    the 11th is, and warns; later ones do not warn again. Clipped errors that alternate in sign
+    (noise, not lag) never count ten in a row."""
+    c = AdaptiveKLController(0.05, target=3.0, horizon=24, total_steps=20)
+    with caplog.at_level(logging.WARNING, logger="tether.control"):
+        _run(c, [9.0] * 10, n=8)
+        assert c.saturated_run == 10 and not caplog.records
+        _run(c, [9.0] * 5, n=8)
+    assert len(caplog.records) == 1 and "above the target" in caplog.records[0].getMessage()
+    assert "smaller kl_horizon" in caplog.records[0].getMessage()
+    caplog.clear()
+    d = AdaptiveKLController(0.05, target=3.0, horizon=24, total_steps=20)
+    with caplog.at_level(logging.WARNING, logger="tether.control"):
+        _run(d, [9.0, 0.0] * 10, n=8)
+        assert d.saturated_run == 1 and not caplog.records
+        _run(d, [3.0] + [0.0] * 10, n=8)  # back in the band resets the count; then ten below
+    assert d.saturated_run == 10 and "below the target" in caplog.records[0].getMessage()
+
+
+def test_adaptive_state_dict_keeps_the_horizon():
+    """A checkpoint restores the horizon it ran with (and the saturation count), even into a
+    controller built with another: the continuation is the original's."""
+    a = build_controller(BetaConfig(beta=0.05, kl_target=3.0), total_steps=60, episodes_per_step=8)  # H = 24
+    _run(a, [9.0] * 4 + [3.3], n=8)
+    state = json.loads(json.dumps(a.state_dict()))
+    assert state["horizon"] == 24
+    b = build_controller(BetaConfig(beta=0.05, kl_target=3.0), total_steps=200, episodes_per_step=8)  # H = 80
+    assert b.horizon == 80
+    b.load_state_dict(state)
+    assert (b.horizon, b.step, b.value, b.stats()) == (24, 5, a.value, a.stats())
+    assert _run(b, [9.0, 1.0, 2.9], n=8) == _run(a, [9.0, 1.0, 2.9], n=8)
+    assert b.saturated_run == a.saturated_run
+
+
 # ---- constraint (Lagrangian) controller ------------------------------------------------------------------
 
 def test_constraint_hand_values():
@@ -187,7 +305,7 @@ def test_build_controller():
 )
 def test_build_controller_errors(cfg, match):
     with pytest.raises(ValueError, match=match):
-        build_controller(cfg, total_steps=10)
+        build_controller(cfg, total_steps=10, episodes_per_step=8)
 
 
 # ---- closed loops on a toy plant -----------------------------------------------------------------------

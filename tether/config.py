@@ -59,6 +59,16 @@ def coerce(name: str, tp: Any, value: Any) -> Any:
     base = _base_type(tp)
     if isinstance(value, str) and value.lower() in ("none", "null") and base is not str:
         return None
+    if typing.get_origin(base) in (typing.Union, types.UnionType):  # e.g. int | str: the first member that reads it
+        for member in typing.get_args(base):
+            if member is type(None):
+                continue
+            try:
+                return coerce(name, member, value)
+            except ValueError:
+                pass
+        names = " | ".join(getattr(m, "__name__", str(m)) for m in typing.get_args(base))
+        raise ValueError(f"config field {name!r}: cannot read {value!r} as {names}")
     try:
         if base is bool:
             if isinstance(value, bool):

@@ -1,4 +1,4 @@
-"""β controllers: how the KL coefficient is chosen over training (MATH.md §4).
+"""β controllers: how the KL coefficient is chosen over training (docs/theory.md §4).
 
 Each controller exposes ``value`` (the β to use now), ``update(kl=..., n_episodes=...)`` called
 once per optimisation step *after* the step's KL is measured, and ``state_dict()`` /
@@ -9,16 +9,21 @@ once per optimisation step *after* the step's KL is measured, and ``state_dict()
   "start conservative and relax" pattern, β decreasing.
 - ``AdaptiveKLController``: Ziegler et al. 2019 (openai/lm-human-preferences ``AdaptiveKLController``):
   e = clip(KL/KL_target - 1, -0.2, 0.2); β ← β·(1 + e·n/horizon), n = episodes in the batch, KL the
-  mean *sequence-sum* KL.
+  mean *sequence-sum* KL. Its horizon defaults to ``auto_kl_horizon``: scaled to the run's length, so
+  that β can actually move over the run (Ziegler's 10000 episodes, ``kl_horizon: ziegler``, is for runs
+  of ~10^5-10^6 episodes; at 8 episodes a step it moves β by 0.016% a step).
 - ``ConstraintBeta``: the Lagrangian form of "maximise reward s.t. KL ≤ budget": β is the dual
   variable, updated by projected dual ascent β ← max(0, β + η·(KL - budget)).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
+
+log = logging.getLogger(__name__)
 
 
 class BetaController:
@@ -34,6 +39,10 @@ class BetaController:
         """Advance one optimisation step given the step's mean sequence KL; returns the new β."""
         self.step += 1
         return self.value
+
+    def stats(self) -> dict:
+        """Metrics of the last ``update`` (the fixed ``kl_ctl/*`` names; README's metric table)."""
+        return {}
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "step": self.step, "value": self.value}
@@ -120,25 +129,80 @@ class AdaptiveKLController(BetaController):
         β ← β · (1 + e · n_episodes / horizon)
 
     Released settings: init β 0.15, target 6 nats, horizon 10000 (124M model).
+
+    ``stats()`` reports the step's unclipped error, whether it hit the clip, and the horizon. If the
+    error has been clipped with the same sign for ``SATURATION_WARN_STEPS`` consecutive steps after
+    half of ``total_steps`` (when given), β is moving as fast as the horizon allows and still not
+    catching up: one warning says so.
     """
 
     kind = "adaptive"
+    SATURATION_WARN_STEPS = 10
 
-    def __init__(self, init_beta: float, *, target: float, horizon: int = 10000, clip: float = 0.2) -> None:
+    def __init__(self, init_beta: float, *, target: float, horizon: int = 10000, clip: float = 0.2,
+                 total_steps: Optional[int] = None) -> None:
         super().__init__()
         if target <= 0:
             raise ValueError(f"kl_target must be > 0, got {target}")
         if init_beta <= 0:
             raise ValueError("the adaptive KL controller needs an initial beta > 0 (it is multiplicative)")
+        if horizon <= 0:
+            raise ValueError(f"kl_horizon must be > 0 episodes, got {horizon}")
         self.value, self.target, self.horizon, self.clip = float(init_beta), float(target), int(horizon), float(clip)
+        self.total_steps = total_steps
+        self.error: Optional[float] = None  # the last update's unclipped KL/target - 1
+        self.saturated_run = 0  # consecutive updates clipped with the sign of ``error``
+        self._warned = False
 
     def update(self, *, kl: Optional[float] = None, n_episodes: int = 1) -> float:
         if kl is None:
             raise ValueError("AdaptiveKLController.update needs the measured mean sequence KL")
         self.step += 1
-        error = min(max(kl / self.target - 1.0, -self.clip), self.clip)
+        raw = kl / self.target - 1.0
+        error = min(max(raw, -self.clip), self.clip)
         self.value *= 1.0 + error * n_episodes / self.horizon
+        same_side = self.error is not None and (raw > 0) == (self.error > 0)
+        self.saturated_run = (self.saturated_run + 1 if same_side else 1) if abs(raw) >= self.clip else 0
+        self.error = raw
+        self._warn_if_stuck(n_episodes)
         return self.value
+
+    def _warn_if_stuck(self, n_episodes: int) -> None:
+        if self._warned or self.saturated_run < self.SATURATION_WARN_STEPS:
+            return
+        if self.total_steps is not None and 2 * self.step <= self.total_steps:
+            return
+        self._warned = True
+        above = self.error > 0
+        log.warning(
+            "adaptive KL controller: the KL has been %s the target (%.3g nats) by more than %d%% for %d consecutive "
+            "steps (step %d, beta now %.4g): beta moves at most %.2f%% a step with kl_horizon=%d and cannot keep up. "
+            "Use a smaller kl_horizon%s.", "above" if above else "below", self.target, round(100 * self.clip),
+            self.saturated_run, self.step, self.value, 100 * self.clip * n_episodes / self.horizon, self.horizon,
+            ", or a larger initial beta" if above else
+            ", a smaller initial beta, or a larger learning rate (the target may be out of reach in this run)",
+        )
+
+    def stats(self) -> dict:
+        if self.error is None:
+            return {}
+        return {"kl_ctl/error": self.error, "kl_ctl/saturated": float(abs(self.error) >= self.clip),
+                "kl_ctl/horizon": float(self.horizon)}
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "horizon": self.horizon, "error": self.error, "saturated_run": self.saturated_run}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores β, the step and the horizon it was run with (a resumed run keeps its horizon even if
+        ``kl_horizon: auto`` would now derive another from a changed max_steps; older checkpoints
+        without one keep the configured horizon)."""
+        super().load_state_dict(state)
+        if state.get("horizon") is not None and int(state["horizon"]) != self.horizon:
+            log.warning("adaptive KL controller: the checkpoint's kl_horizon %s replaces the configured %s",
+                        state["horizon"], self.horizon)
+            self.horizon = int(state["horizon"])
+        self.error = state.get("error")
+        self.saturated_run = int(state.get("saturated_run", 0))
 
 
 class ConstraintBeta(BetaController):
@@ -165,6 +229,49 @@ class ConstraintBeta(BetaController):
         return self.value
 
 
+KL_HORIZONS = {"ziegler": 10000}
+"""Named adaptive-controller horizons (episodes): Ziegler et al.'s released setting."""
+AUTO_KL_LOG_RANGE = 4.0
+"""ln(β_end/β_0) that ``auto_kl_horizon`` lets a run reach when every step's error is clipped (e^4 ≈ 55x)."""
+
+
+def auto_kl_horizon(total_episodes: int, episodes_per_step: int, *, clip: float = 0.2,
+                    log_range: float = AUTO_KL_LOG_RANGE) -> int:
+    """The adaptive controller's horizon scaled to the run, so that β can move by e^±log_range over it.
+
+    Derivation: a step whose error is clipped multiplies β by (1 ± clip·n/H), n = episodes per step;
+    over N = total_episodes/n such steps ln(β_end/β_0) = N·ln(1 ± clip·n/H) ≈ ±clip·total_episodes/H.
+    Setting that to ``log_range`` gives H = clip·total_episodes/log_range, rounded.
+
+    Why e^4 (≈ 55x): the β a target needs is not known in advance (on stories260K at 3 nats it is
+    ~5x the default 0.05), and the KL is below target during the first steps (the policy has not moved
+    yet), so β first falls and then has to climb back; e^4 covers a 10x error in either direction with
+    room for that detour. Much faster and β reacts to the KL's step-to-step noise (±15-20% at 8
+    episodes) and to a plant that lags β by several steps, and overshoots.
+
+    H is at least n: one step never moves β by more than the factor 1 ± clip (so short runs reach less
+    than e^log_range)."""
+    if total_episodes < 1 or episodes_per_step < 1:
+        raise ValueError(f"auto kl_horizon needs total_episodes >= 1 and episodes_per_step >= 1, "
+                         f"got {total_episodes} and {episodes_per_step}")
+    return max(round(clip * total_episodes / log_range), int(episodes_per_step))
+
+
+def resolve_kl_horizon(horizon: Union[int, str, None], *, total_steps: int, episodes_per_step: Optional[int],
+                       clip: float = 0.2) -> int:
+    """``kl_horizon`` -> episodes: an integer as given, a name of ``KL_HORIZONS``, or ``auto`` (None too):
+    ``auto_kl_horizon(total_steps·episodes_per_step, episodes_per_step)``."""
+    if horizon is None or horizon == "auto":
+        if episodes_per_step is None:
+            raise ValueError("kl_horizon: auto needs the run's episodes per step (build_controller(episodes_per_step=...))")
+        return auto_kl_horizon(total_steps * episodes_per_step, episodes_per_step, clip=clip)
+    if isinstance(horizon, str) and horizon in KL_HORIZONS:
+        return KL_HORIZONS[horizon]
+    if isinstance(horizon, int) and not isinstance(horizon, bool) and horizon > 0:
+        return horizon
+    raise ValueError(f"kl_horizon must be a positive number of episodes, 'auto' or one of {sorted(KL_HORIZONS)}; got {horizon!r}")
+
+
 @dataclass
 class BetaConfig:
     """How β is chosen. Used as a field group of every trainer's config."""
@@ -181,21 +288,25 @@ class BetaConfig:
     """Piecewise schedule: the β values (one more than milestones)."""
     kl_target: Optional[float] = None
     """If set, the adaptive (Ziegler) controller drives the mean sequence KL toward this value (nats)."""
-    kl_horizon: int = 10000
-    """Adaptive controller horizon (episodes)."""
+    kl_horizon: Optional[Union[int, str]] = "auto"
+    """Adaptive controller horizon in episodes: auto (scaled to max_steps x batch_size so that β can move
+    e^±4 over the run: tether.control.auto_kl_horizon), ziegler (10000, Ziegler et al.'s), or a number."""
     kl_budget: Optional[float] = None
     """If set, the constraint (Lagrangian) controller keeps the mean sequence KL at or below this."""
     kl_budget_lr: float = 0.01
     """Dual-ascent step size of the constraint controller."""
 
 
-def build_controller(cfg: BetaConfig, *, total_steps: int = 1) -> BetaController:
-    """The one place a BetaConfig becomes a controller."""
+def build_controller(cfg: BetaConfig, *, total_steps: int = 1, episodes_per_step: Optional[int] = None) -> BetaController:
+    """The one place a BetaConfig becomes a controller. ``total_steps``: the run's optimisation steps
+    (schedules; the adaptive controller's auto horizon and warning); ``episodes_per_step``: the
+    ``n_episodes`` each ``update`` will be given (the auto horizon)."""
     chosen = [cfg.kl_target is not None, cfg.kl_budget is not None, cfg.beta_schedule not in ("none", None, "")]
     if sum(chosen) > 1:
         raise ValueError("choose at most one of kl_target (adaptive), kl_budget (constraint) and beta_schedule")
     if cfg.kl_target is not None:
-        return AdaptiveKLController(cfg.beta, target=cfg.kl_target, horizon=cfg.kl_horizon)
+        horizon = resolve_kl_horizon(cfg.kl_horizon, total_steps=total_steps, episodes_per_step=episodes_per_step)
+        return AdaptiveKLController(cfg.beta, target=cfg.kl_target, horizon=horizon, total_steps=total_steps)
     if cfg.kl_budget is not None:
         return ConstraintBeta(cfg.beta, budget=cfg.kl_budget, lr=cfg.kl_budget_lr)
     if chosen[2]:
