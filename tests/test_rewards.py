@@ -7,10 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tether.engine import decode_completion
 from tether.ops.reward_model import update_moments
-from tether.rewards import (
-    CallableSource, RewardSet, VaderSource, build_reward, decode_completions, join_text, last_token_index,
-)
+from tether.rewards import CallableSource, RewardSet, VaderSource, build_reward, join_text, last_token_index
 
 HERE = Path(__file__).resolve().parent
 
@@ -158,12 +157,12 @@ def test_update_moments_matches_full_batch_in_any_batching():
 
 def test_decode_completions_keeps_the_leading_space(stories):
     """SentencePiece drops the leading space of a completion decoded alone (``▁was`` -> "was");
-    decode_completions must give " was great ." so that prompt + completion is the sampled text."""
+    decode_completion must give " was great ." so that prompt + completion is the sampled text."""
     tok, _ = stories
     p = tok("the movie")["input_ids"]
     c = tok(" was great .", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert tok.decode(c, skip_special_tokens=True) == "was great ."  # the hazard
-    (comp,) = decode_completions(tok, [p], [c])
+    comp = decode_completion(tok, p, c)
     assert comp == " was great ."
     assert join_text("the movie", comp) == "the movie was great ."
 

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from tether.measure import measure_kl, score_kl
+from tether.engine import measure, score
 from tether.modeling import completion_logits, completion_logps, load_causal_lm, make_batch, with_allowed
-from tether.ops.kl import kl_per_token
+from tether.ops.kl import ESTIMATOR_NAMES, kl_per_token
 from tether.ops.logprobs import (
     allowed_set,
     apply_sampling_filters,
@@ -22,7 +22,6 @@ from tether.ops.logprobs import (
 )
 from tether.reference import FrozenReference
 from tether.sampling import sample
-from tether.trainers.rollout import score_rollout
 
 SETTINGS = {
     "temperature": {"temperature": 0.7},
@@ -169,7 +168,8 @@ def test_bf16_scoring_has_no_minus_inf(stories_path):
     lp = completion_logps(model, b, **f)
     ref_lp = reference.logps(b, filters=f)
     assert torch.isfinite(lp[b.mask]).all() and torch.isfinite(ref_lp[b.mask]).all(), n_old
-    res = score_kl(model, reference, b, filters=f)
+    sc = score(model, reference, b, sampling=f, estimators=ESTIMATOR_NAMES)
+    res = {n: sc.seq(n) for n in ESTIMATOR_NAMES}
     for name in ("k1", "k2", "k3", "exact"):
         assert res[name].tolist() == [0.0] * b.mask.shape[0], name  # bf16 model against its bf16 copy
 
@@ -184,8 +184,8 @@ def test_model_against_its_copy_is_exactly_zero(stories, stories_path, setting):
     1.99-2.2 nats/seq at τ = 0.7 (reference scored at τ = 1); at top_k = 20, exact 0.69-0.82 vs k3 0.03."""
     tok, model = stories
     reference = FrozenReference(load_causal_lm(stories_path))
-    res = measure_kl(model, reference, _prompt_ids(tok), pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
-                     samples_per_prompt=2, max_new_tokens=16, seed=0, filters=SETTINGS[setting])
+    res = measure(model, reference, _prompt_ids(tok), tokenizer=tok, samples_per_prompt=2, max_new_tokens=16, seed=0,
+                  sampling=SETTINGS[setting])
     for name, v in res["estimators"].items():
         assert v["mean"] == 0.0 and v["stderr"] == 0.0, (name, v)
     assert res["token_mean"] == 0.0
@@ -221,7 +221,8 @@ def test_batch_without_stored_sets_falls_back_to_the_policys_fp32_filter(stories
     f = {"temperature": 0.7, "top_k": 20}
     with pytest.raises(ValueError, match="batch.allowed"):
         reference.logits(b, filters=f)
-    res = score_kl(model, reference, b, filters=f)
+    sc = score(model, reference, b, sampling=f, estimators=ESTIMATOR_NAMES)
+    res = {n: sc.seq(n) for n in ESTIMATOR_NAMES}
     assert all(res[n].abs().max() == 0 for n in ("k1", "k2", "k3", "exact"))
     logits = completion_logits(model, b, **f)
     assert torch.equal(unpack_allowed(with_allowed(b, logits).allowed, logits.shape[-1]), logits > float("-inf"))
@@ -281,8 +282,8 @@ def test_perturbed_copy_at_top_k_estimators_agree_and_unfiltered_k3_is_biased(st
     tok, _ = stories
     reference = FrozenReference(load_causal_lm(stories_path))
     f = {"top_k": 20}
-    res = measure_kl(perturbed, reference, _prompt_ids(tok), pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
-                     samples_per_prompt=32, max_new_tokens=32, seed=0, filters=f)
+    res = measure(perturbed, reference, _prompt_ids(tok), tokenizer=tok, samples_per_prompt=32, max_new_tokens=32, seed=0,
+                  sampling=f)
     est = res["estimators"]
     ex = est["exact"]
     assert 0.5 < ex["mean"] < 30.0, ex
@@ -315,7 +316,7 @@ def test_perturbed_copy_at_top_k_estimators_agree_and_unfiltered_k3_is_biased(st
 # ---- the online rollout ---------------------------------------------------------------------------------
 
 
-def test_score_rollout_step0_kl_is_zero_and_clamp_mask_is_returned(stories, stories_path, perturbed):
+def test_rollout_scores_step0_kl_is_zero_and_clamp_mask_is_returned(stories, stories_path, perturbed):
     """Policy against its own copy under τ = 0.7, top_k = 20, top_p = 0.9: old_logps finite, every KL
     exactly 0. A perturbed policy with clamp_output = 0.05 on k3: kl_tokens = min(k3, 0.05) and
     ``kl_clamped`` marks exactly the counted tokens whose k3 exceeded it; kl_exact is not clamped."""
@@ -325,21 +326,21 @@ def test_score_rollout_step0_kl_is_zero_and_clamp_mask_is_returned(stories, stor
     b, _ = sample(model, _prompt_ids(tok), pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=16,
                   generator=g, **f)
     reference = FrozenReference(load_causal_lm(stories_path))
-    out = score_rollout(model, reference, None, b, estimator="k3", filters=f, chunk=3)
-    assert "kl_clamped" not in out
-    assert torch.isfinite(out["old_logps"]).all() and (out["old_logps"][b.mask] <= 0).all()  # 0: a one-token F_t
-    assert out["kl_tokens"].abs().max() == 0 and out["kl_exact"].abs().max() == 0
-    assert torch.equal(out["old_logps"], out["ref_logps"])
+    out = score(model, reference, b, sampling=f, estimators=("k3",), chunk=3)  # what collect_rollout scores with
+    assert out.kl_clamped is None
+    assert torch.isfinite(out.logps).all() and (out.logps[b.mask] <= 0).all()  # 0: a one-token F_t
+    assert out.kl["k3"].abs().max() == 0 and out.kl_exact.abs().max() == 0
+    assert torch.equal(out.logps, out.ref_logps)
 
     pb, _ = sample(perturbed, _prompt_ids(tok), pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=16,
                    generator=g, **f)
-    free = score_rollout(perturbed, reference, None, pb, estimator="k3", filters=f, chunk=4)
-    clamped = score_rollout(perturbed, reference, None, pb, estimator="k3", filters=f, chunk=4, clamp_output=0.05)
-    over = (free["kl_tokens"] > 0.05) & pb.mask
+    free = score(perturbed, reference, pb, sampling=f, estimators=("k3",), chunk=4)
+    clamped = score(perturbed, reference, pb, sampling=f, estimators=("k3",), chunk=4, clamp_output=0.05)
+    over = (free.kl["k3"] > 0.05) & pb.mask
     assert 0 < over.sum() < pb.mask.sum()
-    assert torch.equal(clamped["kl_clamped"], over)
-    torch.testing.assert_close(clamped["kl_tokens"], free["kl_tokens"].clamp(max=0.05), rtol=0, atol=0)
-    assert torch.equal(clamped["kl_exact"], free["kl_exact"])
+    assert torch.equal(clamped.kl_clamped["k3"], over)
+    torch.testing.assert_close(clamped.kl["k3"], free.kl["k3"].clamp(max=0.05), rtol=0, atol=0)
+    assert torch.equal(clamped.kl_exact, free.kl_exact)
 
 
 def test_loss_side_policy_stays_finite_after_the_policy_moves(stories, perturbed):

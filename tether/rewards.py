@@ -46,32 +46,6 @@ def join_text(prompt: str, completion: str) -> str:
     return prompt + completion
 
 
-def decode_completions(tokenizer, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]]) -> list[str]:
-    """Completion texts of sampled token ids, such that ``decoded_prompt + completion`` is the decoded
-    whole sequence.
-
-    Decoding the completion tokens alone loses information: SentencePiece tokenizers (Llama's,
-    stories260K's) drop the leading space of the first token (``decode([▁was]) == "was"``), so
-    ``join_text(prompt, completion)`` would glue words together. Instead decode prompt + completion
-    and keep what follows the decoded prompt. Special tokens (EOS) are skipped.
-    """
-    out = []
-    for p, c in zip(prompt_ids, completion_ids):
-        p, c = list(p), list(c)
-        full = tokenizer.decode(p + c, skip_special_tokens=True)
-        head = tokenizer.decode(p, skip_special_tokens=True)
-        out.append(full[len(head):] if full.startswith(head) else tokenizer.decode(c, skip_special_tokens=True))
-    return out
-
-
-def decode_batch(tokenizer, batch) -> tuple[list[str], list[str]]:
-    """(prompt texts, completion texts) of a ``modeling.CompletionBatch`` (padding and EOS removed)."""
-    P = batch.prompt_len
-    prompts = [batch.input_ids[i, :P][batch.attention_mask[i, :P].bool()].tolist() for i in range(len(batch.input_ids))]
-    comps = [batch.completion_ids[i][batch.mask[i]].tolist() for i in range(len(batch.input_ids))]
-    return [tokenizer.decode(p, skip_special_tokens=True) for p in prompts], decode_completions(tokenizer, prompts, comps)
-
-
 def _check_batch(prompts: Sequence[str], completions: Sequence[str]) -> None:
     if len(prompts) != len(completions):
         raise ValueError(f"reward source got {len(prompts)} prompts but {len(completions)} completions; pass one prompt per completion")

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from ..assets import resolve_model
-from ..measure import encode_prompts, measure_kl, read_prompts
+from ..engine import measure
+from ..measure import encode_prompts, read_prompts
 from ..modeling import check_compatible, load_causal_lm, load_tokenizer
 from ..reference import FrozenReference
 from ..runs import seed_everything
@@ -79,11 +80,10 @@ def main(argv=None) -> int:
     check_compatible(policy, ref_model, tok, ref_tok)
     reference = FrozenReference(ref_model)
     prompts = encode_prompts(tok, read_prompts(args.prompts))
-    result = measure_kl(
-        policy, reference, prompts, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
-        samples_per_prompt=args.samples, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-        seed=args.seed, filters={"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p},
-        progress=True,
+    result = measure(
+        policy, reference, prompts, tokenizer=tok, samples_per_prompt=args.samples, max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size, seed=args.seed,
+        sampling={"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}, progress=True,
     )
     print(format_table(result))
     if args.json:

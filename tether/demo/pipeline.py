@@ -241,7 +241,7 @@ def reference_row(cfg: DemoConfig, paths: Paths, eval_prompts) -> dict:
 
         tok, ref = load_tokenizer(str(paths.reference)), load_causal_lm(str(paths.reference))
         ev = evaluate_policy(ref, FrozenReference(load_causal_lm(str(paths.reference))), tok, eval_prompts, gold=VaderSource(),
-                             proxy=RewardModelSource(str(paths.proxy)), max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 100)
+                             proxy=RewardModelSource(str(paths.proxy)), max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
         _mark(marker, {"method": "reference", "run": "reference", "step": 0, **ev})
     return json.loads(marker.read_text())
 

@@ -9,6 +9,10 @@ Figure 2; docs/theory.md §9), at laptop scale.
   every ordered pair with distinct scores (4 samples -> up to 6 pairs, as in the paper);
 - evaluation: sample from a policy on held-out prompts, exact sequence KL to the reference with its
   standard error, mean gold and proxy reward of the same samples.
+
+Sampling, decoding and the KL are the engine's (``tether.engine``) that the trainers' own rollouts
+and evaluations use: the preference pairs are ``engine.generate_batches``, an evaluation point is
+``engine.evaluate`` (the one evaluation seed, ``engine.eval_seed``).
 """
 
 from __future__ import annotations
@@ -22,10 +26,8 @@ from typing import Optional, Sequence
 import torch
 
 from ..assets import resolve
-from ..measure import mean_stderr, score_kl
+from ..engine import evaluate, generate_batches
 from ..reference import Reference
-from ..rewards import decode_batch
-from ..sampling import sample
 
 
 @dataclass
@@ -82,12 +84,6 @@ def make_prompts(tokenizer, snippets: Sequence[str], *, seed: int, min_tokens: i
     return out
 
 
-def decode_completions(tokenizer, batch) -> list[str]:
-    """Completion text per row, such that prompt + completion is the decoded sequence
-    (``rewards.decode_batch``: decoding completion tokens alone drops a leading space)."""
-    return decode_batch(tokenizer, batch)[1]
-
-
 @torch.no_grad()
 def preference_pairs(
     reference_model, tokenizer, prompts: Sequence[Prompt], gold, *, samples_per_prompt: int = 4,
@@ -95,19 +91,11 @@ def preference_pairs(
 ) -> list[dict]:
     """Rows {prompt, chosen, rejected} ranked by the gold reward (DPO paper §6.1: 4 samples per
     prefix -> 6 pairs). Pairs with equal gold scores carry no preference and are skipped."""
-    gen = torch.Generator().manual_seed(seed)
     flat = [p for p in prompts for _ in range(samples_per_prompt)]
-    texts: list[str] = []
-    it = range(0, len(flat), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(it, desc="preference samples", unit="batch")
-    for start in it:
-        chunk = flat[start : start + batch_size]
-        batch, _ = sample(reference_model, [p.ids for p in chunk], pad_id=tokenizer.pad_token_id,
-                          eos_id=tokenizer.eos_token_id, max_new_tokens=max_new_tokens, generator=gen)
-        texts.extend(decode_completions(tokenizer, batch))
+    texts = [t for smp in generate_batches(reference_model, [p.ids for p in prompts], tokenizer=tokenizer,
+                                           max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
+                                           samples_per_prompt=samples_per_prompt, progress=progress,
+                                           desc="preference samples") for t in smp.completions]
     scores = gold([p.text for p in flat], texts).tolist()
     rows = []
     for i, p in enumerate(prompts):
@@ -123,30 +111,19 @@ def preference_pairs(
 @torch.no_grad()
 def evaluate_policy(
     policy, reference: Reference, tokenizer, prompts: Sequence[Prompt], *, gold, proxy=None,
-    max_new_tokens: int = 24, seed: int = 1234, batch_size: int = 64, n_keep: int = 6,
+    max_new_tokens: int = 24, seed: int = 0, n_keep: int = 6,
 ) -> dict:
-    """One evaluation point: samples from ``policy`` on held-out prompts (the same seed for every
-    run and step, so differences are the policy's), exact sequence KL[π‖π_ref] with its standard
-    error, and the mean gold / proxy reward of the same samples."""
-    gen = torch.Generator().manual_seed(seed)
-    kls, golds, proxies, kept = [], [], [], []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        batch, _ = sample(policy, [p.ids for p in chunk], pad_id=tokenizer.pad_token_id,
-                          eos_id=tokenizer.eos_token_id, max_new_tokens=max_new_tokens, generator=gen)
-        kls.append(score_kl(policy, reference, batch, estimators=("exact",))["exact"])
-        texts = decode_completions(tokenizer, batch)
-        g = gold([p.text for p in chunk], texts)
-        golds.append(g)
-        if proxy is not None:
-            proxies.append(proxy([p.text for p in chunk], texts))
-        for p, t, s in zip(chunk, texts, g.tolist()):
-            if len(kept) < n_keep:
-                kept.append({"prompt": p.text, "completion": t, "gold": s})
-    kl, kl_se = mean_stderr(torch.cat(kls))
-    out = {"kl": kl, "kl_stderr": kl_se, "gold_reward": float(torch.cat(golds).mean())}
-    out["proxy_reward"] = float(torch.cat(proxies).mean()) if proxies else None
-    out["samples"] = kept
+    """One evaluation point: ``engine.evaluate`` of ``policy`` on held-out prompts (one sample each,
+    at ``engine.eval_seed(seed)`` for every run and step, so differences are the policy's): exact
+    sequence KL[π‖π_ref] with its standard error, and the mean gold / proxy reward of the same samples."""
+    res = evaluate(policy, reference, [p.ids for p in prompts], tokenizer=tokenizer, seed=seed,
+                   max_new_tokens=max_new_tokens)
+    texts, ptexts = res["texts"], [p.text for p in prompts]
+    g = gold(ptexts, texts)
+    ex = res["estimators"]["exact"]
+    out = {"kl": ex["mean"], "kl_stderr": ex["stderr"], "gold_reward": float(g.mean())}
+    out["proxy_reward"] = float(proxy(ptexts, texts).mean()) if proxy is not None else None
+    out["samples"] = [{"prompt": p, "completion": t, "gold": s} for p, t, s in zip(ptexts, texts, g.tolist())][:n_keep]
     return out
 
 

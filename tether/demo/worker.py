@@ -40,12 +40,15 @@ def main(spec_path: str) -> int:
 
     def record(step: int, policy, extra: dict | None = None) -> dict:
         ev = evaluate_policy(policy, reference, tok, eval_prompts, gold=gold, proxy=proxy,
-                             max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 100)
+                             max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
         row = {"method": spec["method"], "run": spec["run"], "step": step, **tags, **(extra or {}), **ev}
         with open(eval_file, "a") as f:
             f.write(json.dumps(row) + "\n")
         return {"eval/kl": ev["kl"], "eval/kl_stderr": ev["kl_stderr"], "eval/reward/gold": ev["gold_reward"],
                 "eval/reward/proxy": ev["proxy_reward"]}
+
+    def hook(step: int, policy, *, beta: float) -> dict:  # the eval_hook of train_dpo and train_online alike
+        return record(step, policy, {"beta": beta})
 
     method = spec["method"]
     if method == "dpo":
@@ -55,7 +58,7 @@ def main(spec_path: str) -> int:
                          beta=spec["beta"], loss_type="sigmoid", max_steps=cfg.dpo_steps, batch_size=cfg.batch_size,
                          learning_rate=cfg.dpo_lr, eval_every=cfg.eval_every, kl_prompts=0, progress=False,
                          max_length=96)
-        train_dpo(dcfg, eval_hook=lambda step, policy: record(step, policy, {"beta": spec["beta"]}))
+        train_dpo(dcfg, eval_hook=hook)
     elif method in ("ppo", "ppo_gt"):
         from ..rewards import RewardSet
         from ..trainers.ppo import PPOConfig, train_ppo
@@ -65,13 +68,13 @@ def main(spec_path: str) -> int:
                          kl_target=spec["kl_target"], kl_horizon=2 * cfg.batch_size,
                          max_steps=cfg.ppo_steps, batch_size=cfg.batch_size, learning_rate=cfg.ppo_lr,
                          max_new_tokens=cfg.max_new_tokens, eval_every=cfg.eval_every, progress=False)
-        train_ppo(pcfg, prompts=[p.text for p in train_prompts], reward=RewardSet(optimised, [logged]),
-                  eval_hook=lambda step, policy, beta=None: record(step, policy, {"beta": beta} if beta is not None else {}))
+        train_ppo(pcfg, prompts=[p.text for p in train_prompts], reward=RewardSet(optimised, [logged]), eval_hook=hook)
     elif method == "best_of_n":
+        from ..engine import eval_seed
         from ..trainers.best_of_n import best_of_n
 
         res = best_of_n(reference.model, tok, [p.text for p in eval_prompts], prompt_ids=[p.ids for p in eval_prompts],
-                        n=spec["n"], reward=proxy, gold=gold, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 100)
+                        n=spec["n"], reward=proxy, gold=gold, max_new_tokens=cfg.max_new_tokens, seed=eval_seed(cfg.seed))
         keys = ("kl", "kl_stderr", "gold_reward", "proxy_reward", "kl_bound", "samples")
         row = {"method": "best_of_n", "run": spec["run"], "step": 0, "n": spec["n"], **{k: res[k] for k in keys}}
         with open(eval_file, "a") as f:

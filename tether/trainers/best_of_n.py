@@ -29,11 +29,11 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ..measure import encode_prompts, mean_stderr
+from ..engine import generate_batches, mean_stderr
+from ..measure import encode_prompts
 from ..ops.best_of_n import best_of_n_kl_estimate
 from ..ops.best_of_n import best_of_n_kl_bound
-from ..rewards import RewardSet, RewardSource, build_reward, decode_completions
-from ..sampling import sample
+from ..rewards import RewardSet, RewardSource, build_reward
 
 RewardLike = Union[RewardSource, RewardSet, str]
 GoldLike = Union[RewardSource, str, Sequence[Union[RewardSource, str]]]
@@ -75,7 +75,8 @@ def sample_and_score(
     seed: int = 0, max_prompt_length: Optional[int] = None, progress: bool = False,
     prompt_ids: Optional[Sequence[Sequence[int]]] = None,
 ) -> dict:
-    """Draw ``samples`` completions per prompt from ``model`` and score every one.
+    """Draw ``samples`` completions per prompt from ``model`` (``engine.generate_batches``: the
+    sampler and decoding every loop uses) and score every one.
 
     ``prompt_ids`` (optional) are the token ids to sample after, one list per prompt, when the
     prompts were cut from token sequences (their text need not re-tokenise to the same ids);
@@ -94,19 +95,10 @@ def sample_and_score(
     else:
         ids = encode_prompts(tokenizer, prompts, max_prompt_length=max_prompt_length)
     flat = [i for i in range(len(ids)) for _ in range(samples)]  # prompt-major: row p * M + j
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    texts: list[str] = []
-    it = range(0, len(flat), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(it, desc="best-of-n sampling", unit="batch")
-    for s in it:
-        rows = flat[s : s + batch_size]
-        batch, _ = sample(model, [ids[i] for i in rows], pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
-                          max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
-        comps = [batch.completion_ids[k][batch.mask[k]].tolist() for k in range(len(rows))]
-        texts += decode_completions(tokenizer, [ids[i] for i in rows], comps)
+    texts = [t for smp in generate_batches(
+        model, ids, tokenizer=tokenizer, sampling={"temperature": temperature, "top_k": top_k, "top_p": top_p},
+        max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, samples_per_prompt=samples, progress=progress,
+        desc="best-of-n sampling") for t in smp.completions]
     keys = sorted({(flat[r], texts[r]) for r in range(len(flat))})  # unique (prompt, completion)
     where = {k: j for j, k in enumerate(keys)}
     u_prompts, u_texts = [prompts[p] for p, _ in keys], [t for _, t in keys]

@@ -21,7 +21,8 @@ Every ``eval_every`` steps (and at the end): held-out pair accuracy, and ``kl/re
 sampled from π_θ for held-out prompts, scored with the exact (Rao-Blackwellised) sequence KL
 against a live reference (with the precomputed form, the frozen copy that built the cache, or the
 LoRA-disabled policy; with TR-DPO ``sync``, the moving reference). The sampling seed is the same at
-every evaluation (common random numbers), so changes in ``kl/ref`` reflect the policy, not the draw.
+every evaluation (common random numbers, ``engine.eval_seed``: the one the online trainers and the demo
+evaluate with), so changes in ``kl/ref`` reflect the policy, not the draw.
 
 Metrics (metrics.jsonl, TensorBoard): ``loss``, ``rewards/{chosen,rejected,margins,accuracy}``
 (implicit rewards β·(logπ_θ - logπ_ref), means over the global batch), ``logps/{chosen,rejected}``
@@ -58,7 +59,7 @@ from ..data.preference import (
     split_holdout, tokenize_pairs,
 )
 from ..distributed import Dist
-from ..measure import measure_kl
+from ..engine import evaluate as evaluate_kl
 from ..modeling import completion_logps
 from ..ops.kl import seq_sum
 from ..ops.logprobs import selective_logps
@@ -294,11 +295,10 @@ def eval_pairs(cfg: DPOConfig, policy, reference: Reference, pairs: list[dict], 
 
 
 def measure_ref_kl(cfg: DPOConfig, policy, reference: Reference, prompts: list[list[int]], tok) -> dict:
-    """kl/ref and kl/ref_stderr: mean exact sequence KL[π_θ‖π_ref] of sampled completions."""
-    res = measure_kl(policy, reference, prompts, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
-                     samples_per_prompt=cfg.kl_samples, max_new_tokens=cfg.kl_max_new_tokens,
-                     batch_size=64, seed=cfg.seed, estimators=("exact",),
-                     filters={"temperature": cfg.kl_temperature, "top_k": 0, "top_p": 1.0})
+    """kl/ref and kl/ref_stderr: mean exact sequence KL[π_θ‖π_ref] of sampled completions
+    (``engine.evaluate``: the evaluation seed and batch size the online trainers and the demo use)."""
+    res = evaluate_kl(policy, reference, prompts, tokenizer=tok, seed=cfg.seed, samples_per_prompt=cfg.kl_samples,
+                      max_new_tokens=cfg.kl_max_new_tokens, sampling={"temperature": cfg.kl_temperature})
     ex = res["estimators"]["exact"]
     return {"kl/ref": ex["mean"], "kl/ref_stderr": ex["stderr"]}
 
@@ -360,10 +360,11 @@ def train_dpo(cfg: DPOConfig, *, rows: Optional[Sequence[dict]] = None, eval_row
 
     ``rows`` / ``eval_rows``: preference rows already in memory (dicts with prompt/chosen/rejected);
     they are written to OUTPUT_DIR/dataset.jsonl and the saved config points at it, so the run can be
-    resumed from the command line. ``eval_hook(step, policy) -> metrics`` (main process only) runs at
-    step 0 and with every evaluation, its metrics logged with the rest (the demo evaluates every
-    method with one protocol this way). ``callback(step, metrics)`` is called after each step's log and
-    checkpoint (raising from it interrupts the run, as a kill would)."""
+    resumed from the command line. ``eval_hook(step, policy, *, beta) -> metrics`` (main process only;
+    the signature ``train_online`` takes) runs at step 0 and with every evaluation, its metrics logged
+    with the rest (the demo evaluates every method with one protocol this way). ``callback(step,
+    metrics)`` is called after each step's log and checkpoint (raising from it interrupts the run, as
+    a kill would)."""
     dist = Dist()
     run = RunDir(cfg.output_dir, is_main=dist.is_main)
     if rows is not None:
@@ -399,11 +400,11 @@ def train_dpo(cfg: DPOConfig, *, rows: Optional[Sequence[dict]] = None, eval_row
         if kl_prompts and dist.is_main:  # sampling is replicated work: only the logging process measures
             out.update(measure_ref_kl(cfg, policy, live_ref, kl_prompts, tok))
         if eval_hook is not None and dist.is_main:
-            out.update(eval_hook(step, policy) or {})
+            out.update(eval_hook(step, policy, beta=beta) or {})
         return out
 
     if step == 0 and eval_hook is not None and dist.is_main:  # the start of the reward-KL curve (KL 0)
-        run.log(0, eval_hook(0, policy) or {})
+        run.log(0, eval_hook(0, policy, beta=controller.value) or {})
 
     bar = progress_bar(cfg.max_steps, step, enabled=cfg.progress and dist.is_main, desc=f"dpo[{cfg.loss_type}]")
     metrics: dict = {}

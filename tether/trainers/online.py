@@ -47,7 +47,8 @@ import torch
 from ..control import BetaConfig, build_controller
 from ..data.text import batch_indices
 from ..distributed import Dist
-from ..measure import encode_prompts, measure_kl, read_prompts
+from ..engine import evaluate as evaluate_kl
+from ..measure import encode_prompts, read_prompts
 from ..modeling import CompletionBatch
 from ..ops.kl import ESTIMATOR_NAMES, kl_loss_term
 from ..ops.logprobs import selective_logps
@@ -60,7 +61,7 @@ from ..training import (
 )
 from ..modeling import forward_completion
 from ..value import build_value_model
-from .rollout import Rollout, collect_rollout, decode_completion, loss_filters, rollout_stats
+from .rollout import Rollout, collect_rollout, loss_filters, rollout_stats
 
 log = logging.getLogger(__name__)
 
@@ -375,16 +376,13 @@ def _as_reward_set(cfg: OnlineConfig, reward, log_rewards) -> RewardSet:
 def evaluate(policy, reference, rewards: RewardSet, tok, prompt_texts: Sequence[str], prompt_ids, *, cfg: OnlineConfig) -> dict:
     """eval/kl (exact estimator, mean sequence KL) with its standard error, and the mean raw score
     of every reward source (optimised and logged) on the same samples. The normaliser is untouched.
-    Every process evaluates the same prompts with the same seed (identical results; simple > fast)."""
-    res = measure_kl(
-        policy, reference, prompt_ids, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
-        samples_per_prompt=cfg.eval_samples, max_new_tokens=cfg.max_new_tokens, batch_size=max(cfg.batch_size, 8),
-        seed=cfg.seed + 7_777_777, estimators=("exact",),  # a fixed eval seed: eval noise is common to all steps
-        filters={"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}, return_samples=True,
-    )
-    flat = [p for p in prompt_texts for _ in range(cfg.eval_samples)]  # measure_kl's order
-    flat_ids = [p for p in prompt_ids for _ in range(cfg.eval_samples)]
-    completions = [decode_completion(tok, p, c) for p, c in zip(flat_ids, res["completions"])]
+    ``engine.evaluate``: the evaluation seed and batch size every trainer and the demo use (a fixed
+    seed: eval noise is common to all steps). Every process evaluates the same prompts with the same
+    seed (identical results; simple > fast)."""
+    res = evaluate_kl(policy, reference, prompt_ids, tokenizer=tok, seed=cfg.seed, samples_per_prompt=cfg.eval_samples,
+                      max_new_tokens=cfg.max_new_tokens, sampling=_filters(cfg))
+    flat = [p for p in prompt_texts for _ in range(cfg.eval_samples)]  # the engine's order: prompt-major
+    completions = res["texts"]
     out = {"eval/kl": res["estimators"]["exact"]["mean"], "eval/kl_stderr": res["estimators"]["exact"]["stderr"],
            "eval/kl_token_mean": res["token_mean"], "eval/response_len": res["response_len"]}
     for src in rewards.sources:
@@ -465,7 +463,7 @@ class Session:
     step: int = 0
     history: list = field(default_factory=list)
     eval_history: list = field(default_factory=list)
-    eval_hook: Optional[Callable] = None  # eval_hook(step, policy, beta=) -> metrics: replaces the built-in evaluation
+    eval_hook: Optional[Callable] = None  # eval_hook(step, policy, *, beta) -> metrics: replaces the built-in evaluation
 
     def save(self) -> None:
         """Checkpoint, with what Checkpointer does not know about in its data state."""
@@ -542,8 +540,9 @@ def train_online(
     override the config's file/spec fields. Returns ``{"final", "metrics" (last step), "history"
     (every step's metrics), "eval_history" (rows of eval/kl, eval/kl_stderr, eval/reward/<name>,
     from step 0 — the reference itself — when eval_every > 0, and at the last step)}``.
-    ``eval_hook(step, policy, beta=) -> metrics``, if given, replaces the built-in evaluation at those
-    same points (the demo evaluates every method with one protocol this way).
+    ``eval_hook(step, policy, *, beta) -> metrics``, if given, replaces the built-in evaluation at those
+    same points (the demo evaluates every method with one protocol this way; ``train_dpo`` takes the
+    same hook).
     """
     s = setup(cfg, method or method_for(cfg), prompts=prompts, reward=reward, log_rewards=log_rewards,
               eval_prompts=eval_prompts, resume=resume)

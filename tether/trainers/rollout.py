@@ -1,12 +1,14 @@
 """Rollouts for the online methods: sample, decode, score with the reward and with every model.
 
-``collect_rollout`` is step 2 of ``online.train_online``: one completion per (repeated) prompt from
-the policy with a KV cache (``sampling.sample``: stops at EOS, tokens after it are masked out), the
-text each completion adds to its prompt, the optimised score (optional no-EOS penalty) and the
-logged rewards, then one no-grad pass per micro-batch through policy, reference and value model for
-``old_logps``, ``ref_logps``, the per-token KL (the method's estimator and the exact one), entropy
-and values. ``rollout_stats`` turns a rollout into the fixed ``kl/*``, ``reward/*`` and ``gen/*``
-metrics as (sum, count) pairs for one global reduction.
+``collect_rollout`` is step 2 of ``online.train_online``, run by the one sampling engine
+(``tether.engine``, which ``tether kl``, every evaluation, best-of-n and the demo also run): one
+completion per (repeated) prompt from the policy with a KV cache (``engine.generate``: stops at EOS,
+tokens after it are masked out; the text each completion adds to its prompt), the optimised score
+(optional no-EOS penalty) and the logged rewards, then one no-grad pass per micro-batch through
+policy, reference and value model (``engine.score``) for ``old_logps``, ``ref_logps``, the per-token
+KL (the method's estimator and the exact one), entropy and values. ``rollout_stats`` turns a rollout
+into the fixed ``kl/*``, ``reward/*`` and ``gen/*`` metrics as (sum, count) pairs for one global
+reduction.
 """
 
 from __future__ import annotations
@@ -17,12 +19,10 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
+from ..engine import decode_completion, decode_completions, generate, score  # noqa: F401 (decode_*: re-exported)
 from ..modeling import CompletionBatch
-from ..ops.kl import kl_per_token, seq_sum, token_mean
-from ..ops.logprobs import entropy_from_logits, selective_logps, uses_token_filter
+from ..ops.kl import seq_sum, token_mean
 from ..rewards import RewardSet
-from ..sampling import sample
-from ..modeling import forward_completion, with_allowed
 
 if TYPE_CHECKING:
     from .online import OnlineConfig
@@ -79,27 +79,6 @@ def apply_no_eos_penalty(scores: torch.Tensor, no_eos: torch.Tensor, penalty: Op
     return scores - float(penalty) * no_eos.to(scores.dtype)
 
 
-def decode_completion(tok, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> str:
-    """The completion's text as it continues the prompt: decode(prompt + completion) minus decode(prompt).
-
-    Decoding the completion tokens alone loses the leading space of SentencePiece/Llama tokenizers
-    ("The old man" + "had" instead of " had"), and reward models score ``prompt + completion``
-    (``rewards.join_text``). Falls back to the plain decode if the prompt's text is not a prefix."""
-    prompt_ids, completion_ids = list(prompt_ids), list(completion_ids)
-    full = tok.decode(prompt_ids + completion_ids, skip_special_tokens=True)
-    head = tok.decode(prompt_ids, skip_special_tokens=True)
-    return full[len(head):] if full.startswith(head) else tok.decode(completion_ids, skip_special_tokens=True)
-
-
-def decode_completions(tok, batch: CompletionBatch) -> list[str]:
-    """Counted completion tokens only (nothing after EOS), special tokens dropped, as they continue
-    each row's prompt (``decode_completion``)."""
-    ids, attn, mask = batch.input_ids.cpu(), batch.attention_mask.cpu(), batch.mask.cpu()
-    P = batch.prompt_len
-    return [decode_completion(tok, ids[i, :P][attn[i, :P].bool()].tolist(), ids[i, P:][mask[i]].tolist())
-            for i in range(ids.shape[0])]
-
-
 def loss_filters(filters: dict) -> dict:
     """The policy the loss differentiates: π^{τ,F}_θ, the sampling distribution itself — logits divided
     by the temperature and restricted to the token sets F_t the sampler stored in ``batch.allowed``
@@ -113,70 +92,24 @@ def loss_filters(filters: dict) -> dict:
             "top_p": filters.get("top_p", 1.0)}
 
 
-@torch.no_grad()
-def score_rollout(policy, reference, value_model, batch: CompletionBatch, *, estimator: str, filters: dict, chunk: int,
-                  clamp_input: Optional[float] = None, clamp_output: Optional[float] = None) -> dict:
-    """Policy, reference and value scores of a sampled batch, ``chunk`` rows per forward pass.
-    Returns (B, T) tensors: old_logps, ref_logps, kl_tokens, kl_exact, entropy (+ values; + kl_clamped
-    when a clamp is given).
-
-    Every score is of the sampling distribution (docs/theory.md §3): the policy π^{τ,F}_θ and the
-    reference π^{τ,F}_ref both at the sampling temperature and restricted to the sets F_t stored in
-    ``batch.allowed`` (for a batch not from the sampler: the policy's fp32 re-filter,
-    ``modeling.with_allowed``). So ``old_logps`` (the ratio's denominator, the same distribution as
-    the loss's π_θ, ``loss_filters``), ``ref_logps`` and the KL are finite on every sampled token,
-    and the step-0 KL of a policy against its own copy is exactly 0.
-
-    ``kl_tokens`` is the configured ``estimator`` with ``clamp_input``/``clamp_output`` applied
-    (``ops.kl.kl_per_token``; OnlineConfig.kl_clamp_input/kl_clamp_output); ``kl_exact`` (what kl/ref
-    reports) is never clamped. With a clamp, ``kl_clamped`` is (B, T) bool: True on counted tokens
-    whose ``kl_tokens`` input or output was clamped (their gradient through a loss-side KL is 0), so
-    kl/clamped_frac = kl_clamped.sum() / mask.sum(). Without a clamp the key is absent."""
-    want_hidden = value_model is not None and value_model.needs_policy_hidden
-    clamps = {"clamp_input": clamp_input, "clamp_output": clamp_output}
-    parts: dict[str, list] = {}
-    for s in range(0, batch.mask.shape[0], chunk):
-        b = batch.select(slice(s, s + chunk))
-        logits, hidden = forward_completion(policy, b, filters=loss_filters(filters), hidden=want_hidden)  # (b, T, V) π^{τ,F}_θ
-        if uses_token_filter(filters) and b.allowed is None:
-            b = with_allowed(b, logits)  # not a sampler batch: restrict the reference to the policy's sets
-        ref_logits = reference.logits(b, filters=filters).to(logits.device)  # (b, T, V) π^{τ,F}_ref, eval mode
-        ids, mask = b.completion_ids, b.mask
-        old_logps = selective_logps(logits, ids).masked_fill(~mask, 0.0)
-        ref_logps = selective_logps(ref_logits, ids).masked_fill(~mask, 0.0)
-        exact = kl_per_token(old_logps, ref_logps, mask, estimator="exact", logits=logits, ref_logits=ref_logits).per_token
-        if estimator == "exact" and clamp_output is None:  # the same values (clamp_input does not apply to exact)
-            est, clamped = exact, torch.zeros_like(mask)
-        else:
-            kt = kl_per_token(old_logps, ref_logps, mask, estimator=estimator, logits=logits, ref_logits=ref_logits, **clamps)
-            est, clamped = kt.per_token, kt.clamped
-        row = {"old_logps": old_logps, "ref_logps": ref_logps, "kl_tokens": est, "kl_exact": exact,
-               "entropy": entropy_from_logits(logits).masked_fill(~mask, 0.0)}
-        if clamp_input is not None or clamp_output is not None:
-            row["kl_clamped"] = clamped
-        if value_model is not None:
-            row["values"] = value_model.values(b, policy_hidden=hidden)
-        for k, v in row.items():
-            parts.setdefault(k, []).append(v)
-    return {k: torch.cat(v) for k, v in parts.items()}
-
-
 def collect_rollout(
     policy, reference, value_model, rewards: RewardSet, tok, prompt_texts: Sequence[str], prompt_ids: Sequence[list],
     *, cfg: "OnlineConfig", generator: torch.Generator, chunk: int, device,
 ) -> Rollout:
-    """Sample one completion per (repeated) prompt, score it, and score it under every model."""
-    filters = {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}
-    batch, no_eos = sample(policy, prompt_ids, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
-                           max_new_tokens=cfg.max_new_tokens, generator=generator, **filters)
-    batch = batch.to(device)
-    completions = decode_completions(tok, batch)
-    scores, reward_metrics = rewards(list(prompt_texts), completions)  # (B,), {"reward/<name>": (B,)}
-    scores = apply_no_eos_penalty(scores, no_eos, cfg.no_eos_penalty).to(device)
-    scored = score_rollout(policy, reference, value_model, batch, estimator=cfg.kl_estimator, filters=filters, chunk=chunk,
-                           clamp_input=cfg.kl_clamp_input, clamp_output=cfg.kl_clamp_output)
-    return Rollout(batch=batch, prompts=list(prompt_texts), completions=completions, no_eos=no_eos.to(device),
-                   scores=scores, reward_metrics={k: v.to(device) for k, v in reward_metrics.items()}, **scored)
+    """Sample one completion per (repeated) prompt, score it, and score it under every model
+    (``engine.generate`` + ``engine.score``, ``chunk`` rows per scoring pass)."""
+    sampling = {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}
+    smp = generate(policy, prompt_ids, tokenizer=tok, sampling=sampling, max_new_tokens=cfg.max_new_tokens,
+                   generator=generator, device=device)
+    scores, reward_metrics = rewards(list(prompt_texts), smp.completions)  # (B,), {"reward/<name>": (B,)}
+    scores = apply_no_eos_penalty(scores.to(device), smp.no_eos, cfg.no_eos_penalty)
+    sc = score(policy, reference, smp, estimators=(cfg.kl_estimator,), chunk=chunk, value_model=value_model,
+               clamp_input=cfg.kl_clamp_input, clamp_output=cfg.kl_clamp_output)
+    return Rollout(batch=smp.batch, prompts=list(prompt_texts), completions=smp.completions, no_eos=smp.no_eos,
+                   scores=scores, reward_metrics={k: v.to(device) for k, v in reward_metrics.items()},
+                   old_logps=sc.logps, ref_logps=sc.ref_logps, kl_tokens=sc.kl[cfg.kl_estimator], kl_exact=sc.kl_exact,
+                   entropy=sc.entropy, values=sc.values,
+                   kl_clamped=sc.kl_clamped[cfg.kl_estimator] if sc.kl_clamped is not None else None)
 
 
 def rollout_stats(ro: Rollout, *, beta: float) -> tuple[dict, dict]:

@@ -1,0 +1,318 @@
+"""The one engine for sampling: sample -> decode -> score -> KL, called by every loop.
+
+Every loop that draws completions and measures them goes through these functions (STYLE.md "One
+engine for sampling"; nanochat's ``Engine`` serves both evaluation and RL), so seeds, filters,
+temperature, decoding and the definition of the KL cannot drift apart between them:
+
+- the online rollout (``trainers.rollout.collect_rollout``): ``generate`` + ``score``;
+- ``tether kl`` (``measure``) and every trainer's evaluation (``evaluate``: ``online.evaluate``,
+  ``dpo.measure_ref_kl``, the demo's ``task.evaluate_policy``);
+- best-of-n (``trainers.best_of_n.sample_and_score``) and the demo's preference pairs
+  (``task.preference_pairs``): ``generate_batches``.
+
+The API::
+
+    generate(policy, prompt_ids, tokenizer=, sampling=, max_new_tokens=, generator= | seed=) -> Samples
+    generate_batches(..., batch_size=)                   -> Iterator[Samples]  (one generator, prompt order)
+    score(policy, reference, samples, estimators=, chunk=, value_model=, clamp_*=) -> Scores
+    measure(policy, reference, prompt_ids, ...)          -> dict (per-sequence KLs, means, standard errors)
+    evaluate(policy, reference, prompt_ids, seed=, ...)  -> measure at eval_seed(seed), EVAL_BATCH_SIZE rows
+
+Sampling settings and the KL (docs/theory.md §3): ``sampling`` = {temperature τ, top_k, top_p}. The
+sampler stores the token set F_t its filter allowed at each position (``batch.allowed``); ``score``
+scores the policy and the reference both as softmax(logits/τ) restricted to the *stored* F_t, so
+every estimator measures KL[π^{τ,F}_θ‖π^{τ,F}_ref]: exactly 0 for a model against itself at any
+settings, finite on every sampled token; k1, k3 and exact are unbiased for it, k2 is biased.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+
+from .modeling import CompletionBatch, forward_completion, with_allowed
+from .ops.kl import ESTIMATOR_NAMES, kl_per_token, seq_sum
+from .ops.logprobs import entropy_from_logits, selective_logps, uses_token_filter
+from .reference import eval_mode
+from .sampling import sample
+
+EVAL_SEED_OFFSET = 7_777_777
+"""Every evaluation samples with ``seed + EVAL_SEED_OFFSET`` (``eval_seed``): the online trainers, DPO's
+kl/ref and the demo. Fixed across steps, so evaluation noise is common to every point of a curve; apart
+from the training seeds (a rollout's generator is seeded from (seed, step, rank)), so evaluation samples
+are not the ones trained on."""
+
+EVAL_BATCH_SIZE = 64
+"""Rows per sampling batch in ``evaluate``. Part of the protocol: the sampler's random draws depend on
+the batch shape, so two evaluations see the same samples only with the same batch size."""
+
+
+def eval_seed(seed: int) -> int:
+    """The sampling seed of every evaluation of a run seeded ``seed``."""
+    return int(seed) + EVAL_SEED_OFFSET
+
+
+def sampling_settings(sampling: Optional[dict] = None) -> dict:
+    """The full sampling settings {temperature, top_k, top_p} (defaults: 1.0, 0 = off, 1.0 = off)."""
+    s = dict(sampling or {})
+    unknown = set(s) - {"temperature", "top_k", "top_p"}
+    if unknown:
+        raise ValueError(f"unknown sampling settings {sorted(unknown)}; use temperature, top_k, top_p")
+    return {"temperature": float(s.get("temperature", 1.0)), "top_k": int(s.get("top_k", 0)),
+            "top_p": float(s.get("top_p", 1.0))}
+
+
+# --------------------------------------------------------------------------------------------------
+# decode
+
+
+def decode_completion(tok, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> str:
+    """The completion's text as it continues the prompt: decode(prompt + completion) minus decode(prompt).
+
+    Decoding the completion tokens alone loses the leading space of SentencePiece/Llama tokenizers
+    ("The old man" + "had" instead of " had"), and reward models score ``prompt + completion``
+    (``rewards.join_text``). Special tokens (EOS) are skipped. Falls back to the plain decode if the
+    prompt's text is not a prefix."""
+    prompt_ids, completion_ids = list(prompt_ids), list(completion_ids)
+    full = tok.decode(prompt_ids + completion_ids, skip_special_tokens=True)
+    head = tok.decode(prompt_ids, skip_special_tokens=True)
+    return full[len(head):] if full.startswith(head) else tok.decode(completion_ids, skip_special_tokens=True)
+
+
+def decode_completions(tok, batch: CompletionBatch) -> list[str]:
+    """Counted completion tokens only (nothing after EOS), special tokens dropped, as they continue
+    each row's prompt (``decode_completion``)."""
+    ids, attn, mask = batch.input_ids.cpu(), batch.attention_mask.cpu(), batch.mask.cpu()
+    P = batch.prompt_len
+    return [decode_completion(tok, ids[i, :P][attn[i, :P].bool()].tolist(), ids[i, P:][mask[i]].tolist())
+            for i in range(ids.shape[0])]
+
+
+# --------------------------------------------------------------------------------------------------
+# generate
+
+
+@dataclass
+class Samples:
+    """Completions of one sampling batch, rows in prompt order."""
+
+    batch: CompletionBatch  # (B, P + T) on the policy's device; batch.allowed = the stored F_t (None without top-k/top-p)
+    no_eos: torch.Tensor  # (B,) bool: hit max_new_tokens without EOS
+    prompt_ids: list  # (B,) token-id lists
+    completion_ids: list  # (B,) counted completion tokens (through the first EOS)
+    completions: list  # (B,) decoded texts, each continuing its prompt (``decode_completion``)
+    sampling: dict  # the full settings they were drawn with (``sampling_settings``)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.batch.mask  # (B, T) True = counted completion token
+
+
+def _generator(generator: Optional[torch.Generator], seed: Optional[int]) -> torch.Generator:
+    if (generator is None) == (seed is None):
+        raise ValueError("pass exactly one of generator= or seed=")
+    return generator if generator is not None else torch.Generator(device="cpu").manual_seed(int(seed))
+
+
+@torch.no_grad()
+def generate(
+    policy, prompt_ids: Sequence[Sequence[int]], *, tokenizer, sampling: Optional[dict] = None, max_new_tokens: int = 32,
+    generator: Optional[torch.Generator] = None, seed: Optional[int] = None, samples_per_prompt: int = 1, device=None,
+) -> Samples:
+    """One completion per row of ``prompt_ids`` (each prompt ``samples_per_prompt`` times, contiguous),
+    all in one batch: ``sampling.sample`` with a KV cache, stopping at the tokenizer's EOS (tokens after
+    it are masked out), decoded with ``decode_completion``. ``device``: where the batch goes (default:
+    the policy's)."""
+    sampling = sampling_settings(sampling)
+    rows = [list(p) for p in prompt_ids for _ in range(samples_per_prompt)]
+    batch, no_eos = sample(policy, rows, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+                           max_new_tokens=max_new_tokens, generator=_generator(generator, seed), **sampling)
+    comps = [batch.completion_ids[i][batch.mask[i]].tolist() for i in range(len(rows))]
+    texts = [decode_completion(tokenizer, p, c) for p, c in zip(rows, comps)]
+    device = next(policy.parameters()).device if device is None else device
+    return Samples(batch=batch.to(device), no_eos=no_eos.to(device), prompt_ids=rows, completion_ids=comps,
+                   completions=texts, sampling=sampling)
+
+
+def generate_batches(
+    policy, prompt_ids: Sequence[Sequence[int]], *, tokenizer, sampling: Optional[dict] = None, max_new_tokens: int = 32,
+    batch_size: int, generator: Optional[torch.Generator] = None, seed: Optional[int] = None, samples_per_prompt: int = 1,
+    progress: bool = False, desc: str = "sampling",
+) -> Iterator[Samples]:
+    """``generate`` over the rows (each prompt ``samples_per_prompt`` times, prompt-major) in batches
+    of ``batch_size``, one generator throughout: the batches, concatenated, are in prompt order."""
+    gen = _generator(generator, seed)
+    flat = [p for p in prompt_ids for _ in range(samples_per_prompt)]
+    starts = range(0, len(flat), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=desc, unit="batch")
+    for s in starts:
+        yield generate(policy, flat[s : s + batch_size], tokenizer=tokenizer, sampling=sampling,
+                       max_new_tokens=max_new_tokens, generator=gen)
+
+
+# --------------------------------------------------------------------------------------------------
+# score
+
+
+@dataclass
+class Scores:
+    """Per-token scores of a sampled batch, (B, T) aligned with ``batch.completion_ids``, 0 off-mask."""
+
+    mask: torch.Tensor  # (B, T) bool
+    logps: torch.Tensor  # (B, T) log π^{τ,F}_θ(y_t): tempered, restricted to the stored F_t (the rollout's old_logps)
+    ref_logps: torch.Tensor  # (B, T) log π^{τ,F}_ref(y_t), the same way
+    kl: dict  # estimator name -> (B, T) per-token KL (clamped when a clamp is given)
+    kl_exact: torch.Tensor  # (B, T) exact per-token KL, never clamped (what kl/ref reports)
+    entropy: torch.Tensor  # (B, T) entropy of π^{τ,F}_θ(·|s_t)
+    values: Optional[torch.Tensor] = None  # (B, T) V(s_t) (with a value model)
+    kl_clamped: Optional[dict] = None  # estimator name -> (B, T) bool: clamped tokens (only when a clamp is given)
+
+    def seq(self, name: str) -> torch.Tensor:
+        """(B,) sequence-sum KL with estimator ``name`` ("exact": the unclamped exact KL)."""
+        return seq_sum(self.kl_exact if name == "exact" and name not in self.kl else self.kl[name], self.mask)
+
+
+@torch.no_grad()
+def score(
+    policy, reference, samples: Union[Samples, CompletionBatch], *, sampling: Optional[dict] = None,
+    estimators: Sequence[str] = ("exact",), chunk: Optional[int] = None, value_model=None,
+    clamp_input: Optional[float] = None, clamp_output: Optional[float] = None,
+) -> Scores:
+    """Policy, reference (and value-model) scores of a sampled batch, ``chunk`` rows per forward pass
+    (None: all rows at once); the policy in eval mode (no dropout, TRL #506), the reference too.
+
+    Every score is of the sampling distribution (docs/theory.md §3): π^{τ,F}_θ and π^{τ,F}_ref at the
+    sampling temperature, restricted to the sets F_t stored in ``batch.allowed`` (for a batch not from
+    the sampler: the policy's fp32 re-filter, ``modeling.with_allowed``). So ``logps`` (the ratio's
+    denominator, the same distribution as the loss's π_θ), ``ref_logps`` and every KL are finite on
+    every sampled token, and a policy against its own copy gives exactly 0 with every estimator.
+
+    ``sampling``: the settings ``samples`` were drawn with (default: ``samples.sampling``; a different
+    one is refused: the KL is defined under the sampled distribution). ``estimators``: the per-token
+    KLs wanted in ``kl`` (``ops.kl.kl_per_token``), each with ``clamp_input``/``clamp_output`` applied
+    (OnlineConfig.kl_clamp_input/kl_clamp_output); ``kl_exact`` is always computed and never clamped.
+    With a clamp, ``kl_clamped[name]`` is True on counted tokens whose input or output was clamped
+    (their gradient through a loss-side KL is 0): kl/clamped_frac = kl_clamped.sum() / mask.sum()."""
+    if isinstance(samples, Samples):
+        if sampling is not None and sampling_settings(sampling) != samples.sampling:
+            raise ValueError(f"samples were drawn with {samples.sampling}, not {sampling_settings(sampling)}: the KL is "
+                             "defined under the sampled distribution (docs/theory.md §3)")
+        f, batch = samples.sampling, samples.batch
+    else:
+        f, batch = sampling_settings(sampling), samples
+    unknown = [e for e in estimators if e not in ESTIMATOR_NAMES]
+    if unknown:
+        raise ValueError(f"unknown estimators {unknown}; choose from {ESTIMATOR_NAMES}")
+    want_hidden = value_model is not None and value_model.needs_policy_hidden
+    clamps = {"clamp_input": clamp_input, "clamp_output": clamp_output}
+    clamping = clamp_input is not None or clamp_output is not None
+    B = batch.mask.shape[0]
+    parts: dict[str, list] = {}
+    with eval_mode(policy):
+        for s in range(0, B, chunk or max(B, 1)):
+            b = batch.select(slice(s, s + (chunk or B)))
+            logits, hidden = forward_completion(policy, b, filters=f, hidden=want_hidden)  # (b, T, V) π^{τ,F}_θ
+            if uses_token_filter(f) and b.allowed is None:
+                b = with_allowed(b, logits)  # not a sampler batch: restrict the reference to the policy's sets
+            ref_logits = reference.logits(b, filters=f).to(logits.device)  # (b, T, V) π^{τ,F}_ref, eval mode
+            ids, mask = b.completion_ids, b.mask
+            logps = selective_logps(logits, ids).masked_fill(~mask, 0.0)  # (b, T)
+            ref_logps = selective_logps(ref_logits, ids).masked_fill(~mask, 0.0)  # (b, T)
+            exact = kl_per_token(logps, ref_logps, mask, estimator="exact", logits=logits, ref_logits=ref_logits).per_token
+            row = {"logps": logps, "ref_logps": ref_logps, "kl_exact": exact,
+                   "entropy": entropy_from_logits(logits).masked_fill(~mask, 0.0)}
+            for name in estimators:
+                if name == "exact" and clamp_output is None:  # the same values (clamp_input does not apply to exact)
+                    est, clamped = exact, torch.zeros_like(mask)
+                else:
+                    kt = kl_per_token(logps, ref_logps, mask, estimator=name, logits=logits, ref_logits=ref_logits, **clamps)
+                    est, clamped = kt.per_token, kt.clamped
+                row[f"kl/{name}"] = est
+                if clamping:
+                    row[f"clamped/{name}"] = clamped
+            if value_model is not None:
+                row["values"] = value_model.values(b, policy_hidden=hidden)
+            for k, v in row.items():
+                parts.setdefault(k, []).append(v)
+    out = {k: torch.cat(v) for k, v in parts.items()}
+    return Scores(mask=batch.mask, logps=out["logps"], ref_logps=out["ref_logps"],
+                  kl={n: out[f"kl/{n}"] for n in estimators}, kl_exact=out["kl_exact"], entropy=out["entropy"],
+                  values=out.get("values"), kl_clamped={n: out[f"clamped/{n}"] for n in estimators} if clamping else None)
+
+
+# --------------------------------------------------------------------------------------------------
+# measure, evaluate
+
+
+def mean_stderr(x: torch.Tensor) -> tuple[float, float]:
+    """Mean and standard error of the mean (sample std / sqrt(n), n - 1 in the variance)."""
+    x = x.double()
+    n = x.numel()
+    if n == 0:
+        return float("nan"), float("nan")
+    se = float(x.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
+    return float(x.mean()), se
+
+
+@torch.no_grad()
+def measure(
+    policy, reference, prompt_ids: Sequence[Sequence[int]], *, tokenizer, samples_per_prompt: int = 1,
+    max_new_tokens: int = 32, batch_size: int = 32, seed: int = 0, estimators: Sequence[str] = ESTIMATOR_NAMES,
+    sampling: Optional[dict] = None, chunk: Optional[int] = None, progress: bool = False, return_samples: bool = False,
+) -> dict:
+    """Sample ``samples_per_prompt`` completions per prompt from ``policy`` (``generate_batches``,
+    seeded ``seed``) and estimate the sequence KL[π^{τ,F}_θ‖π^{τ,F}_ref] of each with every estimator
+    (``score``) on the same samples.
+
+    Returns ``{"estimators": {name: {"mean", "stderr"}}, "token_mean", "response_len", "samples",
+    "per_sequence": {name: list}}``, rows in prompt order (+ ``"completions"``: token lists and
+    ``"texts"``: decoded completions, if ``return_samples``). ``token_mean`` is the exact per-token
+    KL averaged over all completion tokens (not the sequence KL)."""
+    per_seq: dict[str, list] = {name: [] for name in estimators}
+    lengths: list[int] = []
+    tok_sum, tok_n = 0.0, 0
+    completions: list[list[int]] = []
+    texts: list[str] = []
+    for smp in generate_batches(policy, prompt_ids, tokenizer=tokenizer, sampling=sampling, max_new_tokens=max_new_tokens,
+                                batch_size=batch_size, seed=seed, samples_per_prompt=samples_per_prompt,
+                                progress=progress, desc="sampling + scoring"):
+        sc = score(policy, reference, smp, estimators=estimators, chunk=chunk)
+        for name in estimators:
+            per_seq[name].extend(sc.seq(name).tolist())
+        lengths.extend(smp.mask.sum(-1).tolist())
+        tok_sum += float(sc.kl_exact.sum())
+        tok_n += int(smp.mask.sum())
+        if return_samples:
+            completions.extend(smp.completion_ids)
+            texts.extend(smp.completions)
+    result = {
+        "estimators": {},
+        "token_mean": tok_sum / max(tok_n, 1) if tok_n else None,
+        "response_len": sum(lengths) / max(len(lengths), 1),
+        "samples": len(lengths),
+        "per_sequence": per_seq,
+    }
+    for name in estimators:
+        m, se = mean_stderr(torch.tensor(per_seq[name]))
+        result["estimators"][name] = {"mean": m, "stderr": se}
+    if return_samples:
+        result["completions"], result["texts"] = completions, texts
+    return result
+
+
+def evaluate(
+    policy, reference, prompt_ids: Sequence[Sequence[int]], *, tokenizer, seed: int, samples_per_prompt: int = 1,
+    max_new_tokens: int = 32, sampling: Optional[dict] = None,
+) -> dict:
+    """``measure`` as every evaluation runs it (online ``evaluate``, DPO's kl/ref, the demo): the exact
+    estimator, at ``eval_seed(seed)`` with ``EVAL_BATCH_SIZE`` rows per batch, samples returned. So two
+    trainers evaluating one policy on the same prompts and settings see the same samples and KL."""
+    return measure(policy, reference, prompt_ids, tokenizer=tokenizer, samples_per_prompt=samples_per_prompt,
+                   max_new_tokens=max_new_tokens, batch_size=EVAL_BATCH_SIZE, seed=eval_seed(seed), estimators=("exact",),
+                   sampling=sampling, return_samples=True)
