@@ -74,6 +74,21 @@ def plot(certs, path: str) -> None:
     plt.close(fig)
 
 
+def _quiet() -> None:
+    """The rows run the shipped trainers dozens of times: keep their per-run logs and the Hugging Face
+    load/save progress bars out of the certificate's output (warnings still show)."""
+    import logging
+
+    logging.getLogger("tether").setLevel(logging.WARNING)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import torch
@@ -81,6 +96,7 @@ def main(argv=None) -> int:
     from ..oracle import certify
 
     torch.set_num_threads(1)  # tiny tensors: threads only add overhead
+    _quiet()
     if args.list:
         for name, method in certify.names():
             print(f"{method:18s} {name}")
