@@ -141,7 +141,8 @@ def test_best_of_n_enumeration_is_independent_and_exact():
     assert kl == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5), abs=1e-12)
     tie = certify.best_of_n_enumerated(torch.tensor([1.0, 1.0, 0.0]), torch.tensor([0.25, 0.25, 0.5]), 3)
     assert float(tie[0]) == pytest.approx(float(tie[1])) and float(tie[2]) == pytest.approx(0.125)
-    draw_by_draw = certify.best_of_n_enumerated(torch.tensor([0.3, -1.0, 2.0]), torch.tensor([0.2, 0.5, 0.3]), 5)
+    f64 = dict(dtype=torch.float64)
+    draw_by_draw = certify.best_of_n_enumerated(torch.tensor([0.3, -1.0, 2.0], **f64), torch.tensor([0.2, 0.5, 0.3], **f64), 5)
     torch.testing.assert_close(draw_by_draw.sum(), torch.tensor(1.0, dtype=torch.float64))
     assert float(draw_by_draw[2]) == pytest.approx(1 - 0.7**5, abs=1e-12)  # the best outcome, drawn at least once
 

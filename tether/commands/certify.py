@@ -19,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tether certify", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", default=None, metavar="FILE", help="write the certificate (a list, one object per configuration) to FILE")
     p.add_argument("--only", default=None, metavar="NAME",
-                   help="run a subset: method names (ppo, grpo, dpo, ...) or configuration names, comma-separated")
+                   help="run a subset: configuration names (see --list) or method names (ppo, grpo, ...), comma-separated; "
+                        "a configuration name wins over a method of the same name")
     p.add_argument("--plot", default=None, metavar="FILE.png",
                    help="draw the convergence curves of the exact-tier rows (distance to target vs steps, log scale)")
     p.add_argument("--jobs", type=int, default=None,

@@ -772,16 +772,20 @@ def names(suite: Optional[Suite] = None) -> list[tuple[str, str]]:
 
 
 def select(rows: list, only: Optional[Sequence[str]]) -> list:
-    """Rows whose method or name is in ``only`` (all when None); unknown names raise, listing the choices."""
+    """Rows whose name or method is in ``only`` (all when None); a configuration name wins over a method of
+    the same name (``dpo`` is the DPO row; its other configurations are named ``dpo_*``). Unknown names
+    raise, listing the choices."""
     if not only:
         return rows
     wanted = set(only)
-    known = {n for n, _, _ in rows} | {m for _, m, _ in rows}
+    names = {n for n, _, _ in rows}
+    known = names | {m for _, m, _ in rows}
     unknown = sorted(wanted - known)
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from: {', '.join(sorted({m for _, m, _ in rows}))} "
                          f"(or a configuration: {', '.join(n for n, _, _ in rows)})")
-    return [row for row in rows if row[0] in wanted or row[1] in wanted]
+    methods = wanted - names
+    return [row for row in rows if row[0] in wanted or row[1] in methods]
 
 
 def run_certification(only: Optional[Sequence[str]] = None, *, progress: Optional[Callable[[Certificate], None]] = None,
