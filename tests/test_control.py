@@ -130,23 +130,25 @@ def test_auto_horizon_hand_values():
 
 
 def test_auto_horizon_saturated_updates_hand_values():
-    """β0 = 0.05, H = 24 (60 steps x 8 episodes, log_range 4), every error clipped: each step multiplies
-    β by 1 ± 0.2·8/24 = 16/15 or 14/15.
-    3 up:   0.05·(16/15)^3 = 0.05·4096/3375 = 0.0606814814...
-    3 down: 0.05·(14/15)^3 = 0.05·2744/3375 = 0.0406518518...
-    60 up:  ln(β_60/β_0) = 60·ln(16/15) = 3.8723 (the first-order 0.2·480/24 = 4, less x²/2 per step)."""
-    assert AUTO_KL_LOG_RANGE == 4.0  # the values below are for the default
+    """The default: β0 = 0.05, 60 steps x 8 episodes, log_range 5 -> H = 0.2·480/5 = 19.2 -> 19. Every
+    error clipped: each step multiplies β by 1 ± 0.2·8/19 = 1 ± 8/95, i.e. 103/95 or 87/95.
+    3 up:   0.05·(103/95)^3 = 0.05·1092727/857375 = 0.0637251494...
+    3 down: 0.05·(87/95)^3  = 0.05·658503/857375  = 0.0384022743...
+    60 up:  ln(β_60/β_0) = 60·ln(103/95) = 4.8511 (first order: 0.2·480/19 = 5.05; rounding H
+    down adds, ln(1 + x) < x takes away)."""
+    assert AUTO_KL_LOG_RANGE == 5.0  # the values below are for the default
     up = build_controller(BetaConfig(beta=0.05, kl_target=3.0), total_steps=60, episodes_per_step=8)
     down = build_controller(BetaConfig(beta=0.05, kl_target=3.0), total_steps=60, episodes_per_step=8)
-    assert up.horizon == down.horizon == 24
-    assert _run(up, [9.0, 3.61, 4.0], n=8) == pytest.approx([0.05 * 16 / 15, 0.05 * 256 / 225, 0.05 * 4096 / 3375], rel=1e-12)
-    assert _run(down, [0.0, 2.0, 2.39], n=8)[-1] == pytest.approx(0.05 * 2744 / 3375, rel=1e-12)
+    assert up.horizon == down.horizon == 19
+    assert _run(up, [9.0, 3.61, 4.0], n=8) == pytest.approx(
+        [0.05 * 103 / 95, 0.05 * 103**2 / 95**2, 0.05 * 1092727 / 857375], rel=1e-12)
+    assert _run(down, [0.0, 2.0, 2.39], n=8)[-1] == pytest.approx(0.05 * 658503 / 857375, rel=1e-12)
     _run(up, [30.0] * 57, n=8)
-    assert math.log(up.value / 0.05) == pytest.approx(60 * math.log(16 / 15), rel=1e-12)
-    assert math.log(up.value / 0.05) == pytest.approx(3.8723, abs=1e-4)
+    assert math.log(up.value / 0.05) == pytest.approx(60 * math.log(103 / 95), rel=1e-12)
+    assert math.log(up.value / 0.05) == pytest.approx(4.8511, abs=1e-4)
 
 
-@pytest.mark.parametrize("horizon, want", [("ziegler", 10000), (500, 500), ("auto", 24), (None, 24)])
+@pytest.mark.parametrize("horizon, want", [("ziegler", 10000), (500, 500), ("auto", 19), (None, 19)])
 def test_kl_horizon_names(horizon, want):
     c = build_controller(BetaConfig(kl_target=3.0, kl_horizon=horizon), total_steps=60, episodes_per_step=8)
     assert c.horizon == want
@@ -216,14 +218,14 @@ def test_adaptive_warns_once_when_saturated_late(caplog):
 def test_adaptive_state_dict_keeps_the_horizon():
     """A checkpoint restores the horizon it ran with (and the saturation count), even into a
     controller built with another: the continuation is the original's."""
-    a = build_controller(BetaConfig(beta=0.05, kl_target=3.0), total_steps=60, episodes_per_step=8)  # H = 24
+    a = build_controller(BetaConfig(beta=0.05, kl_target=3.0), total_steps=60, episodes_per_step=8)  # H = 19
     _run(a, [9.0] * 4 + [3.3], n=8)
     state = json.loads(json.dumps(a.state_dict()))
-    assert state["horizon"] == 24
-    b = build_controller(BetaConfig(beta=0.05, kl_target=3.0), total_steps=200, episodes_per_step=8)  # H = 80
-    assert b.horizon == 80
+    assert state["horizon"] == 19
+    b = build_controller(BetaConfig(beta=0.05, kl_target=3.0), total_steps=200, episodes_per_step=8)  # 0.2·1600/5 = 64
+    assert b.horizon == 64
     b.load_state_dict(state)
-    assert (b.horizon, b.step, b.value, b.stats()) == (24, 5, a.value, a.stats())
+    assert (b.horizon, b.step, b.value, b.stats()) == (19, 5, a.value, a.stats())
     assert _run(b, [9.0, 1.0, 2.9], n=8) == _run(a, [9.0, 1.0, 2.9], n=8)
     assert b.saturated_run == a.saturated_run
 
