@@ -312,6 +312,37 @@ def test_adaptive_controller_settles_near_target_kl(stories_path, tmp_path):
     assert min(betas) < 0.15 and max(betas[-10:]) > min(betas)  # β moved both ways: the controller acts
 
 
+def _movie_prompts(assets_dir, n=100):
+    """The first three words of the first n positive and n negative rt-polarity snippets, interleaved."""
+    def firsts(name):
+        lines = (assets_dir / "rt-polarity" / name).read_text(encoding="latin-1").splitlines()
+        return [" ".join(ln.split()[:3]) for ln in lines if len(ln.split()) >= 4][:n]
+
+    return [p for pair in zip(firsts("rt-polarity.pos"), firsts("rt-polarity.neg")) for p in pair]
+
+
+@pytest.mark.slow
+def test_adaptive_controller_default_horizon_reaches_its_target(assets_dir, stories_path, tmp_path):
+    """The definition of done of the inert-controller bug: ``tether ppo --kl_target 3`` with every other
+    setting at its default (β0 0.05, 60 steps of 8 completions of 32 tokens, lr 1e-4, k1, 4 epochs,
+    kl_horizon auto = 19 episodes) on movie-review prompts ends with kl/ref within ±30% of 3 nats.
+    With Ziegler's 10000-episode horizon β moved 0.0500 -> 0.0503 and the KL ended at 8.0 nats.
+    Here (seed 0, as the CLI run) β falls to 0.027 while the policy has not moved yet, then rises to
+    0.70; kl/ref ends at 3.41 (last 5 steps: 3.15; seeds 1/2 via the CLI: 3.38, 3.50). Checked on the
+    last step (the bug's criterion) and on the mean of the last 5 (one step's KL from 8 samples has
+    ~10% noise). ~35 s on one core."""
+    cfg = PPOConfig(model=stories_path, output_dir=str(tmp_path / "auto"), kl_target=3.0, max_steps=60,
+                    progress=False, sample_every=0, seed=0)
+    res = train_ppo(cfg, prompts=_movie_prompts(assets_dir))
+    kls = [round(h["kl/ref"], 2) for h in res["history"]]
+    assert res["history"][-1]["kl_ctl/horizon"] == 19.0
+    assert abs(kls[-1] - 3.0) < 0.3 * 3.0, kls
+    assert abs(_last(res["history"], "kl/ref", 5) - 3.0) < 0.3 * 3.0, kls
+    betas = [h["beta"] for h in res["history"]]
+    assert min(betas) < 0.05 and betas[-1] > 5 * 0.05, betas  # fell while the policy had not moved yet, then rose
+    assert {"kl_ctl/error", "kl_ctl/saturated"} <= res["history"][-1].keys()
+
+
 @pytest.mark.slow
 def test_bf16_ppo_with_top_k_and_top_p_logs_only_finite_metrics(stories_path, tmp_path):
     """The certification issue's bar: 20 steps of PPO in bf16 with top_k = 20 and top_p = 0.9. Before the
