@@ -344,23 +344,26 @@ def test_rollout_scores_step0_kl_is_zero_and_clamp_mask_is_returned(stories, sto
 
 
 def test_loss_side_policy_stays_finite_after_the_policy_moves(stories, perturbed):
-    """The loss scores the *updated* π_θ on the rollout's tokens with the stored F_t (loss_filters):
+    """The loss scores the *updated* π_θ on the rollout's tokens with the stored F_t (online._filters):
     every log-prob finite and differentiable. Re-running top-k on the moved policy would drop some
     sampled tokens (-inf, ratio 0) — the reason the loss used to skip top-k/top-p altogether."""
     from tether.modeling import forward_completion
-    from tether.trainers.rollout import loss_filters
+    from tether.trainers.online import _filters  # what online.optimise passes to the loss's forward
 
     tok, model = stories
     f = {"temperature": 0.9, "top_k": 5}
     g = torch.Generator().manual_seed(0)
     b, _ = sample(model, _prompt_ids(tok) * 2, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=24,
                   generator=g, **f)
-    assert loss_filters(f) == {"temperature": 0.9, "top_k": 5, "top_p": 1.0}
+    from tether.trainers.ppo import PPOConfig
+
+    loss_filters = _filters(PPOConfig(**f))
+    assert loss_filters == {"temperature": 0.9, "top_k": 5, "top_p": 1.0}
     refiltered = completion_logps(perturbed, make_batch(*_rows(b), pad_id=tok.pad_token_id), **f)
     assert torch.isinf(refiltered[b.mask]).any()  # the hazard, with a re-filter
     perturbed.zero_grad()
     with torch.enable_grad():
-        logits, _ = forward_completion(perturbed, b, filters=loss_filters(f))
+        logits, _ = forward_completion(perturbed, b, filters=loss_filters)
         lp = selective_logps(logits, b.completion_ids).masked_fill(~b.mask, 0.0)
         assert torch.isfinite(lp).all()
         lp.sum().backward()

@@ -23,7 +23,7 @@ TRL #506). ``kl/ref`` is the mean *sequence-sum* KL measured with the exact (Rao
 estimator on the rollout — unbiased and the lowest-variance choice — whatever estimator the method
 puts in its reward or loss; it is also what the adaptive β controller is fed. ``kl/penalty`` is
 β·(mean sequence sum of the configured estimator), the KL as applied. The loss differentiates the
-same π^{τ,F}_θ with the stored F_t, always finite since the sampled token is in F_t (``loss_filters``).
+same π^{τ,F}_θ with the stored F_t, always finite since the sampled token is in F_t (``_filters``).
 
 Sizes (checked once, ``derive_sizes``): ``batch_size`` completions per step = prompts x
 ``samples_per_prompt``; prompts are split over processes (a GRPO/RLOO group never straddles two);
@@ -48,6 +48,7 @@ from ..control import BetaConfig, build_controller
 from ..data.text import batch_indices
 from ..distributed import Dist
 from ..engine import evaluate as evaluate_kl
+from ..engine import sampling_settings
 from ..measure import encode_prompts, read_prompts
 from ..modeling import CompletionBatch
 from ..ops.kl import ESTIMATOR_NAMES, kl_loss_term
@@ -61,7 +62,7 @@ from ..training import (
 )
 from ..modeling import forward_completion
 from ..value import build_value_model
-from .rollout import Rollout, collect_rollout, loss_filters, rollout_stats
+from .rollout import Rollout, collect_rollout, rollout_stats
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +301,7 @@ def optimise(policy, value_model, opt, params: list, value_params: list, ro: Rol
     Policy and value parameters are clipped separately: with one joint clip a large value loss
     (returns of a few nats once β·KL grows) would shrink the policy's step, and Adam's second-moment
     memory would keep it small for hundreds of updates."""
-    filters = loss_filters({"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p})
+    filters = _filters(cfg)  # the loss differentiates the sampled π^{τ,F}_θ itself (stored F_t: always finite)
     sums: dict = {}
     counts: dict = {}
     norms: list = []
@@ -395,8 +396,11 @@ def evaluate(policy, reference, rewards: RewardSet, tok, prompt_texts: Sequence[
 
 
 def _filters(cfg: OnlineConfig) -> dict:
-    """The sampling settings, as the sampler, the scorer and the reference take them."""
-    return {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}
+    """The sampling settings, as the sampler, the scorer, the reference and the loss take them: the loss
+    differentiates the sampled distribution π^{τ,F}_θ itself, restricted to the token sets F_t the sampler
+    stored (``batch.allowed``), so log π_θ(y_t) and π_θ/π_old stay finite after any number of updates
+    (docs/theory.md §3)."""
+    return sampling_settings({"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p})
 
 
 def _validate(cfg: OnlineConfig, method: OnlineMethod) -> None:

@@ -79,19 +79,6 @@ def apply_no_eos_penalty(scores: torch.Tensor, no_eos: torch.Tensor, penalty: Op
     return scores - float(penalty) * no_eos.to(scores.dtype)
 
 
-def loss_filters(filters: dict) -> dict:
-    """The policy the loss differentiates: π^{τ,F}_θ, the sampling distribution itself — logits divided
-    by the temperature and restricted to the token sets F_t the sampler stored in ``batch.allowed``
-    (docs/theory.md §3). Returns the full sampling filters (temperature, top_k, top_p).
-
-    Always finite: the sampled token is in F_t by construction, and F_t is rollout data (never
-    recomputed from the updated π_θ, never differentiated), so log π_θ(y_t), the ratio π_θ/π_old and
-    any loss-side KL stay finite after any number of updates. (This used to drop top-k/top-p from the
-    loss for lack of a stored set, which made the loss's π_θ differ from the sampled one.)"""
-    return {"temperature": filters.get("temperature", 1.0), "top_k": filters.get("top_k", 0),
-            "top_p": filters.get("top_p", 1.0)}
-
-
 def collect_rollout(
     policy, reference, value_model, rewards: RewardSet, tok, prompt_texts: Sequence[str], prompt_ids: Sequence[list],
     *, cfg: "OnlineConfig", generator: torch.Generator, chunk: int, device,
