@@ -128,7 +128,9 @@ def test_a_broken_preference_loss_fails(monkeypatch):
 
     monkeypatch.setattr(pref, "dpo_sigmoid_loss", lambda h: -torch.nn.functional.logsigmoid(-h))
     (cert,) = certify.run_certification(["dpo"])
-    assert not cert.ok and cert.kl_to_target > 0.1
+    # The trainer and the dataset's exact minimiser share the broken loss, so they agree with each other;
+    # the row fails because that minimiser is no longer the closed-form π* (and neither is the policy).
+    assert not cert.ok and cert.kl_to_optimum > 0.1
 
 
 def test_best_of_n_enumeration_is_independent_and_exact():
