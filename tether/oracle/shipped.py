@@ -148,14 +148,6 @@ def dpo_config(problem: TabularProblem, n_rows: int, **overrides):
     return DPOConfig(**base)
 
 
-def quantised_pairs(weights: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, n_rows: int) -> list[tuple]:
-    """(prompt, chosen sequence, rejected sequence, count) with count = round(n_rows x w / Σw): a finite
-    dataset whose empirical pair distribution is the population one up to rounding. ``chosen`` /
-    ``rejected`` index ``space.all_completions()`` rows (prompt-major)."""
-    counts = torch.round(weights / weights.sum() * n_rows).long()
-    return [(int(c), int(r), int(k)) for c, r, k in zip(chosen, rejected, counts) if k > 0]
-
-
 class _folder:
     """A given folder, or a temporary one removed on exit."""
 
@@ -175,5 +167,5 @@ class _folder:
         return False
 
 
-__all__ = ["SAMPLES", "TrainerRun", "dpo_config", "online_config", "preference_rows", "quantised_pairs", "run_dpo",
+__all__ = ["SAMPLES", "TrainerRun", "dpo_config", "online_config", "preference_rows", "run_dpo",
            "run_online", "run_online_distributed"]
