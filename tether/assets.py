@@ -20,6 +20,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from .errors import UserError
+
 ASSETS = {
     "stories260K": ("config.json", "model.safetensors", "tokenizer.json"),
     "rt-polarity": ("rt-polarity.pos", "rt-polarity.neg"),
@@ -27,7 +29,7 @@ ASSETS = {
 }
 
 
-class AssetError(RuntimeError):
+class AssetError(UserError, RuntimeError):
     pass
 
 

@@ -1,10 +1,18 @@
 """The ``tether`` command: ``tether <command> [--flags]``. Each command lives in
-``tether/commands/<name>.py`` with a ``main(argv)``; imports are lazy so ``tether --help`` is fast."""
+``tether/commands/<name>.py`` with a ``main(argv)``; imports are lazy so ``tether --help`` is fast.
+
+Errors: a bad input (``tether.errors.UserError``, a file the user named that is missing or unreadable)
+ends as one line ``tether <command>: error: <message>`` on stderr with exit code 2 and no traceback;
+argparse's own errors (unknown flag, bad value) also exit 2 with its usage line. ``--debug`` anywhere
+on the command line (or ``TETHER_DEBUG=1``) shows the traceback instead. Any other exception is a bug
+and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
 COMMANDS = {
@@ -28,8 +36,32 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def _debug(argv: list[str]) -> tuple[bool, list[str]]:
+    """``--debug`` anywhere in argv (removed before the command parses it) or TETHER_DEBUG=1."""
+    flag = "--debug" in argv
+    env = os.environ.get("TETHER_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
+    return flag or env, [a for a in argv if a != "--debug"]
+
+
+def user_error_message(e: BaseException) -> str | None:
+    """The one-line message for an exception caused by bad user input, or None for a bug."""
+    from .errors import UserError
+
+    if isinstance(e, UserError):
+        return " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)) and e.filename:
+        what = {FileNotFoundError: "no such file or folder", IsADirectoryError: "is a folder, not a file",
+                NotADirectoryError: "a part of this path is not a folder",
+                PermissionError: "permission denied"}.get(type(e), e.strerror)
+        return f"{e.filename}: {what}; check the path"
+    if isinstance(e, UnicodeDecodeError):
+        return (f"a file is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8 "
+                "(run with --debug to see which read failed)")
+    return None
+
+
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    debug, argv = _debug(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
@@ -46,7 +78,14 @@ def main(argv=None) -> int:
     for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     module = importlib.import_module(f"tether.commands.{name}")
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except Exception as e:  # noqa: BLE001 - sorted into user errors (one line) and bugs (re-raised)
+        message = None if debug else user_error_message(e)
+        if message is None:
+            raise
+        print(f"tether {name}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import math
+import re
 import sys
 import textwrap
 import types
@@ -19,6 +21,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, TypeVar
 
 import yaml
+
+from .errors import UserError
 
 T = TypeVar("T")
 
@@ -68,7 +72,7 @@ def coerce(name: str, tp: Any, value: Any) -> Any:
             except ValueError:
                 pass
         names = " | ".join(getattr(m, "__name__", str(m)) for m in typing.get_args(base))
-        raise ValueError(f"config field {name!r}: cannot read {value!r} as {names}")
+        raise UserError(f"config field {name!r}: cannot read {value!r} as {names}; give a value of that type")
     try:
         if base is bool:
             if isinstance(value, bool):
@@ -95,7 +99,8 @@ def coerce(name: str, tp: Any, value: Any) -> Any:
                 return list(parsed)
             return list(value)
     except (TypeError, ValueError):
-        raise ValueError(f"config field {name!r}: cannot read {value!r} as {getattr(base, '__name__', base)}") from None
+        tname = getattr(base, '__name__', base)
+        raise UserError(f"config field {name!r}: cannot read {value!r} as {tname}; give a value of type {tname}") from None
     return value
 
 
@@ -107,7 +112,7 @@ def from_dict(cls: type[T], data: dict, *, source: str = "config") -> T:
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"{source}: unknown field(s) {unknown}; {cls.__name__} has: {', '.join(sorted(names))}")
+        raise UserError(f"{source}: unknown field(s) {unknown}; {cls.__name__} has: {', '.join(sorted(names))}")
     hints = _hints(cls)
     return cls(**{k: coerce(k, hints[k], v) for k, v in data.items()})  # type: ignore[call-arg]
 
@@ -120,16 +125,65 @@ def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+def read_yaml_config(path: str | Path) -> dict:
+    """The mapping in a ``--config`` YAML file; a missing, unreadable or malformed file is a UserError
+    naming the file (and the line of a YAML syntax error)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--config {path}: {'is a folder' if p.is_dir() else 'no such file'}; pass a YAML file of field: value")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        line = p.read_bytes()[: e.start].count(b"\n") + 1
+        raise UserError(f"--config {path}: line {line} is not UTF-8 text; save the file as UTF-8") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"--config {path}:{where}: not valid YAML ({problem}); fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path}: a config file must be a YAML mapping of field: value, got a {type(data).__name__}")
+    return data
+
+
 def load_config(cls: type[T], path: str | Path) -> T:
     data = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a config file must be a YAML mapping of field: value")
+        raise UserError(f"{path}: a config file must be a YAML mapping of field: value")
     return from_dict(cls, data, source=str(path))
+
+
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+
+
+def check_finite(cfg: Any) -> None:
+    """Refuse NaN and ±inf in every float field of a config (and in lists of numbers): a non-finite β
+    or learning rate trains NaN weights that look like a finished run. None stays the way to say
+    "off" for the optional fields."""
+    hints = _hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if isinstance(v, float) and not math.isfinite(v):
+                kind = "a list of finite numbers" if isinstance(value, (list, tuple)) else "a finite number"
+                raise UserError(f"config field {f.name!r} is {v!r}; it must be {kind} "
+                                f"(set --{f.name} to a real value{', or null for off' if _optional(hints[f.name]) else ''})")
+
+
+def _optional(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
 
 
 def build_parser(cls: type, *, prog: str, description: str = "", extra: Sequence[tuple] = ()) -> argparse.ArgumentParser:
     docs = field_docs(cls)
-    parser = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
+    parser = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS,
+                                     allow_abbrev=False)  # --lr must not silently mean --lr_schedule
+    # A value that looks like a negative number (-1, -1e-3, -.5, -inf, -nan) is a value, not a flag;
+    # argparse's own matcher knows only -1 and -1.5, so ``--learning_rate -1e-3`` failed.
+    parser._negative_number_matcher = NEGATIVE_NUMBER
     parser.add_argument("--config", help="YAML file of field: value; command-line flags override it")
     for args, kwargs in extra:
         parser.add_argument(*args, **kwargs)
@@ -152,13 +206,17 @@ def parse_config(
     ns = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     data: dict = {}
     if getattr(ns, "config", None):
-        data.update(yaml.safe_load(Path(ns.config).read_text()) or {})
+        try:
+            data.update(read_yaml_config(ns.config))
+        except UserError as e:
+            parser.error(str(e))
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     for k, v in vars(ns).items():
         if k in names:
             data[k] = v
     try:
         cfg = from_dict(cls, data, source=getattr(ns, "config", None) or "command line")
+        check_finite(cfg)
     except (ValueError, TypeError) as e:
         parser.error(str(e))
     return cfg, ns

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
+
 ROPE_THETA = 10000.0  # llama2.c model.py::precompute_freqs_cis default; not stored in the checkpoint
 _PREFIX = "_orig_mod."  # torch.compile wraps the module; train.py saves the wrapper's state dict
 
@@ -49,7 +51,7 @@ SOFTWARE.
 """
 
 
-class Llama2cError(ValueError):
+class Llama2cError(UserError):
     pass
 
 

@@ -40,6 +40,8 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
+from ..errors import UserError
+
 log = logging.getLogger(__name__)
 
 FIELDS = ("prompt", "chosen", "rejected")
@@ -47,7 +49,7 @@ HH_MARKER = "\n\nAssistant:"
 DATA_ASSETS = {"hh-rlhf": "harmless-base-test.jsonl.gz"}
 
 
-class PreferenceDataError(ValueError):
+class PreferenceDataError(UserError):
     """A preference row or source that cannot be used; the message names the row, field and fix."""
 
 
