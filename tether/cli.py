@@ -26,6 +26,7 @@ COMMANDS = {
     "rloo": "online RL: RLOO (leave-one-out baseline, KL in the reward)",
     "bon": "best-of-n sampling baseline with its exact KL bound",
     "demo": "the reward-KL frontier on a real tiny model (the main job)",
+    "forgetting": "forgetting probe: NLL change and exact KLs on off-distribution text, forward KL on prompts",
 }
 
 

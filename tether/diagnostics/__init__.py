@@ -1,0 +1,6 @@
+"""Failure-mode diagnostics of the KL penalty (issue 14): measurements a user runs on their own run.
+
+- ``forgetting``: teacher-forced NLL change and exact KLs on off-distribution text, and the forward KL
+  E_x[KL(π_ref‖π_θ)] on the training prompts (``tether forgetting``, ``eval/forgetting/*``).
+- ``overfit``: the overfit-DPO detector (``dpo/overfit``).
+"""
