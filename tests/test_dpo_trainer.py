@@ -214,7 +214,6 @@ def test_cli_config_overrides_outputs_and_beta_schedule(stories_path, movie_rows
 
 @pytest.mark.parametrize("flag, message", [
     (["--loss_type", "nope"], "loss_type must be one of"),
-    (["--kl_target", "3"], "fixed or scheduled beta"),
     (["--reference", "mirror"], "reference must be one of"),
 ])
 def test_bad_config_is_refused(stories_path, movie_rows, tmp_path, flag, message):
@@ -224,6 +223,19 @@ def test_bad_config_is_refused(stories_path, movie_rows, tmp_path, flag, message
                                       "--batch_size", "4", "--progress", "false", *flag])
     with pytest.raises(ValueError, match=message):
         train_dpo(cfg, rows=movie_rows)
+
+
+def test_beta_controllers_are_not_dpo_fields(capsys):
+    """DPOConfig has only the fixed/scheduled β group: kl_target (CLI or YAML) is refused at parse time
+    with the reason, not accepted and then refused by the trainer."""
+    from tether.config import from_dict, parse_config
+
+    assert not hasattr(DPOConfig(), "kl_target")
+    with pytest.raises(SystemExit):
+        parse_config(DPOConfig, ["--kl_target", "3"])
+    assert "fixed or scheduled beta" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="kl_budget: dpo supports a fixed or scheduled beta"):
+        from_dict(DPOConfig, {"kl_budget": 2.0})
 
 
 # ---------------------------------------------------------------- real HH-RLHF runs (shared between tests)

@@ -11,7 +11,9 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import logging
 import math
+import os
 import re
 import sys
 import textwrap
@@ -22,9 +24,11 @@ from typing import Any, Optional, Sequence, TypeVar
 
 import yaml
 
+from . import trl_names
 from .errors import UserError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -109,12 +113,174 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def from_dict(cls: type[T], data: dict, *, source: str = "config") -> T:
+    fields, pending = resolve_names(cls, data, source=source)
+    data = finish_names(cls, fields, pending, source=source)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - names)
     if unknown:
         raise UserError(f"{source}: unknown field(s) {unknown}; {cls.__name__} has: {', '.join(sorted(names))}")
     hints = _hints(cls)
     return cls(**{k: coerce(k, hints[k], v) for k, v in data.items()})  # type: ignore[call-arg]
+
+
+# --------------------------------------------------------------------------------------------------
+# Config groups and the names a key may be written with (kebab-case, nested groups, TRL's names)
+
+
+def config_group(name: str, *, prefixes: Sequence[str] = (), fields: Optional[Sequence[str]] = None):
+    """Class decorator (above ``@dataclass``): the fields declared in this class body (or the listed
+    ``fields``) form the config group ``name``. A YAML file may then give them as one nested mapping,
+    ``name: {key: value}``, where ``key`` is the field's name or the name without one of ``prefixes``
+    (``lora: {r: 8}`` for ``lora_r``); ``--help`` lists them under the group's heading."""
+    def decorate(cls):
+        own = dict(cls.__dict__.get("__tether_groups__", {}))
+        own[name] = (tuple(prefixes), None if fields is None else tuple(fields))
+        cls.__tether_groups__ = own
+        return cls
+
+    return decorate
+
+
+def config_groups(cls: type) -> dict[str, tuple[tuple[str, ...], list[str]]]:
+    """Group name -> (prefixes, its fields in ``cls``), bases' groups first. A field belongs to the
+    group of the class that first declares it (a subclass changing its default keeps its group)."""
+    owner: dict[str, str] = {}
+    prefixes: dict[str, tuple[str, ...]] = {}
+    for klass in reversed(cls.__mro__):
+        declared = klass.__dict__.get("__tether_groups__", {})
+        own_fields = list(klass.__dict__.get("__annotations__", {}))
+        # groups that list their fields claim them before a group of "the rest of this class body"
+        for gname, (pre, listed) in sorted(declared.items(), key=lambda item: item[1][1] is None):
+            prefixes.setdefault(gname, pre)
+            for f in (listed if listed is not None else own_fields):
+                owner.setdefault(f, gname)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    return {g: (pre, [f for f in names if owner.get(f) == g]) for g, pre in prefixes.items()}
+
+
+def _group_key(cls: type, group: str, key: str, *, source: str) -> str:
+    """The field a key inside the nested mapping ``group: {key: ...}`` stands for."""
+    pre, members = config_groups(cls)[group]
+    refused = getattr(cls, "refused_fields", {})
+    candidates = [key] + [f"{p}_{key}" for p in pre] + [f"{key}_{p}" for p in pre]
+    for c in candidates:
+        if c in members or c in refused:
+            return c
+    if key in trl_names.KNOWN:
+        return key
+    raise UserError(f"{source}: {group}.{key} is not in the {group} group; it has: {', '.join(members)}")
+
+
+def _value_equal(tp: Any, name: str, a: Any, b: Any) -> bool:
+    try:
+        return coerce(name, tp, a) == coerce(name, tp, b)
+    except ValueError:
+        return a == b
+
+
+def resolve_names(cls: type, data: dict, *, source: str = "config") -> tuple[dict, dict]:
+    """One source's keys (a YAML mapping or the command line) -> (tether field -> value, pending TRL
+    keys that depend on other fields). A key may be a field, a field in kebab-case, a nested group
+    mapping, or a TRL name (``tether.trl_names``); TRL bookkeeping keys are ignored with one INFO
+    line. Two keys that set the same field to different values are an error naming both."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    hints = _hints(cls)
+    groups = config_groups(cls)
+    refused = getattr(cls, "refused_fields", {})
+    out: dict = {}
+    said: dict[str, str] = {}
+    pending: dict = {}
+    ignored: list[str] = []
+    unknown: list[str] = []
+
+    def put(target: str, value: Any, written: str) -> None:
+        if target in out and said[target] != written and not _value_equal(hints[target], target, out[target], value):
+            raise UserError(f"{source}: {said[target]} ({out[target]!r}) and {written} ({value!r}) both set "
+                            f"{target}; keep one of them")
+        out[target] = value
+        said.setdefault(target, written)
+
+    def take(key: str, value: Any, written: str) -> None:
+        if key in names and not trl_names.is_trl_value(key, value):
+            put(key, value, written)
+        elif key in refused:
+            raise UserError(f"{source}: {written}: {refused[key]}")
+        elif key in trl_names.DEFERRED:
+            pending[key] = (value, written)
+        else:
+            pairs = trl_names.translate(key, value, names)
+            if pairs is None:
+                unknown.append(written)
+            elif not pairs:
+                ignored.append(written)
+            for target, v in pairs or ():
+                put(target, v, written)
+
+    for key, value in data.items():
+        k = str(key).replace("-", "_")
+        if k in groups and isinstance(value, dict):
+            for sub, v in value.items():
+                take(_group_key(cls, k, str(sub).replace("-", "_"), source=source), v, f"{k}.{sub}")
+        else:
+            take(k, value, str(key))
+    if unknown:
+        raise UserError(f"{source}: unknown field(s) {unknown}; {cls.__name__} has: {', '.join(sorted(names))} "
+                        "(TRL's names are read too: docs/from-trl.md)")
+    if ignored:
+        log.info("%s: TRL field(s) with no effect in tether, ignored: %s", source, ", ".join(ignored))
+    if "per_device_train_batch_size" in pending and "batch_size" in out:
+        global_batch = finish_names(cls, {k: v for k, v in out.items() if k != "batch_size"}, pending,
+                                    source=source)["batch_size"]
+        if not _value_equal(int, "batch_size", out["batch_size"], global_batch):
+            raise UserError(f"{source}: {said['batch_size']} ({out['batch_size']!r}) and "
+                            f"per_device_train_batch_size x grad_accum x processes ({global_batch}) disagree; "
+                            "keep one of them (tether's batch_size is the global batch per optimiser step)")
+    return out, pending
+
+
+def finish_names(cls: type, fields: dict, pending: dict, *, source: str = "config") -> dict:
+    """Fields with the pending TRL keys applied: per_device_train_batch_size -> batch_size (tether's is
+    global: per-device x grad_accum x WORLD_SIZE processes), use_peft -> lora_r (16 unless given)."""
+    fields = dict(fields)
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    if "per_device_train_batch_size" in pending:
+        value, written = pending["per_device_train_batch_size"]
+        per = coerce(written, int, value)
+        accum = coerce("grad_accum", int, fields.get("grad_accum", defaults.get("grad_accum", 1)))
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        fields["batch_size"] = per * accum * world
+        log.info("%s: batch_size = per_device_train_batch_size %d x grad_accum %d x %d process(es) = %d",
+                 source, per, accum, world, fields["batch_size"])
+    if "use_peft" in pending:
+        value, written = pending["use_peft"]
+        if coerce(written, bool, value):
+            r = coerce("lora_r", int, fields.get("lora_r", 16))
+            if r <= 0:
+                raise UserError(f"{source}: use_peft: true and lora_r: {r} disagree; give lora_r > 0 (or drop use_peft)")
+            fields["lora_r"] = r
+        else:
+            if coerce("lora_r", int, fields.get("lora_r", 0)):
+                log.info("%s: use_peft: false, so lora_r is ignored (full fine-tuning)", source)
+            fields["lora_r"] = 0
+    return fields
+
+
+def _kebab_to_snake(argv: Sequence[str], known: set[str]) -> list[str]:
+    """``--output-dir X`` / ``--output-dir=X`` -> ``--output_dir ...`` for every option the parser has."""
+    out = []
+    for token in argv:
+        if token.startswith("--") and "-" in token[2:].split("=", 1)[0]:
+            name, eq, rest = token[2:].partition("=")
+            snake = "--" + name.replace("-", "_")
+            if snake in known:
+                token = snake + eq + rest
+        out.append(token)
+    return out
+
+
+ALIAS_DEST = "alias:"
+"""argparse dest prefix of the hidden flags that carry TRL names and refused fields."""
+
 
 
 def to_dict(cfg: Any) -> dict:
@@ -187,12 +353,26 @@ def build_parser(cls: type, *, prog: str, description: str = "", extra: Sequence
     parser.add_argument("--config", help="YAML file of field: value; command-line flags override it")
     for args, kwargs in extra:
         parser.add_argument(*args, **kwargs)
+    hints = _hints(cls)
+    owner = {f: g for g, (_, members) in config_groups(cls).items() for f in members}
+    sections: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
         )
         help_text = docs.get(f.name, "")
-        parser.add_argument(f"--{f.name}", dest=f.name, metavar="V", help=f"{help_text} (default: {default!r})")
+        title = f"{owner[f.name]} group" if f.name in owner else f"{prog} options"
+        if title not in sections:
+            sections[title] = parser.add_argument_group(title)
+        kind = {"nargs": "?", "const": "true", "metavar": "BOOL"} if _base_type(hints[f.name]) is bool else {"metavar": "V"}
+        sections[title].add_argument(f"--{f.name}", dest=f.name, help=f"{help_text} (default: {default!r})", **kind)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for name in sorted((trl_names.KNOWN | set(getattr(cls, "refused_fields", {}))) - names):
+        kind = {"nargs": "?", "const": "true"} if name in trl_names.BOOLEAN else {}
+        parser.add_argument(f"--{name}", dest=ALIAS_DEST + name, help=argparse.SUPPRESS, **kind)
+    parser.epilog = ("Flags may be written --snake_case or --kebab-case; a bare boolean flag means true. "
+                     "TRL's field names (model_name_or_path, per_device_train_batch_size, ...) are read as "
+                     "aliases, in YAML and here: docs/from-trl.md. YAML may nest a group: lora: {r: 8}.")
     return parser
 
 
@@ -203,18 +383,22 @@ def parse_config(
     """YAML (``--config``) then command-line overrides -> a ``cls`` instance, plus the parsed namespace
     (for ``extra`` arguments that are not config fields, such as ``--resume``)."""
     parser = build_parser(cls, prog=prog, description=description, extra=extra)
-    ns = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    data: dict = {}
-    if getattr(ns, "config", None):
-        try:
-            data.update(read_yaml_config(ns.config))
-        except UserError as e:
-            parser.error(str(e))
+    argv = _kebab_to_snake(list(sys.argv[1:] if argv is None else argv), set(parser._option_string_actions))
+    ns = parser.parse_args(argv)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    for k, v in vars(ns).items():
-        if k in names:
-            data[k] = v
+    flags = {(k[len(ALIAS_DEST):] if k.startswith(ALIAS_DEST) else k): v for k, v in vars(ns).items()
+             if k in names or k.startswith(ALIAS_DEST)}
     try:
+        data, pending = {}, {}
+        if getattr(ns, "config", None):
+            data, pending = resolve_names(cls, read_yaml_config(ns.config), source=ns.config)
+        cli, cli_pending = resolve_names(cls, flags, source="command line")
+        if "batch_size" in cli:  # the command line overrides the file, TRL's names included
+            pending.pop("per_device_train_batch_size", None)
+        if "per_device_train_batch_size" in cli_pending:
+            data.pop("batch_size", None)
+        data, pending = {**data, **cli}, {**pending, **cli_pending}
+        data = finish_names(cls, data, pending, source=getattr(ns, "config", None) or "command line")
         cfg = from_dict(cls, data, source=getattr(ns, "config", None) or "command line")
         check_finite(cfg)
     except (ValueError, TypeError) as e:

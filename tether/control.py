@@ -23,6 +23,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
+from .config import config_group
+from .errors import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -49,7 +52,7 @@ class BetaController:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind") != self.kind:
-            raise ValueError(f"checkpoint holds a {state.get('kind')!r} β controller, this run uses {self.kind!r}")
+            raise UserError(f"checkpoint holds a {state.get('kind')!r} β controller, this run uses {self.kind!r}")
         self.step = int(state["step"])
         self.value = float(state["value"])
 
@@ -60,7 +63,7 @@ class FixedBeta(BetaController):
     def __init__(self, beta: float) -> None:
         super().__init__()
         if beta < 0:
-            raise ValueError(f"beta must be >= 0, got {beta}")
+            raise UserError(f"beta must be >= 0, got {beta}; set --beta")
         self.value = float(beta)
 
 
@@ -90,16 +93,16 @@ class ScheduledBeta(BetaController):
     ) -> None:
         super().__init__()
         if schedule not in SCHEDULES:
-            raise ValueError(f"unknown beta schedule {schedule!r}; choose from {SCHEDULES}")
+            raise UserError(f"unknown beta schedule {schedule!r}; set --beta_schedule to one of {SCHEDULES} (or none)")
         if schedule == "exponential" and (start <= 0 or end <= 0):
-            raise ValueError("the exponential beta schedule needs start > 0 and end > 0")
+            raise UserError("the exponential beta schedule needs start > 0 and end > 0")
         if schedule == "piecewise":
             if len(values) != len(milestones) + 1:
-                raise ValueError("piecewise beta schedule: need len(values) == len(milestones) + 1")
+                raise UserError("piecewise beta schedule: need len(values) == len(milestones) + 1")
             if list(milestones) != sorted(milestones):
-                raise ValueError("piecewise beta schedule: milestones must be increasing")
+                raise UserError("piecewise beta schedule: milestones must be increasing")
         if total_steps < 1:
-            raise ValueError("beta schedule: total_steps must be >= 1")
+            raise UserError("beta schedule: total_steps must be >= 1")
         self.schedule, self.start, self.end, self.total_steps = schedule, float(start), float(end), int(total_steps)
         self.milestones, self.values = list(milestones), [float(v) for v in values]
         self.value = self.at(0)
@@ -143,11 +146,11 @@ class AdaptiveKLController(BetaController):
                  total_steps: Optional[int] = None) -> None:
         super().__init__()
         if target <= 0:
-            raise ValueError(f"kl_target must be > 0, got {target}")
+            raise UserError(f"kl_target must be > 0, got {target}; set --kl_target (nats per sequence)")
         if init_beta <= 0:
-            raise ValueError("the adaptive KL controller needs an initial beta > 0 (it is multiplicative)")
+            raise UserError("the adaptive KL controller needs an initial beta > 0 (it is multiplicative)")
         if horizon <= 0:
-            raise ValueError(f"kl_horizon must be > 0 episodes, got {horizon}")
+            raise UserError(f"kl_horizon must be > 0 episodes, got {horizon}")
         self.value, self.target, self.horizon, self.clip = float(init_beta), float(target), int(horizon), float(clip)
         self.total_steps = total_steps
         self.error: Optional[float] = None  # the last update's unclipped KL/target - 1
@@ -217,7 +220,7 @@ class ConstraintBeta(BetaController):
     ) -> None:
         super().__init__()
         if budget <= 0:
-            raise ValueError(f"kl_budget must be > 0, got {budget}")
+            raise UserError(f"kl_budget must be > 0, got {budget}; set --kl_budget (nats per sequence)")
         self.value, self.budget, self.lr = float(init_beta), float(budget), float(lr)
         self.beta_min, self.beta_max = float(beta_min), float(beta_max)
 
@@ -257,7 +260,7 @@ def auto_kl_horizon(total_episodes: int, episodes_per_step: int, *, clip: float 
     H is at least n: one step never moves β by more than the factor 1 ± clip (so short runs reach less
     than e^log_range)."""
     if total_episodes < 1 or episodes_per_step < 1:
-        raise ValueError(f"auto kl_horizon needs total_episodes >= 1 and episodes_per_step >= 1, "
+        raise UserError(f"auto kl_horizon needs total_episodes >= 1 and episodes_per_step >= 1, "
                          f"got {total_episodes} and {episodes_per_step}")
     return max(round(clip * total_episodes / log_range), int(episodes_per_step))
 
@@ -268,18 +271,20 @@ def resolve_kl_horizon(horizon: Union[int, str, None], *, total_steps: int, epis
     ``auto_kl_horizon(total_steps·episodes_per_step, episodes_per_step)``."""
     if horizon is None or horizon == "auto":
         if episodes_per_step is None:
-            raise ValueError("kl_horizon: auto needs the run's episodes per step (build_controller(episodes_per_step=...))")
+            raise UserError("kl_horizon: auto needs the run's episodes per step (build_controller(episodes_per_step=...))")
         return auto_kl_horizon(total_steps * episodes_per_step, episodes_per_step, clip=clip)
     if isinstance(horizon, str) and horizon in KL_HORIZONS:
         return KL_HORIZONS[horizon]
     if isinstance(horizon, int) and not isinstance(horizon, bool) and horizon > 0:
         return horizon
-    raise ValueError(f"kl_horizon must be a positive number of episodes, 'auto' or one of {sorted(KL_HORIZONS)}; got {horizon!r}")
+    raise UserError(f"kl_horizon must be a positive number of episodes, 'auto' or one of {sorted(KL_HORIZONS)}; got {horizon!r}")
 
 
+@config_group("beta", prefixes=("beta", "kl"))
 @dataclass
-class BetaConfig:
-    """How β is chosen. Used as a field group of every trainer's config."""
+class BetaScheduleConfig:
+    """β fixed or on a schedule: the β group of a trainer that does not measure an on-policy KL every
+    step (dpo). YAML may nest it: ``beta: {schedule: linear, end: 0.05}``."""
 
     beta: float = 0.1
     """Fixed β, or the initial β of the adaptive/constraint controllers."""
@@ -291,6 +296,14 @@ class BetaConfig:
     """Piecewise schedule: steps at which β switches to the next of `beta_values`."""
     beta_values: list = field(default_factory=list)
     """Piecewise schedule: the β values (one more than milestones)."""
+
+
+@config_group("beta", prefixes=("beta", "kl"))
+@dataclass
+class BetaConfig(BetaScheduleConfig):
+    """How β is chosen, controllers included: the β group of the online trainers (ppo, grpo, rloo),
+    which measure the KL every step. YAML may nest it: ``beta: {beta: 0.05, target: 4}`` (kl_target)."""
+
     kl_target: Optional[float] = None
     """If set, the adaptive (Ziegler) controller drives the mean sequence KL toward this value (nats)."""
     kl_horizon: Optional[Union[int, str]] = "auto"
@@ -302,17 +315,19 @@ class BetaConfig:
     """Dual-ascent step size of the constraint controller."""
 
 
-def build_controller(cfg: BetaConfig, *, total_steps: int = 1, episodes_per_step: Optional[int] = None) -> BetaController:
-    """The one place a BetaConfig becomes a controller. ``total_steps``: the run's optimisation steps
-    (schedules; the adaptive controller's auto horizon and warning); ``episodes_per_step``: the
-    ``n_episodes`` each ``update`` will be given (the auto horizon)."""
-    chosen = [cfg.kl_target is not None, cfg.kl_budget is not None, cfg.beta_schedule not in ("none", None, "")]
+def build_controller(cfg: BetaScheduleConfig, *, total_steps: int = 1, episodes_per_step: Optional[int] = None) -> BetaController:
+    """The one place a BetaConfig (or a BetaScheduleConfig: fixed or scheduled β only) becomes a
+    controller. ``total_steps``: the run's optimisation steps (schedules; the adaptive controller's auto
+    horizon and warning); ``episodes_per_step``: the ``n_episodes`` each ``update`` will be given (the
+    auto horizon)."""
+    kl_target, kl_budget = getattr(cfg, "kl_target", None), getattr(cfg, "kl_budget", None)
+    chosen = [kl_target is not None, kl_budget is not None, cfg.beta_schedule not in ("none", None, "")]
     if sum(chosen) > 1:
-        raise ValueError("choose at most one of kl_target (adaptive), kl_budget (constraint) and beta_schedule")
-    if cfg.kl_target is not None:
+        raise UserError("choose at most one of kl_target (adaptive), kl_budget (constraint) and beta_schedule")
+    if kl_target is not None:
         horizon = resolve_kl_horizon(cfg.kl_horizon, total_steps=total_steps, episodes_per_step=episodes_per_step)
-        return AdaptiveKLController(cfg.beta, target=cfg.kl_target, horizon=horizon, total_steps=total_steps)
-    if cfg.kl_budget is not None:
+        return AdaptiveKLController(cfg.beta, target=kl_target, horizon=horizon, total_steps=total_steps)
+    if kl_budget is not None:
         return ConstraintBeta(cfg.beta, budget=cfg.kl_budget, lr=cfg.kl_budget_lr)
     if chosen[2]:
         return ScheduledBeta(

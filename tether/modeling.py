@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 from .ops.logprobs import allowed_set, apply_sampling_filters, pack_allowed, selective_logps, uses_token_filter
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def load_tokenizer(path: str, *, padding_side: str = "left"):
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         if tok.eos_token is None:
-            raise ValueError(
+            raise UserError(
                 f"tokenizer at {path} has neither a pad token nor an eos token; add one "
                 "(tokenizer.add_special_tokens({'pad_token': ...})) and resize the model's embeddings"
             )
@@ -50,7 +51,7 @@ def load_causal_lm(path: str, *, dtype: str = "float32", device: str | torch.dev
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} not supported; choose from {sorted(DTYPES)}")
+        raise UserError(f"dtype {dtype!r} not supported; choose from {sorted(DTYPES)}")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], **kwargs)
     return model.to(device).eval()
 
@@ -63,14 +64,14 @@ def check_compatible(policy, reference, policy_tokenizer=None, reference_tokeniz
     """Raise a clear error when policy and reference cannot be compared token by token."""
     vp, vr = vocab_size(policy), vocab_size(reference)
     if vp != vr:
-        raise ValueError(
+        raise UserError(
             f"policy and reference have different vocabularies (output sizes {vp} vs {vr}): the KL and "
             "log-ratios are only defined over a shared vocabulary; use a reference from the same model family "
             "and tokenizer as the policy"
         )
     if policy_tokenizer is not None and reference_tokenizer is not None:
         if policy_tokenizer.get_vocab() != reference_tokenizer.get_vocab():
-            raise ValueError(
+            raise UserError(
                 "policy and reference tokenizers differ (same size, different token ids): token-level KL would "
                 "compare unrelated tokens; use the policy's tokenizer for both models"
             )

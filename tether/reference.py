@@ -37,6 +37,7 @@ import torch
 
 from .modeling import CompletionBatch, check_compatible, completion_logps, forward_completion, model_fingerprint
 from .ops.logprobs import uses_token_filter
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ class LoraDisabledReference(Reference):
 
     def __init__(self, peft_model):
         if not hasattr(peft_model, "disable_adapter"):
-            raise ValueError("reference 'lora' needs a peft (LoRA) policy; enable LoRA or choose reference 'copy'")
+            raise UserError("reference 'lora' needs a peft (LoRA) policy; enable LoRA or choose reference 'copy'")
         self.model = peft_model
 
     def logits(self, batch, *, filters=None):
@@ -160,9 +161,9 @@ class SyncedReference(FrozenReference):
     def __init__(self, model, *, mode: str = "hard", every: int = 512, alpha: float = 0.6):
         super().__init__(model)
         if mode not in ("hard", "soft"):
-            raise ValueError(f"ref_sync mode must be 'hard' or 'soft', got {mode!r}")
+            raise UserError(f"ref_sync mode must be 'hard' or 'soft', got {mode!r}")
         if every < 1 or not 0.0 < alpha <= 1.0:
-            raise ValueError("ref_sync_every must be >= 1 and ref_sync_alpha in (0, 1]")
+            raise UserError("ref_sync_every must be >= 1 and ref_sync_alpha in (0, 1]")
         self.mode, self.every, self.alpha = mode, int(every), float(alpha)
         self.syncs = 0
 
@@ -209,9 +210,9 @@ class LoraSyncedReference(Reference):
 
     def __init__(self, peft_model, *, mode: str = "hard", every: int = 512, alpha: float = 0.6, adapter: str = "default"):
         if not hasattr(peft_model, "peft_config"):
-            raise ValueError("LoraSyncedReference needs a peft model")
+            raise UserError("LoraSyncedReference needs a peft model")
         if mode not in ("hard", "soft"):
-            raise ValueError(f"ref_sync mode must be 'hard' or 'soft', got {mode!r}")
+            raise UserError(f"ref_sync mode must be 'hard' or 'soft', got {mode!r}")
         self.model, self.mode, self.every, self.alpha, self.adapter = peft_model, mode, int(every), float(alpha), adapter
         self.syncs = 0
         cfg = copy.deepcopy(peft_model.peft_config[adapter])
@@ -397,7 +398,7 @@ def build_reference(
     """The one factory trainers call. ``reference_model`` defaults to a deep copy of ``policy``
     (the reference defaults to the starting model); for 'lora' it is ignored."""
     if form not in REFERENCE_FORMS:
-        raise ValueError(f"unknown reference form {form!r}; choose from {REFERENCE_FORMS}")
+        raise UserError(f"unknown reference form {form!r}; choose from {REFERENCE_FORMS}")
     is_peft = hasattr(policy, "peft_config")
     if form == "lora":
         return LoraDisabledReference(policy)
@@ -405,7 +406,7 @@ def build_reference(
         return LoraSyncedReference(policy, mode=sync_mode, every=sync_every, alpha=sync_alpha)
     if reference_model is None:
         if is_peft:
-            raise ValueError(f"reference {form!r} with a LoRA policy: load the reference model separately "
+            raise UserError(f"reference {form!r} with a LoRA policy: load the reference model separately "
                              "(reference_model=...), or use reference 'lora' (adapters disabled)")
         reference_model = copy.deepcopy(policy)
     check_compatible(policy, reference_model, policy_tokenizer, reference_tokenizer)
@@ -442,12 +443,12 @@ def reference_from_config(cfg, *, policy, tokenizer, policy_path: Optional[str],
     ``device``: where the reference computes (and, except for ``offload``, lives)."""
     form = cfg.reference
     if form not in forms:
-        raise ValueError(f"reference must be one of {tuple(forms)}, got {form!r}")
+        raise UserError(f"reference must be one of {tuple(forms)}, got {form!r}")
     sync = {k[4:]: getattr(cfg, k, v) for k, v in SYNC_DEFAULTS.items()}  # ref_sync_mode -> sync_mode, ...
     is_peft = hasattr(policy, "peft_config")
     if cfg.reference_model and (form == "lora" or (is_peft and form == "sync")):
         # Refused rather than ignored: both forms are built from the policy's own weights.
-        raise ValueError(f"reference_model cannot be used with reference={form!r}"
+        raise UserError(f"reference_model cannot be used with reference={form!r}"
                          f"{' and a LoRA policy' if form == 'sync' else ''}: the reference is the policy's own base "
                          "(adapters off, or a second adapter for sync); drop reference_model or use reference "
                          "'copy' or 'offload'")

@@ -38,6 +38,7 @@ from .ops.reward_model import update_moments
 
 def join_text(prompt: str, completion: str) -> str:
     """The text a reward model scores: the prompt immediately followed by the completion.
+from .errors import UserError
 
     Plain concatenation (no separator) so that a completion sampled after a prompt is scored as the
     exact string the policy produced, and so that HH-RLHF-style pairs (prompt = shared prefix of two
@@ -125,7 +126,7 @@ def _check_is_reward_model(path: str) -> None:
 
     archs = json.loads((Path(path) / "config.json").read_text()).get("architectures") or []
     if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
-        raise ValueError(
+        raise UserError(
             f"{path} holds a {archs[0]}, not a reward model (an ...ForSequenceClassification with num_labels=1); "
             f"train one with `tether rm --model {path}` and pass its final/ folder"
         )
@@ -173,7 +174,7 @@ def _import_callable(spec: str) -> Callable:
     """``module.path:function`` or ``path/to/file.py:function`` -> the function."""
     target, sep, attr = spec.rpartition(":")
     if not sep or not target or not attr:
-        raise ValueError(f"callable reward {spec!r} must look like 'module.path:function' or 'file.py:function'")
+        raise UserError(f"callable reward {spec!r} must look like 'module.path:function' or 'file.py:function'")
     if target.endswith(".py"):
         if not Path(target).exists():
             raise FileNotFoundError(f"callable reward {spec!r}: file {target} does not exist")
@@ -246,8 +247,37 @@ class VaderSource(RewardSource):
             raise ImportError("the vader reward needs the vaderSentiment package: pip install vaderSentiment") from e
         self.analyzer = SentimentIntensityAnalyzer()
         self.include_prompt, self.name = include_prompt, name
+        try:
+            self._params = dict(inspect.signature(self.fn).parameters)
+        except (TypeError, ValueError):
+            self._params = {}
+        self._var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in self._params.values())
 
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
+    def _arguments(self, prompts: Sequence[str], completions: Sequence[str], columns: dict) -> tuple[list, dict]:
+        """(positional, keyword) arguments of one call (see the class docstring)."""
+        columns = dict(columns)
+        raw = columns.pop(CHAT_PROMPTS, None)
+        p_arg, c_arg = list(prompts), list(completions)
+        if raw is not None:  # TRL's conversational convention, row by row
+            p_arg = list(raw)
+            c_arg = [[{"role": "assistant", "content": c}] if isinstance(r, list) else c for r, c in zip(raw, completions)]
+        kw = {k: v for k, v in columns.items() if self._var_kw or k in self._params}
+        if self._pass_prompts:
+            kw["prompts"] = p_arg
+        named = "completions" in self._params
+        if named:
+            kw["completions"] = c_arg
+        P = inspect.Parameter
+        free = [n for n, p in self._params.items() if p.kind in (P.KEYWORD_ONLY, P.POSITIONAL_OR_KEYWORD)]
+        first = None if named or not free else free[0]  # takes the completions positionally
+        missing = [n for n in free if self._params[n].default is P.empty and n not in kw and n != first]
+        if missing:
+            raise UserError(f"reward function {self.spec} needs {missing}, which the prompts data does not have (its "
+                            f"columns: {sorted(k for k in columns if k != 'completion_ids')}); add the column(s) or map "
+                            "them with --columns SOURCE=NAME")
+        return ([] if named else [c_arg]), kw
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str], **columns) -> torch.Tensor:
         _check_batch(prompts, completions)
         texts = [join_text(p, c) for p, c in zip(prompts, completions)] if self.include_prompt else list(completions)
         return torch.tensor([self.analyzer.polarity_scores(t)["compound"] for t in texts], dtype=torch.float32)
@@ -277,7 +307,7 @@ def build_reward(
     name resolves through it).
     """
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError("reward spec is empty; pass 'vader', a reward-model folder, or 'module:function'")
+        raise UserError("reward spec is empty; pass 'vader', a reward-model folder, or 'module:function'")
     spec = spec.strip()
     name = None
     m = _NAMED.match(spec)
@@ -295,7 +325,7 @@ def build_reward(
         return RewardModelSource(str(path), device=device, batch_size=batch_size, max_length=max_length, **kw)
     if ":" in spec:
         return CallableSource(spec, **kw)
-    raise ValueError(
+    raise UserError(
         f"reward spec {spec!r} is not 'vader', an existing reward-model folder, or 'module:function'; "
         "check the path (reward models are the final/ folder of `tether rm`)"
     )
@@ -375,6 +405,33 @@ class RewardSet:
         if self.clip is not None:
             scores = scores.clamp(-self.clip, self.clip)
         return scores, metrics
+
+# A reward this large overflows float32 once squared (value loss, whitening): 3e19² > 3.4e38.
+# Rewards of |r| > LARGE_REWARD are legal but make value losses and advantages dominate; warned once.
+LARGE_REWARD = 1e4
+_warned_large: set = set()
+
+
+def checked_scores(src: RewardSource, scores: torch.Tensor) -> torch.Tensor:
+    """Refuse non-finite scores from any source (VADER, reward model, function). Refused rather than
+    skipped: dropping completions would bias the batch towards those the reward could score, and a
+    reward that returns NaN is a bug to fix, not noise to average over. Warn once per source about
+    scores beyond ±LARGE_REWARD (±1e30 rewards made PPO's value loss overflow)."""
+    finite = torch.isfinite(scores)
+    if not bool(finite.all()):
+        i = int((~finite).nonzero()[0])
+        raise UserError(
+            f"reward {src.name!r} ({type(src).__name__}) returned {int((~finite).sum())} non-finite score(s) of "
+            f"{scores.numel()} (first: {float(scores[i])} at completion {i}); a reward must be a finite number for every "
+            "completion: fix the reward (or the reward model's weights)")
+    big = float(scores.abs().max()) if scores.numel() else 0.0
+    if big > LARGE_REWARD and src.name not in _warned_large:
+        _warned_large.add(src.name)
+        log.warning("reward %r returned a score of magnitude %.3g: rewards this large swamp the KL penalty and can "
+                    "overflow the value loss; rescale the reward, or pass --reward_normalize true / --reward_clip",
+                    src.name, big)
+    return scores
+
 
     def state_dict(self) -> dict:
         return {"moments": self.moments.state_dict()}

@@ -5,6 +5,7 @@ the math in ``tether.ops`` (STYLE.md §2); nothing here knows about a particular
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -14,14 +15,18 @@ from typing import Optional
 import torch
 
 from .assets import resolve_model
+from .config import config_group
 from .control import BetaController
 from .distributed import Dist
+from .errors import UserError
 from .modeling import load_causal_lm, load_tokenizer
 from .runs import RunDir, load_model_weights, rng_state, seed_everything, set_rng_state
 
 log = logging.getLogger(__name__)
 
 
+@config_group("training")
+@config_group("lora", prefixes=("lora",), fields=("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "merge_lora"))
 @dataclass
 class TrainConfig:
     """Fields common to every trainer (each trainer's config subclasses this)."""
@@ -35,7 +40,12 @@ class TrainConfig:
     seed: int = 0
     """Seed for data order, sampling and initialisation; a run is deterministic given it."""
     max_steps: int = 100
-    """Optimiser steps."""
+    """Optimiser steps (replaced by the number derived from ``epochs`` when that is set)."""
+    epochs: Optional[float] = None
+    """Passes over the training data, as an alternative to max_steps (TRL's num_train_epochs). When set it
+    wins: max_steps = ceil(epochs x N / per_step), N being the training examples (sft: examples or packed
+    blocks; dpo, rm: pairs; ppo, grpo, rloo: prompts) and per_step what one step reads (batch_size; online:
+    batch_size / samples_per_prompt prompts). Fractions are fine (0.5 = half a pass). None = use max_steps."""
     batch_size: int = 8
     """Global batch size per optimiser step (examples, or prompts x samples for online methods)."""
     grad_accum: int = 1
@@ -58,14 +68,22 @@ class TrainConfig:
     """LoRA alpha."""
     lora_dropout: float = 0.0
     """LoRA dropout (applied only with keep_dropout: otherwise all dropout is off)."""
-    lora_target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    """Module names LoRA adapts."""
+    lora_target_modules: list = field(default_factory=lambda: ["all-linear"])
+    """Module names LoRA adapts; all-linear (default) = every Linear/Conv1D layer except the output head
+    (peft's rule), so it works for any architecture (GPT-2's c_attn/c_fc, Llama's q_proj...)."""
     merge_lora: bool = True
     """final/: merge LoRA into the weights (loadable with AutoModelForCausalLM) or save the adapter."""
     log_every: int = 1
     """Log metrics every N steps."""
     eval_every: int = 0
     """Measure kl/ref (and held-out metrics) every N steps (0 = only at the end)."""
+    forgetting_text: Optional[str] = None
+    """Off-distribution text for the forgetting probe, logged at every evaluation as eval/forgetting/nll_delta,
+    eval/forgetting/kl_ref_policy, eval/forgetting/kl_policy_ref (teacher-forced, per token; docs/theory.md
+    §10): a text file, .jsonl, datasets folder, rt-polarity, hh-rlhf, or auto (a shared asset this run does
+    not train on). None = off. dpo, ppo, grpo, rloo (sft and rm have no reference to compare with)."""
+    forgetting_max_texts: int = 64
+    """Texts the forgetting probe scores (a seeded selection, 128 tokens each at most)."""
     save_every: int = 0
     """Write a checkpoint every N steps (0 = only at the end)."""
     progress: bool = True
@@ -75,33 +93,78 @@ class TrainConfig:
     π_θ a random sub-network, so at step 1 (π_θ = π_ref) DPO's margins are not 0 and its loss is not
     ln 2, and the KL to the reference is noisy, even negative (TRL #506). The reference is always in
     eval mode. Online methods (ppo, grpo, rloo) run the policy in eval mode whatever this says."""
+    max_nonfinite_steps: int = 3
+    """Stop the run after this many optimiser updates in a row with a non-finite loss or gradient
+    (each one is skipped: opt/skipped_steps counts them). The last good checkpoint is kept."""
+    overwrite: bool = False
+    """Delete the run already in output_dir (config, metrics, checkpoints, final/) and start afresh.
+    Without it, a folder holding another run is refused (use --resume to continue that run)."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass instead of storing them (less
+    memory, ~1 more forward pass of compute); gradients are unchanged. Applies to the policy (and a reward
+    model being trained), not to a separate value model. Dropout stays off unless keep_dropout."""
+    report_to: str = "tensorboard"
+    """Metric trackers besides metrics.jsonl: tensorboard | wandb | trackio | none, or a comma list
+    (tensorboard,wandb). wandb and trackio are optional: pip install 'tether[wandb]' / 'tether[trackio]'."""
 
 
 def derive_micro_batch(cfg: TrainConfig, dist: Dist) -> int:
     """Examples per micro-batch on one process; checks exact divisibility once (STYLE.md §5)."""
     per = cfg.grad_accum * dist.world_size
     if cfg.batch_size % per:
-        raise ValueError(
+        raise UserError(
             f"batch_size={cfg.batch_size} must be divisible by grad_accum ({cfg.grad_accum}) x processes ({dist.world_size})"
         )
     return cfg.batch_size // per
 
 
-def load_policy(cfg: TrainConfig, dist: Dist):
-    """Tokenizer and policy (with LoRA adapters if lora_r > 0), seeded and in training mode
-    (``set_train_mode``: dropout off unless keep_dropout)."""
-    seed_everything(cfg.seed)
-    path = resolve_model(cfg.model, cfg.assets)
-    tok = load_tokenizer(path)
-    model = load_causal_lm(path, dtype=cfg.dtype, device=dist.device)
+def with_epochs(cfg: TrainConfig, n_examples: int, *, per_step: int, unit: str = "examples") -> TrainConfig:
+    """``cfg`` with max_steps = ceil(epochs x n_examples / per_step) when ``cfg.epochs`` is set (else
+    ``cfg`` itself). Called once, as soon as the training data is known (STYLE.md §5)."""
+    if cfg.epochs is None:
+        return cfg
+    if not (cfg.epochs > 0 and math.isfinite(cfg.epochs)):
+        raise UserError(f"epochs={cfg.epochs}: give a positive number of passes over the data (or leave it unset and use max_steps)")
+    steps = max(1, math.ceil(cfg.epochs * n_examples / per_step - 1e-9))  # 1e-9: 0.1 x 30 / 3 is not exactly 1
+    log.info("epochs=%g over %d %s at %d per step: max_steps=%d", cfg.epochs, n_examples, unit, per_step, steps)
+    return dataclasses.replace(cfg, max_steps=steps)
+
+
+def lora_targets(value) -> str | list:
+    """``lora_target_modules`` as peft takes it: the string "all-linear" (also given as a one-item list
+    or any case) or a list of module names."""
+    names = [value] if isinstance(value, str) else list(value)
+    if len(names) == 1 and str(names[0]).lower() == "all-linear":
+        return "all-linear"
+    return [str(n) for n in names]
+
+
+def adapt_model(model, cfg: TrainConfig, *, task_type: str = "CAUSAL_LM"):
+    """Gradient checkpointing (if ``cfg.gradient_checkpointing``) and LoRA adapters (if lora_r > 0)
+    on a freshly loaded model; returns the model to train (a peft model with LoRA)."""
+    if cfg.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise UserError(f"gradient_checkpointing: {type(model).__name__} does not support it; set gradient_checkpointing=false")
+        # Non-reentrant: recomputes with the same RNG state and needs no input that requires grad.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(
-            model,
-            LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                       target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM"),
-        )
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                                 target_modules=lora_targets(cfg.lora_target_modules), task_type=task_type))
+        if cfg.gradient_checkpointing:
+            model.enable_input_require_grads()  # peft's requirement for checkpointed layers with frozen embeddings
+    return model
+
+
+def load_policy(cfg: TrainConfig, dist: Dist):
+    """Tokenizer and policy (with LoRA adapters if lora_r > 0, checkpointed layers if
+    gradient_checkpointing), seeded and in training mode (``set_train_mode``: dropout off unless
+    keep_dropout)."""
+    seed_everything(cfg.seed)
+    path = resolve_model(cfg.model, cfg.assets)
+    tok = load_tokenizer(path)
+    model = adapt_model(load_causal_lm(path, dtype=cfg.dtype, device=dist.device), cfg)
     dist.broadcast_params(model)
     set_train_mode(model, keep_dropout=cfg.keep_dropout)
     return tok, model, path
@@ -116,13 +179,46 @@ def set_train_mode(model: torch.nn.Module, *, keep_dropout: bool) -> torch.nn.Mo
     to SDPA (Llama's ``attention_dropout`` likewise), so switching off ``nn.Dropout`` modules leaves
     it on; tests/test_dropout.py checks this. Eval mode changes no gradient (autograd ignores it) and
     also covers peft's LoRA dropout. What else reads ``self.training`` in a causal LM is off too:
-    HF gradient checkpointing (not used by tether) and MoE router jitter noise (Mixtral)."""
+    HF gradient checkpointing and MoE router jitter noise (Mixtral).
+
+    Gradient checkpointing is the exception: Hugging Face layers recompute only when
+    ``self.training``, so a checkpointed model (``adapt_model``) is put in train mode with every
+    dropout probability set to 0 instead (``zero_dropout``: the modules, the functional attention
+    dropout rates, router jitter). tests/test_architectures.py checks that this forward equals the
+    eval-mode one and that its gradients equal those without checkpointing."""
+    if not keep_dropout and is_checkpointed(model):
+        zero_dropout(model)
+        model.train(True)
+        return model
     model.train(keep_dropout)
     if not keep_dropout:
         n = sum(1 for m in model.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0)
         if n:
             log.info("dropout off in %d modules (p > 0) and in functional attention dropout; keep_dropout=true keeps it", n)
     return model
+
+
+def is_checkpointed(model: torch.nn.Module) -> bool:
+    """Whether gradient checkpointing is enabled on any layer of ``model``."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+def zero_dropout(model: torch.nn.Module) -> int:
+    """Set every dropout probability in ``model`` to 0, so train mode behaves as eval mode: ``nn.Dropout``
+    modules' p and float attributes named *dropout* (Llama's and Qwen2's ``attention_dropout``, OPT's
+    ``dropout``, read as ``p if self.training else 0``) and *jitter_noise* (MoE routers). Returns how
+    many were changed. The saved config is untouched: this lives only in the modules."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0:
+            m.p, n = 0.0, n + 1
+        for name, v in list(vars(m).items()):
+            if ("dropout" in name or "jitter_noise" in name) and isinstance(v, float) and v > 0:
+                setattr(m, name, 0.0)
+                n += 1
+    if n:
+        log.info("gradient checkpointing: train mode with %d dropout probabilities set to 0 (keep_dropout=true keeps them)", n)
+    return n
 
 
 def trainable_params(model) -> list[torch.nn.Parameter]:
@@ -135,7 +231,7 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
     if cfg.lr_schedule not in ("constant", "cosine", "linear"):
-        raise ValueError(f"lr_schedule must be constant, cosine or linear, got {cfg.lr_schedule!r}")
+        raise UserError(f"lr_schedule must be constant, cosine or linear, got {cfg.lr_schedule!r}")
     warm, total = cfg.warmup_steps, max(cfg.max_steps, 1)
 
     def factor(step: int) -> float:
@@ -159,13 +255,69 @@ def clip_and_norm(params, max_norm: float) -> float:
     return float(torch.norm(torch.stack([p.grad.detach().float().norm() for p in params])))
 
 
-def optimizer_step(opt: torch.optim.Optimizer, sched, params, *, dist: Dist, max_grad_norm: float) -> tuple[float, float]:
-    """All-reduce gradients, clip, step optimiser and schedule, zero gradients.
+class StepGuard:
+    """Keeps non-finite updates out of the weights.
+
+    ``check(dist, *values)`` is called after the gradients are all-reduced and before the optimiser
+    steps, with the gradient norm (NaN/inf if any gradient is) and the loss. If any value is not
+    finite on *any* process (one all-reduce of the flag: every process takes the same decision) the
+    update is skipped: gradients are zeroed and the optimiser does not step, so its moments and the
+    weights stay as they were. Skipped updates are counted (``opt/skipped_steps`` over the run,
+    ``opt/nonfinite`` this step); ``limit`` of them in a row stop the run with a ``UserError``. The
+    step counter and the lr schedule still advance (the step's data is consumed), so a skipped step
+    is a step with no update, and resume/data order stay aligned with ``max_steps``.
+    """
+
+    def __init__(self, limit: int = 3):
+        self.limit = max(int(limit), 1)
+        self.skipped = 0  # over the run (checkpointed)
+        self.in_a_row = 0
+        self.this_step = 0
+
+    def check(self, dist: Dist, *values: float) -> bool:
+        """True if the update may go ahead; False (after zeroing nothing: the caller does) to skip."""
+        bad = not all(math.isfinite(float(v)) for v in values)
+        if dist.enabled:
+            bad = dist.sum_float(float(bad)) > 0
+        if not bad:
+            self.in_a_row = 0
+            return True
+        self.skipped += 1
+        self.in_a_row += 1
+        self.this_step += 1
+        log.warning("non-finite loss or gradient (%s): update skipped (%d in a row, %d in the run)",
+                    ", ".join(f"{float(v):.3g}" for v in values), self.in_a_row, self.skipped)
+        if self.in_a_row >= self.limit:
+            raise UserError(
+                f"{self.in_a_row} optimiser updates in a row had a non-finite loss or gradient, so the run stopped "
+                f"(max_nonfinite_steps={self.limit}); no NaN weights were saved and the last checkpoint is kept. Usual "
+                "causes: beta too large (or inf/nan), learning_rate too high, or rewards of an extreme scale (try "
+                "--reward_normalize true or --reward_clip); fix the config and rerun")
+        return False
+
+    def stats(self) -> dict:
+        """Metrics of the step just taken (resets the per-step count)."""
+        out = {"opt/skipped_steps": self.skipped, "opt/nonfinite": self.this_step}
+        self.this_step = 0
+        return out
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped, "in_a_row": self.in_a_row}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped, self.in_a_row = int(state.get("skipped", 0)), int(state.get("in_a_row", 0))
+
+
+def optimizer_step(opt: torch.optim.Optimizer, sched, params, *, dist: Dist, max_grad_norm: float,
+                   guard: Optional[StepGuard] = None, loss: float = 0.0) -> tuple[float, float]:
+    """All-reduce gradients, clip, step optimiser and schedule, zero gradients. With a ``guard``, a
+    non-finite ``loss`` (this process's) or gradient norm skips the optimiser step (StepGuard).
     Returns (grad norm before clipping, the learning rate this step used)."""
     dist.sync_gradients(params)
     grad_norm = clip_and_norm(params, max_grad_norm)
     lr = sched.get_last_lr()[0]
-    opt.step()
+    if guard is None or guard.check(dist, grad_norm, loss):
+        opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
     return grad_norm, lr
@@ -182,6 +334,7 @@ class Checkpointer:
     controller: Optional[BetaController] = None
     reference: Optional[object] = None
     extra: dict = field(default_factory=dict)
+    guard: Optional[StepGuard] = None
 
     def save(self, step: int, *, data_state: Optional[dict] = None) -> None:
         state = {
@@ -192,24 +345,41 @@ class Checkpointer:
             "reference": None if self.reference is None else self.reference.state_dict(),
             "rng": rng_state(),
             "data": data_state or {},
+            "guard": None if self.guard is None else self.guard.state_dict(),
             **self.extra,
         }
         self.run.save_checkpoint(step, model=self.model, state=state)
 
     def resume(self) -> tuple[int, dict]:
-        """Load the latest checkpoint if any; returns (step, data_state). Logs after it are dropped."""
-        ckpt = self.run.latest_checkpoint()
-        if ckpt is None:
+        """Load the latest readable checkpoint if any; returns (step, data_state). Logs after it are
+        dropped. An unreadable checkpoint (truncated, corrupt) is skipped with a warning for the one
+        before it; a checkpoint of an older format (pickle) stops the run with a UserError."""
+        ckpts = self.run.checkpoints_newest_first()
+        if not ckpts:
             log.info("no checkpoint in %s: starting from step 0", self.run.path)
+            self.run.truncate_logs(0)
             return 0, {}
-        state = RunDir.load_checkpoint_state(ckpt)
-        load_model_weights(self.model, ckpt / "model")
+        for ckpt in ckpts:
+            try:
+                state = RunDir.load_checkpoint_state(ckpt)
+                load_model_weights(self.model, ckpt / "model")  # reads every file before changing the model
+                break
+            except UserError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any unreadable file: try the previous checkpoint
+                log.warning("checkpoint %s is unreadable (%s: %s); falling back to the previous one",
+                            ckpt, type(e).__name__, str(e)[:200])
+        else:
+            raise UserError(f"no readable checkpoint in {self.run.checkpoints} ({', '.join(p.name for p in ckpts)} "
+                            "all failed to load, see the warnings above); pass --overwrite to start the run again")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.controller is not None and state.get("controller") is not None:
             self.controller.load_state_dict(state["controller"])
         if self.reference is not None and state.get("reference"):
             self.reference.load_state_dict(state["reference"])
+        if self.guard is not None and state.get("guard"):
+            self.guard.load_state_dict(state["guard"])
         set_rng_state(state["rng"])
         self.run.truncate_logs(state["step"])
         log.info("resumed from %s (step %d)", ckpt, state["step"])

@@ -18,7 +18,10 @@ from pathlib import Path
 from typing import Optional
 
 from ..assets import resolve_model
+from ..checks import check_reward_spec, preflight_sampling
 from ..config import parse_config, save_config
+from ..groups import SamplingConfig
+from ..errors import UserError
 from ..measure import read_prompts
 from ..modeling import load_causal_lm, load_tokenizer
 from ..runs import seed_everything
@@ -26,8 +29,8 @@ from ..trainers.best_of_n import best_of_n_curve
 
 
 @dataclass
-class BoNConfig:
-    """Config of ``tether bon``."""
+class BoNConfig(SamplingConfig):
+    """Config of ``tether bon`` (plus the sampling group: how the reference is sampled)."""
 
     model: str = "stories260K"
     """The reference policy to sample from: a Hugging Face folder (e.g. tether sft's final/), hub name or asset name."""
@@ -43,14 +46,6 @@ class BoNConfig:
     """Rewards evaluated on the kept completions (comma-separated specs), e.g. vader when selecting with a learned proxy."""
     kl_samples: int = 0
     """Reference samples per prompt for the KL estimate (default max(n)); more gives a better estimate."""
-    max_new_tokens: int = 32
-    """Completion length limit (tokens)."""
-    temperature: float = 1.0
-    """Sampling temperature (the reference distribution is the one sampled)."""
-    top_k: int = 0
-    """Top-k filter (0 = off)."""
-    top_p: float = 1.0
-    """Nucleus filter (1.0 = off)."""
     batch_size: int = 64
     """Sequences per sampling batch."""
     seed: int = 0
@@ -77,11 +72,30 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines) + "\n(KL in nats per sequence; the bound log n - (n-1)/n is an upper bound on the true KL)"
 
 
+def check_bon_config(cfg: BoNConfig) -> list[int]:
+    """The whole input before any weights load; returns the values of n."""
+    try:
+        ns = [int(n) for n in cfg.n]
+    except (TypeError, ValueError):
+        raise UserError(f"n={cfg.n!r} must be positive integers, comma-separated (e.g. 1,2,4,8); set --n") from None
+    if not ns or min(ns) < 1:
+        raise UserError(f"n={ns} must be positive integers, comma-separated (e.g. 1,2,4,8); set --n")
+    if cfg.kl_samples < 0:
+        raise UserError(f"kl_samples={cfg.kl_samples} must be >= 0 (0 = max(n)); set --kl_samples")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise UserError(f"limit={cfg.limit} must be >= 1 (or null for all prompts); set --limit")
+    check_reward_spec(cfg.reward, assets=cfg.assets)
+    for spec in cfg.gold:
+        check_reward_spec(spec, field="gold", assets=cfg.assets)
+    preflight_sampling(model=cfg.model, model_field="model", prompts_path=cfg.prompts, max_new_tokens=cfg.max_new_tokens,
+                       temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, batch_size=cfg.batch_size,
+                       assets=cfg.assets)
+    return ns
+
+
 def main(argv=None) -> int:
     cfg, _ = parse_config(BoNConfig, argv, prog="tether bon", description=__doc__.split("\n\n")[0])
-    if not cfg.prompts:
-        raise SystemExit("tether bon: pass --prompts FILE (one prompt per line, or JSONL with a 'prompt' field)")
-    ns = [int(n) for n in cfg.n]
+    ns = check_bon_config(cfg)
     seed_everything(cfg.seed)
     path = resolve_model(cfg.model, cfg.assets)
     tok, model = load_tokenizer(path), load_causal_lm(path)

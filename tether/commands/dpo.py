@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 
+from ..checks import preflight_dpo
 from ..config import parse_config
 from ..trainers.dpo import DPOConfig, train_dpo
 
@@ -23,6 +24,7 @@ def main(argv=None) -> int:
         DPOConfig, argv, prog="tether dpo", description=__doc__.split("\n\n")[0],
         extra=[(("--resume",), {"action": "store_true", "help": "continue from the latest checkpoint in output_dir"})],
     )
+    preflight_dpo(cfg)  # the whole input, before any weights load
     result = train_dpo(cfg, resume=getattr(ns, "resume", False))
     print(json.dumps(result, indent=2, default=str))
     return 0

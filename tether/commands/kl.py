@@ -16,41 +16,45 @@ reference unfiltered instead would make E[k3] undercount the KL by the reference
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from ..assets import resolve_model
+from ..checks import preflight_sampling
+from ..config import parse_config
 from ..engine import measure
+from ..errors import UserError
+from ..groups import SamplingConfig
 from ..measure import encode_prompts, read_prompts
 from ..modeling import check_compatible, load_causal_lm, load_tokenizer
 from ..reference import FrozenReference
 from ..runs import seed_everything
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tether kl", description="\n\n".join(__doc__.split("\n\n")[:3]),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--policy", required=True, help="policy model: a Hugging Face folder or hub name")
-    p.add_argument("--reference", required=True, help="reference model: a Hugging Face folder or hub name")
-    p.add_argument("--prompts", required=True, help="text file (one prompt per line) or JSONL with a 'prompt' field")
-    p.add_argument("--samples", type=int, default=8, help="completions sampled per prompt (default 8)")
-    p.add_argument("--max_new_tokens", type=int, default=32, help="completion length limit (default 32)")
-    p.add_argument("--temperature", type=float, default=1.0,
-                   help="sampling temperature τ of the policy; the reference's logits are divided by the same τ (default 1)")
-    p.add_argument("--top_k", type=int, default=0,
-                   help="sample the policy from its k most likely tokens (0 = off); the reference is restricted to the "
-                        "same sampled sets")
-    p.add_argument("--top_p", type=float, default=1.0,
-                   help="sample the policy from its top-p nucleus (1.0 = off); the reference is restricted to the same "
-                        "sampled sets")
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--assets", default=None, help="assets folder (for short names such as stories260K)")
-    p.add_argument("--json", default=None, help="also write the result as JSON to this file")
-    return p
+@dataclass
+class KLConfig(SamplingConfig):
+    """Config of ``tether kl`` (plus the sampling group, shared with the online trainers and tether bon)."""
+
+    policy: str = ""
+    """Policy model: a Hugging Face folder, a hub name or an asset name (required)."""
+    reference: str = ""
+    """Reference model: a Hugging Face folder, a hub name or an asset name (required)."""
+    prompts: str = ""
+    """Prompts: a text file (one prompt per line) or JSONL with a 'prompt' field (required)."""
+    samples: int = 8
+    """Completions sampled per prompt."""
+    batch_size: int = 64
+    """Sequences per sampling batch."""
+    seed: int = 0
+    """Sampling seed."""
+    assets: Optional[str] = None
+    """Assets folder (for short names such as stories260K)."""
+    json: Optional[str] = None
+    """Also write the result as JSON to this file."""
 
 
 def format_table(result: dict) -> str:
@@ -69,7 +73,16 @@ def format_table(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args, _ = parse_config(KLConfig, argv, prog="tether kl", description="\n\n".join(__doc__.split("\n\n")[:3]))
+    missing = [f"--{name}" for name in ("policy", "reference", "prompts") if not getattr(args, name)]
+    if missing:
+        raise UserError(f"tether kl needs {', '.join(missing)}: the policy, its reference and a prompts file")
+    if args.samples < 1:
+        raise UserError(f"samples={args.samples} must be >= 1 (completions per prompt); set --samples")
+    for name in ("policy", "reference"):  # the whole input, before any weights load
+        preflight_sampling(model=getattr(args, name), model_field=name, prompts_path=args.prompts,
+                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, batch_size=args.batch_size, assets=args.assets)
     seed_everything(args.seed)
     policy_path = resolve_model(args.policy, args.assets)
     ref_path = resolve_model(args.reference, args.assets)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 
+from ..checks import preflight_online
 from ..config import parse_config
 
 
@@ -23,6 +24,7 @@ def online_command(cfg_cls, train_fn, argv, *, prog: str, doc: str) -> int:
         cfg_cls, argv, prog=prog, description=doc.split("\n\n")[0],
         extra=[(("--resume",), {"action": "store_true", "help": "continue from the latest checkpoint in output_dir"})],
     )
+    preflight_online(cfg)  # the whole input, before any weights load
     result = train_fn(cfg, resume=getattr(ns, "resume", False))
     last = result["metrics"]
     keys = ["kl/ref", "kl/penalty", "beta", "reward/score", "reward/total", "gen/response_len"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 
+from ..checks import preflight_rm
 from ..config import parse_config
 from ..trainers.reward_model import RMConfig, train_reward_model
 
@@ -21,6 +22,7 @@ def main(argv=None) -> int:
         RMConfig, argv, prog="tether rm", description=__doc__.split("\n\n")[0],
         extra=[(("--resume",), {"action": "store_true", "help": "continue from the latest checkpoint in output_dir"})],
     )
+    preflight_rm(cfg)  # the whole input, before any weights load
     result = train_reward_model(cfg, resume=getattr(ns, "resume", False))
     print(json.dumps(result, indent=2))
     return 0

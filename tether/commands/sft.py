@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+from ..checks import preflight_sft
 from ..config import parse_config
 from ..trainers.sft import SFTConfig, train_sft
 
@@ -20,6 +21,7 @@ def main(argv=None) -> int:
         SFTConfig, argv, prog="tether sft", description=__doc__.split("\n\n")[0],
         extra=[(("--resume",), {"action": "store_true", "help": "continue from the latest checkpoint in output_dir"})],
     )
+    preflight_sft(cfg)  # the whole input, before any weights load
     result = train_sft(cfg, resume=getattr(ns, "resume", False))
     print(json.dumps(result, indent=2))
     return 0

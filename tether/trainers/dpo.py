@@ -36,8 +36,9 @@ Deviations from the DPO reference code, and why:
 - Batches are grouped by length (``group_by_length``) and packed (``padding_free``) so padding does
   not dominate compute; grouping changes which pairs share a step (as HF's ``group_by_length``), not
   what each pair contributes; packing changes only float rounding (~1e-6 relative).
-- β may follow a schedule (``BetaConfig``); adaptive/constraint controllers need on-policy KL every
-  step, which offline DPO does not measure, so they are refused.
+- β may follow a schedule (``BetaScheduleConfig``); adaptive/constraint controllers need on-policy KL
+  every step, which offline DPO does not measure, so DPOConfig has no such fields (``refused_fields``
+  says why when one is given).
 """
 
 from __future__ import annotations
@@ -48,17 +49,23 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, ClassVar, Optional, Sequence
 
 import torch
 
 from ..assets import resolve_model
-from ..control import BetaConfig, build_controller
+from ..config import config_group
+from ..control import BetaScheduleConfig, build_controller
 from ..data.preference import (
     PackedPairs, StepBatches, check_rows, collate_pairs, pack_pairs, pair_tokens, pair_width, read_raw_rows,
     split_holdout, tokenize_pairs,
 )
+from ..data.text import column_map, eval_split_of, rename_columns
+from ..diagnostics.forgetting import ForgettingProbe
+from ..diagnostics.overfit import OverfitMonitor
 from ..distributed import Dist
+from ..errors import UserError
+from ..groups import ReferenceConfig
 from ..engine import evaluate as evaluate_kl
 from ..modeling import completion_logps
 from ..ops.kl import seq_sum
@@ -70,22 +77,49 @@ from ..reference import (
 from ..runs import RunDir, save_final
 from ..training import (
     Checkpointer, TrainConfig, derive_micro_batch, load_policy, make_optimizer, make_scheduler,
-    progress_bar, trainable_params, optimizer_step, set_train_mode,
+    progress_bar, trainable_params, optimizer_step, set_train_mode, with_epochs, StepGuard,
 )
 
 log = logging.getLogger(__name__)
 
 
+@config_group("reference", prefixes=("reference", "ref"))
 @dataclass
-class DPOConfig(TrainConfig, BetaConfig):
-    """Config of ``tether dpo`` (fields of TrainConfig and BetaConfig plus these)."""
+class DPOReferenceConfig(ReferenceConfig):
+    """dpo's reference group: the shared one plus the precomputed cache and TR-DPO's sync."""
+
+    reference: str = "precomputed"
+    """precomputed (cache ref log-probs once; default) | copy | lora (adapters disabled) | offload | sync (TR-DPO)."""
+    reference_model: Optional[str] = None
+    """Reference model path (default: the starting --model)."""
+    ref_sync_mode: str = "hard"
+    """TR-DPO sync: hard (θ_ref ← θ) or soft (θ_ref ← αθ + (1-α)θ_ref)."""
+    ref_sync_every: int = 512
+    """TR-DPO τ: sync the reference every N optimiser steps."""
+    ref_sync_alpha: float = 0.6
+    """TR-DPO α for soft sync."""
+    ref_cache_dir: Optional[str] = None
+    """Where precomputed reference log-probs are cached (default: OUTPUT_DIR/ref_cache); share it across runs."""
+    ref_batch_size: int = 64
+    """Sequences per forward pass when precomputing reference log-probs."""
+
+
+BETA_CONTROLLERS_REFUSED = ("dpo supports a fixed or scheduled beta (beta, beta_schedule); kl_target/kl_budget need "
+                            "an on-policy KL every step, which offline DPO does not measure: use tether ppo, grpo or rloo")
+
+
+@dataclass
+class DPOConfig(TrainConfig, BetaScheduleConfig, DPOReferenceConfig):
+    """Config of ``tether dpo`` (the groups of TrainConfig, BetaScheduleConfig and DPOReferenceConfig plus these)."""
+
+    refused_fields: ClassVar[dict] = {k: BETA_CONTROLLERS_REFUSED for k in ("kl_target", "kl_budget", "kl_horizon", "kl_budget_lr")}
 
     dataset: str = ""
     """Preference pairs: .json/.jsonl/.parquet (optionally .gz), a datasets folder, a hub name, or hh-rlhf (asset)."""
     dataset_split: str = "train"
     """Split to read from a datasets folder or hub dataset."""
     eval_dataset: Optional[str] = None
-    """Held-out pairs (same formats); default: eval_fraction of dataset held out (seeded)."""
+    """Held-out pairs (same formats); default: the test/validation split of a saved DatasetDict, else eval_fraction of dataset held out (seeded)."""
     eval_fraction: float = 0.1
     """Fraction of dataset held out for eval/* and kl/ref prompts when eval_dataset is not given."""
     eval_pairs: int = 256
@@ -94,6 +128,14 @@ class DPOConfig(TrainConfig, BetaConfig):
     """Skip (and count) rows with missing, non-string, empty or identical chosen/rejected instead of failing."""
     chat_template: Optional[str] = None
     """Jinja chat template (string or file) for conversational rows when the tokenizer has none."""
+    prompt_field: str = "prompt"
+    """Column holding the prompt (e.g. question for Stack Exchange paired data)."""
+    chosen_field: str = "chosen"
+    """Column holding the preferred completion (e.g. response_j)."""
+    rejected_field: str = "rejected"
+    """Column holding the other completion (e.g. response_k)."""
+    columns: Optional[dict] = None
+    """Rename source columns first: a YAML map {question: prompt, response_j: chosen} or 'question=prompt,response_j=chosen'."""
     max_length: int = 256
     """Tokens per sequence (prompt + completion); prompts are cut from the left, completions from the right."""
     max_prompt_length: Optional[int] = None
@@ -112,20 +154,6 @@ class DPOConfig(TrainConfig, BetaConfig):
     """α of fdpo_alpha (paper convention; TRL's f_alpha_divergence_coef is 1 - α)."""
     simpo_gamma: float = 0.5
     """SimPO target margin γ."""
-    reference: str = "precomputed"
-    """precomputed (cache ref log-probs once; default) | copy | lora (adapters disabled) | offload | sync (TR-DPO)."""
-    reference_model: Optional[str] = None
-    """Reference model path (default: the starting --model)."""
-    ref_sync_mode: str = "hard"
-    """TR-DPO sync: hard (θ_ref ← θ) or soft (θ_ref ← αθ + (1-α)θ_ref)."""
-    ref_sync_every: int = 512
-    """TR-DPO τ: sync the reference every N optimiser steps."""
-    ref_sync_alpha: float = 0.6
-    """TR-DPO α for soft sync."""
-    ref_cache_dir: Optional[str] = None
-    """Where precomputed reference log-probs are cached (default: OUTPUT_DIR/ref_cache); share it across runs."""
-    ref_batch_size: int = 64
-    """Sequences per forward pass when precomputing reference log-probs."""
     shuffle: bool = True
     """Shuffle pairs every epoch (seeded by seed + epoch); off = data order."""
     padding_free: bool = True
@@ -154,13 +182,22 @@ class DPOConfig(TrainConfig, BetaConfig):
 
 def load_pairs(cfg: DPOConfig, tok, *, rows: Optional[Sequence[dict]] = None, eval_rows: Optional[Sequence[dict]] = None,
                is_main: bool = True) -> tuple[list[dict], list[dict], dict]:
-    """(train pairs, held-out pairs, data report). Each pair: prompt_ids, chosen_ids, rejected_ids."""
+    """(train pairs, held-out pairs, data report). Each pair: prompt_ids, chosen_ids, rejected_ids.
+    Held out: eval_dataset (or eval_rows), else the test/validation split of a saved DatasetDict
+    given as dataset, else eval_fraction of dataset. Columns are renamed first (columns, *_field)."""
     check = dict(skip_bad_rows=cfg.skip_bad_rows, tokenizer=tok, chat_template=cfg.chat_template)
+    mapping = column_map(cfg.columns, prompt=cfg.prompt_field, chosen=cfg.chosen_field, rejected=cfg.rejected_field)
     raw = list(rows) if rows is not None else read_raw_rows(cfg.dataset, split=cfg.dataset_split, assets=cfg.assets)
-    train_rows, skipped = check_rows(raw, source=cfg.dataset or "rows", **check)
-    if eval_rows is not None or cfg.eval_dataset:
-        raw_eval = list(eval_rows) if eval_rows is not None else read_raw_rows(cfg.eval_dataset, split=cfg.dataset_split, assets=cfg.assets)
-        held_rows, _ = check_rows(raw_eval, source=cfg.eval_dataset or "eval rows", **check)
+    train_rows, skipped = check_rows(rename_columns(raw, mapping, where=cfg.dataset or "rows"), source=cfg.dataset or "rows", **check)
+    held_split = None if rows is not None or eval_rows is not None or cfg.eval_dataset else \
+        eval_split_of(cfg.dataset, split=cfg.dataset_split)
+    if eval_rows is not None or cfg.eval_dataset or held_split:
+        raw_eval = list(eval_rows) if eval_rows is not None else read_raw_rows(
+            cfg.eval_dataset or cfg.dataset, split=held_split or cfg.dataset_split, assets=cfg.assets)
+        held_rows, _ = check_rows(rename_columns(raw_eval, mapping, where=cfg.eval_dataset or cfg.dataset or "eval rows"),
+                                  source=cfg.eval_dataset or cfg.dataset or "eval rows", **check)
+        if held_split and is_main:
+            log.info("dpo data: evaluating on the %r split of %s", held_split, cfg.dataset)
     else:
         tr, ho = split_holdout(len(train_rows), cfg.eval_fraction, seed=cfg.seed)
         train_rows, held_rows = [train_rows[i] for i in tr], [train_rows[i] for i in ho]
@@ -341,16 +378,13 @@ def accumulate_gradients(cfg: DPOConfig, policy, reference: Reference, train: li
 
 def check_config(cfg: DPOConfig) -> None:
     if cfg.reference not in REFERENCE_FORMS:
-        raise ValueError(f"reference must be one of {REFERENCE_FORMS}, got {cfg.reference!r}")
+        raise UserError(f"reference must be one of {REFERENCE_FORMS}, got {cfg.reference!r}; set --reference")
     if cfg.loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {cfg.loss_type!r}")
-    if cfg.kl_target is not None or cfg.kl_budget is not None:
-        raise ValueError("dpo supports a fixed or scheduled beta (beta, beta_schedule); kl_target/kl_budget need an "
-                         "on-policy KL every step, which offline DPO does not measure")
+        raise UserError(f"loss_type must be one of {LOSS_TYPES}, got {cfg.loss_type!r}; set --loss_type")
     if cfg.reference == "precomputed" and cfg.loss_type == "simpo":
         log.info("simpo ignores the reference; ref log-probs are still computed for logging")
     if not cfg.dataset:
-        raise ValueError("dpo needs preference data: pass --dataset PATH_OR_NAME (or rows=... from Python)")
+        raise UserError("dpo needs preference data: pass --dataset PATH_OR_NAME (or rows=... from Python)")
 
 
 def train_dpo(cfg: DPOConfig, *, rows: Optional[Sequence[dict]] = None, eval_rows: Optional[Sequence[dict]] = None,
@@ -366,15 +400,16 @@ def train_dpo(cfg: DPOConfig, *, rows: Optional[Sequence[dict]] = None, eval_row
     metrics)`` is called after each step's log and checkpoint (raising from it interrupts the run, as
     a kill would)."""
     dist = Dist()
-    run = RunDir(cfg.output_dir, is_main=dist.is_main)
+    run = RunDir(cfg.output_dir, is_main=dist.is_main, report_to=cfg.report_to)
     if rows is not None:
         cfg = dataclasses.replace(cfg, dataset=str(Path(cfg.output_dir) / "dataset.jsonl"))
-        if dist.is_main:
-            Path(cfg.dataset).write_text("".join(json.dumps(r) + "\n" for r in rows))
     check_config(cfg)
-    run.save_config(cfg)
+    run.save_config(cfg, resume=resume)  # refuses a folder holding another run before anything is written
+    if rows is not None and dist.is_main:
+        Path(cfg.dataset).write_text("".join(json.dumps(r) + "\n" for r in rows))
     tok, policy, _ = load_policy(cfg, dist)
     train, held, data_info = load_pairs(cfg, tok, rows=rows, eval_rows=eval_rows, is_main=dist.is_main)
+    cfg = with_epochs(cfg, len(train), per_step=cfg.batch_size, unit="pairs")
     micro = derive_micro_batch(cfg, dist)
     order = StepBatches([pair_width(p) for p in train], cfg.batch_size, seed=cfg.seed, shuffle=cfg.shuffle,
                         group_by_length=cfg.group_by_length, window=cfg.bucket_window)
@@ -386,11 +421,16 @@ def train_dpo(cfg: DPOConfig, *, rows: Optional[Sequence[dict]] = None, eval_row
     params = trainable_params(policy)
     opt = make_optimizer(params, cfg)
     sched = make_scheduler(opt, cfg)
-    ckpt = Checkpointer(run, policy, opt, sched, controller=controller, reference=reference)
+    guard = StepGuard(cfg.max_nonfinite_steps)
+    ckpt = Checkpointer(run, policy, opt, sched, controller=controller, reference=reference, guard=guard)
     step = ckpt.resume()[0] if resume else 0
     kl_prompts = [p["prompt_ids"] for p in held[: cfg.kl_prompts]]
-    if not kl_prompts:
+    if not kl_prompts and not cfg.forgetting_text:
         live_ref = None  # nothing samples: with the precomputed form, the reference model is freed here
+    forgetting = ForgettingProbe(cfg.forgetting_text, tok, config=dataclasses.asdict(cfg), assets=cfg.assets,
+                                 max_texts=cfg.forgetting_max_texts, seed=cfg.seed) \
+        if cfg.forgetting_text and dist.is_main else None
+    overfit = OverfitMonitor(cfg.loss_type)  # dpo/overfit: loss saturated while kl/ref grows (diagnostics/overfit.py)
     pad_id = tok.pad_token_id
     packed = cfg.padding_free and packing_works(policy, train[:4], pad_id=pad_id, device=dist.device)
 
@@ -399,6 +439,8 @@ def train_dpo(cfg: DPOConfig, *, rows: Optional[Sequence[dict]] = None, eval_row
                          packed=packed) if held else {}
         if kl_prompts and dist.is_main:  # sampling is replicated work: only the logging process measures
             out.update(measure_ref_kl(cfg, policy, live_ref, kl_prompts, tok))
+        if forgetting is not None:  # eval/forgetting/*: teacher-forced on off-distribution text
+            out.update(forgetting(policy, live_ref))
         if eval_hook is not None and dist.is_main:
             out.update(eval_hook(step, policy, beta=beta) or {})
         return out
@@ -416,7 +458,8 @@ def train_dpo(cfg: DPOConfig, *, rows: Optional[Sequence[dict]] = None, eval_row
         idx = dist.shard(order(step))
         sums, tokens, slots = accumulate_gradients(cfg, policy, reference, train, idx, micro=micro, beta=beta,
                                                    packed=packed, pad_id=pad_id, device=dist.device)
-        grad_norm, lr = optimizer_step(opt, sched, params, dist=dist, max_grad_norm=cfg.max_grad_norm)
+        grad_norm, lr = optimizer_step(opt, sched, params, dist=dist, max_grad_norm=cfg.max_grad_norm, guard=guard,
+                                       loss=sums["loss"])
         step += 1
         reference.on_step(policy, step)
         controller.update()
@@ -424,11 +467,14 @@ def train_dpo(cfg: DPOConfig, *, rows: Optional[Sequence[dict]] = None, eval_row
         tokens, slots = dist.sum_float(tokens), dist.sum_float(slots)
         metrics.update({"beta": beta, "opt/lr": lr, "opt/grad_norm": grad_norm, "data/tokens": tokens,
                         "data/padding_frac": 1.0 - tokens / max(slots, 1.0),
-                        "perf/tokens_per_s": tokens / (time.perf_counter() - t0)})
+                        "perf/tokens_per_s": tokens / (time.perf_counter() - t0), **guard.stats()})
         evaluated = bool(cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps
         if evaluated:
             last_eval = evaluate(beta)
             metrics.update(last_eval)
+        overfit.record(metrics)
+        if evaluated:
+            metrics.update(overfit.check(step))
         if step % cfg.log_every == 0 or evaluated:
             run.log(step, metrics)
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:

@@ -42,6 +42,7 @@ import torch
 from ..ops.kl import kl_loss_term
 from ..ops.policy import aggregate_loss, group_advantages, masked_mean, ppo_policy_loss
 from .online import Counts, LossInputs, OnlineConfig, OnlineMethod, Prepared, train_online
+from ..errors import UserError
 
 KL_PLACEMENTS = ("loss", "loss_is")
 
@@ -92,11 +93,11 @@ def loss(x: LossInputs, *, cfg: GRPOConfig, beta: float, counts: Counts) -> tupl
 
 def validate(cfg: GRPOConfig) -> None:
     if cfg.samples_per_prompt < 2:
-        raise ValueError(f"GRPO needs samples_per_prompt >= 2 (a group to normalise over), got {cfg.samples_per_prompt}")
+        raise UserError(f"GRPO needs samples_per_prompt >= 2 (a group to normalise over), got {cfg.samples_per_prompt}")
     if cfg.kl_placement not in KL_PLACEMENTS:
-        raise ValueError(f"kl_placement must be one of {KL_PLACEMENTS}, got {cfg.kl_placement!r}")
+        raise UserError(f"kl_placement must be one of {KL_PLACEMENTS}, got {cfg.kl_placement!r}")
     if cfg.kl_estimator == "k1" and cfg.kl_placement == "loss":
-        raise ValueError("kl_estimator=k1 with kl_placement=loss has zero expected gradient (no regularisation, docs/theory.md §3); "
+        raise UserError("kl_estimator=k1 with kl_placement=loss has zero expected gradient (no regularisation, docs/theory.md §3); "
                          "use kl_placement=loss_is, or k3/k2")
 
 

@@ -45,24 +45,28 @@ from typing import Callable, ClassVar, Optional, Sequence
 import torch
 
 from ..control import BetaConfig, build_controller
+from ..groups import ReferenceConfig, SamplingConfig
 from ..data.text import batch_indices
 from ..distributed import Dist
 from ..engine import evaluate as evaluate_kl
 from ..engine import sampling_settings
-from ..measure import encode_prompts, read_prompts
+from ..measure import encode_prompts
 from ..modeling import CompletionBatch
 from ..ops.kl import ESTIMATOR_NAMES, kl_loss_term
 from ..ops.logprobs import selective_logps
 from ..ops.policy import AGGREGATION_MODES
 from ..reference import reference_from_config
-from ..rewards import CallableSource, RewardSet, RewardSource, build_reward
+from ..data.prompts import Prompt, as_prompts, eval_prompts_split, load_prompts
+from ..rewards import CallableSource, RewardSet, RewardSource, build_reward, call_source, reward_columns
 from ..runs import RunDir, save_final
 from ..training import (
-    Checkpointer, TrainConfig, clip_and_norm, load_policy, make_optimizer, make_scheduler, progress_bar, trainable_params,
+    Checkpointer, StepGuard, TrainConfig, clip_and_norm, load_policy, make_optimizer, make_scheduler, progress_bar,
+    trainable_params, with_epochs,
 )
 from ..modeling import forward_completion
 from ..value import build_value_model
 from .rollout import Rollout, collect_rollout, rollout_stats
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +74,18 @@ ONLINE_REFERENCE_FORMS = ("copy", "lora", "offload")
 
 
 @dataclass
-class OnlineConfig(TrainConfig, BetaConfig):
-    """Fields shared by ``tether ppo``, ``grpo`` and ``rloo`` (plus TrainConfig's and BetaConfig's)."""
+class OnlineConfig(TrainConfig, BetaConfig, SamplingConfig, ReferenceConfig):
+    """Fields shared by ``tether ppo``, ``grpo`` and ``rloo`` (plus the groups: TrainConfig's training
+    and lora, BetaConfig's beta, SamplingConfig's sampling, ReferenceConfig's reference)."""
 
     prompts: str = ""
-    """Training prompts: a text file (one prompt per line) or JSONL with a 'prompt' field."""
+    """Training prompts: a text file (one per line), .jsonl/.json/.parquet with a 'prompt' column (a string or a list of {role, content} messages; other columns reach reward functions), a saved datasets folder or a hub name."""
+    prompt_field: str = "prompt"
+    """Column holding the prompt in table rows."""
+    columns: Optional[dict] = None
+    """Rename prompt-data columns first: a YAML map {question: prompt, answer: ground_truth} or 'question=prompt,answer=ground_truth'."""
+    chat_template: Optional[str] = None
+    """Jinja chat template (string or file) for conversational prompts when the tokenizer has none."""
     reward: str = "vader"
     """Reward to optimise: 'vader', a reward-model folder (tether rm's final/), or 'module:function' (NAME=spec renames its metric)."""
     log_rewards: list = field(default_factory=list)
@@ -87,14 +98,6 @@ class OnlineConfig(TrainConfig, BetaConfig):
     """Subtract this from the score of every completion that hit max_new_tokens without EOS (None = off)."""
     samples_per_prompt: int = 1
     """Completions sampled per prompt (the group size G of GRPO/RLOO); batch_size must divide by it."""
-    max_new_tokens: int = 32
-    """Completion length limit (tokens)."""
-    temperature: float = 1.0
-    """Sampling temperature; the KL and the losses score the filtered distribution actually sampled."""
-    top_k: int = 0
-    """Top-k sampling filter (0 = off)."""
-    top_p: float = 1.0
-    """Nucleus sampling mass (1.0 = off)."""
     max_prompt_length: Optional[int] = None
     """Error on prompts longer than this many tokens (None = no limit)."""
     kl_estimator: str = "k1"
@@ -103,10 +106,6 @@ class OnlineConfig(TrainConfig, BetaConfig):
     """Clamp the log-ratio lr = log π_θ - log π_ref to [-c, c] before the k1/k2/k3 estimator (None = off; verl uses 20 for k3). Clamped tokens get no KL gradient: kl/clamped_frac logs their fraction."""
     kl_clamp_output: Optional[float] = None
     """Clamp the per-token KL value to [-c, c] (None = off; verl uses 10 for k3, OpenRLHF 10). Applies to the rollout's kl_tokens and the loss-side KL; kl/ref (exact) is never clamped."""
-    reference: str = "copy"
-    """Reference form: copy (frozen copy) | lora (the LoRA policy with adapters off) | offload (copy kept in CPU memory)."""
-    reference_model: Optional[str] = None
-    """Reference model path (default: the starting policy `model`)."""
     num_epochs: int = 1
     """Passes over each rollout (PPO epochs; GRPO's μ). Epochs after the first are off-policy (ratio ≠ 1)."""
     num_minibatches: int = 1
@@ -118,7 +117,7 @@ class OnlineConfig(TrainConfig, BetaConfig):
     target_kl_old: Optional[float] = None
     """Stop this step's remaining updates once the k3 KL to the behaviour policy (ppo/approx_kl_old) exceeds this (None = off)."""
     eval_prompts: Optional[str] = None
-    """Held-out prompts for eval/* (file); default: the first eval_max_prompts training prompts (then not held out)."""
+    """Held-out prompts for eval/* (same formats); default: the test/validation split of a saved DatasetDict given as prompts, else the first eval_max_prompts training prompts (then not held out)."""
     eval_max_prompts: int = 64
     """At most this many eval prompts are used."""
     eval_samples: int = 2
@@ -147,18 +146,18 @@ def derive_sizes(cfg: OnlineConfig, dist: Dist) -> Sizes:
     """All batch sizes, derived once with exact divisibility (STYLE.md §5)."""
     G = cfg.samples_per_prompt
     if G < 1:
-        raise ValueError(f"samples_per_prompt must be >= 1, got {G}")
+        raise UserError(f"samples_per_prompt must be >= 1, got {G}")
     if cfg.batch_size % G:
-        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by samples_per_prompt={G} (batch_size counts completions)")
+        raise UserError(f"batch_size={cfg.batch_size} must be divisible by samples_per_prompt={G} (batch_size counts completions)")
     n_prompts = cfg.batch_size // G
     if n_prompts % dist.world_size:
-        raise ValueError(f"prompts per step (batch_size / samples_per_prompt = {n_prompts}) must divide over {dist.world_size} processes")
+        raise UserError(f"prompts per step (batch_size / samples_per_prompt = {n_prompts}) must divide over {dist.world_size} processes")
     rollout = cfg.batch_size // dist.world_size
     if rollout % cfg.num_minibatches:
-        raise ValueError(f"each process's rollout ({rollout} completions) must divide into num_minibatches={cfg.num_minibatches}")
+        raise UserError(f"each process's rollout ({rollout} completions) must divide into num_minibatches={cfg.num_minibatches}")
     mb = rollout // cfg.num_minibatches
     if mb % cfg.grad_accum:
-        raise ValueError(f"each minibatch ({mb} completions per process) must divide into grad_accum={cfg.grad_accum} micro-batches")
+        raise UserError(f"each minibatch ({mb} completions per process) must divide into grad_accum={cfg.grad_accum} micro-batches")
     return Sizes(n_prompts // dist.world_size, rollout, mb, mb // cfg.grad_accum)
 
 
@@ -294,7 +293,7 @@ def rollout_ref_logits(reference, ro: Rollout, *, chunk: int, filters: dict) -> 
 
 def optimise(policy, value_model, opt, params: list, value_params: list, ro: Rollout, prep: Prepared,
              method: OnlineMethod, *, cfg, beta: float, sizes: Sizes, dist: Dist, ref_logits: Optional[torch.Tensor],
-             step: int, aux=None) -> tuple[dict, dict, list]:
+             step: int, aux=None, guard: Optional[StepGuard] = None) -> tuple[dict, dict, list]:
     """``num_epochs`` passes of ``num_minibatches`` optimiser updates over the rollout.
     Returns (stat sums, stat counts, policy grad norms); stops early past ``target_kl_old``.
 
@@ -314,6 +313,7 @@ def optimise(policy, value_model, opt, params: list, value_params: list, ro: Rol
             mb_ref = ref_logits[rows] if ref_logits is not None else None
             n = Counts(tokens=dist.sum_float(mb.mask.sum()), seqs=dist.sum_float(mb.mask.shape[0]))
             kl_old = [0.0, 0.0]
+            loss_sum = 0.0  # this process's: a non-finite one skips the update (StepGuard)
             for j in range(0, sizes.minibatch, sizes.micro):
                 part = slice(j, j + sizes.micro)
                 micro = mb.select(part)
@@ -321,6 +321,7 @@ def optimise(policy, value_model, opt, params: list, value_params: list, ro: Rol
                 x = loss_inputs(out, micro, mb_prep.select(part), mb_ref[part] if mb_ref is not None else None)
                 loss, stats = method.loss(x, cfg=cfg, beta=beta, counts=n)
                 loss.backward()
+                loss_sum += float(loss.detach())
                 w = float(micro.mask.sum())
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * w
@@ -334,11 +335,13 @@ def optimise(policy, value_model, opt, params: list, value_params: list, ro: Rol
                     counts[k] = counts.get(k, 0.0) + 1.0
             dist.sync_gradients(params + value_params)
             norms.append(clip_and_norm(params, cfg.max_grad_norm))
+            v = 0.0
             if value_params:
                 v = clip_and_norm(value_params, cfg.max_grad_norm)
                 sums["ppo/value_grad_norm"] = sums.get("ppo/value_grad_norm", 0.0) + v
                 counts["ppo/value_grad_norm"] = counts.get("ppo/value_grad_norm", 0.0) + 1.0
-            opt.step()
+            if guard is None or guard.check(dist, norms[-1], v, loss_sum):
+                opt.step()
             opt.zero_grad(set_to_none=True)
             if cfg.target_kl_old is not None:
                 # Global mean of this update's KL to the behaviour policy (measured before the step):
@@ -374,20 +377,22 @@ def _as_reward_set(cfg: OnlineConfig, reward, log_rewards) -> RewardSet:
     return RewardSet(opt, logged, clip=cfg.reward_clip, normalize=cfg.reward_normalize)
 
 
-def evaluate(policy, reference, rewards: RewardSet, tok, prompt_texts: Sequence[str], prompt_ids, *, cfg: OnlineConfig) -> dict:
+def evaluate(policy, reference, rewards: RewardSet, tok, prompt_texts: Sequence[str], prompt_ids, *, cfg: OnlineConfig,
+             rows: Optional[Sequence[Prompt]] = None) -> dict:
     """eval/kl (exact estimator, mean sequence KL) with its standard error, and the mean raw score
     of every reward source (optimised and logged) on the same samples. The normaliser is untouched.
     ``engine.evaluate``: the evaluation seed and batch size every trainer and the demo use (a fixed
     seed: eval noise is common to all steps). Every process evaluates the same prompts with the same
-    seed (identical results; simple > fast)."""
+    seed (identical results; simple > fast). ``rows``: the prompts' dataset rows, for reward functions."""
     res = evaluate_kl(policy, reference, prompt_ids, tokenizer=tok, seed=cfg.seed, samples_per_prompt=cfg.eval_samples,
                       max_new_tokens=cfg.max_new_tokens, sampling=_filters(cfg))
     flat = [p for p in prompt_texts for _ in range(cfg.eval_samples)]  # the engine's order: prompt-major
     completions = res["texts"]
     out = {"eval/kl": res["estimators"]["exact"]["mean"], "eval/kl_stderr": res["estimators"]["exact"]["stderr"],
            "eval/kl_token_mean": res["token_mean"], "eval/response_len": res["response_len"]}
+    columns = reward_columns([r for r in rows for _ in range(cfg.eval_samples)]) if rows is not None else {}
     for src in rewards.sources:
-        out[f"eval/reward/{src.name}"] = float(src(flat, completions).float().mean())
+        out[f"eval/reward/{src.name}"] = float(call_source(src, flat, completions, columns).float().mean())
     return out
 
 
@@ -405,18 +410,18 @@ def _filters(cfg: OnlineConfig) -> dict:
 
 def _validate(cfg: OnlineConfig, method: OnlineMethod) -> None:
     if cfg.kl_estimator not in ESTIMATOR_NAMES:
-        raise ValueError(f"kl_estimator must be one of {ESTIMATOR_NAMES}, got {cfg.kl_estimator!r}")
+        raise UserError(f"kl_estimator must be one of {ESTIMATOR_NAMES}, got {cfg.kl_estimator!r}; set --kl_estimator")
     if cfg.reference not in ONLINE_REFERENCE_FORMS:
-        raise ValueError(f"reference={cfg.reference!r}: online methods score fresh samples every step, so the reference "
+        raise UserError(f"reference={cfg.reference!r}: online methods score fresh samples every step, so the reference "
                          f"must be a live model; choose from {ONLINE_REFERENCE_FORMS}")
     if cfg.loss_aggregation not in AGGREGATION_MODES:
-        raise ValueError(f"loss_aggregation must be one of {AGGREGATION_MODES}, got {cfg.loss_aggregation!r}")
+        raise UserError(f"loss_aggregation must be one of {AGGREGATION_MODES}, got {cfg.loss_aggregation!r}; set --loss_aggregation")
     if cfg.num_epochs < 1 or cfg.num_minibatches < 1:
-        raise ValueError("num_epochs and num_minibatches must be >= 1")
+        raise UserError("num_epochs and num_minibatches must be >= 1")
     if cfg.max_new_tokens < 1:
-        raise ValueError("max_new_tokens must be >= 1")
+        raise UserError("max_new_tokens must be >= 1")
     if cfg.keep_dropout:
-        raise ValueError("keep_dropout=true is not available for online methods: the sampler, the scorer and the loss "
+        raise UserError("keep_dropout=true is not available for online methods: the sampler, the scorer and the loss "
                          "must see one policy (with dropout, π_θ/π_old ≠ 1 and the step-0 KL ≠ 0, TRL #506); drop the flag")
     method.validate(cfg)
 
@@ -427,16 +432,29 @@ def _load_reference(cfg: OnlineConfig, policy, tok, path: str, dist: Dist):
                                  forms=ONLINE_REFERENCE_FORMS)
 
 
-def _prompt_texts(cfg: OnlineConfig, prompts) -> list[str]:
+def _prompt_rows(cfg: OnlineConfig, tok, prompts, eval_prompts) -> tuple[list[Prompt], list[Prompt]]:
+    """(training prompts, evaluation prompts) from the arguments of train_online (strings, row dicts or
+    Prompts) or the config's files (``tether.data.prompts``). Evaluation: eval_prompts, else a saved
+    DatasetDict's test/validation split, else the training prompts; at most eval_max_prompts."""
+    kw = dict(tokenizer=tok, chat_template=cfg.chat_template, prompt_field=cfg.prompt_field)
     if prompts is not None:
-        out = [str(p) for p in prompts]
+        rows = as_prompts(prompts, **kw)
     elif cfg.prompts:
-        out = read_prompts(cfg.prompts)
+        rows = load_prompts(cfg.prompts, columns=cfg.columns, assets=cfg.assets, **kw)
     else:
-        raise ValueError("no prompts: pass --prompts FILE (one prompt per line, or JSONL with a 'prompt' field)")
-    if not out:
-        raise ValueError("the prompt list is empty")
-    return out
+        raise UserError("no prompts: pass --prompts FILE (one prompt per line, JSONL with a 'prompt' field, or a datasets folder)")
+    if not rows:
+        raise UserError("the prompt list is empty")
+    held = None if eval_prompts is not None or cfg.eval_prompts or prompts is not None else eval_prompts_split(cfg.prompts)
+    if eval_prompts is not None:
+        ev = as_prompts(eval_prompts, **kw)
+    elif cfg.eval_prompts:
+        ev = load_prompts(cfg.eval_prompts, columns=cfg.columns, assets=cfg.assets, **kw)
+    elif held:
+        ev = load_prompts(cfg.prompts, columns=cfg.columns, assets=cfg.assets, split=held, **kw)
+    else:
+        ev = rows
+    return rows, ev[: cfg.eval_max_prompts]
 
 
 @dataclass
@@ -464,10 +482,14 @@ class Session:
     sched: object
     controller: object
     ckpt: Checkpointer
+    guard: StepGuard
     step: int = 0
     history: list = field(default_factory=list)
     eval_history: list = field(default_factory=list)
     eval_hook: Optional[Callable] = None  # eval_hook(step, policy, *, beta) -> metrics: replaces the built-in evaluation
+    prompt_rows: list = field(default_factory=list)  # the Prompt (dataset row) of each of texts / eval_texts
+    eval_rows: list = field(default_factory=list)
+    forgetting: Optional[Callable] = None  # diagnostics.forgetting.ForgettingProbe (cfg.forgetting_text): eval/forgetting/*
 
     def save(self) -> None:
         """Checkpoint, with what Checkpointer does not know about in its data state."""
@@ -480,7 +502,10 @@ class Session:
         if self.eval_hook is not None:  # an external protocol (the demo's): same prompts and seeds for every method
             ev = dict(self.eval_hook(self.step, self.policy, beta=self.controller.value) or {}) if self.dist.is_main else {}
         else:
-            ev = evaluate(self.policy, self.reference, self.rewards, self.tok, self.eval_texts, self.eval_ids, cfg=self.cfg)
+            ev = evaluate(self.policy, self.reference, self.rewards, self.tok, self.eval_texts, self.eval_ids, cfg=self.cfg,
+                          rows=self.eval_rows or None)
+        if self.forgetting is not None:  # teacher-forced on off-distribution text, whichever protocol ran above
+            ev.update(self.forgetting(self.policy, self.reference))
         self.eval_history.append({"step": self.step, **ev})
         return ev
 
@@ -499,29 +524,36 @@ def setup(cfg: OnlineConfig, method: OnlineMethod, *, prompts=None, reward=None,
     _validate(cfg, method)
     dist = Dist()
     sizes = derive_sizes(cfg, dist)
-    run = RunDir(cfg.output_dir, is_main=dist.is_main)
-    run.save_config(cfg)
+    run = RunDir(cfg.output_dir, is_main=dist.is_main, report_to=cfg.report_to)
+    run.save_config(cfg, resume=resume)
     tok, policy, path = load_policy(cfg, dist)
     reference = _load_reference(cfg, policy, tok, path, dist)
     value_model = build_value_model(cfg.value_model, policy, model_path=path, dtype=cfg.dtype, device=dist.device) \
         if method.uses_value_model(cfg) else None
-    texts = _prompt_texts(cfg, prompts)
-    eval_texts = list(eval_prompts) if eval_prompts is not None else (read_prompts(cfg.eval_prompts) if cfg.eval_prompts else texts)
-    eval_texts = eval_texts[: cfg.eval_max_prompts]
+    prompt_rows, eval_rows = _prompt_rows(cfg, tok, prompts, eval_prompts)
+    texts, eval_texts = [p.text for p in prompt_rows], [p.text for p in eval_rows]
+    cfg = with_epochs(cfg, len(texts), per_step=cfg.batch_size // cfg.samples_per_prompt, unit="prompts")
     params = trainable_params(policy)
     value_params = list(value_model.parameters()) if value_model is not None else []
     opt = make_optimizer(params + value_params, cfg)
     sched = make_scheduler(opt, cfg)
     controller = build_controller(cfg, total_steps=cfg.max_steps, episodes_per_step=cfg.batch_size)
+    guard = StepGuard(cfg.max_nonfinite_steps)
     s = Session(
         cfg=cfg, method=method, dist=dist, sizes=sizes, run=run, tok=tok, policy=policy, reference=reference,
         value_model=value_model, rewards=_as_reward_set(cfg, reward, log_rewards),
         texts=texts, ids=encode_prompts(tok, texts, max_prompt_length=cfg.max_prompt_length),
         eval_texts=eval_texts, eval_ids=encode_prompts(tok, eval_texts, max_prompt_length=cfg.max_prompt_length),
+        prompt_rows=prompt_rows, eval_rows=eval_rows,
         aux=method.make_aux(cfg, tok, dist) if method.make_aux is not None else None,
         params=params, value_params=value_params, opt=opt, sched=sched, controller=controller,
-        ckpt=Checkpointer(run, policy, opt, sched, controller, reference),
+        ckpt=Checkpointer(run, policy, opt, sched, controller, reference, guard=guard), guard=guard,
     )
+    if cfg.forgetting_text:
+        from ..diagnostics.forgetting import ForgettingProbe
+
+        s.forgetting = ForgettingProbe(cfg.forgetting_text, tok, config={**vars(cfg), "prompts": cfg.prompts or texts},
+                                       assets=cfg.assets, max_texts=cfg.forgetting_max_texts, seed=cfg.seed)
     if resume:
         s.step, state = s.ckpt.resume()
         if state.get("value_model") is not None and value_model is not None:
@@ -551,6 +583,7 @@ def train_online(
     s = setup(cfg, method or method_for(cfg), prompts=prompts, reward=reward, log_rewards=log_rewards,
               eval_prompts=eval_prompts, resume=resume)
     s.eval_hook = eval_hook
+    cfg = s.cfg  # max_steps as setup derived it (epochs)
     G, dist = cfg.samples_per_prompt, s.dist
     if s.step == 0 and cfg.eval_every:  # the starting point (KL 0) of the reward-KL curve
         s.run.log(0, s.evaluate())
@@ -560,10 +593,12 @@ def train_online(
         # 1. this step's prompts (a pure function of (seed, step)), G contiguous copies each: a group
         idx = dist.shard(batch_indices(s.step, cfg.batch_size // G, len(s.texts), seed=cfg.seed))
         p_texts, p_ids = [s.texts[i] for i in idx for _ in range(G)], [s.ids[i] for i in idx for _ in range(G)]
+        p_rows = [s.prompt_rows[i] for i in idx for _ in range(G)]
         # 2. rollout: sample, reward, score under policy / reference / value model
         beta = s.controller.value
         ro = collect_rollout(s.policy, s.reference, s.value_model, s.rewards, s.tok, p_texts, p_ids, cfg=cfg,
-                             generator=seeded(cfg.seed, s.step, dist.rank, 1), chunk=s.sizes.micro, device=dist.device)
+                             generator=seeded(cfg.seed, s.step, dist.rank, 1), chunk=s.sizes.micro, device=dist.device,
+                             prompt_rows=p_rows)
         # 3. advantages (method-specific, pure)
         prep = s.method.prepare(scores=ro.scores, kl_tokens=ro.kl_tokens, mask=ro.mask, values=ro.values, cfg=cfg, beta=beta)
         sums, counts = rollout_stats(ro, beta=beta)
@@ -576,13 +611,14 @@ def train_online(
         lr = s.sched.get_last_lr()[0]
         u_sums, u_counts, norms = optimise(s.policy, s.value_model, s.opt, s.params, s.value_params, ro, prep, s.method,
                                            cfg=cfg, beta=beta, sizes=s.sizes, dist=dist, ref_logits=ref_logits,
-                                           step=s.step, aux=s.aux)
+                                           step=s.step, aux=s.aux, guard=s.guard)
         s.sched.step()
         s.step += 1
         s.reference.on_step(s.policy, s.step)
         # 5. metrics (one global reduction), β update, logs, evaluation, checkpoint
         metrics = dist.reduce_metrics({**sums, **u_sums}, {**counts, **u_counts})
-        metrics.update({"beta": beta, "opt/lr": lr, "opt/grad_norm": sum(norms) / max(len(norms), 1), "opt/updates": len(norms)})
+        metrics.update({"beta": beta, "opt/lr": lr, "opt/grad_norm": sum(norms) / max(len(norms), 1), "opt/updates": len(norms),
+                        **s.guard.stats()})
         s.controller.update(kl=metrics["kl/ref"], n_episodes=cfg.batch_size)
         metrics.update(s.controller.stats())  # kl_ctl/*: the adaptive controller's error and saturation
         if (cfg.eval_every and s.step % cfg.eval_every == 0) or s.step == cfg.max_steps:

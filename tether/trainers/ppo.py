@@ -31,6 +31,7 @@ from ..ops.policy import aggregate_loss, gae, masked_mean, masked_std, masked_wh
 from ..value import VALUE_MODELS
 from .online import Counts, LossInputs, OnlineConfig, OnlineMethod, Prepared, exact_kl_direct_term, train_online
 from .sft import token_nll
+from ..errors import UserError
 
 
 @dataclass
@@ -129,13 +130,13 @@ class PtxTerm:
 
 def validate(cfg: PPOConfig) -> None:
     if cfg.value_model not in VALUE_MODELS:
-        raise ValueError(f"value_model must be one of {VALUE_MODELS}, got {cfg.value_model!r}")
+        raise UserError(f"value_model must be one of {VALUE_MODELS}, got {cfg.value_model!r}")
     if not (0.0 <= cfg.gamma <= 1.0 and 0.0 <= cfg.lam <= 1.0):
-        raise ValueError(f"gamma and lam must lie in [0, 1], got gamma={cfg.gamma}, lam={cfg.lam}")
+        raise UserError(f"gamma and lam must lie in [0, 1], got gamma={cfg.gamma}, lam={cfg.lam}")
     if cfg.ptx_coef < 0:
-        raise ValueError(f"ptx_coef must be >= 0, got {cfg.ptx_coef}")
+        raise UserError(f"ptx_coef must be >= 0, got {cfg.ptx_coef}")
     if cfg.ptx_coef > 0 and not cfg.ptx_dataset:
-        raise ValueError("ptx_coef > 0 needs ptx_dataset: a text file of pretraining examples (one per line)")
+        raise UserError("ptx_coef > 0 needs ptx_dataset: a text file of pretraining examples (one per line)")
 
 
 PPO = OnlineMethod(

@@ -27,6 +27,7 @@ import torch
 from ..assets import resolve_model
 from ..data.preference import StepBatches, collate_pairs, load_preference_rows, pair_width, split_holdout, tokenize_pairs
 from ..distributed import Dist
+from ..errors import UserError
 from ..modeling import DTYPES, load_tokenizer
 from ..ops.reward_model import bradley_terry_loss
 from ..rewards import sequence_scores
@@ -74,7 +75,7 @@ def load_reward_backbone(cfg: RMConfig, dist: Dist):
     # non-pad token) and its position ids (counted from 0, not from the mask) both need.
     tok.init_kwargs["padding_side"] = "right"
     if cfg.dtype not in DTYPES:
-        raise ValueError(f"dtype {cfg.dtype!r} not supported; choose from {sorted(DTYPES)}")
+        raise UserError(f"dtype {cfg.dtype!r} not supported; choose from {sorted(DTYPES)}")
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[cfg.dtype])
     model.config.pad_token_id = tok.pad_token_id  # HF's class needs it to find the last token of a batch row
     if cfg.lora_r > 0:
@@ -146,7 +147,7 @@ def evaluate_rm(model, pairs: Sequence[dict], *, pad_id: int, batch_size: int, d
 def train_reward_model(cfg: RMConfig, *, resume: bool = False) -> dict:
     """Run reward-model training; returns {"final": path, "loss", "rm/accuracy", "eval/rm/accuracy", "eval/loss"}."""
     if not cfg.dataset:
-        raise ValueError("rm needs preference pairs: pass --dataset FILE (or hh-rlhf, or rt-polarity)")
+        raise UserError("rm needs preference pairs: pass --dataset FILE (or hh-rlhf, or rt-polarity)")
     dist = Dist()
     run = RunDir(cfg.output_dir, is_main=dist.is_main)
     run.save_config(cfg)

@@ -27,6 +27,7 @@ import torch
 from ..ops.kl import seq_sum
 from ..ops.policy import aggregate_loss, masked_mean, masked_std, masked_whiten, ppo_policy_loss, rloo_advantages, token_rewards
 from .online import Counts, LossInputs, OnlineConfig, OnlineMethod, Prepared, exact_kl_direct_term, train_online
+from ..errors import UserError
 
 
 @dataclass
@@ -75,7 +76,7 @@ def loss(x: LossInputs, *, cfg: RLOOConfig, beta: float, counts: Counts) -> tupl
 
 def validate(cfg: RLOOConfig) -> None:
     if cfg.samples_per_prompt < 2:
-        raise ValueError(f"RLOO needs samples_per_prompt >= 2 (the leave-one-out baseline), got {cfg.samples_per_prompt}")
+        raise UserError(f"RLOO needs samples_per_prompt >= 2 (the leave-one-out baseline), got {cfg.samples_per_prompt}")
 
 
 RLOO = OnlineMethod(name="rloo", prepare=prepare, loss=loss, validate=validate,

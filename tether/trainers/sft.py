@@ -22,6 +22,7 @@ import torch
 
 from ..data.text import batch_indices, collate, load_text_examples, prepare_sft, split_heldout
 from ..distributed import Dist
+from ..errors import UserError
 from ..modeling import position_ids
 from ..ops.logprobs import selective_logps
 from ..runs import RunDir, save_final
@@ -103,7 +104,7 @@ def load_sft_data(cfg: SFTConfig, tok) -> tuple[list, list]:
     train = prepare_sft(tok, train_ex, **prep)
     evals = prepare_sft(tok, eval_ex, **prep) if eval_ex else []
     if not train:
-        raise ValueError(f"dataset {cfg.dataset!r} gives no training examples with a target token; raise max_length")
+        raise UserError(f"dataset {cfg.dataset!r} gives no training examples with a target token; raise max_length")
     log.info("sft data: %d training %s, %d held-out", len(train), "blocks" if cfg.packing else "examples", len(evals))
     return train, evals
 
@@ -111,7 +112,7 @@ def load_sft_data(cfg: SFTConfig, tok) -> tuple[list, list]:
 def train_sft(cfg: SFTConfig, *, resume: bool = False) -> dict:
     """Run SFT; returns {"final": path, "loss": last loss, "eval/loss": final held-out loss}."""
     if not cfg.dataset:
-        raise ValueError("sft needs a dataset: pass --dataset FILE (or a comma-separated list)")
+        raise UserError("sft needs a dataset: pass --dataset FILE (or a comma-separated list)")
     dist = Dist()
     run = RunDir(cfg.output_dir, is_main=dist.is_main)
     run.save_config(cfg)

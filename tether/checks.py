@@ -1,0 +1,373 @@
+"""Checks of a command's whole input before any weights load: config ranges and choices, the files the
+user named, the model path, and the context length.
+
+Each ``tether`` command calls ``preflight_<command>(cfg)`` first, so a typo in ``--loss_type`` or a
+missing prompts file costs a second, not a model load. The rules that belong to one trainer stay in
+that trainer's ``check_config`` / ``validate`` (called from here, so there is one place per rule);
+this module holds the rules every trainer shares (``check_train_config``) and the checks of paths.
+Every failure is a ``UserError`` whose message names the field or file and the fix.
+
+Context length: the positions a model has are read from its config.json (``max_position_embeddings``,
+or ``n_positions`` / ``max_seq_len`` / ``n_ctx`` for other architectures). Sampling commands need
+``prompt + max_new_tokens`` positions; trainers on fixed data need ``max_length``. A model run past
+its positions does not fail: with rotary embeddings it silently computes with positions it never
+trained on (the issue saw 1,150-token sequences on a 512-position model exit 0).
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Optional, Sequence
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+LR_SCHEDULES = ("constant", "cosine", "linear")
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "max_sequence_length", "seq_length", "n_ctx")
+DATA_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".gz", ".csv", ".tsv", ".yaml", ".yml", ".py")
+DATA_ASSET_NAMES = ("hh-rlhf", "rt-polarity")
+
+
+# --------------------------------------------------------------------------------------------------
+# Numbers and choices
+
+
+def _at_least(cfg: Any, name: str, low: float, why: str = "") -> None:
+    value = getattr(cfg, name)
+    if value is not None and value < low:
+        raise UserError(f"{name}={value} must be >= {low:g}{why}; set --{name}")
+
+
+def _choice(cfg: Any, name: str, choices: Sequence[str]) -> None:
+    value = getattr(cfg, name)
+    if value not in choices:
+        raise UserError(f"{name}={value!r} is not one of {', '.join(map(str, choices))}; set --{name} to one of them")
+
+
+def check_train_config(cfg: Any) -> None:
+    """The rules every trainer's config (``tether.training.TrainConfig``) shares."""
+    from .modeling import DTYPES
+
+    _at_least(cfg, "max_steps", 1, " (optimiser steps to run)")
+    _at_least(cfg, "batch_size", 1)
+    _at_least(cfg, "grad_accum", 1)
+    if cfg.batch_size % cfg.grad_accum:
+        raise UserError(f"batch_size={cfg.batch_size} must be divisible by grad_accum={cfg.grad_accum}; change one of them")
+    _at_least(cfg, "learning_rate", 0.0)
+    _at_least(cfg, "weight_decay", 0.0)
+    _at_least(cfg, "warmup_steps", 0)
+    _at_least(cfg, "max_grad_norm", 0.0, " (0 = no clipping)")
+    _choice(cfg, "lr_schedule", LR_SCHEDULES)
+    _choice(cfg, "dtype", sorted(DTYPES))
+    _at_least(cfg, "lora_r", 0, " (0 = full fine-tuning)")
+    if not 0.0 <= cfg.lora_dropout < 1.0:
+        raise UserError(f"lora_dropout={cfg.lora_dropout} must lie in [0, 1); set --lora_dropout")
+    _at_least(cfg, "log_every", 1)
+    _at_least(cfg, "eval_every", 0, " (0 = only at the end)")
+    _at_least(cfg, "save_every", 0, " (0 = only at the end)")
+    for name in ("eval_batch_size", "ref_batch_size"):
+        if hasattr(cfg, name):
+            _at_least(cfg, name, 1)
+
+
+def check_beta(cfg: Any) -> None:
+    """β and its controller or schedule (``tether.control.build_controller``, which holds the rules), built
+    once without a model: a negative β or a bad schedule is found before any weights load."""
+    from .control import build_controller
+
+    build_controller(cfg, total_steps=cfg.max_steps, episodes_per_step=cfg.batch_size)
+
+
+def _world_size() -> SimpleNamespace:
+    """The process count a launcher (torchrun / accelerate) announces, without starting a process group."""
+    return SimpleNamespace(world_size=int(os.environ.get("WORLD_SIZE", "1") or 1))
+
+
+# --------------------------------------------------------------------------------------------------
+# Files
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A spec the user meant as a local path (rather than a hub name such as 'org/name')."""
+    return (spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or os.sep != "/" and os.sep in spec
+            or spec.lower().endswith(DATA_SUFFIXES))
+
+
+def check_text_file(path: str | os.PathLike, *, field: str) -> Path:
+    """``path`` is an existing, readable file of UTF-8 text (gzip-compressed if it ends in .gz)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise UserError(f"--{field} {path}: is a folder; pass a file")
+    if not p.exists():
+        raise UserError(f"--{field} {path}: no such file; check the path")
+    try:
+        raw = gzip.open(p).read() if p.suffix == ".gz" else p.read_bytes()
+    except PermissionError:
+        raise UserError(f"--{field} {path}: permission denied; make the file readable") from None
+    except (OSError, EOFError) as e:  # a corrupt .gz
+        raise UserError(f"--{field} {path}: cannot read it ({e}); check the file") from None
+    if p.suffix == ".parquet" or p.name.endswith(".parquet.gz"):
+        return p
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserError(f"--{field} {path}: line {line} is not UTF-8 text ({e.reason}); save the file as UTF-8") from None
+    return p
+
+
+def check_dataset(spec: Optional[str], *, field: str, assets: Optional[str] = None, required: bool = True) -> None:
+    """A dataset argument (comma-separated for sft): each part is a readable file, a folder, an asset
+    name (hh-rlhf, rt-polarity) or a hub name (checked by the loader, which says when it is offline)."""
+    if not spec or not str(spec).strip():
+        if required:
+            raise UserError(f"--{field} is empty; pass a data file (.jsonl, .json, .parquet, text), a folder, or a hub name")
+        return
+    for part in [s.strip() for s in str(spec).split(",") if s.strip()]:
+        p = Path(part).expanduser()
+        if part in DATA_ASSET_NAMES and not p.exists():
+            continue
+        if p.is_dir():
+            if not os.access(p, os.R_OK | os.X_OK):
+                raise UserError(f"--{field} {part}: permission denied; make the folder readable")
+            continue
+        if p.exists() or _looks_like_path(part):
+            check_text_file(part, field=field)
+
+
+def check_prompts_file(path: Optional[str], *, field: str = "prompts", tokenizer=None) -> list[str]:
+    """Read a prompts file as the command will (``tether.measure.read_prompts``), after the file checks."""
+    from .measure import read_prompts
+
+    if not path:
+        raise UserError(f"--{field} is required: a text file (one prompt per line) or JSONL with a 'prompt' field")
+    check_text_file(path, field=field)
+    return read_prompts(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Models
+
+
+def check_model(spec: Optional[str], *, field: str = "model", assets: Optional[str] = None):
+    """(path, config) of a model argument without loading weights: a folder with config.json, an
+    asset short name (stories260K), or a hub id (which needs the network, or the hub cache)."""
+    from .assets import resolve_model
+
+    if not spec:
+        raise UserError(f"--{field} is empty; pass a model folder (with config.json), an asset name such as stories260K, or a hub id")
+    path = resolve_model(spec, assets)
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            if (p / "final" / "config.json").exists():
+                hint = f"; did you mean {p / 'final'}?"
+            elif (p / "adapter_config.json").exists():
+                hint = "; it is a LoRA adapter: pass a run saved with merge_lora=true, or its base model"
+            else:
+                hint = "; pass the final/ folder of a tether run, or a Hugging Face model folder"
+            raise UserError(f"--{field} {spec}: folder has no config.json, so it is not a model{hint}")
+        path = str(p)
+    elif p.exists():
+        raise UserError(f"--{field} {spec}: is a file, not a model folder; pass the folder that holds config.json")
+    elif _looks_like_path(spec):
+        raise UserError(f"--{field} {spec}: no such model folder; check the path (or use an asset name such as stories260K)")
+    return path, _model_config(path, spec, field)
+
+
+def _model_config(path: str, spec: str, field: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - offline hub, bad repo id, malformed config.json: all the user's to fix
+        if Path(path).is_dir():
+            raise UserError(f"--{field} {spec}: config.json cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                            "fix or replace the model folder") from None
+        raise UserError(f"--{field} {spec}: neither a local model folder nor reachable on the Hugging Face hub "
+                        f"({type(e).__name__}); pass a folder with config.json, an asset name such as stories260K, "
+                        "or a hub id while online") from None
+
+
+def model_positions(config) -> Optional[int]:
+    """The number of positions a model has, from its config (None if the architecture does not say)."""
+    for key in POSITION_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_context(config, *, need: int, fields: str, model_field: str = "model", spec: str = "") -> None:
+    """``need`` tokens fit in the model's positions, or a UserError naming ``fields`` and the limit."""
+    limit = model_positions(config)
+    if limit is not None and need > limit:
+        raise UserError(f"{fields} = {need} tokens, more than the {limit} positions of --{model_field} {spec}; "
+                        f"lower them so the total is at most {limit}")
+
+
+def _longest_prompt(path: str, prompts: Sequence[str]) -> int:
+    from .modeling import load_tokenizer
+
+    tok = load_tokenizer(path)
+    return max(len(tok(p)["input_ids"]) for p in prompts)
+
+
+# --------------------------------------------------------------------------------------------------
+# Rewards
+
+
+def check_reward_spec(spec: Any, *, field: str = "reward", assets: Optional[str] = None) -> None:
+    """A reward spec as ``tether.rewards.build_reward`` reads it, checked without loading a model or
+    running user code (a ``module:function`` module is located, not imported)."""
+    from .rewards import _NAMED, _check_is_reward_model
+
+    if not isinstance(spec, str) or not spec.strip():
+        raise UserError(f"--{field} is empty; pass 'vader', a reward-model folder (tether rm's final/), or 'module:function'")
+    spec = spec.strip()
+    m = _NAMED.match(spec)
+    if m and not Path(spec).exists():
+        spec = m.group(2)
+    if spec.lower() == "vader":
+        return
+    from .assets import resolve_model
+
+    p = Path(resolve_model(spec, assets)).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").exists() and (p / "final" / "config.json").exists():
+            p = p / "final"
+        if not (p / "config.json").exists():
+            raise UserError(f"--{field} {spec}: folder has no config.json; pass the final/ folder written by `tether rm`")
+        try:
+            _check_is_reward_model(str(p))
+        except ValueError as e:
+            raise UserError(f"--{field} {spec}: {e}") from None
+        return
+    target, sep, attr = spec.rpartition(":")
+    if not sep:
+        raise UserError(f"--{field} {spec!r} is not 'vader', an existing reward-model folder, or 'module:function'; "
+                        "check the path (reward models are the final/ folder of `tether rm`)")
+    if not target or not attr:
+        raise UserError(f"--{field} {spec!r} must look like 'module.path:function' or 'file.py:function'")
+    if target.endswith(".py"):
+        check_text_file(target, field=field)
+        return
+    try:
+        found = importlib.util.find_spec(target)
+    except (ImportError, ValueError):
+        found = None
+    if found is None:
+        raise UserError(f"--{field} {spec}: cannot find module {target!r}; put it on PYTHONPATH or use 'file.py:function'")
+
+
+# --------------------------------------------------------------------------------------------------
+# One preflight per command
+
+
+def preflight_online(cfg) -> None:
+    """ppo / grpo / rloo: config, prompts, rewards, models, context."""
+    from .trainers.online import _validate, derive_sizes, method_for
+
+    check_train_config(cfg)
+    _validate(cfg, method_for(cfg))
+    derive_sizes(cfg, _world_size())
+    check_beta(cfg)
+    if cfg.reference == "lora" and cfg.lora_r < 1:
+        raise UserError("reference='lora' reads the policy with its LoRA adapters off, so it needs --lora_r >= 1; "
+                        "set --lora_r or choose --reference copy")
+    _at_least(cfg, "eval_max_prompts", 1)
+    _at_least(cfg, "eval_samples", 1)
+    _at_least(cfg, "max_prompt_length", 1)
+    prompts = check_prompts_file(cfg.prompts)
+    eval_prompts = check_prompts_file(cfg.eval_prompts, field="eval_prompts") if cfg.eval_prompts else []
+    check_reward_spec(cfg.reward, assets=cfg.assets)
+    for spec in cfg.log_rewards:
+        check_reward_spec(spec, field="log_rewards", assets=cfg.assets)
+    if getattr(cfg, "ptx_dataset", None):
+        check_dataset(cfg.ptx_dataset, field="ptx_dataset", assets=cfg.assets)
+    path, config = check_model(cfg.model, assets=cfg.assets)
+    if cfg.reference_model:
+        check_model(cfg.reference_model, field="reference_model", assets=cfg.assets)
+    if cfg.max_prompt_length is not None:
+        check_context(config, need=cfg.max_prompt_length + cfg.max_new_tokens,
+                      fields=f"max_prompt_length ({cfg.max_prompt_length}) + max_new_tokens ({cfg.max_new_tokens})",
+                      spec=cfg.model)
+    else:
+        longest = _longest_prompt(path, prompts + eval_prompts)
+        check_context(config, need=longest + cfg.max_new_tokens,
+                      fields=f"the longest prompt in --prompts ({longest} tokens) + max_new_tokens ({cfg.max_new_tokens})",
+                      spec=cfg.model)
+
+
+def preflight_dpo(cfg) -> None:
+    from .trainers.dpo import check_config
+
+    from .ops.preference import _check as check_loss
+
+    check_train_config(cfg)
+    check_config(cfg)
+    check_beta(cfg)
+    try:
+        check_loss(cfg.loss_type, cfg.beta, cfg.label_smoothing)
+    except ValueError as e:
+        raise UserError(f"{e}; set --beta / --label_smoothing") from None
+    _at_least(cfg, "max_length", 2)
+    _at_least(cfg, "kl_prompts", 0)
+    _at_least(cfg, "kl_samples", 1)
+    _at_least(cfg, "kl_max_new_tokens", 1)
+    if not 0.0 <= cfg.eval_fraction < 1.0:
+        raise UserError(f"eval_fraction={cfg.eval_fraction} must lie in [0, 1); set --eval_fraction")
+    check_dataset(cfg.dataset, field="dataset", assets=cfg.assets)
+    check_dataset(cfg.eval_dataset, field="eval_dataset", assets=cfg.assets, required=False)
+    _, config = check_model(cfg.model, assets=cfg.assets)
+    if cfg.reference_model:
+        check_model(cfg.reference_model, field="reference_model", assets=cfg.assets)
+    check_context(config, need=cfg.max_length, fields=f"max_length ({cfg.max_length})", spec=cfg.model)
+
+
+def preflight_rm(cfg) -> None:
+    check_train_config(cfg)
+    _at_least(cfg, "max_length", 2)
+    _at_least(cfg, "limit", 1)
+    if not 0.0 <= cfg.eval_fraction < 1.0:
+        raise UserError(f"eval_fraction={cfg.eval_fraction} must lie in [0, 1); set --eval_fraction")
+    check_dataset(cfg.dataset, field="dataset", assets=cfg.assets)
+    check_dataset(cfg.eval_dataset, field="eval_dataset", assets=cfg.assets, required=False)
+    _, config = check_model(cfg.model, assets=cfg.assets)
+    check_context(config, need=cfg.max_length, fields=f"max_length ({cfg.max_length})", spec=cfg.model)
+
+
+def preflight_sft(cfg) -> None:
+    check_train_config(cfg)
+    _at_least(cfg, "max_length", 2)
+    _at_least(cfg, "eval_examples", 0)
+    check_dataset(cfg.dataset, field="dataset", assets=cfg.assets)
+    check_dataset(cfg.eval_dataset, field="eval_dataset", assets=cfg.assets, required=False)
+    _, config = check_model(cfg.model, assets=cfg.assets)
+    check_context(config, need=cfg.max_length, fields=f"max_length ({cfg.max_length})", spec=cfg.model)
+
+
+def preflight_sampling(*, model: str, model_field: str, prompts_path: Optional[str], max_new_tokens: int,
+                       temperature: float, top_k: int, top_p: float, batch_size: int,
+                       assets: Optional[str] = None) -> tuple[str, list[str]]:
+    """Shared by ``tether kl`` and ``tether bon``: sampling settings, prompts, model, context."""
+    ns = SimpleNamespace(max_new_tokens=max_new_tokens, batch_size=batch_size, top_k=top_k)
+    _at_least(ns, "max_new_tokens", 1)
+    _at_least(ns, "batch_size", 1)
+    _at_least(ns, "top_k", 0, " (0 = off)")
+    if not temperature > 0:
+        raise UserError(f"temperature={temperature} must be > 0 (a small value samples near-greedily); set --temperature")
+    if not 0.0 < top_p <= 1.0:
+        raise UserError(f"top_p={top_p} must lie in (0, 1] (1 = off); set --top_p")
+    prompts = check_prompts_file(prompts_path)
+    path, config = check_model(model, field=model_field, assets=assets)
+    longest = _longest_prompt(path, prompts)
+    check_context(config, need=longest + max_new_tokens, model_field=model_field, spec=model,
+                  fields=f"the longest prompt in --prompts ({longest} tokens) + max_new_tokens ({max_new_tokens})")
+    return path, prompts

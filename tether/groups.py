@@ -1,0 +1,43 @@
+"""Config groups that several commands share (STYLE.md: "config groups that mean one thing").
+
+Each is a dataclass mixin: a command's config inherits the groups it supports and nothing else, so a
+flag it would always refuse is not in its ``--help``. YAML may give a group as one nested mapping
+(``sampling: {temperature: 0.7}``) or its fields flat; the command line takes them flat. The β group
+is ``tether.control.BetaConfig`` (controllers) / ``BetaScheduleConfig`` (fixed or scheduled β); the
+LoRA and training groups are declared on ``tether.training.TrainConfig``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from .config import config_group
+
+
+@config_group("sampling")
+@dataclass
+class SamplingConfig:
+    """How completions are sampled: by the online trainers (ppo, grpo, rloo), ``tether kl`` and
+    ``tether bon``, through the one engine (tether.engine)."""
+
+    max_new_tokens: int = 32
+    """Completion length limit (tokens)."""
+    temperature: float = 1.0
+    """Sampling temperature τ; the KL and the losses score the filtered distribution actually sampled (docs/theory.md §3)."""
+    top_k: int = 0
+    """Top-k sampling filter (0 = off)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0 = off)."""
+
+
+@config_group("reference", prefixes=("reference", "ref"))
+@dataclass
+class ReferenceConfig:
+    """The reference model π_ref the KL is measured against (tether.reference is the one place it is
+    handled)."""
+
+    reference: str = "copy"
+    """Reference form: copy (frozen copy) | lora (the LoRA policy with adapters off) | offload (copy kept in CPU memory)."""
+    reference_model: Optional[str] = None
+    """Reference model path (default: the starting policy `model`)."""
