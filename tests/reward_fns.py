@@ -18,3 +18,20 @@ def wrong_count(completions):
 
 def not_finite(completions):
     return [float("nan")] * len(completions)
+
+
+CALLS: list = []
+"""Every call of ``ground_truth_match``: its keyword arguments (tests/test_chat_data.py reads them)."""
+
+
+def ground_truth_match(prompts, completions, ground_truth, **kwargs):
+    """TRL's verifiable-reward signature: 1.0 where the completion's text contains the row's
+    ``ground_truth``. Asserts each ``ground_truth`` arrived next to its own prompt (the test data
+    pairs the prompt "Say W." with ground_truth "W") and records the call in ``CALLS``."""
+    CALLS.append({"prompts": prompts, "completions": completions, "ground_truth": ground_truth, **kwargs})
+    assert len(prompts) == len(completions) == len(ground_truth)
+    for p, g in zip(prompts, ground_truth):
+        text = p[-1]["content"] if isinstance(p, list) else p
+        assert text == f"Say {g}.", (p, g)
+    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+    return [float(g in t) for g, t in zip(ground_truth, texts)]

@@ -7,9 +7,13 @@ names (``reward/<name>``). Three kinds:
 - ``RewardModelSource(path)``: a reward model trained by ``tether rm`` (any
   ``AutoModelForSequenceClassification`` with ``num_labels=1``), scoring the text
   ``join_text(prompt, completion)`` = prompt + completion, exactly as ``tether rm`` trained it.
-- ``CallableSource("module:function")`` (or ``"path/to/file.py:function"``): a Python function
-  given the batch of completion strings (and ``prompts=`` if it accepts that keyword) that returns
-  one float per completion.
+- ``CallableSource("module:function")`` (or ``"path/to/file.py:function"``): a Python function with
+  TRL's reward signature, ``fn(prompts, completions, **columns) -> list[float]``: every other column
+  of each prompt's dataset row arrives as one list per column aligned with the batch (a
+  ``ground_truth`` column as ``ground_truth=[...]``), plus ``completion_ids``. Conversational prompts
+  arrive as their messages and completions as ``[{"role": "assistant", "content": text}]`` (TRL's
+  convention); a function gets only the keywords its signature names (all of them with ``**kwargs``),
+  so ``fn(completions)`` and ``fn(completions, prompts)`` keep working.
 - ``VaderSource()``: the VADER compound sentiment of the completion in [-1, 1] (Hutto & Gilbert
   2014; the ``vaderSentiment`` package ships its lexicon, so it works offline). The project's gold
   reward for the movie-review demo.
@@ -26,6 +30,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import logging
 import math
 import re
 from pathlib import Path
@@ -33,12 +38,14 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .errors import UserError
 from .ops.reward_model import update_moments
+
+log = logging.getLogger(__name__)
 
 
 def join_text(prompt: str, completion: str) -> str:
     """The text a reward model scores: the prompt immediately followed by the completion.
-from .errors import UserError
 
     Plain concatenation (no separator) so that a completion sampled after a prompt is scored as the
     exact string the policy produced, and so that HH-RLHF-style pairs (prompt = shared prefix of two
@@ -53,11 +60,15 @@ def _check_batch(prompts: Sequence[str], completions: Sequence[str]) -> None:
 
 
 class RewardSource:
-    """Base class: ``__call__(prompts, completions) -> (B,) float32`` CPU tensor of ``scores``."""
+    """Base class: ``__call__(prompts, completions, **columns) -> (B,) float32`` CPU tensor of ``scores``.
+
+    ``prompts`` / ``completions`` are the texts the policy saw and wrote; ``columns`` (see
+    ``reward_columns``) carry the prompts' dataset rows. Sources that score text ignore them; a
+    subclass whose ``__call__`` takes no ``**columns`` is called without them."""
 
     name: str = "reward"
 
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str], **columns) -> torch.Tensor:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -153,7 +164,7 @@ class RewardModelSource(RewardSource):
         self.tokenizer.truncation_side = "left"
 
     @torch.no_grad()
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str], **columns) -> torch.Tensor:
         _check_batch(prompts, completions)
         texts = [join_text(p, c) for p, c in zip(prompts, completions)]
         out = []
@@ -200,12 +211,47 @@ def _accepts_prompts(fn: Callable) -> bool:
     return "prompts" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
+CHAT_PROMPTS = "_chat_prompts"
+"""Key of ``reward_columns`` holding the prompts as in the data (messages for conversational rows)."""
+
+
+def reward_columns(rows: Optional[Sequence] = None, completion_ids: Optional[Sequence] = None) -> dict[str, list]:
+    """The keyword arguments of a batch's reward call: for prompt ``rows`` (``tether.data.prompts.Prompt``,
+    one per completion) every column of their dataset rows as one list aligned with the batch (None
+    where a row lacks it), the prompts as in the data under ``CHAT_PROMPTS`` when any is a
+    conversation, and ``completion_ids`` (one list of token ids per completion) when given."""
+    out: dict[str, list] = {}
+    if rows is not None:
+        names = list(dict.fromkeys(k for r in rows for k in r.columns))
+        out.update({k: [r.columns.get(k) for r in rows] for k in names})
+        if any(r.conversational for r in rows):
+            out[CHAT_PROMPTS] = [r.prompt for r in rows]
+    if completion_ids is not None:
+        out["completion_ids"] = [list(c) for c in completion_ids]
+    return out
+
+
+def call_source(src: "RewardSource", prompts: Sequence[str], completions: Sequence[str], columns: dict) -> torch.Tensor:
+    """``src(prompts, completions, **columns)``, or without the columns if its ``__call__`` takes none."""
+    if columns:
+        try:
+            params = inspect.signature(src.__call__).parameters.values()
+        except (TypeError, ValueError):
+            params = ()
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            return src(prompts, completions, **columns)
+    return src(prompts, completions)
+
+
 class CallableSource(RewardSource):
-    """A Python function as a reward: ``fn(completions: list[str][, prompts=list[str]]) -> list[float]``.
+    """A Python function as a reward, with TRL's signature ``fn(prompts, completions, **columns) -> list[float]``.
 
     ``fn`` is a callable or a ``"module:function"`` / ``"file.py:function"`` string. It is called once
-    per batch; it gets ``prompts=`` only if its signature has a ``prompts`` parameter (or ``**kwargs``).
-    It must return one finite number per completion.
+    per batch with keywords: ``completions`` (positionally if it has no parameter of that name), and
+    ``prompts`` and each column of ``reward_columns`` only if its signature names them or has
+    ``**kwargs``. Conversational prompts (``CHAT_PROMPTS`` present) are passed as their messages, and
+    their completions as ``[{"role": "assistant", "content": text}]``. A column the function requires
+    but the data lacks is an error naming it. It must return one finite number per completion.
     """
 
     def __init__(self, fn: Callable | str, *, name: Optional[str] = None):
@@ -213,40 +259,6 @@ class CallableSource(RewardSource):
         self.fn = _import_callable(fn) if isinstance(fn, str) else fn
         self.name = name or getattr(self.fn, "__name__", "callable")
         self._pass_prompts = _accepts_prompts(self.fn)
-
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
-        _check_batch(prompts, completions)
-        comps = list(completions)
-        out = self.fn(comps, prompts=list(prompts)) if self._pass_prompts else self.fn(comps)
-        try:
-            scores = torch.as_tensor([float(v) for v in out], dtype=torch.float32)
-        except (TypeError, ValueError) as e:
-            raise TypeError(f"reward function {self.spec} must return a list of floats, got {type(out).__name__}: {e}") from e
-        if scores.numel() != len(comps):
-            raise ValueError(f"reward function {self.spec} returned {scores.numel()} values for {len(comps)} completions")
-        if not torch.isfinite(scores).all():
-            raise ValueError(f"reward function {self.spec} returned a non-finite value: {scores.tolist()}")
-        return scores
-
-
-# --------------------------------------------------------------------------------------------------
-# VADER sentiment
-
-
-class VaderSource(RewardSource):
-    """VADER compound sentiment of the completion (Hutto & Gilbert 2014), in [-1, 1].
-
-    Scores the completion only (the prompt is shared context, and would shift every sample by the
-    same sentiment). ``include_prompt=True`` scores ``join_text(prompt, completion)`` instead.
-    """
-
-    def __init__(self, *, include_prompt: bool = False, name: str = "vader"):
-        try:
-            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-        except ImportError as e:  # pragma: no cover - it is a declared dependency
-            raise ImportError("the vader reward needs the vaderSentiment package: pip install vaderSentiment") from e
-        self.analyzer = SentimentIntensityAnalyzer()
-        self.include_prompt, self.name = include_prompt, name
         try:
             self._params = dict(inspect.signature(self.fn).parameters)
         except (TypeError, ValueError):
@@ -276,6 +288,41 @@ class VaderSource(RewardSource):
                             f"columns: {sorted(k for k in columns if k != 'completion_ids')}); add the column(s) or map "
                             "them with --columns SOURCE=NAME")
         return ([] if named else [c_arg]), kw
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str], **columns) -> torch.Tensor:
+        _check_batch(prompts, completions)
+        comps = list(completions)
+        args, kw = self._arguments(prompts, completions, columns)
+        out = self.fn(*args, **kw)
+        try:
+            scores = torch.as_tensor([float(v) for v in out], dtype=torch.float32)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"reward function {self.spec} must return a list of floats, got {type(out).__name__}: {e}") from e
+        if scores.numel() != len(comps):
+            raise ValueError(f"reward function {self.spec} returned {scores.numel()} values for {len(comps)} completions")
+        if not torch.isfinite(scores).all():
+            raise ValueError(f"reward function {self.spec} returned a non-finite value: {scores.tolist()}")
+        return scores
+
+
+# --------------------------------------------------------------------------------------------------
+# VADER sentiment
+
+
+class VaderSource(RewardSource):
+    """VADER compound sentiment of the completion (Hutto & Gilbert 2014), in [-1, 1].
+
+    Scores the completion only (the prompt is shared context, and would shift every sample by the
+    same sentiment). ``include_prompt=True`` scores ``join_text(prompt, completion)`` instead.
+    """
+
+    def __init__(self, *, include_prompt: bool = False, name: str = "vader"):
+        try:
+            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        except ImportError as e:  # pragma: no cover - it is a declared dependency
+            raise ImportError("the vader reward needs the vaderSentiment package: pip install vaderSentiment") from e
+        self.analyzer = SentimentIntensityAnalyzer()
+        self.include_prompt, self.name = include_prompt, name
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], **columns) -> torch.Tensor:
         _check_batch(prompts, completions)
@@ -359,6 +406,33 @@ class RunningMoments:
         self.count = torch.tensor(float(state["count"]), dtype=torch.float64)
 
 
+# A reward this large overflows float32 once squared (value loss, whitening): 3e19² > 3.4e38.
+# Rewards of |r| > LARGE_REWARD are legal but make value losses and advantages dominate; warned once.
+LARGE_REWARD = 1e4
+_warned_large: set = set()
+
+
+def checked_scores(src: RewardSource, scores: torch.Tensor) -> torch.Tensor:
+    """Refuse non-finite scores from any source (VADER, reward model, function). Refused rather than
+    skipped: dropping completions would bias the batch towards those the reward could score, and a
+    reward that returns NaN is a bug to fix, not noise to average over. Warn once per source about
+    scores beyond ±LARGE_REWARD (±1e30 rewards made PPO's value loss overflow)."""
+    finite = torch.isfinite(scores)
+    if not bool(finite.all()):
+        i = int((~finite).nonzero()[0])
+        raise UserError(
+            f"reward {src.name!r} ({type(src).__name__}) returned {int((~finite).sum())} non-finite score(s) of "
+            f"{scores.numel()} (first: {float(scores[i])} at completion {i}); a reward must be a finite number for every "
+            "completion: fix the reward (or the reward model's weights)")
+    big = float(scores.abs().max()) if scores.numel() else 0.0
+    if big > LARGE_REWARD and src.name not in _warned_large:
+        _warned_large.add(src.name)
+        log.warning("reward %r returned a score of magnitude %.3g: rewards this large swamp the KL penalty and can "
+                    "overflow the value loss; rescale the reward, or pass --reward_normalize true / --reward_clip",
+                    src.name, big)
+    return scores
+
+
 class RewardSet:
     """The reward to optimise plus rewards to watch (Gao et al. 2022: optimise a proxy, log the gold).
 
@@ -393,11 +467,12 @@ class RewardSet:
     def sources(self) -> list[RewardSource]:
         return [self.optimised, *self.logged]
 
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        raw = self.optimised(prompts, completions).float()  # (B,)
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str], **columns) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``columns``: the prompts' dataset rows (``reward_columns``), passed on to every source that takes them."""
+        raw = checked_scores(self.optimised, call_source(self.optimised, prompts, completions, columns).float())  # (B,)
         metrics = {f"reward/{self.optimised.name}": raw}
         for src in self.logged:
-            metrics[f"reward/{src.name}"] = src(prompts, completions).float()
+            metrics[f"reward/{src.name}"] = checked_scores(src, call_source(src, prompts, completions, columns).float())
         scores = raw
         if self.normalize:
             self.moments.update(raw)
@@ -405,33 +480,6 @@ class RewardSet:
         if self.clip is not None:
             scores = scores.clamp(-self.clip, self.clip)
         return scores, metrics
-
-# A reward this large overflows float32 once squared (value loss, whitening): 3e19² > 3.4e38.
-# Rewards of |r| > LARGE_REWARD are legal but make value losses and advantages dominate; warned once.
-LARGE_REWARD = 1e4
-_warned_large: set = set()
-
-
-def checked_scores(src: RewardSource, scores: torch.Tensor) -> torch.Tensor:
-    """Refuse non-finite scores from any source (VADER, reward model, function). Refused rather than
-    skipped: dropping completions would bias the batch towards those the reward could score, and a
-    reward that returns NaN is a bug to fix, not noise to average over. Warn once per source about
-    scores beyond ±LARGE_REWARD (±1e30 rewards made PPO's value loss overflow)."""
-    finite = torch.isfinite(scores)
-    if not bool(finite.all()):
-        i = int((~finite).nonzero()[0])
-        raise UserError(
-            f"reward {src.name!r} ({type(src).__name__}) returned {int((~finite).sum())} non-finite score(s) of "
-            f"{scores.numel()} (first: {float(scores[i])} at completion {i}); a reward must be a finite number for every "
-            "completion: fix the reward (or the reward model's weights)")
-    big = float(scores.abs().max()) if scores.numel() else 0.0
-    if big > LARGE_REWARD and src.name not in _warned_large:
-        _warned_large.add(src.name)
-        log.warning("reward %r returned a score of magnitude %.3g: rewards this large swamp the KL penalty and can "
-                    "overflow the value loss; rescale the reward, or pass --reward_normalize true / --reward_clip",
-                    src.name, big)
-    return scores
-
 
     def state_dict(self) -> dict:
         return {"moments": self.moments.state_dict()}

@@ -41,6 +41,7 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 
 from ..errors import UserError
+from .chat import check_messages, is_messages, split_completion, use_template
 
 log = logging.getLogger(__name__)
 
@@ -169,13 +170,14 @@ def read_raw_rows(source: Any, *, split: str = "train", assets: Optional[str] = 
 
 
 def _is_messages(v: Any) -> bool:
-    return isinstance(v, list) and len(v) > 0 and all(isinstance(m, dict) for m in v)
+    return is_messages(v)
 
 
 def _check_messages(v: list, where: str) -> None:
-    for j, m in enumerate(v):
-        if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise PreferenceDataError(f"{where}[{j}]: each message needs string 'role' and 'content'")
+    try:
+        check_messages(v, where)
+    except UserError as e:
+        raise PreferenceDataError(str(e)) from None
 
 
 def implicit_prompt(chosen: str, rejected: str, *, marker: str = HH_MARKER) -> tuple[str, str, str]:
@@ -197,22 +199,8 @@ def implicit_prompt(chosen: str, rejected: str, *, marker: str = HH_MARKER) -> t
 
 
 def _render_chat(tokenizer, prompt_msgs: list, chosen_msgs: list, rejected_msgs: list) -> dict:
-    p = tokenizer.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
-    c = tokenizer.apply_chat_template(prompt_msgs + chosen_msgs, tokenize=False)
-    r = tokenizer.apply_chat_template(prompt_msgs + rejected_msgs, tokenize=False)
-    # Some templates render the prompt differently alone than followed by an answer: split where
-    # the three texts stop agreeing (never past the rendered prompt).
-    k = min(len(os.path.commonprefix([p, c, r])), len(p))
-    if k < len(p):
-        log.warning("chat template renders the prompt differently alone; the completion starts at the common prefix")
-    return {"prompt": p[:k], "chosen": c[k:], "rejected": r[k:], "templated": True}
-
-
-def _use_template(tokenizer, chat_template: Optional[str]):
-    if chat_template:
-        text = Path(chat_template).read_text() if os.path.isfile(chat_template) else chat_template
-        tokenizer.chat_template = text
-    return getattr(tokenizer, "chat_template", None)
+    p, (c, r) = split_completion(tokenizer, prompt_msgs, [chosen_msgs, rejected_msgs])
+    return {"prompt": p, "chosen": c, "rejected": r, "templated": True}
 
 
 def check_row(row: Any, i: int, *, tokenizer=None, chat_template: Optional[str] = None,
@@ -248,12 +236,10 @@ def check_row(row: Any, i: int, *, tokenizer=None, chat_template: Optional[str] 
             raise PreferenceDataError(f"{where}: 'chosen' and 'rejected' are identical")
         if tokenizer is None:
             raise PreferenceDataError(f"{where}: conversational rows need a tokenizer (to apply its chat template)")
-        if not _use_template(tokenizer, chat_template):
-            raise PreferenceDataError(
-                f"{where}: conversational data (lists of messages) needs a chat template, and the tokenizer "
-                f"{getattr(tokenizer, 'name_or_path', '')!r} has none: pass --chat_template TEMPLATE (a Jinja "
-                "string or a file holding one), or give plain-text prompt/chosen/rejected"
-            )
+        try:
+            use_template(tokenizer, chat_template, where=where)
+        except UserError as e:
+            raise PreferenceDataError(str(e)) from None
         return _render_chat(tokenizer, p_msgs, c_msgs, r_msgs)
     for f, v in (("chosen", chosen), ("rejected", rejected)) + ((("prompt", prompt),) if prompt is not None else ()):
         if not isinstance(v, str):

@@ -33,6 +33,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..errors import UserError
+
 log = logging.getLogger(__name__)
 
 _TABLE_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -40,10 +42,15 @@ _TABLE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 @dataclass(frozen=True)
 class TextExample:
-    """One SFT example. Plain text has ``prompt == ""`` and the whole text as ``completion``."""
+    """One SFT example. Plain text has ``prompt == ""`` and the whole text as ``completion``.
+
+    A conversation rendered by its chat template has ``prompt == ""``, the whole rendered text as
+    ``completion`` and ``spans``: the character spans ``[start, end)`` the loss trains on (the
+    assistant turns, or the completion messages; ``tether.data.chat.assistant_spans``)."""
 
     prompt: str
     completion: str
+    spans: Optional[tuple] = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -142,45 +149,151 @@ def read_rows(spec: str, *, assets: Optional[str] = None, split: str = "train") 
         ) from e
 
 
+def column_map(value, *, field: str = "columns", **renames: Optional[str]) -> dict[str, str]:
+    """Source column -> tether column. ``value``: a dict (YAML ``columns: {question: prompt}``), a
+    string ``"question=prompt,response_j=chosen"`` (the command line) or a list of ``"src=dst"``;
+    ``renames`` adds ``dst=src`` pairs from the ``--prompt_field``-style flags (``prompt="question"``),
+    ignored when ``src`` is None or already ``dst``."""
+    out: dict[str, str] = {}
+    if isinstance(value, str) and value.strip().startswith("{"):
+        import yaml
+
+        value = yaml.safe_load(value)
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, (list, tuple)):
+        items = []
+        for v in value:
+            src, sep, dst = str(v).partition("=")
+            if not sep or not src.strip() or not dst.strip():
+                raise UserError(f"{field}: {v!r} is not SOURCE=TARGET (e.g. --{field} question=prompt,response_j=chosen)")
+            items.append((src.strip(), dst.strip()))
+    elif value is None:
+        items = []
+    else:
+        raise UserError(f"{field}: expected a mapping of source column to column name, got {type(value).__name__}")
+    out.update({str(k): str(v) for k, v in items})
+    for dst, src in renames.items():
+        if src and src != dst:
+            out[src] = dst
+    return out
+
+
+def rename_columns(rows: list, mapping: dict[str, str], *, where: str = "dataset") -> list:
+    """Rows with their columns renamed by ``mapping`` (source -> target); strings pass unchanged.
+    A source column missing from every row is an error naming it (a typo in the mapping)."""
+    if not mapping:
+        return rows
+    dicts = [r for r in rows if isinstance(r, dict)]
+    if dicts:
+        missing = [s for s in mapping if not any(s in r for r in dicts)]
+        if missing:
+            raise UserError(f"{where}: column(s) {missing} named in the column mapping are not in the data "
+                            f"(its columns: {sorted(dicts[0])}); fix --columns / --*_field")
+    return [{mapping.get(k, k): v for k, v in r.items()} if isinstance(r, dict) else r for r in rows]
+
+
+def eval_split_of(spec: Optional[str], *, split: str = "train") -> Optional[str]:
+    """The held-out split of a saved ``DatasetDict`` folder (``test``, else ``validation``) when
+    ``spec`` is one and ``split`` is its training split, else None."""
+    if not spec or "," in spec:
+        return None
+    path = Path(spec).expanduser()
+    if not (path.is_dir() and (path / "dataset_dict.json").exists()):
+        return None
+    try:
+        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+    except (OSError, json.JSONDecodeError):
+        return None
+    for name in ("test", "validation"):
+        if name in splits and name != split:
+            return name
+    return None
+
+
+def _chat_example(tokenizer, chat_template: Optional[str], messages: list, *, where: str, train_from: Optional[int],
+                  roles) -> TextExample:
+    """A conversation rendered whole; trained spans: messages from ``train_from`` with a role in
+    ``roles`` (any role if None), or the whole text when ``train_from`` is None."""
+    from .chat import assistant_spans, check_messages, render, use_template
+
+    if tokenizer is None:
+        raise UserError(f"{where}: conversational rows need the model's tokenizer (to apply its chat template)")
+    use_template(tokenizer, chat_template, where=where)
+    msgs = check_messages(messages, where)
+    if train_from is None:  # train on the whole conversation
+        text = render(tokenizer, msgs)
+        return TextExample("", text, ((0, len(text)),))
+    text, spans = assistant_spans(tokenizer, msgs, train_from=train_from, roles=roles)
+    if not spans:
+        raise UserError(f"{where}: conversation has no {'assistant' if roles else 'completion'} message to train on")
+    return TextExample("", text, tuple(spans))
+
+
 def row_to_example(row, *, where: str, text_field: str = "text", prompt_field: str = "prompt",
-                   completion_field: str = "completion") -> TextExample:
+                   completion_field: str = "completion", messages_field: str = "messages", tokenizer=None,
+                   chat_template: Optional[str] = None, completion_only_loss: bool = True,
+                   assistant_only_loss: bool = True) -> TextExample:
+    """One row -> TextExample. Conversational rows (``messages``, or ``prompt``/``completion`` lists of
+    messages) are rendered with the chat template; their ``spans`` are the trained text: the
+    assistant turns (``assistant_only_loss``) or the completion messages (``completion_only_loss``),
+    else the whole conversation."""
+    from .chat import is_messages
+
     if isinstance(row, str):
         return TextExample("", row)
     if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected an object, got {type(row).__name__}")
+        raise UserError(f"{where}: expected an object, got {type(row).__name__}")
+    chat = dict(tokenizer=tokenizer, chat_template=chat_template, where=where)
+    if messages_field in row:
+        msgs = row[messages_field]
+        if not is_messages(msgs):
+            raise UserError(f"{where}: '{messages_field}' must be a list of {{'role', 'content'}} messages")
+        return _chat_example(messages=msgs, train_from=0 if assistant_only_loss else None, roles=("assistant",), **chat)
     if prompt_field in row and completion_field in row:
         p, c = row[prompt_field], row[completion_field]
+        if is_messages(p) and is_messages(c):
+            return _chat_example(messages=list(p) + list(c), train_from=len(p) if completion_only_loss else None,
+                                 roles=None, **chat)
         if not isinstance(p, str) or not isinstance(c, str):
-            raise ValueError(f"{where}: '{prompt_field}' and '{completion_field}' must be strings")
+            raise UserError(f"{where}: '{prompt_field}' and '{completion_field}' must both be strings or both lists of "
+                            "messages")
         return TextExample(p, c)
     if text_field in row:
         if not isinstance(row[text_field], str):
-            raise ValueError(f"{where}: '{text_field}' must be a string")
+            raise UserError(f"{where}: '{text_field}' must be a string")
         return TextExample("", row[text_field])
-    raise ValueError(
-        f"{where}: row has fields {sorted(row)}; SFT needs '{text_field}' (plain text) or '{prompt_field}' + "
-        f"'{completion_field}' (set --text_field / --prompt_field / --completion_field to map other names)"
+    raise UserError(
+        f"{where}: row has fields {sorted(row)}; SFT needs '{text_field}' (plain text), '{messages_field}' (a "
+        f"conversation) or '{prompt_field}' + '{completion_field}' (set --text_field / --messages_field / "
+        "--prompt_field / --completion_field or --columns to map other names)"
     )
 
 
 def load_text_examples(
     dataset: str, *, assets: Optional[str] = None, split: str = "train", text_field: str = "text",
-    prompt_field: str = "prompt", completion_field: str = "completion",
+    prompt_field: str = "prompt", completion_field: str = "completion", messages_field: str = "messages",
+    columns=None, tokenizer=None, chat_template: Optional[str] = None, completion_only_loss: bool = True,
+    assistant_only_loss: bool = True,
 ) -> list[TextExample]:
-    """All examples of a (comma-separated list of) dataset argument(s), in file order."""
+    """All examples of a (comma-separated list of) dataset argument(s), in file order. ``columns``
+    renames source columns first (``column_map``); ``tokenizer`` / ``chat_template`` render
+    conversational rows."""
     if not dataset or not dataset.strip():
-        raise ValueError("dataset is empty: pass --dataset FILE (text, .jsonl, .json, .parquet), a folder, or a hub name")
+        raise UserError("dataset is empty: pass --dataset FILE (text, .jsonl, .json, .parquet), a folder, or a hub name")
+    mapping = column_map(columns)
+    kw = dict(text_field=text_field, prompt_field=prompt_field, completion_field=completion_field,
+              messages_field=messages_field, tokenizer=tokenizer, chat_template=chat_template,
+              completion_only_loss=completion_only_loss, assistant_only_loss=assistant_only_loss)
     out: list[TextExample] = []
     for spec in [s.strip() for s in dataset.split(",") if s.strip()]:
-        rows = read_rows(spec, assets=assets, split=split)
-        out += [
-            row_to_example(r, where=f"{spec} row {i}", text_field=text_field, prompt_field=prompt_field,
-                           completion_field=completion_field)
-            for i, r in enumerate(rows)
-        ]
+        rows = rename_columns(read_rows(spec, assets=assets, split=split), mapping, where=spec)
+        out += [row_to_example(r, where=f"{spec} row {i}", **kw) for i, r in enumerate(rows)]
     out = [e for e in out if e.prompt or e.completion.strip()]
     if not out:
-        raise ValueError(f"dataset {dataset!r} has no non-empty examples")
+        raise UserError(f"dataset {dataset!r} has no non-empty examples")
     return out
 
 
@@ -207,12 +320,44 @@ class Tokenized:
     targets: list[bool]
 
 
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _tokenize_spans(tokenizer, text: str, spans: Sequence[tuple[int, int]]) -> Tokenized:
+    """Rendered chat text -> ids, with targets on the tokens inside ``spans``. The token boundary of a
+    character offset c is where ``tokenize(text[:c])`` stops agreeing with ``tokenize(text)`` (tokens
+    can merge across it); a token that straddles a span's start is trained, one that straddles its
+    end is not. Special tokens are not added again when the text starts with the BOS string."""
+    bos = tokenizer.bos_token
+    special = not (bos and text.startswith(bos))
+    enc = lambda t: list(tokenizer(t, add_special_tokens=special)["input_ids"])  # noqa: E731
+    ids = enc(text)
+    targets = [False] * len(ids)
+    for start, end in spans:
+        lo, hi = _common_prefix(enc(text[:start]), ids), _common_prefix(enc(text[:end]), ids)
+        for i in range(lo, hi):
+            targets[i] = True
+    if targets:
+        targets[0] = False
+    return Tokenized(ids, targets)
+
+
 def tokenize_example(
     tokenizer, ex: TextExample, *, completion_only_loss: bool = True, append_eos: bool = True,
 ) -> Tokenized:
     """Prompt and completion are tokenised separately (prompt with the tokenizer's BOS, completion
     without special tokens, then EOS), the way the sampler sees them: prompt tokens, then generated
-    tokens. The first token is never a target (nothing predicts it)."""
+    tokens. The first token is never a target (nothing predicts it). Chat-rendered examples
+    (``ex.spans``) are tokenised whole, with targets inside the spans and no EOS added: the
+    template's end-of-turn text ends each trained turn."""
+    if ex.spans is not None:
+        return _tokenize_spans(tokenizer, ex.completion, ex.spans)
     p_ids = tokenizer(ex.prompt)["input_ids"] if ex.prompt else tokenizer("")["input_ids"]
     c_ids = tokenizer(ex.completion, add_special_tokens=False)["input_ids"]
     if append_eos and tokenizer.eos_token_id is not None:

@@ -22,7 +22,7 @@ import torch
 from ..engine import decode_completion, decode_completions, generate, score  # noqa: F401 (decode_*: re-exported)
 from ..modeling import CompletionBatch
 from ..ops.kl import seq_sum, token_mean
-from ..rewards import RewardSet
+from ..rewards import RewardSet, reward_columns
 
 if TYPE_CHECKING:
     from .online import OnlineConfig
@@ -81,14 +81,18 @@ def apply_no_eos_penalty(scores: torch.Tensor, no_eos: torch.Tensor, penalty: Op
 
 def collect_rollout(
     policy, reference, value_model, rewards: RewardSet, tok, prompt_texts: Sequence[str], prompt_ids: Sequence[list],
-    *, cfg: "OnlineConfig", generator: torch.Generator, chunk: int, device,
+    *, cfg: "OnlineConfig", generator: torch.Generator, chunk: int, device, prompt_rows: Optional[Sequence] = None,
 ) -> Rollout:
     """Sample one completion per (repeated) prompt, score it, and score it under every model
-    (``engine.generate`` + ``engine.score``, ``chunk`` rows per scoring pass)."""
+    (``engine.generate`` + ``engine.score``, ``chunk`` rows per scoring pass). ``prompt_rows``: each
+    sample's ``Prompt`` (its dataset row), whose columns, with the completion ids, reach the reward
+    functions (``rewards.reward_columns``)."""
     sampling = {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}
     smp = generate(policy, prompt_ids, tokenizer=tok, sampling=sampling, max_new_tokens=cfg.max_new_tokens,
                    generator=generator, device=device)
-    scores, reward_metrics = rewards(list(prompt_texts), smp.completions)  # (B,), {"reward/<name>": (B,)}
+    ids = smp.batch.completion_ids.cpu()  # (B, T)
+    columns = reward_columns(prompt_rows, [ids[i][m].tolist() for i, m in enumerate(smp.batch.mask.cpu())])
+    scores, reward_metrics = rewards(list(prompt_texts), smp.completions, **columns)  # (B,), {"reward/<name>": (B,)}
     scores = apply_no_eos_penalty(scores.to(device), smp.no_eos, cfg.no_eos_penalty)
     sc = score(policy, reference, smp, estimators=(cfg.kl_estimator,), chunk=chunk, value_model=value_model,
                clamp_input=cfg.kl_clamp_input, clamp_output=cfg.kl_clamp_output)

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..data.text import batch_indices, collate, load_text_examples, prepare_sft, split_heldout
+from ..data.text import batch_indices, collate, eval_split_of, load_text_examples, prepare_sft, split_heldout
 from ..distributed import Dist
 from ..errors import UserError
 from ..modeling import position_ids
@@ -28,7 +28,7 @@ from ..ops.logprobs import selective_logps
 from ..runs import RunDir, save_final
 from ..training import (
     Checkpointer, TrainConfig, derive_micro_batch, load_policy, make_optimizer, make_scheduler,
-    progress_bar, trainable_params, optimizer_step,
+    progress_bar, trainable_params, optimizer_step, with_epochs, StepGuard,
 )
 
 log = logging.getLogger(__name__)
@@ -39,11 +39,11 @@ class SFTConfig(TrainConfig):
     """Config of ``tether sft`` (fields of TrainConfig plus these)."""
 
     dataset: str = ""
-    """Training data: text file (one example per line), .jsonl/.json/.parquet (text, or prompt + completion), a saved datasets folder, a hub name, or a comma-separated list (e.g. both rt-polarity files)."""
+    """Training data: text file (one example per line), .jsonl/.json/.parquet (text, messages, or prompt + completion; strings or messages), a saved datasets folder, a hub name, or a comma-separated list (e.g. both rt-polarity files)."""
     eval_dataset: Optional[str] = None
-    """Held-out data (same formats); default: eval_examples examples held out from dataset."""
+    """Held-out data (same formats); default: the test/validation split of a saved DatasetDict, else eval_examples examples held out from dataset."""
     eval_examples: int = 200
-    """Examples held out from dataset for eval/loss when eval_dataset is not given (0 = no eval)."""
+    """Examples held out from dataset (or read from its test split) for eval/loss when eval_dataset is not given (0 = no eval)."""
     max_length: int = 128
     """Tokens per example (truncated) or per packed block."""
     packing: bool = False
@@ -58,6 +58,14 @@ class SFTConfig(TrainConfig):
     """Field holding the prompt in table rows."""
     completion_field: str = "completion"
     """Field holding the completion in table rows."""
+    messages_field: str = "messages"
+    """Field holding a conversation (a list of {role, content} messages) in table rows."""
+    columns: Optional[dict] = None
+    """Rename source columns first: a YAML map {question: prompt, answer: completion} or 'question=prompt,answer=completion'."""
+    chat_template: Optional[str] = None
+    """Jinja chat template (string or file) for conversational rows when the tokenizer has none."""
+    assistant_only_loss: bool = True
+    """For messages rows: train on the assistant turns only (each with the template's end-of-turn text); off = every token."""
     eval_batch_size: int = 32
     """Examples per forward pass when evaluating."""
 
@@ -93,10 +101,18 @@ def eval_loss(model, items: Sequence, *, pad_id: int, batch_size: int, dist: Opt
 
 
 def load_sft_data(cfg: SFTConfig, tok) -> tuple[list, list]:
-    kw = dict(assets=cfg.assets, text_field=cfg.text_field, prompt_field=cfg.prompt_field, completion_field=cfg.completion_field)
+    """(train items, held-out items). Held out: eval_dataset, else the test/validation split of a saved
+    DatasetDict given as dataset, else eval_examples examples drawn from dataset."""
+    kw = dict(assets=cfg.assets, text_field=cfg.text_field, prompt_field=cfg.prompt_field, completion_field=cfg.completion_field,
+              messages_field=cfg.messages_field, columns=cfg.columns, tokenizer=tok, chat_template=cfg.chat_template,
+              completion_only_loss=cfg.completion_only_loss, assistant_only_loss=cfg.assistant_only_loss)
     examples = load_text_examples(cfg.dataset, **kw)
+    held_split = None if cfg.eval_dataset else eval_split_of(cfg.dataset)
     if cfg.eval_dataset:
         train_ex, eval_ex = examples, load_text_examples(cfg.eval_dataset, **kw)
+    elif held_split and cfg.eval_examples:
+        train_ex, eval_ex = examples, load_text_examples(cfg.dataset, split=held_split, **kw)[: cfg.eval_examples]
+        log.info("sft data: evaluating on the %r split of %s", held_split, cfg.dataset)
     else:
         train_ex, eval_ex = split_heldout(examples, cfg.eval_examples, seed=cfg.seed)
     prep = dict(max_length=cfg.max_length, packing=cfg.packing, completion_only_loss=cfg.completion_only_loss,
@@ -114,15 +130,17 @@ def train_sft(cfg: SFTConfig, *, resume: bool = False) -> dict:
     if not cfg.dataset:
         raise UserError("sft needs a dataset: pass --dataset FILE (or a comma-separated list)")
     dist = Dist()
-    run = RunDir(cfg.output_dir, is_main=dist.is_main)
-    run.save_config(cfg)
+    run = RunDir(cfg.output_dir, is_main=dist.is_main, report_to=cfg.report_to)
+    run.save_config(cfg, resume=resume)
     tok, model, _ = load_policy(cfg, dist)
     train, evals = load_sft_data(cfg, tok)
+    cfg = with_epochs(cfg, len(train), per_step=cfg.batch_size, unit="blocks" if cfg.packing else "examples")
     micro = derive_micro_batch(cfg, dist)
     params = trainable_params(model)
     opt = make_optimizer(params, cfg)
     sched = make_scheduler(opt, cfg)
-    ckpt = Checkpointer(run, model, opt, sched)
+    guard = StepGuard(cfg.max_nonfinite_steps)
+    ckpt = Checkpointer(run, model, opt, sched, guard=guard)
     step = ckpt.resume()[0] if resume else 0
     evaluate = lambda: eval_loss(model, evals, pad_id=tok.pad_token_id, batch_size=cfg.eval_batch_size, dist=dist)  # noqa: E731
     bar = progress_bar(cfg.max_steps, step, enabled=cfg.progress and dist.is_main, desc="sft")
@@ -136,9 +154,10 @@ def train_sft(cfg: SFTConfig, *, resume: bool = False) -> dict:
             nll, _ = token_nll(model, {k: v.to(dist.device) for k, v in mb.items()})
             (nll / n_global).backward()
             nll_sum += float(nll.detach())
-        grad_norm, lr = optimizer_step(opt, sched, params, dist=dist, max_grad_norm=cfg.max_grad_norm)
+        grad_norm, lr = optimizer_step(opt, sched, params, dist=dist, max_grad_norm=cfg.max_grad_norm, guard=guard,
+                                       loss=nll_sum)
         step += 1
-        metrics = {"loss": dist.sum_float(nll_sum) / n_global, "opt/lr": lr, "opt/grad_norm": grad_norm}
+        metrics = {"loss": dist.sum_float(nll_sum) / n_global, "opt/lr": lr, "opt/grad_norm": grad_norm, **guard.stats()}
         if evals and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
             metrics["eval/loss"] = evaluate()
         if step == cfg.max_steps and evals:

@@ -1,0 +1,115 @@
+"""Conversational data: the one place where lists of ``{"role", "content"}`` messages become text.
+
+Every trainer (SFT, DPO, PPO/GRPO/RLOO prompts, ``tether kl``, ``tether bon``) renders messages
+with these functions, so a prompt is the same string, and the same tokens, wherever it is used:
+
+- ``use_template(tokenizer, chat_template)``: installs ``--chat_template`` (a Jinja string or a file
+  holding one) on the tokenizer; errors if neither it nor the tokenizer has a template.
+- ``render_prompt``: a prompt's messages with the template's generation prompt (the text after
+  which the assistant's answer starts; ``add_generation_prompt=True``), what the sampler continues.
+- ``split_completion``: prompt messages + completion messages -> (prompt text, completion texts),
+  split where the renderings stop agreeing (what DPO and SFT's prompt/completion rows use).
+- ``assistant_spans``: a whole conversation -> its text and the character spans of the assistant
+  turns, found by rendering prefixes: the turn of message j runs from the end of
+  ``render(messages[:j], add_generation_prompt=True)`` to the end of ``render(messages[:j+1])``, so
+  it includes whatever the template puts after the content (its end-of-turn token), which the model
+  must learn to emit. SFT trains on exactly the tokens inside these spans.
+
+Rendered text already holds the template's special tokens (BOS, turn markers); it is tokenised
+without adding special tokens again when it starts with the BOS string.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from ..errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def is_messages(v: Any) -> bool:
+    """True for a non-empty list of dicts (a conversation); its messages are checked by ``check_messages``."""
+    return isinstance(v, list) and len(v) > 0 and all(isinstance(m, dict) for m in v)
+
+
+def check_messages(v: Sequence[dict], where: str) -> list[dict]:
+    """The messages as plain ``{"role", "content"}`` dicts; a UserError naming ``where`` otherwise."""
+    out = []
+    for j, m in enumerate(v):
+        if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise UserError(f"{where}[{j}]: each message needs string 'role' and 'content' (got keys {sorted(m)})")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def use_template(tokenizer, chat_template: Optional[str], *, where: str = "data") -> str:
+    """Install ``chat_template`` (Jinja text, or a path to a file holding it) on ``tokenizer`` and
+    return the template in force. Raises UserError when there is none."""
+    if chat_template:
+        text = Path(chat_template).read_text() if os.path.isfile(chat_template) else chat_template
+        tokenizer.chat_template = text
+    tpl = getattr(tokenizer, "chat_template", None)
+    if not tpl:
+        raise UserError(
+            f"{where}: conversational data (lists of messages) needs a chat template, and the tokenizer "
+            f"{getattr(tokenizer, 'name_or_path', '')!r} has none: pass --chat_template TEMPLATE (a Jinja string or "
+            "a file holding one), or give plain-text data"
+        )
+    return tpl
+
+
+def render(tokenizer, messages: Sequence[dict], *, add_generation_prompt: bool = False) -> str:
+    """The template's text for ``messages`` (``[]`` renders as ``""``)."""
+    if not messages:
+        return ""
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def render_prompt(tokenizer, messages: Sequence[dict]) -> str:
+    """A prompt's messages rendered with the generation prompt: the text the sampler continues."""
+    return render(tokenizer, messages, add_generation_prompt=True)
+
+
+def split_completion(tokenizer, prompt: Sequence[dict], completions: Sequence[Sequence[dict]]) -> tuple[str, list[str]]:
+    """(prompt text, one completion text per entry of ``completions``): the prompt rendered with its
+    generation prompt, each completion the rest of ``render(prompt + completion)``.
+
+    Some templates render a conversation's prefix differently alone than followed by an answer: the
+    split is then where all renderings stop agreeing (never past the rendered prompt), with a warning."""
+    p = render_prompt(tokenizer, prompt)
+    full = [render(tokenizer, list(prompt) + list(c)) for c in completions]
+    k = min(len(os.path.commonprefix([p, *full])), len(p))
+    if k < len(p):
+        log.warning("chat template renders the prompt differently alone; the completion starts at the common prefix")
+    return p[:k], [f[k:] for f in full]
+
+
+def assistant_spans(tokenizer, messages: Sequence[dict], *, train_from: int = 0,
+                    roles: Sequence[str] = ("assistant",)) -> tuple[str, list[tuple[int, int]]]:
+    """(text of the whole conversation, character spans ``[start, end)`` of the trained turns).
+
+    A turn is trained when its index is >= ``train_from`` and its role is in ``roles`` (SFT on
+    ``messages``: every assistant turn; on conversational prompt/completion: every completion message,
+    ``train_from = len(prompt)``, ``roles = None`` meaning any role). See the module docstring for how
+    spans are found; a template whose prefixes are not prefixes of the whole text is an error."""
+    text = render(tokenizer, messages)
+    spans: list[tuple[int, int]] = []
+    for j in range(train_from, len(messages)):
+        if roles is not None and messages[j]["role"] not in roles:
+            continue
+        start = len(os.path.commonprefix([render(tokenizer, messages[:j], add_generation_prompt=True), text]))
+        end_text = render(tokenizer, messages[: j + 1])
+        if not text.startswith(end_text):
+            raise UserError(
+                f"the chat template renders the first {j + 1} messages as text that is not a prefix of the whole "
+                "conversation, so assistant turns cannot be located; use a template that renders turns in order"
+            )
+        if spans and start < spans[-1][1]:
+            start = spans[-1][1]
+        if len(end_text) > start:
+            spans.append((start, len(end_text)))
+    return text, spans
