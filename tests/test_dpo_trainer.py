@@ -208,7 +208,8 @@ def test_cli_config_overrides_outputs_and_beta_schedule(stories_path, movie_rows
     assert set(FIXED) <= set(rows[1]) and set(FIXED) <= set(rows[3])
     assert rows[1]["kl/ref"] >= 0 and rows[1]["kl/ref_stderr"] >= 0
     assert any(p.name.startswith("events.out.tfevents") for p in (out / "tb").iterdir())
-    assert (out / "checkpoints" / "step-4" / "trainer_state.pt").exists()
+    assert {p.name for p in (out / "checkpoints" / "step-4").iterdir()} == {"model", "trainer_state.json",
+                                                                             "trainer_state.safetensors"}  # no pickle
     AutoModelForCausalLM.from_pretrained(out / "final")
 
 

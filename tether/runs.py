@@ -1,25 +1,39 @@
-"""Run directories: resolved config, metrics (JSONL + TensorBoard), atomic checkpoints, resume.
+"""Run directories: resolved config, run identity, metrics (JSONL + TensorBoard), atomic checkpoints, resume.
 
 Layout of ``output_dir``::
 
-    config.yaml          the resolved config of the run
-    metrics.jsonl        one JSON object per logged step, with "step"
+    config.yaml          the resolved config in effect (rewritten on resume)
+    run.json             the run's identity: the config class, the fields that define its trajectory
+                         and their fingerprint (sha256); see ``RunDir.start``
+    metrics.jsonl        one JSON object per logged step, with "step"; NaN and ±inf are written as
+                         the JSON extensions NaN / Infinity / -Infinity (Python's json reads them)
     tb/                  TensorBoard events
     samples.jsonl        sample completions logged every N steps (trainers that generate)
-    checkpoints/step-N/  model (safetensors), optimizer.pt, scheduler.pt, trainer_state.pt
+    checkpoints/step-N/  model/ (safetensors), trainer_state.safetensors (every tensor of the trainer
+                         state: optimizer moments, RNG states...) and trainer_state.json (the rest)
     final/               the trained model in Hugging Face format
 
-Checkpoints are written to ``step-N.tmp`` and renamed into place (``os.replace`` is atomic), so an
-interruption never leaves a half-written checkpoint that ``--resume`` would pick up.
+No pickle: a checkpoint is read with ``safetensors`` and ``json`` only, so a crafted file in a run
+directory cannot run code (``torch.load(weights_only=False)`` could). Checkpoints of older tether
+versions (``trainer_state.pt``) are refused with a message.
+
+Crash safety: checkpoints, ``final/``, ``config.yaml``, ``run.json`` and truncated logs are written
+to a temporary name, fsynced (files, then their folder) and renamed into place (``os.replace`` is
+atomic), so an interruption never leaves a half-written file that ``--resume`` would pick up. If the
+latest checkpoint is unreadable anyway (a disk error, a truncated copy), resume falls back to the
+previous one (two are kept) with a warning; a torn last line in ``metrics.jsonl`` and stray files in
+``checkpoints/`` are skipped.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
-import math
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -27,7 +41,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .config import save_config
+from .config import save_config, to_dict
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +54,8 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
+    """Python, numpy and torch RNG states (tuples, a numpy array and a uint8 tensor: the checkpoint
+    encoder ``encode_state`` stores them exactly, without pickle)."""
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 
 
@@ -48,24 +65,176 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
+# Checkpoint state without pickle: tensors go to a safetensors file, everything else to JSON. The
+# markers below keep types that JSON lacks (tuples: random.setstate needs them; dicts with non-string
+# keys: optimizer state is keyed by parameter index; numpy arrays: np.random.set_state). Python floats
+# round-trip exactly through json (repr is the shortest string that reads back as the same double),
+# NaN/inf included, so a resumed run is bit-identical.
+_MARK = re.compile(r"^__\w+__$")
+
+
+def encode_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """``obj`` as JSON-able data, its tensors moved into ``tensors`` (name -> tensor)."""
+    if isinstance(obj, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = obj.detach().cpu().contiguous().clone()  # clone: safetensors refuses shared storage
+        return {"__tensor__": key}
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
+    if isinstance(obj, (np.floating, np.integer, np.bool_)):
+        return obj.item()
+    if isinstance(obj, tuple):
+        return {"__tuple__": [encode_state(v, tensors) for v in obj]}
+    if isinstance(obj, list):
+        return [encode_state(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not _MARK.match(k) for k in obj):
+            return {k: encode_state(v, tensors) for k, v in obj.items()}
+        return {"__items__": [[encode_state(k, tensors), encode_state(v, tensors)] for k, v in obj.items()]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint (tensors, numbers, strings, lists, "
+                    "tuples, dicts and numpy arrays only)")
+
+
+def decode_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of ``encode_state``."""
+    if isinstance(obj, list):
+        return [decode_state(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__ndarray__" in obj:
+            return np.asarray(obj["__ndarray__"], dtype=np.dtype(obj["dtype"]))
+        if "__tuple__" in obj:
+            return tuple(decode_state(v, tensors) for v in obj["__tuple__"])
+        if "__items__" in obj:
+            return {_hashable(decode_state(k, tensors)): decode_state(v, tensors) for k, v in obj["__items__"]}
+        return {k: decode_state(v, tensors) for k, v in obj.items()}
+    return obj
+
+
+def _hashable(k: Any) -> Any:
+    return tuple(_hashable(v) for v in k) if isinstance(k, (list, tuple)) else k
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a folder's entries (new names, renames) durable. Not every platform can open a folder."""
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    """fsync every file under ``path``, then every folder (deepest first)."""
+    dirs = []
+    for root, _, files in os.walk(path):
+        dirs.append(Path(root))
+        for name in files:
+            _fsync_file(Path(root) / name)
+    for d in reversed(dirs):
+        _fsync_dir(d)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via ``path.tmp`` + fsync + ``os.replace`` + fsync of the folder:
+    a reader sees the old file or the new one, never a torn one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def check_finite_weights(model, where: str) -> None:
+    """Refuse to save non-finite weights (the step guard should have kept them out: this is the
+    backstop that keeps a NaN model off the disk)."""
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+    if bad:
+        raise RuntimeError(f"refusing to save {where}: {len(bad)} parameter tensors hold NaN or inf "
+                           f"(first: {bad[0]}); the previous checkpoint is left as it was")
+
+
+# Run identity. Fields a resumed run may change: they decide how long the run goes on and what it
+# writes, not the trajectory of the steps already taken. max_steps may also reshape what is left of a
+# decaying lr schedule (cosine/linear) or a β schedule, which are defined over max_steps: extending a
+# run is what it is for.
+SAFE_TO_CHANGE = frozenset({
+    "max_steps", "save_every", "log_every", "eval_every", "progress", "output_dir", "overwrite", "assets",
+    "sample_every", "num_logged_samples", "max_nonfinite_steps",
+})
+RUN_FILES = ("config.yaml", "run.json", "metrics.jsonl", "samples.jsonl", "tb", "checkpoints", "final")
+
+
+def identity(cfg) -> dict:
+    """The fields that define a run's trajectory (every config field but ``SAFE_TO_CHANGE``), as
+    JSON-able data, and their sha256 fingerprint."""
+    fields = {k: v for k, v in json.loads(json.dumps(to_dict(cfg), default=str)).items() if k not in SAFE_TO_CHANGE}
+    blob = json.dumps({"config": type(cfg).__name__, "fields": fields}, sort_keys=True)
+    return {"config": type(cfg).__name__, "fingerprint": hashlib.sha256(blob.encode()).hexdigest(), "fields": fields}
+
+
 def _jsonable(v: Any) -> Any:
+    """A metric value as JSON data. NaN and ±inf stay what they are (json writes NaN / Infinity):
+    a diverged run must look diverged in its logs."""
     if isinstance(v, torch.Tensor):
         v = v.detach().float().item() if v.numel() == 1 else v.detach().tolist()
     if isinstance(v, (np.floating, np.integer)):
         v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None if math.isnan(v) else (1e308 if v > 0 else -1e308)
     return v
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSONL log; a torn last line (a crash mid-write) is skipped with a warning."""
+    rows = []
+    lines = Path(path).read_text().splitlines()
+    for i, ln in enumerate(lines):
+        if not ln.strip():
+            continue
+        try:
+            rows.append(json.loads(ln))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise UserError(f"{path}, line {i + 1}: not a JSON object; fix or delete that line") from None
+            log.warning("%s: skipping a torn last line (an interrupted write)", path)
+    return rows
+
+
+def _checkpoint_step(p: Path) -> Optional[int]:
+    m = re.fullmatch(r"step-(\d+)", p.name)
+    return int(m.group(1)) if m and p.is_dir() else None
 
 
 class RunDir:
     """Owns a run's output folder. Only the main process (``is_main``) writes."""
 
-    def __init__(self, output_dir: str | os.PathLike, *, is_main: bool = True, tensorboard: bool = True):
+    def __init__(self, output_dir: str | os.PathLike, *, is_main: bool = True, tensorboard: bool = True,
+                 report_to: Optional[str] = None):
+        """``report_to`` (TrainConfig.report_to; tether.trackers) replaces ``tensorboard`` when given."""
         self.path = Path(output_dir)
         self.is_main = is_main
         self._tb = None
-        self._tensorboard = tensorboard
+        self._tensorboard, self._external = tensorboard, []
+        if report_to is not None:
+            from .trackers import open_trackers
+
+            self._tensorboard, self._external = open_trackers(report_to, self.path, is_main=is_main)
+        self._purge_step: Optional[int] = None  # after a resume: TensorBoard drops events from this step on
         if is_main:
             self.path.mkdir(parents=True, exist_ok=True)
 
@@ -73,24 +242,83 @@ class RunDir:
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
 
-    def save_config(self, cfg) -> None:
-        if self.is_main:
-            save_config(cfg, self.path / "config.yaml")
+    def save_config(self, cfg, *, resume: bool = False) -> None:
+        """Check the run's identity (``start``), then write ``config.yaml`` and ``run.json``."""
+        self.start(cfg, resume=resume)
+
+    def start(self, cfg, *, resume: bool = False) -> None:
+        """Claim ``output_dir`` for the run ``cfg`` and record it (``config.yaml``: the config in
+        effect; ``run.json``: its identity). A folder holding another run is refused unless
+        ``cfg.overwrite`` (the old run's files are then deleted) or ``resume`` with the same
+        trajectory fields (only ``SAFE_TO_CHANGE`` fields may differ). Raises ``UserError``."""
+        if not self.is_main:
+            return
+        overwrite = bool(getattr(cfg, "overwrite", False))
+        present = [n for n in RUN_FILES if (self.path / n).exists()]
+        new = identity(cfg)
+        if present and overwrite:
+            log.warning("overwrite: deleting the run in %s (%s)", self.path, ", ".join(present))
+            for n in RUN_FILES + ("final.tmp",):
+                q = self.path / n
+                if q.is_dir():
+                    shutil.rmtree(q)
+                elif q.exists():
+                    q.unlink()
+        elif present and not resume:
+            raise UserError(
+                f"output_dir {self.path} already holds a run ({', '.join(present)}); pass --resume to continue it, "
+                f"--overwrite to replace it, or choose another --output_dir")
+        elif present:
+            old = self._recorded_identity()
+            if old is None:
+                raise UserError(
+                    f"output_dir {self.path} holds files of a run ({', '.join(present)}) but no config.yaml or run.json "
+                    "to check --resume against; pass --overwrite to replace it, or choose another --output_dir")
+            if (old.get("config") and old["config"] != new["config"]) or old["fields"] != new["fields"]:
+                raise UserError(f"--resume: output_dir {self.path} holds a different run: {_describe_change(old, new)}; "
+                                f"resume with the run's own config ({self.path / 'config.yaml'}), change only "
+                                f"{', '.join(sorted(SAFE_TO_CHANGE))}, or pass --overwrite / another --output_dir")
+        tmp = self.path / "config.yaml.tmp"
+        save_config(cfg, tmp)
+        _fsync_file(tmp)
+        os.replace(tmp, self.path / "config.yaml")
+        write_atomic(self.path / "run.json", json.dumps(new, indent=1, sort_keys=True) + "\n")
+
+    def _recorded_identity(self) -> Optional[dict]:
+        """run.json, or for a run written before run.json existed, the identity of its config.yaml."""
+        rj = self.path / "run.json"
+        if rj.exists():
+            try:
+                return json.loads(rj.read_text())
+            except json.JSONDecodeError:
+                pass
+        cy = self.path / "config.yaml"
+        if cy.exists():
+            import yaml
+
+            data = yaml.safe_load(cy.read_text()) or {}
+            if isinstance(data, dict):
+                fields = {k: v for k, v in json.loads(json.dumps(data, default=str)).items() if k not in SAFE_TO_CHANGE}
+                return {"config": None, "fields": fields}
+        return None
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.is_main:
             return
         row = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
         with open(self.path / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(row) + "\n")  # allow_nan: NaN / Infinity as they are
         if self._tensorboard:
             if self._tb is None:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(self.path / "tb"))
+                # purge_step: the events a resumed run re-logs replace the old ones (no duplicate points)
+                self._tb = SummaryWriter(str(self.path / "tb"), purge_step=self._purge_step)
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self._tb.add_scalar(k, v, step)
+        for tracker in self._external:  # wandb / trackio (report_to)
+            tracker.log(step, row)
 
     def log_samples(self, step: int, samples: list[dict]) -> None:
         if self.is_main:
@@ -99,56 +327,87 @@ class RunDir:
                     f.write(json.dumps({"step": int(step), **s}) + "\n")
 
     def truncate_logs(self, step: int) -> None:
-        """On resume from ``step``: drop logged rows after it so the files continue cleanly."""
+        """On resume from ``step``: drop logged rows after it (and a torn last line) so the files
+        continue cleanly; rewritten atomically. TensorBoard drops its events after it too."""
         if not self.is_main:
             return
+        self._purge_step = step + 1
         for name in ("metrics.jsonl", "samples.jsonl"):
             p = self.path / name
             if p.exists():
-                rows = [ln for ln in p.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-                p.write_text("".join(r + "\n" for r in rows))
+                rows = [r for r in read_jsonl(p) if isinstance(r, dict) and r.get("step", 0) <= step]
+                write_atomic(p, "".join(json.dumps(r) + "\n" for r in rows))
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        for tracker in self._external:
+            tracker.close()
+
+    def checkpoints_newest_first(self) -> list[Path]:
+        """``checkpoints/step-N`` folders, newest first; anything else there (``.tmp`` folders of an
+        interrupted save, stray files) is ignored."""
+        if not self.checkpoints.is_dir():
+            return []
+        found = [(n, p) for p in self.checkpoints.iterdir() if (n := _checkpoint_step(p)) is not None]
+        return [p for _, p in sorted(found, reverse=True)]
 
     def latest_checkpoint(self) -> Optional[Path]:
-        if not self.checkpoints.is_dir():
-            return None
-        steps = [
-            (int(p.name.split("-")[1]), p)
-            for p in self.checkpoints.iterdir()
-            if p.is_dir() and p.name.startswith("step-") and not p.name.endswith(".tmp")
-        ]
-        return max(steps)[1] if steps else None
+        ckpts = self.checkpoints_newest_first()
+        return ckpts[0] if ckpts else None
 
     def save_checkpoint(self, step: int, *, model, state: dict, keep: int = 2) -> Optional[Path]:
-        """Atomically write ``checkpoints/step-N``: the model in HF format (safetensors) and
-        ``trainer_state.pt`` holding ``state`` (optimizer, scheduler, controller, RNG, data position...)."""
+        """Atomically write ``checkpoints/step-N``: the model in HF format (safetensors) and the
+        trainer ``state`` (optimizer, scheduler, controller, RNG, data position...) as
+        ``trainer_state.safetensors`` + ``trainer_state.json`` (``encode_state``). Non-finite weights
+        are refused."""
         if not self.is_main:
             return None
+        check_finite_weights(model, f"checkpoint step-{step}")
         final = self.checkpoints / f"step-{step}"
         tmp = self.checkpoints / f"step-{step}.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         save_model(model, tmp / "model")
-        torch.save(state, tmp / "trainer_state.pt")
+        write_state(tmp, state)
+        _fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        done = sorted(
-            (int(p.name.split("-")[1]), p) for p in self.checkpoints.iterdir()
-            if p.is_dir() and p.name.startswith("step-") and not p.name.endswith(".tmp")
-        )
-        for _, p in done[:-keep] if keep > 0 else []:
+        _fsync_dir(self.checkpoints)
+        for p in self.checkpoints_newest_first()[keep:] if keep > 0 else []:
             shutil.rmtree(p, ignore_errors=True)
         return final
 
     @staticmethod
     def load_checkpoint_state(ckpt: Path) -> dict:
-        return torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        return read_state(ckpt)
+
+
+def write_state(folder: Path, state: dict) -> None:
+    """``state`` as ``folder/trainer_state.safetensors`` (its tensors) + ``trainer_state.json``."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    data = encode_state(state, tensors)
+    save_file(tensors, str(Path(folder) / "trainer_state.safetensors"))
+    (Path(folder) / "trainer_state.json").write_text(json.dumps(data))
+
+
+def read_state(folder: Path) -> dict:
+    """Inverse of ``write_state``; no pickle is ever read."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if (folder / "trainer_state.pt").exists() and not (folder / "trainer_state.json").exists():
+        raise UserError(
+            f"checkpoint {folder} was written by an older tether (trainer_state.pt, a pickle, which tether no longer "
+            "loads because unpickling can run code); start the run again with --overwrite, or finish it with the "
+            "tether version that wrote it")
+    data = json.loads((folder / "trainer_state.json").read_text())
+    return decode_state(data, load_file(str(folder / "trainer_state.safetensors")))
 
 
 def save_model(model, path: Path, *, tokenizer=None, merge_lora: bool = False) -> None:
@@ -167,18 +426,30 @@ def save_model(model, path: Path, *, tokenizer=None, merge_lora: bool = False) -
 
 
 def save_final(model, output_dir: Path, *, tokenizer=None, merge_lora: bool = True, is_main: bool = True) -> Path:
-    """Write ``final/`` atomically (tmp folder + rename)."""
+    """Write ``final/`` atomically (tmp folder + fsync + rename); non-finite weights are refused."""
     final = Path(output_dir) / "final"
     if not is_main:
         return final
+    check_finite_weights(model, "final/")
     tmp = Path(output_dir) / "final.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     save_model(model, tmp, tokenizer=tokenizer, merge_lora=merge_lora)
+    _fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    _fsync_dir(Path(output_dir))
     return final
+
+
+def _describe_change(old: dict, new: dict) -> str:
+    if old.get("config") and old["config"] != new["config"]:
+        return f"it is a {old['config']} run, this is {new['config']}"
+    a, b = old["fields"], new["fields"]
+    changed = sorted(k for k in set(a) | set(b) if a.get(k, "<unset>") != b.get(k, "<unset>"))
+    shown = ", ".join(f"{k} ({a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r})" for k in changed[:6])
+    return f"changed field(s) {shown}" + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
 
 
 def load_model_weights(model, ckpt_model_dir: Path) -> None:

@@ -34,7 +34,7 @@ from ..rewards import sequence_scores
 from ..runs import RunDir, save_final, seed_everything
 from ..training import (
     Checkpointer, TrainConfig, derive_micro_batch, make_optimizer, make_scheduler, progress_bar,
-    trainable_params, optimizer_step, set_train_mode,
+    trainable_params, optimizer_step, set_train_mode, adapt_model, with_epochs, StepGuard,
 )
 
 log = logging.getLogger(__name__)
@@ -78,13 +78,7 @@ def load_reward_backbone(cfg: RMConfig, dist: Dist):
         raise UserError(f"dtype {cfg.dtype!r} not supported; choose from {sorted(DTYPES)}")
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[cfg.dtype])
     model.config.pad_token_id = tok.pad_token_id  # HF's class needs it to find the last token of a batch row
-    if cfg.lora_r > 0:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(
-            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-            target_modules=list(cfg.lora_target_modules), task_type="SEQ_CLS",  # SEQ_CLS also trains the head
-        ))
+    model = adapt_model(model, cfg, task_type="SEQ_CLS")  # SEQ_CLS: LoRA also trains the head
     model.to(dist.device)
     dist.broadcast_params(model)
     set_train_mode(model, keep_dropout=cfg.keep_dropout)
@@ -149,16 +143,18 @@ def train_reward_model(cfg: RMConfig, *, resume: bool = False) -> dict:
     if not cfg.dataset:
         raise UserError("rm needs preference pairs: pass --dataset FILE (or hh-rlhf, or rt-polarity)")
     dist = Dist()
-    run = RunDir(cfg.output_dir, is_main=dist.is_main)
-    run.save_config(cfg)
+    run = RunDir(cfg.output_dir, is_main=dist.is_main, report_to=cfg.report_to)
+    run.save_config(cfg, resume=resume)
     tok, model = load_reward_backbone(cfg, dist)
     train, evals = load_rm_data(cfg, tok)
+    cfg = with_epochs(cfg, len(train), per_step=cfg.batch_size, unit="pairs")
     micro = derive_micro_batch(cfg, dist)
     batches = StepBatches([pair_width(p) for p in train], cfg.batch_size, seed=cfg.seed)
     params = trainable_params(model)
     opt = make_optimizer(params, cfg)
     sched = make_scheduler(opt, cfg)
-    ckpt = Checkpointer(run, model, opt, sched)
+    guard = StepGuard(cfg.max_nonfinite_steps)
+    ckpt = Checkpointer(run, model, opt, sched, guard=guard)
     step = ckpt.resume()[0] if resume else 0
     evaluate = lambda: evaluate_rm(model, evals, pad_id=tok.pad_token_id, batch_size=cfg.eval_batch_size, dist=dist)  # noqa: E731
     bar = progress_bar(cfg.max_steps, step, enabled=cfg.progress and dist.is_main, desc="rm")
@@ -173,9 +169,11 @@ def train_reward_model(cfg: RMConfig, *, resume: bool = False) -> dict:
             sums["loss"] += float(loss.detach()) * len(chunk)
             sums["rm/accuracy"] += float(stats["accuracy"]) * len(chunk)
             sums["rm/margin"] += float(stats["margin"]) * len(chunk)
-        grad_norm, lr = optimizer_step(opt, sched, params, dist=dist, max_grad_norm=cfg.max_grad_norm)
+        grad_norm, lr = optimizer_step(opt, sched, params, dist=dist, max_grad_norm=cfg.max_grad_norm, guard=guard,
+                                       loss=sums["loss"])
         step += 1
-        metrics = {**dist.reduce_metrics(sums, {k: float(len(idx)) for k in sums}), "opt/lr": lr, "opt/grad_norm": grad_norm}
+        metrics = {**dist.reduce_metrics(sums, {k: float(len(idx)) for k in sums}), "opt/lr": lr, "opt/grad_norm": grad_norm,
+                   **guard.stats()}
         if evals and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
             metrics.update(evaluate())
         if step % cfg.log_every == 0 or "eval/loss" in metrics or step == cfg.max_steps:
