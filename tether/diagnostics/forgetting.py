@@ -176,6 +176,8 @@ def trained_on(asset: str, config: dict, *, assets: Optional[str] = None) -> boo
     if any(asset in s for s in _strings(config)):
         return True
     sample = run_data_sample(config)
+    if isinstance(config.get("prompts"), (list, tuple)):  # prompts given in memory (train_online(prompts=...))
+        sample += [str(p) for p in config["prompts"][:500]]
     if asset == "hh-rlhf":
         return any("Human:" in s for s in sample)
     if asset == "rt-polarity":
