@@ -78,6 +78,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from .distributed import quiet_other_ranks
+
+    quiet_other_ranks()  # torchrun / accelerate: only rank 0 prints
     module = importlib.import_module(f"tether.commands.{name}")
     try:
         return int(module.main(rest) or 0)

@@ -17,6 +17,28 @@ import torch
 import torch.distributed as dist
 
 
+def quiet_other_ranks() -> bool:
+    """Under torchrun or accelerate (``RANK`` set), let only rank 0 talk: on every other process,
+    stdout goes to /dev/null (tables, the final JSON summary), logging shows errors only, Python
+    warnings are ignored and Hugging Face progress bars are off. stderr stays open, so an exception on
+    any rank is still seen. Returns True if this process was quietened. Called once by the CLI."""
+    import logging
+    import sys
+    import warnings
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        return False
+    for var in ("TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        os.environ[var] = "1"
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    logging.getLogger().setLevel(logging.ERROR)
+    for name in ("transformers", "datasets", "peft", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.simplefilter("ignore")
+    sys.stdout = open(os.devnull, "w")
+    return True
+
+
 class Dist:
     """Process-group facade; a single process behaves as world_size 1 with no communication."""
 
