@@ -20,6 +20,7 @@ from tether.data.chat import assistant_spans, render_prompt
 from tether.data.prompts import Prompt, load_prompts
 from tether.data.text import column_map, load_text_examples, rename_columns, row_to_example, tokenize_example
 from tether.errors import UserError
+from tether.measure import encode_prompts
 from tether.rewards import CHAT_PROMPTS, CallableSource, RewardSet, reward_columns
 
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}"
@@ -137,6 +138,8 @@ def test_prompts_keep_their_columns_and_render_conversations(tok, tmp_path):
     assert rows[0] == Prompt("Say cat.", "Say cat.", {"ground_truth": "cat"})
     assert rows[1].text == "<s>user: Say dog.</s>assistant: " and rows[1].conversational
     assert rows[1].columns == {"ground_truth": "dog", "id": 7}
+    ids = encode_prompts(tok, [rows[1].text])[0]  # the template's BOS, not a second one from the tokenizer
+    assert ids == tok(rows[1].text, add_special_tokens=False)["input_ids"] and ids.count(tok.bos_token_id) == 1
     cols = reward_columns(rows, completion_ids=[[5, 6], [7]])
     assert cols == {"ground_truth": ["cat", "dog"], "id": [None, 7], CHAT_PROMPTS: ["Say cat.", rows[1].prompt],
                     "completion_ids": [[5, 6], [7]]}
@@ -242,3 +245,31 @@ def test_dpo_from_a_datasets_folder_with_mapped_columns(stories_path, tmp_path, 
     assert out["loss"] == pytest.approx(math.log(2), abs=1e-5)
     with pytest.raises(UserError, match="quesiton"):
         load_pairs(DPOConfig(output_dir=str(tmp_path / "c"), prompt_field="quesiton", **base), tok)
+
+
+# --------------------------------------------------------------------------------------------------
+# The commands: --chat_template FILE, --prompt_field, datasets folders
+
+
+def test_commands_take_chat_prompts_from_a_datasets_folder(stories_path, tmp_path):
+    """tether grpo / bon / kl read conversational prompts from a datasets folder with a mapped prompt
+    column and a --chat_template file, through their input checks; the reward sees ground_truth."""
+    import json
+
+    from tether.cli import main
+
+    tpl = tmp_path / "chat.jinja"
+    tpl.write_text(TEMPLATE)
+    rows = [{"question": [{"role": "user", "content": f"Say {w}."}], "ground_truth": w} for w in ["cat", "dog", "sun", "owl"]]
+    data = _save(tmp_path, "q", {"train": rows})
+    common = ["--prompts", data, "--prompt_field", "question", "--chat_template", str(tpl), "--max_new_tokens", "4"]
+    reward_fns.CALLS.clear()
+    assert main(["grpo", "--model", stories_path, *common, "--reward", "reward_fns:ground_truth_match",
+                 "--batch_size", "4", "--samples_per_prompt", "2", "--max_steps", "1", "--eval_samples", "1",
+                 "--progress", "false", "--output_dir", str(tmp_path / "grpo")]) == 0
+    assert reward_fns.CALLS and all(len(c["ground_truth"]) == len(c["prompts"]) for c in reward_fns.CALLS)
+    assert main(["bon", "--model", stories_path, *common, "--n", "1,2", "--reward", "reward_fns:ground_truth_match",
+                 "--output_dir", str(tmp_path / "bon"), "--progress", "false"]) == 0
+    first = json.loads((tmp_path / "bon" / "samples.jsonl").read_text().splitlines()[0])
+    assert first["prompt"] == "<s>user: Say cat.</s>assistant: "
+    assert main(["kl", "--policy", stories_path, "--reference", stories_path, *common, "--samples", "2"]) == 0

@@ -141,14 +141,19 @@ def check_dataset(spec: Optional[str], *, field: str, assets: Optional[str] = No
             check_text_file(part, field=field)
 
 
-def check_prompts_file(path: Optional[str], *, field: str = "prompts", tokenizer=None) -> list[str]:
-    """Read a prompts file as the command will (``tether.measure.read_prompts``), after the file checks."""
-    from .measure import read_prompts
+def check_prompts_file(path: Optional[str], *, field: str = "prompts", tokenizer=None, cfg=None) -> list[str]:
+    """Read prompts as the command will (``tether.data.prompts.load_prompts`` with the config's
+    prompt_field / columns / chat_template; ``tokenizer`` renders conversational prompts), after the
+    file checks. Returns the prompt texts."""
+    from .data.prompts import load_prompts, prompt_options
 
     if not path:
-        raise UserError(f"--{field} is required: a text file (one prompt per line) or JSONL with a 'prompt' field")
-    check_text_file(path, field=field)
-    return read_prompts(path)
+        raise UserError(f"--{field} is required: a text file (one prompt per line), JSONL with a 'prompt' field, "
+                        "or a datasets folder")
+    p = Path(path).expanduser()
+    if p.is_file() or (not p.is_dir() and _looks_like_path(path)):
+        check_text_file(path, field=field)
+    return [r.text for r in load_prompts(path, tokenizer=tokenizer, **prompt_options(cfg))]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,11 +217,16 @@ def check_context(config, *, need: int, fields: str, model_field: str = "model",
                         f"lower them so the total is at most {limit}")
 
 
-def _longest_prompt(path: str, prompts: Sequence[str]) -> int:
+def _tokenizer(path: str):
     from .modeling import load_tokenizer
 
-    tok = load_tokenizer(path)
-    return max(len(tok(p)["input_ids"]) for p in prompts)
+    return load_tokenizer(path)
+
+
+def _longest_prompt(path: str, prompts: Sequence[str]) -> int:
+    from .measure import encode_prompts
+
+    return max(len(ids) for ids in encode_prompts(_tokenizer(path), prompts))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -284,14 +294,15 @@ def preflight_online(cfg) -> None:
     _at_least(cfg, "eval_max_prompts", 1)
     _at_least(cfg, "eval_samples", 1)
     _at_least(cfg, "max_prompt_length", 1)
-    prompts = check_prompts_file(cfg.prompts)
-    eval_prompts = check_prompts_file(cfg.eval_prompts, field="eval_prompts") if cfg.eval_prompts else []
+    path, config = check_model(cfg.model, assets=cfg.assets)
+    tok = _tokenizer(path)
+    prompts = check_prompts_file(cfg.prompts, tokenizer=tok, cfg=cfg)
+    eval_prompts = check_prompts_file(cfg.eval_prompts, field="eval_prompts", tokenizer=tok, cfg=cfg) if cfg.eval_prompts else []
     check_reward_spec(cfg.reward, assets=cfg.assets)
     for spec in cfg.log_rewards:
         check_reward_spec(spec, field="log_rewards", assets=cfg.assets)
     if getattr(cfg, "ptx_dataset", None):
         check_dataset(cfg.ptx_dataset, field="ptx_dataset", assets=cfg.assets)
-    path, config = check_model(cfg.model, assets=cfg.assets)
     if cfg.reference_model:
         check_model(cfg.reference_model, field="reference_model", assets=cfg.assets)
     if cfg.max_prompt_length is not None:
@@ -355,7 +366,7 @@ def preflight_sft(cfg) -> None:
 
 def preflight_sampling(*, model: str, model_field: str, prompts_path: Optional[str], max_new_tokens: int,
                        temperature: float, top_k: int, top_p: float, batch_size: int,
-                       assets: Optional[str] = None) -> tuple[str, list[str]]:
+                       assets: Optional[str] = None, cfg=None) -> tuple[str, list[str]]:
     """Shared by ``tether kl`` and ``tether bon``: sampling settings, prompts, model, context."""
     ns = SimpleNamespace(max_new_tokens=max_new_tokens, batch_size=batch_size, top_k=top_k)
     _at_least(ns, "max_new_tokens", 1)
@@ -365,8 +376,8 @@ def preflight_sampling(*, model: str, model_field: str, prompts_path: Optional[s
         raise UserError(f"temperature={temperature} must be > 0 (a small value samples near-greedily); set --temperature")
     if not 0.0 < top_p <= 1.0:
         raise UserError(f"top_p={top_p} must lie in (0, 1] (1 = off); set --top_p")
-    prompts = check_prompts_file(prompts_path)
     path, config = check_model(model, field=model_field, assets=assets)
+    prompts = check_prompts_file(prompts_path, tokenizer=_tokenizer(path), cfg=cfg)
     longest = _longest_prompt(path, prompts)
     check_context(config, need=longest + max_new_tokens, model_field=model_field, spec=model,
                   fields=f"the longest prompt in --prompts ({longest} tokens) + max_new_tokens ({max_new_tokens})")

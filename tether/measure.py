@@ -48,8 +48,10 @@ def read_prompts(path: str) -> list[str]:
 def encode_prompts(tokenizer, prompts: Sequence[str], *, max_prompt_length: Optional[int] = None) -> list[list[int]]:
     """Tokenize prompts with the tokenizer's BOS handling; error if one exceeds ``max_prompt_length``."""
     out = []
+    bos = getattr(tokenizer, "bos_token", None)
     for i, p in enumerate(prompts):
-        ids = tokenizer(p)["input_ids"]
+        # a chat-rendered prompt already starts with the template's BOS: do not add a second one
+        ids = tokenizer(p, add_special_tokens=not (bos and p.startswith(bos)))["input_ids"]
         if not ids:
             raise UserError(f"prompt {i} tokenizes to nothing; give it some text (or a tokenizer that adds BOS)")
         if max_prompt_length is not None and len(ids) > max_prompt_length:

@@ -22,7 +22,7 @@ from ..checks import check_reward_spec, preflight_sampling
 from ..config import parse_config, save_config
 from ..groups import SamplingConfig
 from ..errors import UserError
-from ..measure import read_prompts
+from ..data.prompts import load_prompts, prompt_options
 from ..modeling import load_causal_lm, load_tokenizer
 from ..runs import seed_everything
 from ..trainers.best_of_n import best_of_n_curve
@@ -35,7 +35,13 @@ class BoNConfig(SamplingConfig):
     model: str = "stories260K"
     """The reference policy to sample from: a Hugging Face folder (e.g. tether sft's final/), hub name or asset name."""
     prompts: str = ""
-    """Prompts: a text file (one per line) or JSONL with a 'prompt' field."""
+    """Prompts: a text file (one per line), .jsonl/.json/.parquet with a 'prompt' column (a string or a list of messages; other columns reach reward functions), a saved datasets folder or a hub name."""
+    prompt_field: str = "prompt"
+    """Column holding the prompt in table rows."""
+    columns: Optional[dict] = None
+    """Rename prompt-data columns first: a YAML map {question: prompt} or 'question=prompt'."""
+    chat_template: Optional[str] = None
+    """Jinja chat template (string or file) for conversational prompts when the tokenizer has none."""
     limit: Optional[int] = None
     """Use only the first N prompts."""
     n: list = field(default_factory=lambda: [1, 2, 4, 8])
@@ -87,7 +93,7 @@ def check_bon_config(cfg: BoNConfig) -> list[int]:
     check_reward_spec(cfg.reward, assets=cfg.assets)
     for spec in cfg.gold:
         check_reward_spec(spec, field="gold", assets=cfg.assets)
-    preflight_sampling(model=cfg.model, model_field="model", prompts_path=cfg.prompts, max_new_tokens=cfg.max_new_tokens,
+    preflight_sampling(model=cfg.model, model_field="model", prompts_path=cfg.prompts, cfg=cfg, max_new_tokens=cfg.max_new_tokens,
                        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, batch_size=cfg.batch_size,
                        assets=cfg.assets)
     return ns
@@ -99,7 +105,8 @@ def main(argv=None) -> int:
     seed_everything(cfg.seed)
     path = resolve_model(cfg.model, cfg.assets)
     tok, model = load_tokenizer(path), load_causal_lm(path)
-    prompts = read_prompts(cfg.prompts)[: cfg.limit] if cfg.limit else read_prompts(cfg.prompts)
+    prompts = load_prompts(cfg.prompts, tokenizer=tok, **prompt_options(cfg))
+    prompts = prompts[: cfg.limit] if cfg.limit else prompts
     results = best_of_n_curve(
         model, tok, prompts, ns=ns, reward=cfg.reward, gold=list(cfg.gold), kl_samples=cfg.kl_samples,
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,

@@ -29,7 +29,8 @@ from ..config import parse_config
 from ..engine import measure
 from ..errors import UserError
 from ..groups import SamplingConfig
-from ..measure import encode_prompts, read_prompts
+from ..data.prompts import load_prompts, prompt_options
+from ..measure import encode_prompts
 from ..modeling import check_compatible, load_causal_lm, load_tokenizer
 from ..reference import FrozenReference
 from ..runs import seed_everything
@@ -44,7 +45,13 @@ class KLConfig(SamplingConfig):
     reference: str = ""
     """Reference model: a Hugging Face folder, a hub name or an asset name (required)."""
     prompts: str = ""
-    """Prompts: a text file (one prompt per line) or JSONL with a 'prompt' field (required)."""
+    """Prompts (required): a text file (one per line), .jsonl/.json/.parquet with a 'prompt' column (a string or a list of messages), a saved datasets folder or a hub name."""
+    prompt_field: str = "prompt"
+    """Column holding the prompt in table rows."""
+    columns: Optional[dict] = None
+    """Rename prompt-data columns first: a YAML map {question: prompt} or 'question=prompt'."""
+    chat_template: Optional[str] = None
+    """Jinja chat template (string or file) for conversational prompts when the tokenizer has none."""
     samples: int = 8
     """Completions sampled per prompt."""
     batch_size: int = 64
@@ -80,7 +87,7 @@ def main(argv=None) -> int:
     if args.samples < 1:
         raise UserError(f"samples={args.samples} must be >= 1 (completions per prompt); set --samples")
     for name in ("policy", "reference"):  # the whole input, before any weights load
-        preflight_sampling(model=getattr(args, name), model_field=name, prompts_path=args.prompts,
+        preflight_sampling(model=getattr(args, name), model_field=name, prompts_path=args.prompts, cfg=args,
                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, batch_size=args.batch_size, assets=args.assets)
     seed_everything(args.seed)
@@ -92,7 +99,7 @@ def main(argv=None) -> int:
     ref_model = load_causal_lm(ref_path)
     check_compatible(policy, ref_model, tok, ref_tok)
     reference = FrozenReference(ref_model)
-    prompts = encode_prompts(tok, read_prompts(args.prompts))
+    prompts = encode_prompts(tok, [p.text for p in load_prompts(args.prompts, tokenizer=tok, **prompt_options(args))])
     result = measure(
         policy, reference, prompts, tokenizer=tok, samples_per_prompt=args.samples, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, seed=args.seed,

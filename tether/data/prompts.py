@@ -90,3 +90,9 @@ def eval_prompts_split(spec: Optional[str], *, split: str = "train") -> Optional
     """The split of ``spec`` to draw evaluation prompts from when none are given: a saved
     ``DatasetDict``'s ``test`` (else ``validation``) split, or None."""
     return eval_split_of(spec, split=split)
+
+
+def prompt_options(cfg) -> dict:
+    """The ``load_prompts`` keywords a command's config sets (its prompt_field, columns, chat_template, assets)."""
+    return dict(prompt_field=getattr(cfg, "prompt_field", "prompt"), columns=getattr(cfg, "columns", None),
+                chat_template=getattr(cfg, "chat_template", None), assets=getattr(cfg, "assets", None))

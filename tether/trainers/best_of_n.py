@@ -33,7 +33,8 @@ from ..engine import generate_batches, mean_stderr
 from ..measure import encode_prompts
 from ..ops.best_of_n import best_of_n_kl_estimate
 from ..ops.best_of_n import best_of_n_kl_bound
-from ..rewards import RewardSet, RewardSource, build_reward
+from ..data.prompts import Prompt
+from ..rewards import RewardSet, RewardSource, build_reward, call_source, reward_columns
 
 RewardLike = Union[RewardSource, RewardSet, str]
 GoldLike = Union[RewardSource, str, Sequence[Union[RewardSource, str]]]
@@ -82,11 +83,17 @@ def sample_and_score(
     prompts were cut from token sequences (their text need not re-tokenise to the same ids);
     default: ``prompts`` tokenised.
 
+    ``prompts`` may be ``tether.data.prompts.Prompt`` rows (conversational prompts, extra columns):
+    each is sampled after its ``text`` and its columns reach the reward functions
+    (``rewards.reward_columns``).
+
     Returns {"prompts": P strings, "texts": P lists of M completion strings, "name": selecting
     source's name, "scores": (P, M) float32, "gold": {name: (P, M)}}. Identical completions of a
     prompt are scored once, so ties are exact (and scoring is cheaper)."""
     model = _sampler(model)
     device = next(model.parameters()).device
+    rows = list(prompts) if prompts and all(isinstance(p, Prompt) for p in prompts) else None
+    prompts = [p.text for p in rows] if rows is not None else list(prompts)
     selector, golds = _sources(reward, gold, device)
     if prompt_ids is not None:
         if len(prompt_ids) != len(prompts):
@@ -104,8 +111,10 @@ def sample_and_score(
     u_prompts, u_texts = [prompts[p] for p, _ in keys], [t for _, t in keys]
     rows_of = torch.tensor([where[(flat[r], texts[r])] for r in range(len(flat))])
 
+    columns = reward_columns([rows[p] for p, _ in keys]) if rows is not None else {}
+
     def score(src: RewardSource) -> torch.Tensor:
-        return src(u_prompts, u_texts).float()[rows_of].view(len(prompts), samples)  # (P, M)
+        return call_source(src, u_prompts, u_texts, columns).float()[rows_of].view(len(prompts), samples)  # (P, M)
 
     P = len(prompts)
     return {
