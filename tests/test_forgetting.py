@@ -209,3 +209,30 @@ def test_online_trainer_logs_the_probe_from_step_0(stories_path, tmp_path):
     for k, v in want.items():
         assert ev[1][k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
     assert ev[1]["eval/forgetting/kl_ref_policy"] > 1e-4
+
+
+def test_sft_logs_the_probe_against_its_starting_model(stories_path, assets_dir, tmp_path):
+    """sft on rt-polarity lines with forgetting_text=auto: the probe compares with the starting model
+    on HH dialogues (the run trained on rt-polarity), and rm refuses the field."""
+    from tether.errors import UserError
+    from tether.modeling import load_causal_lm, load_tokenizer
+    from tether.trainers.reward_model import RMConfig, train_reward_model
+    from tether.trainers.sft import SFTConfig, train_sft
+
+    data = tmp_path / "reviews.txt"
+    data.write_text("\n".join(read_texts("rt-polarity", assets=str(assets_dir), max_texts=16, seed=3)) + "\n")
+    out = tmp_path / "sft"
+    cfg = SFTConfig(model=stories_path, dataset=str(data), output_dir=str(out), max_steps=2, batch_size=4,
+                    learning_rate=3e-3, max_length=32, eval_examples=0, progress=False, seed=0,
+                    forgetting_text="auto", forgetting_max_texts=4)
+    res = train_sft(cfg)
+    last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    tok = load_tokenizer(stories_path)
+    probe = ForgettingProbe("auto", tok, config={"dataset": str(data)}, assets=str(assets_dir), max_texts=4)
+    assert probe.source == "hh-rlhf"
+    want = probe(load_causal_lm(res["final"]), load_causal_lm(stories_path))
+    for k, v in want.items():
+        assert last[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
+    assert last["eval/forgetting/kl_ref_policy"] > 1e-3
+    with pytest.raises(UserError, match="forgetting_text"):
+        train_reward_model(RMConfig(model=stories_path, dataset="hh-rlhf", output_dir=str(tmp_path / "rm"), forgetting_text="auto"))

@@ -81,7 +81,8 @@ class TrainConfig:
     """Off-distribution text for the forgetting probe, logged at every evaluation as eval/forgetting/nll_delta,
     eval/forgetting/kl_ref_policy, eval/forgetting/kl_policy_ref (teacher-forced, per token; docs/theory.md
     §10): a text file, .jsonl, datasets folder, rt-polarity, hh-rlhf, or auto (a shared asset this run does
-    not train on). None = off. dpo, ppo, grpo, rloo (sft and rm have no reference to compare with)."""
+    not train on). None = off. dpo, ppo, grpo, rloo against their reference; sft against its starting model;
+    rm refuses it (no policy)."""
     forgetting_max_texts: int = 64
     """Texts the forgetting probe scores (a seeded selection, 128 tokens each at most)."""
     save_every: int = 0

@@ -332,3 +332,20 @@ class ForgettingProbe:
     def __call__(self, policy, reference) -> dict:
         res = forgetting_on_texts(policy, reference, self.batches)
         return {name: res[key] for key, name in TRAINER_METRICS.items()}
+
+
+def starting_model_probe(cfg, tokenizer, *, device, is_main: bool = True):
+    """For trainers with no reference of their own (sft): ``probe(policy) -> eval/forgetting/*`` against
+    a frozen copy of the starting model ``cfg.model``, or None without ``cfg.forgetting_text`` (or off
+    the main process: only it logs)."""
+    if not cfg.forgetting_text or not is_main:
+        return None
+    import dataclasses
+
+    from ..assets import resolve_model
+    from ..modeling import load_causal_lm
+
+    ref = FrozenReference(load_causal_lm(resolve_model(cfg.model, cfg.assets), dtype=cfg.dtype, device=device))
+    probe = ForgettingProbe(cfg.forgetting_text, tokenizer, config=dataclasses.asdict(cfg), assets=cfg.assets,
+                            max_texts=cfg.forgetting_max_texts, seed=cfg.seed)
+    return lambda policy: probe(policy, ref)

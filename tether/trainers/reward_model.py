@@ -142,6 +142,9 @@ def train_reward_model(cfg: RMConfig, *, resume: bool = False) -> dict:
     """Run reward-model training; returns {"final": path, "loss", "rm/accuracy", "eval/rm/accuracy", "eval/loss"}."""
     if not cfg.dataset:
         raise UserError("rm needs preference pairs: pass --dataset FILE (or hh-rlhf, or rt-polarity)")
+    if cfg.forgetting_text:
+        raise UserError("forgetting_text: rm trains a reward model, not a policy; drop the flag (it applies to sft, dpo, "
+                        "ppo, grpo, rloo)")
     dist = Dist()
     run = RunDir(cfg.output_dir, is_main=dist.is_main, report_to=cfg.report_to)
     run.save_config(cfg, resume=resume)
