@@ -112,7 +112,7 @@ BOOLEAN = frozenset({"use_peft", "bf16", "fp16", "gradient_checkpointing", "push
 """TRL keys that are booleans (a bare ``--bf16`` on the command line means true)."""
 
 KNOWN = frozenset(RENAMED) | frozenset(DEFERRED) | IGNORED | frozenset(SAME_AS_TETHER) | frozenset({
-    "dataset_name", "max_completion_length", "bf16", "lr_scheduler_type", "disable_dropout", "disable_tqdm",
+    "dataset_name", "max_completion_length", "reward_funcs", "reward_model_name_or_path", "bf16", "lr_scheduler_type", "disable_dropout", "disable_tqdm",
     "report_to", "gradient_checkpointing", "loss_type", "scale_rewards",
 })
 """Every TRL key this module reads (the command line accepts each as a hidden flag)."""
@@ -145,7 +145,10 @@ def _same(value: Any, allowed: set) -> bool:
 
 
 def is_trl_value(name: str, value: Any) -> bool:
-    """A tether field given a value only TRL's version of it takes (GRPO's scale_rewards: group | batch | none)."""
+    """A tether field given a value only TRL's version of it takes (GRPO's scale_rewards: group | batch |
+    none; report_to as a list)."""
+    if name == "report_to":
+        return isinstance(value, (list, tuple))
     return name == "scale_rewards" and isinstance(value, str) and value.strip().lower() in ("group", "batch", "none")
 
 
@@ -178,6 +181,16 @@ def translate(name: str, value: Any, fields: set[str]) -> Optional[list[tuple[st
             if target in fields:
                 return [(target, value)]
         raise refuse(name, value, "this command reads no dataset")
+    if name in ("reward_funcs", "reward_model_name_or_path"):  # TRL's GRPO script arguments
+        if "reward" not in fields:
+            raise refuse(name, value, "this command takes no reward")
+        specs = list(value) if isinstance(value, (list, tuple)) else [value]
+        if len(specs) != 1:
+            raise refuse(name, value, "tether optimises one reward: give it as reward, and log others with log_rewards")
+        spec = str(specs[0])
+        if "." in spec and ":" not in spec and "/" not in spec:  # TRL's dotted path my_lib.rewards.fn
+            spec = ":".join(spec.rsplit(".", 1))
+        return [("reward", spec)]
     if name == "max_completion_length":  # a field of dpo/rm; the sampling length of online trainers
         if "max_new_tokens" in fields:
             return [("max_new_tokens", value)]
@@ -197,14 +210,12 @@ def translate(name: str, value: Any, fields: set[str]) -> Optional[list[tuple[st
             raise UserError(f"TRL field {name}: cannot read {value!r} as a boolean; use true or false")
         target = "keep_dropout" if name == "disable_dropout" else "progress"
         return [(target, not truth)] if target in fields else []
-    if name == "report_to":
+    if name == "report_to":  # TRL takes a list; tether's field is one comma-separated string
         if isinstance(value, (list, tuple)):
-            if len(value) > 1:
-                raise refuse(name, value, "tether logs to one backend: give one of tensorboard, wandb, trackio, none")
-            value = value[0] if value else "none"
+            value = ",".join(str(v) for v in value) or "none"
         if "report_to" in fields:
             return [("report_to", value)]
-        if str(value).lower() in ("none", "tensorboard", "all"):
+        if str(value).lower() in ("none", "tensorboard"):
             return []
         raise refuse(name, value, "this tether logs metrics.jsonl and TensorBoard only (report_to: tensorboard)")
     if name == "gradient_checkpointing":
