@@ -273,3 +273,15 @@ def test_commands_take_chat_prompts_from_a_datasets_folder(stories_path, tmp_pat
     first = json.loads((tmp_path / "bon" / "samples.jsonl").read_text().splitlines()[0])
     assert first["prompt"] == "<s>user: Say cat.</s>assistant: "
     assert main(["kl", "--policy", stories_path, "--reference", stories_path, *common, "--samples", "2"]) == 0
+
+
+def test_reward_model_data_maps_columns_and_uses_the_test_split(stories_path, tmp_path, tok):
+    from tether.trainers.reward_model import RMConfig, load_rm_data
+
+    rows = [{"question": f"Q{i}", "response_j": f" good {i}", "response_k": f" bad {i}"} for i in range(5)]
+    data = _save(tmp_path, "se", {"train": rows, "validation": rows[:2]})
+    cfg = RMConfig(model=stories_path, dataset=data, columns={"question": "prompt", "response_j": "chosen",
+                                                               "response_k": "rejected"})
+    train, evals = load_rm_data(cfg, tok)
+    assert (len(train), len(evals)) == (5, 2)
+    assert tok.decode(evals[1]["prompt_ids"], skip_special_tokens=True) == "Q1"

@@ -275,15 +275,20 @@ def check_rows(raw: Iterable, *, skip_bad_rows: bool = False, tokenizer=None, ch
 
 def load_preference_rows(source: Any, *, split: str = "train", tokenizer=None, chat_template: Optional[str] = None,
                          skip_bad_rows: bool = False, prompt_marker: str = HH_MARKER, assets: Optional[str] = None,
-                         limit: Optional[int] = None) -> list[dict]:
+                         limit: Optional[int] = None, columns: Optional[dict] = None) -> list[dict]:
     """Load and check preference data: a list of ``{"prompt", "chosen", "rejected"}`` strings.
 
     ``tokenizer`` is needed only for conversational rows (chat template). ``limit`` keeps the first
-    N raw rows. Skipped rows (with ``skip_bad_rows``) are counted in the log."""
+    N raw rows. ``columns`` renames source columns first (``tether.data.text.column_map``'s result,
+    e.g. ``{"question": "prompt", "response_j": "chosen", "response_k": "rejected"}``). Skipped rows
+    (with ``skip_bad_rows``) are counted in the log."""
+    from .text import rename_columns
+
     raw = read_raw_rows(source, split=split, assets=assets)
     if limit:
         raw = raw[:limit]
     name = str(source) if isinstance(source, (str, os.PathLike)) else "rows"
+    raw = rename_columns(raw, columns or {}, where=name)
     rows, _ = check_rows(raw, skip_bad_rows=skip_bad_rows, tokenizer=tokenizer, chat_template=chat_template,
                          prompt_marker=prompt_marker, source=name)
     return rows

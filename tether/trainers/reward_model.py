@@ -24,6 +24,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..config import config_group
+from ..groups import DATA_FIELDS
 from ..assets import resolve_model
 from ..data.preference import StepBatches, collate_pairs, load_preference_rows, pair_width, split_holdout, tokenize_pairs
 from ..distributed import Dist
@@ -40,6 +42,7 @@ from ..training import (
 log = logging.getLogger(__name__)
 
 
+@config_group("data", prefixes=("dataset",), fields=DATA_FIELDS)
 @dataclass
 class RMConfig(TrainConfig):
     """Config of ``tether rm`` (fields of TrainConfig plus these)."""
@@ -49,13 +52,23 @@ class RMConfig(TrainConfig):
     dataset_split: str = "train"
     """Split to read from a hub dataset or a saved DatasetDict."""
     eval_dataset: Optional[str] = None
-    """Held-out pairs (same formats); default: eval_fraction of dataset held out."""
+    """Held-out pairs (same formats); default: the test/validation split of a saved DatasetDict, else eval_fraction of dataset held out."""
     eval_fraction: float = 0.05
     """Fraction of dataset held out for eval/rm/accuracy when eval_dataset is not given (0 = none)."""
     limit: Optional[int] = None
     """Use only the first N rows of dataset (None = all)."""
     skip_bad_rows: bool = False
     """Skip (and count) malformed rows instead of stopping."""
+    chat_template: Optional[str] = None
+    """Jinja chat template (string or file) for conversational rows when the tokenizer has none."""
+    prompt_field: str = "prompt"
+    """Column holding the prompt (e.g. question for Stack Exchange paired data)."""
+    chosen_field: str = "chosen"
+    """Column holding the preferred completion (e.g. response_j)."""
+    rejected_field: str = "rejected"
+    """Column holding the other completion (e.g. response_k)."""
+    columns: Optional[dict] = None
+    """Rename source columns first: a YAML map {question: prompt, response_j: chosen} or 'question=prompt,response_j=chosen'."""
     max_length: int = 256
     """Tokens per sequence (prompt + completion); prompts lose tokens from the left, completions from the right."""
     max_prompt_length: Optional[int] = None
@@ -85,21 +98,29 @@ def load_reward_backbone(cfg: RMConfig, dist: Dist):
     return tok, model
 
 
-def load_pairs(source: str, cfg: RMConfig, tok) -> list[dict]:
+def load_pairs(source: str, cfg: RMConfig, tok, *, split: Optional[str] = None) -> list[dict]:
     """Rows of {prompt, chosen, rejected} strings; ``rt-polarity`` builds sentiment pairs."""
     if source == "rt-polarity" and not Path(source).exists():
         from ..data.text import polarity_pairs
 
         rows = polarity_pairs(cfg.assets, seed=cfg.seed)
         return rows[: cfg.limit] if cfg.limit else rows
-    return load_preference_rows(source, split=cfg.dataset_split, tokenizer=tok, skip_bad_rows=cfg.skip_bad_rows,
-                                assets=cfg.assets, limit=cfg.limit)
+    from ..data.text import column_map
+
+    mapping = column_map(cfg.columns, prompt=cfg.prompt_field, chosen=cfg.chosen_field, rejected=cfg.rejected_field)
+    return load_preference_rows(source, split=split or cfg.dataset_split, tokenizer=tok, skip_bad_rows=cfg.skip_bad_rows,
+                                assets=cfg.assets, limit=cfg.limit, chat_template=cfg.chat_template, columns=mapping)
 
 
 def load_rm_data(cfg: RMConfig, tok) -> tuple[list[dict], list[dict]]:
+    from ..data.text import eval_split_of
+
     rows = load_pairs(cfg.dataset, cfg, tok)
+    held_split = None if cfg.eval_dataset else eval_split_of(cfg.dataset, split=cfg.dataset_split)
     if cfg.eval_dataset:
         train_rows, eval_rows = rows, load_pairs(cfg.eval_dataset, cfg, tok)
+    elif held_split:  # a saved DatasetDict's test/validation split
+        train_rows, eval_rows = rows, load_pairs(cfg.dataset, cfg, tok, split=held_split)
     else:
         tr, ev = split_holdout(len(rows), cfg.eval_fraction, seed=cfg.seed)
         train_rows, eval_rows = [rows[i] for i in tr], [rows[i] for i in ev]
