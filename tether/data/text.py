@@ -5,13 +5,18 @@ A dataset argument (``--dataset``) is one of, or a comma-separated list of:
 - a text file (``.txt``, rt-polarity's ``.pos`` / ``.neg``, anything not listed below; ``.gz`` ok):
   one example per non-blank line;
 - ``.jsonl`` / ``.json`` (a list of objects, or an object of equal-length lists) / ``.parquet``,
-  optionally ``.gz``: rows with a ``text`` field, or ``prompt`` + ``completion`` fields;
+  optionally ``.gz``: rows with a ``text`` field, ``prompt`` + ``completion`` fields (strings, or
+  lists of ``{"role", "content"}`` messages), or a ``messages`` conversation; ``columns`` /
+  ``*_field`` rename source columns (``column_map``, ``rename_columns``);
 - a folder written by ``datasets.Dataset.save_to_disk`` (its ``train`` split if it is a
-  ``DatasetDict``), or a folder of the data files above (read in name order);
+  ``DatasetDict``; ``eval_split_of`` names its ``test`` / ``validation`` split for evaluation), or a
+  folder of the data files above (read in name order);
 - the asset short name ``rt-polarity`` (both files of shared/assets/rt-polarity);
 - otherwise a Hugging Face hub dataset name (``datasets.load_dataset(name, split="train")``).
 
-Every row becomes a ``TextExample(prompt, completion)``; plain text is ``prompt=""``. Tokenising
+Every row becomes a ``TextExample(prompt, completion)``; plain text is ``prompt=""``. A conversation
+is rendered whole by its chat template (``tether.data.chat``) with ``spans``: the characters the loss
+trains on (assistant turns, or completion messages). Tokenising
 gives ``(ids, targets)`` where ``targets[i]`` is True when token i is predicted by the loss (never the
 first token, which has no context). ``completion_only_loss`` restricts targets to completion tokens.
 
