@@ -189,6 +189,8 @@ def test_nested_yaml_groups_and_round_trip(tmp_path, capsys):
     assert load_config(GRPOConfig, tmp_path / "saved.yaml") == cfg
     err = _parse_error(GRPOConfig, ["--config", _yaml(tmp_path, {"lora": {"rank": 8}}, "bad.yaml")], capsys)
     assert "lora.rank is not in the lora group; it has: lora_r" in err
+    dpo = from_dict(DPOConfig, {"data": {"dataset": "pairs", "split": "test", "max_length": 64}})
+    assert (dpo.dataset, dpo.dataset_split, dpo.max_length) == ("pairs", "test", 64)
     # dpo's beta group has no controller: a nested kl target is refused with the reason
     err = _parse_error(DPOConfig, ["--config", _yaml(tmp_path, {"beta": {"target": 3}}, "dpo.yaml")], capsys)
     assert "beta.target: dpo supports a fixed or scheduled beta" in err
@@ -197,7 +199,7 @@ def test_nested_yaml_groups_and_round_trip(tmp_path, capsys):
 def test_help_lists_flags_under_group_headings():
     grpo = build_parser(GRPOConfig, prog="tether grpo").format_help()
     for heading in ("training group:", "lora group:", "beta group:", "sampling group:", "reference group:",
-                    "tether grpo options:"):
+                    "data group:", "tether grpo options:"):
         assert heading in grpo
     assert "--model_name_or_path" not in grpo  # TRL's names are accepted, not listed
     dpo = build_parser(DPOConfig, prog="tether dpo").format_help()

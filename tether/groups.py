@@ -4,7 +4,8 @@ Each is a dataclass mixin: a command's config inherits the groups it supports an
 flag it would always refuse is not in its ``--help``. YAML may give a group as one nested mapping
 (``sampling: {temperature: 0.7}``) or its fields flat; the command line takes them flat. The β group
 is ``tether.control.BetaConfig`` (controllers) / ``BetaScheduleConfig`` (fixed or scheduled β); the
-LoRA and training groups are declared on ``tether.training.TrainConfig``.
+LoRA and training groups are declared on ``tether.training.TrainConfig``; the data group on each
+command's config, from ``DATA_FIELDS`` (the fields it has of them).
 """
 
 from __future__ import annotations
@@ -41,3 +42,13 @@ class ReferenceConfig:
     """Reference form: copy (frozen copy) | lora (the LoRA policy with adapters off) | offload (copy kept in CPU memory)."""
     reference_model: Optional[str] = None
     """Reference model path (default: the starting policy `model`)."""
+
+
+DATA_FIELDS = (
+    "dataset", "dataset_split", "prompts", "eval_dataset", "eval_prompts", "eval_fraction", "eval_examples",
+    "eval_pairs", "eval_max_prompts", "limit", "skip_bad_rows", "chat_template", "text_field", "prompt_field",
+    "completion_field", "messages_field", "chosen_field", "rejected_field", "columns", "max_length",
+    "max_prompt_length", "max_completion_length", "packing", "completion_only_loss", "append_eos", "add_eos", "shuffle",
+)
+"""The data group (what is read and how it is cut into tokens): a config declares it with
+``@config_group("data", prefixes=("dataset",), fields=DATA_FIELDS)`` and gets those it has."""

@@ -65,7 +65,7 @@ from ..diagnostics.forgetting import ForgettingProbe
 from ..diagnostics.overfit import OverfitMonitor
 from ..distributed import Dist
 from ..errors import UserError
-from ..groups import ReferenceConfig
+from ..groups import DATA_FIELDS, ReferenceConfig
 from ..engine import evaluate as evaluate_kl
 from ..modeling import completion_logps
 from ..ops.kl import seq_sum
@@ -108,6 +108,7 @@ BETA_CONTROLLERS_REFUSED = ("dpo supports a fixed or scheduled beta (beta, beta_
                             "an on-policy KL every step, which offline DPO does not measure: use tether ppo, grpo or rloo")
 
 
+@config_group("data", prefixes=("dataset",), fields=DATA_FIELDS)
 @dataclass
 class DPOConfig(TrainConfig, BetaScheduleConfig, DPOReferenceConfig):
     """Config of ``tether dpo`` (the groups of TrainConfig, BetaScheduleConfig and DPOReferenceConfig plus these)."""

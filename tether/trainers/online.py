@@ -45,7 +45,8 @@ from typing import Callable, ClassVar, Optional, Sequence
 import torch
 
 from ..control import BetaConfig, build_controller
-from ..groups import ReferenceConfig, SamplingConfig
+from ..config import config_group
+from ..groups import DATA_FIELDS, ReferenceConfig, SamplingConfig
 from ..data.text import batch_indices
 from ..distributed import Dist
 from ..engine import evaluate as evaluate_kl
@@ -73,6 +74,7 @@ log = logging.getLogger(__name__)
 ONLINE_REFERENCE_FORMS = ("copy", "lora", "offload")
 
 
+@config_group("data", prefixes=("dataset",), fields=DATA_FIELDS)
 @dataclass
 class OnlineConfig(TrainConfig, BetaConfig, SamplingConfig, ReferenceConfig):
     """Fields shared by ``tether ppo``, ``grpo`` and ``rloo`` (plus the groups: TrainConfig's training

@@ -24,12 +24,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..config import config_group
-from ..groups import DATA_FIELDS
 from ..assets import resolve_model
+from ..config import config_group
 from ..data.preference import StepBatches, collate_pairs, load_preference_rows, pair_width, split_holdout, tokenize_pairs
 from ..distributed import Dist
 from ..errors import UserError
+from ..groups import DATA_FIELDS
 from ..modeling import DTYPES, load_tokenizer
 from ..ops.reward_model import bradley_terry_loss
 from ..rewards import sequence_scores

@@ -20,10 +20,12 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..config import config_group
 from ..diagnostics.forgetting import starting_model_probe
 from ..data.text import batch_indices, collate, eval_split_of, load_text_examples, prepare_sft, split_heldout
 from ..distributed import Dist
 from ..errors import UserError
+from ..groups import DATA_FIELDS
 from ..modeling import position_ids
 from ..ops.logprobs import selective_logps
 from ..runs import RunDir, save_final
@@ -35,6 +37,7 @@ from ..training import (
 log = logging.getLogger(__name__)
 
 
+@config_group("data", prefixes=("dataset",), fields=DATA_FIELDS)
 @dataclass
 class SFTConfig(TrainConfig):
     """Config of ``tether sft`` (fields of TrainConfig plus these)."""
