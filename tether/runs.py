@@ -14,7 +14,7 @@ Layout of ``output_dir``::
     final/               the trained model in Hugging Face format
 
 No pickle: a checkpoint is read with ``safetensors`` and ``json`` only, so a crafted file in a run
-directory cannot run code (``torch.load(weights_only=False)`` could). Checkpoints of older tether
+directory cannot run code (unpickling could). Checkpoints of older tether
 versions (``trainer_state.pt``) are refused with a message.
 
 Crash safety: checkpoints, ``final/``, ``config.yaml``, ``run.json`` and truncated logs are written

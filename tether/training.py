@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -319,7 +320,9 @@ def optimizer_step(opt: torch.optim.Optimizer, sched, params, *, dist: Dist, max
     lr = sched.get_last_lr()[0]
     if guard is None or guard.check(dist, grad_norm, loss):
         opt.step()
-    sched.step()
+    with warnings.catch_warnings():  # a skipped first update makes torch warn that the schedule stepped first
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+        sched.step()
     opt.zero_grad(set_to_none=True)
     return grad_norm, lr
 
