@@ -148,7 +148,7 @@ def is_trl_value(name: str, value: Any) -> bool:
     """A tether field given a value only TRL's version of it takes (GRPO's scale_rewards: group | batch |
     none; report_to as a list)."""
     if name == "report_to":
-        return isinstance(value, (list, tuple))
+        return isinstance(value, (list, tuple)) or str(value).strip().lower() == "all"
     return name == "scale_rewards" and isinstance(value, str) and value.strip().lower() in ("group", "batch", "none")
 
 
@@ -213,6 +213,8 @@ def translate(name: str, value: Any, fields: set[str]) -> Optional[list[tuple[st
     if name == "report_to":  # TRL takes a list; tether's field is one comma-separated string
         if isinstance(value, (list, tuple)):
             value = ",".join(str(v) for v in value) or "none"
+        if str(value).strip().lower() == "all":  # TRL: every installed integration; tether's default one
+            value = "tensorboard"
         if "report_to" in fields:
             return [("report_to", value)]
         if str(value).lower() in ("none", "tensorboard"):
