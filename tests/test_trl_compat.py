@@ -136,8 +136,33 @@ def test_trl_names_map_to_tether_fields(monkeypatch):
     assert from_dict(GRPOConfig, {"reward_funcs": "my_lib.rewards.length"}).reward == "my_lib.rewards:length"
 
 
+def test_a_trl_sft_yaml_reads_as_tether_sft(tmp_path, capsys):
+    """The keys of a typical TRL SFT recipe. warmup_ratio 0.05 x max_steps 100 = 5 warm-up steps
+    (transformers' get_warmup_steps rounds up: 0.05 x 30 = 1.5 -> 2)."""
+    config = _yaml(tmp_path, {
+        "model_name_or_path": "m", "model_revision": "main", "torch_dtype": "bfloat16", "attn_implementation": "sdpa",
+        "dataset_name": "data/chat", "dataset_text_field": "text", "max_length": 512, "packing": True,
+        "per_device_train_batch_size": 4, "gradient_accumulation_steps": 4, "learning_rate": 2.0e-5,
+        "lr_scheduler_type": "cosine", "warmup_ratio": 0.05, "max_steps": 100, "gradient_checkpointing": True,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False}, "bf16": True, "logging_steps": 10,
+        "save_strategy": "steps", "save_steps": 50, "eval_strategy": "no", "output_dir": "runs/sft", "report_to": "none",
+        "use_peft": True, "lora_r": 32, "lora_alpha": 16, "lora_dropout": 0.05, "lora_target_modules": "all-linear",
+        "push_to_hub": False, "seed": 42,
+    })
+    cfg, _ = parse_config(SFTConfig, ["--config", config])
+    assert (cfg.model, cfg.dtype, cfg.dataset, cfg.text_field, cfg.max_length, cfg.packing) == (
+        "m", "bfloat16", "data/chat", "text", 512, True)
+    assert (cfg.batch_size, cfg.grad_accum, cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps) == (16, 4, "cosine", 5, 100)
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.gradient_checkpointing) == (32, 16, 0.05, True)
+    assert (cfg.log_every, cfg.save_every, cfg.report_to, cfg.seed) == (10, 50, "none", 42)
+    # warmup_ratio follows the steps the command line sets: ceil(0.05 x 30) = 2
+    assert parse_config(SFTConfig, ["--config", config, "--max_steps", "30"])[0].warmup_steps == 2
+    err = _parse_error(SFTConfig, ["--config", config, "--num_train_epochs", "1"], capsys)
+    assert "warmup_ratio with num_train_epochs" in err
+
+
 @pytest.mark.parametrize("key, value, advice", [
-    ("warmup_ratio", 0.1, "use warmup_steps"),
+    ("epsilon_high", 0.28, "tether clips symmetrically"),
     ("use_vllm", True, "tether samples with the policy itself"),
     ("fp16", True, "use bf16: true"),
     ("optim", "adafactor", "tether uses torch AdamW"),
@@ -150,8 +175,8 @@ def test_a_trl_field_tether_cannot_honour_fails_with_one_message(tmp_path, capsy
     message = err.strip().splitlines()[-1]
     assert f"TRL field {key}: {value!r} is not supported by tether; {advice}" in message
     # the same setting at the value tether already uses is accepted
-    if key in ("warmup_ratio", "use_vllm", "fp16"):
-        from_dict(GRPOConfig, {key: {"warmup_ratio": 0.0, "use_vllm": False, "fp16": False}[key]})
+    if key in ("epsilon_high", "use_vllm", "fp16"):
+        from_dict(GRPOConfig, {key: {"epsilon_high": None, "use_vllm": False, "fp16": False}[key]})
 
 
 def test_alias_conflicts_name_both_keys(tmp_path, capsys):

@@ -240,7 +240,8 @@ def resolve_names(cls: type, data: dict, *, source: str = "config") -> tuple[dic
 
 def finish_names(cls: type, fields: dict, pending: dict, *, source: str = "config") -> dict:
     """Fields with the pending TRL keys applied: per_device_train_batch_size -> batch_size (tether's is
-    global: per-device x grad_accum x WORLD_SIZE processes), use_peft -> lora_r (16 unless given)."""
+    global: per-device x grad_accum x WORLD_SIZE processes), use_peft -> lora_r (16 unless given),
+    warmup_ratio -> warmup_steps = ceil(ratio x max_steps)."""
     fields = dict(fields)
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     if "per_device_train_batch_size" in pending:
@@ -262,6 +263,19 @@ def finish_names(cls: type, fields: dict, pending: dict, *, source: str = "confi
             if coerce("lora_r", int, fields.get("lora_r", 0)):
                 log.info("%s: use_peft: false, so lora_r is ignored (full fine-tuning)", source)
             fields["lora_r"] = 0
+    if "warmup_ratio" in pending:
+        value, written = pending["warmup_ratio"]
+        ratio = coerce(written, float, value)
+        if ratio:
+            if fields.get("epochs") is not None:
+                raise UserError(f"{source}: warmup_ratio with num_train_epochs: the number of steps is known only once "
+                                "the data is read; give warmup_steps instead")
+            steps = coerce("max_steps", int, fields.get("max_steps", defaults.get("max_steps", 0)))
+            warm = math.ceil(ratio * steps)  # transformers' TrainingArguments.get_warmup_steps
+            if "warmup_steps" in fields and coerce("warmup_steps", int, fields["warmup_steps"]) not in (0, warm):
+                raise UserError(f"{source}: warmup_steps ({fields['warmup_steps']}) and warmup_ratio ({value}) x "
+                                f"max_steps ({steps}) = {warm} disagree; keep one of them")
+            fields["warmup_steps"] = warm
     return fields
 
 
@@ -397,6 +411,8 @@ def parse_config(
             pending.pop("per_device_train_batch_size", None)
         if "per_device_train_batch_size" in cli_pending:
             data.pop("batch_size", None)
+        if "warmup_steps" in cli:
+            pending.pop("warmup_ratio", None)
         data, pending = {**data, **cli}, {**pending, **cli_pending}
         data = finish_names(cls, data, pending, source=getattr(ns, "config", None) or "command line")
         cfg = from_dict(cls, data, source=getattr(ns, "config", None) or "command line")

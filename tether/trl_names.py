@@ -5,7 +5,8 @@ are ``fields``: tether field(s) to set, a key to ignore (bookkeeping that change
 does), or a ``UserError`` naming the key and what to use instead. Names tether already shares with
 TRL (``learning_rate``, ``beta``, ``max_steps``, ``seed``, ``output_dir``, ``lora_r`` ...) never reach
 this module: they are fields. Two keys depend on others and are finished by ``config`` after all
-keys are read: ``per_device_train_batch_size`` (tether's ``batch_size`` is global) and ``use_peft``.
+keys are read: ``per_device_train_batch_size`` (tether's ``batch_size`` is global), ``use_peft`` and
+``warmup_ratio`` (warmup_steps = ceil(ratio x max_steps), as transformers' ``get_warmup_steps``).
 
 Sources for the names: TRL's ``TrainingArguments``-based ``SFTConfig``, ``DPOConfig``,
 ``GRPOConfig``, ``RLOOConfig``, ``PPOConfig``, ``RewardConfig``, and ``ModelConfig`` /
@@ -48,7 +49,7 @@ RENAMED: dict[str, str] = {
     "torch_dtype": "dtype",
 }
 
-DEFERRED = ("per_device_train_batch_size", "use_peft")
+DEFERRED = ("per_device_train_batch_size", "use_peft", "warmup_ratio")
 """Keys finished by ``config.finish_trl`` once every key is read (they depend on other fields)."""
 
 IGNORED = frozenset({
@@ -86,7 +87,6 @@ SAME_AS_TETHER: dict[str, tuple[set, str]] = {
     "adam_beta1": ({0.9}, "tether's AdamW uses betas (0.9, 0.999)"),
     "adam_beta2": ({0.999}, "tether's AdamW uses betas (0.9, 0.999)"),
     "adam_epsilon": ({1e-8}, "tether's AdamW uses eps 1e-8"),
-    "warmup_ratio": ({0, 0.0}, "use warmup_steps (TRL's warmup_ratio x max_steps, rounded up)"),
     "repetition_penalty": ({1, 1.0}, "tether scores the distribution it samples; a penalty would change it: remove it"),
     "min_p": ({None, 0, 0.0}, "use top_k or top_p"),
     "mask_truncated_completions": ({False}, "use no_eos_penalty to penalise completions without EOS"),
