@@ -236,3 +236,18 @@ def test_sft_logs_the_probe_against_its_starting_model(stories_path, assets_dir,
     assert last["eval/forgetting/kl_ref_policy"] > 1e-3
     with pytest.raises(UserError, match="forgetting_text"):
         train_reward_model(RMConfig(model=stories_path, dataset="hh-rlhf", output_dir=str(tmp_path / "rm"), forgetting_text="auto"))
+
+
+def test_bad_texts_are_one_line_user_errors(tmp_path):
+    from tether.errors import UserError
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"foo": 1}\n')
+    with pytest.raises(UserError, match=r"bad.jsonl row 1: row has fields \['foo'\]"):
+        read_texts(str(bad))
+    with pytest.raises(UserError, match="does not exist"):
+        read_texts(str(tmp_path / "missing.txt"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(UserError, match="no non-empty text"):
+        read_texts(str(empty))

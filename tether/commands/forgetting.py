@@ -24,6 +24,7 @@ from ..assets import resolve_model
 from ..diagnostics.forgetting import (
     default_texts, forgetting_on_texts, forward_kl_on_prompts, read_texts, run_config_of, text_batches,
 )
+from ..errors import UserError
 from ..measure import encode_prompts, read_prompts
 from ..modeling import check_compatible, load_causal_lm, load_tokenizer
 from ..runs import seed_everything
@@ -79,10 +80,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     for name in ("max_texts", "max_prompts"):
         if getattr(args, name) < 0:
-            raise ValueError(f"--{name} must be >= 0 (0 = all)")
+            raise UserError(f"--{name} must be >= 0 (0 = all), got {getattr(args, name)}")
     for name in ("samples", "max_new_tokens", "batch_size"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1")
+            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     seed_everything(args.seed)
     policy_path = resolve_model(args.policy, args.assets)
     ref_path = resolve_model(args.reference, args.assets)

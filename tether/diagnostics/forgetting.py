@@ -39,6 +39,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from ..engine import mean_stderr, measure
+from ..errors import UserError
 from ..modeling import CompletionBatch, forward_completion, make_batch
 from ..ops.logprobs import exact_kl_from_logits, selective_logps
 from ..reference import FrozenReference, Reference, eval_mode
@@ -89,7 +90,7 @@ def summarize(sums: dict[str, Sequence[float]]) -> dict:
     tokens = torch.tensor(list(sums["tokens"]), dtype=torch.float64)
     n_tok = float(tokens.sum())
     if n_tok == 0:
-        raise ValueError("the forgetting texts have no token to score: every text tokenizes to at most one token")
+        raise UserError("the forgetting texts have no token to score: every text tokenizes to at most one token")
     out: dict = {"texts": int(tokens.numel()), "tokens": int(n_tok)}
     for name in _SUMS:
         v = torch.tensor(list(sums[name]), dtype=torch.float64)
@@ -120,8 +121,8 @@ def text_of(row, *, where: str) -> str:
         for f in TEXT_FIELDS:
             if isinstance(row.get(f), str):
                 return row[f]
-        raise ValueError(f"{where}: row has fields {sorted(row)}; the forgetting texts need one of {list(TEXT_FIELDS)}")
-    raise ValueError(f"{where}: expected a string or an object, got {type(row).__name__}")
+        raise UserError(f"{where}: row has fields {sorted(row)}; the forgetting texts need one of {list(TEXT_FIELDS)}")
+    raise UserError(f"{where}: expected a string or an object, got {type(row).__name__}")
 
 
 def read_texts(spec: str, *, assets: Optional[str] = None, max_texts: int = 0, seed: int = 0) -> list[str]:
@@ -136,10 +137,13 @@ def read_texts(spec: str, *, assets: Optional[str] = None, max_texts: int = 0, s
 
         rows = read_table_file(resolve("hh-rlhf", assets) / "harmless-base-test.jsonl.gz")
     else:
-        rows = read_rows(spec, assets=assets)
+        try:
+            rows = read_rows(spec, assets=assets)
+        except FileNotFoundError as e:
+            raise UserError(f"forgetting texts {spec!r}: {e}") from None
     texts = [t for i, r in enumerate(rows) if (t := text_of(r, where=f"{spec} row {i}")).strip()]
     if not texts:
-        raise ValueError(f"forgetting texts {spec!r}: no non-empty text found; pass a text file, .jsonl or datasets folder")
+        raise UserError(f"forgetting texts {spec!r}: no non-empty text found; pass a text file, .jsonl or datasets folder")
     if max_texts and len(texts) > max_texts:
         keep = sorted(random.Random(seed).sample(range(len(texts)), max_texts))
         texts = [texts[i] for i in keep]
@@ -227,7 +231,7 @@ def default_texts(config: dict, *, assets: Optional[str] = None, max_texts: int 
     for name in ASSET_TEXTS:
         if not trained_on(name, config, assets=assets):
             return name, read_texts(name, assets=assets, max_texts=max_texts, seed=seed)
-    raise ValueError(f"the run used every default forgetting text ({', '.join(ASSET_TEXTS)}); pass --texts FILE with "
+    raise UserError(f"the run used every default forgetting text ({', '.join(ASSET_TEXTS)}); pass --texts FILE with "
                      "text it did not train on")
 
 
@@ -236,7 +240,7 @@ def text_batches(tokenizer, texts: Sequence[str], *, max_length: int = 128, batc
     one) is the prompt, the next ``max_length - 1`` tokens the scored completion. Texts of fewer than 2
     tokens are skipped (nothing to predict)."""
     if max_length < 2:
-        raise ValueError(f"max_length={max_length}: the forgetting probe needs at least 2 tokens per text")
+        raise UserError(f"max_length={max_length}: the forgetting probe needs at least 2 tokens per text")
     ids = [tokenizer(t)["input_ids"][:max_length] for t in texts]
     ids = [x for x in ids if len(x) >= 2]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths share a batch: little padding
@@ -270,7 +274,7 @@ def forgetting_on_texts(policy, reference, batches: Sequence[CompletionBatch], *
     model or any ``Reference`` with distributions (not ``precomputed``). Both in eval mode."""
     reference = as_reference(reference)
     if not reference.has_distributions:
-        raise ValueError("the forgetting probe needs the reference's full next-token distributions: use a live "
+        raise UserError("the forgetting probe needs the reference's full next-token distributions: use a live "
                          "reference (copy, lora, offload, sync), not precomputed log-probs")
     device = next(policy.parameters()).device
     sums: dict[str, list] = {k: [] for k in (*_SUMS, "tokens")}
