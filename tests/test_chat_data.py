@@ -285,3 +285,56 @@ def test_reward_model_data_maps_columns_and_uses_the_test_split(stories_path, tm
     train, evals = load_rm_data(cfg, tok)
     assert (len(train), len(evals)) == (5, 2)
     assert tok.decode(evals[1]["prompt_ids"], skip_special_tokens=True) == "Q1"
+
+
+# --------------------------------------------------------------------------------------------------
+# The same three runs on tiny random-init GPT-2 and Qwen2 models (stories260K above is a Llama)
+
+
+@pytest.fixture(scope="module", params=["gpt2", "qwen2"])
+def tiny_model(request, tmp_path_factory, stories_path):
+    """Folder of a random-init 2-layer model of the architecture, with stories260K's tokenizer."""
+    from transformers import AutoModelForCausalLM, GPT2Config, Qwen2Config
+
+    from tether.modeling import load_tokenizer
+
+    tok = load_tokenizer(stories_path)
+    ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    if request.param == "gpt2":
+        cfg = GPT2Config(n_positions=128, n_embd=32, n_layer=2, n_head=2, **ids)
+    else:
+        cfg = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=128, **ids)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp(request.param)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_chat_sft_grpo_and_mapped_dpo_on_other_architectures(tiny_model, tmp_path):
+    from tether.trainers.dpo import DPOConfig, train_dpo
+    from tether.trainers.grpo import GRPOConfig, train_grpo
+    from tether.trainers.sft import SFTConfig, train_sft
+
+    conv = [{"messages": [{"role": "user", "content": "Go on."}, {"role": "assistant", "content": a}]}
+            for a in ["Tom ran.", "Lily sang.", "The dog sat.", "Ben ate."]]
+    sft = train_sft(SFTConfig(model=tiny_model, output_dir=str(tmp_path / "sft"), chat_template=TEMPLATE,
+                              dataset=_save(tmp_path, "chat", {"train": conv, "test": conv[:1]}), batch_size=2,
+                              max_steps=2, progress=False))
+    assert math.isfinite(sft["eval/loss"])
+
+    words = ["cat", "dog", "sun", "owl"]
+    prompts = [{"prompt": [{"role": "user", "content": f"Say {w}."}], "ground_truth": w} for w in words]
+    reward_fns.CALLS.clear()
+    train_grpo(GRPOConfig(model=tiny_model, output_dir=str(tmp_path / "grpo"), prompts=_save(tmp_path, "p", {"train": prompts}),
+                          chat_template=TEMPLATE, reward="reward_fns:ground_truth_match", batch_size=4, samples_per_prompt=2,
+                          max_steps=1, max_new_tokens=4, eval_samples=1, progress=False, sample_every=0))
+    assert reward_fns.CALLS[0]["ground_truth"][0] == reward_fns.CALLS[0]["ground_truth"][1]  # one group, one row
+
+    pairs = [{"question": q, "response_j": j, "response_k": k} for q, j, k in
+             [("The dog", " ran.", " sat."), ("Lily was", " happy.", " sad."), ("Tom had", " a toy.", " a cold.")]]
+    out = train_dpo(DPOConfig(model=tiny_model, output_dir=str(tmp_path / "dpo"), dataset=_save(tmp_path, "se", {"train": pairs}),
+                              columns={"question": "prompt", "response_j": "chosen", "response_k": "rejected"},
+                              eval_fraction=0.0, batch_size=2, max_steps=1, kl_prompts=0, progress=False))
+    assert out["loss"] == pytest.approx(math.log(2), abs=1e-5)  # step 1: policy = reference (float32 rounding)
