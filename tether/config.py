@@ -292,6 +292,9 @@ def _kebab_to_snake(argv: Sequence[str], known: set[str]) -> list[str]:
     return out
 
 
+HELP_ORDER = ("training", "data", "lora", "beta", "sampling", "reference")
+"""The order of the group headings in ``--help`` (then any other group, then the command's own fields)."""
+
 ALIAS_DEST = "alias:"
 """argparse dest prefix of the hidden flags that carry TRL names and refused fields."""
 
@@ -368,8 +371,12 @@ def build_parser(cls: type, *, prog: str, description: str = "", extra: Sequence
     for args, kwargs in extra:
         parser.add_argument(*args, **kwargs)
     hints = _hints(cls)
-    owner = {f: g for g, (_, members) in config_groups(cls).items() for f in members}
+    groups = config_groups(cls)
+    owner = {f: g for g, (_, members) in groups.items() for f in members}
     sections: dict[str, Any] = {}
+    for g in sorted(groups, key=lambda g: HELP_ORDER.index(g) if g in HELP_ORDER else len(HELP_ORDER)):
+        if groups[g][1]:
+            sections[f"{g} group"] = parser.add_argument_group(f"{g} group")
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
