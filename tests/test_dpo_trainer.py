@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import dpo_log2_tol
 from tether.data.preference import StepBatches, collate_pairs, load_preference_rows, pair_width, sentiment_pairs
 from tether.trainers.dpo import DPOConfig, load_pairs, train_dpo
 
@@ -133,12 +134,14 @@ def test_lora_reference_forms_agree_and_final_model_loads(stories_path, movie_ro
     runs = {}
     for form in ("lora", "precomputed", "sync", "copy"):
         out = tmp_path / form
-        train_dpo(small(stories_path, out, reference=form, lora_r=4, learning_rate=1e-2, ref_sync_every=100,
-                        merge_lora=form != "lora"), rows=movie_rows)
+        cfg = small(stories_path, out, reference=form, lora_r=4, learning_rate=1e-2, ref_sync_every=100,
+                    merge_lora=form != "lora")
+        train_dpo(cfg, rows=movie_rows)
         runs[form] = [m["loss"] for m in metrics(out)]
     for form, losses in runs.items():
         assert losses == pytest.approx(runs["lora"], abs=1e-5), form
-    assert runs["lora"][0] == pytest.approx(math.log(2), abs=1e-6)  # LoRA B = 0 at init: policy = reference
+    first = metrics(tmp_path / "lora")[0]  # LoRA B = 0 at init: policy = reference
+    assert runs["lora"][0] == pytest.approx(math.log(2), abs=dpo_log2_tol(first, cfg.beta))
     assert abs(runs["lora"][2] - math.log(2)) > 1e-3
     assert (tmp_path / "lora" / "final" / "adapter_config.json").exists()  # merge_lora false: an adapter
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "copy" / "final")  # merged: a plain model
@@ -147,12 +150,16 @@ def test_lora_reference_forms_agree_and_final_model_loads(stories_path, movie_ro
 
 def test_hard_sync_every_step_keeps_the_loss_at_log2(stories_path, movie_rows, tmp_path):
     """TR-DPO hard sync with τ = 1: every step starts with π_ref = π_θ, so h = 0 and loss = log 2."""
-    train_dpo(small(stories_path, tmp_path / "sync", reference="sync", ref_sync_every=1), rows=movie_rows)
+    cfg = small(stories_path, tmp_path / "sync", reference="sync", ref_sync_every=1)
+    train_dpo(cfg, rows=movie_rows)
     train_dpo(small(stories_path, tmp_path / "fixed"), rows=movie_rows)
-    synced = [m["loss"] for m in metrics(tmp_path / "sync")]
-    fixed = [m["loss"] for m in metrics(tmp_path / "fixed")]
-    assert synced == pytest.approx([math.log(2)] * 3, abs=1e-6)
-    assert fixed[0] == pytest.approx(math.log(2), abs=1e-6) and abs(fixed[2] - math.log(2)) > 1e-3
+    # abs=1e-6 failed once (1.19e-6): the loss is computed from ~-150-nat float32 log-prob sums
+    # (conftest.dpo_log2_tol derives the tolerance, ~3e-5 here; still 30x below the drift checked next).
+    for m in metrics(tmp_path / "sync"):
+        assert m["loss"] == pytest.approx(math.log(2), abs=dpo_log2_tol(m, cfg.beta)), m["step"]
+    fixed = metrics(tmp_path / "fixed")
+    assert fixed[0]["loss"] == pytest.approx(math.log(2), abs=dpo_log2_tol(fixed[0], cfg.beta))
+    assert abs(fixed[2]["loss"] - math.log(2)) > 1e-3
 
 
 # ---------------------------------------------------------------- invariances
