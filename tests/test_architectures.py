@@ -137,12 +137,21 @@ def test_lora_dpo_with_no_target_module_flag(tiny, pairs_file, tmp_path, arch):
 
 
 def _loss_and_grads(model, ids):
-    """Token-mean NLL of ``ids`` (B, L) and every trainable parameter's gradient."""
+    """Token-mean NLL of ``ids`` (B, L): (logits, every trainable parameter's gradient, bytes of the
+    distinct storages autograd keeps for the backward pass — inside a checkpointed layer, none)."""
     model.zero_grad(set_to_none=True)
-    logits = model(input_ids=ids, use_cache=False).logits  # (B, L, V)
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = model(input_ids=ids, use_cache=False).logits  # (B, L, V)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
     loss.backward()
-    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return logits.detach(), grads, sum(saved.values())
 
 
 def _count_calls(monkeypatch, module) -> list:
@@ -164,7 +173,7 @@ def _count_calls(monkeypatch, module) -> list:
 @pytest.mark.parametrize("lora_r", [0, 4])
 def test_gradient_checkpointing_recomputes_and_changes_no_gradient(tiny, monkeypatch, arch, lora_r):
     """With gradient_checkpointing the layers' insides run twice per forward + backward (the
-    recomputation: layer 0's MLP runs twice, once without), the forward equals the
+    recomputation: layer 0's MLP runs twice, once without; autograd keeps under half the bytes), the forward equals the
     eval-mode one (dropout really off, although the model is in train mode) and every gradient equals
     the one without checkpointing. Recomputation repeats the same float32 operations in the same
     order on CPU, so the results are equal up to at most a few ulps: tolerance 1e-6 relative."""
@@ -180,8 +189,9 @@ def test_gradient_checkpointing_recomputes_and_changes_no_gradient(tiny, monkeyp
         layer = layer.transformer.h[0] if arch == "gpt2" else layer.model.layers[0]
         calls = _count_calls(monkeypatch, layer.mlp)
         runs[gc] = (*_loss_and_grads(model, ids), len(calls))
-    (logits0, grads0, calls0), (logits1, grads1, calls1) = runs[False], runs[True]
+    (logits0, grads0, saved0, calls0), (logits1, grads1, saved1, calls1) = runs[False], runs[True]
     assert (calls0, calls1) == (1, 2)
+    assert saved1 < 0.5 * saved0, (saved1, saved0)  # the layers' activations (and weights) are not kept
     torch.testing.assert_close(logits1, logits0, rtol=1e-6, atol=1e-6)
     assert grads0.keys() == grads1.keys() and len(grads0) > 0
     for name in grads0:

@@ -148,7 +148,12 @@ def adapt_model(model, cfg: TrainConfig, *, task_type: str = "CAUSAL_LM"):
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise UserError(f"gradient_checkpointing: {type(model).__name__} does not support it; set gradient_checkpointing=false")
         # Non-reentrant: recomputes with the same RNG state and needs no input that requires grad.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers >= 5.2x names it activation_checkpointing_enable (the old name warns).
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
