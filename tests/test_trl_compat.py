@@ -240,3 +240,5 @@ def test_kl_and_bon_use_the_shared_sampling_group():
     cfg, _ = parse_config(KLConfig, ["--policy", "p", "--reference", "r", "--prompts", "x.txt", "--top-p", "0.9",
                                      "--max-new-tokens", "8"])
     assert (cfg.top_p, cfg.max_new_tokens, cfg.samples) == (0.9, 8, 8)
+    with pytest.raises(ValueError, match="TRL field bf16 sets dtype, which this command does not have"):
+        from_dict(KLConfig, {"bf16": True})

@@ -214,6 +214,9 @@ def resolve_names(cls: type, data: dict, *, source: str = "config") -> tuple[dic
             elif not pairs:
                 ignored.append(written)
             for target, v in pairs or ():
+                if target not in names:  # e.g. bf16 (-> dtype) given to tether kl, which loads in float32
+                    raise UserError(f"{source}: TRL field {written} sets {target}, which this command does not have; "
+                                    "remove it")
                 put(target, v, written)
 
     for key, value in data.items():
