@@ -360,7 +360,7 @@ def truncate_pair(
                 p, p_cut = cut_left(p, keep_p), True
             room = max_length - len(p)
             if room < 1:
-                raise ValueError(f"max_length={max_length} leaves no room for a completion after a {len(p)}-token prompt")
+                raise UserError(f"max_length={max_length} leaves no room for a completion after a {len(p)}-token prompt")
             if longest > room:
                 c, r, c_cut = c[:room], r[:room], True
     return p, c, r, p_cut, c_cut
@@ -390,7 +390,7 @@ def tokenize_pairs(
     out: list[dict] = []
     bos, eos = tokenizer.bos_token, tokenizer.eos_token_id
     if add_eos and eos is None:
-        raise ValueError("add_eos=True but the tokenizer has no eos token; set add_eos=False or give it one")
+        raise UserError("add_eos=True but the tokenizer has no eos token; set add_eos=False or give it one")
 
     def enc(texts: list[str]) -> list[list[int]]:
         plain = [j for j, t in enumerate(texts) if not (bos and t.startswith(bos))]
@@ -442,7 +442,7 @@ def tokenize_pairs(
 def split_holdout(n: int, fraction: float, *, seed: int) -> tuple[list[int], list[int]]:
     """Deterministic (train, held-out) index lists: a seeded permutation, the last ``fraction`` held out."""
     if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"eval_fraction must be in [0, 1), got {fraction}")
+        raise UserError(f"eval_fraction must be in [0, 1), got {fraction}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     k = int(round(n * fraction))
     return sorted(perm[: n - k]), sorted(perm[n - k:])
@@ -470,7 +470,7 @@ def epoch_batches(widths: Sequence[int], batch_size: int, *, seed: int, epoch: i
     """
     n = len(widths)
     if n < batch_size:
-        raise ValueError(f"only {n} training pairs for batch_size={batch_size}: use a smaller batch or more data")
+        raise UserError(f"only {n} training pairs for batch_size={batch_size}: use a smaller batch or more data")
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(n, generator=g).tolist() if shuffle else list(range(n))
     order = order[: n - n % batch_size]
@@ -496,7 +496,7 @@ class StepBatches:
         self.kw = dict(shuffle=shuffle, group_by_length=group_by_length, window=window)
         self.per_epoch = len(self.widths) // batch_size
         if self.per_epoch == 0:
-            raise ValueError(f"only {len(self.widths)} training pairs for batch_size={batch_size}")
+            raise UserError(f"only {len(self.widths)} training pairs for batch_size={batch_size}")
         self._cache: dict[int, list[list[int]]] = {}
 
     def __call__(self, step: int) -> list[int]:

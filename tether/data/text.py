@@ -93,18 +93,18 @@ def read_table_file(path: str | Path) -> list[dict]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+                    raise UserError(f"{path}:{i}: not valid JSON ({e.msg})") from None
         return rows
     data = json.loads(text)
     if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
         lengths = {len(v) for v in data.values()}
         if len(lengths) != 1:
-            raise ValueError(f"{path}: a JSON object of columns needs equal-length lists, got lengths {sorted(lengths)}")
+            raise UserError(f"{path}: a JSON object of columns needs equal-length lists, got lengths {sorted(lengths)}")
         keys = list(data)
         return [dict(zip(keys, vals)) for vals in zip(*data.values())]
     if isinstance(data, list):
         return data
-    raise ValueError(f"{path}: a .json dataset must be a list of objects or an object of equal-length lists")
+    raise UserError(f"{path}: a .json dataset must be a list of objects or an object of equal-length lists")
 
 
 def read_text_lines(path: str | Path) -> list[str]:
@@ -120,12 +120,12 @@ def _read_dir(path: Path, split: str) -> list[dict]:
         ds = load_from_disk(str(path))
         if isinstance(ds, DatasetDict):
             if split not in ds:
-                raise ValueError(f"{path}: dataset has splits {sorted(ds)}, not {split!r}")
+                raise UserError(f"{path}: dataset has splits {sorted(ds)}, not {split!r}")
             ds = ds[split]
         return [dict(r) for r in ds]
     files = sorted(p for p in path.iterdir() if p.is_file() and _is_table_file(p))
     if not files:
-        raise ValueError(f"{path}: folder is neither a saved `datasets` dataset nor holds .jsonl/.json/.parquet files")
+        raise UserError(f"{path}: folder is neither a saved `datasets` dataset nor holds .jsonl/.json/.parquet files")
     return [r for f in files for r in read_table_file(f)]
 
 
@@ -142,13 +142,13 @@ def read_rows(spec: str, *, assets: Optional[str] = None, split: str = "train") 
         root = resolve("rt-polarity", assets)
         return read_text_lines(root / "rt-polarity.pos") + read_text_lines(root / "rt-polarity.neg")
     if spec.endswith(_TABLE_SUFFIXES + (".txt", ".gz")) or spec.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"dataset file {spec} does not exist")
+        raise FileNotFoundError(2, f"dataset file {spec} does not exist", spec)
     try:
         from datasets import load_dataset
 
         return [dict(r) for r in load_dataset(spec, split=split)]
     except Exception as e:
-        raise FileNotFoundError(
+        raise UserError(
             f"dataset {spec!r} is not a file or folder here, and loading it from the Hugging Face hub failed "
             f"({type(e).__name__}: {e}); pass a local .txt/.jsonl/.json/.parquet file or a saved dataset folder"
         ) from e
@@ -307,7 +307,7 @@ def split_heldout(examples: Sequence, n_eval: int, *, seed: int) -> tuple[list, 
     if n_eval <= 0:
         return list(examples), []
     if n_eval >= len(examples):
-        raise ValueError(f"eval_examples={n_eval} leaves nothing to train on ({len(examples)} examples); lower it")
+        raise UserError(f"eval_examples={n_eval} leaves nothing to train on ({len(examples)} examples); lower it")
     perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + 7919)).tolist()
     held = set(perm[:n_eval])
     return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
@@ -399,7 +399,7 @@ def prepare_sft(
     """Tokenise (and pack, or truncate) a list of examples. Examples left with no target token (a
     prompt that fills ``max_length``) are dropped with a warning."""
     if max_length < 2:
-        raise ValueError(f"max_length must be >= 2 tokens, got {max_length}")
+        raise UserError(f"max_length must be >= 2 tokens, got {max_length}")
     toks = [tokenize_example(tokenizer, e, completion_only_loss=completion_only_loss, append_eos=append_eos) for e in examples]
     if packing:
         # Shuffle before packing (seeded) so a block mixes examples from different files.
@@ -433,7 +433,7 @@ def batch_indices(step: int, batch_size: int, n: int, *, seed: int) -> list[int]
     order across epoch boundaries. A pure function of (seed, step), so a resumed run reads exactly
     the batches the uninterrupted run would have."""
     if n <= 0:
-        raise ValueError("no training examples")
+        raise UserError("no training examples")
     out = []
     for k in range(step * batch_size, (step + 1) * batch_size):
         epoch, pos = divmod(k, n)
