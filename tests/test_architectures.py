@@ -253,6 +253,7 @@ def test_report_to_parsing():
     assert parse_report_to("tensorboard") == ["tensorboard"]
     assert parse_report_to(" TensorBoard , wandb,wandb") == ["tensorboard", "wandb"]
     assert parse_report_to("none") == [] and parse_report_to(["trackio"]) == ["trackio"]
+    assert parse_report_to(str(["wandb", "tensorboard"])) == ["wandb", "tensorboard"]  # TRL's YAML list, as the str field reads it
     for bad in ("mlflow", "none,wandb"):
         with pytest.raises(UserError, match="report_to"):
             parse_report_to(bad)

@@ -27,6 +27,10 @@ OPTIONAL = {"wandb": "wandb", "trackio": "trackio"}  # tracker -> the extra (and
 def parse_report_to(value) -> list[str]:
     """``report_to`` (``"tensorboard"``, ``"tensorboard,wandb"``, ``"none"``, or a list) -> tracker
     names in order, without duplicates; ``none`` (alone) -> []. Raises ``UserError`` naming the field."""
+    if isinstance(value, str) and value.strip().startswith("["):  # a YAML list read into the str field
+        import yaml
+
+        value = yaml.safe_load(value)
     items = value if isinstance(value, (list, tuple)) else str(value).split(",")
     names: list[str] = []
     for item in items:
