@@ -4,7 +4,9 @@ Loss: mean negative log-likelihood per target token over the whole global batch,
 
     loss = -Σ_{b,t} targets[b,t] · log π_θ(x_{b,t} | x_{b,<t}) / Σ_{b,t} targets[b,t]
 
-(targets = completion tokens only with ``completion_only_loss``, else every token after the first).
+(targets = completion tokens only with ``completion_only_loss``, else every token after the first;
+for a ``messages`` conversation, the assistant turns with ``assistant_only_loss``: see
+``tether.data.chat.assistant_spans``).
 Each micro-batch contributes its NLL *sum* divided by the global target count, so gradient
 accumulation and data parallelism give the same gradient as one full batch (distributed.py).
 
