@@ -152,7 +152,7 @@ def stage_sft(cfg: DemoConfig, paths: Paths, splits: dict) -> None:
     scfg = SFTConfig(model=cfg.model, assets=cfg.assets, dataset=str(data), output_dir=str(paths.sft), seed=cfg.seed,
                      max_steps=cfg.sft_steps, batch_size=cfg.batch_size, learning_rate=3e-3, warmup_steps=10,
                      lr_schedule="cosine", max_length=48, completion_only_loss=False, eval_examples=min(200, len(splits["sft"]) // 10),
-                     eval_every=0, save_every=0)
+                     eval_every=0, save_every=0, overwrite=True)  # no marker: an unfinished stage starts over
     out = train_sft(scfg)
     _mark(marker, {k: v for k, v in out.items() if isinstance(v, (int, float, str))})
 
@@ -192,7 +192,7 @@ def stage_rm(cfg: DemoConfig, paths: Paths) -> dict:
 
         rcfg = RMConfig(model=str(paths.reference), dataset=str(paths.work / "prefs.jsonl"), output_dir=str(paths.rm),
                         seed=cfg.seed, max_steps=cfg.rm_steps, batch_size=cfg.batch_size, learning_rate=1e-3,
-                        eval_fraction=0.1, max_length=64, eval_every=0, save_every=0)
+                        eval_fraction=0.1, max_length=64, eval_every=0, save_every=0, overwrite=True)
         out = train_reward_model(rcfg)
         _mark(marker, {k: v for k, v in out.items() if isinstance(v, (int, float, str))})
     return json.loads(marker.read_text())

@@ -57,7 +57,7 @@ def main(spec_path: str) -> int:
         dcfg = DPOConfig(model=ref_path, dataset=str(work / "prefs.jsonl"), output_dir=str(run_dir / "train"), seed=cfg.seed,
                          beta=spec["beta"], loss_type="sigmoid", max_steps=cfg.dpo_steps, batch_size=cfg.batch_size,
                          learning_rate=cfg.dpo_lr, eval_every=cfg.eval_every, kl_prompts=0, progress=False,
-                         max_length=96)
+                         max_length=96, overwrite=True)  # an unfinished run starts over
         train_dpo(dcfg, eval_hook=hook)
     elif method in ("ppo", "ppo_gt"):
         from ..rewards import RewardSet
@@ -67,7 +67,7 @@ def main(spec_path: str) -> int:
         pcfg = PPOConfig(model=ref_path, output_dir=str(run_dir / "train"), seed=cfg.seed, beta=0.1,
                          kl_target=spec["kl_target"], kl_horizon=2 * cfg.batch_size,
                          max_steps=cfg.ppo_steps, batch_size=cfg.batch_size, learning_rate=cfg.ppo_lr,
-                         max_new_tokens=cfg.max_new_tokens, eval_every=cfg.eval_every, progress=False)
+                         max_new_tokens=cfg.max_new_tokens, eval_every=cfg.eval_every, progress=False, overwrite=True)
         train_ppo(pcfg, prompts=[p.text for p in train_prompts], reward=RewardSet(optimised, [logged]), eval_hook=hook)
     elif method == "best_of_n":
         from ..engine import eval_seed
