@@ -244,6 +244,28 @@ def test_grpo_epochs_count_prompts(tiny, tmp_path):
     assert [h["step"] for h in result["history"]] == [1, 2, 3]
 
 
+def test_sft_and_rm_with_lora_checkpointing_and_epochs(tiny, pairs_file, tmp_path):
+    """The two other trainers with every new field at once: SFT (Llama) on 10 texts, batch 4,
+    2 epochs -> 5 steps; a reward model (GPT-2; LoRA on all linear layers, the fresh score head
+    trained whole) on 16 pairs, batch 8, 1 epoch -> 2 steps; both checkpointed, both final/ load."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from tether.trainers.reward_model import RMConfig, train_reward_model
+    from tether.trainers.sft import SFTConfig, train_sft
+
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"text": p + c}) + "\n" for p, c, _ in (PAIRS * 3)[:10]))  # 10 texts
+    common = dict(lora_r=4, gradient_checkpointing=True, progress=False, report_to="none", learning_rate=1e-2)
+    sft = train_sft(SFTConfig(model=tiny["llama"], dataset=str(texts), eval_dataset=str(texts), output_dir=str(tmp_path / "sft"),
+                              epochs=2, batch_size=4, max_length=32, **common))
+    assert [r["step"] for r in _metrics(tmp_path / "sft")] == [1, 2, 3, 4, 5] and math.isfinite(sft["eval/loss"])
+    AutoModelForCausalLM.from_pretrained(tmp_path / "sft" / "final")
+    train_reward_model(RMConfig(model=tiny["gpt2"], dataset=pairs_file, eval_fraction=0.0, output_dir=str(tmp_path / "rm"),
+                                epochs=1, batch_size=8, max_length=32, **common))
+    assert [r["step"] for r in _metrics(tmp_path / "rm")] == [1, 2]
+    AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm" / "final")
+
+
 # ---------------------------------------------------------------- report_to
 
 
