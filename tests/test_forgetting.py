@@ -133,6 +133,18 @@ def test_default_text_is_an_asset_the_run_did_not_train_on(assets_dir, tmp_path)
     assert not trained_on("rt-polarity", {"prompts": str(unrelated)}, assets=a)
     with pytest.raises(ValueError, match="--texts"):
         default_texts({"dataset": "hh-rlhf", "prompts": str(prompts)}, assets=a)
+    # a DPO run started from an SFT run on rt-polarity lines: the SFT data counts too (run_config_of + lineage)
+    import yaml
+
+    from tether.diagnostics.forgetting import run_config_of
+
+    for run, cfg in (("sft", {"model": "stories260K", "dataset": str(prompts)}),
+                     ("dpo", {"model": str(tmp_path / "sft" / "final"), "dataset": "pairs.jsonl"})):
+        (tmp_path / run / "final").mkdir(parents=True)
+        (tmp_path / run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert run_config_of(str(tmp_path / "dpo" / "final"))["dataset"] == "pairs.jsonl"
+    assert run_config_of("stories260K") == {}
+    assert default_texts(run_config_of(str(tmp_path / "dpo" / "final")), assets=a, max_texts=2)[0] == "hh-rlhf"
 
 
 def test_command_end_to_end(stories, stories_path, tmp_path):

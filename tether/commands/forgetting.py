@@ -8,7 +8,7 @@ Razor, arXiv:2509.04259), estimated without bias from completions sampled from t
 exact per-position KL summed over each completion, and the exact next-token forward KL at the prompts.
 
 Default --texts: a seeded slice of a shared asset the run did not train on (rt-polarity, else
-hh-rlhf; read from the run's config.yaml next to final/). Definitions: docs/theory.md §10.
+hh-rlhf; read from the config.yaml of the runs that made the policy and the reference). Definitions: docs/theory.md §10.
 
 Example:
   tether forgetting --policy runs/dpo/final --reference stories260K --prompts prompts.txt --json forgetting.json
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..assets import resolve_model
 from ..diagnostics.forgetting import (
-    default_texts, forgetting_on_texts, forward_kl_on_prompts, read_texts, run_config_of, text_batches,
+    default_texts, forgetting_on_texts, forward_kl_on_prompts, lineage, read_texts, run_config_of, text_batches,
 )
 from ..errors import UserError
 from ..measure import encode_prompts, read_prompts
@@ -93,7 +93,8 @@ def main(argv=None) -> int:
     if args.texts:
         source, texts = args.texts, read_texts(args.texts, assets=args.assets, max_texts=args.max_texts, seed=args.seed)
     else:
-        source, texts = default_texts(run_config_of(policy_path), assets=args.assets, max_texts=args.max_texts,
+        run = {**run_config_of(policy_path), "_reference_run": lineage(run_config_of(ref_path))}  # what both trained on
+        source, texts = default_texts(run, assets=args.assets, max_texts=args.max_texts,
                                       seed=args.seed)
     batches = text_batches(tok, texts, max_length=args.max_length, batch_size=args.batch_size)
     res = forgetting_on_texts(policy, ref_model, batches, progress=not args.no_progress)

@@ -211,23 +211,39 @@ def trained_on(asset: str, config: dict, *, assets: Optional[str] = None) -> boo
 
 
 def run_config_of(model_dir: str) -> dict:
-    """The resolved config of the run whose ``final/`` (or checkpoint) ``model_dir`` is, or {}."""
+    """The resolved config of the tether run that wrote ``model_dir`` (``RUN/final`` or
+    ``RUN/checkpoints/step-N[/model]``), or {} (a hub name, an asset, a folder not written by tether)."""
     import yaml
 
-    p = Path(model_dir).resolve()
-    for cand in (p.parent / "config.yaml", p.parent.parent / "config.yaml", p.parent.parent.parent / "config.yaml"):
+    p = Path(str(model_dir)).expanduser()
+    if not p.is_dir():
+        return {}
+    p = p.resolve()
+    runs = [p.parent] if p.name == "final" else [q for q in (p.parent.parent, p.parent.parent.parent)
+                                                 if "checkpoints" in p.parts and q.name != "checkpoints"][:1]
+    for run in runs:
+        cand = run / "config.yaml"
         if cand.is_file():
             try:
                 data = yaml.safe_load(cand.read_text())
-                return data if isinstance(data, dict) else {}
             except yaml.YAMLError:
                 return {}
+            return data if isinstance(data, dict) else {}
     return {}
+
+
+def lineage(config: dict, *, depth: int = 3) -> dict:
+    """``config`` with, under ``_model_run``, the config of the run that made its starting ``model`` (and
+    so on, ``depth`` levels): a DPO run from an SFT reference also "trained on" the SFT data."""
+    parent = run_config_of(config["model"]) if depth > 0 and isinstance(config.get("model"), str) else {}
+    return {**config, "_model_run": lineage(parent, depth=depth - 1)} if parent else config
 
 
 def default_texts(config: dict, *, assets: Optional[str] = None, max_texts: int = 256, seed: int = 0) -> tuple[str, list[str]]:
     """(asset name, texts): a seeded slice of the first asset of ``ASSET_TEXTS`` the run (``config``:
-    its resolved config, or {}) did not train on (``trained_on``)."""
+    its resolved config, or {}) did not train on (``trained_on``), nor did the runs its model came from
+    (``lineage``)."""
+    config = lineage(config)
     for name in ASSET_TEXTS:
         if not trained_on(name, config, assets=assets):
             return name, read_texts(name, assets=assets, max_texts=max_texts, seed=seed)
