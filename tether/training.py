@@ -94,7 +94,8 @@ class TrainConfig:
     """Train the policy with the model's own dropout (and lora_dropout). Off by default: dropout makes
     π_θ a random sub-network, so at step 1 (π_θ = π_ref) DPO's margins are not 0 and its loss is not
     ln 2, and the KL to the reference is noisy, even negative (TRL #506). The reference is always in
-    eval mode. Online methods (ppo, grpo, rloo) run the policy in eval mode whatever this says."""
+    eval mode. Online methods (ppo, grpo, rloo) run the policy in eval mode whatever this says. (With
+    gradient_checkpointing the policy is in train mode instead, every dropout probability set to 0.)"""
     max_nonfinite_steps: int = 3
     """Stop the run after this many optimiser updates in a row with a non-finite loss or gradient
     (each one is skipped: opt/skipped_steps counts them). The last good checkpoint is kept."""
