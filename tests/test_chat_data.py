@@ -110,6 +110,28 @@ def test_assistant_spans_skip_system_and_user_turns(tok):
     assert [text[a:b] for a, b in spans] == ["Once upon a time.</s>"]
 
 
+def test_generation_blocks_mark_the_assistant_tokens(tok):
+    """A template that renders earlier assistant turns differently (upper-cased here, as templates
+    that drop earlier reasoning do) has prefixes that are not prefixes of the whole text: the prefix
+    method refuses it, and with {% generation %} blocks the targets are exactly the tokens of
+    transformers' own assistant mask."""
+    turn = "{{ m['content'] | upper if not loop.last else m['content'] }}"
+    plain = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}{{ 'assistant: ' }}" + turn +
+             "{{ eos_token }}{% else %}{{ m['role'] + ': ' + m['content'] + eos_token }}{% endif %}{% endfor %}"
+             "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    with pytest.raises(UserError, match="not a prefix.*generation"):
+        row_to_example({"messages": DIALOGUE}, where="r", tokenizer=tok, chat_template=plain)
+    marked = plain.replace("{{ 'assistant: ' }}" + turn + "{{ eos_token }}",
+                           "{{ 'assistant: ' }}{% generation %}" + turn + "{{ eos_token }}{% endgeneration %}")
+    ex = row_to_example({"messages": DIALOGUE}, where="r", tokenizer=tok, chat_template=marked)
+    # a span starts at its first token's offset, which for '▁ONCE' includes the space before it
+    assert [ex.completion[a:b].lstrip() for a, b in ex.spans] == ["ONCE UPON A TIME.</s>", "The end.</s>"]
+    t = tokenize_example(tok, ex)
+    mask = tok.apply_chat_template(DIALOGUE, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert t.ids == list(mask["input_ids"]) and t.targets == [bool(m) for m in mask["assistant_masks"]]
+    assert sum(t.targets) > 0
+
+
 # --------------------------------------------------------------------------------------------------
 # Column mapping
 

@@ -13,7 +13,10 @@ with these functions, so a prompt is the same string, and the same tokens, where
   turns, found by rendering prefixes: the turn of message j runs from the end of
   ``render(messages[:j], add_generation_prompt=True)`` to the end of ``render(messages[:j+1])``, so
   it includes whatever the template puts after the content (its end-of-turn token), which the model
-  must learn to emit. SFT trains on exactly the tokens inside these spans.
+  must learn to emit. SFT trains on exactly the tokens inside these spans. A template that marks
+  assistant text with ``{% generation %}`` (Hugging Face's assistant mask) is read through that mask
+  instead (``generation_spans``), which also serves templates whose prefixes are not prefixes of the
+  whole conversation (e.g. ones that drop earlier turns' reasoning).
 
 Rendered text already holds the template's special tokens (BOS, turn markers); it is tokenised
 without adding special tokens again when it starts with the BOS string.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -88,6 +92,32 @@ def split_completion(tokenizer, prompt: Sequence[dict], completions: Sequence[Se
     return p[:k], [f[k:] for f in full]
 
 
+_GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def generation_spans(tokenizer, messages: Sequence[dict]) -> Optional[tuple[str, list[tuple[int, int]]]]:
+    """(text, character spans of the template's ``{% generation %}`` blocks), read from
+    ``apply_chat_template(..., return_assistant_tokens_mask=True)`` and the fast tokenizer's offsets;
+    None when the template has no such block, the tokenizer is not fast, or the two tokenisations differ."""
+    tpl = getattr(tokenizer, "chat_template", None)
+    if not (isinstance(tpl, str) and _GENERATION.search(tpl) and getattr(tokenizer, "is_fast", False)):
+        return None
+    out = tokenizer.apply_chat_template(list(messages), tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    text = render(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if list(enc["input_ids"]) != list(out["input_ids"]):
+        return None
+    spans: list[tuple[int, int]] = []
+    for (a, b), m in zip(enc["offset_mapping"], out["assistant_masks"]):
+        if not m:
+            continue
+        if spans and a <= spans[-1][1]:
+            spans[-1] = (spans[-1][0], max(b, spans[-1][1]))
+        else:
+            spans.append((a, b))
+    return text, spans
+
+
 def assistant_spans(tokenizer, messages: Sequence[dict], *, train_from: int = 0,
                     roles: Sequence[str] = ("assistant",)) -> tuple[str, list[tuple[int, int]]]:
     """(text of the whole conversation, character spans ``[start, end)`` of the trained turns).
@@ -95,7 +125,12 @@ def assistant_spans(tokenizer, messages: Sequence[dict], *, train_from: int = 0,
     A turn is trained when its index is >= ``train_from`` and its role is in ``roles`` (SFT on
     ``messages``: every assistant turn; on conversational prompt/completion: every completion message,
     ``train_from = len(prompt)``, ``roles = None`` meaning any role). See the module docstring for how
-    spans are found; a template whose prefixes are not prefixes of the whole text is an error."""
+    spans are found; a template whose prefixes are not prefixes of the whole text is an error unless
+    it marks assistant text with ``{% generation %}`` (then, for every assistant turn, its mask)."""
+    if train_from == 0 and tuple(roles or ()) == ("assistant",):
+        marked = generation_spans(tokenizer, messages)
+        if marked is not None:
+            return marked
     text = render(tokenizer, messages)
     spans: list[tuple[int, int]] = []
     for j in range(train_from, len(messages)):
@@ -106,7 +141,8 @@ def assistant_spans(tokenizer, messages: Sequence[dict], *, train_from: int = 0,
         if not text.startswith(end_text):
             raise UserError(
                 f"the chat template renders the first {j + 1} messages as text that is not a prefix of the whole "
-                "conversation, so assistant turns cannot be located; use a template that renders turns in order"
+                "conversation, so assistant turns cannot be located; use a template that renders turns in order, or "
+                "one that marks assistant text with {% generation %} (and a fast tokenizer)"
             )
         if spans and start < spans[-1][1]:
             start = spans[-1][1]
