@@ -400,6 +400,18 @@ def build_parser(cls: type, *, prog: str, description: str = "", extra: Sequence
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """``parser.parse_args`` with ``--kebab-case`` flags read as their ``--snake_case`` names."""
+    return parser.parse_args(_kebab_to_snake(list(argv), set(parser._option_string_actions)))
+
+
+def flag_values(cls: type, ns: argparse.Namespace) -> dict:
+    """The config keys given on the command line (fields, TRL names, refused fields), for ``resolve_names``."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return {(k[len(ALIAS_DEST):] if k.startswith(ALIAS_DEST) else k): v for k, v in vars(ns).items()
+            if k in names or k.startswith(ALIAS_DEST)}
+
+
 def parse_config(
     cls: type[T], argv: Optional[Sequence[str]] = None, *, prog: str = "tether", description: str = "",
     extra: Sequence[tuple] = (),
@@ -407,11 +419,8 @@ def parse_config(
     """YAML (``--config``) then command-line overrides -> a ``cls`` instance, plus the parsed namespace
     (for ``extra`` arguments that are not config fields, such as ``--resume``)."""
     parser = build_parser(cls, prog=prog, description=description, extra=extra)
-    argv = _kebab_to_snake(list(sys.argv[1:] if argv is None else argv), set(parser._option_string_actions))
-    ns = parser.parse_args(argv)
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    flags = {(k[len(ALIAS_DEST):] if k.startswith(ALIAS_DEST) else k): v for k, v in vars(ns).items()
-             if k in names or k.startswith(ALIAS_DEST)}
+    ns = parse_args(parser, list(sys.argv[1:] if argv is None else argv))
+    flags = flag_values(cls, ns)
     try:
         data, pending = {}, {}
         if getattr(ns, "config", None):

@@ -9,13 +9,12 @@ finals.csv, samples.jsonl); rerunning the same command resumes and skips finishe
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 
 import yaml
 
-from ..config import build_parser, from_dict
+from ..config import build_parser, check_finite, flag_values, from_dict, parse_args
 from ..demo.pipeline import PRESETS, DemoConfig, run_demo
 
 
@@ -27,7 +26,7 @@ def main(argv=None) -> int:
         (("--tiny",), {"action": "store_true", "help": "a miniature run of every stage (for tests)"}),
     ]
     parser = build_parser(DemoConfig, prog="tether demo", description=__doc__.split("\n\n")[0], extra=extra)
-    ns = parser.parse_args(argv)
+    ns = parse_args(parser, argv)  # --kebab-case too
     chosen = [p for p in ("quick", "full", "tiny") if getattr(ns, p, False)]
     if len(chosen) > 1:
         parser.error("choose one of --quick, --full, --tiny")
@@ -35,10 +34,10 @@ def main(argv=None) -> int:
     data = dict(PRESETS[preset])
     if getattr(ns, "config", None):
         data.update(yaml.safe_load(Path(ns.config).read_text()) or {})
-    names = {f.name for f in dataclasses.fields(DemoConfig)}
-    data.update({k: v for k, v in vars(ns).items() if k in names})
+    data.update(flag_values(DemoConfig, ns))
     try:
         cfg = from_dict(DemoConfig, data, source="tether demo")
+        check_finite(cfg)
     except ValueError as e:
         parser.error(str(e))
     unknown = [m for m in cfg.methods if m not in ("dpo", "ppo", "ppo_gt", "best_of_n")]
