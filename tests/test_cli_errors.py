@@ -235,3 +235,50 @@ def test_non_finite_floats_are_refused_at_parse_time(value, capsys):
         parse_config(DPOConfig, ["--beta", value])
     assert e.value.code == 2
     assert "config field 'beta'" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_sft_truncation_is_counted_and_warned(stories_path, caplog):
+    """Truncation to max_length is SFT's documented behaviour: it must be counted, never silent."""
+    from tether.data.text import TextExample, prepare_sft
+    from tether.modeling import load_tokenizer
+
+    tok = load_tokenizer(stories_path)
+    short, long = TextExample("", "Once"), TextExample("", "Once upon a time there was a little dog " * 4)
+    n_long = len(tok("")["input_ids"]) + len(tok(long.completion, add_special_tokens=False)["input_ids"]) + 1  # + EOS
+    assert n_long > 16
+    with caplog.at_level("WARNING", logger="tether.data.text"):
+        out = prepare_sft(tok, [short, long], max_length=16, packing=False)
+    assert [len(t.ids) for t in out][1] == 16
+    assert "truncated 1 of 2 examples to max_length=16" in caplog.text
+
+
+def test_context_check_names_both_fields_and_the_limit():
+    from types import SimpleNamespace
+
+    from tether.checks import check_context, model_positions
+    from tether.errors import UserError
+
+    assert model_positions(SimpleNamespace(max_position_embeddings=512)) == 512
+    assert model_positions(SimpleNamespace(n_positions=1024)) == 1024  # GPT-2's name
+    assert model_positions(SimpleNamespace()) is None
+    cfg = SimpleNamespace(max_position_embeddings=512)
+    check_context(cfg, need=512, fields="max_prompt_length (480) + max_new_tokens (32)")  # exactly full: fine
+    with pytest.raises(UserError, match=r"max_prompt_length \(481\) \+ max_new_tokens \(32\) = 513 tokens.*512 positions"):
+        check_context(cfg, need=513, fields="max_prompt_length (481) + max_new_tokens (32)")
+
+
+def test_text_file_check_names_the_line_of_bad_bytes(tmp_path):
+    import gzip
+
+    from tether.checks import check_text_file
+    from tether.errors import UserError
+
+    (tmp_path / "a.txt").write_bytes(b"one\ntwo\nthr\xe9e\n")
+    with pytest.raises(UserError, match=r"--prompts .*a\.txt: line 3 is not UTF-8"):
+        check_text_file(tmp_path / "a.txt", field="prompts")
+    with gzip.open(tmp_path / "b.jsonl.gz", "wb") as f:
+        f.write(b'{"a": 1}\n{"a": "\xff"}\n')
+    with pytest.raises(UserError, match=r"b\.jsonl\.gz: line 2 is not UTF-8"):
+        check_text_file(tmp_path / "b.jsonl.gz", field="dataset")
+    (tmp_path / "ok.txt").write_text("caf\u00e9\n", encoding="utf-8")
+    assert check_text_file(tmp_path / "ok.txt", field="prompts") == tmp_path / "ok.txt"

@@ -112,7 +112,7 @@ def main(argv=None) -> int:
         jobs = args.jobs if args.jobs is not None else min(2, os.cpu_count() or 1)
         certs = certify.run_certification(only, progress=progress, jobs=jobs)
     except ValueError as e:
-        print(f"tether certify: {e}", file=sys.stderr)
+        print(f"tether certify: error: {e}", file=sys.stderr)
         return 2
     total = time.perf_counter() - t0
     print(certify.format_table(certs, markdown=args.markdown))

@@ -405,6 +405,10 @@ def prepare_sft(
         # Shuffle before packing (seeded) so a block mixes examples from different files.
         perm = torch.randperm(len(toks), generator=torch.Generator().manual_seed(seed + 104729)).tolist()
         return pack([toks[i] for i in perm], max_length)
+    n_cut = sum(len(t.ids) > max_length for t in toks)
+    if n_cut:  # truncation is the documented behaviour: counted, never silent
+        log.warning("truncated %d of %d examples to max_length=%d tokens (their tails are not trained on); raise "
+                    "max_length to keep them", n_cut, len(toks), max_length)
     out = [truncate(t, max_length) for t in toks]
     kept = [t for t in out if any(t.targets)]
     if len(kept) < len(out):
