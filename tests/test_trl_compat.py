@@ -100,6 +100,20 @@ def test_trl_grpo_yaml_runs_through_tether_grpo(stories_path, tmp_path):
     assert (out / "final").is_dir()
 
 
+def test_the_trl_names_example_is_the_dpo_example():
+    """examples/dpo_hh_trl_names.yaml is examples/dpo_hh.yaml in TRL's names: the same run (plus a
+    warm-up of ceil(0.05 x 200) = 10 steps, logging every step and no TensorBoard)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "examples"
+    trl = load_config(DPOConfig, root / "dpo_hh_trl_names.yaml")
+    ours = load_config(DPOConfig, root / "dpo_hh.yaml")
+    for name in ("model", "dataset", "batch_size", "learning_rate", "max_steps", "beta", "loss_type", "max_length",
+                 "eval_every", "save_every", "skip_bad_rows", "kl_prompts", "seed", "reference", "dtype", "lora_r"):
+        assert getattr(trl, name) == getattr(ours, name), name
+    assert (trl.grad_accum, trl.warmup_steps, trl.log_every, trl.report_to) == (2, 10, 1, "none")
+
+
 # ---------------------------------------------------------------- names: TRL aliases, kebab-case, bare booleans
 
 
