@@ -287,3 +287,31 @@ def test_ppo_with_absurd_rewards_stops_instead_of_learning_nothing(stories_path,
     with pytest.raises(UserError, match="rewards of an extreme scale"):
         train_ppo(cfg, prompts=["Once upon a time", "The dog", "A girl", "The sun"] * 2, reward=lambda c: [1e30] * len(c))
     assert not (tmp_path / "ppo" / "final").exists()
+
+
+class _TwoRanks:
+    """A Dist stand-in for the guard: this process sees ``mine``, the other process ``theirs``."""
+
+    enabled = True
+
+    def __init__(self, theirs: float):
+        self.theirs = theirs
+
+    def sum_float(self, x: float) -> float:
+        return x + float(not math.isfinite(self.theirs))
+
+
+def test_every_process_skips_when_one_sees_a_nonfinite_value():
+    """The skip decision is all-reduced: a finite update here is skipped when another process's loss
+    was NaN (else the replicas' weights would diverge), and counted; 2 in a row stop at limit 2."""
+    from tether.training import StepGuard
+
+    guard = StepGuard(limit=2)
+    assert guard.check(_TwoRanks(theirs=0.5), 1.0, 0.3) is True
+    assert guard.check(_TwoRanks(theirs=math.nan), 1.0, 0.3) is False
+    assert guard.stats() == {"opt/skipped_steps": 1, "opt/nonfinite": 1}
+    assert guard.check(_TwoRanks(theirs=0.5), 1.0, 0.3) is True  # a good update resets the run of skips
+    assert guard.check(_TwoRanks(theirs=0.5), math.inf, 0.3) is False
+    with pytest.raises(UserError, match="2 optimiser updates in a row"):
+        guard.check(_TwoRanks(theirs=0.5), 1.0, math.nan)
+    assert guard.stats() == {"opt/skipped_steps": 3, "opt/nonfinite": 2}
