@@ -363,13 +363,19 @@ def _optional(tp: Any) -> bool:
     return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
 
 
-def build_parser(cls: type, *, prog: str, description: str = "", extra: Sequence[tuple] = ()) -> argparse.ArgumentParser:
+def build_parser(cls: type, *, prog: str, description: str = "", extra: Sequence[tuple] = (),
+                 raw_description: bool = False) -> argparse.ArgumentParser:
+    """The command line of config ``cls``: one flag per field under its group's heading, bare booleans,
+    hidden flags for TRL's names and refused fields; ``raw_description`` keeps the description's
+    paragraphs as written."""
     docs = field_docs(cls)
     parser = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS,
                                      allow_abbrev=False)  # --lr must not silently mean --lr_schedule
     # A value that looks like a negative number (-1, -1e-3, -.5, -inf, -nan) is a value, not a flag;
     # argparse's own matcher knows only -1 and -1.5, so ``--learning_rate -1e-3`` failed.
     parser._negative_number_matcher = NEGATIVE_NUMBER
+    if raw_description:
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--config", help="YAML file of field: value; command-line flags override it")
     for args, kwargs in extra:
         parser.add_argument(*args, **kwargs)
@@ -414,11 +420,11 @@ def flag_values(cls: type, ns: argparse.Namespace) -> dict:
 
 def parse_config(
     cls: type[T], argv: Optional[Sequence[str]] = None, *, prog: str = "tether", description: str = "",
-    extra: Sequence[tuple] = (),
+    extra: Sequence[tuple] = (), raw_description: bool = False,
 ) -> tuple[T, argparse.Namespace]:
     """YAML (``--config``) then command-line overrides -> a ``cls`` instance, plus the parsed namespace
     (for ``extra`` arguments that are not config fields, such as ``--resume``)."""
-    parser = build_parser(cls, prog=prog, description=description, extra=extra)
+    parser = build_parser(cls, prog=prog, description=description, extra=extra, raw_description=raw_description)
     ns = parse_args(parser, list(sys.argv[1:] if argv is None else argv))
     flags = flag_values(cls, ns)
     try:

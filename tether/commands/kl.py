@@ -80,7 +80,8 @@ def format_table(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    args, _ = parse_config(KLConfig, argv, prog="tether kl", description="\n\n".join(__doc__.split("\n\n")[:3]))
+    args, _ = parse_config(KLConfig, argv, prog="tether kl", description="\n\n".join(__doc__.split("\n\n")[:3]),
+                           raw_description=True)
     missing = [f"--{name}" for name in ("policy", "reference", "prompts") if not getattr(args, name)]
     if missing:
         raise UserError(f"tether kl needs {', '.join(missing)}: the policy, its reference and a prompts file")
