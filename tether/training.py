@@ -326,11 +326,17 @@ def optimizer_step(opt: torch.optim.Optimizer, sched, params, *, dist: Dist, max
     lr = sched.get_last_lr()[0]
     if guard is None or guard.check(dist, grad_norm, loss):
         opt.step()
-    with warnings.catch_warnings():  # a skipped first update makes torch warn that the schedule stepped first
-        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
-        sched.step()
+    step_schedule(sched)
     opt.zero_grad(set_to_none=True)
     return grad_norm, lr
+
+
+def step_schedule(sched) -> None:
+    """``sched.step()``; after a skipped first update torch would warn that the schedule stepped
+    before the optimiser, which is intended here (StepGuard: the schedule follows the step counter)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+        sched.step()
 
 
 @dataclass

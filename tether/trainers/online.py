@@ -62,7 +62,7 @@ from ..rewards import CallableSource, RewardSet, RewardSource, build_reward, cal
 from ..runs import RunDir, save_final
 from ..training import (
     Checkpointer, StepGuard, TrainConfig, clip_and_norm, load_policy, make_optimizer, make_scheduler, progress_bar,
-    trainable_params, with_epochs,
+    step_schedule, trainable_params, with_epochs,
 )
 from ..modeling import forward_completion
 from ..value import build_value_model
@@ -614,7 +614,7 @@ def train_online(
         u_sums, u_counts, norms = optimise(s.policy, s.value_model, s.opt, s.params, s.value_params, ro, prep, s.method,
                                            cfg=cfg, beta=beta, sizes=s.sizes, dist=dist, ref_logits=ref_logits,
                                            step=s.step, aux=s.aux, guard=s.guard)
-        s.sched.step()
+        step_schedule(s.sched)
         s.step += 1
         s.reference.on_step(s.policy, s.step)
         # 5. metrics (one global reduction), β update, logs, evaluation, checkpoint
