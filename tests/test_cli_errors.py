@@ -23,9 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CASES = [
     # tether kl
     ("kl-samples-0", "kl --policy stories260K --reference stories260K --prompts {d}/p.txt --samples 0", "samples"),
-    ("kl-null-prompt", "kl --policy stories260K --reference stories260K --prompts {d}/null.jsonl", "null.jsonl:2"),
+    ("kl-null-prompt", "kl --policy stories260K --reference stories260K --prompts {d}/null.jsonl", "null.jsonl row 1: field 'prompt'"),
     ("kl-non-utf8", "kl --policy stories260K --reference stories260K --prompts {d}/latin1.txt", "latin1.txt: line 2"),
-    ("kl-prompts-is-folder", "kl --policy stories260K --reference stories260K --prompts {d}/folder", "is a folder"),
+    ("kl-prompts-is-folder", "kl --policy stories260K --reference stories260K --prompts {d}/folder", "folder is neither"),  # a datasets folder is a prompt source
     ("kl-empty-prompts", "kl --policy stories260K --reference stories260K --prompts {d}/empty.txt", "empty.txt"),
     ("kl-missing-prompts", "kl --policy stories260K --reference stories260K --prompts {d}/nope.txt", "nope.txt"),
     ("kl-bad-json-line", "kl --policy stories260K --reference stories260K --prompts {d}/broken.jsonl", "broken.jsonl:2"),
