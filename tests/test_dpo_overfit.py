@@ -67,6 +67,10 @@ def test_monitor_warns_once_and_is_off_for_bounded_losses(caplog):
     assert flags == [0.0, 0.0, 1.0, 1.0, 1.0]
     warnings = [r.getMessage() for r in caplog.records if "dpo/overfit" in r.getMessage()]
     assert len(warnings) == 1 and "loss_type=ipo" in warnings[0] and "learning_rate" in warnings[0]
+    hooked = OverfitMonitor("sigmoid")  # an eval_hook's eval/kl (the demo's protocol) stands in for kl/ref
+    for row in history(SATURATED, [1.0, 2.0, 3.0]):
+        hooked.record({("eval/kl" if k == "kl/ref" else k): v for k, v in row.items()})
+    assert hooked.check(15) == {"dpo/overfit": 1.0}
     ipo = OverfitMonitor("ipo")
     for row in history(SATURATED, [1.0, 2.0, 3.0]):
         ipo.record(row)

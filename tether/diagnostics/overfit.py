@@ -98,7 +98,11 @@ class OverfitMonitor:
         self.warned = False
 
     def record(self, metrics: Mapping) -> None:
-        self.history.append({k: metrics[k] for k in ("loss", "kl/ref", "kl/ref_stderr") if k in metrics})
+        """One step's metrics. Without ``kl/ref`` (kl_prompts=0), an eval_hook's ``eval/kl`` is the same
+        measurement (exact sequence KL of samples on held-out prompts) and is used instead."""
+        src = "kl/ref" if "kl/ref" in metrics else "eval/kl"
+        row = {"loss": metrics.get("loss"), "kl/ref": metrics.get(src), "kl/ref_stderr": metrics.get(f"{src}_stderr")}
+        self.history.append({k: v for k, v in row.items() if v is not None})
 
     def check(self, step: int) -> dict:
         if not self.enabled:
