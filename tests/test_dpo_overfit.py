@@ -77,7 +77,6 @@ def test_monitor_warns_once_and_is_off_for_bounded_losses(caplog):
     assert ipo.check(15) == {}
 
 
-@pytest.mark.slow
 def test_short_dpo_run_at_high_lr_trips_the_detector(stories_path, assets_dir, tmp_path, caplog):
     """8 training pairs, lr 3e-3, 24 steps of all 8 pairs: the loss is ~1e-5 by step 8 (the pairs are
     memorised) while kl/ref, measured every 8 steps on held-out prompts, keeps rising (measured: 64 ->
