@@ -30,6 +30,8 @@ shared asset the run did not train on.
 
 from __future__ import annotations
 
+import bisect
+import json
 import logging
 import math
 import random
@@ -176,7 +178,9 @@ def run_data_sample(config: dict, *, limit: int = 200) -> list[str]:
 
 def trained_on(asset: str, config: dict, *, assets: Optional[str] = None) -> bool:
     """Whether a run config used the asset ``asset``: it names it, or a data file it names holds its
-    text (an rt-polarity line starting with one of the file's lines, e.g. the demo's prompts; an HH dialogue)."""
+    text (an rt-polarity line starting with one of the file's first 200 lines, e.g. the demo's prompts;
+    an HH dialogue). A heuristic: a short generic line ("the film") can match by chance, and then the
+    default text is merely the other asset."""
     if any(asset in s for s in _strings(config)):
         return True
     sample = run_data_sample(config)
@@ -185,15 +189,11 @@ def trained_on(asset: str, config: dict, *, assets: Optional[str] = None) -> boo
     if asset == "hh-rlhf":
         return any("Human:" in s for s in sample)
     if asset == "rt-polarity":
-        import json
-
         from ..assets import resolve
 
         root = resolve(asset, assets)
         lines = sorted(ln.strip() for f in ("rt-polarity.pos", "rt-polarity.neg")
                        for ln in (root / f).read_text(encoding="latin-1").splitlines() if ln.strip())
-        import bisect
-
         for s in sample:
             if s.startswith("{"):  # a JSONL row: its prompt or text
                 try:
