@@ -1,0 +1,72 @@
+"""The reward-hacking monitor (tether/diagnostics/hacking.py): rank correlation, Gao et al.'s fit, the turn detector."""
+
+import math
+
+import pytest
+import torch
+
+from tether.diagnostics.hacking import average_ranks, fit_gao, spearman
+
+
+def test_average_ranks_ties_share_the_mean_rank():
+    # sorted: 1 (rank 1), 2, 2 (ranks 2 and 3 -> 2.5 each), 3 (rank 4)
+    assert average_ranks(torch.tensor([2.0, 1.0, 3.0, 2.0])).tolist() == [2.5, 1.0, 4.0, 2.5]
+
+
+def test_spearman_hand_values():
+    """x = [1, 2, 2, 3] -> ranks [1, 2.5, 2.5, 4], centred [-1.5, 0, 0, 1.5], Σ² = 4.5;
+    y = [4, 1, 3, 2] -> ranks [4, 1, 3, 2], centred [1.5, -1.5, 0.5, -0.5], Σ² = 5;
+    Σ xy = -2.25 + 0 + 0 - 0.75 = -3  ->  ρ = -3 / sqrt(22.5) = -0.632455532..."""
+    rho = spearman(torch.tensor([1.0, 2, 2, 3]), torch.tensor([4.0, 1, 3, 2]))
+    assert rho == pytest.approx(-3 / math.sqrt(22.5), abs=1e-12)
+    # monotone (not linear) relation: ρ = 1 exactly; reversed: -1
+    x = torch.tensor([0.1, 0.5, 2.0, 7.0])
+    assert spearman(x, x.exp()) == pytest.approx(1.0, abs=1e-12)
+    assert spearman(x, -x ** 3) == pytest.approx(-1.0, abs=1e-12)
+    assert math.isnan(spearman(x, torch.ones(4)))  # a constant has no ranking
+    assert math.isnan(spearman(x[:1], x[:1]))
+
+
+@pytest.mark.parametrize("kind,alpha,beta", [("rl", 1.3, 0.4), ("bon", 0.9, 0.2), ("rl", 0.5, -0.1)])
+def test_fit_gao_recovers_noiseless_coefficients(kind, alpha, beta):
+    kl = [0.0, 0.5, 1.0, 2.0, 4.0, 8.0]
+
+    def curve(k):
+        d = math.sqrt(k)
+        f = d if kind == "bon" else (math.log(d) if d > 0 else 0.0)
+        return d * (alpha - beta * f)
+
+    fit = fit_gao(kl, [curve(k) for k in kl], kind)
+    assert fit.alpha == pytest.approx(alpha, abs=1e-9) and fit.beta == pytest.approx(beta, abs=1e-9)
+    assert fit["alpha"] == fit.alpha and dict(fit)["peak_kl"] == fit.peak_kl
+    assert fit.rmse < 1e-9
+    if beta <= 0:
+        assert fit.peak_kl == math.inf
+    elif kind == "rl":  # α − β(log d + 1) = 0  ->  d* = exp(1.3/0.4 − 1) = e^2.25, KL* = e^4.5
+        assert fit.peak_kl == pytest.approx(math.exp(4.5), rel=1e-9)
+        assert fit.peak_reward == pytest.approx(0.4 * math.exp(2.25), rel=1e-9)
+    else:  # α − 2βd = 0  ->  d* = 0.9/0.4 = 2.25, KL* = 5.0625, R* = α²/(4β) = 1.0125
+        assert fit.peak_kl == pytest.approx(5.0625, rel=1e-9)
+        assert fit.peak_reward == pytest.approx(1.0125, rel=1e-9)
+    assert fit.predict(2.0) == pytest.approx(curve(2.0), abs=1e-9)
+
+
+def test_fit_gao_least_squares_on_noisy_points_matches_lstsq():
+    kl = [0.25, 1.0, 2.25, 4.0, 9.0]
+    r = [0.3, 0.9, 1.1, 1.0, 0.7]
+    fit = fit_gao(kl, r, "bon")
+    d = torch.tensor(kl, dtype=torch.float64).sqrt()
+    A = torch.stack([d, -d * d], 1)
+    sol = torch.linalg.lstsq(A, torch.tensor(r, dtype=torch.float64).unsqueeze(1)).solution.squeeze(1)
+    assert (fit.alpha, fit.beta) == pytest.approx(sol.tolist(), abs=1e-10)
+
+
+def test_fit_gao_rejects_bad_input():
+    with pytest.raises(ValueError, match="kind"):
+        fit_gao([1, 2], [1, 2], "ppo")
+    with pytest.raises(ValueError, match="same length"):
+        fit_gao([1, 2], [1], "rl")
+    with pytest.raises(ValueError, match=">= 0"):
+        fit_gao([-1, 2], [1, 2], "rl")
+    with pytest.raises(ValueError, match="determine"):
+        fit_gao([0.0, 4.0], [0.0, 1.0], "rl")  # one non-zero point: two unknowns
