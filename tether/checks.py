@@ -364,6 +364,14 @@ def preflight_sft(cfg) -> None:
     check_context(config, need=cfg.max_length, fields=f"max_length ({cfg.max_length})", spec=cfg.model)
 
 
+def check_backend(name: str) -> None:
+    """The sampling group's ``backend`` names a generation backend (tether.generation)."""
+    from .generation import BACKEND_NAMES
+
+    if name not in BACKEND_NAMES:
+        raise UserError(f"backend={name!r} is not a generation backend; set --backend to one of {', '.join(BACKEND_NAMES)}")
+
+
 def preflight_sampling(*, model: str, model_field: str, prompts_path: Optional[str], max_new_tokens: int,
                        temperature: float, top_k: int, top_p: float, batch_size: int,
                        assets: Optional[str] = None, cfg=None) -> tuple[str, list[str]]:
@@ -376,6 +384,7 @@ def preflight_sampling(*, model: str, model_field: str, prompts_path: Optional[s
         raise UserError(f"temperature={temperature} must be > 0 (a small value samples near-greedily); set --temperature")
     if not 0.0 < top_p <= 1.0:
         raise UserError(f"top_p={top_p} must lie in (0, 1] (1 = off); set --top_p")
+    check_backend(getattr(cfg, "backend", "builtin"))
     path, config = check_model(model, field=model_field, assets=assets)
     prompts = check_prompts_file(prompts_path, tokenizer=_tokenizer(path), cfg=cfg)
     longest = _longest_prompt(path, prompts)

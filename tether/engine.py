@@ -36,8 +36,8 @@ import torch
 from .modeling import CompletionBatch, forward_completion, with_allowed
 from .ops.kl import ESTIMATOR_NAMES, kl_per_token, seq_sum
 from .ops.logprobs import entropy_from_logits, selective_logps, uses_token_filter
+from .generation import BuiltinBackend, GenerationBackend, GenerationSettings
 from .reference import eval_mode
-from .sampling import sample
 
 EVAL_SEED_OFFSET = 7_777_777
 """Every evaluation samples with ``seed + EVAL_SEED_OFFSET`` (``eval_seed``): the online trainers, DPO's
@@ -121,15 +121,19 @@ def _generator(generator: Optional[torch.Generator], seed: Optional[int]) -> tor
 def generate(
     policy, prompt_ids: Sequence[Sequence[int]], *, tokenizer, sampling: Optional[dict] = None, max_new_tokens: int = 32,
     generator: Optional[torch.Generator] = None, seed: Optional[int] = None, samples_per_prompt: int = 1, device=None,
+    backend: Optional[GenerationBackend] = None,
 ) -> Samples:
     """One completion per row of ``prompt_ids`` (each prompt ``samples_per_prompt`` times, contiguous),
-    all in one batch: ``sampling.sample`` with a KV cache, stopping at the tokenizer's EOS (tokens after
-    it are masked out), decoded with ``decode_completion``. ``device``: where the batch goes (default:
-    the policy's)."""
+    all in one batch, drawn by ``backend`` (``tether.generation``; default: the built-in KV-cache
+    sampler ``sampling.sample`` on ``policy``), stopping at the tokenizer's EOS (tokens after it are
+    masked out), decoded with ``decode_completion``. ``device``: where the batch goes (default: the
+    policy's)."""
     sampling = sampling_settings(sampling)
     rows = [list(p) for p in prompt_ids for _ in range(samples_per_prompt)]
-    batch, no_eos = sample(policy, rows, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
-                           max_new_tokens=max_new_tokens, generator=_generator(generator, seed), **sampling)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, pad_id=tokenizer.pad_token_id,
+                                  eos_id=tokenizer.eos_token_id, **sampling)
+    backend = BuiltinBackend(policy) if backend is None else backend
+    batch, no_eos = backend.generate(rows, settings, _generator(generator, seed))
     comps = [batch.completion_ids[i][batch.mask[i]].tolist() for i in range(len(rows))]
     texts = [decode_completion(tokenizer, p, c) for p, c in zip(rows, comps)]
     device = next(policy.parameters()).device if device is None else device
@@ -140,7 +144,7 @@ def generate(
 def generate_batches(
     policy, prompt_ids: Sequence[Sequence[int]], *, tokenizer, sampling: Optional[dict] = None, max_new_tokens: int = 32,
     batch_size: int, generator: Optional[torch.Generator] = None, seed: Optional[int] = None, samples_per_prompt: int = 1,
-    progress: bool = False, desc: str = "sampling",
+    progress: bool = False, desc: str = "sampling", backend: Optional[GenerationBackend] = None,
 ) -> Iterator[Samples]:
     """``generate`` over the rows (each prompt ``samples_per_prompt`` times, prompt-major) in batches
     of ``batch_size``, one generator throughout: the batches, concatenated, are in prompt order."""
@@ -153,7 +157,7 @@ def generate_batches(
         starts = tqdm(starts, desc=desc, unit="batch")
     for s in starts:
         yield generate(policy, flat[s : s + batch_size], tokenizer=tokenizer, sampling=sampling,
-                       max_new_tokens=max_new_tokens, generator=gen)
+                       max_new_tokens=max_new_tokens, generator=gen, backend=backend)
 
 
 # --------------------------------------------------------------------------------------------------

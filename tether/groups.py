@@ -30,6 +30,8 @@ class SamplingConfig:
     """Top-k sampling filter (0 = off)."""
     top_p: float = 1.0
     """Nucleus sampling mass (1.0 = off)."""
+    backend: str = "builtin"
+    """Generation backend (tether.generation): builtin (tether's KV-cache sampler) | vllm (optional colocated vLLM engine)."""
 
 
 @config_group("reference", prefixes=("reference", "ref"))

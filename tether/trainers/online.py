@@ -51,6 +51,7 @@ from ..data.text import batch_indices
 from ..distributed import Dist
 from ..engine import evaluate as evaluate_kl
 from ..engine import sampling_settings
+from ..generation import make_backend
 from ..measure import encode_prompts
 from ..modeling import CompletionBatch
 from ..ops.kl import ESTIMATOR_NAMES, kl_loss_term
@@ -74,9 +75,22 @@ log = logging.getLogger(__name__)
 ONLINE_REFERENCE_FORMS = ("copy", "lora", "offload")
 
 
+@config_group("reference", prefixes=("reference", "ref"))
+@dataclass
+class OnlineReferenceConfig(ReferenceConfig):
+    """The online trainers' reference group: the shared one plus a moving reference (docs/theory.md §6)."""
+
+    ref_reset_every: int = 0
+    """Hard-reset the reference to the current policy every N steps (ProRL, arXiv:2505.24864; 0 = never): the KL then anchors to the new reference."""
+    ref_reset_optimizer: bool = False
+    """With ref_reset_every: also clear the optimiser state (Adam moments) at each reset, as ProRL does."""
+    ref_lag: int = 0
+    """Rolling reference: score step t's rollout against the policy of step t-N (0 = off; snapshots of the trainable tensors kept in CPU memory)."""
+
+
 @config_group("data", prefixes=("dataset",), fields=DATA_FIELDS)
 @dataclass
-class OnlineConfig(TrainConfig, BetaConfig, SamplingConfig, ReferenceConfig):
+class OnlineConfig(TrainConfig, BetaConfig, SamplingConfig, OnlineReferenceConfig):
     """Fields shared by ``tether ppo``, ``grpo`` and ``rloo`` (plus the groups: TrainConfig's training
     and lora, BetaConfig's beta, SamplingConfig's sampling, ReferenceConfig's reference)."""
 
@@ -422,6 +436,8 @@ def _validate(cfg: OnlineConfig, method: OnlineMethod) -> None:
         raise UserError("num_epochs and num_minibatches must be >= 1")
     if cfg.max_new_tokens < 1:
         raise UserError("max_new_tokens must be >= 1")
+    if cfg.ref_reset_optimizer and not cfg.ref_reset_every:
+        raise UserError("ref_reset_optimizer needs ref_reset_every > 0 (the optimiser is reset with the reference)")
     if cfg.keep_dropout:
         raise UserError("keep_dropout=true is not available for online methods: the sampler, the scorer and the loss "
                          "must see one policy (with dropout, π_θ/π_old ≠ 1 and the step-0 KL ≠ 0, TRL #506); drop the flag")
@@ -586,6 +602,7 @@ def train_online(
               eval_prompts=eval_prompts, resume=resume)
     s.eval_hook = eval_hook
     cfg = s.cfg  # max_steps as setup derived it (epochs)
+    backend = make_backend(cfg.backend, s.policy)  # tether.generation: builtin | vllm
     G, dist = cfg.samples_per_prompt, s.dist
     if s.step == 0 and cfg.eval_every:  # the starting point (KL 0) of the reward-KL curve
         s.run.log(0, s.evaluate())
@@ -600,7 +617,7 @@ def train_online(
         beta = s.controller.value
         ro = collect_rollout(s.policy, s.reference, s.value_model, s.rewards, s.tok, p_texts, p_ids, cfg=cfg,
                              generator=seeded(cfg.seed, s.step, dist.rank, 1), chunk=s.sizes.micro, device=dist.device,
-                             prompt_rows=p_rows)
+                             prompt_rows=p_rows, backend=backend)
         # 3. advantages (method-specific, pure)
         prep = s.method.prepare(scores=ro.scores, kl_tokens=ro.kl_tokens, mask=ro.mask, values=ro.values, cfg=cfg, beta=beta)
         sums, counts = rollout_stats(ro, beta=beta)
@@ -615,8 +632,10 @@ def train_online(
                                            cfg=cfg, beta=beta, sizes=s.sizes, dist=dist, ref_logits=ref_logits,
                                            step=s.step, aux=s.aux, guard=s.guard)
         step_schedule(s.sched)
+        backend.update_weights(s.policy)  # the next rollout samples the updated policy (no-op for builtin)
         s.step += 1
-        s.reference.on_step(s.policy, s.step)
+        if s.reference.on_step(s.policy, s.step) and cfg.ref_reset_every and cfg.ref_reset_optimizer:
+            s.opt.state.clear()  # ProRL: the reset also restarts Adam's moments (checkpointed as cleared)
         # 5. metrics (one global reduction), β update, logs, evaluation, checkpoint
         metrics = dist.reduce_metrics({**sums, **u_sums}, {**counts, **u_counts})
         metrics.update({"beta": beta, "opt/lr": lr, "opt/grad_norm": sum(norms) / max(len(norms), 1), "opt/updates": len(norms),

@@ -82,14 +82,16 @@ def apply_no_eos_penalty(scores: torch.Tensor, no_eos: torch.Tensor, penalty: Op
 def collect_rollout(
     policy, reference, value_model, rewards: RewardSet, tok, prompt_texts: Sequence[str], prompt_ids: Sequence[list],
     *, cfg: "OnlineConfig", generator: torch.Generator, chunk: int, device, prompt_rows: Optional[Sequence] = None,
+    backend=None,
 ) -> Rollout:
     """Sample one completion per (repeated) prompt, score it, and score it under every model
     (``engine.generate`` + ``engine.score``, ``chunk`` rows per scoring pass). ``prompt_rows``: each
     sample's ``Prompt`` (its dataset row), whose columns, with the completion ids, reach the reward
-    functions (``rewards.reward_columns``)."""
+    functions (``rewards.reward_columns``). ``backend``: the ``tether.generation`` backend that samples
+    (default: the built-in sampler on ``policy``)."""
     sampling = {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}
     smp = generate(policy, prompt_ids, tokenizer=tok, sampling=sampling, max_new_tokens=cfg.max_new_tokens,
-                   generator=generator, device=device)
+                   generator=generator, device=device, backend=backend)
     ids = smp.batch.completion_ids.cpu()  # (B, T)
     columns = reward_columns(prompt_rows, [ids[i][m].tolist() for i, m in enumerate(smp.batch.mask.cpu())])
     scores, reward_metrics = rewards(list(prompt_texts), smp.completions, **columns)  # (B,), {"reward/<name>": (B,)}

@@ -1,0 +1,122 @@
+"""Generation backends: what draws the completions that ``tether.engine`` decodes and scores.
+
+The engine (``engine.generate``) is the one sampling pipeline; a backend is only the part that turns
+prompt token ids into completion token ids. Every backend returns the same thing, a
+``CompletionBatch`` (left-padded prompts, completions padded after the first EOS, ``allowed`` = the
+packed token sets F_t it sampled from when top-k/top-p is on) and a ``no_eos`` (B,) bool, so scoring,
+the KL and the losses never know which backend ran (docs/theory.md §3: the set at scoring is the
+set at sampling).
+
+The interface::
+
+    class GenerationBackend(Protocol):
+        name: str
+        def generate(self, prompt_ids, settings: GenerationSettings, generator) -> (CompletionBatch, no_eos)
+        def update_weights(self, model) -> None   # after each optimiser step; no-op for "builtin"
+
+Backends, chosen by the sampling group's ``backend`` field (``make_backend``):
+
+- ``builtin``: ``tether.sampling.sample`` on the policy itself (KV cache, finished rows compacted).
+  ``update_weights`` does nothing: it samples from the live module.
+- ``vllm``: optional, colocated ``vllm.LLM`` engine (``tether.vllm_backend.VLLMBackend``, imported
+  only when asked for), which copies the policy's weights in ``update_weights``.
+
+``register_backend(name, factory)`` adds one; ``factory(model, **options)`` returns the backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable, Optional, Protocol, Sequence, Union, runtime_checkable
+
+import torch
+
+from .errors import UserError
+from .modeling import CompletionBatch
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Everything a backend needs besides the prompts and the generator."""
+
+    max_new_tokens: int
+    """Completion length limit (tokens)."""
+    pad_id: int
+    """Padding token id (prompts are left-padded, completions right-padded)."""
+    eos_id: Optional[int]
+    """End-of-sequence id: the first one ends a completion (it counts; what follows is padding). None: never stop early."""
+    temperature: float = 1.0
+    """Softmax temperature τ."""
+    top_k: int = 0
+    """Top-k filter (0 = off)."""
+    top_p: float = 1.0
+    """Nucleus mass (1.0 = off)."""
+
+    def filters(self) -> dict:
+        """The sampling settings dict {temperature, top_k, top_p} (``engine.sampling_settings`` form)."""
+        return {"temperature": float(self.temperature), "top_k": int(self.top_k), "top_p": float(self.top_p)}
+
+
+@runtime_checkable
+class GenerationBackend(Protocol):
+    """Turns prompt ids into a sampled ``CompletionBatch`` (see the module docstring)."""
+
+    name: str
+
+    def generate(
+        self, prompt_ids: Sequence[Sequence[int]], settings: GenerationSettings, generator: torch.Generator,
+    ) -> tuple[CompletionBatch, torch.Tensor]:
+        """One completion per row of ``prompt_ids``. Returns (batch on any device, no_eos (B,) bool)."""
+        ...
+
+    def update_weights(self, model) -> None:
+        """Make the next ``generate`` sample from ``model``'s current weights."""
+        ...
+
+
+class BuiltinBackend:
+    """``tether.sampling.sample`` on ``model`` itself; its random draws come from ``generator`` only."""
+
+    name = "builtin"
+
+    def __init__(self, model):
+        self.model = model
+
+    def generate(self, prompt_ids, settings: GenerationSettings, generator: torch.Generator):
+        from .sampling import sample
+
+        return sample(self.model, prompt_ids, pad_id=settings.pad_id, eos_id=settings.eos_id,
+                      max_new_tokens=settings.max_new_tokens, generator=generator, **settings.filters())
+
+    def update_weights(self, model) -> None:
+        self.model = model  # the live module: nothing to copy
+
+
+_FACTORIES: dict[str, Union[Callable, str]] = {
+    "builtin": BuiltinBackend,
+    "vllm": "tether.vllm_backend:VLLMBackend",  # optional dependency: imported when asked for
+}
+BACKEND_NAMES = tuple(_FACTORIES)
+
+
+def register_backend(name: str, factory: Union[Callable, str]) -> None:
+    """Add a backend: ``factory(model, **options)`` -> GenerationBackend, or "module:attribute" naming one."""
+    global BACKEND_NAMES
+    _FACTORIES[name] = factory
+    BACKEND_NAMES = tuple(_FACTORIES)
+
+
+def make_backend(name: str, model, **options) -> GenerationBackend:
+    """The backend called ``name`` (the sampling group's ``backend`` field) sampling from ``model``."""
+    if name not in _FACTORIES:
+        raise UserError(f"backend: unknown generation backend {name!r}; choose one of {', '.join(_FACTORIES)}")
+    factory = _FACTORIES[name]
+    if isinstance(factory, str):
+        module, attr = factory.split(":")
+        try:
+            factory = getattr(importlib.import_module(module), attr)
+        except ImportError as e:
+            raise UserError(f"backend: {name!r} needs an optional dependency that is not importable ({e}); "
+                            f"install it (see README) or use backend: builtin") from e
+    return factory(model, **options)
