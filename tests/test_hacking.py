@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tether.diagnostics.hacking import average_ranks, fit_gao, spearman
+from tether.diagnostics.hacking import HackingMonitor, average_ranks, fit_gao, reward_hacking, spearman
 
 
 def test_average_ranks_ties_share_the_mean_rank():
@@ -70,3 +70,59 @@ def test_fit_gao_rejects_bad_input():
         fit_gao([-1, 2], [1, 2], "rl")
     with pytest.raises(ValueError, match="determine"):
         fit_gao([0.0, 4.0], [0.0, 1.0], "rl")  # one non-zero point: two unknowns
+
+
+def _history(gold, proxy, se=0.05, kl=None):
+    kl = kl if kl is not None else [float(i) for i in range(len(gold))]
+    rows = []
+    for k, g, x in zip(kl, gold, proxy):
+        row = {"eval/kl": k, "eval/reward/gold": g, "eval/reward/proxy": x}
+        if se is not None:
+            row.update({"eval/reward/gold_stderr": se, "eval/reward/proxy_stderr": se})
+        rows.append(row)
+    return rows
+
+
+def _first_flag(history, **kw):
+    for n in range(1, len(history) + 1):
+        if reward_hacking(history[:n], proxy="proxy", gold="gold", **kw).flagged:
+            return n
+    return None
+
+
+def test_reward_hacking_fires_on_the_turn():
+    """Gold peaks at evaluation 3 (KL 3) and falls; proxy keeps rising; se 0.05 everywhere.
+    After 5 evals the peak is among the last two (patience 2): not yet. After 6: tail = (0.7, 0.5),
+    mean 0.6, se sqrt(2·0.05²)/2 = 0.0354; drop 0.9 − 0.6 = 0.3 > 3·hypot(0.0354, 0.05) = 0.184;
+    proxy rise (4+5)/2 − 3 = 1.5 > 0.184: fires at the 6th evaluation, naming KL 3."""
+    h = _history([0.0, 0.5, 0.8, 0.9, 0.7, 0.5, 0.3], [0.0, 1, 2, 3, 4, 5, 6])
+    assert _first_flag(h) == 6
+    v = reward_hacking(h[:6], proxy="proxy", gold="gold")
+    assert (v.peak, v.kl_at_peak, v.kl_now) == (3, 3.0, 5.0)
+    assert v.gold_now == pytest.approx(0.6) and v.proxy_now == pytest.approx(4.5)
+
+
+def test_reward_hacking_ignores_noise_within_standard_errors():
+    """A gold plateau wobbling by ~1 se (0.86 peak, then 0.82, 0.80, 0.84, 0.81) beside a rising proxy:
+    the largest drop of a two-eval mean is 0.86 − 0.81 = 0.05 < 0.184: never fires. Without standard
+    errors only the ordering test is left, and the same history fires (at 6 evals): the errors matter."""
+    gold = [0.0, 0.5, 0.8, 0.86, 0.82, 0.80, 0.84, 0.81]
+    proxy = [0.0, 1, 2, 3, 4, 5, 6, 7]
+    assert _first_flag(_history(gold, proxy)) is None
+    assert _first_flag(_history(gold, proxy, se=None)) == 6
+
+
+def test_reward_hacking_needs_the_proxy_to_rise():
+    """Both rewards fall together (a collapsing policy, not a hacked proxy): no flag."""
+    h = _history([0.0, 0.5, 0.9, 0.6, 0.3, 0.1], [0.0, 1, 2, 1.5, 1.0, 0.5])
+    assert _first_flag(h) is None
+
+
+def test_hacking_monitor_warns_once_with_the_kl(caplog):
+    h = _history([0.0, 0.5, 0.8, 0.9, 0.7, 0.5, 0.3], [0.0, 1, 2, 3, 4, 5, 6], kl=[0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0])
+    mon = HackingMonitor("proxy", ["gold"])
+    with caplog.at_level("WARNING", logger="tether.diagnostics.hacking"):
+        out = [mon.check(h[:n], step=n)["eval/hacking"] for n in range(1, len(h) + 1)]
+    assert out == [0.0] * 5 + [1.0, 1.0]
+    warnings = [r.getMessage() for r in caplog.records if "eval/hacking" in r.getMessage()]
+    assert len(warnings) == 1 and "stopped rising at KL 2 nats" in warnings[0] and "Gao" in warnings[0]

@@ -154,3 +154,103 @@ def fit_gao(kl: Sequence[float], reward: Sequence[float], kind: str = "rl") -> G
     res = [r - (alpha * x + beta * y) for x, y, r in zip(a, b, reward)]
     rmse = math.sqrt(sum(e * e for e in res) / len(res))
     return GaoFit(kind, alpha, beta, peak_kl, peak_r, rmse)
+
+
+# --------------------------------------------------------------------------------------------------
+# The turn detector
+
+
+@dataclass(frozen=True)
+class HackingVerdict:
+    """What ``reward_hacking`` decided and from what (indices into the evaluations that carry both rewards)."""
+
+    flagged: bool
+    peak: int  # evaluation with the best gold reward so far (-1 without evaluations)
+    kl_at_peak: float  # eval/kl there: the KL at which the gold stopped rising
+    kl_now: float
+    gold_peak: float
+    gold_now: float  # mean over the last ``patience`` evaluations
+    proxy_peak: float
+    proxy_now: float  # mean over the last ``patience`` evaluations
+
+
+def _mean_se(rows: Sequence[Mapping], key: str) -> tuple[float, Optional[float]]:
+    """Mean of rows[key] and its standard error sqrt(Σ se²)/k from rows[key + "_stderr"] (None if any is missing)."""
+    vals = [float(r[key]) for r in rows]
+    ses = [r.get(f"{key}_stderr") for r in rows]
+    se = math.sqrt(sum(float(s) ** 2 for s in ses)) / len(ses) if all(s is not None and math.isfinite(s) for s in ses) else None
+    return sum(vals) / len(vals), se
+
+
+def reward_hacking(history: Sequence[Mapping], *, proxy: str, gold: str, z: float = 3.0, patience: int = 2) -> HackingVerdict:
+    """Has the gold reward stopped rising while the proxy still rises? A pure function of the evaluation
+    history (rows in step order with ``eval/kl``, ``eval/reward/<proxy>``, ``eval/reward/<gold>`` and,
+    optionally, their ``_stderr``).
+
+    Let p be the evaluation with the highest gold reward and "now" the last ``patience`` evaluations
+    (p must precede them). It fires when, at every one of those evaluations, the gold is below its value
+    at p and the proxy above its value at p, and (where standard errors are logged) the mean gold over
+    them is more than ``z`` combined standard errors below the peak and the mean proxy more than ``z``
+    above it: sqrt(se_p² + se_now²), se_now = sqrt(Σ se_i²)/patience. Noise within the standard errors
+    does not fire it; a plateau of the gold with a rising proxy fires only once the gold falls clearly.
+    z = 3 rather than 2 because p is the maximum of several noisy values, which biases the peak upward
+    by about one standard error for ~5-10 evaluations."""
+    if patience < 1:
+        raise ValueError("patience must be >= 1")
+    gk, pk = f"eval/reward/{gold}", f"eval/reward/{proxy}"
+    evals = [h for h in history if h.get(gk) is not None and h.get(pk) is not None and h.get("eval/kl") is not None]
+    nan = float("nan")
+    if not evals:
+        return HackingVerdict(False, -1, nan, nan, nan, nan, nan, nan)
+    golds = [float(h[gk]) for h in evals]
+    p = max(range(len(golds)), key=lambda i: (golds[i], -i))  # the first maximum
+    tail = evals[-patience:]
+    g_now, g_se = _mean_se(tail, gk)
+    x_now, x_se = _mean_se(tail, pk)
+    g_peak, g_pse = _mean_se([evals[p]], gk)
+    x_peak, x_pse = _mean_se([evals[p]], pk)
+    flagged = p < len(evals) - patience and len(evals) > patience
+    flagged = flagged and all(float(h[gk]) < g_peak for h in tail) and all(float(h[pk]) > x_peak for h in tail)
+    if flagged and g_se is not None and g_pse is not None:
+        flagged = g_peak - g_now > z * math.hypot(g_se, g_pse)
+    if flagged and x_se is not None and x_pse is not None:
+        flagged = x_now - x_peak > z * math.hypot(x_se, x_pse)
+    return HackingVerdict(bool(flagged), p, float(evals[p]["eval/kl"]), float(evals[-1]["eval/kl"]),
+                          g_peak, g_now, x_peak, x_now)
+
+
+class HackingMonitor:
+    """The detector as the online trainers run it: ``check(eval_history, step)`` after each evaluation ->
+    {"eval/hacking": 0.0 | 1.0} (1 when any logged reward shows the turn), with one warning per logged
+    reward the first time it fires, naming the KL at which its gold reward stopped rising and, with at
+    least three evaluations, the peak KL of Gao et al.'s RL curve fitted to them."""
+
+    def __init__(self, proxy: str, golds: Sequence[str], **kwargs):
+        self.proxy, self.golds, self.kwargs = proxy, list(golds), kwargs
+        self.warned: set[str] = set()
+
+    def check(self, eval_history: Sequence[Mapping], step: int) -> dict:
+        flagged = False
+        for g in self.golds:
+            v = reward_hacking(eval_history, proxy=self.proxy, gold=g, **self.kwargs)
+            flagged = flagged or v.flagged
+            if v.flagged and g not in self.warned:
+                self.warned.add(g)
+                log.warning("eval/hacking at step %d: the gold reward %r stopped rising at KL %.3g nats (%.4g there, "
+                            "%.4g now at KL %.3g) while the proxy %r still rises (%.4g -> %.4g): the policy is "
+                            "exploiting the proxy (Gao et al. 2022). Stop here or raise beta.%s", step, g, v.kl_at_peak,
+                            v.gold_peak, v.gold_now, v.kl_now, self.proxy, v.proxy_peak, v.proxy_now,
+                            self._fit_note(eval_history, g))
+        return {"eval/hacking": float(flagged)}
+
+    @staticmethod
+    def _fit_note(eval_history: Sequence[Mapping], gold: str) -> str:
+        rows = [h for h in eval_history if h.get(f"eval/reward/{gold}") is not None and h.get("eval/kl") is not None]
+        if len(rows) < 3:
+            return ""
+        g0 = float(rows[0][f"eval/reward/{gold}"])  # relative to the first evaluation (step 0: the initial policy)
+        try:
+            fit = fit_gao([max(float(h["eval/kl"]), 0.0) for h in rows], [float(h[f"eval/reward/{gold}"]) - g0 for h in rows], "rl")
+        except ValueError:
+            return ""
+        return f" Gao et al.'s RL curve fitted to the {len(rows)} evaluations peaks at KL {fit.peak_kl:.3g}."
