@@ -21,6 +21,9 @@ turns a trainer config's reference fields into one, loading the reference model)
 - ``sync``        a copy re-synchronised from the policy: hard θ_ref ← θ every τ steps, or soft
                   θ_ref ← αθ + (1-α)θ_ref (TR-DPO, Gorbatovski et al. 2024). With a LoRA policy the
                   reference is a second adapter on the same base (``LoraSyncedReference``).
+- ``lag``         (online trainers, ``ref_lag: N``) a rolling reference: the policy N steps ago, from
+                  the last N snapshots of its trainable tensors (``LaggedReference``). The ProRL hard
+                  reset (``ref_reset_every: N``) is ``sync`` in hard mode every N steps.
 """
 
 from __future__ import annotations
@@ -184,6 +187,14 @@ class SyncedReference(FrozenReference):
         self.syncs += 1
         return True
 
+    @torch.no_grad()
+    def load_policy_tensors(self, tensors: dict) -> None:
+        """Overwrite the reference's parameters named in ``tensors`` (policy parameter names; the
+        rolling reference ``LaggedReference`` writes its snapshots through this)."""
+        ref_params = dict(self.model.named_parameters())
+        for name, v in tensors.items():
+            ref_params[name].copy_(v.to(ref_params[name].device, ref_params[name].dtype))
+
     def state_dict(self):
         # The reference weights themselves diverge from any file on disk once synced: checkpoint them.
         return {"syncs": self.syncs, "weights": {k: v.detach().clone() for k, v in self.model.state_dict().items()}}
@@ -253,6 +264,15 @@ class LoraSyncedReference(Reference):
         self.syncs += 1
         return True
 
+    @torch.no_grad()
+    def load_policy_tensors(self, tensors: dict) -> None:
+        """Write policy-adapter tensors (policy parameter names) into the reference adapter."""
+        params = dict(self.model.named_parameters())
+        for name, v in tensors.items():
+            if f".{self.adapter}." in name:
+                dst = params[name.replace(f".{self.adapter}.", f".{REF_ADAPTER}.")]
+                dst.copy_(v.to(dst.device, dst.dtype))
+
     def state_dict(self):
         return {"syncs": self.syncs, "adapter": {id_: dst.detach().clone() for id_, (_, dst) in enumerate(self._pairs())}}
 
@@ -261,6 +281,55 @@ class LoraSyncedReference(Reference):
         with torch.no_grad():
             for i, (_, dst) in enumerate(self._pairs()):
                 dst.copy_(state["adapter"][i])
+
+
+class LaggedReference(Reference):
+    """(f) A rolling reference that lags ``lag`` optimiser steps behind the policy: the rollout of step
+    t (policy θ_t) is scored against θ_{max(t-N, 0)} (docs/theory.md §6). The last N snapshots of the
+    policy's *trainable* tensors (the LoRA factors with a LoRA policy) are kept in CPU memory; frozen
+    tensors never change, so the reference (``inner``: a ``SyncedReference`` copy or a
+    ``LoraSyncedReference`` adapter, whose own periodic sync is off) already holds them. Snapshots and
+    reference weights are checkpointed (``state_dict``), so a resumed run continues bit for bit."""
+
+    kind = "lag"
+
+    def __init__(self, inner: Reference, *, lag: int):
+        if lag < 1:
+            raise UserError(f"ref_lag must be >= 1 (0 = off), got {lag}")
+        self.inner, self.lag = inner, int(lag)
+        self.snapshots: list[dict] = []  # oldest first: the policy after steps t-N+1 .. t
+        self.syncs = 0
+
+    @property
+    def model(self):
+        """The module that scores (the inner reference's), for code that reaches for ``reference.model``."""
+        return self.inner.model
+
+    def logits(self, batch, *, filters=None):
+        return self.inner.logits(batch, filters=filters)
+
+    def logps(self, batch, *, ids=None, filters=None):
+        return self.inner.logps(batch, ids=ids, filters=filters)
+
+    @torch.no_grad()
+    def on_step(self, policy, step):
+        self.snapshots.append({n: p.detach().to("cpu", copy=True) for n, p in policy.named_parameters() if p.requires_grad})
+        if len(self.snapshots) <= self.lag:
+            return False  # steps 1..N: the reference is still θ_0
+        self.inner.load_policy_tensors(self.snapshots.pop(0))  # θ_{step-N}
+        self.syncs += 1
+        return True
+
+    def state_dict(self):
+        return {"lag": self.lag, "syncs": self.syncs, "inner": self.inner.state_dict(),
+                "snapshots": [dict(s) for s in self.snapshots]}
+
+    def load_state_dict(self, state):
+        if int(state.get("lag", self.lag)) != self.lag:
+            raise UserError(f"the checkpoint's ref_lag is {state['lag']} but this run's is {self.lag}; resume with the same ref_lag")
+        self.syncs = int(state.get("syncs", 0))
+        self.inner.load_state_dict(state["inner"])
+        self.snapshots = [{k: v.clone() for k, v in s.items()} for s in state.get("snapshots", [])]
 
 
 def _scored(model, batch: CompletionBatch, filters: Optional[dict]) -> torch.Tensor:
@@ -452,8 +521,27 @@ def reference_from_config(cfg, *, policy, tokenizer, policy_path: Optional[str],
                          f"{' and a LoRA policy' if form == 'sync' else ''}: the reference is the policy's own base "
                          "(adapters off, or a second adapter for sync); drop reference_model or use reference "
                          "'copy' or 'offload'")
+    reset, lag = int(getattr(cfg, "ref_reset_every", 0) or 0), int(getattr(cfg, "ref_lag", 0) or 0)
+    if reset or lag:  # a moving reference (ProRL reset / rolling lag): TR-DPO's hard sync machinery
+        if reset and lag:
+            raise UserError("ref_reset_every and ref_lag are two different references; set one of them (the other 0)")
+        if reset < 0 or lag < 0:
+            raise UserError(f"ref_reset_every and ref_lag must be >= 0 (0 = off), got {reset} and {lag}")
+        if form not in ("copy", "lora"):
+            raise UserError(f"ref_reset_every / ref_lag need reference 'copy' (or 'lora' with a LoRA policy), got {form!r}")
+        if form == "lora" and not is_peft:
+            raise UserError("reference 'lora' needs a peft (LoRA) policy; enable LoRA or choose reference 'copy'")
+        if lag and cfg.reference_model:
+            raise UserError("ref_lag with reference_model: the lagged reference is the policy N steps ago, so it starts "
+                             "from the policy's own weights; drop reference_model (or use ref_reset_every)")
+        if is_peft and cfg.reference_model:
+            raise UserError("ref_reset_every with a LoRA policy resets a second adapter on the policy's base; drop "
+                             "reference_model")
+        sync = {"sync_mode": "hard", "sync_every": reset or 2**62, "sync_alpha": 1.0}
+        form = "sync"
     if form == "lora" or (is_peft and form in ("precomputed", "sync") and not cfg.reference_model):
-        return build_reference("sync" if form == "sync" else "lora", policy=policy, **sync)
+        ref = build_reference("sync" if form == "sync" else "lora", policy=policy, **sync)
+        return LaggedReference(ref, lag=lag) if lag else ref
     ref_model = ref_tok = None
     if cfg.reference_model or policy_path is not None:
         from .assets import resolve_model
@@ -462,5 +550,6 @@ def reference_from_config(cfg, *, policy, tokenizer, policy_path: Optional[str],
         path = resolve_model(cfg.reference_model, cfg.assets) if cfg.reference_model else policy_path
         ref_model = load_causal_lm(path, dtype=cfg.dtype, device="cpu" if form == "offload" else device)
         ref_tok = load_tokenizer(path) if cfg.reference_model else tokenizer
-    return build_reference("copy" if form == "precomputed" else form, policy=policy, reference_model=ref_model,
-                           policy_tokenizer=tokenizer, reference_tokenizer=ref_tok, compute_device=device, **sync)
+    ref = build_reference("copy" if form == "precomputed" else form, policy=policy, reference_model=ref_model,
+                          policy_tokenizer=tokenizer, reference_tokenizer=ref_tok, compute_device=device, **sync)
+    return LaggedReference(ref, lag=lag) if lag else ref
