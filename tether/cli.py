@@ -94,3 +94,4 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+    "shift": "reference-shift diagnostic: does a prompt prefix move log π_ref(y|x) and the policy's KL?",
