@@ -27,6 +27,7 @@ COMMANDS = {
     "bon": "best-of-n sampling baseline with its exact KL bound",
     "demo": "the reward-KL frontier on a real tiny model (the main job)",
     "forgetting": "forgetting probe: NLL change and exact KLs on off-distribution text, forward KL on prompts",
+    "shift": "reference-shift diagnostic: does a prompt prefix move log π_ref(y|x) and the policy's KL?",
 }
 
 
@@ -94,4 +95,3 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-    "shift": "reference-shift diagnostic: does a prompt prefix move log π_ref(y|x) and the policy's KL?",
