@@ -25,6 +25,7 @@ COMMANDS = {
     "grpo": "online RL: GRPO (group-normalised advantages, KL in the loss)",
     "rloo": "online RL: RLOO (leave-one-out baseline, KL in the reward)",
     "bon": "best-of-n sampling baseline with its exact KL bound",
+    "sweep": "run a grid of one trainer's settings and draw the reward-KL frontier (choosing β)",
     "demo": "the reward-KL frontier on a real tiny model (the main job)",
     "forgetting": "forgetting probe: NLL change and exact KLs on off-distribution text, forward KL on prompts",
     "shift": "reference-shift diagnostic: does a prompt prefix move log π_ref(y|x) and the policy's KL?",

@@ -1,0 +1,396 @@
+"""The sweep's report: frontier.csv, frontier.png, overoptimisation.png and report.html.
+
+Input: evaluation rows ``{method, run, seed, step, kl, kl_stderr, gold_reward, gold_stderr,
+proxy_reward, proxy_stderr, beta, <swept fields>}`` (the reference is one row with method
+``reference``), the final row of each run, and each run's final samples. What the page shows:
+
+- the frontier: reward against the exact sequence KL, each run's path, its final point with error
+  bars (KL stderr and reward stderr over evaluation samples), the mean over seeds of each setting
+  with the spread across seeds (sample std), and the Pareto front of the final points;
+- overoptimisation: the reward gain over the reference against d = √KL with the Gao et al. fits
+  (``tether.diagnostics.hacking.fit_gao``; docs/theory.md §8), the proxy beside it;
+- "for a KL budget of X nats, the best setting is ...", and the smallest β within each budget;
+- completions side by side at a matched KL (same prompts and sampling seed in every run).
+
+Where no gold reward was given, the proxy stands in (``y_key``) and the page says so.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Optional
+
+BASE_COLUMNS = ["method", "run", "seed", "step", "kl", "kl_stderr", "gold_reward", "gold_stderr", "proxy_reward",
+                "proxy_stderr", "beta"]
+TEXT_COLUMNS = {"method", "run"}
+REFERENCE = "reference"
+PALETTE = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
+SETTING_SKIP = {"seed", "name"}
+
+
+def csv_columns(rows: list[dict]) -> list[str]:
+    """The base columns, then every other scalar column (swept fields, other rewards) in first-seen order."""
+    cols = list(BASE_COLUMNS)
+    for r in rows:
+        for k, v in r.items():
+            if k not in cols and k != "samples" and (v is None or isinstance(v, (int, float, str))):
+                cols.append(k)
+    return cols
+
+
+def write_csv(rows: list[dict], path: Path, columns: Optional[list[str]] = None) -> None:
+    cols = columns or csv_columns(rows)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: "" if r.get(k) is None else r.get(k) for k in cols})
+
+
+def read_csv(path: Path) -> list[dict]:
+    out = []
+    with open(path) as f:
+        for r in csv.DictReader(f):
+            row: dict = {}
+            for k, v in r.items():
+                if k in TEXT_COLUMNS or v == "":
+                    row[k] = v if k in TEXT_COLUMNS else None
+                else:
+                    try:
+                        row[k] = float(v)
+                    except ValueError:
+                        row[k] = v
+            out.append(row)
+    return out
+
+
+def y_key(rows: list[dict]) -> str:
+    """gold_reward if any row has it, else proxy_reward (the proxy stands in)."""
+    return "gold_reward" if any(r.get("gold_reward") is not None for r in rows) else "proxy_reward"
+
+
+def _num(v) -> Optional[float]:
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(float(v)) else None
+
+
+def setting_of(row: dict, swept: list[str]) -> str:
+    """The run's setting: its swept fields other than the seed (runs differing only in seed share it)."""
+    if row["method"] == REFERENCE:
+        return REFERENCE
+    parts = [f"{k}={row[k]:g}" if isinstance(row.get(k), float) else f"{k}={row.get(k)}" for k in swept if k in row]
+    return f"{row['method']} " + (", ".join(parts) if parts else row["run"])
+
+
+def swept_fields(finals: list[dict]) -> list[str]:
+    keys = []
+    for r in finals:
+        for k in r.get("swept", []) or []:
+            if k not in keys and k not in SETTING_SKIP:
+                keys.append(k)
+    return keys
+
+
+def settings(finals: list[dict], ykey: str, swept: list[str]) -> list[dict]:
+    """Per setting: the mean over seeds of the final KL and reward, and the spread across seeds
+    (sample standard deviation, n − 1; 0 with one seed)."""
+    groups: dict[str, list[dict]] = {}
+    for r in finals:
+        groups.setdefault(setting_of(r, swept), []).append(r)
+    out = []
+    for name, rs in groups.items():
+        kls = [x for x in (_num(r.get("kl")) for r in rs) if x is not None]
+        ys = [x for x in (_num(r.get(ykey)) for r in rs) if x is not None]
+        if not kls or not ys:
+            continue
+        out.append({"setting": name, "method": rs[0]["method"], "runs": [r["run"] for r in rs], "n": len(rs),
+                    "kl": statistics.fmean(kls), "kl_seed_sd": statistics.stdev(kls) if len(kls) > 1 else 0.0,
+                    "y": statistics.fmean(ys), "y_seed_sd": statistics.stdev(ys) if len(ys) > 1 else 0.0,
+                    "beta": _num(rs[0].get("beta_set", rs[0].get("beta")))})
+    return out
+
+
+def pareto_front(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """The points (kl, reward, name) no other point beats on both (no more KL and at least as much
+    reward, one strictly), in increasing KL."""
+    front, best = [], -math.inf
+    for kl, y, name in sorted(points, key=lambda p: (p[0], -p[1])):
+        if y > best:
+            front.append((kl, y, name))
+            best = y
+    return front
+
+
+def budget_table(sets: list[dict], budgets: list[float]) -> list[dict]:
+    """For each KL budget X: the setting with the highest mean reward among those whose mean final KL
+    is ≤ X, and the smallest (fixed) β among the settings within X."""
+    out = []
+    for X in budgets:
+        within = [s for s in sets if s["kl"] <= X]
+        best = max(within, key=lambda s: s["y"]) if within else None
+        betas = [s["beta"] for s in within if s["beta"] is not None and s["method"] != REFERENCE]
+        out.append({"budget": X, "best": best, "min_beta": min(betas) if betas else None})
+    return out
+
+
+def default_budgets(sets: list[dict]) -> list[float]:
+    """Round budgets between the smallest and largest mean final KL of the trained settings."""
+    kls = sorted(s["kl"] for s in sets if s["method"] != REFERENCE)
+    if not kls:
+        return []
+    nice = [0.1, 0.2, 0.5, 1, 2, 3, 5, 10, 20, 30, 50, 100, 200, 500]
+    pick = [x for x in nice if kls[0] <= x <= kls[-1]]
+    above = next((x for x in nice if x >= kls[-1]), None)
+    if above is not None and above not in pick:
+        pick.append(above)
+    return [float(x) for x in pick[-5:]]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _colours(sets: list[dict]) -> dict[str, str]:
+    names = [s["setting"] for s in sets if s["method"] != REFERENCE]
+    return {REFERENCE: "#000000", **{n: PALETTE[i % len(PALETTE)] for i, n in enumerate(names)}}
+
+
+def _by_run(rows: list[dict]) -> dict[str, list[dict]]:
+    runs: dict[str, list[dict]] = {}
+    for r in rows:
+        runs.setdefault(r["run"], []).append(r)
+    for pts in runs.values():
+        pts.sort(key=lambda r: r.get("step") or 0)
+    return runs
+
+
+def plot_frontier(rows, finals, sets, path: Path, *, ykey: str, swept: list[str]) -> list:
+    plt = _plt()
+    colours = _colours(sets)
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for run, pts in _by_run(rows).items():
+        c = colours.get(setting_of(pts[-1], swept), "#7f7f7f")
+        xs, ys = [p["kl"] for p in pts], [p.get(ykey) for p in pts]
+        if None in ys:
+            continue
+        if len(pts) > 1:
+            ax.plot(xs, ys, "-", color=c, alpha=0.3, lw=1)
+            ax.scatter(xs[:-1], ys[:-1], s=10, color=c, alpha=0.4)
+        last = pts[-1]
+        ax.errorbar([last["kl"]], [last[ykey]], xerr=[_num(last.get("kl_stderr")) or 0], yerr=[_num(last.get(ykey.replace("_reward", "_stderr"))) or 0],
+                    fmt="*" if last["method"] == REFERENCE else "o", ms=14 if last["method"] == REFERENCE else 5, color=c,
+                    elinewidth=0.8, capsize=2, alpha=0.8, zorder=4)
+    for s in sets:  # the mean over seeds, with the spread across seeds
+        if s["method"] == REFERENCE:
+            continue
+        ax.errorbar([s["kl"]], [s["y"]], xerr=[s["kl_seed_sd"]], yerr=[s["y_seed_sd"]], fmt="s", ms=8, mfc="none",
+                    mec=colours[s["setting"]], color=colours[s["setting"]], elinewidth=2, capsize=4, zorder=5,
+                    label=f"{s['setting']} (mean of {s['n']} seed{'s' if s['n'] > 1 else ''})")
+    pts = [(r["kl"], r[ykey], r["run"]) for r in finals if _num(r.get("kl")) is not None and _num(r.get(ykey)) is not None]
+    front = pareto_front(pts)
+    if front:
+        ax.plot([p[0] for p in front], [p[1] for p in front], "-", color="gold", lw=5, alpha=0.45, zorder=2, label="Pareto front (final points)")
+        ax.scatter([p[0] for p in front], [p[1] for p in front], s=140, facecolor="none", edgecolor="goldenrod", lw=2, zorder=6)
+    ax.set_xlabel("KL[π ‖ π_ref]  (nats per completion, exact estimator)")
+    ax.set_ylabel(ykey.replace("_", " ") + ("" if ykey == "gold_reward" else "  (no gold reward: the proxy stands in)"))
+    ax.set_title("Reward–KL frontier (up and to the left is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return front
+
+
+def gao_fits(rows: list[dict], *, ykey: str) -> dict[str, dict]:
+    """Per method, ``fit_gao`` on every evaluation point of its runs: the reward gain over the
+    reference against the KL (best-of-n: the "bon" form; trained policies: the "rl" form)."""
+    from ..diagnostics.hacking import fit_gao
+
+    ref = next((r for r in rows if r["method"] == REFERENCE), None)
+    base = _num(ref.get(ykey)) if ref else None
+    if base is None:
+        return {}
+    fits = {}
+    for method in sorted({r["method"] for r in rows} - {REFERENCE}):
+        pts = [(r["kl"], r[ykey] - base) for r in rows if r["method"] == method and _num(r.get("kl")) is not None
+               and _num(r.get(ykey)) is not None]
+        try:
+            fit = fit_gao([max(p[0], 0.0) for p in pts], [p[1] for p in pts], kind="bon" if method == "bon" else "rl")
+        except ValueError:  # too few distinct KLs to fix both coefficients: no curve for this method
+            continue
+        fits[method] = {k: fit[k] for k in fit.keys()} | {"n": len(pts), "fit": fit}
+    return fits
+
+
+def plot_overoptimisation(rows, sets, fits, path: Path, *, ykey: str, swept: list[str]) -> None:
+    plt = _plt()
+    colours = _colours(sets)
+    ref = next((r for r in rows if r["method"] == REFERENCE), {})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.3), sharex=True)
+    keys = [(ykey, f"{ykey.replace('_', ' ')} gain over the reference"), ("proxy_reward", "proxy reward gain")]
+    dmax = 0.0
+    for run, pts in _by_run(rows).items():
+        c = colours.get(setting_of(pts[-1], swept), "#7f7f7f")
+        d = [math.sqrt(max(p["kl"] or 0.0, 0.0)) for p in pts]
+        dmax = max([dmax] + d)
+        for ax, (key, _) in zip(axes, keys):
+            b = _num(ref.get(key))
+            ys = [_num(p.get(key)) for p in pts]
+            if b is None or None in ys:
+                continue
+            ax.plot(d, [y - b for y in ys], "o-" if len(pts) > 1 else "D", color=c, alpha=0.7, ms=4)
+    for method, fit in fits.items():
+        xs = [dmax * 1.1 * i / 100 for i in range(1, 101)]
+        lab = f"Gao fit, {method} ({fit['kind']}): α={fit['alpha']:.3g}, β={fit['beta']:.3g}, peak KL={fit['peak_kl']:.3g}"
+        axes[0].plot(xs, [fit["fit"].predict(x * x) for x in xs], "--", color="#444", lw=1.2, label=lab)
+    for ax, (_, name) in zip(axes, keys):
+        ax.axhline(0, color="#000", lw=0.6)
+        ax.set_xlabel("d = sqrt(KL)  (nats^½)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    if fits:
+        axes[0].legend(fontsize=7, loc="best")
+    fig.suptitle("Overoptimisation (Gao et al. 2022): reward gain against the distance from the reference")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def matched_runs(finals: list[dict], sets: list[dict], *, k: int = 3) -> tuple[Optional[float], list[dict]]:
+    """The final rows of up to ``k`` runs, one per setting, whose KL is closest to a common KL (the
+    median of the settings' mean KLs), the reference first."""
+    trained = [s for s in sets if s["method"] != REFERENCE]
+    if not trained:
+        return None, [r for r in finals if r["method"] == REFERENCE]
+    target = sorted(s["kl"] for s in trained)[len(trained) // 2]
+    picks = []
+    for s in trained:
+        rs = [r for r in finals if r["run"] in s["runs"]]
+        picks.append(min(rs, key=lambda r: abs(r["kl"] - target)))
+    picks = sorted(picks, key=lambda r: abs(r["kl"] - target))[:k]
+    return target, [r for r in finals if r["method"] == REFERENCE] + sorted(picks, key=lambda r: r["kl"])
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        return f"{v:.4g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
+    return str(v)
+
+
+def write_html(out_dir: Path, finals, sets, samples, budgets, fits, *, ykey: str, swept: list[str], meta: dict,
+               title: str = "tether sweep: the reward–KL frontier", intro: str = "", extra_figs: tuple = ()) -> Path:
+    esc = html.escape
+    ylab = "gold" if ykey == "gold_reward" else "proxy (stands in for gold)"
+    skey = ykey.replace("_reward", "_stderr")
+    cols = ["method", "run", "seed", "step", *[k for k in swept if k not in ("seed",)], "beta", "kl", "kl_stderr", ykey, skey]
+    cols = list(dict.fromkeys(cols + (["proxy_reward"] if ykey != "proxy_reward" else [])))
+    head = "".join(f"<th>{esc(c)}</th>" for c in cols)
+    body = "".join(
+        f"<tr class='{'ref-row' if r['method'] == REFERENCE else 'run-row'}'>" + "".join(f"<td>{esc(_fmt(r.get(c)))}</td>" for c in cols) + "</tr>"
+        for r in sorted(finals, key=lambda r: (r["method"] != REFERENCE, r["kl"] or 0)))
+    set_rows = "".join(f"<tr><td>{esc(s['setting'])}</td><td>{s['n']}</td><td>{s['kl']:.3g} ± {s['kl_seed_sd']:.2g}</td>"
+                       f"<td>{s['y']:.3g} ± {s['y_seed_sd']:.2g}</td></tr>" for s in sorted(sets, key=lambda s: s["kl"]))
+    bud_rows = ""
+    for b in budgets:
+        best = b["best"]
+        what = (f"<b>{esc(best['setting'])}</b> ({ylab} {best['y']:.3g}, KL {best['kl']:.3g})" if best else "nothing fits")
+        beta = _fmt(b["min_beta"]) if b["min_beta"] is not None else "—"
+        bud_rows += f"<tr><td>{b['budget']:g}</td><td>{what}</td><td>{esc(beta)}</td></tr>"
+    fit_rows = "".join(f"<tr><td>{esc(m)}</td><td>{f['kind']}</td><td>{f['alpha']:.4g}</td><td>{f['beta']:.4g}</td>"
+                       f"<td>{f['peak_kl']:.4g}</td><td>{f['n']}</td></tr>" for m, f in fits.items())
+    target, picks = matched_runs(finals, sets)
+    side = ""
+    if picks:
+        lists = [samples.get(r["run"], []) for r in picks]
+        depth = min((len(x) for x in lists), default=0)
+        hdr = "".join(f"<th>{esc(r['run'])}<br><small>KL {r['kl']:.2f}</small></th>" for r in picks)
+        trs = ""
+        for i in range(min(depth, 6)):
+            p = lists[0][i].get("prompt", "")
+            cells = "".join(f"<td>{esc(x[i].get('completion', ''))}<br><small>{ylab.split()[0]} "
+                            f"{_fmt(x[i].get('gold' if ykey == 'gold_reward' else 'proxy'))}</small></td>" for x in lists)
+            trs += f"<tr><td class='p'>{esc(p)}</td>{cells}</tr>"
+        side = f"<table class='side'><tr><th>prompt</th>{hdr}</tr>{trs}</table>"
+    proxy_note = ("" if ykey == "gold_reward" else
+                  "<p class='warn'><b>No gold reward was given: the proxy reward stands in for it on every plot and table.</b> "
+                  "A frontier measured with the reward being optimised cannot show overoptimisation.</p>")
+    meta_html = "".join(f"<li><b>{esc(str(k))}</b>: {esc(str(v))}</li>" for k, v in meta.items())
+    figs = "".join(f"<div><h2>{esc(t)}</h2><img src='{esc(f)}' alt='{esc(t)}'></div>" for t, f in extra_figs)
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{esc(title)}</title>
+<style>
+body {{ font-family: -apple-system, Segoe UI, Helvetica, Arial, sans-serif; max-width: 1150px; margin: 2em auto; color: #222; line-height: 1.45; }}
+table {{ border-collapse: collapse; font-size: 13px; margin: 0.5em 0; }} td, th {{ border: 1px solid #ddd; padding: 3px 8px; text-align: right; vertical-align: top; }}
+td:nth-child(-n+2) {{ text-align: left; }} th {{ background: #f3f3f3; }} .side td {{ text-align: left; font-family: Georgia, serif; max-width: 260px; }}
+img {{ max-width: 100%; border: 1px solid #eee; }} .p {{ color: #888; }} .warn {{ background: #fff3cd; padding: 6px 10px; }}
+.figs {{ display: flex; gap: 12px; flex-wrap: wrap; }}
+</style></head><body>
+<h1>{esc(title)}</h1>
+{intro}
+<p>Every run is evaluated with one protocol: the same held-out prompts, the same sampling seed, the exact
+sequence KL[π‖π_ref] with its standard error, and the mean {ylab} reward with its standard error over the
+evaluation samples. Up and to the left is better.</p>
+{proxy_note}
+<h2>Frontier</h2><img src="frontier.png" alt="frontier plot">
+<p>Small markers: each run's final point with error bars of one standard error (KL and reward, over evaluation
+samples). Hollow squares: the mean over seeds of a setting, error bars one standard deviation across seeds.
+Gold band: the Pareto front of the final points.</p>
+<h2>Overoptimisation</h2><img src="overoptimisation.png" alt="overoptimisation plot">
+<table><tr><th>method</th><th>form</th><th>α</th><th>β (curvature)</th><th>peak KL</th><th>points</th></tr>{fit_rows}</table>
+<p>Gao, Schulman &amp; Hilton (2022) forms, fitted by least squares to the reward gain over the reference against
+d = √KL: RL d(α − β log d), best-of-n d(α − β d) (docs/theory.md §8).</p>
+<div class="figs">{figs}</div>
+<h2>Choosing β: the best setting within a KL budget</h2>
+<table><tr><th>KL budget (nats)</th><th>best setting (mean over seeds)</th><th>smallest β within the budget</th></tr>{bud_rows}</table>
+<h2>Settings (mean ± spread across seeds)</h2>
+<table><tr><th>setting</th><th>seeds</th><th>final KL</th><th>final {ylab}</th></tr>{set_rows}</table>
+<h2>Every run's final numbers</h2>
+<table id="runs"><tr>{head}</tr>{body}</table>
+<h2>Completions side by side at a matched KL{f" (≈ {target:.2f} nats)" if target is not None else ""}</h2>{side}
+<h2>Settings of this sweep</h2><ul>{meta_html}</ul>
+<p>Data: <a href="frontier.csv">frontier.csv</a> (every evaluation point), <a href="finals.csv">finals.csv</a>, <a href="samples.jsonl">samples.jsonl</a>.</p>
+</body></html>"""
+    path = out_dir / "report.html"
+    path.write_text(page)
+    return path
+
+
+def write_report(out_dir: Path, rows: list[dict], finals: list[dict], samples: dict, *, meta: dict,
+                 kl_budgets: Optional[list] = None, **page) -> Path:
+    """Write every file of the report into ``out_dir``; returns the path of report.html."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    swept = []
+    for r in rows:
+        for k in r.get("swept", []) or []:
+            if k not in swept:
+                swept.append(k)
+    cols = csv_columns(rows)
+    write_csv(rows, out_dir / "frontier.csv", cols)
+    write_csv(finals, out_dir / "finals.csv", cols)
+    with open(out_dir / "samples.jsonl", "w") as f:
+        for run, items in samples.items():
+            for s in items:
+                f.write(json.dumps({"run": run, **s}) + "\n")
+    ykey = y_key(rows)
+    swept = [k for k in swept if k not in SETTING_SKIP]
+    sets = settings(finals, ykey, swept)
+    plot_frontier(rows, finals, sets, out_dir / "frontier.png", ykey=ykey, swept=swept)
+    fits = gao_fits(rows, ykey=ykey)
+    plot_overoptimisation(rows, sets, fits, out_dir / "overoptimisation.png", ykey=ykey, swept=swept)
+    budgets = budget_table(sets, [float(b) for b in (kl_budgets or default_budgets(sets))])
+    return write_html(out_dir, finals, sets, samples, budgets, fits, ykey=ykey, swept=swept, meta=meta, **page)

@@ -1,0 +1,176 @@
+"""The SWEEP.yaml of ``tether sweep`` and its expansion into runs.
+
+A sweep is one trainer config (``base``) and the settings to vary: ``grid`` (field: [values], their
+product) or ``runs`` (a list of overrides), each run evaluated with ``eval`` (one protocol for all:
+same held-out prompts, same sampling seed, same rewards). Field names go through ``tether.config``
+so TRL's names and nested groups work in ``base``, ``grid`` and ``runs`` alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from ..config import check_finite, finish_names, from_dict, read_yaml_config, resolve_names
+from ..errors import UserError
+
+METHODS = ("dpo", "ppo", "grpo", "rloo", "bon")
+
+
+def trainer_class(method: str) -> type:
+    """The config dataclass of a sweep method."""
+    if method == "dpo":
+        from ..trainers.dpo import DPOConfig as cls
+    elif method == "ppo":
+        from ..trainers.ppo import PPOConfig as cls
+    elif method == "grpo":
+        from ..trainers.grpo import GRPOConfig as cls
+    elif method == "rloo":
+        from ..trainers.rloo import RLOOConfig as cls
+    elif method == "bon":
+        from ..commands.bon import BoNConfig as cls
+    else:
+        raise UserError(f"sweep field 'method' is {method!r}; choose one of {', '.join(METHODS)}")
+    return cls
+
+
+@dataclass
+class EvalSpec:
+    """How every run of the sweep is evaluated (the same for all of them)."""
+
+    prompts: str = ""
+    """Held-out prompts (same formats as the trainers' prompts: text, .jsonl, .json, .parquet, a datasets folder)."""
+    prompt_field: str = "prompt"
+    """Column holding the prompt in table rows."""
+    gold: Optional[str] = None
+    """Gold reward spec (vader, a reward-model folder, module:function). None: the proxy stands in, and the report says so."""
+    proxy: Optional[str] = None
+    """Proxy reward spec; default: the reward the run optimises (online methods, best-of-n). DPO has none unless given."""
+    rewards: dict = field(default_factory=dict)
+    """Other rewards to log, name: spec (columns reward_<name> in frontier.csv)."""
+    samples_per_prompt: int = 1
+    """Completions per prompt per evaluation point."""
+    max_prompts: int = 64
+    """At most this many held-out prompts."""
+    max_new_tokens: int = 32
+    """Completion length of evaluation samples."""
+    eval_every: int = 10
+    """Evaluate every N optimiser steps (and at step 0 and the end)."""
+    seed: int = 0
+    """The evaluation sampling seed, shared by every run (engine.eval_seed(seed))."""
+    kl_budgets: list = field(default_factory=list)
+    """KL budgets (nats) for the report's 'best setting within a budget' table; default: from the final KLs."""
+
+
+@dataclass
+class SweepConfig:
+    """A parsed SWEEP.yaml."""
+
+    method: str = ""
+    """dpo, ppo, grpo, rloo or bon."""
+    base: dict = field(default_factory=dict)
+    """The trainer config shared by every run: a mapping, or a path to a trainer YAML."""
+    grid: dict = field(default_factory=dict)
+    """field: [values]; the runs are their product."""
+    runs: list = field(default_factory=list)
+    """A list of overrides, one run each (instead of, or on top of, grid)."""
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    """The evaluation protocol."""
+    output_dir: str = "runs/sweep"
+    """Where every run and the report go."""
+    workers: int = 0
+    """Parallel run processes (0: one per core, at most the number of runs)."""
+
+
+@dataclass
+class RunSpec:
+    name: str
+    method: str
+    overrides: dict
+    config: dict  # the resolved trainer config fields (base + overrides)
+
+
+def _num(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def run_name(method: str, overrides: dict) -> str:
+    parts = [f"{k}{_num(v)}" for k, v in overrides.items()]
+    name = "-".join([method] + parts)
+    return re.sub(r"[^A-Za-z0-9_.=+-]", "_", name)[:120]
+
+
+def load_sweep(path: str | Path) -> SweepConfig:
+    """Read and check SWEEP.yaml; every run's trainer config is built here, so a bad field ends as a
+    one-line UserError before any process starts."""
+    data = read_yaml_config(path)
+    src = f"--config {path}"
+    known = {f.name for f in dataclasses.fields(SweepConfig)}
+    extra = sorted(set(data) - known)
+    if extra:
+        raise UserError(f"{src}: unknown sweep field(s) {extra}; a sweep has {sorted(known)}")
+    method = str(data.get("method", "")).strip()
+    if not method:
+        raise UserError(f"{src}: field 'method' is missing; set it to one of {', '.join(METHODS)}")
+    trainer_class(method)  # refuses an unknown method
+    base = data.get("base") or {}
+    if isinstance(base, str):
+        bpath = Path(base) if Path(base).is_absolute() else Path(path).parent / base
+        base = read_yaml_config(bpath if bpath.exists() else base)
+    if not isinstance(base, dict):
+        raise UserError(f"{src}: field 'base' must be a trainer config mapping or a path to a trainer YAML")
+    grid, runs = data.get("grid") or {}, data.get("runs") or []
+    if not isinstance(grid, dict) or any(not isinstance(v, list) or not v for v in grid.values()):
+        raise UserError(f"{src}: field 'grid' must map each field to a non-empty list of values, e.g. grid: {{beta: [0.1, 1.0]}}")
+    if not isinstance(runs, list) or any(not isinstance(r, dict) for r in runs):
+        raise UserError(f"{src}: field 'runs' must be a list of mappings (the overrides of each run)")
+    ev = data.get("eval") or {}
+    if not isinstance(ev, dict):
+        raise UserError(f"{src}: field 'eval' must be a mapping (prompts, gold, samples_per_prompt, ...)")
+    try:
+        espec = from_dict(EvalSpec, ev, source=f"{src} eval")
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{src}: eval: {e}") from None
+    if not espec.prompts:
+        raise UserError(f"{src}: eval.prompts is missing; give a file of held-out prompts (one per line or JSONL)")
+    for name in ("samples_per_prompt", "max_prompts", "max_new_tokens", "eval_every"):
+        if getattr(espec, name) < 1:
+            raise UserError(f"{src}: eval.{name} is {getattr(espec, name)}; it must be at least 1")
+    cfg = SweepConfig(method=method, base=base, grid=grid, runs=runs, eval=espec,
+                      output_dir=str(data.get("output_dir", SweepConfig.output_dir)), workers=int(data.get("workers", 0)))
+    expand(cfg, source=src)  # checks every run's config
+    return cfg
+
+
+def expand(cfg: SweepConfig, *, source: str = "sweep") -> list[RunSpec]:
+    """The runs: the grid's product (in the order written), then the listed runs."""
+    keys = list(cfg.grid)
+    overrides = [dict(zip(keys, vals)) for vals in itertools.product(*(cfg.grid[k] for k in keys))] if keys else []
+    overrides += [dict(r) for r in cfg.runs]
+    if not overrides:
+        overrides = [{}]
+    cls = trainer_class(cfg.method)
+    out, seen = [], set()
+    for ov in overrides:
+        name = str(ov.pop("name", "")) or run_name(cfg.method, ov)
+        if name in seen:
+            raise UserError(f"{source}: two runs are both named {name!r}; give the runs distinct settings or a 'name'")
+        seen.add(name)
+        try:
+            data = {**cfg.base, **ov}
+            if cfg.method == "bon" and not isinstance(data.get("n", []), list):
+                data["n"] = [data["n"]]  # a best-of-n run has one n
+            fields, pending = resolve_names(cls, data, source=f"{source} run {name}")
+            fields = finish_names(cls, fields, pending, source=f"{source} run {name}")
+            tcfg = from_dict(cls, fields, source=f"{source} run {name}")
+            check_finite(tcfg)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{source}: run {name}: {e}") from None
+        if cfg.method == "bon" and len(tcfg.n) != 1:
+            raise UserError(f"{source}: run {name}: a best-of-n run takes one n; sweep n in the grid (grid: {{n: [2, 4, 8]}})")
+        out.append(RunSpec(name, cfg.method, ov, dataclasses.asdict(tcfg)))
+    return out
