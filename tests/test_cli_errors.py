@@ -45,6 +45,7 @@ CASES = [
     ("ppo-lr-negative", "ppo --prompts {d}/p.txt --learning_rate -1e-3", "learning_rate"),
     ("ppo-lr-abbreviation", "ppo --prompts {d}/p.txt --lr 1e-4", "--lr"),
     ("ppo-kl-estimator", "ppo --prompts {d}/p.txt --kl_estimator k9", "kl_estimator"),
+    ("grpo-vllm-head-dim-8", "grpo --prompts {d}/p.txt --backend vllm", "backend=vllm"),
     ("ppo-reward-no-module", "ppo --prompts {d}/p.txt --reward no_such_module_x:fn", "no_such_module_x"),
     ("ppo-reward-no-file", "ppo --prompts {d}/p.txt --reward {d}/nope.py:fn", "nope.py"),
     ("ppo-reward-bad-spec", "ppo --prompts {d}/p.txt --reward sentiment", "--reward"),

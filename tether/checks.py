@@ -295,6 +295,8 @@ def preflight_online(cfg) -> None:
     _at_least(cfg, "eval_samples", 1)
     _at_least(cfg, "max_prompt_length", 1)
     path, config = check_model(cfg.model, assets=cfg.assets)
+    check_backend_model(getattr(cfg, "backend", "builtin"), config,
+                        {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p})
     tok = _tokenizer(path)
     prompts = check_prompts_file(cfg.prompts, tokenizer=tok, cfg=cfg)
     eval_prompts = check_prompts_file(cfg.eval_prompts, field="eval_prompts", tokenizer=tok, cfg=cfg) if cfg.eval_prompts else []
@@ -372,6 +374,17 @@ def check_backend(name: str) -> None:
         raise UserError(f"backend={name!r} is not a generation backend; set --backend to one of {', '.join(BACKEND_NAMES)}")
 
 
+def check_backend_model(backend: str, config, sampling: dict) -> None:
+    """backend=vllm: the model's head size and the sampling filters (``tether.backends.vllm``), before
+    any weights load; nothing to check for the built-in sampler."""
+    if backend != "vllm":
+        return
+    from .backends.vllm import check_model as check_vllm_model, check_settings
+
+    check_vllm_model(config)
+    check_settings(sampling)
+
+
 def preflight_sampling(*, model: str, model_field: str, prompts_path: Optional[str], max_new_tokens: int,
                        temperature: float, top_k: int, top_p: float, batch_size: int,
                        assets: Optional[str] = None, cfg=None) -> tuple[str, list[str]]:
@@ -386,6 +399,7 @@ def preflight_sampling(*, model: str, model_field: str, prompts_path: Optional[s
         raise UserError(f"top_p={top_p} must lie in (0, 1] (1 = off); set --top_p")
     check_backend(getattr(cfg, "backend", "builtin"))
     path, config = check_model(model, field=model_field, assets=assets)
+    check_backend_model(getattr(cfg, "backend", "builtin"), config, {"temperature": temperature, "top_k": top_k, "top_p": top_p})
     prompts = check_prompts_file(prompts_path, tokenizer=_tokenizer(path), cfg=cfg)
     longest = _longest_prompt(path, prompts)
     check_context(config, need=longest + max_new_tokens, model_field=model_field, spec=model,

@@ -18,7 +18,7 @@ Backends, chosen by the sampling group's ``backend`` field (``make_backend``):
 
 - ``builtin``: ``tether.sampling.sample`` on the policy itself (KV cache, finished rows compacted).
   ``update_weights`` does nothing: it samples from the live module.
-- ``vllm``: optional, colocated ``vllm.LLM`` engine (``tether.vllm_backend.VLLMBackend``, imported
+- ``vllm``: optional, colocated ``vllm.LLM`` engine (``tether.backends.vllm.VLLMBackend``, imported
   only when asked for), which copies the policy's weights in ``update_weights``.
 
 ``register_backend(name, factory)`` adds one; ``factory(model, **options)`` returns the backend.
@@ -95,7 +95,7 @@ class BuiltinBackend:
 
 _FACTORIES: dict[str, Union[Callable, str]] = {
     "builtin": BuiltinBackend,
-    "vllm": "tether.vllm_backend:VLLMBackend",  # optional dependency: imported when asked for
+    "vllm": "tether.backends.vllm:VLLMBackend",  # optional dependency: imported when asked for
 }
 BACKEND_NAMES = tuple(_FACTORIES)
 
