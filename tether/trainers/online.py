@@ -86,6 +86,8 @@ class OnlineReferenceConfig(ReferenceConfig):
     """With ref_reset_every: also clear the optimiser state (Adam moments) at each reset, as ProRL does."""
     ref_lag: int = 0
     """Rolling reference: score step t's rollout against the policy of step t-N (0 = off; snapshots of the trainable tensors kept in CPU memory)."""
+    reference_prompt: Optional[str] = None
+    """Score the reference on a transformed prompt g(x) while the policy sees x (the reference-shift remedy, docs/theory.md §13): strip_prefix:TEXT, file.py:function or module:function (str -> str). Every KL (penalty, loss, kl/ref, eval/kl) is then KL[π_θ(·|x)‖π_ref(·|g(x))]."""
 
 
 @config_group("data", prefixes=("dataset",), fields=DATA_FIELDS)
@@ -450,6 +452,16 @@ def _load_reference(cfg: OnlineConfig, policy, tok, path: str, dist: Dist):
                                  forms=ONLINE_REFERENCE_FORMS)
 
 
+def _prompt_mapped_reference(cfg: OnlineConfig, reference, tok, texts: Sequence[str]):
+    """``reference`` scored on ``cfg.reference_prompt``(x) for every known prompt x (training and
+    evaluation): the token map old ids -> ids of the transformed text, same encoding as the prompts."""
+    from ..reference_prompt import PromptMappedReference, load_prompt_transform, transformed_prompt_map
+
+    encode = lambda ts: encode_prompts(tok, ts, max_prompt_length=cfg.max_prompt_length)  # noqa: E731
+    prompt_map = transformed_prompt_map(load_prompt_transform(cfg.reference_prompt), texts, encode(texts), encode)
+    return PromptMappedReference(reference, prompt_map, pad_id=tok.pad_token_id)
+
+
 def _prompt_rows(cfg: OnlineConfig, tok, prompts, eval_prompts) -> tuple[list[Prompt], list[Prompt]]:
     """(training prompts, evaluation prompts) from the arguments of train_online (strings, row dicts or
     Prompts) or the config's files (``tether.data.prompts``). Evaluation: eval_prompts, else a saved
@@ -550,6 +562,8 @@ def setup(cfg: OnlineConfig, method: OnlineMethod, *, prompts=None, reward=None,
         if method.uses_value_model(cfg) else None
     prompt_rows, eval_rows = _prompt_rows(cfg, tok, prompts, eval_prompts)
     texts, eval_texts = [p.text for p in prompt_rows], [p.text for p in eval_rows]
+    if cfg.reference_prompt:  # the reference-shift remedy: π_ref scored on g(x), the policy on x
+        reference = _prompt_mapped_reference(cfg, reference, tok, texts + eval_texts)
     cfg = with_epochs(cfg, len(texts), per_step=cfg.batch_size // cfg.samples_per_prompt, unit="prompts")
     params = trainable_params(policy)
     value_params = list(value_model.parameters()) if value_model is not None else []
