@@ -338,7 +338,10 @@ table {{ border-collapse: collapse; font-size: 13px; margin: 0.5em 0; }} td, th 
 td:nth-child(-n+2) {{ text-align: left; }} th {{ background: #f3f3f3; }} .side td {{ text-align: left; font-family: Georgia, serif; max-width: 260px; }}
 img {{ max-width: 100%; border: 1px solid #eee; }} .p {{ color: #888; }} .warn {{ background: #fff3cd; padding: 6px 10px; }}
 .figs {{ display: flex; gap: 12px; flex-wrap: wrap; }}
-</style></head><body>
+</style>
+<script>/* for headless checks (tests/test_sweep.py): how many images decoded */
+window.addEventListener("load", () => {{ document.body.dataset.imagesLoaded = [...document.images].filter(i => i.complete && i.naturalWidth > 0).length;
+document.body.dataset.images = document.images.length; }});</script></head><body>
 <h1>{esc(title)}</h1>
 {intro}
 <p>Every run is evaluated with one protocol: the same held-out prompts, the same sampling seed, the exact

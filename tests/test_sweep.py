@@ -1,0 +1,137 @@
+"""``tether sweep`` (tether/sweep/): the report's arithmetic by hand, the config's errors, and a
+miniature sweep end to end on the real stories260K (CSV, resume, the page in a real headless browser)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from tether.cli import main as cli_main
+from tether.errors import UserError
+from tether.sweep.report import budget_table, default_budgets, pareto_front, settings
+from tether.sweep.runner import read_points
+from tether.sweep.spec import load_sweep
+
+
+def test_pareto_front_by_hand():
+    """(1, 0.2) beats (2, 0.1) (less KL, more reward); (3, 0.5) adds reward at more KL; (4, 0.5)
+    ties it at more KL (dominated); (0, 0) is the reference, on the front."""
+    pts = [(2.0, 0.1, "b"), (1.0, 0.2, "a"), (3.0, 0.5, "c"), (4.0, 0.5, "d"), (0.0, 0.0, "ref")]
+    assert [p[2] for p in pareto_front(pts)] == ["ref", "a", "c"]
+
+
+def test_settings_seed_spread_and_budget_table():
+    """Two seeds of β = 0.1 with final (KL, reward) (4, 0.3) and (6, 0.5): mean (5, 0.4), sample
+    std of the rewards √((0.1² + 0.1²)/1) = √0.02; β = 1 (one seed) at (1, 0.1): spread 0.
+    Budget 2 -> only β = 1 fits; budget 5 -> β = 0.1 (mean KL 5 ≤ 5) wins with 0.4, smallest β 0.1."""
+    finals = [
+        {"method": "reference", "run": "reference", "kl": 0.0, "gold_reward": 0.0},
+        {"method": "dpo", "run": "a0", "beta": 0.1, "seed": 0, "kl": 4.0, "gold_reward": 0.3},
+        {"method": "dpo", "run": "a1", "beta": 0.1, "seed": 1, "kl": 6.0, "gold_reward": 0.5},
+        {"method": "dpo", "run": "b0", "beta": 1.0, "seed": 0, "kl": 1.0, "gold_reward": 0.1},
+    ]
+    sets = {s["setting"]: s for s in settings(finals, "gold_reward", ["beta"])}
+    a, b = sets["dpo beta=0.1"], sets["dpo beta=1"]
+    assert a["n"] == 2 and a["kl"] == pytest.approx(5.0) and a["y"] == pytest.approx(0.4)
+    assert a["y_seed_sd"] == pytest.approx(math.sqrt(0.02)) and a["kl_seed_sd"] == pytest.approx(math.sqrt(2.0))
+    assert b["y_seed_sd"] == 0.0
+    table = budget_table(list(sets.values()), [0.5, 2.0, 5.0])
+    assert table[0]["best"]["setting"] == "reference" and table[0]["min_beta"] is None
+    assert table[1]["best"]["setting"] == "dpo beta=1" and table[1]["min_beta"] == 1.0
+    assert table[2]["best"]["setting"] == "dpo beta=0.1" and table[2]["min_beta"] == 0.1
+    assert default_budgets(list(sets.values())) == [1.0, 2.0, 3.0, 5.0]
+
+
+def test_read_points_keeps_the_later_row_of_a_step(tmp_path):
+    """A resumed run re-evaluates the step it resumed from: that step's later row wins."""
+    (tmp_path / "eval.jsonl").write_text('{"step": 0, "kl": 0}\n{"step": 2, "kl": 1}\n{"step": 2, "kl": 3}\n{"step": 4, "kl": 5}\n')
+    assert [(p["step"], p["kl"]) for p in read_points(tmp_path)] == [(0, 0), (2, 3), (4, 5)]
+
+
+@pytest.mark.parametrize("data, needle", [
+    ({"base": {}, "eval": {"prompts": "p.txt"}}, "'method' is missing"),
+    ({"method": "sft", "eval": {"prompts": "p.txt"}}, "choose one of dpo, ppo"),
+    ({"method": "ppo", "eval": {}}, "eval.prompts is missing"),
+    ({"method": "ppo", "grid": {"beta": 0.1}, "eval": {"prompts": "p.txt"}}, "non-empty list"),
+    ({"method": "ppo", "grid": {"beta": [0.1, "x"]}, "eval": {"prompts": "p.txt"}}, "beta"),
+    ({"method": "ppo", "gird": {}, "eval": {"prompts": "p.txt"}}, "unknown sweep field"),
+    ({"method": "dpo", "grid": {"kl_target": [3.0]}, "eval": {"prompts": "p.txt"}}, "kl_target"),
+])
+def test_bad_sweep_configs_are_one_line_user_errors(tmp_path, data, needle):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(UserError, match=re.escape(needle)):
+        load_sweep(path)
+
+
+def test_cli_missing_config_is_exit_2(tmp_path, capsys):
+    assert cli_main(["sweep", "--config", str(tmp_path / "nope.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no such file" in err[0]
+
+
+def _chromium() -> str:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None and hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "install", "-y", "chromium"], capture_output=True, timeout=600)
+        exe = shutil.which("chromium")
+    if exe is None:
+        pytest.skip("chromium is not installed and cannot be installed here (needs root and apt-get): "
+                    "the headless-browser check of report.html is skipped")
+    return exe
+
+
+@pytest.mark.slow
+def test_miniature_sweep_end_to_end(tmp_path, stories_path, assets_dir):
+    """Two β × two seeds of PPO, two steps each, evaluated at steps 0, 1, 2 on 4 prompts x 2 samples:
+    the CSV has one row per evaluation point (4 runs x 3 steps + the reference), a second invocation
+    starts no process, and chromium renders the page with both images decoded and a row per run."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Once upon a time\nThe little dog\nLily was sad\nTom found a box\n")
+    sweep = {"method": "ppo",
+             "base": {"model": stories_path, "prompts": str(prompts), "reward": "vader", "max_steps": 2, "batch_size": 4,
+                      "max_new_tokens": 6, "learning_rate": 1e-3},
+             "grid": {"beta": [0.05, 0.5], "seed": [0, 1]},
+             "eval": {"prompts": str(prompts), "gold": "vader", "samples_per_prompt": 2, "max_new_tokens": 6, "eval_every": 1}}
+    cfg_path = tmp_path / "sweep.yaml"
+    cfg_path.write_text(yaml.safe_dump(sweep))
+    out = tmp_path / "out"
+    assert cli_main(["sweep", "--config", str(cfg_path), "--output_dir", str(out), "--workers", "2"]) == 0
+
+    with open(out / "frontier.csv") as f:
+        rows = list(csv.DictReader(f))
+    for col in ("method", "run", "seed", "step", "kl", "kl_stderr", "gold_reward", "gold_stderr", "proxy_reward", "beta"):
+        assert col in rows[0], col
+    runs = sorted({r["run"] for r in rows} - {"reference"})
+    assert runs == ["ppo-beta0.05-seed0", "ppo-beta0.05-seed1", "ppo-beta0.5-seed0", "ppo-beta0.5-seed1"]
+    assert len(rows) == 1 + 4 * 3
+    for r in rows:
+        assert float(r["kl_stderr"]) >= 0 and float(r["gold_stderr"]) >= 0
+        if r["run"] != "reference":
+            assert r["seed"] in ("0", "1") and r["step"] in ("0", "1", "2")
+    step0 = [r for r in rows if r["step"] == "0"]  # one protocol: at step 0 every run is the reference
+    assert {r["gold_reward"] for r in step0} == {step0[0]["gold_reward"]} and all(float(r["kl"]) == 0 for r in step0)
+
+    # resume: nothing is redone (no worker starts: worker.log, eval.jsonl and result.json untouched)
+    watched = [p for p in (out / "runs").rglob("*") if p.name in ("worker.log", "eval.jsonl", "result.json", "spec.json")]
+    assert len(watched) == 5 * 4
+    before = {p: p.stat().st_mtime_ns for p in watched}
+    assert cli_main(["sweep", "--config", str(cfg_path), "--output_dir", str(out), "--workers", "2"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in watched} == before
+
+    exe = _chromium()
+    dom = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                          "--run-all-compositor-stages-before-draw", "--virtual-time-budget=5000", "--dump-dom",
+                          (out / "report.html").as_uri()], capture_output=True, text=True, timeout=120).stdout
+    body = re.search(r"<body[^>]*>", dom)
+    assert body is not None, dom[:500]
+    assert 'data-images="2"' in body.group(0) and 'data-images-loaded="2"' in body.group(0), body.group(0)
+    assert dom.count("class=\"run-row\"") == 4 and dom.count("class=\"ref-row\"") == 1
+    assert "best setting" in dom and "Pareto front" in dom
