@@ -28,6 +28,7 @@ COMMANDS = {
     "sweep": "run a grid of one trainer's settings and draw the reward-KL frontier (choosing β)",
     "demo": "the reward-KL frontier on a real tiny model (the main job)",
     "forgetting": "forgetting probe: NLL change and exact KLs on off-distribution text, forward KL on prompts",
+    "reference-check": "score candidate references on preference data: NLL of chosen/rejected, how often the reference finds chosen likely",
     "shift": "reference-shift diagnostic: does a prompt prefix move log π_ref(y|x) and the policy's KL?",
 }
 
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
     from .distributed import quiet_other_ranks
 
     quiet_other_ranks()  # torchrun / accelerate: only rank 0 prints
-    module = importlib.import_module(f"tether.commands.{name}")
+    module = importlib.import_module(f"tether.commands.{name.replace('-', '_')}")  # reference-check -> reference_check
     try:
         return int(module.main(rest) or 0)
     except Exception as e:  # noqa: BLE001 - sorted into user errors (one line) and bugs (re-raised)
