@@ -58,3 +58,36 @@ def test_bad_prompt_file_errors(tmp_path, stories_path):
     bad.write_text('{"text": "hi"}\n')
     with pytest.raises(ValueError, match="'prompt' field"):
         kl_main(["--policy", stories_path, "--reference", stories_path, "--prompts", str(bad)])
+
+
+def _perturbed(tmp_path, stories_path, scale=0.01):
+    from tether.modeling import load_causal_lm, load_tokenizer
+
+    model = load_causal_lm(stories_path)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    model.save_pretrained(tmp_path / "perturbed")
+    load_tokenizer(stories_path).save_pretrained(tmp_path / "perturbed")
+    return str(tmp_path / "perturbed")
+
+
+def test_by_position_adds_up_to_the_sequence_kl(tmp_path, stories_path, capsys):
+    """--by_position (issue 14, point 3): Σ_t mean_t·n_t is the sum of every sample's exact per-token KL,
+    so divided by the sample count it is the exact mean sequence KL (float64 sums of float32 values);
+    every sample reaches position 0; the length buckets partition the samples, and their count-weighted
+    means give back each estimator's overall mean. Against itself: all zeros."""
+    res = _run(tmp_path, _perturbed(tmp_path, stories_path), stories_path, samples=8, extra=["--by_position"])
+    pos, n = res["by_position"], res["by_position_n"]
+    assert n[0] == res["samples"] == 32 and all(a >= b for a, b in zip(n, n[1:])) and len(pos) <= 32
+    total = sum(p * k for p, k in zip(pos, n)) / res["samples"]
+    assert total == pytest.approx(res["estimators"]["exact"]["mean"], rel=1e-6)
+    assert sum(r["n"] for r in res["by_length"]) == 32
+    for name, v in res["estimators"].items():
+        weighted = sum(r["n"] * r["estimators"][name]["mean"] for r in res["by_length"]) / 32
+        assert weighted == pytest.approx(v["mean"], rel=1e-6, abs=1e-9), name
+    assert "sequence KL standard error by completion length" in capsys.readouterr().out
+    same = _run(tmp_path, stories_path, stories_path, samples=2, extra=["--by_position"])
+    assert set(same["by_position"]) == {0.0}
+    assert all(e["mean"] == 0.0 for r in same["by_length"] for e in r["estimators"].values())

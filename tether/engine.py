@@ -36,6 +36,7 @@ import torch
 from .modeling import CompletionBatch, forward_completion, with_allowed
 from .ops.kl import ESTIMATOR_NAMES, kl_per_token, seq_sum
 from .ops.logprobs import entropy_from_logits, selective_logps, uses_token_filter
+from .ops.positions import POSITION_BUCKETS, bucket_label, bucket_of, position_means
 from .generation import BuiltinBackend, GenerationBackend, GenerationSettings
 from .reference import eval_mode
 
@@ -269,6 +270,7 @@ def measure(
     policy, reference, prompt_ids: Sequence[Sequence[int]], *, tokenizer, samples_per_prompt: int = 1,
     max_new_tokens: int = 32, batch_size: int = 32, seed: int = 0, estimators: Sequence[str] = ESTIMATOR_NAMES,
     sampling: Optional[dict] = None, chunk: Optional[int] = None, progress: bool = False, return_samples: bool = False,
+    by_position: bool = False,
 ) -> dict:
     """Sample ``samples_per_prompt`` completions per prompt from ``policy`` (``generate_batches``,
     seeded ``seed``) and estimate the sequence KL[π^{τ,F}_θ‖π^{τ,F}_ref] of each with every estimator
@@ -277,8 +279,16 @@ def measure(
     Returns ``{"estimators": {name: {"mean", "stderr"}}, "token_mean", "response_len", "samples",
     "per_sequence": {name: list}}``, rows in prompt order (+ ``"completions"``: token lists and
     ``"texts"``: decoded completions, if ``return_samples``). ``token_mean`` is the exact per-token
-    KL averaged over all completion tokens (not the sequence KL)."""
+    KL averaged over all completion tokens (not the sequence KL).
+
+    ``by_position`` adds ``"by_position"``: the exact per-token KL at completion position t (0 = first)
+    averaged over the samples that reach t (a list, one per position), ``"by_position_n"``: how many
+    samples reach each position, and ``"by_length"``: per completion-length bucket
+    (``ops.positions.POSITION_BUCKETS``), ``{"lengths", "n", "estimators": {name: {"mean", "stderr"}}}``
+    of the sequence KL (``length_buckets``): how the noise of each estimator grows with length."""
     per_seq: dict[str, list] = {name: [] for name in estimators}
+    pos_sum = torch.zeros(0, dtype=torch.float64)
+    pos_n = torch.zeros(0, dtype=torch.float64)
     lengths: list[int] = []
     tok_sum, tok_n = 0.0, 0
     completions: list[list[int]] = []
@@ -292,6 +302,11 @@ def measure(
         lengths.extend(smp.mask.sum(-1).tolist())
         tok_sum += float(sc.kl_exact.sum())
         tok_n += int(smp.mask.sum())
+        if by_position:
+            ps, pn = position_means(sc.kl_exact.cpu(), smp.mask.cpu())  # (T,), (T,)
+            T = max(pos_sum.numel(), ps.numel())
+            pos_sum = torch.nn.functional.pad(pos_sum, (0, T - pos_sum.numel())) + torch.nn.functional.pad(ps, (0, T - ps.numel()))
+            pos_n = torch.nn.functional.pad(pos_n, (0, T - pos_n.numel())) + torch.nn.functional.pad(pn, (0, T - pn.numel()))
         if return_samples:
             completions.extend(smp.completion_ids)
             texts.extend(smp.completions)
@@ -305,9 +320,32 @@ def measure(
     for name in estimators:
         m, se = mean_stderr(torch.tensor(per_seq[name]))
         result["estimators"][name] = {"mean": m, "stderr": se}
+    if by_position:
+        keep = pos_n > 0
+        result["by_position"] = (pos_sum[keep] / pos_n[keep]).tolist()
+        result["by_position_n"] = [int(n) for n in pos_n[keep].tolist()]
+        result["by_length"] = length_buckets(per_seq, lengths)
     if return_samples:
         result["completions"], result["texts"] = completions, texts
     return result
+
+
+def length_buckets(per_seq: dict, lengths: Sequence[int], buckets=POSITION_BUCKETS) -> list[dict]:
+    """Sequence KL per completion-length bucket: for each non-empty bucket, ``{"lengths": label, "n": count,
+    "estimators": {name: {"mean", "stderr"}}}`` from ``per_seq[name]`` (one value per sample, aligned with
+    ``lengths``). The standard error is the sample std / sqrt(n) within the bucket (``mean_stderr``)."""
+    idx = [bucket_of(int(n), buckets) for n in lengths]
+    out = []
+    for b, bucket in enumerate(buckets):
+        rows = [i for i, j in enumerate(idx) if j == b]
+        if not rows:
+            continue
+        est = {}
+        for name, vals in per_seq.items():
+            m, se = mean_stderr(torch.tensor([vals[i] for i in rows], dtype=torch.float64))
+            est[name] = {"mean": m, "stderr": se}
+        out.append({"lengths": bucket_label(bucket), "n": len(rows), "estimators": est})
+    return out
 
 
 def evaluate(

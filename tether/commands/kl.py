@@ -62,6 +62,8 @@ class KLConfig(SamplingConfig):
     """Assets folder (for short names such as stories260K)."""
     json: Optional[str] = None
     """Also write the result as JSON to this file."""
+    by_position: bool = False
+    """Also report the exact per-token KL at each completion position (mean over the samples reaching it) and, per completion-length bucket (0-3, 4-15, 16-63, 64+ tokens), every estimator's mean and standard error: how the noise grows with length and how much the exact estimator removes. Adds by_position, by_position_n and by_length to the JSON."""
 
 
 def format_table(result: dict) -> str:
@@ -76,6 +78,27 @@ def format_table(result: dict) -> str:
     tm = result["token_mean"]
     lines.append(f"\nexact per-token mean KL: {tm:.5f} nats/token" if tm is not None else "")
     lines.append(f"mean response length: {result['response_len']:.1f} tokens over {result['samples']} samples")
+    if "by_length" in result:
+        lines.append("\n" + format_by_position(result))
+    return "\n".join(lines)
+
+
+def format_by_position(result: dict) -> str:
+    """The --by_position tables: per-position means (bucketed, with the first positions one by one) and the
+    standard error of the sequence KL per completion-length bucket, each estimator against exact."""
+    pos, n = result["by_position"], result["by_position_n"]
+    lines = ["exact per-token KL by completion position (mean over samples reaching it):"]
+    lines += [f"  t={t:<3d} {pos[t]:.5f}  (n={n[t]})" for t in range(min(4, len(pos)))]
+    if len(pos) > 4:
+        lines.append(f"  t>=4  {sum(p * k for p, k in zip(pos[4:], n[4:])) / max(sum(n[4:]), 1):.5f}  (token-weighted)")
+    names = list(result["estimators"])
+    lines.append("\nsequence KL standard error by completion length (tokens):")
+    lines.append("  " + "  ".join(["length", "n"] + [f"{e} se" for e in names] + ["k1 se / exact se"]))
+    for row in result["by_length"]:
+        est = row["estimators"]
+        ses = [est[e]["stderr"] for e in names]
+        ratio = est["k1"]["stderr"] / est["exact"]["stderr"] if {"k1", "exact"} <= est.keys() and est["exact"]["stderr"] else float("nan")
+        lines.append("  " + "  ".join([row["lengths"], str(row["n"])] + [f"{x:.5f}" for x in ses] + [f"{ratio:.2f}x"]))
     return "\n".join(lines)
 
 
@@ -105,6 +128,7 @@ def main(argv=None) -> int:
         policy, reference, prompts, tokenizer=tok, samples_per_prompt=args.samples, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, seed=args.seed,
         sampling={"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}, progress=True,
+        by_position=args.by_position,
     )
     print(format_table(result))
     if args.json:

@@ -48,6 +48,7 @@ from ..control import BetaConfig, build_controller
 from ..config import config_group
 from ..groups import DATA_FIELDS, ReferenceConfig, SamplingConfig
 from ..data.text import batch_indices
+from ..diagnostics.hacking import HackingMonitor
 from ..distributed import Dist
 from ..engine import evaluate as evaluate_kl
 from ..engine import sampling_settings
@@ -57,6 +58,7 @@ from ..modeling import CompletionBatch
 from ..ops.kl import ESTIMATOR_NAMES, kl_loss_term
 from ..ops.logprobs import selective_logps
 from ..ops.policy import AGGREGATION_MODES
+from ..ops.positions import check_position_weights, position_weights
 from ..reference import reference_from_config
 from ..data.prompts import Prompt, as_prompts, eval_prompts_split, load_prompts
 from ..rewards import CallableSource, RewardSet, RewardSource, build_reward, call_source, reward_columns
@@ -124,6 +126,10 @@ class OnlineConfig(TrainConfig, BetaConfig, SamplingConfig, OnlineReferenceConfi
     """Clamp the log-ratio lr = log π_θ - log π_ref to [-c, c] before the k1/k2/k3 estimator (None = off; verl uses 20 for k3). Clamped tokens get no KL gradient: kl/clamped_frac logs their fraction."""
     kl_clamp_output: Optional[float] = None
     """Clamp the per-token KL value to [-c, c] (None = off; verl uses 10 for k3, OpenRLHF 10). Applies to the rollout's kl_tokens and the loss-side KL; kl/ref (exact) is never clamped."""
+    beta_position_decay: float = 0.0
+    """Position-dependent β (Qi et al. 2024, arXiv:2406.05946): the KL of completion token t is weighted by w_t = exp(-decay·t), so the penalty is Σ_t β·w_t·KL_t (0 = off, w ≡ 1). Changes the objective (docs/theory.md §12)."""
+    beta_position_weights: Optional[list] = None
+    """Explicit w_t instead: w_t = weights[t], the last one repeated for later tokens, e.g. 4,2,1 (None = off)."""
     num_epochs: int = 1
     """Passes over each rollout (PPO epochs; GRPO's μ). Epochs after the first are off-policy (ratio ≠ 1)."""
     num_minibatches: int = 1
@@ -262,6 +268,14 @@ class OnlineMethod:
     uses_value_model: Callable = lambda cfg: False
     needs_ref_logits: Callable = lambda cfg: False
     make_aux: Optional[Callable] = None
+
+
+def beta_weights(cfg, mask: torch.Tensor) -> Optional[torch.Tensor]:
+    """w_t (T,) multiplying β at completion position t (cfg.beta_position_decay / beta_position_weights;
+    ``ops.positions.position_weights``), or None when w ≡ 1: the KL-in-reward (rollout kl_tokens, PPO/RLOO's
+    exact direct term) and KL-in-loss (GRPO) placements all weight through here, consistently."""
+    return position_weights(mask.shape[-1], decay=getattr(cfg, "beta_position_decay", 0.0),
+                            weights=getattr(cfg, "beta_position_weights", None), device=mask.device)
 
 
 def exact_kl_direct_term(x: LossInputs) -> torch.Tensor:
@@ -410,7 +424,10 @@ def evaluate(policy, reference, rewards: RewardSet, tok, prompt_texts: Sequence[
            "eval/kl_token_mean": res["token_mean"], "eval/response_len": res["response_len"]}
     columns = reward_columns([r for r in rows for _ in range(cfg.eval_samples)]) if rows is not None else {}
     for src in rewards.sources:
-        out[f"eval/reward/{src.name}"] = float(call_source(src, flat, completions, columns).float().mean())
+        r = call_source(src, flat, completions, columns).float()  # (n,)
+        out[f"eval/reward/{src.name}"] = float(r.mean())
+        # the standard error across samples, for the reward-hacking monitor's noise gate (diagnostics/hacking.py)
+        out[f"eval/reward/{src.name}_stderr"] = float(r.double().std(unbiased=True) / r.numel() ** 0.5) if r.numel() > 1 else float("nan")
     return out
 
 
@@ -438,6 +455,9 @@ def _validate(cfg: OnlineConfig, method: OnlineMethod) -> None:
         raise UserError("num_epochs and num_minibatches must be >= 1")
     if cfg.max_new_tokens < 1:
         raise UserError("max_new_tokens must be >= 1")
+    bad = check_position_weights(decay=cfg.beta_position_decay, weights=cfg.beta_position_weights)
+    if bad:
+        raise UserError(f"{bad}; fix --beta_position_decay / --beta_position_weights")
     if cfg.ref_reset_optimizer and not cfg.ref_reset_every:
         raise UserError("ref_reset_optimizer needs ref_reset_every > 0 (the optimiser is reset with the reference)")
     if cfg.keep_dropout:
@@ -520,6 +540,7 @@ class Session:
     prompt_rows: list = field(default_factory=list)  # the Prompt (dataset row) of each of texts / eval_texts
     eval_rows: list = field(default_factory=list)
     forgetting: Optional[Callable] = None  # diagnostics.forgetting.ForgettingProbe (cfg.forgetting_text): eval/forgetting/*
+    hacking: Optional[HackingMonitor] = None  # eval/hacking, with logged rewards beside the optimised one
 
     def save(self) -> None:
         """Checkpoint, with what Checkpointer does not know about in its data state."""
@@ -537,6 +558,8 @@ class Session:
         if self.forgetting is not None:  # teacher-forced on off-distribution text, whichever protocol ran above
             ev.update(self.forgetting(self.policy, self.reference))
         self.eval_history.append({"step": self.step, **ev})
+        if self.hacking is not None:  # gold stopped rising while the proxy rises (diagnostics/hacking.py)
+            ev.update(self.hacking.check(self.eval_history, self.step))
         return ev
 
     def log_samples(self, ro: Rollout) -> None:
@@ -581,6 +604,8 @@ def setup(cfg: OnlineConfig, method: OnlineMethod, *, prompts=None, reward=None,
         params=params, value_params=value_params, opt=opt, sched=sched, controller=controller,
         ckpt=Checkpointer(run, policy, opt, sched, controller, reference, guard=guard), guard=guard,
     )
+    if s.rewards.logged:
+        s.hacking = HackingMonitor(s.rewards.optimised.name, [src.name for src in s.rewards.logged])
     if cfg.forgetting_text:
         from ..diagnostics.forgetting import ForgettingProbe
 
@@ -652,6 +677,7 @@ def train_online(
             s.opt.state.clear()  # ProRL: the reset also restarts Adam's moments (checkpointed as cleared)
         # 5. metrics (one global reduction), β update, logs, evaluation, checkpoint
         metrics = dist.reduce_metrics({**sums, **u_sums}, {**counts, **u_counts})
+        metrics = {k: v for k, v in metrics.items() if v == v or not k.startswith("reward/rank_corr/")}  # constant rewards
         metrics.update({"beta": beta, "opt/lr": lr, "opt/grad_norm": sum(norms) / max(len(norms), 1), "opt/updates": len(norms),
                         **s.guard.stats()})
         s.controller.update(kl=metrics["kl/ref"], n_episodes=cfg.batch_size)

@@ -29,7 +29,8 @@ import torch
 from ..data.text import batch_indices, collate, load_text_examples, prepare_sft
 from ..ops.policy import aggregate_loss, gae, masked_mean, masked_std, masked_whiten, ppo_policy_loss, ppo_value_loss, token_rewards
 from ..value import VALUE_MODELS
-from .online import Counts, LossInputs, OnlineConfig, OnlineMethod, Prepared, exact_kl_direct_term, train_online
+from ..ops.positions import weight_by_position
+from .online import Counts, LossInputs, OnlineConfig, OnlineMethod, Prepared, beta_weights, exact_kl_direct_term, train_online
 from .sft import token_nll
 from ..errors import UserError
 
@@ -95,7 +96,7 @@ def loss(x: LossInputs, *, cfg: PPOConfig, beta: float, counts: Counts) -> tuple
     pg, pg_stats = ppo_policy_loss(x.logps, x.old_logps, x.advantages, x.mask, clip=cfg.clip_eps)  # (B, T)
     vf, vf_stats = ppo_value_loss(x.values, x.old_values, x.returns, x.mask, clip=cfg.clip_value)  # (B, T)
     if cfg.kl_estimator == "exact":  # the direct part of ∇KL that a detached exact KL in the reward misses
-        pg = pg + (beta / x.adv_scale) * exact_kl_direct_term(x)
+        pg = pg + (beta / x.adv_scale) * weight_by_position(exact_kl_direct_term(x), beta_weights(cfg, x.mask))
     n = {"num_tokens": counts.tokens, "num_seqs": counts.seqs}
     total = aggregate_loss(pg, x.mask, mode=cfg.loss_aggregation, **n) + cfg.vf_coef * aggregate_loss(vf, x.mask, mode="token_mean", **n)
     stats = {

@@ -22,6 +22,8 @@ import torch
 from ..engine import decode_completion, decode_completions, generate, score  # noqa: F401 (decode_*: re-exported)
 from ..modeling import CompletionBatch
 from ..ops.kl import seq_sum, token_mean
+from ..ops.positions import BUCKET_LABELS, position_bucket_sums, weight_by_position
+from ..diagnostics.hacking import spearman
 from ..rewards import RewardSet, reward_columns
 
 if TYPE_CHECKING:
@@ -41,7 +43,7 @@ class Rollout:
     reward_metrics: dict  # "reward/<name>" -> (B,) raw scores of every source
     old_logps: torch.Tensor  # (B, T) log π_old, tempered and restricted to the stored filter sets (the ratio's denominator)
     ref_logps: torch.Tensor  # (B, T) log π_ref, tempered and restricted the same way (docs/theory.md §3)
-    kl_tokens: torch.Tensor  # (B, T) KL per token with cfg.kl_estimator (what the method applies)
+    kl_tokens: torch.Tensor  # (B, T) KL per token with cfg.kl_estimator, times w_t with a position-dependent β (what the method applies)
     kl_exact: torch.Tensor  # (B, T) exact per-token KL (what kl/ref reports)
     entropy: torch.Tensor  # (B, T) entropy of the sampled distribution
     values: Optional[torch.Tensor] = None  # (B, T) V(s_t) at rollout (PPO)
@@ -98,9 +100,12 @@ def collect_rollout(
     scores = apply_no_eos_penalty(scores.to(device), smp.no_eos, cfg.no_eos_penalty)
     sc = score(policy, reference, smp, estimators=(cfg.kl_estimator,), chunk=chunk, value_model=value_model,
                clamp_input=cfg.kl_clamp_input, clamp_output=cfg.kl_clamp_output)
+    from .online import beta_weights  # (online imports this module)
+
+    kl_tokens = weight_by_position(sc.kl[cfg.kl_estimator], beta_weights(cfg, smp.batch.mask))  # (B, T) w_t·kl_t
     return Rollout(batch=smp.batch, prompts=list(prompt_texts), completions=smp.completions, no_eos=smp.no_eos,
                    scores=scores, reward_metrics={k: v.to(device) for k, v in reward_metrics.items()},
-                   old_logps=sc.logps, ref_logps=sc.ref_logps, kl_tokens=sc.kl[cfg.kl_estimator], kl_exact=sc.kl_exact,
+                   old_logps=sc.logps, ref_logps=sc.ref_logps, kl_tokens=kl_tokens, kl_exact=sc.kl_exact,
                    entropy=sc.entropy, values=sc.values,
                    kl_clamped=sc.kl_clamped[cfg.kl_estimator] if sc.kl_clamped is not None else None)
 
@@ -125,4 +130,16 @@ def rollout_stats(ro: Rollout, *, beta: float) -> tuple[dict, dict]:
         tok["kl/clamped_frac"] = (ro.kl_clamped & mask).sum().float()
     sums = {k: float(v) for k, v in {**seq, **tok}.items()}
     counts = {**{k: B for k in seq}, **{k: n_tok for k in tok}}
+    # kl/by_position/<bucket>: the part of the exact sequence KL from completion positions in the bucket,
+    # per sequence (Qi et al. 2024): the buckets add up to kl/ref, and an empty bucket is a true 0
+    b_sums, _ = position_bucket_sums(ro.kl_exact, mask)
+    for label, sm in zip(BUCKET_LABELS, b_sums):
+        sums[f"kl/by_position/{label}"], counts[f"kl/by_position/{label}"] = sm, B
+    # reward/rank_corr/<name>: Spearman ρ between the optimised reward (the first source) and each logged
+    # one over this process's batch (averaged over processes; diagnostics/hacking.py)
+    names = list(ro.reward_metrics)
+    for key in names[1:]:
+        rho = spearman(ro.reward_metrics[names[0]].cpu(), ro.reward_metrics[key].cpu())
+        k = "reward/rank_corr/" + key[len("reward/"):]
+        sums[k], counts[k] = (rho, 1.0) if rho == rho else (0.0, 0.0)  # nan (a constant reward): no value
     return sums, counts
