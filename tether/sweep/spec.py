@@ -73,7 +73,7 @@ class SweepConfig:
     method: str = ""
     """dpo, ppo, grpo, rloo or bon."""
     base: dict = field(default_factory=dict)
-    """The trainer config shared by every run: a mapping, or a path to a trainer YAML."""
+    """The trainer config shared by every run: a mapping, a path to a trainer YAML, or {from: PATH, field: value...}."""
     grid: dict = field(default_factory=dict)
     """field: [values]; the runs are their product."""
     runs: list = field(default_factory=list)
@@ -104,6 +104,12 @@ def run_name(method: str, overrides: dict) -> str:
     return re.sub(r"[^A-Za-z0-9_.=+-]", "_", name)[:120]
 
 
+def _base_file(base: str, sweep_path: str | Path) -> dict:
+    """A trainer YAML named by the sweep: relative to the sweep file's folder, else to the working folder."""
+    bpath = Path(base) if Path(base).is_absolute() else Path(sweep_path).parent / base
+    return read_yaml_config(bpath if bpath.exists() else base)
+
+
 def load_sweep(path: str | Path) -> SweepConfig:
     """Read and check SWEEP.yaml; every run's trainer config is built here, so a bad field ends as a
     one-line UserError before any process starts."""
@@ -118,9 +124,11 @@ def load_sweep(path: str | Path) -> SweepConfig:
         raise UserError(f"{src}: field 'method' is missing; set it to one of {', '.join(METHODS)}")
     trainer_class(method)  # refuses an unknown method
     base = data.get("base") or {}
-    if isinstance(base, str):
-        bpath = Path(base) if Path(base).is_absolute() else Path(path).parent / base
-        base = read_yaml_config(bpath if bpath.exists() else base)
+    if isinstance(base, dict) and "from" in base:  # base: {from: trainer.yaml, max_steps: 20}: the file, then these fields
+        rest = {k: v for k, v in base.items() if k != "from"}
+        base = {**_base_file(str(base["from"]), path), **rest}
+    elif isinstance(base, str):
+        base = _base_file(base, path)
     if not isinstance(base, dict):
         raise UserError(f"{src}: field 'base' must be a trainer config mapping or a path to a trainer YAML")
     grid, runs = data.get("grid") or {}, data.get("runs") or []
