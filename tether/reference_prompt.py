@@ -1,4 +1,4 @@
-"""Scoring the reference on a different prompt than the policy (docs/theory.md §11).
+"""Scoring the reference on a different prompt than the policy (docs/theory.md §13).
 
 Two users of one mechanism:
 

@@ -2,7 +2,7 @@
 
 A KL penalty anchors the policy to π_ref(·|x) *as the reference sees the prompt*. A prefix p that makes
 the reference itself likely to produce a target y (a jailbreak) shrinks the penalty on y: the policy is
-then compared with π_ref(·|p+x), not with π_ref(·|x). Measured here (docs/theory.md §12):
+then compared with π_ref(·|p+x), not with π_ref(·|x). Measured here (docs/theory.md §13):
 
 1. **Teacher-forced** (exact, no sampling): log π_ref(y|x) and log π_ref(y|p+x), the sums over the
    target's tokens of the reference's log-probs, and Δ = log π_ref(y|p+x) - log π_ref(y|x). A row is
