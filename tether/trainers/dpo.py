@@ -386,6 +386,9 @@ def check_config(cfg: DPOConfig) -> None:
         log.info("simpo ignores the reference; ref log-probs are still computed for logging")
     if not cfg.dataset:
         raise UserError("dpo needs preference data: pass --dataset PATH_OR_NAME (or rows=... from Python)")
+    if cfg.beta_schedule in ("none", None, "") and not cfg.beta > 0:  # the preference losses scale (or divide by) β: 0 means no signal
+        raise UserError(f"beta={cfg.beta}: DPO's loss is -log σ(β·margin), constant at β = 0 (nothing to learn); set --beta > 0. "
+                         "To train without a KL penalty and still monitor kl/ref, use ppo, grpo or rloo with --beta 0")
 
 
 def train_dpo(cfg: DPOConfig, *, rows: Optional[Sequence[dict]] = None, eval_rows: Optional[Sequence[dict]] = None,
