@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 
+from tether import reference as reference_mod
 from tether.oracle import certify
 from tether.trainers import dpo as dpo_mod
 from tether.trainers import grpo as grpo_mod
@@ -69,3 +70,11 @@ def test_dpo_row_fails_without_its_reference(monkeypatch):
     monkeypatch.setattr(dpo_mod, "preference_loss", no_reference)
     (cert,) = certify.run_certification(["dpo"], jobs=1)
     assert not cert.ok, (cert.kl_to_target, cert.note)
+
+
+def test_moving_reference_rows_fail_when_the_reference_stays_fixed(monkeypatch):
+    """No reset / no lag (on_step does nothing): both runs converge to π*(β) and both rows turn red."""
+    monkeypatch.setattr(reference_mod.SyncedReference, "on_step", lambda self, policy, step: False)
+    monkeypatch.setattr(reference_mod.LaggedReference, "on_step", lambda self, policy, step: False)
+    got = _rows(["ppo_ref_reset", "ppo_ref_lag"])
+    assert not got["ppo_ref_reset"].ok and not got["ppo_ref_lag"].ok, {k: (c.kl_to_target, c.note) for k, c in got.items()}

@@ -321,7 +321,8 @@ def trainer_row(suite: Suite, *, name: str, method: str, label: str, config: Cal
 _SHOWN = ("beta", "kl_estimator", "kl_placement", "samples_per_prompt", "num_epochs", "clip_eps", "scale_rewards",
           "loss_aggregation", "lam", "whiten_advantages", "batch_size", "learning_rate", "lr_schedule", "temperature",
           "top_k", "top_p", "dtype", "lora_r", "reference", "grad_accum", "kl_target", "kl_horizon", "kl_budget",
-          "beta_schedule", "beta_end", "loss_type", "label_smoothing", "ipo_length_normalize", "f_alpha", "max_steps")
+          "beta_schedule", "beta_end", "loss_type", "label_smoothing", "ipo_length_normalize", "f_alpha", "max_steps",
+          "ref_reset_every", "ref_lag")
 
 
 def trainer_rows(suite: Suite) -> list:
@@ -428,6 +429,30 @@ def trainer_rows(suite: Suite) -> list:
         expected="converges", target=rev, target_policy=pistar)
     add("ppo_2proc", "ppo", "k1 in reward, 2 processes (gloo)", config=ppo(), expected="converges", target=rev,
         target_policy=pistar, runner=lambda problem, cfg: shipped.run_online_distributed(problem, cfg, world_size=2))
+
+    # Moving references (docs/theory.md §6). A ProRL hard reset after a converged segment re-anchors the KL:
+    # segment 2 optimises J - β KL[π‖π*(β)], whose optimum is π*(β)·e^{r/β}/Z = π_ref·e^{2r/β}/Z = π*(β/2).
+    add("ppo_ref_reset", "ppo", "k1 in reward, reference reset to the policy at step 60 of 120 (ProRL)",
+        config=ppo(ref_reset_every=60, max_steps=120), expected="converges", target="reverse_kl_optimum(β/2)",
+        target_policy=lambda: suite.optimum(BETA / 2), opt_beta=BETA / 2,
+        extra_config={"why": "two segments, each converging to its reference's optimum: π_ref·e^{r/β}, then "
+                             "(π_ref·e^{r/β})·e^{r/β} = π*(β/2); 0.56 nats from π*(β)"})
+
+    def beyond_fixed_optimum(frac):
+        def check(run, policy):
+            J = lambda pol: float((pol.sequence_probs().detach() * r).sum(-1).mean())  # noqa: E731
+            j, j_star, j_max = J(policy), J(pistar()), float(r.max(-1).values.mean())
+            closed = (j - j_star) / (j_max - j_star)
+            return closed > frac, (f"J(π) = {j:.3f}: {closed:.0%} of the way from J(π*(β)) = {j_star:.3f} to the "
+                                   f"greedy J_max = {j_max:.3f} (must be > {frac:.0%})"), BETA
+        return check
+
+    add("ppo_ref_lag", "ppo", "k1 in reward, rolling reference 10 steps behind",
+        config=ppo(ref_lag=10), expected="biased: not π* (a trailing reference anchors nothing: only the greedy policy is a fixed point)",
+        target="none (towards the greedy policy)", target_policy=None, check=beyond_fixed_optimum(0.5),
+        extra_config={"why": "a stationary π = π_ref zeroes the KL gradient, so the rolling reference is a trust "
+                             "region over N steps (docs/theory.md §6); the reward must pass π*(β)'s by half the gap "
+                             "to J_max"})
 
     # PPO's clip is a trust region: one rollout from π_ref optimised for 30 epochs must stay near π_ref.
     rows.append(("ppo_clip_trust_region", "ppo", lambda: _trust_region_row(suite, ppo(
