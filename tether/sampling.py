@@ -42,6 +42,28 @@ class SamplingConfig:
         return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
 
 
+COMPACT_FRACTION = 0.25
+"""Drop finished rows from the forward pass (and their KV cache) once at least this fraction of the rows
+still computed has finished: one cache gather buys every later step a smaller batch."""
+
+
+def draw_tokens(probs: torch.Tensor, rows: torch.Tensor, batch_size: int, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """``torch.multinomial(full_probs, 1)`` for the rows ``rows`` of a (batch_size, V) batch, given only
+    their probabilities ``probs`` (len(rows), V): the same tokens and the same generator state.
+
+    torch samples one token per row as argmax(p / q) with q ~ Exp(1) drawn for the whole (B, V) tensor
+    (the Gumbel-max trick in exponential form; ATen ``multinomial``'s fast path for one sample). Drawing
+    q for all ``batch_size`` rows, as today, keeps the random stream (and so every later sample) the same
+    whether or not finished rows were dropped from the forward pass."""
+    q = torch.empty((batch_size, probs.shape[-1]), dtype=probs.dtype, device=probs.device)
+    q.exponential_(1, generator=generator)  # (B, V)
+    return (probs / q[rows]).argmax(-1)  # (b,)
+
+
+def _can_compact(past) -> bool:
+    return hasattr(past, "batch_select_indices")
+
+
 @torch.no_grad()
 def sample(
     model,
@@ -58,9 +80,12 @@ def sample(
     """Sample one completion per prompt (token-id lists). Returns (batch, no_eos (B,) bool).
 
     Runs the model in eval mode with a KV cache: one forward over the left-padded prompts, then one
-    token per step. Stops early once every row has produced EOS. With top_k or top_p on,
-    ``batch.allowed`` holds the allowed set F_t of every position, packed: (B, T, ceil(V/8)) uint8,
-    B·T·V/8 bytes on the CPU (positions after a row's EOS allow every token); None otherwise.
+    token per step, stopping once every row has produced EOS. Rows that have finished are dropped from
+    the forward pass and the cache (``COMPACT_FRACTION``); the random draws still cover every row
+    (``draw_tokens``), so the tokens are those of the plain loop (``tests/reference_sampler.py``) for
+    the same generator. With top_k or top_p on, ``batch.allowed`` holds the allowed set F_t of every
+    position, packed: (B, T, ceil(V/8)) uint8, B·T·V/8 bytes on the CPU (positions after a row's EOS
+    allow every token); None otherwise.
     """
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
@@ -69,36 +94,43 @@ def sample(
     device = next(model.parameters()).device
     base = make_batch(prompts, [[]] * len(prompts), pad_id=pad_id)
     P = base.prompt_len
-    ids = base.input_ids[:, :P].to(device)
-    attn = base.attention_mask[:, :P].to(device)
-    B = ids.shape[0]
+    B = base.input_ids.shape[0]
+    attn = torch.ones((B, P + max_new_tokens), dtype=base.attention_mask.dtype, device=device)  # (B, P + N), preallocated
+    attn[:, :P] = base.attention_mask[:, :P].to(device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     out_tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     out_mask = torch.zeros((B, max_new_tokens), dtype=torch.bool, device=device)
     record = uses_token_filter({"top_k": top_k, "top_p": top_p})
     allowed_steps: list[torch.Tensor] = []  # per step (B, ceil(V/8)) uint8, when record
+    rows = torch.arange(B, device=device)  # (b,) the rows still in the forward pass
     past = None
-    step_ids, step_attn = ids, attn
-    pos = position_ids(attn)
+    step_ids = base.input_ids[:, :P].to(device)
+    pos = position_ids(attn[:, :P])
     try:
         for t in range(max_new_tokens):
-            out = model(input_ids=step_ids, attention_mask=step_attn, position_ids=pos, past_key_values=past, use_cache=True)
+            out = model(input_ids=step_ids, attention_mask=attn[rows, : P + t], position_ids=pos, past_key_values=past,
+                        use_cache=True)
             past = out.past_key_values
             logits = apply_sampling_filters(out.logits[:, -1, :].float(), temperature=temperature, top_k=top_k, top_p=top_p)
-            probs = torch.softmax(logits, dim=-1)  # (B, V)
-            tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
-            live = ~done
+            tok = draw_tokens(torch.softmax(logits, dim=-1), rows, B, generator)  # (b,)
+            live = ~done[rows]  # (b,)
             if record:  # F_t exactly as sampled from; finished rows allow everything (keeps padding finite)
-                allowed_steps.append(pack_allowed((logits > float("-inf")) | ~live[:, None]))  # (B, ceil(V/8))
-            out_tokens[:, t] = torch.where(live, tok, torch.full_like(tok, pad_id))
-            out_mask[:, t] = live
+                allowed = torch.ones((B, logits.shape[-1]), dtype=torch.bool, device=device)  # (B, V)
+                allowed[rows] = (logits > float("-inf")) | ~live[:, None]
+                allowed_steps.append(pack_allowed(allowed))  # (B, ceil(V/8))
+            out_tokens[rows, t] = torch.where(live, tok, torch.full_like(tok, pad_id))
+            out_mask[rows, t] = live
             if eos_id is not None:
-                done = done | (live & (tok == eos_id))
+                done[rows] = ~live | (tok == eos_id)
             if bool(done.all()):
                 break
-            step_attn = torch.cat([step_attn, torch.ones((B, 1), dtype=step_attn.dtype, device=device)], dim=1)
-            pos = pos[:, -1:] + 1
-            step_ids = out_tokens[:, t : t + 1]
+            step_ids = out_tokens[rows, t : t + 1]  # (b, 1)
+            pos = pos[:, -1:] + 1  # (b, 1)
+            n_done = int(done[rows].sum())
+            if n_done and n_done >= COMPACT_FRACTION * rows.numel() and _can_compact(past):
+                keep = (~done[rows]).nonzero().squeeze(-1)  # (b',) positions in the current batch
+                past.batch_select_indices(keep)
+                rows, step_ids, pos = rows[keep], step_ids[keep], pos[keep]
     finally:
         model.train(was_training)
     T = int(out_mask.sum(-1).max().item()) if out_mask.any() else 1

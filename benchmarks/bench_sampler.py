@@ -1,0 +1,117 @@
+"""Tokens/s of tether's built-in sampler against transformers' ``model.generate`` (and against the
+sampler as it was before issue 13, ``tests/reference_sampler.py``), on the real stories260K on CPU.
+
+All three sample the same prompts with temperature 1, fp32, a KV cache, the same number of torch
+threads, in one process, interleaved over ``--repeats`` rounds (the machine may be shared; the table
+shows the median). Two workloads:
+
+- ``fixed``: no EOS (tether: ``eos_id=None``; generate: ``min_new_tokens = max_new_tokens``), so each
+  row produces exactly ``max_new_tokens`` tokens: the per-step cost alone.
+- ``eos``: rows stop at their EOS, as in training; tokens/s counts the completion tokens kept
+  (through the first EOS). Here finished rows stop costing compute in tether's sampler.
+
+``cpu`` divides by the process's CPU time (robust on a shared machine), ``wall`` by elapsed time.
+
+Usage::
+
+    python benchmarks/bench_sampler.py                      # prints the table
+    python benchmarks/bench_sampler.py --batch_size 64 --max_new_tokens 128 --repeats 3 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
+PROMPTS = [
+    "Once upon a time", "The little dog", "One day, a girl", "Tom was", "The sun was", "Lily saw a",
+    "The cat", "In the park,", "Ben and Mia", "The big tree", "Sam had a", "At night,",
+]
+
+
+def timed(fn):
+    w, c = time.perf_counter(), time.process_time()
+    n = fn()
+    return n, time.perf_counter() - w, time.process_time() - c
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--assets", default=None)
+    args = p.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from reference_sampler import reference_sample
+    from tether.assets import resolve_model
+    from tether.modeling import load_tokenizer
+    from tether.sampling import sample
+
+    torch.set_num_threads(args.threads)
+    shared = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "assets")
+    if args.assets is None and not os.environ.get("TETHER_ASSETS") and os.path.isdir(shared):
+        args.assets = shared
+    path = resolve_model("stories260K", args.assets)
+    tok = load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    rows = [tok(PROMPTS[i % len(PROMPTS)])["input_ids"] for i in range(args.batch_size)]
+    N = args.max_new_tokens
+
+    def tether_run(fn, eos):
+        def go():
+            b, _ = fn(model, rows, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id if eos else None,
+                      max_new_tokens=N, generator=torch.Generator().manual_seed(0))
+            return int(b.mask.sum())
+        return go
+
+    def hf_run(eos):
+        enc = tok.pad({"input_ids": rows}, return_tensors="pt")
+
+        def go():
+            torch.manual_seed(0)
+            kw = {} if eos else {"min_new_tokens": N}
+            out = model.generate(**enc, do_sample=True, max_new_tokens=N, temperature=1.0, top_k=0, top_p=1.0,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kw)
+            comp = out[:, enc["input_ids"].shape[1]:]  # (B, T)
+            if not eos:
+                return comp.numel()
+            is_eos = (comp == tok.eos_token_id).int()
+            before = (is_eos.cumsum(-1) - is_eos) == 0  # through the first EOS
+            return int(before.sum())
+        return go
+
+    runs = {
+        "tether (now)": lambda eos: tether_run(sample, eos),
+        "tether (before)": lambda eos: tether_run(reference_sample, eos),
+        "model.generate": hf_run,
+    }
+    print(f"stories260K on CPU, {args.threads} thread(s), {args.batch_size} rows x {N} new tokens, "
+          f"median of {args.repeats}")
+    print(f"| workload | sampler | tokens | tokens/s (cpu) | tokens/s (wall) | vs generate (cpu) | vs before (cpu) |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for eos in (False, True):
+        res: dict = {k: [] for k in runs}
+        for name, mk in runs.items():  # warm-up
+            mk(eos)()
+        for _ in range(args.repeats):
+            for name, mk in runs.items():
+                res[name].append(timed(mk(eos)))
+        med = {k: (v[0][0], statistics.median(n / c for n, _, c in v), statistics.median(n / w for n, w, _ in v))
+               for k, v in res.items()}
+        for name, (n, cpu, wall) in med.items():
+            print(f"| {'eos' if eos else 'fixed'} | {name} | {n} | {cpu:.0f} | {wall:.0f} | "
+                  f"{cpu / med['model.generate'][1]:.2f}x | {cpu / med['tether (before)'][1]:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
