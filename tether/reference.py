@@ -285,7 +285,7 @@ class LoraSyncedReference(Reference):
 
 class LaggedReference(Reference):
     """(f) A rolling reference that lags ``lag`` optimiser steps behind the policy: the rollout of step
-    t (policy θ_t) is scored against θ_{max(t-N, 0)} (docs/theory.md §6). The last N snapshots of the
+    t (policy θ_t) is scored against θ_{max(t-N, 0)} (docs/theory.md §14). The last N snapshots of the
     policy's *trainable* tensors (the LoRA factors with a LoRA policy) are kept in CPU memory; frozen
     tensors never change, so the reference (``inner``: a ``SyncedReference`` copy or a
     ``LoraSyncedReference`` adapter, whose own periodic sync is off) already holds them. Snapshots and

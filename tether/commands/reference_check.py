@@ -1,7 +1,7 @@
 """``tether reference-check``: is this reference good enough for my preference data?
 
 A KL-regularised method can only reweight what its reference already produces: the optimum is
-π*(y|x) ∝ π_ref(y|x)·exp(r(x, y)/β) (docs/theory.md §1), so a response the reference finds very
+π*(y|x) ∝ π_ref(y|x)·exp(r(x, y)/β) (docs/theory.md §5, §14), so a response the reference finds very
 unlikely needs a large KL to become likely. Before spending a run, this scores each candidate reference
 on the user's preference pairs (loaded and tokenized as ``tether dpo`` does: the same loaders, chat
 template, column mapping and truncation) and reports, per candidate:
@@ -185,7 +185,7 @@ def format_table(results: Sequence[dict]) -> str:
     lines.append("NLL: nats per token given the prompt; prefers y_w: log π(y_w|x) > log π(y_l|x) (per token: each side "
                  "divided by its length); chosen likely: per-token NLL of y_w <= threshold (default: the median of the "
                  "reference's own samples). A low 'chosen likely' means the data is far from what the reference produces: "
-                 "the KL penalty anchors training there (docs/theory.md §6).")
+                 "the KL penalty anchors training there (docs/theory.md §14).")
     return "\n".join(lines)
 
 

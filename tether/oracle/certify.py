@@ -430,7 +430,7 @@ def trainer_rows(suite: Suite) -> list:
     add("ppo_2proc", "ppo", "k1 in reward, 2 processes (gloo)", config=ppo(), expected="converges", target=rev,
         target_policy=pistar, runner=lambda problem, cfg: shipped.run_online_distributed(problem, cfg, world_size=2))
 
-    # Moving references (docs/theory.md §6). A ProRL hard reset after a converged segment re-anchors the KL:
+    # Moving references (docs/theory.md §14). A ProRL hard reset after a converged segment re-anchors the KL:
     # segment 2 optimises J - β KL[π‖π*(β)], whose optimum is π*(β)·e^{r/β}/Z = π_ref·e^{2r/β}/Z = π*(β/2).
     add("ppo_ref_reset", "ppo", "k1 in reward, reference reset to the policy at step 60 of 120 (ProRL)",
         config=ppo(ref_reset_every=60, max_steps=120), expected="converges", target="reverse_kl_optimum(β/2)",
@@ -451,7 +451,7 @@ def trainer_rows(suite: Suite) -> list:
         config=ppo(ref_lag=10), expected="biased: not π* (a trailing reference anchors nothing: only the greedy policy is a fixed point)",
         target="none (towards the greedy policy)", target_policy=None, check=beyond_fixed_optimum(0.5),
         extra_config={"why": "a stationary π = π_ref zeroes the KL gradient, so the rolling reference is a trust "
-                             "region over N steps (docs/theory.md §6); the reward must pass π*(β)'s by half the gap "
+                             "region over N steps (docs/theory.md §14); the reward must pass π*(β)'s by half the gap "
                              "to J_max"})
 
     # PPO's clip is a trust region: one rollout from π_ref optimised for 30 epochs must stay near π_ref.

@@ -80,7 +80,7 @@ ONLINE_REFERENCE_FORMS = ("copy", "lora", "offload")
 @config_group("reference", prefixes=("reference", "ref"))
 @dataclass
 class OnlineReferenceConfig(ReferenceConfig):
-    """The online trainers' reference group: the shared one plus a moving reference (docs/theory.md §6)."""
+    """The online trainers' reference group: the shared one plus a moving reference (docs/theory.md §14)."""
 
     ref_reset_every: int = 0
     """Hard-reset the reference to the current policy every N steps (ProRL, arXiv:2505.24864; 0 = never): the KL then anchors to the new reference."""
