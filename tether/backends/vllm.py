@@ -95,7 +95,8 @@ class VLLMBackend:
     """A ``vllm.LLM`` over ``model``'s weights in this process (``tether.generation`` backend "vllm").
 
     ``make_backend("vllm", policy, **options)`` builds it. The engine loads the checkpoint at
-    ``model.config._name_or_path`` (the architecture and shapes) and then receives ``model``'s current
+    ``model.config._name_or_path`` (the architecture and shapes; a model with no local folder is first
+    written to a temporary one) and then receives ``model``'s current
     weights (``update_weights``), so a policy that already moved from its checkpoint is sampled as it is.
     Options: ``max_model_len`` (longest prompt + completion, tokens; default the model's
     ``max_position_embeddings``, at most 4096), ``kv_cache_bytes`` (required on CPU; default
@@ -113,9 +114,11 @@ class VLLMBackend:
         config = model.config
         check_model(config)
         path = getattr(config, "_name_or_path", "") or getattr(model, "name_or_path", "")
-        if not path or not os.path.isdir(path):
-            raise UserError(f"backend=vllm builds its engine from the policy's checkpoint folder, and {path!r} is not "
-                            "one; load the policy from a local folder (save_pretrained) or use backend=builtin")
+        if not path or not os.path.isdir(path):  # e.g. a hub id or a model built in memory: write one (once)
+            import tempfile
+
+            path = tempfile.mkdtemp(prefix="tether-vllm-")
+            model.save_pretrained(path)
         vllm = require_vllm()
         if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
             raise UserError("backend=vllm (colocate) needs the engine in this process: unset "
