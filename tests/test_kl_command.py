@@ -87,6 +87,11 @@ def test_by_position_adds_up_to_the_sequence_kl(tmp_path, stories_path, capsys):
     for name, v in res["estimators"].items():
         weighted = sum(r["n"] * r["estimators"][name]["mean"] for r in res["by_length"]) / 32
         assert weighted == pytest.approx(v["mean"], rel=1e-6, abs=1e-9), name
+    # the exact KL of the first L tokens is the position means summed over t < L; L = 4, 16 (< 32 tokens)
+    assert [r["tokens"] for r in res["by_prefix"]] == [4, 16]
+    for r in res["by_prefix"]:
+        head = sum(p * k for p, k in zip(pos[: r["tokens"]], n[: r["tokens"]])) / res["samples"]
+        assert r["estimators"]["exact"]["mean"] == pytest.approx(head, rel=1e-6)
     assert "sequence KL standard error by completion length" in capsys.readouterr().out
     same = _run(tmp_path, stories_path, stories_path, samples=2, extra=["--by_position"])
     assert set(same["by_position"]) == {0.0}

@@ -285,10 +285,14 @@ def measure(
     averaged over the samples that reach t (a list, one per position), ``"by_position_n"``: how many
     samples reach each position, and ``"by_length"``: per completion-length bucket
     (``ops.positions.POSITION_BUCKETS``), ``{"lengths", "n", "estimators": {name: {"mean", "stderr"}}}``
-    of the sequence KL (``length_buckets``): how the noise of each estimator grows with length."""
+    of the sequence KL (``length_buckets``): how the noise of each estimator grows with length; and
+    ``"by_prefix"``: ``{"tokens": L, "estimators": {name: {"mean", "stderr"}}}`` of the KL of the first L
+    tokens of every sample, L in ``PREFIX_LENGTHS`` below max_new_tokens (the same growth, on models that
+    rarely stop early, where every sample falls in one length bucket)."""
     per_seq: dict[str, list] = {name: [] for name in estimators}
     pos_sum = torch.zeros(0, dtype=torch.float64)
     pos_n = torch.zeros(0, dtype=torch.float64)
+    prefix: dict = {}  # L -> estimator -> per-sample KL of the first L tokens
     lengths: list[int] = []
     tok_sum, tok_n = 0.0, 0
     completions: list[list[int]] = []
@@ -303,6 +307,10 @@ def measure(
         tok_sum += float(sc.kl_exact.sum())
         tok_n += int(smp.mask.sum())
         if by_position:
+            for name in estimators:  # KL of the first L tokens of each sample (all of it when shorter)
+                per_tok = (sc.kl_exact if name == "exact" and name not in sc.kl else sc.kl[name]).masked_fill(~smp.mask, 0.0)
+                for L in PREFIX_LENGTHS:
+                    prefix.setdefault(L, {}).setdefault(name, []).extend(per_tok[:, :L].sum(-1).tolist())
             ps, pn = position_means(sc.kl_exact.cpu(), smp.mask.cpu())  # (T,), (T,)
             T = max(pos_sum.numel(), ps.numel())
             pos_sum = torch.nn.functional.pad(pos_sum, (0, T - pos_sum.numel())) + torch.nn.functional.pad(ps, (0, T - ps.numel()))
@@ -325,9 +333,16 @@ def measure(
         result["by_position"] = (pos_sum[keep] / pos_n[keep]).tolist()
         result["by_position_n"] = [int(n) for n in pos_n[keep].tolist()]
         result["by_length"] = length_buckets(per_seq, lengths)
+        result["by_prefix"] = [{"tokens": L, "estimators": {n: dict(zip(("mean", "stderr"), mean_stderr(torch.tensor(v))))
+                                                            for n, v in prefix[L].items()}}
+                               for L in PREFIX_LENGTHS if L in prefix and (L < max_new_tokens or L == PREFIX_LENGTHS[0])]
     if return_samples:
         result["completions"], result["texts"] = completions, texts
     return result
+
+
+PREFIX_LENGTHS = (4, 16, 64, 256, 1024)
+"""Prefix lengths of ``measure(by_position=True)``'s ``by_prefix``."""
 
 
 def length_buckets(per_seq: dict, lengths: Sequence[int], buckets=POSITION_BUCKETS) -> list[dict]:

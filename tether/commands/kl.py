@@ -63,7 +63,7 @@ class KLConfig(SamplingConfig):
     json: Optional[str] = None
     """Also write the result as JSON to this file."""
     by_position: bool = False
-    """Also report the exact per-token KL at each completion position (mean over the samples reaching it) and, per completion-length bucket (0-3, 4-15, 16-63, 64+ tokens), every estimator's mean and standard error: how the noise grows with length and how much the exact estimator removes. Adds by_position, by_position_n and by_length to the JSON."""
+    """Also report the exact per-token KL at each completion position (mean over the samples reaching it) and, per completion-length bucket (0-3, 4-15, 16-63, 64+ tokens), every estimator's mean and standard error, and the same for the KL of each sample's first 4/16/64/256/1024 tokens: how the noise grows with length and how much the exact estimator removes. Adds by_position, by_position_n, by_length and by_prefix to the JSON."""
 
 
 def format_table(result: dict) -> str:
@@ -99,6 +99,12 @@ def format_by_position(result: dict) -> str:
         ses = [est[e]["stderr"] for e in names]
         ratio = est["k1"]["stderr"] / est["exact"]["stderr"] if {"k1", "exact"} <= est.keys() and est["exact"]["stderr"] else float("nan")
         lines.append("  " + "  ".join([row["lengths"], str(row["n"])] + [f"{x:.5f}" for x in ses] + [f"{ratio:.2f}x"]))
+    lines.append("\nKL of the first L tokens: standard error across samples")
+    lines.append("  " + "  ".join(["L"] + [f"{e} se" for e in names] + ["k1 se / exact se"]))
+    for row in result.get("by_prefix", []):
+        est = row["estimators"]
+        ratio = est["k1"]["stderr"] / est["exact"]["stderr"] if {"k1", "exact"} <= est.keys() and est["exact"]["stderr"] else float("nan")
+        lines.append("  " + "  ".join([str(row["tokens"])] + [f"{est[e]['stderr']:.5f}" for e in names] + [f"{ratio:.2f}x"]))
     return "\n".join(lines)
 
 
