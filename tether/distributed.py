@@ -89,7 +89,7 @@ class Dist:
         if not self.enabled:
             return
         for p in params:
-            if p.grad is not None:
+            if p.grad is not None and type(p.grad) is torch.Tensor:  # fsdp's DTensor grads are reduce-scattered already
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
 
     def broadcast_params(self, module: torch.nn.Module) -> None:

@@ -161,10 +161,11 @@ def write_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def check_finite_weights(model, where: str) -> None:
+def check_finite_weights(model, where: str, weights: Optional[dict] = None) -> None:
     """Refuse to save non-finite weights (the step guard should have kept them out: this is the
-    backstop that keeps a NaN model off the disk)."""
-    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+    backstop that keeps a NaN model off the disk). ``weights``: the gathered tensors of a sharded model."""
+    named = weights.items() if weights is not None else model.named_parameters()
+    bad = [n for n, p in named if p.is_floating_point() and not bool(torch.isfinite(p.detach()).all())]
     if bad:
         raise RuntimeError(f"refusing to save {where}: {len(bad)} parameter tensors hold NaN or inf "
                            f"(first: {bad[0]}); the previous checkpoint is left as it was")
@@ -357,20 +358,20 @@ class RunDir:
         ckpts = self.checkpoints_newest_first()
         return ckpts[0] if ckpts else None
 
-    def save_checkpoint(self, step: int, *, model, state: dict, keep: int = 2) -> Optional[Path]:
+    def save_checkpoint(self, step: int, *, model, state: dict, keep: int = 2, weights: Optional[dict] = None) -> Optional[Path]:
         """Atomically write ``checkpoints/step-N``: the model in HF format (safetensors) and the
         trainer ``state`` (optimizer, scheduler, controller, RNG, data position...) as
         ``trainer_state.safetensors`` + ``trainer_state.json`` (``encode_state``). Non-finite weights
         are refused."""
         if not self.is_main:
             return None
-        check_finite_weights(model, f"checkpoint step-{step}")
+        check_finite_weights(model, f"checkpoint step-{step}", weights)  # weights: fsdp's gathered tensors
         final = self.checkpoints / f"step-{step}"
         tmp = self.checkpoints / f"step-{step}.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        save_model(model, tmp / "model")
+        save_model(model, tmp / "model", state_dict=weights)
         write_state(tmp, state)
         _fsync_tree(tmp)
         if final.exists():
@@ -410,7 +411,7 @@ def read_state(folder: Path) -> dict:
     return decode_state(data, load_file(str(folder / "trainer_state.safetensors")))
 
 
-def save_model(model, path: Path, *, tokenizer=None, merge_lora: bool = False) -> None:
+def save_model(model, path: Path, *, tokenizer=None, merge_lora: bool = False, state_dict: Optional[dict] = None) -> None:
     """Save in Hugging Face format (safetensors). A peft model is saved as an adapter, or merged into
     the base weights (loadable with ``AutoModelForCausalLM``) with ``merge_lora``."""
     path = Path(path)
@@ -420,21 +421,26 @@ def save_model(model, path: Path, *, tokenizer=None, merge_lora: bool = False) -
         import copy
 
         to_save = copy.deepcopy(model).merge_and_unload()
-    to_save.save_pretrained(str(path), safe_serialization=True)
+    # state_dict: full tensors of a sharded (fsdp) model, gathered by every process beforehand
+    to_save.save_pretrained(str(path), safe_serialization=True, **({} if state_dict is None else {"state_dict": state_dict}))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))
 
 
 def save_final(model, output_dir: Path, *, tokenizer=None, merge_lora: bool = True, is_main: bool = True) -> Path:
-    """Write ``final/`` atomically (tmp folder + fsync + rename); non-finite weights are refused."""
+    """Write ``final/`` atomically (tmp folder + fsync + rename); non-finite weights are refused.
+    A sharded (fsdp) model is gathered on every process (call it on all) and rank 0 writes it in full."""
+    from .fsdp import full_state_dict
+
+    weights = full_state_dict(model)
     final = Path(output_dir) / "final"
     if not is_main:
         return final
-    check_finite_weights(model, "final/")
+    check_finite_weights(model, "final/", weights)
     tmp = Path(output_dir) / "final.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    save_model(model, tmp, tokenizer=tokenizer, merge_lora=merge_lora)
+    save_model(model, tmp, tokenizer=tokenizer, merge_lora=merge_lora, state_dict=weights)
     _fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(final)

@@ -20,6 +20,9 @@ from .config import config_group
 from .control import BetaController
 from .distributed import Dist
 from .errors import UserError
+from .fsdp import (full_optimizer_state, full_state_dict, is_dtensor, is_sharded, load_weights_file, shard_model,
+                   shard_optimizer_state)
+from .fsdp import grad_norm as fsdp_grad_norm
 from .modeling import load_causal_lm, load_tokenizer
 from .runs import RunDir, load_model_weights, rng_state, seed_everything, set_rng_state
 
@@ -109,6 +112,11 @@ class TrainConfig:
     report_to: str = "tensorboard"
     """Metric trackers besides metrics.jsonl: tensorboard | wandb | trackio | none, or a comma list
     (tensorboard,wandb). wandb and trackio are optional: pip install 'tether[wandb]' / 'tether[trackio]'."""
+    fsdp: bool = False
+    """Shard the policy (and a reference that is a separate copy) over the processes with FSDP2: each holds
+    1/processes of the weights, gradients and AdamW state while training; sampling and evaluation gather the
+    full weights (tether/fsdp.py). Same trajectory as without it. Needs torchrun/accelerate with 2+ processes
+    (ignored with 1); not with LoRA or a reference that shares or syncs weights with the policy (lora, sync)."""
 
 
 def derive_micro_batch(cfg: TrainConfig, dist: Dist) -> int:
@@ -174,8 +182,21 @@ def load_policy(cfg: TrainConfig, dist: Dist):
     tok = load_tokenizer(path)
     model = adapt_model(load_causal_lm(path, dtype=cfg.dtype, device=dist.device), cfg)
     dist.broadcast_params(model)
+    if getattr(cfg, "fsdp", False) and dist.enabled:
+        check_fsdp(cfg)
+        shard_model(model)
     set_train_mode(model, keep_dropout=cfg.keep_dropout)
     return tok, model, path
+
+
+def check_fsdp(cfg) -> None:
+    """What ``fsdp`` cannot be combined with (a UserError naming the field and the fix)."""
+    if cfg.lora_r > 0:
+        raise UserError("fsdp=true with lora_r > 0: LoRA adapters are small, shard nothing; set fsdp=false (or lora_r=0)")
+    ref = getattr(cfg, "reference", None)
+    if ref in ("lora", "sync"):
+        raise UserError(f"fsdp=true with reference={ref}: that reference shares or copies the policy's weights; "
+                        "use reference=copy (or precomputed for dpo), or fsdp=false")
 
 
 def set_train_mode(model: torch.nn.Module, *, keep_dropout: bool) -> torch.nn.Module:
@@ -258,6 +279,8 @@ def clip_and_norm(params, max_norm: float) -> float:
     params = [p for p in params if p.grad is not None]
     if not params:
         return 0.0
+    if any(is_dtensor(p.grad) for p in params):  # fsdp: shards of the gradients, a global norm
+        return fsdp_grad_norm(params, max_norm)
     if max_norm and max_norm > 0:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     return float(torch.norm(torch.stack([p.grad.detach().float().norm() for p in params])))
@@ -353,9 +376,10 @@ class Checkpointer:
     guard: Optional[StepGuard] = None
 
     def save(self, step: int, *, data_state: Optional[dict] = None) -> None:
+        weights = full_state_dict(self.model)  # fsdp: every process gathers; rank 0 writes full tensors
         state = {
             "step": step,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": full_optimizer_state(self.optimizer) if is_sharded(self.model) else self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "controller": None if self.controller is None else self.controller.state_dict(),
             "reference": None if self.reference is None else self.reference.state_dict(),
@@ -364,7 +388,7 @@ class Checkpointer:
             "guard": None if self.guard is None else self.guard.state_dict(),
             **self.extra,
         }
-        self.run.save_checkpoint(step, model=self.model, state=state)
+        self.run.save_checkpoint(step, model=self.model, state=state, weights=weights)
 
     def resume(self) -> tuple[int, dict]:
         """Load the latest readable checkpoint if any; returns (step, data_state). Logs after it are
@@ -378,7 +402,10 @@ class Checkpointer:
         for ckpt in ckpts:
             try:
                 state = RunDir.load_checkpoint_state(ckpt)
-                load_model_weights(self.model, ckpt / "model")  # reads every file before changing the model
+                if is_sharded(self.model):
+                    load_weights_file(self.model, ckpt / "model")
+                else:
+                    load_model_weights(self.model, ckpt / "model")  # reads every file before changing the model
                 break
             except UserError:
                 raise
@@ -389,6 +416,7 @@ class Checkpointer:
             raise UserError(f"no readable checkpoint in {self.run.checkpoints} ({', '.join(p.name for p in ckpts)} "
                             "all failed to load, see the warnings above); pass --overwrite to start the run again")
         self.optimizer.load_state_dict(state["optimizer"])
+        shard_optimizer_state(self.optimizer)  # fsdp: the saved moments are full tensors
         self.scheduler.load_state_dict(state["scheduler"])
         if self.controller is not None and state.get("controller") is not None:
             self.controller.load_state_dict(state["controller"])

@@ -65,6 +65,7 @@ from ..diagnostics.forgetting import ForgettingProbe
 from ..diagnostics.overfit import OverfitMonitor
 from ..distributed import Dist
 from ..errors import UserError
+from ..fsdp import is_sharded, models_of, shard_reference, unsharded
 from ..groups import DATA_FIELDS, ReferenceConfig
 from ..engine import evaluate as evaluate_kl
 from ..modeling import completion_logps
@@ -421,6 +422,7 @@ def train_dpo(cfg: DPOConfig, *, rows: Optional[Sequence[dict]] = None, eval_row
     held_ids = list(range(n, n + len(held)))  # held-out pairs follow the training pairs in the reference's ids
     visited = order.visited(range(cfg.max_steps)) + held_ids
     reference, live_ref = setup_reference(cfg, policy, tok, train + held, visited, dist)
+    shard_reference(reference, policy)  # fsdp with reference=copy (the precomputed cache is built unsharded)
     controller = build_controller(cfg, total_steps=cfg.max_steps, episodes_per_step=cfg.batch_size)
     params = trainable_params(policy)
     opt = make_optimizer(params, cfg)
@@ -436,9 +438,14 @@ def train_dpo(cfg: DPOConfig, *, rows: Optional[Sequence[dict]] = None, eval_row
         if cfg.forgetting_text and dist.is_main else None
     overfit = OverfitMonitor(cfg.loss_type)  # dpo/overfit: loss saturated while kl/ref grows (diagnostics/overfit.py)
     pad_id = tok.pad_token_id
-    packed = cfg.padding_free and packing_works(policy, train[:4], pad_id=pad_id, device=dist.device)
+    # fsdp: the packed layout calls the decoder and the head directly, past the root unit's all-gather
+    packed = cfg.padding_free and not is_sharded(policy) and packing_works(policy, train[:4], pad_id=pad_id, device=dist.device)
 
     def evaluate(beta: float) -> dict:
+        with unsharded(*models_of(policy, reference, live_ref)):  # fsdp: main-only sampling, uneven shards
+            return _evaluate(beta)
+
+    def _evaluate(beta: float) -> dict:
         out = eval_pairs(cfg, policy, reference, held, held_ids, beta=beta, pad_id=pad_id, dist=dist,
                          packed=packed) if held else {}
         if kl_prompts and dist.is_main:  # sampling is replicated work: only the logging process measures
@@ -449,8 +456,10 @@ def train_dpo(cfg: DPOConfig, *, rows: Optional[Sequence[dict]] = None, eval_row
             out.update(eval_hook(step, policy, beta=beta) or {})
         return out
 
-    if step == 0 and eval_hook is not None and dist.is_main:  # the start of the reward-KL curve (KL 0)
-        run.log(0, eval_hook(0, policy, beta=controller.value) or {})
+    if step == 0 and eval_hook is not None:  # the start of the reward-KL curve (KL 0)
+        with unsharded(policy):
+            if dist.is_main:
+                run.log(0, eval_hook(0, policy, beta=controller.value) or {})
 
     bar = progress_bar(cfg.max_steps, step, enabled=cfg.progress and dist.is_main, desc=f"dpo[{cfg.loss_type}]")
     metrics: dict = {}

@@ -71,6 +71,7 @@ from ..modeling import forward_completion
 from ..value import build_value_model
 from .rollout import Rollout, collect_rollout, rollout_stats
 from ..errors import UserError
+from ..fsdp import models_of, shard_reference, unsharded
 
 log = logging.getLogger(__name__)
 
@@ -550,6 +551,10 @@ class Session:
         })
 
     def evaluate(self) -> dict:
+        with unsharded(*models_of(self.policy, self.reference)):  # fsdp: main-only and uneven forwards
+            return self._evaluate()
+
+    def _evaluate(self) -> dict:
         if self.eval_hook is not None:  # an external protocol (the demo's): same prompts and seeds for every method
             ev = dict(self.eval_hook(self.step, self.policy, beta=self.controller.value) or {}) if self.dist.is_main else {}
         else:
@@ -581,6 +586,7 @@ def setup(cfg: OnlineConfig, method: OnlineMethod, *, prompts=None, reward=None,
     run.save_config(cfg, resume=resume)
     tok, policy, path = load_policy(cfg, dist)
     reference = _load_reference(cfg, policy, tok, path, dist)
+    shard_reference(reference, policy)  # fsdp with reference=copy
     value_model = build_value_model(cfg.value_model, policy, model_path=path, dtype=cfg.dtype, device=dist.device) \
         if method.uses_value_model(cfg) else None
     prompt_rows, eval_rows = _prompt_rows(cfg, tok, prompts, eval_prompts)
@@ -654,17 +660,19 @@ def train_online(
         p_rows = [s.prompt_rows[i] for i in idx for _ in range(G)]
         # 2. rollout: sample, reward, score under policy / reference / value model
         beta = s.controller.value
-        ro = collect_rollout(s.policy, s.reference, s.value_model, s.rewards, s.tok, p_texts, p_ids, cfg=cfg,
-                             generator=seeded(cfg.seed, s.step, dist.rank, 1), chunk=s.sizes.micro, device=dist.device,
-                             prompt_rows=p_rows, backend=backend)
+        with unsharded(*models_of(s.policy, s.reference)):  # fsdp: full weights to sample (ranks stop at different lengths)
+            ro = collect_rollout(s.policy, s.reference, s.value_model, s.rewards, s.tok, p_texts, p_ids, cfg=cfg,
+                                 generator=seeded(cfg.seed, s.step, dist.rank, 1), chunk=s.sizes.micro, device=dist.device,
+                                 prompt_rows=p_rows, backend=backend)
         # 3. advantages (method-specific, pure)
         prep = s.method.prepare(scores=ro.scores, kl_tokens=ro.kl_tokens, mask=ro.mask, values=ro.values, cfg=cfg, beta=beta)
         sums, counts = rollout_stats(ro, beta=beta)
         n_tok = float(ro.mask.sum())
         for k, v in prep.stats.items():
             sums[k], counts[k] = float(v) * n_tok, n_tok
-        ref_logits = rollout_ref_logits(s.reference, ro, chunk=s.sizes.micro, filters=_filters(cfg)) \
-            if s.method.needs_ref_logits(cfg) else None
+        with unsharded(*models_of(s.reference)):
+            ref_logits = rollout_ref_logits(s.reference, ro, chunk=s.sizes.micro, filters=_filters(cfg)) \
+                if s.method.needs_ref_logits(cfg) else None
         # 4. epochs x minibatches of updates
         lr = s.sched.get_last_lr()[0]
         u_sums, u_counts, norms = optimise(s.policy, s.value_model, s.opt, s.params, s.value_params, ro, prep, s.method,

@@ -26,6 +26,7 @@ from ..config import config_group
 from ..diagnostics.forgetting import starting_model_probe
 from ..data.text import batch_indices, collate, eval_split_of, load_text_examples, prepare_sft, split_heldout
 from ..distributed import Dist
+from ..fsdp import unsharded
 from ..errors import UserError
 from ..groups import DATA_FIELDS
 from ..modeling import position_ids
@@ -148,7 +149,10 @@ def train_sft(cfg: SFTConfig, *, resume: bool = False) -> dict:
     guard = StepGuard(cfg.max_nonfinite_steps)
     ckpt = Checkpointer(run, model, opt, sched, guard=guard)
     step = ckpt.resume()[0] if resume else 0
-    evaluate = lambda: eval_loss(model, evals, pad_id=tok.pad_token_id, batch_size=cfg.eval_batch_size, dist=dist)  # noqa: E731
+
+    def evaluate() -> float:
+        with unsharded(model):  # fsdp: the strided held-out shards may differ in batch count
+            return eval_loss(model, evals, pad_id=tok.pad_token_id, batch_size=cfg.eval_batch_size, dist=dist)
     forgetting = starting_model_probe(cfg, tok, device=dist.device, is_main=dist.is_main)  # eval/forgetting/* (optional)
     bar = progress_bar(cfg.max_steps, step, enabled=cfg.progress and dist.is_main, desc="sft")
     metrics: dict = {}
@@ -169,8 +173,9 @@ def train_sft(cfg: SFTConfig, *, resume: bool = False) -> dict:
             metrics["eval/loss"] = evaluate()
         if step == cfg.max_steps and evals:
             metrics["eval/loss"] = evaluate()
-        if forgetting is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
-            metrics.update(forgetting(model))  # against the starting model, teacher-forced on off-distribution text
+        if cfg.forgetting_text and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
+            with unsharded(model):  # every process enters (collective); the probe runs on the main one
+                metrics.update(forgetting(model) if forgetting is not None else {})  # against the starting model, teacher-forced on off-distribution text
         if step % cfg.log_every == 0 or "eval/loss" in metrics or step == cfg.max_steps:
             run.log(step, metrics)
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
