@@ -135,3 +135,20 @@ def test_miniature_sweep_end_to_end(tmp_path, stories_path, assets_dir):
     assert 'data-images="2"' in body.group(0) and 'data-images-loaded="2"' in body.group(0), body.group(0)
     assert dom.count("class=\"run-row\"") == 4 and dom.count("class=\"ref-row\"") == 1
     assert "best setting" in dom and "Pareto front" in dom
+
+
+def test_preflight_names_the_bad_run_before_any_process(tmp_path, stories_path):
+    """A bad trainer field (a reward spec that is no file, model or function) is the trainer's own
+    preflight error, prefixed by the run's name, raised before any worker starts."""
+    from tether.sweep.runner import preflight
+    from tether.sweep.spec import expand
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Once upon a time\n")
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"method": "ppo", "base": {"model": stories_path, "prompts": str(prompts), "reward": "no/such/rm"},
+                                    "grid": {"beta": [0.1]}, "eval": {"prompts": str(prompts), "gold": "vader"}}))
+    cfg = load_sweep(path)
+    with pytest.raises(UserError, match=r"sweep run ppo-beta0\.1: .*no/such/rm"):
+        preflight(cfg, expand(cfg))
+    assert not (tmp_path / "runs").exists()

@@ -88,6 +88,7 @@ def run_sweep(cfg: SweepConfig, *, output_dir: Optional[str] = None, workers: in
                              "overrides": {}, "config": first.config, "eval": ev})]
     jobs_all += [(s.name, {"role": "run", "method": s.method, "tag_method": s.method, "run": s.name, "overrides": s.overrides,
                            "config": s.config, "eval": ev}) for s in specs]
+    preflight(cfg, [s for s in specs if not (runs_dir / s.name / "result.json").exists()])
     todo = []
     for name, blob in jobs_all:
         run_dir = runs_dir / name
@@ -105,6 +106,35 @@ def run_sweep(cfg: SweepConfig, *, output_dir: Optional[str] = None, workers: in
             "samples per prompt": ev["samples_per_prompt"], "eval seed": ev["seed"], "gold reward": ev["gold"] or "none (the proxy stands in)",
             "swept": ", ".join(sorted({k for s in specs for k in s.overrides})) or "-"}
     return write_report(out, rows, finals, samples, meta=meta, kl_budgets=ev["kl_budgets"])
+
+
+def preflight(cfg: SweepConfig, specs: list[RunSpec]) -> None:
+    """The trainers' own input checks (``tether.checks``) on every run still to do, and the evaluation's
+    reward specs, before any process starts or any weights load: a bad run is a UserError naming it."""
+    from ..checks import check_reward_spec, preflight_dpo, preflight_online
+    from ..config import from_dict
+    from ..errors import UserError
+    from .spec import trainer_class
+
+    assets = (specs[0].config.get("assets") if specs else None)
+    for key in ("gold", "proxy"):
+        if getattr(cfg.eval, key):
+            check_reward_spec(getattr(cfg.eval, key), field=f"eval.{key}", assets=assets)
+    for name, spec in cfg.eval.rewards.items():
+        check_reward_spec(spec, field=f"eval.rewards.{name}", assets=assets)
+    if not cfg.eval.gold and not cfg.eval.proxy and cfg.method == "dpo":
+        raise UserError("a DPO sweep needs eval.gold or eval.proxy (a reward spec): DPO optimises no reward the report could show")
+    for s in specs:
+        tcfg = from_dict(trainer_class(s.method), s.config, source=f"sweep run {s.name}")
+        try:
+            if s.method == "dpo":
+                preflight_dpo(tcfg)
+            elif s.method in ("ppo", "grpo", "rloo"):
+                preflight_online(tcfg)
+            else:
+                check_reward_spec(tcfg.reward, field="reward", assets=tcfg.assets)
+        except UserError as e:
+            raise UserError(f"sweep run {s.name}: {e}") from None
 
 
 def collect(runs_dir: Path, names: list[str]) -> tuple[list[dict], list[dict], dict]:
