@@ -563,6 +563,8 @@ class Session:
         if self.forgetting is not None:  # teacher-forced on off-distribution text, whichever protocol ran above
             ev.update(self.forgetting(self.policy, self.reference))
         self.eval_history.append({"step": self.step, **ev})
+        if self.hacking is None and {"eval/reward/gold", "eval/reward/proxy"} <= ev.keys():
+            self.hacking = HackingMonitor("proxy", ["gold"])  # an eval_hook's protocol (the demo, tether sweep)
         if self.hacking is not None:  # gold stopped rising while the proxy rises (diagnostics/hacking.py)
             ev.update(self.hacking.check(self.eval_history, self.step))
         return ev
