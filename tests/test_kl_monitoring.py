@@ -70,3 +70,29 @@ def test_dpo_refuses_beta_zero_and_logs_kl_ref_at_small_beta(stories_path, asset
         train_dpo(DPOConfig(output_dir=str(tmp_path / "zero"), beta=0.0, **kw), rows=rows)
     res = train_dpo(DPOConfig(output_dir=str(tmp_path / "tiny"), beta=1e-6, reference="copy", **kw), rows=rows)
     assert res["beta"] == 1e-6 and res["kl/ref"] >= 0.0 and math.isfinite(res["kl/ref_stderr"])
+
+
+@pytest.mark.slow  # six 2-step runs: ~20-40 s on 2 loaded cores
+@pytest.mark.parametrize("method", ["ppo", "grpo"])
+def test_position_weights_of_one_are_bit_identical_and_others_change_the_penalty(method, stories_path, tmp_path):
+    """w = (1) given explicitly reproduces the default run exactly (every metric of every step: the same
+    floats). w = (4, 2, 1) changes the training: with the exact KL in PPO's reward the applied penalty is
+    β Σ_t w_t kl_t > β·kl/ref (the default's penalty equals β·kl/ref)."""
+    cls, train = (PPOConfig, train_ppo) if method == "ppo" else (GRPOConfig, train_grpo)
+    base = dict(model=stories_path, beta=0.1, batch_size=8, max_new_tokens=8, learning_rate=1e-2, max_steps=2 if method == "ppo" else 3,
+                eval_every=0,
+                progress=False, sample_every=0, seed=0, kl_estimator="exact" if method == "ppo" else "k3",
+                **({"samples_per_prompt": 2} if method == "grpo" else {}))
+    runs = {name: train(cls(output_dir=str(tmp_path / name), **base, **kw), prompts=PROMPTS)["history"]
+            for name, kw in [("default", {}), ("ones", {"beta_position_weights": [1.0]}),
+                             ("weighted", {"beta_position_weights": [4.0, 2.0, 1.0]})]}
+    for a, b in zip(runs["default"], runs["ones"]):
+        assert a == b
+    assert runs["weighted"][0]["kl/ref"] == runs["default"][0]["kl/ref"] == 0.0  # the same first rollout, from π_ref
+    # ppo: the first update differs (exact KL in the reward); grpo: a loss-side k3 has zero gradient at
+    # π_θ = π_ref, so the first update is the same and the second differs
+    d, w = runs["default"][-1], runs["weighted"][-1]
+    assert w["kl/ref"] != d["kl/ref"]
+    if method == "ppo":  # exact per-token KLs are ≥ 0: β Σ w_t kl_t > β Σ kl_t = β·kl/ref when w ≥ 1, > 1 early
+        assert d["kl/penalty"] == pytest.approx(0.1 * d["kl/ref"], rel=1e-5)
+        assert w["kl/penalty"] > 0.1 * w["kl/ref"] * (1 + 1e-4) > 0
