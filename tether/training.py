@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,17 +183,24 @@ def load_policy(cfg: TrainConfig, dist: Dist):
     tok = load_tokenizer(path)
     model = adapt_model(load_causal_lm(path, dtype=cfg.dtype, device=dist.device), cfg)
     dist.broadcast_params(model)
-    if getattr(cfg, "fsdp", False) and dist.enabled:
+    if fsdp_requested(cfg) and dist.enabled:
         check_fsdp(cfg)
         shard_model(model)
     set_train_mode(model, keep_dropout=cfg.keep_dropout)
     return tok, model, path
 
 
+def fsdp_requested(cfg) -> bool:
+    """``cfg.fsdp``, or ``accelerate launch`` with an FSDP config (it sets ACCELERATE_USE_FSDP=true;
+    examples/accelerate_fsdp.yaml): tether shards the model itself, by decoder layer (tether/fsdp.py)."""
+    return bool(getattr(cfg, "fsdp", False)) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("true", "1")
+
+
 def check_fsdp(cfg) -> None:
     """What ``fsdp`` cannot be combined with (a UserError naming the field and the fix)."""
     if cfg.lora_r > 0:
-        raise UserError("fsdp=true with lora_r > 0: LoRA adapters are small, shard nothing; set fsdp=false (or lora_r=0)")
+        raise UserError("fsdp=true (or an accelerate FSDP config) with lora_r > 0: LoRA is not sharded; set fsdp=false "
+                        "and launch without the FSDP config (or lora_r=0)")
     ref = getattr(cfg, "reference", None)
     if ref in ("lora", "sync"):
         raise UserError(f"fsdp=true with reference={ref}: that reference shares or copies the policy's weights; "
