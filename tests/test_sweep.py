@@ -152,3 +152,30 @@ def test_preflight_names_the_bad_run_before_any_process(tmp_path, stories_path):
     with pytest.raises(UserError, match=r"sweep run ppo-beta0\.1: .*no/such/rm"):
         preflight(cfg, expand(cfg))
     assert not (tmp_path / "runs").exists()
+
+
+def test_report_from_synthetic_rows(tmp_path):
+    """write_report on hand-made rows without a gold reward: the proxy stands in (the page says so),
+    one table row per run, the CSV keeps the base columns and drops the samples, and the side-by-side
+    table takes from each setting the point nearest the smallest final KL (β = 1's final KL 2; β = 0.1
+    passes KL 2.5 at step 1, nearer than its final 8)."""
+    from tether.sweep.report import write_report
+
+    def pt(run, beta, seed, step, kl, proxy):
+        return {"method": "ppo", "run": run, "seed": seed, "step": step, "kl": kl, "kl_stderr": 0.1, "proxy_reward": proxy,
+                "proxy_stderr": 0.01, "beta": beta, "beta_set": beta, "swept": ["beta", "seed"],
+                "samples": [{"prompt": "p", "completion": f"{run}@{step}", "proxy": proxy}]}
+    rows = [{"method": "reference", "run": "reference", "seed": 0, "step": 0, "kl": 0.0, "kl_stderr": 0.0, "proxy_reward": 0.0,
+             "proxy_stderr": 0.01, "samples": [{"prompt": "p", "completion": "ref", "proxy": 0.0}]}]
+    rows += [pt("a", 0.1, 0, 0, 0.0, 0.0), pt("a", 0.1, 0, 1, 2.5, 0.5), pt("a", 0.1, 0, 2, 8.0, 0.9),
+             pt("b", 1.0, 0, 0, 0.0, 0.0), pt("b", 1.0, 0, 2, 2.0, 0.3)]
+    finals = [{k: v for k, v in r.items() if k != "samples"} for r in (rows[0], rows[3], rows[5])]
+    page = write_report(tmp_path, rows, finals, {}, meta={}).read_text()
+    assert "the proxy reward stands in" in page
+    assert page.count("class='run-row'") == 2 and page.count("class='ref-row'") == 1
+    assert "a@1" in page and "b@2" in page and "a@2" not in page
+    with open(tmp_path / "frontier.csv") as f:
+        header = next(csv.reader(f))
+    assert header[:6] == ["method", "run", "seed", "step", "kl", "kl_stderr"] and "samples" not in header
+    for name in ("frontier.png", "overoptimisation.png", "finals.csv"):
+        assert (tmp_path / name).stat().st_size > 0

@@ -10,7 +10,9 @@ proxy_reward, proxy_stderr, beta, <swept fields>}`` (the reference is one row wi
 - overoptimisation: the reward gain over the reference against d = √KL with the Gao et al. fits
   (``tether.diagnostics.hacking.fit_gao``; docs/theory.md §8), the proxy beside it;
 - "for a KL budget of X nats, the best setting is ...", and the smallest β within each budget;
-- completions side by side at a matched KL (same prompts and sampling seed in every run).
+- completions side by side at a matched KL: for each setting the evaluation point (any step) nearest
+  the smallest final KL, so every column is as far from the reference (same prompts and sampling
+  seed in every run). Rows may carry their ``samples``; else a run's final samples are used.
 
 Where no gold reward was given, the proxy stands in (``y_key``) and the page says so.
 """
@@ -31,6 +33,7 @@ TEXT_COLUMNS = {"method", "run"}
 REFERENCE = "reference"
 PALETTE = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
 SETTING_SKIP = {"seed", "name"}
+BON_METHODS = ("bon", "best_of_n")  # sampled, not trained: Gao et al.'s best-of-n form
 
 
 def csv_columns(rows: list[dict]) -> list[str]:
@@ -225,7 +228,7 @@ def gao_fits(rows: list[dict], *, ykey: str) -> dict[str, dict]:
         pts = [(r["kl"], r[ykey] - base) for r in rows if r["method"] == method and _num(r.get("kl")) is not None
                and _num(r.get(ykey)) is not None]
         try:
-            fit = fit_gao([max(p[0], 0.0) for p in pts], [p[1] for p in pts], kind="bon" if method == "bon" else "rl")
+            fit = fit_gao([max(p[0], 0.0) for p in pts], [p[1] for p in pts], kind="bon" if method in BON_METHODS else "rl")
         except ValueError:  # too few distinct KLs to fix both coefficients: no curve for this method
             continue
         fits[method] = {k: fit[k] for k in fit.keys()} | {"n": len(pts), "fit": fit}
@@ -248,7 +251,7 @@ def plot_overoptimisation(rows, sets, fits, path: Path, *, ykey: str, swept: lis
             ys = [_num(p.get(key)) for p in pts]
             if b is None or None in ys:
                 continue
-            ax.plot(d, [y - b for y in ys], "o-" if len(pts) > 1 else "D", color=c, alpha=0.7, ms=4)
+            ax.plot(d, [y - b for y in ys], "D" if pts[-1]["method"] in BON_METHODS else ("o-" if len(pts) > 1 else "*"), color=c, alpha=0.7, ms=4)
     for method, fit in fits.items():
         xs = [dmax * 1.1 * i / 100 for i in range(1, 101)]
         lab = f"Gao fit, {method} ({fit['kind']}): α={fit['alpha']:.3g}, β={fit['beta']:.3g}, peak KL={fit['peak_kl']:.3g}"
@@ -266,19 +269,22 @@ def plot_overoptimisation(rows, sets, fits, path: Path, *, ykey: str, swept: lis
     plt.close(fig)
 
 
-def matched_runs(finals: list[dict], sets: list[dict], *, k: int = 3) -> tuple[Optional[float], list[dict]]:
-    """The final rows of up to ``k`` runs, one per setting, whose KL is closest to a common KL (the
-    median of the settings' mean KLs), the reference first."""
+def matched_points(rows: list[dict], sets: list[dict], *, k: int = 3) -> tuple[Optional[float], list[dict]]:
+    """Evaluation points of up to ``k`` settings at a common KL: the target is the smallest mean final
+    KL of the trained settings (every run's path passes near it), and each setting contributes the
+    point (any run, any step) closest to it, the reference first."""
+    ref = [r for r in rows if r["method"] == REFERENCE][:1]
     trained = [s for s in sets if s["method"] != REFERENCE]
     if not trained:
-        return None, [r for r in finals if r["method"] == REFERENCE]
-    target = sorted(s["kl"] for s in trained)[len(trained) // 2]
+        return None, ref
+    target = min(s["kl"] for s in trained)
     picks = []
     for s in trained:
-        rs = [r for r in finals if r["run"] in s["runs"]]
-        picks.append(min(rs, key=lambda r: abs(r["kl"] - target)))
+        pts = [r for r in rows if r["run"] in s["runs"] and _num(r.get("kl")) is not None]
+        if pts:
+            picks.append(min(pts, key=lambda r: (abs(r["kl"] - target), -(r.get("step") or 0))))
     picks = sorted(picks, key=lambda r: abs(r["kl"] - target))[:k]
-    return target, [r for r in finals if r["method"] == REFERENCE] + sorted(picks, key=lambda r: r["kl"])
+    return target, ref + sorted(picks, key=lambda r: r["kl"])
 
 
 def _fmt(v) -> str:
@@ -291,7 +297,7 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def write_html(out_dir: Path, finals, sets, samples, budgets, fits, *, ykey: str, swept: list[str], meta: dict,
+def write_html(out_dir: Path, rows, finals, sets, samples, budgets, fits, *, ykey: str, swept: list[str], meta: dict,
                title: str = "tether sweep: the reward–KL frontier", intro: str = "", extra_figs: tuple = ()) -> Path:
     esc = html.escape
     ylab = "gold" if ykey == "gold_reward" else "proxy (stands in for gold)"
@@ -312,12 +318,12 @@ def write_html(out_dir: Path, finals, sets, samples, budgets, fits, *, ykey: str
         bud_rows += f"<tr><td>{b['budget']:g}</td><td>{what}</td><td>{esc(beta)}</td></tr>"
     fit_rows = "".join(f"<tr><td>{esc(m)}</td><td>{f['kind']}</td><td>{f['alpha']:.4g}</td><td>{f['beta']:.4g}</td>"
                        f"<td>{f['peak_kl']:.4g}</td><td>{f['n']}</td></tr>" for m, f in fits.items())
-    target, picks = matched_runs(finals, sets)
+    target, picks = matched_points(rows, sets)
     side = ""
     if picks:
-        lists = [samples.get(r["run"], []) for r in picks]
+        lists = [r.get("samples") or samples.get(r["run"], []) for r in picks]
         depth = min((len(x) for x in lists), default=0)
-        hdr = "".join(f"<th>{esc(r['run'])}<br><small>KL {r['kl']:.2f}</small></th>" for r in picks)
+        hdr = "".join(f"<th>{esc(r['run'])}<br><small>step {_fmt(r.get('step'))}, KL {r['kl']:.2f}</small></th>" for r in picks)
         trs = ""
         for i in range(min(depth, 6)):
             p = lists[0][i].get("prompt", "")
@@ -363,7 +369,7 @@ d = √KL: RL d(α − β log d), best-of-n d(α − β d) (docs/theory.md §8).
 <table><tr><th>setting</th><th>seeds</th><th>final KL</th><th>final {ylab}</th></tr>{set_rows}</table>
 <h2>Every run's final numbers</h2>
 <table id="runs"><tr>{head}</tr>{body}</table>
-<h2>Completions side by side at a matched KL{f" (≈ {target:.2f} nats)" if target is not None else ""}</h2>{side}
+<h2>Samples at a matched KL, side by side{f" (≈ {target:.2f} nats)" if target is not None else ""}</h2>{side}
 <h2>Settings of this sweep</h2><ul>{meta_html}</ul>
 <p>Data: <a href="frontier.csv">frontier.csv</a> (every evaluation point), <a href="finals.csv">finals.csv</a>, <a href="samples.jsonl">samples.jsonl</a>.</p>
 </body></html>"""
@@ -374,7 +380,8 @@ d = √KL: RL d(α − β log d), best-of-n d(α − β d) (docs/theory.md §8).
 
 def write_report(out_dir: Path, rows: list[dict], finals: list[dict], samples: dict, *, meta: dict,
                  kl_budgets: Optional[list] = None, **page) -> Path:
-    """Write every file of the report into ``out_dir``; returns the path of report.html."""
+    """Write every file of the report into ``out_dir``; returns the path of report.html. ``rows`` may
+    keep each point's ``samples`` (for the side-by-side table); the CSVs leave them out."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     swept = []
@@ -396,4 +403,4 @@ def write_report(out_dir: Path, rows: list[dict], finals: list[dict], samples: d
     fits = gao_fits(rows, ykey=ykey)
     plot_overoptimisation(rows, sets, fits, out_dir / "overoptimisation.png", ykey=ykey, swept=swept)
     budgets = budget_table(sets, [float(b) for b in (kl_budgets or default_budgets(sets))])
-    return write_html(out_dir, finals, sets, samples, budgets, fits, ykey=ykey, swept=swept, meta=meta, **page)
+    return write_html(out_dir, rows, finals, sets, samples, budgets, fits, ykey=ykey, swept=swept, meta=meta, **page)

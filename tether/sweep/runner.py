@@ -144,7 +144,7 @@ def collect(runs_dir: Path, names: list[str]) -> tuple[list[dict], list[dict], d
         pts = read_points(runs_dir / name)
         if not pts:
             continue
-        rows += [{k: v for k, v in p.items() if k != "samples"} for p in pts]
+        rows += pts  # with their samples: the report shows some side by side at a matched KL
         finals.append({k: v for k, v in pts[-1].items() if k != "samples"})
         samples[name] = pts[-1].get("samples", [])
     return rows, finals, samples
