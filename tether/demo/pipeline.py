@@ -19,10 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
-import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -199,36 +196,20 @@ def stage_rm(cfg: DemoConfig, paths: Paths) -> dict:
 
 
 def run_all(cfg: DemoConfig, specs: list[dict], paths: Paths, *, workers: int) -> None:
-    """Each run in its own process (``python -m tether.demo.worker``); finished runs are skipped."""
-    todo = [s for s in specs if not (paths.runs / s["run"] / "result.json").exists()]
-    if not todo:
-        return
-    from tqdm.auto import tqdm
+    """Each run in its own process (``python -m tether.demo.worker``), through the sweep's process pool
+    (``tether.sweep.runner.launch_all``); finished runs (result.json) are skipped."""
+    from ..sweep.runner import launch_all
 
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    paths.runs.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=len(todo), desc=f"sweep ({workers} parallel)", unit="run")
-    failures = []
-
-    def launch(spec: dict) -> None:
+    jobs = []
+    for spec in specs:
         run_dir = paths.runs / spec["run"]
+        if (run_dir / "result.json").exists():
+            continue
         run_dir.mkdir(parents=True, exist_ok=True)
         spec_file = run_dir / "spec.json"
         spec_file.write_text(json.dumps({"spec": spec, "demo": asdict(cfg), "work": str(paths.work)}))
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TETHER_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-        with open(run_dir / "worker.log", "w") as logf:
-            rc = subprocess.call([sys.executable, "-m", "tether.demo.worker", str(spec_file)], stdout=logf, stderr=subprocess.STDOUT, env=env)
-        if rc != 0:
-            failures.append((spec["run"], rc, run_dir / "worker.log"))
-        bar.update(1)
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        list(pool.map(launch, todo))
-    bar.close()
-    if failures:
-        tails = "\n".join(f"--- {name} (exit {rc}), last lines of {logp}:\n" + "\n".join(logp.read_text().splitlines()[-15:])
-                          for name, rc, logp in failures)
-        raise RuntimeError(f"{len(failures)} demo run(s) failed:\n{tails}")
+        jobs.append((spec["run"], spec_file))
+    launch_all(jobs, module="tether.demo.worker", workers=workers, desc="demo sweep")
 
 
 def reference_row(cfg: DemoConfig, paths: Paths, eval_prompts) -> dict:
@@ -242,19 +223,18 @@ def reference_row(cfg: DemoConfig, paths: Paths, eval_prompts) -> dict:
         tok, ref = load_tokenizer(str(paths.reference)), load_causal_lm(str(paths.reference))
         ev = evaluate_policy(ref, FrozenReference(load_causal_lm(str(paths.reference))), tok, eval_prompts, gold=VaderSource(),
                              proxy=RewardModelSource(str(paths.proxy)), max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-        _mark(marker, {"method": "reference", "run": "reference", "step": 0, **ev})
+        _mark(marker, {"method": "reference", "run": "reference", "seed": cfg.seed, "step": 0, **ev})
     return json.loads(marker.read_text())
 
 
 def collect(paths: Paths, specs: list[dict], ref_row: dict) -> tuple[list[dict], list[dict], dict]:
-    rows = [{k: v for k, v in ref_row.items() if k != "samples"}]
-    finals = [dict(rows[0])]
+    rows = [dict(ref_row)]  # rows keep their samples (the report's side-by-side table); the CSVs drop them
+    finals = [{k: v for k, v in ref_row.items() if k != "samples"}]
     samples = {"reference": ref_row.get("samples", [])}
     for spec in specs:
         run_dir = paths.runs / spec["run"]
         pts = [json.loads(l) for l in (run_dir / "eval.jsonl").read_text().splitlines() if l.strip()]
-        for p in pts:
-            rows.append({k: v for k, v in p.items() if k != "samples"})
+        rows += pts
         last = pts[-1]
         finals.append({k: v for k, v in last.items() if k != "samples"})
         samples[spec["run"]] = last.get("samples", [])

@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..assets import resolve
-from ..engine import evaluate, generate_batches
+from ..engine import evaluate, generate_batches, mean_stderr
 from ..reference import Reference
 
 
@@ -115,14 +115,16 @@ def evaluate_policy(
 ) -> dict:
     """One evaluation point: ``engine.evaluate`` of ``policy`` on held-out prompts (one sample each,
     at ``engine.eval_seed(seed)`` for every run and step, so differences are the policy's): exact
-    sequence KL[π‖π_ref] with its standard error, and the mean gold / proxy reward of the same samples."""
+    sequence KL[π‖π_ref] with its standard error, and the mean gold / proxy reward of the same samples
+    with theirs (``gold_stderr``, ``proxy_stderr``: over the evaluation samples)."""
     res = evaluate(policy, reference, [p.ids for p in prompts], tokenizer=tokenizer, seed=seed,
                    max_new_tokens=max_new_tokens)
     texts, ptexts = res["texts"], [p.text for p in prompts]
     g = gold(ptexts, texts)
     ex = res["estimators"]["exact"]
-    out = {"kl": ex["mean"], "kl_stderr": ex["stderr"], "gold_reward": float(g.mean())}
-    out["proxy_reward"] = float(proxy(ptexts, texts).mean()) if proxy is not None else None
+    out = {"kl": ex["mean"], "kl_stderr": ex["stderr"]}
+    out["gold_reward"], out["gold_stderr"] = mean_stderr(g)
+    out["proxy_reward"], out["proxy_stderr"] = mean_stderr(proxy(ptexts, texts)) if proxy is not None else (None, None)
     out["samples"] = [{"prompt": p, "completion": t, "gold": s} for p, t, s in zip(ptexts, texts, g.tolist())][:n_keep]
     return out
 

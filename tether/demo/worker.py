@@ -37,6 +37,7 @@ def main(spec_path: str) -> int:
     eval_file = run_dir / "eval.jsonl"
     eval_file.write_text("")  # a rerun of an unfinished run starts its curve again
     tags = {k: spec[k] for k in ("beta", "kl_target", "n") if k in spec}
+    tags = {"seed": cfg.seed, **tags, "swept": list(tags), **({"beta_set": spec["beta"]} if "beta" in spec else {})}
 
     def record(step: int, policy, extra: dict | None = None) -> dict:
         ev = evaluate_policy(policy, reference, tok, eval_prompts, gold=gold, proxy=proxy,
@@ -75,8 +76,11 @@ def main(spec_path: str) -> int:
 
         res = best_of_n(reference.model, tok, [p.text for p in eval_prompts], prompt_ids=[p.ids for p in eval_prompts],
                         n=spec["n"], reward=proxy, gold=gold, max_new_tokens=cfg.max_new_tokens, seed=eval_seed(cfg.seed))
+        from ..engine import mean_stderr
+
         keys = ("kl", "kl_stderr", "gold_reward", "proxy_reward", "kl_bound", "samples")
-        row = {"method": "best_of_n", "run": spec["run"], "step": 0, "n": spec["n"], **{k: res[k] for k in keys}}
+        row = {"method": "best_of_n", "run": spec["run"], "step": 0, **tags, **{k: res[k] for k in keys}}
+        _, row["gold_stderr"] = mean_stderr(gold([p.text for p in eval_prompts], res["completions"]))
         with open(eval_file, "a") as f:
             f.write(json.dumps(row) + "\n")
     else:
