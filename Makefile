@@ -59,6 +59,8 @@ test-vllm: $(VLLM_VENV)/.installed
 bench: $(VENV)/.bench
 	$(PY) benchmarks/bench_dpo.py
 	$(PY) benchmarks/bench_online.py
+	$(PY) benchmarks/bench_online.py --model llama-20M --steps 6 --repeats 1
+	$(PY) benchmarks/bench_sampler.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) outputs .pytest_cache

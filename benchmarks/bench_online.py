@@ -148,7 +148,17 @@ def child(args) -> None:
     shared = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "assets")
     if args.assets is None and not os.environ.get("TETHER_ASSETS") and os.path.isdir(shared):
         args.assets = shared  # the layout of this project's CI (tests/conftest.py does the same)
-    model_path = resolve_model("stories260K", args.assets)
+    if args.model == "llama-20M":
+        if args.assets:
+            os.environ.setdefault("TETHER_ASSETS", args.assets)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from pathlib import Path
+
+        from bench_dpo import make_llama20m  # the DPO benchmark's seeded random ~20M Llama (no such model in assets)
+
+        model_path = make_llama20m(Path(args.cache) / "llama20m")
+    else:
+        model_path = resolve_model("stories260K", args.assets)
     lib, method = args.run.split("-")
     with tempfile.TemporaryDirectory() as out:
         res = (run_tether if lib == "tether" else run_trl)(method, args, model_path, out)
@@ -192,6 +202,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3, help="runs per configuration (median samples/s)")
     p.add_argument("--assets", default=None)
+    p.add_argument("--model", choices=("stories260K", "llama-20M"), default="stories260K",
+                   help="llama-20M: bench_dpo's seeded random ~20M-parameter Llama (stories260K's tokenizer), built once")
+    p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "tether-bench"),
+                   help="where the llama-20M weights are written")
     args = p.parse_args()
     if args.run:
         child(args)
@@ -214,7 +228,7 @@ def main() -> None:
         rs = sorted(rs, key=lambda x: x["samples_per_s"])
         med = rs[len(rs) // 2]
         rows[r] = {**med, "peak_rss_mb": max(x["peak_rss_mb"] for x in rs), "delta_mb": max(x["delta_mb"] for x in rs)}
-    print(f"stories260K on CPU, {args.threads} thread(s); {args.batch_size} completions/step = "
+    print(f"{args.model} on CPU, {args.threads} thread(s); {args.batch_size} completions/step = "
           f"{args.batch_size // args.group} prompts x {args.group}; max_new_tokens={args.max_new_tokens}; {args.steps} steps; "
           f"median of {args.repeats}")
     print(table(rows))

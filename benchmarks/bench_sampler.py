@@ -7,8 +7,10 @@ shows the median). Two workloads:
 
 - ``fixed``: no EOS (tether: ``eos_id=None``; generate: ``min_new_tokens = max_new_tokens``), so each
   row produces exactly ``max_new_tokens`` tokens: the per-step cost alone.
-- ``eos``: rows stop at their EOS, as in training; tokens/s counts the completion tokens kept
-  (through the first EOS). Here finished rows stop costing compute in tether's sampler.
+- ``stop``: rows stop at their first "." (stories260K, a llama2.c model, practically never emits its
+  EOS: it separates stories with BOS), so rows finish at different steps as they do in training;
+  tokens/s counts the completion tokens kept (through the stop token). Here finished rows stop costing
+  compute in tether's sampler; ``generate`` keeps computing them until every row is done.
 
 ``cpu`` divides by the process's CPU time (robust on a shared machine), ``wall`` by elapsed time.
 
@@ -66,10 +68,11 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     rows = [tok(PROMPTS[i % len(PROMPTS)])["input_ids"] for i in range(args.batch_size)]
     N = args.max_new_tokens
+    stop = tok(".", add_special_tokens=False)["input_ids"][-1]
 
     def tether_run(fn, eos):
         def go():
-            b, _ = fn(model, rows, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id if eos else None,
+            b, _ = fn(model, rows, pad_id=tok.pad_token_id, eos_id=stop if eos else None,
                       max_new_tokens=N, generator=torch.Generator().manual_seed(0))
             return int(b.mask.sum())
         return go
@@ -81,11 +84,11 @@ def main() -> None:
             torch.manual_seed(0)
             kw = {} if eos else {"min_new_tokens": N}
             out = model.generate(**enc, do_sample=True, max_new_tokens=N, temperature=1.0, top_k=0, top_p=1.0,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kw)
+                                 pad_token_id=tok.pad_token_id, eos_token_id=stop if eos else tok.eos_token_id, **kw)
             comp = out[:, enc["input_ids"].shape[1]:]  # (B, T)
             if not eos:
                 return comp.numel()
-            is_eos = (comp == tok.eos_token_id).int()
+            is_eos = (comp == stop).int()
             before = (is_eos.cumsum(-1) - is_eos) == 0  # through the first EOS
             return int(before.sum())
         return go
@@ -109,7 +112,7 @@ def main() -> None:
         med = {k: (v[0][0], statistics.median(n / c for n, _, c in v), statistics.median(n / w for n, w, _ in v))
                for k, v in res.items()}
         for name, (n, cpu, wall) in med.items():
-            print(f"| {'eos' if eos else 'fixed'} | {name} | {n} | {cpu:.0f} | {wall:.0f} | "
+            print(f"| {'stop' if eos else 'fixed'} | {name} | {n} | {cpu:.0f} | {wall:.0f} | "
                   f"{cpu / med['model.generate'][1]:.2f}x | {cpu / med['tether (before)'][1]:.2f}x |")
 
 

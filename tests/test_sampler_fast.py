@@ -89,3 +89,43 @@ def test_sampler_without_eos_runs_every_step(stories):
     b, no_eos = sample(model, _prompts(tok)[:4], pad_id=tok.pad_token_id, eos_id=None, max_new_tokens=6,
                        generator=torch.Generator().manual_seed(0))
     assert b.mask.shape == (4, 6) and bool(b.mask.all()) and bool(no_eos.all())
+
+
+def test_engine_samples_through_the_backend_it_is_given(stories):
+    """engine.generate / measure hand the prompts, settings and generator to the backend (tether.generation)
+    and use what it returns: a counting wrapper around the built-in backend gives the same samples as the
+    default, and sees GenerationSettings with the tokenizer's pad/EOS and the sampling filters."""
+    from tether.engine import generate, measure
+    from tether.generation import BuiltinBackend, GenerationBackend, GenerationSettings
+    from tether.reference import FrozenReference
+
+    tok, model = stories
+    seen = []
+
+    class Counting(BuiltinBackend):
+        def generate(self, prompt_ids, settings, generator):
+            seen.append(settings)
+            return super().generate(prompt_ids, settings, generator)
+
+    backend = Counting(model)
+    assert isinstance(backend, GenerationBackend)
+    ids = _prompts(tok)[:4]
+    a = generate(model, ids, tokenizer=tok, sampling={"top_k": 5}, max_new_tokens=5, seed=1, backend=backend)
+    b = generate(model, ids, tokenizer=tok, sampling={"top_k": 5}, max_new_tokens=5, seed=1)
+    assert a.completion_ids == b.completion_ids and torch.equal(a.batch.allowed, b.batch.allowed)
+    assert seen == [GenerationSettings(max_new_tokens=5, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, top_k=5)]
+    m = measure(model, FrozenReference(model), ids, tokenizer=tok, max_new_tokens=3, batch_size=2, seed=0,
+                estimators=("exact",), backend=backend)
+    assert len(seen) == 3 and m["samples"] == 4 and m["estimators"]["exact"]["mean"] == 0.0
+
+
+def test_unknown_backend_is_a_user_error():
+    from tether.checks import check_backend
+    from tether.errors import UserError
+    from tether.generation import make_backend
+
+    with pytest.raises(UserError, match="backend"):
+        make_backend("nope", None)
+    with pytest.raises(UserError, match="--backend"):
+        check_backend("nope")
+    check_backend("builtin")

@@ -270,9 +270,10 @@ def measure(
     policy, reference, prompt_ids: Sequence[Sequence[int]], *, tokenizer, samples_per_prompt: int = 1,
     max_new_tokens: int = 32, batch_size: int = 32, seed: int = 0, estimators: Sequence[str] = ESTIMATOR_NAMES,
     sampling: Optional[dict] = None, chunk: Optional[int] = None, progress: bool = False, return_samples: bool = False,
-    by_position: bool = False,
+    by_position: bool = False, backend: Optional[GenerationBackend] = None,
 ) -> dict:
-    """Sample ``samples_per_prompt`` completions per prompt from ``policy`` (``generate_batches``,
+    """Sample ``samples_per_prompt`` completions per prompt from ``policy`` (``generate_batches``, drawn by
+    ``backend``, default the built-in sampler,
     seeded ``seed``) and estimate the sequence KL[π^{τ,F}_θ‖π^{τ,F}_ref] of each with every estimator
     (``score``) on the same samples.
 
@@ -299,7 +300,7 @@ def measure(
     texts: list[str] = []
     for smp in generate_batches(policy, prompt_ids, tokenizer=tokenizer, sampling=sampling, max_new_tokens=max_new_tokens,
                                 batch_size=batch_size, seed=seed, samples_per_prompt=samples_per_prompt,
-                                progress=progress, desc="sampling + scoring"):
+                                progress=progress, desc="sampling + scoring", backend=backend):
         sc = score(policy, reference, smp, estimators=estimators, chunk=chunk)
         for name in estimators:
             per_seq[name].extend(sc.seq(name).tolist())

@@ -102,6 +102,8 @@ def check_bon_config(cfg: BoNConfig) -> list[int]:
 def main(argv=None) -> int:
     cfg, _ = parse_config(BoNConfig, argv, prog="tether bon", description=__doc__.split("\n\n")[0])
     ns = check_bon_config(cfg)
+    if cfg.backend != "builtin":  # best_of_n_curve samples through engine.generate_batches with the built-in sampler
+        raise UserError(f"backend={cfg.backend!r}: tether bon samples with the built-in sampler only for now; set --backend builtin")
     seed_everything(cfg.seed)
     path = resolve_model(cfg.model, cfg.assets)
     tok, model = load_tokenizer(path), load_causal_lm(path)
