@@ -51,7 +51,7 @@ from ..data.text import batch_indices
 from ..diagnostics.hacking import HackingMonitor
 from ..distributed import Dist
 from ..engine import evaluate as evaluate_kl
-from ..engine import sampling_settings
+from ..engine import mean_stderr, sampling_settings
 from ..generation import make_backend
 from ..measure import encode_prompts
 from ..modeling import CompletionBatch
@@ -425,10 +425,10 @@ def evaluate(policy, reference, rewards: RewardSet, tok, prompt_texts: Sequence[
            "eval/kl_token_mean": res["token_mean"], "eval/response_len": res["response_len"]}
     columns = reward_columns([r for r in rows for _ in range(cfg.eval_samples)]) if rows is not None else {}
     for src in rewards.sources:
-        r = call_source(src, flat, completions, columns).float()  # (n,)
-        out[f"eval/reward/{src.name}"] = float(r.mean())
-        # the standard error across samples, for the reward-hacking monitor's noise gate (diagnostics/hacking.py)
-        out[f"eval/reward/{src.name}_stderr"] = float(r.double().std(unbiased=True) / r.numel() ** 0.5) if r.numel() > 1 else float("nan")
+        # mean and standard error across samples (float64, as the demo's and the sweep's evaluation); the
+        # stderr is the reward-hacking monitor's noise gate (diagnostics/hacking.py)
+        m, se = mean_stderr(call_source(src, flat, completions, columns).float())
+        out[f"eval/reward/{src.name}"], out[f"eval/reward/{src.name}_stderr"] = m, se
     return out
 
 
