@@ -9,6 +9,7 @@ steps and the batch is compacted several times.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -114,7 +115,7 @@ def test_engine_samples_through_the_backend_it_is_given(stories):
     b = generate(model, ids, tokenizer=tok, sampling={"top_k": 5}, max_new_tokens=5, seed=1)
     assert a.completion_ids == b.completion_ids and torch.equal(a.batch.allowed, b.batch.allowed)
     assert seen == [GenerationSettings(max_new_tokens=5, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, top_k=5)]
-    m = measure(model, FrozenReference(model), ids, tokenizer=tok, max_new_tokens=3, batch_size=2, seed=0,
+    m = measure(model, FrozenReference(copy.deepcopy(model)), ids, tokenizer=tok, max_new_tokens=3, batch_size=2, seed=0,
                 estimators=("exact",), backend=backend)
     assert len(seen) == 3 and m["samples"] == 4 and m["estimators"]["exact"]["mean"] == 0.0
 
