@@ -184,3 +184,14 @@ def test_accelerate_fsdp_config_turns_sharding_on(monkeypatch):
     assert not fsdp_requested(SFTConfig()) and fsdp_requested(SFTConfig(fsdp=True))
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     assert fsdp_requested(SFTConfig())
+
+
+def test_cli_refuses_fsdp_with_lora_before_loading(stories_path, pairs_file, tmp_path, capsys):
+    """``tether dpo --fsdp true --lora_r 4``: exit 2, one line naming fsdp and lora_r, nothing written."""
+    from tether.cli import main
+
+    rc = main(["dpo", "--model", stories_path, "--dataset", pairs_file, "--output_dir", str(tmp_path / "r"),
+               "--fsdp", "true", "--lora_r", "4", "--max_steps", "1", "--progress", "false"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "fsdp=true" in err[0] and "lora_r" in err[0], err
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()

@@ -74,6 +74,10 @@ def check_train_config(cfg: Any) -> None:
     for name in ("eval_batch_size", "ref_batch_size"):
         if hasattr(cfg, name):
             _at_least(cfg, name, 1)
+    from .training import check_fsdp, fsdp_requested
+
+    if fsdp_requested(cfg):
+        check_fsdp(cfg)  # sharding's exclusions (LoRA, a reference sharing the policy's weights)
 
 
 def check_beta(cfg: Any) -> None:
