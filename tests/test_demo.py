@@ -17,7 +17,8 @@ def test_tiny_demo_end_to_end(tmp_path, assets_dir):
         assert (out / name).stat().st_size > 0, name
     with open(out / "frontier.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {"method", "run", "step", "kl", "kl_stderr", "gold_reward", "proxy_reward"} <= set(rows[0])
+    assert {"method", "run", "seed", "step", "kl", "kl_stderr", "gold_reward", "gold_stderr", "proxy_reward"} <= set(rows[0])
+    assert all(r["seed"] == "0" and float(r["gold_stderr"]) >= 0 for r in rows)
     methods = {r["method"] for r in rows}
     assert methods == {"reference", "dpo", "ppo", "ppo_gt", "best_of_n"}
     ref = [r for r in rows if r["method"] == "reference"]
