@@ -55,7 +55,7 @@ def run_two(kind: str, cfg: dict, extra: dict | None = None) -> None:
     procs = []
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
         procs.append(subprocess.Popen([sys.executable, "-c", _WORKER, kind, json.dumps(cfg), json.dumps(extra or {})],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = [p.communicate(timeout=240)[0] for p in procs]
@@ -147,7 +147,8 @@ def test_grpo_sharded_equals_unsharded(stories_path, tmp_path):
     """GRPO, 2 processes, reference=copy: fsdp=true logs the rows of fsdp=false (same samples: each rank's
     generator is seeded by (seed, step, rank)) and ends with the same full weights."""
     base = dict(model=stories_path, batch_size=8, samples_per_prompt=4, max_new_tokens=8, max_steps=2, learning_rate=1e-3,
-                progress=False, sample_every=0, eval_max_prompts=2, eval_samples=1, report_to="none", beta=0.1)
+                progress=False, sample_every=0, eval_max_prompts=2, eval_samples=1, report_to="none", beta=0.1,
+                reward="reward_fns:length_reward", reference="copy")  # a reward that varies within a group: updates
     run_two("grpo", {**base, "output_dir": str(tmp_path / "dp")}, {"prompts": PROMPTS})
     run_two("grpo", {**base, "output_dir": str(tmp_path / "fsdp"), "fsdp": True}, {"prompts": PROMPTS})
     dp, sh = rows(tmp_path / "dp"), rows(tmp_path / "fsdp")
