@@ -92,7 +92,9 @@ def _chromium() -> str:
 def test_miniature_sweep_end_to_end(tmp_path, stories_path, assets_dir):
     """Two β × two seeds of PPO, two steps each, evaluated at steps 0, 1, 2 on 4 prompts x 2 samples:
     the CSV has one row per evaluation point (4 runs x 3 steps + the reference), a second invocation
-    starts no process, and chromium renders the page with both images decoded and a row per run."""
+    starts no process, a run without its marker resumes from its checkpoint (only its worker runs),
+    and chromium renders the page with both images decoded and a row per run. ~40 s of CPU in all
+    (six worker processes, each importing torch): slow."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Once upon a time\nThe little dog\nLily was sad\nTom found a box\n")
     sweep = {"method": "ppo",
@@ -125,6 +127,17 @@ def test_miniature_sweep_end_to_end(tmp_path, stories_path, assets_dir):
     before = {p: p.stat().st_mtime_ns for p in watched}
     assert cli_main(["sweep", "--config", str(cfg_path), "--output_dir", str(out), "--workers", "2"]) == 0
     assert {p: p.stat().st_mtime_ns for p in watched} == before
+
+    # an interrupted run (no result.json, checkpoints in train/) continues with the trainer's resume,
+    # not from scratch: its evaluation points are unchanged and only its worker ran
+    run = out / "runs" / "ppo-beta0.5-seed1"
+    points = [(p["step"], p["kl"], p["gold_reward"]) for p in read_points(run)]
+    (run / "result.json").unlink()
+    assert any((run / "train" / "checkpoints").glob("step-*"))
+    assert cli_main(["sweep", "--config", str(cfg_path), "--output_dir", str(out), "--workers", "2"]) == 0
+    assert (run / "result.json").exists() and [(p["step"], p["kl"], p["gold_reward"]) for p in read_points(run)] == points
+    changed = {p for p in watched if p.exists() and p.stat().st_mtime_ns != before[p]}
+    assert changed and all(p.parent == run for p in changed)
 
     exe = _chromium()
     dom = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
