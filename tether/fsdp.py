@@ -92,8 +92,10 @@ def unsharded(*models: Optional[torch.nn.Module]) -> Iterator[None]:
     for model in models:  # before the first forward, the roots have not set up their state yet
         if isinstance(model, FSDPModule):
             model._get_fsdp_state()._lazy_init()  # private: FSDP2 has no public "init now"; idempotent
+    # Restored afterwards as it was (private field): FSDP keeps the root unsharded after forward.
+    saved = [(g, g.post_forward_mesh_info) for u in units for g in u._get_fsdp_state()._fsdp_param_groups]
     for u in units:
-        u.set_reshard_after_forward(False)  # the pre-forward unshard is then a no-op: no collective
+        u.set_reshard_after_forward(False, recurse=False)  # the pre-forward unshard is then a no-op: no collective
         u.unshard()
         u._tether_unsharded = True
     try:
@@ -101,8 +103,9 @@ def unsharded(*models: Optional[torch.nn.Module]) -> Iterator[None]:
     finally:
         for u in units:
             u.reshard()
-            u.set_reshard_after_forward(True)
             u._tether_unsharded = False
+        for g, info in saved:
+            g.post_forward_mesh_info = info
 
 
 def shard_reference(reference, policy: torch.nn.Module) -> None:
