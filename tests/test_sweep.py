@@ -192,3 +192,20 @@ def test_report_from_synthetic_rows(tmp_path):
     assert header[:6] == ["method", "run", "seed", "step", "kl", "kl_stderr"] and "samples" not in header
     for name in ("frontier.png", "overoptimisation.png", "finals.csv"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_base_reads_trl_names_nested_groups_and_a_trainer_file(tmp_path):
+    """base goes through tether.config: TRL's names (model_name_or_path, dataset_name) and a nested
+    group (lora: {r: 4}); base: {from: FILE, ...} reads the trainer YAML beside the sweep file, then
+    replaces fields; the grid's product names the runs in the order written."""
+    (tmp_path / "dpo.yaml").write_text("model_name_or_path: stories260K\ndataset_name: hh-rlhf\nmax_steps: 50\n")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({
+        "method": "dpo", "base": {"from": "dpo.yaml", "lora": {"r": 4}, "max_steps": 7},
+        "grid": {"beta": [0.1], "learning_rate": [1e-4, 1e-3]}, "eval": {"prompts": "p.txt", "gold": "vader"}}))
+    from tether.sweep.spec import expand
+
+    runs = expand(load_sweep(tmp_path / "s.yaml"))
+    assert [r.name for r in runs] == ["dpo-beta0.1-learning_rate0.0001", "dpo-beta0.1-learning_rate0.001"]
+    for r, lr in zip(runs, (1e-4, 1e-3)):
+        c = r.config
+        assert (c["model"], c["dataset"], c["lora_r"], c["max_steps"], c["beta"], c["learning_rate"]) == ("stories260K", "hh-rlhf", 4, 7, 0.1, lr)
