@@ -117,7 +117,8 @@ def shard_reference(reference, policy: torch.nn.Module) -> None:
 
 def models_of(*objs) -> list:
     """The modules to gather for a forward outside training: policies, and references' ``.model``."""
-    return [getattr(o, "model", o) for o in objs if o is not None]
+    mods = [getattr(o, "model", o) for o in objs if o is not None]
+    return [m for m in mods if isinstance(m, torch.nn.Module)]  # a precomputed reference has no model
 
 
 def local_param_bytes(model: torch.nn.Module) -> int:
