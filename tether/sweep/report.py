@@ -192,8 +192,12 @@ def plot_frontier(rows, finals, sets, path: Path, *, ykey: str, swept: list[str]
         ax.errorbar([last["kl"]], [last[ykey]], xerr=[_num(last.get("kl_stderr")) or 0], yerr=[_num(last.get(ykey.replace("_reward", "_stderr"))) or 0],
                     fmt="*" if last["method"] == REFERENCE else "o", ms=14 if last["method"] == REFERENCE else 5, color=c,
                     elinewidth=0.8, capsize=2, alpha=0.8, zorder=4)
-    for s in sets:  # the mean over seeds, with the spread across seeds
+    for s in sets:  # the mean over seeds, with the spread across seeds (one seed: its run's point is it)
         if s["method"] == REFERENCE:
+            continue
+        if s["n"] == 1:
+            ax.scatter([s["kl"]], [s["y"]], s=30, marker="D" if s["method"] in BON_METHODS else "o",
+                       color=colours[s["setting"]], zorder=5, label=s["setting"])
             continue
         ax.errorbar([s["kl"]], [s["y"]], xerr=[s["kl_seed_sd"]], yerr=[s["y_seed_sd"]], fmt="s", ms=8, mfc="none",
                     mec=colours[s["setting"]], color=colours[s["setting"]], elinewidth=2, capsize=4, zorder=5,
