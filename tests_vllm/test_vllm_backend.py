@@ -98,11 +98,15 @@ def test_eos_ends_a_completion_and_counts(setup):
     try:
         s = GenerationSettings(max_new_tokens=8, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
         batch, no_eos = backend.generate(prompts, s, torch.Generator().manual_seed(0))
+        s = GenerationSettings(max_new_tokens=8, pad_id=tok.pad_token_id, eos_id=None)  # no stop: vLLM's EOS rule is off
+        full, full_no_eos = backend.generate(prompts, s, torch.Generator().manual_seed(0))
     finally:
         backend.update_weights(policy)
     assert batch.mask.shape == (len(prompts), 1) and bool(batch.mask.all())
     assert batch.completion_ids[:, 0].tolist() == [tok.eos_token_id] * len(prompts)
     assert not bool(no_eos.any())
+    assert full.mask.shape == (len(prompts), 8) and bool(full.mask.all()) and bool(full_no_eos.all())
+    assert bool((full.completion_ids == tok.eos_token_id).all())
 
 
 def test_filters_and_unsupported_model_refused(setup, stories_path):

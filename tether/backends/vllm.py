@@ -160,7 +160,7 @@ class VLLMBackend:
         eos_id = settings.eos_id
         seeds = torch.randint(0, 2**31 - 1, (len(prompt_ids),), generator=generator).tolist()
         params = [self._SamplingParams(n=1, temperature=float(settings.temperature), max_tokens=int(settings.max_new_tokens),
-                                       seed=int(s), logprobs=0, detokenize=False,
+                                       seed=int(s), logprobs=0, detokenize=False, ignore_eos=True,  # tether's rule only:
                                        stop_token_ids=[int(eos_id)] if eos_id is not None else None) for s in seeds]
         with _keep_rng():
             outs = self.llm.generate([{"prompt_token_ids": [int(t) for t in p]} for p in prompt_ids], params, use_tqdm=False)
