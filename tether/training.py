@@ -117,7 +117,9 @@ class TrainConfig:
     """Shard the policy (and a reference that is a separate copy) over the processes with FSDP2: each holds
     1/processes of the weights, gradients and AdamW state while training; sampling and evaluation gather the
     full weights (tether/fsdp.py). Same trajectory as without it. Needs torchrun/accelerate with 2+ processes
-    (ignored with 1); not with LoRA or a reference that shares or syncs weights with the policy (lora, sync)."""
+    (ignored with 1); not with LoRA or a reference that shares or syncs weights with the policy (lora, sync).
+    Example: torchrun --nproc_per_node 2 -m tether grpo --config examples/grpo_stories_vader.yaml --fsdp true
+    (or accelerate launch --config_file examples/accelerate_fsdp.yaml -m tether grpo ..., which sets it)."""
 
 
 def derive_micro_batch(cfg: TrainConfig, dist: Dist) -> int:

@@ -8,6 +8,7 @@ Examples::
     tether dpo --config examples/dpo_hh.yaml --beta 0.05        # YAML plus command-line overrides
     tether dpo --config examples/dpo_hh.yaml --resume           # continue an interrupted run
     torchrun --nproc_per_node 2 -m tether dpo --config ...      # data parallel (or accelerate launch)
+    torchrun --nproc_per_node 2 -m tether dpo --config ... --reference copy --fsdp true   # sharded (FSDP2)
 """
 
 from __future__ import annotations
