@@ -1,7 +1,8 @@
 """Tokens/s of tether's built-in sampler against transformers' ``model.generate`` (and against the
-sampler as it was before issue 13, ``tests/reference_sampler.py``), on the real stories260K on CPU.
+sampler as it was before issue 13, ``tests/reference_sampler.py``, and against itself with the model's
+own forward instead of ``tether.decode.LlamaDecoder``, ``decoder="hf"``), on the real stories260K on CPU.
 
-All three sample the same prompts with temperature 1, fp32, a KV cache, the same number of torch
+All four sample the same prompts with temperature 1, fp32, a KV cache, the same number of torch
 threads, in one process, interleaved over ``--repeats`` rounds (the machine may be shared; the table
 shows the median). Two workloads:
 
@@ -93,15 +94,19 @@ def main() -> None:
             return int(before.sum())
         return go
 
+    def hf_forward(*a, **k):  # the sampler with the model's own forward (no tether.decode.LlamaDecoder)
+        return sample(*a, decoder="hf", **k)
+
     runs = {
         "tether (now)": lambda eos: tether_run(sample, eos),
+        "tether (hf forward)": lambda eos: tether_run(hf_forward, eos),
         "tether (before)": lambda eos: tether_run(reference_sample, eos),
         "model.generate": hf_run,
     }
     print(f"stories260K on CPU, {args.threads} thread(s), {args.batch_size} rows x {N} new tokens, "
           f"median of {args.repeats}")
-    print(f"| workload | sampler | tokens | tokens/s (cpu) | tokens/s (wall) | vs generate (cpu) | vs before (cpu) |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print(f"| workload | sampler | tokens | tokens/s (cpu) | tokens/s (wall) | vs generate (cpu) | vs before (cpu) | vs hf forward (cpu) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for eos in (False, True):
         res: dict = {k: [] for k in runs}
         for name, mk in runs.items():  # warm-up
@@ -113,7 +118,8 @@ def main() -> None:
                for k, v in res.items()}
         for name, (n, cpu, wall) in med.items():
             print(f"| {'stop' if eos else 'fixed'} | {name} | {n} | {cpu:.0f} | {wall:.0f} | "
-                  f"{cpu / med['model.generate'][1]:.2f}x | {cpu / med['tether (before)'][1]:.2f}x |")
+                  f"{cpu / med['model.generate'][1]:.2f}x | {cpu / med['tether (before)'][1]:.2f}x | "
+                  f"{cpu / med['tether (hf forward)'][1]:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import decode
 from .modeling import CompletionBatch, make_batch, position_ids
 from .ops.logprobs import apply_sampling_filters, pack_allowed, uses_token_filter
 
@@ -76,6 +77,7 @@ def sample(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: Optional[torch.Generator] = None,
+    decoder: str = "auto",
 ) -> tuple[CompletionBatch, torch.Tensor]:
     """Sample one completion per prompt (token-id lists). Returns (batch, no_eos (B,) bool).
 
@@ -86,9 +88,16 @@ def sample(
     the same generator. With top_k or top_p on, ``batch.allowed`` holds the allowed set F_t of every
     position, packed: (B, T, ceil(V/8)) uint8, B·T·V/8 bytes on the CPU (positions after a row's EOS
     allow every token); None otherwise.
+
+    ``decoder``: "hf" runs the model's own forward with its DynamicCache; "lean" runs
+    ``decode.LlamaDecoder`` (static cache, fused products: the same mathematics with fewer calls, float32
+    rounding apart); "auto" picks "lean" where ``decode.supports(model)`` (plain Llama), else "hf".
     """
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
+    if decoder not in ("auto", "hf", "lean"):
+        raise ValueError(f"decoder must be 'auto', 'hf' or 'lean', got {decoder!r}")
+    lean = decoder == "lean" or (decoder == "auto" and decode.supports(model))
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -106,12 +115,19 @@ def sample(
     past = None
     step_ids = base.input_ids[:, :P].to(device)
     pos = position_ids(attn[:, :P])
+    dec = None
+    if lean:
+        dec = decode.LlamaDecoder(model, B, P + max_new_tokens)
+        dec.set_mask(attn)
     try:
         for t in range(max_new_tokens):
-            out = model(input_ids=step_ids, attention_mask=attn[rows, : P + t], position_ids=pos, past_key_values=past,
-                        use_cache=True)
-            past = out.past_key_values
-            logits = apply_sampling_filters(out.logits[:, -1, :].float(), temperature=temperature, top_k=top_k, top_p=top_p)
+            if dec is not None:  # slots: the prompt at 0..P-1, step t's input token at P + t - 1
+                last = dec.forward(step_ids, pos, 0 if t == 0 else P + t - 1)  # (b, V)
+            else:
+                out = model(input_ids=step_ids, attention_mask=attn[rows, : P + t], position_ids=pos,
+                            past_key_values=past, use_cache=True)
+                past, last = out.past_key_values, out.logits[:, -1, :]
+            logits = apply_sampling_filters(last.float(), temperature=temperature, top_k=top_k, top_p=top_p)
             tok = draw_tokens(torch.softmax(logits, dim=-1), rows, B, generator)  # (b,)
             live = ~done[rows]  # (b,)
             if record:  # F_t exactly as sampled from; finished rows allow everything (keeps padding finite)
@@ -127,9 +143,12 @@ def sample(
             step_ids = out_tokens[rows, t : t + 1]  # (b, 1)
             pos = pos[:, -1:] + 1  # (b, 1)
             n_done = int(done[rows].sum())
-            if n_done and n_done >= COMPACT_FRACTION * rows.numel() and _can_compact(past):
+            if n_done and n_done >= COMPACT_FRACTION * rows.numel() and (dec is not None or _can_compact(past)):
                 keep = (~done[rows]).nonzero().squeeze(-1)  # (b',) positions in the current batch
-                past.batch_select_indices(keep)
+                if dec is not None:
+                    dec.select(keep)
+                else:
+                    past.batch_select_indices(keep)
                 rows, step_ids, pos = rows[keep], step_ids[keep], pos[keep]
     finally:
         model.train(was_training)
