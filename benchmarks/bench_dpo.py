@@ -312,6 +312,40 @@ def throughput(model_name: str, model: str, work: Path, *, systems: list[str], r
     return results
 
 
+def ref_pass(model_name: str, model: str, work: Path, *, n_rows: int, repeats: int, threads: int, batch_size: int = 64) -> str:
+    """The precomputed reference pass alone, padded vs packed like training (``PrecomputedReference.build``
+    with ``packed=False/True``), on the rows ``setup_reference`` builds (chosen and rejected sequences of
+    ``n_rows`` pairs, sorted by length), alternating in one process; CPU time, median of ``repeats``."""
+    import torch
+
+    from tether.data.preference import tokenize_pairs
+    from tether.modeling import load_causal_lm, load_tokenizer
+    from tether.reference import FrozenReference, PrecomputedReference
+
+    torch.set_num_threads(threads)
+    tok, lm = load_tokenizer(model), load_causal_lm(model)
+    pairs = tokenize_pairs(movie_rows(n_rows, seed=2), tok)[0]
+    rows = [(2 * i, p["prompt_ids"], p["chosen_ids"]) for i, p in enumerate(pairs)]
+    rows += [(2 * i + 1, p["prompt_ids"], p["rejected_ids"]) for i, p in enumerate(pairs)]
+    rows.sort(key=lambda r: (len(r[1]) + len(r[2]), r[0]))
+    ref = FrozenReference(lm)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    worst = 0.0
+    for rep in range(repeats + 1):  # the first round warms up
+        built = {}
+        for packed in ((False, True) if rep % 2 == 0 else (True, False)):
+            t = time.process_time()
+            built[packed] = PrecomputedReference.build(ref, lm, rows, pad_id=tok.pad_token_id, batch_size=batch_size,
+                                                       cache_dir=work / f"refpass_{model_name}_{rep}_{packed}", packed=packed)
+            if rep:
+                times[packed].append(time.process_time() - t)
+        worst = max(worst, max(float((built[False].table[k] - built[True].table[k]).abs().max()) for k in built[False].table))
+    a, b = statistics.median(times[False]), statistics.median(times[True])
+    tokens = sum(len(r[1]) + len(r[2]) for r in rows)
+    return (f"{model_name:11s} reference pass over {len(rows)} sequences ({tokens} tokens): padded {a:.2f} cpu-s, "
+            f"packed {b:.2f} cpu-s = {a / b:.2f}x faster; max |Δ log-prob| {worst:.1e}")
+
+
 def table(all_results: dict[str, dict[str, list[dict]]]) -> str:
     keys = ("steps_per_s", "tokens_per_s", "cpu_tokens_per_s", "padding_frac", "setup_s", "total_s", "peak_rss_mb",
             "delta_rss_mb")
@@ -383,6 +417,10 @@ def main() -> int:
             results["llama-20M"] = throughput(
                 "llama-20M", big, work, systems=["tether", "trl best", "trl best + precompute"], repeats=args.repeats,
                 steps=6, batch=8, n_rows=256, threads=args.threads)
+        print("\n== precomputed reference pass: padded vs packed like training (CPU time, alternating) ==", flush=True)
+        print(ref_pass("stories260K", stories, work, n_rows=1024, repeats=args.repeats, threads=args.threads), flush=True)
+        if not args.quick:
+            print(ref_pass("llama-20M", big, work, n_rows=256, repeats=args.repeats, threads=args.threads), flush=True)
         print(f"\nload average at end: {os.getloadavg()}")
         print(table(results))
     return 0 if ok else 1

@@ -89,6 +89,39 @@ def test_precomputed_cache_is_keyed_by_model_and_data(stories, batch_rows, tmp_p
         a.logps(batch, ids=[0, 1, 99])
 
 
+def test_precomputed_packed_pass_equals_the_padded_pass(stories, tmp_path):
+    """The cache built padding-free (``packed=True``: rows packed into shared rows like DPO training, no
+    attention mask, restarting positions) holds the padded pass's per-token log-probs: 14 rows of 1-17
+    completion tokens after 2-6 prompt tokens, 5 rows per pass (so packs and paddings both differ).
+    Tolerance: a log-prob is z_y - logsumexp(z) with logits z = W h, so rounding scales with the
+    largest Σ_i |h_i W_vi| over the rows; 16 float32 spacings of it because five layers of
+    differently-ordered sums (packed rows, other widths) feed h."""
+    from conftest import f32_tol
+
+    torch.set_num_threads(1)
+    tok, model = stories
+    model.eval()
+    texts = ["Once upon a time", "The dog", "Lily and Tom went to", "A", "The big red ball was"]
+    rows = []
+    for i in range(14):
+        p_ids = tok(texts[i % len(texts)])["input_ids"]
+        c_ids = tok(" there was a little girl who liked to play in the sun with her cat", add_special_tokens=False)["input_ids"]
+        rows.append((100 + i, p_ids, c_ids[: 1 + (5 * i) % 17]))
+    ref = FrozenReference(copy.deepcopy(model))
+    padded = PrecomputedReference.build(ref, model, rows, pad_id=tok.pad_token_id, cache_dir=tmp_path / "a", batch_size=5)
+    packed = PrecomputedReference.build(ref, model, rows, pad_id=tok.pad_token_id, cache_dir=tmp_path / "b", batch_size=5,
+                                        packed=True)
+    batch = make_batch([r[1] for r in rows], [r[2] for r in rows], pad_id=tok.pad_token_id)
+    with torch.no_grad():
+        h = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True).hidden_states[-1]
+    mag = float((h.abs() @ model.lm_head.weight.abs().t()).max())
+    for rid, _, comp in rows:
+        a, b = padded.table[rid], packed.table[rid]
+        assert a.shape == b.shape == (len(comp),)
+        assert float((a - b).abs().max()) <= f32_tol(mag, ulps=16), rid
+    assert float((padded.table[100] - packed.table[101][:1]).abs().max()) > 1e-3  # rows are not all alike
+
+
 def test_reference_never_receives_gradients_or_changes(stories, batch_rows):
     _, model = stories
     _, batch = batch_rows

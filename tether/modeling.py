@@ -140,6 +140,19 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def packed_token_logps(model, batch) -> torch.Tensor:
+    """(N,) fp32 log-probs of the N completion tokens of a padding-free batch (``data.preference.PackedPairs``):
+    the decoder over its (R, W) rows with restarting positions and no attention mask (Hugging Face models
+    then attend block-diagonally: ``find_packed_sequence_indices``), and the LM head on the N predicting
+    positions only. Token n belongs to sequence ``batch.seq[n]``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: LoRA layers stay active
+    hidden = base.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                                use_cache=False).last_hidden_state  # (R, W, H)
+    h = hidden.reshape(-1, hidden.shape[-1])[batch.src]  # (N, H)
+    logits = base.get_output_embeddings()(h)  # (N, V)
+    return selective_logps(logits[None], batch.targets[None])[0]  # (N,)
+
+
 def forward_completion(model, batch: CompletionBatch, *, filters: Optional[dict] = None, hidden: bool = False):
     """The one forward pass over a ``CompletionBatch``: next-token logits at the positions that
     predict the completion tokens, (B, T, V), and, if ``hidden``, the last hidden states at the same

@@ -376,11 +376,19 @@ class PrecomputedReference(Reference):
         cache_dir: str | os.PathLike,
         batch_size: int = 32,
         progress: bool = False,
+        packed: bool = False,
     ) -> "PrecomputedReference":
-        """rows: (id, prompt_ids, completion_ids). ``model_for_key``: the model whose weights key the cache."""
+        """rows: (id, prompt_ids, completion_ids). ``model_for_key``: the model whose weights key the cache.
+
+        ``packed``: score ``batch_size`` rows at a time padding-free, as DPO trains
+        (``data.preference.pack_sequences`` + ``modeling.packed_token_logps``: no padding, the LM head
+        only on completion positions) instead of one left-padded batch; needs a ``FrozenReference``
+        (a module to call) and a model that packing works for (``trainers.dpo.packing_works``). The
+        log-probs differ from the padded pass by float rounding only (tests/test_reference.py)."""
         from safetensors.torch import load_file, save_file
 
-        from .modeling import make_batch
+        from .data.preference import pack_sequences
+        from .modeling import make_batch, packed_token_logps
 
         key = f"{model_fingerprint(model_for_key)}-{_data_fingerprint(rows)}"
         path = Path(cache_dir) / f"ref_logps-{key}.safetensors"
@@ -396,6 +404,14 @@ class PrecomputedReference(Reference):
             it = tqdm(it, desc="reference log-probs", unit="batch")
         for start in it:
             chunk = rows[start : start + batch_size]
+            if packed:
+                model = reference.model
+                with eval_mode(model):
+                    pb = pack_sequences([(r[1], r[2]) for r in chunk], pad_id=pad_id).to(next(model.parameters()).device)
+                    lp = packed_token_logps(model, pb).cpu().split(pb.lengths.tolist())  # per row, in order
+                for (rid, _, _), row in zip(chunk, lp):
+                    table[rid] = row.clone()
+                continue
             batch = make_batch([r[1] for r in chunk], [r[2] for r in chunk], pad_id=pad_id)
             lp = reference.logps(batch)
             for (rid, _, comp), row in zip(chunk, lp):

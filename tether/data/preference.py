@@ -556,6 +556,13 @@ def pack_pairs(pairs: Sequence[dict], *, pad_id: int) -> PackedPairs:
     """Pack the chosen and rejected sequences of ``pairs`` into as few rows as first-fit decreasing
     finds, each row no wider than the longest sequence (so no row is longer than the padded layout's)."""
     seqs = [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
+    return pack_sequences(seqs, pad_id=pad_id)
+
+
+def pack_sequences(seqs: Sequence[tuple[Sequence[int], Sequence[int]]], *, pad_id: int) -> PackedPairs:
+    """``pack_pairs`` for any (prompt_ids, completion_ids) sequences (the precomputed reference pass packs
+    single rows this way): sequence i of the result is ``seqs[i]``, and its completion tokens are
+    entries ``seq == i`` of ``src``/``targets``, in order."""
     lens = [len(a) + len(b) for a, b in seqs]
     W = max(lens)
     free: list[int] = []  # room left in each row

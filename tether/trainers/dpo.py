@@ -68,9 +68,8 @@ from ..errors import UserError
 from ..fsdp import is_sharded, models_of, shard_reference, unsharded
 from ..groups import DATA_FIELDS, ReferenceConfig
 from ..engine import evaluate as evaluate_kl
-from ..modeling import completion_logps
+from ..modeling import completion_logps, packed_token_logps
 from ..ops.kl import seq_sum
-from ..ops.logprobs import selective_logps
 from ..ops.preference import LOSS_TYPES, preference_loss
 from ..reference import (
     REFERENCE_FORMS, OffloadedReference, PrecomputedReference, Reference, eval_mode, reference_from_config,
@@ -235,9 +234,13 @@ def setup_reference(cfg: DPOConfig, policy, tok, pairs: list[dict], visited: lis
     rows += [(2 * i + 1, pairs[i]["prompt_ids"], pairs[i]["rejected_ids"]) for i in visited]
     rows.sort(key=lambda r: (len(r[1]) + len(r[2]), r[0]))  # similar lengths share a batch: little padding
     cache = Path(cfg.ref_cache_dir or Path(cfg.output_dir) / "ref_cache")
+    # padding-free like training where it gives this model's padded log-probs (a LoRA policy's base is
+    # scored through its adapters-off context: padded)
+    packed = cfg.padding_free and live.kind == "copy" and bool(visited) and packing_works(
+        live.model, [pairs[i] for i in visited[:4]], pad_id=tok.pad_token_id, device=dist.device)
     build = lambda: PrecomputedReference.build(  # noqa: E731
         live, live.model, rows, pad_id=tok.pad_token_id, cache_dir=cache, batch_size=cfg.ref_batch_size,
-        progress=cfg.progress and dist.is_main)
+        progress=cfg.progress and dist.is_main, packed=packed)
     ref = build() if dist.is_main else None
     dist.barrier()  # rank 0 writes the cache; the others then read it (no two writers)
     if ref is None:
@@ -268,12 +271,7 @@ def packed_logps(model, batch: PackedPairs) -> torch.Tensor:
     """(2B,) sequence log-probs from the packed layout: decoder over (R, W) rows with restarting
     positions and no attention mask (block-diagonal causal attention), then the LM head on the N
     predicting positions only."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: LoRA layers stay active
-    hidden = base.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                                use_cache=False).last_hidden_state  # (R, W, H)
-    h = hidden.reshape(-1, hidden.shape[-1])[batch.src]  # (N, H)
-    logits = base.get_output_embeddings()(h)  # (N, V)
-    lp = selective_logps(logits[None], batch.targets[None])[0]  # (N,) fp32
+    lp = packed_token_logps(model, batch)  # (N,) fp32
     return torch.zeros(batch.n_seqs, dtype=lp.dtype, device=lp.device).index_add(0, batch.seq, lp)
 
 
