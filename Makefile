@@ -61,6 +61,7 @@ bench: $(VENV)/.bench
 	$(PY) benchmarks/bench_online.py
 	$(PY) benchmarks/bench_online.py --model llama-20M --steps 6 --repeats 1
 	$(PY) benchmarks/bench_sampler.py
+	$(PY) benchmarks/bench_mfu.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) outputs .pytest_cache
