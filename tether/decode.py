@@ -113,12 +113,12 @@ class LlamaDecoder:
         h = F.embedding(input_ids, self.embed)  # (b, s, D)
         for i, (w_in, eps_in, w_qkv, w_o, scale, w_post, eps_post, w_gu, w_down) in enumerate(self.layers):
             x = _rms(h, w_in, eps_in)
-            q, k, v = F.linear(x, w_qkv).split([H * d, Hkv * d, Hkv * d], dim=-1)  # (b, s, ·)
-            q = q.view(b, s, H, d).transpose(1, 2)  # (b, H, s, d)
-            k = k.view(b, s, Hkv, d).transpose(1, 2)  # (b, Hkv, s, d)
-            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-            self.k[i][:, :, start:end] = k
-            self.v[i][:, :, start:end] = v.view(b, s, Hkv, d).transpose(1, 2)
+            qkv = F.linear(x, w_qkv).view(b, s, H + 2 * Hkv, d).transpose(1, 2)  # (b, H + 2·Hkv, s, d)
+            qk = qkv[:, : H + Hkv]  # rotated together: one set of calls for q and k
+            qk = qk * cos + _rotate_half(qk) * sin
+            q = qk[:, :H]  # (b, H, s, d)
+            self.k[i][:, :, start:end] = qk[:, H:]  # (b, Hkv, s, d)
+            self.v[i][:, :, start:end] = qkv[:, H + Hkv :]
             att = F.scaled_dot_product_attention(q, self.k[i][:, :, :end], self.v[i][:, :, :end], attn_mask=bias,
                                                  scale=scale, enable_gqa=H != Hkv)  # (b, H, s, d)
             h = h + F.linear(att.transpose(1, 2).reshape(b, s, H * d), w_o)
