@@ -390,7 +390,7 @@ def build_parser(cls: type, *, prog: str, description: str = "", extra: Sequence
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
         )
-        help_text = docs.get(f.name, "")
+        help_text = docs.get(f.name, "").replace("%", "%%")  # argparse %-formats help: "10% per step" broke --help
         title = f"{owner[f.name]} group" if f.name in owner else f"{prog} options"
         if title not in sections:
             sections[title] = parser.add_argument_group(title)

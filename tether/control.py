@@ -265,6 +265,20 @@ def auto_kl_horizon(total_episodes: int, episodes_per_step: int, *, clip: float 
     return max(round(clip * total_episodes / log_range), int(episodes_per_step))
 
 
+def initial_beta_for_kl(reward_var: float, kl_target: float) -> float:
+    """A starting β for an adaptive run that aims at ``kl_target`` nats: β₀ = sqrt(Var / (2·KL_target)),
+    Var = E_x Var_{y~π_ref(·|x)}[r(x, y)], the reward's spread among one prompt's reference samples.
+
+    Derivation (docs/theory.md §4-§5): at the optimum π*_β, dKL[π*_β‖π_ref]/dβ = −Var_{π*_β}(r)/β³ and the
+    KL vanishes as β → ∞. Where π*_β is still close to π_ref, Var_{π*_β}(r) ≈ Var_{π_ref}(r), and
+    integrating from β to ∞ gives KL ≈ Var/(2β²) per prompt (the second-order expansion of the tilt).
+    Solving KL_target = Var/(2β²) gives β₀. It only starts the controller near the right scale: away from
+    small KL the tilt changes the variance, and a run of a few dozen steps is not at its optimum."""
+    if reward_var <= 0 or kl_target <= 0:
+        raise UserError(f"initial_beta_for_kl needs a reward variance > 0 and kl_target > 0, got {reward_var} and {kl_target}")
+    return math.sqrt(reward_var / (2.0 * kl_target))
+
+
 def resolve_kl_horizon(horizon: Union[int, str, None], *, total_steps: int, episodes_per_step: Optional[int],
                        clip: float = 0.2) -> int:
     """``kl_horizon`` -> episodes: an integer as given, a name of ``KL_HORIZONS``, or ``auto`` (None too):

@@ -255,8 +255,18 @@ def score(
 # measure, evaluate
 
 
-def mean_stderr(x: torch.Tensor) -> tuple[float, float]:
-    """Mean and standard error of the mean (sample std / sqrt(n), n - 1 in the variance)."""
+def mean_stderr(x: torch.Tensor, *, per_prompt: int = 1) -> tuple[float, float]:
+    """Mean and standard error of the mean (sample std / sqrt(n), n - 1 in the variance).
+
+    ``per_prompt`` = k > 1: ``x`` holds k samples of each prompt, prompt-major (the engine's order,
+    ``generate_batches``), and the standard error is that of the mean of the per-prompt means: the
+    prompts are the independent units, the k samples of one prompt are correlated (they share it), so
+    treating all n·k values as independent would understate the error whenever prompts differ. The
+    mean is the same either way (every prompt has k samples)."""
+    if per_prompt > 1:
+        if x.numel() % per_prompt:
+            raise ValueError(f"{x.numel()} values are not a whole number of prompts x {per_prompt} samples")
+        x = x.double().view(-1, per_prompt).mean(dim=1)  # (P,) per-prompt means
     x = x.double()
     n = x.numel()
     if n == 0:

@@ -5,6 +5,12 @@
 field of the demo config can be overridden (``--dpo_betas 0.1,1 --ppo_steps 60``...). Writes
 OUTPUT_DIR/report.html, frontier.png, frontier.csv (and overoptimisation.png, beta_kl.png,
 finals.csv, samples.jsonl); rerunning the same command resumes and skips finished runs.
+
+Examples::
+
+    tether demo --quick --output_dir outputs/demo          # what `make demo` runs
+    tether demo --full --output_dir outputs/demo_full      # the DPO paper's sweep, longer runs
+    tether demo --methods dpo,best_of_n --dpo_betas 0.1,1 --eval_samples 4 --output_dir outputs/demo_dpo
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ def main(argv=None) -> int:
         (("--full",), {"action": "store_true", "help": "the larger sweep"}),
         (("--tiny",), {"action": "store_true", "help": "a miniature run of every stage (for tests)"}),
     ]
-    parser = build_parser(DemoConfig, prog="tether demo", description=__doc__.split("\n\n")[0], extra=extra)
+    parser = build_parser(DemoConfig, prog="tether demo", description=__doc__.replace("``", ""), extra=extra,
+                          raw_description=True)
     ns = parse_args(parser, argv)  # --kebab-case too
     chosen = [p for p in ("quick", "full", "tiny") if getattr(ns, p, False)]
     if len(chosen) > 1:

@@ -63,6 +63,10 @@ class DemoConfig:
     """Reward-model optimiser steps."""
     n_eval_prompts: int = 64
     """Held-out prompts per evaluation point."""
+    eval_samples: int = 1
+    """Samples per held-out prompt at every evaluation point (best-of-n: selections per prompt). The
+    standard errors are over prompts, so more prompts shrink them more than more samples do; samples are
+    cheaper (no new prompt text) and average out the sampling noise within a prompt."""
     max_new_tokens: int = 24
     """Completion length for every sample (preference data, training, evaluation)."""
     dpo_steps: int = 60
@@ -75,6 +79,11 @@ class DemoConfig:
     """Examples (DPO pairs, PPO rollouts) per optimiser step."""
     dpo_lr: float = 5e-4
     """DPO learning rate."""
+    ppo_init_beta: Optional[float] = None
+    """PPO's starting β (both PPO kinds). None: per run, β₀ = sqrt(Var/(2·target)), Var the within-prompt
+    variance of the optimised reward among the reference's evaluation samples (``control.initial_beta_for_kl``;
+    where the tilted optimum's KL would be the target at small KL), so the controller starts near its
+    β instead of spending the run climbing to it."""
     ppo_lr: float = 3e-4
     """PPO learning rate. The adaptive controller's horizon is 2 x batch_size (Ziegler's 10000 is for
     long runs: here β may move up to 10% per step so a 40-step run can settle)."""
@@ -213,18 +222,40 @@ def run_all(cfg: DemoConfig, specs: list[dict], paths: Paths, *, workers: int) -
 
 
 def reference_row(cfg: DemoConfig, paths: Paths, eval_prompts) -> dict:
-    marker = paths.work / "reference_eval.json"
-    if not marker.exists():
+    """The reference's evaluation point (KL = 0), and beside it ``reward_spread.json``: the within-prompt
+    variance of the gold and proxy rewards among its evaluation samples (``initial_betas`` uses it)."""
+    marker, spread = paths.work / "reference_eval.json", paths.work / "reward_spread.json"
+    if not (marker.exists() and spread.exists()):
         from ..modeling import load_causal_lm, load_tokenizer
         from ..reference import FrozenReference
         from ..rewards import RewardModelSource, VaderSource
-        from .task import evaluate_policy
+        from .task import evaluate_policy, within_prompt_variance
 
         tok, ref = load_tokenizer(str(paths.reference)), load_causal_lm(str(paths.reference))
         ev = evaluate_policy(ref, FrozenReference(load_causal_lm(str(paths.reference))), tok, eval_prompts, gold=VaderSource(),
-                             proxy=RewardModelSource(str(paths.proxy)), max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+                             proxy=RewardModelSource(str(paths.proxy)), max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                             samples_per_prompt=cfg.eval_samples, return_scores=True)
+        scores = ev.pop("scores")
+        _mark(spread, {"samples_per_prompt": cfg.eval_samples,
+                       **{name: within_prompt_variance(v, cfg.eval_samples) for name, v in scores.items()}})
         _mark(marker, {"method": "reference", "run": "reference", "seed": cfg.seed, "step": 0, **ev})
     return json.loads(marker.read_text())
+
+
+def initial_betas(cfg: DemoConfig, specs: list[dict], spread: dict) -> list[dict]:
+    """Each PPO run's starting β (``init_beta`` in its spec): ``cfg.ppo_init_beta`` if set, else
+    ``control.initial_beta_for_kl`` of its KL target and the within-prompt variance, under the
+    reference, of the reward it optimises (the proxy for PPO, the gold reward for PPO-GT)."""
+    from ..control import initial_beta_for_kl
+
+    out = []
+    for spec in specs:
+        if spec["method"] in ("ppo", "ppo_gt"):
+            var = spread["proxy" if spec["method"] == "ppo" else "gold"]
+            beta = cfg.ppo_init_beta if cfg.ppo_init_beta is not None else initial_beta_for_kl(var, spec["kl_target"])
+            spec = {**spec, "init_beta": beta}
+        out.append(spec)
+    return out
 
 
 def collect(paths: Paths, specs: list[dict], ref_row: dict) -> tuple[list[dict], list[dict], dict]:
@@ -258,18 +289,30 @@ def run_demo(cfg: DemoConfig) -> Path:
     pos, neg = read_snippets(cfg.assets)
     n_pref = cfg.n_pref_prompts
     splits = split_snippets(pos, neg, n_sft=cfg.n_sft, n_pref=n_pref, n_eval=cfg.n_eval_prompts, seed=cfg.seed)
-    log.info("[1/6] SFT -> reference"); stage_sft(cfg, paths, splits)
-    log.info("[2/6] prompts"); pref_prompts, eval_prompts = stage_prompts(cfg, paths, splits)
-    log.info("[3/6] preference pairs"); pairs = stage_prefs(cfg, paths, pref_prompts)
-    log.info("[4/6] proxy reward model (%d pairs)", len(pairs)); rm = stage_rm(cfg, paths)
+    times: dict[str, float] = {}  # stage -> seconds in this invocation (a resumed, skipped stage takes ~0)
+
+    last = t0
+
+    def lap(stage: str) -> None:
+        nonlocal last
+        times[stage], last = round(time.time() - last, 1), time.time()
+        log.info("%s took %.1f s", stage, times[stage])
+
+    log.info("[1/6] SFT -> reference"); stage_sft(cfg, paths, splits); lap("SFT")
+    log.info("[2/6] prompts"); pref_prompts, eval_prompts = stage_prompts(cfg, paths, splits); lap("prompts")
+    log.info("[3/6] preference pairs"); pairs = stage_prefs(cfg, paths, pref_prompts); lap("preference pairs")
+    log.info("[4/6] proxy reward model (%d pairs)", len(pairs)); rm = stage_rm(cfg, paths); lap("reward model")
     specs = cfg.runs()
     workers = cfg.workers or default_workers(len(specs))
     log.info("[5/6] sweep: %d runs, %d in parallel", len(specs), workers)
-    ref_row = reference_row(cfg, paths, eval_prompts)
-    run_all(cfg, specs, paths, workers=workers)
+    ref_row = reference_row(cfg, paths, eval_prompts); lap("reference evaluation")
+    specs = initial_betas(cfg, specs, json.loads((paths.work / "reward_spread.json").read_text()))
+    run_all(cfg, specs, paths, workers=workers); lap("sweep")
     log.info("[6/6] report")
     rows, finals, samples = collect(paths, specs, ref_row)
     meta = {"model": cfg.model, "preference pairs": len(pairs), "proxy RM held-out accuracy": rm.get("eval/rm/accuracy"),
-            "eval prompts": len(eval_prompts), "max new tokens": cfg.max_new_tokens, "seed": cfg.seed,
-            "runs": len(specs), "wall time (s)": round(time.time() - t0, 1)}
+            "eval prompts": len(eval_prompts), "eval samples per prompt": cfg.eval_samples,
+            "max new tokens": cfg.max_new_tokens, "seed": cfg.seed, "runs": len(specs),
+            "wall time (s)": round(time.time() - t0, 1),
+            "stage times (s)": ", ".join(f"{k} {v:g}" for k, v in times.items())}
     return write_report(Path(cfg.output_dir), rows, finals, samples, meta=meta)

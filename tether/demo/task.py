@@ -111,22 +111,40 @@ def preference_pairs(
 @torch.no_grad()
 def evaluate_policy(
     policy, reference: Reference, tokenizer, prompts: Sequence[Prompt], *, gold, proxy=None,
-    max_new_tokens: int = 24, seed: int = 0, n_keep: int = 6,
+    max_new_tokens: int = 24, seed: int = 0, n_keep: int = 6, samples_per_prompt: int = 1, return_scores: bool = False,
 ) -> dict:
-    """One evaluation point: ``engine.evaluate`` of ``policy`` on held-out prompts (one sample each,
-    at ``engine.eval_seed(seed)`` for every run and step, so differences are the policy's): exact
-    sequence KL[π‖π_ref] with its standard error, and the mean gold / proxy reward of the same samples
-    with theirs (``gold_stderr``, ``proxy_stderr``: over the evaluation samples)."""
+    """One evaluation point: ``engine.evaluate`` of ``policy`` on held-out prompts
+    (``samples_per_prompt`` samples each, at ``engine.eval_seed(seed)`` for every run and step, so
+    differences are the policy's): exact sequence KL[π‖π_ref] with its standard error, and the mean
+    gold / proxy reward of the same samples with theirs (``gold_stderr``, ``proxy_stderr``). The
+    standard errors are over prompts (``engine.mean_stderr(per_prompt=)``: the standard error of the
+    per-prompt means), since a prompt's samples are correlated; with one sample each, over samples.
+    ``return_scores`` adds ``"scores"``: {"gold", "proxy"}: every sample's reward, prompt-major."""
+    k = samples_per_prompt
     res = evaluate(policy, reference, [p.ids for p in prompts], tokenizer=tokenizer, seed=seed,
-                   max_new_tokens=max_new_tokens)
-    texts, ptexts = res["texts"], [p.text for p in prompts]
+                   max_new_tokens=max_new_tokens, samples_per_prompt=k)
+    texts, ptexts = res["texts"], [p.text for p in prompts for _ in range(k)]  # prompt-major, the engine's order
     g = gold(ptexts, texts)
-    ex = res["estimators"]["exact"]
-    out = {"kl": ex["mean"], "kl_stderr": ex["stderr"]}
-    out["gold_reward"], out["gold_stderr"] = mean_stderr(g)
-    out["proxy_reward"], out["proxy_stderr"] = mean_stderr(proxy(ptexts, texts)) if proxy is not None else (None, None)
-    out["samples"] = [{"prompt": p, "completion": t, "gold": s} for p, t, s in zip(ptexts, texts, g.tolist())][:n_keep]
+    out = {}
+    out["kl"], out["kl_stderr"] = mean_stderr(torch.tensor(res["per_sequence"]["exact"]), per_prompt=k)
+    out["gold_reward"], out["gold_stderr"] = mean_stderr(g, per_prompt=k)
+    pr = proxy(ptexts, texts) if proxy is not None else None
+    out["proxy_reward"], out["proxy_stderr"] = mean_stderr(pr, per_prompt=k) if pr is not None else (None, None)
+    if return_scores:
+        out["scores"] = {"gold": g.tolist(), **({"proxy": pr.tolist()} if pr is not None else {})}
+    first = range(0, min(len(texts), k * n_keep), k)  # the first sample of each of the first n_keep prompts
+    out["samples"] = [{"prompt": ptexts[i], "completion": texts[i], "gold": float(g[i])} for i in first]
     return out
+
+
+def within_prompt_variance(scores: Sequence[float], samples_per_prompt: int) -> float:
+    """E_x Var(r | x): the mean over prompts of the unbiased variance of one prompt's k samples
+    (prompt-major rows). With k = 1 there is no within-prompt spread to see: the variance over all
+    rows, which adds the spread between prompts and so can only overstate it."""
+    x = torch.tensor(scores, dtype=torch.float64)
+    if samples_per_prompt < 2:
+        return float(x.var(unbiased=True))
+    return float(x.view(-1, samples_per_prompt).var(dim=1, unbiased=True).mean())  # (P, k) -> (P,) -> mean
 
 
 def write_prompts(path: Path, prompts: Sequence[Prompt]) -> None:

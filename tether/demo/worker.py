@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 
 def main(spec_path: str) -> int:
     import torch
 
+    t0 = time.time()
     torch.set_num_threads(int(os.environ.get("TETHER_THREADS", "1")))
     from ..modeling import load_causal_lm, load_tokenizer
     from ..reference import FrozenReference
@@ -41,7 +43,7 @@ def main(spec_path: str) -> int:
 
     def record(step: int, policy, extra: dict | None = None) -> dict:
         ev = evaluate_policy(policy, reference, tok, eval_prompts, gold=gold, proxy=proxy,
-                             max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+                             max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, samples_per_prompt=cfg.eval_samples)
         row = {"method": spec["method"], "run": spec["run"], "step": step, **tags, **(extra or {}), **ev}
         with open(eval_file, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -65,7 +67,7 @@ def main(spec_path: str) -> int:
         from ..trainers.ppo import PPOConfig, train_ppo
 
         optimised, logged = (proxy, gold) if method == "ppo" else (gold, proxy)
-        pcfg = PPOConfig(model=ref_path, output_dir=str(run_dir / "train"), seed=cfg.seed, beta=0.1,
+        pcfg = PPOConfig(model=ref_path, output_dir=str(run_dir / "train"), seed=cfg.seed, beta=spec.get("init_beta", 0.1),
                          kl_target=spec["kl_target"], kl_horizon=2 * cfg.batch_size,
                          max_steps=cfg.ppo_steps, batch_size=cfg.batch_size, learning_rate=cfg.ppo_lr,
                          max_new_tokens=cfg.max_new_tokens, eval_every=cfg.eval_every, progress=False, overwrite=True)
@@ -74,19 +76,26 @@ def main(spec_path: str) -> int:
         from ..engine import eval_seed
         from ..trainers.best_of_n import best_of_n
 
-        res = best_of_n(reference.model, tok, [p.text for p in eval_prompts], prompt_ids=[p.ids for p in eval_prompts],
+        k = cfg.eval_samples  # k selections per prompt, each from its own n samples (prompt-major, as evaluate_policy)
+        texts = [p.text for p in eval_prompts for _ in range(k)]
+        res = best_of_n(reference.model, tok, texts, prompt_ids=[p.ids for p in eval_prompts for _ in range(k)],
                         n=spec["n"], reward=proxy, gold=gold, max_new_tokens=cfg.max_new_tokens, seed=eval_seed(cfg.seed))
         from ..engine import mean_stderr
 
-        keys = ("kl", "kl_stderr", "gold_reward", "proxy_reward", "kl_bound", "samples")
-        row = {"method": "best_of_n", "run": spec["run"], "step": 0, **tags, **{k: res[k] for k in keys}}
-        _, row["gold_stderr"] = mean_stderr(gold([p.text for p in eval_prompts], res["completions"]))
+        row = {"method": "best_of_n", "run": spec["run"], "step": 0, **tags, **{key: res[key] for key in ("kl", "kl_stderr", "kl_bound")}}
+        g = gold(texts, res["completions"])
+        row["gold_reward"], row["gold_stderr"] = mean_stderr(g, per_prompt=k)
+        row["proxy_reward"], row["proxy_stderr"] = mean_stderr(proxy(texts, res["completions"]), per_prompt=k)
+        row["samples"] = [{"prompt": texts[i], "completion": res["completions"][i], "gold": float(g[i])}
+                          for i in range(0, min(len(texts), 6 * k), k)]  # the first selection of each of 6 prompts
         with open(eval_file, "a") as f:
             f.write(json.dumps(row) + "\n")
     else:
         raise ValueError(f"unknown demo method {method!r}")
     rows = [json.loads(l) for l in eval_file.read_text().splitlines() if l.strip()]
-    (run_dir / "result.json").write_text(json.dumps({k: v for k, v in rows[-1].items() if k != "samples"}))
+    result = {**{k: v for k, v in rows[-1].items() if k != "samples"}, "wall_s": round(time.time() - t0, 1),
+              "cpu_s": round(time.process_time(), 1)}  # on a shared machine the CPU time is the steadier cost
+    (run_dir / "result.json").write_text(json.dumps(result))
     return 0
 
 
