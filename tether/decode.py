@@ -17,7 +17,11 @@ mathematics with fewer calls:
 Same mathematics, different rounding: the fused products may sum in another order, so logits differ
 from the Hugging Face forward by float32 rounding (checked against ``forward_completion`` to f32
 tolerance in tests/test_decode.py); the sampled tokens are the same except where two tokens' p/q
-ratios tie to within that rounding.
+ratios tie to within that rounding. What the scoring pass then computes is unchanged: it recomputes the
+log-probs with the model's own forward and restricts to the token sets F_t the sampler stored
+(docs/theory.md §3), so the set at scoring is still the set at sampling; the distribution the tokens
+were drawn from differs from the scored one by float32 rounding of the logits (about 2e-5 nats on
+stories260K), far below any estimator's noise.
 
 Only plain ``LlamaForCausalLM`` modules qualify (``supports``): default RoPE, no biases, SiLU MLP,
 no peft wrapper, no sharded (DTensor) parameters. Anything else keeps the Hugging Face forward.
