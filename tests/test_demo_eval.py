@@ -112,4 +112,4 @@ def test_demo_help_has_examples_and_the_new_fields(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "tether demo --quick --output_dir" in out and "--eval_samples" in out and "--ppo_init_beta" in out
-    assert "10% per step" in out  # the ppo_lr docstring, % and all
+    assert "at most 2% a step" in out  # the ppo_kl_horizon docstring, % and all

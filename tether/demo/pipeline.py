@@ -7,15 +7,18 @@ finished run is never redone):
 2. Prompts: 2–8-token prefixes of disjoint snippet sets (preference prompts, held-out eval prompts).
 3. Preference pairs: ``samples_per_prompt`` reference samples per prompt ranked by the gold reward.
 4. Proxy reward model trained on those pairs (``tether rm``'s trainer).
-5. The sweep, in parallel worker processes: DPO at several β, PPO against the proxy RM at several
-   adaptive KL targets, PPO against the gold reward (PPO-GT), best-of-n for several n. Every run is
-   evaluated with the same protocol (``task.evaluate_policy``: same held-out prompts, same sampling
+5. The sweep: the reference's evaluation point; best-of-n for several n, all from one draw of
+   reference samples (``stage_best_of_n``); then, in parallel worker processes, DPO at several β, PPO
+   against the proxy RM at several adaptive KL targets (each starting at ``initial_betas``), PPO
+   against the gold reward (PPO-GT). Every run is evaluated with the same protocol
+   (``task.evaluate_policy``: same held-out prompts, ``eval_samples`` samples each, same sampling
    seed) every ``eval_every`` steps.
 6. The report (``report.write_report``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -61,9 +64,9 @@ class DemoConfig:
     """Reference samples per preference prompt (4 -> up to 6 pairs, as in the DPO paper)."""
     rm_steps: int = 120
     """Reward-model optimiser steps."""
-    n_eval_prompts: int = 64
+    n_eval_prompts: int = 256
     """Held-out prompts per evaluation point."""
-    eval_samples: int = 1
+    eval_samples: int = 2
     """Samples per held-out prompt at every evaluation point (best-of-n: selections per prompt). The
     standard errors are over prompts, so more prompts shrink them more than more samples do; samples are
     cheaper (no new prompt text) and average out the sampling noise within a prompt."""
@@ -71,9 +74,9 @@ class DemoConfig:
     """Completion length for every sample (preference data, training, evaluation)."""
     dpo_steps: int = 60
     """DPO optimiser steps per run."""
-    ppo_steps: int = 40
+    ppo_steps: int = 80
     """PPO optimiser steps per run."""
-    eval_every: int = 10
+    eval_every: int = 20
     """Evaluate every N optimiser steps (and at steps 0 and the end)."""
     batch_size: int = 32
     """Examples (DPO pairs, PPO rollouts) per optimiser step."""
@@ -84,9 +87,15 @@ class DemoConfig:
     variance of the optimised reward among the reference's evaluation samples (``control.initial_beta_for_kl``;
     where the tilted optimum's KL would be the target at small KL), so the controller starts near its
     β instead of spending the run climbing to it."""
-    ppo_lr: float = 3e-4
-    """PPO learning rate. The adaptive controller's horizon is 2 x batch_size (Ziegler's 10000 is for
-    long runs: here β may move up to 10% per step so a 40-step run can settle)."""
+    ppo_lr: float = 1.5e-4
+    """PPO learning rate (at 3e-4 the policy drifted ~4 nats from the reference within 20 steps whatever
+    β was: a target of 3 was out of reach)."""
+    ppo_kl_horizon: int = 320
+    """The adaptive controller's horizon in episodes (docs/theory.md §4: a saturated step moves β by the
+    factor 1 ± 0.2·batch_size/horizon). 320 at batch 32: at most 2% a step, e^1.6 over 80 steps. A run
+    started at ``ppo_init_beta``'s β₀ needs only that much; at 10% a step (horizon 64) β fell ~10x while
+    the policy had not yet moved and the KL then overshot its target and came back (zigzag). 0: 2 x
+    batch_size."""
     workers: int = 0
     """Parallel run processes (0 = one per 2 cores... at least 1, at most the number of runs)."""
 
@@ -108,7 +117,7 @@ PRESETS = {
     "full": {
         "dpo_betas": [0.05, 0.1, 0.5, 1.0, 5.0], "ppo_kl_targets": [3.0, 6.0, 9.0, 12.0], "ppo_gt_kl_targets": [3.0, 6.0, 9.0],
         "bon_ns": [2, 4, 8, 16, 32, 64], "n_sft": 8000, "sft_steps": 400, "n_pref_prompts": 1000, "rm_steps": 300,
-        "n_eval_prompts": 128, "dpo_steps": 200, "ppo_steps": 120, "eval_every": 20, "max_new_tokens": 32,
+        "dpo_steps": 200, "ppo_steps": 120, "eval_every": 20, "max_new_tokens": 32, "ppo_kl_horizon": 480,
     },
     # A miniature for the test suite: every stage runs, a few steps each.
     "tiny": {
@@ -134,6 +143,21 @@ class Paths:
     @property
     def proxy(self) -> Path:
         return self.rm / "final"
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread inside: the sampling stages run batches of a 260K-parameter model, where a
+    second intra-op thread only adds synchronisation (measured on 2 busy cores: best-of-n's 1024 samples
+    took 3.4 s of CPU on one thread, 122 s on two)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _done(marker: Path) -> bool:
@@ -204,13 +228,43 @@ def stage_rm(cfg: DemoConfig, paths: Paths) -> dict:
     return json.loads(marker.read_text())
 
 
+def stage_best_of_n(cfg: DemoConfig, paths: Paths, specs: list[dict], eval_prompts) -> None:
+    """The best-of-n runs, all from one draw of max(bon_ns) reference samples per evaluation row
+    (``task.best_of_n_points``): each writes ``runs/bon-n<n>/eval.jsonl`` and ``result.json`` as a
+    worker would. Skipped when every one has its result.json."""
+    todo = [s for s in specs if s["method"] == "best_of_n" and not (paths.runs / s["run"] / "result.json").exists()]
+    if not todo:
+        return
+    from ..modeling import load_causal_lm, load_tokenizer
+    from ..rewards import RewardModelSource, VaderSource
+    from .task import best_of_n_points
+
+    t0, c0 = time.time(), time.process_time()
+    gold, proxy = VaderSource(), RewardModelSource(str(paths.proxy))
+    gold.name, proxy.name = "gold", "proxy"
+    points = best_of_n_points(load_causal_lm(str(paths.reference)), load_tokenizer(str(paths.reference)), eval_prompts,
+                              [s["n"] for s in todo], gold=gold, proxy=proxy, max_new_tokens=cfg.max_new_tokens,
+                              seed=cfg.seed, samples_per_prompt=cfg.eval_samples)
+    for spec in todo:
+        run_dir = paths.runs / spec["run"]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        row = {"method": "best_of_n", "run": spec["run"], "step": 0, "seed": cfg.seed, "n": spec["n"], "swept": ["n"],
+               **points[spec["n"]]}
+        (run_dir / "eval.jsonl").write_text(json.dumps(row) + "\n")
+        result = {k: v for k, v in row.items() if k != "samples"}
+        (run_dir / "result.json").write_text(json.dumps({**result, "wall_s": round(time.time() - t0, 1),
+                                                         "cpu_s": round(time.process_time() - c0, 1)}))
+
+
 def run_all(cfg: DemoConfig, specs: list[dict], paths: Paths, *, workers: int) -> None:
-    """Each run in its own process (``python -m tether.demo.worker``), through the sweep's process pool
-    (``tether.sweep.runner.launch_all``); finished runs (result.json) are skipped."""
+    """Each trained run in its own process (``python -m tether.demo.worker``), through the sweep's process
+    pool (``tether.sweep.runner.launch_all``); finished runs (result.json) are skipped."""
     from ..sweep.runner import launch_all
 
     jobs = []
     for spec in specs:
+        if spec["method"] == "best_of_n":  # stage_best_of_n
+            continue
         run_dir = paths.runs / spec["run"]
         if (run_dir / "result.json").exists():
             continue
@@ -300,12 +354,15 @@ def run_demo(cfg: DemoConfig) -> Path:
 
     log.info("[1/6] SFT -> reference"); stage_sft(cfg, paths, splits); lap("SFT")
     log.info("[2/6] prompts"); pref_prompts, eval_prompts = stage_prompts(cfg, paths, splits); lap("prompts")
-    log.info("[3/6] preference pairs"); pairs = stage_prefs(cfg, paths, pref_prompts); lap("preference pairs")
+    with one_thread():
+        log.info("[3/6] preference pairs"); pairs = stage_prefs(cfg, paths, pref_prompts); lap("preference pairs")
     log.info("[4/6] proxy reward model (%d pairs)", len(pairs)); rm = stage_rm(cfg, paths); lap("reward model")
     specs = cfg.runs()
     workers = cfg.workers or default_workers(len(specs))
     log.info("[5/6] sweep: %d runs, %d in parallel", len(specs), workers)
-    ref_row = reference_row(cfg, paths, eval_prompts); lap("reference evaluation")
+    with one_thread():
+        ref_row = reference_row(cfg, paths, eval_prompts); lap("reference evaluation")
+        stage_best_of_n(cfg, paths, specs, eval_prompts); lap("best-of-n")
     specs = initial_betas(cfg, specs, json.loads((paths.work / "reward_spread.json").read_text()))
     run_all(cfg, specs, paths, workers=workers); lap("sweep")
     log.info("[6/6] report")

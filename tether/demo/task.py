@@ -137,6 +137,38 @@ def evaluate_policy(
     return out
 
 
+@torch.no_grad()
+def best_of_n_points(
+    reference_model, tokenizer, prompts: Sequence[Prompt], ns: Sequence[int], *, gold, proxy, max_new_tokens: int = 24,
+    seed: int = 0, samples_per_prompt: int = 1, n_keep: int = 6,
+) -> dict[int, dict]:
+    """Best-of-n by the proxy for every n in ``ns`` from ONE draw (``trainers.best_of_n``'s
+    ``sample_and_score`` + ``summarize``, as ``best_of_n_curve``): each of the ``samples_per_prompt``
+    rows of every held-out prompt gets max(ns) reference samples at ``engine.eval_seed(seed)``, and the
+    point for n keeps the proxy's best of the first n. The points share their samples (common random
+    numbers), so the differences between them are the selection's, not the draw's. Returns
+    {n: the keys of ``evaluate_policy`` + kl_bound}; KL is ``best_of_n_kl_estimate`` (all max(ns)
+    samples), the reward standard errors are over prompts. ``gold`` and ``proxy`` need distinct names."""
+    from ..engine import eval_seed
+    from ..trainers.best_of_n import sample_and_score, summarize
+
+    k = samples_per_prompt
+    texts = [p.text for p in prompts for _ in range(k)]  # prompt-major, as evaluate_policy
+    scored = sample_and_score(reference_model, tokenizer, texts, prompt_ids=[p.ids for p in prompts for _ in range(k)],
+                              samples=max(ns), reward=proxy, gold=gold, max_new_tokens=max_new_tokens, seed=eval_seed(seed))
+    out = {}
+    for n in ns:
+        res = summarize(scored, n)
+        g = gold(texts, res["completions"])
+        pt = {"kl": res["kl"], "kl_stderr": res["kl_stderr"], "kl_bound": res["kl_bound"]}
+        pt["gold_reward"], pt["gold_stderr"] = mean_stderr(g, per_prompt=k)
+        pt["proxy_reward"], pt["proxy_stderr"] = mean_stderr(proxy(texts, res["completions"]), per_prompt=k)
+        pt["samples"] = [{"prompt": texts[i], "completion": res["completions"][i], "gold": float(g[i])}
+                         for i in range(0, min(len(texts), k * n_keep), k)]  # the first selection of each prompt
+        out[int(n)] = pt
+    return out
+
+
 def within_prompt_variance(scores: Sequence[float], samples_per_prompt: int) -> float:
     """E_x Var(r | x): the mean over prompts of the unbiased variance of one prompt's k samples
     (prompt-major rows). With k = 1 there is no within-prompt spread to see: the variance over all

@@ -1,7 +1,6 @@
 """One demo run in its own process: ``python -m tether.demo.worker RUN_DIR/spec.json``.
 
-Trains (DPO, PPO on the proxy RM, PPO-GT on the gold reward) or samples (best-of-n) from the SFT
-reference, evaluating with ``task.evaluate_policy`` at step 0, every ``eval_every`` steps and at
+Trains (DPO, PPO on the proxy RM, PPO-GT on the gold reward) from the SFT reference, evaluating with ``task.evaluate_policy`` at step 0, every ``eval_every`` steps and at
 the end; writes ``eval.jsonl`` (one row per evaluation point) and, last, ``result.json`` (its
 presence marks the run finished, so a resumed demo skips it).
 """
@@ -68,29 +67,11 @@ def main(spec_path: str) -> int:
 
         optimised, logged = (proxy, gold) if method == "ppo" else (gold, proxy)
         pcfg = PPOConfig(model=ref_path, output_dir=str(run_dir / "train"), seed=cfg.seed, beta=spec.get("init_beta", 0.1),
-                         kl_target=spec["kl_target"], kl_horizon=2 * cfg.batch_size,
+                         kl_target=spec["kl_target"], kl_horizon=cfg.ppo_kl_horizon or 2 * cfg.batch_size,
                          max_steps=cfg.ppo_steps, batch_size=cfg.batch_size, learning_rate=cfg.ppo_lr,
                          max_new_tokens=cfg.max_new_tokens, eval_every=cfg.eval_every, progress=False, overwrite=True)
         train_ppo(pcfg, prompts=[p.text for p in train_prompts], reward=RewardSet(optimised, [logged]), eval_hook=hook)
-    elif method == "best_of_n":
-        from ..engine import eval_seed
-        from ..trainers.best_of_n import best_of_n
-
-        k = cfg.eval_samples  # k selections per prompt, each from its own n samples (prompt-major, as evaluate_policy)
-        texts = [p.text for p in eval_prompts for _ in range(k)]
-        res = best_of_n(reference.model, tok, texts, prompt_ids=[p.ids for p in eval_prompts for _ in range(k)],
-                        n=spec["n"], reward=proxy, gold=gold, max_new_tokens=cfg.max_new_tokens, seed=eval_seed(cfg.seed))
-        from ..engine import mean_stderr
-
-        row = {"method": "best_of_n", "run": spec["run"], "step": 0, **tags, **{key: res[key] for key in ("kl", "kl_stderr", "kl_bound")}}
-        g = gold(texts, res["completions"])
-        row["gold_reward"], row["gold_stderr"] = mean_stderr(g, per_prompt=k)
-        row["proxy_reward"], row["proxy_stderr"] = mean_stderr(proxy(texts, res["completions"]), per_prompt=k)
-        row["samples"] = [{"prompt": texts[i], "completion": res["completions"][i], "gold": float(g[i])}
-                          for i in range(0, min(len(texts), 6 * k), k)]  # the first selection of each of 6 prompts
-        with open(eval_file, "a") as f:
-            f.write(json.dumps(row) + "\n")
-    else:
+    else:  # best-of-n runs in the pipeline (pipeline.stage_best_of_n: one draw for every n)
         raise ValueError(f"unknown demo method {method!r}")
     rows = [json.loads(l) for l in eval_file.read_text().splitlines() if l.strip()]
     result = {**{k: v for k, v in rows[-1].items() if k != "samples"}, "wall_s": round(time.time() - t0, 1),
