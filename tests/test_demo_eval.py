@@ -15,6 +15,15 @@ from tether.demo.task import Prompt, evaluate_policy, within_prompt_variance
 from tether.engine import evaluate, mean_stderr
 from tether.errors import UserError
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Sampling a 260K-parameter model: a second intra-op thread only adds synchronisation."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # Three prompts x two samples, prompt-major: per-prompt means 2, 2, 5.
 SCORES = [1.0, 3.0, 2.0, 2.0, 6.0, 4.0]
 
@@ -113,3 +122,27 @@ def test_demo_help_has_examples_and_the_new_fields(capsys):
     out = capsys.readouterr().out
     assert "tether demo --quick --output_dir" in out and "--eval_samples" in out and "--ppo_init_beta" in out
     assert "at most 2% a step" in out  # the ppo_kl_horizon docstring, % and all
+
+
+def test_best_of_n_points_share_one_draw(stories_path):
+    """best_of_n_points draws max(ns) samples per row once, so the proxy score of the kept completion
+    (the max of the first n) can only grow with n, row by row: the means are non-decreasing exactly, not
+    just in expectation. KL bound log n - (n-1)/n; the standard errors are over the 3 prompts."""
+    from tether.demo.task import best_of_n_points
+    from tether.modeling import load_causal_lm, load_tokenizer
+    from tether.rewards import CallableSource
+
+    tok, model = load_tokenizer(stories_path), load_causal_lm(stories_path)
+    texts = ["Once upon a time", "The little dog", "Lily wanted to"]
+    prompts = [Prompt(tok(t)["input_ids"], t) for t in texts]
+    proxy = CallableSource(lambda completions: [float(len(c)) for c in completions], name="proxy")
+    gold = CallableSource(lambda completions: [float(c.count("a")) for c in completions], name="gold")
+    pts = best_of_n_points(model, tok, prompts, [1, 2, 4], gold=gold, proxy=proxy, max_new_tokens=8, seed=1,
+                           samples_per_prompt=2)
+    proxies = [pts[n]["proxy_reward"] for n in (1, 2, 4)]
+    assert proxies == sorted(proxies) and proxies[0] < proxies[-1]
+    for n in (1, 2, 4):
+        assert pts[n]["kl_bound"] == pytest.approx(math.log(n) - (n - 1) / n, abs=1e-12)
+        assert 0 <= pts[n]["kl"] <= pts[n]["kl_bound"] + 1e-9
+        assert len(pts[n]["samples"]) == 3 and [s["prompt"] for s in pts[n]["samples"]] == texts
+        assert pts[n]["gold_stderr"] >= 0
