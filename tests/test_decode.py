@@ -85,3 +85,20 @@ def test_supports_only_plain_llama(stories):
     assert supports(LlamaForCausalLM(LlamaConfig(**base)))
     with pytest.raises(ValueError, match="decoder"):
         sample(model, [[1, 2]], pad_id=0, eos_id=None, max_new_tokens=1, decoder="fast")
+
+
+def test_builtin_backend_takes_the_decoder_option(stories):
+    """make_backend("builtin", model, decoder=...) reaches the sampler (the same tokens either way, as above);
+    an unknown decoder is a UserError naming the option."""
+    from tether.errors import UserError
+    from tether.generation import GenerationSettings, make_backend
+
+    tok, model = stories
+    ids = [tok(t)["input_ids"] for t in ("Once upon a time", "Tom was")]
+    settings = GenerationSettings(max_new_tokens=8, pad_id=tok.pad_token_id, eos_id=None)
+    a, _ = make_backend("builtin", model, decoder="hf").generate(ids, settings, torch.Generator().manual_seed(2))
+    b, _ = make_backend("builtin", model).generate(ids, settings, torch.Generator().manual_seed(2))
+    assert make_backend("builtin", model, decoder="hf").decoder == "hf"
+    assert torch.equal(a.input_ids, b.input_ids)
+    with pytest.raises(UserError, match="decoder"):
+        make_backend("builtin", model, decoder="fast")

@@ -16,8 +16,10 @@ The interface::
 
 Backends, chosen by the sampling group's ``backend`` field (``make_backend``):
 
-- ``builtin``: ``tether.sampling.sample`` on the policy itself (KV cache, finished rows compacted).
-  ``update_weights`` does nothing: it samples from the live module.
+- ``builtin``: ``tether.sampling.sample`` on the policy itself (KV cache, finished rows compacted; for
+  plain Llama models the lean decode step of ``tether.decode``: option ``decoder`` = auto | hf | lean,
+  ``make_backend("builtin", model, decoder="hf")``). ``update_weights`` does nothing: it samples from the
+  live module.
 - ``vllm``: optional, colocated ``vllm.LLM`` engine (``tether.backends.vllm.VLLMBackend``, imported
   only when asked for), which copies the policy's weights in ``update_weights``.
 
@@ -80,14 +82,17 @@ class BuiltinBackend:
 
     name = "builtin"
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, model, *, decoder: str = "auto"):
+        if decoder not in ("auto", "hf", "lean"):
+            raise UserError(f"decoder: unknown decoder {decoder!r}; choose auto, hf or lean")
+        self.model, self.decoder = model, decoder
 
     def generate(self, prompt_ids, settings: GenerationSettings, generator: torch.Generator):
         from .sampling import sample
 
         return sample(self.model, prompt_ids, pad_id=settings.pad_id, eos_id=settings.eos_id,
-                      max_new_tokens=settings.max_new_tokens, generator=generator, **settings.filters())
+                      max_new_tokens=settings.max_new_tokens, generator=generator, decoder=self.decoder,
+                      **settings.filters())
 
     def update_weights(self, model) -> None:
         self.model = model  # the live module: nothing to copy
