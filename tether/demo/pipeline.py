@@ -68,8 +68,9 @@ class DemoConfig:
     """Held-out prompts per evaluation point."""
     eval_samples: int = 2
     """Samples per held-out prompt at every evaluation point (best-of-n: selections per prompt). The
-    standard errors are over prompts, so more prompts shrink them more than more samples do; samples are
-    cheaper (no new prompt text) and average out the sampling noise within a prompt."""
+    standard errors are over prompts (a prompt's samples are correlated), so for the same number of rows
+    more prompts shrink them more than more samples do; more samples average out the sampling noise
+    within each prompt."""
     max_new_tokens: int = 24
     """Completion length for every sample (preference data, training, evaluation)."""
     dpo_steps: int = 60

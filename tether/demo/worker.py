@@ -1,8 +1,9 @@
 """One demo run in its own process: ``python -m tether.demo.worker RUN_DIR/spec.json``.
 
-Trains (DPO, PPO on the proxy RM, PPO-GT on the gold reward) from the SFT reference, evaluating with ``task.evaluate_policy`` at step 0, every ``eval_every`` steps and at
-the end; writes ``eval.jsonl`` (one row per evaluation point) and, last, ``result.json`` (its
-presence marks the run finished, so a resumed demo skips it).
+Trains (DPO, PPO on the proxy RM, PPO-GT on the gold reward) from the SFT reference, evaluating
+with ``task.evaluate_policy`` at step 0, every ``eval_every`` steps and at the end; writes
+``eval.jsonl`` (one row per evaluation point) and, last, ``result.json`` (its presence marks the run
+finished, so a resumed demo skips it). Best-of-n runs in the pipeline (``pipeline.stage_best_of_n``).
 """
 
 from __future__ import annotations
