@@ -18,12 +18,18 @@ from tether.modeling import position_ids
 from tether.sampling import sample
 
 
-def test_decoder_logits_equal_the_full_forward(stories):
+@pytest.mark.parametrize("fuse", [True, False])
+def test_decoder_logits_equal_the_full_forward(stories, monkeypatch, fuse):
     """Prompt pass (slots 0..P-1, rows left-padded by 0-4), then one token per step, dropping rows
     {1, 4, 7} half-way: every step's last-position logits equal the uncached forward's at the same
     position. Tolerance: the logits are products of the final normed hidden state h with the head W,
     so rounding scales with max_t Σ_i |h_i W_vi| (28 here); 16 float32 spacings of it (not the default
-    8) because five layers of differently-ordered sums feed h (measured: 0.4 of this budget)."""
+    8) because five layers of differently-ordered sums feed h (measured: 0.4 of this budget).
+    ``fuse=False``: the separate products a model above ``FUSE_MAX_BYTES`` gets."""
+    import tether.decode
+
+    if not fuse:
+        monkeypatch.setattr(tether.decode, "FUSE_MAX_BYTES", 0)
     torch.set_num_threads(1)
     tok, model = stories
     model.eval()
@@ -39,6 +45,7 @@ def test_decoder_logits_equal_the_full_forward(stories):
         want = out.logits  # (B, P + N, V)
         mag = (out.hidden_states[-1].abs() @ model.lm_head.weight.abs().t()).max()
         dec = LlamaDecoder(model, B, P + N)
+        assert isinstance(dec.layers[0][2], torch.Tensor) == fuse
         dec.set_mask(attn)
         rows = torch.arange(B)
         got = dec.forward(ids[:, :P], pos[:, :P], 0)  # (B, V)

@@ -8,7 +8,8 @@ mathematics with fewer calls:
 
 - a preallocated (static) KV cache per layer, written in place: no concatenation per step;
 - q/k/v in one matrix product and gate/up in one (the weights concatenated once per ``sample`` call,
-  so they follow the live policy after every optimiser step);
+  so they follow the live policy after every optimiser step; models above ``FUSE_MAX_BYTES`` keep
+  separate products);
 - rotary cos/sin gathered from one table computed once by the model's own ``rotary_emb`` (the same
   values it computes per step: each entry is one product and one cos/sin, no reduction);
 - one additive key mask for the whole call, sliced per step;
@@ -33,6 +34,12 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+
+FUSE_MAX_BYTES = 256 * 2**20
+"""Fuse q/k/v and gate/up weights (a copy of about 2/3 of the parameters, made per ``sample`` call) only for
+models up to this size: a small model's step is per-call overhead, which fusing saves; a large model's is
+arithmetic, and the copy would cost memory (16 GB for an 8B model in bf16) for nothing."""
 
 
 def supports(model) -> bool:
@@ -70,15 +77,16 @@ class LlamaDecoder:
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.embed = inner.embed_tokens.weight
+        fuse = sum(p.numel() * p.element_size() for p in model.parameters()) <= FUSE_MAX_BYTES
         self.layers = []
         for layer in inner.layers:
             a, m = layer.self_attn, layer.mlp
             self.layers.append((
                 layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
-                torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),  # (Hq·d + 2·Hkv·d, D)
+                _fused([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], fuse),  # (Hq·d + 2·Hkv·d, D)
                 a.o_proj.weight, a.scaling,
                 layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
-                torch.cat([m.gate_proj.weight, m.up_proj.weight]), m.down_proj.weight,  # (2·I, D), (D, I)
+                _fused([m.gate_proj.weight, m.up_proj.weight], fuse), m.down_proj.weight,  # (2·I, D), (D, I)
             ))
         self.norm_w, self.norm_eps = inner.norm.weight, inner.norm.variance_epsilon
         self.head = model.lm_head.weight
@@ -117,7 +125,7 @@ class LlamaDecoder:
         h = F.embedding(input_ids, self.embed)  # (b, s, D)
         for i, (w_in, eps_in, w_qkv, w_o, scale, w_post, eps_post, w_gu, w_down) in enumerate(self.layers):
             x = _rms(h, w_in, eps_in)
-            qkv = F.linear(x, w_qkv).view(b, s, H + 2 * Hkv, d).transpose(1, 2)  # (b, H + 2·Hkv, s, d)
+            qkv = _linear(x, w_qkv).view(b, s, H + 2 * Hkv, d).transpose(1, 2)  # (b, H + 2·Hkv, s, d)
             qk = qkv[:, : H + Hkv]  # rotated together: one set of calls for q and k
             qk = qk * cos + _rotate_half(qk) * sin
             q = qk[:, :H]  # (b, H, s, d)
@@ -126,9 +134,18 @@ class LlamaDecoder:
             att = F.scaled_dot_product_attention(q, self.k[i][:, :, :end], self.v[i][:, :, :end], attn_mask=bias,
                                                  scale=scale, enable_gqa=H != Hkv)  # (b, H, s, d)
             h = h + F.linear(att.transpose(1, 2).reshape(b, s, H * d), w_o)
-            gate, up = F.linear(_rms(h, w_post, eps_post), w_gu).chunk(2, dim=-1)  # (b, s, I) each
+            gate, up = _linear(_rms(h, w_post, eps_post), w_gu).chunk(2, dim=-1)  # (b, s, I) each
             h = h + F.linear(F.silu(gate) * up, w_down)
         return F.linear(_rms(h[:, -1], self.norm_w, self.norm_eps), self.head)  # (b, V)
+
+
+def _fused(weights: list, fuse: bool):
+    """One (sum of rows, D) matrix for one product, or the list kept as is (``_linear`` concatenates outputs)."""
+    return torch.cat(weights) if fuse else list(weights)
+
+
+def _linear(x: torch.Tensor, w) -> torch.Tensor:
+    return F.linear(x, w) if isinstance(w, torch.Tensor) else torch.cat([F.linear(x, wi) for wi in w], dim=-1)
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
