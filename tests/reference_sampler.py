@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from tether.modeling import CompletionBatch, make_batch, position_ids
+from tether.modeling import CACHE_KW, CompletionBatch, make_batch, position_ids
 from tether.ops.logprobs import apply_sampling_filters, pack_allowed, uses_token_filter
 
 
@@ -53,8 +53,8 @@ def reference_sample(
     pos = position_ids(attn)
     try:
         for t in range(max_new_tokens):
-            out = model(input_ids=step_ids, attention_mask=step_attn, position_ids=pos, past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(input_ids=step_ids, attention_mask=step_attn, position_ids=pos, use_cache=True, **{CACHE_KW: past})
+            past = getattr(out, CACHE_KW)
             logits = apply_sampling_filters(out.logits[:, -1, :].float(), temperature=temperature, top_k=top_k, top_p=top_p)
             probs = torch.softmax(logits, dim=-1)  # (B, V)
             tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)

@@ -19,6 +19,18 @@ import torch
 from .ops.logprobs import allowed_set, apply_sampling_filters, pack_allowed, selective_logps, uses_token_filter
 from .errors import UserError
 
+def _cache_name() -> str:
+    """The keyword (and output field) of the decoding cache: ``cache`` in transformers >= 5.2x, where
+    ``past_key_values`` is a deprecated alias that warns on every forward; ``past_key_values`` before."""
+    try:
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return "past_key_values"
+    return "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
+
+
+CACHE_KW = _cache_name()
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

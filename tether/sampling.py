@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import decode
-from .modeling import CompletionBatch, make_batch, position_ids
+from .modeling import CACHE_KW, CompletionBatch, make_batch, position_ids
 from .ops.logprobs import apply_sampling_filters, pack_allowed, uses_token_filter
 
 
@@ -125,8 +125,8 @@ def sample(
                 last = dec.forward(step_ids, pos, 0 if t == 0 else P + t - 1)  # (b, V)
             else:
                 out = model(input_ids=step_ids, attention_mask=attn[rows, : P + t], position_ids=pos,
-                            past_key_values=past, use_cache=True)
-                past, last = out.past_key_values, out.logits[:, -1, :]
+                            use_cache=True, **{CACHE_KW: past})
+                past, last = getattr(out, CACHE_KW), out.logits[:, -1, :]
             logits = apply_sampling_filters(last.float(), temperature=temperature, top_k=top_k, top_p=top_p)
             tok = draw_tokens(torch.softmax(logits, dim=-1), rows, B, generator)  # (b,)
             live = ~done[rows]  # (b,)

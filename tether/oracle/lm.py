@@ -36,6 +36,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, GenerationMixin, Pre
                           PreTrainedTokenizerFast)
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from tether.modeling import CACHE_KW
 from tether.rewards import RewardSource
 
 from .tabular import DTYPE, TabularPolicy, TabularProblem, TabularSpace
@@ -43,8 +44,7 @@ from .tabular import DTYPE, TabularPolicy, TabularProblem, TabularSpace
 PROMPT_LOGIT = -1e4  # exp(-1e4) = 0 in every float format, and -1e4 is finite in bf16/fp16
 EOS_TEXT = "</s>"
 _PROMPT_RE = re.compile(r"<p(\d+)>")
-# transformers >= 5.2x names the decoding state ``cache`` (``past_key_values`` is a deprecated alias)
-_CACHE = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
+_CACHE = CACHE_KW  # the decoding state's name in this transformers (tether.modeling)
 
 
 # ---- the model -------------------------------------------------------------------------------------
