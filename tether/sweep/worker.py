@@ -42,9 +42,14 @@ class Evaluator:
         res = evaluate(policy, self.reference, self.ids, tokenizer=self.tok, seed=self.ev["seed"], samples_per_prompt=s,
                        max_new_tokens=self.ev["max_new_tokens"])
         flat = [t for t in self.texts for _ in range(s)]  # the engine's order: prompt-major
-        return self.score(flat, res["texts"], kl=res["estimators"]["exact"])
+        kl = torch.tensor(res["per_sequence"]["exact"])  # one exact sequence KL per sample, prompt-major
+        m, se = mean_stderr(kl, per_prompt=s)  # over prompts, like the rewards (score)
+        return self.score(flat, res["texts"], kl={"mean": m, "stderr": se})
 
     def score(self, prompts: list, completions: list, *, kl: dict) -> dict:
+        """Rewards of the evaluation's completions (prompt-major, ``samples_per_prompt`` each). Standard
+        errors are over prompts (``engine.mean_stderr(per_prompt=)``), as in the demo: one prompt's samples
+        share it and are correlated, so counting them as independent would understate the error."""
         from ..engine import mean_stderr
 
         out = {"kl": kl["mean"], "kl_stderr": kl["stderr"]}
@@ -54,7 +59,7 @@ class Evaluator:
                 continue
             sc = src(prompts, completions).float()
             scores[key] = sc.tolist()
-            m, se = mean_stderr(sc)
+            m, se = mean_stderr(sc, per_prompt=self.ev["samples_per_prompt"])
             col = key if key in ("gold", "proxy") else f"reward_{key}"
             out[f"{col}_reward" if key in ("gold", "proxy") else col] = m
             out[f"{col}_stderr"] = se
