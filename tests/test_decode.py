@@ -92,6 +92,9 @@ def test_supports_only_plain_llama(stories):
     assert supports(LlamaForCausalLM(LlamaConfig(**base)))
     with pytest.raises(ValueError, match="decoder"):
         sample(model, [[1, 2]], pad_id=0, eos_id=None, max_new_tokens=1, decoder="fast")
+    biased = LlamaForCausalLM(LlamaConfig(**base, attention_bias=True))  # forcing lean where it is not the same maths
+    with pytest.raises(ValueError, match="decoder='lean' needs a plain LlamaForCausalLM"):
+        sample(biased, [[1, 2]], pad_id=0, eos_id=None, max_new_tokens=1, decoder="lean")
 
 
 def test_builtin_backend_takes_the_decoder_option(stories):

@@ -275,7 +275,9 @@ def initial_beta_for_kl(reward_var: float, kl_target: float) -> float:
     Solving KL_target = Var/(2β²) gives β₀. It only starts the controller near the right scale: away from
     small KL the tilt changes the variance, and a run of a few dozen steps is not at its optimum."""
     if reward_var <= 0 or kl_target <= 0:
-        raise UserError(f"initial_beta_for_kl needs a reward variance > 0 and kl_target > 0, got {reward_var} and {kl_target}")
+        raise UserError(f"a starting beta from the reward's spread needs a within-prompt reward variance > 0 and "
+                        f"kl_target > 0, got {reward_var:g} and {kl_target:g}; if the reward is constant among one "
+                        f"prompt's reference samples, give the starting beta yourself (the demo's --ppo_init_beta)")
     return math.sqrt(reward_var / (2.0 * kl_target))
 
 

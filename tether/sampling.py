@@ -97,6 +97,9 @@ def sample(
         raise ValueError("max_new_tokens must be >= 1")
     if decoder not in ("auto", "hf", "lean"):
         raise ValueError(f"decoder must be 'auto', 'hf' or 'lean', got {decoder!r}")
+    if decoder == "lean" and not decode.supports(model):
+        raise ValueError(f"decoder='lean' needs a plain LlamaForCausalLM (decode.supports), got {type(model).__name__}; "
+                         "use decoder='auto' or 'hf'")
     lean = decoder == "lean" or (decoder == "auto" and decode.supports(model))
     was_training = model.training
     model.eval()
