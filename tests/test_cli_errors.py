@@ -46,6 +46,8 @@ CASES = [
     ("ppo-lr-abbreviation", "ppo --prompts {d}/p.txt --lr 1e-4", "--lr"),
     ("ppo-kl-estimator", "ppo --prompts {d}/p.txt --kl_estimator k9", "kl_estimator"),
     ("grpo-vllm-head-dim-8", "grpo --prompts {d}/p.txt --backend vllm", "backend=vllm"),
+    ("grpo-decoder-unknown", "grpo --prompts {d}/p.txt --decoder fast", "--decoder"),
+    ("grpo-decoder-with-vllm", "grpo --prompts {d}/p.txt --backend vllm --decoder hf", "backend builtin"),
     ("ppo-reward-no-module", "ppo --prompts {d}/p.txt --reward no_such_module_x:fn", "no_such_module_x"),
     ("ppo-reward-no-file", "ppo --prompts {d}/p.txt --reward {d}/nope.py:fn", "nope.py"),
     ("ppo-reward-bad-spec", "ppo --prompts {d}/p.txt --reward sentiment", "--reward"),

@@ -13,6 +13,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import f32_tol
+from tether import decode
 from tether.decode import LlamaDecoder, supports
 from tether.modeling import position_ids
 from tether.sampling import sample
@@ -112,3 +113,39 @@ def test_builtin_backend_takes_the_decoder_option(stories):
     assert torch.equal(a.input_ids, b.input_ids)
     with pytest.raises(UserError, match="decoder"):
         make_backend("builtin", model, decoder="fast")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_equals_llama_rmsnorm(dtype):
+    """decode._rms (one fused F.rms_norm) against transformers' own LlamaRMSNorm, to the bit."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    norm = LlamaRMSNorm(64, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64, generator=g))
+    x = (3 * torch.randn(5, 3, 64, generator=g)).to(dtype)
+    with torch.no_grad():
+        assert torch.equal(decode._rms(x, norm.weight, norm.variance_epsilon), norm(x))
+
+
+def test_decoder_field_reaches_the_backend_and_is_checked(stories):
+    """The sampling group's ``decoder`` (ppo/grpo/rloo, kl, bon): backend_for passes it to the builtin backend;
+    with another backend, or lean on a model that is not a Llama, the preflight refuses it naming the flag."""
+    from transformers import GPT2Config
+
+    from tether.checks import check_backend, check_backend_model
+    from tether.errors import UserError
+    from tether.generation import backend_for
+    from tether.trainers.grpo import GRPOConfig
+
+    _, model = stories
+    assert backend_for(GRPOConfig(decoder="hf"), model).decoder == "hf"
+    assert backend_for(GRPOConfig(), model).decoder == "auto"
+    with pytest.raises(UserError, match="backend builtin"):
+        backend_for(GRPOConfig(backend="vllm", decoder="lean"), model)
+    with pytest.raises(UserError, match="--decoder"):
+        check_backend("builtin", "fast")
+    with pytest.raises(UserError, match="decoder=lean .* 'gpt2'"):
+        check_backend_model("builtin", GPT2Config(), {}, decoder="lean")
+    check_backend_model("builtin", LlamaConfig(), {}, decoder="lean")  # a Llama passes the preflight

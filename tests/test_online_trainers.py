@@ -488,3 +488,81 @@ def test_two_processes_run_and_agree(stories_path, tmp_path):
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]  # written once (rank 0), not twice
     assert (out / "final" / "config.json").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# (e) one update per rollout: the update's forward replaces the scoring pass (online.scores_from_update)
+
+
+def _count_policy_forwards(monkeypatch):
+    """Counts the policy's forwards over completions (``modeling.forward_completion`` as the trainer and the
+    scorer import it); the reference's forwards go through ``reference._scored`` and are not counted."""
+    import tether.engine as engine
+    import tether.trainers.online as online
+
+    calls = []
+    for mod in (engine, online):
+        inner = mod.forward_completion
+
+        def counted(*a, _inner=inner, **k):
+            calls.append(1)
+            return _inner(*a, **k)
+
+        monkeypatch.setattr(mod, "forward_completion", counted)
+    return calls
+
+
+SAME_TRAJECTORY = ["kl/ref", "kl/penalty", "kl/ref_token_mean", "policy/entropy", "reward/score", "opt/grad_norm",
+                   "gen/response_len"]
+
+
+@pytest.mark.parametrize("method,kw", [
+    ("grpo", dict(grad_accum=2)),  # advantages from rewards alone: any micro-batching
+    ("grpo", dict(kl_estimator="exact", kl_clamp_output=0.05)),  # reference logits in the loss; a clamp that bites
+    ("rloo", dict()),  # KL in the reward: prepared inside the update (one micro-batch)
+])
+def test_scores_from_update_match_the_scoring_pass(method, kw, stories_path, tmp_path, monkeypatch):
+    """With one update per rollout the update's forward is π_old's: the trajectory (every metric of every
+    step, and the final weights) equals the one with a separate scoring pass to float rounding, the ratio is
+    exactly 1 (clipfrac and approx_kl_old exactly 0), and the step runs one policy forward fewer per
+    micro-batch. Tolerance: the two paths run the same forward on the same rows and differ only in float
+    summation order (batch shape), ~1e-6 relative on these magnitudes; a step that used the wrong rows or a
+    stale π_old would move the metrics by far more (the step changes kl/ref by ~1e-2)."""
+    cls, train = (GRPOConfig, train_grpo) if method == "grpo" else (RLOOConfig, train_rloo)
+    runs = {}
+    for on in (False, True):
+        calls = _count_policy_forwards(monkeypatch)
+        cfg = _cfg(cls, stories_path, tmp_path, f"{method}{on}", max_steps=3, eval_every=0, samples_per_prompt=4,
+                   score_from_update=on, **kw)
+        res = train(cfg, prompts=PROMPTS)
+        runs[on] = (res, len(calls))
+        monkeypatch.undo()
+    (off, n_off), (on, n_on) = runs[False], runs[True]
+    micro = 16 // kw.get("grad_accum", 1)
+    assert n_off - n_on == 3 * (16 // micro)  # one policy forward fewer per micro-batch of each of 3 steps
+    for a, b in zip(off["history"], on["history"]):
+        for k in SAME_TRAJECTORY:
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)
+        assert b["ppo/clipfrac"] == 0.0 and b["ppo/approx_kl_old"] == 0.0  # π_θ/π_old ≡ 1 exactly
+    assert off["history"][-1]["kl/ref"] > 1e-3  # the run moved: the comparison is not of two idle runs
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(Path(off["final"]) / "model.safetensors"), load_file(Path(on["final"]) / "model.safetensors")
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], atol=1e-5, rtol=1e-4)
+
+
+def test_scores_from_update_only_when_exact(stories_path, tmp_path):
+    """The pass is skipped only with one update per rollout, and for a method whose advantages read the
+    scores (RLOO) only when the rollout is one micro-batch."""
+    from tether.trainers.online import scores_from_update
+    from tether.trainers.rloo import RLOO
+
+    def check(cls, method, **kw):
+        cfg = _cfg(cls, stories_path, tmp_path, "x", samples_per_prompt=4, **kw)
+        return scores_from_update(cfg, method, derive_sizes(cfg, Dist()), None)
+
+    assert check(GRPOConfig, GRPO) and check(GRPOConfig, GRPO, grad_accum=4)
+    assert not check(GRPOConfig, GRPO, num_epochs=2) and not check(GRPOConfig, GRPO, num_minibatches=2)
+    assert not check(GRPOConfig, GRPO, score_from_update=False)
+    assert check(RLOOConfig, RLOO) and not check(RLOOConfig, RLOO, grad_accum=2)

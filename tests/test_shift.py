@@ -4,6 +4,7 @@ changes nothing and for a model against itself, teacher-forced sums against a br
 computation on the real stories260K, a monotone prefix search, token alignment of the remapped
 reference against an unpadded brute force, the command end to end, and a GRPO run with the remedy."""
 
+import copy
 import json
 import math
 
@@ -100,7 +101,7 @@ def test_prompt_mapped_reference_aligns_completion_tokens(stories):
     enc = lambda ts: [tok(t)["input_ids"] for t in ts]  # noqa: E731
     pm = transformed_prompt_map(strip_prefix("JAILBREAK"), texts, ids, enc)
     assert pm(ids[0]) == tok(PROMPTS[0])["input_ids"] and pm([1, 5]) == [1, 5]  # unknown prompts unchanged
-    ref = PromptMappedReference(FrozenReference(model), pm, pad_id=tok.pad_token_id)
+    ref = PromptMappedReference(FrozenReference(copy.deepcopy(model)), pm, pad_id=tok.pad_token_id)  # (freezing the shared model would leak)
     smp = generate(model, ids, tokenizer=tok, max_new_tokens=6, seed=3)
     sc = score(model, ref, smp, estimators=("k1", "k3", "exact"))
     for i in range(len(ids)):

@@ -298,9 +298,10 @@ def preflight_online(cfg) -> None:
     _at_least(cfg, "eval_max_prompts", 1)
     _at_least(cfg, "eval_samples", 1)
     _at_least(cfg, "max_prompt_length", 1)
+    check_backend(cfg.backend, cfg.decoder)
     path, config = check_model(cfg.model, assets=cfg.assets)
     check_backend_model(getattr(cfg, "backend", "builtin"), config,
-                        {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p})
+                        {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}, decoder=cfg.decoder)
     tok = _tokenizer(path)
     prompts = check_prompts_file(cfg.prompts, tokenizer=tok, cfg=cfg)
     eval_prompts = check_prompts_file(cfg.eval_prompts, field="eval_prompts", tokenizer=tok, cfg=cfg) if cfg.eval_prompts else []
@@ -370,17 +371,26 @@ def preflight_sft(cfg) -> None:
     check_context(config, need=cfg.max_length, fields=f"max_length ({cfg.max_length})", spec=cfg.model)
 
 
-def check_backend(name: str) -> None:
-    """The sampling group's ``backend`` names a generation backend (tether.generation)."""
+def check_backend(name: str, decoder: str = "auto") -> None:
+    """The sampling group's ``backend`` names a generation backend (tether.generation), and its
+    ``decoder`` is one the builtin backend has (only the builtin backend takes one)."""
     from .generation import BACKEND_NAMES
 
     if name not in BACKEND_NAMES:
         raise UserError(f"backend={name!r} is not a generation backend; set --backend to one of {', '.join(BACKEND_NAMES)}")
+    if decoder not in ("auto", "hf", "lean"):
+        raise UserError(f"decoder={decoder!r} is not a decoder; set --decoder to auto, hf or lean")
+    if decoder != "auto" and name != "builtin":
+        raise UserError(f"decoder={decoder!r} applies to backend builtin only; drop --decoder or set --backend builtin")
 
 
-def check_backend_model(backend: str, config, sampling: dict) -> None:
+def check_backend_model(backend: str, config, sampling: dict, *, decoder: str = "auto") -> None:
     """backend=vllm: the model's head size and the sampling filters (``tether.backends.vllm``), before
-    any weights load; nothing to check for the built-in sampler."""
+    any weights load; the built-in sampler: decoder=lean only on a Llama (``decode.supports`` then
+    checks the loaded model itself)."""
+    if decoder == "lean" and getattr(config, "model_type", None) != "llama":
+        raise UserError(f"decoder=lean runs a plain Llama's decode step; this model is {getattr(config, 'model_type', '?')!r}: "
+                        "set --decoder auto or hf")
     if backend != "vllm":
         return
     from .backends.vllm import check_model as check_vllm_model, check_settings
@@ -401,9 +411,10 @@ def preflight_sampling(*, model: str, model_field: str, prompts_path: Optional[s
         raise UserError(f"temperature={temperature} must be > 0 (a small value samples near-greedily); set --temperature")
     if not 0.0 < top_p <= 1.0:
         raise UserError(f"top_p={top_p} must lie in (0, 1] (1 = off); set --top_p")
-    check_backend(getattr(cfg, "backend", "builtin"))
+    check_backend(getattr(cfg, "backend", "builtin"), getattr(cfg, "decoder", "auto"))
     path, config = check_model(model, field=model_field, assets=assets)
-    check_backend_model(getattr(cfg, "backend", "builtin"), config, {"temperature": temperature, "top_k": top_k, "top_p": top_p})
+    check_backend_model(getattr(cfg, "backend", "builtin"), config, {"temperature": temperature, "top_k": top_k, "top_p": top_p},
+                        decoder=getattr(cfg, "decoder", "auto"))
     prompts = check_prompts_file(prompts_path, tokenizer=_tokenizer(path), cfg=cfg)
     longest = _longest_prompt(path, prompts)
     check_context(config, need=longest + max_new_tokens, model_field=model_field, spec=model,

@@ -183,6 +183,34 @@ class Scores:
         return seq_sum(self.kl_exact if name == "exact" and name not in self.kl else self.kl[name], self.mask)
 
 
+def score_rows(logits: torch.Tensor, ref_logits: torch.Tensor, b: CompletionBatch, *, estimators: Sequence[str],
+               clamp_input: Optional[float] = None, clamp_output: Optional[float] = None) -> dict:
+    """The per-token scores of rows ``b`` from the policy's and the reference's logits (b, T, V) of the
+    sampled distribution (both already tempered and restricted, as ``score`` computes them): ``logps``,
+    ``ref_logps``, ``kl_exact``, ``entropy`` and ``kl/<name>`` (plus ``clamped/<name>`` when a clamp is set),
+    each (b, T) and 0 off-mask. ``score`` runs it on a no-grad pass; the online update runs it on the
+    detached logits of its own forward when that forward is the behaviour policy's (one update per
+    rollout: ``online.scores_from_update``), so both compute the same numbers the same way."""
+    clamps = {"clamp_input": clamp_input, "clamp_output": clamp_output}
+    clamping = clamp_input is not None or clamp_output is not None
+    ids, mask = b.completion_ids, b.mask
+    logps = selective_logps(logits, ids).masked_fill(~mask, 0.0)  # (b, T)
+    ref_logps = selective_logps(ref_logits, ids).masked_fill(~mask, 0.0)  # (b, T)
+    exact = kl_per_token(logps, ref_logps, mask, estimator="exact", logits=logits, ref_logits=ref_logits).per_token
+    row = {"logps": logps, "ref_logps": ref_logps, "kl_exact": exact,
+           "entropy": entropy_from_logits(logits).masked_fill(~mask, 0.0)}
+    for name in estimators:
+        if name == "exact" and clamp_output is None:  # the same values (clamp_input does not apply to exact)
+            est, clamped = exact, torch.zeros_like(mask)
+        else:
+            kt = kl_per_token(logps, ref_logps, mask, estimator=name, logits=logits, ref_logits=ref_logits, **clamps)
+            est, clamped = kt.per_token, kt.clamped
+        row[f"kl/{name}"] = est
+        if clamping:
+            row[f"clamped/{name}"] = clamped
+    return row
+
+
 @torch.no_grad()
 def score(
     policy, reference, samples: Union[Samples, CompletionBatch], *, sampling: Optional[dict] = None,
@@ -215,7 +243,6 @@ def score(
     if unknown:
         raise ValueError(f"unknown estimators {unknown}; choose from {ESTIMATOR_NAMES}")
     want_hidden = value_model is not None and value_model.needs_policy_hidden
-    clamps = {"clamp_input": clamp_input, "clamp_output": clamp_output}
     clamping = clamp_input is not None or clamp_output is not None
     B = batch.mask.shape[0]
     parts: dict[str, list] = {}
@@ -226,21 +253,8 @@ def score(
             if uses_token_filter(f) and b.allowed is None:
                 b = with_allowed(b, logits)  # not a sampler batch: restrict the reference to the policy's sets
             ref_logits = reference.logits(b, filters=f).to(logits.device)  # (b, T, V) π^{τ,F}_ref, eval mode
-            ids, mask = b.completion_ids, b.mask
-            logps = selective_logps(logits, ids).masked_fill(~mask, 0.0)  # (b, T)
-            ref_logps = selective_logps(ref_logits, ids).masked_fill(~mask, 0.0)  # (b, T)
-            exact = kl_per_token(logps, ref_logps, mask, estimator="exact", logits=logits, ref_logits=ref_logits).per_token
-            row = {"logps": logps, "ref_logps": ref_logps, "kl_exact": exact,
-                   "entropy": entropy_from_logits(logits).masked_fill(~mask, 0.0)}
-            for name in estimators:
-                if name == "exact" and clamp_output is None:  # the same values (clamp_input does not apply to exact)
-                    est, clamped = exact, torch.zeros_like(mask)
-                else:
-                    kt = kl_per_token(logps, ref_logps, mask, estimator=name, logits=logits, ref_logits=ref_logits, **clamps)
-                    est, clamped = kt.per_token, kt.clamped
-                row[f"kl/{name}"] = est
-                if clamping:
-                    row[f"clamped/{name}"] = clamped
+            row = score_rows(logits, ref_logits, b, estimators=estimators, clamp_input=clamp_input,
+                             clamp_output=clamp_output)
             if value_model is not None:
                 row["values"] = value_model.values(b, policy_hidden=hidden)
             for k, v in row.items():

@@ -112,6 +112,16 @@ def register_backend(name: str, factory: Union[Callable, str]) -> None:
     BACKEND_NAMES = tuple(_FACTORIES)
 
 
+def backend_for(cfg, model) -> GenerationBackend:
+    """The backend a config's sampling group names (``backend``, and ``decoder`` for the builtin one)."""
+    decoder = getattr(cfg, "decoder", "auto")
+    if cfg.backend == "builtin":
+        return make_backend("builtin", model, decoder=decoder)
+    if decoder != "auto":
+        raise UserError(f"decoder={decoder!r} applies to backend builtin only; drop --decoder or set --backend builtin")
+    return make_backend(cfg.backend, model)
+
+
 def make_backend(name: str, model, **options) -> GenerationBackend:
     """The backend called ``name`` (the sampling group's ``backend`` field) sampling from ``model``."""
     if name not in _FACTORIES:

@@ -32,6 +32,8 @@ class SamplingConfig:
     """Nucleus sampling mass (1.0 = off)."""
     backend: str = "builtin"
     """Generation backend (tether.generation): builtin (tether's KV-cache sampler) | vllm (optional colocated vLLM engine)."""
+    decoder: str = "auto"
+    """Decode step of the builtin backend: auto (tether's lean step for a plain Llama, else the model's own forward) | hf (the model's own forward) | lean (plain Llama only)."""
 
 
 @config_group("reference", prefixes=("reference", "ref"))

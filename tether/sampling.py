@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import decode
+from .errors import UserError
 from .modeling import CACHE_KW, CompletionBatch, make_batch, position_ids
 from .ops.logprobs import apply_sampling_filters, pack_allowed, uses_token_filter
 
@@ -98,8 +99,8 @@ def sample(
     if decoder not in ("auto", "hf", "lean"):
         raise ValueError(f"decoder must be 'auto', 'hf' or 'lean', got {decoder!r}")
     if decoder == "lean" and not decode.supports(model):
-        raise ValueError(f"decoder='lean' needs a plain LlamaForCausalLM (decode.supports), got {type(model).__name__}; "
-                         "use decoder='auto' or 'hf'")
+        raise UserError(f"decoder='lean' needs a plain LlamaForCausalLM (decode.supports), got {type(model).__name__}; "
+                         "set --decoder auto or hf")
     lean = decoder == "lean" or (decoder == "auto" and decode.supports(model))
     was_training = model.training
     model.eval()

@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     results = best_of_n_curve(
         model, tok, prompts, ns=ns, reward=cfg.reward, gold=list(cfg.gold), kl_samples=cfg.kl_samples,
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-        batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress,
+        batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress, decoder=cfg.decoder,
     )
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ from ..errors import UserError
 from ..groups import SamplingConfig
 from ..data.prompts import load_prompts, prompt_options
 from ..measure import encode_prompts
-from ..generation import make_backend
+from ..generation import backend_for
 from ..modeling import check_compatible, load_causal_lm, load_tokenizer
 from ..reference import FrozenReference
 from ..runs import seed_everything
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
         policy, reference, prompts, tokenizer=tok, samples_per_prompt=args.samples, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, seed=args.seed,
         sampling={"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}, progress=True,
-        by_position=args.by_position, backend=make_backend(args.backend, policy),
+        by_position=args.by_position, backend=backend_for(args, policy),
     )
     print(format_table(result))
     if args.json:

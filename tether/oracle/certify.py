@@ -389,6 +389,11 @@ def trainer_rows(suite: Suite) -> list:
         expected="biased: reaches local_kl_optimum(βG/(G-1))", target="local_kl_optimum", target_policy=local)
     add("grpo_k3_is", "grpo", "k3 in loss x π/π_old, centred adv.", config=grpo(kl_estimator="k3", kl_placement="loss_is"),
         expected="biased: reaches local_kl_optimum(βG/(G-1))", target="local_kl_optimum", target_policy=local)
+    add("grpo_k3_one_update", "grpo", "k3 in loss, centred adv., one update per rollout (the update's forward scores)",
+        config=grpo(kl_estimator="k3", num_epochs=1, learning_rate=0.1),
+        expected="biased: reaches forward_kl_optimum(βG/(G-1))", target="forward_kl_optimum", target_policy=fwd,
+        extra_config={"why": "μ = 1: π_old, the KL and the entropy come from the update's own forward, with no scoring "
+                             "pass (online.scores_from_update); the target is the μ = 2 row's"})
     add("grpo_deepseekmath", "grpo", "k3 in loss, std-scaled adv., seq_mean_token_mean (defaults)",
         config=grpo(kl_estimator="k3", scale_rewards=True, loss_aggregation="seq_mean_token_mean"),
         expected="biased: reaches grpo_fixed_point (E[A|y]/|y| reward, 1/|y|-weighted forward-KL backup)",

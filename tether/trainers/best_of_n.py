@@ -30,6 +30,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ..engine import generate_batches, mean_stderr
+from ..generation import BuiltinBackend
 from ..measure import encode_prompts
 from ..ops.best_of_n import best_of_n_kl_estimate
 from ..ops.best_of_n import best_of_n_kl_bound
@@ -74,14 +75,14 @@ def sample_and_score(
     model, tokenizer, prompts: Sequence[str], *, samples: int, reward: RewardLike, gold: GoldLike = (),
     max_new_tokens: int = 32, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, batch_size: int = 64,
     seed: int = 0, max_prompt_length: Optional[int] = None, progress: bool = False,
-    prompt_ids: Optional[Sequence[Sequence[int]]] = None,
+    prompt_ids: Optional[Sequence[Sequence[int]]] = None, decoder: str = "auto",
 ) -> dict:
     """Draw ``samples`` completions per prompt from ``model`` (``engine.generate_batches``: the
     sampler and decoding every loop uses) and score every one.
 
     ``prompt_ids`` (optional) are the token ids to sample after, one list per prompt, when the
     prompts were cut from token sequences (their text need not re-tokenise to the same ids);
-    default: ``prompts`` tokenised.
+    default: ``prompts`` tokenised. ``decoder``: the built-in sampler's decode step (auto | hf | lean).
 
     ``prompts`` may be ``tether.data.prompts.Prompt`` rows (conversational prompts, extra columns):
     each is sampled after its ``text`` and its columns reach the reward functions
@@ -105,7 +106,7 @@ def sample_and_score(
     texts = [t for smp in generate_batches(
         model, ids, tokenizer=tokenizer, sampling={"temperature": temperature, "top_k": top_k, "top_p": top_p},
         max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, samples_per_prompt=samples, progress=progress,
-        desc="best-of-n sampling") for t in smp.completions]
+        desc="best-of-n sampling", backend=BuiltinBackend(model, decoder=decoder)) for t in smp.completions]
     keys = sorted({(flat[r], texts[r]) for r in range(len(flat))})  # unique (prompt, completion)
     where = {k: j for j, k in enumerate(keys)}
     u_prompts, u_texts = [prompts[p] for p, _ in keys], [t for _, t in keys]

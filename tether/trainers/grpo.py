@@ -103,7 +103,8 @@ def validate(cfg: GRPOConfig) -> None:
 
 
 GRPO = OnlineMethod(name="grpo", prepare=prepare, loss=loss, validate=validate,
-                    needs_ref_logits=lambda cfg: cfg.kl_estimator == "exact")
+                    needs_ref_logits=lambda cfg: cfg.kl_estimator == "exact",
+                    prepare_reads_scores=lambda cfg: False)  # advantages from the rewards alone
 
 
 def train_grpo(cfg: GRPOConfig, **kwargs) -> dict:

@@ -51,8 +51,8 @@ from ..data.text import batch_indices
 from ..diagnostics.hacking import HackingMonitor
 from ..distributed import Dist
 from ..engine import evaluate as evaluate_kl
-from ..engine import mean_stderr, sampling_settings
-from ..generation import make_backend
+from ..engine import mean_stderr, sampling_settings, score_rows
+from ..generation import backend_for
 from ..measure import encode_prompts
 from ..modeling import CompletionBatch
 from ..ops.kl import ESTIMATOR_NAMES, kl_loss_term
@@ -69,7 +69,7 @@ from ..training import (
 )
 from ..modeling import forward_completion
 from ..value import build_value_model
-from .rollout import Rollout, collect_rollout, rollout_stats
+from .rollout import Rollout, collect_rollout, fill_scores, rollout_stats
 from ..errors import UserError
 from ..fsdp import models_of, shard_reference, unsharded
 
@@ -135,6 +135,8 @@ class OnlineConfig(TrainConfig, BetaConfig, SamplingConfig, OnlineReferenceConfi
     """Passes over each rollout (PPO epochs; GRPO's μ). Epochs after the first are off-policy (ratio ≠ 1)."""
     num_minibatches: int = 1
     """Optimiser updates per epoch; each process's rollout must divide into them (and each into grad_accum micro-batches)."""
+    score_from_update: bool = True
+    """With one update per rollout (num_epochs = num_minibatches = 1), take π_old's log-probs, the KLs and the entropy from the update's own forward instead of a separate scoring pass of the policy (exact: the weights are π_old's until the step; TRL does the same). RLOO and PPO need one micro-batch per rollout for it (grad_accum=1); false keeps the pass."""
     clip_eps: float = 0.2
     """ε of the clipped surrogate min(ρA, clip(ρ, 1-ε, 1+ε)A) (PPO Eq. 7)."""
     loss_aggregation: str = "token_mean"
@@ -258,6 +260,9 @@ class OnlineMethod:
         update's loss (divided by the global ``counts``) and token-mean stats; pure (no model call).
     needs_ref_logits(cfg) -> bool: the loss needs the reference's full distributions (the exact
         estimator); the loop then fetches them once per rollout.
+    prepare_reads_scores(cfg) -> bool: ``prepare`` reads the models' scores of the rollout (the KL in
+        the reward, values), not only the rewards; decides when the scoring pass can be skipped
+        (``scores_from_update``).
     validate(cfg) raises on invalid settings. make_aux (optional, PPO-ptx) builds an extra term
     ``aux(policy, update_index, dist) -> stats`` that backpropagates itself.
     """
@@ -268,6 +273,7 @@ class OnlineMethod:
     validate: Callable = lambda cfg: None
     uses_value_model: Callable = lambda cfg: False
     needs_ref_logits: Callable = lambda cfg: False
+    prepare_reads_scores: Callable = lambda cfg: True
     make_aux: Optional[Callable] = None
 
 
@@ -324,11 +330,33 @@ def rollout_ref_logits(reference, ro: Rollout, *, chunk: int, filters: dict) -> 
     return torch.cat(parts).to(ro.mask.device)
 
 
+def scores_from_update(cfg: OnlineConfig, method: OnlineMethod, sizes: Sizes, value_model) -> bool:
+    """True when the update's own forward replaces the rollout's scoring pass of the policy, exactly.
+
+    With one update per rollout (num_epochs = num_minibatches = 1) every micro-batch's forward runs on
+    the behaviour policy's weights (the only optimiser step comes after all of them), in the same mode
+    (eval, or train with every dropout at 0 under gradient checkpointing) and with the same sampling
+    filters, so its detached log-probs *are* log π_old: the ratio is exactly 1, as TRL takes it when
+    num_iterations = 1, and the KL and entropy are those the scoring pass computes (``engine.score_rows``
+    on both paths; float rounding of the batch shape apart). The reference is then scored micro-batch by
+    micro-batch inside the update, so a step runs one policy forward fewer. A method whose advantages
+    read the scores (RLOO, PPO: the KL in the reward) needs all of them before its loss, which the update
+    has only when the rollout is one micro-batch; a value model keeps the pass."""
+    return (cfg.score_from_update and cfg.num_epochs == 1 and cfg.num_minibatches == 1 and value_model is None
+            and (not method.prepare_reads_scores(cfg) or sizes.micro == sizes.rollout))
+
+
 def optimise(policy, value_model, opt, params: list, value_params: list, ro: Rollout, prep: Prepared,
              method: OnlineMethod, *, cfg, beta: float, sizes: Sizes, dist: Dist, ref_logits: Optional[torch.Tensor],
-             step: int, aux=None, guard: Optional[StepGuard] = None) -> tuple[dict, dict, list]:
+             step: int, aux=None, guard: Optional[StepGuard] = None,
+             reference=None) -> tuple[dict, dict, list, Prepared]:
     """``num_epochs`` passes of ``num_minibatches`` optimiser updates over the rollout.
-    Returns (stat sums, stat counts, policy grad norms); stops early past ``target_kl_old``.
+    Returns (stat sums, stat counts, policy grad norms, prep); stops early past ``target_kl_old``.
+
+    A ``pending`` rollout (``scores_from_update``) is scored here: each micro-batch's reference forward,
+    then its policy forward, whose detached output fills the rollout (``rollout.fill_scores``) before the
+    loss reads it; ``prep`` None means the advantages read those scores and are prepared then (the
+    rollout is one micro-batch).
 
     Policy and value parameters are clipped separately: with one joint clip a large value loss
     (returns of a few nats once β·KL grows) would shrink the policy's step, and Adam's second-moment
@@ -342,7 +370,7 @@ def optimise(policy, value_model, opt, params: list, value_params: list, ro: Rol
         perm = torch.randperm(B, generator=seeded(cfg.seed, step, epoch, dist.rank, 2))
         for m in range(cfg.num_minibatches):
             rows = perm[m * sizes.minibatch : (m + 1) * sizes.minibatch]
-            mb, mb_prep = ro.select(rows), prep.select(rows)
+            mb, mb_prep = ro.select(rows), prep.select(rows) if prep is not None else None
             mb_ref = ref_logits[rows] if ref_logits is not None else None
             n = Counts(tokens=dist.sum_float(mb.mask.sum()), seqs=dist.sum_float(mb.mask.shape[0]))
             kl_old = [0.0, 0.0]
@@ -350,8 +378,25 @@ def optimise(policy, value_model, opt, params: list, value_params: list, ro: Rol
             for j in range(0, sizes.minibatch, sizes.micro):
                 part = slice(j, j + sizes.micro)
                 micro = mb.select(part)
-                out = policy_output(policy, value_model, micro.batch, filters=filters)
-                x = loss_inputs(out, micro, mb_prep.select(part), mb_ref[part] if mb_ref is not None else None)
+                micro_ref = mb_ref[part] if mb_ref is not None else None
+                if ro.pending:  # score here: reference, then the policy forward that also takes the gradient
+                    with torch.no_grad():
+                        micro_ref = reference.logits(micro.batch, filters=filters)  # (b, T, V) π^{τ,F}_ref
+                    out = policy_output(policy, value_model, micro.batch, filters=filters)
+                    micro_ref = micro_ref.to(out.logits.device)
+                    fill_scores(ro, rows[part], score_rows(out.logits.detach(), micro_ref, micro.batch,
+                                                           estimators=(cfg.kl_estimator,), clamp_input=cfg.kl_clamp_input,
+                                                           clamp_output=cfg.kl_clamp_output), cfg=cfg)
+                    micro = ro.select(rows[part])
+                    if mb_prep is None:  # advantages read the scores: the rollout is this one micro-batch
+                        prep = method.prepare(scores=ro.scores, kl_tokens=ro.kl_tokens, mask=ro.mask, values=None,
+                                              cfg=cfg, beta=beta)
+                        mb_prep = prep.select(rows)
+                    if not method.needs_ref_logits(cfg):
+                        micro_ref = None
+                else:
+                    out = policy_output(policy, value_model, micro.batch, filters=filters)
+                x = loss_inputs(out, micro, mb_prep.select(part), micro_ref)
                 loss, stats = method.loss(x, cfg=cfg, beta=beta, counts=n)
                 loss.backward()
                 loss_sum += float(loss.detach())
@@ -381,8 +426,9 @@ def optimise(policy, value_model, opt, params: list, value_params: list, ro: Rol
                 # every process must take the same decision (CleanRL's target_kl, per minibatch).
                 t = dist.sum(torch.tensor(kl_old, dtype=torch.float64))
                 if float(t[0] / t[1].clamp(min=1)) > cfg.target_kl_old:
-                    return sums, counts, norms
-    return sums, counts, norms
+                    return sums, counts, norms, prep
+    ro.pending = False
+    return sums, counts, norms, prep
 
 
 # --------------------------------------------------------------------------------------------------
@@ -649,8 +695,9 @@ def train_online(
               eval_prompts=eval_prompts, resume=resume)
     s.eval_hook = eval_hook
     cfg = s.cfg  # max_steps as setup derived it (epochs)
-    backend = make_backend(cfg.backend, s.policy)  # tether.generation: builtin | vllm
+    backend = backend_for(cfg, s.policy)  # tether.generation: builtin (decoder auto | hf | lean) | vllm
     G, dist = cfg.samples_per_prompt, s.dist
+    in_update = scores_from_update(cfg, s.method, s.sizes, s.value_model)  # no separate scoring pass of the policy
     if s.step == 0 and cfg.eval_every:  # the starting point (KL 0) of the reward-KL curve
         s.run.log(0, s.evaluate())
     bar = progress_bar(cfg.max_steps, s.step, enabled=cfg.progress and dist.is_main, desc=s.method.name)
@@ -665,21 +712,24 @@ def train_online(
         with unsharded(*models_of(s.policy, s.reference)):  # fsdp: full weights to sample (ranks stop at different lengths)
             ro = collect_rollout(s.policy, s.reference, s.value_model, s.rewards, s.tok, p_texts, p_ids, cfg=cfg,
                                  generator=seeded(cfg.seed, s.step, dist.rank, 1), chunk=s.sizes.micro, device=dist.device,
-                                 prompt_rows=p_rows, backend=backend)
-        # 3. advantages (method-specific, pure)
-        prep = s.method.prepare(scores=ro.scores, kl_tokens=ro.kl_tokens, mask=ro.mask, values=ro.values, cfg=cfg, beta=beta)
+                                 prompt_rows=p_rows, backend=backend, score_models=not in_update)
+        # 3. advantages (method-specific, pure); when they read scores the update has yet to compute, there
+        prep = None if in_update and s.method.prepare_reads_scores(cfg) else \
+            s.method.prepare(scores=ro.scores, kl_tokens=ro.kl_tokens, mask=ro.mask, values=ro.values, cfg=cfg, beta=beta)
+        ref_logits = None
+        if s.method.needs_ref_logits(cfg) and not in_update:
+            with unsharded(*models_of(s.reference)):
+                ref_logits = rollout_ref_logits(s.reference, ro, chunk=s.sizes.micro, filters=_filters(cfg))
+        # 4. epochs x minibatches of updates
+        lr = s.sched.get_last_lr()[0]
+        u_sums, u_counts, norms, prep = optimise(s.policy, s.value_model, s.opt, s.params, s.value_params, ro, prep,
+                                                 s.method, cfg=cfg, beta=beta, sizes=s.sizes, dist=dist,
+                                                 ref_logits=ref_logits, step=s.step, aux=s.aux, guard=s.guard,
+                                                 reference=s.reference)
         sums, counts = rollout_stats(ro, beta=beta)
         n_tok = float(ro.mask.sum())
         for k, v in prep.stats.items():
             sums[k], counts[k] = float(v) * n_tok, n_tok
-        with unsharded(*models_of(s.reference)):
-            ref_logits = rollout_ref_logits(s.reference, ro, chunk=s.sizes.micro, filters=_filters(cfg)) \
-                if s.method.needs_ref_logits(cfg) else None
-        # 4. epochs x minibatches of updates
-        lr = s.sched.get_last_lr()[0]
-        u_sums, u_counts, norms = optimise(s.policy, s.value_model, s.opt, s.params, s.value_params, ro, prep, s.method,
-                                           cfg=cfg, beta=beta, sizes=s.sizes, dist=dist, ref_logits=ref_logits,
-                                           step=s.step, aux=s.aux, guard=s.guard)
         step_schedule(s.sched)
         backend.update_weights(s.policy)  # the next rollout samples the updated policy (no-op for builtin)
         s.step += 1

@@ -6,7 +6,9 @@ completion per (repeated) prompt from the policy with a KV cache (``engine.gener
 tokens after it are masked out; the text each completion adds to its prompt), the optimised score
 (optional no-EOS penalty) and the logged rewards, then one no-grad pass per micro-batch through
 policy, reference and value model (``engine.score``) for ``old_logps``, ``ref_logps``, the per-token
-KL (the method's estimator and the exact one), entropy and values. ``rollout_stats`` turns a rollout
+KL (the method's estimator and the exact one), entropy and values — or, with one update per rollout
+(``online.scores_from_update``), no scoring pass: the update's own forward fills those fields
+(``fill_scores``). ``rollout_stats`` turns a rollout
 into the fixed ``kl/*``, ``reward/*`` and ``gen/*`` metrics as (sum, count) pairs for one global
 reduction.
 """
@@ -48,6 +50,7 @@ class Rollout:
     entropy: torch.Tensor  # (B, T) entropy of the sampled distribution
     values: Optional[torch.Tensor] = None  # (B, T) V(s_t) at rollout (PPO)
     kl_clamped: Optional[torch.Tensor] = None  # (B, T) bool: kl_tokens clamped (kl_clamp_input/output set)
+    pending: bool = False  # True: old_logps .. kl_clamped are None until the update's own forward fills them (fill_scores)
 
     @property
     def mask(self) -> torch.Tensor:
@@ -67,7 +70,7 @@ class Rollout:
                 v = {k: t[idx] for k, t in v.items()}
             elif isinstance(v, list):
                 v = [v[i] for i in rows]
-            out[f.name] = v
+            out[f.name] = v  # (anything else, e.g. pending, is shared as is)
         return Rollout(**out)
 
 
@@ -84,13 +87,17 @@ def apply_no_eos_penalty(scores: torch.Tensor, no_eos: torch.Tensor, penalty: Op
 def collect_rollout(
     policy, reference, value_model, rewards: RewardSet, tok, prompt_texts: Sequence[str], prompt_ids: Sequence[list],
     *, cfg: "OnlineConfig", generator: torch.Generator, chunk: int, device, prompt_rows: Optional[Sequence] = None,
-    backend=None,
+    backend=None, score_models: bool = True,
 ) -> Rollout:
     """Sample one completion per (repeated) prompt, score it, and score it under every model
     (``engine.generate`` + ``engine.score``, ``chunk`` rows per scoring pass). ``prompt_rows``: each
     sample's ``Prompt`` (its dataset row), whose columns, with the completion ids, reach the reward
     functions (``rewards.reward_columns``). ``backend``: the ``tether.generation`` backend that samples
-    (default: the built-in sampler on ``policy``)."""
+    (default: the built-in sampler on ``policy``).
+
+    ``score_models=False`` skips the scoring pass: the rollout comes back ``pending``, its model fields
+    None, and the update fills them from its own forward (``fill_scores``; ``online.scores_from_update``
+    says when that is exact)."""
     sampling = {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}
     smp = generate(policy, prompt_ids, tokenizer=tok, sampling=sampling, max_new_tokens=cfg.max_new_tokens,
                    generator=generator, device=device, backend=backend)
@@ -98,16 +105,35 @@ def collect_rollout(
     columns = reward_columns(prompt_rows, [ids[i][m].tolist() for i, m in enumerate(smp.batch.mask.cpu())])
     scores, reward_metrics = rewards(list(prompt_texts), smp.completions, **columns)  # (B,), {"reward/<name>": (B,)}
     scores = apply_no_eos_penalty(scores.to(device), smp.no_eos, cfg.no_eos_penalty)
+    common = dict(batch=smp.batch, prompts=list(prompt_texts), completions=smp.completions, no_eos=smp.no_eos,
+                  scores=scores, reward_metrics={k: v.to(device) for k, v in reward_metrics.items()})
+    if not score_models:
+        return Rollout(**common, old_logps=None, ref_logps=None, kl_tokens=None, kl_exact=None, entropy=None, pending=True)
     sc = score(policy, reference, smp, estimators=(cfg.kl_estimator,), chunk=chunk, value_model=value_model,
                clamp_input=cfg.kl_clamp_input, clamp_output=cfg.kl_clamp_output)
     from .online import beta_weights  # (online imports this module)
 
     kl_tokens = weight_by_position(sc.kl[cfg.kl_estimator], beta_weights(cfg, smp.batch.mask))  # (B, T) w_t·kl_t
-    return Rollout(batch=smp.batch, prompts=list(prompt_texts), completions=smp.completions, no_eos=smp.no_eos,
-                   scores=scores, reward_metrics={k: v.to(device) for k, v in reward_metrics.items()},
-                   old_logps=sc.logps, ref_logps=sc.ref_logps, kl_tokens=kl_tokens, kl_exact=sc.kl_exact,
+    return Rollout(**common, old_logps=sc.logps, ref_logps=sc.ref_logps, kl_tokens=kl_tokens, kl_exact=sc.kl_exact,
                    entropy=sc.entropy, values=sc.values,
                    kl_clamped=sc.kl_clamped[cfg.kl_estimator] if sc.kl_clamped is not None else None)
+
+
+def fill_scores(ro: Rollout, rows: torch.Tensor, scored: dict, *, cfg: "OnlineConfig") -> None:
+    """Write ``engine.score_rows``'s output for the rollout rows ``rows`` (b,) into a pending rollout ``ro``,
+    in place: the same fields ``collect_rollout`` would have computed in its scoring pass."""
+    from .online import beta_weights
+
+    mask = ro.mask[rows]
+    est = cfg.kl_estimator
+    values = {"old_logps": scored["logps"], "ref_logps": scored["ref_logps"], "kl_exact": scored["kl_exact"],
+              "entropy": scored["entropy"], "kl_tokens": weight_by_position(scored[f"kl/{est}"], beta_weights(cfg, mask))}
+    if f"clamped/{est}" in scored:
+        values["kl_clamped"] = scored[f"clamped/{est}"]
+    for name, v in values.items():
+        if getattr(ro, name) is None:  # first rows: the dtype of the scores (fp64 stays fp64)
+            setattr(ro, name, torch.zeros(ro.mask.shape, dtype=v.dtype, device=v.device))
+        getattr(ro, name)[rows] = v.detach()
 
 
 def rollout_stats(ro: Rollout, *, beta: float) -> tuple[dict, dict]:
