@@ -41,6 +41,9 @@ PROMPTS = [
     "The cat", "In the park,", "Ben and Mia", "The big tree", "Sam had a", "At night,",
 ]
 RUNS = ("tether-grpo", "trl-grpo", "tether-rloo", "trl-rloo")
+ABLATIONS = ("tether-grpo-scoringpass", "tether-rloo-scoringpass")
+"""Optional runs (``--runs``): tether as before ``score_from_update`` (a separate no-grad scoring pass of the
+policy each step), for a before/after ratio measured in the same run."""
 
 
 def rss_mb() -> float:
@@ -66,7 +69,7 @@ def vader_reward_fn():
     return vader
 
 
-def run_tether(method: str, args, model_path: str, out: str) -> dict:
+def run_tether(method: str, args, model_path: str, out: str, **overrides) -> dict:
     import tether.trainers.online as online
     from tether.rewards import CallableSource
 
@@ -84,7 +87,7 @@ def run_tether(method: str, args, model_path: str, out: str) -> dict:
     common = dict(model=model_path, output_dir=out, max_steps=args.steps, batch_size=args.batch_size,
                   samples_per_prompt=args.group, max_new_tokens=args.max_new_tokens, learning_rate=args.lr,
                   clip_eps=0.2, num_epochs=1, progress=False, sample_every=0, eval_every=0, eval_max_prompts=1,
-                  eval_samples=1, seed=0)
+                  eval_samples=1, seed=0, **overrides)
     if method == "grpo":
         from tether.trainers.grpo import GRPOConfig, train_grpo
 
@@ -159,9 +162,12 @@ def child(args) -> None:
         model_path = make_llama20m(Path(args.cache) / "llama20m")
     else:
         model_path = resolve_model("stories260K", args.assets)
-    lib, method = args.run.split("-")
+    lib, method, *ablation = args.run.split("-")
     with tempfile.TemporaryDirectory() as out:
-        res = (run_tether if lib == "tether" else run_trl)(method, args, model_path, out)
+        if lib == "tether":
+            res = run_tether(method, args, model_path, out, **({"score_from_update": False} if ablation else {}))
+        else:
+            res = run_trl(method, args, model_path, out)
     s = res["starts"]
     if len(s) < 4:
         raise RuntimeError(f"{args.run}: only {len(s)} steps timed; raise --steps")
@@ -172,11 +178,11 @@ def child(args) -> None:
 
 
 def table(rows: dict) -> str:
-    lines = [f"{'run':<12} {'samples/s cpu':>14} {'samples/s wall':>15} {'cpu s/step':>11} {'peak RSS MB':>12} {'Δ train MB':>11}"]
-    for r in RUNS:
+    lines = [f"{'run':<24} {'samples/s cpu':>14} {'samples/s wall':>15} {'cpu s/step':>11} {'peak RSS MB':>12} {'Δ train MB':>11}"]
+    for r in RUNS + ABLATIONS:
         if r in rows:
             x = rows[r]
-            lines.append(f"{r:<12} {x['samples_per_s']:>14.1f} {x['wall_samples_per_s']:>15.1f} {x['cpu_s_per_step']:>11.3f} "
+            lines.append(f"{r:<24} {x['samples_per_s']:>14.1f} {x['wall_samples_per_s']:>15.1f} {x['cpu_s_per_step']:>11.3f} "
                          f"{x['peak_rss_mb']:>12.0f} {x['delta_mb']:>11.1f}")
     lines.append("")
     for m in ("grpo", "rloo"):
@@ -185,13 +191,17 @@ def table(rows: dict) -> str:
             lines.append(f"{m}: tether/TRL samples/s (cpu) = {a['samples_per_s'] / b['samples_per_s']:.2f}x, "
                          f"(wall) = {a['wall_samples_per_s'] / b['wall_samples_per_s']:.2f}x, "
                          f"peak RSS = {a['peak_rss_mb'] / b['peak_rss_mb']:.2f}x, Δ train = {a['delta_mb'] / max(b['delta_mb'], 1e-9):.2f}x")
+        c = rows.get(f"tether-{m}-scoringpass")
+        if a and c:
+            lines.append(f"{m}: score_from_update bought {a['samples_per_s'] / c['samples_per_s']:.2f}x samples/s (cpu) "
+                         f"over a separate scoring pass")
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", choices=RUNS, help=argparse.SUPPRESS)  # internal: one configuration in this process
-    p.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ",".join(RUNS))
+    p.add_argument("--run", choices=RUNS + ABLATIONS, help=argparse.SUPPRESS)  # internal: one configuration in this process
+    p.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ",".join(RUNS + ABLATIONS))
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch_size", type=int, default=16, help="completions per step (prompts x group)")
     p.add_argument("--group", type=int, default=4, help="completions per prompt")

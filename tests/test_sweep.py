@@ -209,3 +209,20 @@ def test_base_reads_trl_names_nested_groups_and_a_trainer_file(tmp_path):
     for r, lr in zip(runs, (1e-4, 1e-3)):
         c = r.config
         assert (c["model"], c["dataset"], c["lora_r"], c["max_steps"], c["beta"], c["learning_rate"]) == ("stories260K", "hh-rlhf", 4, 7, 0.1, lr)
+
+
+def test_plot_labels_colours_and_gao_fit_range():
+    """Legends show 3 significant digits (an adaptive run's final β has 6); 18 settings get 18 distinct
+    colours; each Gao fit carries its data's largest d = √KL, the end of its drawn curve."""
+    from tether.sweep.report import _colours, _label, gao_fits
+
+    assert _label("ppo beta=0.0423817, kl_target=6") == "ppo beta=0.0424, kl_target=6"
+    assert _label("dpo beta=1e-05") == "dpo beta=1e-05" and _label("bon n=16") == "bon n=16"
+    sets = [{"method": "ppo", "setting": f"ppo beta={i}"} for i in range(18)] + [{"method": "reference", "setting": "reference"}]
+    cols = _colours(sets)
+    assert len({cols[s["setting"]] for s in sets if s["method"] == "ppo"}) == 18
+    rows = [{"method": "reference", "run": "r", "kl": 0.0, "gold_reward": 0.0}]
+    rows += [{"method": "bon", "run": f"n{n}", "kl": kl, "gold_reward": 0.1 * kl ** 0.5 - 0.01 * kl}
+             for n, kl in ((2, 0.3), (4, 1.0), (8, 1.9), (16, 3.24))]
+    fits = gao_fits(rows, ykey="gold_reward")
+    assert fits["bon"]["d_max"] == pytest.approx(1.8)

@@ -23,6 +23,7 @@ import csv
 import html
 import json
 import math
+import re
 import statistics
 from pathlib import Path
 from typing import Optional
@@ -163,8 +164,21 @@ def _plt():
 
 
 def _colours(sets: list[dict]) -> dict[str, str]:
+    """One colour per setting: the palette while it lasts, else evenly spaced along a colour map (a cycled
+    palette would give two settings of an 18-run sweep the same colour)."""
     names = [s["setting"] for s in sets if s["method"] != REFERENCE]
-    return {REFERENCE: "#000000", **{n: PALETTE[i % len(PALETTE)] for i, n in enumerate(names)}}
+    if len(names) <= len(PALETTE):
+        return {REFERENCE: "#000000", **{n: PALETTE[i] for i, n in enumerate(names)}}
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    cmap = colormaps["turbo"]
+    return {REFERENCE: "#000000", **{n: to_hex(cmap(0.05 + 0.9 * i / (len(names) - 1))) for i, n in enumerate(names)}}
+
+
+def _label(setting: str) -> str:
+    """A setting for a legend: its numbers to 3 significant digits (an adaptive run's final β has 6)."""
+    return re.sub(r"=(-?[0-9][0-9.]*(?:e[-+]?[0-9]+)?)", lambda m: f"={float(m.group(1)):.3g}", setting)
 
 
 def _by_run(rows: list[dict]) -> dict[str, list[dict]]:
@@ -197,11 +211,11 @@ def plot_frontier(rows, finals, sets, path: Path, *, ykey: str, swept: list[str]
             continue
         if s["n"] == 1:
             ax.scatter([s["kl"]], [s["y"]], s=30, marker="D" if s["method"] in BON_METHODS else "o",
-                       color=colours[s["setting"]], zorder=5, label=s["setting"])
+                       color=colours[s["setting"]], zorder=5, label=_label(s["setting"]))
             continue
         ax.errorbar([s["kl"]], [s["y"]], xerr=[s["kl_seed_sd"]], yerr=[s["y_seed_sd"]], fmt="s", ms=8, mfc="none",
                     mec=colours[s["setting"]], color=colours[s["setting"]], elinewidth=2, capsize=4, zorder=5,
-                    label=f"{s['setting']} (mean of {s['n']} seed{'s' if s['n'] > 1 else ''})")
+                    label=f"{_label(s['setting'])} (mean of {s['n']} seed{'s' if s['n'] > 1 else ''})")
     pts = [(r["kl"], r[ykey], r["run"]) for r in finals if _num(r.get("kl")) is not None and _num(r.get(ykey)) is not None]
     front = pareto_front(pts)
     if front:
@@ -235,7 +249,8 @@ def gao_fits(rows: list[dict], *, ykey: str) -> dict[str, dict]:
             fit = fit_gao([max(p[0], 0.0) for p in pts], [p[1] for p in pts], kind="bon" if method in BON_METHODS else "rl")
         except ValueError:  # too few distinct KLs to fix both coefficients: no curve for this method
             continue
-        fits[method] = {k: fit[k] for k in fit.keys()} | {"n": len(pts), "fit": fit}
+        d_max = max(math.sqrt(max(p[0], 0.0)) for p in pts)  # the fit is drawn over its data's range only
+        fits[method] = {k: fit[k] for k in fit.keys()} | {"n": len(pts), "fit": fit, "d_max": d_max}
     return fits
 
 
@@ -245,21 +260,21 @@ def plot_overoptimisation(rows, sets, fits, path: Path, *, ykey: str, swept: lis
     ref = next((r for r in rows if r["method"] == REFERENCE), {})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.3), sharex=True)
     keys = [(ykey, f"{ykey.replace('_', ' ')} gain over the reference"), ("proxy_reward", "proxy reward gain")]
-    dmax = 0.0
     for run, pts in _by_run(rows).items():
         c = colours.get(setting_of(pts[-1], swept), "#7f7f7f")
         d = [math.sqrt(max(p["kl"] or 0.0, 0.0)) for p in pts]
-        dmax = max([dmax] + d)
         for ax, (key, _) in zip(axes, keys):
             b = _num(ref.get(key))
             ys = [_num(p.get(key)) for p in pts]
             if b is None or None in ys:
                 continue
             ax.plot(d, [y - b for y in ys], "D" if pts[-1]["method"] in BON_METHODS else ("o-" if len(pts) > 1 else "*"), color=c, alpha=0.7, ms=4)
-    for method, fit in fits.items():
-        xs = [dmax * 1.1 * i / 100 for i in range(1, 101)]
+    styles = ["--", ":", "-.", (0, (5, 1, 1, 1))]
+    for i, (method, fit) in enumerate(fits.items()):  # each over [0, its own data's largest d]: no extrapolation
+        xs = [fit["d_max"] * j / 100 for j in range(1, 101)]
         lab = f"Gao fit, {method} ({fit['kind']}): α={fit['alpha']:.3g}, β={fit['beta']:.3g}, peak KL={fit['peak_kl']:.3g}"
-        axes[0].plot(xs, [fit["fit"].predict(x * x) for x in xs], "--", color="#444", lw=1.2, label=lab)
+        axes[0].plot(xs, [fit["fit"].predict(x * x) for x in xs], linestyle=styles[i % len(styles)], color="#444", lw=1.2,
+                     label=lab)
     for ax, (_, name) in zip(axes, keys):
         ax.axhline(0, color="#000", lw=0.6)
         ax.set_xlabel("d = sqrt(KL)  (nats^½)")
