@@ -3,7 +3,11 @@
 Same everything: the real stories260K model on CPU (no vLLM), the same 12 story prompts, the same
 reward (VADER compound sentiment of the completion, passed to TRL as a reward function), the same
 group size, completions per step, max new tokens, temperature 1 (no top-k/top-p), learning rate,
-β, clip ε, one update per generation batch, fp32, the same number of torch threads.
+β, clip ε, one update per generation batch, fp32, the same number of torch threads, and gradient
+checkpointing the same on both sides: off by default (``--gradient_checkpointing`` turns it on for
+both). TRL's GRPOConfig and RLOOConfig default to ``gradient_checkpointing=True``, which recomputes the
+forward in the backward (slower, less activation memory); left at TRL's default it would make tether
+look faster and heavier than it is next to TRL at equal settings.
 
 Each configuration runs in its own fresh subprocess, so peak memory is that run's alone:
 
@@ -87,7 +91,7 @@ def run_tether(method: str, args, model_path: str, out: str, **overrides) -> dic
     common = dict(model=model_path, output_dir=out, max_steps=args.steps, batch_size=args.batch_size,
                   samples_per_prompt=args.group, max_new_tokens=args.max_new_tokens, learning_rate=args.lr,
                   clip_eps=0.2, num_epochs=1, progress=False, sample_every=0, eval_every=0, eval_max_prompts=1,
-                  eval_samples=1, seed=0, **overrides)
+                  eval_samples=1, seed=0, gradient_checkpointing=args.gradient_checkpointing, **overrides)
     if method == "grpo":
         from tether.trainers.grpo import GRPOConfig, train_grpo
 
@@ -124,7 +128,8 @@ def run_trl(method: str, args, model_path: str, out: str) -> dict:
                   learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, temperature=1.0, top_p=1.0,
                   top_k=0, epsilon=0.2, num_iterations=1, use_vllm=False, use_cpu=True, bf16=False, fp16=False,
                   report_to="none", save_strategy="no", logging_steps=1, disable_dropout=True, seed=0,
-                  dataloader_num_workers=0, max_grad_norm=1.0, weight_decay=0.0)
+                  dataloader_num_workers=0, max_grad_norm=1.0, weight_decay=0.0,
+                  gradient_checkpointing=args.gradient_checkpointing)  # TRL defaults to True: set as tether's
     if method == "grpo":
         from trl import GRPOConfig, GRPOTrainer
 
@@ -211,6 +216,8 @@ def main() -> None:
     p.add_argument("--beta_rloo", type=float, default=0.05)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3, help="runs per configuration (median samples/s)")
+    p.add_argument("--gradient_checkpointing", action="store_true",
+                   help="both libraries recompute activations in the backward (TRL's GRPO/RLOO default; tether's is off)")
     p.add_argument("--assets", default=None)
     p.add_argument("--model", choices=("stories260K", "llama-20M"), default="stories260K",
                    help="llama-20M: bench_dpo's seeded random ~20M-parameter Llama (stories260K's tokenizer), built once")
@@ -221,7 +228,8 @@ def main() -> None:
         child(args)
         return
     results: dict = {}
-    passthrough = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("run", "runs", "repeats") and v is not None]
+    passthrough = [f"--{k}" if v is True else f"--{k}={v}" for k, v in vars(args).items()
+                   if k not in ("run", "runs", "repeats") and v is not None and v is not False]
     for rep in range(args.repeats):
         for r in args.runs.split(","):
             proc = subprocess.run([sys.executable, __file__, "--run", r, *passthrough], capture_output=True, text=True)
@@ -240,7 +248,7 @@ def main() -> None:
         rows[r] = {**med, "peak_rss_mb": max(x["peak_rss_mb"] for x in rs), "delta_mb": max(x["delta_mb"] for x in rs)}
     print(f"{args.model} on CPU, {args.threads} thread(s); {args.batch_size} completions/step = "
           f"{args.batch_size // args.group} prompts x {args.group}; max_new_tokens={args.max_new_tokens}; {args.steps} steps; "
-          f"median of {args.repeats}")
+          f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'} (both); median of {args.repeats}")
     print(table(rows))
 
 

@@ -366,3 +366,15 @@ def test_constraint_controller_goes_to_zero_when_slack():
     c = ConstraintBeta(0.3, budget=4.0, lr=0.01)
     _run(c, [1.0] * 20)  # 0.3 - 20·0.03 < 0
     assert c.value == 0.0
+
+
+def test_union_fields_read_numbers_whatever_order_typing_cached():
+    """typing caches Union[int, str] and Union[str, int] as one object (set equality), so a field's union can
+    come back with str first, depending on which module spelled it first; a number must still read as one."""
+    import typing
+
+    from tether.config import coerce
+
+    assert coerce("kl_horizon", str | int | None, "500") == 500  # (the | operator is not cached: str comes first)
+    assert coerce("kl_horizon", typing.Optional[typing.Union[str, int]], "500") == 500
+    assert coerce("kl_horizon", typing.Optional[typing.Union[int, str]], "ziegler") == "ziegler"

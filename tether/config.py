@@ -67,8 +67,10 @@ def coerce(name: str, tp: Any, value: Any) -> Any:
     base = _base_type(tp)
     if isinstance(value, str) and value.lower() in ("none", "null") and base is not str:
         return None
-    if typing.get_origin(base) in (typing.Union, types.UnionType):  # e.g. int | str: the first member that reads it
-        for member in typing.get_args(base):
+    if typing.get_origin(base) in (typing.Union, types.UnionType):  # e.g. int | str: the first member that reads it,
+        # str last: typing caches unions as sets, so Union[int, str] may come back as (str, int) when another
+        # module spelled it Union[str, int] first, and str reads anything ("500" would stay a string)
+        for member in sorted(typing.get_args(base), key=lambda m: m is str):
             if member is type(None):
                 continue
             try:
