@@ -11,6 +11,8 @@ loss of a micro-batch (``loss``); everything else is this file (the rollout itse
                    -> scores from the reward (optional no-EOS penalty)
                    -> old_logps (policy), ref_logps (reference), per-token KL (kl_estimator),
                       exact per-token KL (for kl/ref), entropy, values (PPO)
+                   (with one update per rollout, scores_from_update: no scoring pass of the policy; the
+                   update's own forward fills these, after a reference forward per micro-batch)
         method.prepare(rollout, β)            rewards / advantages / returns
         for epoch, minibatch, micro-batch:    method.loss(...).backward(); all-reduce; clip; step
         β controller.update(kl/ref)           log, log samples, evaluate, checkpoint
@@ -136,7 +138,7 @@ class OnlineConfig(TrainConfig, BetaConfig, SamplingConfig, OnlineReferenceConfi
     num_minibatches: int = 1
     """Optimiser updates per epoch; each process's rollout must divide into them (and each into grad_accum micro-batches)."""
     score_from_update: bool = True
-    """With one update per rollout (num_epochs = num_minibatches = 1), take π_old's log-probs, the KLs and the entropy from the update's own forward instead of a separate scoring pass of the policy (exact: the weights are π_old's until the step; TRL does the same). RLOO and PPO need one micro-batch per rollout for it (grad_accum=1); false keeps the pass."""
+    """With one update per rollout (num_epochs = num_minibatches = 1), take π_old's log-probs, the KLs and the entropy from the update's own forward instead of a separate scoring pass of the policy (exact: the weights are π_old's until the step; TRL does the same). GRPO always; RLOO only with one micro-batch per rollout (grad_accum=1, its KL is in the reward); PPO never (its value model scores the rollout); false keeps the pass."""
     clip_eps: float = 0.2
     """ε of the clipped surrogate min(ρA, clip(ρ, 1-ε, 1+ε)A) (PPO Eq. 7)."""
     loss_aggregation: str = "token_mean"
