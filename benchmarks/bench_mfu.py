@@ -11,7 +11,9 @@
 
   DPO (``tether dpo``, precomputed reference): training only, 6·N·tokens of both sequences of every pair.
   GRPO (``tether grpo``): sampling (2·N per prompt and completion token: every token passes the model
-  once), scoring under the policy and the reference (2 × 2·N·tokens), training (6·N·tokens): 12·N·tokens.
+  once), scoring under the reference (2·N·tokens), training (6·N·tokens): 10·N·tokens. With one update per
+  rollout the update's own forward supplies the policy's scores (``score_from_update``), so no policy
+  scoring pass is counted (before it, 12·N·tokens).
 
 CPU time of this process, ``--threads`` torch threads (1 by default, as the other benchmarks; the peak is
 measured with the same count).
@@ -70,7 +72,7 @@ def dpo_flops(model_path: str, steps: int, n_params: int) -> list[float]:
 
 
 def grpo_flops(model_path: str, steps: int, n_params: int) -> list[float]:
-    """Achieved FLOP/s of each steady-state GRPO step (12·N·real tokens / step CPU time; bench_online's settings)."""
+    """Achieved FLOP/s of each steady-state GRPO step (10·N·real tokens / step CPU time; bench_online's settings)."""
     import tether.trainers.online as online
     import tether.trainers.rollout as rollout
     from bench_online import PROMPTS, vader_reward_fn
@@ -101,7 +103,7 @@ def grpo_flops(model_path: str, steps: int, n_params: int) -> list[float]:
             train_grpo(cfg, prompts=PROMPTS, reward=CallableSource(vader_reward_fn(), name="vader"))
     finally:
         online.collect_rollout, rollout.generate = inner_rollout, inner_generate
-    return [12 * n_params * tokens[i] / (starts[i + 1] - starts[i]) for i in range(1, len(starts) - 1)]
+    return [10 * n_params * tokens[i] / (starts[i + 1] - starts[i]) for i in range(1, len(starts) - 1)]
 
 
 def main() -> None:
@@ -129,7 +131,7 @@ def main() -> None:
     peak = max(peaks)
     print(f"llama-20M ({n_params / 1e6:.1f}M multiplying parameters), CPU, {args.threads} thread(s)")
     print(f"| what | GFLOP/s (median) | share of peak |\n|---|---:|---:|\n| fp32 matmul peak ({args.n}³, best) | {peak / 1e9:.1f} | 1.00 |")
-    for name, xs in (("DPO step (6·N·tokens)", dpo), ("GRPO step (12·N·tokens)", grpo)):
+    for name, xs in (("DPO step (6·N·tokens)", dpo), ("GRPO step (10·N·tokens)", grpo)):
         m = statistics.median(xs)
         print(f"| {name} | {m / 1e9:.1f} | {m / peak:.2f} |")
 

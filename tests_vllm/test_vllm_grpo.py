@@ -20,23 +20,24 @@ STATS = ("reward/score", "kl/ref", "gen/response_len")
 
 def _run(model_dir, tmp_path, backend, monkeypatch):
     made = {}
-    make = online.make_backend
+    make = online.backend_for
 
-    def spy(name, model, **kw):  # keep the backend and the live policy it samples, to check them afterwards
-        made["backend"], made["policy"] = make(name, model, **kw), model
+    def spy(cfg, model):  # keep the backend and the live policy it samples, to check them afterwards
+        made["backend"], made["policy"] = make(cfg, model), model
         return made["backend"]
 
-    monkeypatch.setattr(online, "make_backend", spy)
-    collect, made["gaps"] = online.collect_rollout, []
+    monkeypatch.setattr(online, "backend_for", spy)
+    update, made["gaps"] = online.optimise, []
 
     def checked(*a, **kw):  # every step: the engine's log-probs of its samples against the trainer's old_logps
-        ro = collect(*a, **kw)
+        out = update(*a, **kw)  # (with one update per rollout the update's own forward fills old_logps)
+        ro = a[5]
         if backend == "vllm":
             m = ro.mask.cpu()
             made["gaps"].append((ro.old_logps.cpu()[m] - made["backend"].last_logps[m]).abs().max().item())
-        return ro
+        return out
 
-    monkeypatch.setattr(online, "collect_rollout", checked)
+    monkeypatch.setattr(online, "optimise", checked)
     cfg = GRPOConfig(model=model_dir, output_dir=str(tmp_path / backend), backend=backend, reward="reward_fns_vllm:chars",
                      batch_size=16, samples_per_prompt=4, max_new_tokens=16, learning_rate=3e-3, max_steps=STEPS,
                      progress=False, sample_every=0, eval_every=0, eval_max_prompts=4, eval_samples=1, seed=0)
