@@ -409,6 +409,7 @@ def optimise(policy, value_model, opt, params: list, value_params: list, ro: Rol
                 if "ppo/approx_kl_old" in stats:
                     kl_old[0] += float(stats["ppo/approx_kl_old"]) * w
                     kl_old[1] += w
+            ro.pending = False  # (a pending rollout is one minibatch: every row is filled now)
             if aux is not None:
                 for k, v in aux(policy, step * cfg.num_epochs * cfg.num_minibatches + epoch * cfg.num_minibatches + m, dist).items():
                     sums[k] = sums.get(k, 0.0) + float(v)
@@ -429,7 +430,6 @@ def optimise(policy, value_model, opt, params: list, value_params: list, ro: Rol
                 t = dist.sum(torch.tensor(kl_old, dtype=torch.float64))
                 if float(t[0] / t[1].clamp(min=1)) > cfg.target_kl_old:
                     return sums, counts, norms, prep
-    ro.pending = False
     return sums, counts, norms, prep
 
 
