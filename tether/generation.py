@@ -114,12 +114,11 @@ def register_backend(name: str, factory: Union[Callable, str]) -> None:
 
 def backend_for(cfg, model) -> GenerationBackend:
     """The backend a config's sampling group names (``backend``, and ``decoder`` for the builtin one)."""
+    from .checks import check_backend  # (the CLI's preflight check, for Python callers too)
+
     decoder = getattr(cfg, "decoder", "auto")
-    if cfg.backend == "builtin":
-        return make_backend("builtin", model, decoder=decoder)
-    if decoder != "auto":
-        raise UserError(f"decoder={decoder!r} applies to backend builtin only; drop --decoder or set --backend builtin")
-    return make_backend(cfg.backend, model)
+    check_backend(cfg.backend, decoder)
+    return make_backend(cfg.backend, model, **({"decoder": decoder} if cfg.backend == "builtin" else {}))
 
 
 def make_backend(name: str, model, **options) -> GenerationBackend:
