@@ -138,7 +138,7 @@ class OnlineConfig(TrainConfig, BetaConfig, SamplingConfig, OnlineReferenceConfi
     num_minibatches: int = 1
     """Optimiser updates per epoch; each process's rollout must divide into them (and each into grad_accum micro-batches)."""
     score_from_update: bool = True
-    """With one update per rollout (num_epochs = num_minibatches = 1), take π_old's log-probs, the KLs and the entropy from the update's own forward instead of a separate scoring pass of the policy (exact: the weights are π_old's until the step; TRL does the same). GRPO always; RLOO only with one micro-batch per rollout (grad_accum=1, its KL is in the reward); PPO never (its value model scores the rollout); false keeps the pass."""
+    """With one update per rollout (num_epochs = num_minibatches = 1), take π_old's log-probs, the KLs and the entropy from the update's own forward instead of a separate scoring pass of the policy (exact: the weights are π_old's until the step; TRL does the same). GRPO always; RLOO only with one micro-batch per rollout (grad_accum=1, its KL is in the reward); PPO never (its value model scores the rollout); false keeps the pass. Memory: the reference's logits of a micro-batch (micro x length x vocabulary floats) are then alive next to the training graph, so the update's peak grows by about that much; with a large vocabulary and long completions, false (or a smaller micro-batch) may be needed."""
     clip_eps: float = 0.2
     """ε of the clipped surrogate min(ρA, clip(ρ, 1-ε, 1+ε)A) (PPO Eq. 7)."""
     loss_aggregation: str = "token_mean"
