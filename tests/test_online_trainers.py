@@ -518,7 +518,7 @@ SAME_TRAJECTORY = ["kl/ref", "kl/penalty", "kl/ref_token_mean", "policy/entropy"
 
 @pytest.mark.parametrize("method,kw", [
     ("grpo", dict(grad_accum=2)),  # advantages from rewards alone: any micro-batching
-    ("grpo", dict(kl_estimator="exact", kl_clamp_output=0.05)),  # reference logits in the loss; a clamp that bites
+    ("grpo", dict(kl_estimator="exact", kl_clamp_output=1e-4)),  # reference logits in the loss; a clamp that bites after step 1
     ("rloo", dict()),  # KL in the reward: prepared inside the update (one micro-batch)
 ])
 def test_scores_from_update_match_the_scoring_pass(method, kw, stories_path, tmp_path, monkeypatch):
@@ -544,6 +544,10 @@ def test_scores_from_update_match_the_scoring_pass(method, kw, stories_path, tmp
         for k in SAME_TRAJECTORY:
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)
         assert b["ppo/clipfrac"] == 0.0 and b["ppo/approx_kl_old"] == 0.0  # π_θ/π_old ≡ 1 exactly
+        if "kl_clamp_output" in kw:  # the clamp picks the same tokens in both paths
+            assert b["kl/clamped_frac"] == pytest.approx(a["kl/clamped_frac"], rel=1e-4)
+    if "kl_clamp_output" in kw:  # and it bites once the policy has moved (step 1: π_θ = π_ref, KL 0)
+        assert off["history"][-1]["kl/clamped_frac"] > 0.1
     assert off["history"][-1]["kl/ref"] > 1e-3  # the run moved: the comparison is not of two idle runs
     from safetensors.torch import load_file
 

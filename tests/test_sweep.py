@@ -214,7 +214,7 @@ def test_base_reads_trl_names_nested_groups_and_a_trainer_file(tmp_path):
 def test_plot_labels_colours_and_gao_fit_range():
     """Legends show 3 significant digits (an adaptive run's final β has 6); 18 settings get 18 distinct
     colours; each Gao fit carries its data's largest d = √KL, the end of its drawn curve."""
-    from tether.sweep.report import _colours, _label, gao_fits
+    from tether.sweep.report import _colours, _label, fit_curve, gao_fits
 
     assert _label("ppo beta=0.0423817, kl_target=6") == "ppo beta=0.0424, kl_target=6"
     assert _label("dpo beta=1e-05") == "dpo beta=1e-05" and _label("bon n=16") == "bon n=16"
@@ -226,3 +226,6 @@ def test_plot_labels_colours_and_gao_fit_range():
              for n, kl in ((2, 0.3), (4, 1.0), (8, 1.9), (16, 3.24))]
     fits = gao_fits(rows, ykey="gold_reward")
     assert fits["bon"]["d_max"] == pytest.approx(1.8)
+    xs, ys = fit_curve(fits["bon"])  # what plot_overoptimisation draws: up to the data's largest d, not past it
+    assert max(xs) == pytest.approx(1.8) and min(xs) > 0
+    assert ys[-1] == pytest.approx(fits["bon"]["fit"].predict(1.8 ** 2))

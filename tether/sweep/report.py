@@ -254,6 +254,13 @@ def gao_fits(rows: list[dict], *, ykey: str) -> dict[str, dict]:
     return fits
 
 
+def fit_curve(fit: dict, points: int = 100) -> tuple[list[float], list[float]]:
+    """The points a Gao fit (``gao_fits``'s entry) is drawn through: d = √KL over (0, its data's largest d],
+    never past it (the forms are fitted, not known, beyond the data), and the predicted gain at each."""
+    xs = [fit["d_max"] * j / points for j in range(1, points + 1)]
+    return xs, [fit["fit"].predict(x * x) for x in xs]
+
+
 def plot_overoptimisation(rows, sets, fits, path: Path, *, ykey: str, swept: list[str]) -> None:
     plt = _plt()
     colours = _colours(sets)
@@ -271,9 +278,9 @@ def plot_overoptimisation(rows, sets, fits, path: Path, *, ykey: str, swept: lis
             ax.plot(d, [y - b for y in ys], "D" if pts[-1]["method"] in BON_METHODS else ("o-" if len(pts) > 1 else "*"), color=c, alpha=0.7, ms=4)
     styles = ["--", ":", "-.", (0, (5, 1, 1, 1))]
     for i, (method, fit) in enumerate(fits.items()):  # each over [0, its own data's largest d]: no extrapolation
-        xs = [fit["d_max"] * j / 100 for j in range(1, 101)]
+        xs, ys = fit_curve(fit)
         lab = f"Gao fit, {method} ({fit['kind']}): α={fit['alpha']:.3g}, β={fit['beta']:.3g}, peak KL={fit['peak_kl']:.3g}"
-        axes[0].plot(xs, [fit["fit"].predict(x * x) for x in xs], linestyle=styles[i % len(styles)], color="#444", lw=1.2,
+        axes[0].plot(xs, ys, linestyle=styles[i % len(styles)], color="#444", lw=1.2,
                      label=lab)
     for ax, (_, name) in zip(axes, keys):
         ax.axhline(0, color="#000", lw=0.6)
