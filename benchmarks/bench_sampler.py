@@ -1,5 +1,5 @@
 """Tokens/s of tether's built-in sampler against transformers' ``model.generate`` (and against the
-sampler as it was before issue 13, ``tests/reference_sampler.py``, and against itself with the model's
+sampler as it was before compaction and the lean decode step, ``tests/reference_sampler.py``, and against itself with the model's
 own forward instead of ``tether.decode.LlamaDecoder``, ``decoder="hf"``), on the real stories260K on CPU.
 
 All four sample the same prompts with temperature 1, fp32, a KV cache, the same number of torch

@@ -1,6 +1,6 @@
 """Colocated vLLM backend: a weight push + a generation, against the built-in sampler's generation.
 
-Issue 13's target: on the 20M-parameter model, ``update_weights`` + ``generate`` with the vLLM
+The target: on the 20M-parameter model, ``update_weights`` + ``generate`` with the vLLM
 backend cost no more than one built-in-sampler ``generate``. Both sample the same prompts
 (``--batch_size`` rows, stories260K's tokenizer), temperature 1, fp32, ``--max_new_tokens`` tokens
 with no EOS stop (``eos_id=None``: a random-init model's EOS would end rows at random, so every row

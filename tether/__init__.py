@@ -1,6 +1,6 @@
 """tether: KL-regularised fine-tuning of language models.
 
-Layers (STYLE.md): ``tether.ops`` holds the pure torch math (log-probs, KL estimators, losses,
+Layers: ``tether.ops`` holds the pure torch math (log-probs, KL estimators, losses,
 advantages); ``tether.control`` the β controllers; ``tether.reference`` is the one place that owns
 the reference model; trainers and the CLI orchestrate them.
 """

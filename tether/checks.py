@@ -11,7 +11,7 @@ Context length: the positions a model has are read from its config.json (``max_p
 or ``n_positions`` / ``max_seq_len`` / ``n_ctx`` for other architectures). Sampling commands need
 ``prompt + max_new_tokens`` positions; trainers on fixed data need ``max_length``. A model run past
 its positions does not fail: with rotary embeddings it silently computes with positions it never
-trained on (the issue saw 1,150-token sequences on a 512-position model exit 0).
+trained on (1,150-token sequences on a 512-position model were seen to exit 0).
 """
 
 from __future__ import annotations

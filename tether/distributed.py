@@ -1,7 +1,7 @@
 """Several processes: data parallelism with torch.distributed, launched by ``accelerate launch`` or
 ``torchrun`` (both set RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT).
 
-Exactness rule (STYLE.md §6c): every process computes its shard's loss *sum* divided by the
+Exactness rule (2 processes == 1): every process computes its shard's loss *sum* divided by the
 **global** normaliser (token or sequence count over all processes and micro-batches), and gradients
 are all-reduced with SUM. The result equals the single-process full-batch gradient up to float
 summation order, which is what the 2-process == 1-process test checks. Metrics are reduced here

@@ -1,7 +1,7 @@
 """The one engine for sampling: sample -> decode -> score -> KL, called by every loop.
 
-Every loop that draws completions and measures them goes through these functions (STYLE.md "One
-engine for sampling"; nanochat's ``Engine`` serves both evaluation and RL), so seeds, filters,
+Every loop that draws completions and measures them goes through these functions (one
+engine for sampling, as nanochat's ``Engine`` serves both evaluation and RL), so seeds, filters,
 temperature, decoding and the definition of the KL cannot drift apart between them:
 
 - the online rollout (``trainers.rollout.collect_rollout``): ``generate`` + ``score``;

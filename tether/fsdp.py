@@ -1,7 +1,7 @@
 """Sharded training (``TrainConfig.fsdp``): FSDP2 (``torch.distributed.fsdp.fully_shard``) over the
 processes torchrun / accelerate start, for the policy and for a reference that is a separate copy.
 
-What sharding changes, and what it must not (STYLE.md §6c, the 2 processes == 1 rule):
+What sharding changes, and what it must not (the 2 processes == 1 rule):
 
 - Each decoder layer (the model's ``_no_split_modules``) and then the whole model become FSDP units:
   every process keeps 1/world_size of each parameter (dim-0 chunks), of its gradient and of the

@@ -1,4 +1,4 @@
-"""Config groups that several commands share (STYLE.md: "config groups that mean one thing").
+"""Config groups that several commands share (each group means one thing everywhere).
 
 Each is a dataclass mixin: a command's config inherits the groups it supports and nothing else, so a
 flag it would always refuse is not in its ``--help``. YAML may give a group as one nested mapping

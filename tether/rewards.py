@@ -1,7 +1,7 @@
 """Reward sources: text in, one float per (prompt, completion) out, composable.
 
 Every source is a ``RewardSource``: ``source(prompts, completions) -> scores`` with ``scores`` a
-(B,) float32 CPU tensor (one per sequence; STYLE.md §4 vocabulary) and a ``.name`` used in metric
+(B,) float32 CPU tensor (one per sequence) and a ``.name`` used in metric
 names (``reward/<name>``). Three kinds:
 
 - ``RewardModelSource(path)``: a reward model trained by ``tether rm`` (any

@@ -1,6 +1,6 @@
 """Pieces every trainer shares: the common config fields, model/LoRA setup, optimiser and schedule,
 gradient clipping, checkpoint + resume. Trainers are short top-to-bottom loops that call these and
-the math in ``tether.ops`` (STYLE.md §2); nothing here knows about a particular loss.
+the math in ``tether.ops``; nothing here knows about a particular loss.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ class TrainConfig:
 
 
 def derive_micro_batch(cfg: TrainConfig, dist: Dist) -> int:
-    """Examples per micro-batch on one process; checks exact divisibility once (STYLE.md §5)."""
+    """Examples per micro-batch on one process; checks exact divisibility once."""
     per = cfg.grad_accum * dist.world_size
     if cfg.batch_size % per:
         raise UserError(
@@ -134,7 +134,7 @@ def derive_micro_batch(cfg: TrainConfig, dist: Dist) -> int:
 
 def with_epochs(cfg: TrainConfig, n_examples: int, *, per_step: int, unit: str = "examples") -> TrainConfig:
     """``cfg`` with max_steps = ceil(epochs x n_examples / per_step) when ``cfg.epochs`` is set (else
-    ``cfg`` itself). Called once, as soon as the training data is known (STYLE.md §5)."""
+    ``cfg`` itself). Called once, as soon as the training data is known."""
     if cfg.epochs is None:
         return cfg
     if not (cfg.epochs > 0 and math.isfinite(cfg.epochs)):

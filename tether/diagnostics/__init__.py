@@ -1,4 +1,4 @@
-"""Failure-mode diagnostics of the KL penalty (issue 14): measurements a user runs on their own run.
+"""Failure-mode diagnostics of the KL penalty (docs/diagnostics.md): measurements a user runs on their own run.
 
 - ``forgetting``: teacher-forced NLL change and exact KLs on off-distribution text, and the forward KL
   E_x[KL(π_ref‖π_θ)] on the training prompts (``tether forgetting``, ``eval/forgetting/*``).

@@ -1,4 +1,4 @@
-"""The reward-hacking monitor (issue 14, point 4): the gold reward stops rising while the proxy still rises.
+"""The reward-hacking monitor (docs/diagnostics.md): the gold reward stops rising while the proxy still rises.
 
 Gao, Schulman & Hilton 2022 (arXiv:2210.10760; docs/theory.md §8): optimising a learned proxy reward
 raises the gold (true) reward only up to a point; past it, the proxy keeps rising and the gold falls.

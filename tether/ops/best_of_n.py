@@ -1,6 +1,6 @@
 """Best-of-n: the distribution it induces and its KL to the reference, exactly and from samples.
 
-Pure torch (STYLE.md §1). Best-of-n draws n i.i.d. samples from π_ref and keeps the one with the
+Pure torch. Best-of-n draws n i.i.d. samples from π_ref and keeps the one with the
 highest reward r; ties are broken uniformly at random (equivalently, the first of the tied samples:
 the draws are exchangeable). Group outcomes into reward levels ℓ with reference mass p_ℓ and CDF
 F_ℓ = Σ_{ℓ' ≤ ℓ} p_ℓ'. Then (Beirami et al. 2024, arXiv:2401.01879, Lemma 1, extended to ties):

@@ -1,6 +1,6 @@
 """KL estimators between the policy π_θ and the reference π_ref, and where they go.
 
-Pure torch (STYLE.md §1). Sources: Schulman, "Approximating KL Divergence" (2020) for k1/k2/k3;
+Pure torch. Sources: Schulman, "Approximating KL Divergence" (2020) for k1/k2/k3;
 Amini et al. 2025 (arXiv:2504.10637) for the Rao-Blackwellised exact estimator; docs/theory.md §2–3 for
 the value-versus-gradient table that ``ESTIMATORS`` encodes and the tests check numerically.
 

@@ -6,7 +6,7 @@ positions, and when gradients are needed each chunk is wrapped in activation che
 autograd keeps between forward and backward is the (already existing) logits, not one fp32 copy
 per chunk. The backward pass necessarily produces one (B, T, V) gradient for the logits.
 
-Conventions (STYLE.md §4): ``mask`` is True where a token counts; results are float32 (float64 when
+Conventions: ``mask`` is True where a token counts; results are float32 (float64 when
 the logits are float64: nothing is ever computed below fp32, and fp64 inputs are not rounded down).
 """
 

@@ -1,6 +1,6 @@
 """Online-RL math: token rewards, GAE, PPO losses, group / leave-one-out advantages, loss aggregation.
 
-Pure torch (STYLE.md §1, §8); docs/theory.md §1 and §7. Shapes: B sequences, T positions; ``mask`` (B, T) is
+Pure torch; docs/theory.md §1 and §7. Shapes: B sequences, T positions; ``mask`` (B, T) is
 True where a completion token counts. Per-token tensors come back fp32 (fp64 for fp64 inputs, as
 ``logprobs.upcast``) and zero where ``mask`` is False.
 Per-token losses are *not* reduced here: ``aggregate_loss`` does that once, with global counts.

@@ -1,4 +1,4 @@
-"""The KL by completion position: bucketed per-token means, and position weights w_t on β (issue 14, point 3).
+"""The KL by completion position: bucketed per-token means, and position weights w_t on β (docs/theory.md §12).
 
 Completion tensors are (B, T) right-padded: column t is completion token t (0 = the first) of every
 row, ``mask`` True where the token counts.

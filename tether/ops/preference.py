@@ -1,6 +1,6 @@
 """Offline preference losses on sequence log-probabilities (docs/theory.md §6).
 
-Pure torch (STYLE.md §1, §8). Every input is per *sequence*, shape (B,): ``chosen_logps`` and
+Pure torch. Every input is per *sequence*, shape (B,): ``chosen_logps`` and
 ``rejected_logps`` are Σ_t log π_θ(y_t|s_t) over the completion tokens (``tether.ops.kl.seq_sum`` of
 per-token log-probs), ``ref_*`` the same under π_ref, ``*_lengths`` the number of counted completion
 tokens. Losses are per example, (B,), to be minimised; reduce them (usually ``.mean()``) in the caller.

@@ -1,6 +1,6 @@
 """Reward-model math: the Bradley–Terry preference loss and running reward statistics.
 
-Pure torch (STYLE.md §1). Sources:
+Pure torch. Sources:
 
 - Bradley & Terry (1952); as a reward-model loss: Stiennon et al. 2020 Eq. 1, Ouyang et al. 2022
   Eq. 1: ``loss = -log σ(r(x, y_w) - r(x, y_l))``.

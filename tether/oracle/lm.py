@@ -3,7 +3,7 @@
 Why: ``tether certify`` should train with the *shipped* code paths (``train_online`` for PPO/GRPO/RLOO,
 ``train_dpo``, best-of-n, ``tether kl``: loading, sampling, packing, LoRA, bf16) and then measure
 KL[π_learned‖target] exactly by enumeration. A copy of the trainers "composed the same way" over a
-``TabularPolicy`` would prove nothing about the original (STYLE.md, "one implementation"). So the
+``TabularPolicy`` would prove nothing about the original (one implementation, or no proof). So the
 tabular policy is dressed as an ordinary ``AutoModelForCausalLM``; every number stays exact.
 
 The mapping (P prompts, S prefixes per prompt, V tabular tokens, H = P·S + 1):

@@ -12,7 +12,7 @@ answers what the language-model math needs: next-token logits per position shape
 ``logps`` of given completions (through ``tether.ops.logprobs.selective_logps``, the same function the
 trainers use), full next-token distributions, exact sequence and state probabilities, and sampling.
 
-Batches of completions use the project's conventions (STYLE.md §4): tokens padded after the end
+Batches of completions use the project's conventions: tokens padded after the end
 (here with ``eos``), ``mask`` True on the real completion tokens (up to and including the first eos).
 """
 

@@ -1,6 +1,6 @@
 """GRPO: group-normalised advantages and the KL in the loss (Shao et al. 2024, DeepSeekMath §4.1).
 
-The loop is ``online.train_online``; this file is GRPO's two pieces (STYLE.md §2):
+The loop is ``online.train_online``; this file is GRPO's two pieces:
 
 - ``prepare``: the ``samples_per_prompt`` = G completions of a prompt form a group; each gets the
   outcome advantage (r_i - mean_group) / (std_group + ε) on every token (``ops.policy.group_advantages``;

@@ -172,7 +172,7 @@ class Sizes:
 
 
 def derive_sizes(cfg: OnlineConfig, dist: Dist) -> Sizes:
-    """All batch sizes, derived once with exact divisibility (STYLE.md §5)."""
+    """All batch sizes, derived once with exact divisibility."""
     G = cfg.samples_per_prompt
     if G < 1:
         raise UserError(f"samples_per_prompt must be >= 1, got {G}")

@@ -1,6 +1,6 @@
 """PPO with the KL-penalised reward (Ziegler et al. 2019; Stiennon et al. 2020; Ouyang et al. 2022).
 
-The loop is ``online.train_online``; this file is PPO's two pieces (STYLE.md §2):
+The loop is ``online.train_online``; this file is PPO's two pieces:
 
 - ``prepare``: per-token rewards ``r_t = -β·sg(kl_t)``, plus the score at the last completion token
   (docs/theory.md §1, ``ops.policy.token_rewards``) -> GAE(γ, λ) against the value model's V(s_t) (PPO paper

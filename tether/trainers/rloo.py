@@ -1,7 +1,7 @@
 """RLOO: REINFORCE with a leave-one-out baseline, KL in the reward (Ahmadian et al. 2024, "Back to
 Basics"; Kool et al. 2019).
 
-The loop is ``online.train_online``; this file is RLOO's two pieces (STYLE.md §2):
+The loop is ``online.train_online``; this file is RLOO's two pieces:
 
 - ``prepare``: each completion's sequence reward is its score minus β x the detached sequence sum of
   the per-token KL (k1 by default: ``ops.policy.token_rewards`` summed over the completion, docs/theory.md §1),
