@@ -44,7 +44,7 @@ class BetaController:
         return self.value
 
     def stats(self) -> dict:
-        """Metrics of the last ``update`` (the fixed ``kl_ctl/*`` names; README's metric table)."""
+        """Metrics of the last ``update`` (the fixed ``kl_ctl/*`` names; docs/metrics.md)."""
         return {}
 
     def state_dict(self) -> dict:

@@ -1,7 +1,7 @@
 """A lean KV-cached forward pass for Llama-architecture models, used by the built-in sampler.
 
 Why: on a small model the Hugging Face forward is mostly per-call Python and dispatch work, not
-arithmetic. A profile of one ``tether grpo`` step on stories260K (README "Speed") put 50% of the
+arithmetic. A profile of one ``tether grpo`` step on stories260K (docs/speed.md) put 50% of the
 step's CPU time in the sampler's 32 decode forwards of 16 rows, about 4 ms each, while the
 matrix products in them take well under 1 ms. Per layer, ``LlamaDecoder`` runs the same
 mathematics with fewer calls:

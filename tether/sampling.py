@@ -7,7 +7,7 @@ temperature and restricts to the *stored* F_t instead of re-filtering its own lo
 and KL of a sample are computed under the distribution it was drawn from and every sampled token has
 a finite log-prob (a bf16 full-pass re-filter dropped about 2 in 1000 sampled tokens on stories260K).
 
-How sampling settings define the KL (docs/theory.md §3, README "KL and sampling settings"): the
+How sampling settings define the KL (docs/theory.md §3, docs/sampling.md): the
 sampled policy is π^{τ,F}(v|s_t) = softmax(logits/τ) restricted to F_t and renormalised, and the
 reference is scored the same way: its logits divided by τ and restricted to the same stored F_t (TRL
 also divides the reference's logits by τ). ``kl/ref`` is KL[π^{τ,F}_θ‖π^{τ,F}_ref]: exactly 0 for a

@@ -9,7 +9,7 @@ KL[π_θ(·|x)‖π_ref(·|p+x)]: a prefix that makes the second small makes the
 --prompts and --targets: one per line (a single target line serves every prompt). --prefixes: one per
 line; or --search greedy|random finds one (--prefix_tokens, --search_steps, --candidates, --seed)
 that raises the reference's mean log-probability of the targets. Prefix tokens go after the prompt's
-BOS. The remedy during training: reference_prompt (README, docs/theory.md §13).
+BOS. The remedy during training: reference_prompt (docs/diagnostics.md, docs/theory.md §13).
 
 Example:
   tether shift --reference stories260K --prompts prompts.txt --targets target.txt --search greedy \\
