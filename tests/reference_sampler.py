@@ -1,4 +1,4 @@
-"""The built-in sampler as it was before issue 13 (one forward per step over every row, growing
+"""The built-in sampler without compaction or the lean decode step (one forward per step over every row, growing
 attention mask, F_t packed every step): the slow reference that tether.sampling.sample must match
 token for token under the same generator (tests/test_sampler_fast.py), and the "before" of
 benchmarks/bench_sampler.py."""

@@ -1,5 +1,5 @@
 """Any architecture: LoRA's default targets, gradient checkpointing, epochs, report_to, and rank-0
-printing, on tiny random-init GPT-2, Llama and Qwen2 models (issue 11, points 3, 5 and 7a).
+printing, on tiny random-init GPT-2, Llama and Qwen2 models.
 
 The three models share stories260K's tokenizer (vocabulary 512) and are built with dropout on
 everywhere it exists (GPT-2's modules, Llama's and Qwen2's functional attention dropout), so a test

@@ -1,4 +1,4 @@
-"""Bad input through the real ``tether`` command (issue 10): each kind must end with exit code 2, no
+"""Bad input through the real ``tether`` command (docs/cli.md, Errors): each kind must end with exit code 2, no
 traceback, and one last line ``tether <command>: error: <message>`` that names the field or file.
 
 Every case fails before any weights load (``tether.checks``), so a subprocess costs about the

@@ -1,4 +1,4 @@
-"""The loops share one sampling engine (tether/engine.py; STYLE.md "One engine for sampling").
+"""The loops share one sampling engine (tether/engine.py).
 
 Each test runs two loops on the real stories260K with the same prompts, seed and sampling settings and
 asserts *exact* equality of what they sample and measure: the online rollout against ``measure``

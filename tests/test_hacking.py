@@ -129,9 +129,10 @@ def test_hacking_monitor_warns_once_with_the_kl(caplog):
 
 
 def test_demo_ppo_on_proxy_history_is_not_flagged():
-    """The quick demo's PPO-on-proxy run (target 8; README): gold 0.099, 0.097, 0.234, 0.169, 0.256 and
-    proxy 0.152 → 1.670 at KL 0 … 12.4. The gold's dip at step 30 recovers at step 40, so the best gold is
-    the last evaluation and nothing fires (no standard errors were logged: the ordering test alone)."""
+    """A demo PPO-on-proxy run (target 8; the settings of docs/diagnostics.md's forgetting table): gold
+    0.099, 0.097, 0.234, 0.169, 0.256 and proxy 0.152 → 1.670 at KL 0 … 12.4. The gold's dip at step 30
+    recovers at step 40, so the best gold is the last evaluation and nothing fires (no standard errors
+    were logged: the ordering test alone)."""
     kl = [0.0, 5.95, 14.72, 16.65, 12.44]
     h = _history([0.099, 0.097, 0.234, 0.169, 0.256], [0.152, 0.521, 1.828, 1.923, 1.670], se=None, kl=kl)
     assert _first_flag(h) is None

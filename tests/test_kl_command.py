@@ -1,4 +1,4 @@
-"""`tether kl` on the real stories260K (issue 2, definition of done)."""
+"""`tether kl` on the real stories260K (docs/estimators.md)."""
 
 import json
 
@@ -74,7 +74,7 @@ def _perturbed(tmp_path, stories_path, scale=0.01):
 
 
 def test_by_position_adds_up_to_the_sequence_kl(tmp_path, stories_path, capsys):
-    """--by_position (issue 14, point 3): Σ_t mean_t·n_t is the sum of every sample's exact per-token KL,
+    """--by_position: Σ_t mean_t·n_t is the sum of every sample's exact per-token KL,
     so divided by the sample count it is the exact mean sequence KL (float64 sums of float32 values);
     every sample reaches position 0; the length buckets partition the samples, and their count-weighted
     means give back each estimator's overall mean. Against itself: all zeros."""

@@ -1,4 +1,4 @@
-"""KL monitoring in the trainers (issue 14, points 3, 4, 7) on the real stories260K: β = 0 still logs
+"""KL monitoring in the trainers (docs/diagnostics.md) on the real stories260K: β = 0 still logs
 kl/ref (TRL drops the metric then), the rollout's kl/by_position buckets add up to kl/ref, and a logged
 gold reward beside the optimised proxy brings reward/rank_corr/<name>, eval/reward/<name>_stderr and
 eval/hacking."""

@@ -1,5 +1,5 @@
 """Chunked log-probs / entropy / exact KL equal their naive full-tensor formulas, in value and in
-gradient (STYLE.md §6b), sampling filters behave like transformers' warpers, and the chunked
+gradient, sampling filters behave like transformers' warpers, and the chunked
 version never materialises a second (B, T, V) fp32 tensor (measured, in a subprocess)."""
 
 import json

@@ -1,7 +1,7 @@
 """PPO, GRPO and RLOO (tether/trainers/online.py, ppo.py, grpo.py, rloo.py) on the real stories260K
 with the VADER sentiment of the completion as the reward.
 
-Layers (STYLE.md §6): (a) hand-derived numbers for the orchestration pieces — where the score lands,
+Layers: (a) hand-derived numbers for the orchestration pieces — where the score lands,
 reward-to-go, the leave-one-out advantage, the no-EOS penalty; (b) an exact-enumeration check of the
 gradient claim behind ``online.exact_kl_direct_term``; real-model rollouts — masks after EOS, on-policy first
 update, KL 0 at step 0; (d) short end-to-end runs: PPO raises VADER with a bounded KL, a larger β

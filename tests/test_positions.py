@@ -1,4 +1,4 @@
-"""The KL by completion position (tether/ops/positions.py) and the position-dependent β (issue 14, point 3):
+"""The KL by completion position (tether/ops/positions.py) and the position-dependent β (docs/theory.md §12):
 hand values on tiny tensors, and w ≡ 1 bit-identical to the unweighted path."""
 
 import math

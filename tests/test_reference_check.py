@@ -1,4 +1,4 @@
-"""``tether reference-check`` (issue 14 point 6): per-candidate NLL of the chosen and rejected responses,
+"""``tether reference-check`` (docs/diagnostics.md): per-candidate NLL of the chosen and rejected responses,
 how often the reference prefers the chosen one, and how often it finds the chosen one likely. Exact
 checks on the tabular LM (every sequence's log-probability is enumerable), a smoke run on stories260K
 with hh-rlhf pairs, and the one-line errors."""

@@ -1,4 +1,4 @@
-"""Moving references of the online trainers (issue 14 point 6): the ProRL hard reset
+"""Moving references of the online trainers (docs/theory.md §14): the ProRL hard reset
 (``ref_reset_every``, optionally with ``ref_reset_optimizer``) and the rolling reference that lags N
 steps behind (``ref_lag``), on the tabular LM of ``tether.oracle`` (tiny, so every check is exact)."""
 

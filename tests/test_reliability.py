@@ -1,4 +1,4 @@
-"""Reliability (issue 10): no silent NaN, no run mixed with another, no pickle, recovery.
+"""Reliability (docs/reliability.md): no silent NaN, no run mixed with another, no pickle, recovery.
 
 Runs are tether sft / dpo on the real stories260K for 1-4 steps (a few seconds each). NaN is
 injected by wrapping the loss function a trainer calls, so the guard is tested on the shipped loop.

@@ -1,4 +1,4 @@
-"""The built-in sampler's speed-ups change no sample (issue 13).
+"""The built-in sampler's speed-ups change no sample (docs/speed.md).
 
 ``tether.sampling.sample`` drops finished rows from the forward pass and draws its tokens with
 ``draw_tokens`` instead of ``torch.multinomial``. Both are checked against the plain loop it replaced

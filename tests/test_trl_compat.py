@@ -1,4 +1,4 @@
-"""A TRL user's configs and habits (issue 11, points 3 and 4): TRL's field names, kebab-case flags,
+"""A TRL user's configs and habits (docs/from-trl.md): TRL's field names, kebab-case flags,
 bare booleans, nested config groups, and TRL-format YAML files run unchanged through tether."""
 
 import gzip

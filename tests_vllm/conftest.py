@@ -3,7 +3,7 @@ suite, whose ``testpaths`` is tests/). The engine runs in this process (colocate
 
 import os
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # before vllm is imported (issue 13)
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # before vllm is imported
 
 import importlib.util
 from pathlib import Path

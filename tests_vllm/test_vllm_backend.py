@@ -1,4 +1,4 @@
-"""The colocated vLLM backend against tether's own scoring (issue 13, point 2), on CPU.
+"""The colocated vLLM backend against tether's own scoring (docs/sampling.md), on CPU.
 
 One engine per module (building it takes ~20 s on two cores, its first generation ~10 s more)."""
 
