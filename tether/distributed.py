@@ -39,6 +39,9 @@ def quiet_other_ranks() -> bool:
     return True
 
 
+_OWN_GROUP = False  # True when tether initialised the process group (and so must destroy it)
+
+
 class Dist:
     """Process-group facade; a single process behaves as world_size 1 with no communication."""
 
@@ -46,7 +49,9 @@ class Dist:
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         if self.world_size > 1 and not dist.is_initialized():
+            global _OWN_GROUP
             dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
+            _OWN_GROUP = True
         self.device = (
             torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else torch.device("cpu")
         )
@@ -113,3 +118,15 @@ class Dist:
     def close(self) -> None:
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()
+
+    def finish(self) -> None:
+        """End of a training run: wait for every process (rank 0 may still be writing final/), then
+        destroy the process group if tether created it. Without this a rank that finishes first exits
+        with gloo's threads alive, and the C++ runtime aborts it ("terminate called without an active
+        exception", exit -6), which fails the whole launch. A group the caller created is left alone."""
+        global _OWN_GROUP
+        if self.enabled and dist.is_initialized():
+            dist.barrier()
+            if _OWN_GROUP:
+                dist.destroy_process_group()
+                _OWN_GROUP = False

@@ -502,4 +502,5 @@ def train_dpo(cfg: DPOConfig, *, rows: Optional[Sequence[dict]] = None, eval_row
     ckpt.save(step)
     final = save_final(policy, cfg.output_dir, tokenizer=tok, merge_lora=cfg.merge_lora, is_main=dist.is_main)
     run.close()
+    dist.finish()
     return {**metrics, **data_info, "final": str(final)}

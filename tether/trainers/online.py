@@ -759,6 +759,7 @@ def train_online(
     s.save()
     final = save_final(s.policy, cfg.output_dir, tokenizer=s.tok, merge_lora=cfg.merge_lora, is_main=dist.is_main)
     s.run.close()
+    dist.finish()
     return {"final": str(final), "metrics": metrics, "history": s.history, "eval_history": s.eval_history}
 
 

@@ -212,5 +212,6 @@ def train_reward_model(cfg: RMConfig, *, resume: bool = False) -> dict:
     ckpt.save(step)
     final = save_final(model, cfg.output_dir, tokenizer=tok, merge_lora=cfg.merge_lora, is_main=dist.is_main)
     run.close()
+    dist.finish()
     keys = ("loss", "rm/accuracy", "eval/loss", "eval/rm/accuracy")
     return {"final": str(final), **{k: metrics.get(k) for k in keys}}

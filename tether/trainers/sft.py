@@ -188,4 +188,5 @@ def train_sft(cfg: SFTConfig, *, resume: bool = False) -> dict:
     ckpt.save(step)
     final = save_final(model, cfg.output_dir, tokenizer=tok, merge_lora=cfg.merge_lora, is_main=dist.is_main)
     run.close()
+    dist.finish()
     return {"final": str(final), "loss": metrics.get("loss"), "eval/loss": metrics.get("eval/loss")}
