@@ -1,5 +1,7 @@
 """Test configuration: real assets from ../shared/assets (never copied into the repo)."""
 
+import inspect
+import json
 import math
 import os
 from pathlib import Path
@@ -68,3 +70,98 @@ def dpo_log2_tol(row: dict, beta: float) -> float:
     plus the rounding of ln 2 itself. Measured on stories260K (48 tokens, β = 0.1, 4 seeds x 3
     steps): at most 0.41 of the k = 1 budget; the flaky abs=1e-6 was 0.3 of it."""
     return f32_tol(math.log(2), beta * (abs(row["logps/chosen"]) + abs(row["logps/rejected"])))
+
+
+def assert_close(got, want, *, abs: float = 0.0, rel: float = 0.0, what: str = "") -> None:
+    """Elementwise |got - want| <= abs + rel·|want|, for numbers, equal-length sequences or tensors.
+
+    Use it for every comparison whose tolerance is derived or measured (not for exact values): with
+    ``TETHER_TOL_LOG=FILE`` set, each call appends the worst ratio |got - want| / (abs + rel·|want|)
+    seen at its call site to FILE, so ``tests/tolerance_report.py`` can show how much headroom each
+    tolerance has on this machine and under other CPU kernels (see that script)."""
+    g = torch.as_tensor(got, dtype=torch.float64).flatten()
+    w = torch.as_tensor(want, dtype=torch.float64).flatten()
+    assert g.shape == w.shape, f"{what}: {g.numel()} values against {w.numel()}"
+    budget = abs + rel * w.abs()
+    err = (g - w).abs()
+    both_nan = g.isnan() & w.isnan()
+    err = torch.where(both_nan | (g == w), torch.zeros_like(err), err)  # equal infinities and NaNs agree
+    ratio = torch.where(err == 0, torch.zeros_like(err), err / budget)
+    worst = float(ratio.max()) if ratio.numel() else 0.0
+    if os.environ.get("TETHER_TOL_LOG"):
+        frame = inspect.stack()[1]
+        site = f"{Path(frame.filename).name}:{frame.lineno}"
+        with open(os.environ["TETHER_TOL_LOG"], "a") as f:
+            f.write(json.dumps({"site": site, "what": what, "ratio": worst, "max_err": float(err.max()) if err.numel() else 0.0}) + "\n")
+    if not worst <= 1.0:
+        i = int(ratio.argmax())
+        raise AssertionError(f"{what or 'values'} differ at index {i}: {float(g[i])!r} vs {float(w[i])!r} "
+                             f"(|diff| {float(err[i]):.3g} > budget {float(budget[i]):.3g})")
+
+
+def _test_site() -> str | None:
+    """file:line of the innermost frame in a tests/test_*.py file (the assertion's call site)."""
+    for frame in inspect.stack()[2:]:
+        name = Path(frame.filename).name
+        if name.startswith("test_") and name.endswith(".py"):
+            return f"{name}:{frame.lineno}"
+    return None
+
+
+def _record_every_tolerance(log: str) -> None:
+    """With TETHER_TOL_LOG set, record the worst |actual - expected| / tolerance of every
+    ``pytest.approx`` and ``torch.testing.assert_close`` comparison made from a test file (measurement
+    only: outcomes are unchanged). ``tests/tolerance_report.py`` reads the log."""
+    import _pytest.approx as approx_mod
+
+    def write(ratio: float, err: float) -> None:
+        site = _test_site()
+        if site is not None and math.isfinite(ratio):
+            with open(log, "a") as f:
+                f.write(json.dumps({"site": site, "what": "", "ratio": ratio, "max_err": err}) + "\n")
+
+    scalar_eq = approx_mod.ApproxScalar.__eq__
+
+    def eq(self, actual):
+        ok = scalar_eq(self, actual)
+        try:
+            err = abs(float(actual) - float(self.expected))
+            tol = float(self.tolerance)
+            write(err / tol if tol > 0 else (0.0 if err == 0 else math.inf), err)
+        except (TypeError, ValueError, OverflowError):
+            pass
+        return ok
+
+    approx_mod.ApproxScalar.__eq__ = eq
+    torch_close = torch.testing.assert_close
+
+    def close(actual, expected, *args, rtol=None, atol=None, **kw):
+        try:
+            a, e = torch.as_tensor(actual).double(), torch.as_tensor(expected).double()
+            if rtol is None or atol is None:  # torch's defaults for the expected dtype
+                dt = torch.as_tensor(expected).dtype
+                rtol, atol = {torch.float64: (1e-7, 1e-7), torch.float16: (1e-3, 1e-5),
+                              torch.bfloat16: (1.6e-2, 1e-5)}.get(dt, (1.3e-6, 1e-5)) if dt.is_floating_point else (0, 0)
+            err = (a - e).abs()
+            ratio = torch.where(err == 0, torch.zeros_like(err), err / (atol + rtol * e.abs()))
+            if ratio.numel():
+                write(float(ratio.max()), float(err.max()))
+        except (TypeError, ValueError, RuntimeError):
+            pass
+        return torch_close(actual, expected, *args, rtol=rtol, atol=atol, **kw)
+
+    torch.testing.assert_close = close
+    torch_allclose = torch.allclose
+
+    def allclose(a, b, rtol=1e-5, atol=1e-8, equal_nan=False):
+        err = (a.double() - b.double()).abs()
+        ratio = torch.where(err == 0, torch.zeros_like(err), err / (atol + rtol * b.double().abs()))
+        if ratio.numel():
+            write(float(ratio.max()), float(err.max()))
+        return torch_allclose(a, b, rtol=rtol, atol=atol, equal_nan=equal_nan)
+
+    torch.allclose = allclose
+
+
+if os.environ.get("TETHER_TOL_LOG"):
+    _record_every_tolerance(os.environ["TETHER_TOL_LOG"])
