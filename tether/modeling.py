@@ -183,11 +183,18 @@ def forward_completion(model, batch: CompletionBatch, *, filters: Optional[dict]
     must be restricted to the policy's set (``with_allowed``), not to its own top-k.
     """
     T = batch.mask.shape[1]
+    L = batch.input_ids.shape[1]
+    # The kept positions as an index tensor, not the int T + 1: an int makes Hugging Face slice the hidden
+    # states (a non-contiguous view), and torch's matmul then folds the LM head's product into one matrix
+    # product or not depending on whether the head's weight requires grad. A trained policy and its frozen
+    # copy would then take different kernels and round differently (seen with MKL's AVX2 kernels: a model
+    # against its copy gave KL -2.4e-7, not 0). Indexing copies the rows, and both take the same path.
+    keep = torch.arange(L - (T + 1), L, device=batch.input_ids.device)
     out = model(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         position_ids=position_ids(batch.attention_mask),
-        logits_to_keep=T + 1,
+        logits_to_keep=keep,
         use_cache=False,
         output_hidden_states=hidden,
     )
