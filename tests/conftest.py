@@ -60,6 +60,35 @@ def f32_tol(*magnitudes: float, ulps: float = 8) -> float:
     return ulps * F32_EPS * sum(abs(float(m)) for m in magnitudes)
 
 
+@torch.no_grad()
+def logit_magnitude(model, input_ids: torch.Tensor, **forward_kw) -> float:
+    """max over positions and vocabulary of Σ_i |h_i|·|W_vi|: the size of the dot products a logit is
+    accumulated from (h the last hidden state, W the LM head). Two kernels (or layouts) that compute
+    the same logit differ by a few float32 spacings of this, not of the logit itself."""
+    model_was_training = model.training
+    out = model.eval()(input_ids=input_ids, output_hidden_states=True, **forward_kw)
+    model.train(model_was_training)
+    head = model.get_output_embeddings().weight
+    return float((out.hidden_states[-1].abs() @ head.abs().t()).max())
+
+
+def seq_logps_tol(magnitude: float, tokens: int, ulps: float = 8) -> float:
+    """Tolerance of a sequence log-prob sum over ``tokens`` completion tokens computed by two kernels
+    or layouts: each token's log-prob is logit − logsumexp, both carrying rounding of ``magnitude``
+    (``logit_magnitude``), so the sum's budget is ulps·ε·2·tokens·magnitude (a worst case: rounding
+    errors that add up with one sign)."""
+    return f32_tol(2 * tokens * magnitude, ulps=ulps)
+
+
+def measured_tol(worst: float, headroom: float = 4.0) -> float:
+    """Tolerance for a quantity no float32 bound reaches cheaply (a trajectory after several optimiser
+    steps, where Adam turns a rounding-sized gradient element into a ±lr step): ``headroom`` times the
+    worst deviation ``tests/tolerance_report.py`` measured at that call site over its kernel settings
+    (native, AVX2 and SSE4.2 dispatch in ATen and MKL). Pass the measured number itself, so the next
+    reader sees both; a test that uses it also asserts the effect it guards is far larger."""
+    return headroom * worst
+
+
 def dpo_log2_tol(row: dict, beta: float) -> float:
     """Tolerance of a logged DPO loss at π_θ = π_ref against ln 2 (rows of metrics.jsonl).
 

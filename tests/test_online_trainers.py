@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import assert_close, f32_tol, logit_magnitude
 from tether.distributed import Dist
 from tether.modeling import completion_logps, make_batch
 from tether.ops.kl import kl_loss_term
@@ -86,9 +87,10 @@ def test_ppo_score_lands_on_last_token_and_returns_are_reward_to_go():
     prep = ppo_prepare(scores=ro.scores, kl_tokens=ro.kl_tokens, mask=ro.mask, values=ro.values, cfg=cfg, beta=0.1)
     want_r = torch.tensor([[-.05, -.05, .95, 0], [1.95, 0, 0, 0], [-.05, -.05, -.05, -1.05]])
     want_g = torch.tensor([[.85, .9, .95, 0], [1.95, 0, 0, 0], [-1.2, -1.15, -1.1, -1.05]])
-    torch.testing.assert_close(prep.rewards, want_r, atol=1e-6, rtol=0)
-    torch.testing.assert_close(prep.returns, want_g, atol=1e-6, rtol=0)
-    torch.testing.assert_close(prep.advantages, want_g, atol=1e-6, rtol=0)
+    tol = f32_tol(want_r.abs().sum(-1).max())  # a return adds up to a row's rewards in float32
+    assert_close(prep.rewards, want_r, abs=tol, what="rewards")
+    assert_close(prep.returns, want_g, abs=tol, what="returns")
+    assert_close(prep.advantages, want_g, abs=tol, what="advantages")
     assert prep.adv_scale == 1.0
     assert not hasattr(ro, "advantages")  # prepare returns; it writes nothing into the rollout
 
@@ -227,7 +229,10 @@ def test_rollout_masks_after_eos_and_penalises_no_eos(stories):
         assert float(getattr(ro, name)[~mask].abs().sum()) == 0.0, name
         assert not getattr(ro, name).requires_grad, name  # scored without building a graph
     # Scored as sampled: same log-probs as a plain scoring pass; policy == reference -> KL 0.
-    torch.testing.assert_close(ro.old_logps, completion_logps(model, ro.batch), atol=1e-5, rtol=0)
+    # The sampler's decode step and a full forward compute the same logits with other kernels and shapes:
+    # a token's log-prob carries a few float32 spacings of the dot products its logits come from.
+    tol = f32_tol(2 * logit_magnitude(model, ro.batch.input_ids, attention_mask=ro.batch.attention_mask))
+    assert_close(ro.old_logps, completion_logps(model, ro.batch), abs=tol, what="old_logps")
     assert float(ro.kl_exact.abs().max()) < 1e-5 and float(ro.kl_tokens.abs().max()) < 1e-5
     vader = ro.reward_metrics["reward/vader"]
     torch.testing.assert_close(ro.scores, vader - 0.5 * ro.no_eos.float())
