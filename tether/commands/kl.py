@@ -95,7 +95,7 @@ def format_filter_cost(result: dict) -> str:
     out = [f"filter cost: {fc['mean']:.5f}{se} nats/seq = E Σ_t -log π_ref(F_t), the reference's tempered mass "
            "outside the sampled top-k/top-p sets; it is part of the KL above (a model against itself has exactly this KL)"]
     if "exact" in result["estimators"]:
-        rest = result["estimators"]["exact"]["mean"] - fc["mean"]
+        rest = max(result["estimators"]["exact"]["mean"] - fc["mean"], 0.0)  # a KL: ≥ 0 up to float32 rounding
         out.append(f"KL without it (to the reference restricted to the sampled sets): {rest:.5f} nats/seq")
     return "\n".join(out)
 
