@@ -795,7 +795,9 @@ def best_of_n_rows(suite: Suite) -> list:
 
 
 def all_rows(suite: Suite) -> list:
-    return online_rows(suite) + trainer_rows(suite) + preference_rows(suite) + best_of_n_rows(suite)
+    from .certify_filters import filter_rows  # top-k / top-p (docs/theory.md §3)
+
+    return online_rows(suite) + trainer_rows(suite) + filter_rows(suite) + preference_rows(suite) + best_of_n_rows(suite)
 
 
 def names(suite: Optional[Suite] = None) -> list[tuple[str, str]]:
