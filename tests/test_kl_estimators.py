@@ -539,3 +539,57 @@ def test_gaussian_blog_numbers():
     assert s3 / true == pytest.approx(math.sqrt(math.e - 1 - mu**2) / true, abs=1e-9)
     assert s2 / true == pytest.approx(1.73, abs=0.005)  # docs/theory.md, 3 significant digits
     assert s3 / true == pytest.approx(1.7, abs=0.05)  # docs/theory.md, "about 1.7"
+
+
+# ---- per token versus per sequence: exact is not always the lowest-variance sequence sum (docs/theory.md §2) ----
+
+
+def _two_step_sums(bd: float):
+    """Sequence sums of k1 and exact over the tree {a, b} x {c, d} (tokens 0-3), through the shipped
+    ``kl_per_token`` / ``seq_sum``. π_ref is uniform at each step; π_θ puts (1 - bd)/3 on ac, ad, bc and
+    ``bd`` on bd. Returns (probabilities, k1 sums, exact sums) over the sequences π_θ can emit."""
+    seqs = [(0, 2), (0, 3), (1, 2), (1, 3)]
+    mass = torch.tensor([(1 - bd) / 3] * 3 + [bd], dtype=torch.float64)
+    keep = mass > 0
+    pa = mass[:2].sum()
+    first = torch.tensor([pa, 1 - pa, 0.0, 0.0], dtype=torch.float64)
+    after = {0: mass[:2] / mass[:2].sum(), 1: mass[2:] / mass[2:].sum()}
+    neg = float("-inf")
+    logits = torch.full((4, 2, 4), neg, dtype=torch.float64)  # (sequence, position, token)
+    ref_logits = torch.full((4, 2, 4), neg, dtype=torch.float64)
+    tokens = torch.tensor(seqs)
+    for i, (x, _) in enumerate(seqs):
+        logits[i, 0, :2] = first[:2].log()
+        logits[i, 1, 2:] = after[x].log()
+        ref_logits[i, 0, :2] = 0.0  # uniform on {a, b}
+        ref_logits[i, 1, 2:] = 0.0  # uniform on {c, d}
+    mask = torch.ones(4, 2, dtype=torch.bool)
+    logps, ref_logps = selective_logps(logits, tokens), selective_logps(ref_logits, tokens)
+    sums = {est: seq_sum(kl_per_token(logps, ref_logps, mask, estimator=est, logits=logits, ref_logits=ref_logits).per_token,
+                         mask)
+            for est in ("k1", "exact")}
+    return mass[keep], sums["k1"][keep], sums["exact"][keep]
+
+
+def _var(w, x):
+    m = (w * x).sum()
+    return float((w * (x - m) ** 2).sum())
+
+
+def test_exact_is_lowest_variance_per_token_not_per_sequence():
+    """π_ref uniform on {a, b} x {c, d}; π_θ = 1/3 on ac, ad, bc. Every k1 sum is log((1/3)/(1/4)) = log(4/3):
+    variance 0. The exact sum is KL(root) + KL(state after the first token): 0 after a, log 2 after b
+    (π_θ(·|b) = δ_c), so it is KL(root) + log 2 with probability 1/3: variance (log 2)²·(1/3)(2/3) = 0.1068.
+    Both are unbiased for the sequence KL log(4/3). With 1e-3 on bd (the rest shared equally), measured
+    by enumeration: k1 0.034, exact 0.101. Per token, at a fixed state, Var(exact) = 0 ≤ Var(k1)
+    (Rao-Blackwell); the sequence sum is another matter: k1's per-token terms can cancel along a path."""
+    w, k1_sum, exact_sum = _two_step_sums(0.0)
+    assert k1_sum.tolist() == pytest.approx([math.log(4 / 3)] * 3, abs=1e-15)
+    assert _var(w, k1_sum) == pytest.approx(0.0, abs=1e-30)
+    assert _var(w, exact_sum) == pytest.approx(math.log(2) ** 2 * 2 / 9, rel=1e-12)
+    assert round(_var(w, exact_sum), 3) == 0.107
+    assert float((w * exact_sum).sum()) == pytest.approx(math.log(4 / 3), rel=1e-12)  # both unbiased
+    w, k1_sum, exact_sum = _two_step_sums(1e-3)
+    v1, ve = _var(w, k1_sum), _var(w, exact_sum)
+    assert (round(v1, 3), round(ve, 3)) == (0.034, 0.101)
+    assert float((w * k1_sum).sum()) == pytest.approx(float((w * exact_sum).sum()), rel=1e-12)
