@@ -246,7 +246,7 @@ class LossInputs:
 
     logps: torch.Tensor  # (B, T) log π_θ of the sampled tokens (sampling filters applied), 0 off-mask
     old_logps: torch.Tensor  # (B, T) log π_old at rollout
-    ref_logps: torch.Tensor  # (B, T) log π_ref (same filters)
+    ref_logps: torch.Tensor  # (B, T) log π^τ_ref: tempered, unfiltered (restricted to F_t with kl_reference_filter: restricted)
     mask: torch.Tensor  # (B, T) bool
     advantages: torch.Tensor  # (B, T) or (B,)
     adv_scale: float = 1.0  # Prepared.adv_scale
