@@ -89,6 +89,11 @@ def test_the_suite_covers_what_tether_ships(certificate):
     assert by_name["ipo"].target.startswith("ipo_optimum") and by_name["dpo"].target.startswith("reverse_kl_optimum")
     assert by_name["simpo"].expected.startswith("no KL anchor")
     assert "β trajectory =" in by_name["scheduled_beta"].note
+    # top-k / top-p (docs/theory.md §3): the fixed reference by default, the restricted form's bias shown
+    for name in ("ppo_top_k", "ppo_top_p", "ppo_top_k_t1", "ppo_top_p_t1", "ppo_top_k_branches"):
+        assert by_name[name].target == "fixed_reference_optimum" and by_name[name].config["kl_reference_filter"] == "none"
+    assert by_name["ppo_top_k_branches_restricted"].target == "restricted_reference_optimum"
+    assert by_name["adaptive_kl_top_p"].config["top_p"] == 0.9
 
 
 def test_json_table_only_and_plot(tmp_path, capsys):

@@ -33,6 +33,9 @@ A row's verdict (``Certificate.ok``):
 - expected "bounded": a trust region (PPO's clip) keeps the measured distance within the bound.
 - best-of-n: its exact KL[π_bon‖π_ref] must match the enumeration and lie below log n - (n-1)/n.
 
+Top-k / top-p rows (``certify_filters``): the policy as sampled, with the sets the trained policy ends
+with, against the optimum of the fixed-reference objective within those sets (docs/theory.md §3).
+
 ``steps`` counts optimiser steps of the trainer (gradient evaluations in the exact tier).
 ``objective_gap`` is β log Z - J(π) = β·KL[π‖π*] for the β whose π* the row compares to.
 """
