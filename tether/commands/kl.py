@@ -92,8 +92,9 @@ def format_filter_cost(result: dict) -> str:
     """The top-k/top-p lines: the filter cost E Σ_t -log π^τ_ref(F_t) and the KL left without it."""
     fc = result["filter_cost"]
     se = f" ± {fc['stderr']:.5f}" if fc["stderr"] == fc["stderr"] else ""
-    out = [f"filter cost: {fc['mean']:.5f}{se} nats/seq = E Σ_t -log π_ref(F_t), the reference's tempered mass "
-           "outside the sampled top-k/top-p sets; it is part of the KL above (a model against itself has exactly this KL)"]
+    out = [f"filter cost: {fc['mean']:.5f}{se} nats/seq = E Σ_t -log π_ref(F_t), π_ref(F_t) the reference's (tempered) "
+           "mass inside the sampled top-k/top-p set: the part of the KL above that the filter alone causes (a model "
+           "against itself has exactly this KL)"]
     if "exact" in result["estimators"]:
         rest = max(result["estimators"]["exact"]["mean"] - fc["mean"], 0.0)  # a KL: ≥ 0 up to float32 rounding
         out.append(f"KL without it (to the reference restricted to the sampled sets): {rest:.5f} nats/seq")
