@@ -99,8 +99,8 @@ class CompletionBatch:
     allowed: the token set F_t the sampler's top-k/top-p filter allowed at each completion position,
     bit-packed (``ops.logprobs.pack_allowed``): (B, T, ceil(V/8)) uint8, B·T·V/8 bytes (64 x 512
     tokens with a 150k vocabulary: 0.6 GB). Set by ``sampling.sample`` only when top-k or top-p was
-    active; None otherwise (``make_batch``, preference data). Scoring restricts the policy and the
-    reference to it (``forward_completion``; docs/theory.md §3). Positions that were not sampled
+    active; None otherwise (``make_batch``, preference data). Scoring restricts the policy to it
+    (``forward_completion``; docs/theory.md §3), never the reference. Positions that were not sampled
     (after EOS) allow every token.
     """
 
@@ -179,8 +179,8 @@ def forward_completion(model, batch: CompletionBatch, *, filters: Optional[dict]
     ``batch.allowed``. The set is never recomputed from these logits when it is stored: a full
     forward pass (bf16, no KV cache) can rank tokens differently and drop the sampled one. Fallback,
     for a batch not produced by the sampler (``batch.allowed`` None): F_t is recomputed from this
-    model's logits in fp32 (``ops.logprobs.allowed_set``). Call it with the *policy*: a reference
-    must be restricted to the policy's set (``with_allowed``), not to its own top-k.
+    model's logits in fp32 (``ops.logprobs.allowed_set``). Call it with the *policy*: the reference is
+    scored at the temperature only (``reference.Reference.logits``), never with its own top-k.
     """
     T = batch.mask.shape[1]
     out = model(
@@ -215,8 +215,8 @@ def completion_logits(
 def with_allowed(batch: CompletionBatch, logits: torch.Tensor) -> CompletionBatch:
     """``batch`` carrying the token sets of already filtered ``logits`` (B, T, V): F_t = the tokens
     whose logit is not -inf. For batches not produced by the sampler: score the policy first
-    (``forward_completion``'s fallback recomputes F_t), then attach its sets here, so the reference
-    is restricted to the policy's sets."""
+    (``forward_completion``'s fallback recomputes F_t), then attach its sets here, so later passes
+    over the batch (the loss's) use the same sets."""
     return dataclasses.replace(batch, allowed=pack_allowed(logits > float("-inf")))
 
 

@@ -8,10 +8,9 @@ and KL of a sample are computed under the distribution it was drawn from and eve
 a finite log-prob (a bf16 full-pass re-filter dropped about 2 in 1000 sampled tokens on stories260K).
 
 How sampling settings define the KL (docs/theory.md §3, docs/sampling.md): the
-sampled policy is π^{τ,F}(v|s_t) = softmax(logits/τ) restricted to F_t and renormalised, and the
-reference is scored the same way: its logits divided by τ and restricted to the same stored F_t (TRL
-also divides the reference's logits by τ). ``kl/ref`` is KL[π^{τ,F}_θ‖π^{τ,F}_ref]: exactly 0 for a
-model against itself at any settings; k1, k3 and exact are unbiased for it, k2 is biased as always.
+sampled policy is π^{τ,F}(v|s_t) = softmax(logits/τ) restricted to F_t and renormalised; the reference
+is the fixed process π^τ_ref, its logits divided by the same τ (as TRL does) and never filtered.
+``kl/ref`` is KL[π^{τ,F}_θ‖π^τ_ref], which includes the filter cost E Σ_t -log π^τ_ref(F_t) (``kl/filter_cost``).
 
 Completion tokens after the first EOS are padding (mask False); the EOS itself counts.
 """

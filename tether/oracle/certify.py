@@ -33,6 +33,9 @@ A row's verdict (``Certificate.ok``):
 - expected "bounded": a trust region (PPO's clip) keeps the measured distance within the bound.
 - best-of-n: its exact KL[π_bon‖π_ref] must match the enumeration and lie below log n - (n-1)/n.
 
+Top-k / top-p rows (``certify_filters``): the policy as sampled, with the sets the trained policy ends
+with, against the optimum of the fixed-reference objective within those sets (docs/theory.md §3).
+
 ``steps`` counts optimiser steps of the trainer (gradient evaluations in the exact tier).
 ``objective_gap`` is β log Z - J(π) = β·KL[π‖π*] for the β whose π* the row compares to.
 """
@@ -795,7 +798,9 @@ def best_of_n_rows(suite: Suite) -> list:
 
 
 def all_rows(suite: Suite) -> list:
-    return online_rows(suite) + trainer_rows(suite) + preference_rows(suite) + best_of_n_rows(suite)
+    from .certify_filters import filter_rows  # top-k / top-p (docs/theory.md §3)
+
+    return online_rows(suite) + trainer_rows(suite) + filter_rows(suite) + preference_rows(suite) + best_of_n_rows(suite)
 
 
 def names(suite: Optional[Suite] = None) -> list[tuple[str, str]]:

@@ -17,15 +17,19 @@ loss of a micro-batch (``loss``); everything else is this file (the rollout itse
         for epoch, minibatch, micro-batch:    method.loss(...).backward(); all-reduce; clip; step
         β controller.update(kl/ref)           log, log samples, evaluate, checkpoint
 
-KL conventions (docs/theory.md §2–3, docs/theory.md §3): every KL is KL[π^{τ,F}_θ‖π^{τ,F}_ref], both models'
-logits divided by the sampling temperature τ and restricted to the token sets F_t the sampler's
-top-k/top-p allowed (stored in ``batch.allowed``), both models in eval mode (no dropout: the online methods keep
-the policy in eval mode throughout, so π_θ/π_old = 1 before the first update and step-0 KL is 0;
-TRL #506). ``kl/ref`` is the mean *sequence-sum* KL measured with the exact (Rao-Blackwellised)
-estimator on the rollout — unbiased and the lowest-variance choice — whatever estimator the method
-puts in its reward or loss; it is also what the adaptive β controller is fed. ``kl/penalty`` is
-β·(mean sequence sum of the configured estimator), the KL as applied. The loss differentiates the
-same π^{τ,F}_θ with the stored F_t, always finite since the sampled token is in F_t (``_filters``).
+KL conventions (docs/theory.md §2–3): every KL is KL[π^{τ,F}_θ‖π^τ_ref], between the policy as sampled
+(logits divided by the sampling temperature τ and restricted to the token sets F_t the sampler's
+top-k/top-p allowed, stored in ``batch.allowed``) and the fixed reference process (its logits divided by
+the same τ, whole vocabulary), both models in eval mode (no dropout: the online methods keep the policy
+in eval mode throughout, so π_θ/π_old = 1 before the first update; TRL #506). ``kl/ref`` is the mean
+*sequence-sum* KL measured with the exact (Rao-Blackwellised) estimator on the rollout, whatever
+estimator the method puts in its reward or loss (unbiased, and the lowest variance per token; a
+sequence sum of k1 can vary less, docs/theory.md §2); it is also what every β controller is fed. It is
+0 at step 0 without top-k/top-p; with them it starts at ``kl/filter_cost`` = E Σ_t -log π^τ_ref(F_t),
+the filter's own cost, logged every step. ``kl/penalty`` is β·(mean sequence sum of the configured
+estimator), the KL as applied (to the restricted reference with ``kl_reference_filter: restricted``). The
+loss differentiates the same π^{τ,F}_θ with the stored F_t, always finite since the sampled token is in
+F_t (``_filters``).
 
 Sizes (checked once, ``derive_sizes``): ``batch_size`` completions per step = prompts x
 ``samples_per_prompt``; prompts are split over processes (a GRPO/RLOO group never straddles two);
@@ -57,7 +61,7 @@ from ..engine import mean_stderr, sampling_settings, score_rows
 from ..generation import backend_for
 from ..measure import encode_prompts
 from ..modeling import CompletionBatch
-from ..ops.kl import ESTIMATOR_NAMES, kl_loss_term
+from ..ops.kl import ESTIMATOR_NAMES, REFERENCE_FILTERS, kl_loss_term
 from ..ops.logprobs import selective_logps
 from ..ops.policy import AGGREGATION_MODES
 from ..ops.positions import check_position_weights, position_weights
@@ -125,6 +129,8 @@ class OnlineConfig(TrainConfig, BetaConfig, SamplingConfig, OnlineReferenceConfi
     """Error on prompts longer than this many tokens (None = no limit)."""
     kl_estimator: str = "k1"
     """Per-token KL estimator k1 | k2 | k3 | exact (docs/theory.md §2-3; tether.ops.kl.ESTIMATORS lists value and gradient bias per placement)."""
+    kl_reference_filter: str = "none"
+    """The reference of the KL penalty under top-k/top-p (docs/theory.md §3): none = the fixed reference π^τ_ref (tempered, unfiltered; the default); restricted = π^τ_ref restricted to the policy's own sampled sets and renormalised (a reference that moves with the policy: drops the filter cost from the penalty, e.g. 0 instead of 3.22 nats at top_k=2 for a policy that has left the reference's top token). kl/ref always measures the fixed reference."""
     kl_clamp_input: Optional[float] = None
     """Clamp the log-ratio lr = log π_θ - log π_ref to [-c, c] before the k1/k2/k3 estimator (None = off; verl uses 20 for k3). Clamped tokens get no KL gradient: kl/clamped_frac logs their fraction."""
     kl_clamp_output: Optional[float] = None
@@ -240,7 +246,7 @@ class LossInputs:
 
     logps: torch.Tensor  # (B, T) log π_θ of the sampled tokens (sampling filters applied), 0 off-mask
     old_logps: torch.Tensor  # (B, T) log π_old at rollout
-    ref_logps: torch.Tensor  # (B, T) log π_ref (same filters)
+    ref_logps: torch.Tensor  # (B, T) log π^τ_ref: tempered, unfiltered (restricted to F_t with kl_reference_filter: restricted)
     mask: torch.Tensor  # (B, T) bool
     advantages: torch.Tensor  # (B, T) or (B,)
     adv_scale: float = 1.0  # Prepared.adv_scale
@@ -295,7 +301,9 @@ def exact_kl_direct_term(x: LossInputs) -> torch.Tensor:
     later states, never the direct dependence of KL_t on π_θ(·|s_t). The full gradient of
     E[Σ_t KL_t] is that score-function part plus Σ_t ∇KL_t at fixed states (Tang & Munos,
     arXiv:2506.09477; docs/theory.md §3). PPO and RLOO add β / adv_scale x this term to their loss.
-    (k1 needs no such term: E_π[∇log π] = 0.)"""
+    (k1 needs no such term: E_π[∇log π] = 0.) The reference logits are the fixed π^τ_ref; with
+    ``kl_reference_filter: restricted`` the restricted KL differs from this one by -log π^τ_ref(F_t),
+    a constant at fixed F_t, so the gradient is the same."""
     if x.logits is None or x.ref_logits is None:
         raise ValueError("the exact KL term needs policy and reference logits (method.needs_ref_logits)")
     return kl_loss_term(x.logps, x.ref_logps, x.mask, estimator="exact", logits=x.logits, ref_logits=x.ref_logits).per_token
@@ -383,12 +391,13 @@ def optimise(policy, value_model, opt, params: list, value_params: list, ro: Rol
                 micro_ref = mb_ref[part] if mb_ref is not None else None
                 if ro.pending:  # score here: reference, then the policy forward that also takes the gradient
                     with torch.no_grad():
-                        micro_ref = reference.logits(micro.batch, filters=filters)  # (b, T, V) π^{τ,F}_ref
+                        micro_ref = reference.logits(micro.batch, filters=filters)  # (b, T, V) π^τ_ref
                     out = policy_output(policy, value_model, micro.batch, filters=filters)
                     micro_ref = micro_ref.to(out.logits.device)
                     fill_scores(ro, rows[part], score_rows(out.logits.detach(), micro_ref, micro.batch,
                                                            estimators=(cfg.kl_estimator,), clamp_input=cfg.kl_clamp_input,
-                                                           clamp_output=cfg.kl_clamp_output), cfg=cfg)
+                                                           clamp_output=cfg.kl_clamp_output,
+                                                           reference_filter=cfg.kl_reference_filter), cfg=cfg)
                     micro = ro.select(rows[part])
                     if mb_prep is None:  # advantages read the scores: the rollout is this one micro-batch
                         prep = method.prepare(scores=ro.scores, kl_tokens=ro.kl_tokens, mask=ro.mask, values=None,
@@ -495,6 +504,9 @@ def _filters(cfg: OnlineConfig) -> dict:
 def _validate(cfg: OnlineConfig, method: OnlineMethod) -> None:
     if cfg.kl_estimator not in ESTIMATOR_NAMES:
         raise UserError(f"kl_estimator must be one of {ESTIMATOR_NAMES}, got {cfg.kl_estimator!r}; set --kl_estimator")
+    if cfg.kl_reference_filter not in REFERENCE_FILTERS:
+        raise UserError(f"kl_reference_filter must be one of {REFERENCE_FILTERS}, got {cfg.kl_reference_filter!r}; set "
+                         "--kl_reference_filter none (the fixed reference, default) or restricted")
     if cfg.reference not in ONLINE_REFERENCE_FORMS:
         raise UserError(f"reference={cfg.reference!r}: online methods score fresh samples every step, so the reference "
                          f"must be a live model; choose from {ONLINE_REFERENCE_FORMS}")
