@@ -66,6 +66,8 @@ class EstimatorInfo:
     grad_loss: str
     grad_loss_is: str
     under_filters: str  # its value under τ/top-k/top-p: matched-filter reference (tether) vs unfiltered
+    needs_logits: bool = False  # reads the full distributions (logits of policy and reference), not only the sampled token
+    reward_direct_term: bool = False  # in the reward (detached) it misses ∇KL_t at fixed states: a loss must add that term
 
 
 _LOCAL = "Σ_t E_{s_t~π_θ}[∇ KL_t(s_t)] with states held fixed"
@@ -121,6 +123,7 @@ ESTIMATORS: dict[str, EstimatorInfo] = {
         "s_t and KL_t does not depend on y_t, so it corrects neither tokens nor states",
         under_filters="unbiased for KL[π^{τ,F}_θ‖π^{τ,F}_ref] with the matched-filter reference tether uses (the sum "
         "runs over F_t); with an unfiltered reference it is KL[π^{τ,F}_θ‖π^τ_ref], like k1",
+        needs_logits=True, reward_direct_term=True,
     ),
 }
 
@@ -215,7 +218,7 @@ def kl_per_token(
     """
     mask = mask.bool()
     clamped = torch.zeros_like(mask)
-    if estimator == "exact":
+    if estimator in ESTIMATORS and ESTIMATORS[estimator].needs_logits:
         if logits is None or ref_logits is None:
             raise ValueError("estimator='exact' needs the full logits of policy and reference (logits=, ref_logits=)")
         if direction == "reverse":
