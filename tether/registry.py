@@ -10,8 +10,10 @@ Adding an online method is its own file (a config class with ``method: ClassVar[
 here (or one ``register_method(...)`` call from user code), and its tests::
 
     register_method(MethodSpec("reinforce", "online RL: REINFORCE with a baseline",
-                               config="mypkg.reinforce:ReinforceConfig", train="mypkg.reinforce:train_reinforce",
+                               config="mypkg.reinforce:ReinforceConfig", train="tether.trainers.online:train_online",
                                online="mypkg.reinforce:REINFORCE"))
+
+(``tests/test_registry.py`` adds such a method in the test alone and trains it from the CLI.)
 """
 
 from __future__ import annotations
@@ -26,14 +28,16 @@ ONLINE_COMMAND = "tether.commands.ppo"  # the shared online command (``online_co
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """One training method. ``config``, ``train``, ``preflight`` and ``online`` are "module:attribute"."""
+    """One training method. ``config``, ``train``, ``preflight`` and ``online`` are "module:attribute" strings
+    (imported when used) or the objects themselves. An online method's ``train`` may be
+    ``"tether.trainers.online:train_online"``: it finds the method from the config's ``method`` name."""
 
     name: str
     help: str  # the one line ``tether --help`` shows
-    config: str  # the config dataclass (its fields are the command's flags and the sweep's fields)
-    train: Optional[str]  # train(cfg, *, resume=False, eval_hook=None, ...) -> result dict; None: not trained (bon)
-    preflight: str = ONLINE_PREFLIGHT  # preflight(cfg): checks the whole input before any weights load (UserError)
-    online: Optional[str] = None  # the OnlineMethod (prepare/loss) of an online method; None: not online
+    config: Any  # the config dataclass (its fields are the command's flags and the sweep's fields)
+    train: Any  # train(cfg, *, resume=False, eval_hook=None, ...) -> result dict; None: not trained (bon)
+    preflight: Any = ONLINE_PREFLIGHT  # preflight(cfg): checks the whole input before any weights load (UserError)
+    online: Any = None  # the OnlineMethod (prepare/loss) of an online method; None: not online
     command: Optional[str] = None  # the CLI module with main(argv); None: the shared online command
     sweep: bool = True  # ``tether sweep`` can vary it
     title: str = ""  # its panel in ``tether certify --plot`` (default: the name in capitals)
@@ -50,8 +54,10 @@ class MethodSpec:
         return resolve(ref)
 
 
-def resolve(ref: str) -> Any:
-    """"module:attribute" -> the attribute (imported now)."""
+def resolve(ref) -> Any:
+    """"module:attribute" -> the attribute (imported now); an object (registered from code) is itself."""
+    if not isinstance(ref, str):
+        return ref
     module, _, attr = ref.partition(":")
     return getattr(importlib.import_module(module), attr)
 
