@@ -1,7 +1,7 @@
 """Online RL from a reward: the one rollout-and-update loop that PPO, GRPO and RLOO share.
 
-A method (``OnlineMethod``: PPO in ``ppo.py``, GRPO in ``grpo.py``, RLOO in ``rloo.py``) supplies
-only what differs between them — how a rollout becomes advantages (``prepare``) and the per-token
+A method (``OnlineMethod``, the contract in ``method.py``: PPO in ``ppo.py``, GRPO in ``grpo.py``, RLOO in
+``rloo.py``, each a row of ``tether.registry``) supplies only what differs between them — how a rollout becomes advantages (``prepare``) and the per-token
 loss of a micro-batch (``loss``); everything else is this file (the rollout itself is
 ``rollout.py``), read top to bottom in ``train_online``:
 
