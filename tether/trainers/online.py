@@ -57,10 +57,10 @@ from ..engine import mean_stderr, sampling_settings, score_rows
 from ..generation import backend_for
 from ..measure import encode_prompts
 from ..modeling import CompletionBatch
-from ..ops.kl import ESTIMATOR_NAMES, kl_loss_term
+from ..ops.kl import ESTIMATOR_NAMES
 from ..ops.logprobs import selective_logps
 from ..ops.policy import AGGREGATION_MODES
-from ..ops.positions import check_position_weights, position_weights
+from ..ops.positions import check_position_weights
 from ..reference import reference_from_config
 from ..data.prompts import Prompt, as_prompts, eval_prompts_split, load_prompts
 from ..rewards import CallableSource, RewardSet, RewardSource, build_reward, call_source, reward_columns
