@@ -398,7 +398,8 @@ def test_group_methods_raise_vader(method, stories_path, tmp_path):
     cls, train = (GRPOConfig, train_grpo) if method == "grpo" else (RLOOConfig, train_rloo)
     res = train(_cfg(cls, stories_path, tmp_path, method, samples_per_prompt=4, learning_rate=1e-3, max_steps=10), prompts=PROMPTS)
     h = res["history"]
-    assert h[0]["ppo/approx_kl_old"] < 1e-6 and h[0]["ppo/clipfrac"] == 0.0 and abs(h[0]["kl/ref"]) < 1e-6
+    assert h[0][f"{method}/approx_kl_old"] < 1e-6 and h[0][f"{method}/clipfrac"] == 0.0 and abs(h[0]["kl/ref"]) < 1e-6
+    assert not any(k.startswith("ppo/") for k in h[0])  # each method logs under its own name
     first, last = _last(h[:2], "reward/score", 2), _last(h, "reward/score", 3)
     assert last > first + 0.2, [round(x["reward/score"], 3) for x in h]
     assert h[-1]["kl/ref"] > 0.5 and math.isfinite(h[-1]["kl/ref"])  # it moved away from the reference
@@ -548,7 +549,7 @@ def test_scores_from_update_match_the_scoring_pass(method, kw, stories_path, tmp
     for a, b in zip(off["history"], on["history"]):
         for k in SAME_TRAJECTORY:
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)
-        assert b["ppo/clipfrac"] == 0.0 and b["ppo/approx_kl_old"] == 0.0  # π_θ/π_old ≡ 1 exactly
+        assert b[f"{method}/clipfrac"] == 0.0 and b[f"{method}/approx_kl_old"] == 0.0  # π_θ/π_old ≡ 1 exactly
         if "kl_clamp_output" in kw:  # the clamp picks the same tokens in both paths
             assert b["kl/clamped_frac"] == pytest.approx(a["kl/clamped_frac"], rel=1e-4)
     if "kl_clamp_output" in kw:  # and it bites once the policy has moved (step 1: π_θ = π_ref, KL 0)

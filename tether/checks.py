@@ -284,6 +284,11 @@ def check_reward_spec(spec: Any, *, field: str = "reward", assets: Optional[str]
 # One preflight per command
 
 
+def preflight_bon_reward(cfg) -> None:
+    """A best-of-n run in a sweep: its reward spec (the sampling is checked by ``tether bon``'s own preflight)."""
+    check_reward_spec(cfg.reward, field="reward", assets=cfg.assets)
+
+
 def preflight_online(cfg) -> None:
     """ppo / grpo / rloo: config, prompts, rewards, models, context."""
     from .trainers.online import _validate, derive_sizes, method_for
@@ -298,6 +303,8 @@ def preflight_online(cfg) -> None:
     _at_least(cfg, "eval_max_prompts", 1)
     _at_least(cfg, "eval_samples", 1)
     _at_least(cfg, "max_prompt_length", 1)
+    from .generation import check_backend
+
     check_backend(cfg.backend, cfg.decoder)
     path, config = check_model(cfg.model, assets=cfg.assets)
     check_backend_model(getattr(cfg, "backend", "builtin"), config,
@@ -371,19 +378,6 @@ def preflight_sft(cfg) -> None:
     check_context(config, need=cfg.max_length, fields=f"max_length ({cfg.max_length})", spec=cfg.model)
 
 
-def check_backend(name: str, decoder: str = "auto") -> None:
-    """The sampling group's ``backend`` names a generation backend (tether.generation), and its
-    ``decoder`` is one the builtin backend has (only the builtin backend takes one)."""
-    from .generation import BACKEND_NAMES
-
-    if name not in BACKEND_NAMES:
-        raise UserError(f"backend={name!r} is not a generation backend; set --backend to one of {', '.join(BACKEND_NAMES)}")
-    if decoder not in ("auto", "hf", "lean"):
-        raise UserError(f"decoder={decoder!r} is not a decoder; set --decoder to auto, hf or lean")
-    if decoder != "auto" and name != "builtin":
-        raise UserError(f"decoder={decoder!r} applies to backend builtin only; drop --decoder or set --backend builtin")
-
-
 def check_backend_model(backend: str, config, sampling: dict, *, decoder: str = "auto") -> None:
     """backend=vllm: the model's head size and the sampling filters (``tether.backends.vllm``), before
     any weights load; the built-in sampler: decoder=lean only on a Llama (``decode.supports`` then
@@ -411,6 +405,8 @@ def preflight_sampling(*, model: str, model_field: str, prompts_path: Optional[s
         raise UserError(f"temperature={temperature} must be > 0 (a small value samples near-greedily); set --temperature")
     if not 0.0 < top_p <= 1.0:
         raise UserError(f"top_p={top_p} must lie in (0, 1] (1 = off); set --top_p")
+    from .generation import check_backend
+
     check_backend(getattr(cfg, "backend", "builtin"), getattr(cfg, "decoder", "auto"))
     path, config = check_model(model, field=model_field, assets=assets)
     check_backend_model(getattr(cfg, "backend", "builtin"), config, {"temperature": temperature, "top_k": top_k, "top_p": top_p},

@@ -71,6 +71,7 @@ class Reference:
 
     kind = "base"
     has_distributions = True
+    static_copy = False  # its own weights, loaded once and never written (copy): may be sharded or moved off the accelerator
 
     def logits(self, batch: CompletionBatch, *, filters: Optional[dict] = None) -> torch.Tensor:
         """(B, T, V) reference logits at the completion positions, scored like the policy.
@@ -102,6 +103,7 @@ class FrozenReference(Reference):
     """(a) A separate frozen copy of a model."""
 
     kind = "copy"
+    static_copy = True
 
     def __init__(self, model):
         self.model = freeze(model)
@@ -117,6 +119,7 @@ class OffloadedReference(FrozenReference):
     only for the duration of a call, so it holds no accelerator memory while the policy trains."""
 
     kind = "offload"
+    static_copy = False  # already managed: moved to the compute device per call
 
     def __init__(self, model, *, compute_device: str | torch.device = "cpu", offload_device: str = "cpu"):
         super().__init__(model.to(offload_device))
@@ -159,6 +162,7 @@ class SyncedReference(FrozenReference):
     """
 
     kind = "sync"
+    static_copy = False  # written from the policy's tensors
 
     def __init__(self, model, *, mode: str = "hard", every: int = 512, alpha: float = 0.6):
         super().__init__(model)

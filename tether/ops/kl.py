@@ -72,6 +72,8 @@ class EstimatorInfo:
     grad_loss: str
     grad_loss_is: str
     under_filters: str  # its value under τ/top-k/top-p: fixed reference π^τ_ref (tether) vs restricted
+    needs_logits: bool = False  # reads the full distributions (logits of policy and reference), not only the sampled token
+    reward_direct_term: bool = False  # in the reward (detached) it misses ∇KL_t at fixed states: a loss must add that term
 
 
 _LOCAL = "Σ_t E_{s_t~π_θ}[∇ KL_t(s_t)] with states held fixed"
@@ -131,6 +133,7 @@ ESTIMATORS: dict[str, EstimatorInfo] = {
         under_filters="exact for KL[π^{τ,F}_θ‖π^τ_ref] per state with the fixed reference tether uses: "
         "Σ_{v∈F_t} π^{τ,F}_θ(v)(log π^{τ,F}_θ(v) - log π^τ_ref(v)) (tokens outside F_t have probability 0); "
         "with the restricted reference, the same minus the filter cost -log m_t",
+        needs_logits=True, reward_direct_term=True,
     ),
 }
 
@@ -225,7 +228,7 @@ def kl_per_token(
     """
     mask = mask.bool()
     clamped = torch.zeros_like(mask)
-    if estimator == "exact":
+    if estimator in ESTIMATORS and ESTIMATORS[estimator].needs_logits:
         if logits is None or ref_logits is None:
             raise ValueError("estimator='exact' needs the full logits of policy and reference (logits=, ref_logits=)")
         if direction == "reverse":

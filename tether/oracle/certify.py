@@ -52,6 +52,7 @@ import torch
 
 from tether.control import AdaptiveKLController, ConstraintBeta, FixedBeta, ScheduledBeta
 from tether.ops.best_of_n import best_of_n_kl_exact
+from tether.ops.kl import ESTIMATORS
 from tether.ops.policy import best_of_n_kl_bound
 
 from . import shipped
@@ -244,7 +245,7 @@ def online_rows(suite: Suite) -> list[tuple[str, str, Callable[[], Certificate]]
 
     # Policy gradient (REINFORCE, exact expectation, reward-to-go), KL in the reward: docs/theory.md §3 rows 1 and 5.
     for est in ("k1", "exact"):
-        add(f"pg_kl_reward_{est}", f"pg_kl_reward_{est}", f"REINFORCE, {est} in reward" + (" (+ its direct term)" if est == "exact" else ""),
+        add(f"pg_kl_reward_{est}", f"pg_kl_reward_{est}", f"REINFORCE, {est} in reward" + (" (+ its direct term)" if ESTIMATORS[est].reward_direct_term else ""),
             setup=OnlineSetup("pg", est, "reward"), expected="converges", target=rev, target_policy=pistar, **pg)
     def stationary(setup):
         """No closed form: the row must head for a fixed point of its own expected update, its exact

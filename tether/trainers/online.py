@@ -1,7 +1,7 @@
 """Online RL from a reward: the one rollout-and-update loop that PPO, GRPO and RLOO share.
 
-A method (``OnlineMethod``: PPO in ``ppo.py``, GRPO in ``grpo.py``, RLOO in ``rloo.py``) supplies
-only what differs between them — how a rollout becomes advantages (``prepare``) and the per-token
+A method (``OnlineMethod``, the contract in ``method.py``: PPO in ``ppo.py``, GRPO in ``grpo.py``, RLOO in
+``rloo.py``, each a row of ``tether.registry``) supplies only what differs between them — how a rollout becomes advantages (``prepare``) and the per-token
 loss of a micro-batch (``loss``); everything else is this file (the rollout itself is
 ``rollout.py``), read top to bottom in ``train_online``:
 
@@ -61,10 +61,10 @@ from ..engine import mean_stderr, sampling_settings, score_rows
 from ..generation import backend_for
 from ..measure import encode_prompts
 from ..modeling import CompletionBatch
-from ..ops.kl import ESTIMATOR_NAMES, REFERENCE_FILTERS, kl_loss_term
+from ..ops.kl import ESTIMATOR_NAMES, REFERENCE_FILTERS
 from ..ops.logprobs import selective_logps
 from ..ops.policy import AGGREGATION_MODES
-from ..ops.positions import check_position_weights, position_weights
+from ..ops.positions import check_position_weights
 from ..reference import reference_from_config
 from ..data.prompts import Prompt, as_prompts, eval_prompts_split, load_prompts
 from ..rewards import CallableSource, RewardSet, RewardSource, build_reward, call_source, reward_columns
@@ -75,6 +75,7 @@ from ..training import (
 )
 from ..modeling import forward_completion
 from ..value import build_value_model
+from .method import Counts, LossInputs, OnlineMethod, Prepared, beta_weights, exact_kl_direct_term  # noqa: F401 (re-exported)
 from .rollout import Rollout, collect_rollout, fill_scores, rollout_stats
 from ..errors import UserError
 from ..fsdp import models_of, shard_reference, unsharded
@@ -150,7 +151,7 @@ class OnlineConfig(TrainConfig, BetaConfig, SamplingConfig, OnlineReferenceConfi
     loss_aggregation: str = "token_mean"
     """token_mean | seq_mean_token_mean | seq_sum: how per-token losses become a scalar (tether.ops.policy.aggregate_loss)."""
     target_kl_old: Optional[float] = None
-    """Stop this step's remaining updates once the k3 KL to the behaviour policy (ppo/approx_kl_old) exceeds this (None = off)."""
+    """Stop this step's remaining updates once the k3 KL to the behaviour policy (<method>/approx_kl_old, e.g. ppo/approx_kl_old) exceeds this (None = off)."""
     eval_prompts: Optional[str] = None
     """Held-out prompts for eval/* (same formats); default: the test/validation split of a saved DatasetDict given as prompts, else the first eval_max_prompts training prompts (then not held out)."""
     eval_max_prompts: int = 64
@@ -207,106 +208,6 @@ def seeded(*keys: int) -> torch.Generator:
 
 # --------------------------------------------------------------------------------------------------
 # Methods
-
-
-@dataclass(frozen=True)
-class Counts:
-    """Global normalisers of one optimiser update (all processes, all micro-batches)."""
-
-    tokens: float
-    seqs: float
-
-
-@dataclass
-class Prepared:
-    """What a method's ``prepare`` returns for a rollout (nothing is written into the rollout).
-
-    ``adv_scale`` is what the advantages were divided by (whitening; 1 otherwise): a loss-side term
-    that must stay in the reward's units next to whitened advantages (the exact estimator's direct
-    term) is divided by it too, so the loss reads it from here rather than from a side channel."""
-
-    advantages: torch.Tensor  # (B, T) per token, or (B,) per sequence
-    returns: Optional[torch.Tensor] = None  # (B, T) value targets (PPO)
-    rewards: Optional[torch.Tensor] = None  # (B, T) per-token rewards with the KL in them (PPO, RLOO)
-    adv_scale: float = 1.0
-    stats: dict = field(default_factory=dict)  # local token-mean scalars, logged under these names
-
-    def select(self, idx) -> "Prepared":
-        pick = lambda t: None if t is None else t[idx]  # noqa: E731
-        return Prepared(pick(self.advantages), pick(self.returns), pick(self.rewards), self.adv_scale, self.stats)
-
-
-@dataclass
-class LossInputs:
-    """Everything a method's ``loss`` sees for one micro-batch: tensors only (no model, no config
-    object beyond the method's own). Built by ``loss_inputs``; unit tests build it by hand.
-
-    Shapes: B completions, T completion positions, V vocabulary. ``logits``/``logps``/``values``
-    carry gradients (the current policy and value model); the rest are detached rollout data."""
-
-    logps: torch.Tensor  # (B, T) log π_θ of the sampled tokens (sampling filters applied), 0 off-mask
-    old_logps: torch.Tensor  # (B, T) log π_old at rollout
-    ref_logps: torch.Tensor  # (B, T) log π^τ_ref: tempered, unfiltered (restricted to F_t with kl_reference_filter: restricted)
-    mask: torch.Tensor  # (B, T) bool
-    advantages: torch.Tensor  # (B, T) or (B,)
-    adv_scale: float = 1.0  # Prepared.adv_scale
-    logits: Optional[torch.Tensor] = None  # (B, T, V) policy logits (exact estimator in a loss)
-    ref_logits: Optional[torch.Tensor] = None  # (B, T, V), present when method.needs_ref_logits(cfg)
-    values: Optional[torch.Tensor] = None  # (B, T) current value predictions (PPO)
-    old_values: Optional[torch.Tensor] = None  # (B, T) values at rollout (PPO value clipping)
-    returns: Optional[torch.Tensor] = None  # (B, T) value targets (PPO)
-
-
-@dataclass(frozen=True)
-class OnlineMethod:
-    """What distinguishes PPO, GRPO and RLOO. Composition, not inheritance: the loop calls these,
-    and so does ``tether certify`` (through the loop itself: it trains with ``train_online``).
-
-    prepare(*, scores, kl_tokens, mask, values, cfg, beta) -> Prepared: advantages (and returns /
-        rewards) from the rollout's tensors; pure (it mutates nothing).
-    loss(x: LossInputs, *, cfg, beta, counts) -> (loss, stats): the micro-batch's share of the
-        update's loss (divided by the global ``counts``) and token-mean stats; pure (no model call).
-    needs_ref_logits(cfg) -> bool: the loss needs the reference's full distributions (the exact
-        estimator); the loop then fetches them once per rollout.
-    prepare_reads_scores(cfg) -> bool: ``prepare`` reads the models' scores of the rollout (the KL in
-        the reward, values), not only the rewards; decides when the scoring pass can be skipped
-        (``scores_from_update``).
-    validate(cfg) raises on invalid settings. make_aux (optional, PPO-ptx) builds an extra term
-    ``aux(policy, update_index, dist) -> stats`` that backpropagates itself.
-    """
-
-    name: str
-    prepare: Callable
-    loss: Callable
-    validate: Callable = lambda cfg: None
-    uses_value_model: Callable = lambda cfg: False
-    needs_ref_logits: Callable = lambda cfg: False
-    prepare_reads_scores: Callable = lambda cfg: True
-    make_aux: Optional[Callable] = None
-
-
-def beta_weights(cfg, mask: torch.Tensor) -> Optional[torch.Tensor]:
-    """w_t (T,) multiplying β at completion position t (cfg.beta_position_decay / beta_position_weights;
-    ``ops.positions.position_weights``), or None when w ≡ 1: the KL-in-reward (rollout kl_tokens, PPO/RLOO's
-    exact direct term) and KL-in-loss (GRPO) placements all weight through here, consistently."""
-    return position_weights(mask.shape[-1], decay=getattr(cfg, "beta_position_decay", 0.0),
-                            weights=getattr(cfg, "beta_position_weights", None), device=mask.device)
-
-
-def exact_kl_direct_term(x: LossInputs) -> torch.Tensor:
-    """(B, T) exact per-token KL_t(s_t; θ) with gradient through the policy's logits.
-
-    Why: with ``kl_estimator=exact`` *in the reward*, each KL_t is a function of the state s_t only,
-    not of the sampled token y_t, so the score-function gradient sees only how earlier tokens change
-    later states, never the direct dependence of KL_t on π_θ(·|s_t). The full gradient of
-    E[Σ_t KL_t] is that score-function part plus Σ_t ∇KL_t at fixed states (Tang & Munos,
-    arXiv:2506.09477; docs/theory.md §3). PPO and RLOO add β / adv_scale x this term to their loss.
-    (k1 needs no such term: E_π[∇log π] = 0.) The reference logits are the fixed π^τ_ref; with
-    ``kl_reference_filter: restricted`` the restricted KL differs from this one by -log π^τ_ref(F_t),
-    a constant at fixed F_t, so the gradient is the same."""
-    if x.logits is None or x.ref_logits is None:
-        raise ValueError("the exact KL term needs policy and reference logits (method.needs_ref_logits)")
-    return kl_loss_term(x.logps, x.ref_logps, x.mask, estimator="exact", logits=x.logits, ref_logits=x.ref_logits).per_token
 
 
 @dataclass
@@ -412,24 +313,24 @@ def optimise(policy, value_model, opt, params: list, value_params: list, ro: Rol
                 loss.backward()
                 loss_sum += float(loss.detach())
                 w = float(micro.mask.sum())
-                for k, v in stats.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) * w
-                    counts[k] = counts.get(k, 0.0) + w
-                if "ppo/approx_kl_old" in stats:
-                    kl_old[0] += float(stats["ppo/approx_kl_old"]) * w
+                for k, v in stats.items():  # the method's plain keys, logged as "<method>/<key>"
+                    sums[f"{method.name}/{k}"] = sums.get(f"{method.name}/{k}", 0.0) + float(v) * w
+                    counts[f"{method.name}/{k}"] = counts.get(f"{method.name}/{k}", 0.0) + w
+                if "approx_kl_old" in stats:
+                    kl_old[0] += float(stats["approx_kl_old"]) * w
                     kl_old[1] += w
             ro.pending = False  # (a pending rollout is one minibatch: every row is filled now)
             if aux is not None:
                 for k, v in aux(policy, step * cfg.num_epochs * cfg.num_minibatches + epoch * cfg.num_minibatches + m, dist).items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-                    counts[k] = counts.get(k, 0.0) + 1.0
+                    sums[f"{method.name}/{k}"] = sums.get(f"{method.name}/{k}", 0.0) + float(v)
+                    counts[f"{method.name}/{k}"] = counts.get(f"{method.name}/{k}", 0.0) + 1.0
             dist.sync_gradients(params + value_params)
             norms.append(clip_and_norm(params, cfg.max_grad_norm))
             v = 0.0
             if value_params:
                 v = clip_and_norm(value_params, cfg.max_grad_norm)
-                sums["ppo/value_grad_norm"] = sums.get("ppo/value_grad_norm", 0.0) + v
-                counts["ppo/value_grad_norm"] = counts.get("ppo/value_grad_norm", 0.0) + 1.0
+                sums[f"{method.name}/value_grad_norm"] = sums.get(f"{method.name}/value_grad_norm", 0.0) + v
+                counts[f"{method.name}/value_grad_norm"] = counts.get(f"{method.name}/value_grad_norm", 0.0) + 1.0
             if guard is None or guard.check(dist, norms[-1], v, loss_sum):
                 opt.step()
             opt.zero_grad(set_to_none=True)
@@ -742,8 +643,8 @@ def train_online(
                                                  reference=s.reference)
         sums, counts = rollout_stats(ro, beta=beta)
         n_tok = float(ro.mask.sum())
-        for k, v in prep.stats.items():
-            sums[k], counts[k] = float(v) * n_tok, n_tok
+        for k, v in prep.stats.items():  # "<method>/<key>", as the loss's stats
+            sums[f"{s.method.name}/{k}"], counts[f"{s.method.name}/{k}"] = float(v) * n_tok, n_tok
         step_schedule(s.sched)
         backend.update_weights(s.policy)  # the next rollout samples the updated policy (no-op for builtin)
         s.step += 1
@@ -775,14 +676,12 @@ def train_online(
     return {"final": str(final), "metrics": metrics, "history": s.history, "eval_history": s.eval_history}
 
 
-METHODS = {"ppo": "tether.trainers.ppo:PPO", "grpo": "tether.trainers.grpo:GRPO", "rloo": "tether.trainers.rloo:RLOO"}
-
-
 def method_for(cfg: OnlineConfig) -> OnlineMethod:
-    """The method a config class belongs to (its ``method`` class attribute)."""
-    import importlib
+    """The method a config class belongs to (its ``method`` class attribute, a name in ``tether.registry``)."""
+    from ..registry import METHODS
 
-    if cfg.method not in METHODS:
-        raise ValueError(f"{type(cfg).__name__} names no online method; use PPOConfig, GRPOConfig or RLOOConfig")
-    module, attr = METHODS[cfg.method].split(":")
-    return getattr(importlib.import_module(module), attr)
+    spec = METHODS.get(cfg.method)
+    if spec is None or not spec.is_online:
+        names = ", ".join(n for n, m in METHODS.items() if m.is_online)
+        raise ValueError(f"{type(cfg).__name__} names no online method (method={cfg.method!r}); registered: {names}")
+    return spec.load("online")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -27,9 +27,8 @@ from ..ops.kl import seq_sum, token_mean
 from ..ops.positions import BUCKET_LABELS, position_bucket_sums, weight_by_position
 from ..diagnostics.hacking import spearman
 from ..rewards import RewardSet, reward_columns
+from .method import beta_weights
 
-if TYPE_CHECKING:
-    from .online import OnlineConfig
 
 
 @dataclass
@@ -87,7 +86,7 @@ def apply_no_eos_penalty(scores: torch.Tensor, no_eos: torch.Tensor, penalty: Op
 
 def collect_rollout(
     policy, reference, value_model, rewards: RewardSet, tok, prompt_texts: Sequence[str], prompt_ids: Sequence[list],
-    *, cfg: "OnlineConfig", generator: torch.Generator, chunk: int, device, prompt_rows: Optional[Sequence] = None,
+    *, cfg, generator: torch.Generator, chunk: int, device, prompt_rows: Optional[Sequence] = None,
     backend=None, score_models: bool = True,
 ) -> Rollout:
     """Sample one completion per (repeated) prompt, score it, and score it under every model
@@ -113,7 +112,6 @@ def collect_rollout(
     sc = score(policy, reference, smp, estimators=(cfg.kl_estimator,), chunk=chunk, value_model=value_model,
                clamp_input=cfg.kl_clamp_input, clamp_output=cfg.kl_clamp_output,
                reference_filter=cfg.kl_reference_filter)
-    from .online import beta_weights  # (online imports this module)
 
     kl_tokens = weight_by_position(sc.kl[cfg.kl_estimator], beta_weights(cfg, smp.batch.mask))  # (B, T) w_t·kl_t
     return Rollout(**common, old_logps=sc.logps, ref_logps=sc.ref_logps, kl_tokens=kl_tokens, kl_exact=sc.kl_exact,
@@ -121,10 +119,9 @@ def collect_rollout(
                    kl_clamped=sc.kl_clamped[cfg.kl_estimator] if sc.kl_clamped is not None else None)
 
 
-def fill_scores(ro: Rollout, rows: torch.Tensor, scored: dict, *, cfg: "OnlineConfig") -> None:
+def fill_scores(ro: Rollout, rows: torch.Tensor, scored: dict, *, cfg) -> None:
     """Write ``engine.score_rows``'s output for the rollout rows ``rows`` (b,) into a pending rollout ``ro``,
     in place: the same fields ``collect_rollout`` would have computed in its scoring pass."""
-    from .online import beta_weights
 
     mask = ro.mask[rows]
     est = cfg.kl_estimator
