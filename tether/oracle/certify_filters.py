@@ -24,9 +24,7 @@ at how many states the sets moved during training (none, on these problems).
 
 from __future__ import annotations
 
-import math
 import time
-from typing import Optional
 
 import torch
 
@@ -77,7 +75,7 @@ def filter_row(problem: TabularProblem, *, name: str, label: str, filters: dict,
     within those sets: ``fixed_reference_optimum`` (default) or, with ``reference_filter="restricted"``,
     ``restricted_reference_optimum``. ``kl_to_optimum`` is always the distance to the fixed-reference
     optimum (what the default objective asks for); the note gives the other one."""
-    from .certify import Certificate, verdict
+    from .certificate import Certificate, verdict
 
     t0 = time.perf_counter()
     tau = filters.get("temperature", 1.0)
@@ -114,7 +112,7 @@ def filter_row(problem: TabularProblem, *, name: str, label: str, filters: dict,
 
 def filter_rows(suite) -> list:
     """(name, method, run) of every top-k/top-p row."""
-    from .certify import BETA, SAMPLED_TOL, SAMPLED_WHY
+    from .certificate import BETA, SAMPLED_TOL, SAMPLED_WHY
 
     single = make_problem(5, 1, n_prompts=2, seed=0)
     rows = []
@@ -150,7 +148,7 @@ def controller_row(suite, *, top_p: float, kl_target: float, horizon: int = 2560
     controller can move β by e^{±1.5} over the 150 steps, enough to settle from β = 1. Fed the restricted
     KL instead (without the filter cost), the same run ends at β = 0.44 against β̂ = 0.62, 0.105 nats from
     the target (``tests/test_certify_mutations.py``)."""
-    from .certify import SAMPLED_TOL, SAMPLED_WHY, Certificate, verdict
+    from .certificate import SAMPLED_TOL, SAMPLED_WHY, Certificate, verdict
 
     t0 = time.perf_counter()
     problem = suite.problem
