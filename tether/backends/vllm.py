@@ -158,7 +158,8 @@ class VLLMBackend:
         is kept and counted, as the built-in sampler does)."""
         check_settings(settings.filters())
         eos_id = settings.eos_id
-        seeds = torch.randint(0, 2**31 - 1, (len(prompt_ids),), generator=generator).tolist()
+        seeds = torch.randint(0, 2**31 - 1, (len(prompt_ids),), generator=generator,
+                              device=generator.device if generator is not None else "cpu").tolist()
         params = [self._SamplingParams(n=1, temperature=float(settings.temperature), max_tokens=int(settings.max_new_tokens),
                                        seed=int(s), logprobs=0, detokenize=False, ignore_eos=True,  # tether's rule only:
                                        stop_token_ids=[int(eos_id)] if eos_id is not None else None) for s in seeds]

@@ -73,6 +73,7 @@ from ..modeling import forward_completion
 from ..value import build_value_model
 from .rollout import Rollout, collect_rollout, fill_scores, rollout_stats
 from ..errors import UserError
+from .. import rng
 from ..fsdp import models_of, shard_reference, unsharded
 
 log = logging.getLogger(__name__)
@@ -190,13 +191,11 @@ def derive_sizes(cfg: OnlineConfig, dist: Dist) -> Sizes:
     return Sizes(n_prompts // dist.world_size, rollout, mb, mb // cfg.grad_accum)
 
 
-def seeded(*keys: int) -> torch.Generator:
-    """A generator seeded from integers (seed, step, ...): sampling and minibatch order are pure
-    functions of them, so a resumed run draws exactly what the uninterrupted one would have."""
-    s = 0
-    for k in keys:
-        s = (s * 1_000_003 + int(k)) % (2**62)
-    return torch.Generator().manual_seed(s)
+def seeded(*keys: int, device=None) -> torch.Generator:
+    """A generator on ``device`` (default the CPU) seeded from integers (seed, step, ...): sampling and
+    minibatch order are pure functions of them, so a resumed run draws exactly what the uninterrupted
+    one would have (``tether.rng``: on the CPU, the same draws as ever)."""
+    return rng.generator(rng.mix(*keys), device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -369,7 +368,8 @@ def optimise(policy, value_model, opt, params: list, value_params: list, ro: Rol
     norms: list = []
     B = ro.mask.shape[0]
     for epoch in range(cfg.num_epochs):
-        perm = torch.randperm(B, generator=seeded(cfg.seed, step, epoch, dist.rank, 2))
+        g = seeded(cfg.seed, step, epoch, dist.rank, 2, device=ro.mask.device)
+        perm = torch.randperm(B, generator=g, device=g.device)  # (B,) on the rollout's device
         for m in range(cfg.num_minibatches):
             rows = perm[m * sizes.minibatch : (m + 1) * sizes.minibatch]
             mb, mb_prep = ro.select(rows), prep.select(rows) if prep is not None else None
@@ -713,7 +713,7 @@ def train_online(
         beta = s.controller.value
         with unsharded(*models_of(s.policy, s.reference)):  # fsdp: full weights to sample (ranks stop at different lengths)
             ro = collect_rollout(s.policy, s.reference, s.value_model, s.rewards, s.tok, p_texts, p_ids, cfg=cfg,
-                                 generator=seeded(cfg.seed, s.step, dist.rank, 1), chunk=s.sizes.micro, device=dist.device,
+                                 generator=seeded(cfg.seed, s.step, dist.rank, 1, device=dist.device), chunk=s.sizes.micro, device=dist.device,
                                  prompt_rows=p_rows, backend=backend, score_models=not in_update)
         # 3. advantages (method-specific, pure); when they read scores the update has yet to compute, there
         prep = None if in_update and s.method.prepare_reads_scores(cfg) else \
