@@ -183,3 +183,17 @@ def test_sync_interval_changes_no_sample(stories, filters, every):
         assert torch.equal(g1.get_state(), g2.get_state())
         undone += bool(want.mask.shape[1] % every) and not bool(want_no_eos.all())
     assert undone, "every batch ended on a read: nothing was undone in the generator (pick another interval)"
+
+
+def test_processes_pick_nccl_and_their_gpu_when_cuda_is_there(monkeypatch):
+    """torch.distributed (and so FSDP2's collectives) use NCCL for CUDA tensors, gloo on the CPU; each
+    process takes the GPU of its LOCAL_RANK."""
+    from tether.distributed import process_device, process_group_backend
+
+    assert process_group_backend(torch.device("cuda", 1)) == "nccl"
+    assert process_group_backend(torch.device("cpu")) == "gloo"
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert process_device() == torch.device("cuda", 3)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert process_device() == torch.device("cpu")
