@@ -197,3 +197,36 @@ def test_processes_pick_nccl_and_their_gpu_when_cuda_is_there(monkeypatch):
     assert process_device() == torch.device("cuda", 3)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert process_device() == torch.device("cpu")
+
+
+def test_autocast_computes_in_bf16_and_keeps_float32_weights(stories_path):
+    """autocast=True: float32 weights, bf16 logits from the matrix products; a deep copy (the frozen
+    reference) computes the same way, so at step 0 policy and reference logits are equal to the bit; autocast
+    is off again after a call, also after one that raised; the sampler runs under it."""
+    import copy
+
+    from tether.modeling import autocast_dtype, load_causal_lm
+
+    model = load_causal_lm(stories_path, autocast=True)
+    assert all(p.dtype == torch.float32 for p in model.parameters()) and autocast_dtype(model) == torch.bfloat16
+    ids = torch.tensor([[1, 5, 9, 13]])
+    logits = model(input_ids=ids).logits
+    assert logits.dtype == torch.bfloat16 and not torch.is_autocast_enabled("cpu")
+    ref = copy.deepcopy(model)
+    assert torch.equal(ref(input_ids=ids).logits, logits)
+    plain = load_causal_lm(stories_path)
+    assert plain(input_ids=ids).logits.dtype == torch.float32
+    with pytest.raises(Exception):
+        model(input_ids=torch.tensor([[10**6]]))  # out of the vocabulary: the forward raises
+    assert not torch.is_autocast_enabled("cpu")
+    b, _ = sample(model, [[1, 5, 9]], pad_id=0, eos_id=None, max_new_tokens=4, generator=rng.generator(0))
+    assert b.mask.shape == (1, 4) and int(b.completion_ids.max()) < model.config.vocab_size
+
+
+def test_autocast_needs_float32_weights():
+    from tether.checks import check_train_config
+    from tether.errors import UserError
+    from tether.trainers.sft import SFTConfig
+
+    with pytest.raises(UserError, match="autocast keeps float32 weights"):
+        check_train_config(SFTConfig(autocast=True, dtype="bfloat16"))

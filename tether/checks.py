@@ -65,6 +65,9 @@ def check_train_config(cfg: Any) -> None:
     _at_least(cfg, "max_grad_norm", 0.0, " (0 = no clipping)")
     _choice(cfg, "lr_schedule", LR_SCHEDULES)
     _choice(cfg, "dtype", sorted(DTYPES))
+    if getattr(cfg, "autocast", False) and DTYPES[cfg.dtype] != DTYPES["float32"]:
+        raise UserError(f"autocast keeps float32 weights and computes in bf16; dtype={cfg.dtype} already computes in "
+                        "its own precision: set --dtype float32 or --autocast false")
     _at_least(cfg, "lora_r", 0, " (0 = full fine-tuning)")
     if not 0.0 <= cfg.lora_dropout < 1.0:
         raise UserError(f"lora_dropout={cfg.lora_dropout} must lie in [0, 1); set --lora_dropout")

@@ -18,6 +18,7 @@ Completion tokens after the first EOS are padding (mask False); the EOS itself c
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -25,7 +26,7 @@ import torch
 
 from . import decode, rng
 from .errors import UserError
-from .modeling import CACHE_KW, CompletionBatch, make_batch, position_ids
+from .modeling import CACHE_KW, CompletionBatch, autocast_dtype, make_batch, position_ids
 from .ops.logprobs import apply_sampling_filters, pack_allowed, uses_token_filter
 
 
@@ -149,43 +150,45 @@ def sample(
     if lean:
         dec = decode.LlamaDecoder(model, B, P + max_new_tokens)
         dec.set_mask(attn)
+    amp = autocast_dtype(model)  # mixed precision asked for (TrainConfig.autocast): the lean step computes under it too
     try:
-        for t in range(max_new_tokens):
-            if dec is not None:  # slots: the prompt at 0..P-1, step t's input token at P + t - 1
-                last = dec.forward(step_ids, pos, 0 if t == 0 else P + t - 1)  # (b, V)
-            else:
-                out = model(input_ids=step_ids, attention_mask=attn[rows, : P + t], position_ids=pos,
-                            use_cache=True, **{CACHE_KW: past})
-                past, last = getattr(out, CACHE_KW), out.logits[:, -1, :]
-            logits = apply_sampling_filters(last.float(), temperature=temperature, top_k=top_k, top_p=top_p)
-            tok = draw_tokens(torch.softmax(logits, dim=-1), rows, B, generator)  # (b,)
-            if k > 1 and generator is not None:
-                states.append(generator.get_state())  # host-side (CUDA: Philox seed + offset): no device read
-            live = ~done[rows]  # (b,)
-            if record:  # F_t exactly as sampled from; finished rows allow everything (keeps padding finite)
-                allowed = torch.ones((B, logits.shape[-1]), dtype=torch.bool, device=device)  # (B, V)
-                allowed[rows] = (logits > float("-inf")) | ~live[:, None]
-                allowed_steps.append(pack_allowed(allowed))  # (B, ceil(V/8))
-            out_tokens[rows, t] = torch.where(live, tok, torch.full_like(tok, pad_id))
-            out_mask[rows, t] = live
-            if eos_id is not None:
-                done[rows] = ~live | (tok == eos_id)
-            if (t + 1) % k and t + 1 < max_new_tokens:
-                step_ids, pos = out_tokens[rows, t : t + 1], pos[:, -1:] + 1  # (b, 1) each
-                continue  # no read of the device this step
-            n_done = int(done[rows].sum())  # the loop's one read of the device (every k steps)
-            if n_done == rows.numel():
-                break
-            states.clear()
-            step_ids = out_tokens[rows, t : t + 1]  # (b, 1)
-            pos = pos[:, -1:] + 1  # (b, 1)
-            if n_done and n_done >= COMPACT_FRACTION * rows.numel() and (dec is not None or _can_compact(past)):
-                keep = (~done[rows]).nonzero().squeeze(-1)  # (b',) positions in the current batch
-                if dec is not None:
-                    dec.select(keep)
+        with torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
+            for t in range(max_new_tokens):
+                if dec is not None:  # slots: the prompt at 0..P-1, step t's input token at P + t - 1
+                    last = dec.forward(step_ids, pos, 0 if t == 0 else P + t - 1)  # (b, V)
                 else:
-                    past.batch_select_indices(keep)
-                rows, step_ids, pos = rows[keep], step_ids[keep], pos[keep]
+                    out = model(input_ids=step_ids, attention_mask=attn[rows, : P + t], position_ids=pos,
+                                use_cache=True, **{CACHE_KW: past})
+                    past, last = getattr(out, CACHE_KW), out.logits[:, -1, :]
+                logits = apply_sampling_filters(last.float(), temperature=temperature, top_k=top_k, top_p=top_p)
+                tok = draw_tokens(torch.softmax(logits, dim=-1), rows, B, generator)  # (b,)
+                if k > 1 and generator is not None:
+                    states.append(generator.get_state())  # host-side (CUDA: Philox seed + offset): no device read
+                live = ~done[rows]  # (b,)
+                if record:  # F_t exactly as sampled from; finished rows allow everything (keeps padding finite)
+                    allowed = torch.ones((B, logits.shape[-1]), dtype=torch.bool, device=device)  # (B, V)
+                    allowed[rows] = (logits > float("-inf")) | ~live[:, None]
+                    allowed_steps.append(pack_allowed(allowed))  # (B, ceil(V/8))
+                out_tokens[rows, t] = torch.where(live, tok, torch.full_like(tok, pad_id))
+                out_mask[rows, t] = live
+                if eos_id is not None:
+                    done[rows] = ~live | (tok == eos_id)
+                if (t + 1) % k and t + 1 < max_new_tokens:
+                    step_ids, pos = out_tokens[rows, t : t + 1], pos[:, -1:] + 1  # (b, 1) each
+                    continue  # no read of the device this step
+                n_done = int(done[rows].sum())  # the loop's one read of the device (every k steps)
+                if n_done == rows.numel():
+                    break
+                states.clear()
+                step_ids = out_tokens[rows, t : t + 1]  # (b, 1)
+                pos = pos[:, -1:] + 1  # (b, 1)
+                if n_done and n_done >= COMPACT_FRACTION * rows.numel() and (dec is not None or _can_compact(past)):
+                    keep = (~done[rows]).nonzero().squeeze(-1)  # (b',) positions in the current batch
+                    if dec is not None:
+                        dec.select(keep)
+                    else:
+                        past.batch_select_indices(keep)
+                    rows, step_ids, pos = rows[keep], step_ids[keep], pos[keep]
     finally:
         model.train(was_training)
     lengths = out_mask.sum(-1).tolist()  # (B,) counted tokens per row: one read for the whole batch

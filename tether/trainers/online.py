@@ -637,7 +637,8 @@ def setup(cfg: OnlineConfig, method: OnlineMethod, *, prompts=None, reward=None,
     tok, policy, path = load_policy(cfg, dist)
     reference = _load_reference(cfg, policy, tok, path, dist)
     shard_reference(reference, policy)  # fsdp with reference=copy
-    value_model = build_value_model(cfg.value_model, policy, model_path=path, dtype=cfg.dtype, device=dist.device) \
+    value_model = build_value_model(cfg.value_model, policy, model_path=path, dtype=cfg.dtype, device=dist.device,
+                                    autocast=cfg.autocast) \
         if method.uses_value_model(cfg) else None
     prompt_rows, eval_rows = _prompt_rows(cfg, tok, prompts, eval_prompts)
     texts, eval_texts = [p.text for p in prompt_rows], [p.text for p in eval_rows]
