@@ -214,6 +214,8 @@ def test_autocast_computes_in_bf16_and_keeps_float32_weights(stories_path):
     assert logits.dtype == torch.bfloat16 and not torch.is_autocast_enabled("cpu")
     ref = copy.deepcopy(model)
     assert torch.equal(ref(input_ids=ids).logits, logits)
+    hidden = model.get_decoder()(input_ids=ids).last_hidden_state  # DPO's packed layout calls these two directly
+    assert model.get_output_embeddings()(hidden).dtype == torch.bfloat16 and not torch.is_autocast_enabled("cpu")
     plain = load_causal_lm(stories_path)
     assert plain(input_ids=ids).logits.dtype == torch.float32
     with pytest.raises(Exception):

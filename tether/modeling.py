@@ -83,7 +83,7 @@ def autocast_forward(module: torch.nn.Module, dtype: torch.dtype = torch.bfloat1
     Returns ``module``."""
     if getattr(module, AUTOCAST_ATTR, None) is not None:
         return module
-    contexts: list = []  # LIFO: nested calls (a peft wrapper calling its base) each enter and leave their own
+    contexts: list = []  # LIFO: nested calls (the model calling its decoder) each enter and leave their own
 
     def enter(mod, args):
         ctx = torch.autocast(next(mod.parameters()).device.type, dtype=dtype)
@@ -93,8 +93,15 @@ def autocast_forward(module: torch.nn.Module, dtype: torch.dtype = torch.bfloat1
     def leave(mod, args, output):
         contexts.pop().__exit__(None, None, None)
 
-    module.register_forward_pre_hook(enter)
-    module.register_forward_hook(leave, always_call=True)  # also when the forward raises
+    # the model, and the parts some paths call directly (DPO's packed layout: the decoder, then the head)
+    parts = [module]
+    for getter in ("get_decoder", "get_output_embeddings"):
+        part = getattr(module, getter, lambda: None)()
+        if isinstance(part, torch.nn.Module) and all(part is not p for p in parts):
+            parts.append(part)
+    for part in parts:
+        part.register_forward_pre_hook(enter)
+        part.register_forward_hook(leave, always_call=True)  # also when the forward raises
     setattr(module, AUTOCAST_ATTR, dtype)
     return module
 
