@@ -237,8 +237,7 @@ def run_trl(stage: str, a, model: str, data: dict, out: str, device: str) -> flo
         trainer = DPOTrainer(model=policy, args=cfg, train_dataset=Dataset.from_list(data["pairs"]), processing_class=tok,
                              callbacks=[Stamp()])
         trainer.remove_callback(PrinterCallback)  # keep this script's output readable
-        order = list(range(len(data["pairs"])))  # per-step tokens: TRL shuffles with its seed; the mean is what counts
-        mean = sum(per_pair[i] for i in order) / len(order)
+        mean = sum(per_pair) / len(per_pair)  # per-step tokens: TRL draws its own order; the mean pair is what counts
         trainer.train()
         return steady_rate(stamps, [mean * a.batch] * len(stamps))
     from trl import GRPOConfig, GRPOTrainer
