@@ -65,6 +65,9 @@ def check_train_config(cfg: Any) -> None:
     _at_least(cfg, "max_grad_norm", 0.0, " (0 = no clipping)")
     _choice(cfg, "lr_schedule", LR_SCHEDULES)
     _choice(cfg, "dtype", sorted(DTYPES))
+    if getattr(cfg, "autocast", False) and DTYPES[cfg.dtype] != DTYPES["float32"]:
+        raise UserError(f"autocast keeps float32 weights and computes in bf16; dtype={cfg.dtype} already computes in "
+                        "its own precision: set --dtype float32 or --autocast false")
     _at_least(cfg, "lora_r", 0, " (0 = full fine-tuning)")
     if not 0.0 <= cfg.lora_dropout < 1.0:
         raise UserError(f"lora_dropout={cfg.lora_dropout} must lie in [0, 1); set --lora_dropout")
@@ -306,6 +309,7 @@ def preflight_online(cfg) -> None:
     from .generation import check_backend
 
     check_backend(cfg.backend, cfg.decoder)
+    check_vllm_options(cfg)
     path, config = check_model(cfg.model, assets=cfg.assets)
     check_backend_model(getattr(cfg, "backend", "builtin"), config,
                         {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}, decoder=cfg.decoder)
@@ -389,8 +393,24 @@ def check_backend_model(backend: str, config, sampling: dict, *, decoder: str = 
         return
     from .backends.vllm import check_model as check_vllm_model, check_settings
 
-    check_vllm_model(config)
+    import torch
+
+    check_vllm_model(config, device="cuda" if torch.cuda.is_available() else "cpu")
     check_settings(sampling)
+
+
+def check_vllm_options(cfg) -> None:
+    """The sampling group's vLLM GPU settings: a memory fraction in (0, 1]; sleep mode with backend vllm on
+    a CUDA GPU only."""
+    import torch
+
+    from .backends.vllm import check_gpu_options
+
+    sleep = bool(getattr(cfg, "vllm_enable_sleep_mode", False))
+    if sleep and getattr(cfg, "backend", "builtin") != "vllm":
+        raise UserError("vllm_enable_sleep_mode applies to backend vllm only; drop it or set --backend vllm")
+    check_gpu_options(getattr(cfg, "vllm_gpu_memory_utilization", 0.3), sleep and getattr(cfg, "backend", "") == "vllm",
+                      cuda=torch.cuda.is_available())
 
 
 def preflight_sampling(*, model: str, model_field: str, prompts_path: Optional[str], max_new_tokens: int,
@@ -408,6 +428,7 @@ def preflight_sampling(*, model: str, model_field: str, prompts_path: Optional[s
     from .generation import check_backend
 
     check_backend(getattr(cfg, "backend", "builtin"), getattr(cfg, "decoder", "auto"))
+    check_vllm_options(cfg)
     path, config = check_model(model, field=model_field, assets=assets)
     check_backend_model(getattr(cfg, "backend", "builtin"), config, {"temperature": temperature, "top_k": top_k, "top_p": top_p},
                         decoder=getattr(cfg, "decoder", "auto"))

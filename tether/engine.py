@@ -41,6 +41,7 @@ from .ops.logprobs import entropy_from_logits, filter_cost_from_logits, restrict
 from .ops.positions import POSITION_BUCKETS, bucket_label, bucket_of, position_means
 from .generation import BuiltinBackend, GenerationBackend, GenerationSettings
 from .reference import eval_mode
+from . import rng
 
 EVAL_SEED_OFFSET = 7_777_777
 """Every evaluation samples with ``seed + EVAL_SEED_OFFSET`` (``eval_seed``): the online trainers, DPO's
@@ -114,10 +115,11 @@ class Samples:
         return self.batch.mask  # (B, T) True = counted completion token
 
 
-def _generator(generator: Optional[torch.Generator], seed: Optional[int]) -> torch.Generator:
+def _generator(generator: Optional[torch.Generator], seed: Optional[int], policy) -> torch.Generator:
+    """The caller's generator, or one seeded ``seed`` on the policy's device (``tether.rng``)."""
     if (generator is None) == (seed is None):
         raise ValueError("pass exactly one of generator= or seed=")
-    return generator if generator is not None else torch.Generator(device="cpu").manual_seed(int(seed))
+    return generator if generator is not None else rng.generator(seed, rng.device_of(policy))
 
 
 @torch.no_grad()
@@ -136,10 +138,10 @@ def generate(
     settings = GenerationSettings(max_new_tokens=max_new_tokens, pad_id=tokenizer.pad_token_id,
                                   eos_id=tokenizer.eos_token_id, **sampling)
     backend = BuiltinBackend(policy) if backend is None else backend
-    batch, no_eos = backend.generate(rows, settings, _generator(generator, seed))
+    batch, no_eos = backend.generate(rows, settings, _generator(generator, seed, policy))
     comps = [batch.completion_ids[i][batch.mask[i]].tolist() for i in range(len(rows))]
     texts = [decode_completion(tokenizer, p, c) for p, c in zip(rows, comps)]
-    device = next(policy.parameters()).device if device is None else device
+    device = rng.device_of(policy) if device is None else device
     return Samples(batch=batch.to(device), no_eos=no_eos.to(device), prompt_ids=rows, completion_ids=comps,
                    completions=texts, sampling=sampling)
 
@@ -151,7 +153,7 @@ def generate_batches(
 ) -> Iterator[Samples]:
     """``generate`` over the rows (each prompt ``samples_per_prompt`` times, prompt-major) in batches
     of ``batch_size``, one generator throughout: the batches, concatenated, are in prompt order."""
-    gen = _generator(generator, seed)
+    gen = _generator(generator, seed, policy)
     flat = [p for p in prompt_ids for _ in range(samples_per_prompt)]
     starts = range(0, len(flat), batch_size)
     if progress:

@@ -128,7 +128,11 @@ def backend_for(cfg, model) -> GenerationBackend:
     """The backend a config's sampling group names (``backend``, and ``decoder`` for the builtin one)."""
     decoder = getattr(cfg, "decoder", "auto")
     check_backend(cfg.backend, decoder)
-    return make_backend(cfg.backend, model, **({"decoder": decoder} if cfg.backend == "builtin" else {}))
+    options = {"decoder": decoder} if cfg.backend == "builtin" else {}
+    if cfg.backend == "vllm":  # the GPU settings users set (sampling group)
+        options = {"gpu_memory_utilization": getattr(cfg, "vllm_gpu_memory_utilization", 0.3),
+                   "enable_sleep_mode": getattr(cfg, "vllm_enable_sleep_mode", False)}
+    return make_backend(cfg.backend, model, **options)
 
 
 def make_backend(name: str, model, **options) -> GenerationBackend:

@@ -58,14 +58,57 @@ def load_tokenizer(path: str, *, padding_side: str = "left"):
     return tok
 
 
-def load_causal_lm(path: str, *, dtype: str = "float32", device: str | torch.device = "cpu", **kwargs):
-    """AutoModelForCausalLM in eval mode on ``device``; ``dtype`` is a name from ``DTYPES``."""
+def load_causal_lm(path: str, *, dtype: str = "float32", device: str | torch.device = "cpu", autocast: bool = False,
+                   **kwargs):
+    """AutoModelForCausalLM in eval mode on ``device``; ``dtype`` is a name from ``DTYPES``; ``autocast``:
+    every forward under bf16 autocast (``autocast_forward``)."""
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise UserError(f"dtype {dtype!r} not supported; choose from {sorted(DTYPES)}")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], **kwargs)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    return autocast_forward(model) if autocast else model
+
+
+AUTOCAST_ATTR = "_tether_autocast"
+
+
+def autocast_forward(module: torch.nn.Module, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    """Run every call of ``module`` under ``torch.autocast(<its device type>, dtype)``: mixed precision with
+    the weights kept as they are (float32), as accelerate's ``mixed_precision="bf16"`` does: matrix products
+    in ``dtype``, softmax, log-softmax and reductions in float32 (torch's autocast op lists). Hooks, not a
+    wrapped ``forward``, so copies (``copy.deepcopy``: a frozen reference) run the same way, and the
+    sampler, which calls the weights directly in its lean step, reads ``autocast_dtype(module)``.
+    Returns ``module``."""
+    if getattr(module, AUTOCAST_ATTR, None) is not None:
+        return module
+    contexts: list = []  # LIFO: nested calls (the model calling its decoder) each enter and leave their own
+
+    def enter(mod, args):
+        ctx = torch.autocast(next(mod.parameters()).device.type, dtype=dtype)
+        ctx.__enter__()
+        contexts.append(ctx)
+
+    def leave(mod, args, output):
+        contexts.pop().__exit__(None, None, None)
+
+    # the model, and the parts some paths call directly (DPO's packed layout: the decoder, then the head)
+    parts = [module]
+    for getter in ("get_decoder", "get_output_embeddings"):
+        part = getattr(module, getter, lambda: None)()
+        if isinstance(part, torch.nn.Module) and all(part is not p for p in parts):
+            parts.append(part)
+    for part in parts:
+        part.register_forward_pre_hook(enter)
+        part.register_forward_hook(leave, always_call=True)  # also when the forward raises
+    setattr(module, AUTOCAST_ATTR, dtype)
+    return module
+
+
+def autocast_dtype(module) -> Optional[torch.dtype]:
+    """The autocast dtype ``autocast_forward`` gave ``module`` (None: plain forward)."""
+    return getattr(module, AUTOCAST_ATTR, None)
 
 
 def vocab_size(model) -> int:

@@ -562,7 +562,8 @@ def reference_from_config(cfg, *, policy, tokenizer, policy_path: Optional[str],
         from .modeling import load_causal_lm, load_tokenizer
 
         path = resolve_model(cfg.reference_model, cfg.assets) if cfg.reference_model else policy_path
-        ref_model = load_causal_lm(path, dtype=cfg.dtype, device="cpu" if form == "offload" else device)
+        ref_model = load_causal_lm(path, dtype=cfg.dtype, device="cpu" if form == "offload" else device,
+                                   autocast=getattr(cfg, "autocast", False))  # computed as the policy is
         ref_tok = load_tokenizer(path) if cfg.reference_model else tokenizer
     ref = build_reference("copy" if form == "precomputed" else form, policy=policy, reference_model=ref_model,
                           policy_tokenizer=tokenizer, reference_tokenizer=ref_tok, compute_device=device, **sync)

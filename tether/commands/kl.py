@@ -31,6 +31,7 @@ from ..engine import measure
 from ..errors import UserError
 from ..groups import SamplingConfig
 from ..data.prompts import load_prompts, prompt_options
+from ..distributed import process_device
 from ..measure import encode_prompts
 from ..generation import backend_for
 from ..modeling import check_compatible, load_causal_lm, load_tokenizer
@@ -143,8 +144,9 @@ def main(argv=None) -> int:
     ref_path = resolve_model(args.reference, args.assets)
     tok = load_tokenizer(policy_path)
     ref_tok = load_tokenizer(ref_path)
-    policy = load_causal_lm(policy_path)
-    ref_model = load_causal_lm(ref_path)
+    device = process_device()  # a GPU when there is one (cuda:LOCAL_RANK), else the CPU
+    policy = load_causal_lm(policy_path, device=device)
+    ref_model = load_causal_lm(ref_path, device=device)
     check_compatible(policy, ref_model, tok, ref_tok)
     reference = FrozenReference(ref_model)
     prompts = encode_prompts(tok, [p.text for p in load_prompts(args.prompts, tokenizer=tok, **prompt_options(args))])

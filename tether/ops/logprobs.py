@@ -186,7 +186,8 @@ def pack_allowed(allowed: torch.Tensor) -> torch.Tensor:
     V = allowed.shape[-1]
     n = (V + 7) // 8
     bits = F.pad(allowed.to(torch.uint8), (0, 8 * n - V)).reshape(*allowed.shape[:-1], n, 8)  # (..., n, 8)
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=allowed.device)
+    shifts = torch.arange(8, dtype=torch.uint8, device=allowed.device)
+    weights = torch.ones_like(shifts) << shifts  # (8,) 1, 2, ..., 128: made on the device (no host copy per call)
     return (bits * weights).sum(-1).to(torch.uint8)  # (..., n); at most 255, exact
 
 

@@ -29,6 +29,7 @@ from typing import Callable, Optional
 
 import torch
 
+from tether import rng
 from tether.control import BetaController, FixedBeta
 from tether.ops.kl import ESTIMATOR_NAMES, ESTIMATORS, kl_loss_term, kl_per_token, seq_sum
 from tether.ops.logprobs import selective_logps
@@ -312,7 +313,7 @@ def train_online(problem: TabularProblem, setup: OnlineSetup, controller: BetaCo
     policy = TabularPolicy(problem.space, (init or problem.ref).table.detach())
     opt = torch.optim.Adam(policy.parameters(), lr=lr)
     ctx = Context(problem, setup)
-    gen = torch.Generator().manual_seed(seed)
+    gen = rng.generator(seed)
     marks = {0} | {int(round(steps ** (i / record))) for i in range(record + 1)}
     curve, betas, kls = [], [], []
     for step in range(steps):
@@ -347,7 +348,7 @@ def expected_update_norm(problem: TabularProblem, setup: OnlineSetup, policy: Ta
     pol = TabularPolicy(problem.space, policy.table.detach().clone())
     ctx = Context(problem, setup)
     logits_full, logps_full = scores_of(pol, ctx.full)
-    ro = collect(ctx, pol, beta, logits_full=logits_full, logps_full=logps_full, generator=torch.Generator())
+    ro = collect(ctx, pol, beta, logits_full=logits_full, logps_full=logps_full, generator=rng.generator(0))  # unused: the batch is enumerated
     loss = update_loss(ctx, pol, ro, beta, logits_full=logits_full, logps_full=logps_full)
     (grad,) = torch.autograd.grad(loss, [pol.table])
     return float(grad.norm())

@@ -78,6 +78,7 @@ from ..value import build_value_model
 from .method import Counts, LossInputs, OnlineMethod, Prepared, beta_weights, exact_kl_direct_term  # noqa: F401 (re-exported)
 from .rollout import Rollout, collect_rollout, fill_scores, rollout_stats
 from ..errors import UserError
+from .. import rng
 from ..fsdp import models_of, shard_reference, unsharded
 
 log = logging.getLogger(__name__)
@@ -197,13 +198,11 @@ def derive_sizes(cfg: OnlineConfig, dist: Dist) -> Sizes:
     return Sizes(n_prompts // dist.world_size, rollout, mb, mb // cfg.grad_accum)
 
 
-def seeded(*keys: int) -> torch.Generator:
-    """A generator seeded from integers (seed, step, ...): sampling and minibatch order are pure
-    functions of them, so a resumed run draws exactly what the uninterrupted one would have."""
-    s = 0
-    for k in keys:
-        s = (s * 1_000_003 + int(k)) % (2**62)
-    return torch.Generator().manual_seed(s)
+def seeded(*keys: int, device=None) -> torch.Generator:
+    """A generator on ``device`` (default the CPU) seeded from integers (seed, step, ...): sampling and
+    minibatch order are pure functions of them, so a resumed run draws exactly what the uninterrupted
+    one would have (``tether.rng``: on the CPU, the same draws as ever)."""
+    return rng.generator(rng.mix(*keys), device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -278,7 +277,8 @@ def optimise(policy, value_model, opt, params: list, value_params: list, ro: Rol
     norms: list = []
     B = ro.mask.shape[0]
     for epoch in range(cfg.num_epochs):
-        perm = torch.randperm(B, generator=seeded(cfg.seed, step, epoch, dist.rank, 2))
+        g = seeded(cfg.seed, step, epoch, dist.rank, 2, device=ro.mask.device)
+        perm = torch.randperm(B, generator=g, device=g.device)  # (B,) on the rollout's device
         for m in range(cfg.num_minibatches):
             rows = perm[m * sizes.minibatch : (m + 1) * sizes.minibatch]
             mb, mb_prep = ro.select(rows), prep.select(rows) if prep is not None else None
@@ -550,7 +550,8 @@ def setup(cfg: OnlineConfig, method: OnlineMethod, *, prompts=None, reward=None,
     tok, policy, path = load_policy(cfg, dist)
     reference = _load_reference(cfg, policy, tok, path, dist)
     shard_reference(reference, policy)  # fsdp with reference=copy
-    value_model = build_value_model(cfg.value_model, policy, model_path=path, dtype=cfg.dtype, device=dist.device) \
+    value_model = build_value_model(cfg.value_model, policy, model_path=path, dtype=cfg.dtype, device=dist.device,
+                                    autocast=cfg.autocast) \
         if method.uses_value_model(cfg) else None
     prompt_rows, eval_rows = _prompt_rows(cfg, tok, prompts, eval_prompts)
     texts, eval_texts = [p.text for p in prompt_rows], [p.text for p in eval_rows]
@@ -626,7 +627,7 @@ def train_online(
         beta = s.controller.value
         with unsharded(*models_of(s.policy, s.reference)):  # fsdp: full weights to sample (ranks stop at different lengths)
             ro = collect_rollout(s.policy, s.reference, s.value_model, s.rewards, s.tok, p_texts, p_ids, cfg=cfg,
-                                 generator=seeded(cfg.seed, s.step, dist.rank, 1), chunk=s.sizes.micro, device=dist.device,
+                                 generator=seeded(cfg.seed, s.step, dist.rank, 1, device=dist.device), chunk=s.sizes.micro, device=dist.device,
                                  prompt_rows=p_rows, backend=backend, score_models=not in_update)
         # 3. advantages (method-specific, pure); when they read scores the update has yet to compute, there
         prep = None if in_update and s.method.prepare_reads_scores(cfg) else \
