@@ -63,7 +63,7 @@ bench: $(VENV)/.bench
 	$(PY) benchmarks/bench_sampler.py
 	$(PY) benchmarks/bench_mfu.py
 
-# The GPU check (benchmarks/gpu_check.py, README "Running on a GPU"): SFT -> DPO -> GRPO -> PPO on CUDA in
+# The GPU check (benchmarks/gpu_check.py, docs/gpu.md): SFT -> DPO -> GRPO -> PPO on CUDA in
 # bf16 on a seeded ~100M Llama, metrics finite, KL 0 at step 0, tokens/s beside TRL's. It runs with the
 # machine's own Python (GPU_PYTHON) holding torch, transformers, peft and accelerate, no network, and
 # tether from this folder (PYTHONPATH: tether's training path needs nothing else). The TRL comparison also
