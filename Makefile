@@ -10,7 +10,7 @@ export TETHER_ASSETS
 DEMO_ARGS ?= --quick
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast test-vllm bench clean venv
+.PHONY: demo test test-fast test-vllm bench clean venv gpu-check gpu-wheels
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,32 @@ bench: $(VENV)/.bench
 	$(PY) benchmarks/bench_online.py --model llama-20M --steps 6 --repeats 1
 	$(PY) benchmarks/bench_sampler.py
 	$(PY) benchmarks/bench_mfu.py
+
+# The GPU check (benchmarks/gpu_check.py, docs/gpu.md): SFT -> DPO -> GRPO -> PPO on CUDA in
+# bf16 on a seeded ~100M Llama, metrics finite, KL 0 at step 0, tokens/s beside TRL's. It runs with the
+# machine's own Python (GPU_PYTHON) holding torch, transformers, peft and accelerate, no network, and
+# tether from this folder (PYTHONPATH: tether's training path needs nothing else). The TRL comparison also
+# needs trl and its requirements: `make gpu-wheels` (here, with network) downloads them as wheels for
+# GPU_PYVER into wheels/gpu/ (ignored by git; bring the folder along), and gpu-check installs them from
+# there if trl is missing (no index; if that fails the comparison is skipped with one line).
+# The stories260K tokenizer comes from TETHER_ASSETS. CPU smoke run: GPU_CHECK_ARGS="--device cpu --tiny".
+GPU_PYTHON     ?= python3
+GPU_PYVER      ?= 3.11
+GPU_WHEELS     ?= wheels/gpu
+GPU_CHECK_ARGS ?=
+
+gpu-wheels: $(VENV)/.bench
+	mkdir -p $(GPU_WHEELS)
+	$(PY) benchmarks/gpu_wheels.py > $(GPU_WHEELS)/requirements.txt
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PYVER) \
+		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+		-r $(GPU_WHEELS)/requirements.txt -d $(GPU_WHEELS)
+
+gpu-check:
+	@if ! $(GPU_PYTHON) -c "import trl" 2>/dev/null && [ -f $(GPU_WHEELS)/requirements.txt ]; then \
+		$(GPU_PYTHON) -m pip install --quiet --no-index --no-deps --find-links $(GPU_WHEELS) -r $(GPU_WHEELS)/requirements.txt \
+		|| echo "gpu-check: could not install the wheels in $(GPU_WHEELS); the TRL comparison will be skipped"; fi
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) outputs .pytest_cache

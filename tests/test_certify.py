@@ -89,6 +89,11 @@ def test_the_suite_covers_what_tether_ships(certificate):
     assert by_name["ipo"].target.startswith("ipo_optimum") and by_name["dpo"].target.startswith("reverse_kl_optimum")
     assert by_name["simpo"].expected.startswith("no KL anchor")
     assert "β trajectory =" in by_name["scheduled_beta"].note
+    # top-k / top-p (docs/theory.md §3): the fixed reference by default, the restricted form's bias shown
+    for name in ("ppo_top_k", "ppo_top_p", "ppo_top_k_t1", "ppo_top_p_t1", "ppo_top_k_branches"):
+        assert by_name[name].target == "fixed_reference_optimum" and by_name[name].config["kl_reference_filter"] == "none"
+    assert by_name["ppo_top_k_branches_restricted"].target == "restricted_reference_optimum"
+    assert by_name["adaptive_kl_top_p"].config["top_p"] == 0.9
 
 
 def test_json_table_only_and_plot(tmp_path, capsys):
@@ -237,3 +242,61 @@ def test_verdict_rules():
     assert not certify.verdict("biased: not π*", None, 1e-4, 1e-3)
     assert not certify.verdict("converges", 1e-5, 1e-5, 1e-3, extra=False)  # e.g. a controller's β did not settle
     assert certify.verdict("bounded: x", 0.3, None, 0.5) and not certify.verdict("bounded: x", 0.6, None, 0.5)
+
+
+# ---- top-k / top-p rows (docs/theory.md §3; tether.oracle.certify_filters) ----------------------------------
+
+
+def test_fixed_reference_optimum_is_the_soft_backup_of_the_unnormalised_restricted_reference():
+    """Within fixed sets F(s), the optimum of E[r] - β KL[π‖π^τ_ref] by enumeration (certify_targets) equals
+    an independent token-level derivation: the soft backup V(s) = β log Σ_{a∈F(s)} π^τ_ref(a|s) e^{Q(s,a)/β}
+    with the *unnormalised* restricted reference, π(a|s) = π^τ_ref(a|s) e^{(Q - V)/β} on F(s). Its objective
+    J = E_π[r] - β KL[π‖π^τ_ref] equals V(root) = β log Z_F, and the restricted optimum does worse. The
+    restricted-reference optimum differs for T > 1 and coincides at T = 1 (the cost -log m is a constant)."""
+    from tether.oracle.certify_targets import (
+        filter_sets, fixed_reference_kl, fixed_reference_optimum, restricted_reference_optimum,
+    )
+    from tether.oracle.tabular import TabularPolicy
+
+    beta, tau = 0.5, 0.7
+    for T, top in ((3, {"top_k": 2}), (3, {"top_p": 0.8}), (1, {"top_k": 3})):
+        pr = make_problem(3 if T == 3 else 5, T, n_prompts=2, seed=0)
+        sp = pr.space
+        sets = filter_sets(pr.ref, temperature=tau, **top)
+        got = fixed_reference_optimum(pr.ref, pr.rewards, beta, sets, temperature=tau)
+        logq = torch.log_softmax(pr.ref.table.detach() / tau, -1).masked_fill(~sets, float("-inf"))
+        V = torch.zeros(sp.n_prompts, sp.n_prefixes, dtype=torch.float64)
+        table = torch.zeros(sp.n_prompts, sp.n_prefixes, sp.vocab_size, dtype=torch.float64)
+        for s in reversed(range(sp.n_prefixes)):  # prefixes are ordered by length: children first
+            q = torch.where(sp.child_seq[s] >= 0, pr.rewards[:, sp.child_seq[s].clamp(min=0)],
+                            V[:, sp.child_prefix[s].clamp(min=0)])  # (P, V)
+            V[:, s] = beta * torch.logsumexp(logq[:, s] + q / beta, -1)
+            table[:, s] = logq[:, s] + (q - V[:, s, None]) / beta
+        backup = TabularPolicy(sp, table, trainable=False)
+        assert float(sequence_kl(got, backup).abs().max()) < EXACT, (T, top)
+        J = (got.sequence_probs() * pr.rewards).sum(-1) - beta * fixed_reference_kl(got, pr.ref, temperature=tau)
+        torch.testing.assert_close(J, V[:, 0], rtol=0, atol=EXACT)  # V already carries β
+        other = restricted_reference_optimum(pr.ref, pr.rewards, beta, sets, temperature=tau)
+        J_other = (other.sequence_probs() * pr.rewards).sum(-1) - beta * fixed_reference_kl(other, pr.ref, temperature=tau)
+        gap = float(sequence_kl(other, got).mean())
+        if T == 1:
+            assert gap < EXACT, top
+        else:
+            assert gap > 1e-4 and bool((J_other < J).all()), (top, gap)
+
+
+def test_filter_rows_default_reaches_the_fixed_reference_optimum_and_restricted_shows_its_bias():
+    """The two-branch rows and the T = 1 top-k row, trained by the shipped PPO (a few seconds each).
+    Default: within SAMPLED_TOL of the fixed-reference optimum on the final sets. Restricted: within it of the
+    restricted-reference optimum and more than SEPARATION from the fixed one: its bonus β·Σ_t -log m_t moves
+    the branch split from 0.30 : 0.70 to 0.5 : 0.5 (the two optima are ~0.09 nats apart)."""
+    from tether.oracle.certify_filters import filter_rows
+
+    rows = {n: run for n, _, run in filter_rows(certify.Suite())}
+    default, restricted = rows["ppo_top_k_branches"](), rows["ppo_top_k_branches_restricted"]()
+    assert default.ok and default.kl_to_target < certify.SAMPLED_TOL, default.note
+    assert restricted.ok and restricted.kl_to_target < certify.SAMPLED_TOL, restricted.note
+    assert restricted.kl_to_optimum > certify.SEPARATION and default.kl_to_optimum < certify.SAMPLED_TOL
+    assert restricted.config["kl_reference_filter"] == "restricted" and default.config["kl_reference_filter"] == "none"
+    t1 = rows["ppo_top_k_t1"]()
+    assert t1.ok, t1.note

@@ -78,3 +78,32 @@ def test_moving_reference_rows_fail_when_the_reference_stays_fixed(monkeypatch):
     monkeypatch.setattr(reference_mod.LaggedReference, "on_step", lambda self, policy, step: False)
     got = _rows(["ppo_ref_reset", "ppo_ref_lag"])
     assert not got["ppo_ref_reset"].ok and not got["ppo_ref_lag"].ok, {k: (c.kl_to_target, c.note) for k, c in got.items()}
+
+
+def test_filter_rows_fail_when_the_kl_is_to_the_restricted_reference(monkeypatch):
+    """Measure the KL against the reference restricted to the policy's own top-k/top-p sets (the old
+    definition, docs/theory.md §3): the controller row is then fed a KL without the filter cost, drives β
+    below β̂ and ends far from the fixed-reference optimum; and penalising that KL (the scorer's restricted
+    form everywhere) moves the two-branch default row to the restricted optimum, ~0.09 nats away."""
+    from tether import engine as engine_mod
+    from tether.trainers import online as online_mod
+
+    shipped_rows = engine_mod.score_rows
+
+    def restricted_metric(*args, **kwargs):
+        row = shipped_rows(*args, **kwargs)
+        row["kl_exact"] = row["kl_exact"] - row["filter_cost"]  # kl/ref to the restricted reference
+        return row
+
+    monkeypatch.setattr(engine_mod, "score_rows", restricted_metric)
+    monkeypatch.setattr(online_mod, "score_rows", restricted_metric)
+    ctl = _rows(["adaptive_kl_top_p"])["adaptive_kl_top_p"]
+    assert not ctl.ok and ctl.kl_to_target > 5 * certify.SAMPLED_TOL, (ctl.kl_to_target, ctl.note)  # measured 0.105
+
+    def restricted_penalty(*args, reference_filter="none", **kwargs):
+        return shipped_rows(*args, reference_filter="restricted", **kwargs)
+
+    monkeypatch.setattr(engine_mod, "score_rows", restricted_penalty)
+    monkeypatch.setattr(online_mod, "score_rows", restricted_penalty)
+    branches = _rows(["ppo_top_k_branches"])["ppo_top_k_branches"]
+    assert not branches.ok and branches.kl_to_target > 5 * certify.SAMPLED_TOL, (branches.kl_to_target, branches.note)

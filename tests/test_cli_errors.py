@@ -45,6 +45,7 @@ CASES = [
     ("ppo-lr-negative", "ppo --prompts {d}/p.txt --learning_rate -1e-3", "learning_rate"),
     ("ppo-lr-abbreviation", "ppo --prompts {d}/p.txt --lr 1e-4", "--lr"),
     ("ppo-kl-estimator", "ppo --prompts {d}/p.txt --kl_estimator k9", "kl_estimator"),
+    ("ppo-kl-reference-filter", "ppo --prompts {d}/p.txt --kl_reference_filter matched", "kl_reference_filter"),
     ("grpo-vllm-head-dim-8", "grpo --prompts {d}/p.txt --backend vllm", "backend=vllm"),
     ("grpo-decoder-unknown", "grpo --prompts {d}/p.txt --decoder fast", "--decoder"),
     ("grpo-decoder-with-vllm", "grpo --prompts {d}/p.txt --backend vllm --decoder hf", "backend builtin"),

@@ -134,7 +134,8 @@ def test_decoder_field_reaches_the_backend_and_is_checked(stories):
     with another backend, or lean on a model that is not a Llama, the preflight refuses it naming the flag."""
     from transformers import GPT2Config
 
-    from tether.checks import check_backend, check_backend_model
+    from tether.checks import check_backend_model
+    from tether.generation import check_backend
     from tether.errors import UserError
     from tether.generation import backend_for
     from tether.trainers.grpo import GRPOConfig

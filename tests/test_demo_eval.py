@@ -54,9 +54,9 @@ def test_initial_beta_for_kl_hand_value_and_the_tilt_it_approximates():
     Against the exact tilt of a two-point reward r = ±1 (probability 1/2 each, Var 1): with t = 1/β,
     π*(±1) ∝ e^{±t}/2, log Z = log cosh t, KL[π*‖π_ref] = t·E_π*[r] − log Z = t·tanh t − log cosh t
     = t²/2 − t⁴/4 + t⁶/9 − ... (cumulants: κ₂t²/2 + κ₄t⁴/8, κ₄ = −2). At β₀ = sqrt(1/(2·target)),
-    t² = 2·target, so KL = target − target² + (8/9)·target³ − ...:
-    the expansion's error is second order in the target, and here (a bounded reward, whose tilt has less
-    variance, 1 − tanh² t) the KL at β₀ is below the target, as a starting point should be."""
+    t² = 2·target, so KL = target − target² + (8/9)·target³ − ...: for this *symmetric* reward (κ₃ = 0)
+    the relative error is first order in the target, and (a bounded reward, whose tilt has less
+    variance, 1 − tanh² t) the KL at β₀ is below the target. A skewed reward does worse: the next test."""
     assert initial_beta_for_kl(2.0, 4.0) == pytest.approx(0.5, abs=1e-15)
     for target in (1e-3, 0.1, 3.0):
         t = 1.0 / initial_beta_for_kl(1.0, target)
@@ -66,6 +66,28 @@ def test_initial_beta_for_kl_hand_value_and_the_tilt_it_approximates():
             assert kl == pytest.approx(target - target**2, abs=8 / 9 * target**3 + 1e-15)
     with pytest.raises(UserError, match="kl_target"):
         initial_beta_for_kl(1.0, 0.0)
+
+
+def test_initial_beta_for_a_skewed_reward_misses_by_the_square_root_of_the_target():
+    """docs/theory.md §4: with t = 1/β₀ = sqrt(2ε/κ₂), KL = κ₂t²/2 + κ₃t³/3 + ... = ε·(1 + (2√2/3)·γ·√ε + O(ε)),
+    γ = κ₃/κ₂^{3/2} the reward's skewness under π_ref: the relative error is O(√ε), not second order.
+    A rare success (Bernoulli p = 0.1: Var 0.09, γ = (1 − 2p)/sqrt(p(1 − p)) = 8/3), exact tilt
+    π*(1) = p·e^t/Z, Z = 1 − p + p·e^t, KL = t·π*(1) − log Z: at β₀ the KL is 1.276, 1.968 and 2.428 times
+    the target at ε = 0.01, 0.1, 0.5 (the first-order term predicts 1.251 at ε = 0.01). Above the target:
+    a run started at β₀ overshoots at first."""
+    p = 0.1
+    ratios = []
+    for eps in (0.01, 0.1, 0.5):
+        t = 1.0 / initial_beta_for_kl(p * (1 - p), eps)
+        log_z = math.log(1 - p + p * math.exp(t))
+        kl = t * p * math.exp(t - log_z) - log_z
+        ratios.append(kl / eps)
+    assert [round(r, 2) for r in ratios] == [1.28, 1.97, 2.43]
+    skew = (1 - 2 * p) / math.sqrt(p * (1 - p))
+    first_order = 1 + 2 * math.sqrt(2) / 3 * skew * math.sqrt(0.01)
+    # the √ε term is most of the error at ε = 0.01: the rest is O(ε), ~√ε = 0.1 of it (measured 0.09)
+    assert abs(ratios[0] - first_order) < 0.15 * (ratios[0] - 1)
+    assert ratios[0] - 1 > 10 * 0.01  # far above a second-order error (~ε)
 
 
 def test_initial_betas_per_run():

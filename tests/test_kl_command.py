@@ -96,3 +96,97 @@ def test_by_position_adds_up_to_the_sequence_kl(tmp_path, stories_path, capsys):
     same = _run(tmp_path, stories_path, stories_path, samples=2, extra=["--by_position"])
     assert set(same["by_position"]) == {0.0}
     assert all(e["mean"] == 0.0 for r in same["by_length"] for e in r["estimators"].values())
+
+
+# ---- under top-k / top-p: the KL to the fixed reference, against an independent float64 computation ----------
+
+
+def _independent_kl(policy, reference, batch, tau):
+    """Per-sequence KL[π^{τ,F}_θ‖π^τ_ref] (exact and k1) and filter cost Σ_t -log π^τ_ref(F_t), written out
+    without tether's scorer: a plain full forward of each model in float64 over the left-padded rows,
+    the policy's logits/τ restricted to the stored sets F_t, the reference's logits/τ over the whole
+    vocabulary. (B,) each, float64."""
+    from tether.ops.logprobs import unpack_allowed
+
+    P, T = batch.prompt_len, batch.mask.shape[1]
+    pos = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens
+    with torch.no_grad():
+        zp = policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos).logits
+        zq = reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos).logits
+    zp, zq = zp[:, P - 1 : P + T - 1].double() / tau, zq[:, P - 1 : P + T - 1].double() / tau  # (B, T, V)
+    F = unpack_allowed(batch.allowed, zp.shape[-1])  # (B, T, V) the sampler's sets
+    lp = zp.masked_fill(~F, float("-inf")).log_softmax(-1)  # π^{τ,F}_θ
+    lq = zq.log_softmax(-1)  # π^τ_ref
+    p = lp.exp()
+    exact = torch.where(F, p * (lp - lq), torch.zeros_like(p)).sum(-1)  # (B, T)
+    y = batch.completion_ids[..., None]
+    k1 = (lp.gather(-1, y) - lq.gather(-1, y))[..., 0]
+    cost = -torch.where(F, lq.exp(), torch.zeros_like(lq)).sum(-1).log()
+    m = batch.mask
+    return ((exact * m).sum(-1), (k1.masked_fill(~m, 0.0)).sum(-1), (cost * m).sum(-1))
+
+
+FILTERS = {"top_k": {"temperature": 0.8, "top_k": 20}, "top_p": {"top_p": 0.9}}
+
+
+@pytest.mark.parametrize("setting", list(FILTERS))
+def test_tether_kl_under_filters_matches_an_independent_float64_computation(tmp_path, stories_path, setting):
+    """`tether kl` on a perturbed stories260K against stories260K, 4 prompts x 4 samples of 32 tokens at
+    τ = 0.8 + top-k = 20 and at top-p = 0.9. Its exact and k1 means are KL[π^{τ,F}_θ‖π^τ_ref], the KL to the
+    fixed (tempered, unfiltered) reference, and its filter cost is E Σ_t -log π^τ_ref(F_t): each equals a
+    plain float64 forward of both models on the same samples (regenerated from the same seed and batch
+    size, with the sets the sampler stored), to float32 rounding of 32-token sums of log-probs of
+    magnitude ≲ 20 (f32_tol). The exact KL exceeds the filter cost: the perturbation moved the policy."""
+    from conftest import f32_tol
+
+    from tether.engine import generate_batches
+    from tether.measure import encode_prompts
+    from tether.modeling import load_causal_lm, load_tokenizer
+
+    f = FILTERS[setting]
+    path = _perturbed(tmp_path, stories_path)
+    extra = [a for k, v in f.items() for a in (f"--{k}", str(v))]
+    res = _run(tmp_path, path, stories_path, samples=4, extra=extra)
+    tok, policy, reference = load_tokenizer(path), load_causal_lm(path), load_causal_lm(stories_path)
+    ids = encode_prompts(tok, PROMPTS.strip().split("\n"))
+    (smp,) = generate_batches(policy, ids, tokenizer=tok, sampling=f, max_new_tokens=32, batch_size=64, seed=0,
+                              samples_per_prompt=4)  # tether kl's draw: the same seed, batch size and sampler
+    exact, k1, cost = _independent_kl(policy.double(), reference.double(), smp.batch, f.get("temperature", 1.0))
+    tol = f32_tol(32 * 20.0)
+    assert res["estimators"]["exact"]["mean"] == pytest.approx(float(exact.mean()), abs=tol)
+    assert res["estimators"]["k1"]["mean"] == pytest.approx(float(k1.mean()), abs=tol)
+    assert res["filter_cost"]["mean"] == pytest.approx(float(cost.mean()), abs=tol)
+    assert float(cost.mean()) > 0.05 and float(exact.mean()) > float(cost.mean()) + 1.0
+
+
+@pytest.mark.parametrize("setting", list(FILTERS))
+def test_kl_ref_of_the_online_rollout_under_filters_matches_the_independent_computation(tmp_path, stories_path, setting):
+    """The online trainers' kl/ref and kl/filter_cost (collect_rollout -> rollout_stats, what every
+    controller is fed) on a perturbed stories260K rollout of 8 x 24 tokens: the same independent float64
+    computation of KL[π^{τ,F}_θ‖π^τ_ref] on the rollout's own samples and stored sets."""
+    from conftest import f32_tol
+
+    from tether.measure import encode_prompts
+    from tether.modeling import load_causal_lm, load_tokenizer
+    from tether.reference import FrozenReference
+    from tether.rewards import CallableSource, RewardSet
+    from tether.trainers.online import seeded
+    from tether.trainers.ppo import PPOConfig
+    from tether.trainers.rollout import collect_rollout, rollout_stats
+
+    f = FILTERS[setting]
+    path = _perturbed(tmp_path, stories_path)
+    tok, policy = load_tokenizer(path), load_causal_lm(path)
+    reference = FrozenReference(load_causal_lm(stories_path))
+    prompts = [p for p in PROMPTS.strip().split("\n") for _ in range(2)]
+    cfg = PPOConfig(max_new_tokens=24, kl_estimator="k1", **f)
+    length = CallableSource(lambda completions: [float(len(c)) for c in completions], name="len")
+    ro = collect_rollout(policy, reference, None, RewardSet(length), tok, prompts, encode_prompts(tok, prompts), cfg=cfg,
+                         generator=seeded(0, 1), chunk=4, device="cpu")
+    sums, counts = rollout_stats(ro, beta=0.1)
+    exact, k1, cost = _independent_kl(load_causal_lm(path).double(), load_causal_lm(stories_path).double(), ro.batch,
+                                      f.get("temperature", 1.0))
+    tol = f32_tol(24 * 20.0)
+    assert sums["kl/ref"] / counts["kl/ref"] == pytest.approx(float(exact.mean()), abs=tol)
+    assert sums["kl/filter_cost"] / counts["kl/filter_cost"] == pytest.approx(float(cost.mean()), abs=tol)
+    assert sums["kl/penalty"] / counts["kl/penalty"] == pytest.approx(0.1 * float(k1.mean()), abs=0.1 * tol)

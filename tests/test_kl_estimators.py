@@ -397,36 +397,39 @@ def test_unknown_estimator_and_missing_logits_raise():
 
 # ---- under sampling filters (docs/theory.md §3) ------------------------------------------------------------
 
-# estimator -> phrases ESTIMATORS[...].under_filters must contain (matched-filter reference, unfiltered one)
+# estimator -> phrases ESTIMATORS[...].under_filters must contain (fixed reference π^τ_ref, restricted one)
 FILTER_TABLE = {
-    "k1": ("unbiased for KL[π^{τ,F}_θ‖π^{τ,F}_ref]", "unbiased for KL[π^{τ,F}_θ‖π^τ_ref]"),
+    "k1": ("unbiased for KL[π^{τ,F}_θ‖π^τ_ref] with the fixed reference", "unbiased for KL[π^{τ,F}_θ‖π^{τ,F}_ref]"),
     "k2": ("biased", "biased"),
-    "k3": ("unbiased with the matched-filter reference", "biased by -(reference mass outside F_t)"),
-    "exact": ("unbiased for KL[π^{τ,F}_θ‖π^{τ,F}_ref]", "KL[π^{τ,F}_θ‖π^τ_ref]"),
+    "k3": ("biased by -(reference mass outside F_t) per token with the fixed reference",
+           "Unbiased for KL[π^{τ,F}_θ‖π^{τ,F}_ref] with the restricted reference"),
+    "exact": ("exact for KL[π^{τ,F}_θ‖π^τ_ref]", "minus the filter cost"),
 }
 
 
-def _filtered_expectations(pol_probs, ref_probs, *, top_k):
-    """E_p[estimator] by enumeration over the kept tokens, through the project's own filter, log-probs and
-    estimators: p = π_θ's top-k restricted; reference matched (same stored F) and unfiltered."""
-    from tether.ops.logprobs import apply_sampling_filters, pack_allowed
+def _filtered_expectations(pol_probs, ref_probs, *, top_k=0, top_p=1.0):
+    """E_p[estimator] by enumeration over the kept tokens, through the shipped scorer (``engine.score_rows``
+    on the sampler's filter ``apply_sampling_filters``): p = π_θ filtered by top-k/top-p; the reference
+    fixed (``reference_filter="none"``, the default) and restricted. Also the filter cost -log m."""
+    from tether.engine import score_rows
+    from tether.modeling import CompletionBatch
+    from tether.ops.logprobs import apply_sampling_filters
 
     V = len(pol_probs)
     x = torch.tensor(pol_probs, dtype=torch.float64).log().expand(V, 1, V)  # one row per token v: (V, 1, V)
-    y = torch.tensor(ref_probs, dtype=torch.float64).log().expand(V, 1, V)
-    p_logits = apply_sampling_filters(x, top_k=top_k)
-    allowed = pack_allowed(p_logits > float("-inf"))  # F, as the sampler stores it
-    tokens = torch.arange(V)[:, None]  # (V, 1): row v scores token v
-    kept = (p_logits[:, 0, :] > float("-inf"))[0]  # (V,)
+    y = torch.tensor(ref_probs, dtype=torch.float64).log().expand(V, 1, V)  # π_ref, unfiltered (as Reference.logits)
+    p_logits = apply_sampling_filters(x, top_k=top_k, top_p=top_p)
+    kept = p_logits[0, 0] > float("-inf")  # (V,) F
     w = torch.softmax(p_logits[0, 0], -1)  # p(v), 0 outside F
-    mask = kept[:, None]  # tokens outside F are never sampled
-    lp = selective_logps(p_logits, tokens)
-    out = {}
-    for ref_name, q_logits in (("matched", apply_sampling_filters(y, allowed=allowed)), ("unfiltered", y)):
-        lq = selective_logps(q_logits, tokens)
+    ids = torch.stack([torch.zeros(V, dtype=torch.long), torch.arange(V)], 1)  # (V, 2): prompt token 0, then v
+    b = CompletionBatch(ids, torch.ones_like(ids), kept[:, None].clone(), 1)  # tokens outside F are never sampled
+    out = {"F": kept.nonzero().flatten().tolist()}
+    for mode in ("none", "restricted"):
+        row = score_rows(p_logits, y, b, estimators=ESTIMATOR_NAMES, reference_filter=mode)
         for est in ESTIMATOR_NAMES:
-            v = kl_per_token(lp, lq, mask, estimator=est, logits=p_logits, ref_logits=q_logits).per_token[:, 0]
-            out[ref_name, est] = float((w * v).sum())
+            out[mode, est] = float((w * row[f"kl/{est}"][:, 0]).sum())
+        out["cost"] = float(row["filter_cost"][kept.nonzero()[0, 0], 0])
+        out["kl/ref"] = float(row["kl_exact"][kept.nonzero()[0, 0], 0])  # what kl/ref and tether kl report
     return out
 
 
@@ -434,29 +437,72 @@ def test_values_under_sampling_filters():
     """docs/theory.md §3 worked example, exact expectations. π_θ = (0.5, 0.3, 0.2), π_ref = (0.2, 0.3, 0.5),
     τ = 1, top-k = 2: F = {a, b}, p = (0.625, 0.375), q = π_ref restricted = (0.4, 0.6),
     KL[p‖q] = 0.625 ln(0.625/0.4) + 0.375 ln(0.375/0.6) = 0.10268.
-    Matched reference q: E[k1] = E[k3] = exact = KL[p‖q]; E[k2] = Σ p lr²/2 = 0.10366 (biased, +1%).
-    Unfiltered q̃ = π_ref, m = q̃(F) = 0.5: E[k1] = exact = KL[p‖q̃] = KL[p‖q] - ln m = 0.79583, and
-    E[k3] = KL[p‖q̃] - (1 - m) = 0.29583: k3 undercounts by the reference mass outside F.
-    A model against itself (π_ref = π_θ, same filter, m = 0.8): matched 0 for all four; unfiltered
-    E[k1] = exact = -ln 0.8 = 0.22314 and E[k3] = 0.22314 - 0.2 = 0.02314."""
+    Fixed reference q̃ = π_ref (tether's), m = q̃(F) = 0.5: E[k1] = exact = KL[p‖q̃] = KL[p‖q] - ln m = 0.79583,
+    and E[k3] = KL[p‖q̃] - (1 - m) = 0.29583: k3 undercounts by the reference mass outside F.
+    Restricted reference q: E[k1] = E[k3] = exact = KL[p‖q]; E[k2] = Σ p lr²/2 = 0.10366 (biased, +1%).
+    A model against itself (π_ref = π_θ, same filter, m = 0.8): fixed E[k1] = exact = -ln 0.8 = 0.22314 =
+    the filter cost, E[k3] = 0.22314 - 0.2 = 0.02314; restricted 0 for all four."""
     p, q = (0.625, 0.375), (0.4, 0.6)
     kl = sum(a * math.log(a / b) for a, b in zip(p, q))
     k2 = sum(a * math.log(a / b) ** 2 / 2 for a, b in zip(p, q))
     got = _filtered_expectations((0.5, 0.3, 0.2), (0.2, 0.3, 0.5), top_k=2)
-    want = {("matched", "k1"): kl, ("matched", "k3"): kl, ("matched", "exact"): kl, ("matched", "k2"): k2,
-            ("unfiltered", "k1"): kl - math.log(0.5), ("unfiltered", "exact"): kl - math.log(0.5),
-            ("unfiltered", "k3"): kl - math.log(0.5) - 0.5}
+    want = {("restricted", "k1"): kl, ("restricted", "k3"): kl, ("restricted", "exact"): kl, ("restricted", "k2"): k2,
+            ("none", "k1"): kl - math.log(0.5), ("none", "exact"): kl - math.log(0.5),
+            ("none", "k3"): kl - math.log(0.5) - 0.5, "cost": -math.log(0.5)}
     for key, v in want.items():
         assert got[key] == pytest.approx(v, rel=1e-12, abs=1e-14), key
     assert k2 > kl * 1.005  # k2 stays biased
     self_ = _filtered_expectations((0.5, 0.3, 0.2), (0.5, 0.3, 0.2), top_k=2)
     for est in ESTIMATOR_NAMES:
-        assert self_["matched", est] == 0.0, est  # exactly: identical restricted distributions
-    assert self_["unfiltered", "k1"] == pytest.approx(-math.log(0.8), rel=1e-12)
-    assert self_["unfiltered", "exact"] == pytest.approx(-math.log(0.8), rel=1e-12)
-    assert self_["unfiltered", "k3"] == pytest.approx(-math.log(0.8) - 0.2, rel=1e-12)
-    for est, (matched, unfiltered) in FILTER_TABLE.items():
-        assert matched in ESTIMATORS[est].under_filters and unfiltered in ESTIMATORS[est].under_filters, est
+        assert self_["restricted", est] == 0.0, est  # exactly: identical restricted distributions
+    assert self_["none", "k1"] == pytest.approx(-math.log(0.8), rel=1e-12)
+    assert self_["none", "exact"] == pytest.approx(-math.log(0.8), rel=1e-12)
+    assert self_["cost"] == pytest.approx(-math.log(0.8), rel=1e-12)
+    assert self_["none", "k3"] == pytest.approx(-math.log(0.8) - 0.2, rel=1e-12)
+    for est, (fixed, restricted) in FILTER_TABLE.items():
+        assert fixed in ESTIMATORS[est].under_filters and restricted in ESTIMATORS[est].under_filters, est
+
+
+def test_restricted_reference_hides_a_policy_that_left_the_reference_top_k():
+    """docs/theory.md §3: top-k = 2, π_ref = (0.96, 0.02, 0.02), π_θ = (0.001, 0.4995, 0.4995). The policy's
+    set is F = {b, c}, p = (1/2, 1/2); the restricted reference is (1/2, 1/2) too, so its KL is 0 with
+    every estimator although the policy has left the reference's top token; the fixed reference gives
+    KL[p‖π_ref] = 2·(1/2)·ln((1/2)/0.02) = ln 25 = 3.2189 nats = the filter cost -ln(0.04). With top-k = 1
+    the restricted KL is 0 for every policy (p and the restricted reference are the same point mass)."""
+    got = _filtered_expectations((0.001, 0.4995, 0.4995), (0.96, 0.02, 0.02), top_k=2)
+    assert got["F"] == [1, 2]
+    for est in ESTIMATOR_NAMES:
+        assert got["restricted", est] == pytest.approx(0.0, abs=1e-15), est
+    for est in ("k1", "exact"):
+        assert got["none", est] == pytest.approx(math.log(25), rel=1e-12), est
+    assert got["kl/ref"] == pytest.approx(math.log(25), rel=1e-12) and got["cost"] == pytest.approx(-math.log(0.04), rel=1e-12)
+    assert round(got["kl/ref"], 2) == 3.22
+    for pol in ((0.001, 0.5, 0.499), (0.2, 0.5, 0.3), (0.9, 0.06, 0.04)):  # no ties: top-k keeps ties
+        one = _filtered_expectations(pol, (0.96, 0.02, 0.02), top_k=1)
+        assert all(one["restricted", est] == 0.0 for est in ESTIMATOR_NAMES), pol
+        a = max(range(3), key=lambda i: pol[i])
+        assert one["none", "exact"] == pytest.approx(-math.log((0.96, 0.02, 0.02)[a]), rel=1e-12), pol
+
+
+def test_restricted_reference_drops_to_zero_at_the_top_p_threshold():
+    """docs/theory.md §3: top-p = 0.9, π_ref = (0.05, 0.6, 0.35). At π_θ = (0.899, 0.051, 0.050) the nucleus is
+    {a, b}: p = (0.899, 0.051)/0.95, restricted reference (0.05, 0.6)/0.65, restricted KL
+    0.94632·ln(0.94632/0.076923) + 0.05368·ln(0.05368/0.923077) = 2.222; to the fixed reference 2.653.
+    At π_θ = (0.901, 0.050, 0.049) the nucleus is {a}: restricted KL 0.000 with every estimator (no penalty
+    gradient at this state from then on), fixed -ln 0.05 = 2.996. (The second and third tokens are unequal
+    on purpose: the sort breaks a tie either way.)"""
+    ref = (0.05, 0.6, 0.35)
+    below = _filtered_expectations((0.899, 0.051, 0.050), ref, top_p=0.9)
+    p = (0.899 / 0.95, 0.051 / 0.95)
+    restricted = p[0] * math.log(p[0] / (0.05 / 0.65)) + p[1] * math.log(p[1] / (0.6 / 0.65))
+    fixed = p[0] * math.log(p[0] / 0.05) + p[1] * math.log(p[1] / 0.6)
+    assert below["F"] == [0, 1]
+    assert below["restricted", "exact"] == pytest.approx(restricted, rel=1e-12) and round(restricted, 2) == 2.22
+    assert below["kl/ref"] == pytest.approx(fixed, rel=1e-12) and round(fixed, 2) == 2.65
+    above = _filtered_expectations((0.901, 0.050, 0.049), ref, top_p=0.9)
+    assert above["F"] == [0]
+    assert all(above["restricted", est] == 0.0 for est in ESTIMATOR_NAMES)
+    assert above["kl/ref"] == pytest.approx(-math.log(0.05), rel=1e-12) and round(above["kl/ref"], 2) == 3.00
 
 
 # ---- Schulman's blog check (docs/theory.md §2) -----------------------------------------------------------------
@@ -493,3 +539,57 @@ def test_gaussian_blog_numbers():
     assert s3 / true == pytest.approx(math.sqrt(math.e - 1 - mu**2) / true, abs=1e-9)
     assert s2 / true == pytest.approx(1.73, abs=0.005)  # docs/theory.md, 3 significant digits
     assert s3 / true == pytest.approx(1.7, abs=0.05)  # docs/theory.md, "about 1.7"
+
+
+# ---- per token versus per sequence: exact is not always the lowest-variance sequence sum (docs/theory.md §2) ----
+
+
+def _two_step_sums(bd: float):
+    """Sequence sums of k1 and exact over the tree {a, b} x {c, d} (tokens 0-3), through the shipped
+    ``kl_per_token`` / ``seq_sum``. π_ref is uniform at each step; π_θ puts (1 - bd)/3 on ac, ad, bc and
+    ``bd`` on bd. Returns (probabilities, k1 sums, exact sums) over the sequences π_θ can emit."""
+    seqs = [(0, 2), (0, 3), (1, 2), (1, 3)]
+    mass = torch.tensor([(1 - bd) / 3] * 3 + [bd], dtype=torch.float64)
+    keep = mass > 0
+    pa = mass[:2].sum()
+    first = torch.tensor([pa, 1 - pa, 0.0, 0.0], dtype=torch.float64)
+    after = {0: mass[:2] / mass[:2].sum(), 1: mass[2:] / mass[2:].sum()}
+    neg = float("-inf")
+    logits = torch.full((4, 2, 4), neg, dtype=torch.float64)  # (sequence, position, token)
+    ref_logits = torch.full((4, 2, 4), neg, dtype=torch.float64)
+    tokens = torch.tensor(seqs)
+    for i, (x, _) in enumerate(seqs):
+        logits[i, 0, :2] = first[:2].log()
+        logits[i, 1, 2:] = after[x].log()
+        ref_logits[i, 0, :2] = 0.0  # uniform on {a, b}
+        ref_logits[i, 1, 2:] = 0.0  # uniform on {c, d}
+    mask = torch.ones(4, 2, dtype=torch.bool)
+    logps, ref_logps = selective_logps(logits, tokens), selective_logps(ref_logits, tokens)
+    sums = {est: seq_sum(kl_per_token(logps, ref_logps, mask, estimator=est, logits=logits, ref_logits=ref_logits).per_token,
+                         mask)
+            for est in ("k1", "exact")}
+    return mass[keep], sums["k1"][keep], sums["exact"][keep]
+
+
+def _var(w, x):
+    m = (w * x).sum()
+    return float((w * (x - m) ** 2).sum())
+
+
+def test_exact_is_lowest_variance_per_token_not_per_sequence():
+    """π_ref uniform on {a, b} x {c, d}; π_θ = 1/3 on ac, ad, bc. Every k1 sum is log((1/3)/(1/4)) = log(4/3):
+    variance 0. The exact sum is KL(root) + KL(state after the first token): 0 after a, log 2 after b
+    (π_θ(·|b) = δ_c), so it is KL(root) + log 2 with probability 1/3: variance (log 2)²·(1/3)(2/3) = 0.1068.
+    Both are unbiased for the sequence KL log(4/3). With 1e-3 on bd (the rest shared equally), measured
+    by enumeration: k1 0.034, exact 0.101. Per token, at a fixed state, Var(exact) = 0 ≤ Var(k1)
+    (Rao-Blackwell); the sequence sum is another matter: k1's per-token terms can cancel along a path."""
+    w, k1_sum, exact_sum = _two_step_sums(0.0)
+    assert k1_sum.tolist() == pytest.approx([math.log(4 / 3)] * 3, abs=1e-15)
+    assert _var(w, k1_sum) == pytest.approx(0.0, abs=1e-30)
+    assert _var(w, exact_sum) == pytest.approx(math.log(2) ** 2 * 2 / 9, rel=1e-12)
+    assert round(_var(w, exact_sum), 3) == 0.107
+    assert float((w * exact_sum).sum()) == pytest.approx(math.log(4 / 3), rel=1e-12)  # both unbiased
+    w, k1_sum, exact_sum = _two_step_sums(1e-3)
+    v1, ve = _var(w, k1_sum), _var(w, exact_sum)
+    assert (round(v1, 3), round(ve, 3)) == (0.034, 0.101)
+    assert float((w * k1_sum).sum()) == pytest.approx(float((w * exact_sum).sum()), rel=1e-12)

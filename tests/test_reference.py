@@ -317,3 +317,17 @@ def test_reference_from_config_errors_name_the_field(stories, stories_path, tmp_
     other_tok.save_pretrained(other)
     with pytest.raises(ValueError, match="tokenizers differ"):
         build(DPOConfig(reference="copy", reference_model=str(other)))
+
+
+def test_only_a_plain_frozen_copy_is_a_static_copy():
+    """``static_copy`` (capability, not class name): the forms that hold their own weights, loaded once and never
+    written, may be sharded (fsdp) or moved off the accelerator (DPO's eval-only reference). Offloaded copies
+    already move, synced ones are written from the policy, ModelReference is the live policy itself."""
+    from tether import reference as ref_mod
+    from tether.diagnostics.forgetting import ModelReference
+    from tether.reference_prompt import PromptMappedReference
+
+    forms = [ref_mod.FrozenReference, ref_mod.OffloadedReference, ref_mod.SyncedReference, ref_mod.LoraDisabledReference,
+             ref_mod.LoraSyncedReference, ref_mod.LaggedReference, ref_mod.PrecomputedReference, ModelReference,
+             PromptMappedReference]
+    assert [f.__name__ for f in forms if f.static_copy] == ["FrozenReference"]

@@ -121,7 +121,7 @@ def test_engine_samples_through_the_backend_it_is_given(stories):
 
 
 def test_unknown_backend_is_a_user_error():
-    from tether.checks import check_backend
+    from tether.generation import check_backend
     from tether.errors import UserError
     from tether.generation import make_backend
 

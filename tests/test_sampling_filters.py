@@ -1,16 +1,19 @@
 """The KL under temperature, top-k and top-p (docs/theory.md §3): the sampler stores the token set F_t
-it allowed, and policy and reference are both scored as π^{τ,F} = softmax(logits/τ) restricted to
-the stored F_t. So a model against itself gives exactly 0 with every estimator, and every scored
-token is finite (a re-filter at scoring time can drop a sampled token and score it -inf)."""
+it allowed; the policy is scored as π^{τ,F} = softmax(logits/τ) restricted to the stored F_t, the
+reference as the fixed process π^τ_ref (same τ, whole vocabulary). Every scored token is finite (a
+re-filter at scoring time can drop a sampled token and score it -inf). A model against itself gives
+exactly 0 at any temperature without top-k/top-p, and exactly the filter cost E Σ_t -log π^τ_ref(F_t)
+with them; its KL to the restricted reference is exactly 0."""
 
 import math
 
 import pytest
 import torch
+from conftest import f32_tol
 
-from tether.engine import measure, score
+from tether.engine import generate_batches, measure, score
 from tether.modeling import completion_logits, completion_logps, load_causal_lm, make_batch, with_allowed
-from tether.ops.kl import ESTIMATOR_NAMES, kl_per_token
+from tether.ops.kl import ESTIMATOR_NAMES, kl_per_token, seq_sum
 from tether.ops.logprobs import (
     allowed_set,
     apply_sampling_filters,
@@ -169,29 +172,53 @@ def test_bf16_scoring_has_no_minus_inf(stories_path):
     ref_lp = reference.logps(b, filters=f)
     assert torch.isfinite(lp[b.mask]).all() and torch.isfinite(ref_lp[b.mask]).all(), n_old
     sc = score(model, reference, b, sampling=f, estimators=ESTIMATOR_NAMES)
-    res = {n: sc.seq(n) for n in ESTIMATOR_NAMES}
-    for name in ("k1", "k2", "k3", "exact"):
-        assert res[name].tolist() == [0.0] * b.mask.shape[0], name  # bf16 model against its bf16 copy
+    for name in ESTIMATOR_NAMES:
+        assert torch.isfinite(sc.kl[name]).all(), name
+    restricted = score(model, reference, b, sampling=f, estimators=ESTIMATOR_NAMES, reference_filter="restricted")
+    for name in ("k1", "k2", "k3", "exact"):  # bf16 model against its bf16 copy, the filter cost taken out
+        assert restricted.seq(name).tolist() == [0.0] * b.mask.shape[0], name
 
 
-# ---- a model against itself: exactly 0 -------------------------------------------------------------
+# ---- a model against itself: 0 without top-k/top-p, the filter cost with them ------------------------
+
+
+def _seq_cost_tol() -> float:
+    """float32 rounding of a sequence sum of per-token log-ratios (|log p| ≲ 10 nats over ≤ 16 tokens):
+    k1_t = log p(y) - log q(y) and the cost -log m_t = lse(all) - lse(F) are the same number computed
+    through different logsumexps; 16 tokens x logits of magnitude ~20 bound the difference."""
+    return f32_tol(16 * 20.0)
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
-def test_model_against_its_copy_is_exactly_zero(stories, stories_path, setting):
-    """The issue's definition of done: stories260K against a second loaded copy of itself, every
-    estimator exactly 0.0 (not approximately) at τ = 0.7, top_k = 20, top_p = 0.9 and all three. Before:
-    1.99-2.2 nats/seq at τ = 0.7 (reference scored at τ = 1); at top_k = 20, exact 0.69-0.82 vs k3 0.03."""
+def test_model_against_its_copy_is_its_filter_cost(stories, stories_path, setting):
+    """stories260K against a second loaded copy of itself at τ = 0.7, top_k = 20, top_p = 0.9 and all
+    three. Temperature alone: every estimator exactly 0.0 (the reference is tempered too; before that,
+    1.99-2.2 nats/seq). With top-k/top-p the sampled policy differs from the fixed reference π^τ_ref by
+    the filter alone: k1 = exact = the filter cost per sequence (k1_t = -log m_t on every token), the
+    cost is > 0, and the KL to the restricted reference is exactly 0 with every estimator."""
     tok, model = stories
     reference = FrozenReference(load_causal_lm(stories_path))
+    f = SETTINGS[setting]
     res = measure(model, reference, _prompt_ids(tok), tokenizer=tok, samples_per_prompt=2, max_new_tokens=16, seed=0,
-                  sampling=SETTINGS[setting])
-    for name, v in res["estimators"].items():
-        assert v["mean"] == 0.0 and v["stderr"] == 0.0, (name, v)
-    assert res["token_mean"] == 0.0
+                  sampling=f)
+    if "top_k" not in f and "top_p" not in f:
+        for name, v in res["estimators"].items():
+            assert v["mean"] == 0.0 and v["stderr"] == 0.0, (name, v)
+        assert res["token_mean"] == 0.0 and res["filter_cost"]["mean"] == 0.0
+        return
+    cost = res["filter_cost"]["mean"]
+    assert cost > 0.05, res["filter_cost"]
+    for name in ("k1", "exact"):
+        assert res["estimators"][name]["mean"] == pytest.approx(cost, abs=_seq_cost_tol()), name
+    assert res["estimators"]["k3"]["mean"] < cost  # k3 undercounts by Σ_t (1 - m_t) ≤ Σ_t -log m_t
+    (smp,) = generate_batches(model, _prompt_ids(tok), tokenizer=tok, sampling=f, max_new_tokens=16, batch_size=8,
+                              seed=0, samples_per_prompt=2)
+    restricted = score(model, reference, smp, estimators=ESTIMATOR_NAMES, reference_filter="restricted")
+    for name in ESTIMATOR_NAMES:
+        assert restricted.seq(name).abs().max() == 0, name
 
 
-def test_cli_model_against_itself_is_exactly_zero_with_filters(tmp_path, stories_path):
+def test_cli_model_against_itself_reports_the_filter_cost(tmp_path, stories_path, capsys):
     import json
 
     from tether.commands.kl import main as kl_main
@@ -202,14 +229,23 @@ def test_cli_model_against_itself_is_exactly_zero_with_filters(tmp_path, stories
     assert kl_main(["--policy", stories_path, "--reference", stories_path, "--prompts", str(prompts), "--samples", "2",
                     "--max_new_tokens", "16", "--temperature", "0.7", "--top_k", "20", "--top_p", "0.9",
                     "--json", str(out)]) == 0
-    for name, v in json.loads(out.read_text())["estimators"].items():
-        assert v["mean"] == 0.0 and v["stderr"] == 0.0, name
+    res = json.loads(out.read_text())
+    cost = res["filter_cost"]["mean"]
+    assert cost > 0.05
+    for name in ("k1", "exact"):  # a model against itself under filters: its KL is the filter cost
+        assert res["estimators"][name]["mean"] == pytest.approx(cost, abs=_seq_cost_tol()), name
+    text = capsys.readouterr().out
+    assert "filter cost:" in text and "a model against itself has exactly this KL" in text
+    assert "KL without it (to the reference restricted to the sampled sets): 0.00000" in text
+    assert kl_main(["--policy", stories_path, "--reference", stories_path, "--prompts", str(prompts), "--samples", "2",
+                    "--max_new_tokens", "16", "--temperature", "0.7"]) == 0
+    assert "filter cost" not in capsys.readouterr().out  # no top-k/top-p: no cost, no line
 
 
 def test_batch_without_stored_sets_falls_back_to_the_policys_fp32_filter(stories, stories_path):
-    """A batch not from the sampler (make_batch: allowed None): the policy recomputes F_t in fp32 and
-    the reference is restricted to the *policy's* sets (with_allowed) — never its own top-k, which
-    Reference.logits refuses to guess."""
+    """A batch not from the sampler (make_batch: allowed None): the policy recomputes F_t in fp32; the
+    reference is never filtered (π^τ_ref), and the restricted form uses the *policy's* sets — never
+    the reference's own top-k. with_allowed attaches the policy's sets to a batch."""
     tok, model = stories
     reference = FrozenReference(load_causal_lm(stories_path))
     ids = _prompt_ids(tok)
@@ -219,19 +255,19 @@ def test_batch_without_stored_sets_falls_back_to_the_policys_fp32_filter(stories
     comps = [sampled.completion_ids[i][sampled.mask[i]].tolist() for i in range(len(ids))]
     b = make_batch(ids, comps, pad_id=tok.pad_token_id)
     f = {"temperature": 0.7, "top_k": 20}
-    with pytest.raises(ValueError, match="batch.allowed"):
-        reference.logits(b, filters=f)
-    sc = score(model, reference, b, sampling=f, estimators=ESTIMATOR_NAMES)
-    res = {n: sc.seq(n) for n in ESTIMATOR_NAMES}
-    assert all(res[n].abs().max() == 0 for n in ("k1", "k2", "k3", "exact"))
+    assert not torch.isinf(reference.logits(b, filters=f)).any()  # π^τ_ref: tempered, whole vocabulary
+    sc = score(model, reference, b, sampling=f, estimators=ESTIMATOR_NAMES, reference_filter="restricted")
+    assert all(sc.seq(n).abs().max() == 0 for n in ("k1", "k2", "k3", "exact"))
+    assert (sc.filter_cost[b.mask] >= 0).all() and sc.filter_cost[b.mask].sum() > 1e-3  # top-20 of 512 leaves mass out
     logits = completion_logits(model, b, **f)
     assert torch.equal(unpack_allowed(with_allowed(b, logits).allowed, logits.shape[-1]), logits > float("-inf"))
 
 
 def test_every_reference_form_scores_with_the_same_temperature_and_stored_sets(stories):
     """copy, offload, sync, lora (adapters off) and lora-sync (a second adapter at zero delta) of the
-    same weights all return the policy's π^{τ,F} logits on a sampled batch: tempered, -inf exactly off
-    the stored F_t. precomputed refuses filters (it holds τ = 1 log-probs only)."""
+    same weights all return the fixed reference π^τ_ref on a sampled top-k/top-p batch: the logits
+    divided by τ over the whole vocabulary (no -inf: the stored F_t restricts the policy only).
+    precomputed refuses τ ≠ 1 (it holds τ = 1 log-probs only)."""
     import copy
 
     from peft import LoraConfig, get_peft_model
@@ -245,7 +281,7 @@ def test_every_reference_form_scores_with_the_same_temperature_and_stored_sets(s
     g = torch.Generator().manual_seed(0)
     b, _ = sample(model, _prompt_ids(tok), pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=10,
                   generator=g, **f)
-    want = completion_logits(model.eval(), b, **f)  # (B, T, V)
+    want = completion_logits(model.eval(), b, temperature=f["temperature"])  # (B, T, V) π^τ_ref, unfiltered
     lora = lambda: get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))  # noqa: E731
     forms = {
         "copy": FrozenReference(copy.deepcopy(model)),
@@ -254,31 +290,28 @@ def test_every_reference_form_scores_with_the_same_temperature_and_stored_sets(s
         "lora": LoraDisabledReference(lora()),
         "lora-sync": LoraSyncedReference(lora(), mode="hard", every=10),
     }
-    off = ~unpack_allowed(b.allowed, want.shape[-1])
+    assert not unpack_allowed(b.allowed, want.shape[-1])[b.mask].all()  # the filter did remove tokens
     for name, ref in forms.items():
         got = ref.logits(b, filters=f)
-        assert torch.equal(got == float("-inf"), off), name
-        torch.testing.assert_close(got[~off], want[~off], rtol=0, atol=1e-5, msg=name)  # peft's extra matmul rounds
+        assert not torch.isinf(got).any(), name
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5, msg=name)  # peft's extra matmul rounds
         torch.testing.assert_close(ref.logps(b, filters=f), completion_logps(None, b, logits=want), rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="live reference"):
         PrecomputedReference({}).logps(b, ids=[0, 1, 2, 3], filters=f)
 
 
-# ---- a perturbed copy: unbiased estimators agree; an unfiltered reference biases k3 ---------------------
+# ---- a perturbed copy: k1 and exact agree; k3 undercounts by the reference mass outside F_t -------------
 
 
-def test_perturbed_copy_at_top_k_estimators_agree_and_unfiltered_k3_is_biased(stories, stories_path, perturbed):
-    """π_θ = perturbed copy, π_ref = stories260K, top_k = 20, 4 x 32 samples of 32 tokens. k1, k3 and
-    exact estimate the same KL[π^F_θ‖π^F_ref] on the same samples: they agree within 4 combined
+def test_perturbed_copy_at_top_k_k1_and_exact_agree_and_k3_undercounts(stories, stories_path, perturbed):
+    """π_θ = perturbed copy, π_ref = stories260K, top_k = 20, 4 x 32 samples of 32 tokens. k1 and exact
+    both estimate KL[π^F_θ‖π_ref] (the fixed reference) on the same samples: they agree within 4 combined
     standard errors (conservative: the samples are shared, so the difference's error is smaller).
-    Measured: k1 6.27 ± 0.47, k3 5.96 ± 0.39, exact 5.63 ± 0.26 nats/seq.
 
-    Against an *unfiltered* reference q̃ (the reference at τ = 1 without F_t, as before), with
-    m_t = q̃(F_t) and q = q̃/m_t on F_t (docs/theory.md §3):
-      exact_unf = KL[p‖q̃] = KL[p‖q] - Σ_t log m_t   (an identity per sequence, checked to 1e-3)
-      E[k3_unf] = KL[p‖q̃] - Σ_t (1 - m_t)           (k3 undercounts by the reference mass outside F_t)
-    Measured on one batch: exact_unf 6.44, k3_unf 5.45, Σ_t (1 - m_t) = 0.93; exact_unf - k3_unf =
-    0.99 ± 0.21, so the bias is significant and is the missing mass."""
+    With p = π^F_θ, q̃ = π_ref (unfiltered), m_t = q̃(F_t) and q = q̃/m_t on F_t (the restricted
+    reference; docs/theory.md §3), per sequence:
+      exact(q̃) - exact(q) = Σ_t -log m_t = the scorer's filter_cost   (an identity, checked to fp32 rounding)
+      E[k3(q̃)] = KL[p‖q̃] - Σ_t (1 - m_t)                          (k3 undercounts by the missing mass)"""
     tok, _ = stories
     reference = FrozenReference(load_causal_lm(stories_path))
     f = {"top_k": 20}
@@ -287,38 +320,35 @@ def test_perturbed_copy_at_top_k_estimators_agree_and_unfiltered_k3_is_biased(st
     est = res["estimators"]
     ex = est["exact"]
     assert 0.5 < ex["mean"] < 30.0, ex
-    for name in ("k1", "k3"):
-        tol = 4 * math.sqrt(est[name]["stderr"] ** 2 + ex["stderr"] ** 2)
-        assert abs(est[name]["mean"] - ex["mean"]) < tol, (name, est[name], ex, tol)
+    tol = 4 * math.sqrt(est["k1"]["stderr"] ** 2 + ex["stderr"] ** 2)
+    assert abs(est["k1"]["mean"] - ex["mean"]) < tol, (est["k1"], ex, tol)
 
-    # the unfiltered reference by hand, on a fresh sample of the same size
     g = torch.Generator().manual_seed(0)
     b, _ = sample(perturbed, _prompt_ids(tok) * 32, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
                   max_new_tokens=32, generator=g, **f)
+    sc = score(perturbed, reference, b, sampling=f, estimators=("k3", "exact"))
+    rs = score(perturbed, reference, b, sampling=f, estimators=("exact",), reference_filter="restricted")
     with torch.no_grad():
-        logits = completion_logits(perturbed, b, **f)  # (B, T, V) p = π^F_θ
-        lp = selective_logps(logits, b.completion_ids)
-        unf = reference.logits(b)  # (B, T, V) q̃: τ = 1, no filter
-        matched = reference.logits(b, filters=f)  # (B, T, V) q = π^F_ref
-    lr = (lp - selective_logps(unf, b.completion_ids)).masked_fill(~b.mask, 0.0)
-    k3_unf = ((torch.expm1(-lr) + lr) * b.mask).sum(-1)  # (B,)
-    exact_unf = (exact_kl_from_logits(logits, unf) * b.mask).sum(-1)  # (B,)
-    exact = (exact_kl_from_logits(logits, matched) * b.mask).sum(-1)  # (B,)
+        unf = reference.logits(b)  # (B, T, V) q̃: τ = 1, whole vocabulary
     m = (torch.softmax(unf.float(), -1) * unpack_allowed(b.allowed, unf.shape[-1])).sum(-1)  # (B, T) q̃(F_t)
-    torch.testing.assert_close(exact_unf - exact, -(m.log() * b.mask).sum(-1), rtol=0, atol=1e-3)  # fp32 sums of 32 terms
+    cost = sc.seq("exact") - rs.seq("exact")  # (B,)
+    # fp32 sums of 32 per-token terms of magnitude ≲ 20 nats (the logits), several spacings each
+    torch.testing.assert_close(cost, (-(m.log()) * b.mask).sum(-1), rtol=0, atol=f32_tol(32 * 20.0))
+    torch.testing.assert_close(cost, seq_sum(sc.filter_cost, b.mask), rtol=0, atol=f32_tol(32 * 20.0))
     missing = ((1 - m) * b.mask).sum(-1)  # (B,)
-    unbiased = (k3_unf - (exact_unf - missing)).double()
-    assert abs(unbiased.mean()) < 4 * unbiased.std() / math.sqrt(unbiased.numel()), (k3_unf.mean(), exact_unf.mean())
-    bias = (exact_unf - k3_unf).double()
+    unbiased = (sc.seq("k3") - (sc.seq("exact") - missing)).double()
+    assert abs(unbiased.mean()) < 4 * unbiased.std() / math.sqrt(unbiased.numel()), (sc.seq("k3").mean(), missing.mean())
+    bias = (sc.seq("exact") - sc.seq("k3")).double()
     assert bias.mean() > 3 * bias.std() / math.sqrt(bias.numel()), (bias.mean(), missing.mean())
 
 
 # ---- the online rollout ---------------------------------------------------------------------------------
 
 
-def test_rollout_scores_step0_kl_is_zero_and_clamp_mask_is_returned(stories, stories_path, perturbed):
-    """Policy against its own copy under τ = 0.7, top_k = 20, top_p = 0.9: old_logps finite, every KL
-    exactly 0. A perturbed policy with clamp_output = 0.05 on k3: kl_tokens = min(k3, 0.05) and
+def test_rollout_scores_step0_kl_is_the_filter_cost_and_clamp_mask_is_returned(stories, stories_path, perturbed):
+    """Policy against its own copy under τ = 0.7, top_k = 20, top_p = 0.9: old_logps finite; the exact
+    KL is the filter cost token by token; with the restricted reference every KL is exactly 0 and
+    ref_logps = logps exactly. A perturbed policy with clamp_output = 0.05 on k3: kl_tokens = min(k3, 0.05) and
     ``kl_clamped`` marks exactly the counted tokens whose k3 exceeded it; kl_exact is not clamped."""
     tok, model = stories
     f = SETTINGS["combined"]
@@ -329,8 +359,12 @@ def test_rollout_scores_step0_kl_is_zero_and_clamp_mask_is_returned(stories, sto
     out = score(model, reference, b, sampling=f, estimators=("k3",), chunk=3)  # what collect_rollout scores with
     assert out.kl_clamped is None
     assert torch.isfinite(out.logps).all() and (out.logps[b.mask] <= 0).all()  # 0: a one-token F_t
-    assert out.kl["k3"].abs().max() == 0 and out.kl_exact.abs().max() == 0
-    assert torch.equal(out.logps, out.ref_logps)
+    # per token: Σ_F p (log p - log q̃) with p = q̃/m on F is -log m, through two logsumexps of logits ≲ 20
+    torch.testing.assert_close(out.kl_exact, out.filter_cost, rtol=0, atol=f32_tol(20.0))
+    assert (out.filter_cost[b.mask] >= 0).all() and out.filter_cost[b.mask].sum() > 0
+    same = score(model, reference, b, sampling=f, estimators=("k3",), chunk=3, reference_filter="restricted")
+    assert same.kl["k3"].abs().max() == 0 and torch.equal(same.logps, same.ref_logps)
+    assert torch.equal(same.kl_exact, out.kl_exact)  # kl/ref is always the fixed reference's
 
     pb, _ = sample(perturbed, _prompt_ids(tok), pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=16,
                    generator=g, **f)

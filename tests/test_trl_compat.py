@@ -94,7 +94,7 @@ def test_trl_grpo_yaml_runs_through_tether_grpo(stories_path, tmp_path):
     assert (saved.loss_aggregation, saved.scale_rewards, saved.num_epochs, saved.clip_eps) == ("token_mean", True, 1, 0.2)
     assert (saved.lora_r, saved.lora_alpha) == (16, 32)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "ppo/policy_loss" in r] == [1, 2]
+    assert [r["step"] for r in rows if "grpo/policy_loss" in r] == [1, 2]
     assert rows[0]["reward/score"] > 0 and rows[0]["opt/grad_norm"] > 0  # a real learning signal
     assert rows[0]["kl/ref"] == 0.0  # step 1 samples from π_θ = π_ref (LoRA's B starts at 0)
     assert (out / "final").is_dir()

@@ -65,6 +65,9 @@ def check_train_config(cfg: Any) -> None:
     _at_least(cfg, "max_grad_norm", 0.0, " (0 = no clipping)")
     _choice(cfg, "lr_schedule", LR_SCHEDULES)
     _choice(cfg, "dtype", sorted(DTYPES))
+    if getattr(cfg, "autocast", False) and DTYPES[cfg.dtype] != DTYPES["float32"]:
+        raise UserError(f"autocast keeps float32 weights and computes in bf16; dtype={cfg.dtype} already computes in "
+                        "its own precision: set --dtype float32 or --autocast false")
     _at_least(cfg, "lora_r", 0, " (0 = full fine-tuning)")
     if not 0.0 <= cfg.lora_dropout < 1.0:
         raise UserError(f"lora_dropout={cfg.lora_dropout} must lie in [0, 1); set --lora_dropout")
@@ -284,6 +287,11 @@ def check_reward_spec(spec: Any, *, field: str = "reward", assets: Optional[str]
 # One preflight per command
 
 
+def preflight_bon_reward(cfg) -> None:
+    """A best-of-n run in a sweep: its reward spec (the sampling is checked by ``tether bon``'s own preflight)."""
+    check_reward_spec(cfg.reward, field="reward", assets=cfg.assets)
+
+
 def preflight_online(cfg) -> None:
     """ppo / grpo / rloo: config, prompts, rewards, models, context."""
     from .trainers.online import _validate, derive_sizes, method_for
@@ -298,7 +306,10 @@ def preflight_online(cfg) -> None:
     _at_least(cfg, "eval_max_prompts", 1)
     _at_least(cfg, "eval_samples", 1)
     _at_least(cfg, "max_prompt_length", 1)
+    from .generation import check_backend
+
     check_backend(cfg.backend, cfg.decoder)
+    check_vllm_options(cfg)
     path, config = check_model(cfg.model, assets=cfg.assets)
     check_backend_model(getattr(cfg, "backend", "builtin"), config,
                         {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}, decoder=cfg.decoder)
@@ -371,19 +382,6 @@ def preflight_sft(cfg) -> None:
     check_context(config, need=cfg.max_length, fields=f"max_length ({cfg.max_length})", spec=cfg.model)
 
 
-def check_backend(name: str, decoder: str = "auto") -> None:
-    """The sampling group's ``backend`` names a generation backend (tether.generation), and its
-    ``decoder`` is one the builtin backend has (only the builtin backend takes one)."""
-    from .generation import BACKEND_NAMES
-
-    if name not in BACKEND_NAMES:
-        raise UserError(f"backend={name!r} is not a generation backend; set --backend to one of {', '.join(BACKEND_NAMES)}")
-    if decoder not in ("auto", "hf", "lean"):
-        raise UserError(f"decoder={decoder!r} is not a decoder; set --decoder to auto, hf or lean")
-    if decoder != "auto" and name != "builtin":
-        raise UserError(f"decoder={decoder!r} applies to backend builtin only; drop --decoder or set --backend builtin")
-
-
 def check_backend_model(backend: str, config, sampling: dict, *, decoder: str = "auto") -> None:
     """backend=vllm: the model's head size and the sampling filters (``tether.backends.vllm``), before
     any weights load; the built-in sampler: decoder=lean only on a Llama (``decode.supports`` then
@@ -395,8 +393,24 @@ def check_backend_model(backend: str, config, sampling: dict, *, decoder: str = 
         return
     from .backends.vllm import check_model as check_vllm_model, check_settings
 
-    check_vllm_model(config)
+    import torch
+
+    check_vllm_model(config, device="cuda" if torch.cuda.is_available() else "cpu")
     check_settings(sampling)
+
+
+def check_vllm_options(cfg) -> None:
+    """The sampling group's vLLM GPU settings: a memory fraction in (0, 1]; sleep mode with backend vllm on
+    a CUDA GPU only."""
+    import torch
+
+    from .backends.vllm import check_gpu_options
+
+    sleep = bool(getattr(cfg, "vllm_enable_sleep_mode", False))
+    if sleep and getattr(cfg, "backend", "builtin") != "vllm":
+        raise UserError("vllm_enable_sleep_mode applies to backend vllm only; drop it or set --backend vllm")
+    check_gpu_options(getattr(cfg, "vllm_gpu_memory_utilization", 0.3), sleep and getattr(cfg, "backend", "") == "vllm",
+                      cuda=torch.cuda.is_available())
 
 
 def preflight_sampling(*, model: str, model_field: str, prompts_path: Optional[str], max_new_tokens: int,
@@ -411,7 +425,10 @@ def preflight_sampling(*, model: str, model_field: str, prompts_path: Optional[s
         raise UserError(f"temperature={temperature} must be > 0 (a small value samples near-greedily); set --temperature")
     if not 0.0 < top_p <= 1.0:
         raise UserError(f"top_p={top_p} must lie in (0, 1] (1 = off); set --top_p")
+    from .generation import check_backend
+
     check_backend(getattr(cfg, "backend", "builtin"), getattr(cfg, "decoder", "auto"))
+    check_vllm_options(cfg)
     path, config = check_model(model, field=model_field, assets=assets)
     check_backend_model(getattr(cfg, "backend", "builtin"), config, {"temperature": temperature, "top_k": top_k, "top_p": top_p},
                         decoder=getattr(cfg, "decoder", "auto"))

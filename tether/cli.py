@@ -1,5 +1,7 @@
-"""The ``tether`` command: ``tether <command> [--flags]``. Each command lives in
-``tether/commands/<name>.py`` with a ``main(argv)``; imports are lazy so ``tether --help`` is fast.
+"""The ``tether`` command: ``tether <command> [--flags]``. Each tool lives in ``tether/commands/<name>.py``
+with a ``main(argv)``; the training methods (and their help lines) come from ``tether.registry``, whose
+online methods without a module of their own run the shared online command. Imports are lazy so
+``tether --help`` is fast.
 
 Errors: a bad input (``tether.errors.UserError``, a file the user named that is missing or unreadable)
 ends as one line ``tether <command>: error: <message>`` on stderr with exit code 2 and no traceback;
@@ -15,16 +17,11 @@ import logging
 import os
 import sys
 
-COMMANDS = {
+from .registry import METHODS
+
+TOOLS = {  # commands that are not training methods: tether/commands/<name>.py
     "kl": "measure KL[policy‖reference] with every estimator side by side",
     "certify": "certify each training method against the exact KL-regularised optimum",
-    "sft": "supervised fine-tuning (makes the reference model)",
-    "rm": "train a Bradley-Terry reward model on preference pairs",
-    "dpo": "offline preference optimisation: DPO and its variants",
-    "ppo": "online RLHF: PPO with the KL-penalised reward",
-    "grpo": "online RL: GRPO (group-normalised advantages, KL in the loss)",
-    "rloo": "online RL: RLOO (leave-one-out baseline, KL in the reward)",
-    "bon": "best-of-n sampling baseline with its exact KL bound",
     "sweep": "run a grid of one trainer's settings and draw the reward-KL frontier (choosing β)",
     "demo": "the reward-KL frontier on a real tiny model (the main job)",
     "forgetting": "forgetting probe: NLL change and exact KLs on off-distribution text, forward KL on prompts",
@@ -33,10 +30,20 @@ COMMANDS = {
 }
 
 
+def commands() -> dict[str, str]:
+    """name -> one-line help: the tools, then every method of ``tether.registry`` (registered ones too)."""
+    tools = list(TOOLS.items())
+    return {**dict(tools[:2]), **{name: m.help for name, m in METHODS.items()}, **dict(tools[2:])}
+
+
+COMMANDS = commands()  # as tether was installed (``commands()`` also lists methods registered later)
+
+
 def usage() -> str:
-    width = max(map(len, COMMANDS))
+    cmds = commands()
+    width = max(map(len, cmds))
     lines = ["usage: tether <command> [--flags]   (tether <command> --help for its flags)", "", "commands:"]
-    lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
+    lines += [f"  {name:<{width}}  {text}" for name, text in cmds.items()]
     return "\n".join(lines)
 
 
@@ -75,7 +82,7 @@ def main(argv=None) -> int:
         print(__version__)
         return 0
     name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
+    if name not in commands():
         print(f"tether: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -84,9 +91,15 @@ def main(argv=None) -> int:
     from .distributed import quiet_other_ranks
 
     quiet_other_ranks()  # torchrun / accelerate: only rank 0 prints
-    module = importlib.import_module(f"tether.commands.{name.replace('-', '_')}")  # reference-check -> reference_check
+    if name in METHODS and METHODS[name].command is None:  # an online method without a module of its own
+        from .commands.ppo import online_command
+
+        run = lambda argv: online_command(name, argv)  # noqa: E731
+    else:
+        module = METHODS[name].command if name in METHODS else f"tether.commands.{name.replace('-', '_')}"
+        run = importlib.import_module(module).main  # reference-check -> reference_check
     try:
-        return int(module.main(rest) or 0)
+        return int(run(rest) or 0)
     except Exception as e:  # noqa: BLE001 - sorted into user errors (one line) and bugs (re-raised)
         message = None if debug else user_error_message(e)
         if message is None:

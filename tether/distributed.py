@@ -42,19 +42,34 @@ def quiet_other_ranks() -> bool:
 _OWN_GROUP = False  # True when tether initialised the process group (and so must destroy it)
 
 
+def process_device() -> torch.device:
+    """This process's device: ``cuda:LOCAL_RANK`` when CUDA is available (one GPU per process, as torchrun
+    and accelerate launch them), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def process_group_backend(device: torch.device) -> str:
+    """The collective backend for tensors on ``device``: NCCL for CUDA (gloo cannot reduce CUDA tensors
+    fast, and FSDP2's collectives on CUDA need NCCL), gloo for the CPU."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
 class Dist:
     """Process-group facade; a single process behaves as world_size 1 with no communication."""
 
     def __init__(self) -> None:
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
+        self.device = process_device()
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # NCCL's communicator and every default-device op use this GPU
         if self.world_size > 1 and not dist.is_initialized():
             global _OWN_GROUP
-            dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
+            backend = process_group_backend(self.device)
+            dist.init_process_group(backend, **({"device_id": self.device} if backend == "nccl" else {}))
             _OWN_GROUP = True
-        self.device = (
-            torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else torch.device("cpu")
-        )
 
     @property
     def is_main(self) -> bool:

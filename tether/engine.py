@@ -20,9 +20,11 @@ The API::
 
 Sampling settings and the KL (docs/theory.md §3): ``sampling`` = {temperature τ, top_k, top_p}. The
 sampler stores the token set F_t its filter allowed at each position (``batch.allowed``); ``score``
-scores the policy and the reference both as softmax(logits/τ) restricted to the *stored* F_t, so
-every estimator measures KL[π^{τ,F}_θ‖π^{τ,F}_ref]: exactly 0 for a model against itself at any
-settings, finite on every sampled token; k1, k3 and exact are unbiased for it, k2 is biased.
+scores the policy as it was sampled, softmax(logits/τ) restricted to the *stored* F_t, and the
+reference as the fixed process π^τ_ref (its logits divided by the same τ, over the whole vocabulary),
+so every estimator measures KL[π^{τ,F}_θ‖π^τ_ref], finite on every sampled token; k1 and exact are
+unbiased for it (``ops.kl.ESTIMATORS`` gives each one's bias). ``filter_cost`` = E Σ_t -log π^τ_ref(F_t)
+is the filter's own share: the whole KL of a model against itself.
 """
 
 from __future__ import annotations
@@ -33,12 +35,13 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
-from .modeling import CompletionBatch, forward_completion, with_allowed
-from .ops.kl import ESTIMATOR_NAMES, kl_per_token, seq_sum
-from .ops.logprobs import entropy_from_logits, selective_logps, uses_token_filter
+from .modeling import CompletionBatch, forward_completion
+from .ops.kl import ESTIMATOR_NAMES, REFERENCE_FILTERS, kl_per_token, seq_sum
+from .ops.logprobs import entropy_from_logits, filter_cost_from_logits, restrict_like, selective_logps
 from .ops.positions import POSITION_BUCKETS, bucket_label, bucket_of, position_means
 from .generation import BuiltinBackend, GenerationBackend, GenerationSettings
 from .reference import eval_mode
+from . import rng
 
 EVAL_SEED_OFFSET = 7_777_777
 """Every evaluation samples with ``seed + EVAL_SEED_OFFSET`` (``eval_seed``): the online trainers, DPO's
@@ -112,10 +115,11 @@ class Samples:
         return self.batch.mask  # (B, T) True = counted completion token
 
 
-def _generator(generator: Optional[torch.Generator], seed: Optional[int]) -> torch.Generator:
+def _generator(generator: Optional[torch.Generator], seed: Optional[int], policy) -> torch.Generator:
+    """The caller's generator, or one seeded ``seed`` on the policy's device (``tether.rng``)."""
     if (generator is None) == (seed is None):
         raise ValueError("pass exactly one of generator= or seed=")
-    return generator if generator is not None else torch.Generator(device="cpu").manual_seed(int(seed))
+    return generator if generator is not None else rng.generator(seed, rng.device_of(policy))
 
 
 @torch.no_grad()
@@ -134,10 +138,10 @@ def generate(
     settings = GenerationSettings(max_new_tokens=max_new_tokens, pad_id=tokenizer.pad_token_id,
                                   eos_id=tokenizer.eos_token_id, **sampling)
     backend = BuiltinBackend(policy) if backend is None else backend
-    batch, no_eos = backend.generate(rows, settings, _generator(generator, seed))
+    batch, no_eos = backend.generate(rows, settings, _generator(generator, seed, policy))
     comps = [batch.completion_ids[i][batch.mask[i]].tolist() for i in range(len(rows))]
     texts = [decode_completion(tokenizer, p, c) for p, c in zip(rows, comps)]
-    device = next(policy.parameters()).device if device is None else device
+    device = rng.device_of(policy) if device is None else device
     return Samples(batch=batch.to(device), no_eos=no_eos.to(device), prompt_ids=rows, completion_ids=comps,
                    completions=texts, sampling=sampling)
 
@@ -149,7 +153,7 @@ def generate_batches(
 ) -> Iterator[Samples]:
     """``generate`` over the rows (each prompt ``samples_per_prompt`` times, prompt-major) in batches
     of ``batch_size``, one generator throughout: the batches, concatenated, are in prompt order."""
-    gen = _generator(generator, seed)
+    gen = _generator(generator, seed, policy)
     flat = [p for p in prompt_ids for _ in range(samples_per_prompt)]
     starts = range(0, len(flat), batch_size)
     if progress:
@@ -171,12 +175,13 @@ class Scores:
 
     mask: torch.Tensor  # (B, T) bool
     logps: torch.Tensor  # (B, T) log π^{τ,F}_θ(y_t): tempered, restricted to the stored F_t (the rollout's old_logps)
-    ref_logps: torch.Tensor  # (B, T) log π^{τ,F}_ref(y_t), the same way
+    ref_logps: torch.Tensor  # (B, T) log π^τ_ref(y_t): tempered, unfiltered (restricted to F_t with reference_filter="restricted")
     kl: dict  # estimator name -> (B, T) per-token KL (clamped when a clamp is given)
-    kl_exact: torch.Tensor  # (B, T) exact per-token KL, never clamped (what kl/ref reports)
+    kl_exact: torch.Tensor  # (B, T) exact per-token KL[π^{τ,F}_θ‖π^τ_ref], never clamped (what kl/ref reports)
     entropy: torch.Tensor  # (B, T) entropy of π^{τ,F}_θ(·|s_t)
     values: Optional[torch.Tensor] = None  # (B, T) V(s_t) (with a value model)
     kl_clamped: Optional[dict] = None  # estimator name -> (B, T) bool: clamped tokens (only when a clamp is given)
+    filter_cost: Optional[torch.Tensor] = None  # (B, T) -log π^τ_ref(F_t): the filter's own share of kl_exact
 
     def seq(self, name: str) -> torch.Tensor:
         """(B,) sequence-sum KL with estimator ``name`` ("exact": the unclamped exact KL)."""
@@ -184,26 +189,41 @@ class Scores:
 
 
 def score_rows(logits: torch.Tensor, ref_logits: torch.Tensor, b: CompletionBatch, *, estimators: Sequence[str],
-               clamp_input: Optional[float] = None, clamp_output: Optional[float] = None) -> dict:
-    """The per-token scores of rows ``b`` from the policy's and the reference's logits (b, T, V) of the
-    sampled distribution (both already tempered and restricted, as ``score`` computes them): ``logps``,
-    ``ref_logps``, ``kl_exact``, ``entropy`` and ``kl/<name>`` (plus ``clamped/<name>`` when a clamp is set),
-    each (b, T) and 0 off-mask. ``score`` runs it on a no-grad pass; the online update runs it on the
-    detached logits of its own forward when that forward is the behaviour policy's (one update per
-    rollout: ``online.scores_from_update``), so both compute the same numbers the same way."""
+               clamp_input: Optional[float] = None, clamp_output: Optional[float] = None,
+               reference_filter: str = "none") -> dict:
+    """The per-token scores of rows ``b`` from the policy's logits of the sampled distribution π^{τ,F}_θ
+    (tempered, -inf off the stored F_t) and the reference's tempered, unfiltered logits π^τ_ref, both
+    (b, T, V) as ``score`` computes them: ``logps``, ``ref_logps``, ``kl_exact``, ``filter_cost``,
+    ``entropy`` and ``kl/<name>`` (plus ``clamped/<name>`` when a clamp is set), each (b, T) and 0
+    off-mask. ``score`` runs it on a no-grad pass; the online update runs it on the detached logits of
+    its own forward when that forward is the behaviour policy's (one update per rollout:
+    ``online.scores_from_update``), so both compute the same numbers the same way.
+
+    ``kl_exact`` (what kl/ref and ``tether kl`` report) is always KL[π^{τ,F}_θ‖π^τ_ref] per token, to the
+    fixed reference; ``filter_cost`` is -log π^τ_ref(F_t) (``ops.logprobs.filter_cost_from_logits``).
+    ``reference_filter`` (docs/theory.md §3, ``ops.kl.REFERENCE_FILTERS``) picks the reference of the
+    penalty, ``ref_logps`` and ``kl/<name>``: "none" (default) the same fixed π^τ_ref; "restricted"
+    π^τ_ref restricted to F_t and renormalised, whose KL is kl_exact - filter_cost per token."""
+    if reference_filter not in REFERENCE_FILTERS:
+        raise ValueError(f"reference_filter must be one of {REFERENCE_FILTERS}, got {reference_filter!r}")
     clamps = {"clamp_input": clamp_input, "clamp_output": clamp_output}
     clamping = clamp_input is not None or clamp_output is not None
     ids, mask = b.completion_ids, b.mask
     logps = selective_logps(logits, ids).masked_fill(~mask, 0.0)  # (b, T)
-    ref_logps = selective_logps(ref_logits, ids).masked_fill(~mask, 0.0)  # (b, T)
-    exact = kl_per_token(logps, ref_logps, mask, estimator="exact", logits=logits, ref_logits=ref_logits).per_token
+    fixed_logps = selective_logps(ref_logits, ids).masked_fill(~mask, 0.0)  # (b, T) log π^τ_ref(y_t)
+    exact = kl_per_token(logps, fixed_logps, mask, estimator="exact", logits=logits, ref_logits=ref_logits).per_token
+    pen_logits, ref_logps = ref_logits, fixed_logps  # the penalty's reference
+    if reference_filter == "restricted":
+        pen_logits = restrict_like(ref_logits, logits)  # (b, T, V) π^τ_ref restricted to F_t
+        ref_logps = selective_logps(pen_logits, ids).masked_fill(~mask, 0.0)
     row = {"logps": logps, "ref_logps": ref_logps, "kl_exact": exact,
+           "filter_cost": filter_cost_from_logits(logits, ref_logits).masked_fill(~mask, 0.0),
            "entropy": entropy_from_logits(logits).masked_fill(~mask, 0.0)}
     for name in estimators:
-        if name == "exact" and clamp_output is None:  # the same values (clamp_input does not apply to exact)
-            est, clamped = exact, torch.zeros_like(mask)
+        if name == "exact" and clamp_output is None and reference_filter == "none":  # the same values
+            est, clamped = exact, torch.zeros_like(mask)  # (clamp_input does not apply to exact)
         else:
-            kt = kl_per_token(logps, ref_logps, mask, estimator=name, logits=logits, ref_logits=ref_logits, **clamps)
+            kt = kl_per_token(logps, ref_logps, mask, estimator=name, logits=logits, ref_logits=pen_logits, **clamps)
             est, clamped = kt.per_token, kt.clamped
         row[f"kl/{name}"] = est
         if clamping:
@@ -215,16 +235,19 @@ def score_rows(logits: torch.Tensor, ref_logits: torch.Tensor, b: CompletionBatc
 def score(
     policy, reference, samples: Union[Samples, CompletionBatch], *, sampling: Optional[dict] = None,
     estimators: Sequence[str] = ("exact",), chunk: Optional[int] = None, value_model=None,
-    clamp_input: Optional[float] = None, clamp_output: Optional[float] = None,
+    clamp_input: Optional[float] = None, clamp_output: Optional[float] = None, reference_filter: str = "none",
 ) -> Scores:
     """Policy, reference (and value-model) scores of a sampled batch, ``chunk`` rows per forward pass
     (None: all rows at once); the policy in eval mode (no dropout, TRL #506), the reference too.
 
-    Every score is of the sampling distribution (docs/theory.md §3): π^{τ,F}_θ and π^{τ,F}_ref at the
-    sampling temperature, restricted to the sets F_t stored in ``batch.allowed`` (for a batch not from
-    the sampler: the policy's fp32 re-filter, ``modeling.with_allowed``). So ``logps`` (the ratio's
-    denominator, the same distribution as the loss's π_θ), ``ref_logps`` and every KL are finite on
-    every sampled token, and a policy against its own copy gives exactly 0 with every estimator.
+    The policy is scored as it was sampled (docs/theory.md §3): π^{τ,F}_θ at the sampling temperature,
+    restricted to the sets F_t stored in ``batch.allowed`` (for a batch not from the sampler: the
+    policy's fp32 re-filter). The reference is the fixed process π^τ_ref: the same temperature, the
+    whole vocabulary. So ``logps`` (the ratio's denominator, the same distribution as the loss's π_θ),
+    ``ref_logps`` and every KL are finite on every sampled token; every KL is KL[π^{τ,F}_θ‖π^τ_ref], and
+    ``filter_cost`` = -log π^τ_ref(F_t) is the part of it the filter alone causes: a policy against its
+    own copy gives exactly 0 without top-k/top-p and exactly its filter cost with them (exact estimator).
+    ``reference_filter``: the penalty's reference (``score_rows``).
 
     ``sampling``: the settings ``samples`` were drawn with (default: ``samples.sampling``; a different
     one is refused: the KL is defined under the sampled distribution). ``estimators``: the per-token
@@ -250,11 +273,9 @@ def score(
         for s in range(0, B, chunk or max(B, 1)):
             b = batch.select(slice(s, s + (chunk or B)))
             logits, hidden = forward_completion(policy, b, filters=f, hidden=want_hidden)  # (b, T, V) π^{τ,F}_θ
-            if uses_token_filter(f) and b.allowed is None:
-                b = with_allowed(b, logits)  # not a sampler batch: restrict the reference to the policy's sets
-            ref_logits = reference.logits(b, filters=f).to(logits.device)  # (b, T, V) π^{τ,F}_ref, eval mode
+            ref_logits = reference.logits(b, filters=f).to(logits.device)  # (b, T, V) π^τ_ref, eval mode
             row = score_rows(logits, ref_logits, b, estimators=estimators, clamp_input=clamp_input,
-                             clamp_output=clamp_output)
+                             clamp_output=clamp_output, reference_filter=reference_filter)
             if value_model is not None:
                 row["values"] = value_model.values(b, policy_hidden=hidden)
             for k, v in row.items():
@@ -262,7 +283,8 @@ def score(
     out = {k: torch.cat(v) for k, v in parts.items()}
     return Scores(mask=batch.mask, logps=out["logps"], ref_logps=out["ref_logps"],
                   kl={n: out[f"kl/{n}"] for n in estimators}, kl_exact=out["kl_exact"], entropy=out["entropy"],
-                  values=out.get("values"), kl_clamped={n: out[f"clamped/{n}"] for n in estimators} if clamping else None)
+                  values=out.get("values"), kl_clamped={n: out[f"clamped/{n}"] for n in estimators} if clamping else None,
+                  filter_cost=out["filter_cost"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,13 +320,15 @@ def measure(
 ) -> dict:
     """Sample ``samples_per_prompt`` completions per prompt from ``policy`` (``generate_batches``, drawn by
     ``backend``, default the built-in sampler,
-    seeded ``seed``) and estimate the sequence KL[π^{τ,F}_θ‖π^{τ,F}_ref] of each with every estimator
+    seeded ``seed``) and estimate the sequence KL[π^{τ,F}_θ‖π^τ_ref] of each with every estimator
     (``score``) on the same samples.
 
-    Returns ``{"estimators": {name: {"mean", "stderr"}}, "token_mean", "response_len", "samples",
-    "per_sequence": {name: list}}``, rows in prompt order (+ ``"completions"``: token lists and
-    ``"texts"``: decoded completions, if ``return_samples``). ``token_mean`` is the exact per-token
-    KL averaged over all completion tokens (not the sequence KL).
+    Returns ``{"estimators": {name: {"mean", "stderr"}}, "filter_cost": {"mean", "stderr"}, "token_mean",
+    "response_len", "samples", "per_sequence": {name: list}}``, rows in prompt order (+ ``"completions"``:
+    token lists and ``"texts"``: decoded completions, if ``return_samples``). ``token_mean`` is the exact
+    per-token KL averaged over all completion tokens (not the sequence KL). ``filter_cost`` is the
+    sequence sum Σ_t -log π^τ_ref(F_t) (0 without top-k/top-p): the exact KL minus it is the KL to the
+    reference restricted to the sampled sets (docs/theory.md §3).
 
     ``by_position`` adds ``"by_position"``: the exact per-token KL at completion position t (0 = first)
     averaged over the samples that reach t (a list, one per position), ``"by_position_n"``: how many
@@ -315,6 +339,7 @@ def measure(
     tokens of every sample, L in ``PREFIX_LENGTHS`` below max_new_tokens (the same growth, on models that
     rarely stop early, where every sample falls in one length bucket)."""
     per_seq: dict[str, list] = {name: [] for name in estimators}
+    cost: list[float] = []  # per sequence: Σ_t -log π^τ_ref(F_t)
     pos_sum = torch.zeros(0, dtype=torch.float64)
     pos_n = torch.zeros(0, dtype=torch.float64)
     prefix: dict = {}  # L -> estimator -> per-sample KL of the first L tokens
@@ -328,6 +353,7 @@ def measure(
         sc = score(policy, reference, smp, estimators=estimators, chunk=chunk)
         for name in estimators:
             per_seq[name].extend(sc.seq(name).tolist())
+        cost.extend(seq_sum(sc.filter_cost, smp.mask).tolist())
         lengths.extend(smp.mask.sum(-1).tolist())
         tok_sum += float(sc.kl_exact.sum())
         tok_n += int(smp.mask.sum())
@@ -349,6 +375,7 @@ def measure(
         "response_len": sum(lengths) / max(len(lengths), 1),
         "samples": len(lengths),
         "per_sequence": per_seq,
+        "filter_cost": dict(zip(("mean", "stderr"), mean_stderr(torch.tensor(cost, dtype=torch.float64)))),
     }
     for name in estimators:
         m, se = mean_stderr(torch.tensor(per_seq[name]))

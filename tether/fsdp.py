@@ -111,7 +111,7 @@ def unsharded(*models: Optional[torch.nn.Module]) -> Iterator[None]:
 def shard_reference(reference, policy: torch.nn.Module) -> None:
     """Shard a reference that is its own frozen copy of the weights (``reference: copy``); the other
     forms share the policy's modules (lora), move between devices (offload) or are a cache."""
-    if type(reference).__name__ == "FrozenReference" and is_sharded(policy) and reference.model is not policy:
+    if getattr(reference, "static_copy", False) and is_sharded(policy) and reference.model is not policy:
         shard_model(reference.model)
 
 

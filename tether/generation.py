@@ -112,13 +112,27 @@ def register_backend(name: str, factory: Union[Callable, str]) -> None:
     BACKEND_NAMES = tuple(_FACTORIES)
 
 
+def check_backend(name: str, decoder: str = "auto") -> None:
+    """The sampling group's ``backend`` names a generation backend (``BACKEND_NAMES``), and its
+    ``decoder`` is one the builtin backend has (only the builtin backend takes one). The CLI's preflight
+    (``tether.checks``) and ``backend_for`` both run it."""
+    if name not in BACKEND_NAMES:
+        raise UserError(f"backend={name!r} is not a generation backend; set --backend to one of {', '.join(BACKEND_NAMES)}")
+    if decoder not in ("auto", "hf", "lean"):
+        raise UserError(f"decoder={decoder!r} is not a decoder; set --decoder to auto, hf or lean")
+    if decoder != "auto" and name != "builtin":
+        raise UserError(f"decoder={decoder!r} applies to backend builtin only; drop --decoder or set --backend builtin")
+
+
 def backend_for(cfg, model) -> GenerationBackend:
     """The backend a config's sampling group names (``backend``, and ``decoder`` for the builtin one)."""
-    from .checks import check_backend  # (the CLI's preflight check, for Python callers too)
-
     decoder = getattr(cfg, "decoder", "auto")
     check_backend(cfg.backend, decoder)
-    return make_backend(cfg.backend, model, **({"decoder": decoder} if cfg.backend == "builtin" else {}))
+    options = {"decoder": decoder} if cfg.backend == "builtin" else {}
+    if cfg.backend == "vllm":  # the GPU settings users set (sampling group)
+        options = {"gpu_memory_utilization": getattr(cfg, "vllm_gpu_memory_utilization", 0.3),
+                   "enable_sleep_mode": getattr(cfg, "vllm_enable_sleep_mode", False)}
+    return make_backend(cfg.backend, model, **options)
 
 
 def make_backend(name: str, model, **options) -> GenerationBackend:

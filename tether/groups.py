@@ -34,6 +34,10 @@ class SamplingConfig:
     """Generation backend (tether.generation): builtin (tether's KV-cache sampler) | vllm (optional colocated vLLM engine)."""
     decoder: str = "auto"
     """Decode step of the builtin backend: auto (tether's lean step for a plain Llama, else the model's own forward) | hf (the model's own forward) | lean (plain Llama only)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """backend vllm on a GPU: the fraction of the GPU's memory the colocated engine may take for its weights and KV cache, in (0, 1] (TRL's name and colocate default; the rest is the trainer's)."""
+    vllm_enable_sleep_mode: bool = False
+    """backend vllm on a GPU: put the engine to sleep after each rollout (its weights to CPU memory, its KV cache freed) so the update has the memory, and wake it before the next weight push (TRL's colocate sleep mode)."""
 
 
 @config_group("reference", prefixes=("reference", "ref"))

@@ -58,14 +58,57 @@ def load_tokenizer(path: str, *, padding_side: str = "left"):
     return tok
 
 
-def load_causal_lm(path: str, *, dtype: str = "float32", device: str | torch.device = "cpu", **kwargs):
-    """AutoModelForCausalLM in eval mode on ``device``; ``dtype`` is a name from ``DTYPES``."""
+def load_causal_lm(path: str, *, dtype: str = "float32", device: str | torch.device = "cpu", autocast: bool = False,
+                   **kwargs):
+    """AutoModelForCausalLM in eval mode on ``device``; ``dtype`` is a name from ``DTYPES``; ``autocast``:
+    every forward under bf16 autocast (``autocast_forward``)."""
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise UserError(f"dtype {dtype!r} not supported; choose from {sorted(DTYPES)}")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], **kwargs)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    return autocast_forward(model) if autocast else model
+
+
+AUTOCAST_ATTR = "_tether_autocast"
+
+
+def autocast_forward(module: torch.nn.Module, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    """Run every call of ``module`` under ``torch.autocast(<its device type>, dtype)``: mixed precision with
+    the weights kept as they are (float32), as accelerate's ``mixed_precision="bf16"`` does: matrix products
+    in ``dtype``, softmax, log-softmax and reductions in float32 (torch's autocast op lists). Hooks, not a
+    wrapped ``forward``, so copies (``copy.deepcopy``: a frozen reference) run the same way, and the
+    sampler, which calls the weights directly in its lean step, reads ``autocast_dtype(module)``.
+    Returns ``module``."""
+    if getattr(module, AUTOCAST_ATTR, None) is not None:
+        return module
+    contexts: list = []  # LIFO: nested calls (the model calling its decoder) each enter and leave their own
+
+    def enter(mod, args):
+        ctx = torch.autocast(next(mod.parameters()).device.type, dtype=dtype)
+        ctx.__enter__()
+        contexts.append(ctx)
+
+    def leave(mod, args, output):
+        contexts.pop().__exit__(None, None, None)
+
+    # the model, and the parts some paths call directly (DPO's packed layout: the decoder, then the head)
+    parts = [module]
+    for getter in ("get_decoder", "get_output_embeddings"):
+        part = getattr(module, getter, lambda: None)()
+        if isinstance(part, torch.nn.Module) and all(part is not p for p in parts):
+            parts.append(part)
+    for part in parts:
+        part.register_forward_pre_hook(enter)
+        part.register_forward_hook(leave, always_call=True)  # also when the forward raises
+    setattr(module, AUTOCAST_ATTR, dtype)
+    return module
+
+
+def autocast_dtype(module) -> Optional[torch.dtype]:
+    """The autocast dtype ``autocast_forward`` gave ``module`` (None: plain forward)."""
+    return getattr(module, AUTOCAST_ATTR, None)
 
 
 def vocab_size(model) -> int:
@@ -99,8 +142,8 @@ class CompletionBatch:
     allowed: the token set F_t the sampler's top-k/top-p filter allowed at each completion position,
     bit-packed (``ops.logprobs.pack_allowed``): (B, T, ceil(V/8)) uint8, B·T·V/8 bytes (64 x 512
     tokens with a 150k vocabulary: 0.6 GB). Set by ``sampling.sample`` only when top-k or top-p was
-    active; None otherwise (``make_batch``, preference data). Scoring restricts the policy and the
-    reference to it (``forward_completion``; docs/theory.md §3). Positions that were not sampled
+    active; None otherwise (``make_batch``, preference data). Scoring restricts the policy to it
+    (``forward_completion``; docs/theory.md §3), never the reference. Positions that were not sampled
     (after EOS) allow every token.
     """
 
@@ -179,8 +222,8 @@ def forward_completion(model, batch: CompletionBatch, *, filters: Optional[dict]
     ``batch.allowed``. The set is never recomputed from these logits when it is stored: a full
     forward pass (bf16, no KV cache) can rank tokens differently and drop the sampled one. Fallback,
     for a batch not produced by the sampler (``batch.allowed`` None): F_t is recomputed from this
-    model's logits in fp32 (``ops.logprobs.allowed_set``). Call it with the *policy*: a reference
-    must be restricted to the policy's set (``with_allowed``), not to its own top-k.
+    model's logits in fp32 (``ops.logprobs.allowed_set``). Call it with the *policy*: the reference is
+    scored at the temperature only (``reference.Reference.logits``), never with its own top-k.
     """
     T = batch.mask.shape[1]
     L = batch.input_ids.shape[1]
@@ -222,8 +265,8 @@ def completion_logits(
 def with_allowed(batch: CompletionBatch, logits: torch.Tensor) -> CompletionBatch:
     """``batch`` carrying the token sets of already filtered ``logits`` (B, T, V): F_t = the tokens
     whose logit is not -inf. For batches not produced by the sampler: score the policy first
-    (``forward_completion``'s fallback recomputes F_t), then attach its sets here, so the reference
-    is restricted to the policy's sets."""
+    (``forward_completion``'s fallback recomputes F_t), then attach its sets here, so later passes
+    over the batch (the loss's) use the same sets."""
     return dataclasses.replace(batch, allowed=pack_allowed(logits > float("-inf")))
 
 

@@ -4,9 +4,10 @@ Every form answers the same two questions for a ``CompletionBatch``: ``logps(bat
 per-token log-probs of the completion tokens, (B, T) fp32 — and ``logits(batch)`` — the full
 next-token distributions, (B, T, V), needed by the exact KL estimator. Both are computed with no
 gradient and in eval mode (no dropout: TRL #506 shows dropout making the step-0 KL negative).
-Both take the sampling ``filters`` of a sampled batch: the reference is then scored as the policy
-is, π^{τ,F}_ref — logits divided by the temperature τ and restricted to the token sets F_t the
-sampler stored in ``batch.allowed`` (docs/theory.md §3), so a model against itself has KL 0.
+Both take the sampling ``filters`` of a sampled batch: the reference is then the fixed process π^τ_ref,
+its logits divided by the sampling temperature τ over the whole vocabulary; top-k/top-p restrict only
+the sampled policy, never the reference (docs/theory.md §3: the KL to a reference restricted to the
+policy's own sets moves with the policy; ``engine.score_rows`` builds that form on request).
 ``on_step(policy, step)`` is called by trainers after every optimiser step; only synced forms act.
 
 Forms (``build_reference`` picks one from a name; ``reference_from_config`` is the one place that
@@ -39,7 +40,6 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from .modeling import CompletionBatch, check_compatible, completion_logps, forward_completion, model_fingerprint
-from .ops.logprobs import uses_token_filter
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -71,14 +71,14 @@ class Reference:
 
     kind = "base"
     has_distributions = True
+    static_copy = False  # its own weights, loaded once and never written (copy): may be sharded or moved off the accelerator
 
     def logits(self, batch: CompletionBatch, *, filters: Optional[dict] = None) -> torch.Tensor:
         """(B, T, V) reference logits at the completion positions, scored like the policy.
 
         ``filters`` (temperature, top_k, top_p): the sampling settings of ``batch``. The logits are
-        divided by the temperature and, with top-k/top-p, restricted to the policy's stored sets
-        ``batch.allowed`` (never the reference's own top-k: the KL compares the two on the same
-        support F_t, docs/theory.md §3). None = the reference itself (τ = 1, no filter)."""
+        divided by the temperature; top_k/top_p are not applied (the fixed reference π^τ_ref,
+        docs/theory.md §3). None = the reference itself (τ = 1)."""
         raise NotImplementedError
 
     def logps(self, batch: CompletionBatch, *, ids: Optional[Sequence] = None, filters: Optional[dict] = None) -> torch.Tensor:
@@ -103,6 +103,7 @@ class FrozenReference(Reference):
     """(a) A separate frozen copy of a model."""
 
     kind = "copy"
+    static_copy = True
 
     def __init__(self, model):
         self.model = freeze(model)
@@ -118,6 +119,7 @@ class OffloadedReference(FrozenReference):
     only for the duration of a call, so it holds no accelerator memory while the policy trains."""
 
     kind = "offload"
+    static_copy = False  # already managed: moved to the compute device per call
 
     def __init__(self, model, *, compute_device: str | torch.device = "cpu", offload_device: str = "cpu"):
         super().__init__(model.to(offload_device))
@@ -160,6 +162,7 @@ class SyncedReference(FrozenReference):
     """
 
     kind = "sync"
+    static_copy = False  # written from the policy's tensors
 
     def __init__(self, model, *, mode: str = "hard", every: int = 512, alpha: float = 0.6):
         super().__init__(model)
@@ -333,14 +336,9 @@ class LaggedReference(Reference):
 
 
 def _scored(model, batch: CompletionBatch, filters: Optional[dict]) -> torch.Tensor:
-    """The reference's completion logits under the sampling ``filters`` (``Reference.logits``)."""
-    if uses_token_filter(filters) and batch.allowed is None:
-        raise ValueError(
-            "top-k/top-p scoring of the reference needs the token sets the policy's sampler allowed (batch.allowed): "
-            "score a batch from tether.sampling.sample, or attach the policy's sets with "
-            "tether.modeling.with_allowed(batch, policy_logits); the reference's own top-k would be a different support"
-        )
-    return forward_completion(model, batch, filters=filters)[0]
+    """The reference's completion logits under the sampling ``filters`` (``Reference.logits``): tempered,
+    over the whole vocabulary (π^τ_ref)."""
+    return forward_completion(model, batch, filters={"temperature": (filters or {}).get("temperature", 1.0)})[0]
 
 
 def _data_fingerprint(rows: Iterable[tuple], extra: str = "") -> str:
@@ -429,9 +427,9 @@ class PrecomputedReference(Reference):
         )
 
     def logps(self, batch, *, ids=None, filters=None):
-        if filters and (uses_token_filter(filters) or filters.get("temperature", 1.0) != 1.0):
-            raise ValueError("the precomputed reference stores log-probs at temperature 1 without top-k/top-p; scoring "
-                             "sampled completions needs a live reference form ('copy', 'offload' or 'lora')")
+        if filters and filters.get("temperature", 1.0) != 1.0:  # top-k/top-p never filter the reference
+            raise ValueError("the precomputed reference stores log-probs at temperature 1; scoring completions sampled "
+                             "at another temperature needs a live reference form ('copy', 'offload' or 'lora')")
         if ids is None:
             raise ValueError("the precomputed reference needs the row ids of the batch (ids=...)")
         out = torch.zeros(batch.mask.shape, dtype=torch.float32)
@@ -564,7 +562,8 @@ def reference_from_config(cfg, *, policy, tokenizer, policy_path: Optional[str],
         from .modeling import load_causal_lm, load_tokenizer
 
         path = resolve_model(cfg.reference_model, cfg.assets) if cfg.reference_model else policy_path
-        ref_model = load_causal_lm(path, dtype=cfg.dtype, device="cpu" if form == "offload" else device)
+        ref_model = load_causal_lm(path, dtype=cfg.dtype, device="cpu" if form == "offload" else device,
+                                   autocast=getattr(cfg, "autocast", False))  # computed as the policy is
         ref_tok = load_tokenizer(path) if cfg.reference_model else tokenizer
     ref = build_reference("copy" if form == "precomputed" else form, policy=policy, reference_model=ref_model,
                           policy_tokenizer=tokenizer, reference_tokenizer=ref_tok, compute_device=device, **sync)

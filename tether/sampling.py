@@ -8,24 +8,24 @@ and KL of a sample are computed under the distribution it was drawn from and eve
 a finite log-prob (a bf16 full-pass re-filter dropped about 2 in 1000 sampled tokens on stories260K).
 
 How sampling settings define the KL (docs/theory.md §3, docs/sampling.md): the
-sampled policy is π^{τ,F}(v|s_t) = softmax(logits/τ) restricted to F_t and renormalised, and the
-reference is scored the same way: its logits divided by τ and restricted to the same stored F_t (TRL
-also divides the reference's logits by τ). ``kl/ref`` is KL[π^{τ,F}_θ‖π^{τ,F}_ref]: exactly 0 for a
-model against itself at any settings; k1, k3 and exact are unbiased for it, k2 is biased as always.
+sampled policy is π^{τ,F}(v|s_t) = softmax(logits/τ) restricted to F_t and renormalised; the reference
+is the fixed process π^τ_ref, its logits divided by the same τ (as TRL does) and never filtered.
+``kl/ref`` is KL[π^{τ,F}_θ‖π^τ_ref], which includes the filter cost E Σ_t -log π^τ_ref(F_t) (``kl/filter_cost``).
 
 Completion tokens after the first EOS are padding (mask False); the EOS itself counts.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
-from . import decode
+from . import decode, rng
 from .errors import UserError
-from .modeling import CACHE_KW, CompletionBatch, make_batch, position_ids
+from .modeling import CACHE_KW, CompletionBatch, autocast_dtype, make_batch, position_ids
 from .ops.logprobs import apply_sampling_filters, pack_allowed, uses_token_filter
 
 
@@ -48,6 +48,18 @@ COMPACT_FRACTION = 0.25
 """Drop finished rows from the forward pass (and their KV cache) once at least this fraction of the rows
 still computed has finished: one cache gather buys every later step a smaller batch."""
 
+SYNC_EVERY = 8
+"""On an accelerator the decode loop reads the device (how many rows have finished: stop? compact?) only
+every this many steps; every other step queues its work without waiting for the GPU. On the CPU there is
+no device to wait for and it reads every step (``sync_interval``). Either way the samples are the same:
+the steps run past the last EOS draw for nothing and the generator is set back to its state after the
+last needed step (tests/test_device.py checks this token for token on the CPU with a forced interval)."""
+
+
+def sync_interval(device: torch.device) -> int:
+    """Steps between the decode loop's reads of the device (``SYNC_EVERY``; 1 on the CPU)."""
+    return 1 if torch.device(device).type == "cpu" else SYNC_EVERY
+
 
 def draw_tokens(probs: torch.Tensor, rows: torch.Tensor, batch_size: int, generator: Optional[torch.Generator]) -> torch.Tensor:
     """``torch.multinomial(full_probs, 1)`` for the rows ``rows`` of a (batch_size, V) batch, given only
@@ -57,6 +69,7 @@ def draw_tokens(probs: torch.Tensor, rows: torch.Tensor, batch_size: int, genera
     (the Gumbel-max trick in exponential form; ATen ``multinomial``'s fast path for one sample). Drawing
     q for all ``batch_size`` rows, as today, keeps the random stream (and so every later sample) the same
     whether or not finished rows were dropped from the forward pass."""
+    rng.check(generator, probs, what="the sampling generator")
     q = torch.empty((batch_size, probs.shape[-1]), dtype=probs.dtype, device=probs.device)
     q.exponential_(1, generator=generator)  # (B, V)
     return (probs / q[rows]).argmax(-1)  # (b,)
@@ -79,6 +92,7 @@ def sample(
     top_p: float = 1.0,
     generator: Optional[torch.Generator] = None,
     decoder: str = "auto",
+    sync_every: Optional[int] = None,
 ) -> tuple[CompletionBatch, torch.Tensor]:
     """Sample one completion per prompt (token-id lists). Returns (batch, no_eos (B,) bool).
 
@@ -93,6 +107,12 @@ def sample(
     ``decoder``: "hf" runs the model's own forward with its DynamicCache; "lean" runs
     ``decode.LlamaDecoder`` (static cache, fused products: the same mathematics with fewer calls, float32
     rounding apart); "auto" picks "lean" where ``decode.supports(model)`` (plain Llama), else "hf".
+
+    Every tensor of the loop (masks, indices, the draws) lives on the model's device, and ``generator``
+    must too (``tether.rng.generator(seed, device)``; a generator on another device is refused). The loop
+    reads the device only every ``sync_every`` steps (default ``sync_interval(device)``: 1 on the CPU,
+    ``SYNC_EVERY`` on an accelerator), to stop once every row has finished and to compact; the tokens,
+    sets and generator state afterwards do not depend on it.
     """
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
@@ -104,7 +124,12 @@ def sample(
     lean = decoder == "lean" or (decoder == "auto" and decode.supports(model))
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = rng.device_of(model)
+    if generator is not None and generator.device.type != device.type:
+        rng.check(generator, torch.empty(0, device=device), what="the sampling generator")
+    k = sync_interval(device) if sync_every is None else int(sync_every)
+    if k < 1:
+        raise ValueError(f"sync_every must be >= 1, got {k}")
     base = make_batch(prompts, [[]] * len(prompts), pad_id=pad_id)
     P = base.prompt_len
     B = base.input_ids.shape[0]
@@ -116,6 +141,7 @@ def sample(
     record = uses_token_filter({"top_k": top_k, "top_p": top_p})
     allowed_steps: list[torch.Tensor] = []  # per step (B, ceil(V/8)) uint8, when record
     rows = torch.arange(B, device=device)  # (b,) the rows still in the forward pass
+    states: list = []  # generator state after each step since the last read (k > 1: to undo draws past the end)
     past = None
     step_ids = base.input_ids[:, :P].to(device)
     pos = position_ids(attn[:, :P])
@@ -123,45 +149,58 @@ def sample(
     if lean:
         dec = decode.LlamaDecoder(model, B, P + max_new_tokens)
         dec.set_mask(attn)
+    amp = autocast_dtype(model)  # mixed precision asked for (TrainConfig.autocast): the lean step computes under it too
     try:
-        for t in range(max_new_tokens):
-            if dec is not None:  # slots: the prompt at 0..P-1, step t's input token at P + t - 1
-                last = dec.forward(step_ids, pos, 0 if t == 0 else P + t - 1)  # (b, V)
-            else:
-                out = model(input_ids=step_ids, attention_mask=attn[rows, : P + t], position_ids=pos,
-                            use_cache=True, **{CACHE_KW: past})
-                past, last = getattr(out, CACHE_KW), out.logits[:, -1, :]
-            logits = apply_sampling_filters(last.float(), temperature=temperature, top_k=top_k, top_p=top_p)
-            tok = draw_tokens(torch.softmax(logits, dim=-1), rows, B, generator)  # (b,)
-            live = ~done[rows]  # (b,)
-            if record:  # F_t exactly as sampled from; finished rows allow everything (keeps padding finite)
-                allowed = torch.ones((B, logits.shape[-1]), dtype=torch.bool, device=device)  # (B, V)
-                allowed[rows] = (logits > float("-inf")) | ~live[:, None]
-                allowed_steps.append(pack_allowed(allowed))  # (B, ceil(V/8))
-            out_tokens[rows, t] = torch.where(live, tok, torch.full_like(tok, pad_id))
-            out_mask[rows, t] = live
-            if eos_id is not None:
-                done[rows] = ~live | (tok == eos_id)
-            if bool(done.all()):
-                break
-            step_ids = out_tokens[rows, t : t + 1]  # (b, 1)
-            pos = pos[:, -1:] + 1  # (b, 1)
-            n_done = int(done[rows].sum())
-            if n_done and n_done >= COMPACT_FRACTION * rows.numel() and (dec is not None or _can_compact(past)):
-                keep = (~done[rows]).nonzero().squeeze(-1)  # (b',) positions in the current batch
-                if dec is not None:
-                    dec.select(keep)
+        with torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
+            for t in range(max_new_tokens):
+                if dec is not None:  # slots: the prompt at 0..P-1, step t's input token at P + t - 1
+                    last = dec.forward(step_ids, pos, 0 if t == 0 else P + t - 1)  # (b, V)
                 else:
-                    past.batch_select_indices(keep)
-                rows, step_ids, pos = rows[keep], step_ids[keep], pos[keep]
+                    out = model(input_ids=step_ids, attention_mask=attn[rows, : P + t], position_ids=pos,
+                                use_cache=True, **{CACHE_KW: past})
+                    past, last = getattr(out, CACHE_KW), out.logits[:, -1, :]
+                logits = apply_sampling_filters(last.float(), temperature=temperature, top_k=top_k, top_p=top_p)
+                tok = draw_tokens(torch.softmax(logits, dim=-1), rows, B, generator)  # (b,)
+                if k > 1 and generator is not None:
+                    states.append(generator.get_state())  # host-side (CUDA: Philox seed + offset): no device read
+                live = ~done[rows]  # (b,)
+                if record:  # F_t exactly as sampled from; finished rows allow everything (keeps padding finite)
+                    allowed = torch.ones((B, logits.shape[-1]), dtype=torch.bool, device=device)  # (B, V)
+                    allowed[rows] = (logits > float("-inf")) | ~live[:, None]
+                    allowed_steps.append(pack_allowed(allowed))  # (B, ceil(V/8))
+                out_tokens[rows, t] = torch.where(live, tok, torch.full_like(tok, pad_id))
+                out_mask[rows, t] = live
+                if eos_id is not None:
+                    done[rows] = ~live | (tok == eos_id)
+                if (t + 1) % k and t + 1 < max_new_tokens:
+                    step_ids, pos = out_tokens[rows, t : t + 1], pos[:, -1:] + 1  # (b, 1) each
+                    continue  # no read of the device this step
+                n_done = int(done[rows].sum())  # the loop's one read of the device (every k steps)
+                if n_done == rows.numel():
+                    break
+                states.clear()
+                step_ids = out_tokens[rows, t : t + 1]  # (b, 1)
+                pos = pos[:, -1:] + 1  # (b, 1)
+                if n_done and n_done >= COMPACT_FRACTION * rows.numel() and (dec is not None or _can_compact(past)):
+                    keep = (~done[rows]).nonzero().squeeze(-1)  # (b',) positions in the current batch
+                    if dec is not None:
+                        dec.select(keep)
+                    else:
+                        past.batch_select_indices(keep)
+                    rows, step_ids, pos = rows[keep], step_ids[keep], pos[keep]
     finally:
         model.train(was_training)
-    T = int(out_mask.sum(-1).max().item()) if out_mask.any() else 1
-    completions = [out_tokens[i, : int(out_mask[i].sum())].tolist() for i in range(B)]
+    lengths = out_mask.sum(-1).tolist()  # (B,) counted tokens per row: one read for the whole batch
+    T = max(max(lengths), 1)  # steps up to the last row's EOS (the one that ended the loop: rows finished in it)
+    if states:  # steps after T only drew for rows already finished: the stream continues as if they never ran
+        steps_run = t + 1
+        generator.set_state(states[len(states) - 1 - (steps_run - T)])
+    toks = out_tokens.cpu()
+    completions = [toks[i, : lengths[i]].tolist() for i in range(B)]
     batch = make_batch(prompts, completions, pad_id=pad_id)
-    if batch.mask.shape[1] != max(T, 1):  # make_batch pads to the longest completion
+    if batch.mask.shape[1] != T:  # make_batch pads to the longest completion
         raise AssertionError("internal: completion width mismatch")
     if record:
-        batch.allowed = torch.stack(allowed_steps, dim=1).cpu()  # (B, T, ceil(V/8)): one entry per step run
+        batch.allowed = torch.stack(allowed_steps[:T], dim=1).cpu()  # (B, T, ceil(V/8)): one entry per needed step
     no_eos = ~done.cpu()
     return batch, no_eos

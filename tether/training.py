@@ -67,6 +67,10 @@ class TrainConfig:
     """Gradient-norm clip (0 = off). opt/grad_norm logs the norm before clipping."""
     dtype: str = "float32"
     """Model weights dtype: float32 | bfloat16."""
+    autocast: bool = False
+    """Mixed precision: float32 weights, every forward pass of the policy, reference and value model (and the
+    sampler's) under torch.autocast(bfloat16): matrix products in bf16, softmax, log-probs and losses in
+    float32 (accelerate's mixed_precision=bf16). Needs dtype float32; dtype bfloat16 is pure bf16 instead."""
     lora_r: int = 0
     """LoRA rank (0 = full fine-tuning)."""
     lora_alpha: int = 16
@@ -183,7 +187,7 @@ def load_policy(cfg: TrainConfig, dist: Dist):
     seed_everything(cfg.seed)
     path = resolve_model(cfg.model, cfg.assets)
     tok = load_tokenizer(path)
-    model = adapt_model(load_causal_lm(path, dtype=cfg.dtype, device=dist.device), cfg)
+    model = adapt_model(load_causal_lm(path, dtype=cfg.dtype, device=dist.device, autocast=cfg.autocast), cfg)
     dist.broadcast_params(model)
     if fsdp_requested(cfg) and dist.enabled:
         check_fsdp(cfg)

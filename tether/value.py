@@ -66,7 +66,8 @@ class ValueModel(nn.Module):
         return v.masked_fill(~batch.mask, 0.0)
 
 
-def build_value_model(kind: str, policy, *, model_path: str, dtype: str = "float32", device="cpu") -> ValueModel:
+def build_value_model(kind: str, policy, *, model_path: str, dtype: str = "float32", device="cpu",
+                      autocast: bool = False) -> ValueModel:
     """The value model for ``policy``. ``critic`` loads a fresh copy of the starting weights from
     ``model_path`` and keeps only the backbone (a LoRA policy still gets a fully trainable critic)."""
     from .modeling import DTYPES, load_causal_lm
@@ -75,6 +76,10 @@ def build_value_model(kind: str, policy, *, model_path: str, dtype: str = "float
     if kind == "critic":
         lm = load_causal_lm(model_path, dtype=dtype, device=device)
         backbone = lm.base_model  # the transformer without the LM head
+        if autocast:
+            from .modeling import autocast_forward
+
+            autocast_forward(backbone)
         hidden = int(lm.config.hidden_size)
         vm = ValueModel("critic", hidden, backbone=backbone, dtype=DTYPES[dtype])
     elif kind == "head":

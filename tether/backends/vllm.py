@@ -84,6 +84,17 @@ def check_settings(settings: dict) -> None:
                         "score); set temperature: 1.0")
 
 
+def check_gpu_options(gpu_memory_utilization: float, enable_sleep_mode: bool, *, cuda: bool) -> None:
+    """The GPU settings (sampling group: vllm_gpu_memory_utilization, vllm_enable_sleep_mode): a memory
+    fraction in (0, 1]; sleep mode only where vLLM has it, on a CUDA GPU."""
+    if not 0.0 < float(gpu_memory_utilization) <= 1.0:
+        raise UserError(f"vllm_gpu_memory_utilization={gpu_memory_utilization} must lie in (0, 1] (a fraction of one "
+                        "GPU's memory; TRL's colocate default is 0.3); set --vllm_gpu_memory_utilization")
+    if enable_sleep_mode and not cuda:
+        raise UserError("vllm_enable_sleep_mode needs a CUDA GPU (vLLM's sleep mode frees GPU memory); "
+                        "set --vllm_enable_sleep_mode false on this machine")
+
+
 @contextmanager
 def _keep_rng():
     """Restore torch's global RNG state: the in-process engine seeds it."""
@@ -105,17 +116,23 @@ class VLLMBackend:
     ``max_position_embeddings``, at most 4096), ``kv_cache_bytes`` (required on CPU; default
     ``VLLM_CPU_KVCACHE_SPACE`` GiB when set, else 256 MiB), ``dtype`` (the engine's weights; "float32"
     matches tether's CPU scoring), ``seed`` (the engine's own seed; requests are seeded from tether's
-    generator regardless)."""
+    generator regardless). On a CUDA GPU: ``gpu_memory_utilization`` (the engine's share of the GPU's
+    memory; the KV cache is sized from it unless ``kv_cache_bytes`` is given) and ``enable_sleep_mode``
+    (sleep after each ``generate``, weights kept in CPU memory and the KV cache freed, woken before the
+    next ``update_weights`` or ``generate``: TRL's colocate sleep mode)."""
 
     name = "vllm"
 
     def __init__(self, model, *, max_model_len: Optional[int] = None, kv_cache_bytes: Optional[int] = None,
-                 dtype: str = "float32", seed: int = 0):
+                 dtype: str = "float32", seed: int = 0, gpu_memory_utilization: float = 0.3,
+                 enable_sleep_mode: bool = False):
         if hasattr(model, "peft_config"):
             raise UserError("backend=vllm does not take a LoRA (peft) policy yet: its weights would need merging "
                             "before each push; use backend=builtin with lora, or train without lora")
         config = model.config
-        check_model(config)
+        cuda = torch.cuda.is_available()
+        check_model(config, device="cuda" if cuda else "cpu")
+        check_gpu_options(gpu_memory_utilization, enable_sleep_mode, cuda=cuda)
         path = getattr(config, "_name_or_path", "") or getattr(model, "name_or_path", "")
         if not path or not os.path.isdir(path):  # e.g. a hub id or a model built in memory: write one (once)
             import tempfile
@@ -130,8 +147,15 @@ class VLLMBackend:
         if max_model_len is None:
             max_model_len = min(int(getattr(config, "max_position_embeddings", 2048)), 4096)
         kv = {}
-        if kv_cache_bytes is not None or "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        if cuda:  # the KV cache from the memory fraction, unless a size is given
+            kv["gpu_memory_utilization"] = float(gpu_memory_utilization)
+            if enable_sleep_mode:
+                kv["enable_sleep_mode"] = True
+            if kv_cache_bytes is not None:
+                kv["kv_cache_memory_bytes"] = int(kv_cache_bytes)
+        elif kv_cache_bytes is not None or "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
             kv["kv_cache_memory_bytes"] = int(kv_cache_bytes if kv_cache_bytes is not None else 256 << 20)
+        self.sleep_mode, self._asleep = bool(enable_sleep_mode), False
         self.dtype = getattr(torch, dtype)
         with _keep_rng():
             self.llm = vllm.LLM(model=str(path), dtype=dtype, max_model_len=int(max_model_len), skip_tokenizer_init=True,
@@ -141,10 +165,18 @@ class VLLMBackend:
         self.last_logps: Optional[torch.Tensor] = None  # (B, T) engine log π^τ of the sampled tokens, 0 off-mask
         self.update_weights(model)
 
+    def _wake(self) -> None:
+        if self._asleep:
+            with _keep_rng():
+                self.llm.wake_up()
+            self._asleep = False
+
     @torch.no_grad()
     def update_weights(self, model) -> None:
-        """Push ``model``'s parameters (Hugging Face names) into the engine; drop cached prefixes."""
-        weights = [(name, t.detach().to("cpu", self.dtype).contiguous()) for name, t in model.state_dict().items()]
+        """Push ``model``'s parameters (Hugging Face names) into the engine; drop cached prefixes. The tensors
+        stay on the model's device (on a GPU: no round trip through CPU memory)."""
+        weights = [(name, t.detach().to(dtype=self.dtype).contiguous()) for name, t in model.state_dict().items()]
+        self._wake()
         with _keep_rng():
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
             self.llm.reset_prefix_cache()
@@ -158,12 +190,17 @@ class VLLMBackend:
         is kept and counted, as the built-in sampler does)."""
         check_settings(settings.filters())
         eos_id = settings.eos_id
-        seeds = torch.randint(0, 2**31 - 1, (len(prompt_ids),), generator=generator).tolist()
+        seeds = torch.randint(0, 2**31 - 1, (len(prompt_ids),), generator=generator,
+                              device=generator.device if generator is not None else "cpu").tolist()
         params = [self._SamplingParams(n=1, temperature=float(settings.temperature), max_tokens=int(settings.max_new_tokens),
                                        seed=int(s), logprobs=0, detokenize=False, ignore_eos=True,  # tether's rule only:
                                        stop_token_ids=[int(eos_id)] if eos_id is not None else None) for s in seeds]
+        self._wake()
         with _keep_rng():
             outs = self.llm.generate([{"prompt_token_ids": [int(t) for t in p]} for p in prompt_ids], params, use_tqdm=False)
+            if self.sleep_mode:  # level 1: weights to CPU memory (kept), KV cache freed, until the next push
+                self.llm.sleep(level=1)
+                self._asleep = True
         comps, logps = [], []
         for o in outs:  # outputs come back in request order
             c = o.outputs[0]

@@ -30,16 +30,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-FAMILIES = (  # (method prefix, panel title), first match wins
+FAMILIES = (  # (method prefix, panel title), first match wins; then the online methods of tether.registry
     ("pg_kl_reward", "REINFORCE, KL in the reward"), ("pg_kl_loss_is", "REINFORCE + KL in the loss x π/π_old"),
-    ("pg_kl_loss", "REINFORCE + KL in the loss"), ("ppo", "PPO"), ("grpo", "GRPO"), ("rloo", "RLOO"),
+    ("pg_kl_loss", "REINFORCE + KL in the loss"),
     ("adaptive_kl", "β controllers"), ("constraint_kl", "β controllers"), ("scheduled_beta", "β controllers"),
     ("fdpo", "f-DPO"), ("hinge", "hinge, SimPO (no target: KL to π*)"), ("simpo", "hinge, SimPO (no target: KL to π*)"),
 )
 
 
+def panels() -> tuple:
+    """FAMILIES, then one panel per online method of ``tether.registry`` (its ``title``, or its name in capitals)."""
+    from ..registry import METHODS
+
+    return FAMILIES + tuple((n, m.title or n.upper()) for n, m in METHODS.items() if m.is_online)
+
+
 def family(method: str) -> str:
-    return next((title for prefix, title in FAMILIES if method.startswith(prefix)), "DPO, cDPO, robust DPO, IPO")
+    return next((title for prefix, title in panels() if method.startswith(prefix)), "DPO, cDPO, robust DPO, IPO")
 
 
 def plot(certs, path: str) -> None:

@@ -18,6 +18,4 @@ from .ppo import online_command
 
 
 def main(argv=None) -> int:
-    from ..trainers.grpo import GRPOConfig, train_grpo
-
-    return online_command(GRPOConfig, train_grpo, argv, prog="tether grpo", doc=__doc__)
+    return online_command("grpo", argv, doc=__doc__)

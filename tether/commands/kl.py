@@ -7,11 +7,12 @@ standard error; k1 the largest.
 
 Sampling settings (docs/theory.md §3): --temperature τ, --top_k and --top_p set how the policy is
 sampled. At each position the sampler records the set F_t of tokens its filter allowed; the policy
-is π^{τ,F}(v|s_t) = softmax(logits/τ) restricted to F_t and renormalised, and the reference is
-scored the same way (its logits divided by τ and restricted to the same F_t, as TRL also divides the
-reference's logits by τ). The KL reported is KL[π^{τ,F}_θ‖π^{τ,F}_ref]: exactly 0 for a model against
-itself at any settings; k1, k3 and exact are unbiased for it; k2 is biased, as always. (Scoring the
-reference unfiltered instead would make E[k3] undercount the KL by the reference's mass outside F_t.)
+is π^{τ,F}(v|s_t) = softmax(logits/τ) restricted to F_t and renormalised. The reference is the fixed
+process π^τ_ref: its logits divided by the same τ (as TRL does), over the whole vocabulary. The KL
+reported is KL[π^{τ,F}_θ‖π^τ_ref]; k1 and exact are unbiased for it, k3 undercounts it by the
+reference's mass outside F_t, k2 is biased as always. With top-k/top-p the filter cost
+E Σ_t -log π^τ_ref(F_t) is reported beside it: the part of the KL the filter alone causes, which is the
+whole KL of a model against itself (0 without top-k/top-p).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ..engine import measure
 from ..errors import UserError
 from ..groups import SamplingConfig
 from ..data.prompts import load_prompts, prompt_options
+from ..distributed import process_device
 from ..measure import encode_prompts
 from ..generation import backend_for
 from ..modeling import check_compatible, load_causal_lm, load_tokenizer
@@ -79,9 +81,25 @@ def format_table(result: dict) -> str:
     tm = result["token_mean"]
     lines.append(f"\nexact per-token mean KL: {tm:.5f} nats/token" if tm is not None else "")
     lines.append(f"mean response length: {result['response_len']:.1f} tokens over {result['samples']} samples")
+    fc = result.get("filter_cost")
+    if fc is not None and fc["mean"] > 0:
+        lines.append(format_filter_cost(result))
     if "by_length" in result:
         lines.append("\n" + format_by_position(result))
     return "\n".join(lines)
+
+
+def format_filter_cost(result: dict) -> str:
+    """The top-k/top-p lines: the filter cost E Σ_t -log π^τ_ref(F_t) and the KL left without it."""
+    fc = result["filter_cost"]
+    se = f" ± {fc['stderr']:.5f}" if fc["stderr"] == fc["stderr"] else ""
+    out = [f"filter cost: {fc['mean']:.5f}{se} nats/seq = E Σ_t -log π_ref(F_t), π_ref(F_t) the reference's (tempered) "
+           "mass inside the sampled top-k/top-p set: the part of the KL above that the filter alone causes (a model "
+           "against itself has exactly this KL)"]
+    if "exact" in result["estimators"]:
+        rest = max(result["estimators"]["exact"]["mean"] - fc["mean"], 0.0)  # a KL: ≥ 0 up to float32 rounding
+        out.append(f"KL without it (to the reference restricted to the sampled sets): {rest:.5f} nats/seq")
+    return "\n".join(out)
 
 
 def format_by_position(result: dict) -> str:
@@ -126,8 +144,9 @@ def main(argv=None) -> int:
     ref_path = resolve_model(args.reference, args.assets)
     tok = load_tokenizer(policy_path)
     ref_tok = load_tokenizer(ref_path)
-    policy = load_causal_lm(policy_path)
-    ref_model = load_causal_lm(ref_path)
+    device = process_device()  # a GPU when there is one (cuda:LOCAL_RANK), else the CPU
+    policy = load_causal_lm(policy_path, device=device)
+    ref_model = load_causal_lm(ref_path, device=device)
     check_compatible(policy, ref_model, tok, ref_tok)
     reference = FrozenReference(ref_model)
     prompts = encode_prompts(tok, [p.text for p in load_prompts(args.prompts, tokenizer=tok, **prompt_options(args))])

@@ -14,18 +14,20 @@ from __future__ import annotations
 
 import json
 
-from ..checks import preflight_online
 from ..config import parse_config
+from ..registry import method_spec
 
 
-def online_command(cfg_cls, train_fn, argv, *, prog: str, doc: str) -> int:
-    """Shared by ``tether ppo``, ``grpo`` and ``rloo``: parse (YAML + flags), train, print a summary."""
+def online_command(method: str, argv, *, doc: str | None = None) -> int:
+    """``tether <method>`` for every online method of ``tether.registry`` (``ppo``, ``grpo``, ``rloo``, and
+    any registered one): parse (YAML + flags), preflight, train, print a summary."""
+    spec = method_spec(method, online=True)
     cfg, ns = parse_config(
-        cfg_cls, argv, prog=prog, description=doc.split("\n\n")[0],
+        spec.load("config"), argv, prog=f"tether {method}", description=(doc or spec.help).split("\n\n")[0],
         extra=[(("--resume",), {"action": "store_true", "help": "continue from the latest checkpoint in output_dir"})],
     )
-    preflight_online(cfg)  # the whole input, before any weights load
-    result = train_fn(cfg, resume=getattr(ns, "resume", False))
+    spec.load("preflight")(cfg)  # the whole input, before any weights load
+    result = spec.load("train")(cfg, resume=getattr(ns, "resume", False))
     last = result["metrics"]
     keys = ["kl/ref", "kl/penalty", "beta", "reward/score", "reward/total", "gen/response_len"]
     keys += [k for k in last if k.startswith("eval/")]
@@ -34,6 +36,4 @@ def online_command(cfg_cls, train_fn, argv, *, prog: str, doc: str) -> int:
 
 
 def main(argv=None) -> int:
-    from ..trainers.ppo import PPOConfig, train_ppo
-
-    return online_command(PPOConfig, train_ppo, argv, prog="tether ppo", doc=__doc__)
+    return online_command("ppo", argv, doc=__doc__)

@@ -14,6 +14,4 @@ from .ppo import online_command
 
 
 def main(argv=None) -> int:
-    from ..trainers.rloo import RLOOConfig, train_rloo
-
-    return online_command(RLOOConfig, train_rloo, argv, prog="tether rloo", doc=__doc__)
+    return online_command("rloo", argv, doc=__doc__)

@@ -40,6 +40,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
+from .. import rng
 from ..errors import UserError
 from .chat import check_messages, is_messages, split_completion, use_template
 
@@ -443,7 +444,7 @@ def split_holdout(n: int, fraction: float, *, seed: int) -> tuple[list[int], lis
     """Deterministic (train, held-out) index lists: a seeded permutation, the last ``fraction`` held out."""
     if not 0.0 <= fraction < 1.0:
         raise UserError(f"eval_fraction must be in [0, 1), got {fraction}")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    perm = torch.randperm(n, generator=rng.generator(seed)).tolist()
     k = int(round(n * fraction))
     return sorted(perm[: n - k]), sorted(perm[n - k:])
 
@@ -462,7 +463,7 @@ def epoch_batches(widths: Sequence[int], batch_size: int, *, seed: int, epoch: i
                   group_by_length: bool = True, window: int = 32) -> list[list[int]]:
     """The global batches (index lists) of one epoch, a pure function of (seed, epoch).
 
-    ``shuffle``: a permutation from ``torch.Generator().manual_seed(seed + epoch)`` (else data order).
+    ``shuffle``: a permutation from ``rng.generator(seed + epoch)`` (else data order).
     ``group_by_length``: the permutation is cut into windows of ``window`` batches, each window is
     sorted by width and cut into batches, and the batches are shuffled again, so each batch holds
     pairs of similar length (little padding) while batch order stays random. The incomplete last
@@ -471,7 +472,7 @@ def epoch_batches(widths: Sequence[int], batch_size: int, *, seed: int, epoch: i
     n = len(widths)
     if n < batch_size:
         raise UserError(f"only {n} training pairs for batch_size={batch_size}: use a smaller batch or more data")
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    g = rng.generator(seed * 1_000_003 + epoch)
     order = torch.randperm(n, generator=g).tolist() if shuffle else list(range(n))
     order = order[: n - n % batch_size]
     if not group_by_length:
@@ -608,7 +609,7 @@ def sentiment_pairs(positive: Sequence[str], negative: Sequence[str], *, n: int,
     first few words of a positive snippet, chosen its continuation, rejected the continuation of a
     negative snippet after as many words. A controlled-sentiment task in the spirit of the DPO
     paper's IMDb experiment (§6.1), for tests, benchmarks and demos."""
-    g = torch.Generator().manual_seed(seed)
+    g = rng.generator(seed)
     pos = [p.split() for p in positive]
     neg = [q.split() for q in negative]
     lo, hi = prompt_words

@@ -38,6 +38,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .. import rng
 from ..errors import UserError
 
 log = logging.getLogger(__name__)
@@ -308,7 +309,7 @@ def split_heldout(examples: Sequence, n_eval: int, *, seed: int) -> tuple[list, 
         return list(examples), []
     if n_eval >= len(examples):
         raise UserError(f"eval_examples={n_eval} leaves nothing to train on ({len(examples)} examples); lower it")
-    perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + 7919)).tolist()
+    perm = torch.randperm(len(examples), generator=rng.generator(seed + 7919)).tolist()
     held = set(perm[:n_eval])
     return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
 
@@ -403,7 +404,7 @@ def prepare_sft(
     toks = [tokenize_example(tokenizer, e, completion_only_loss=completion_only_loss, append_eos=append_eos) for e in examples]
     if packing:
         # Shuffle before packing (seeded) so a block mixes examples from different files.
-        perm = torch.randperm(len(toks), generator=torch.Generator().manual_seed(seed + 104729)).tolist()
+        perm = torch.randperm(len(toks), generator=rng.generator(seed + 104729)).tolist()
         return pack([toks[i] for i in perm], max_length)
     n_cut = sum(len(t.ids) > max_length for t in toks)
     if n_cut:  # truncation is the documented behaviour: counted, never silent
@@ -453,7 +454,7 @@ def _epoch_perm(n: int, seed: int, epoch: int) -> list[int]:
     if key not in _PERM_CACHE:
         if len(_PERM_CACHE) > 8:
             _PERM_CACHE.clear()
-        _PERM_CACHE[key] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+        _PERM_CACHE[key] = torch.randperm(n, generator=rng.generator(seed * 1_000_003 + epoch)).tolist()
     return _PERM_CACHE[key]
 
 
@@ -476,7 +477,7 @@ def polarity_pairs(assets: Optional[str] = None, *, seed: int = 0, pos: Optional
         root = resolve("rt-polarity", assets)
         pos, neg = pos or str(root / "rt-polarity.pos"), neg or str(root / "rt-polarity.neg")
     p, n = read_text_lines(pos), read_text_lines(neg)
-    g = torch.Generator().manual_seed(seed)
+    g = rng.generator(seed)
     pp = [p[i] for i in torch.randperm(len(p), generator=g).tolist()]
     nn = [n[i] for i in torch.randperm(len(n), generator=g).tolist()]
     return [{"prompt": "", "chosen": a, "rejected": b} for a, b in zip(pp, nn)]

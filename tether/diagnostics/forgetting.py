@@ -276,6 +276,8 @@ class ModelReference(FrozenReference):
     """A model scored as a reference (``Reference.logits``) without being frozen: lets ``engine.measure``
     score KL[π_ref‖π_θ] with the policy in the reference's place."""
 
+    static_copy = False  # the live model itself
+
     def __init__(self, model):
         self.model = model
 

@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .. import rng
 from ..engine import generate_batches, mean_stderr, score
 from ..modeling import forward_completion, make_batch
 from ..ops.logprobs import selective_logps
@@ -138,7 +139,7 @@ def search_prefix(model, prompts: Sequence[Sequence[int]], targets: Sequence[Seq
     non-decreasing over steps in both (the current prefix is always a candidate)."""
     if method not in ("greedy", "random"):
         raise ValueError(f"unknown search method {method!r}")
-    g = torch.Generator().manual_seed(int(seed))
+    g = rng.generator(int(seed))
     vocab_t = torch.tensor(list(vocab), dtype=torch.long)
 
     def draw(n: int) -> list[int]:

@@ -33,6 +33,10 @@ Estimator = Literal["k1", "k2", "k3", "exact"]
 Direction = Literal["reverse", "forward"]
 Placement = Literal["reward", "loss", "loss_is"]
 ESTIMATOR_NAMES: tuple[str, ...] = ("k1", "k2", "k3", "exact")
+REFERENCE_FILTERS: tuple[str, ...] = ("none", "restricted")
+"""The reference of the KL under top-k/top-p (docs/theory.md §3). ``none`` (default): the fixed process
+π^τ_ref, tempered and unfiltered. ``restricted``: π^τ_ref restricted to the policy's sampled set F_t and
+renormalised, a reference that moves with θ; its KL drops the filter cost E Σ_t -log π^τ_ref(F_t)."""
 
 
 @dataclass(frozen=True)
@@ -54,10 +58,12 @@ class EstimatorInfo:
 
     Under sampling filters (``under_filters``; docs/theory.md §3): with temperature τ and top-k/top-p
     the sampled policy is p = π^{τ,F}_θ, softmax(logits/τ) restricted to the sampler's set F_t, and
-    tether scores the reference the same way, q = π^{τ,F}_ref (same τ, same stored F_t). Then
-    Σ_{F_t} p·r = Σ_{F_t} q = 1 and every value statement above holds for KL[p‖q]. Other tools score
-    an unfiltered reference q̃ (mass m_t = q̃(F_t) < 1 on the set): ``under_filters`` says what each
-    estimator estimates then. ``tests/test_kl_estimators.py`` checks these by exact enumeration.
+    the reference is the fixed process q̃ = π^τ_ref (same τ, whole vocabulary), with mass
+    m_t = q̃(F_t) ≤ 1 on the set. The KL tether reports and penalises is KL[p‖q̃] = Σ_t E[KL[p‖q̃|_F] - log m_t]
+    (q̃|_F: q̃ restricted to F_t and renormalised; -log m_t is the filter cost). Since Σ_{F_t} p·r = m_t,
+    the control variate of k3 no longer has mean 0: ``under_filters`` states each estimator's bias for
+    KL[p‖q̃] (and for the ``restricted`` reference, ``REFERENCE_FILTERS``). Without top-k/top-p, m_t = 1
+    and nothing changes. ``tests/test_kl_estimators.py`` checks these by exact enumeration.
     """
 
     name: str
@@ -65,7 +71,9 @@ class EstimatorInfo:
     grad_reward: str
     grad_loss: str
     grad_loss_is: str
-    under_filters: str  # its value under τ/top-k/top-p: matched-filter reference (tether) vs unfiltered
+    under_filters: str  # its value under τ/top-k/top-p: fixed reference π^τ_ref (tether) vs restricted
+    needs_logits: bool = False  # reads the full distributions (logits of policy and reference), not only the sampled token
+    reward_direct_term: bool = False  # in the reward (detached) it misses ∇KL_t at fixed states: a loss must add that term
 
 
 _LOCAL = "Σ_t E_{s_t~π_θ}[∇ KL_t(s_t)] with states held fixed"
@@ -74,14 +82,15 @@ ESTIMATORS: dict[str, EstimatorInfo] = {
     "k1": EstimatorInfo(
         "k1",
         value="unbiased for KL[π_θ‖π_ref] (per token, so the sequence sum is unbiased for the sequence KL); "
-        "can be negative per sample; highest variance",
+        "can be negative per sample; highest variance per token (its sequence sum need not be: docs/theory.md §2)",
         grad_reward="∇ KL[π_θ‖π_ref] (correct, for sequences too, with reward-to-go)",
         grad_loss="0 in expectation: no regularisation at all",
         grad_loss_is=f"{_LOCAL}: ∇ KL[π_θ‖π_ref] for single tokens (T = 1); on sequences it misses the "
         "state-distribution part, like 'exact' in the loss",
-        under_filters="unbiased for KL[π^{τ,F}_θ‖π^{τ,F}_ref] with the matched-filter reference tether uses; with an "
-        "unfiltered reference, unbiased for KL[π^{τ,F}_θ‖π^τ_ref] = KL - Σ_t E[log m_t], > 0 even for a model "
-        "against itself",
+        under_filters="unbiased for KL[π^{τ,F}_θ‖π^τ_ref] with the fixed reference tether uses (lr_t = "
+        "log π^{τ,F}_θ(y_t) - log π^τ_ref(y_t)); that KL includes the filter cost Σ_t E[-log m_t], > 0 even for a "
+        "model against itself. With the restricted reference: unbiased for KL[π^{τ,F}_θ‖π^{τ,F}_ref] = that KL "
+        "minus the filter cost",
     ),
     "k2": EstimatorInfo(
         "k2",
@@ -91,8 +100,8 @@ ESTIMATORS: dict[str, EstimatorInfo] = {
         grad_loss=f"{_LOCAL} (per state E[lr ∇log π] = ∇ KL_t): ∇ KL[π_θ‖π_ref] for single tokens (T = 1, "
         "on-policy); on sequences the same as 'exact' in the loss",
         grad_loss_is="Σ_t E_{s_t}[∇ E_{π_θ(·|s_t)}[lr²/2]] — biased (differentiates the biased value)",
-        under_filters="biased, as without filters, with either reference (0 for a model against itself with the "
-        "matched-filter reference)",
+        under_filters="biased, as without filters, with either reference: E[lr²/2] ≠ KL[π^{τ,F}_θ‖π^τ_ref] (for a "
+        "model against itself, lr_t = -log m_t on every token: Σ_t E[(log m_t)²/2] instead of the filter cost)",
     ),
     "k3": EstimatorInfo(
         "k3",
@@ -104,13 +113,15 @@ ESTIMATORS: dict[str, EstimatorInfo] = {
         "states by π_ref's visits). Its fixed point: tether.oracle.forward_kl_optimum",
         grad_loss_is=f"{_LOCAL}: ∇ KL[π_θ‖π_ref] for single tokens (T = 1; DeepSeek-V3.2 / TRL "
         "use_bias_correction_kl); on sequences like 'exact' in the loss",
-        under_filters="unbiased with the matched-filter reference tether uses (E[k3] = Σ_F π(r - 1 - log r), "
-        "Σ_F π r = 1); with an unfiltered reference, biased by -(reference mass outside F_t) per token: "
-        "E[k3] = KL[π^{τ,F}_θ‖π^τ_ref] - (1 - m_t)",
+        under_filters="biased by -(reference mass outside F_t) per token with the fixed reference tether uses: "
+        "E[k3] = KL[π^{τ,F}_θ‖π^τ_ref] - Σ_t E[1 - m_t] (Σ_F π r = m_t, so r - 1 has mean m_t - 1); still ≥ 0; "
+        "the bias is at most the filter cost, since 1 - m ≤ -log m. Unbiased for KL[π^{τ,F}_θ‖π^{τ,F}_ref] with "
+        "the restricted reference",
     ),
     "exact": EstimatorInfo(
         "exact",
-        value="unbiased for KL[π_θ‖π_ref] (Rao-Blackwellised k1); ≥ 0 per token; lowest variance",
+        value="unbiased for KL[π_θ‖π_ref] (Rao-Blackwellised k1); ≥ 0 per token; lowest variance per token "
+        "(given the state), but a sequence sum can vary more than k1's (docs/theory.md §2)",
         grad_reward="only the state-distribution part, ∇ KL[π_θ‖π_ref] - Σ_t E[∇ KL_t] (states fixed): 0 for "
         "T = 1, since KL_t does not depend on the token sampled at s_t. Use it together with 'loss' "
         "(their sum is ∇ KL[π_θ‖π_ref])",
@@ -119,8 +130,10 @@ ESTIMATORS: dict[str, EstimatorInfo] = {
         "full gradient",
         grad_loss_is="as 'loss' (states from π_old): the weight π_θ(y_t|s_t)/π_old(y_t|s_t) has mean 1 at "
         "s_t and KL_t does not depend on y_t, so it corrects neither tokens nor states",
-        under_filters="unbiased for KL[π^{τ,F}_θ‖π^{τ,F}_ref] with the matched-filter reference tether uses (the sum "
-        "runs over F_t); with an unfiltered reference it is KL[π^{τ,F}_θ‖π^τ_ref], like k1",
+        under_filters="exact for KL[π^{τ,F}_θ‖π^τ_ref] per state with the fixed reference tether uses: "
+        "Σ_{v∈F_t} π^{τ,F}_θ(v)(log π^{τ,F}_θ(v) - log π^τ_ref(v)) (tokens outside F_t have probability 0); "
+        "with the restricted reference, the same minus the filter cost -log m_t",
+        needs_logits=True, reward_direct_term=True,
     ),
 }
 
@@ -215,7 +228,7 @@ def kl_per_token(
     """
     mask = mask.bool()
     clamped = torch.zeros_like(mask)
-    if estimator == "exact":
+    if estimator in ESTIMATORS and ESTIMATORS[estimator].needs_logits:
         if logits is None or ref_logits is None:
             raise ValueError("estimator='exact' needs the full logits of policy and reference (logits=, ref_logits=)")
         if direction == "reverse":

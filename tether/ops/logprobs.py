@@ -108,7 +108,10 @@ def exact_kl_from_logits(
     """Exact per-position KL[p‖q] = Σ_v p(v) (log p(v) - log q(v)) over the full vocabulary.
 
     This is the Rao-Blackwellised per-token KL (docs/theory.md §2, Amini et al. 2025): for states s_t
-    sampled from π_θ, its sequence sum is an unbiased, lowest-variance estimate of the sequence KL.
+    sampled from π_θ, its sequence sum is an unbiased estimate of the sequence KL. Per token it has
+    the lowest variance (Var ≤ Var(k1) at each state); a sequence sum need not (docs/theory.md §2).
+    Where ``p_logits`` is -inf (a token outside the sampled set F_t) the term is 0 whatever ``q_logits``
+    says, so filtered policy logits against unfiltered reference logits give KL[π^{τ,F}_θ‖π^τ_ref].
 
     Args:
         p_logits, q_logits: (B, T, V) logits of the two next-token distributions at each position.
@@ -122,6 +125,47 @@ def exact_kl_from_logits(
         )
     out = _chunked(_kl_rows, [_rows(p_logits), _rows(q_logits)], chunk_size)
     return out.reshape(p_logits.shape[:-1])
+
+
+def _filter_cost_rows(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    q = upcast(q_logits)  # (n, V)
+    inside = q.masked_fill(p_logits == float("-inf"), float("-inf"))  # q's logits on F = {v: p_logits(v) > -inf}
+    return torch.logsumexp(q, dim=-1) - torch.logsumexp(inside, dim=-1)  # -log q(F) ≥ 0
+
+
+def filter_cost_from_logits(
+    p_logits: torch.Tensor, q_logits: torch.Tensor, *, chunk_size: int = DEFAULT_CHUNK
+) -> torch.Tensor:
+    """The filter's cost at each position: -log m_t, m_t = q(F_t) = Σ_{v∈F_t} softmax(q_logits)(v).
+
+    F_t is the support of the sampled distribution, read from ``p_logits`` (the policy's logits after
+    ``apply_sampling_filters``: -inf outside F_t); ``q_logits`` are the reference's tempered,
+    *unfiltered* logits. One logsumexp over F_t minus one over the vocabulary. With
+    p = π^{τ,F}_θ and q = π^τ_ref (docs/theory.md §3):
+
+        KL[p‖q] = KL[p‖q|_F] - log m_t,        q|_F = q restricted to F_t and renormalised,
+
+    so the KL to the fixed reference is the KL to the restricted reference plus this cost, which is
+    what the filter alone moves the sampled distribution away from the reference (the whole KL for a
+    model against itself). 0 where F_t is the vocabulary.
+
+    Args:
+        p_logits: (B, T, V) filtered policy logits (only their -inf pattern is read).
+        q_logits: (B, T, V) tempered reference logits over the whole vocabulary.
+    Returns:
+        (B, T) float32 (float64 for float64 ``q_logits``), ≥ 0.
+    """
+    if p_logits.shape != q_logits.shape:
+        raise ValueError(f"cannot compare logits of shape {tuple(p_logits.shape)} and {tuple(q_logits.shape)}")
+    out = _chunked(_filter_cost_rows, [_rows(p_logits), _rows(q_logits)], chunk_size)
+    return out.reshape(p_logits.shape[:-1])
+
+
+def restrict_like(q_logits: torch.Tensor, p_logits: torch.Tensor) -> torch.Tensor:
+    """``q_logits`` set to -inf wherever ``p_logits`` is -inf: the reference restricted to the sampled
+    distribution's support F_t (softmax renormalises it on F_t). The ``restricted`` reference of
+    docs/theory.md §3, not tether's default. (..., V), (..., V) -> (..., V)."""
+    return q_logits.masked_fill(p_logits == float("-inf"), float("-inf"))
 
 
 def uses_token_filter(filters: Optional[dict]) -> bool:
@@ -142,7 +186,8 @@ def pack_allowed(allowed: torch.Tensor) -> torch.Tensor:
     V = allowed.shape[-1]
     n = (V + 7) // 8
     bits = F.pad(allowed.to(torch.uint8), (0, 8 * n - V)).reshape(*allowed.shape[:-1], n, 8)  # (..., n, 8)
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=allowed.device)
+    shifts = torch.arange(8, dtype=torch.uint8, device=allowed.device)
+    weights = torch.ones_like(shifts) << shifts  # (8,) 1, 2, ..., 128: made on the device (no host copy per call)
     return (bits * weights).sum(-1).to(torch.uint8)  # (..., n); at most 255, exact
 
 
@@ -176,8 +221,9 @@ def apply_sampling_filters(
     nucleus of ``logits / temperature`` (ties at the k-th value are all kept).
 
     The result is softmax(logits/τ) restricted to F_t and renormalised, π^{τ,F} of docs/theory.md
-    §3; the reference is scored the same way (same τ, same F_t), so a model against itself has KL
-    exactly 0. Every row needs at least one allowed token (the sampler's always have one).
+    §3: the policy as sampled. The reference is scored at the same τ over the whole vocabulary (the
+    fixed reference π^τ_ref; ``restrict_like`` gives the restricted form). Every row needs at least one
+    allowed token (the sampler's always have one).
     (..., V) -> (..., V), same dtype.
     """
     if temperature <= 0:

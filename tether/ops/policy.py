@@ -284,6 +284,7 @@ def aggregate_loss(
     mode: AggregationMode,
     num_tokens: Optional[Union[int, float, torch.Tensor]] = None,
     num_seqs: Optional[Union[int, float, torch.Tensor]] = None,
+    weights: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Reduce a (B, T) per-token loss to a scalar. Counts are arguments so shards and micro-batches agree.
 
@@ -297,10 +298,14 @@ def aggregate_loss(
             objective of REINFORCE/RLOO and of the DPO-style sequence log-prob).
     Defaults (``None``) are this call's own counts: mask.sum() and B. Pass the global ones when the batch
     is split. Under DDP, which *averages* gradients over W ranks, multiply the result by W (or divide the
-    global count by W). Returns a () fp32 tensor.
+    global count by W). ``weights`` (B,), optional: row i's losses count w_i times (pass the weighted
+    counts Σ w_i·n_i and Σ w_i); the exact certificate weights every enumerated completion by its
+    probability this way. Returns a () fp32 tensor.
     """
     mask = mask.bool()
     loss = torch.where(mask, upcast(per_token_loss), 0.0)  # (B, T)
+    if weights is not None:
+        loss = loss * weights[:, None]
     if mode == "token_mean":
         n = mask.sum() if num_tokens is None else num_tokens
         return loss.sum() / torch.as_tensor(n, dtype=loss.dtype, device=loss.device).clamp(min=1)

@@ -33,6 +33,9 @@ A row's verdict (``Certificate.ok``):
 - expected "bounded": a trust region (PPO's clip) keeps the measured distance within the bound.
 - best-of-n: its exact KL[π_bon‖π_ref] must match the enumeration and lie below log n - (n-1)/n.
 
+Top-k / top-p rows (``certify_filters``): the policy as sampled, with the sets the trained policy ends
+with, against the optimum of the fixed-reference objective within those sets (docs/theory.md §3).
+
 ``steps`` counts optimiser steps of the trainer (gradient evaluations in the exact tier).
 ``objective_gap`` is β log Z - J(π) = β·KL[π‖π*] for the β whose π* the row compares to.
 """
@@ -41,7 +44,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Callable, Optional, Sequence
 
@@ -49,6 +51,7 @@ import torch
 
 from tether.control import AdaptiveKLController, ConstraintBeta, FixedBeta, ScheduledBeta
 from tether.ops.best_of_n import best_of_n_kl_exact
+from tether.ops.kl import ESTIMATORS
 from tether.ops.policy import best_of_n_kl_bound
 
 from . import shipped
@@ -61,47 +64,10 @@ from .certify_targets import (
 from .exact import (
     forward_kl_optimum, forward_kl_optimum_sequence, log_partition, objective, optimal_policy, sequence_kl,
 )
+from .certificate import (  # noqa: F401 (re-exported: the rows' shared constants, Certificate, verdict)
+    BETA, BETA_PREF, PROBLEM, SAMPLED_TOL, SAMPLED_WHY, SEPARATION, TOLERANCE, Certificate, verdict,
+)
 from .tabular import TabularPolicy, TabularProblem, make_problem
-
-TOLERANCE = 1e-3  # KL[π‖target] for exact-expectation runs (the brief's bar)
-SEPARATION = 1e-2  # a biased method must end at least this far (KL[π‖π*]) from π*: 10x the tolerance
-BETA = 0.5  # online methods: KL[π*‖π_ref] = 0.99 nats on this problem
-BETA_PREF = 1.0  # preference losses: KL[π*‖π_ref] = 0.21 nats; their targets (forward KL, JS) lie far out at 0.5
-PROBLEM = dict(vocab_size=3, horizon=3, n_prompts=2, seed=0, reward="random")
-SAMPLED_TOL = 1e-2  # KL[π‖target] for the rows trained by the shipped trainers on sampled batches
-SAMPLED_WHY = ("Monte-Carlo gradient noise: 64 samples per prompt per step and a cosine learning-rate decay leave "
-               "the policy 4e-5 (k1 in the reward) to 8e-3 (GRPO, exact in the reward) nats from its target, "
-               "deterministically given the seed; 1e-2 is still well below the distance between any two targets "
-               "certified here (the nearest pair, local_kl_optimum and forward_kl_optimum, is 0.052 apart; "
-               "local_kl_optimum and π*: 0.061), so a biased gradient cannot pass")
-
-
-@dataclass
-class Certificate:
-    """One certified configuration (one row of the table, one object of the JSON)."""
-
-    method: str
-    config: dict
-    target: str
-    expected: str
-    kl_to_target: Optional[float]  # KL[π_learned‖target] (None when theory gives no target)
-    kl_to_optimum: Optional[float]  # KL[π_learned‖π*] of the same β (None for best-of-n: nothing is trained)
-    objective_gap: Optional[float]  # β log Z - J(π) = β KL[π‖π*] ≥ 0, mean over prompts
-    tolerance: float
-    steps: int
-    ok: bool
-    note: str = ""
-    seconds: float = 0.0
-    name: str = ""  # unique id of the configuration (what --only also accepts)
-    label: str = ""  # the configuration in a few words, for the table
-    trainer: str = ""  # the shipped function that trained it (empty: the exact tier, math functions only)
-    curve: list = field(default_factory=list)  # [(step, distance plotted)], not written to JSON
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d.pop("curve")
-        return d
-
 
 class Suite:
     """The shared problem and its exact targets (computed once, lazily)."""
@@ -142,26 +108,6 @@ class Suite:
         """KL[δ_{y_max}‖π] = -log π(y_max|x), mean over prompts: the distance to the reward-maximising
         (deterministic) policy; KL[π‖δ] is infinite until π is deterministic, so it is measured this way."""
         return float(-policy.sequence_log_probs().detach().gather(1, self.y_max[:, None]).mean())
-
-
-# ---- the verdict ------------------------------------------------------------------------------------------
-
-
-def verdict(expected: str, kl_to_target: Optional[float], kl_to_optimum: Optional[float], tolerance: float,
-            extra: bool = True) -> bool:
-    """The rules of the module docstring; ``extra``: the row's own additional evidence (controllers'
-    settled β, a divergence actually happening)."""
-    reached = kl_to_target is not None and math.isfinite(kl_to_target) and kl_to_target < tolerance
-    away = kl_to_optimum is not None and kl_to_optimum > SEPARATION  # NaN compares False: not away
-    if expected == "converges":
-        return reached and extra
-    if expected.startswith("biased: reaches"):
-        return reached and away and extra
-    if expected.startswith("biased") or expected.startswith("no KL anchor"):
-        return away and extra
-    if expected.startswith("bounded"):  # a trust region: the measured distance must stay within the bound
-        return kl_to_target is not None and math.isfinite(kl_to_target) and kl_to_target <= tolerance and extra
-    raise ValueError(f"unknown expectation {expected!r}")
 
 
 # ---- online rows ------------------------------------------------------------------------------------------
@@ -241,7 +187,7 @@ def online_rows(suite: Suite) -> list[tuple[str, str, Callable[[], Certificate]]
 
     # Policy gradient (REINFORCE, exact expectation, reward-to-go), KL in the reward: docs/theory.md §3 rows 1 and 5.
     for est in ("k1", "exact"):
-        add(f"pg_kl_reward_{est}", f"pg_kl_reward_{est}", f"REINFORCE, {est} in reward" + (" (+ its direct term)" if est == "exact" else ""),
+        add(f"pg_kl_reward_{est}", f"pg_kl_reward_{est}", f"REINFORCE, {est} in reward" + (" (+ its direct term)" if ESTIMATORS[est].reward_direct_term else ""),
             setup=OnlineSetup("pg", est, "reward"), expected="converges", target=rev, target_policy=pistar, **pg)
     def stationary(setup):
         """No closed form: the row must head for a fixed point of its own expected update, its exact
@@ -795,7 +741,9 @@ def best_of_n_rows(suite: Suite) -> list:
 
 
 def all_rows(suite: Suite) -> list:
-    return online_rows(suite) + trainer_rows(suite) + preference_rows(suite) + best_of_n_rows(suite)
+    from .certify_filters import filter_rows  # top-k / top-p (docs/theory.md §3)
+
+    return online_rows(suite) + trainer_rows(suite) + filter_rows(suite) + preference_rows(suite) + best_of_n_rows(suite)
 
 
 def names(suite: Optional[Suite] = None) -> list[tuple[str, str]]:

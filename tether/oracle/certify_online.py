@@ -1,17 +1,18 @@
 """The exact tier of ``tether certify``: REINFORCE with each KL estimator in each placement, on the
 tabular oracle, with exact expectations (the estimator × placement theory of docs/theory.md §3).
 
-The trainers themselves (PPO, GRPO, RLOO) are certified by running them (``oracle.shipped``); this
-module certifies the *math* they are built from, composed from the same functions —
-``tether.ops.kl.kl_per_token`` / ``kl_loss_term`` / ``kl_reward_penalty`` (through ``token_rewards``),
-``tether.ops.policy.gae`` / ``reinforce_loss`` / ``ppo_policy_loss`` / ``aggregate_loss`` — with the
-tabular policy's per-token ``logps`` and ``logits`` standing in for the language model's. The batch:
+A configuration names an online method: ``pg`` (REINFORCE, ``REINFORCE`` below: the certifier's own
+method, the theory's reference point) or any online method of ``tether.registry`` (``ppo``, ``grpo``,
+``rloo``, a registered one). Each update calls the method's own ``prepare`` and ``loss`` — the
+functions the trainers run — on the tabular policy's per-token ``logps`` and ``logits`` standing in
+for the language model's, so what is certified here is what users run. The shipped trainers are also
+certified end to end by running ``train_online`` itself (``oracle.shipped``). The batch:
 
 - **exact** ("infinite batch"): the rollout is every complete sequence of every prompt, each row
-  weighted by its probability under the behaviour policy π_old. The per-token losses are multiplied
-  by the weights and ``aggregate_loss`` is given the matching global counts (Σ w for sequences,
-  Σ w·|y| for tokens), which is exactly the limit of a batch of N samples as N → ∞. Gradients are
-  then exact expectations.
+  weighted by its probability under the behaviour policy π_old. The rows' weights reach
+  ``aggregate_loss`` through ``LossInputs.weights`` with the matching global counts (Σ w for
+  sequences, Σ w·|y| for tokens), which is exactly the limit of a batch of N samples as N → ∞.
+  Gradients are then exact expectations.
 - **sampled**: a finite batch drawn with ``TabularPolicy.sample``, unweighted.
 
 ``expected_update_norm`` measures ‖E∇‖ at a policy: zero exactly at a fixed point of a method's
@@ -20,6 +21,7 @@ expected dynamics (used where no closed-form fixed point exists).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
@@ -27,25 +29,87 @@ from typing import Callable, Optional
 
 import torch
 
+from tether import rng
 from tether.control import BetaController, FixedBeta
-from tether.ops.kl import ESTIMATOR_NAMES, kl_loss_term, kl_per_token, seq_sum
+from tether.ops.kl import ESTIMATOR_NAMES, ESTIMATORS, kl_loss_term, kl_per_token, seq_sum
 from tether.ops.logprobs import selective_logps
-from tether.ops.policy import (
-    aggregate_loss, gae, group_advantages, masked_whiten, ppo_policy_loss, reinforce_loss, rloo_advantages, token_rewards,
-)
+from tether.ops.policy import aggregate_loss, gae, reinforce_loss, token_rewards
+from tether.registry import METHODS, online_names
+from tether.trainers.method import Counts, LossInputs, OnlineMethod, Prepared, reward_kl_direct_term
 
 from .tabular import DTYPE, Completions, TabularPolicy, TabularProblem, reward_of
 
-ALGOS = ("pg", "ppo", "grpo", "rloo")
+
+# ---- REINFORCE: the certifier's own method (the theory's reference point; not a trainer) ------------------
+
+
+@dataclass(frozen=True)
+class ReinforceConfig:
+    """The fields ``REINFORCE`` reads (the knobs of ``OnlineSetup`` it uses)."""
+
+    kl_estimator: str = "k1"
+    kl_placement: str = "reward"  # reward | loss | loss_is
+    loss_aggregation: str = "seq_sum"
+    samples_per_prompt: int = 1
+
+
+def _reinforce_prepare(*, scores, kl_tokens, mask, values=None, cfg: ReinforceConfig, beta: float) -> Prepared:
+    """Reward-to-go of the per-token rewards (docs/theory.md §1), with -β·kl_t in them for placement
+    ``reward``: GAE with V = 0 and γ = λ = 1. scores (B,), kl_tokens / mask (B, T) -> advantages (B, T)."""
+    rewards = token_rewards(scores, kl_tokens, mask, beta=beta if cfg.kl_placement == "reward" else 0.0)  # (B, T)
+    adv, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma=1.0, lam=1.0)
+    return Prepared(adv, rewards=rewards)
+
+
+def _reinforce_loss(x: LossInputs, *, cfg: ReinforceConfig, beta: float, counts: Counts) -> tuple[torch.Tensor, dict]:
+    """-A_t·log π_θ(y_t|s_t), plus β x the KL term for placements ``loss``/``loss_is``, or, in the
+    reward, β x the direct term its estimator needs (exact: ``method.reward_kl_direct_term``)."""
+    per_token, _ = reinforce_loss(x.logps, x.advantages, x.mask)  # (B, T)
+    if cfg.kl_placement == "reward":
+        direct = reward_kl_direct_term(cfg, x)
+        if direct is not None:
+            per_token = per_token + beta * direct
+    else:
+        full = ESTIMATORS[cfg.kl_estimator].needs_logits
+        per_token = per_token + beta * kl_loss_term(
+            x.logps, x.ref_logps, x.mask, estimator=cfg.kl_estimator,
+            old_logps=x.old_logps if cfg.kl_placement == "loss_is" else None,
+            logits=x.logits if full else None, ref_logits=x.ref_logits if full else None,
+        ).per_token
+    return aggregate_loss(per_token, x.mask, mode=cfg.loss_aggregation, num_tokens=counts.tokens, num_seqs=counts.seqs,
+                          weights=x.weights), {}
+
+
+REINFORCE = OnlineMethod(name="pg", prepare=_reinforce_prepare, loss=_reinforce_loss)
+
+
+def algos() -> tuple[str, ...]:
+    """``pg`` and every online method of ``tether.registry``."""
+    return ("pg",) + online_names()
+
+
+def method_and_config(setup: "OnlineSetup") -> tuple[OnlineMethod, object]:
+    """The method a setup names and its config, built from the setup's knobs (each method's config takes
+    those it has fields for: ``clip_eps``, ``lam``, ``scale_rewards``, ...; γ = 1)."""
+    if setup.algo == "pg":
+        return REINFORCE, ReinforceConfig(setup.kl_estimator, setup.kl_placement, setup.aggregation, setup.group_size)
+    spec = METHODS[setup.algo]
+    cls = spec.load("config")
+    knobs = dict(kl_estimator=setup.kl_estimator, kl_placement=setup.kl_placement, samples_per_prompt=setup.group_size,
+                 clip_eps=setup.clip, loss_aggregation=setup.aggregation, num_epochs=setup.epochs,
+                 scale_rewards=setup.scale_rewards, gamma=1.0, lam=setup.gae_lambda, whiten_advantages=setup.whiten,
+                 normalize_advantages=False)
+    names = {f.name for f in dataclasses.fields(cls)}
+    return spec.load("online"), cls(**{k: v for k, v in knobs.items() if k in names})
 
 
 @dataclass(frozen=True)
 class OnlineSetup:
     """One online configuration (the knobs the trainers expose, plus the certification's own)."""
 
-    algo: str  # pg (REINFORCE) | ppo | grpo | rloo
+    algo: str  # pg (REINFORCE) | an online method of tether.registry: ppo | grpo | rloo | ...
     kl_estimator: str = "k1"  # k1 | k2 | k3 | exact
-    kl_placement: str = "reward"  # reward | loss | loss_is
+    kl_placement: str = "reward"  # reward | loss | loss_is (a method without a kl_placement field: reward)
     epochs: int = 1  # updates per rollout (PPO epochs, GRPO's μ); > 1 makes later epochs off-policy
     group_size: int = 1  # G (GRPO) / k (RLOO)
     clip: float = 0.2  # PPO Eq. 7 ε
@@ -56,30 +120,31 @@ class OnlineSetup:
     whiten: bool = False  # PPO, sampled runs only: masked_whiten the advantages as the trainer does
 
     def __post_init__(self):
-        if self.algo not in ALGOS:
-            raise ValueError(f"algo must be one of {ALGOS}, got {self.algo!r}")
+        if self.algo not in algos():
+            raise ValueError(f"algo must be one of {algos()}, got {self.algo!r}")
         if self.kl_estimator not in ESTIMATOR_NAMES:
             raise ValueError(f"kl_estimator must be one of {ESTIMATOR_NAMES}, got {self.kl_estimator!r}")
         if self.kl_placement not in ("reward", "loss", "loss_is"):
             raise ValueError(f"kl_placement must be reward | loss | loss_is, got {self.kl_placement!r}")
-        if (self.algo in ("grpo", "rloo")) != (self.group_size >= 2):
-            raise ValueError(f"group_size >= 2 is for grpo/rloo only (got algo={self.algo!r}, group_size={self.group_size})")
-        if self.algo in ("ppo", "rloo") and self.kl_placement != "reward" or self.algo == "grpo" and self.kl_placement == "reward":
-            raise ValueError(f"{self.algo} puts the KL in the {'loss' if self.algo == 'grpo' else 'reward'} (as its trainer does)")
         if self.whiten and not self.sampled:
             raise ValueError("whiten needs a sampled batch: masked_whiten has no row weights for the exact one")
         if self.sampled and self.group_size > 1 and self.sampled % self.group_size:
             raise ValueError(f"sampled={self.sampled} per prompt must divide into groups of {self.group_size}")
+        method, cfg = method_and_config(self)
+        if not hasattr(cfg, "kl_placement") and self.kl_placement != "reward":
+            raise ValueError(f"{self.algo} puts the KL in the reward (as its trainer does)")
+        method.validate(cfg)  # the trainer's own checks (GRPO: a group, a placement with a KL gradient, ...)
 
     def describe(self) -> dict:
+        _, cfg = method_and_config(self)
         d = {"kl_estimator": self.kl_estimator, "kl_placement": self.kl_placement, "epochs": self.epochs}
-        if self.algo in ("grpo", "rloo"):
+        if self.group_size > 1:
             d["group_size"] = self.group_size
-        if self.algo == "grpo":
+        if hasattr(cfg, "scale_rewards"):
             d["scale_rewards"] = self.scale_rewards
-        if self.algo in ("ppo", "grpo", "rloo"):
+        if hasattr(cfg, "clip_eps"):
             d["clip"] = self.clip
-        if self.algo == "ppo":
+        if hasattr(cfg, "lam"):
             d["gae_lambda"] = self.gae_lambda
             d["critic"] = "exact V^π_old" if self.gae_lambda < 1 else "none (reward-to-go)"
         d["aggregation"] = self.aggregation
@@ -116,6 +181,7 @@ class Context:
         self.seq = exact_groups(problem, setup.group_size) if setup.sampled == 0 else None
         self.ref_logits, self.ref_logps = scores_of(problem.ref, self.full)  # (P·K, T, V), (P·K, T)
         self.flat_rewards = problem.rewards.reshape(-1)  # (P·K,) same order as ``full``
+        self.method, self.cfg = method_and_config(setup)
 
     def batch(self, old_logps_full: torch.Tensor, generator: torch.Generator, old: Optional[TabularPolicy]) -> Batch:
         """The rollout's rows: every group weighted by π_old (exact), or fresh samples of π_old."""
@@ -160,7 +226,8 @@ class Rollout:
     scores: torch.Tensor  # (B,)
     kl_tokens: torch.Tensor  # (B, T) the configured estimator, on π_old's tokens
     kl_ref: float  # mean exact sequence KL[π_old‖π_ref] (``kl/ref``, what the controllers are fed)
-    advantages: Optional[torch.Tensor] = None  # (B, T) or (B,)
+    prep: Optional[Prepared] = None  # the method's ``prepare`` of this rollout
+    values: Optional[torch.Tensor] = None  # (B, T) the exact critic's V^{π_old}(s_t) (a method with a value model)
 
     @property
     def mask(self) -> torch.Tensor:
@@ -183,7 +250,7 @@ def exact_critic(batch: Batch, returns: torch.Tensor, space) -> torch.Tensor:
 
 def collect(ctx: Context, policy: TabularPolicy, beta: float, *, logits_full: torch.Tensor, logps_full: torch.Tensor,
             generator: torch.Generator) -> Rollout:
-    """Score a rollout of π_old = the current policy and compute its advantages (the trainers' ``prepare``)."""
+    """Score a rollout of π_old = the current policy and compute its advantages (the method's ``prepare``)."""
     setup, sp = ctx.setup, ctx.problem.space
     old = policy.frozen_copy() if ctx.seq is None else None  # sampled runs draw from (and score) a frozen π_old
     batch = ctx.batch(logps_full.detach(), generator, old)
@@ -192,64 +259,37 @@ def collect(ctx: Context, policy: TabularPolicy, beta: float, *, logits_full: to
         logits, old_logps = ctx.rows(batch, logits_full.detach(), logps_full.detach(), old)
         ref_logits, ref_logps = ctx.rows(batch, ctx.ref_logits, ctx.ref_logps, ctx.problem.ref)
         kl_exact = kl_per_token(old_logps, ref_logps, mask, estimator="exact", logits=logits, ref_logits=ref_logits).per_token
-        if setup.kl_estimator == "exact":
-            kl_tokens = kl_exact
-        else:
-            kl_tokens = kl_per_token(old_logps, ref_logps, mask, estimator=setup.kl_estimator).per_token
+        kl_tokens = kl_per_token(old_logps, ref_logps, mask, estimator=setup.kl_estimator, logits=logits,
+                                 ref_logits=ref_logits).per_token  # (the logits are read by an estimator that needs them)
     w = batch.weights
     kl_ref = float((w * seq_sum(kl_exact, mask)).sum() / w.sum())  # mean sequence KL (exact estimator)
     scores = ctx.scores(batch)  # (B,)
     ro = Rollout(batch, old_logps, ref_logps, ref_logits, scores, kl_tokens, kl_ref)
-
-    if setup.algo in ("pg", "ppo"):
-        in_reward = setup.kl_placement == "reward"
-        rewards = token_rewards(scores, kl_tokens, mask, beta=beta if in_reward else 0.0)  # (B, T) docs/theory.md §1
-        values = torch.zeros_like(rewards)
-        if setup.algo == "ppo" and setup.gae_lambda < 1.0:
-            _, returns = gae(rewards, values, mask, gamma=1.0, lam=1.0)  # reward-to-go
-            values = exact_critic(batch, returns, sp)
-        adv, _ = gae(rewards, values, mask, gamma=1.0, lam=setup.gae_lambda)  # (B, T) PPO Eq. 11-12
-        if setup.whiten:
-            adv = masked_whiten(adv, mask)
-        ro.advantages = adv
-    elif setup.algo == "grpo":
-        ro.advantages = group_advantages(scores, group_size=setup.group_size, scale=setup.scale_rewards)  # (B,)
-    elif setup.algo == "rloo":
-        rewards = token_rewards(scores, kl_tokens, mask, beta=beta)  # score - β·Σ_t kl_t, as a sequence
-        ro.advantages = rloo_advantages(seq_sum(rewards, mask), group_size=setup.group_size)  # (B,)
-    else:
-        raise ValueError(f"unknown algo {setup.algo!r}; choose from {ALGOS}")
+    method, cfg = ctx.method, ctx.cfg
+    if method.uses_value_model(cfg):  # a perfect value model: V^{π_old} (λ < 1), or none (λ = 1: reward-to-go)
+        ro.values = torch.zeros_like(kl_tokens)
+        if setup.gae_lambda < 1.0:
+            rewards = method.prepare(scores=scores, kl_tokens=kl_tokens, mask=mask, values=ro.values, cfg=cfg, beta=beta).rewards
+            _, returns = gae(rewards, ro.values, mask, gamma=1.0, lam=1.0)  # reward-to-go of the method's own rewards
+            ro.values = exact_critic(batch, returns, sp)
+    ro.prep = method.prepare(scores=scores, kl_tokens=kl_tokens, mask=mask, values=ro.values, cfg=cfg, beta=beta)
     return ro
 
 
-# ---- one update: what the trainers' ``loss`` computes -----------------------------------------------------
+# ---- one update: the method's own ``loss`` ---------------------------------------------------------------
 
 
 def update_loss(ctx: Context, policy: TabularPolicy, ro: Rollout, beta: float, *, logits_full: torch.Tensor,
                 logps_full: torch.Tensor) -> torch.Tensor:
-    """The scalar loss of one update on the rollout, composed as the trainer composes it."""
-    setup = ctx.setup
+    """The scalar loss of one update on the rollout: the method's ``loss`` on the whole (weighted) batch."""
     logits, logps = ctx.rows(ro.batch, logits_full, logps_full, policy)  # with gradients
-    mask = ro.mask
-    if setup.algo == "pg":
-        per_token, _ = reinforce_loss(logps, ro.advantages, mask)  # -A_t·log π_θ(y_t|s_t)
-    else:
-        per_token, _ = ppo_policy_loss(logps, ro.old_logps, ro.advantages, mask, clip=setup.clip)  # PPO Eq. 7
-    if setup.kl_placement == "reward":
-        if setup.kl_estimator == "exact":  # the direct part of ∇KL a detached exact KL misses (online.exact_kl_local)
-            per_token = per_token + beta * kl_loss_term(
-                logps, ro.ref_logps, mask, estimator="exact", logits=logits, ref_logits=ro.ref_logits).per_token
-    else:
-        exact = setup.kl_estimator == "exact"
-        kl = kl_loss_term(
-            logps, ro.ref_logps, mask, estimator=setup.kl_estimator,
-            old_logps=ro.old_logps if setup.kl_placement == "loss_is" else None,
-            logits=logits if exact else None, ref_logits=ro.ref_logits if exact else None,
-        ).per_token
-        per_token = per_token + beta * kl
     w = ro.batch.weights
-    return aggregate_loss(per_token * w[:, None], mask, mode=setup.aggregation,
-                          num_tokens=(w * mask.sum(-1)).sum(), num_seqs=w.sum())
+    mask = ro.mask
+    x = LossInputs(logps=logps, old_logps=ro.old_logps, ref_logps=ro.ref_logps, mask=mask, advantages=ro.prep.advantages,
+                   adv_scale=ro.prep.adv_scale, logits=logits, ref_logits=ro.ref_logits, values=ro.values,
+                   old_values=ro.values, returns=ro.prep.returns, weights=None if ro.batch.seq is None else w)
+    loss, _ = ctx.method.loss(x, cfg=ctx.cfg, beta=beta, counts=Counts(tokens=(w * mask.sum(-1)).sum(), seqs=w.sum()))
+    return loss
 
 
 # ---- the loop ---------------------------------------------------------------------------------------------
@@ -273,7 +313,7 @@ def train_online(problem: TabularProblem, setup: OnlineSetup, controller: BetaCo
     policy = TabularPolicy(problem.space, (init or problem.ref).table.detach())
     opt = torch.optim.Adam(policy.parameters(), lr=lr)
     ctx = Context(problem, setup)
-    gen = torch.Generator().manual_seed(seed)
+    gen = rng.generator(seed)
     marks = {0} | {int(round(steps ** (i / record))) for i in range(record + 1)}
     curve, betas, kls = [], [], []
     for step in range(steps):
@@ -308,7 +348,7 @@ def expected_update_norm(problem: TabularProblem, setup: OnlineSetup, policy: Ta
     pol = TabularPolicy(problem.space, policy.table.detach().clone())
     ctx = Context(problem, setup)
     logits_full, logps_full = scores_of(pol, ctx.full)
-    ro = collect(ctx, pol, beta, logits_full=logits_full, logps_full=logps_full, generator=torch.Generator())
+    ro = collect(ctx, pol, beta, logits_full=logits_full, logps_full=logps_full, generator=rng.generator(0))  # unused: the batch is enumerated
     loss = update_loss(ctx, pol, ro, beta, logits_full=logits_full, logps_full=logps_full)
     (grad,) = torch.autograd.grad(loss, [pol.table])
     return float(grad.norm())

@@ -305,4 +305,74 @@ __all__ = [
     "as_policy", "beta_for_kl", "bt_preferences", "cdpo_optimum_sequence", "f_optimum_sequence", "group_advantage_table",
     "grpo_fixed_point",
     "ipo_optimum_sequence", "local_kl_optimum", "optimum_kl", "soft_label_bt_sequence",
+    "filter_sets", "filtered_policy", "fixed_reference_optimum", "restricted_reference_optimum", "fixed_reference_kl",
+    "beta_for_fixed_reference_kl",
 ]
+
+
+# ---- sampling filters: the optimum of the fixed-reference objective within fixed sets (docs/theory.md §3) ----
+
+
+def filter_sets(policy: TabularPolicy, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """(P, S, V) bool: the token set F(s) the sampler's top-k/top-p keeps at every state of ``policy``
+    (``tether.ops.logprobs.allowed_set``, the rule the sampler records; all True without a filter)."""
+    from tether.ops.logprobs import allowed_set
+
+    return allowed_set(policy.table.detach(), temperature=temperature, top_k=top_k, top_p=top_p)
+
+
+def filtered_policy(policy: TabularPolicy, sets: torch.Tensor, *, temperature: float = 1.0) -> TabularPolicy:
+    """π^{τ,F}: softmax(table/τ) restricted to ``sets`` (P, S, V) and renormalised, frozen: the policy
+    as the sampler draws from it."""
+    return TabularPolicy(policy.space, (policy.table.detach() / temperature).masked_fill(~sets, float("-inf")),
+                         trainable=False)
+
+
+def fixed_reference_optimum(ref: TabularPolicy, rewards: torch.Tensor, beta: float, sets: torch.Tensor, *,
+                            temperature: float = 1.0) -> TabularPolicy:
+    """argmax over policies π supported on the sets F(s) (P, S, V) of E_π[r] - β KL[π‖π^τ_ref], the KL to the
+    fixed, tempered, unfiltered reference (docs/theory.md §3). By enumeration: π(y) ∝ π^τ_ref(y)·e^{r(y)/β} on
+    the sequences whose every token lies in its state's set, 0 elsewhere (the tilt of §5 restricted to
+    the allowed sequences: J(π) = β log Z_F - β KL[π‖that] for every such π). Token by token it is
+    the soft backup with the *unnormalised* restricted reference, V(s) = β log Σ_{a∈F(s)} π^τ_ref(a|s) e^{Q/β},
+    so a state's V pays -log π^τ_ref(F(s)): branches whose sets hold little reference mass are discounted."""
+    _check_beta(beta)
+    sp = ref.space
+    logq = torch.log_softmax(ref.table.detach() / temperature, -1).masked_fill(~sets, float("-inf"))  # (P, S, V)
+    seq = logq[:, sp.seq_prefix_ids, sp.seq_tokens].masked_fill(~sp.seq_mask, 0.0).sum(-1)  # (P, K)
+    return as_policy(ref, torch.softmax(seq + rewards / beta, -1))
+
+
+def restricted_reference_optimum(ref: TabularPolicy, rewards: torch.Tensor, beta: float, sets: torch.Tensor, *,
+                                 temperature: float = 1.0) -> TabularPolicy:
+    """The optimum when the KL is to the reference restricted to each state's set and renormalised
+    (``kl_reference_filter: restricted``): π* of §5 with π^{τ,F}_ref as the reference, i.e. π(y) ∝
+    π^τ_ref(y)·e^{r(y)/β} / Π_t π^τ_ref(F(s_t)|s_t). The objective pays a bonus β·Σ_t -log π^τ_ref(F(s_t)) to
+    sequences through states whose sets hold little reference mass (docs/theory.md §3)."""
+    _check_beta(beta)
+    logq = torch.log_softmax(ref.table.detach() / temperature, -1).masked_fill(~sets, float("-inf"))
+    return optimal_policy(TabularPolicy(ref.space, logq, trainable=False), rewards, beta)
+
+
+def fixed_reference_kl(policy: TabularPolicy, ref: TabularPolicy, *, temperature: float = 1.0) -> torch.Tensor:
+    """KL[π‖π^τ_ref] per prompt (P,), π a filtered policy (zeros outside its sets): what kl/ref measures."""
+    return sequence_kl(policy, TabularPolicy(ref.space, ref.table.detach() / temperature, trainable=False))
+
+
+def beta_for_fixed_reference_kl(ref: TabularPolicy, rewards: torch.Tensor, kl: float, sets: torch.Tensor, *,
+                                temperature: float = 1.0, lo: float = 1e-3, hi: float = 1e3) -> float:
+    """The β whose ``fixed_reference_optimum`` within ``sets`` has mean KL[π‖π^τ_ref] = ``kl``, by bisection in
+    log β (dKL/dβ = -Var/β³ < 0 within fixed sets, as in §4). The KL tends to the sets' own cost
+    -log π^τ_ref(allowed sequences) as β → ∞, so ``kl`` must exceed it."""
+    def kl_at(b: float) -> float:
+        return float(fixed_reference_kl(fixed_reference_optimum(ref, rewards, b, sets, temperature=temperature), ref,
+                                        temperature=temperature).mean())
+
+    floor = kl_at(hi)
+    if not kl > floor:
+        raise ValueError(f"KL target {kl} is below what the sets alone cost ({floor:.4f} nats at β = {hi})")
+    a, b = math.log(lo), math.log(hi)
+    for _ in range(100):
+        m = (a + b) / 2
+        a, b = (m, b) if kl_at(math.exp(m)) > kl else (a, m)
+    return math.exp((a + b) / 2)

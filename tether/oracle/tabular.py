@@ -25,6 +25,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
+from tether import rng
 from tether.ops.logprobs import selective_logps
 
 DTYPE = torch.float64
@@ -171,7 +172,7 @@ class TabularPolicy(nn.Module):
     @classmethod
     def random(cls, space: TabularSpace, *, seed: int, scale: float = 1.0, trainable: bool = True) -> "TabularPolicy":
         """Logits i.i.d. N(0, scale²) from a seeded generator (scale sets how peaked π is)."""
-        g = torch.Generator().manual_seed(seed)
+        g = rng.generator(seed)
         shape = (space.n_prompts, space.n_prefixes, space.vocab_size)
         return cls(space, scale * torch.randn(shape, generator=g, dtype=DTYPE), trainable=trainable)
 
@@ -290,7 +291,7 @@ class TabularPolicy(nn.Module):
 
 def random_rewards(space: TabularSpace, *, seed: int, scale: float = 1.0) -> torch.Tensor:
     """r(x, y) i.i.d. N(0, scale²) per (prompt, sequence): ties have probability 0."""
-    g = torch.Generator().manual_seed(seed)
+    g = rng.generator(seed)
     return scale * torch.randn((space.n_prompts, space.n_sequences), generator=g, dtype=DTYPE)
 
 

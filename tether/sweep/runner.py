@@ -111,7 +111,10 @@ def run_sweep(cfg: SweepConfig, *, output_dir: Optional[str] = None, workers: in
 def preflight(cfg: SweepConfig, specs: list[RunSpec]) -> None:
     """The trainers' own input checks (``tether.checks``) on every run still to do, and the evaluation's
     reward specs, before any process starts or any weights load: a bad run is a UserError naming it."""
-    from ..checks import check_reward_spec, preflight_dpo, preflight_online
+    import dataclasses
+
+    from ..checks import check_reward_spec
+    from ..registry import METHODS
     from ..config import from_dict
     from ..errors import UserError
     from .spec import trainer_class
@@ -122,17 +125,14 @@ def preflight(cfg: SweepConfig, specs: list[RunSpec]) -> None:
             check_reward_spec(getattr(cfg.eval, key), field=f"eval.{key}", assets=assets)
     for name, spec in cfg.eval.rewards.items():
         check_reward_spec(spec, field=f"eval.rewards.{name}", assets=assets)
-    if not cfg.eval.gold and not cfg.eval.proxy and cfg.method == "dpo":
-        raise UserError("a DPO sweep needs eval.gold or eval.proxy (a reward spec): DPO optimises no reward the report could show")
+    optimises_reward = "reward" in {f.name for f in dataclasses.fields(trainer_class(cfg.method))}
+    if not cfg.eval.gold and not cfg.eval.proxy and not optimises_reward:  # DPO
+        raise UserError(f"a {cfg.method.upper()} sweep needs eval.gold or eval.proxy (a reward spec): {cfg.method.upper()} "
+                        "optimises no reward the report could show")
     for s in specs:
         tcfg = from_dict(trainer_class(s.method), s.config, source=f"sweep run {s.name}")
         try:
-            if s.method == "dpo":
-                preflight_dpo(tcfg)
-            elif s.method in ("ppo", "grpo", "rloo"):
-                preflight_online(tcfg)
-            else:
-                check_reward_spec(tcfg.reward, field="reward", assets=tcfg.assets)
+            METHODS[s.method].load("preflight")(tcfg)  # tether.registry: the method's own preflight
         except UserError as e:
             raise UserError(f"sweep run {s.name}: {e}") from None
 

@@ -17,25 +17,11 @@ from typing import Optional
 
 from ..config import check_finite, finish_names, from_dict, read_yaml_config, resolve_names
 from ..errors import UserError
-
-METHODS = ("dpo", "ppo", "grpo", "rloo", "bon")
-
+from ..registry import sweep_names, method_spec
 
 def trainer_class(method: str) -> type:
-    """The config dataclass of a sweep method."""
-    if method == "dpo":
-        from ..trainers.dpo import DPOConfig as cls
-    elif method == "ppo":
-        from ..trainers.ppo import PPOConfig as cls
-    elif method == "grpo":
-        from ..trainers.grpo import GRPOConfig as cls
-    elif method == "rloo":
-        from ..trainers.rloo import RLOOConfig as cls
-    elif method == "bon":
-        from ..commands.bon import BoNConfig as cls
-    else:
-        raise UserError(f"sweep field 'method' is {method!r}; choose one of {', '.join(METHODS)}")
-    return cls
+    """The config dataclass of a sweep method (``tether.registry``: every method with ``sweep=True``)."""
+    return method_spec(method, field="sweep field 'method'", sweep=True).load("config")
 
 
 @dataclass
@@ -71,7 +57,7 @@ class SweepConfig:
     """A parsed SWEEP.yaml."""
 
     method: str = ""
-    """dpo, ppo, grpo, rloo or bon."""
+    """A method of tether.registry that sweeps: dpo, ppo, grpo, rloo, bon (or a registered one)."""
     base: dict = field(default_factory=dict)
     """The trainer config shared by every run: a mapping, a path to a trainer YAML, or {from: PATH, field: value...}."""
     grid: dict = field(default_factory=dict)
@@ -121,7 +107,7 @@ def load_sweep(path: str | Path) -> SweepConfig:
         raise UserError(f"{src}: unknown sweep field(s) {extra}; a sweep has {sorted(known)}")
     method = str(data.get("method", "")).strip()
     if not method:
-        raise UserError(f"{src}: field 'method' is missing; set it to one of {', '.join(METHODS)}")
+        raise UserError(f"{src}: field 'method' is missing; set it to one of {', '.join(sweep_names())}")
     trainer_class(method)  # refuses an unknown method
     base = data.get("base") or {}
     if isinstance(base, dict) and "from" in base:  # base: {from: trainer.yaml, max_steps: 20}: the file, then these fields

@@ -1,6 +1,6 @@
 """One sweep run in its own process: ``python -m tether.sweep.worker RUN_DIR/spec.json``.
 
-Trains with the run's config (``train_dpo`` / ``train_ppo`` / ``train_grpo`` / ``train_rloo``), its
+Trains with the run's config (the method's train function in ``tether.registry``), its
 ``eval_hook`` replacing the built-in evaluation with the sweep's protocol (``evaluate_point``) at step
 0, every ``eval.eval_every`` steps and at the end; or samples best-of-n from the reference. Writes
 ``eval.jsonl`` (one row per evaluation point) and, last, ``result.json``: its presence marks the run
@@ -78,6 +78,7 @@ def main(spec_path: str) -> int:
     from ..rewards import build_reward
     from .spec import trainer_class
     from ..config import from_dict
+    from ..registry import METHODS
 
     blob = json.loads(Path(spec_path).read_text())
     run_dir = Path(spec_path).parent
@@ -87,7 +88,7 @@ def main(spec_path: str) -> int:
     ref_path = str(resolve_model(ref_path, cfg.assets))
     tok = load_tokenizer(str(resolve_model(cfg.model, cfg.assets)))
     reference = FrozenReference(load_causal_lm(ref_path))
-    optimised = getattr(cfg, "reward", None) if method != "dpo" else None
+    optimised = getattr(cfg, "reward", None)  # None: the method optimises no reward (DPO)
     proxy_spec = ev.get("proxy") or optimised
     gold = build_reward(ev["gold"], assets=cfg.assets) if ev.get("gold") else None
     proxy = build_reward(proxy_spec, assets=cfg.assets) if proxy_spec else None
@@ -117,7 +118,7 @@ def main(spec_path: str) -> int:
     common = {"output_dir": str(train_dir), "eval_every": ev["eval_every"], "progress": False, "overwrite": not resume}
     if blob.get("role") == "reference":
         write({**tags, "step": 0, **evaluator(reference.model)})
-    elif method == "bon":
+    elif METHODS[method].train is None:  # best-of-n: sampled from the reference, not trained
         from ..engine import eval_seed
         from ..trainers.best_of_n import best_of_n
 
@@ -131,13 +132,9 @@ def main(spec_path: str) -> int:
     else:
         import dataclasses
 
-        if method == "dpo":
-            from ..trainers.dpo import train_dpo as train
-            common["kl_prompts"] = 0  # the hook's KL stands in for kl/ref: one measurement, not two
-        else:
-            from ..trainers import ppo, grpo, rloo
-
-            train = {"ppo": ppo.train_ppo, "grpo": grpo.train_grpo, "rloo": rloo.train_rloo}[method]
+        train = METHODS[method].load("train")
+        if "kl_prompts" in {f.name for f in dataclasses.fields(cfg)}:  # DPO: the hook's KL stands in for kl/ref
+            common["kl_prompts"] = 0  # one measurement, not two
         if not cfg.save_every:
             common["save_every"] = ev["eval_every"]  # an interrupted run resumes from its last evaluation
         cfg = dataclasses.replace(cfg, **common)

@@ -245,7 +245,7 @@ def setup_reference(cfg: DPOConfig, policy, tok, pairs: list[dict], visited: lis
     dist.barrier()  # rank 0 writes the cache; the others then read it (no two writers)
     if ref is None:
         ref = build()
-    if dist.device.type != "cpu" and type(live).__name__ == "FrozenReference":
+    if dist.device.type != "cpu" and live.static_copy:
         live = OffloadedReference(live.model, compute_device=dist.device)  # eval-only: keep it off the accelerator
     return ref, live
 

@@ -39,10 +39,11 @@ from typing import ClassVar
 
 import torch
 
-from ..ops.kl import kl_loss_term
+from ..ops.kl import ESTIMATORS, kl_loss_term
 from ..ops.policy import aggregate_loss, group_advantages, masked_mean, ppo_policy_loss
 from ..ops.positions import weight_by_position
-from .online import Counts, LossInputs, OnlineConfig, OnlineMethod, Prepared, beta_weights, train_online
+from .method import Counts, LossInputs, OnlineMethod, Prepared, beta_weights
+from .online import OnlineConfig, train_online
 from ..errors import UserError
 
 KL_PLACEMENTS = ("loss", "loss_is")
@@ -77,18 +78,18 @@ def loss(x: LossInputs, *, cfg: GRPOConfig, beta: float, counts: Counts) -> tupl
     """Clipped surrogate with π_old (PPO Eq. 7) + β x the per-token KL term (DeepSeekMath Eq. 3), with
     ``kl_clamp_input``/``kl_clamp_output`` applied to the KL term (``grpo/kl_clamped_frac`` logs how often)."""
     pg, pg_stats = ppo_policy_loss(x.logps, x.old_logps, x.advantages, x.mask, clip=cfg.clip_eps)  # (B, T)
-    exact = cfg.kl_estimator == "exact"
+    full = ESTIMATORS[cfg.kl_estimator].needs_logits  # exact: reads both full distributions
     kl = kl_loss_term(
         x.logps, x.ref_logps, x.mask, estimator=cfg.kl_estimator,
         old_logps=x.old_logps if cfg.kl_placement == "loss_is" else None,
-        logits=x.logits if exact else None, ref_logits=x.ref_logits if exact else None,
+        logits=x.logits if full else None, ref_logits=x.ref_logits if full else None,
         clamp_input=cfg.kl_clamp_input, clamp_output=cfg.kl_clamp_output,
     )
-    total = aggregate_loss(pg + beta * weight_by_position(kl.per_token, beta_weights(cfg, x.mask)), x.mask, mode=cfg.loss_aggregation, num_tokens=counts.tokens,
-                           num_seqs=counts.seqs)
-    stats = {"ppo/policy_loss": masked_mean(pg, x.mask).detach(), "ppo/clipfrac": pg_stats["clipfrac"],
-             "ppo/approx_kl_old": pg_stats["approx_kl_old"], "grpo/kl_loss": masked_mean(kl.per_token, x.mask).detach(),
-             "grpo/kl_clamped_frac": kl.clamped_frac.detach()}
+    total = aggregate_loss(pg + beta * weight_by_position(kl.per_token, beta_weights(cfg, x.mask)), x.mask, mode=cfg.loss_aggregation,
+                           num_tokens=counts.tokens, num_seqs=counts.seqs, weights=x.weights)
+    stats = {"policy_loss": masked_mean(pg, x.mask).detach(), "clipfrac": pg_stats["clipfrac"],
+             "approx_kl_old": pg_stats["approx_kl_old"], "kl_loss": masked_mean(kl.per_token, x.mask).detach(),
+             "kl_clamped_frac": kl.clamped_frac.detach()}
     return total, stats
 
 
@@ -103,7 +104,6 @@ def validate(cfg: GRPOConfig) -> None:
 
 
 GRPO = OnlineMethod(name="grpo", prepare=prepare, loss=loss, validate=validate,
-                    needs_ref_logits=lambda cfg: cfg.kl_estimator == "exact",
                     prepare_reads_scores=lambda cfg: False)  # advantages from the rewards alone
 
 

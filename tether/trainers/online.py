@@ -1,7 +1,7 @@
 """Online RL from a reward: the one rollout-and-update loop that PPO, GRPO and RLOO share.
 
-A method (``OnlineMethod``: PPO in ``ppo.py``, GRPO in ``grpo.py``, RLOO in ``rloo.py``) supplies
-only what differs between them — how a rollout becomes advantages (``prepare``) and the per-token
+A method (``OnlineMethod``, the contract in ``method.py``: PPO in ``ppo.py``, GRPO in ``grpo.py``, RLOO in
+``rloo.py``, each a row of ``tether.registry``) supplies only what differs between them — how a rollout becomes advantages (``prepare``) and the per-token
 loss of a micro-batch (``loss``); everything else is this file (the rollout itself is
 ``rollout.py``), read top to bottom in ``train_online``:
 
@@ -17,15 +17,19 @@ loss of a micro-batch (``loss``); everything else is this file (the rollout itse
         for epoch, minibatch, micro-batch:    method.loss(...).backward(); all-reduce; clip; step
         β controller.update(kl/ref)           log, log samples, evaluate, checkpoint
 
-KL conventions (docs/theory.md §2–3, docs/theory.md §3): every KL is KL[π^{τ,F}_θ‖π^{τ,F}_ref], both models'
-logits divided by the sampling temperature τ and restricted to the token sets F_t the sampler's
-top-k/top-p allowed (stored in ``batch.allowed``), both models in eval mode (no dropout: the online methods keep
-the policy in eval mode throughout, so π_θ/π_old = 1 before the first update and step-0 KL is 0;
-TRL #506). ``kl/ref`` is the mean *sequence-sum* KL measured with the exact (Rao-Blackwellised)
-estimator on the rollout — unbiased and the lowest-variance choice — whatever estimator the method
-puts in its reward or loss; it is also what the adaptive β controller is fed. ``kl/penalty`` is
-β·(mean sequence sum of the configured estimator), the KL as applied. The loss differentiates the
-same π^{τ,F}_θ with the stored F_t, always finite since the sampled token is in F_t (``_filters``).
+KL conventions (docs/theory.md §2–3): every KL is KL[π^{τ,F}_θ‖π^τ_ref], between the policy as sampled
+(logits divided by the sampling temperature τ and restricted to the token sets F_t the sampler's
+top-k/top-p allowed, stored in ``batch.allowed``) and the fixed reference process (its logits divided by
+the same τ, whole vocabulary), both models in eval mode (no dropout: the online methods keep the policy
+in eval mode throughout, so π_θ/π_old = 1 before the first update; TRL #506). ``kl/ref`` is the mean
+*sequence-sum* KL measured with the exact (Rao-Blackwellised) estimator on the rollout, whatever
+estimator the method puts in its reward or loss (unbiased, and the lowest variance per token; a
+sequence sum of k1 can vary less, docs/theory.md §2); it is also what every β controller is fed. It is
+0 at step 0 without top-k/top-p; with them it starts at ``kl/filter_cost`` = E Σ_t -log π^τ_ref(F_t),
+the filter's own cost, logged every step. ``kl/penalty`` is β·(mean sequence sum of the configured
+estimator), the KL as applied (to the restricted reference with ``kl_reference_filter: restricted``). The
+loss differentiates the same π^{τ,F}_θ with the stored F_t, always finite since the sampled token is in
+F_t (``_filters``).
 
 Sizes (checked once, ``derive_sizes``): ``batch_size`` completions per step = prompts x
 ``samples_per_prompt``; prompts are split over processes (a GRPO/RLOO group never straddles two);
@@ -57,10 +61,10 @@ from ..engine import mean_stderr, sampling_settings, score_rows
 from ..generation import backend_for
 from ..measure import encode_prompts
 from ..modeling import CompletionBatch
-from ..ops.kl import ESTIMATOR_NAMES, kl_loss_term
+from ..ops.kl import ESTIMATOR_NAMES, REFERENCE_FILTERS
 from ..ops.logprobs import selective_logps
 from ..ops.policy import AGGREGATION_MODES
-from ..ops.positions import check_position_weights, position_weights
+from ..ops.positions import check_position_weights
 from ..reference import reference_from_config
 from ..data.prompts import Prompt, as_prompts, eval_prompts_split, load_prompts
 from ..rewards import CallableSource, RewardSet, RewardSource, build_reward, call_source, reward_columns
@@ -71,8 +75,10 @@ from ..training import (
 )
 from ..modeling import forward_completion
 from ..value import build_value_model
+from .method import Counts, LossInputs, OnlineMethod, Prepared, beta_weights, exact_kl_direct_term  # noqa: F401 (re-exported)
 from .rollout import Rollout, collect_rollout, fill_scores, rollout_stats
 from ..errors import UserError
+from .. import rng
 from ..fsdp import models_of, shard_reference, unsharded
 
 log = logging.getLogger(__name__)
@@ -125,6 +131,8 @@ class OnlineConfig(TrainConfig, BetaConfig, SamplingConfig, OnlineReferenceConfi
     """Error on prompts longer than this many tokens (None = no limit)."""
     kl_estimator: str = "k1"
     """Per-token KL estimator k1 | k2 | k3 | exact (docs/theory.md §2-3; tether.ops.kl.ESTIMATORS lists value and gradient bias per placement)."""
+    kl_reference_filter: str = "none"
+    """The reference of the KL penalty under top-k/top-p (docs/theory.md §3): none = the fixed reference π^τ_ref (tempered, unfiltered; the default); restricted = π^τ_ref restricted to the policy's own sampled sets and renormalised (a reference that moves with the policy: drops the filter cost from the penalty, e.g. 0 instead of 3.22 nats at top_k=2 for a policy that has left the reference's top token). kl/ref always measures the fixed reference."""
     kl_clamp_input: Optional[float] = None
     """Clamp the log-ratio lr = log π_θ - log π_ref to [-c, c] before the k1/k2/k3 estimator (None = off; verl uses 20 for k3). Clamped tokens get no KL gradient: kl/clamped_frac logs their fraction."""
     kl_clamp_output: Optional[float] = None
@@ -144,7 +152,7 @@ class OnlineConfig(TrainConfig, BetaConfig, SamplingConfig, OnlineReferenceConfi
     loss_aggregation: str = "token_mean"
     """token_mean | seq_mean_token_mean | seq_sum: how per-token losses become a scalar (tether.ops.policy.aggregate_loss)."""
     target_kl_old: Optional[float] = None
-    """Stop this step's remaining updates once the k3 KL to the behaviour policy (ppo/approx_kl_old) exceeds this (None = off)."""
+    """Stop this step's remaining updates once the k3 KL to the behaviour policy (<method>/approx_kl_old, e.g. ppo/approx_kl_old) exceeds this (None = off)."""
     eval_prompts: Optional[str] = None
     """Held-out prompts for eval/* (same formats); default: the test/validation split of a saved DatasetDict given as prompts, else the first eval_max_prompts training prompts (then not held out)."""
     eval_max_prompts: int = 64
@@ -190,115 +198,15 @@ def derive_sizes(cfg: OnlineConfig, dist: Dist) -> Sizes:
     return Sizes(n_prompts // dist.world_size, rollout, mb, mb // cfg.grad_accum)
 
 
-def seeded(*keys: int) -> torch.Generator:
-    """A generator seeded from integers (seed, step, ...): sampling and minibatch order are pure
-    functions of them, so a resumed run draws exactly what the uninterrupted one would have."""
-    s = 0
-    for k in keys:
-        s = (s * 1_000_003 + int(k)) % (2**62)
-    return torch.Generator().manual_seed(s)
+def seeded(*keys: int, device=None) -> torch.Generator:
+    """A generator on ``device`` (default the CPU) seeded from integers (seed, step, ...): sampling and
+    minibatch order are pure functions of them, so a resumed run draws exactly what the uninterrupted
+    one would have (``tether.rng``: on the CPU, the same draws as ever)."""
+    return rng.generator(rng.mix(*keys), device)
 
 
 # --------------------------------------------------------------------------------------------------
 # Methods
-
-
-@dataclass(frozen=True)
-class Counts:
-    """Global normalisers of one optimiser update (all processes, all micro-batches)."""
-
-    tokens: float
-    seqs: float
-
-
-@dataclass
-class Prepared:
-    """What a method's ``prepare`` returns for a rollout (nothing is written into the rollout).
-
-    ``adv_scale`` is what the advantages were divided by (whitening; 1 otherwise): a loss-side term
-    that must stay in the reward's units next to whitened advantages (the exact estimator's direct
-    term) is divided by it too, so the loss reads it from here rather than from a side channel."""
-
-    advantages: torch.Tensor  # (B, T) per token, or (B,) per sequence
-    returns: Optional[torch.Tensor] = None  # (B, T) value targets (PPO)
-    rewards: Optional[torch.Tensor] = None  # (B, T) per-token rewards with the KL in them (PPO, RLOO)
-    adv_scale: float = 1.0
-    stats: dict = field(default_factory=dict)  # local token-mean scalars, logged under these names
-
-    def select(self, idx) -> "Prepared":
-        pick = lambda t: None if t is None else t[idx]  # noqa: E731
-        return Prepared(pick(self.advantages), pick(self.returns), pick(self.rewards), self.adv_scale, self.stats)
-
-
-@dataclass
-class LossInputs:
-    """Everything a method's ``loss`` sees for one micro-batch: tensors only (no model, no config
-    object beyond the method's own). Built by ``loss_inputs``; unit tests build it by hand.
-
-    Shapes: B completions, T completion positions, V vocabulary. ``logits``/``logps``/``values``
-    carry gradients (the current policy and value model); the rest are detached rollout data."""
-
-    logps: torch.Tensor  # (B, T) log π_θ of the sampled tokens (sampling filters applied), 0 off-mask
-    old_logps: torch.Tensor  # (B, T) log π_old at rollout
-    ref_logps: torch.Tensor  # (B, T) log π_ref (same filters)
-    mask: torch.Tensor  # (B, T) bool
-    advantages: torch.Tensor  # (B, T) or (B,)
-    adv_scale: float = 1.0  # Prepared.adv_scale
-    logits: Optional[torch.Tensor] = None  # (B, T, V) policy logits (exact estimator in a loss)
-    ref_logits: Optional[torch.Tensor] = None  # (B, T, V), present when method.needs_ref_logits(cfg)
-    values: Optional[torch.Tensor] = None  # (B, T) current value predictions (PPO)
-    old_values: Optional[torch.Tensor] = None  # (B, T) values at rollout (PPO value clipping)
-    returns: Optional[torch.Tensor] = None  # (B, T) value targets (PPO)
-
-
-@dataclass(frozen=True)
-class OnlineMethod:
-    """What distinguishes PPO, GRPO and RLOO. Composition, not inheritance: the loop calls these,
-    and so does ``tether certify`` (through the loop itself: it trains with ``train_online``).
-
-    prepare(*, scores, kl_tokens, mask, values, cfg, beta) -> Prepared: advantages (and returns /
-        rewards) from the rollout's tensors; pure (it mutates nothing).
-    loss(x: LossInputs, *, cfg, beta, counts) -> (loss, stats): the micro-batch's share of the
-        update's loss (divided by the global ``counts``) and token-mean stats; pure (no model call).
-    needs_ref_logits(cfg) -> bool: the loss needs the reference's full distributions (the exact
-        estimator); the loop then fetches them once per rollout.
-    prepare_reads_scores(cfg) -> bool: ``prepare`` reads the models' scores of the rollout (the KL in
-        the reward, values), not only the rewards; decides when the scoring pass can be skipped
-        (``scores_from_update``).
-    validate(cfg) raises on invalid settings. make_aux (optional, PPO-ptx) builds an extra term
-    ``aux(policy, update_index, dist) -> stats`` that backpropagates itself.
-    """
-
-    name: str
-    prepare: Callable
-    loss: Callable
-    validate: Callable = lambda cfg: None
-    uses_value_model: Callable = lambda cfg: False
-    needs_ref_logits: Callable = lambda cfg: False
-    prepare_reads_scores: Callable = lambda cfg: True
-    make_aux: Optional[Callable] = None
-
-
-def beta_weights(cfg, mask: torch.Tensor) -> Optional[torch.Tensor]:
-    """w_t (T,) multiplying β at completion position t (cfg.beta_position_decay / beta_position_weights;
-    ``ops.positions.position_weights``), or None when w ≡ 1: the KL-in-reward (rollout kl_tokens, PPO/RLOO's
-    exact direct term) and KL-in-loss (GRPO) placements all weight through here, consistently."""
-    return position_weights(mask.shape[-1], decay=getattr(cfg, "beta_position_decay", 0.0),
-                            weights=getattr(cfg, "beta_position_weights", None), device=mask.device)
-
-
-def exact_kl_direct_term(x: LossInputs) -> torch.Tensor:
-    """(B, T) exact per-token KL_t(s_t; θ) with gradient through the policy's logits.
-
-    Why: with ``kl_estimator=exact`` *in the reward*, each KL_t is a function of the state s_t only,
-    not of the sampled token y_t, so the score-function gradient sees only how earlier tokens change
-    later states, never the direct dependence of KL_t on π_θ(·|s_t). The full gradient of
-    E[Σ_t KL_t] is that score-function part plus Σ_t ∇KL_t at fixed states (Tang & Munos,
-    arXiv:2506.09477; docs/theory.md §3). PPO and RLOO add β / adv_scale x this term to their loss.
-    (k1 needs no such term: E_π[∇log π] = 0.)"""
-    if x.logits is None or x.ref_logits is None:
-        raise ValueError("the exact KL term needs policy and reference logits (method.needs_ref_logits)")
-    return kl_loss_term(x.logps, x.ref_logps, x.mask, estimator="exact", logits=x.logits, ref_logits=x.ref_logits).per_token
 
 
 @dataclass
@@ -369,7 +277,8 @@ def optimise(policy, value_model, opt, params: list, value_params: list, ro: Rol
     norms: list = []
     B = ro.mask.shape[0]
     for epoch in range(cfg.num_epochs):
-        perm = torch.randperm(B, generator=seeded(cfg.seed, step, epoch, dist.rank, 2))
+        g = seeded(cfg.seed, step, epoch, dist.rank, 2, device=ro.mask.device)
+        perm = torch.randperm(B, generator=g, device=g.device)  # (B,) on the rollout's device
         for m in range(cfg.num_minibatches):
             rows = perm[m * sizes.minibatch : (m + 1) * sizes.minibatch]
             mb, mb_prep = ro.select(rows), prep.select(rows) if prep is not None else None
@@ -383,12 +292,13 @@ def optimise(policy, value_model, opt, params: list, value_params: list, ro: Rol
                 micro_ref = mb_ref[part] if mb_ref is not None else None
                 if ro.pending:  # score here: reference, then the policy forward that also takes the gradient
                     with torch.no_grad():
-                        micro_ref = reference.logits(micro.batch, filters=filters)  # (b, T, V) π^{τ,F}_ref
+                        micro_ref = reference.logits(micro.batch, filters=filters)  # (b, T, V) π^τ_ref
                     out = policy_output(policy, value_model, micro.batch, filters=filters)
                     micro_ref = micro_ref.to(out.logits.device)
                     fill_scores(ro, rows[part], score_rows(out.logits.detach(), micro_ref, micro.batch,
                                                            estimators=(cfg.kl_estimator,), clamp_input=cfg.kl_clamp_input,
-                                                           clamp_output=cfg.kl_clamp_output), cfg=cfg)
+                                                           clamp_output=cfg.kl_clamp_output,
+                                                           reference_filter=cfg.kl_reference_filter), cfg=cfg)
                     micro = ro.select(rows[part])
                     if mb_prep is None:  # advantages read the scores: the rollout is this one micro-batch
                         prep = method.prepare(scores=ro.scores, kl_tokens=ro.kl_tokens, mask=ro.mask, values=None,
@@ -403,24 +313,24 @@ def optimise(policy, value_model, opt, params: list, value_params: list, ro: Rol
                 loss.backward()
                 loss_sum += float(loss.detach())
                 w = float(micro.mask.sum())
-                for k, v in stats.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) * w
-                    counts[k] = counts.get(k, 0.0) + w
-                if "ppo/approx_kl_old" in stats:
-                    kl_old[0] += float(stats["ppo/approx_kl_old"]) * w
+                for k, v in stats.items():  # the method's plain keys, logged as "<method>/<key>"
+                    sums[f"{method.name}/{k}"] = sums.get(f"{method.name}/{k}", 0.0) + float(v) * w
+                    counts[f"{method.name}/{k}"] = counts.get(f"{method.name}/{k}", 0.0) + w
+                if "approx_kl_old" in stats:
+                    kl_old[0] += float(stats["approx_kl_old"]) * w
                     kl_old[1] += w
             ro.pending = False  # (a pending rollout is one minibatch: every row is filled now)
             if aux is not None:
                 for k, v in aux(policy, step * cfg.num_epochs * cfg.num_minibatches + epoch * cfg.num_minibatches + m, dist).items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-                    counts[k] = counts.get(k, 0.0) + 1.0
+                    sums[f"{method.name}/{k}"] = sums.get(f"{method.name}/{k}", 0.0) + float(v)
+                    counts[f"{method.name}/{k}"] = counts.get(f"{method.name}/{k}", 0.0) + 1.0
             dist.sync_gradients(params + value_params)
             norms.append(clip_and_norm(params, cfg.max_grad_norm))
             v = 0.0
             if value_params:
                 v = clip_and_norm(value_params, cfg.max_grad_norm)
-                sums["ppo/value_grad_norm"] = sums.get("ppo/value_grad_norm", 0.0) + v
-                counts["ppo/value_grad_norm"] = counts.get("ppo/value_grad_norm", 0.0) + 1.0
+                sums[f"{method.name}/value_grad_norm"] = sums.get(f"{method.name}/value_grad_norm", 0.0) + v
+                counts[f"{method.name}/value_grad_norm"] = counts.get(f"{method.name}/value_grad_norm", 0.0) + 1.0
             if guard is None or guard.check(dist, norms[-1], v, loss_sum):
                 opt.step()
             opt.zero_grad(set_to_none=True)
@@ -495,6 +405,9 @@ def _filters(cfg: OnlineConfig) -> dict:
 def _validate(cfg: OnlineConfig, method: OnlineMethod) -> None:
     if cfg.kl_estimator not in ESTIMATOR_NAMES:
         raise UserError(f"kl_estimator must be one of {ESTIMATOR_NAMES}, got {cfg.kl_estimator!r}; set --kl_estimator")
+    if cfg.kl_reference_filter not in REFERENCE_FILTERS:
+        raise UserError(f"kl_reference_filter must be one of {REFERENCE_FILTERS}, got {cfg.kl_reference_filter!r}; set "
+                         "--kl_reference_filter none (the fixed reference, default) or restricted")
     if cfg.reference not in ONLINE_REFERENCE_FORMS:
         raise UserError(f"reference={cfg.reference!r}: online methods score fresh samples every step, so the reference "
                          f"must be a live model; choose from {ONLINE_REFERENCE_FORMS}")
@@ -637,7 +550,8 @@ def setup(cfg: OnlineConfig, method: OnlineMethod, *, prompts=None, reward=None,
     tok, policy, path = load_policy(cfg, dist)
     reference = _load_reference(cfg, policy, tok, path, dist)
     shard_reference(reference, policy)  # fsdp with reference=copy
-    value_model = build_value_model(cfg.value_model, policy, model_path=path, dtype=cfg.dtype, device=dist.device) \
+    value_model = build_value_model(cfg.value_model, policy, model_path=path, dtype=cfg.dtype, device=dist.device,
+                                    autocast=cfg.autocast) \
         if method.uses_value_model(cfg) else None
     prompt_rows, eval_rows = _prompt_rows(cfg, tok, prompts, eval_prompts)
     texts, eval_texts = [p.text for p in prompt_rows], [p.text for p in eval_rows]
@@ -713,7 +627,7 @@ def train_online(
         beta = s.controller.value
         with unsharded(*models_of(s.policy, s.reference)):  # fsdp: full weights to sample (ranks stop at different lengths)
             ro = collect_rollout(s.policy, s.reference, s.value_model, s.rewards, s.tok, p_texts, p_ids, cfg=cfg,
-                                 generator=seeded(cfg.seed, s.step, dist.rank, 1), chunk=s.sizes.micro, device=dist.device,
+                                 generator=seeded(cfg.seed, s.step, dist.rank, 1, device=dist.device), chunk=s.sizes.micro, device=dist.device,
                                  prompt_rows=p_rows, backend=backend, score_models=not in_update)
         # 3. advantages (method-specific, pure); when they read scores the update has yet to compute, there
         prep = None if in_update and s.method.prepare_reads_scores(cfg) else \
@@ -730,8 +644,8 @@ def train_online(
                                                  reference=s.reference)
         sums, counts = rollout_stats(ro, beta=beta)
         n_tok = float(ro.mask.sum())
-        for k, v in prep.stats.items():
-            sums[k], counts[k] = float(v) * n_tok, n_tok
+        for k, v in prep.stats.items():  # "<method>/<key>", as the loss's stats
+            sums[f"{s.method.name}/{k}"], counts[f"{s.method.name}/{k}"] = float(v) * n_tok, n_tok
         step_schedule(s.sched)
         backend.update_weights(s.policy)  # the next rollout samples the updated policy (no-op for builtin)
         s.step += 1
@@ -763,14 +677,12 @@ def train_online(
     return {"final": str(final), "metrics": metrics, "history": s.history, "eval_history": s.eval_history}
 
 
-METHODS = {"ppo": "tether.trainers.ppo:PPO", "grpo": "tether.trainers.grpo:GRPO", "rloo": "tether.trainers.rloo:RLOO"}
-
-
 def method_for(cfg: OnlineConfig) -> OnlineMethod:
-    """The method a config class belongs to (its ``method`` class attribute)."""
-    import importlib
+    """The method a config class belongs to (its ``method`` class attribute, a name in ``tether.registry``)."""
+    from ..registry import METHODS
 
-    if cfg.method not in METHODS:
-        raise ValueError(f"{type(cfg).__name__} names no online method; use PPOConfig, GRPOConfig or RLOOConfig")
-    module, attr = METHODS[cfg.method].split(":")
-    return getattr(importlib.import_module(module), attr)
+    spec = METHODS.get(cfg.method)
+    if spec is None or not spec.is_online:
+        names = ", ".join(n for n, m in METHODS.items() if m.is_online)
+        raise ValueError(f"{type(cfg).__name__} names no online method (method={cfg.method!r}); registered: {names}")
+    return spec.load("online")

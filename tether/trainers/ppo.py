@@ -12,7 +12,7 @@ The loop is ``online.train_online``; this file is PPO's two pieces:
 
 The KL estimator in the reward is ``kl_estimator`` (default k1: with a detached value in the reward its
 policy gradient is the unbiased ∇KL[π_θ‖π_ref]; k2's and k3's are biased — docs/theory.md §3; exact's is
-unbiased only together with its direct term, which the loss adds: ``online.exact_kl_direct_term``). β is
+unbiased only together with its direct term, which the loss adds: ``method.exact_kl_direct_term``). β is
 fixed, scheduled or adaptive (``beta``, ``beta_schedule``, ``kl_target``: Ziegler's controller).
 
 Deviations: advantages are whitened with this process's statistics (as TRL does), so with N processes
@@ -30,7 +30,8 @@ from ..data.text import batch_indices, collate, load_text_examples, prepare_sft
 from ..ops.policy import aggregate_loss, gae, masked_mean, masked_std, masked_whiten, ppo_policy_loss, ppo_value_loss, token_rewards
 from ..value import VALUE_MODELS
 from ..ops.positions import weight_by_position
-from .online import Counts, LossInputs, OnlineConfig, OnlineMethod, Prepared, beta_weights, exact_kl_direct_term, train_online
+from .method import Counts, LossInputs, OnlineMethod, Prepared, beta_weights, reward_kl_direct_term
+from .online import OnlineConfig, train_online
 from .sft import token_nll
 from ..errors import UserError
 
@@ -85,24 +86,24 @@ def prepare(*, scores: torch.Tensor, kl_tokens: torch.Tensor, mask: torch.Tensor
     if cfg.whiten_advantages:
         scale = float(masked_std(adv, mask))
         adv = masked_whiten(adv, mask)
-    stats = {"ppo/explained_variance": float(explained_variance(values, returns, mask)),
-             "ppo/returns": float(masked_mean(returns, mask))}
+    stats = {"explained_variance": float(explained_variance(values, returns, mask)),
+             "returns": float(masked_mean(returns, mask))}
     return Prepared(adv, returns=returns, rewards=rewards, adv_scale=scale, stats=stats)
 
 
 def loss(x: LossInputs, *, cfg: PPOConfig, beta: float, counts: Counts) -> tuple[torch.Tensor, dict]:
     """Clipped surrogate (PPO Eq. 7) + vf_coef x clipped value loss; with the exact estimator in the
-    reward, + β/adv_scale x its direct term (``online.exact_kl_direct_term``)."""
+    reward, + β/adv_scale x its direct term (``method.exact_kl_direct_term``)."""
     pg, pg_stats = ppo_policy_loss(x.logps, x.old_logps, x.advantages, x.mask, clip=cfg.clip_eps)  # (B, T)
     vf, vf_stats = ppo_value_loss(x.values, x.old_values, x.returns, x.mask, clip=cfg.clip_value)  # (B, T)
-    if cfg.kl_estimator == "exact":  # the direct part of ∇KL that a detached exact KL in the reward misses
-        pg = pg + (beta / x.adv_scale) * weight_by_position(exact_kl_direct_term(x), beta_weights(cfg, x.mask))
-    n = {"num_tokens": counts.tokens, "num_seqs": counts.seqs}
+    direct = reward_kl_direct_term(cfg, x)  # exact: the direct part of ∇KL that a detached KL in the reward misses
+    if direct is not None:
+        pg = pg + (beta / x.adv_scale) * weight_by_position(direct, beta_weights(cfg, x.mask))
+    n = {"num_tokens": counts.tokens, "num_seqs": counts.seqs, "weights": x.weights}
     total = aggregate_loss(pg, x.mask, mode=cfg.loss_aggregation, **n) + cfg.vf_coef * aggregate_loss(vf, x.mask, mode="token_mean", **n)
     stats = {
-        "ppo/policy_loss": masked_mean(pg, x.mask).detach(), "ppo/value_loss": masked_mean(vf, x.mask).detach(),
-        "ppo/clipfrac": pg_stats["clipfrac"], "ppo/approx_kl_old": pg_stats["approx_kl_old"],
-        "ppo/vf_clipfrac": vf_stats["vf_clipfrac"],
+        "policy_loss": masked_mean(pg, x.mask).detach(), "value_loss": masked_mean(vf, x.mask).detach(),
+        "clipfrac": pg_stats["clipfrac"], "approx_kl_old": pg_stats["approx_kl_old"], "vf_clipfrac": vf_stats["vf_clipfrac"],
     }
     return total, stats
 
@@ -126,7 +127,7 @@ class PtxTerm:
         nll, n = token_nll(policy, batch)  # Σ NLL over tokens, number of tokens
         n_global = dist.sum_float(n)
         (self.cfg.ptx_coef * nll / n_global).backward()  # -γ·mean log π(x) of the global batch
-        return {"ppo/ptx_nll": dist.sum_float(nll.detach()) / n_global}
+        return {"ptx_nll": dist.sum_float(nll.detach()) / n_global}
 
 
 def validate(cfg: PPOConfig) -> None:
@@ -142,7 +143,6 @@ def validate(cfg: PPOConfig) -> None:
 
 PPO = OnlineMethod(
     name="ppo", prepare=prepare, loss=loss, validate=validate, uses_value_model=lambda cfg: True,
-    needs_ref_logits=lambda cfg: cfg.kl_estimator == "exact",
     make_aux=lambda cfg, tok, dist: PtxTerm(cfg, tok, dist) if cfg.ptx_coef > 0 else None,
 )
 

@@ -14,7 +14,7 @@ The loop is ``online.train_online``; this file is RLOO's two pieces:
 
 The KL estimator sits in the reward as a detached value, so k1 gives the unbiased ∇KL[π_θ‖π_ref],
 k2 and k3 biased ones (docs/theory.md §3), and exact an unbiased one only with its direct term, which the
-loss adds (``online.exact_kl_direct_term``).
+loss adds (``method.exact_kl_direct_term``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ import torch
 from ..ops.kl import seq_sum
 from ..ops.policy import aggregate_loss, masked_mean, masked_std, masked_whiten, ppo_policy_loss, rloo_advantages, token_rewards
 from ..ops.positions import weight_by_position
-from .online import Counts, LossInputs, OnlineConfig, OnlineMethod, Prepared, beta_weights, exact_kl_direct_term, train_online
+from .method import Counts, LossInputs, OnlineMethod, Prepared, beta_weights, reward_kl_direct_term
+from .online import OnlineConfig, train_online
 from ..errors import UserError
 
 
@@ -40,7 +41,7 @@ class RLOOConfig(OnlineConfig):
     samples_per_prompt: int = 4
     """k: completions per prompt (>= 2; the baseline of each is the mean of the other k - 1)."""
     kl_estimator: str = "k1"
-    """KL in the reward: k1 (the paper; unbiased gradient) | exact (unbiased with its direct term, added to the loss; lower variance) | k2, k3 (biased, docs/theory.md §3)."""
+    """KL in the reward: k1 (the paper; unbiased gradient; recommended) | exact (unbiased with its direct term, added to the loss; lower variance per token, but not always per sequence, and a noise floor at π*: docs/theory.md §2) | k2, k3 (biased, docs/theory.md §3)."""
     loss_aggregation: str = "seq_sum"
     """seq_sum (RLOO: one action per sequence) | token_mean | seq_mean_token_mean."""
     normalize_advantages: bool = False
@@ -65,13 +66,15 @@ def prepare(*, scores: torch.Tensor, kl_tokens: torch.Tensor, mask: torch.Tensor
 
 def loss(x: LossInputs, *, cfg: RLOOConfig, beta: float, counts: Counts) -> tuple[torch.Tensor, dict]:
     """The sequence advantage on every token through the clipped surrogate (PPO Eq. 7); with the exact
-    estimator in the reward, + β/adv_scale x its direct term (``online.exact_kl_direct_term``)."""
+    estimator in the reward, + β/adv_scale x its direct term (``method.exact_kl_direct_term``)."""
     pg, pg_stats = ppo_policy_loss(x.logps, x.old_logps, x.advantages, x.mask, clip=cfg.clip_eps)  # (B, T)
-    if cfg.kl_estimator == "exact":  # the direct part of ∇KL that a detached exact KL in the reward misses
-        pg = pg + (beta / x.adv_scale) * weight_by_position(exact_kl_direct_term(x), beta_weights(cfg, x.mask))
-    total = aggregate_loss(pg, x.mask, mode=cfg.loss_aggregation, num_tokens=counts.tokens, num_seqs=counts.seqs)
-    stats = {"ppo/policy_loss": masked_mean(pg, x.mask).detach(), "ppo/clipfrac": pg_stats["clipfrac"],
-             "ppo/approx_kl_old": pg_stats["approx_kl_old"]}
+    direct = reward_kl_direct_term(cfg, x)  # exact: the direct part of ∇KL that a detached KL in the reward misses
+    if direct is not None:
+        pg = pg + (beta / x.adv_scale) * weight_by_position(direct, beta_weights(cfg, x.mask))
+    total = aggregate_loss(pg, x.mask, mode=cfg.loss_aggregation, num_tokens=counts.tokens, num_seqs=counts.seqs,
+                           weights=x.weights)
+    stats = {"policy_loss": masked_mean(pg, x.mask).detach(), "clipfrac": pg_stats["clipfrac"],
+             "approx_kl_old": pg_stats["approx_kl_old"]}
     return total, stats
 
 
@@ -80,8 +83,7 @@ def validate(cfg: RLOOConfig) -> None:
         raise UserError(f"RLOO needs samples_per_prompt >= 2 (the leave-one-out baseline), got {cfg.samples_per_prompt}")
 
 
-RLOO = OnlineMethod(name="rloo", prepare=prepare, loss=loss, validate=validate,
-                    needs_ref_logits=lambda cfg: cfg.kl_estimator == "exact")
+RLOO = OnlineMethod(name="rloo", prepare=prepare, loss=loss, validate=validate)
 
 
 def train_rloo(cfg: RLOOConfig, **kwargs) -> dict:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -27,9 +27,8 @@ from ..ops.kl import seq_sum, token_mean
 from ..ops.positions import BUCKET_LABELS, position_bucket_sums, weight_by_position
 from ..diagnostics.hacking import spearman
 from ..rewards import RewardSet, reward_columns
+from .method import beta_weights
 
-if TYPE_CHECKING:
-    from .online import OnlineConfig
 
 
 @dataclass
@@ -44,12 +43,13 @@ class Rollout:
     scores: torch.Tensor  # (B,) optimised score (normalised/clipped, no-EOS penalty applied)
     reward_metrics: dict  # "reward/<name>" -> (B,) raw scores of every source
     old_logps: torch.Tensor  # (B, T) log π_old, tempered and restricted to the stored filter sets (the ratio's denominator)
-    ref_logps: torch.Tensor  # (B, T) log π_ref, tempered and restricted the same way (docs/theory.md §3)
+    ref_logps: torch.Tensor  # (B, T) log π^τ_ref, tempered, unfiltered (restricted with kl_reference_filter; docs/theory.md §3)
     kl_tokens: torch.Tensor  # (B, T) KL per token with cfg.kl_estimator, times w_t with a position-dependent β (what the method applies)
-    kl_exact: torch.Tensor  # (B, T) exact per-token KL (what kl/ref reports)
+    kl_exact: torch.Tensor  # (B, T) exact per-token KL[π^{τ,F}_θ‖π^τ_ref] (what kl/ref reports)
     entropy: torch.Tensor  # (B, T) entropy of the sampled distribution
     values: Optional[torch.Tensor] = None  # (B, T) V(s_t) at rollout (PPO)
     kl_clamped: Optional[torch.Tensor] = None  # (B, T) bool: kl_tokens clamped (kl_clamp_input/output set)
+    filter_cost: Optional[torch.Tensor] = None  # (B, T) -log π^τ_ref(F_t), the filter's share of kl_exact (kl/filter_cost)
     pending: bool = False  # True: old_logps .. kl_clamped are None until the update's own forward fills them (fill_scores)
 
     @property
@@ -86,7 +86,7 @@ def apply_no_eos_penalty(scores: torch.Tensor, no_eos: torch.Tensor, penalty: Op
 
 def collect_rollout(
     policy, reference, value_model, rewards: RewardSet, tok, prompt_texts: Sequence[str], prompt_ids: Sequence[list],
-    *, cfg: "OnlineConfig", generator: torch.Generator, chunk: int, device, prompt_rows: Optional[Sequence] = None,
+    *, cfg, generator: torch.Generator, chunk: int, device, prompt_rows: Optional[Sequence] = None,
     backend=None, score_models: bool = True,
 ) -> Rollout:
     """Sample one completion per (repeated) prompt, score it, and score it under every model
@@ -110,24 +110,23 @@ def collect_rollout(
     if not score_models:
         return Rollout(**common, old_logps=None, ref_logps=None, kl_tokens=None, kl_exact=None, entropy=None, pending=True)
     sc = score(policy, reference, smp, estimators=(cfg.kl_estimator,), chunk=chunk, value_model=value_model,
-               clamp_input=cfg.kl_clamp_input, clamp_output=cfg.kl_clamp_output)
-    from .online import beta_weights  # (online imports this module)
+               clamp_input=cfg.kl_clamp_input, clamp_output=cfg.kl_clamp_output,
+               reference_filter=cfg.kl_reference_filter)
 
     kl_tokens = weight_by_position(sc.kl[cfg.kl_estimator], beta_weights(cfg, smp.batch.mask))  # (B, T) w_t·kl_t
     return Rollout(**common, old_logps=sc.logps, ref_logps=sc.ref_logps, kl_tokens=kl_tokens, kl_exact=sc.kl_exact,
-                   entropy=sc.entropy, values=sc.values,
+                   entropy=sc.entropy, values=sc.values, filter_cost=sc.filter_cost,
                    kl_clamped=sc.kl_clamped[cfg.kl_estimator] if sc.kl_clamped is not None else None)
 
 
-def fill_scores(ro: Rollout, rows: torch.Tensor, scored: dict, *, cfg: "OnlineConfig") -> None:
+def fill_scores(ro: Rollout, rows: torch.Tensor, scored: dict, *, cfg) -> None:
     """Write ``engine.score_rows``'s output for the rollout rows ``rows`` (b,) into a pending rollout ``ro``,
     in place: the same fields ``collect_rollout`` would have computed in its scoring pass."""
-    from .online import beta_weights
 
     mask = ro.mask[rows]
     est = cfg.kl_estimator
     values = {"old_logps": scored["logps"], "ref_logps": scored["ref_logps"], "kl_exact": scored["kl_exact"],
-              "entropy": scored["entropy"], "kl_tokens": weight_by_position(scored[f"kl/{est}"], beta_weights(cfg, mask))}
+              "entropy": scored["entropy"], "filter_cost": scored["filter_cost"], "kl_tokens": weight_by_position(scored[f"kl/{est}"], beta_weights(cfg, mask))}
     if f"clamped/{est}" in scored:
         values["kl_clamped"] = scored[f"clamped/{est}"]
     for name, v in values.items():
@@ -151,6 +150,8 @@ def rollout_stats(ro: Rollout, *, beta: float) -> tuple[dict, dict]:
         "gen/no_eos_frac": ro.no_eos.float().sum(),
         **{k: v.sum() for k, v in ro.reward_metrics.items()},
     }
+    if ro.filter_cost is not None:  # the filter's own share of kl/ref: E Σ_t -log π^τ_ref(F_t) (0 without top-k/top-p)
+        seq["kl/filter_cost"] = seq_sum(ro.filter_cost, mask).sum()
     tok = {"kl/ref_token_mean": token_mean(ro.kl_exact, mask) * n_tok, "policy/entropy": token_mean(ro.entropy, mask) * n_tok}
     if ro.kl_clamped is not None:  # fraction of counted tokens whose KL value was clamped (its gradient is 0)
         tok["kl/clamped_frac"] = (ro.kl_clamped & mask).sum().float()
