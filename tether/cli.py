@@ -6,6 +6,10 @@ ends as one line ``tether <command>: error: <message>`` on stderr with exit code
 argparse's own errors (unknown flag, bad value) also exit 2 with its usage line. ``--debug`` anywhere
 on the command line (or ``TETHER_DEBUG=1``) shows the traceback instead. Any other exception is a bug
 and keeps its traceback.
+
+Exit codes: 0 done; 2 bad input, a run directory in use by another process, or a failing write (full
+disk, I/O error: the message names the path and the cause); 75 stopped by SIGTERM, SIGINT or SIGUSR1
+after writing a checkpoint (``--resume`` continues it; tether.preempt); 1 a bug (with its traceback).
 """
 
 from __future__ import annotations
@@ -33,10 +37,16 @@ COMMANDS = {
 }
 
 
+EXIT_CODES = ("exit codes: 0 done; 2 bad input, output_dir in use by another run, or a failing write (full disk); "
+              "75 stopped by SIGTERM/SIGINT/SIGUSR1 after writing a checkpoint (continue with --resume); "
+              "1 a bug (docs/reliability.md)")
+
+
 def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: tether <command> [--flags]   (tether <command> --help for its flags)", "", "commands:"]
     lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
+    lines += ["", EXIT_CODES]
     return "\n".join(lines)
 
 
@@ -85,8 +95,13 @@ def main(argv=None) -> int:
 
     quiet_other_ranks()  # torchrun / accelerate: only rank 0 prints
     module = importlib.import_module(f"tether.commands.{name.replace('-', '_')}")  # reference-check -> reference_check
+    from .preempt import EXIT_PREEMPTED, Preempted
+
     try:
         return int(module.main(rest) or 0)
+    except Preempted as e:  # a signal: the step in flight finished and was checkpointed
+        print(f"tether {name}: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except Exception as e:  # noqa: BLE001 - sorted into user errors (one line) and bugs (re-raised)
         message = None if debug else user_error_message(e)
         if message is None:
