@@ -200,3 +200,59 @@ def test_a_second_process_on_a_live_run_exits_2_and_kill_9_leaves_no_stale_lock(
     third = run(tether("dpo", *flags, "--resume", "--max_steps", "3"))
     assert third.returncode == 0, third.stderr[-3000:]
     assert (out / "final").is_dir() and f"pid {first.pid} " not in (out / "run.lock").read_text()
+
+
+# ---------------------------------------------------------------- a sweep
+
+
+def test_sweep_stopped_by_sigterm_continues_to_the_same_frontier(stories_path, tmp_path):
+    """SIGTERM to the sweep process alone (as Kubernetes sends it) while its first worker trains: the
+    worker is asked to stop (checkpoint, exit 75), the second run is not started, and the sweep exits
+    75 with one line. Rerun, the sweep finishes with the frontier of an uninterrupted sweep."""
+    import csv
+
+    import yaml
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Once upon a time\nThe little dog\nLily was sad\nTom found a box\n")
+    sweep = {"method": "ppo",
+             "base": {"model": stories_path, "prompts": str(prompts), "reward": "vader", "max_steps": 4, "batch_size": 4,
+                      "max_new_tokens": 6, "learning_rate": 1e-3},
+             "grid": {"beta": [0.05, 0.5]},
+             "eval": {"prompts": str(prompts), "gold": "vader", "samples_per_prompt": 2, "max_new_tokens": 6, "eval_every": 1}}
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(yaml.safe_dump(sweep))
+    argv = ["sweep", "--config", str(cfg), "--workers", "1"]
+    proc = run(tether(*argv, "--output_dir", str(tmp_path / "straight")), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    out = tmp_path / "out"
+    sweep_proc = subprocess.Popen(tether(*argv, "--output_dir", str(out)), env=env(), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and sweep_proc.poll() is None and not any(
+                p.stat().st_size for p in (out / "runs").glob("*/train/metrics.jsonl")):
+            time.sleep(0.05)
+        sweep_proc.send_signal(signal.SIGTERM)
+        _, stderr = sweep_proc.communicate(timeout=400)
+    finally:
+        sweep_proc.kill()
+    assert sweep_proc.returncode == 75, stderr[-3000:]
+    assert re.fullmatch(r"tether sweep: stopped by SIGTERM before every run finished: 1 run\(s\) stopped after writing a "
+                        r"checkpoint, 1 not started; run the same command again to continue \(finished runs are not "
+                        r"redone\)", stderr.strip().splitlines()[-1]), stderr[-2000:]
+    stopped = [p.parent.parent for p in (out / "runs").glob("*/train/checkpoints")]
+    assert len(stopped) == 1 and not (stopped[0] / "result.json").exists()
+    assert "tether worker: stopped by SIGTERM after step" in (stopped[0] / "worker.log").read_text()
+    proc = run(tether(*argv, "--output_dir", str(out)), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def frontier(d):
+        with open(d / "frontier.csv") as f:
+            return sorted(({k: v for k, v in r.items() if not k.endswith("_s")} for r in csv.DictReader(f)),
+                          key=lambda r: (r["run"], int(r["step"])))
+
+    assert frontier(out) == frontier(tmp_path / "straight")
+    a, b = weights(tmp_path / "straight" / "runs" / stopped[0].name / "train" / "final"), weights(stopped[0] / "train" / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)

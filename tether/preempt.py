@@ -38,13 +38,32 @@ class Preempted(BaseException):
     """A run stopped by a signal after checkpointing ``step`` in ``checkpoint``. A BaseException (like
     KeyboardInterrupt), so ``except Exception`` in user code does not swallow the stop request."""
 
-    def __init__(self, signame: str, step: int, checkpoint: Optional[str] = None):
+    def __init__(self, signame: str, step: Optional[int] = None, checkpoint: Optional[str] = None, *,
+                 detail: Optional[str] = None):
         self.signame, self.step, self.checkpoint = signame, step, checkpoint
         where = f"; checkpoint {checkpoint}" if checkpoint else ""
-        super().__init__(f"stopped by {signame} after step {step}{where}; continue with --resume")
+        super().__init__(f"stopped by {signame} " + (detail or f"after step {step}{where}; continue with --resume"))
 
 
 _state = {"signum": None, "depth": 0, "previous": {}}
+
+
+def signal_name(signum: Optional[int] = None) -> str:
+    """The name of ``signum`` (default: the signal received), e.g. SIGTERM."""
+    signum = _state["signum"] if signum is None else signum
+    return signal.Signals(signum).name if signum is not None else "a signal"
+
+
+def run_main(main: Callable[..., int], *args) -> int:
+    """``main(*args)`` in a worker process (``python -m tether.sweep.worker``, ``tether.demo.worker``):
+    a run stopped by a signal prints its one line and returns ``EXIT_PREEMPTED``."""
+    import sys
+
+    try:
+        return int(main(*args) or 0)
+    except Preempted as e:
+        print(f"tether worker: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
 
 
 def requested() -> Optional[int]:

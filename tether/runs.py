@@ -354,6 +354,14 @@ def _checkpoint_step(p: Path) -> Optional[int]:
     return int(m.group(1)) if m and p.is_dir() else None
 
 
+def latest_checkpoint_step(output_dir: str | os.PathLike) -> Optional[int]:
+    """The step of the newest checkpoint in ``output_dir`` (None if none): whether a rerun can resume
+    (the sweep's and the demo's workers ask)."""
+    folder = Path(output_dir) / "checkpoints"
+    steps = [n for p in folder.iterdir() if (n := _checkpoint_step(p)) is not None] if folder.is_dir() else []
+    return max(steps) if steps else None
+
+
 class RunDir:
     """Owns a run's output folder. Only the main process (``is_main``) writes."""
 
