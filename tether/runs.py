@@ -12,6 +12,7 @@ Layout of ``output_dir``::
     checkpoints/step-N/  model/ (safetensors), trainer_state.safetensors (every tensor of the trainer
                          state: optimizer moments, RNG states...) and trainer_state.json (the rest)
     final/               the trained model in Hugging Face format
+    run.lock             locked by the live run (host and PID inside); see ``lock_run_dir``
 
 No pickle: a checkpoint is read with ``safetensors`` and ``json`` only, so a crafted file in a run
 directory cannot run code (unpickling could). Checkpoints of older tether
@@ -21,8 +22,8 @@ Crash safety: checkpoints, ``final/``, ``config.yaml``, ``run.json`` and truncat
 to a temporary name, fsynced (files, then their folder) and renamed into place (``os.replace`` is
 atomic), so an interruption never leaves a half-written file that ``--resume`` would pick up. If the
 latest checkpoint is unreadable anyway (a disk error, a truncated copy), resume falls back to the
-previous one (two are kept) with a warning; a torn last line in ``metrics.jsonl`` and stray files in
-``checkpoints/`` are skipped.
+previous one (``save_total_limit`` are kept, 2 by default) with a warning; a torn last line in
+``metrics.jsonl`` and stray files in ``checkpoints/`` are skipped.
 
 One writer: ``run.lock`` is locked (``fcntl.flock``) by the main process from ``RunDir.start`` until
 ``close`` (or its exit: the OS releases the lock of a dead process, kill -9 included), and holds the
