@@ -33,7 +33,7 @@ mod, count = importlib.import_module(module), [0]
 real = getattr(mod, attr)
 def patched(*a, **k):
     count[0] += 1
-    if count[0] == int(nth):
+    if count[0] == int(nth) and os.environ.get("SIGNAL_RANK", os.environ.get("RANK", "0")) == os.environ.get("RANK", "0"):
         os.kill(os.getpid(), getattr(signal, sig))  # the handler runs here, in the middle of the call
     return real(*a, **k)
 setattr(mod, attr, patched)
@@ -150,6 +150,29 @@ def test_dpo_sigterm_from_outside_after_step_2_is_logged(dpo_flags, dpo_straight
     resumed = run(tether("dpo", *dpo_flags, "--output_dir", str(out), "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(out, dpo_straight)
+
+
+def test_two_processes_stop_after_the_same_step_when_one_is_signalled(dpo_flags, tmp_path):
+    """torchrun, 2 processes: only rank 1 gets SIGTERM, during step 2's update. The all-reduced flag
+    stops both after step 2 (rank 0 names "a signal on another process"), one checkpoint is written,
+    and a 2-process --resume equals an uninterrupted 2-process run bit for bit."""
+    wrapper = tmp_path / "signal_wrapper.py"
+    wrapper.write_text(WRAPPER)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    flags = [*dpo_flags, "--max_steps", "4"]
+    straight, out = tmp_path / "straight", tmp_path / "two"
+    proc = run([*torchrun, "-m", "tether", "dpo", *flags, "--output_dir", str(straight)], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run([*torchrun, str(wrapper), "tether.trainers.dpo", "optimizer_step", "2", "SIGTERM", "dpo", *flags,
+                           "--output_dir", str(out)], env={**env(), "SIGNAL_RANK": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode != 0  # torchrun reports its workers' exit 75 as a failure
+    assert f"tether dpo: stopped by SIGTERM after step 2; checkpoint {out / 'checkpoints' / 'step-2'}" in proc.stderr
+    assert "tether dpo: stopped by a signal on another process after step 2" in proc.stderr, proc.stderr[-3000:]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-2"] and metrics(out)[-1]["step"] == 2
+    proc = run([*torchrun, "-m", "tether", "dpo", *flags, "--output_dir", str(out), "--resume"], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_run(out, straight)
 
 
 # ---------------------------------------------------------------- grpo

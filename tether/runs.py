@@ -406,6 +406,9 @@ class RunDir:
 
     def _start(self, cfg, *, resume: bool) -> None:
         limit = getattr(cfg, "save_total_limit", 2)
+        if limit is not None and (isinstance(limit, bool) or int(limit) != limit or limit < 0):
+            raise UserError(f"save_total_limit={limit!r}: give the number of checkpoints to keep (2 by default; 0 or "
+                            "null keeps all)")
         self.keep = 0 if limit is None else int(limit)
         overwrite = bool(getattr(cfg, "overwrite", False))
         present = [n for n in RUN_FILES if (self.path / n).exists()]
