@@ -279,3 +279,42 @@ def test_sweep_stopped_by_sigterm_continues_to_the_same_frontier(stories_path, t
     assert frontier(out) == frontier(tmp_path / "straight")
     a, b = weights(tmp_path / "straight" / "runs" / stopped[0].name / "train" / "final"), weights(stopped[0] / "train" / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------- the demo
+
+
+def test_tiny_demo_stopped_by_sigterm_continues_to_the_same_frontier(assets_dir, tmp_path):
+    """SIGTERM to ``tether demo --tiny`` while its trained runs are in their workers: they checkpoint
+    and exit 75, the demo exits 75; rerun, it finishes with the frontier of an uninterrupted demo
+    (every evaluation point equal; wall-clock columns aside)."""
+    import csv
+
+    argv = ["demo", "--tiny", "--assets", str(assets_dir), "--workers", "2"]
+    straight, out = tmp_path / "straight", tmp_path / "demo"
+    proc = run(tether(*argv, "--output_dir", str(straight)), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    demo = subprocess.Popen(tether(*argv, "--output_dir", str(out)), env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and demo.poll() is None and not any(
+                p.stat().st_size for p in (out / "work" / "runs").glob("*/train/metrics.jsonl")):
+            time.sleep(0.05)
+        demo.send_signal(signal.SIGTERM)
+        _, stderr = demo.communicate(timeout=600)
+    finally:
+        demo.kill()
+    assert demo.returncode == 75, stderr[-3000:]
+    assert re.fullmatch(r"tether demo: stopped by SIGTERM before every run finished: [1-9]\d* run\(s\) stopped after "
+                        r"writing a checkpoint, \d+ not started; run the same command again to continue \(finished runs "
+                        r"are not redone\)", stderr.strip().splitlines()[-1]), stderr[-2000:]
+    proc = run(tether(*argv, "--output_dir", str(out)), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def frontier(d):
+        with open(d / "frontier.csv") as f:
+            return sorted(({k: v for k, v in r.items() if not k.endswith("_s")} for r in csv.DictReader(f)),
+                          key=lambda r: (r["run"], float(r["step"])))
+
+    assert frontier(out) == frontier(straight)

@@ -56,11 +56,13 @@ def signal_name(signum: Optional[int] = None) -> str:
 
 def run_main(main: Callable[..., int], *args) -> int:
     """``main(*args)`` in a worker process (``python -m tether.sweep.worker``, ``tether.demo.worker``):
-    a run stopped by a signal prints its one line and returns ``EXIT_PREEMPTED``."""
+    a run stopped by a signal prints its one line and returns ``EXIT_PREEMPTED``. The handlers are
+    installed from the start, so a signal while the worker loads its models is acted on after the
+    trainer's first step instead of killing it."""
     import sys
 
     try:
-        return int(main(*args) or 0)
+        return int(preemptible(main)(*args) or 0)
     except Preempted as e:
         print(f"tether worker: {e}", file=sys.stderr)
         return EXIT_PREEMPTED

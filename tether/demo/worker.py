@@ -26,6 +26,7 @@ def main(spec_path: str) -> int:
     from ..reference import FrozenReference
     from ..rewards import RewardModelSource, VaderSource
     from ..runs import latest_checkpoint_step
+    from ..sweep.runner import read_points
     from .pipeline import DemoConfig
     from .task import evaluate_policy, read_prompt_file
 
@@ -82,7 +83,8 @@ def main(spec_path: str) -> int:
                   resume=resumed is not None)
     else:  # best-of-n runs in the pipeline (pipeline.stage_best_of_n: one draw for every n)
         raise ValueError(f"unknown demo method {method!r}")
-    rows = [json.loads(l) for l in eval_file.read_text().splitlines() if l.strip()]
+    rows = read_points(run_dir)  # one row per step: a run resumed at its last step evaluates that step again
+    eval_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = {**{k: v for k, v in rows[-1].items() if k != "samples"}, "wall_s": round(time.time() - t0, 1),
               "cpu_s": round(time.process_time(), 1)}  # on a shared machine the CPU time is the steadier cost
     (run_dir / "result.json").write_text(json.dumps(result))

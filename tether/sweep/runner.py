@@ -56,8 +56,8 @@ workers are asked to stop (each checkpoints its step and exits 75) and ``Preempt
         logp = spec_file.parent / "worker.log"
         with open(logp, "w") as logf:
             proc = subprocess.Popen([sys.executable, "-m", module, str(spec_file)], stdout=logf, stderr=subprocess.STDOUT, env=env)
-            rc = wait_forwarding(proc)
-        if rc == preempt.EXIT_PREEMPTED:
+            rc, forwarded = wait_forwarding(proc)
+        if rc == preempt.EXIT_PREEMPTED or (forwarded and rc == -signal.SIGTERM):  # (killed before its handlers)
             stopped.append(name)
         elif rc != 0:
             failures.append((name, rc, logp))
@@ -79,11 +79,12 @@ workers are asked to stop (each checkpoints its step and exits 75) and ``Preempt
 def wait_forwarding(proc: subprocess.Popen) -> int:
     """Wait for a worker; once this process is asked to stop (tether.preempt), pass the request on as
     SIGTERM (whatever the signal was: a Ctrl-C also reaches the worker from the terminal, and a second
-    SIGINT would stop it at once, without its checkpoint). Returns its exit code."""
+    SIGINT would stop it at once, without its checkpoint). Returns its exit code and whether it was
+    asked to stop."""
     forwarded = False
     while True:
         try:
-            return proc.wait(timeout=0.2)
+            return proc.wait(timeout=0.2), forwarded
         except subprocess.TimeoutExpired:
             if preempt.requested() is not None and not forwarded:
                 proc.send_signal(signal.SIGTERM)

@@ -755,7 +755,7 @@ def train_online(
             s.log_samples(ro)
         if cfg.save_every and s.step % cfg.save_every == 0 and s.step < cfg.max_steps:
             s.save()
-        stop_if_signalled(s.step, cfg.max_steps, dist, s.ckpt, save=s.save)  # SIGTERM/SIGINT/SIGUSR1: checkpoint, exit 75
+        stop_if_signalled(s.step, cfg.max_steps, dist, s.ckpt, save=s.save)  # a signal: checkpoint, exit 75
         bar.update(1)
         bar.set_postfix(score=f"{metrics['reward/score']:.3f}", kl=f"{metrics['kl/ref']:.2f}", beta=f"{beta:.3g}")
     bar.close()
