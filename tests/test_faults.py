@@ -185,10 +185,11 @@ def test_save_total_limit_is_read_from_the_config_and_may_change_on_resume(asset
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-4"]
 
 
-def test_full_tmpfs(assets_dir, tmp_path):
+def test_full_tmpfs(assets_dir, tmp_path, capsys):
     """A real full disk: a 5 MiB tmpfs holds a 1-step run (checkpoint 3.1 MB, final/ 1.1 MB) but not a
-    second checkpoint. Resuming to step 2 ends in one UserError (safetensors' ENOSPC) naming step-2;
-    step-1 and final/ are intact; after growing the tmpfs, --resume finishes."""
+    second checkpoint. ``tether sft --resume`` to step 2 ends with exit 2 and one line (safetensors'
+    ENOSPC) naming step-2; step-1 and final/ are intact; after growing the tmpfs, --resume finishes."""
+    from tether.cli import main
     mnt = tmp_path / "disk"
     mnt.mkdir()
     if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mnt)],
@@ -198,8 +199,15 @@ def test_full_tmpfs(assets_dir, tmp_path):
         out = mnt / "run"
         train_sft(sft_cfg(assets_dir, out, max_steps=1, save_every=1))
         before_ckpt, before_final = files(out / "checkpoints"), files(out / "final")
-        with pytest.raises(UserError, match=rf"could not write {out / 'checkpoints' / 'step-2'}: .*No space left on device"):
-            train_sft(sft_cfg(assets_dir, out, max_steps=2, save_every=1), resume=True)
+        capsys.readouterr()
+        argv = ["sft", "--model", str(assets_dir / "stories260K"), "--dataset", str(assets_dir / "rt-polarity" / "rt-polarity.pos"),
+                "--output_dir", str(out), "--eval_examples", "0", "--batch_size", "4", "--max_length", "16",
+                "--learning_rate", "1e-3", "--progress", "false", "--max_steps", "2", "--save_every", "1", "--resume"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
+            f"tether sft: error: could not write {out / 'checkpoints' / 'step-2'}: No space left on device (ENOSPC); left as "
+            f"they were: {out / 'checkpoints' / 'step-1'}, {out / 'final'}; free space")
         assert files(out / "checkpoints") == before_ckpt and files(out / "final") == before_final
         subprocess.run(["mount", "-o", "remount,size=32m", str(mnt)], check=True)
         train_sft(sft_cfg(assets_dir, out, max_steps=2, save_every=1), resume=True)

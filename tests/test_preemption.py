@@ -262,9 +262,9 @@ def test_sweep_stopped_by_sigterm_continues_to_the_same_frontier(stories_path, t
     finally:
         sweep_proc.kill()
     assert sweep_proc.returncode == 75, stderr[-3000:]
-    assert re.fullmatch(r"tether sweep: stopped by SIGTERM before every run finished: 1 run\(s\) stopped after writing a "
-                        r"checkpoint, 1 not started; run the same command again to continue \(finished runs are not "
-                        r"redone\)", stderr.strip().splitlines()[-1]), stderr[-2000:]
+    assert re.fullmatch(r"tether sweep: stopped by SIGTERM before every run finished: 1 run\(s\) stopped, 1 not started; "
+                        r"run the same command again to continue \(finished runs are not redone, stopped ones resume "
+                        r"from their checkpoints\)", stderr.strip().splitlines()[-1]), stderr[-2000:]
     stopped = [p.parent.parent for p in (out / "runs").glob("*/train/checkpoints")]
     assert len(stopped) == 1 and not (stopped[0] / "result.json").exists()
     assert "tether worker: stopped by SIGTERM after step" in (stopped[0] / "worker.log").read_text()
@@ -306,9 +306,9 @@ def test_tiny_demo_stopped_by_sigterm_continues_to_the_same_frontier(assets_dir,
     finally:
         demo.kill()
     assert demo.returncode == 75, stderr[-3000:]
-    assert re.fullmatch(r"tether demo: stopped by SIGTERM before every run finished: [1-9]\d* run\(s\) stopped after "
-                        r"writing a checkpoint, \d+ not started; run the same command again to continue \(finished runs "
-                        r"are not redone\)", stderr.strip().splitlines()[-1]), stderr[-2000:]
+    assert re.fullmatch(r"tether demo: stopped by SIGTERM before every run finished: [1-9]\d* run\(s\) stopped, \d+ not "
+                        r"started; run the same command again to continue \(finished runs are not redone, stopped ones "
+                        r"resume from their checkpoints\)", stderr.strip().splitlines()[-1]), stderr[-2000:]
     proc = run(tether(*argv, "--output_dir", str(out)), timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

@@ -72,8 +72,8 @@ workers are asked to stop (each checkpoints its step and exits 75) and ``Preempt
         raise RuntimeError(f"{len(failures)} run(s) failed:\n{tails}")
     if stopped or not_started:
         raise preempt.Preempted(preempt.signal_name(), detail=(
-            f"before every run finished: {len(stopped)} run(s) stopped after writing a checkpoint, {len(not_started)} "
-            "not started; run the same command again to continue (finished runs are not redone)"))
+            f"before every run finished: {len(stopped)} run(s) stopped, {len(not_started)} not started; run the same "
+            "command again to continue (finished runs are not redone, stopped ones resume from their checkpoints)"))
 
 
 def wait_forwarding(proc: subprocess.Popen) -> int:
