@@ -62,6 +62,7 @@ def check_train_config(cfg: Any) -> None:
     _at_least(cfg, "learning_rate", 0.0)
     _at_least(cfg, "weight_decay", 0.0)
     _at_least(cfg, "warmup_steps", 0)
+    _at_least(cfg, "save_total_limit", 0, " (checkpoints kept; 0 keeps all)")
     _at_least(cfg, "max_grad_norm", 0.0, " (0 = no clipping)")
     _choice(cfg, "lr_schedule", LR_SCHEDULES)
     _choice(cfg, "dtype", sorted(DTYPES))

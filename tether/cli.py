@@ -8,6 +8,10 @@ ends as one line ``tether <command>: error: <message>`` on stderr with exit code
 argparse's own errors (unknown flag, bad value) also exit 2 with its usage line. ``--debug`` anywhere
 on the command line (or ``TETHER_DEBUG=1``) shows the traceback instead. Any other exception is a bug
 and keeps its traceback.
+
+Exit codes: 0 done; 2 bad input, a run directory in use by another process, or a failing write (full
+disk, I/O error: the message names the path and the cause); 75 stopped by SIGTERM, SIGINT or SIGUSR1
+after writing a checkpoint (``--resume`` continues it; tether.preempt); 1 a bug (with its traceback).
 """
 
 from __future__ import annotations
@@ -39,11 +43,17 @@ def commands() -> dict[str, str]:
 COMMANDS = commands()  # as tether was installed (``commands()`` also lists methods registered later)
 
 
+EXIT_CODES = ("exit codes: 0 done; 2 bad input, output_dir in use by another run, or a failing write (full disk); "
+              "75 stopped by SIGTERM/SIGINT/SIGUSR1 after writing a checkpoint (continue with --resume); "
+              "1 a bug (docs/reliability.md)")
+
+
 def usage() -> str:
     cmds = commands()
     width = max(map(len, cmds))
     lines = ["usage: tether <command> [--flags]   (tether <command> --help for its flags)", "", "commands:"]
     lines += [f"  {name:<{width}}  {text}" for name, text in cmds.items()]
+    lines += ["", EXIT_CODES]
     return "\n".join(lines)
 
 
@@ -98,8 +108,13 @@ def main(argv=None) -> int:
     else:
         module = METHODS[name].command if name in METHODS else f"tether.commands.{name.replace('-', '_')}"
         run = importlib.import_module(module).main  # reference-check -> reference_check
+    from .preempt import EXIT_PREEMPTED, Preempted
+
     try:
         return int(run(rest) or 0)
+    except Preempted as e:  # a signal: the step in flight finished and was checkpointed
+        print(f"tether {name}: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except Exception as e:  # noqa: BLE001 - sorted into user errors (one line) and bugs (re-raised)
         message = None if debug else user_error_message(e)
         if message is None:

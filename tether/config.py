@@ -404,7 +404,10 @@ def build_parser(cls: type, *, prog: str, description: str = "", extra: Sequence
         parser.add_argument(f"--{name}", dest=ALIAS_DEST + name, help=argparse.SUPPRESS, **kind)
     parser.epilog = ("Flags may be written --snake_case or --kebab-case; a bare boolean flag means true. "
                      "TRL's field names (model_name_or_path, per_device_train_batch_size, ...) are read as "
-                     "aliases, in YAML and here: docs/from-trl.md. YAML may nest a group: lora: {r: 8}.")
+                     "aliases, in YAML and here: docs/from-trl.md. YAML may nest a group: lora: {r: 8}. "
+                     "Exit codes: 0 done; 2 bad input, output_dir in use by another run, or a failing write (full "
+                     "disk); 75 stopped by SIGTERM/SIGINT/SIGUSR1 after writing a checkpoint (continue with "
+                     "--resume); 1 a bug (docs/reliability.md).")
     return parser
 
 

@@ -12,6 +12,7 @@ Layout of ``output_dir``::
     checkpoints/step-N/  model/ (safetensors), trainer_state.safetensors (every tensor of the trainer
                          state: optimizer moments, RNG states...) and trainer_state.json (the rest)
     final/               the trained model in Hugging Face format
+    run.lock             locked by the live run (host and PID inside); see ``lock_run_dir``
 
 No pickle: a checkpoint is read with ``safetensors`` and ``json`` only, so a crafted file in a run
 directory cannot run code (unpickling could). Checkpoints of older tether
@@ -21,13 +22,24 @@ Crash safety: checkpoints, ``final/``, ``config.yaml``, ``run.json`` and truncat
 to a temporary name, fsynced (files, then their folder) and renamed into place (``os.replace`` is
 atomic), so an interruption never leaves a half-written file that ``--resume`` would pick up. If the
 latest checkpoint is unreadable anyway (a disk error, a truncated copy), resume falls back to the
-previous one (two are kept) with a warning; a torn last line in ``metrics.jsonl`` and stray files in
-``checkpoints/`` are skipped.
+previous one (``save_total_limit`` are kept, 2 by default) with a warning; a torn last line in
+``metrics.jsonl`` and stray files in ``checkpoints/`` are skipped.
+
+One writer: ``run.lock`` is locked (``fcntl.flock``) by the main process from ``RunDir.start`` until
+``close`` (or its exit: the OS releases the lock of a dead process, kill -9 included), and holds the
+holder's host and PID; a second run on the same folder is refused, ``--overwrite`` included.
+
+Failing writes (a full disk, EIO, a quota): a checkpoint or ``final/`` that cannot be written leaves
+the previous ones as they were (the partial ``.tmp`` folder is removed; an old checkpoint is deleted
+only after its successor is complete) and ends the run with a ``UserError`` naming the path and the
+cause. At most ``save_total_limit`` checkpoints are kept (TrainConfig; default 2).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -35,6 +47,8 @@ import os
 import random
 import re
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -153,12 +167,132 @@ def write_atomic(path: Path, text: str) -> None:
     a reader sees the old file or the new one, never a torn one."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    with writing(path, tmp=tmp, intact=f"{path.name} is left as it was"):
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+
+
+def write_failure(e: BaseException) -> Optional[str]:
+    """The cause, in words, of an exception raised by a failing write (a full disk, an I/O error, a
+    quota, a read-only or vanished folder; safetensors reports these as a SafetensorError naming the
+    OS error), or None for any other exception (a bug, which keeps its traceback)."""
+    if isinstance(e, OSError) and e.errno is not None:
+        return f"{os.strerror(e.errno)} ({errno.errorcode.get(e.errno, e.errno)})"
+    if type(e).__name__ == "SafetensorError":  # "Error while serializing: I/O error: ... (os error 28)"
+        m = re.search(r"os error (\d+)", str(e))
+        if m:
+            code = int(m.group(1))
+            return f"{os.strerror(code)} ({errno.errorcode.get(code, code)})"
+        if "i/o error" in str(e).lower():
+            return " ".join(str(e).split())
+    return None
+
+
+@contextlib.contextmanager
+def writing(path: Path, *, tmp: Optional[Path] = None, intact: str = ""):
+    """Turn a failing write inside the block into a ``UserError`` naming ``path`` and the cause (the
+    partial ``tmp`` file or folder is removed first). ``intact``: what the failure left as it was."""
+    try:
+        yield
+    except Exception as e:
+        cause = write_failure(e)
+        if cause is None:
+            raise
+        if tmp is not None:
+            _remove(Path(tmp))
+        raise UserError(f"could not write {path}: {cause}; {intact + '; ' if intact else ''}free space on that disk "
+                        "(or fix it) and run again (--resume continues from the last checkpoint)") from e
+
+
+def _remove(path: Path) -> None:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    except OSError:
+        pass
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Rename the complete folder ``tmp`` to ``final``. An existing ``final`` is moved aside first and
+    deleted only once the new one is in place (put back if the rename fails)."""
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    had = final.exists()
+    if had:
+        os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        if had:
+            os.replace(old, final)
+        raise
+    _fsync_dir(final.parent)
+    if had:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# One writer per run directory (fcntl.flock on output_dir/run.lock, held by the main process).
+LOCK_FILE = "run.lock"
+_LOCKS: dict[str, int] = {}  # realpath of output_dir -> descriptor of its locked run.lock (this process)
+
+
+def lock_run_dir(path: Path) -> None:
+    """Lock ``path/run.lock`` for this process, or raise ``UserError`` naming the process that holds it
+    (host and PID, which the holder writes into the file). The OS releases the lock when the holder
+    exits, however it dies. A lock this process holds already is kept (a new run here after a
+    previous one in the same Python process). Where flock is missing (Windows) or the file system
+    refuses it, the run goes on unlocked with a warning."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    key = os.path.realpath(path)
+    if key in _LOCKS:
+        return
+    lock = Path(path) / LOCK_FILE
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            try:
+                holder = " ".join(lock.read_text().split()) or "its host and PID not written yet"
+            except OSError:
+                holder = "unknown holder"
+            raise UserError(f"output_dir {path} is in use by another run ({holder}); wait for it to end or stop it "
+                            "(its lock goes with the process), or choose another --output_dir") from None
+        log.warning("%s: the file system refuses locks (%s); two runs on this folder would not be stopped", lock, e)
+        return
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}, "
+                 f"since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n".encode())
+    _LOCKS[key] = fd
+
+
+def unlock_run_dir(path: Path) -> None:
+    fd = _LOCKS.pop(os.path.realpath(path), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def held_locks() -> set[str]:
+    """The run directories this process holds locked."""
+    return set(_LOCKS)
+
+
+def release_locks(keep: frozenset | set = frozenset()) -> None:
+    """Release every lock this process holds but those in ``keep`` (a trainer that ended, however)."""
+    for key in list(_LOCKS):
+        if key not in keep:
+            unlock_run_dir(Path(key))
 
 
 def check_finite_weights(model, where: str, weights: Optional[dict] = None) -> None:
@@ -177,7 +311,7 @@ def check_finite_weights(model, where: str, weights: Optional[dict] = None) -> N
 # run is what it is for.
 SAFE_TO_CHANGE = frozenset({
     "max_steps", "save_every", "log_every", "eval_every", "progress", "output_dir", "overwrite", "assets",
-    "sample_every", "num_logged_samples", "max_nonfinite_steps",
+    "sample_every", "num_logged_samples", "max_nonfinite_steps", "save_total_limit",
 })
 RUN_FILES = ("config.yaml", "run.json", "metrics.jsonl", "samples.jsonl", "tb", "checkpoints", "final")
 
@@ -221,6 +355,14 @@ def _checkpoint_step(p: Path) -> Optional[int]:
     return int(m.group(1)) if m and p.is_dir() else None
 
 
+def latest_checkpoint_step(output_dir: str | os.PathLike) -> Optional[int]:
+    """The step of the newest checkpoint in ``output_dir`` (None if none): whether a rerun can resume
+    (the sweep's and the demo's workers ask)."""
+    folder = Path(output_dir) / "checkpoints"
+    steps = [n for p in folder.iterdir() if (n := _checkpoint_step(p)) is not None] if folder.is_dir() else []
+    return max(steps) if steps else None
+
+
 class RunDir:
     """Owns a run's output folder. Only the main process (``is_main``) writes."""
 
@@ -236,6 +378,7 @@ class RunDir:
 
             self._tensorboard, self._external = open_trackers(report_to, self.path, is_main=is_main)
         self._purge_step: Optional[int] = None  # after a resume: TensorBoard drops events from this step on
+        self.keep = 2  # checkpoints kept (TrainConfig.save_total_limit, set by start)
         if is_main:
             self.path.mkdir(parents=True, exist_ok=True)
 
@@ -254,12 +397,25 @@ class RunDir:
         trajectory fields (only ``SAFE_TO_CHANGE`` fields may differ). Raises ``UserError``."""
         if not self.is_main:
             return
+        lock_run_dir(self.path)  # before anything is read or deleted: a live run's folder is never touched
+        try:
+            self._start(cfg, resume=resume)
+        except BaseException:
+            unlock_run_dir(self.path)
+            raise
+
+    def _start(self, cfg, *, resume: bool) -> None:
+        limit = getattr(cfg, "save_total_limit", 2)
+        if limit is not None and (isinstance(limit, bool) or int(limit) != limit or limit < 0):
+            raise UserError(f"save_total_limit={limit!r}: give the number of checkpoints to keep (2 by default; 0 or "
+                            "null keeps all)")
+        self.keep = 0 if limit is None else int(limit)
         overwrite = bool(getattr(cfg, "overwrite", False))
         present = [n for n in RUN_FILES if (self.path / n).exists()]
         new = identity(cfg)
         if present and overwrite:
             log.warning("overwrite: deleting the run in %s (%s)", self.path, ", ".join(present))
-            for n in RUN_FILES + ("final.tmp",):
+            for n in RUN_FILES + ("final.tmp", "final.old"):
                 q = self.path / n
                 if q.is_dir():
                     shutil.rmtree(q)
@@ -280,9 +436,10 @@ class RunDir:
                                 f"resume with the run's own config ({self.path / 'config.yaml'}), change only "
                                 f"{', '.join(sorted(SAFE_TO_CHANGE))}, or pass --overwrite / another --output_dir")
         tmp = self.path / "config.yaml.tmp"
-        save_config(cfg, tmp)
-        _fsync_file(tmp)
-        os.replace(tmp, self.path / "config.yaml")
+        with writing(self.path / "config.yaml", tmp=tmp):
+            save_config(cfg, tmp)
+            _fsync_file(tmp)
+            os.replace(tmp, self.path / "config.yaml")
         write_atomic(self.path / "run.json", json.dumps(new, indent=1, sort_keys=True) + "\n")
 
     def _recorded_identity(self) -> Optional[dict]:
@@ -307,7 +464,8 @@ class RunDir:
         if not self.is_main:
             return
         row = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
-        with open(self.path / "metrics.jsonl", "a") as f:
+        with writing(self.path / "metrics.jsonl", intact="the rows before it are kept"), \
+                open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")  # allow_nan: NaN / Infinity as they are
         if self._tensorboard:
             if self._tb is None:
@@ -323,7 +481,7 @@ class RunDir:
 
     def log_samples(self, step: int, samples: list[dict]) -> None:
         if self.is_main:
-            with open(self.path / "samples.jsonl", "a") as f:
+            with writing(self.path / "samples.jsonl"), open(self.path / "samples.jsonl", "a") as f:
                 for s in samples:
                     f.write(json.dumps({"step": int(step), **s}) + "\n")
 
@@ -340,11 +498,15 @@ class RunDir:
                 write_atomic(p, "".join(json.dumps(r) + "\n" for r in rows))
 
     def close(self) -> None:
+        """Flush the trackers and release the run directory's lock."""
         if self._tb is not None:
             self._tb.close()
             self._tb = None
         for tracker in self._external:
             tracker.close()
+        self._external = []
+        if self.is_main:
+            unlock_run_dir(self.path)
 
     def checkpoints_newest_first(self) -> list[Path]:
         """``checkpoints/step-N`` folders, newest first; anything else there (``.tmp`` folders of an
@@ -358,26 +520,32 @@ class RunDir:
         ckpts = self.checkpoints_newest_first()
         return ckpts[0] if ckpts else None
 
-    def save_checkpoint(self, step: int, *, model, state: dict, keep: int = 2, weights: Optional[dict] = None) -> Optional[Path]:
+    def save_checkpoint(self, step: int, *, model, state: dict, keep: Optional[int] = None,
+                        weights: Optional[dict] = None) -> Optional[Path]:
         """Atomically write ``checkpoints/step-N``: the model in HF format (safetensors) and the
         trainer ``state`` (optimizer, scheduler, controller, RNG, data position...) as
         ``trainer_state.safetensors`` + ``trainer_state.json`` (``encode_state``). Non-finite weights
-        are refused."""
+        are refused. Then only the newest ``keep`` checkpoints are kept (default ``self.keep``, from
+        save_total_limit; 0 = all): older ones are deleted only now, after the new one is complete. A
+        failing write (full disk, I/O error) removes the partial folder, leaves every other checkpoint
+        as it was and raises ``UserError``."""
         if not self.is_main:
             return None
+        keep = self.keep if keep is None else keep
         check_finite_weights(model, f"checkpoint step-{step}", weights)  # weights: fsdp's gathered tensors
         final = self.checkpoints / f"step-{step}"
         tmp = self.checkpoints / f"step-{step}.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        save_model(model, tmp / "model", state_dict=weights)
-        write_state(tmp, state)
-        _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(self.checkpoints)
+        previous = self.latest_checkpoint()
+        kept = [str(q) for q in (previous, self.path / "final") if q is not None and q.exists()]
+        intact = f"left as they were: {', '.join(kept)}" if kept else "no earlier checkpoint to fall back on"
+        with writing(final, tmp=tmp, intact=intact):
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            save_model(model, tmp / "model", state_dict=weights)
+            write_state(tmp, state)
+            _fsync_tree(tmp)
+            _replace_dir(tmp, final)
         for p in self.checkpoints_newest_first()[keep:] if keep > 0 else []:
             shutil.rmtree(p, ignore_errors=True)
         return final
@@ -438,14 +606,13 @@ def save_final(model, output_dir: Path, *, tokenizer=None, merge_lora: bool = Tr
         return final
     check_finite_weights(model, "final/", weights)
     tmp = Path(output_dir) / "final.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_model(model, tmp, tokenizer=tokenizer, merge_lora=merge_lora, state_dict=weights)
-    _fsync_tree(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(Path(output_dir))
+    intact = ("the previous final/ and " if final.exists() else "") + "the checkpoints are left as they were"
+    with writing(final, tmp=tmp, intact=intact):
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        save_model(model, tmp, tokenizer=tokenizer, merge_lora=merge_lora, state_dict=weights)
+        _fsync_tree(tmp)
+        _replace_dir(tmp, final)
     return final
 
 

@@ -95,7 +95,12 @@ class TrainConfig:
     forgetting_max_texts: int = 64
     """Texts the forgetting probe scores (a seeded selection, 128 tokens each at most)."""
     save_every: int = 0
-    """Write a checkpoint every N steps (0 = only at the end)."""
+    """Write a checkpoint every N steps (0 = only at the end). A run stopped by SIGTERM, SIGINT or SIGUSR1
+    also writes one, after the step in flight, and exits 75 (docs/reliability.md)."""
+    save_total_limit: Optional[int] = 2
+    """Checkpoints kept in output_dir/checkpoints (TRL's name); an older one is deleted only once its
+    successor is complete. 2 lets --resume fall back on the previous one if the latest is unreadable.
+    0 or None = keep all."""
     progress: bool = True
     """Show a progress bar."""
     keep_dropout: bool = False
@@ -388,6 +393,7 @@ class Checkpointer:
     reference: Optional[object] = None
     extra: dict = field(default_factory=dict)
     guard: Optional[StepGuard] = None
+    saved_step: Optional[int] = None  # the step of the last checkpoint written (tether.preempt skips a second one)
 
     def save(self, step: int, *, data_state: Optional[dict] = None) -> None:
         weights = full_state_dict(self.model)  # fsdp: every process gathers; rank 0 writes full tensors
@@ -403,6 +409,7 @@ class Checkpointer:
             **self.extra,
         }
         self.run.save_checkpoint(step, model=self.model, state=state, weights=weights)
+        self.saved_step = step
 
     def resume(self) -> tuple[int, dict]:
         """Load the latest readable checkpoint if any; returns (step, data_state). Logs after it are

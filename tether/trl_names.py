@@ -57,7 +57,7 @@ IGNORED = frozenset({
     "run_name", "logging_first_step", "overwrite_output_dir", "do_train", "do_eval", "do_predict",
     "remove_unused_columns", "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
     "dataloader_prefetch_factor", "hub_model_id", "hub_strategy", "hub_private_repo", "hub_token",
-    "save_strategy", "logging_strategy", "eval_strategy", "evaluation_strategy", "save_total_limit",
+    "save_strategy", "logging_strategy", "eval_strategy", "evaluation_strategy",
     "save_only_model", "save_safetensors", "logging_dir", "logging_nan_inf_filter", "attn_implementation",
     "dataset_config", "dataset_test_split", "dataset_streaming", "tf32", "ddp_find_unused_parameters",
     "ddp_timeout", "ddp_backend", "include_tokens_per_second", "include_num_input_tokens_seen",

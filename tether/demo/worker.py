@@ -3,7 +3,9 @@
 Trains (DPO, PPO on the proxy RM, PPO-GT on the gold reward) from the SFT reference, evaluating
 with ``task.evaluate_policy`` at step 0, every ``eval_every`` steps and at the end; writes
 ``eval.jsonl`` (one row per evaluation point) and, last, ``result.json`` (its presence marks the run
-finished, so a resumed demo skips it). Best-of-n runs in the pipeline (``pipeline.stage_best_of_n``).
+finished, so a resumed demo skips it). A run stopped by a signal (tether.preempt) writes a checkpoint
+and exits 75; the rerun continues from it, keeping the evaluation rows up to its step (without a
+checkpoint it starts over). Best-of-n runs in the pipeline (``pipeline.stage_best_of_n``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ def main(spec_path: str) -> int:
     from ..modeling import load_causal_lm, load_tokenizer
     from ..reference import FrozenReference
     from ..rewards import RewardModelSource, VaderSource
+    from ..runs import latest_checkpoint_step
+    from ..sweep.runner import read_points
     from .pipeline import DemoConfig
     from .task import evaluate_policy, read_prompt_file
 
@@ -37,7 +41,10 @@ def main(spec_path: str) -> int:
     eval_prompts = read_prompt_file(work / "eval_prompts.jsonl")
     train_prompts = read_prompt_file(work / "pref_prompts.jsonl")
     eval_file = run_dir / "eval.jsonl"
-    eval_file.write_text("")  # a rerun of an unfinished run starts its curve again
+    resumed = latest_checkpoint_step(run_dir / "train")  # a run stopped by a signal continues from its checkpoint
+    kept = [ln for ln in (eval_file.read_text().splitlines() if resumed and eval_file.exists() else [])
+            if ln.strip() and json.loads(ln)["step"] <= resumed]  # its curve up to the checkpoint
+    eval_file.write_text("".join(ln + "\n" for ln in kept))  # otherwise a rerun starts its curve again
     tags = {k: spec[k] for k in ("beta", "kl_target", "n") if k in spec}
     tags = {"seed": cfg.seed, **tags, "swept": list(tags), **({"beta_set": spec["beta"]} if "beta" in spec else {})}
 
@@ -60,8 +67,8 @@ def main(spec_path: str) -> int:
         dcfg = DPOConfig(model=ref_path, dataset=str(work / "prefs.jsonl"), output_dir=str(run_dir / "train"), seed=cfg.seed,
                          beta=spec["beta"], loss_type="sigmoid", max_steps=cfg.dpo_steps, batch_size=cfg.batch_size,
                          learning_rate=cfg.dpo_lr, eval_every=cfg.eval_every, kl_prompts=0, progress=False,
-                         max_length=96, overwrite=True)  # an unfinished run starts over
-        train_dpo(dcfg, eval_hook=hook)
+                         max_length=96, overwrite=resumed is None)  # no checkpoint: an unfinished run starts over
+        train_dpo(dcfg, eval_hook=hook, resume=resumed is not None)
     elif method in ("ppo", "ppo_gt"):
         from ..rewards import RewardSet
         from ..trainers.ppo import PPOConfig, train_ppo
@@ -70,11 +77,14 @@ def main(spec_path: str) -> int:
         pcfg = PPOConfig(model=ref_path, output_dir=str(run_dir / "train"), seed=cfg.seed, beta=spec.get("init_beta", 0.1),
                          kl_target=spec["kl_target"], kl_horizon=cfg.ppo_kl_horizon or 2 * cfg.batch_size,
                          max_steps=cfg.ppo_steps, batch_size=cfg.batch_size, learning_rate=cfg.ppo_lr,
-                         max_new_tokens=cfg.max_new_tokens, eval_every=cfg.eval_every, progress=False, overwrite=True)
-        train_ppo(pcfg, prompts=[p.text for p in train_prompts], reward=RewardSet(optimised, [logged]), eval_hook=hook)
+                         max_new_tokens=cfg.max_new_tokens, eval_every=cfg.eval_every, progress=False,
+                         overwrite=resumed is None)
+        train_ppo(pcfg, prompts=[p.text for p in train_prompts], reward=RewardSet(optimised, [logged]), eval_hook=hook,
+                  resume=resumed is not None)
     else:  # best-of-n runs in the pipeline (pipeline.stage_best_of_n: one draw for every n)
         raise ValueError(f"unknown demo method {method!r}")
-    rows = [json.loads(l) for l in eval_file.read_text().splitlines() if l.strip()]
+    rows = read_points(run_dir)  # one row per step: a run resumed at its last step evaluates that step again
+    eval_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = {**{k: v for k, v in rows[-1].items() if k != "samples"}, "wall_s": round(time.time() - t0, 1),
               "cpu_s": round(time.process_time(), 1)}  # on a shared machine the CPU time is the steadier cost
     (run_dir / "result.json").write_text(json.dumps(result))
@@ -82,4 +92,6 @@ def main(spec_path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    from ..preempt import run_main
+
+    sys.exit(run_main(main, sys.argv[1]))  # stopped by a signal: checkpoint written, exit 75

@@ -2,7 +2,8 @@
 
 Markers: ``DIR/runs/<run>/result.json`` is written last by a finished run (``worker.py``); a run with
 it is never started again. A run without it is relaunched, and continues from its checkpoints with
-the trainer's resume. ``DIR/runs/reference`` is the reference policy evaluated once with the same
+the trainer's resume (a worker stopped by a signal writes a checkpoint first and exits 75; so does the
+sweep, once its workers have). ``DIR/runs/reference`` is the reference policy evaluated once with the same
 protocol (the KL = 0 point every frontier starts from).
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
 
+from .. import preempt
 from .spec import RunSpec, SweepConfig, expand
 
 log = logging.getLogger(__name__)
@@ -30,25 +33,33 @@ def default_workers(n_runs: int) -> int:
     return max(1, min(n_runs, os.cpu_count() or 1))
 
 
+@preempt.preemptible
 def launch_all(jobs: list[tuple[str, Path]], *, module: str, workers: int, desc: str = "sweep") -> None:
     """Run ``python -m MODULE SPEC`` for each (name, spec file) with ``workers`` at a time, each with
     cores / workers threads; its output goes to worker.log beside the spec. Raises with the tail of
-    every failed run's log."""
+    every failed run's log. On SIGTERM, SIGINT or SIGUSR1 (tether.preempt) no new run starts, the running
+workers are asked to stop (each checkpoints its step and exits 75) and ``Preempted`` is raised."""
     if not jobs:
         return
     from tqdm.auto import tqdm
 
     threads = max(1, (os.cpu_count() or 1) // workers)
     bar = tqdm(total=len(jobs), desc=f"{desc} ({workers} parallel)", unit="run")
-    failures = []
+    failures, stopped, not_started = [], [], []
 
     def launch(job: tuple[str, Path]) -> None:
         name, spec_file = job
+        if preempt.requested() is not None:  # stopping: start no new run
+            not_started.append(name)
+            return
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TETHER_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
         logp = spec_file.parent / "worker.log"
         with open(logp, "w") as logf:
-            rc = subprocess.call([sys.executable, "-m", module, str(spec_file)], stdout=logf, stderr=subprocess.STDOUT, env=env)
-        if rc != 0:
+            proc = subprocess.Popen([sys.executable, "-m", module, str(spec_file)], stdout=logf, stderr=subprocess.STDOUT, env=env)
+            rc, forwarded = wait_forwarding(proc)
+        if rc == preempt.EXIT_PREEMPTED or (forwarded and rc == -signal.SIGTERM):  # (killed before its handlers)
+            stopped.append(name)
+        elif rc != 0:
             failures.append((name, rc, logp))
         bar.update(1)
 
@@ -59,6 +70,25 @@ def launch_all(jobs: list[tuple[str, Path]], *, module: str, workers: int, desc:
         tails = "\n".join(f"--- {name} (exit {rc}), last lines of {logp}:\n" + "\n".join(logp.read_text().splitlines()[-15:])
                           for name, rc, logp in failures)
         raise RuntimeError(f"{len(failures)} run(s) failed:\n{tails}")
+    if stopped or not_started:
+        raise preempt.Preempted(preempt.signal_name(), detail=(
+            f"before every run finished: {len(stopped)} run(s) stopped, {len(not_started)} not started; run the same "
+            "command again to continue (finished runs are not redone, stopped ones resume from their checkpoints)"))
+
+
+def wait_forwarding(proc: subprocess.Popen) -> int:
+    """Wait for a worker; once this process is asked to stop (tether.preempt), pass the request on as
+    SIGTERM (whatever the signal was: a Ctrl-C also reaches the worker from the terminal, and a second
+    SIGINT would stop it at once, without its checkpoint). Returns its exit code and whether it was
+    asked to stop."""
+    forwarded = False
+    while True:
+        try:
+            return proc.wait(timeout=0.2), forwarded
+        except subprocess.TimeoutExpired:
+            if preempt.requested() is not None and not forwarded:
+                proc.send_signal(signal.SIGTERM)
+                forwarded = True
 
 
 def read_points(run_dir: Path) -> list[dict]:

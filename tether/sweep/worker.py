@@ -147,4 +147,6 @@ def main(spec_path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    from ..preempt import run_main
+
+    sys.exit(run_main(main, sys.argv[1]))  # stopped by a signal: checkpoint written, exit 75

@@ -74,6 +74,7 @@ from ..ops.preference import LOSS_TYPES, preference_loss
 from ..reference import (
     REFERENCE_FORMS, OffloadedReference, PrecomputedReference, Reference, eval_mode, reference_from_config,
 )
+from ..preempt import preemptible, stop_if_signalled
 from ..runs import RunDir, save_final
 from ..training import (
     Checkpointer, TrainConfig, derive_micro_batch, load_policy, make_optimizer, make_scheduler,
@@ -390,6 +391,7 @@ def check_config(cfg: DPOConfig) -> None:
                          "To train without a KL penalty and still monitor kl/ref, use ppo, grpo or rloo with --beta 0")
 
 
+@preemptible
 def train_dpo(cfg: DPOConfig, *, rows: Optional[Sequence[dict]] = None, eval_rows: Optional[Sequence[dict]] = None,
               resume: bool = False, callback: Optional[Callable[[int, dict], None]] = None,
               eval_hook: Optional[Callable] = None) -> dict:
@@ -490,6 +492,7 @@ def train_dpo(cfg: DPOConfig, *, rows: Optional[Sequence[dict]] = None, eval_row
             run.log(step, metrics)
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
             ckpt.save(step)
+        stop_if_signalled(step, cfg.max_steps, dist, ckpt)  # SIGTERM/SIGINT/SIGUSR1: checkpoint, exit 75
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['rewards/accuracy']:.2f}",
                         kl=f"{last_eval.get('kl/ref', float('nan')):.2f}")

@@ -68,6 +68,7 @@ from ..ops.positions import check_position_weights
 from ..reference import reference_from_config
 from ..data.prompts import Prompt, as_prompts, eval_prompts_split, load_prompts
 from ..rewards import CallableSource, RewardSet, RewardSource, build_reward, call_source, reward_columns
+from ..preempt import preemptible, stop_if_signalled
 from ..runs import RunDir, save_final
 from ..training import (
     Checkpointer, StepGuard, TrainConfig, clip_and_norm, load_policy, make_optimizer, make_scheduler, progress_bar,
@@ -591,6 +592,7 @@ def setup(cfg: OnlineConfig, method: OnlineMethod, *, prompts=None, reward=None,
     return s
 
 
+@preemptible
 def train_online(
     cfg: OnlineConfig, *, method: Optional[OnlineMethod] = None, prompts: Optional[Sequence[str]] = None,
     reward=None, log_rewards=None, eval_prompts: Optional[Sequence[str]] = None, resume: bool = False,
@@ -667,6 +669,7 @@ def train_online(
             s.log_samples(ro)
         if cfg.save_every and s.step % cfg.save_every == 0 and s.step < cfg.max_steps:
             s.save()
+        stop_if_signalled(s.step, cfg.max_steps, dist, s.ckpt, save=s.save)  # a signal: checkpoint, exit 75
         bar.update(1)
         bar.set_postfix(score=f"{metrics['reward/score']:.3f}", kl=f"{metrics['kl/ref']:.2f}", beta=f"{beta:.3g}")
     bar.close()

@@ -33,6 +33,7 @@ from ..groups import DATA_FIELDS
 from ..modeling import DTYPES, load_tokenizer
 from ..ops.reward_model import bradley_terry_loss
 from ..rewards import sequence_scores
+from ..preempt import preemptible, stop_if_signalled
 from ..runs import RunDir, save_final, seed_everything
 from ..training import (
     Checkpointer, TrainConfig, derive_micro_batch, make_optimizer, make_scheduler, progress_bar,
@@ -159,6 +160,7 @@ def evaluate_rm(model, pairs: Sequence[dict], *, pad_id: int, batch_size: int, d
     return dist.reduce_metrics(sums, {k: float(len(mine)) for k in sums})
 
 
+@preemptible
 def train_reward_model(cfg: RMConfig, *, resume: bool = False) -> dict:
     """Run reward-model training; returns {"final": path, "loss", "rm/accuracy", "eval/rm/accuracy", "eval/loss"}."""
     if not cfg.dataset:
@@ -204,6 +206,7 @@ def train_reward_model(cfg: RMConfig, *, resume: bool = False) -> dict:
             run.log(step, metrics)
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
             ckpt.save(step)
+        stop_if_signalled(step, cfg.max_steps, dist, ckpt)  # SIGTERM/SIGINT/SIGUSR1: checkpoint, exit 75
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['rm/accuracy']:.2f}")
     bar.close()

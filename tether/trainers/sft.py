@@ -31,6 +31,7 @@ from ..errors import UserError
 from ..groups import DATA_FIELDS
 from ..modeling import position_ids
 from ..ops.logprobs import selective_logps
+from ..preempt import preemptible, stop_if_signalled
 from ..runs import RunDir, save_final
 from ..training import (
     Checkpointer, TrainConfig, derive_micro_batch, load_policy, make_optimizer, make_scheduler,
@@ -132,6 +133,7 @@ def load_sft_data(cfg: SFTConfig, tok) -> tuple[list, list]:
     return train, evals
 
 
+@preemptible
 def train_sft(cfg: SFTConfig, *, resume: bool = False) -> dict:
     """Run SFT; returns {"final": path, "loss": last loss, "eval/loss": final held-out loss}."""
     if not cfg.dataset:
@@ -180,6 +182,7 @@ def train_sft(cfg: SFTConfig, *, resume: bool = False) -> dict:
             run.log(step, metrics)
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
             ckpt.save(step)
+        stop_if_signalled(step, cfg.max_steps, dist, ckpt)  # SIGTERM/SIGINT/SIGUSR1: checkpoint, exit 75
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}")
     bar.close()
