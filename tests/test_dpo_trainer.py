@@ -120,8 +120,10 @@ def test_padding_free_logps_and_gradients_equal_padded(stories, movie_rows):
     tol = seq_logps_tol(logit_magnitude(model, padded.input_ids, attention_mask=padded.attention_mask),
                         padded.input_ids.shape[1])
     assert_close(out["packed"][0], out["padded"][0], abs=tol, what="packed logps")
-    for gp, gq in zip(out["packed"][2], out["padded"][2]):  # per tensor: relative error of the whole gradient
-        assert_close(float((gp - gq).norm() / gq.norm()), 0.0, abs=1e-5, what="gradient")
+    # Per tensor, the relative error of the whole gradient: tensors with small gradients (norm weights)
+    # carry the largest relative rounding; worst 7.6e-6 over the kernel settings (SSE4.2), 2.7e-6 AVX2.
+    for gp, gq in zip(out["packed"][2], out["padded"][2]):
+        assert_close(float((gp - gq).norm() / gq.norm()), 0.0, abs=measured_tol(7.62e-6), what="gradient")
 
 
 def test_every_reference_form_gives_the_same_trajectory(stories_path, other_reference, movie_rows, tmp_path):
@@ -130,9 +132,14 @@ def test_every_reference_form_gives_the_same_trajectory(stories_path, other_refe
         out = tmp_path / form
         train_dpo(small(stories_path, out, reference=form, reference_model=other_reference, ref_sync_every=100), rows=movie_rows)
         runs[form] = [m["loss"] for m in metrics(out)]
+    # Three steps of training on reference log-probs that differ by rounding (the precomputed pass packs
+    # rows, the others score padded batches): worst deviation 3.4e-6 over the kernel settings of
+    # tests/tolerance_report.py (native AVX-512, AVX2, SSE4.2).
+    tol = measured_tol(3.4e-6)
     for form, losses in runs.items():
-        assert_close(losses, runs["precomputed"], abs=1e-5, what=form)
+        assert_close(losses, runs["precomputed"], abs=tol, what=form)
     assert len(set(round(x, 4) for x in runs["copy"])) == 3  # the loss moves: the check is not vacuous
+    assert abs(runs["copy"][2] - runs["copy"][0]) > 100 * tol
 
 
 def test_lora_reference_forms_agree_and_final_model_loads(stories_path, movie_rows, tmp_path):
@@ -145,11 +152,17 @@ def test_lora_reference_forms_agree_and_final_model_loads(stories_path, movie_ro
                     merge_lora=form != "lora")
         train_dpo(cfg, rows=movie_rows)
         runs[form] = [m["loss"] for m in metrics(out)]
+    # The reference's log-probs differ by rounding between forms (adapter switched off inside the
+    # policy, a packed precomputed pass, a separate copy), and at lr 1e-2 Adam turns rounding-sized
+    # gradient elements into ±lr steps: by step 3 the losses differ by up to 7.9e-5 (SSE4.2 kernels;
+    # 2.6e-5 native AVX-512, 1.9e-5 AVX2: tests/tolerance_report.py). A wrong reference moves them by
+    # the loss's own change, ~0.13.
+    tol = measured_tol(7.93e-5)
     for form, losses in runs.items():
-        assert_close(losses, runs["lora"], abs=1e-5, what=form)
+        assert_close(losses, runs["lora"], abs=tol, what=form)
     first = metrics(tmp_path / "lora")[0]  # LoRA B = 0 at init: policy = reference
     assert runs["lora"][0] == pytest.approx(math.log(2), abs=dpo_log2_tol(first, cfg.beta))
-    assert abs(runs["lora"][2] - math.log(2)) > 1e-3
+    assert abs(runs["lora"][2] - math.log(2)) > 100 * tol
     assert (tmp_path / "lora" / "final" / "adapter_config.json").exists()  # merge_lora false: an adapter
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "copy" / "final")  # merged: a plain model
     assert not any("lora" in n for n, _ in merged.named_parameters())

@@ -24,7 +24,7 @@ import pytest
 import torch
 from conftest import f32_tol
 
-from conftest import assert_close, f32_tol, logit_magnitude
+from conftest import assert_close, f32_tol, logit_magnitude, measured_tol
 from tether.distributed import Dist
 from tether.modeling import completion_logps, make_batch
 from tether.ops.kl import kl_loss_term
@@ -387,8 +387,8 @@ def test_resume_continues_the_same_trajectory(stories_path, tmp_path):
     assert len(full["eval_history"]) == len(resumed["eval_history"]) == 3  # steps 0, 2, 4
     for a, b in zip(full["history"] + full["eval_history"], resumed["history"] + resumed["eval_history"]):
         assert a.keys() == b.keys()
-        for k in a:  # same ops on the same CPU in the same order: equal up to float printing
-            assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-7), (a["step"], k)
+        for k in a:  # the same ops on the same shapes in the same order: equal to the bit (NaN = NaN)
+            assert a[k] == b[k] or (a[k] != a[k] and b[k] != b[k]), (a["step"], k, a[k], b[k])
     assert (ckpts / "step-4" / "model" / "model.safetensors").read_bytes() == ref_weights
     rows = [json.loads(ln) for ln in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "kl/ref" in r] == [1, 2, 3, 4]
@@ -563,8 +563,13 @@ def test_scores_from_update_match_the_scoring_pass(method, kw, stories_path, tmp
     from safetensors.torch import load_file
 
     wa, wb = load_file(Path(off["final"]) / "model.safetensors"), load_file(Path(on["final"]) / "model.safetensors")
+    # Bit-identical with AVX-512 and SSE4.2 kernels; with AVX2 the update's forward (with grad) and the
+    # scoring pass (without) round differently and three Adam steps carry it to 1.87e-5 in a weight.
+    tol = measured_tol(1.87e-5)
+    moved = max(float((wa[n] - w0).abs().max()) for n, w0 in load_file(Path(stories_path) / "model.safetensors").items() if n in wa)
+    assert moved > 30 * tol  # the weights moved far more than the tolerance
     for name in wa:
-        torch.testing.assert_close(wb[name], wa[name], atol=1e-5, rtol=1e-4)
+        assert_close(wb[name], wa[name], abs=tol, rel=1e-4, what=name)
 
 
 def test_scores_from_update_only_when_exact(stories_path, tmp_path):

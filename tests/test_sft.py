@@ -6,6 +6,7 @@ import gzip
 import json
 
 import pytest
+from conftest import assert_close, measured_tol
 import torch
 import torch.nn.functional as F
 
@@ -220,7 +221,11 @@ def test_two_processes_equal_one(tmp_path, stories_path):
     assert main(["sft", *flags, "--output_dir", str(tmp_path / "one")]) == 0
     one, two = _rows(tmp_path / "one"), _rows(tmp_path / "two")
     assert [r["step"] for r in two] == [1, 2, 3]
+    # Two half-batch gradients all-reduced against one batch, over three Adam steps: worst deviation of
+    # the loss 6.5e-6 and of the held-out loss 3.1e-6 over the kernel settings (AVX2; ~3e-7 native and
+    # SSE4.2: tests/tolerance_report.py).
     for a, b in zip(one, two):
-        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+        assert_close(b["loss"], a["loss"], abs=measured_tol(6.48e-6), what=f"loss, step {a['step']}")
         assert b["opt/grad_norm"] == pytest.approx(a["opt/grad_norm"], rel=1e-4)
-    assert two[-1]["eval/loss"] == pytest.approx(one[-1]["eval/loss"], abs=1e-5)
+    assert_close(two[-1]["eval/loss"], one[-1]["eval/loss"], abs=measured_tol(3.09e-6), what="eval/loss")
+    assert abs(one[-1]["loss"] - one[0]["loss"]) > 100 * measured_tol(6.48e-6)  # the runs moved

@@ -36,9 +36,11 @@ def main(argv: list[str]) -> int:
     root = Path(__file__).resolve().parents[1]
     worst: dict[str, dict] = {}
     failed = []
+    keep = os.environ.get("TETHER_TOL_KEEP")  # a folder to keep each setting's log in
     with tempfile.TemporaryDirectory() as tmp:
         for name, env in SETTINGS.items():
-            log = Path(tmp) / f"{name}.jsonl"
+            log = Path(keep or tmp) / f"{name}.jsonl"
+            log.unlink(missing_ok=True)
             proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *argv],
                                   cwd=root, env={**os.environ, **env, "TETHER_TOL_LOG": str(log)})
             if proc.returncode not in (0, 5):
