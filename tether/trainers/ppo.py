@@ -31,6 +31,7 @@ from ..ops.policy import aggregate_loss, gae, masked_mean, masked_std, masked_wh
 from ..value import VALUE_MODELS
 from ..ops.positions import weight_by_position
 from .online import Counts, LossInputs, OnlineConfig, OnlineMethod, Prepared, beta_weights, exact_kl_direct_term, train_online
+from .mismatch import loss_weights
 from .sft import token_nll
 from ..errors import UserError
 
@@ -95,8 +96,11 @@ def loss(x: LossInputs, *, cfg: PPOConfig, beta: float, counts: Counts) -> tuple
     reward, + β/adv_scale x its direct term (``online.exact_kl_direct_term``)."""
     pg, pg_stats = ppo_policy_loss(x.logps, x.old_logps, x.advantages, x.mask, clip=cfg.clip_eps)  # (B, T)
     vf, vf_stats = ppo_value_loss(x.values, x.old_values, x.returns, x.mask, clip=cfg.clip_value)  # (B, T)
+    cw = loss_weights(x, cfg)  # behaviour_correction: samples from μ, weighted back to π_old (trainers/mismatch.py)
+    pg = cw.weights * pg  # the KL in the reward is in the advantages: corrected with the policy gradient
     if cfg.kl_estimator == "exact":  # the direct part of ∇KL that a detached exact KL in the reward misses
-        pg = pg + (beta / x.adv_scale) * weight_by_position(exact_kl_direct_term(x), beta_weights(cfg, x.mask))
+        direct = weight_by_position(exact_kl_direct_term(x), beta_weights(cfg, x.mask))
+        pg = pg + (beta / x.adv_scale) * cw.state_weights * direct  # a function of s_t only: the state weight
     n = {"num_tokens": counts.tokens, "num_seqs": counts.seqs}
     total = aggregate_loss(pg, x.mask, mode=cfg.loss_aggregation, **n) + cfg.vf_coef * aggregate_loss(vf, x.mask, mode="token_mean", **n)
     stats = {

@@ -28,6 +28,7 @@ from ..ops.kl import seq_sum
 from ..ops.policy import aggregate_loss, masked_mean, masked_std, masked_whiten, ppo_policy_loss, rloo_advantages, token_rewards
 from ..ops.positions import weight_by_position
 from .online import Counts, LossInputs, OnlineConfig, OnlineMethod, Prepared, beta_weights, exact_kl_direct_term, train_online
+from .mismatch import loss_weights
 from ..errors import UserError
 
 
@@ -67,8 +68,11 @@ def loss(x: LossInputs, *, cfg: RLOOConfig, beta: float, counts: Counts) -> tupl
     """The sequence advantage on every token through the clipped surrogate (PPO Eq. 7); with the exact
     estimator in the reward, + β/adv_scale x its direct term (``online.exact_kl_direct_term``)."""
     pg, pg_stats = ppo_policy_loss(x.logps, x.old_logps, x.advantages, x.mask, clip=cfg.clip_eps)  # (B, T)
+    cw = loss_weights(x, cfg)  # behaviour_correction: samples from μ, weighted back to π_old (trainers/mismatch.py)
+    pg = cw.weights * pg  # the KL in the reward is in the advantages: corrected with the policy gradient
     if cfg.kl_estimator == "exact":  # the direct part of ∇KL that a detached exact KL in the reward misses
-        pg = pg + (beta / x.adv_scale) * weight_by_position(exact_kl_direct_term(x), beta_weights(cfg, x.mask))
+        direct = weight_by_position(exact_kl_direct_term(x), beta_weights(cfg, x.mask))
+        pg = pg + (beta / x.adv_scale) * cw.state_weights * direct  # a function of s_t only: the state weight
     total = aggregate_loss(pg, x.mask, mode=cfg.loss_aggregation, num_tokens=counts.tokens, num_seqs=counts.seqs)
     stats = {"ppo/policy_loss": masked_mean(pg, x.mask).detach(), "ppo/clipfrac": pg_stats["clipfrac"],
              "ppo/approx_kl_old": pg_stats["approx_kl_old"]}
