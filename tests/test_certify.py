@@ -94,6 +94,13 @@ def test_the_suite_covers_what_tether_ships(certificate):
         assert by_name[name].target == "fixed_reference_optimum" and by_name[name].config["kl_reference_filter"] == "none"
     assert by_name["ppo_top_k_branches_restricted"].target == "restricted_reference_optimum"
     assert by_name["adaptive_kl_top_p"].config["top_p"] == 0.9
+    # a sampler that is not the trainer (docs/theory.md §3): each corrected row has an uncorrected twin
+    from tether.oracle.certify_mismatch import CORRECTED_ROWS
+
+    for name in CORRECTED_ROWS:
+        twin = name.replace("seq_tis", "uncorrected").replace("token_tis", "uncorrected")
+        assert by_name[name].config["behaviour_correction"] != "none" and by_name[twin].config["behaviour_correction"] == "none"
+    assert {by_name[name].method for name in CORRECTED_ROWS} == {"ppo", "grpo", "rloo"}
 
 
 def test_json_table_only_and_plot(tmp_path, capsys):
