@@ -228,17 +228,19 @@ class Prepared:
 
     ``adv_scale`` is what the advantages were divided by (whitening; 1 otherwise): a loss-side term
     that must stay in the reward's units next to whitened advantages (the exact estimator's direct
-    term) is divided by it too, so the loss reads it from here rather than from a side channel."""
+    term) is divided by it too, so the loss reads it from here rather than from a side channel. A
+    float, or a (B, 1) tensor when each row has its own (leave-one-out whitening, ``ppo.prepare``)."""
 
     advantages: torch.Tensor  # (B, T) per token, or (B,) per sequence
     returns: Optional[torch.Tensor] = None  # (B, T) value targets (PPO)
     rewards: Optional[torch.Tensor] = None  # (B, T) per-token rewards with the KL in them (PPO, RLOO)
-    adv_scale: float = 1.0
+    adv_scale: object = 1.0  # float, or (B, 1) tensor
     stats: dict = field(default_factory=dict)  # local token-mean scalars, logged under these names
 
     def select(self, idx) -> "Prepared":
         pick = lambda t: None if t is None else t[idx]  # noqa: E731
-        return Prepared(pick(self.advantages), pick(self.returns), pick(self.rewards), self.adv_scale, self.stats)
+        scale = pick(self.adv_scale) if isinstance(self.adv_scale, torch.Tensor) else self.adv_scale
+        return Prepared(pick(self.advantages), pick(self.returns), pick(self.rewards), scale, self.stats)
 
 
 @dataclass
@@ -254,7 +256,7 @@ class LossInputs:
     ref_logps: torch.Tensor  # (B, T) log π^τ_ref: tempered, unfiltered (restricted to F_t with kl_reference_filter: restricted)
     mask: torch.Tensor  # (B, T) bool
     advantages: torch.Tensor  # (B, T) or (B,)
-    adv_scale: float = 1.0  # Prepared.adv_scale
+    adv_scale: object = 1.0  # Prepared.adv_scale: float or (B, 1)
     logits: Optional[torch.Tensor] = None  # (B, T, V) policy logits (exact estimator in a loss)
     ref_logits: Optional[torch.Tensor] = None  # (B, T, V), present when method.needs_ref_logits(cfg)
     values: Optional[torch.Tensor] = None  # (B, T) current value predictions (PPO)

@@ -4,7 +4,9 @@ The loop is ``online.train_online``; this file is PPO's two pieces:
 
 - ``prepare``: per-token rewards ``r_t = -β·sg(kl_t)``, plus the score at the last completion token
   (docs/theory.md §1, ``ops.policy.token_rewards``) -> GAE(γ, λ) against the value model's V(s_t) (PPO paper
-  Eq. 11-12, ``ops.policy.gae``) -> advantages whitened over the rollout (``masked_whiten``).
+  Eq. 11-12, ``ops.policy.gae``) -> advantages whitened over the rollout (``masked_whiten``; with the exact
+  estimator in the reward, each completion with the other completions' statistics, ``masked_whiten_loo``:
+  the batch's own σ̂ would bias the update's direction, docs/theory.md §3).
 - ``loss``: clipped surrogate (PPO Eq. 7) + ``vf_coef`` x clipped value loss (``ppo_value_loss``),
   optionally + PPO-ptx: ``-ptx_coef`` x the token-mean log-likelihood of pretraining text
   (InstructGPT Eq. 2, γ·E_{x~D_pretrain}[log π(x)]; the paper's γ = 27.8 multiplies a per-token
@@ -27,7 +29,9 @@ from typing import ClassVar, Optional
 import torch
 
 from ..data.text import batch_indices, collate, load_text_examples, prepare_sft
-from ..ops.policy import aggregate_loss, gae, masked_mean, masked_std, masked_whiten, ppo_policy_loss, ppo_value_loss, token_rewards
+from ..ops.policy import (
+    aggregate_loss, gae, masked_mean, masked_std, masked_whiten, masked_whiten_loo, ppo_policy_loss, ppo_value_loss, token_rewards,
+)
 from ..value import VALUE_MODELS
 from ..ops.positions import weight_by_position
 from .online import Counts, LossInputs, OnlineConfig, OnlineMethod, Prepared, beta_weights, exact_kl_direct_term, train_online
@@ -53,7 +57,7 @@ class PPOConfig(OnlineConfig):
     lam: float = 0.95
     """GAE λ (docs/theory.md §7: 0.95)."""
     whiten_advantages: bool = True
-    """Standardise advantages over the rollout (per process)."""
+    """Standardise advantages over the rollout (per process; with kl_estimator=exact each completion with the other completions' mean and std, which keeps the direction unbiased: docs/theory.md §3)."""
     num_epochs: int = 4
     """PPO epochs over each rollout."""
     ptx_coef: float = 0.0
@@ -83,7 +87,11 @@ def prepare(*, scores: torch.Tensor, kl_tokens: torch.Tensor, mask: torch.Tensor
     rewards = token_rewards(scores, kl_tokens, mask, beta=beta)  # (B, T): -β·kl_t, + score at the end
     adv, returns = gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)  # (B, T) each
     scale = 1.0
-    if cfg.whiten_advantages:
+    if cfg.whiten_advantages and cfg.kl_estimator == "exact":
+        # the batch's own σ̂ biases the direction where advantages fluctuate at the optimum (exact in the
+        # reward, docs/theory.md §3): each row is whitened with the other rows' statistics instead
+        adv, scale = masked_whiten_loo(adv, mask)  # (B, T), (B, 1)
+    elif cfg.whiten_advantages:
         scale = float(masked_std(adv, mask))
         adv = masked_whiten(adv, mask)
     stats = {"ppo/explained_variance": float(explained_variance(values, returns, mask)),
