@@ -24,10 +24,12 @@ def test_masked_whiten_loo_by_hand():
         masked_whiten_loo(x[:1], mask[:1])
 
 
-def _mean_gradient_z(loo: bool, K: int = 1500, n: int = 64) -> tuple[float, float]:
-    """z-scores of the mean of K sampled PPO gradients (exact in the reward + its direct term, token_mean,
-    advantages = reward-to-go whitened) at π*, where the expected gradient is exactly 0. Returns
-    (χ²/dof of the z-scores, max |z|) over the table entries of states π* visits with probability > 1%."""
+def _mean_gradient_ratio(loo: bool, K: int = 1500, n: int = 64) -> float:
+    """R = ‖mean of K sampled PPO gradients‖² / (its expected value under a zero mean, Σ_j Var_j / K), at π*
+    (exact in the reward + its direct term, token_mean, advantages = reward-to-go whitened), where the
+    expected gradient is exactly 0: R ≈ 1 (its null mean) for an unbiased update, R ≫ 1 for a biased one.
+    (A norm ratio, not per-entry z-scores: entries at states where π* is nearly deterministic have
+    near-zero variance, and their rounding would dominate z-scores.)"""
     from tether.ops.kl import kl_per_token
     from tether.oracle import make_problem, optimal_policy
     from tether.oracle.certify_online import scores_of
@@ -59,21 +61,16 @@ def _mean_gradient_z(loo: bool, K: int = 1500, n: int = 64) -> tuple[float, floa
         loss, _ = ppo.loss(x, cfg=cfg, beta=beta, counts=Counts(tokens=float(mask.sum()), seqs=float(mask.shape[0])))
         grads.append(torch.autograd.grad(loss, pol.table)[0].detach().flatten())
     G = torch.stack(grads)
-    z = G.mean(0) / (G.std(0) / K ** 0.5)
-    visited = (pistar.state_probs().detach() > 0.01)[..., None].expand(pistar.table.shape).flatten()
-    z = z[visited]
-    return float((z * z).mean()), float(z.abs().max())
+    m = G.mean(0)
+    return float((m * m).sum() / (G.var(0).sum() / K))
 
 
 @pytest.mark.slow
 def test_leave_one_out_whitening_removes_the_direction_bias_at_the_optimum():
-    """K = 1500 batches of 64 samples per prompt at π*. With the batch's own σ̂ the mean gradient is off 0
-    by many standard errors; with leave-one-out statistics it is consistent with 0 (χ²/dof of the
-    z-scores near its null value; the z-scores of one state's entries are dependent, so the null value is
-    below 1). States π* visits with probability < 1% are left out: one of them (0.27%) shows a mean of
-    -2e-6 in every variant, whitened or not, a sampling artefact at a rare state unrelated to whitening."""
-    chi_loo, z_loo = _mean_gradient_z(loo=True)
-    chi_batch, z_batch = _mean_gradient_z(loo=False)
-    print(f"leave-one-out: chi2/dof {chi_loo:.2f}, max|z| {z_loo:.1f}; batch: chi2/dof {chi_batch:.2f}, max|z| {z_batch:.1f}")
-    assert chi_loo < 1.5 and z_loo < 4.0
-    assert chi_batch > 2.0 and z_batch > 4.0
+    """K = 1500 batches of 64 samples per prompt at π*. With the batch's own σ̂ the mean update is off 0 by
+    more than its noise (measured R = 3.5); with leave-one-out statistics it is not (R = 0.43; without any
+    whitening 0.86). The null mean of R is 1; its spread over seeds is below ±1 at this K (about 20
+    effective dimensions), so 2 separates the two."""
+    r_loo, r_batch = _mean_gradient_ratio(loo=True), _mean_gradient_ratio(loo=False)
+    print(f"R: leave-one-out {r_loo:.2f}, batch σ̂ {r_batch:.2f}")
+    assert r_loo < 2.0 < r_batch

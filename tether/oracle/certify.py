@@ -805,9 +805,10 @@ def best_of_n_rows(suite: Suite) -> list:
 def all_rows(suite: Suite) -> list:
     from .certify_filters import filter_rows  # top-k / top-p (docs/theory.md §3)
     from .certify_mismatch import mismatch_rows  # a sampler that is not the trainer (docs/theory.md §3)
+    from .certify_positions import position_rows  # position-dependent β (docs/theory.md §12)
 
-    return (online_rows(suite) + trainer_rows(suite) + filter_rows(suite) + mismatch_rows(suite) + preference_rows(suite)
-            + best_of_n_rows(suite))
+    return (online_rows(suite) + trainer_rows(suite) + filter_rows(suite) + mismatch_rows(suite) + position_rows(suite)
+            + preference_rows(suite) + best_of_n_rows(suite))
 
 
 def names(suite: Optional[Suite] = None) -> list[tuple[str, str]]:
