@@ -132,3 +132,15 @@ def test_mismatch_rows_fail_when_the_behaviour_correction_is_off(monkeypatch):
     for name in names:
         assert not got[name].ok and got[name].kl_to_target > certify.SAMPLED_TOL, (name, got[name].kl_to_target)
         assert got[name].config["behaviour_correction"] != "none"  # the row still asked for it
+
+
+def test_position_beta_rows_fail_when_the_weights_are_dropped(monkeypatch):
+    """β_t = β for every position (the weights ignored wherever the trainers read them): the PPO and RLOO rows
+    converge to π*(β) instead, 0.12-0.14 nats from their targets."""
+    from tether.trainers import online as online_mod
+
+    for mod in (online_mod, ppo_mod, rloo_mod):
+        monkeypatch.setattr(mod, "beta_weights", lambda cfg, mask: None)
+    got = _rows(["ppo_beta_position_decay", "rloo_beta_position_weights"])
+    for name, cert in got.items():
+        assert not cert.ok and cert.kl_to_target > 5 * certify.SAMPLED_TOL, (name, cert.kl_to_target)

@@ -51,7 +51,7 @@ def loss_weights(x, cfg) -> CorrectionWeights:
 def add_mismatch_stats(sums: dict, counts: dict, ro, cfg) -> None:
     """Add the rollout's ``mismatch/*`` (sum, count) pairs to ``sums``/``counts`` in place (nothing when
     the backend returned no behaviour log-probs)."""
-    mu: Optional[object] = ro.batch.behaviour_logps
+    mu: Optional[object] = ro.behaviour_logps
     if mu is None or ro.old_logps is None:
         return
     mu = mu.to(ro.old_logps.device)

@@ -339,7 +339,7 @@ def loss_inputs(out: PolicyOutput, ro: Rollout, prep: Prepared, ref_logits: Opti
     return LossInputs(logps=out.logps, old_logps=ro.old_logps, ref_logps=ro.ref_logps, mask=ro.mask,
                       advantages=prep.advantages, adv_scale=prep.adv_scale, logits=out.logits, ref_logits=ref_logits,
                       values=out.values, old_values=ro.values, returns=prep.returns,
-                      behaviour_logps=ro.batch.behaviour_logps)
+                      behaviour_logps=ro.behaviour_logps)
 
 
 def rollout_ref_logits(reference, ro: Rollout, *, chunk: int, filters: dict) -> torch.Tensor:
