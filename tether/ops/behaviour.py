@@ -166,7 +166,7 @@ def mismatch_stats(old_logps: torch.Tensor, behaviour_logps: torch.Tensor, mask:
         sums[f"mismatch/kl_{est}_stderr"], counts[f"mismatch/kl_{est}_stderr"] = se, 1.0
     if n_tok:
         r = torch.exp(behaviour_log_ratio(old_logps, behaviour_logps, mask).double()[mask])  # (n,)
-        q = torch.quantile(r, torch.tensor(RATIO_QUANTILES, dtype=r.dtype))
+        q = torch.quantile(r, torch.tensor(RATIO_QUANTILES, dtype=r.dtype, device=r.device))
         per_batch = {"ratio_min": r.min(), "ratio_max": r.max(),
                      **{f"ratio_p{round(p * 100):02d}": v for p, v in zip(RATIO_QUANTILES, q)}}
         for k, v in per_batch.items():
