@@ -94,6 +94,16 @@ def test_the_suite_covers_what_tether_ships(certificate):
         assert by_name[name].target == "fixed_reference_optimum" and by_name[name].config["kl_reference_filter"] == "none"
     assert by_name["ppo_top_k_branches_restricted"].target == "restricted_reference_optimum"
     assert by_name["adaptive_kl_top_p"].config["top_p"] == 0.9
+    # a sampler that is not the trainer (docs/theory.md §3): each corrected row has an uncorrected twin
+    from tether.oracle.certify_mismatch import CORRECTED_ROWS
+
+    for name in CORRECTED_ROWS:
+        twin = name.replace("seq_tis", "uncorrected").replace("token_tis", "uncorrected")
+        assert by_name[name].config["behaviour_correction"] != "none" and by_name[twin].config["behaviour_correction"] == "none"
+    assert {by_name[name].method for name in CORRECTED_ROWS} == {"ppo", "grpo", "rloo"}
+    # position-dependent β: PPO (k1, exact) and RLOO against the soft backup with β_t = β·w_t
+    for name in ("ppo_beta_position_decay", "rloo_beta_position_weights", "ppo_exact_beta_position_decay"):
+        assert by_name[name].target == "position_beta_optimum" and by_name[name].kl_to_optimum > certify.SEPARATION
 
 
 def test_json_table_only_and_plot(tmp_path, capsys):
@@ -300,3 +310,33 @@ def test_filter_rows_default_reaches_the_fixed_reference_optimum_and_restricted_
     assert restricted.config["kl_reference_filter"] == "restricted" and default.config["kl_reference_filter"] == "none"
     t1 = rows["ppo_top_k_t1"]()
     assert t1.ok, t1.note
+
+
+# ---- position-dependent β (docs/theory.md §12; tether.oracle.certify_positions) ------------------------------
+
+
+def test_position_beta_optimum_is_the_optimum_of_the_weighted_objective():
+    """π*_w (soft backup with β_t = β·w_t) against independent facts: w ≡ 1 gives π*(β); at T = 1 it is
+    π*(β·w_0); and J_w(π) = E_π[r - Σ_t β·w_t·log(π/π_ref)], computed by enumeration, has zero gradient
+    at π*_w and is lower at perturbed policies (both exact in float64)."""
+    from tether.oracle.certify_positions import position_beta_optimum, position_objective
+    from tether.oracle.tabular import TabularPolicy
+
+    problem, beta = make_problem(3, 3, n_prompts=2, seed=0), 0.5
+    same = position_beta_optimum(problem.ref, problem.rewards, beta, [1.0, 1.0, 1.0])
+    assert float(sequence_kl(same, optimal_policy(problem.ref, problem.rewards, beta)).max()) < EXACT
+    single = make_problem(5, 1, n_prompts=2, seed=0)
+    t1 = position_beta_optimum(single.ref, single.rewards, beta, [0.3])
+    assert float(sequence_kl(t1, optimal_policy(single.ref, single.rewards, beta * 0.3)).max()) < EXACT
+    g = torch.Generator().manual_seed(0)
+    for w in ([1.0, 0.74, 0.55], [0.5, 1.0, 2.0]):
+        target = position_beta_optimum(problem.ref, problem.rewards, beta, w)
+        pol = TabularPolicy(problem.space, target.table.detach().clone())
+        J = position_objective(pol, problem.ref, problem.rewards, beta, w)
+        (grad,) = torch.autograd.grad(J.sum(), pol.table)
+        assert float(grad.abs().max()) < EXACT, w
+        for _ in range(5):
+            other = TabularPolicy(problem.space, target.table.detach() + 0.1 * torch.randn(target.table.shape, generator=g,
+                                                                                           dtype=target.table.dtype))
+            assert bool((position_objective(other, problem.ref, problem.rewards, beta, w) < J.detach()).all())
+        assert float(sequence_kl(target, optimal_policy(problem.ref, problem.rewards, beta)).mean()) > certify.SEPARATION

@@ -3,7 +3,8 @@ it trains must turn red. Each mutation patches a name the trainer module itself 
 code is what ``train_online`` / ``train_dpo`` run), then runs the certificate rows of that trainer.
 
 Mutations: flip the KL's sign, drop the KL term, drop PPO's clip (the trust-region row), drop DPO's
-reference. Each runs one or two rows (~10-30 s each on 2 cores), so the module is marked slow.
+reference, measure the KL to the restricted reference under top-k/top-p, switch the sampler-mismatch
+correction off. Each runs one or two rows (~10-30 s each on 2 cores), so the module is marked slow.
 """
 
 from __future__ import annotations
@@ -107,3 +108,39 @@ def test_filter_rows_fail_when_the_kl_is_to_the_restricted_reference(monkeypatch
     monkeypatch.setattr(online_mod, "score_rows", restricted_penalty)
     branches = _rows(["ppo_top_k_branches"])["ppo_top_k_branches"]
     assert not branches.ok and branches.kl_to_target > 5 * certify.SAMPLED_TOL, (branches.kl_to_target, branches.note)
+
+
+def test_mismatch_rows_fail_when_the_behaviour_correction_is_off(monkeypatch):
+    """Switch the correction off inside the trainers (the weights every loss reads become those of ``none``)
+    while the rows still ask for it: each corrected row whose limit depends on the sampling distribution
+    turns red. Measured with the correction off: grpo 0.034, ppo_exact 0.053, rloo_exact 0.108, the T = 1
+    row 0.034 nats from their targets, against 0.004, 0.005, 0.007, 0.0015 with it on."""
+    import dataclasses
+
+    from tether.trainers import mismatch as mismatch_mod
+
+    original = mismatch_mod.loss_weights
+
+    def uncorrected(x, cfg):
+        return original(x, dataclasses.replace(cfg, behaviour_correction="none"))
+
+    for mod in (ppo_mod, grpo_mod, rloo_mod):
+        monkeypatch.setattr(mod, "loss_weights", uncorrected)
+    names = ["grpo_mismatch_seq_tis", "ppo_exact_mismatch_seq_tis", "rloo_exact_mismatch_seq_tis",
+             "ppo_exact_mismatch_token_tis_t1"]
+    got = _rows(names)
+    for name in names:
+        assert not got[name].ok and got[name].kl_to_target > certify.SAMPLED_TOL, (name, got[name].kl_to_target)
+        assert got[name].config["behaviour_correction"] != "none"  # the row still asked for it
+
+
+def test_position_beta_rows_fail_when_the_weights_are_dropped(monkeypatch):
+    """β_t = β for every position (the weights ignored wherever the trainers read them): the PPO and RLOO rows
+    converge to π*(β) instead, 0.12-0.14 nats from their targets."""
+    from tether.trainers import online as online_mod
+
+    for mod in (online_mod, ppo_mod, rloo_mod):
+        monkeypatch.setattr(mod, "beta_weights", lambda cfg, mask: None)
+    got = _rows(["ppo_beta_position_decay", "rloo_beta_position_weights"])
+    for name, cert in got.items():
+        assert not cert.ok and cert.kl_to_target > 5 * certify.SAMPLED_TOL, (name, cert.kl_to_target)

@@ -46,6 +46,8 @@ CASES = [
     ("ppo-lr-abbreviation", "ppo --prompts {d}/p.txt --lr 1e-4", "--lr"),
     ("ppo-kl-estimator", "ppo --prompts {d}/p.txt --kl_estimator k9", "kl_estimator"),
     ("ppo-kl-reference-filter", "ppo --prompts {d}/p.txt --kl_reference_filter matched", "kl_reference_filter"),
+    ("ppo-behaviour-correction", "ppo --prompts {d}/p.txt --behaviour_correction tis", "behaviour_correction"),
+    ("grpo-behaviour-cap", "grpo --prompts {d}/p.txt --behaviour_correction seq_mis --behaviour_cap 1", "behaviour_cap"),
     ("grpo-vllm-head-dim-8", "grpo --prompts {d}/p.txt --backend vllm", "backend=vllm"),
     ("grpo-decoder-unknown", "grpo --prompts {d}/p.txt --decoder fast", "--decoder"),
     ("grpo-decoder-with-vllm", "grpo --prompts {d}/p.txt --backend vllm --decoder hf", "backend builtin"),

@@ -115,3 +115,31 @@ def test_filters_and_unsupported_model_refused(setup, stories_path):
         generate(policy, prompts, tokenizer=tok, sampling={"top_k": 5}, max_new_tokens=4, seed=0, backend=backend)
     with pytest.raises(UserError, match=r"head size 8,.*use backend=builtin"):
         make_backend("vllm", load_causal_lm(stories_path))
+
+
+def test_behaviour_logps_are_the_engines_and_the_mismatch_is_float_rounding(setup):
+    """The batch carries the engine's own log-probs as log μ (``batch.behaviour_logps``: what the trainers'
+    ``mismatch/*`` and ``behaviour_correction`` read), and in float32 the mismatch against tether's scoring
+    is rounding only: each token within ``_agreement``'s tolerance, so each sequence's k1 sum within T
+    times it, k3 (≈ lr²/2) below that, every ratio π_old/μ within 2·tol of 1 (e^tol - 1 < 2·tol), and no
+    correction cuts anything at C = 2."""
+    from tether.ops.behaviour import CORRECTION_NAMES, correction_weights, mismatch_stats
+
+    tok, policy, backend, prompts = setup
+    smp = generate(policy, prompts, tokenizer=tok, sampling={"temperature": TAU}, max_new_tokens=16,
+                   generator=torch.Generator().manual_seed(2), backend=backend)
+    mu = smp.batch.behaviour_logps
+    assert mu is not None and torch.equal(mu.cpu(), backend.last_logps)
+    _, tol = _agreement(policy, backend, smp)
+    old = score(policy, FrozenReference(copy.deepcopy(policy)), smp, sampling=smp.sampling).logps
+    mask = smp.mask.to(old.device)
+    mu = mu.to(old.device)
+    for name in CORRECTION_NAMES:
+        assert not correction_weights(old, mu, mask, correction=name, cap=2.0).cut.any(), name
+    s, c = mismatch_stats(old, mu, mask, correction_weights(old, mu, mask, correction="token_tis", cap=2.0))
+    m = {k: s[k] / c[k] for k in s}
+    T = mask.shape[1]
+    assert abs(m["mismatch/kl_k1"]) <= T * tol and abs(m["mismatch/kl_k3"]) <= T * tol, (m, tol)
+    for k in ("mismatch/ratio_min", "mismatch/ratio_max", "mismatch/weight_mean"):
+        assert abs(m[k] - 1.0) <= 2 * tol, (k, m[k], tol)
+    assert m["mismatch/cut_token_frac"] == 0.0

@@ -72,3 +72,38 @@ def test_grpo_trajectory_matches_builtin(small_model_dir, tmp_path, monkeypatch)
     mask = smp.mask.cpu()
     diff = (sc.logps.cpu()[mask] - backend.last_logps[mask]).abs().max().item()
     assert diff < 1e-4, diff  # f32 agreement is ~1e-6 (test_vllm_backend.py); a stale engine is off by > 1e-2
+
+
+def test_grpo_logs_the_mismatch_and_weights_the_loss_with_the_engines_logps(small_model_dir, tmp_path, monkeypatch):
+    """A 2-step GRPO run with the vLLM backend and ``behaviour_correction: seq_tis``: every step logs
+    ``mismatch/*`` at float32 rounding (the per-token bar of the test above, 1e-4, times the 16 tokens of a
+    completion), nothing is cut, and the loss's correction weights are computed from the engine's own
+    log-probs (the rollout rows of ``last_logps``, as the loss received them)."""
+    import tether.trainers.grpo as grpo_mod
+
+    seen, made = [], {}
+    weights, make = grpo_mod.loss_weights, online.backend_for
+
+    def spy(x, cfg):
+        seen.append((x.behaviour_logps.detach().cpu().clone(), cfg.behaviour_correction))
+        return weights(x, cfg)
+
+    def keep(cfg, model):
+        made["backend"] = make(cfg, model)
+        return made["backend"]
+
+    monkeypatch.setattr(grpo_mod, "loss_weights", spy)
+    monkeypatch.setattr(online, "backend_for", keep)
+    cfg = GRPOConfig(model=small_model_dir, output_dir=str(tmp_path / "run"), backend="vllm",
+                     behaviour_correction="seq_tis", behaviour_cap=2.0, reward="reward_fns_vllm:chars",
+                     batch_size=16, samples_per_prompt=4, max_new_tokens=16, learning_rate=3e-3, max_steps=2,
+                     progress=False, sample_every=0, eval_every=0, eval_max_prompts=4, eval_samples=1, seed=0)
+    history = train_grpo(cfg, prompts=PROMPTS)["history"]
+    bar = 16 * 1e-4
+    for row in history:
+        assert abs(row["mismatch/kl_k1"]) < bar and abs(row["mismatch/kl_k3"]) < bar, row
+        assert abs(row["mismatch/ratio_max"] - 1) < 2e-4 and abs(row["mismatch/weight_mean"] - 1) < bar, row
+        assert row["mismatch/cut_token_frac"] == 0.0 and row["mismatch/cut_seq_frac"] == 0.0
+    assert len(seen) == 2 and all(c == "seq_tis" for _, c in seen)
+    got, want = seen[-1][0], made["backend"].last_logps  # the last rollout (rows permuted by the minibatch order)
+    assert torch.equal(got.sum(-1).sort().values, want.sum(-1).sort().values)

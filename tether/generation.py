@@ -3,9 +3,10 @@
 The engine (``engine.generate``) is the one sampling pipeline; a backend is only the part that turns
 prompt token ids into completion token ids. Every backend returns the same thing, a
 ``CompletionBatch`` (left-padded prompts, completions padded after the first EOS, ``allowed`` = the
-packed token sets F_t it sampled from when top-k/top-p is on) and a ``no_eos`` (B,) bool, so scoring,
-the KL and the losses never know which backend ran (docs/theory.md §3: the set at scoring is the
-set at sampling).
+packed token sets F_t it sampled from when top-k/top-p is on; ``behaviour_logps`` = log μ(y_t|s_t) of
+every sampled token under the exact distribution the backend drew it from, the behaviour policy μ) and
+a ``no_eos`` (B,) bool, so scoring, the KL and the losses never know which backend ran (docs/theory.md
+§3: the set at scoring is the set at sampling; μ ≠ π_old is measured and corrected, ``ops.behaviour``).
 
 The interface::
 

@@ -145,6 +145,12 @@ class CompletionBatch:
     active; None otherwise (``make_batch``, preference data). Scoring restricts the policy to it
     (``forward_completion``; docs/theory.md §3), never the reference. Positions that were not sampled
     (after EOS) allow every token.
+
+    behaviour_logps: (B, T) float32, log μ(y_t|s_t) of each sampled token under the exact distribution
+    the generation backend drew it from (the behaviour policy μ: softmax of the sampler's own logits/τ,
+    restricted to F_t), 0 off-mask. Set by every generation backend (``tether.generation``); None for
+    batches nobody sampled (``make_batch``, preference data). The trainers compare it with their own
+    log π_old (``ops.behaviour``; docs/theory.md §3).
     """
 
     input_ids: torch.Tensor
@@ -152,6 +158,7 @@ class CompletionBatch:
     mask: torch.Tensor
     prompt_len: int
     allowed: Optional[torch.Tensor] = None
+    behaviour_logps: Optional[torch.Tensor] = None
 
     @property
     def completion_ids(self) -> torch.Tensor:
@@ -159,12 +166,14 @@ class CompletionBatch:
 
     def to(self, device) -> "CompletionBatch":
         allowed = None if self.allowed is None else self.allowed.to(device)
+        mu = None if self.behaviour_logps is None else self.behaviour_logps.to(device)
         return CompletionBatch(self.input_ids.to(device), self.attention_mask.to(device), self.mask.to(device), self.prompt_len,
-                               allowed)
+                               allowed, mu)
 
     def select(self, idx) -> "CompletionBatch":
         allowed = None if self.allowed is None else self.allowed[idx]
-        return CompletionBatch(self.input_ids[idx], self.attention_mask[idx], self.mask[idx], self.prompt_len, allowed)
+        mu = None if self.behaviour_logps is None else self.behaviour_logps[idx]
+        return CompletionBatch(self.input_ids[idx], self.attention_mask[idx], self.mask[idx], self.prompt_len, allowed, mu)
 
 
 def make_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *, pad_id: int) -> CompletionBatch:

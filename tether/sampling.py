@@ -102,7 +102,8 @@ def sample(
     (``draw_tokens``), so the tokens are those of the plain loop (``tests/reference_sampler.py``) for
     the same generator. With top_k or top_p on, ``batch.allowed`` holds the allowed set F_t of every
     position, packed: (B, T, ceil(V/8)) uint8, B·T·V/8 bytes on the CPU (positions after a row's EOS
-    allow every token); None otherwise.
+    allow every token); None otherwise. ``batch.behaviour_logps`` (B, T) holds log μ(y_t) of each drawn
+    token under the distribution it was drawn from (log-softmax of the filtered, tempered fp32 logits).
 
     ``decoder``: "hf" runs the model's own forward with its DynamicCache; "lean" runs
     ``decode.LlamaDecoder`` (static cache, fused products: the same mathematics with fewer calls, float32
@@ -138,6 +139,7 @@ def sample(
     done = torch.zeros(B, dtype=torch.bool, device=device)
     out_tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     out_mask = torch.zeros((B, max_new_tokens), dtype=torch.bool, device=device)
+    out_logps = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)  # log μ of each drawn token
     record = uses_token_filter({"top_k": top_k, "top_p": top_p})
     allowed_steps: list[torch.Tensor] = []  # per step (B, ceil(V/8)) uint8, when record
     rows = torch.arange(B, device=device)  # (b,) the rows still in the forward pass
@@ -164,6 +166,9 @@ def sample(
                 if k > 1 and generator is not None:
                     states.append(generator.get_state())  # host-side (CUDA: Philox seed + offset): no device read
                 live = ~done[rows]  # (b,)
+                # the behaviour policy μ: log-softmax of exactly the logits the token was drawn from (τ, F_t)
+                mu = torch.log_softmax(logits, dim=-1).gather(-1, tok[:, None]).squeeze(-1)  # (b,)
+                out_logps[rows, t] = torch.where(live, mu, torch.zeros_like(mu))
                 if record:  # F_t exactly as sampled from; finished rows allow everything (keeps padding finite)
                     allowed = torch.ones((B, logits.shape[-1]), dtype=torch.bool, device=device)  # (B, V)
                     allowed[rows] = (logits > float("-inf")) | ~live[:, None]
@@ -202,5 +207,6 @@ def sample(
         raise AssertionError("internal: completion width mismatch")
     if record:
         batch.allowed = torch.stack(allowed_steps[:T], dim=1).cpu()  # (B, T, ceil(V/8)): one entry per needed step
+    batch.behaviour_logps = out_logps[:, : batch.mask.shape[1]].cpu()  # (B, T), 0 off-mask
     no_eos = ~done.cpu()
     return batch, no_eos

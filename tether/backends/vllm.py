@@ -4,8 +4,11 @@ One process holds the training model and a ``vllm.LLM`` engine over the same wei
 optimiser step ``update_weights(policy)`` pushes the policy's parameters into the engine; ``generate``
 then samples the next batch with it. Only the *tokens* come from vLLM: every log-prob, KL and loss is
 tether's own forward pass (``engine.score`` / ``modeling.forward_completion``) over those tokens, at
-the same temperature (docs/theory.md §3). The engine's own log-probs of the sampled tokens are kept in
-``last_logps`` so tests and users can check the two agree (they do to ~1e-6 in fp32 on CPU).
+the same temperature (docs/theory.md §3). The engine's own log-probs of the sampled tokens (vLLM's
+``processed_logprobs``: after temperature) are the behaviour policy μ: they are returned as
+``batch.behaviour_logps`` (also kept in ``last_logps``), from which the trainers log ``mismatch/*``
+(KL[μ‖π_old], the ratio π_old/μ) and apply ``behaviour_correction`` (``tether.ops.behaviour``). In fp32
+on CPU the two agree to ~1e-6.
 
 Top-k and top-p are refused with this backend. The rule of docs/theory.md §3 is that the token set
 F_t at scoring equals the set at sampling, and ``batch.allowed`` must hold the set the sampler used.
@@ -210,5 +213,6 @@ class VLLMBackend:
         batch = make_batch([list(p) for p in prompt_ids], comps, pad_id=settings.pad_id)
         T = batch.mask.shape[1]
         self.last_logps = torch.tensor([lp + [0.0] * (T - len(lp)) for lp in logps], dtype=torch.float32)  # (B, T)
+        batch.behaviour_logps = self.last_logps  # log μ: what the trainers' mismatch metrics and corrections read
         no_eos = torch.tensor([eos_id is None or not c or c[-1] != eos_id for c in comps], dtype=torch.bool)
         return batch, no_eos

@@ -66,6 +66,30 @@ def masked_whiten(
     return torch.where(mask, out, 0.0)
 
 
+def masked_whiten_loo(values: torch.Tensor, mask: torch.Tensor, *, eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whiten each row with the statistics of the *other* rows: (values_i - mean_{-i}) / std_{-i}, where
+    mean_{-i} and the population variance var_{-i} are over the counted entries of every row but i.
+    (B, T), (B, T) -> (whitened (B, T), zero outside mask; scale (B, 1) = sqrt(var_{-i} + eps)).
+
+    Why: ``masked_whiten`` divides by the batch's own σ̂, which depends on every sample, so
+    E[∇log π(y_i)·A_i/σ̂] is not a multiple of E[∇log π(y_i)·A_i]: a bias that does not vanish at the
+    optimum when the advantages keep fluctuating there (the exact estimator in the reward; k1's
+    penalised returns are all equal at π*). With i.i.d. rows, mean_{-i} and std_{-i} are independent of
+    row i, so row i's contribution is E[1/std_{-i}]·E[∇log π(y_i)·A_i] (the shift is a baseline): an
+    unbiased direction with one positive scale, the same for every row. A row-level term kept in the
+    advantages' units (the exact direct term) is divided by the same per-row scale. Needs B ≥ 2."""
+    mask = mask.bool()
+    if mask.shape[0] < 2:
+        raise ValueError("leave-one-out whitening needs at least 2 rows")
+    x = torch.where(mask, upcast(values), 0.0)
+    n_i, s_i, q_i = mask.sum(-1).to(x.dtype), x.sum(-1), (x * x).sum(-1)  # (B,) per row
+    n = (n_i.sum() - n_i).clamp(min=1)  # (B,) counted entries of the other rows
+    mean = (s_i.sum() - s_i) / n
+    var = ((q_i.sum() - q_i) / n - mean * mean).clamp(min=0.0)
+    scale = (var + eps).sqrt()[:, None]  # (B, 1)
+    return torch.where(mask, (x - mean[:, None]) / scale, 0.0), scale
+
+
 def _last_index(mask: torch.Tensor) -> torch.Tensor:
     """Index of each row's last True, -1 for a row with none. (B, T) bool -> (B,) int64."""
     pos = torch.arange(mask.shape[-1], device=mask.device)  # (T,)

@@ -36,6 +36,11 @@ A row's verdict (``Certificate.ok``):
 Top-k / top-p rows (``certify_filters``): the policy as sampled, with the sets the trained policy ends
 with, against the optimum of the fixed-reference objective within those sets (docs/theory.md §3).
 
+Sampler-mismatch rows (``certify_mismatch``): the tokens come from a perturbed sampler μ ≠ π_old; with
+``behaviour_correction`` on, PPO, GRPO and RLOO reach their on-policy targets; without it, the rows whose
+limit depends on the sampling distribution (a KL in the loss, the exact estimator's direct term) miss
+by more than ``SEPARATION``, and those with k1 in the reward reach π* anyway (their fixed point does not).
+
 ``steps`` counts optimiser steps of the trainer (gradient evaluations in the exact tier).
 ``objective_gap`` is β log Z - J(π) = β·KL[π‖π*] for the β whose π* the row compares to.
 """
@@ -742,8 +747,11 @@ def best_of_n_rows(suite: Suite) -> list:
 
 def all_rows(suite: Suite) -> list:
     from .certify_filters import filter_rows  # top-k / top-p (docs/theory.md §3)
+    from .certify_mismatch import mismatch_rows  # a sampler that is not the trainer (docs/theory.md §3)
+    from .certify_positions import position_rows  # position-dependent β (docs/theory.md §12)
 
-    return online_rows(suite) + trainer_rows(suite) + filter_rows(suite) + preference_rows(suite) + best_of_n_rows(suite)
+    return (online_rows(suite) + trainer_rows(suite) + filter_rows(suite) + mismatch_rows(suite) + position_rows(suite)
+            + preference_rows(suite) + best_of_n_rows(suite))
 
 
 def names(suite: Optional[Suite] = None) -> list[tuple[str, str]]:

@@ -44,6 +44,7 @@ from ..ops.policy import aggregate_loss, group_advantages, masked_mean, ppo_poli
 from ..ops.positions import weight_by_position
 from .method import Counts, LossInputs, OnlineMethod, Prepared, beta_weights
 from .online import OnlineConfig, train_online
+from .mismatch import loss_weights
 from ..errors import UserError
 
 KL_PLACEMENTS = ("loss", "loss_is")
@@ -85,8 +86,12 @@ def loss(x: LossInputs, *, cfg: GRPOConfig, beta: float, counts: Counts) -> tupl
         logits=x.logits if full else None, ref_logits=x.ref_logits if full else None,
         clamp_input=cfg.kl_clamp_input, clamp_output=cfg.kl_clamp_output,
     )
-    total = aggregate_loss(pg + beta * weight_by_position(kl.per_token, beta_weights(cfg, x.mask)), x.mask, mode=cfg.loss_aggregation,
-                           num_tokens=counts.tokens, num_seqs=counts.seqs, weights=x.weights)
+    # behaviour_correction (trainers/mismatch.py): both terms are over the sampled token, so both take the
+    # weight; a loss-side KL sampled from μ needs it to stay the stated gradient (with loss_is: π_θ/μ)
+    w = loss_weights(x, cfg).weights  # (B, T), 1 with behaviour_correction: none
+    per_token = w * (pg + beta * weight_by_position(kl.per_token, beta_weights(cfg, x.mask)))
+    total = aggregate_loss(per_token, x.mask, mode=cfg.loss_aggregation, num_tokens=counts.tokens, num_seqs=counts.seqs,
+                           weights=x.weights)
     stats = {"policy_loss": masked_mean(pg, x.mask).detach(), "clipfrac": pg_stats["clipfrac"],
              "approx_kl_old": pg_stats["approx_kl_old"], "kl_loss": masked_mean(kl.per_token, x.mask).detach(),
              "kl_clamped_frac": kl.clamped_frac.detach()}

@@ -40,12 +40,13 @@ class Prepared:
     advantages: torch.Tensor  # (B, T) per token, or (B,) per sequence
     returns: Optional[torch.Tensor] = None  # (B, T) value targets (PPO)
     rewards: Optional[torch.Tensor] = None  # (B, T) per-token rewards with the KL in them (PPO, RLOO)
-    adv_scale: float = 1.0
+    adv_scale: object = 1.0  # float, or (B, 1) tensor (leave-one-out whitening, ppo.prepare)
     stats: dict = field(default_factory=dict)  # local token-mean scalars; the loop logs them as "<method>/<key>"
 
     def select(self, idx) -> "Prepared":
         pick = lambda t: None if t is None else t[idx]  # noqa: E731
-        return Prepared(pick(self.advantages), pick(self.returns), pick(self.rewards), self.adv_scale, self.stats)
+        scale = pick(self.adv_scale) if isinstance(self.adv_scale, torch.Tensor) else self.adv_scale
+        return Prepared(pick(self.advantages), pick(self.returns), pick(self.rewards), scale, self.stats)
 
 
 @dataclass
@@ -62,12 +63,13 @@ class LossInputs:
     ref_logps: torch.Tensor  # (B, T) log π^τ_ref: tempered, unfiltered (restricted to F_t with kl_reference_filter: restricted)
     mask: torch.Tensor  # (B, T) bool
     advantages: torch.Tensor  # (B, T) or (B,)
-    adv_scale: float = 1.0  # Prepared.adv_scale
+    adv_scale: object = 1.0  # Prepared.adv_scale: float or (B, 1)
     logits: Optional[torch.Tensor] = None  # (B, T, V) policy logits (exact estimator in a loss)
     ref_logits: Optional[torch.Tensor] = None  # (B, T, V), present when method.needs_ref_logits(cfg)
     values: Optional[torch.Tensor] = None  # (B, T) current value predictions (PPO)
     old_values: Optional[torch.Tensor] = None  # (B, T) values at rollout (PPO value clipping)
     returns: Optional[torch.Tensor] = None  # (B, T) value targets (PPO)
+    behaviour_logps: Optional[torch.Tensor] = None  # (B, T) log μ: the sampler's own log-probs (behaviour_correction)
     weights: Optional[torch.Tensor] = None  # (B,) row weights for ``aggregate_loss``; None = each row counts once
     # (the trainers sample, so None; the exact certificate's "infinite batch" weights each enumerated row by its
     # probability under π_old, with weighted Counts: the N -> ∞ limit of a sampled batch)

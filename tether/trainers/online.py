@@ -78,6 +78,7 @@ from ..modeling import forward_completion
 from ..value import build_value_model
 from .method import Counts, LossInputs, OnlineMethod, Prepared, beta_weights, exact_kl_direct_term  # noqa: F401 (re-exported)
 from .rollout import Rollout, collect_rollout, fill_scores, rollout_stats
+from .mismatch import add_mismatch_stats, check_correction
 from ..errors import UserError
 from .. import rng
 from ..fsdp import models_of, shard_reference, unsharded
@@ -138,6 +139,10 @@ class OnlineConfig(TrainConfig, BetaConfig, SamplingConfig, OnlineReferenceConfi
     """Clamp the log-ratio lr = log π_θ - log π_ref to [-c, c] before the k1/k2/k3 estimator (None = off; verl uses 20 for k3). Clamped tokens get no KL gradient: kl/clamped_frac logs their fraction."""
     kl_clamp_output: Optional[float] = None
     """Clamp the per-token KL value to [-c, c] (None = off; verl uses 10 for k3, OpenRLHF 10). Applies to the rollout's kl_tokens and the loss-side KL; kl/ref (exact) is never clamped."""
+    behaviour_correction: str = "none"
+    """Correct for a sampler whose distribution μ differs from the trainer's π_old (a fast inference engine, another precision or kernel; docs/theory.md §3): none | token_tis (weight min(π_old/μ, C) per token; Yao et al. 2025) | seq_tis (min(Π_t π_old/μ, C) per sequence) | token_mis, seq_mis (weight π_old/μ, token or sequence dropped when it leaves [1/C, C]; Liu et al. 2025). The weight multiplies the policy-gradient term and a loss-side KL; tether.ops.behaviour.CORRECTIONS states each one's bias. mismatch/* is logged whatever is chosen."""
+    behaviour_cap: float = 2.0
+    """C of behaviour_correction (> 1): the truncation cap of *_tis, the band [1/C, C] of *_mis."""
     beta_position_decay: float = 0.0
     """Position-dependent β (Qi et al. 2024, arXiv:2406.05946): the KL of completion token t is weighted by w_t = exp(-decay·t), so the penalty is Σ_t β·w_t·KL_t (0 = off, w ≡ 1). Changes the objective (docs/theory.md §12)."""
     beta_position_weights: Optional[list] = None
@@ -231,7 +236,8 @@ def loss_inputs(out: PolicyOutput, ro: Rollout, prep: Prepared, ref_logits: Opti
     """The method's view of one micro-batch (``ro``, ``prep`` and ``ref_logits`` are its rows)."""
     return LossInputs(logps=out.logps, old_logps=ro.old_logps, ref_logps=ro.ref_logps, mask=ro.mask,
                       advantages=prep.advantages, adv_scale=prep.adv_scale, logits=out.logits, ref_logits=ref_logits,
-                      values=out.values, old_values=ro.values, returns=prep.returns)
+                      values=out.values, old_values=ro.values, returns=prep.returns,
+                      behaviour_logps=ro.behaviour_logps)
 
 
 def rollout_ref_logits(reference, ro: Rollout, *, chunk: int, filters: dict) -> torch.Tensor:
@@ -426,6 +432,7 @@ def _validate(cfg: OnlineConfig, method: OnlineMethod) -> None:
     if cfg.keep_dropout:
         raise UserError("keep_dropout=true is not available for online methods: the sampler, the scorer and the loss "
                          "must see one policy (with dropout, π_θ/π_old ≠ 1 and the step-0 KL ≠ 0, TRL #506); drop the flag")
+    check_correction(cfg)
     method.validate(cfg)
 
 
@@ -645,6 +652,7 @@ def train_online(
                                                  ref_logits=ref_logits, step=s.step, aux=s.aux, guard=s.guard,
                                                  reference=s.reference)
         sums, counts = rollout_stats(ro, beta=beta)
+        add_mismatch_stats(sums, counts, ro, cfg)  # mismatch/*: the sampler's μ against π_old (ops.behaviour)
         n_tok = float(ro.mask.sum())
         for k, v in prep.stats.items():  # "<method>/<key>", as the loss's stats
             sums[f"{s.method.name}/{k}"], counts[f"{s.method.name}/{k}"] = float(v) * n_tok, n_tok

@@ -4,7 +4,9 @@ The loop is ``online.train_online``; this file is PPO's two pieces:
 
 - ``prepare``: per-token rewards ``r_t = -β·sg(kl_t)``, plus the score at the last completion token
   (docs/theory.md §1, ``ops.policy.token_rewards``) -> GAE(γ, λ) against the value model's V(s_t) (PPO paper
-  Eq. 11-12, ``ops.policy.gae``) -> advantages whitened over the rollout (``masked_whiten``).
+  Eq. 11-12, ``ops.policy.gae``) -> advantages whitened over the rollout (``masked_whiten``; with the exact
+  estimator in the reward, each completion with the other completions' statistics, ``masked_whiten_loo``:
+  the batch's own σ̂ would bias the update's direction, docs/theory.md §3).
 - ``loss``: clipped surrogate (PPO Eq. 7) + ``vf_coef`` x clipped value loss (``ppo_value_loss``),
   optionally + PPO-ptx: ``-ptx_coef`` x the token-mean log-likelihood of pretraining text
   (InstructGPT Eq. 2, γ·E_{x~D_pretrain}[log π(x)]; the paper's γ = 27.8 multiplies a per-token
@@ -27,11 +29,14 @@ from typing import ClassVar, Optional
 import torch
 
 from ..data.text import batch_indices, collate, load_text_examples, prepare_sft
-from ..ops.policy import aggregate_loss, gae, masked_mean, masked_std, masked_whiten, ppo_policy_loss, ppo_value_loss, token_rewards
+from ..ops.policy import (
+    aggregate_loss, gae, masked_mean, masked_std, masked_whiten, masked_whiten_loo, ppo_policy_loss, ppo_value_loss, token_rewards,
+)
 from ..value import VALUE_MODELS
 from ..ops.positions import weight_by_position
 from .method import Counts, LossInputs, OnlineMethod, Prepared, beta_weights, reward_kl_direct_term
 from .online import OnlineConfig, train_online
+from .mismatch import loss_weights
 from .sft import token_nll
 from ..errors import UserError
 
@@ -53,7 +58,7 @@ class PPOConfig(OnlineConfig):
     lam: float = 0.95
     """GAE λ (docs/theory.md §7: 0.95)."""
     whiten_advantages: bool = True
-    """Standardise advantages over the rollout (per process)."""
+    """Standardise advantages over the rollout (per process; with kl_estimator=exact each completion with the other completions' mean and std, which keeps the direction unbiased: docs/theory.md §3)."""
     num_epochs: int = 4
     """PPO epochs over each rollout."""
     ptx_coef: float = 0.0
@@ -83,7 +88,11 @@ def prepare(*, scores: torch.Tensor, kl_tokens: torch.Tensor, mask: torch.Tensor
     rewards = token_rewards(scores, kl_tokens, mask, beta=beta)  # (B, T): -β·kl_t, + score at the end
     adv, returns = gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)  # (B, T) each
     scale = 1.0
-    if cfg.whiten_advantages:
+    if cfg.whiten_advantages and cfg.kl_estimator == "exact":
+        # the batch's own σ̂ biases the direction where advantages fluctuate at the optimum (exact in the
+        # reward, docs/theory.md §3): each row is whitened with the other rows' statistics instead
+        adv, scale = masked_whiten_loo(adv, mask)  # (B, T), (B, 1)
+    elif cfg.whiten_advantages:
         scale = float(masked_std(adv, mask))
         adv = masked_whiten(adv, mask)
     stats = {"explained_variance": float(explained_variance(values, returns, mask)),
@@ -96,9 +105,11 @@ def loss(x: LossInputs, *, cfg: PPOConfig, beta: float, counts: Counts) -> tuple
     reward, + β/adv_scale x its direct term (``method.exact_kl_direct_term``)."""
     pg, pg_stats = ppo_policy_loss(x.logps, x.old_logps, x.advantages, x.mask, clip=cfg.clip_eps)  # (B, T)
     vf, vf_stats = ppo_value_loss(x.values, x.old_values, x.returns, x.mask, clip=cfg.clip_value)  # (B, T)
+    cw = loss_weights(x, cfg)  # behaviour_correction: samples from μ, weighted back to π_old (trainers/mismatch.py)
+    pg = cw.weights * pg  # the KL in the reward is in the advantages: corrected with the policy gradient
     direct = reward_kl_direct_term(cfg, x)  # exact: the direct part of ∇KL that a detached KL in the reward misses
-    if direct is not None:
-        pg = pg + (beta / x.adv_scale) * weight_by_position(direct, beta_weights(cfg, x.mask))
+    if direct is not None:  # a function of s_t only: it takes the state weight
+        pg = pg + (beta / x.adv_scale) * cw.state_weights * weight_by_position(direct, beta_weights(cfg, x.mask))
     n = {"num_tokens": counts.tokens, "num_seqs": counts.seqs, "weights": x.weights}
     total = aggregate_loss(pg, x.mask, mode=cfg.loss_aggregation, **n) + cfg.vf_coef * aggregate_loss(vf, x.mask, mode="token_mean", **n)
     stats = {

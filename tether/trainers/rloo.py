@@ -29,6 +29,7 @@ from ..ops.policy import aggregate_loss, masked_mean, masked_std, masked_whiten,
 from ..ops.positions import weight_by_position
 from .method import Counts, LossInputs, OnlineMethod, Prepared, beta_weights, reward_kl_direct_term
 from .online import OnlineConfig, train_online
+from .mismatch import loss_weights
 from ..errors import UserError
 
 
@@ -68,9 +69,11 @@ def loss(x: LossInputs, *, cfg: RLOOConfig, beta: float, counts: Counts) -> tupl
     """The sequence advantage on every token through the clipped surrogate (PPO Eq. 7); with the exact
     estimator in the reward, + β/adv_scale x its direct term (``method.exact_kl_direct_term``)."""
     pg, pg_stats = ppo_policy_loss(x.logps, x.old_logps, x.advantages, x.mask, clip=cfg.clip_eps)  # (B, T)
+    cw = loss_weights(x, cfg)  # behaviour_correction: samples from μ, weighted back to π_old (trainers/mismatch.py)
+    pg = cw.weights * pg  # the KL in the reward is in the advantages: corrected with the policy gradient
     direct = reward_kl_direct_term(cfg, x)  # exact: the direct part of ∇KL that a detached KL in the reward misses
-    if direct is not None:
-        pg = pg + (beta / x.adv_scale) * weight_by_position(direct, beta_weights(cfg, x.mask))
+    if direct is not None:  # a function of s_t only: it takes the state weight
+        pg = pg + (beta / x.adv_scale) * cw.state_weights * weight_by_position(direct, beta_weights(cfg, x.mask))
     total = aggregate_loss(pg, x.mask, mode=cfg.loss_aggregation, num_tokens=counts.tokens, num_seqs=counts.seqs,
                            weights=x.weights)
     stats = {"policy_loss": masked_mean(pg, x.mask).detach(), "clipfrac": pg_stats["clipfrac"],

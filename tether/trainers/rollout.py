@@ -56,6 +56,13 @@ class Rollout:
     def mask(self) -> torch.Tensor:
         return self.batch.mask
 
+    @property
+    def behaviour_logps(self) -> Optional[torch.Tensor]:
+        """(B, T) log μ: the behaviour policy's log-probs of the sampled tokens, as the generation backend
+        drew them (``batch.behaviour_logps``; None if the backend gives none). π_old/μ is the mismatch
+        that ``mismatch/*`` measures and ``behaviour_correction`` weights (``ops.behaviour``)."""
+        return self.batch.behaviour_logps
+
     def select(self, idx) -> "Rollout":
         """The rows ``idx`` (a LongTensor or slice) of every per-sample field."""
         rows = idx.tolist() if isinstance(idx, torch.Tensor) else list(range(len(self.prompts)))[idx]
