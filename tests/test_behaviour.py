@@ -153,7 +153,7 @@ def test_builtin_backend_mismatch_is_zero_and_corrections_change_nothing(tmp_pat
     # step 1 samples the same tokens; its loss is a token mean of w·ρ·A with w within T·tok_tol of 1 and |A| < 10
     # (centred or whitened N(0, 1) scores of 16 samples). (The final tables are not compared: Adam turns a
     # gradient that is 0 in one run and 1e-9 in the other into a full step of either sign.)
-    a, b = base.history[0]["ppo/policy_loss"], corrected.history[0]["ppo/policy_loss"]
+    a, b = base.history[0][f"{method}/policy_loss"], corrected.history[0][f"{method}/policy_loss"]
     assert abs(a - b) <= 10 * T * tok_tol + f32_tol(abs(a), 10), (a, b)
     assert abs(corrected.history[0]["mismatch/weight_mean"] - 1.0) <= T * tok_tol
 

@@ -66,3 +66,11 @@ def verdict(expected: str, kl_to_target: Optional[float], kl_to_optimum: Optiona
     if expected.startswith("bounded"):  # a trust region: the measured distance must stay within the bound
         return kl_to_target is not None and math.isfinite(kl_to_target) and kl_to_target <= tolerance and extra
     raise ValueError(f"unknown expectation {expected!r}")
+
+
+# the config fields a row's JSON shows
+_SHOWN = ("beta", "kl_estimator", "kl_placement", "samples_per_prompt", "num_epochs", "clip_eps", "scale_rewards",
+          "loss_aggregation", "lam", "whiten_advantages", "batch_size", "learning_rate", "lr_schedule", "temperature",
+          "top_k", "top_p", "dtype", "lora_r", "reference", "grad_accum", "kl_target", "kl_horizon", "kl_budget",
+          "beta_schedule", "beta_end", "loss_type", "label_smoothing", "ipo_length_normalize", "f_alpha", "max_steps",
+          "ref_reset_every", "ref_lag")

@@ -70,7 +70,7 @@ from .exact import (
     forward_kl_optimum, forward_kl_optimum_sequence, log_partition, objective, optimal_policy, sequence_kl,
 )
 from .certificate import (  # noqa: F401 (re-exported: the rows' shared constants, Certificate, verdict)
-    BETA, BETA_PREF, PROBLEM, SAMPLED_TOL, SAMPLED_WHY, SEPARATION, TOLERANCE, Certificate, verdict,
+    _SHOWN, BETA, BETA_PREF, PROBLEM, SAMPLED_TOL, SAMPLED_WHY, SEPARATION, TOLERANCE, Certificate, verdict,
 )
 from .tabular import TabularPolicy, TabularProblem, make_problem
 
@@ -269,11 +269,6 @@ def trainer_row(suite: Suite, *, name: str, method: str, label: str, config: Cal
         name=name, label=label, trainer=run.trainer, curve=[])
 
 
-_SHOWN = ("beta", "kl_estimator", "kl_placement", "samples_per_prompt", "num_epochs", "clip_eps", "scale_rewards",
-          "loss_aggregation", "lam", "whiten_advantages", "batch_size", "learning_rate", "lr_schedule", "temperature",
-          "top_k", "top_p", "dtype", "lora_r", "reference", "grad_accum", "kl_target", "kl_horizon", "kl_budget",
-          "beta_schedule", "beta_end", "loss_type", "label_smoothing", "ipo_length_normalize", "f_alpha", "max_steps",
-          "ref_reset_every", "ref_lag")
 
 
 def trainer_rows(suite: Suite) -> list:

@@ -88,7 +88,7 @@ def mismatch_row(suite, *, name: str, method: str, label: str, problem: TabularP
     Corrected rows must reach it (< SAMPLED_TOL). Uncorrected rows must miss it (> SEPARATION), except
     where theory says μ cannot move the fixed point (``uncorrected_misses=False``: k1 in the reward,
     see ``K1_WHY``), where they must reach it too."""
-    from .certify import SAMPLED_TOL, SAMPLED_WHY, SEPARATION, Certificate, _SHOWN
+    from .certificate import SAMPLED_TOL, SAMPLED_WHY, SEPARATION, Certificate, _SHOWN
     from .exact import log_partition, objective, optimal_policy, sequence_kl
 
     t0 = time.perf_counter()
@@ -142,7 +142,7 @@ def mismatch_rows(suite) -> list:
     from tether.trainers.ppo import PPOConfig
     from tether.trainers.rloo import RLOOConfig
 
-    from .certify import BETA
+    from .certificate import BETA
     from .exact import forward_kl_optimum, optimal_policy
 
     P = suite.problem

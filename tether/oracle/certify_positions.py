@@ -74,7 +74,7 @@ def position_rows(suite) -> list:
     from tether.trainers.ppo import PPOConfig
     from tether.trainers.rloo import RLOOConfig
 
-    from .certify import BETA, SAMPLED_TOL, SAMPLED_WHY, SEPARATION, Certificate, _SHOWN
+    from .certificate import BETA, SAMPLED_TOL, SAMPLED_WHY, SEPARATION, Certificate, _SHOWN
     from .exact import sequence_kl
 
     P = suite.problem
