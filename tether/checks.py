@@ -25,6 +25,7 @@ from types import SimpleNamespace
 from typing import Any, Optional, Sequence
 
 from .errors import UserError
+from .groups import sampling_settings
 
 log = logging.getLogger(__name__)
 
@@ -311,8 +312,7 @@ def preflight_online(cfg) -> None:
     check_backend(cfg.backend, cfg.decoder)
     check_vllm_options(cfg)
     path, config = check_model(cfg.model, assets=cfg.assets)
-    check_backend_model(getattr(cfg, "backend", "builtin"), config,
-                        {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}, decoder=cfg.decoder)
+    check_backend_model(getattr(cfg, "backend", "builtin"), config, sampling_settings(cfg), decoder=cfg.decoder)
     tok = _tokenizer(path)
     prompts = check_prompts_file(cfg.prompts, tokenizer=tok, cfg=cfg)
     eval_prompts = check_prompts_file(cfg.eval_prompts, field="eval_prompts", tokenizer=tok, cfg=cfg) if cfg.eval_prompts else []
@@ -382,7 +382,7 @@ def preflight_sft(cfg) -> None:
     check_context(config, need=cfg.max_length, fields=f"max_length ({cfg.max_length})", spec=cfg.model)
 
 
-def check_backend_model(backend: str, config, sampling: dict, *, decoder: str = "auto") -> None:
+def check_backend_model(backend: str, config, sampling, *, decoder: str = "auto") -> None:
     """backend=vllm: the model's head size and the sampling filters (``tether.backends.vllm``), before
     any weights load; the built-in sampler: decoder=lean only on a Llama (``decode.supports`` then
     checks the loaded model itself)."""
@@ -413,25 +413,19 @@ def check_vllm_options(cfg) -> None:
                       cuda=torch.cuda.is_available())
 
 
-def preflight_sampling(*, model: str, model_field: str, prompts_path: Optional[str], max_new_tokens: int,
-                       temperature: float, top_k: int, top_p: float, batch_size: int,
-                       assets: Optional[str] = None, cfg=None) -> tuple[str, list[str]]:
-    """Shared by ``tether kl`` and ``tether bon``: sampling settings, prompts, model, context."""
-    ns = SimpleNamespace(max_new_tokens=max_new_tokens, batch_size=batch_size, top_k=top_k)
-    _at_least(ns, "max_new_tokens", 1)
-    _at_least(ns, "batch_size", 1)
-    _at_least(ns, "top_k", 0, " (0 = off)")
-    if not temperature > 0:
-        raise UserError(f"temperature={temperature} must be > 0 (a small value samples near-greedily); set --temperature")
-    if not 0.0 < top_p <= 1.0:
-        raise UserError(f"top_p={top_p} must lie in (0, 1] (1 = off); set --top_p")
+def preflight_sampling(cfg, *, model: str, model_field: str, prompts_path: Optional[str], batch_size: int,
+                       assets: Optional[str] = None) -> tuple[str, list[str]]:
+    """Shared by ``tether kl`` and ``tether bon``: the sampling group of ``cfg`` (``groups.sampling_settings``
+    checks its ranges), prompts, model, context."""
+    settings = sampling_settings(cfg)
+    max_new_tokens = settings.max_new_tokens
+    _at_least(SimpleNamespace(batch_size=batch_size), "batch_size", 1)
     from .generation import check_backend
 
     check_backend(getattr(cfg, "backend", "builtin"), getattr(cfg, "decoder", "auto"))
     check_vllm_options(cfg)
     path, config = check_model(model, field=model_field, assets=assets)
-    check_backend_model(getattr(cfg, "backend", "builtin"), config, {"temperature": temperature, "top_k": top_k, "top_p": top_p},
-                        decoder=getattr(cfg, "decoder", "auto"))
+    check_backend_model(getattr(cfg, "backend", "builtin"), config, settings, decoder=getattr(cfg, "decoder", "auto"))
     prompts = check_prompts_file(prompts_path, tokenizer=_tokenizer(path), cfg=cfg)
     longest = _longest_prompt(path, prompts)
     check_context(config, need=longest + max_new_tokens, model_field=model_field, spec=model,

@@ -41,6 +41,7 @@ import torch
 
 from .modeling import CompletionBatch, check_compatible, completion_logps, forward_completion, model_fingerprint
 from .errors import UserError
+from .groups import SamplingSettings, sampling_settings
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +74,15 @@ class Reference:
     has_distributions = True
     static_copy = False  # its own weights, loaded once and never written (copy): may be sharded or moved off the accelerator
 
-    def logits(self, batch: CompletionBatch, *, filters: Optional[dict] = None) -> torch.Tensor:
+    def logits(self, batch: CompletionBatch, *, filters: Optional[SamplingSettings] = None) -> torch.Tensor:
         """(B, T, V) reference logits at the completion positions, scored like the policy.
 
-        ``filters`` (temperature, top_k, top_p): the sampling settings of ``batch``. The logits are
+        ``filters``: the ``SamplingSettings`` ``batch`` was drawn with. The logits are
         divided by the temperature; top_k/top_p are not applied (the fixed reference π^τ_ref,
         docs/theory.md §3). None = the reference itself (τ = 1)."""
         raise NotImplementedError
 
-    def logps(self, batch: CompletionBatch, *, ids: Optional[Sequence] = None, filters: Optional[dict] = None) -> torch.Tensor:
+    def logps(self, batch: CompletionBatch, *, ids: Optional[Sequence] = None, filters: Optional[SamplingSettings] = None) -> torch.Tensor:
         """(B, T) fp32 reference log-probs of ``batch``'s completion tokens (0 off-mask), under
         ``filters`` as in ``logits``.
 
@@ -335,10 +336,10 @@ class LaggedReference(Reference):
         self.snapshots = [{k: v.clone() for k, v in s.items()} for s in state.get("snapshots", [])]
 
 
-def _scored(model, batch: CompletionBatch, filters: Optional[dict]) -> torch.Tensor:
+def _scored(model, batch: CompletionBatch, filters: Optional[SamplingSettings]) -> torch.Tensor:
     """The reference's completion logits under the sampling ``filters`` (``Reference.logits``): tempered,
     over the whole vocabulary (π^τ_ref)."""
-    return forward_completion(model, batch, filters={"temperature": (filters or {}).get("temperature", 1.0)})[0]
+    return forward_completion(model, batch, filters=sampling_settings(filters).for_reference())[0]
 
 
 def _data_fingerprint(rows: Iterable[tuple], extra: str = "") -> str:
@@ -427,7 +428,7 @@ class PrecomputedReference(Reference):
         )
 
     def logps(self, batch, *, ids=None, filters=None):
-        if filters and filters.get("temperature", 1.0) != 1.0:  # top-k/top-p never filter the reference
+        if sampling_settings(filters).temperature != 1.0:  # top-k/top-p never filter the reference
             raise ValueError("the precomputed reference stores log-probs at temperature 1; scoring completions sampled "
                              "at another temperature needs a live reference form ('copy', 'offload' or 'lora')")
         if ids is None:

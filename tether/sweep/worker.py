@@ -120,13 +120,14 @@ def main(spec_path: str) -> int:
         write({**tags, "step": 0, **evaluator(reference.model)})
     elif METHODS[method].train is None:  # best-of-n: sampled from the reference, not trained
         from ..engine import eval_seed
+        from ..groups import SamplingSettings
         from ..trainers.best_of_n import best_of_n
 
         s = ev["samples_per_prompt"]
         texts = [t for t in evaluator.texts for _ in range(s)]
         ids = [i for i in evaluator.ids for _ in range(s)]
         res = best_of_n(reference.model, tok, texts, prompt_ids=ids, n=cfg.n[0], reward=proxy, kl_samples=cfg.kl_samples,
-                        max_new_tokens=ev["max_new_tokens"], seed=eval_seed(ev["seed"]))
+                        sampling=SamplingSettings(max_new_tokens=ev["max_new_tokens"]), seed=eval_seed(ev["seed"]))
         pt = evaluator.score(texts, res["completions"], kl={"mean": res["kl"], "stderr": res["kl_stderr"]})
         write({**tags, "step": 0, "n": cfg.n[0], "kl_bound": res["kl_bound"], **pt})
     else:

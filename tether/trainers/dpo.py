@@ -66,7 +66,7 @@ from ..diagnostics.overfit import OverfitMonitor
 from ..distributed import Dist
 from ..errors import UserError
 from ..fsdp import is_sharded, models_of, shard_reference, unsharded
-from ..groups import DATA_FIELDS, ReferenceConfig
+from ..groups import DATA_FIELDS, ReferenceConfig, SamplingSettings
 from ..engine import evaluate as evaluate_kl
 from ..modeling import completion_logps, packed_token_logps
 from ..ops.kl import seq_sum
@@ -331,11 +331,16 @@ def eval_pairs(cfg: DPOConfig, policy, reference: Reference, pairs: list[dict], 
     return dist.reduce_metrics(sums, {k: float(len(mine)) for k in keys})
 
 
+def kl_sampling(cfg: DPOConfig) -> SamplingSettings:
+    """The settings kl/ref samples with: τ = kl_temperature, unfiltered, kl_max_new_tokens."""
+    return SamplingSettings(max_new_tokens=cfg.kl_max_new_tokens, temperature=cfg.kl_temperature)
+
+
 def measure_ref_kl(cfg: DPOConfig, policy, reference: Reference, prompts: list[list[int]], tok) -> dict:
     """kl/ref and kl/ref_stderr: mean exact sequence KL[π_θ‖π_ref] of sampled completions
     (``engine.evaluate``: the evaluation seed and batch size the online trainers and the demo use)."""
     res = evaluate_kl(policy, reference, prompts, tokenizer=tok, seed=cfg.seed, samples_per_prompt=cfg.kl_samples,
-                      max_new_tokens=cfg.kl_max_new_tokens, sampling={"temperature": cfg.kl_temperature})
+                      sampling=kl_sampling(cfg))
     ex = res["estimators"]["exact"]
     return {"kl/ref": ex["mean"], "kl/ref_stderr": ex["stderr"]}
 

@@ -29,7 +29,7 @@ sequence sum of k1 can vary less, docs/theory.md §2); it is also what every β 
 the filter's own cost, logged every step. ``kl/penalty`` is β·(mean sequence sum of the configured
 estimator), the KL as applied (to the restricted reference with ``kl_reference_filter: restricted``). The
 loss differentiates the same π^{τ,F}_θ with the stored F_t, always finite since the sampled token is in
-F_t (``_filters``).
+F_t (``groups.sampling_settings``).
 
 Sizes (checked once, ``derive_sizes``): ``batch_size`` completions per step = prompts x
 ``samples_per_prompt``; prompts are split over processes (a GRPO/RLOO group never straddles two);
@@ -52,12 +52,12 @@ import torch
 
 from ..control import BetaConfig, build_controller
 from ..config import config_group
-from ..groups import DATA_FIELDS, ReferenceConfig, SamplingConfig
+from ..groups import DATA_FIELDS, ReferenceConfig, SamplingConfig, SamplingSettings, sampling_settings
 from ..data.text import batch_indices
 from ..diagnostics.hacking import HackingMonitor
 from ..distributed import Dist
 from ..engine import evaluate as evaluate_kl
-from ..engine import mean_stderr, sampling_settings, score_rows
+from ..engine import mean_stderr, score_rows
 from ..generation import backend_for
 from ..measure import encode_prompts
 from ..modeling import CompletionBatch
@@ -218,7 +218,7 @@ class PolicyOutput:
     values: Optional[torch.Tensor] = None  # (B, T) (PPO)
 
 
-def policy_output(policy, value_model, batch: CompletionBatch, *, filters: dict) -> PolicyOutput:
+def policy_output(policy, value_model, batch: CompletionBatch, *, filters: SamplingSettings) -> PolicyOutput:
     want_hidden = value_model is not None and value_model.needs_policy_hidden
     logits, hidden = forward_completion(policy, batch, filters=filters, hidden=want_hidden)
     logps = selective_logps(logits, batch.completion_ids).masked_fill(~batch.mask, 0.0)
@@ -233,7 +233,7 @@ def loss_inputs(out: PolicyOutput, ro: Rollout, prep: Prepared, ref_logits: Opti
                       values=out.values, old_values=ro.values, returns=prep.returns)
 
 
-def rollout_ref_logits(reference, ro: Rollout, *, chunk: int, filters: dict) -> torch.Tensor:
+def rollout_ref_logits(reference, ro: Rollout, *, chunk: int, filters: SamplingSettings) -> torch.Tensor:
     """(B, T, V) reference logits of the whole rollout, fetched once (``chunk`` rows per forward) for a
     method whose loss needs full reference distributions."""
     parts = [reference.logits(ro.batch.select(slice(s, s + chunk)), filters=filters) for s in range(0, ro.mask.shape[0], chunk)]
@@ -271,7 +271,7 @@ def optimise(policy, value_model, opt, params: list, value_params: list, ro: Rol
     Policy and value parameters are clipped separately: with one joint clip a large value loss
     (returns of a few nats once β·KL grows) would shrink the policy's step, and Adam's second-moment
     memory would keep it small for hundreds of updates."""
-    filters = _filters(cfg)  # the loss differentiates the sampled π^{τ,F}_θ itself (stored F_t: always finite)
+    filters = sampling_settings(cfg)  # the loss differentiates the sampled π^{τ,F}_θ itself (stored F_t: always finite)
     sums: dict = {}
     counts: dict = {}
     norms: list = []
@@ -376,7 +376,7 @@ def evaluate(policy, reference, rewards: RewardSet, tok, prompt_texts: Sequence[
     seed: eval noise is common to all steps). Every process evaluates the same prompts with the same
     seed (identical results; simple > fast). ``rows``: the prompts' dataset rows, for reward functions."""
     res = evaluate_kl(policy, reference, prompt_ids, tokenizer=tok, seed=cfg.seed, samples_per_prompt=cfg.eval_samples,
-                      max_new_tokens=cfg.max_new_tokens, sampling=_filters(cfg))
+                      sampling=sampling_settings(cfg))
     flat = [p for p in prompt_texts for _ in range(cfg.eval_samples)]  # the engine's order: prompt-major
     completions = res["texts"]
     out = {"eval/kl": res["estimators"]["exact"]["mean"], "eval/kl_stderr": res["estimators"]["exact"]["stderr"],
@@ -392,14 +392,6 @@ def evaluate(policy, reference, rewards: RewardSet, tok, prompt_texts: Sequence[
 
 # --------------------------------------------------------------------------------------------------
 # The loop
-
-
-def _filters(cfg: OnlineConfig) -> dict:
-    """The sampling settings, as the sampler, the scorer, the reference and the loss take them: the loss
-    differentiates the sampled distribution π^{τ,F}_θ itself, restricted to the token sets F_t the sampler
-    stored (``batch.allowed``), so log π_θ(y_t) and π_θ/π_old stay finite after any number of updates
-    (docs/theory.md §3)."""
-    return sampling_settings({"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p})
 
 
 def _validate(cfg: OnlineConfig, method: OnlineMethod) -> None:
@@ -635,7 +627,7 @@ def train_online(
         ref_logits = None
         if s.method.needs_ref_logits(cfg) and not in_update:
             with unsharded(*models_of(s.reference)):
-                ref_logits = rollout_ref_logits(s.reference, ro, chunk=s.sizes.micro, filters=_filters(cfg))
+                ref_logits = rollout_ref_logits(s.reference, ro, chunk=s.sizes.micro, filters=sampling_settings(cfg))
         # 4. epochs x minibatches of updates
         lr = s.sched.get_last_lr()[0]
         u_sums, u_counts, norms, prep = optimise(s.policy, s.value_model, s.opt, s.params, s.value_params, ro, prep,
