@@ -39,7 +39,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 
 from .modeling import CompletionBatch, forward_completion
-from .ops.kl import ESTIMATOR_NAMES, REFERENCE_FILTERS, kl_per_token, seq_sum
+from .ops.kl import ESTIMATOR_NAMES, check_estimator, check_reference_filter, kl_per_token, seq_sum
 from .ops.logprobs import entropy_from_logits, filter_cost_from_logits, restrict_like, selective_logps
 from .ops.positions import POSITION_BUCKETS, bucket_label, bucket_of, position_means
 from .generation import BuiltinBackend, GenerationBackend
@@ -198,8 +198,7 @@ def score_rows(logits: torch.Tensor, ref_logits: torch.Tensor, b: CompletionBatc
     ``reference_filter`` (docs/theory.md §3, ``ops.kl.REFERENCE_FILTERS``) picks the reference of the
     penalty, ``ref_logps`` and ``kl/<name>``: "none" (default) the same fixed π^τ_ref; "restricted"
     π^τ_ref restricted to F_t and renormalised, whose KL is kl_exact - filter_cost per token."""
-    if reference_filter not in REFERENCE_FILTERS:
-        raise ValueError(f"reference_filter must be one of {REFERENCE_FILTERS}, got {reference_filter!r}")
+    check_reference_filter(reference_filter)
     clamps = {"clamp_input": clamp_input, "clamp_output": clamp_output}
     clamping = clamp_input is not None or clamp_output is not None
     ids, mask = b.completion_ids, b.mask
@@ -257,9 +256,8 @@ def score(
         f, batch = samples.sampling, samples.batch
     else:
         f, batch = sampling_settings(sampling), samples
-    unknown = [e for e in estimators if e not in ESTIMATOR_NAMES]
-    if unknown:
-        raise ValueError(f"unknown estimators {unknown}; choose from {ESTIMATOR_NAMES}")
+    for name in estimators:
+        check_estimator(name, field="estimators")
     want_hidden = value_model is not None and value_model.needs_policy_hidden
     clamping = clamp_input is not None or clamp_output is not None
     B = batch.mask.shape[0]

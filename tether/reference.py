@@ -467,6 +467,21 @@ def _parse_key(k: str):
     return int(k) if k.lstrip("-").isdigit() else k
 
 
+def check_reference_form(form: str, forms: Sequence[str] = REFERENCE_FORMS, *, why: str = "") -> None:
+    """``form`` is one of the reference forms a trainer supports (``forms``; ``why``: the reason the
+    others are out). The one check of the rule: ``build_reference``, ``reference_from_config`` and every
+    trainer's config check call it (``UserError``)."""
+    if form not in forms:
+        raise UserError(f"reference must be one of {tuple(forms)}, got {form!r}{why}; set --reference")
+
+
+def check_lora_reference(cfg) -> None:
+    """reference 'lora' (the policy with its adapters off) needs a LoRA policy: ``lora_r`` >= 1."""
+    if getattr(cfg, "reference", None) == "lora" and getattr(cfg, "lora_r", 1) < 1:
+        raise UserError("reference='lora' reads the policy with its LoRA adapters off, so it needs --lora_r >= 1; "
+                        "set --lora_r or choose --reference copy")
+
+
 def build_reference(
     form: str,
     *,
@@ -481,8 +496,7 @@ def build_reference(
 ) -> Reference:
     """The one factory trainers call. ``reference_model`` defaults to a deep copy of ``policy``
     (the reference defaults to the starting model); for 'lora' it is ignored."""
-    if form not in REFERENCE_FORMS:
-        raise UserError(f"unknown reference form {form!r}; choose from {REFERENCE_FORMS}")
+    check_reference_form(form)
     is_peft = hasattr(policy, "peft_config")
     if form == "lora":
         return LoraDisabledReference(policy)
@@ -526,8 +540,7 @@ def reference_from_config(cfg, *, policy, tokenizer, policy_path: Optional[str],
 
     ``device``: where the reference computes (and, except for ``offload``, lives)."""
     form = cfg.reference
-    if form not in forms:
-        raise UserError(f"reference must be one of {tuple(forms)}, got {form!r}")
+    check_reference_form(form, forms)
     sync = {k[4:]: getattr(cfg, k, v) for k, v in SYNC_DEFAULTS.items()}  # ref_sync_mode -> sync_mode, ...
     is_peft = hasattr(policy, "peft_config")
     if cfg.reference_model and (form == "lora" or (is_peft and form == "sync")):

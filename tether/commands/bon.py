@@ -19,6 +19,7 @@ from typing import Optional
 
 from ..assets import resolve_model
 from ..checks import check_reward_spec, preflight_sampling
+from ..trainers.best_of_n import check_bon_sizes
 from ..config import parse_config, save_config
 from ..groups import SamplingConfig, sampling_settings
 from ..errors import UserError
@@ -80,14 +81,7 @@ def format_table(results: list[dict]) -> str:
 
 def check_bon_config(cfg: BoNConfig) -> list[int]:
     """The whole input before any weights load; returns the values of n."""
-    try:
-        ns = [int(n) for n in cfg.n]
-    except (TypeError, ValueError):
-        raise UserError(f"n={cfg.n!r} must be positive integers, comma-separated (e.g. 1,2,4,8); set --n") from None
-    if not ns or min(ns) < 1:
-        raise UserError(f"n={ns} must be positive integers, comma-separated (e.g. 1,2,4,8); set --n")
-    if cfg.kl_samples < 0:
-        raise UserError(f"kl_samples={cfg.kl_samples} must be >= 0 (0 = max(n)); set --kl_samples")
+    ns = check_bon_sizes(cfg.n, cfg.kl_samples)
     if cfg.limit is not None and cfg.limit < 1:
         raise UserError(f"limit={cfg.limit} must be >= 1 (or null for all prompts); set --limit")
     check_reward_spec(cfg.reward, assets=cfg.assets)

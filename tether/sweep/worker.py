@@ -141,7 +141,7 @@ def main(spec_path: str) -> int:
         cfg = dataclasses.replace(cfg, **common)
         if not resume:
             eval_file.write_text("")
-        train(cfg, resume=resume, eval_hook=hook)
+        train(cfg, resume=resume, eval_hook=hook, preflight=False)  # the sweep checked every run before starting
     rows = [json.loads(l) for l in eval_file.read_text().splitlines() if l.strip()]
     (run_dir / "result.json").write_text(json.dumps({k: v for k, v in rows[-1].items() if k != "samples"}))
     return 0

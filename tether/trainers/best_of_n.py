@@ -38,6 +38,7 @@ from ..measure import encode_prompts
 from ..ops.best_of_n import best_of_n_kl_estimate
 from ..ops.best_of_n import best_of_n_kl_bound
 from ..data.prompts import Prompt
+from ..errors import UserError
 from ..rewards import RewardSet, RewardSource, build_reward, call_source, reward_columns
 
 RewardLike = Union[RewardSource, RewardSet, str]
@@ -173,14 +174,27 @@ def summarize(scored: dict, n: int, *, n_keep: int = 6) -> dict:
     return out
 
 
+def check_bon_sizes(ns, kl_samples: int = 0) -> list[int]:
+    """The values of n (positive integers) and ``kl_samples`` (>= 0): the one check ``tether bon``'s
+    preflight and ``best_of_n`` / ``best_of_n_curve`` from Python share. Returns ns as ints."""
+    try:
+        values = [int(n) for n in ns]
+    except (TypeError, ValueError):
+        raise UserError(f"n={ns!r} must be positive integers, comma-separated (e.g. 1,2,4,8); set --n") from None
+    if not values or min(values) < 1:
+        raise UserError(f"n={values} must be positive integers, comma-separated (e.g. 1,2,4,8); set --n")
+    if kl_samples < 0:
+        raise UserError(f"kl_samples={kl_samples} must be >= 0 (0 = max(n)); set --kl_samples")
+    return values
+
+
 def best_of_n_curve(
     model, tokenizer, prompts: Sequence[str], *, ns: Sequence[int], reward: RewardLike,
     gold: GoldLike = (), kl_samples: int = 0, **options,
 ) -> list[dict]:
     """``best_of_n`` for several n from one set of max(max(ns), kl_samples) samples per prompt (``options``:
     those of ``sample_and_score``)."""
-    if not ns or min(ns) < 1:
-        raise ValueError(f"ns must be positive integers, got {list(ns)}")
+    check_bon_sizes(ns, kl_samples)
     scored = sample_and_score(model, tokenizer, prompts, samples=max(max(ns), kl_samples), reward=reward, gold=gold, **options)
     return [summarize(scored, n) for n in ns]
 

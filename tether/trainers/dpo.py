@@ -65,14 +65,16 @@ from ..diagnostics.forgetting import ForgettingProbe
 from ..diagnostics.overfit import OverfitMonitor
 from ..distributed import Dist
 from ..errors import UserError
+from ..registry import run_preflight
 from ..fsdp import is_sharded, models_of, shard_reference, unsharded
 from ..groups import DATA_FIELDS, ReferenceConfig, SamplingSettings
 from ..engine import evaluate as evaluate_kl
 from ..modeling import completion_logps, packed_token_logps
 from ..ops.kl import seq_sum
-from ..ops.preference import LOSS_TYPES, preference_loss
+from ..ops.preference import check_loss_options, check_loss_type, preference_loss
 from ..reference import (
-    REFERENCE_FORMS, OffloadedReference, PrecomputedReference, Reference, eval_mode, reference_from_config,
+    OffloadedReference, PrecomputedReference, Reference, check_lora_reference, check_reference_form, eval_mode,
+    reference_from_config,
 )
 from ..runs import RunDir, save_final
 from ..training import (
@@ -382,10 +384,9 @@ def accumulate_gradients(cfg: DPOConfig, policy, reference: Reference, train: li
 
 
 def check_config(cfg: DPOConfig) -> None:
-    if cfg.reference not in REFERENCE_FORMS:
-        raise UserError(f"reference must be one of {REFERENCE_FORMS}, got {cfg.reference!r}; set --reference")
-    if cfg.loss_type not in LOSS_TYPES:
-        raise UserError(f"loss_type must be one of {LOSS_TYPES}, got {cfg.loss_type!r}; set --loss_type")
+    check_reference_form(cfg.reference)
+    check_lora_reference(cfg)
+    check_loss_type(cfg.loss_type)
     if cfg.reference == "precomputed" and cfg.loss_type == "simpo":
         log.info("simpo ignores the reference; ref log-probs are still computed for logging")
     if not cfg.dataset:
@@ -393,11 +394,12 @@ def check_config(cfg: DPOConfig) -> None:
     if cfg.beta_schedule in ("none", None, "") and not cfg.beta > 0:  # the preference losses scale (or divide by) β: 0 means no signal
         raise UserError(f"beta={cfg.beta}: DPO's loss is -log σ(β·margin), constant at β = 0 (nothing to learn); set --beta > 0. "
                          "To train without a KL penalty and still monitor kl/ref, use ppo, grpo or rloo with --beta 0")
+    check_loss_options(cfg.loss_type, cfg.beta, cfg.label_smoothing)
 
 
 def train_dpo(cfg: DPOConfig, *, rows: Optional[Sequence[dict]] = None, eval_rows: Optional[Sequence[dict]] = None,
               resume: bool = False, callback: Optional[Callable[[int, dict], None]] = None,
-              eval_hook: Optional[Callable] = None) -> dict:
+              eval_hook: Optional[Callable] = None, preflight: bool = True) -> dict:
     """Train with DPO (or a variant) and return the final metrics (plus "final": the model folder).
 
     ``rows`` / ``eval_rows``: preference rows already in memory (dicts with prompt/chosen/rejected);
@@ -406,12 +408,16 @@ def train_dpo(cfg: DPOConfig, *, rows: Optional[Sequence[dict]] = None, eval_row
     the signature ``train_online`` takes) runs at step 0 and with every evaluation, its metrics logged
     with the rest (the demo evaluates every method with one protocol this way). ``callback(step,
     metrics)`` is called after each step's log and checkpoint (raising from it interrupts the run, as
-    a kill would)."""
+    a kill would). ``preflight``: first run ``tether dpo``'s checks of the whole input
+    (``checks.preflight_dpo``; in-memory rows replace the dataset checks)."""
     dist = Dist()
     run = RunDir(cfg.output_dir, is_main=dist.is_main, report_to=cfg.report_to)
     if rows is not None:
         cfg = dataclasses.replace(cfg, dataset=str(Path(cfg.output_dir) / "dataset.jsonl"))
-    check_config(cfg)
+    if preflight:
+        run_preflight("dpo", cfg, rows=rows, eval_rows=eval_rows)  # includes check_config
+    else:
+        check_config(cfg)
     run.save_config(cfg, resume=resume)  # refuses a folder holding another run before anything is written
     if rows is not None and dist.is_main:
         Path(cfg.dataset).write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -61,11 +61,11 @@ from ..engine import mean_stderr, score_rows
 from ..generation import backend_for
 from ..measure import encode_prompts
 from ..modeling import CompletionBatch
-from ..ops.kl import ESTIMATOR_NAMES, REFERENCE_FILTERS
+from ..ops.kl import check_estimator, check_reference_filter
 from ..ops.logprobs import selective_logps
 from ..ops.policy import AGGREGATION_MODES
 from ..ops.positions import check_position_weights
-from ..reference import reference_from_config
+from ..reference import check_lora_reference, check_reference_form, reference_from_config
 from ..data.prompts import Prompt, as_prompts, eval_prompts_split, load_prompts
 from ..rewards import CallableSource, RewardSet, RewardSource, build_reward, call_source, reward_columns
 from ..runs import RunDir, save_final
@@ -395,20 +395,16 @@ def evaluate(policy, reference, rewards: RewardSet, tok, prompt_texts: Sequence[
 
 
 def _validate(cfg: OnlineConfig, method: OnlineMethod) -> None:
-    if cfg.kl_estimator not in ESTIMATOR_NAMES:
-        raise UserError(f"kl_estimator must be one of {ESTIMATOR_NAMES}, got {cfg.kl_estimator!r}; set --kl_estimator")
-    if cfg.kl_reference_filter not in REFERENCE_FILTERS:
-        raise UserError(f"kl_reference_filter must be one of {REFERENCE_FILTERS}, got {cfg.kl_reference_filter!r}; set "
-                         "--kl_reference_filter none (the fixed reference, default) or restricted")
-    if cfg.reference not in ONLINE_REFERENCE_FORMS:
-        raise UserError(f"reference={cfg.reference!r}: online methods score fresh samples every step, so the reference "
-                         f"must be a live model; choose from {ONLINE_REFERENCE_FORMS}")
+    check_estimator(cfg.kl_estimator)
+    check_reference_filter(cfg.kl_reference_filter)
+    check_reference_form(cfg.reference, ONLINE_REFERENCE_FORMS,
+                         why=" (online methods score fresh samples every step, so the reference must be a live model)")
+    check_lora_reference(cfg)
+    sampling_settings(cfg)  # the sampling group's ranges (groups.check_sampling)
     if cfg.loss_aggregation not in AGGREGATION_MODES:
         raise UserError(f"loss_aggregation must be one of {AGGREGATION_MODES}, got {cfg.loss_aggregation!r}; set --loss_aggregation")
     if cfg.num_epochs < 1 or cfg.num_minibatches < 1:
         raise UserError("num_epochs and num_minibatches must be >= 1")
-    if cfg.max_new_tokens < 1:
-        raise UserError("max_new_tokens must be >= 1")
     bad = check_position_weights(decay=cfg.beta_position_decay, weights=cfg.beta_position_weights)
     if bad:
         raise UserError(f"{bad}; fix --beta_position_decay / --beta_position_weights")
@@ -531,10 +527,11 @@ class Session:
 
 
 def setup(cfg: OnlineConfig, method: OnlineMethod, *, prompts=None, reward=None, log_rewards=None, eval_prompts=None,
-          resume: bool = False) -> Session:
+          resume: bool = False, validate: bool = True) -> Session:
     """Validate, load policy / reference / value model / rewards / prompts, build the optimiser and
     β controller, and restore the latest checkpoint if ``resume``."""
-    _validate(cfg, method)
+    if validate:  # (the preflight, when it ran, has: its checks include these)
+        _validate(cfg, method)
     dist = Dist()
     sizes = derive_sizes(cfg, dist)
     run = RunDir(cfg.output_dir, is_main=dist.is_main, report_to=cfg.report_to)
@@ -586,9 +583,13 @@ def setup(cfg: OnlineConfig, method: OnlineMethod, *, prompts=None, reward=None,
 def train_online(
     cfg: OnlineConfig, *, method: Optional[OnlineMethod] = None, prompts: Optional[Sequence[str]] = None,
     reward=None, log_rewards=None, eval_prompts: Optional[Sequence[str]] = None, resume: bool = False,
-    eval_hook: Optional[Callable] = None,
+    eval_hook: Optional[Callable] = None, preflight: bool = True,
 ) -> dict:
     """Train with PPO, GRPO or RLOO (chosen by ``method``, default: by the config class).
+
+    ``preflight``: first run the method's checks of the whole input (``tether.registry``'s preflight,
+    ``checks.preflight_online``: what ``tether ppo`` runs; in-memory prompts and rewards replace the
+    checks of the files and specs they stand for).
 
     ``prompts``, ``eval_prompts`` (lists of strings), ``reward`` (a spec, a ``RewardSource``, a
     function of completions, or a whole ``RewardSet``) and ``log_rewards`` (list of the same)
@@ -599,8 +600,12 @@ def train_online(
     same points (the demo evaluates every method with one protocol this way; ``train_dpo`` takes the
     same hook).
     """
+    if preflight:
+        from ..registry import run_preflight
+
+        run_preflight(cfg.method, cfg, prompts=prompts, eval_prompts=eval_prompts, reward=reward, log_rewards=log_rewards)
     s = setup(cfg, method or method_for(cfg), prompts=prompts, reward=reward, log_rewards=log_rewards,
-              eval_prompts=eval_prompts, resume=resume)
+              eval_prompts=eval_prompts, resume=resume, validate=not preflight)
     s.eval_hook = eval_hook
     cfg = s.cfg  # max_steps as setup derived it (epochs)
     backend = backend_for(cfg, s.policy)  # tether.generation: builtin (decoder auto | hf | lean) | vllm

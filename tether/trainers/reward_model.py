@@ -29,6 +29,7 @@ from ..config import config_group
 from ..data.preference import StepBatches, collate_pairs, load_preference_rows, pair_width, split_holdout, tokenize_pairs
 from ..distributed import Dist
 from ..errors import UserError
+from ..registry import run_preflight
 from ..groups import DATA_FIELDS
 from ..modeling import DTYPES, load_tokenizer
 from ..ops.reward_model import bradley_terry_loss
@@ -159,8 +160,11 @@ def evaluate_rm(model, pairs: Sequence[dict], *, pad_id: int, batch_size: int, d
     return dist.reduce_metrics(sums, {k: float(len(mine)) for k in sums})
 
 
-def train_reward_model(cfg: RMConfig, *, resume: bool = False) -> dict:
-    """Run reward-model training; returns {"final": path, "loss", "rm/accuracy", "eval/rm/accuracy", "eval/loss"}."""
+def train_reward_model(cfg: RMConfig, *, resume: bool = False, preflight: bool = True) -> dict:
+    """Run reward-model training; returns {"final": path, "loss", "rm/accuracy", "eval/rm/accuracy", "eval/loss"}.
+    ``preflight``: first run ``tether rm``'s checks of the whole input (``checks.preflight_rm``)."""
+    if preflight:
+        run_preflight("rm", cfg)
     if not cfg.dataset:
         raise UserError("rm needs preference pairs: pass --dataset FILE (or hh-rlhf, or rt-polarity)")
     if cfg.forgetting_text:

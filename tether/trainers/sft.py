@@ -28,6 +28,7 @@ from ..data.text import batch_indices, collate, eval_split_of, load_text_example
 from ..distributed import Dist
 from ..fsdp import unsharded
 from ..errors import UserError
+from ..registry import run_preflight
 from ..groups import DATA_FIELDS
 from ..modeling import position_ids
 from ..ops.logprobs import selective_logps
@@ -132,8 +133,11 @@ def load_sft_data(cfg: SFTConfig, tok) -> tuple[list, list]:
     return train, evals
 
 
-def train_sft(cfg: SFTConfig, *, resume: bool = False) -> dict:
-    """Run SFT; returns {"final": path, "loss": last loss, "eval/loss": final held-out loss}."""
+def train_sft(cfg: SFTConfig, *, resume: bool = False, preflight: bool = True) -> dict:
+    """Run SFT; returns {"final": path, "loss": last loss, "eval/loss": final held-out loss}.
+    ``preflight``: first run ``tether sft``'s checks of the whole input (``checks.preflight_sft``)."""
+    if preflight:
+        run_preflight("sft", cfg)
     if not cfg.dataset:
         raise UserError("sft needs a dataset: pass --dataset FILE (or a comma-separated list)")
     dist = Dist()
