@@ -27,5 +27,5 @@ def main(argv=None) -> int:
     )
     preflight_dpo(cfg)  # the whole input, before any weights load
     result = train_dpo(cfg, resume=getattr(ns, "resume", False), preflight=False)  # checked just above
-    print(json.dumps(result, indent=2, default=str))
+    print(json.dumps(result.summary(), indent=2, default=str))
     return 0

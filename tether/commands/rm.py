@@ -24,5 +24,5 @@ def main(argv=None) -> int:
     )
     preflight_rm(cfg)  # the whole input, before any weights load
     result = train_reward_model(cfg, resume=getattr(ns, "resume", False), preflight=False)  # checked just above
-    print(json.dumps(result, indent=2))
+    print(json.dumps(result.summary(("loss", "rm/accuracy")), indent=2, default=str))
     return 0

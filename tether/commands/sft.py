@@ -23,5 +23,5 @@ def main(argv=None) -> int:
     )
     preflight_sft(cfg)  # the whole input, before any weights load
     result = train_sft(cfg, resume=getattr(ns, "resume", False), preflight=False)  # checked just above
-    print(json.dumps(result, indent=2))
+    print(json.dumps(result.summary(("loss",)), indent=2, default=str))
     return 0

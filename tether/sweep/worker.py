@@ -134,8 +134,6 @@ def main(spec_path: str) -> int:
         import dataclasses
 
         train = METHODS[method].load("train")
-        if "kl_prompts" in {f.name for f in dataclasses.fields(cfg)}:  # DPO: the hook's KL stands in for kl/ref
-            common["kl_prompts"] = 0  # one measurement, not two
         if not cfg.save_every:
             common["save_every"] = ev["eval_every"]  # an interrupted run resumes from its last evaluation
         cfg = dataclasses.replace(cfg, **common)

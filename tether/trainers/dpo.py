@@ -66,6 +66,7 @@ from ..diagnostics.overfit import OverfitMonitor
 from ..distributed import Dist
 from ..errors import UserError
 from ..registry import run_preflight
+from .result import TrainResult
 from ..fsdp import is_sharded, models_of, shard_reference, unsharded
 from ..groups import DATA_FIELDS, ReferenceConfig, SamplingSettings
 from ..engine import evaluate as evaluate_kl
@@ -399,14 +400,14 @@ def check_config(cfg: DPOConfig) -> None:
 
 def train_dpo(cfg: DPOConfig, *, rows: Optional[Sequence[dict]] = None, eval_rows: Optional[Sequence[dict]] = None,
               resume: bool = False, callback: Optional[Callable[[int, dict], None]] = None,
-              eval_hook: Optional[Callable] = None, preflight: bool = True) -> dict:
-    """Train with DPO (or a variant) and return the final metrics (plus "final": the model folder).
+              eval_hook: Optional[Callable] = None, preflight: bool = True) -> TrainResult:
+    """Train with DPO (or a variant); returns a ``TrainResult`` (``result["loss"]`` etc.: the last step's
+    metrics; ``result["train_pairs"]`` etc.: the data counts in ``info``).
 
     ``rows`` / ``eval_rows``: preference rows already in memory (dicts with prompt/chosen/rejected);
     they are written to OUTPUT_DIR/dataset.jsonl and the saved config points at it, so the run can be
-    resumed from the command line. ``eval_hook(step, policy, *, beta) -> metrics`` (main process only;
-    the signature ``train_online`` takes) runs at step 0 and with every evaluation, its metrics logged
-    with the rest (the demo evaluates every method with one protocol this way). ``callback(step,
+    resumed from the command line. ``eval_hook(step, policy, *, beta) -> metrics``: the sampled
+    evaluation, instead of kl/ref (its one meaning in every loop: ``trainers.result``). ``callback(step,
     metrics)`` is called after each step's log and checkpoint (raising from it interrupts the run, as
     a kill would). ``preflight``: first run ``tether dpo``'s checks of the whole input
     (``checks.preflight_dpo``; in-memory rows replace the dataset checks)."""
@@ -438,9 +439,10 @@ def train_dpo(cfg: DPOConfig, *, rows: Optional[Sequence[dict]] = None, eval_row
     sched = make_scheduler(opt, cfg)
     guard = StepGuard(cfg.max_nonfinite_steps)
     ckpt = Checkpointer(run, policy, opt, sched, controller=controller, reference=reference, guard=guard)
-    step = ckpt.resume()[0] if resume else 0
+    step, state = ckpt.resume() if resume else (0, {})
+    history, eval_history = list(state.get("history", [])), list(state.get("eval_history", []))
     kl_prompts = [p["prompt_ids"] for p in held[: cfg.kl_prompts]]
-    if not kl_prompts and not cfg.forgetting_text:
+    if (not kl_prompts or eval_hook is not None) and not cfg.forgetting_text:  # nothing samples through it
         live_ref = None  # nothing samples: with the precomputed form, the reference model is freed here
     forgetting = ForgettingProbe(cfg.forgetting_text, tok, config=dataclasses.asdict(cfg), assets=cfg.assets,
                                  max_texts=cfg.forgetting_max_texts, seed=cfg.seed) \
@@ -457,18 +459,17 @@ def train_dpo(cfg: DPOConfig, *, rows: Optional[Sequence[dict]] = None, eval_row
     def _evaluate(beta: float) -> dict:
         out = eval_pairs(cfg, policy, reference, held, held_ids, beta=beta, pad_id=pad_id, dist=dist,
                          packed=packed) if held else {}
-        if kl_prompts and dist.is_main:  # sampling is replicated work: only the logging process measures
+        if eval_hook is not None:  # the sampled evaluation: the hook's protocol instead of kl/ref (trainers.result)
+            out.update((eval_hook(step, policy, beta=beta) or {}) if dist.is_main else {})
+        elif kl_prompts and dist.is_main:  # sampling is replicated work: only the logging process measures
             out.update(measure_ref_kl(cfg, policy, live_ref, kl_prompts, tok))
         if forgetting is not None:  # eval/forgetting/*: teacher-forced on off-distribution text
             out.update(forgetting(policy, live_ref))
-        if eval_hook is not None and dist.is_main:
-            out.update(eval_hook(step, policy, beta=beta) or {})
+        eval_history.append({"step": step, **out})
         return out
 
-    if step == 0 and eval_hook is not None:  # the start of the reward-KL curve (KL 0)
-        with unsharded(policy):
-            if dist.is_main:
-                run.log(0, eval_hook(0, policy, beta=controller.value) or {})
+    if step == 0 and eval_hook is not None and cfg.eval_every:  # the start of the reward-KL curve (KL 0)
+        run.log(0, evaluate(controller.value))
 
     bar = progress_bar(cfg.max_steps, step, enabled=cfg.progress and dist.is_main, desc=f"dpo[{cfg.loss_type}]")
     metrics: dict = {}
@@ -499,8 +500,9 @@ def train_dpo(cfg: DPOConfig, *, rows: Optional[Sequence[dict]] = None, eval_row
             metrics.update(overfit.check(step))
         if step % cfg.log_every == 0 or evaluated:
             run.log(step, metrics)
+        history.append({"step": step, **metrics})
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-            ckpt.save(step)
+            ckpt.save(step, data_state={"history": history, "eval_history": eval_history})
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['rewards/accuracy']:.2f}",
                         kl=f"{last_eval.get('kl/ref', float('nan')):.2f}")
@@ -508,10 +510,11 @@ def train_dpo(cfg: DPOConfig, *, rows: Optional[Sequence[dict]] = None, eval_row
             callback(step, metrics)
     bar.close()
     if not last_eval:  # resumed at max_steps: still report the held-out metrics
+        metrics = {k: v for k, v in (history[-1] if history else {}).items() if k != "step"}
         last_eval = evaluate(controller.value)
         metrics.update(last_eval)
-    ckpt.save(step)
+    ckpt.save(step, data_state={"history": history, "eval_history": eval_history})
     final = save_final(policy, cfg.output_dir, tokenizer=tok, merge_lora=cfg.merge_lora, is_main=dist.is_main)
     run.close()
     dist.finish()
-    return {**metrics, **data_info, "final": str(final)}
+    return TrainResult(final=str(final), metrics=metrics, history=history, eval_history=eval_history, info=data_info)

@@ -65,6 +65,7 @@ from ..ops.kl import check_estimator, check_reference_filter
 from ..ops.logprobs import selective_logps
 from ..ops.policy import AGGREGATION_MODES
 from ..ops.positions import check_position_weights
+from .result import TrainResult
 from ..reference import check_lora_reference, check_reference_form, reference_from_config
 from ..data.prompts import Prompt, as_prompts, eval_prompts_split, load_prompts
 from ..rewards import CallableSource, RewardSet, RewardSource, build_reward, call_source, reward_columns
@@ -486,7 +487,7 @@ class Session:
     step: int = 0
     history: list = field(default_factory=list)
     eval_history: list = field(default_factory=list)
-    eval_hook: Optional[Callable] = None  # eval_hook(step, policy, *, beta) -> metrics: replaces the built-in evaluation
+    eval_hook: Optional[Callable] = None  # eval_hook(step, policy, *, beta) -> metrics: the sampled evaluation (trainers.result)
     prompt_rows: list = field(default_factory=list)  # the Prompt (dataset row) of each of texts / eval_texts
     eval_rows: list = field(default_factory=list)
     forgetting: Optional[Callable] = None  # diagnostics.forgetting.ForgettingProbe (cfg.forgetting_text): eval/forgetting/*
@@ -584,7 +585,7 @@ def train_online(
     cfg: OnlineConfig, *, method: Optional[OnlineMethod] = None, prompts: Optional[Sequence[str]] = None,
     reward=None, log_rewards=None, eval_prompts: Optional[Sequence[str]] = None, resume: bool = False,
     eval_hook: Optional[Callable] = None, preflight: bool = True,
-) -> dict:
+) -> TrainResult:
     """Train with PPO, GRPO or RLOO (chosen by ``method``, default: by the config class).
 
     ``preflight``: first run the method's checks of the whole input (``tether.registry``'s preflight,
@@ -593,12 +594,11 @@ def train_online(
 
     ``prompts``, ``eval_prompts`` (lists of strings), ``reward`` (a spec, a ``RewardSource``, a
     function of completions, or a whole ``RewardSet``) and ``log_rewards`` (list of the same)
-    override the config's file/spec fields. Returns ``{"final", "metrics" (last step), "history"
-    (every step's metrics), "eval_history" (rows of eval/kl, eval/kl_stderr, eval/reward/<name>,
-    from step 0 — the reference itself — when eval_every > 0, and at the last step)}``.
-    ``eval_hook(step, policy, *, beta) -> metrics``, if given, replaces the built-in evaluation at those
-    same points (the demo evaluates every method with one protocol this way; ``train_dpo`` takes the
-    same hook).
+    override the config's file/spec fields. Returns a ``TrainResult``: ``final``, ``metrics`` (last step),
+    ``history`` (every step's metrics), ``eval_history`` (rows of eval/kl, eval/kl_stderr,
+    eval/reward/<name>, from step 0 — the reference itself — when eval_every > 0, and at the last step).
+    ``eval_hook(step, policy, *, beta) -> metrics``, if given, is the sampled evaluation at those same
+    points, instead of the built-in one (its one meaning in every loop: ``trainers.result``).
     """
     if preflight:
         from ..registry import run_preflight
@@ -671,7 +671,7 @@ def train_online(
     final = save_final(s.policy, cfg.output_dir, tokenizer=s.tok, merge_lora=cfg.merge_lora, is_main=dist.is_main)
     s.run.close()
     dist.finish()
-    return {"final": str(final), "metrics": metrics, "history": s.history, "eval_history": s.eval_history}
+    return TrainResult(final=str(final), metrics=metrics, history=s.history, eval_history=s.eval_history)
 
 
 def method_for(cfg: OnlineConfig) -> OnlineMethod:

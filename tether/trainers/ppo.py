@@ -31,6 +31,7 @@ from ..ops.policy import aggregate_loss, gae, masked_mean, masked_std, masked_wh
 from ..value import VALUE_MODELS
 from ..ops.positions import weight_by_position
 from .method import Counts, LossInputs, OnlineMethod, Prepared, beta_weights, reward_kl_direct_term
+from .result import TrainResult
 from .online import OnlineConfig, train_online
 from .sft import token_nll
 from ..errors import UserError
@@ -147,6 +148,6 @@ PPO = OnlineMethod(
 )
 
 
-def train_ppo(cfg: PPOConfig, **kwargs) -> dict:
+def train_ppo(cfg: PPOConfig, **kwargs) -> TrainResult:
     """``train_online(cfg, method=PPO, **kwargs)``: see its docstring for the arguments and result."""
     return train_online(cfg, method=PPO, **kwargs)
