@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from tether.groups import SamplingSettings
 from tether.ops.best_of_n import best_of_n_kl_estimate, best_of_n_kl_exact, best_of_n_probs
 from tether.ops.policy import best_of_n_kl_bound
 from tether.rewards import CallableSource, RewardSet, VaderSource
@@ -98,7 +99,7 @@ def test_best_of_n_on_stories(stories):
     tok, model = stories
     length = CallableSource(lambda completions: [float(len(c)) for c in completions], name="length")
     prompts = ["once upon a time", "the movie was", "lily saw a"]
-    kw = dict(max_new_tokens=8, seed=1, batch_size=16)
+    kw = dict(sampling=SamplingSettings(max_new_tokens=8), seed=1, batch_size=16)
     scored = sample_and_score(model, tok, prompts, samples=4, reward=length, **kw)
     r = best_of_n(model, tok, prompts, n=4, reward=RewardSet(length, [VaderSource()]), **kw)
     assert r["completions"] == [max(texts, key=len) for texts in scored["texts"]]
@@ -131,7 +132,8 @@ def test_prompt_ids_and_frontier_keys(stories):
     ids = tok("the movie was great")["input_ids"][:3]
     text = tok.decode(ids, skip_special_tokens=True)
     gold = VaderSource(name="gold")
-    r = best_of_n(model, tok, [text], prompt_ids=[ids], n=3, reward="vader", gold=gold, max_new_tokens=6, seed=0)
+    r = best_of_n(model, tok, [text], prompt_ids=[ids], n=3, reward="vader", gold=gold,
+                  sampling=SamplingSettings(max_new_tokens=6), seed=0)
     assert r["kl"] == r["kl_estimate"] and r["kl_stderr"] == r["kl_estimate_stderr"]
     assert r["gold_reward"] == r["gold"] == r["reward/gold"] and r["proxy_reward"] == r["score"]
     assert r["samples"][0]["prompt"] == text and set(r["samples"][0]) == {"prompt", "completion", "score", "gold"}

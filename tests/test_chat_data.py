@@ -343,7 +343,7 @@ def test_chat_sft_grpo_and_mapped_dpo_on_other_architectures(tiny_model, tmp_pat
             for a in ["Tom ran.", "Lily sang.", "The dog sat.", "Ben ate."]]
     sft = train_sft(SFTConfig(model=tiny_model, output_dir=str(tmp_path / "sft"), chat_template=TEMPLATE,
                               dataset=_save(tmp_path, "chat", {"train": conv, "test": conv[:1]}), batch_size=2,
-                              max_steps=2, progress=False))
+                              max_steps=2, max_length=64, progress=False))  # within the tiny model's 128 positions
     assert math.isfinite(sft["eval/loss"])
 
     words = ["cat", "dog", "sun", "owl"]
@@ -358,5 +358,5 @@ def test_chat_sft_grpo_and_mapped_dpo_on_other_architectures(tiny_model, tmp_pat
              [("The dog", " ran.", " sat."), ("Lily was", " happy.", " sad."), ("Tom had", " a toy.", " a cold.")]]
     out = train_dpo(DPOConfig(model=tiny_model, output_dir=str(tmp_path / "dpo"), dataset=_save(tmp_path, "se", {"train": pairs}),
                               columns={"question": "prompt", "response_j": "chosen", "response_k": "rejected"},
-                              eval_fraction=0.0, batch_size=2, max_steps=1, kl_prompts=0, progress=False))
+                              eval_fraction=0.0, batch_size=2, max_steps=1, kl_prompts=0, max_length=64, progress=False))
     assert out["loss"] == pytest.approx(math.log(2), abs=1e-5)  # step 1: policy = reference (float32 rounding)

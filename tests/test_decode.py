@@ -102,13 +102,14 @@ def test_builtin_backend_takes_the_decoder_option(stories):
     """make_backend("builtin", model, decoder=...) reaches the sampler (the same tokens either way, as above);
     an unknown decoder is a UserError naming the option."""
     from tether.errors import UserError
-    from tether.generation import GenerationSettings, make_backend
+    from tether.generation import make_backend
+    from tether.groups import SamplingSettings
 
     tok, model = stories
     ids = [tok(t)["input_ids"] for t in ("Once upon a time", "Tom was")]
-    settings = GenerationSettings(max_new_tokens=8, pad_id=tok.pad_token_id, eos_id=None)
-    a, _ = make_backend("builtin", model, decoder="hf").generate(ids, settings, torch.Generator().manual_seed(2))
-    b, _ = make_backend("builtin", model).generate(ids, settings, torch.Generator().manual_seed(2))
+    settings, ends = SamplingSettings(max_new_tokens=8), dict(pad_id=tok.pad_token_id, eos_id=None)
+    a, _ = make_backend("builtin", model, decoder="hf").generate(ids, settings, torch.Generator().manual_seed(2), **ends)
+    b, _ = make_backend("builtin", model).generate(ids, settings, torch.Generator().manual_seed(2), **ends)
     assert make_backend("builtin", model, decoder="hf").decoder == "hf"
     assert torch.equal(a.input_ids, b.input_ids)
     with pytest.raises(UserError, match="decoder"):

@@ -14,6 +14,7 @@ import torch
 from tether.engine import (
     EVAL_BATCH_SIZE, EVAL_SEED_OFFSET, eval_seed, generate, generate_batches, measure, score,
 )
+from tether.groups import SamplingSettings
 from tether.modeling import load_causal_lm
 from tether.ops.kl import seq_sum
 from tether.reference import FrozenReference
@@ -102,8 +103,8 @@ def test_best_of_n_and_preference_pairs_sample_with_the_engine(models):
     model = reference.model
     ids = _ids(tok)
     length = CallableSource(lambda completions: [float(len(c)) for c in completions], name="len")
-    scored = sample_and_score(model, tok, PROMPTS, samples=3, reward=length, max_new_tokens=8, seed=2, batch_size=4,
-                              temperature=0.9, top_k=10)
+    scored = sample_and_score(model, tok, PROMPTS, samples=3, reward=length, seed=2, batch_size=4,
+                              sampling=SamplingSettings(max_new_tokens=8, temperature=0.9, top_k=10))
     texts = [t for s in generate_batches(model, ids, tokenizer=tok, sampling={"temperature": 0.9, "top_k": 10},
                                          max_new_tokens=8, batch_size=4, seed=2, samples_per_prompt=3)
              for t in s.completions]
@@ -125,7 +126,7 @@ def test_score_refuses_other_settings_than_sampled(models):
     settings is an error, not a silently different quantity."""
     tok, policy, reference = models
     smp = generate(policy, _ids(tok)[:2], tokenizer=tok, sampling={"temperature": 0.7}, max_new_tokens=4, seed=0)
-    assert smp.sampling == {"temperature": 0.7, "top_k": 0, "top_p": 1.0}
+    assert smp.sampling.filters() == {"temperature": 0.7, "top_k": 0, "top_p": 1.0}
     score(policy, reference, smp, sampling={"temperature": 0.7})
     with pytest.raises(ValueError, match="drawn with"):
         score(policy, reference, smp, sampling={"temperature": 1.0})

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from tether.errors import UserError
 from tether.ops.preference import LOSS_TYPES, TARGETS, f_divergence_score, preference_loss
 
 LOG3 = math.log(3.0)
@@ -236,7 +237,7 @@ def test_stats_are_implicit_rewards_per_example():
 def test_every_loss_type_has_a_target_and_bad_options_raise():
     assert set(TARGETS) == set(LOSS_TYPES) and len(LOSS_TYPES) == 10
     c = torch.zeros(2)
-    with pytest.raises(ValueError, match="unknown loss_type"):
+    with pytest.raises(UserError, match="loss_type must be one of"):
         preference_loss(c, c, c, c, beta=0.1, loss_type="dpo")
     with pytest.raises(ValueError, match="label_smoothing"):
         preference_loss(c, c, c, c, beta=0.1, loss_type="sigmoid", label_smoothing=0.1)

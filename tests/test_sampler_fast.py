@@ -95,18 +95,19 @@ def test_sampler_without_eos_runs_every_step(stories):
 def test_engine_samples_through_the_backend_it_is_given(stories):
     """engine.generate / measure hand the prompts, settings and generator to the backend (tether.generation)
     and use what it returns: a counting wrapper around the built-in backend gives the same samples as the
-    default, and sees GenerationSettings with the tokenizer's pad/EOS and the sampling filters."""
+    default, and sees the SamplingSettings with the tokenizer's pad/EOS."""
     from tether.engine import generate, measure
-    from tether.generation import BuiltinBackend, GenerationBackend, GenerationSettings
+    from tether.generation import BuiltinBackend, GenerationBackend
+    from tether.groups import SamplingSettings
     from tether.reference import FrozenReference
 
     tok, model = stories
     seen = []
 
     class Counting(BuiltinBackend):
-        def generate(self, prompt_ids, settings, generator):
-            seen.append(settings)
-            return super().generate(prompt_ids, settings, generator)
+        def generate(self, prompt_ids, settings, generator, *, pad_id, eos_id):
+            seen.append((settings, pad_id, eos_id))
+            return super().generate(prompt_ids, settings, generator, pad_id=pad_id, eos_id=eos_id)
 
     backend = Counting(model)
     assert isinstance(backend, GenerationBackend)
@@ -114,7 +115,7 @@ def test_engine_samples_through_the_backend_it_is_given(stories):
     a = generate(model, ids, tokenizer=tok, sampling={"top_k": 5}, max_new_tokens=5, seed=1, backend=backend)
     b = generate(model, ids, tokenizer=tok, sampling={"top_k": 5}, max_new_tokens=5, seed=1)
     assert a.completion_ids == b.completion_ids and torch.equal(a.batch.allowed, b.batch.allowed)
-    assert seen == [GenerationSettings(max_new_tokens=5, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, top_k=5)]
+    assert seen == [(SamplingSettings(max_new_tokens=5, top_k=5), tok.pad_token_id, tok.eos_token_id)]
     m = measure(model, FrozenReference(copy.deepcopy(model)), ids, tokenizer=tok, max_new_tokens=3, batch_size=2, seed=0,
                 estimators=("exact",), backend=backend)
     assert len(seen) == 3 and m["samples"] == 4 and m["estimators"]["exact"]["mean"] == 0.0

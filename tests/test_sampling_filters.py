@@ -378,11 +378,11 @@ def test_rollout_scores_step0_kl_is_the_filter_cost_and_clamp_mask_is_returned(s
 
 
 def test_loss_side_policy_stays_finite_after_the_policy_moves(stories, perturbed):
-    """The loss scores the *updated* π_θ on the rollout's tokens with the stored F_t (online._filters):
+    """The loss scores the *updated* π_θ on the rollout's tokens with the stored F_t (groups.sampling_settings):
     every log-prob finite and differentiable. Re-running top-k on the moved policy would drop some
     sampled tokens (-inf, ratio 0) — the reason the loss used to skip top-k/top-p altogether."""
     from tether.modeling import forward_completion
-    from tether.trainers.online import _filters  # what online.optimise passes to the loss's forward
+    from tether.groups import sampling_settings  # what online.optimise passes to the loss's forward
 
     tok, model = stories
     f = {"temperature": 0.9, "top_k": 5}
@@ -391,8 +391,8 @@ def test_loss_side_policy_stays_finite_after_the_policy_moves(stories, perturbed
                   generator=g, **f)
     from tether.trainers.ppo import PPOConfig
 
-    loss_filters = _filters(PPOConfig(**f))
-    assert loss_filters == {"temperature": 0.9, "top_k": 5, "top_p": 1.0}
+    loss_filters = sampling_settings(PPOConfig(**f))
+    assert loss_filters.filters() == {"temperature": 0.9, "top_k": 5, "top_p": 1.0}
     refiltered = completion_logps(perturbed, make_batch(*_rows(b), pad_id=tok.pad_token_id), **f)
     assert torch.isinf(refiltered[b.mask]).any()  # the hazard, with a re-filter
     perturbed.zero_grad()

@@ -125,7 +125,7 @@ def test_gpu_engine_takes_the_memory_fraction_and_sleeps_between_rollouts(storie
 
     import torch
 
-    from tether.generation import GenerationSettings
+    from tether.groups import SamplingSettings
 
     fake = ModuleType("vllm")
     fake.LLM, fake.SamplingParams = _FakeLLM, lambda **kw: kw
@@ -137,11 +137,11 @@ def test_gpu_engine_takes_the_memory_fraction_and_sleeps_between_rollouts(storie
     init = _FakeLLM.calls[0][1]
     assert init["gpu_memory_utilization"] == 0.45 and init["enable_sleep_mode"] is True
     assert "kv_cache_memory_bytes" not in init
-    settings = GenerationSettings(max_new_tokens=2, pad_id=0, eos_id=None)
-    backend.generate([[1, 2]], settings, torch.Generator().manual_seed(0))
+    settings, ends = SamplingSettings(max_new_tokens=2), dict(pad_id=0, eos_id=None)
+    backend.generate([[1, 2]], settings, torch.Generator().manual_seed(0), **ends)
     backend.update_weights(stories[1])
-    backend.generate([[1, 2]], settings, torch.Generator().manual_seed(0))
-    backend.generate([[1, 2]], settings, torch.Generator().manual_seed(0))
+    backend.generate([[1, 2]], settings, torch.Generator().manual_seed(0), **ends)
+    backend.generate([[1, 2]], settings, torch.Generator().manual_seed(0), **ends)
     names = [c[0] for c in _FakeLLM.calls[1:]]
     assert names == ["rpc", "generate", "sleep", "wake_up", "rpc", "generate", "sleep", "wake_up", "generate", "sleep"]
     assert ("sleep", 1) in _FakeLLM.calls

@@ -1,8 +1,11 @@
 """Checks of a command's whole input before any weights load: config ranges and choices, the files the
 user named, the model path, and the context length.
 
-Each ``tether`` command calls ``preflight_<command>(cfg)`` first, so a typo in ``--loss_type`` or a
-missing prompts file costs a second, not a model load. The rules that belong to one trainer stay in
+Each training function runs its method's ``preflight_<command>(cfg)`` first (``tether.registry``'s
+``preflight``; ``train_dpo(cfg)`` from a notebook runs the same checks as ``tether dpo``; pass
+``preflight=False`` to skip them), so a typo in ``--loss_type`` or a missing prompts file costs a
+second, not a model load. Data given in memory (``prompts=``, ``rows=``, ``reward=``) replaces the
+check of the file or spec it stands for. The rules that belong to one trainer stay in
 that trainer's ``check_config`` / ``validate`` (called from here, so there is one place per rule);
 this module holds the rules every trainer shares (``check_train_config``) and the checks of paths.
 Every failure is a ``UserError`` whose message names the field or file and the fix.
@@ -25,6 +28,7 @@ from types import SimpleNamespace
 from typing import Any, Optional, Sequence
 
 from .errors import UserError
+from .groups import sampling_settings
 
 log = logging.getLogger(__name__)
 
@@ -293,17 +297,15 @@ def preflight_bon_reward(cfg) -> None:
     check_reward_spec(cfg.reward, field="reward", assets=cfg.assets)
 
 
-def preflight_online(cfg) -> None:
-    """ppo / grpo / rloo: config, prompts, rewards, models, context."""
+def preflight_online(cfg, *, prompts=None, eval_prompts=None, reward=None, log_rewards=None) -> None:
+    """ppo / grpo / rloo: config, prompts, rewards, models, context. ``prompts`` ... ``log_rewards``: what
+    ``train_online`` was given in memory instead of the config's files and specs (read as it reads them)."""
     from .trainers.online import _validate, derive_sizes, method_for
 
     check_train_config(cfg)
     _validate(cfg, method_for(cfg))
     derive_sizes(cfg, _world_size())
     check_beta(cfg)
-    if cfg.reference == "lora" and cfg.lora_r < 1:
-        raise UserError("reference='lora' reads the policy with its LoRA adapters off, so it needs --lora_r >= 1; "
-                        "set --lora_r or choose --reference copy")
     _at_least(cfg, "eval_max_prompts", 1)
     _at_least(cfg, "eval_samples", 1)
     _at_least(cfg, "max_prompt_length", 1)
@@ -312,13 +314,18 @@ def preflight_online(cfg) -> None:
     check_backend(cfg.backend, cfg.decoder)
     check_vllm_options(cfg)
     path, config = check_model(cfg.model, assets=cfg.assets)
-    check_backend_model(getattr(cfg, "backend", "builtin"), config,
-                        {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}, decoder=cfg.decoder)
+    check_backend_model(getattr(cfg, "backend", "builtin"), config, sampling_settings(cfg), decoder=cfg.decoder)
     tok = _tokenizer(path)
-    prompts = check_prompts_file(cfg.prompts, tokenizer=tok, cfg=cfg)
-    eval_prompts = check_prompts_file(cfg.eval_prompts, field="eval_prompts", tokenizer=tok, cfg=cfg) if cfg.eval_prompts else []
-    check_reward_spec(cfg.reward, assets=cfg.assets)
-    for spec in cfg.log_rewards:
+    prompts = _prompt_texts(prompts, tok, cfg) if prompts is not None else check_prompts_file(cfg.prompts, tokenizer=tok, cfg=cfg)
+    if not prompts:
+        raise UserError("the prompt list is empty; pass at least one prompt")
+    if eval_prompts is not None:
+        eval_prompts = _prompt_texts(eval_prompts, tok, cfg, where="eval_prompts")
+    else:
+        eval_prompts = check_prompts_file(cfg.eval_prompts, field="eval_prompts", tokenizer=tok, cfg=cfg) if cfg.eval_prompts else []
+    if reward is None:
+        check_reward_spec(cfg.reward, assets=cfg.assets)
+    for spec in (cfg.log_rewards if log_rewards is None else []):
         check_reward_spec(spec, field="log_rewards", assets=cfg.assets)
     if getattr(cfg, "ptx_dataset", None):
         check_dataset(cfg.ptx_dataset, field="ptx_dataset", assets=cfg.assets)
@@ -335,26 +342,32 @@ def preflight_online(cfg) -> None:
                       spec=cfg.model)
 
 
-def preflight_dpo(cfg) -> None:
-    from .trainers.dpo import check_config
+def _prompt_texts(items, tok, cfg, where: str = "prompts") -> list[str]:
+    """The texts of prompts given in memory, read as ``train_online`` reads them (``data.prompts.as_prompts``)."""
+    from .data.prompts import as_prompts
 
-    from .ops.preference import _check as check_loss
+    return [p.text for p in as_prompts(items, tokenizer=tok, chat_template=cfg.chat_template,
+                                       prompt_field=cfg.prompt_field, where=where)]
+
+
+def preflight_dpo(cfg, *, rows=None, eval_rows=None) -> None:
+    """dpo: config, loss options, β, data, models, context. ``rows`` / ``eval_rows``: preference rows
+    ``train_dpo`` was given in memory (they replace the checks of ``dataset`` / ``eval_dataset``)."""
+    from .trainers.dpo import check_config
 
     check_train_config(cfg)
     check_config(cfg)
     check_beta(cfg)
-    try:
-        check_loss(cfg.loss_type, cfg.beta, cfg.label_smoothing)
-    except ValueError as e:
-        raise UserError(f"{e}; set --beta / --label_smoothing") from None
     _at_least(cfg, "max_length", 2)
     _at_least(cfg, "kl_prompts", 0)
     _at_least(cfg, "kl_samples", 1)
     _at_least(cfg, "kl_max_new_tokens", 1)
     if not 0.0 <= cfg.eval_fraction < 1.0:
         raise UserError(f"eval_fraction={cfg.eval_fraction} must lie in [0, 1); set --eval_fraction")
-    check_dataset(cfg.dataset, field="dataset", assets=cfg.assets)
-    check_dataset(cfg.eval_dataset, field="eval_dataset", assets=cfg.assets, required=False)
+    if rows is None:
+        check_dataset(cfg.dataset, field="dataset", assets=cfg.assets)
+    if eval_rows is None:
+        check_dataset(cfg.eval_dataset, field="eval_dataset", assets=cfg.assets, required=False)
     _, config = check_model(cfg.model, assets=cfg.assets)
     if cfg.reference_model:
         check_model(cfg.reference_model, field="reference_model", assets=cfg.assets)
@@ -383,7 +396,7 @@ def preflight_sft(cfg) -> None:
     check_context(config, need=cfg.max_length, fields=f"max_length ({cfg.max_length})", spec=cfg.model)
 
 
-def check_backend_model(backend: str, config, sampling: dict, *, decoder: str = "auto") -> None:
+def check_backend_model(backend: str, config, sampling, *, decoder: str = "auto") -> None:
     """backend=vllm: the model's head size and the sampling filters (``tether.backends.vllm``), before
     any weights load; the built-in sampler: decoder=lean only on a Llama (``decode.supports`` then
     checks the loaded model itself)."""
@@ -414,25 +427,19 @@ def check_vllm_options(cfg) -> None:
                       cuda=torch.cuda.is_available())
 
 
-def preflight_sampling(*, model: str, model_field: str, prompts_path: Optional[str], max_new_tokens: int,
-                       temperature: float, top_k: int, top_p: float, batch_size: int,
-                       assets: Optional[str] = None, cfg=None) -> tuple[str, list[str]]:
-    """Shared by ``tether kl`` and ``tether bon``: sampling settings, prompts, model, context."""
-    ns = SimpleNamespace(max_new_tokens=max_new_tokens, batch_size=batch_size, top_k=top_k)
-    _at_least(ns, "max_new_tokens", 1)
-    _at_least(ns, "batch_size", 1)
-    _at_least(ns, "top_k", 0, " (0 = off)")
-    if not temperature > 0:
-        raise UserError(f"temperature={temperature} must be > 0 (a small value samples near-greedily); set --temperature")
-    if not 0.0 < top_p <= 1.0:
-        raise UserError(f"top_p={top_p} must lie in (0, 1] (1 = off); set --top_p")
+def preflight_sampling(cfg, *, model: str, model_field: str, prompts_path: Optional[str], batch_size: int,
+                       assets: Optional[str] = None) -> tuple[str, list[str]]:
+    """Shared by ``tether kl`` and ``tether bon``: the sampling group of ``cfg`` (``groups.sampling_settings``
+    checks its ranges), prompts, model, context."""
+    settings = sampling_settings(cfg)
+    max_new_tokens = settings.max_new_tokens
+    _at_least(SimpleNamespace(batch_size=batch_size), "batch_size", 1)
     from .generation import check_backend
 
     check_backend(getattr(cfg, "backend", "builtin"), getattr(cfg, "decoder", "auto"))
     check_vllm_options(cfg)
     path, config = check_model(model, field=model_field, assets=assets)
-    check_backend_model(getattr(cfg, "backend", "builtin"), config, {"temperature": temperature, "top_k": top_k, "top_p": top_p},
-                        decoder=getattr(cfg, "decoder", "auto"))
+    check_backend_model(getattr(cfg, "backend", "builtin"), config, settings, decoder=getattr(cfg, "decoder", "auto"))
     prompts = check_prompts_file(prompts_path, tokenizer=_tokenizer(path), cfg=cfg)
     longest = _longest_prompt(path, prompts)
     check_context(config, need=longest + max_new_tokens, model_field=model_field, spec=model,

@@ -12,13 +12,16 @@ temperature, decoding and the definition of the KL cannot drift apart between th
 
 The API::
 
-    generate(policy, prompt_ids, tokenizer=, sampling=, max_new_tokens=, generator= | seed=) -> Samples
+    generate(policy, prompt_ids, tokenizer=, sampling=, generator= | seed=) -> Samples
     generate_batches(..., batch_size=)                   -> Iterator[Samples]  (one generator, prompt order)
     score(policy, reference, samples, estimators=, chunk=, value_model=, clamp_*=) -> Scores
     measure(policy, reference, prompt_ids, ...)          -> dict (per-sequence KLs, means, standard errors)
     evaluate(policy, reference, prompt_ids, seed=, ...)  -> measure at eval_seed(seed), EVAL_BATCH_SIZE rows
 
-Sampling settings and the KL (docs/theory.md §3): ``sampling`` = {temperature τ, top_k, top_p}. The
+Sampling settings and the KL (docs/theory.md §3): ``sampling`` is one ``groups.SamplingSettings``
+(temperature τ, top_k, top_p, max_new_tokens), derived once from a config by ``groups.sampling_settings``
+(a mapping of some of its fields, or None for the defaults, is accepted and converted by the same
+function; ``max_new_tokens=`` overrides the length limit). The
 sampler stores the token set F_t its filter allowed at each position (``batch.allowed``); ``score``
 scores the policy as it was sampled, softmax(logits/τ) restricted to the *stored* F_t, and the
 reference as the fixed process π^τ_ref (its logits divided by the same τ, over the whole vocabulary),
@@ -36,10 +39,11 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 
 from .modeling import CompletionBatch, forward_completion
-from .ops.kl import ESTIMATOR_NAMES, REFERENCE_FILTERS, kl_per_token, seq_sum
+from .ops.kl import ESTIMATOR_NAMES, check_estimator, check_reference_filter, kl_per_token, seq_sum
 from .ops.logprobs import entropy_from_logits, filter_cost_from_logits, restrict_like, selective_logps
 from .ops.positions import POSITION_BUCKETS, bucket_label, bucket_of, position_means
-from .generation import BuiltinBackend, GenerationBackend, GenerationSettings
+from .generation import BuiltinBackend, GenerationBackend
+from .groups import SamplingSettings, sampling_settings
 from .reference import eval_mode
 from . import rng
 
@@ -57,16 +61,6 @@ the batch shape, so two evaluations see the same samples only with the same batc
 def eval_seed(seed: int) -> int:
     """The sampling seed of every evaluation of a run seeded ``seed``."""
     return int(seed) + EVAL_SEED_OFFSET
-
-
-def sampling_settings(sampling: Optional[dict] = None) -> dict:
-    """The full sampling settings {temperature, top_k, top_p} (defaults: 1.0, 0 = off, 1.0 = off)."""
-    s = dict(sampling or {})
-    unknown = set(s) - {"temperature", "top_k", "top_p"}
-    if unknown:
-        raise ValueError(f"unknown sampling settings {sorted(unknown)}; use temperature, top_k, top_p")
-    return {"temperature": float(s.get("temperature", 1.0)), "top_k": int(s.get("top_k", 0)),
-            "top_p": float(s.get("top_p", 1.0))}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -108,7 +102,7 @@ class Samples:
     prompt_ids: list  # (B,) token-id lists
     completion_ids: list  # (B,) counted completion tokens (through the first EOS)
     completions: list  # (B,) decoded texts, each continuing its prompt (``decode_completion``)
-    sampling: dict  # the full settings they were drawn with (``sampling_settings``)
+    sampling: SamplingSettings  # the settings they were drawn with
 
     @property
     def mask(self) -> torch.Tensor:
@@ -124,7 +118,7 @@ def _generator(generator: Optional[torch.Generator], seed: Optional[int], policy
 
 @torch.no_grad()
 def generate(
-    policy, prompt_ids: Sequence[Sequence[int]], *, tokenizer, sampling: Optional[dict] = None, max_new_tokens: int = 32,
+    policy, prompt_ids: Sequence[Sequence[int]], *, tokenizer, sampling=None, max_new_tokens: Optional[int] = None,
     generator: Optional[torch.Generator] = None, seed: Optional[int] = None, samples_per_prompt: int = 1, device=None,
     backend: Optional[GenerationBackend] = None,
 ) -> Samples:
@@ -132,28 +126,28 @@ def generate(
     all in one batch, drawn by ``backend`` (``tether.generation``; default: the built-in KV-cache
     sampler ``sampling.sample`` on ``policy``), stopping at the tokenizer's EOS (tokens after it are
     masked out), decoded with ``decode_completion``. ``device``: where the batch goes (default: the
-    policy's)."""
-    sampling = sampling_settings(sampling)
+    policy's). ``sampling``: a ``SamplingSettings`` (or what ``groups.sampling_settings`` converts)."""
+    settings = sampling_settings(sampling, max_new_tokens=max_new_tokens)
     rows = [list(p) for p in prompt_ids for _ in range(samples_per_prompt)]
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, pad_id=tokenizer.pad_token_id,
-                                  eos_id=tokenizer.eos_token_id, **sampling)
     backend = BuiltinBackend(policy) if backend is None else backend
-    batch, no_eos = backend.generate(rows, settings, _generator(generator, seed, policy))
+    batch, no_eos = backend.generate(rows, settings, _generator(generator, seed, policy), pad_id=tokenizer.pad_token_id,
+                                     eos_id=tokenizer.eos_token_id)
     comps = [batch.completion_ids[i][batch.mask[i]].tolist() for i in range(len(rows))]
     texts = [decode_completion(tokenizer, p, c) for p, c in zip(rows, comps)]
     device = rng.device_of(policy) if device is None else device
     return Samples(batch=batch.to(device), no_eos=no_eos.to(device), prompt_ids=rows, completion_ids=comps,
-                   completions=texts, sampling=sampling)
+                   completions=texts, sampling=settings)
 
 
 def generate_batches(
-    policy, prompt_ids: Sequence[Sequence[int]], *, tokenizer, sampling: Optional[dict] = None, max_new_tokens: int = 32,
+    policy, prompt_ids: Sequence[Sequence[int]], *, tokenizer, sampling=None, max_new_tokens: Optional[int] = None,
     batch_size: int, generator: Optional[torch.Generator] = None, seed: Optional[int] = None, samples_per_prompt: int = 1,
     progress: bool = False, desc: str = "sampling", backend: Optional[GenerationBackend] = None,
 ) -> Iterator[Samples]:
     """``generate`` over the rows (each prompt ``samples_per_prompt`` times, prompt-major) in batches
     of ``batch_size``, one generator throughout: the batches, concatenated, are in prompt order."""
     gen = _generator(generator, seed, policy)
+    settings = sampling_settings(sampling, max_new_tokens=max_new_tokens)
     flat = [p for p in prompt_ids for _ in range(samples_per_prompt)]
     starts = range(0, len(flat), batch_size)
     if progress:
@@ -161,8 +155,8 @@ def generate_batches(
 
         starts = tqdm(starts, desc=desc, unit="batch")
     for s in starts:
-        yield generate(policy, flat[s : s + batch_size], tokenizer=tokenizer, sampling=sampling,
-                       max_new_tokens=max_new_tokens, generator=gen, backend=backend)
+        yield generate(policy, flat[s : s + batch_size], tokenizer=tokenizer, sampling=settings, generator=gen,
+                       backend=backend)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -204,8 +198,7 @@ def score_rows(logits: torch.Tensor, ref_logits: torch.Tensor, b: CompletionBatc
     ``reference_filter`` (docs/theory.md §3, ``ops.kl.REFERENCE_FILTERS``) picks the reference of the
     penalty, ``ref_logps`` and ``kl/<name>``: "none" (default) the same fixed π^τ_ref; "restricted"
     π^τ_ref restricted to F_t and renormalised, whose KL is kl_exact - filter_cost per token."""
-    if reference_filter not in REFERENCE_FILTERS:
-        raise ValueError(f"reference_filter must be one of {REFERENCE_FILTERS}, got {reference_filter!r}")
+    check_reference_filter(reference_filter)
     clamps = {"clamp_input": clamp_input, "clamp_output": clamp_output}
     clamping = clamp_input is not None or clamp_output is not None
     ids, mask = b.completion_ids, b.mask
@@ -233,7 +226,7 @@ def score_rows(logits: torch.Tensor, ref_logits: torch.Tensor, b: CompletionBatc
 
 @torch.no_grad()
 def score(
-    policy, reference, samples: Union[Samples, CompletionBatch], *, sampling: Optional[dict] = None,
+    policy, reference, samples: Union[Samples, CompletionBatch], *, sampling=None,
     estimators: Sequence[str] = ("exact",), chunk: Optional[int] = None, value_model=None,
     clamp_input: Optional[float] = None, clamp_output: Optional[float] = None, reference_filter: str = "none",
 ) -> Scores:
@@ -256,15 +249,15 @@ def score(
     With a clamp, ``kl_clamped[name]`` is True on counted tokens whose input or output was clamped
     (their gradient through a loss-side KL is 0): kl/clamped_frac = kl_clamped.sum() / mask.sum()."""
     if isinstance(samples, Samples):
-        if sampling is not None and sampling_settings(sampling) != samples.sampling:
-            raise ValueError(f"samples were drawn with {samples.sampling}, not {sampling_settings(sampling)}: the KL is "
-                             "defined under the sampled distribution (docs/theory.md §3)")
+        if sampling is not None and not sampling_settings(sampling).same_distribution(samples.sampling):
+            raise ValueError(f"samples were drawn with {samples.sampling.filters()}, not "
+                             f"{sampling_settings(sampling).filters()}: the KL is defined under the sampled distribution "
+                             "(docs/theory.md §3)")
         f, batch = samples.sampling, samples.batch
     else:
         f, batch = sampling_settings(sampling), samples
-    unknown = [e for e in estimators if e not in ESTIMATOR_NAMES]
-    if unknown:
-        raise ValueError(f"unknown estimators {unknown}; choose from {ESTIMATOR_NAMES}")
+    for name in estimators:
+        check_estimator(name, field="estimators")
     want_hidden = value_model is not None and value_model.needs_policy_hidden
     clamping = clamp_input is not None or clamp_output is not None
     B = batch.mask.shape[0]
@@ -314,8 +307,8 @@ def mean_stderr(x: torch.Tensor, *, per_prompt: int = 1) -> tuple[float, float]:
 @torch.no_grad()
 def measure(
     policy, reference, prompt_ids: Sequence[Sequence[int]], *, tokenizer, samples_per_prompt: int = 1,
-    max_new_tokens: int = 32, batch_size: int = 32, seed: int = 0, estimators: Sequence[str] = ESTIMATOR_NAMES,
-    sampling: Optional[dict] = None, chunk: Optional[int] = None, progress: bool = False, return_samples: bool = False,
+    max_new_tokens: Optional[int] = None, batch_size: int = 32, seed: int = 0, estimators: Sequence[str] = ESTIMATOR_NAMES,
+    sampling=None, chunk: Optional[int] = None, progress: bool = False, return_samples: bool = False,
     by_position: bool = False, backend: Optional[GenerationBackend] = None,
 ) -> dict:
     """Sample ``samples_per_prompt`` completions per prompt from ``policy`` (``generate_batches``, drawn by
@@ -347,7 +340,9 @@ def measure(
     tok_sum, tok_n = 0.0, 0
     completions: list[list[int]] = []
     texts: list[str] = []
-    for smp in generate_batches(policy, prompt_ids, tokenizer=tokenizer, sampling=sampling, max_new_tokens=max_new_tokens,
+    settings = sampling_settings(sampling, max_new_tokens=max_new_tokens)
+    max_new_tokens = settings.max_new_tokens
+    for smp in generate_batches(policy, prompt_ids, tokenizer=tokenizer, sampling=settings,
                                 batch_size=batch_size, seed=seed, samples_per_prompt=samples_per_prompt,
                                 progress=progress, desc="sampling + scoring", backend=backend):
         sc = score(policy, reference, smp, estimators=estimators, chunk=chunk)
@@ -417,7 +412,7 @@ def length_buckets(per_seq: dict, lengths: Sequence[int], buckets=POSITION_BUCKE
 
 def evaluate(
     policy, reference, prompt_ids: Sequence[Sequence[int]], *, tokenizer, seed: int, samples_per_prompt: int = 1,
-    max_new_tokens: int = 32, sampling: Optional[dict] = None,
+    max_new_tokens: Optional[int] = None, sampling=None,
 ) -> dict:
     """``measure`` as every evaluation runs it (online ``evaluate``, DPO's kl/ref, the demo): the exact
     estimator, at ``eval_seed(seed)`` with ``EVAL_BATCH_SIZE`` rows per batch, samples returned. So two

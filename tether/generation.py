@@ -12,7 +12,8 @@ The interface::
 
     class GenerationBackend(Protocol):
         name: str
-        def generate(self, prompt_ids, settings: GenerationSettings, generator) -> (CompletionBatch, no_eos)
+        def generate(self, prompt_ids, settings: SamplingSettings, generator, *, pad_id, eos_id)
+            -> (CompletionBatch, no_eos)
         def update_weights(self, model) -> None   # after each optimiser step; no-op for "builtin"
 
 Backends, chosen by the sampling group's ``backend`` field (``make_backend``):
@@ -30,35 +31,13 @@ Backends, chosen by the sampling group's ``backend`` field (``make_backend``):
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 from typing import Callable, Optional, Protocol, Sequence, Union, runtime_checkable
 
 import torch
 
 from .errors import UserError
+from .groups import SamplingSettings
 from .modeling import CompletionBatch
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """Everything a backend needs besides the prompts and the generator."""
-
-    max_new_tokens: int
-    """Completion length limit (tokens)."""
-    pad_id: int
-    """Padding token id (prompts are left-padded, completions right-padded)."""
-    eos_id: Optional[int]
-    """End-of-sequence id: the first one ends a completion (it counts; what follows is padding). None: never stop early."""
-    temperature: float = 1.0
-    """Softmax temperature τ."""
-    top_k: int = 0
-    """Top-k filter (0 = off)."""
-    top_p: float = 1.0
-    """Nucleus mass (1.0 = off)."""
-
-    def filters(self) -> dict:
-        """The sampling settings dict {temperature, top_k, top_p} (``engine.sampling_settings`` form)."""
-        return {"temperature": float(self.temperature), "top_k": int(self.top_k), "top_p": float(self.top_p)}
 
 
 @runtime_checkable
@@ -68,9 +47,13 @@ class GenerationBackend(Protocol):
     name: str
 
     def generate(
-        self, prompt_ids: Sequence[Sequence[int]], settings: GenerationSettings, generator: torch.Generator,
+        self, prompt_ids: Sequence[Sequence[int]], settings: SamplingSettings, generator: torch.Generator, *,
+        pad_id: int, eos_id: Optional[int],
     ) -> tuple[CompletionBatch, torch.Tensor]:
-        """One completion per row of ``prompt_ids``. Returns (batch on any device, no_eos (B,) bool)."""
+        """One completion per row of ``prompt_ids`` under ``settings`` (``groups.SamplingSettings``: τ,
+        top-k, top-p, max_new_tokens); prompts left-padded and completions right-padded with ``pad_id``,
+        the first ``eos_id`` ends a completion (None: never early). Returns (batch on any device,
+        no_eos (B,) bool)."""
         ...
 
     def update_weights(self, model) -> None:
@@ -88,12 +71,12 @@ class BuiltinBackend:
             raise UserError(f"decoder: unknown decoder {decoder!r}; choose auto, hf or lean")
         self.model, self.decoder = model, decoder
 
-    def generate(self, prompt_ids, settings: GenerationSettings, generator: torch.Generator):
+    def generate(self, prompt_ids, settings: SamplingSettings, generator: torch.Generator, *, pad_id: int,
+                 eos_id: Optional[int]):
         from .sampling import sample
 
-        return sample(self.model, prompt_ids, pad_id=settings.pad_id, eos_id=settings.eos_id,
-                      max_new_tokens=settings.max_new_tokens, generator=generator, decoder=self.decoder,
-                      **settings.filters())
+        return sample(self.model, prompt_ids, pad_id=pad_id, eos_id=eos_id, max_new_tokens=settings.max_new_tokens,
+                      generator=generator, decoder=self.decoder, **settings.filters())
 
     def update_weights(self, model) -> None:
         self.model = model  # the live module: nothing to copy

@@ -16,8 +16,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from .ops.logprobs import allowed_set, apply_sampling_filters, pack_allowed, selective_logps, uses_token_filter
+from .ops.logprobs import allowed_set, apply_sampling_filters, pack_allowed, selective_logps
 from .errors import UserError
+from .groups import sampling_settings
 
 def _cache_name() -> str:
     """The keyword (and output field) of the decoding cache: ``cache`` in transformers >= 5.2x, where
@@ -217,7 +218,7 @@ def packed_token_logps(model, batch) -> torch.Tensor:
     return selective_logps(logits[None], batch.targets[None])[0]  # (N,)
 
 
-def forward_completion(model, batch: CompletionBatch, *, filters: Optional[dict] = None, hidden: bool = False):
+def forward_completion(model, batch: CompletionBatch, *, filters=None, hidden: bool = False):
     """The one forward pass over a ``CompletionBatch``: next-token logits at the positions that
     predict the completion tokens, (B, T, V), and, if ``hidden``, the last hidden states at the same
     positions, (B, T, H) (for a value head); otherwise None.
@@ -225,7 +226,8 @@ def forward_completion(model, batch: CompletionBatch, *, filters: Optional[dict]
     Only the last T + 1 positions are projected to the vocabulary (``logits_to_keep``), so prompt
     positions cost no (B, P, V) logits.
 
-    ``filters`` (temperature, top_k, top_p) make the logits those of π^{τ,F}, the distribution the
+    ``filters``: the ``groups.SamplingSettings`` (or what ``groups.sampling_settings`` converts; None =
+    τ 1, unfiltered). Its temperature, top_k, top_p make the logits those of π^{τ,F}, the distribution the
     completions were sampled from (docs/theory.md §3): divided by the temperature, and — when top_k
     or top_p is on — restricted (-inf outside) to the set F_t the sampler stored in
     ``batch.allowed``. The set is never recomputed from these logits when it is stored: a full
@@ -251,12 +253,12 @@ def forward_completion(model, batch: CompletionBatch, *, filters: Optional[dict]
         output_hidden_states=hidden,
     )
     logits = out.logits[:, :-1, :]  # (B, T, V): position P-1+t predicts completion token t
-    f = filters or {}
-    temperature = f.get("temperature", 1.0)
-    if uses_token_filter(f):
+    f = sampling_settings(filters)
+    temperature = f.temperature
+    if f.uses_token_filter:
         allowed = batch.allowed
         if allowed is None:  # fallback: not a sampler batch
-            allowed = allowed_set(logits, temperature=temperature, top_k=f.get("top_k", 0), top_p=f.get("top_p", 1.0))
+            allowed = allowed_set(logits, temperature=temperature, top_k=f.top_k, top_p=f.top_p)
         logits = apply_sampling_filters(logits, temperature=temperature, allowed=allowed)
     elif temperature != 1.0:
         logits = apply_sampling_filters(logits, temperature=temperature)

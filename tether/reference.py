@@ -41,6 +41,7 @@ import torch
 
 from .modeling import CompletionBatch, check_compatible, completion_logps, forward_completion, model_fingerprint
 from .errors import UserError
+from .groups import SamplingSettings, sampling_settings
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +74,15 @@ class Reference:
     has_distributions = True
     static_copy = False  # its own weights, loaded once and never written (copy): may be sharded or moved off the accelerator
 
-    def logits(self, batch: CompletionBatch, *, filters: Optional[dict] = None) -> torch.Tensor:
+    def logits(self, batch: CompletionBatch, *, filters: Optional[SamplingSettings] = None) -> torch.Tensor:
         """(B, T, V) reference logits at the completion positions, scored like the policy.
 
-        ``filters`` (temperature, top_k, top_p): the sampling settings of ``batch``. The logits are
+        ``filters``: the ``SamplingSettings`` ``batch`` was drawn with. The logits are
         divided by the temperature; top_k/top_p are not applied (the fixed reference π^τ_ref,
         docs/theory.md §3). None = the reference itself (τ = 1)."""
         raise NotImplementedError
 
-    def logps(self, batch: CompletionBatch, *, ids: Optional[Sequence] = None, filters: Optional[dict] = None) -> torch.Tensor:
+    def logps(self, batch: CompletionBatch, *, ids: Optional[Sequence] = None, filters: Optional[SamplingSettings] = None) -> torch.Tensor:
         """(B, T) fp32 reference log-probs of ``batch``'s completion tokens (0 off-mask), under
         ``filters`` as in ``logits``.
 
@@ -335,10 +336,10 @@ class LaggedReference(Reference):
         self.snapshots = [{k: v.clone() for k, v in s.items()} for s in state.get("snapshots", [])]
 
 
-def _scored(model, batch: CompletionBatch, filters: Optional[dict]) -> torch.Tensor:
+def _scored(model, batch: CompletionBatch, filters: Optional[SamplingSettings]) -> torch.Tensor:
     """The reference's completion logits under the sampling ``filters`` (``Reference.logits``): tempered,
     over the whole vocabulary (π^τ_ref)."""
-    return forward_completion(model, batch, filters={"temperature": (filters or {}).get("temperature", 1.0)})[0]
+    return forward_completion(model, batch, filters=sampling_settings(filters).for_reference())[0]
 
 
 def _data_fingerprint(rows: Iterable[tuple], extra: str = "") -> str:
@@ -427,7 +428,7 @@ class PrecomputedReference(Reference):
         )
 
     def logps(self, batch, *, ids=None, filters=None):
-        if filters and filters.get("temperature", 1.0) != 1.0:  # top-k/top-p never filter the reference
+        if sampling_settings(filters).temperature != 1.0:  # top-k/top-p never filter the reference
             raise ValueError("the precomputed reference stores log-probs at temperature 1; scoring completions sampled "
                              "at another temperature needs a live reference form ('copy', 'offload' or 'lora')")
         if ids is None:
@@ -466,6 +467,21 @@ def _parse_key(k: str):
     return int(k) if k.lstrip("-").isdigit() else k
 
 
+def check_reference_form(form: str, forms: Sequence[str] = REFERENCE_FORMS, *, why: str = "") -> None:
+    """``form`` is one of the reference forms a trainer supports (``forms``; ``why``: the reason the
+    others are out). The one check of the rule: ``build_reference``, ``reference_from_config`` and every
+    trainer's config check call it (``UserError``)."""
+    if form not in forms:
+        raise UserError(f"reference must be one of {tuple(forms)}, got {form!r}{why}; set --reference")
+
+
+def check_lora_reference(cfg) -> None:
+    """reference 'lora' (the policy with its adapters off) needs a LoRA policy: ``lora_r`` >= 1."""
+    if getattr(cfg, "reference", None) == "lora" and getattr(cfg, "lora_r", 1) < 1:
+        raise UserError("reference='lora' reads the policy with its LoRA adapters off, so it needs --lora_r >= 1; "
+                        "set --lora_r or choose --reference copy")
+
+
 def build_reference(
     form: str,
     *,
@@ -480,8 +496,7 @@ def build_reference(
 ) -> Reference:
     """The one factory trainers call. ``reference_model`` defaults to a deep copy of ``policy``
     (the reference defaults to the starting model); for 'lora' it is ignored."""
-    if form not in REFERENCE_FORMS:
-        raise UserError(f"unknown reference form {form!r}; choose from {REFERENCE_FORMS}")
+    check_reference_form(form)
     is_peft = hasattr(policy, "peft_config")
     if form == "lora":
         return LoraDisabledReference(policy)
@@ -525,8 +540,7 @@ def reference_from_config(cfg, *, policy, tokenizer, policy_path: Optional[str],
 
     ``device``: where the reference computes (and, except for ``offload``, lives)."""
     form = cfg.reference
-    if form not in forms:
-        raise UserError(f"reference must be one of {tuple(forms)}, got {form!r}")
+    check_reference_form(form, forms)
     sync = {k[4:]: getattr(cfg, k, v) for k, v in SYNC_DEFAULTS.items()}  # ref_sync_mode -> sync_mode, ...
     is_peft = hasattr(policy, "peft_config")
     if cfg.reference_model and (form == "lora" or (is_peft and form == "sync")):

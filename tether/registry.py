@@ -35,8 +35,8 @@ class MethodSpec:
     name: str
     help: str  # the one line ``tether --help`` shows
     config: Any  # the config dataclass (its fields are the command's flags and the sweep's fields)
-    train: Any  # train(cfg, *, resume=False, eval_hook=None, ...) -> result dict; None: not trained (bon)
-    preflight: Any = ONLINE_PREFLIGHT  # preflight(cfg): checks the whole input before any weights load (UserError)
+    train: Any  # train(cfg, *, resume=False, eval_hook=None, preflight=True, ...) -> TrainResult; None: not trained (bon)
+    preflight: Any = ONLINE_PREFLIGHT  # preflight(cfg, **in_memory): the whole input before any weights load (UserError)
     online: Any = None  # the OnlineMethod (prepare/loss) of an online method; None: not online
     command: Optional[str] = None  # the CLI module with main(argv); None: the shared online command
     sweep: bool = True  # ``tether sweep`` can vary it
@@ -81,6 +81,15 @@ def method_spec(name: str, *, field: str = "method", online: bool = False, sweep
     if name not in choices:
         raise UserError(f"{field} is {name!r}; choose one of {', '.join(choices)}")
     return METHODS[name]
+
+
+def run_preflight(name: str, cfg, **in_memory) -> None:
+    """Method ``name``'s preflight on ``cfg``: what ``tether <name>`` checks before any weights load. Every
+    train function runs it first (``preflight=True``, its default), so a Python caller gets the same
+    ``UserError`` as the command line. ``in_memory``: the data the train function was given instead of
+    the config's files (an online method's ``prompts``/``eval_prompts``/``reward``/``log_rewards``, DPO's
+    ``rows``/``eval_rows``), passed on so their file checks are skipped."""
+    METHODS[name].load("preflight")(cfg, **in_memory)
 
 
 def online_names() -> tuple[str, ...]:

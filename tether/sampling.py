@@ -18,7 +18,6 @@ Completion tokens after the first EOS are padding (mask False); the EOS itself c
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -27,21 +26,6 @@ from . import decode, rng
 from .errors import UserError
 from .modeling import CACHE_KW, CompletionBatch, autocast_dtype, make_batch, position_ids
 from .ops.logprobs import apply_sampling_filters, pack_allowed, uses_token_filter
-
-
-@dataclass
-class SamplingConfig:
-    max_new_tokens: int = 32
-    """Completion length limit (tokens)."""
-    temperature: float = 1.0
-    """Softmax temperature of the sampler; policy and reference are both scored at it (docs/theory.md §3)."""
-    top_k: int = 0
-    """Keep only the k most likely tokens (0 = off)."""
-    top_p: float = 1.0
-    """Nucleus sampling mass (1.0 = off)."""
-
-    def filters(self) -> dict:
-        return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
 
 
 COMPACT_FRACTION = 0.25

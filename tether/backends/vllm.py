@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 
@@ -76,13 +76,15 @@ def check_model(config, *, device: str = "cpu") -> None:
                         f"{lo}-{hi} only; use backend=builtin for this model (or a GPU machine)")
 
 
-def check_settings(settings: dict) -> None:
-    """Refuse top-k/top-p (the stored-set rule, module docstring) and τ <= 0 (vLLM's greedy mode)."""
-    if int(settings.get("top_k", 0) or 0) > 0 or float(settings.get("top_p", 1.0)) < 1.0:
+def check_settings(settings) -> None:
+    """Refuse top-k/top-p (the stored-set rule, module docstring) and τ <= 0 (vLLM's greedy mode).
+    ``settings``: a ``groups.SamplingSettings`` or a mapping of some of its fields."""
+    get = settings.get if isinstance(settings, Mapping) else lambda name, default: getattr(settings, name)
+    if int(get("top_k", 0) or 0) > 0 or float(get("top_p", 1.0)) < 1.0:
         raise UserError("backend=vllm does not support top_k/top_p: vLLM does not report the token set it sampled "
                         "from, and scoring must use that same set (docs/theory.md §3); set top_k: 0 and top_p: 1.0, "
                         "or use backend=builtin")
-    if float(settings.get("temperature", 1.0)) <= 0:
+    if float(get("temperature", 1.0)) <= 0:
         raise UserError("backend=vllm: temperature must be > 0 (vLLM treats 0 as greedy, which has no log-probs to "
                         "score); set temperature: 1.0")
 
@@ -184,15 +186,14 @@ class VLLMBackend:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
             self.llm.reset_prefix_cache()
 
-    def generate(self, prompt_ids: Sequence[Sequence[int]], settings, generator: torch.Generator
-                 ) -> tuple[CompletionBatch, torch.Tensor]:
+    def generate(self, prompt_ids: Sequence[Sequence[int]], settings, generator: torch.Generator, *, pad_id: int,
+                 eos_id: Optional[int]) -> tuple[CompletionBatch, torch.Tensor]:
         """One completion per prompt: (batch, no_eos (B,) bool), as ``sampling.sample`` returns them.
 
-        ``settings``: a ``generation.GenerationSettings``. Each request's vLLM seed is drawn from
-        ``generator``, so the draw is a function of tether's seed. Stops at ``settings.eos_id`` (the EOS
-        is kept and counted, as the built-in sampler does)."""
-        check_settings(settings.filters())
-        eos_id = settings.eos_id
+        ``settings``: a ``groups.SamplingSettings``. Each request's vLLM seed is drawn from
+        ``generator``, so the draw is a function of tether's seed. Stops at ``eos_id`` (the EOS is kept
+        and counted, as the built-in sampler does)."""
+        check_settings(settings)
         seeds = torch.randint(0, 2**31 - 1, (len(prompt_ids),), generator=generator,
                               device=generator.device if generator is not None else "cpu").tolist()
         params = [self._SamplingParams(n=1, temperature=float(settings.temperature), max_tokens=int(settings.max_new_tokens),
@@ -210,7 +211,7 @@ class VLLMBackend:
             ids = [int(t) for t in c.token_ids]
             comps.append(ids)
             logps.append([float(step[t].logprob) for step, t in zip(c.logprobs or [], ids)])
-        batch = make_batch([list(p) for p in prompt_ids], comps, pad_id=settings.pad_id)
+        batch = make_batch([list(p) for p in prompt_ids], comps, pad_id=pad_id)
         T = batch.mask.shape[1]
         self.last_logps = torch.tensor([lp + [0.0] * (T - len(lp)) for lp in logps], dtype=torch.float32)  # (B, T)
         batch.behaviour_logps = self.last_logps  # log μ: what the trainers' mismatch metrics and corrections read

@@ -19,8 +19,9 @@ from typing import Optional
 
 from ..assets import resolve_model
 from ..checks import check_reward_spec, preflight_sampling
+from ..trainers.best_of_n import check_bon_sizes
 from ..config import parse_config, save_config
-from ..groups import SamplingConfig
+from ..groups import SamplingConfig, sampling_settings
 from ..errors import UserError
 from ..data.prompts import load_prompts, prompt_options
 from ..modeling import load_causal_lm, load_tokenizer
@@ -80,21 +81,13 @@ def format_table(results: list[dict]) -> str:
 
 def check_bon_config(cfg: BoNConfig) -> list[int]:
     """The whole input before any weights load; returns the values of n."""
-    try:
-        ns = [int(n) for n in cfg.n]
-    except (TypeError, ValueError):
-        raise UserError(f"n={cfg.n!r} must be positive integers, comma-separated (e.g. 1,2,4,8); set --n") from None
-    if not ns or min(ns) < 1:
-        raise UserError(f"n={ns} must be positive integers, comma-separated (e.g. 1,2,4,8); set --n")
-    if cfg.kl_samples < 0:
-        raise UserError(f"kl_samples={cfg.kl_samples} must be >= 0 (0 = max(n)); set --kl_samples")
+    ns = check_bon_sizes(cfg.n, cfg.kl_samples)
     if cfg.limit is not None and cfg.limit < 1:
         raise UserError(f"limit={cfg.limit} must be >= 1 (or null for all prompts); set --limit")
     check_reward_spec(cfg.reward, assets=cfg.assets)
     for spec in cfg.gold:
         check_reward_spec(spec, field="gold", assets=cfg.assets)
-    preflight_sampling(model=cfg.model, model_field="model", prompts_path=cfg.prompts, cfg=cfg, max_new_tokens=cfg.max_new_tokens,
-                       temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, batch_size=cfg.batch_size,
+    preflight_sampling(cfg, model=cfg.model, model_field="model", prompts_path=cfg.prompts, batch_size=cfg.batch_size,
                        assets=cfg.assets)
     return ns
 
@@ -111,8 +104,7 @@ def main(argv=None) -> int:
     prompts = prompts[: cfg.limit] if cfg.limit else prompts
     results = best_of_n_curve(
         model, tok, prompts, ns=ns, reward=cfg.reward, gold=list(cfg.gold), kl_samples=cfg.kl_samples,
-        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-        batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress, decoder=cfg.decoder,
+        sampling=sampling_settings(cfg), batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress, decoder=cfg.decoder,
     )
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,6 @@ def main(argv=None) -> int:
         extra=[(("--resume",), {"action": "store_true", "help": "continue from the latest checkpoint in output_dir"})],
     )
     preflight_dpo(cfg)  # the whole input, before any weights load
-    result = train_dpo(cfg, resume=getattr(ns, "resume", False))
-    print(json.dumps(result, indent=2, default=str))
+    result = train_dpo(cfg, resume=getattr(ns, "resume", False), preflight=False)  # checked just above
+    print(json.dumps(result.summary(), indent=2, default=str))
     return 0

@@ -29,7 +29,7 @@ from ..checks import preflight_sampling
 from ..config import parse_config
 from ..engine import measure
 from ..errors import UserError
-from ..groups import SamplingConfig
+from ..groups import SamplingConfig, sampling_settings
 from ..data.prompts import load_prompts, prompt_options
 from ..distributed import process_device
 from ..measure import encode_prompts
@@ -136,9 +136,8 @@ def main(argv=None) -> int:
     if args.samples < 1:
         raise UserError(f"samples={args.samples} must be >= 1 (completions per prompt); set --samples")
     for name in ("policy", "reference"):  # the whole input, before any weights load
-        preflight_sampling(model=getattr(args, name), model_field=name, prompts_path=args.prompts, cfg=args,
-                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                           top_p=args.top_p, batch_size=args.batch_size, assets=args.assets)
+        preflight_sampling(args, model=getattr(args, name), model_field=name, prompts_path=args.prompts,
+                           batch_size=args.batch_size, assets=args.assets)
     seed_everything(args.seed)
     policy_path = resolve_model(args.policy, args.assets)
     ref_path = resolve_model(args.reference, args.assets)
@@ -151,9 +150,8 @@ def main(argv=None) -> int:
     reference = FrozenReference(ref_model)
     prompts = encode_prompts(tok, [p.text for p in load_prompts(args.prompts, tokenizer=tok, **prompt_options(args))])
     result = measure(
-        policy, reference, prompts, tokenizer=tok, samples_per_prompt=args.samples, max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size, seed=args.seed,
-        sampling={"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}, progress=True,
+        policy, reference, prompts, tokenizer=tok, samples_per_prompt=args.samples, batch_size=args.batch_size,
+        seed=args.seed, sampling=sampling_settings(args), progress=True,
         by_position=args.by_position, backend=backend_for(args, policy),
     )
     print(format_table(result))

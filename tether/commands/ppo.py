@@ -27,11 +27,9 @@ def online_command(method: str, argv, *, doc: str | None = None) -> int:
         extra=[(("--resume",), {"action": "store_true", "help": "continue from the latest checkpoint in output_dir"})],
     )
     spec.load("preflight")(cfg)  # the whole input, before any weights load
-    result = spec.load("train")(cfg, resume=getattr(ns, "resume", False))
-    last = result["metrics"]
-    keys = ["kl/ref", "kl/penalty", "beta", "reward/score", "reward/total", "gen/response_len"]
-    keys += [k for k in last if k.startswith("eval/")]
-    print(json.dumps({"final": result["final"], **{k: last[k] for k in keys if k in last}}, indent=2))
+    result = spec.load("train")(cfg, resume=getattr(ns, "resume", False), preflight=False)  # checked just above
+    keys = ("kl/ref", "kl/penalty", "beta", "reward/score", "reward/total", "gen/response_len")
+    print(json.dumps(result.summary(keys), indent=2, default=str))
     return 0
 
 

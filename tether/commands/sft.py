@@ -22,6 +22,6 @@ def main(argv=None) -> int:
         extra=[(("--resume",), {"action": "store_true", "help": "continue from the latest checkpoint in output_dir"})],
     )
     preflight_sft(cfg)  # the whole input, before any weights load
-    result = train_sft(cfg, resume=getattr(ns, "resume", False))
-    print(json.dumps(result, indent=2))
+    result = train_sft(cfg, resume=getattr(ns, "resume", False), preflight=False)  # checked just above
+    print(json.dumps(result.summary(("loss",)), indent=2, default=str))
     return 0

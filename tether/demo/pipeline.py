@@ -185,7 +185,7 @@ def stage_sft(cfg: DemoConfig, paths: Paths, splits: dict) -> None:
                      lr_schedule="cosine", max_length=48, completion_only_loss=False, eval_examples=min(200, len(splits["sft"]) // 10),
                      eval_every=0, save_every=0, overwrite=True)  # no marker: an unfinished stage starts over
     out = train_sft(scfg)
-    _mark(marker, {k: v for k, v in out.items() if isinstance(v, (int, float, str))})
+    _mark(marker, {k: v for k, v in out.summary(("loss",)).items() if isinstance(v, (int, float, str))})
 
 
 def stage_prompts(cfg: DemoConfig, paths: Paths, splits: dict):
@@ -225,7 +225,7 @@ def stage_rm(cfg: DemoConfig, paths: Paths) -> dict:
                         seed=cfg.seed, max_steps=cfg.rm_steps, batch_size=cfg.batch_size, learning_rate=1e-3,
                         eval_fraction=0.1, max_length=64, eval_every=0, save_every=0, overwrite=True)
         out = train_reward_model(rcfg)
-        _mark(marker, {k: v for k, v in out.items() if isinstance(v, (int, float, str))})
+        _mark(marker, {k: v for k, v in out.summary(("loss", "rm/accuracy")).items() if isinstance(v, (int, float, str))})
     return json.loads(marker.read_text())
 
 

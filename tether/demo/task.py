@@ -150,12 +150,14 @@ def best_of_n_points(
     {n: the keys of ``evaluate_policy`` + kl_bound}; KL is ``best_of_n_kl_estimate`` (all max(ns)
     samples), the reward standard errors are over prompts. ``gold`` and ``proxy`` need distinct names."""
     from ..engine import eval_seed
+    from ..groups import SamplingSettings
     from ..trainers.best_of_n import sample_and_score, summarize
 
     k = samples_per_prompt
     texts = [p.text for p in prompts for _ in range(k)]  # prompt-major, as evaluate_policy
     scored = sample_and_score(reference_model, tokenizer, texts, prompt_ids=[p.ids for p in prompts for _ in range(k)],
-                              samples=max(ns), reward=proxy, gold=gold, max_new_tokens=max_new_tokens, seed=eval_seed(seed))
+                              samples=max(ns), reward=proxy, gold=gold, sampling=SamplingSettings(max_new_tokens=max_new_tokens),
+                              seed=eval_seed(seed))
     out = {}
     for n in ns:
         res = summarize(scored, n)

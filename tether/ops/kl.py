@@ -27,6 +27,7 @@ from typing import Literal, NamedTuple, Optional
 
 import torch
 
+from ..errors import UserError
 from .logprobs import exact_kl_from_logits, upcast
 
 Estimator = Literal["k1", "k2", "k3", "exact"]
@@ -37,6 +38,19 @@ REFERENCE_FILTERS: tuple[str, ...] = ("none", "restricted")
 """The reference of the KL under top-k/top-p (docs/theory.md §3). ``none`` (default): the fixed process
 π^τ_ref, tempered and unfiltered. ``restricted``: π^τ_ref restricted to the policy's sampled set F_t and
 renormalised, a reference that moves with θ; its KL drops the filter cost E Σ_t -log π^τ_ref(F_t)."""
+
+
+def check_estimator(name: str, *, field: str = "kl_estimator") -> None:
+    """``name`` is a KL estimator (``ESTIMATOR_NAMES``): the one check of the rule, a ``UserError`` naming ``field``."""
+    if name not in ESTIMATOR_NAMES:
+        raise UserError(f"{field}={name!r} is an unknown estimator; choose from {', '.join(ESTIMATOR_NAMES)} (set --{field})")
+
+
+def check_reference_filter(name: str) -> None:
+    """``name`` is a reference of the KL under top-k/top-p (``REFERENCE_FILTERS``): the one check of the rule."""
+    if name not in REFERENCE_FILTERS:
+        raise UserError(f"kl_reference_filter={name!r} is not one of {', '.join(REFERENCE_FILTERS)}; set "
+                        "--kl_reference_filter none (the fixed reference, default) or restricted")
 
 
 @dataclass(frozen=True)
@@ -228,7 +242,8 @@ def kl_per_token(
     """
     mask = mask.bool()
     clamped = torch.zeros_like(mask)
-    if estimator in ESTIMATORS and ESTIMATORS[estimator].needs_logits:
+    check_estimator(estimator, field="estimator")
+    if ESTIMATORS[estimator].needs_logits:
         if logits is None or ref_logits is None:
             raise ValueError("estimator='exact' needs the full logits of policy and reference (logits=, ref_logits=)")
         if direction == "reverse":
@@ -238,7 +253,7 @@ def kl_per_token(
     else:
         key = (estimator, direction)
         if key not in _SAMPLED:
-            raise ValueError(f"unknown estimator {estimator!r} / direction {direction!r}; choose from {ESTIMATOR_NAMES}")
+            raise ValueError(f"unknown direction {direction!r} for estimator {estimator!r}; choose reverse or forward")
         lr = log_ratio(logps, ref_logps)
         if clamp_input is not None:
             clamped = clamped | (lr.abs() > clamp_input)

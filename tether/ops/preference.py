@@ -31,6 +31,7 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
 from .kl import log_ratio
 from .logprobs import upcast
 
@@ -215,19 +216,27 @@ def simpo_loss(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _check(loss_type: str, beta: float, label_smoothing: float) -> None:
+def check_loss_type(loss_type: str) -> None:
+    """``loss_type`` is a preference loss (``LOSS_TYPES``): the one check of the rule (``UserError``)."""
     if loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; choose from {LOSS_TYPES}")
+        raise UserError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}; set --loss_type")
+
+
+def check_loss_options(loss_type: str, beta: float, label_smoothing: float) -> None:
+    """The loss type and the options it reads: β > 0, label_smoothing only where it means something
+    (cdpo: [0, 0.5]; robust: [0, 0.5)). ``preference_loss`` and DPO's config check both run it."""
+    check_loss_type(loss_type)
     if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
+        raise UserError(f"beta must be > 0, got {beta}; set --beta")
     if loss_type == "cdpo" and not 0.0 <= label_smoothing <= 0.5:
-        raise ValueError(f"cdpo needs label_smoothing in [0, 0.5], got {label_smoothing}")
+        raise UserError(f"cdpo needs label_smoothing in [0, 0.5], got {label_smoothing}; set --label_smoothing")
     if loss_type == "robust" and not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"robust needs label_smoothing (assumed flip rate) in [0, 0.5), got {label_smoothing}")
+        raise UserError(f"robust needs label_smoothing (assumed flip rate) in [0, 0.5), got {label_smoothing}; "
+                        "set --label_smoothing")
     if loss_type not in ("cdpo", "robust") and label_smoothing != 0.0:
-        raise ValueError(
+        raise UserError(
             f"label_smoothing={label_smoothing} has no meaning for loss_type={loss_type!r}; "
-            "it applies to 'cdpo' (soft labels) and 'robust' (assumed flip rate) only"
+            "it applies to 'cdpo' (soft labels) and 'robust' (assumed flip rate) only: set --label_smoothing 0"
         )
 
 
@@ -268,7 +277,7 @@ def preference_loss(
         response (for ``simpo``: its own reward β·logπ_θ/|y|, Meng et al. Eq. 4); ``margins`` =
         chosen - rejected; ``accuracy`` = 1.0 where chosen reward > rejected reward, else 0.0.
     """
-    _check(loss_type, beta, label_smoothing)
+    check_loss_options(loss_type, beta, label_smoothing)
     if ipo_length_normalize and loss_type != "ipo":
         raise ValueError("ipo_length_normalize applies to loss_type='ipo' only")
     shape = chosen_logps.shape

@@ -31,7 +31,7 @@ import torch
 
 from tether import rng
 from tether.control import BetaController, FixedBeta
-from tether.ops.kl import ESTIMATOR_NAMES, ESTIMATORS, kl_loss_term, kl_per_token, seq_sum
+from tether.ops.kl import ESTIMATORS, check_estimator, kl_loss_term, kl_per_token, seq_sum
 from tether.ops.logprobs import selective_logps
 from tether.ops.policy import aggregate_loss, gae, reinforce_loss, token_rewards
 from tether.registry import METHODS, online_names
@@ -122,8 +122,7 @@ class OnlineSetup:
     def __post_init__(self):
         if self.algo not in algos():
             raise ValueError(f"algo must be one of {algos()}, got {self.algo!r}")
-        if self.kl_estimator not in ESTIMATOR_NAMES:
-            raise ValueError(f"kl_estimator must be one of {ESTIMATOR_NAMES}, got {self.kl_estimator!r}")
+        check_estimator(self.kl_estimator)
         if self.kl_placement not in ("reward", "loss", "loss_is"):
             raise ValueError(f"kl_placement must be reward | loss | loss_is, got {self.kl_placement!r}")
         if self.whiten and not self.sampled:

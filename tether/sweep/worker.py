@@ -120,27 +120,26 @@ def main(spec_path: str) -> int:
         write({**tags, "step": 0, **evaluator(reference.model)})
     elif METHODS[method].train is None:  # best-of-n: sampled from the reference, not trained
         from ..engine import eval_seed
+        from ..groups import SamplingSettings
         from ..trainers.best_of_n import best_of_n
 
         s = ev["samples_per_prompt"]
         texts = [t for t in evaluator.texts for _ in range(s)]
         ids = [i for i in evaluator.ids for _ in range(s)]
         res = best_of_n(reference.model, tok, texts, prompt_ids=ids, n=cfg.n[0], reward=proxy, kl_samples=cfg.kl_samples,
-                        max_new_tokens=ev["max_new_tokens"], seed=eval_seed(ev["seed"]))
+                        sampling=SamplingSettings(max_new_tokens=ev["max_new_tokens"]), seed=eval_seed(ev["seed"]))
         pt = evaluator.score(texts, res["completions"], kl={"mean": res["kl"], "stderr": res["kl_stderr"]})
         write({**tags, "step": 0, "n": cfg.n[0], "kl_bound": res["kl_bound"], **pt})
     else:
         import dataclasses
 
         train = METHODS[method].load("train")
-        if "kl_prompts" in {f.name for f in dataclasses.fields(cfg)}:  # DPO: the hook's KL stands in for kl/ref
-            common["kl_prompts"] = 0  # one measurement, not two
         if not cfg.save_every:
             common["save_every"] = ev["eval_every"]  # an interrupted run resumes from its last evaluation
         cfg = dataclasses.replace(cfg, **common)
         if not resume:
             eval_file.write_text("")
-        train(cfg, resume=resume, eval_hook=hook)
+        train(cfg, resume=resume, eval_hook=hook, preflight=False)  # the sweep checked every run before starting
     rows = [json.loads(l) for l in eval_file.read_text().splitlines() if l.strip()]
     (run_dir / "result.json").write_text(json.dumps({k: v for k, v in rows[-1].items() if k != "samples"}))
     return 0

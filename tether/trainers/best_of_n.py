@@ -33,10 +33,12 @@ import torch
 
 from ..engine import generate_batches, mean_stderr
 from ..generation import BuiltinBackend
+from ..groups import SamplingSettings, sampling_settings
 from ..measure import encode_prompts
 from ..ops.best_of_n import best_of_n_kl_estimate
 from ..ops.best_of_n import best_of_n_kl_bound
 from ..data.prompts import Prompt
+from ..errors import UserError
 from ..rewards import RewardSet, RewardSource, build_reward, call_source, reward_columns
 
 RewardLike = Union[RewardSource, RewardSet, str]
@@ -75,8 +77,7 @@ def _sampler(model):
 @torch.no_grad()
 def sample_and_score(
     model, tokenizer, prompts: Sequence[str], *, samples: int, reward: RewardLike, gold: GoldLike = (),
-    max_new_tokens: int = 32, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, batch_size: int = 64,
-    seed: int = 0, max_prompt_length: Optional[int] = None, progress: bool = False,
+    sampling: Optional[SamplingSettings] = None, batch_size: int = 64, seed: int = 0, max_prompt_length: Optional[int] = None, progress: bool = False,
     prompt_ids: Optional[Sequence[Sequence[int]]] = None, decoder: str = "auto",
 ) -> dict:
     """Draw ``samples`` completions per prompt from ``model`` (``engine.generate_batches``: the
@@ -85,6 +86,7 @@ def sample_and_score(
     ``prompt_ids`` (optional) are the token ids to sample after, one list per prompt, when the
     prompts were cut from token sequences (their text need not re-tokenise to the same ids);
     default: ``prompts`` tokenised. ``decoder``: the built-in sampler's decode step (auto | hf | lean).
+    ``sampling``: the ``SamplingSettings`` (τ, top-k, top-p, max_new_tokens; None: the defaults).
 
     ``prompts`` may be ``tether.data.prompts.Prompt`` rows (conversational prompts, extra columns):
     each is sampled after its ``text`` and its columns reach the reward functions
@@ -106,8 +108,7 @@ def sample_and_score(
         ids = encode_prompts(tokenizer, prompts, max_prompt_length=max_prompt_length)
     flat = [i for i in range(len(ids)) for _ in range(samples)]  # prompt-major: row p * M + j
     texts = [t for smp in generate_batches(
-        model, ids, tokenizer=tokenizer, sampling={"temperature": temperature, "top_k": top_k, "top_p": top_p},
-        max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, samples_per_prompt=samples, progress=progress,
+        model, ids, tokenizer=tokenizer, sampling=sampling_settings(sampling), batch_size=batch_size, seed=seed, samples_per_prompt=samples, progress=progress,
         desc="best-of-n sampling", backend=BuiltinBackend(model, decoder=decoder)) for t in smp.completions]
     keys = sorted({(flat[r], texts[r]) for r in range(len(flat))})  # unique (prompt, completion)
     where = {k: j for j, k in enumerate(keys)}
@@ -173,21 +174,34 @@ def summarize(scored: dict, n: int, *, n_keep: int = 6) -> dict:
     return out
 
 
+def check_bon_sizes(ns, kl_samples: int = 0) -> list[int]:
+    """The values of n (positive integers) and ``kl_samples`` (>= 0): the one check ``tether bon``'s
+    preflight and ``best_of_n`` / ``best_of_n_curve`` from Python share. Returns ns as ints."""
+    try:
+        values = [int(n) for n in ns]
+    except (TypeError, ValueError):
+        raise UserError(f"n={ns!r} must be positive integers, comma-separated (e.g. 1,2,4,8); set --n") from None
+    if not values or min(values) < 1:
+        raise UserError(f"n={values} must be positive integers, comma-separated (e.g. 1,2,4,8); set --n")
+    if kl_samples < 0:
+        raise UserError(f"kl_samples={kl_samples} must be >= 0 (0 = max(n)); set --kl_samples")
+    return values
+
+
 def best_of_n_curve(
     model, tokenizer, prompts: Sequence[str], *, ns: Sequence[int], reward: RewardLike,
-    gold: GoldLike = (), kl_samples: int = 0, **sampling,
+    gold: GoldLike = (), kl_samples: int = 0, **options,
 ) -> list[dict]:
-    """``best_of_n`` for several n from one set of max(max(ns), kl_samples) samples per prompt."""
-    if not ns or min(ns) < 1:
-        raise ValueError(f"ns must be positive integers, got {list(ns)}")
-    scored = sample_and_score(model, tokenizer, prompts, samples=max(max(ns), kl_samples), reward=reward, gold=gold, **sampling)
+    """``best_of_n`` for several n from one set of max(max(ns), kl_samples) samples per prompt (``options``:
+    those of ``sample_and_score``)."""
+    check_bon_sizes(ns, kl_samples)
+    scored = sample_and_score(model, tokenizer, prompts, samples=max(max(ns), kl_samples), reward=reward, gold=gold, **options)
     return [summarize(scored, n) for n in ns]
 
 
 def best_of_n(
     model, tokenizer, prompts: Sequence[str], *, n: int, reward: RewardLike, gold: GoldLike = (),
-    kl_samples: int = 0, max_new_tokens: int = 32, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-    batch_size: int = 64, seed: int = 0, max_prompt_length: Optional[int] = None, progress: bool = False,
+    kl_samples: int = 0, sampling: Optional[SamplingSettings] = None, batch_size: int = 64, seed: int = 0, max_prompt_length: Optional[int] = None, progress: bool = False,
     prompt_ids: Optional[Sequence[Sequence[int]]] = None,
 ) -> dict:
     """Best-of-n from the reference ``model`` (an HF causal LM, or a tether Reference with ``.model``).
@@ -196,6 +210,7 @@ def best_of_n(
     logged sources are gold — or a ``build_reward`` spec); gold: more rewards evaluated on the kept
     completions (one source or several). kl_samples: reference samples per prompt used for
     ``kl_estimate`` (default n). prompt_ids: token ids to sample after (default: ``prompts`` tokenised).
+    sampling: the ``SamplingSettings`` (None: τ 1, unfiltered, 32 new tokens).
 
     Returns {"n", "kl_bound", "kl_estimate", "kl_estimate_stderr", "score", "score_ref",
     "reward/<name>", "reward/<name>_ref" (each source), "gold", "gold_ref" (first gold source or
@@ -204,7 +219,7 @@ def best_of_n(
     "proxy_reward" (= score), "samples" (a few {prompt, completion, score, <gold name>: value}).
     """
     return best_of_n_curve(
-        model, tokenizer, prompts, ns=[n], reward=reward, gold=gold, kl_samples=kl_samples, max_new_tokens=max_new_tokens,
-        temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size, seed=seed,
+        model, tokenizer, prompts, ns=[n], reward=reward, gold=gold, kl_samples=kl_samples, sampling=sampling,
+        batch_size=batch_size, seed=seed,
         max_prompt_length=max_prompt_length, progress=progress, prompt_ids=prompt_ids,
     )[0]

@@ -65,14 +65,17 @@ from ..diagnostics.forgetting import ForgettingProbe
 from ..diagnostics.overfit import OverfitMonitor
 from ..distributed import Dist
 from ..errors import UserError
+from ..registry import run_preflight
+from .result import TrainResult
 from ..fsdp import is_sharded, models_of, shard_reference, unsharded
-from ..groups import DATA_FIELDS, ReferenceConfig
+from ..groups import DATA_FIELDS, ReferenceConfig, SamplingSettings
 from ..engine import evaluate as evaluate_kl
 from ..modeling import completion_logps, packed_token_logps
 from ..ops.kl import seq_sum
-from ..ops.preference import LOSS_TYPES, preference_loss
+from ..ops.preference import check_loss_options, check_loss_type, preference_loss
 from ..reference import (
-    REFERENCE_FORMS, OffloadedReference, PrecomputedReference, Reference, eval_mode, reference_from_config,
+    OffloadedReference, PrecomputedReference, Reference, check_lora_reference, check_reference_form, eval_mode,
+    reference_from_config,
 )
 from ..preempt import preemptible, stop_if_signalled
 from ..runs import RunDir, save_final
@@ -332,11 +335,16 @@ def eval_pairs(cfg: DPOConfig, policy, reference: Reference, pairs: list[dict], 
     return dist.reduce_metrics(sums, {k: float(len(mine)) for k in keys})
 
 
+def kl_sampling(cfg: DPOConfig) -> SamplingSettings:
+    """The settings kl/ref samples with: τ = kl_temperature, unfiltered, kl_max_new_tokens."""
+    return SamplingSettings(max_new_tokens=cfg.kl_max_new_tokens, temperature=cfg.kl_temperature)
+
+
 def measure_ref_kl(cfg: DPOConfig, policy, reference: Reference, prompts: list[list[int]], tok) -> dict:
     """kl/ref and kl/ref_stderr: mean exact sequence KL[π_θ‖π_ref] of sampled completions
     (``engine.evaluate``: the evaluation seed and batch size the online trainers and the demo use)."""
     res = evaluate_kl(policy, reference, prompts, tokenizer=tok, seed=cfg.seed, samples_per_prompt=cfg.kl_samples,
-                      max_new_tokens=cfg.kl_max_new_tokens, sampling={"temperature": cfg.kl_temperature})
+                      sampling=kl_sampling(cfg))
     ex = res["estimators"]["exact"]
     return {"kl/ref": ex["mean"], "kl/ref_stderr": ex["stderr"]}
 
@@ -378,10 +386,9 @@ def accumulate_gradients(cfg: DPOConfig, policy, reference: Reference, train: li
 
 
 def check_config(cfg: DPOConfig) -> None:
-    if cfg.reference not in REFERENCE_FORMS:
-        raise UserError(f"reference must be one of {REFERENCE_FORMS}, got {cfg.reference!r}; set --reference")
-    if cfg.loss_type not in LOSS_TYPES:
-        raise UserError(f"loss_type must be one of {LOSS_TYPES}, got {cfg.loss_type!r}; set --loss_type")
+    check_reference_form(cfg.reference)
+    check_lora_reference(cfg)
+    check_loss_type(cfg.loss_type)
     if cfg.reference == "precomputed" and cfg.loss_type == "simpo":
         log.info("simpo ignores the reference; ref log-probs are still computed for logging")
     if not cfg.dataset:
@@ -389,26 +396,31 @@ def check_config(cfg: DPOConfig) -> None:
     if cfg.beta_schedule in ("none", None, "") and not cfg.beta > 0:  # the preference losses scale (or divide by) β: 0 means no signal
         raise UserError(f"beta={cfg.beta}: DPO's loss is -log σ(β·margin), constant at β = 0 (nothing to learn); set --beta > 0. "
                          "To train without a KL penalty and still monitor kl/ref, use ppo, grpo or rloo with --beta 0")
+    check_loss_options(cfg.loss_type, cfg.beta, cfg.label_smoothing)
 
 
 @preemptible
 def train_dpo(cfg: DPOConfig, *, rows: Optional[Sequence[dict]] = None, eval_rows: Optional[Sequence[dict]] = None,
               resume: bool = False, callback: Optional[Callable[[int, dict], None]] = None,
-              eval_hook: Optional[Callable] = None) -> dict:
-    """Train with DPO (or a variant) and return the final metrics (plus "final": the model folder).
+              eval_hook: Optional[Callable] = None, preflight: bool = True) -> TrainResult:
+    """Train with DPO (or a variant); returns a ``TrainResult`` (``result["loss"]`` etc.: the last step's
+    metrics; ``result["train_pairs"]`` etc.: the data counts in ``info``).
 
     ``rows`` / ``eval_rows``: preference rows already in memory (dicts with prompt/chosen/rejected);
     they are written to OUTPUT_DIR/dataset.jsonl and the saved config points at it, so the run can be
-    resumed from the command line. ``eval_hook(step, policy, *, beta) -> metrics`` (main process only;
-    the signature ``train_online`` takes) runs at step 0 and with every evaluation, its metrics logged
-    with the rest (the demo evaluates every method with one protocol this way). ``callback(step,
+    resumed from the command line. ``eval_hook(step, policy, *, beta) -> metrics``: the sampled
+    evaluation, instead of kl/ref (its one meaning in every loop: ``trainers.result``). ``callback(step,
     metrics)`` is called after each step's log and checkpoint (raising from it interrupts the run, as
-    a kill would)."""
+    a kill would). ``preflight``: first run ``tether dpo``'s checks of the whole input
+    (``checks.preflight_dpo``; in-memory rows replace the dataset checks)."""
     dist = Dist()
     run = RunDir(cfg.output_dir, is_main=dist.is_main, report_to=cfg.report_to)
     if rows is not None:
         cfg = dataclasses.replace(cfg, dataset=str(Path(cfg.output_dir) / "dataset.jsonl"))
-    check_config(cfg)
+    if preflight:
+        run_preflight("dpo", cfg, rows=rows, eval_rows=eval_rows)  # includes check_config
+    else:
+        check_config(cfg)
     run.save_config(cfg, resume=resume)  # refuses a folder holding another run before anything is written
     if rows is not None and dist.is_main:
         Path(cfg.dataset).write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -429,9 +441,10 @@ def train_dpo(cfg: DPOConfig, *, rows: Optional[Sequence[dict]] = None, eval_row
     sched = make_scheduler(opt, cfg)
     guard = StepGuard(cfg.max_nonfinite_steps)
     ckpt = Checkpointer(run, policy, opt, sched, controller=controller, reference=reference, guard=guard)
-    step = ckpt.resume()[0] if resume else 0
+    step, state = ckpt.resume() if resume else (0, {})
+    history, eval_history = list(state.get("history", [])), list(state.get("eval_history", []))
     kl_prompts = [p["prompt_ids"] for p in held[: cfg.kl_prompts]]
-    if not kl_prompts and not cfg.forgetting_text:
+    if (not kl_prompts or eval_hook is not None) and not cfg.forgetting_text:  # nothing samples through it
         live_ref = None  # nothing samples: with the precomputed form, the reference model is freed here
     forgetting = ForgettingProbe(cfg.forgetting_text, tok, config=dataclasses.asdict(cfg), assets=cfg.assets,
                                  max_texts=cfg.forgetting_max_texts, seed=cfg.seed) \
@@ -448,18 +461,17 @@ def train_dpo(cfg: DPOConfig, *, rows: Optional[Sequence[dict]] = None, eval_row
     def _evaluate(beta: float) -> dict:
         out = eval_pairs(cfg, policy, reference, held, held_ids, beta=beta, pad_id=pad_id, dist=dist,
                          packed=packed) if held else {}
-        if kl_prompts and dist.is_main:  # sampling is replicated work: only the logging process measures
+        if eval_hook is not None:  # the sampled evaluation: the hook's protocol instead of kl/ref (trainers.result)
+            out.update((eval_hook(step, policy, beta=beta) or {}) if dist.is_main else {})
+        elif kl_prompts and dist.is_main:  # sampling is replicated work: only the logging process measures
             out.update(measure_ref_kl(cfg, policy, live_ref, kl_prompts, tok))
         if forgetting is not None:  # eval/forgetting/*: teacher-forced on off-distribution text
             out.update(forgetting(policy, live_ref))
-        if eval_hook is not None and dist.is_main:
-            out.update(eval_hook(step, policy, beta=beta) or {})
+        eval_history.append({"step": step, **out})
         return out
 
-    if step == 0 and eval_hook is not None:  # the start of the reward-KL curve (KL 0)
-        with unsharded(policy):
-            if dist.is_main:
-                run.log(0, eval_hook(0, policy, beta=controller.value) or {})
+    if step == 0 and eval_hook is not None and cfg.eval_every:  # the start of the reward-KL curve (KL 0)
+        run.log(0, evaluate(controller.value))
 
     bar = progress_bar(cfg.max_steps, step, enabled=cfg.progress and dist.is_main, desc=f"dpo[{cfg.loss_type}]")
     metrics: dict = {}
@@ -490,9 +502,11 @@ def train_dpo(cfg: DPOConfig, *, rows: Optional[Sequence[dict]] = None, eval_row
             metrics.update(overfit.check(step))
         if step % cfg.log_every == 0 or evaluated:
             run.log(step, metrics)
+        history.append({"step": step, **metrics})
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-            ckpt.save(step)
-        stop_if_signalled(step, cfg.max_steps, dist, ckpt)  # SIGTERM/SIGINT/SIGUSR1: checkpoint, exit 75
+            ckpt.save(step, data_state={"history": history, "eval_history": eval_history})
+        stop_if_signalled(step, cfg.max_steps, dist, ckpt,  # SIGTERM/SIGINT/SIGUSR1: checkpoint, exit 75
+                          save=lambda: ckpt.save(step, data_state={"history": history, "eval_history": eval_history}))
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['rewards/accuracy']:.2f}",
                         kl=f"{last_eval.get('kl/ref', float('nan')):.2f}")
@@ -500,10 +514,11 @@ def train_dpo(cfg: DPOConfig, *, rows: Optional[Sequence[dict]] = None, eval_row
             callback(step, metrics)
     bar.close()
     if not last_eval:  # resumed at max_steps: still report the held-out metrics
+        metrics = {k: v for k, v in (history[-1] if history else {}).items() if k != "step"}
         last_eval = evaluate(controller.value)
         metrics.update(last_eval)
-    ckpt.save(step)
+    ckpt.save(step, data_state={"history": history, "eval_history": eval_history})
     final = save_final(policy, cfg.output_dir, tokenizer=tok, merge_lora=cfg.merge_lora, is_main=dist.is_main)
     run.close()
     dist.finish()
-    return {**metrics, **data_info, "final": str(final)}
+    return TrainResult(final=str(final), metrics=metrics, history=history, eval_history=eval_history, info=data_info)

@@ -43,6 +43,7 @@ from ..ops.kl import ESTIMATORS, kl_loss_term
 from ..ops.policy import aggregate_loss, group_advantages, masked_mean, ppo_policy_loss
 from ..ops.positions import weight_by_position
 from .method import Counts, LossInputs, OnlineMethod, Prepared, beta_weights
+from .result import TrainResult
 from .online import OnlineConfig, train_online
 from .mismatch import loss_weights
 from ..errors import UserError
@@ -112,6 +113,6 @@ GRPO = OnlineMethod(name="grpo", prepare=prepare, loss=loss, validate=validate,
                     prepare_reads_scores=lambda cfg: False)  # advantages from the rewards alone
 
 
-def train_grpo(cfg: GRPOConfig, **kwargs) -> dict:
+def train_grpo(cfg: GRPOConfig, **kwargs) -> TrainResult:
     """``train_online(cfg, method=GRPO, **kwargs)``: see its docstring for the arguments and result."""
     return train_online(cfg, method=GRPO, **kwargs)

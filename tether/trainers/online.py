@@ -29,7 +29,7 @@ sequence sum of k1 can vary less, docs/theory.md §2); it is also what every β 
 the filter's own cost, logged every step. ``kl/penalty`` is β·(mean sequence sum of the configured
 estimator), the KL as applied (to the restricted reference with ``kl_reference_filter: restricted``). The
 loss differentiates the same π^{τ,F}_θ with the stored F_t, always finite since the sampled token is in
-F_t (``_filters``).
+F_t (``groups.sampling_settings``).
 
 Sizes (checked once, ``derive_sizes``): ``batch_size`` completions per step = prompts x
 ``samples_per_prompt``; prompts are split over processes (a GRPO/RLOO group never straddles two);
@@ -52,20 +52,21 @@ import torch
 
 from ..control import BetaConfig, build_controller
 from ..config import config_group
-from ..groups import DATA_FIELDS, ReferenceConfig, SamplingConfig
+from ..groups import DATA_FIELDS, ReferenceConfig, SamplingConfig, SamplingSettings, sampling_settings
 from ..data.text import batch_indices
 from ..diagnostics.hacking import HackingMonitor
 from ..distributed import Dist
 from ..engine import evaluate as evaluate_kl
-from ..engine import mean_stderr, sampling_settings, score_rows
+from ..engine import mean_stderr, score_rows
 from ..generation import backend_for
 from ..measure import encode_prompts
 from ..modeling import CompletionBatch
-from ..ops.kl import ESTIMATOR_NAMES, REFERENCE_FILTERS
+from ..ops.kl import check_estimator, check_reference_filter
 from ..ops.logprobs import selective_logps
 from ..ops.policy import AGGREGATION_MODES
 from ..ops.positions import check_position_weights
-from ..reference import reference_from_config
+from .result import TrainResult
+from ..reference import check_lora_reference, check_reference_form, reference_from_config
 from ..data.prompts import Prompt, as_prompts, eval_prompts_split, load_prompts
 from ..rewards import CallableSource, RewardSet, RewardSource, build_reward, call_source, reward_columns
 from ..preempt import preemptible, stop_if_signalled
@@ -224,7 +225,7 @@ class PolicyOutput:
     values: Optional[torch.Tensor] = None  # (B, T) (PPO)
 
 
-def policy_output(policy, value_model, batch: CompletionBatch, *, filters: dict) -> PolicyOutput:
+def policy_output(policy, value_model, batch: CompletionBatch, *, filters: SamplingSettings) -> PolicyOutput:
     want_hidden = value_model is not None and value_model.needs_policy_hidden
     logits, hidden = forward_completion(policy, batch, filters=filters, hidden=want_hidden)
     logps = selective_logps(logits, batch.completion_ids).masked_fill(~batch.mask, 0.0)
@@ -240,7 +241,7 @@ def loss_inputs(out: PolicyOutput, ro: Rollout, prep: Prepared, ref_logits: Opti
                       behaviour_logps=ro.behaviour_logps)
 
 
-def rollout_ref_logits(reference, ro: Rollout, *, chunk: int, filters: dict) -> torch.Tensor:
+def rollout_ref_logits(reference, ro: Rollout, *, chunk: int, filters: SamplingSettings) -> torch.Tensor:
     """(B, T, V) reference logits of the whole rollout, fetched once (``chunk`` rows per forward) for a
     method whose loss needs full reference distributions."""
     parts = [reference.logits(ro.batch.select(slice(s, s + chunk)), filters=filters) for s in range(0, ro.mask.shape[0], chunk)]
@@ -278,7 +279,7 @@ def optimise(policy, value_model, opt, params: list, value_params: list, ro: Rol
     Policy and value parameters are clipped separately: with one joint clip a large value loss
     (returns of a few nats once β·KL grows) would shrink the policy's step, and Adam's second-moment
     memory would keep it small for hundreds of updates."""
-    filters = _filters(cfg)  # the loss differentiates the sampled π^{τ,F}_θ itself (stored F_t: always finite)
+    filters = sampling_settings(cfg)  # the loss differentiates the sampled π^{τ,F}_θ itself (stored F_t: always finite)
     sums: dict = {}
     counts: dict = {}
     norms: list = []
@@ -383,7 +384,7 @@ def evaluate(policy, reference, rewards: RewardSet, tok, prompt_texts: Sequence[
     seed: eval noise is common to all steps). Every process evaluates the same prompts with the same
     seed (identical results; simple > fast). ``rows``: the prompts' dataset rows, for reward functions."""
     res = evaluate_kl(policy, reference, prompt_ids, tokenizer=tok, seed=cfg.seed, samples_per_prompt=cfg.eval_samples,
-                      max_new_tokens=cfg.max_new_tokens, sampling=_filters(cfg))
+                      sampling=sampling_settings(cfg))
     flat = [p for p in prompt_texts for _ in range(cfg.eval_samples)]  # the engine's order: prompt-major
     completions = res["texts"]
     out = {"eval/kl": res["estimators"]["exact"]["mean"], "eval/kl_stderr": res["estimators"]["exact"]["stderr"],
@@ -401,29 +402,17 @@ def evaluate(policy, reference, rewards: RewardSet, tok, prompt_texts: Sequence[
 # The loop
 
 
-def _filters(cfg: OnlineConfig) -> dict:
-    """The sampling settings, as the sampler, the scorer, the reference and the loss take them: the loss
-    differentiates the sampled distribution π^{τ,F}_θ itself, restricted to the token sets F_t the sampler
-    stored (``batch.allowed``), so log π_θ(y_t) and π_θ/π_old stay finite after any number of updates
-    (docs/theory.md §3)."""
-    return sampling_settings({"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p})
-
-
 def _validate(cfg: OnlineConfig, method: OnlineMethod) -> None:
-    if cfg.kl_estimator not in ESTIMATOR_NAMES:
-        raise UserError(f"kl_estimator must be one of {ESTIMATOR_NAMES}, got {cfg.kl_estimator!r}; set --kl_estimator")
-    if cfg.kl_reference_filter not in REFERENCE_FILTERS:
-        raise UserError(f"kl_reference_filter must be one of {REFERENCE_FILTERS}, got {cfg.kl_reference_filter!r}; set "
-                         "--kl_reference_filter none (the fixed reference, default) or restricted")
-    if cfg.reference not in ONLINE_REFERENCE_FORMS:
-        raise UserError(f"reference={cfg.reference!r}: online methods score fresh samples every step, so the reference "
-                         f"must be a live model; choose from {ONLINE_REFERENCE_FORMS}")
+    check_estimator(cfg.kl_estimator)
+    check_reference_filter(cfg.kl_reference_filter)
+    check_reference_form(cfg.reference, ONLINE_REFERENCE_FORMS,
+                         why=" (online methods score fresh samples every step, so the reference must be a live model)")
+    check_lora_reference(cfg)
+    sampling_settings(cfg)  # the sampling group's ranges (groups.check_sampling)
     if cfg.loss_aggregation not in AGGREGATION_MODES:
         raise UserError(f"loss_aggregation must be one of {AGGREGATION_MODES}, got {cfg.loss_aggregation!r}; set --loss_aggregation")
     if cfg.num_epochs < 1 or cfg.num_minibatches < 1:
         raise UserError("num_epochs and num_minibatches must be >= 1")
-    if cfg.max_new_tokens < 1:
-        raise UserError("max_new_tokens must be >= 1")
     bad = check_position_weights(decay=cfg.beta_position_decay, weights=cfg.beta_position_weights)
     if bad:
         raise UserError(f"{bad}; fix --beta_position_decay / --beta_position_weights")
@@ -506,7 +495,7 @@ class Session:
     step: int = 0
     history: list = field(default_factory=list)
     eval_history: list = field(default_factory=list)
-    eval_hook: Optional[Callable] = None  # eval_hook(step, policy, *, beta) -> metrics: replaces the built-in evaluation
+    eval_hook: Optional[Callable] = None  # eval_hook(step, policy, *, beta) -> metrics: the sampled evaluation (trainers.result)
     prompt_rows: list = field(default_factory=list)  # the Prompt (dataset row) of each of texts / eval_texts
     eval_rows: list = field(default_factory=list)
     forgetting: Optional[Callable] = None  # diagnostics.forgetting.ForgettingProbe (cfg.forgetting_text): eval/forgetting/*
@@ -547,10 +536,11 @@ class Session:
 
 
 def setup(cfg: OnlineConfig, method: OnlineMethod, *, prompts=None, reward=None, log_rewards=None, eval_prompts=None,
-          resume: bool = False) -> Session:
+          resume: bool = False, validate: bool = True) -> Session:
     """Validate, load policy / reference / value model / rewards / prompts, build the optimiser and
     β controller, and restore the latest checkpoint if ``resume``."""
-    _validate(cfg, method)
+    if validate:  # (the preflight, when it ran, has: its checks include these)
+        _validate(cfg, method)
     dist = Dist()
     sizes = derive_sizes(cfg, dist)
     run = RunDir(cfg.output_dir, is_main=dist.is_main, report_to=cfg.report_to)
@@ -603,21 +593,28 @@ def setup(cfg: OnlineConfig, method: OnlineMethod, *, prompts=None, reward=None,
 def train_online(
     cfg: OnlineConfig, *, method: Optional[OnlineMethod] = None, prompts: Optional[Sequence[str]] = None,
     reward=None, log_rewards=None, eval_prompts: Optional[Sequence[str]] = None, resume: bool = False,
-    eval_hook: Optional[Callable] = None,
-) -> dict:
+    eval_hook: Optional[Callable] = None, preflight: bool = True,
+) -> TrainResult:
     """Train with PPO, GRPO or RLOO (chosen by ``method``, default: by the config class).
+
+    ``preflight``: first run the method's checks of the whole input (``tether.registry``'s preflight,
+    ``checks.preflight_online``: what ``tether ppo`` runs; in-memory prompts and rewards replace the
+    checks of the files and specs they stand for).
 
     ``prompts``, ``eval_prompts`` (lists of strings), ``reward`` (a spec, a ``RewardSource``, a
     function of completions, or a whole ``RewardSet``) and ``log_rewards`` (list of the same)
-    override the config's file/spec fields. Returns ``{"final", "metrics" (last step), "history"
-    (every step's metrics), "eval_history" (rows of eval/kl, eval/kl_stderr, eval/reward/<name>,
-    from step 0 — the reference itself — when eval_every > 0, and at the last step)}``.
-    ``eval_hook(step, policy, *, beta) -> metrics``, if given, replaces the built-in evaluation at those
-    same points (the demo evaluates every method with one protocol this way; ``train_dpo`` takes the
-    same hook).
+    override the config's file/spec fields. Returns a ``TrainResult``: ``final``, ``metrics`` (last step),
+    ``history`` (every step's metrics), ``eval_history`` (rows of eval/kl, eval/kl_stderr,
+    eval/reward/<name>, from step 0 — the reference itself — when eval_every > 0, and at the last step).
+    ``eval_hook(step, policy, *, beta) -> metrics``, if given, is the sampled evaluation at those same
+    points, instead of the built-in one (its one meaning in every loop: ``trainers.result``).
     """
+    if preflight:
+        from ..registry import run_preflight
+
+        run_preflight(cfg.method, cfg, prompts=prompts, eval_prompts=eval_prompts, reward=reward, log_rewards=log_rewards)
     s = setup(cfg, method or method_for(cfg), prompts=prompts, reward=reward, log_rewards=log_rewards,
-              eval_prompts=eval_prompts, resume=resume)
+              eval_prompts=eval_prompts, resume=resume, validate=not preflight)
     s.eval_hook = eval_hook
     cfg = s.cfg  # max_steps as setup derived it (epochs)
     backend = backend_for(cfg, s.policy)  # tether.generation: builtin (decoder auto | hf | lean) | vllm
@@ -644,7 +641,7 @@ def train_online(
         ref_logits = None
         if s.method.needs_ref_logits(cfg) and not in_update:
             with unsharded(*models_of(s.reference)):
-                ref_logits = rollout_ref_logits(s.reference, ro, chunk=s.sizes.micro, filters=_filters(cfg))
+                ref_logits = rollout_ref_logits(s.reference, ro, chunk=s.sizes.micro, filters=sampling_settings(cfg))
         # 4. epochs x minibatches of updates
         lr = s.sched.get_last_lr()[0]
         u_sums, u_counts, norms, prep = optimise(s.policy, s.value_model, s.opt, s.params, s.value_params, ro, prep,
@@ -685,7 +682,7 @@ def train_online(
     final = save_final(s.policy, cfg.output_dir, tokenizer=s.tok, merge_lora=cfg.merge_lora, is_main=dist.is_main)
     s.run.close()
     dist.finish()
-    return {"final": str(final), "metrics": metrics, "history": s.history, "eval_history": s.eval_history}
+    return TrainResult(final=str(final), metrics=metrics, history=s.history, eval_history=s.eval_history)
 
 
 def method_for(cfg: OnlineConfig) -> OnlineMethod:

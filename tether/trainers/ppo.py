@@ -35,6 +35,7 @@ from ..ops.policy import (
 from ..value import VALUE_MODELS
 from ..ops.positions import weight_by_position
 from .method import Counts, LossInputs, OnlineMethod, Prepared, beta_weights, reward_kl_direct_term
+from .result import TrainResult
 from .online import OnlineConfig, train_online
 from .mismatch import loss_weights
 from .sft import token_nll
@@ -158,6 +159,6 @@ PPO = OnlineMethod(
 )
 
 
-def train_ppo(cfg: PPOConfig, **kwargs) -> dict:
+def train_ppo(cfg: PPOConfig, **kwargs) -> TrainResult:
     """``train_online(cfg, method=PPO, **kwargs)``: see its docstring for the arguments and result."""
     return train_online(cfg, method=PPO, **kwargs)

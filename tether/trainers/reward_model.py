@@ -29,6 +29,8 @@ from ..config import config_group
 from ..data.preference import StepBatches, collate_pairs, load_preference_rows, pair_width, split_holdout, tokenize_pairs
 from ..distributed import Dist
 from ..errors import UserError
+from ..registry import run_preflight
+from .result import TrainResult
 from ..groups import DATA_FIELDS
 from ..modeling import DTYPES, load_tokenizer
 from ..ops.reward_model import bradley_terry_loss
@@ -161,8 +163,12 @@ def evaluate_rm(model, pairs: Sequence[dict], *, pad_id: int, batch_size: int, d
 
 
 @preemptible
-def train_reward_model(cfg: RMConfig, *, resume: bool = False) -> dict:
-    """Run reward-model training; returns {"final": path, "loss", "rm/accuracy", "eval/rm/accuracy", "eval/loss"}."""
+def train_reward_model(cfg: RMConfig, *, resume: bool = False, preflight: bool = True) -> TrainResult:
+    """Run reward-model training; returns a ``TrainResult`` (``result["loss"]``, ``["rm/accuracy"]``,
+    ``["eval/rm/accuracy"]``, ``["eval/loss"]``: the last step's).
+    ``preflight``: first run ``tether rm``'s checks of the whole input (``checks.preflight_rm``)."""
+    if preflight:
+        run_preflight("rm", cfg)
     if not cfg.dataset:
         raise UserError("rm needs preference pairs: pass --dataset FILE (or hh-rlhf, or rt-polarity)")
     if cfg.forgetting_text:
@@ -181,7 +187,8 @@ def train_reward_model(cfg: RMConfig, *, resume: bool = False) -> dict:
     sched = make_scheduler(opt, cfg)
     guard = StepGuard(cfg.max_nonfinite_steps)
     ckpt = Checkpointer(run, model, opt, sched, guard=guard)
-    step = ckpt.resume()[0] if resume else 0
+    step, state = ckpt.resume() if resume else (0, {})
+    history, eval_history = list(state.get("history", [])), list(state.get("eval_history", []))
     evaluate = lambda: evaluate_rm(model, evals, pad_id=tok.pad_token_id, batch_size=cfg.eval_batch_size, dist=dist)  # noqa: E731
     bar = progress_bar(cfg.max_steps, step, enabled=cfg.progress and dist.is_main, desc="rm")
     metrics: dict = {}
@@ -201,20 +208,24 @@ def train_reward_model(cfg: RMConfig, *, resume: bool = False) -> dict:
         metrics = {**dist.reduce_metrics(sums, {k: float(len(idx)) for k in sums}), "opt/lr": lr, "opt/grad_norm": grad_norm,
                    **guard.stats()}
         if evals and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
-            metrics.update(evaluate())
+            ev = evaluate()
+            metrics.update(ev)
+            eval_history.append({"step": step, **ev})
+        history.append({"step": step, **metrics})
         if step % cfg.log_every == 0 or "eval/loss" in metrics or step == cfg.max_steps:
             run.log(step, metrics)
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-            ckpt.save(step)
-        stop_if_signalled(step, cfg.max_steps, dist, ckpt)  # SIGTERM/SIGINT/SIGUSR1: checkpoint, exit 75
+            ckpt.save(step, data_state={"history": history, "eval_history": eval_history})
+        stop_if_signalled(step, cfg.max_steps, dist, ckpt,  # SIGTERM/SIGINT/SIGUSR1: checkpoint, exit 75
+                          save=lambda: ckpt.save(step, data_state={"history": history, "eval_history": eval_history}))
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['rm/accuracy']:.2f}")
     bar.close()
     if evals and "eval/loss" not in metrics:  # resumed at max_steps
+        metrics = {k: v for k, v in (history[-1] if history else {}).items() if k != "step"}
         metrics.update(evaluate())
-    ckpt.save(step)
+    ckpt.save(step, data_state={"history": history, "eval_history": eval_history})
     final = save_final(model, cfg.output_dir, tokenizer=tok, merge_lora=cfg.merge_lora, is_main=dist.is_main)
     run.close()
     dist.finish()
-    keys = ("loss", "rm/accuracy", "eval/loss", "eval/rm/accuracy")
-    return {"final": str(final), **{k: metrics.get(k) for k in keys}}
+    return TrainResult(final=str(final), metrics=metrics, history=history, eval_history=eval_history)

@@ -28,6 +28,7 @@ from ..ops.kl import seq_sum
 from ..ops.policy import aggregate_loss, masked_mean, masked_std, masked_whiten, ppo_policy_loss, rloo_advantages, token_rewards
 from ..ops.positions import weight_by_position
 from .method import Counts, LossInputs, OnlineMethod, Prepared, beta_weights, reward_kl_direct_term
+from .result import TrainResult
 from .online import OnlineConfig, train_online
 from .mismatch import loss_weights
 from ..errors import UserError
@@ -89,6 +90,6 @@ def validate(cfg: RLOOConfig) -> None:
 RLOO = OnlineMethod(name="rloo", prepare=prepare, loss=loss, validate=validate)
 
 
-def train_rloo(cfg: RLOOConfig, **kwargs) -> dict:
+def train_rloo(cfg: RLOOConfig, **kwargs) -> TrainResult:
     """``train_online(cfg, method=RLOO, **kwargs)``: see its docstring for the arguments and result."""
     return train_online(cfg, method=RLOO, **kwargs)

@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..engine import decode_completion, decode_completions, generate, score  # noqa: F401 (decode_*: re-exported)
+from ..groups import sampling_settings
 from ..modeling import CompletionBatch
 from ..ops.kl import seq_sum, token_mean
 from ..ops.positions import BUCKET_LABELS, position_bucket_sums, weight_by_position
@@ -105,9 +106,8 @@ def collect_rollout(
     ``score_models=False`` skips the scoring pass: the rollout comes back ``pending``, its model fields
     None, and the update fills them from its own forward (``fill_scores``; ``online.scores_from_update``
     says when that is exact)."""
-    sampling = {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}
-    smp = generate(policy, prompt_ids, tokenizer=tok, sampling=sampling, max_new_tokens=cfg.max_new_tokens,
-                   generator=generator, device=device, backend=backend)
+    smp = generate(policy, prompt_ids, tokenizer=tok, sampling=sampling_settings(cfg), generator=generator, device=device,
+                   backend=backend)
     ids = smp.batch.completion_ids.cpu()  # (B, T)
     columns = reward_columns(prompt_rows, [ids[i][m].tolist() for i, m in enumerate(smp.batch.mask.cpu())])
     scores, reward_metrics = rewards(list(prompt_texts), smp.completions, **columns)  # (B,), {"reward/<name>": (B,)}

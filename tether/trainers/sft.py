@@ -28,6 +28,8 @@ from ..data.text import batch_indices, collate, eval_split_of, load_text_example
 from ..distributed import Dist
 from ..fsdp import unsharded
 from ..errors import UserError
+from ..registry import run_preflight
+from .result import TrainResult
 from ..groups import DATA_FIELDS
 from ..modeling import position_ids
 from ..ops.logprobs import selective_logps
@@ -134,8 +136,12 @@ def load_sft_data(cfg: SFTConfig, tok) -> tuple[list, list]:
 
 
 @preemptible
-def train_sft(cfg: SFTConfig, *, resume: bool = False) -> dict:
-    """Run SFT; returns {"final": path, "loss": last loss, "eval/loss": final held-out loss}."""
+def train_sft(cfg: SFTConfig, *, resume: bool = False, preflight: bool = True) -> TrainResult:
+    """Run SFT; returns a ``TrainResult`` (``result["loss"]``: the last loss, ``result["eval/loss"]``: the
+    final held-out loss).
+    ``preflight``: first run ``tether sft``'s checks of the whole input (``checks.preflight_sft``)."""
+    if preflight:
+        run_preflight("sft", cfg)
     if not cfg.dataset:
         raise UserError("sft needs a dataset: pass --dataset FILE (or a comma-separated list)")
     dist = Dist()
@@ -150,7 +156,8 @@ def train_sft(cfg: SFTConfig, *, resume: bool = False) -> dict:
     sched = make_scheduler(opt, cfg)
     guard = StepGuard(cfg.max_nonfinite_steps)
     ckpt = Checkpointer(run, model, opt, sched, guard=guard)
-    step = ckpt.resume()[0] if resume else 0
+    step, state = ckpt.resume() if resume else (0, {})
+    history, eval_history = list(state.get("history", [])), list(state.get("eval_history", []))
 
     def evaluate() -> float:
         with unsharded(model):  # fsdp: the strided held-out shards may differ in batch count
@@ -178,18 +185,23 @@ def train_sft(cfg: SFTConfig, *, resume: bool = False) -> dict:
         if cfg.forgetting_text and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
             with unsharded(model):  # every process enters (collective); the probe runs on the main one
                 metrics.update(forgetting(model) if forgetting is not None else {})  # against the starting model, teacher-forced on off-distribution text
+        history.append({"step": step, **metrics})
+        if any(k.startswith("eval/") for k in metrics):
+            eval_history.append({"step": step, **{k: v for k, v in metrics.items() if k.startswith("eval/")}})
         if step % cfg.log_every == 0 or "eval/loss" in metrics or step == cfg.max_steps:
             run.log(step, metrics)
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-            ckpt.save(step)
-        stop_if_signalled(step, cfg.max_steps, dist, ckpt)  # SIGTERM/SIGINT/SIGUSR1: checkpoint, exit 75
+            ckpt.save(step, data_state={"history": history, "eval_history": eval_history})
+        stop_if_signalled(step, cfg.max_steps, dist, ckpt,  # SIGTERM/SIGINT/SIGUSR1: checkpoint, exit 75
+                          save=lambda: ckpt.save(step, data_state={"history": history, "eval_history": eval_history}))
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}")
     bar.close()
     if "eval/loss" not in metrics and evals:  # resumed at max_steps: still report the held-out loss
-        metrics["eval/loss"] = evaluate()
-    ckpt.save(step)
+        metrics = {**(history[-1] if history else {}), **metrics, "eval/loss": evaluate()}
+        metrics.pop("step", None)
+    ckpt.save(step, data_state={"history": history, "eval_history": eval_history})
     final = save_final(model, cfg.output_dir, tokenizer=tok, merge_lora=cfg.merge_lora, is_main=dist.is_main)
     run.close()
     dist.finish()
-    return {"final": str(final), "loss": metrics.get("loss"), "eval/loss": metrics.get("eval/loss")}
+    return TrainResult(final=str(final), metrics=metrics, history=history, eval_history=eval_history)
