@@ -50,26 +50,28 @@ def main() -> None:
     import torch
 
     from bench_dpo import make_llama20m
-    from tether.generation import BuiltinBackend, GenerationSettings, make_backend
+    from tether.generation import BuiltinBackend, make_backend
+    from tether.groups import SamplingSettings
     from tether.modeling import load_causal_lm, load_tokenizer
 
     path = make_llama20m(Path(tempfile.gettempdir()) / "tether-bench-llama20m") if args.model == "llama-20M" else args.model
     tok, model = load_tokenizer(path), load_causal_lm(path)
     n_params = sum(p.numel() for p in model.parameters())
     rows = [tok.encode(PROMPTS[i % len(PROMPTS)]) for i in range(args.batch_size)]
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, pad_id=tok.pad_token_id, eos_id=None)
+    settings = SamplingSettings(max_new_tokens=args.max_new_tokens)
+    ids = dict(pad_id=tok.pad_token_id, eos_id=None)
     builtin = BuiltinBackend(model)
     vllm, build_s, _ = timed(lambda: make_backend("vllm", model, max_model_len=256, kv_cache_bytes=512 << 20))
     gen = torch.Generator().manual_seed(0)
-    vllm.generate(rows, settings, gen)  # warm-up, untimed
+    vllm.generate(rows, settings, gen, **ids)  # warm-up, untimed
     res = {"builtin": [], "vllm push": [], "vllm generate": [], "vllm push+generate": []}
     tokens = {}
     for _ in range(args.repeats):
-        (b, _), w, c = timed(lambda: builtin.generate(rows, settings, gen))
+        (b, _), w, c = timed(lambda: builtin.generate(rows, settings, gen, **ids))
         res["builtin"].append((w, c))
         tokens["builtin"] = int(b.mask.sum())
         _, pw, pc = timed(lambda: vllm.update_weights(model))
-        (v, _), gw, gc = timed(lambda: vllm.generate(rows, settings, gen))
+        (v, _), gw, gc = timed(lambda: vllm.generate(rows, settings, gen, **ids))
         tokens["vllm"] = int(v.mask.sum())
         res["vllm push"].append((pw, pc))
         res["vllm generate"].append((gw, gc))

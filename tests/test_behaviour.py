@@ -164,7 +164,7 @@ def test_perturbed_backend_metrics_measure_the_true_mismatch():
     import tempfile
     from pathlib import Path
 
-    from tether.generation import GenerationSettings
+    from tether.groups import SamplingSettings
     from tether.modeling import forward_completion, load_causal_lm
     from tether.ops.logprobs import selective_logps
     from tether.oracle import make_problem
@@ -176,8 +176,8 @@ def test_perturbed_backend_metrics_measure_the_true_mismatch():
         model = load_causal_lm(str(save_tabular_lm(problem, Path(d) / "m")))
     V = problem.space.vocab_size
     batch, _ = PerturbedBackend(model, delta=DELTA_T1).generate(
-        [[V + p] for p in range(2)] * 2000, GenerationSettings(max_new_tokens=1, pad_id=0, eos_id=None),
-        torch.Generator().manual_seed(0))
+        [[V + p] for p in range(2)] * 2000, SamplingSettings(max_new_tokens=1),
+        torch.Generator().manual_seed(0), pad_id=0, eos_id=None)
     filters = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
     with torch.no_grad():
         logits, _ = forward_completion(model, batch, filters=filters)

@@ -11,7 +11,8 @@ import torch
 from conftest import f32_tol  # tests_vllm/conftest.py re-exports tests/conftest.py's
 from tether.engine import generate, score
 from tether.errors import UserError
-from tether.generation import GenerationSettings, make_backend
+from tether.generation import make_backend
+from tether.groups import SamplingSettings
 from tether.modeling import forward_completion, load_causal_lm, load_tokenizer
 from tether.reference import FrozenReference
 
@@ -70,11 +71,12 @@ def test_logps_agree_before_and_after_a_weight_push(setup):
 
 def test_seeded_by_tethers_generator_and_global_rng_untouched(setup):
     tok, policy, backend, prompts = setup
-    s = GenerationSettings(max_new_tokens=8, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, temperature=1.0)
+    s = SamplingSettings(max_new_tokens=8, temperature=1.0)
+    ids = dict(pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
     state = torch.random.get_rng_state()
-    a, _ = backend.generate(prompts, s, torch.Generator().manual_seed(5))
-    b, _ = backend.generate(prompts, s, torch.Generator().manual_seed(5))
-    c, _ = backend.generate(prompts, s, torch.Generator().manual_seed(6))
+    a, _ = backend.generate(prompts, s, torch.Generator().manual_seed(5), **ids)
+    b, _ = backend.generate(prompts, s, torch.Generator().manual_seed(5), **ids)
+    c, _ = backend.generate(prompts, s, torch.Generator().manual_seed(6), **ids)
     assert torch.equal(torch.random.get_rng_state(), state)
     assert torch.equal(a.input_ids, b.input_ids) and not torch.equal(a.input_ids, c.input_ids)
 
@@ -96,10 +98,11 @@ def test_eos_ends_a_completion_and_counts(setup):
         forced.lm_head.weight[tok.eos_token_id, 0] = 50.0
     backend.update_weights(forced)
     try:
-        s = GenerationSettings(max_new_tokens=8, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
-        batch, no_eos = backend.generate(prompts, s, torch.Generator().manual_seed(0))
-        s = GenerationSettings(max_new_tokens=8, pad_id=tok.pad_token_id, eos_id=None)  # no stop: vLLM's EOS rule is off
-        full, full_no_eos = backend.generate(prompts, s, torch.Generator().manual_seed(0))
+        s = SamplingSettings(max_new_tokens=8)
+        batch, no_eos = backend.generate(prompts, s, torch.Generator().manual_seed(0), pad_id=tok.pad_token_id,
+                                         eos_id=tok.eos_token_id)
+        full, full_no_eos = backend.generate(prompts, s, torch.Generator().manual_seed(0), pad_id=tok.pad_token_id,
+                                             eos_id=None)  # no stop: vLLM's EOS rule is off
     finally:
         backend.update_weights(policy)
     assert batch.mask.shape == (len(prompts), 1) and bool(batch.mask.all())

@@ -66,13 +66,13 @@ class PerturbedBackend(BuiltinBackend):
         super().__init__(model, decoder="hf")
         self.delta = tuple(float(d) for d in delta)
 
-    def generate(self, prompt_ids, settings, generator):
+    def generate(self, prompt_ids, settings, generator, *, pad_id, eos_id):
         from tether.sampling import sample
 
         vocab = int(self.model.config.vocab_size)
         delta = torch.zeros(vocab, dtype=torch.float32)
         delta[: len(self.delta)] = torch.tensor(self.delta)
-        return sample(PerturbedLM(self.model, delta), prompt_ids, pad_id=settings.pad_id, eos_id=settings.eos_id,
+        return sample(PerturbedLM(self.model, delta), prompt_ids, pad_id=pad_id, eos_id=eos_id,
                       max_new_tokens=settings.max_new_tokens, generator=generator, decoder="hf", **settings.filters())
 
 
