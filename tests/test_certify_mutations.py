@@ -137,9 +137,11 @@ def test_mismatch_rows_fail_when_the_behaviour_correction_is_off(monkeypatch):
 def test_position_beta_rows_fail_when_the_weights_are_dropped(monkeypatch):
     """β_t = β for every position (the weights ignored wherever the trainers read them): the PPO and RLOO rows
     converge to π*(β) instead, 0.12-0.14 nats from their targets."""
+    from tether.trainers import method as method_mod
     from tether.trainers import online as online_mod
+    from tether.trainers import rollout as rollout_mod
 
-    for mod in (online_mod, ppo_mod, rloo_mod):
+    for mod in (method_mod, online_mod, rollout_mod, ppo_mod, rloo_mod):  # every module that reads them
         monkeypatch.setattr(mod, "beta_weights", lambda cfg, mask: None)
     got = _rows(["ppo_beta_position_decay", "rloo_beta_position_weights"])
     for name, cert in got.items():

@@ -176,7 +176,7 @@ def test_save_total_limit_is_read_from_the_config_and_may_change_on_resume(asset
     from tether.trainers.sft import SFTConfig
 
     assert from_dict(SFTConfig, {"save_total_limit": 5}).save_total_limit == 5
-    with pytest.raises(UserError, match=r"save_total_limit=-1: give the number of checkpoints to keep"):
+    with pytest.raises(UserError, match=r"save_total_limit=-1 must be >= 0.*set --save_total_limit"):
         train_sft(sft_cfg(assets_dir, tmp_path / "bad", save_total_limit=-1))
     out = tmp_path / "run"
     train_sft(sft_cfg(assets_dir, out, max_steps=3, save_total_limit=0))
