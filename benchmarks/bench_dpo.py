@@ -68,9 +68,18 @@ def make_llama20m(out: Path) -> str:
     if (out / "model.safetensors").exists():
         return str(out)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=448, intermediate_size=1216, num_hidden_layers=8,
-                      num_attention_heads=7, num_key_value_heads=7, max_position_embeddings=512,
-                      bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=448,
+        intermediate_size=1216,
+        num_hidden_layers=8,
+        num_attention_heads=7,
+        num_key_value_heads=7,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(out)
     load_tokenizer(str(assets_dir() / "stories260K")).save_pretrained(out)
@@ -119,14 +128,32 @@ def run_tether(spec: dict) -> dict:
 
     tether_loss, _ = LOSSES[spec["loss"]]
     cfg = DPOConfig(
-        model=spec["model"], output_dir=spec["out"], max_steps=spec["steps"], batch_size=spec["batch"],
-        learning_rate=spec["lr"], max_length=spec["max_length"], beta=0.1, eval_fraction=0.0, kl_prompts=0,
-        progress=False, seed=0, max_grad_norm=1.0, **tether_loss, **spec.get("tether", {}),
+        model=spec["model"],
+        output_dir=spec["out"],
+        max_steps=spec["steps"],
+        batch_size=spec["batch"],
+        learning_rate=spec["lr"],
+        max_length=spec["max_length"],
+        beta=0.1,
+        eval_fraction=0.0,
+        kl_prompts=0,
+        progress=False,
+        seed=0,
+        max_grad_norm=1.0,
+        **tether_loss,
+        **spec.get("tether", {}),
     )
     t0 = time.perf_counter()
     train_dpo(cfg, rows=rows, callback=cb)
-    return {"losses": losses, "stamps": stamps, "cpu": cpu, "tokens": tokens, "padded": padded, "start": t0,
-            "first": first[0]}
+    return {
+        "losses": losses,
+        "stamps": stamps,
+        "cpu": cpu,
+        "tokens": tokens,
+        "padded": padded,
+        "start": t0,
+        "first": first[0],
+    }
 
 
 def run_trl(spec: dict) -> dict:
@@ -145,11 +172,27 @@ def run_trl(spec: dict) -> dict:
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
     _, trl_loss = LOSSES[spec["loss"]]
     args = TRLConfig(
-        output_dir=spec["out"], per_device_train_batch_size=spec["batch"], gradient_accumulation_steps=1,
-        max_steps=spec["steps"], learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0,
-        weight_decay=0.0, max_grad_norm=1.0, beta=0.1, max_length=spec["max_length"], logging_steps=1,
-        save_strategy="no", report_to="none", use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0,
-        train_sampling_strategy="sequential", **trl_loss, **spec.get("trl", {}),
+        output_dir=spec["out"],
+        per_device_train_batch_size=spec["batch"],
+        gradient_accumulation_steps=1,
+        max_steps=spec["steps"],
+        learning_rate=spec["lr"],
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        beta=0.1,
+        max_length=spec["max_length"],
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        train_sampling_strategy="sequential",
+        **trl_loss,
+        **spec.get("trl", {}),
     )
     stamps: list[float] = []
     cpu: list[float] = []
@@ -169,8 +212,9 @@ def run_trl(spec: dict) -> dict:
             cpu.append(time.process_time())
 
     t0 = time.perf_counter()
-    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
-                         callbacks=[Stamp()])
+    trainer = DPOTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[Stamp()]
+    )
     trainer.remove_callback(PrinterCallback)  # keep stdout for results
     inner = trainer.compute_loss
 
@@ -183,8 +227,16 @@ def run_trl(spec: dict) -> dict:
 
     trainer.compute_loss = spy
     trainer.train()
-    return {"losses": losses, "stamps": stamps, "cpu": cpu, "tokens": tokens, "padded": padded, "start": t0,
-            "first": first[0], "token_ids": [trainer.train_dataset[i] for i in range(2)]}
+    return {
+        "losses": losses,
+        "stamps": stamps,
+        "cpu": cpu,
+        "tokens": tokens,
+        "padded": padded,
+        "start": t0,
+        "first": first[0],
+        "token_ids": [trainer.train_dataset[i] for i in range(2)],
+    }
 
 
 class PeakRSS:
@@ -223,6 +275,7 @@ def worker(spec: dict) -> dict:
 
     if spec["system"].startswith("tether"):
         import torch.utils.tensorboard  # noqa: F401
+
         import tether.trainers.dpo  # noqa: F401
     else:
         import trl.trainer.dpo_trainer  # noqa: F401
@@ -234,10 +287,16 @@ def worker(spec: dict) -> dict:
     steady = slice(1, n - 1)  # steps 2 .. N-1: stamps[i] - stamps[i-1] is step i+1's duration
     dt, dcpu = st[n - 2] - st[0], cpu[n - 2] - cpu[0]
     return {
-        "system": spec["system"], "steps_per_s": (n - 2) / dt, "tokens_per_s": sum(tk[steady]) / dt,
-        "cpu_tokens_per_s": sum(tk[steady]) / dcpu, "padding_frac": 1 - sum(tk[steady]) / sum(res["padded"][steady]),
-        "setup_s": res["first"] - res["start"], "total_s": st[-1] - res["start"],
-        "peak_rss_mb": peak_mb, "delta_rss_mb": delta_mb, "losses": res["losses"],
+        "system": spec["system"],
+        "steps_per_s": (n - 2) / dt,
+        "tokens_per_s": sum(tk[steady]) / dt,
+        "cpu_tokens_per_s": sum(tk[steady]) / dcpu,
+        "padding_frac": 1 - sum(tk[steady]) / sum(res["padded"][steady]),
+        "setup_s": res["first"] - res["start"],
+        "total_s": st[-1] - res["start"],
+        "peak_rss_mb": peak_mb,
+        "delta_rss_mb": delta_mb,
+        "losses": res["losses"],
     }
 
 
@@ -260,12 +319,20 @@ def loss_check(model: str, work: Path, steps: int, threads: int) -> list[tuple]:
     out = []
     for loss in LOSSES:
         common = dict(model=model, rows=str(data), steps=steps, batch=8, lr=1e-4, max_length=256, loss=loss)
-        t = run_tether({**common, "out": str(work / f"check_tether_{loss}"),
-                        "tether": {"shuffle": False, "group_by_length": False, "reference": "copy"}})
-        r = run_trl({**common, "out": str(work / f"check_trl_{loss}"), "trl": {"gradient_checkpointing": False, "bf16": False}})
+        t = run_tether(
+            {
+                **common,
+                "out": str(work / f"check_tether_{loss}"),
+                "tether": {"shuffle": False, "group_by_length": False, "reference": "copy"},
+            }
+        )
+        r = run_trl(
+            {**common, "out": str(work / f"check_trl_{loss}"), "trl": {"gradient_checkpointing": False, "bf16": False}}
+        )
         same_ids = all(
             r["token_ids"][i]["prompt_ids"] + r["token_ids"][i]["chosen_ids"]
-            == tok(rows[i]["prompt"] + rows[i]["chosen"] + tok.eos_token)["input_ids"] for i in range(2)
+            == tok(rows[i]["prompt"] + rows[i]["chosen"] + tok.eos_token)["input_ids"]
+            for i in range(2)
         )
         diffs = [abs(a - b) for a, b in zip(t["losses"], r["losses"])]
         out.append((loss, t["losses"], r["losses"], max(diffs), same_ids))
@@ -278,13 +345,25 @@ SYSTEMS = {
     "tether (live ref)": {"tether": {"reference": "copy"}},
     "tether (no bucketing)": {"tether": {"group_by_length": False}},
     "trl best": {"trl": {"gradient_checkpointing": False, "bf16": False}},
-    "trl best + precompute": {"trl": {"gradient_checkpointing": False, "bf16": False, "precompute_ref_log_probs": True}},
+    "trl best + precompute": {
+        "trl": {"gradient_checkpointing": False, "bf16": False, "precompute_ref_log_probs": True}
+    },
     "trl defaults": {"trl": {}},
 }
 
 
-def throughput(model_name: str, model: str, work: Path, *, systems: list[str], repeats: int, steps: int, batch: int,
-               n_rows: int, threads: int) -> dict[str, list[dict]]:
+def throughput(
+    model_name: str,
+    model: str,
+    work: Path,
+    *,
+    systems: list[str],
+    repeats: int,
+    steps: int,
+    batch: int,
+    n_rows: int,
+    threads: int,
+) -> dict[str, list[dict]]:
     rows = movie_rows(n_rows, seed=2)
     data = work / f"rows_{model_name}.json"
     data.write_text(json.dumps(rows))
@@ -294,25 +373,47 @@ def throughput(model_name: str, model: str, work: Path, *, systems: list[str], r
         for name in order:
             if name in ONCE and rep > 0:
                 continue  # ablations and TRL's slow defaults: reference points, run once
-            spec = {"system": "tether" if name.startswith("tether") else "trl", "model": model, "rows": str(data),
-                    "steps": steps, "batch": batch, "lr": 1e-4, "max_length": 256, "loss": "sigmoid", "threads": threads,
-                    "out": str(work / f"run_{model_name}_{len(results[name])}_{name.replace(' ', '_')}"), **SYSTEMS[name]}
-            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
-                   "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)}
-            proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
-                                  capture_output=True, text=True)
+            spec = {
+                "system": "tether" if name.startswith("tether") else "trl",
+                "model": model,
+                "rows": str(data),
+                "steps": steps,
+                "batch": batch,
+                "lr": 1e-4,
+                "max_length": 256,
+                "loss": "sigmoid",
+                "threads": threads,
+                "out": str(work / f"run_{model_name}_{len(results[name])}_{name.replace(' ', '_')}"),
+                **SYSTEMS[name],
+            }
+            env = {
+                **os.environ,
+                "OMP_NUM_THREADS": str(threads),
+                "TOKENIZERS_PARALLELISM": "false",
+                "HF_HUB_OFFLINE": "1",
+                "TQDM_DISABLE": "1",
+                "PYTHONPATH": str(ROOT),
+            }
+            proc = subprocess.run(
+                [sys.executable, __file__, "--worker", json.dumps(spec)], env=env, capture_output=True, text=True
+            )
             if proc.returncode != 0:
                 print(f"  {model_name} / {name}: FAILED\n{proc.stderr[-2000:]}", flush=True)
                 continue
             res = json.loads(proc.stdout.strip().splitlines()[-1])
             results[name].append(res)
-            print(f"  {model_name:11s} {name:22s} rep {rep}: {res['tokens_per_s']:7.0f} tok/s  "
-                  f"{res['cpu_tokens_per_s']:7.0f} tok/cpu-s  {res['steps_per_s']:6.2f} step/s  pad {res['padding_frac']:.2f}  "
-                  f"setup {res['setup_s']:5.1f}s  peak {res['peak_rss_mb']:6.0f} MB", flush=True)
+            print(
+                f"  {model_name:11s} {name:22s} rep {rep}: {res['tokens_per_s']:7.0f} tok/s  "
+                f"{res['cpu_tokens_per_s']:7.0f} tok/cpu-s  {res['steps_per_s']:6.2f} step/s  pad {res['padding_frac']:.2f}  "
+                f"setup {res['setup_s']:5.1f}s  peak {res['peak_rss_mb']:6.0f} MB",
+                flush=True,
+            )
     return results
 
 
-def ref_pass(model_name: str, model: str, work: Path, *, n_rows: int, repeats: int, threads: int, batch_size: int = 64) -> str:
+def ref_pass(
+    model_name: str, model: str, work: Path, *, n_rows: int, repeats: int, threads: int, batch_size: int = 64
+) -> str:
     """The precomputed reference pass alone, padded vs packed like training (``PrecomputedReference.build``
     with ``packed=False/True``), on the rows ``setup_reference`` builds (chosen and rejected sequences of
     ``n_rows`` pairs, sorted by length), alternating in one process; CPU time, median of ``repeats``."""
@@ -333,24 +434,45 @@ def ref_pass(model_name: str, model: str, work: Path, *, n_rows: int, repeats: i
     worst = 0.0
     for rep in range(repeats + 1):  # the first round warms up
         built = {}
-        for packed in ((False, True) if rep % 2 == 0 else (True, False)):
+        for packed in (False, True) if rep % 2 == 0 else (True, False):
             t = time.process_time()
-            built[packed] = PrecomputedReference.build(ref, lm, rows, pad_id=tok.pad_token_id, batch_size=batch_size,
-                                                       cache_dir=work / f"refpass_{model_name}_{rep}_{packed}", packed=packed)
+            built[packed] = PrecomputedReference.build(
+                ref,
+                lm,
+                rows,
+                pad_id=tok.pad_token_id,
+                batch_size=batch_size,
+                cache_dir=work / f"refpass_{model_name}_{rep}_{packed}",
+                packed=packed,
+            )
             if rep:
                 times[packed].append(time.process_time() - t)
-        worst = max(worst, max(float((built[False].table[k] - built[True].table[k]).abs().max()) for k in built[False].table))
+        worst = max(
+            worst, max(float((built[False].table[k] - built[True].table[k]).abs().max()) for k in built[False].table)
+        )
     a, b = statistics.median(times[False]), statistics.median(times[True])
     tokens = sum(len(r[1]) + len(r[2]) for r in rows)
-    return (f"{model_name:11s} reference pass over {len(rows)} sequences ({tokens} tokens): padded {a:.2f} cpu-s, "
-            f"packed {b:.2f} cpu-s = {a / b:.2f}x faster; max |Δ log-prob| {worst:.1e}")
+    return (
+        f"{model_name:11s} reference pass over {len(rows)} sequences ({tokens} tokens): padded {a:.2f} cpu-s, "
+        f"packed {b:.2f} cpu-s = {a / b:.2f}x faster; max |Δ log-prob| {worst:.1e}"
+    )
 
 
 def table(all_results: dict[str, dict[str, list[dict]]]) -> str:
-    keys = ("steps_per_s", "tokens_per_s", "cpu_tokens_per_s", "padding_frac", "setup_s", "total_s", "peak_rss_mb",
-            "delta_rss_mb")
-    head = (f"{'model':11s} {'system':22s} {'steps/s':>7s} {'tokens/s':>8s} {'x':>5s} {'tok/cpu-s':>9s} {'x':>5s} "
-            f"{'pad %':>5s} {'setup s':>7s} {'e2e s':>6s} {'x':>5s} {'peak RSS':>8s} {'dRSS MB':>7s} {'x':>5s} {'runs':>4s}")
+    keys = (
+        "steps_per_s",
+        "tokens_per_s",
+        "cpu_tokens_per_s",
+        "padding_frac",
+        "setup_s",
+        "total_s",
+        "peak_rss_mb",
+        "delta_rss_mb",
+    )
+    head = (
+        f"{'model':11s} {'system':22s} {'steps/s':>7s} {'tokens/s':>8s} {'x':>5s} {'tok/cpu-s':>9s} {'x':>5s} "
+        f"{'pad %':>5s} {'setup s':>7s} {'e2e s':>6s} {'x':>5s} {'peak RSS':>8s} {'dRSS MB':>7s} {'x':>5s} {'runs':>4s}"
+    )
     lines = [head, "-" * len(head)]
     for model_name, results in all_results.items():
         med = {name: {k: statistics.median(r[k] for r in rs) for k in keys} for name, rs in results.items() if rs}
@@ -367,7 +489,8 @@ def table(all_results: dict[str, dict[str, list[dict]]]) -> str:
                 f"{m['cpu_tokens_per_s']:9.0f} {ratio(m, 'cpu_tokens_per_s'):>5s} {100 * m['padding_frac']:5.1f} "
                 f"{m['setup_s']:7.1f} {m['total_s']:6.1f} {ratio(m, 'total_s', inverse=True):>5s} "
                 f"{m['peak_rss_mb']:8.0f} {m['delta_rss_mb']:7.0f} {ratio(m, 'delta_rss_mb'):>5s} "
-                f"{len(results[name]):4d}")
+                f"{len(results[name]):4d}"
+            )
     lines += [
         "x = ratio to 'trl best' (TRL DPOTrainer, no gradient checkpointing, fp32). tokens/s: wall clock, steady state;",
         "tok/cpu-s: tokens per second of process CPU time (robust to other load on a shared machine); pad %: padding",
@@ -409,16 +532,36 @@ def main() -> int:
         print("loss agreement:", "PASS (<= 1e-4)" if ok else "FAIL", flush=True)
 
         print("\n== throughput (median over alternating runs) ==", flush=True)
-        results = {"stories260K": throughput(
-            "stories260K", stories, work, systems=list(SYSTEMS), repeats=args.repeats,
-            steps=12 if args.quick else 32, batch=16, n_rows=1024, threads=args.threads)}
+        results = {
+            "stories260K": throughput(
+                "stories260K",
+                stories,
+                work,
+                systems=list(SYSTEMS),
+                repeats=args.repeats,
+                steps=12 if args.quick else 32,
+                batch=16,
+                n_rows=1024,
+                threads=args.threads,
+            )
+        }
         if not args.quick:
             big = make_llama20m(work / "llama20m")
             results["llama-20M"] = throughput(
-                "llama-20M", big, work, systems=["tether", "trl best", "trl best + precompute"], repeats=args.repeats,
-                steps=6, batch=8, n_rows=256, threads=args.threads)
+                "llama-20M",
+                big,
+                work,
+                systems=["tether", "trl best", "trl best + precompute"],
+                repeats=args.repeats,
+                steps=6,
+                batch=8,
+                n_rows=256,
+                threads=args.threads,
+            )
         print("\n== precomputed reference pass: padded vs packed like training (CPU time, alternating) ==", flush=True)
-        print(ref_pass("stories260K", stories, work, n_rows=1024, repeats=args.repeats, threads=args.threads), flush=True)
+        print(
+            ref_pass("stories260K", stories, work, n_rows=1024, repeats=args.repeats, threads=args.threads), flush=True
+        )
         if not args.quick:
             print(ref_pass("llama-20M", big, work, n_rows=256, repeats=args.repeats, threads=args.threads), flush=True)
         print(f"\nload average at end: {os.getloadavg()}")

@@ -56,8 +56,9 @@ def multiplying_params(model) -> int:
 
 def dpo_flops(model_path: str, steps: int, n_params: int) -> list[float]:
     """Achieved FLOP/s of each steady-state DPO step (6·N·real tokens / step CPU time)."""
-    from bench_dpo import movie_rows
     from tether.trainers.dpo import DPOConfig, train_dpo
+
+    from bench_dpo import movie_rows
 
     marks: list[tuple[float, float]] = []  # (cpu time at the step's end, its real tokens)
 
@@ -65,8 +66,19 @@ def dpo_flops(model_path: str, steps: int, n_params: int) -> list[float]:
         marks.append((time.process_time(), metrics["data/tokens"]))
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = DPOConfig(model=model_path, output_dir=out, max_steps=steps, batch_size=8, learning_rate=1e-4, max_length=256,
-                        beta=0.1, eval_fraction=0.0, kl_prompts=0, progress=False, seed=0)
+        cfg = DPOConfig(
+            model=model_path,
+            output_dir=out,
+            max_steps=steps,
+            batch_size=8,
+            learning_rate=1e-4,
+            max_length=256,
+            beta=0.1,
+            eval_fraction=0.0,
+            kl_prompts=0,
+            progress=False,
+            seed=0,
+        )
         train_dpo(cfg, rows=movie_rows(256, seed=2), callback=cb)
     return [6 * n_params * tok / (t1 - t0) for (t0, _), (t1, tok) in zip(marks[1:-1], marks[2:])]
 
@@ -75,9 +87,10 @@ def grpo_flops(model_path: str, steps: int, n_params: int) -> list[float]:
     """Achieved FLOP/s of each steady-state GRPO step (10·N·real tokens / step CPU time; bench_online's settings)."""
     import tether.trainers.online as online
     import tether.trainers.rollout as rollout
-    from bench_online import PROMPTS, vader_reward_fn
     from tether.rewards import CallableSource
     from tether.trainers.grpo import GRPOConfig, train_grpo
+
+    from bench_online import PROMPTS, vader_reward_fn
 
     starts: list[float] = []
     tokens: list[int] = []
@@ -96,10 +109,26 @@ def grpo_flops(model_path: str, steps: int, n_params: int) -> list[float]:
     online.collect_rollout, rollout.generate = timed, counted
     try:
         with tempfile.TemporaryDirectory() as out:
-            cfg = GRPOConfig(model=model_path, output_dir=out, max_steps=steps, batch_size=16, samples_per_prompt=4,
-                             max_new_tokens=32, learning_rate=1e-4, clip_eps=0.2, num_epochs=1, progress=False, sample_every=0,
-                             eval_every=0, eval_max_prompts=1, eval_samples=1, seed=0, beta=0.04, kl_estimator="k3",
-                             loss_aggregation="seq_mean_token_mean")
+            cfg = GRPOConfig(
+                model=model_path,
+                output_dir=out,
+                max_steps=steps,
+                batch_size=16,
+                samples_per_prompt=4,
+                max_new_tokens=32,
+                learning_rate=1e-4,
+                clip_eps=0.2,
+                num_epochs=1,
+                progress=False,
+                sample_every=0,
+                eval_every=0,
+                eval_max_prompts=1,
+                eval_samples=1,
+                seed=0,
+                beta=0.04,
+                kl_estimator="k3",
+                loss_aggregation="seq_mean_token_mean",
+            )
             train_grpo(cfg, prompts=PROMPTS, reward=CallableSource(vader_reward_fn(), name="vader"))
     finally:
         online.collect_rollout, rollout.generate = inner_rollout, inner_generate
@@ -107,7 +136,9 @@ def grpo_flops(model_path: str, steps: int, n_params: int) -> list[float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3, help="rounds of the peak loop, and of each step benchmark")
     p.add_argument("--n", type=int, default=1024, help="matrix size of the peak loop")
@@ -118,8 +149,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from bench_dpo import make_llama20m
     from tether.modeling import load_causal_lm
+
+    from bench_dpo import make_llama20m
 
     path = make_llama20m(Path(args.cache) / "llama20m")
     n_params = multiplying_params(load_causal_lm(path))
@@ -130,7 +162,9 @@ def main() -> None:
         grpo += grpo_flops(path, args.steps, n_params)
     peak = max(peaks)
     print(f"llama-20M ({n_params / 1e6:.1f}M multiplying parameters), CPU, {args.threads} thread(s)")
-    print(f"| what | GFLOP/s (median) | share of peak |\n|---|---:|---:|\n| fp32 matmul peak ({args.n}³, best) | {peak / 1e9:.1f} | 1.00 |")
+    print(
+        f"| what | GFLOP/s (median) | share of peak |\n|---|---:|---:|\n| fp32 matmul peak ({args.n}³, best) | {peak / 1e9:.1f} | 1.00 |"
+    )
     for name, xs in (("DPO step (6·N·tokens)", dpo), ("GRPO step (10·N·tokens)", grpo)):
         m = statistics.median(xs)
         print(f"| {name} | {m / 1e9:.1f} | {m / peak:.2f} |")

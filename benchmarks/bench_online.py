@@ -41,8 +41,18 @@ import tempfile
 import time
 
 PROMPTS = [
-    "Once upon a time", "The little dog", "One day, a girl", "Tom was", "The sun was", "Lily saw a",
-    "The cat", "In the park,", "Ben and Mia", "The big tree", "Sam had a", "At night,",
+    "Once upon a time",
+    "The little dog",
+    "One day, a girl",
+    "Tom was",
+    "The sun was",
+    "Lily saw a",
+    "The cat",
+    "In the park,",
+    "Ben and Mia",
+    "The big tree",
+    "Sam had a",
+    "At night,",
 ]
 RUNS = ("tether-grpo", "trl-grpo", "tether-rloo", "trl-rloo")
 ABLATIONS = ("tether-grpo-scoringpass", "tether-rloo-scoringpass")
@@ -88,14 +98,32 @@ def run_tether(method: str, args, model_path: str, out: str, **overrides) -> dic
         return inner(*a, **k)
 
     online.collect_rollout = timed
-    common = dict(model=model_path, output_dir=out, max_steps=args.steps, batch_size=args.batch_size,
-                  samples_per_prompt=args.group, max_new_tokens=args.max_new_tokens, learning_rate=args.lr,
-                  clip_eps=0.2, num_epochs=1, progress=False, sample_every=0, eval_every=0, eval_max_prompts=1,
-                  eval_samples=1, seed=0, gradient_checkpointing=args.gradient_checkpointing, **overrides)
+    common = dict(
+        model=model_path,
+        output_dir=out,
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        samples_per_prompt=args.group,
+        max_new_tokens=args.max_new_tokens,
+        learning_rate=args.lr,
+        clip_eps=0.2,
+        num_epochs=1,
+        progress=False,
+        sample_every=0,
+        eval_every=0,
+        eval_max_prompts=1,
+        eval_samples=1,
+        seed=0,
+        gradient_checkpointing=args.gradient_checkpointing,
+        **overrides,
+    )
     if method == "grpo":
         from tether.trainers.grpo import GRPOConfig, train_grpo
 
-        cfg, train = GRPOConfig(**common, beta=args.beta_grpo, kl_estimator="k3", loss_aggregation="seq_mean_token_mean"), train_grpo
+        cfg, train = (
+            GRPOConfig(**common, beta=args.beta_grpo, kl_estimator="k3", loss_aggregation="seq_mean_token_mean"),
+            train_grpo,
+        )
     else:
         from tether.trainers.rloo import RLOOConfig, train_rloo
 
@@ -123,25 +151,59 @@ def run_trl(method: str, args, model_path: str, out: str) -> dict:
             starts.append((time.perf_counter(), time.process_time()))
             rss0.append(rss_mb())
 
-    common = dict(output_dir=out, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
-                  num_generations=args.group, max_completion_length=args.max_new_tokens, max_steps=args.steps,
-                  learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, temperature=1.0, top_p=1.0,
-                  top_k=0, epsilon=0.2, num_iterations=1, use_vllm=False, use_cpu=True, bf16=False, fp16=False,
-                  report_to="none", save_strategy="no", logging_steps=1, disable_dropout=True, seed=0,
-                  dataloader_num_workers=0, max_grad_norm=1.0, weight_decay=0.0,
-                  gradient_checkpointing=args.gradient_checkpointing)  # TRL defaults to True: set as tether's
+    common = dict(
+        output_dir=out,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=1,
+        num_generations=args.group,
+        max_completion_length=args.max_new_tokens,
+        max_steps=args.steps,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        epsilon=0.2,
+        num_iterations=1,
+        use_vllm=False,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_dropout=True,
+        seed=0,
+        dataloader_num_workers=0,
+        max_grad_norm=1.0,
+        weight_decay=0.0,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )  # TRL defaults to True: set as tether's
     if method == "grpo":
         from trl import GRPOConfig, GRPOTrainer
 
         cfg = GRPOConfig(**common, beta=args.beta_grpo, loss_type="grpo", scale_rewards="group")
-        trainer = GRPOTrainer(model=model, reward_funcs=vader_reward_fn(), args=cfg, train_dataset=ds,
-                              processing_class=tok, callbacks=[Timer()])
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=vader_reward_fn(),
+            args=cfg,
+            train_dataset=ds,
+            processing_class=tok,
+            callbacks=[Timer()],
+        )
     else:
         from trl import RLOOConfig, RLOOTrainer
 
         cfg = RLOOConfig(**common, beta=args.beta_rloo)
-        trainer = RLOOTrainer(model=model, reward_funcs=vader_reward_fn(), args=cfg, train_dataset=ds,
-                              processing_class=tok, callbacks=[Timer()])
+        trainer = RLOOTrainer(
+            model=model,
+            reward_funcs=vader_reward_fn(),
+            args=cfg,
+            train_dataset=ds,
+            processing_class=tok,
+            callbacks=[Timer()],
+        )
     trainer.train()
     return {"starts": starts, "rss_before": rss0[1]}
 
@@ -178,34 +240,55 @@ def child(args) -> None:
         raise RuntimeError(f"{args.run}: only {len(s)} steps timed; raise --steps")
     wall = (s[-1][0] - s[1][0]) / (len(s) - 2)
     cpu = (s[-1][1] - s[1][1]) / (len(s) - 2)
-    print("RESULT " + json.dumps({"run": args.run, "samples_per_s": args.batch_size / cpu, "wall_samples_per_s": args.batch_size / wall,
-                                  "cpu_s_per_step": cpu, "peak_rss_mb": peak_mb(), "delta_mb": peak_mb() - res["rss_before"]}))
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "run": args.run,
+                "samples_per_s": args.batch_size / cpu,
+                "wall_samples_per_s": args.batch_size / wall,
+                "cpu_s_per_step": cpu,
+                "peak_rss_mb": peak_mb(),
+                "delta_mb": peak_mb() - res["rss_before"],
+            }
+        )
+    )
 
 
 def table(rows: dict) -> str:
-    lines = [f"{'run':<24} {'samples/s cpu':>14} {'samples/s wall':>15} {'cpu s/step':>11} {'peak RSS MB':>12} {'Δ train MB':>11}"]
+    lines = [
+        f"{'run':<24} {'samples/s cpu':>14} {'samples/s wall':>15} {'cpu s/step':>11} {'peak RSS MB':>12} {'Δ train MB':>11}"
+    ]
     for r in RUNS + ABLATIONS:
         if r in rows:
             x = rows[r]
-            lines.append(f"{r:<24} {x['samples_per_s']:>14.1f} {x['wall_samples_per_s']:>15.1f} {x['cpu_s_per_step']:>11.3f} "
-                         f"{x['peak_rss_mb']:>12.0f} {x['delta_mb']:>11.1f}")
+            lines.append(
+                f"{r:<24} {x['samples_per_s']:>14.1f} {x['wall_samples_per_s']:>15.1f} {x['cpu_s_per_step']:>11.3f} "
+                f"{x['peak_rss_mb']:>12.0f} {x['delta_mb']:>11.1f}"
+            )
     lines.append("")
     for m in ("grpo", "rloo"):
         a, b = rows.get(f"tether-{m}"), rows.get(f"trl-{m}")
         if a and b:
-            lines.append(f"{m}: tether/TRL samples/s (cpu) = {a['samples_per_s'] / b['samples_per_s']:.2f}x, "
-                         f"(wall) = {a['wall_samples_per_s'] / b['wall_samples_per_s']:.2f}x, "
-                         f"peak RSS = {a['peak_rss_mb'] / b['peak_rss_mb']:.2f}x, Δ train = {a['delta_mb'] / max(b['delta_mb'], 1e-9):.2f}x")
+            lines.append(
+                f"{m}: tether/TRL samples/s (cpu) = {a['samples_per_s'] / b['samples_per_s']:.2f}x, "
+                f"(wall) = {a['wall_samples_per_s'] / b['wall_samples_per_s']:.2f}x, "
+                f"peak RSS = {a['peak_rss_mb'] / b['peak_rss_mb']:.2f}x, Δ train = {a['delta_mb'] / max(b['delta_mb'], 1e-9):.2f}x"
+            )
         c = rows.get(f"tether-{m}-scoringpass")
         if a and c:
-            lines.append(f"{m}: score_from_update bought {a['samples_per_s'] / c['samples_per_s']:.2f}x samples/s (cpu) "
-                         f"over a separate scoring pass")
+            lines.append(
+                f"{m}: score_from_update bought {a['samples_per_s'] / c['samples_per_s']:.2f}x samples/s (cpu) "
+                f"over a separate scoring pass"
+            )
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", choices=RUNS + ABLATIONS, help=argparse.SUPPRESS)  # internal: one configuration in this process
+    p.add_argument(
+        "--run", choices=RUNS + ABLATIONS, help=argparse.SUPPRESS
+    )  # internal: one configuration in this process
     p.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ",".join(RUNS + ABLATIONS))
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch_size", type=int, default=16, help="completions per step (prompts x group)")
@@ -216,20 +299,33 @@ def main() -> None:
     p.add_argument("--beta_rloo", type=float, default=0.05)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3, help="runs per configuration (median samples/s)")
-    p.add_argument("--gradient_checkpointing", action="store_true",
-                   help="both libraries recompute activations in the backward (TRL's GRPO/RLOO default; tether's is off)")
+    p.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="both libraries recompute activations in the backward (TRL's GRPO/RLOO default; tether's is off)",
+    )
     p.add_argument("--assets", default=None)
-    p.add_argument("--model", choices=("stories260K", "llama-20M"), default="stories260K",
-                   help="llama-20M: bench_dpo's seeded random ~20M-parameter Llama (stories260K's tokenizer), built once")
-    p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "tether-bench"),
-                   help="where the llama-20M weights are written")
+    p.add_argument(
+        "--model",
+        choices=("stories260K", "llama-20M"),
+        default="stories260K",
+        help="llama-20M: bench_dpo's seeded random ~20M-parameter Llama (stories260K's tokenizer), built once",
+    )
+    p.add_argument(
+        "--cache",
+        default=os.path.join(tempfile.gettempdir(), "tether-bench"),
+        help="where the llama-20M weights are written",
+    )
     args = p.parse_args()
     if args.run:
         child(args)
         return
     results: dict = {}
-    passthrough = [f"--{k}" if v is True else f"--{k}={v}" for k, v in vars(args).items()
-                   if k not in ("run", "runs", "repeats") and v is not None and v is not False]
+    passthrough = [
+        f"--{k}" if v is True else f"--{k}={v}"
+        for k, v in vars(args).items()
+        if k not in ("run", "runs", "repeats") and v is not None and v is not False
+    ]
     for rep in range(args.repeats):
         for r in args.runs.split(","):
             proc = subprocess.run([sys.executable, __file__, "--run", r, *passthrough], capture_output=True, text=True)
@@ -237,18 +333,22 @@ def main() -> None:
             if proc.returncode or not found:
                 print(f"{r} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
                 continue
-            res = json.loads(found[-1][len("RESULT "):])
+            res = json.loads(found[-1][len("RESULT ") :])
             results.setdefault(r, []).append(res)
-            print(f"repeat {rep + 1}: {r} {res['samples_per_s']:.1f} samples/s (cpu), {res['wall_samples_per_s']:.1f} (wall)",
-                  file=sys.stderr)
+            print(
+                f"repeat {rep + 1}: {r} {res['samples_per_s']:.1f} samples/s (cpu), {res['wall_samples_per_s']:.1f} (wall)",
+                file=sys.stderr,
+            )
     rows = {}
     for r, rs in results.items():
         rs = sorted(rs, key=lambda x: x["samples_per_s"])
         med = rs[len(rs) // 2]
         rows[r] = {**med, "peak_rss_mb": max(x["peak_rss_mb"] for x in rs), "delta_mb": max(x["delta_mb"] for x in rs)}
-    print(f"{args.model} on CPU, {args.threads} thread(s); {args.batch_size} completions/step = "
-          f"{args.batch_size // args.group} prompts x {args.group}; max_new_tokens={args.max_new_tokens}; {args.steps} steps; "
-          f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'} (both); median of {args.repeats}")
+    print(
+        f"{args.model} on CPU, {args.threads} thread(s); {args.batch_size} completions/step = "
+        f"{args.batch_size // args.group} prompts x {args.group}; max_new_tokens={args.max_new_tokens}; {args.steps} steps; "
+        f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'} (both); median of {args.repeats}"
+    )
     print(table(rows))
 
 

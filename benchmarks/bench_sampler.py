@@ -32,8 +32,18 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 PROMPTS = [
-    "Once upon a time", "The little dog", "One day, a girl", "Tom was", "The sun was", "Lily saw a",
-    "The cat", "In the park,", "Ben and Mia", "The big tree", "Sam had a", "At night,",
+    "Once upon a time",
+    "The little dog",
+    "One day, a girl",
+    "Tom was",
+    "The sun was",
+    "Lily saw a",
+    "The cat",
+    "In the park,",
+    "Ben and Mia",
+    "The big tree",
+    "Sam had a",
+    "At night,",
 ]
 
 
@@ -44,7 +54,9 @@ def timed(fn):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
@@ -55,10 +67,11 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from reference_sampler import reference_sample
     from tether.assets import resolve_model
     from tether.modeling import load_tokenizer
     from tether.sampling import sample
+
+    from reference_sampler import reference_sample
 
     torch.set_num_threads(args.threads)
     shared = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "assets")
@@ -73,9 +86,16 @@ def main() -> None:
 
     def tether_run(fn, eos):
         def go():
-            b, _ = fn(model, rows, pad_id=tok.pad_token_id, eos_id=stop if eos else None,
-                      max_new_tokens=N, generator=torch.Generator().manual_seed(0))
+            b, _ = fn(
+                model,
+                rows,
+                pad_id=tok.pad_token_id,
+                eos_id=stop if eos else None,
+                max_new_tokens=N,
+                generator=torch.Generator().manual_seed(0),
+            )
             return int(b.mask.sum())
+
         return go
 
     def hf_run(eos):
@@ -84,14 +104,24 @@ def main() -> None:
         def go():
             torch.manual_seed(0)
             kw = {} if eos else {"min_new_tokens": N}
-            out = model.generate(**enc, do_sample=True, max_new_tokens=N, temperature=1.0, top_k=0, top_p=1.0,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=stop if eos else tok.eos_token_id, **kw)
-            comp = out[:, enc["input_ids"].shape[1]:]  # (B, T)
+            out = model.generate(
+                **enc,
+                do_sample=True,
+                max_new_tokens=N,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=stop if eos else tok.eos_token_id,
+                **kw,
+            )
+            comp = out[:, enc["input_ids"].shape[1] :]  # (B, T)
             if not eos:
                 return comp.numel()
             is_eos = (comp == stop).int()
             before = (is_eos.cumsum(-1) - is_eos) == 0  # through the first EOS
             return int(before.sum())
+
         return go
 
     def hf_forward(*a, **k):  # the sampler with the model's own forward (no tether.decode.LlamaDecoder)
@@ -103,9 +133,13 @@ def main() -> None:
         "tether (before)": lambda eos: tether_run(reference_sample, eos),
         "model.generate": hf_run,
     }
-    print(f"stories260K on CPU, {args.threads} thread(s), {args.batch_size} rows x {N} new tokens, "
-          f"median of {args.repeats}")
-    print(f"| workload | sampler | tokens | tokens/s (cpu) | tokens/s (wall) | vs generate (cpu) | vs before (cpu) | vs hf forward (cpu) |")
+    print(
+        f"stories260K on CPU, {args.threads} thread(s), {args.batch_size} rows x {N} new tokens, "
+        f"median of {args.repeats}"
+    )
+    print(
+        "| workload | sampler | tokens | tokens/s (cpu) | tokens/s (wall) | vs generate (cpu) | vs before (cpu) | vs hf forward (cpu) |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for eos in (False, True):
         res: dict = {k: [] for k in runs}
@@ -114,12 +148,16 @@ def main() -> None:
         for _ in range(args.repeats):
             for name, mk in runs.items():
                 res[name].append(timed(mk(eos)))
-        med = {k: (v[0][0], statistics.median(n / c for n, _, c in v), statistics.median(n / w for n, w, _ in v))
-               for k, v in res.items()}
+        med = {
+            k: (v[0][0], statistics.median(n / c for n, _, c in v), statistics.median(n / w for n, w, _ in v))
+            for k, v in res.items()
+        }
         for name, (n, cpu, wall) in med.items():
-            print(f"| {'stop' if eos else 'fixed'} | {name} | {n} | {cpu:.0f} | {wall:.0f} | "
-                  f"{cpu / med['model.generate'][1]:.2f}x | {cpu / med['tether (before)'][1]:.2f}x | "
-                  f"{cpu / med['tether (hf forward)'][1]:.2f}x |")
+            print(
+                f"| {'stop' if eos else 'fixed'} | {name} | {n} | {cpu:.0f} | {wall:.0f} | "
+                f"{cpu / med['model.generate'][1]:.2f}x | {cpu / med['tether (before)'][1]:.2f}x | "
+                f"{cpu / med['tether (hf forward)'][1]:.2f}x |"
+            )
 
 
 if __name__ == "__main__":

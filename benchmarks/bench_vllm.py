@@ -29,8 +29,20 @@ from pathlib import Path
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-PROMPTS = ["Once upon a time", "The little dog", "One day, a girl", "Tom was", "The sun was", "Lily saw a",
-           "The cat", "In the park,", "Ben and Mia", "The big tree", "Sam had a", "At night,"]
+PROMPTS = [
+    "Once upon a time",
+    "The little dog",
+    "One day, a girl",
+    "Tom was",
+    "The sun was",
+    "Lily saw a",
+    "The cat",
+    "In the park,",
+    "Ben and Mia",
+    "The big tree",
+    "Sam had a",
+    "At night,",
+]
 
 
 def timed(fn):
@@ -40,8 +52,12 @@ def timed(fn):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="llama-20M", help="llama-20M (built by bench_dpo.make_llama20m) or a model folder")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model", default="llama-20M", help="llama-20M (built by bench_dpo.make_llama20m) or a model folder"
+    )
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
@@ -49,12 +65,17 @@ def main() -> None:
 
     import torch
 
-    from bench_dpo import make_llama20m
     from tether.generation import BuiltinBackend, make_backend
     from tether.groups import SamplingSettings
     from tether.modeling import load_causal_lm, load_tokenizer
 
-    path = make_llama20m(Path(tempfile.gettempdir()) / "tether-bench-llama20m") if args.model == "llama-20M" else args.model
+    from bench_dpo import make_llama20m
+
+    path = (
+        make_llama20m(Path(tempfile.gettempdir()) / "tether-bench-llama20m")
+        if args.model == "llama-20M"
+        else args.model
+    )
     tok, model = load_tokenizer(path), load_causal_lm(path)
     n_params = sum(p.numel() for p in model.parameters())
     rows = [tok.encode(PROMPTS[i % len(PROMPTS)]) for i in range(args.batch_size)]
@@ -77,8 +98,10 @@ def main() -> None:
         res["vllm generate"].append((gw, gc))
         res["vllm push+generate"].append((pw + gw, pc + gc))
     med = {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)) for k, v in res.items()}
-    print(f"model {args.model} ({n_params / 1e6:.1f}M parameters), {args.batch_size} rows x {args.max_new_tokens} tokens, "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')}, engine build {build_s:.1f} s, {args.repeats} rounds (median)")
+    print(
+        f"model {args.model} ({n_params / 1e6:.1f}M parameters), {args.batch_size} rows x {args.max_new_tokens} tokens, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')}, engine build {build_s:.1f} s, {args.repeats} rounds (median)"
+    )
     print(f"tokens: builtin {tokens['builtin']}, vllm {tokens['vllm']}")
     print("| step | wall s | cpu s | wall / builtin | cpu / builtin |\n|---|---|---|---|---|")
     for k, (w, c) in med.items():

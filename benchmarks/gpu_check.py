@@ -40,8 +40,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-WORDS = ("the cat dog sun tree girl boy ran saw big little happy sad park ball home day night red blue "
-         "jumped played found a an and was is to with in on").split()
+WORDS = (
+    "the cat dog sun tree girl boy ran saw big little happy sad park ball home day night red blue "
+    "jumped played found a an and was is to with in on"
+).split()
 
 
 def sizes(tiny: bool) -> dict:
@@ -60,8 +62,15 @@ def make_model(out: Path, tokenizer_dir: str, tiny: bool) -> tuple[str, int]:
     tok = load_tokenizer(tokenizer_dir)
     torch.manual_seed(0)
     s = sizes(tiny)
-    cfg = LlamaConfig(vocab_size=len(tok), num_key_value_heads=s["num_attention_heads"], max_position_embeddings=512,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False, **s)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        num_key_value_heads=s["num_attention_heads"],
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+        **s,
+    )
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(out)
     tok.save_pretrained(out)
@@ -75,10 +84,13 @@ def sentence(rng: random.Random, n: int) -> str:
 def write_data(d: Path, n_prompts: int, max_length: int) -> dict:
     rng = random.Random(0)
     n_sent = max(1, max_length // 24)  # about 12 tokens a sentence: every text fits in max_length
-    (d / "sft.jsonl").write_text("".join(json.dumps({"text": " ".join(sentence(rng, 8) for _ in range(n_sent))}) + "\n"
-                                         for _ in range(256)))
-    pairs = [{"prompt": sentence(rng, 4)[:-1], "chosen": " " + sentence(rng, 10), "rejected": " " + sentence(rng, 10)}
-             for _ in range(256)]
+    (d / "sft.jsonl").write_text(
+        "".join(json.dumps({"text": " ".join(sentence(rng, 8) for _ in range(n_sent))}) + "\n" for _ in range(256))
+    )
+    pairs = [
+        {"prompt": sentence(rng, 4)[:-1], "chosen": " " + sentence(rng, 10), "rejected": " " + sentence(rng, 10)}
+        for _ in range(256)
+    ]
     (d / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     prompts = [sentence(rng, 4)[:-1] for _ in range(n_prompts)]
     return {"sft": str(d / "sft.jsonl"), "pairs": pairs, "pairs_file": str(d / "pairs.jsonl"), "prompts": prompts}
@@ -112,8 +124,10 @@ def kl_bound(model_path: str, prompts: list, tokens: int, device: str) -> float:
 
     tok, model = load_tokenizer(model_path), load_causal_lm(model_path, device=device)
     with torch.no_grad():
-        z = max(float(model(input_ids=torch.tensor([tok(p)["input_ids"]], device=device)).logits.abs().max())
-                for p in prompts[:16])
+        z = max(
+            float(model(input_ids=torch.tensor([tok(p)["input_ids"]], device=device)).logits.abs().max())
+            for p in prompts[:16]
+        )
     return tokens * (2 * 2**-7 * z) ** 2 / 8
 
 
@@ -134,8 +148,16 @@ def run_tether(stage: str, a, model: str, data: dict, out: str) -> tuple[str, li
     from tether.rewards import CallableSource
 
     prec = {"autocast": {"autocast": True}, "bf16": {"dtype": "bfloat16"}, "fp32": {}}[a.precision]
-    common = dict(model=model, output_dir=out, seed=0, progress=False, report_to="none", learning_rate=a.lr,
-                  max_steps=a.steps, **prec)
+    common = dict(
+        model=model,
+        output_dir=out,
+        seed=0,
+        progress=False,
+        report_to="none",
+        learning_rate=a.lr,
+        max_steps=a.steps,
+        **prec,
+    )
     if stage == "sft":
         from tether.trainers.sft import SFTConfig, train_sft
 
@@ -166,9 +188,20 @@ def run_tether(stage: str, a, model: str, data: dict, out: str) -> tuple[str, li
             res = evaluate(policy, ref, ids, tokenizer=tok, seed=0, max_new_tokens=a.new_tokens)
             return {"kl/ref": res["estimators"]["exact"]["mean"]}
 
-        res = train_dpo(DPOConfig(**common, batch_size=a.batch, max_length=a.max_length, beta=0.1, eval_every=a.steps,
-                                  kl_prompts=8, kl_max_new_tokens=a.new_tokens), rows=data["pairs"], callback=cb,
-                        eval_hook=kl_at_start)
+        res = train_dpo(
+            DPOConfig(
+                **common,
+                batch_size=a.batch,
+                max_length=a.max_length,
+                beta=0.1,
+                eval_every=a.steps,
+                kl_prompts=8,
+                kl_max_new_tokens=a.new_tokens,
+            ),
+            rows=data["pairs"],
+            callback=cb,
+            eval_hook=kl_at_start,
+        )
         return res["final"], read_metrics(out), steady_rate(stamps, toks)
     import tether.trainers.online as online
 
@@ -183,8 +216,17 @@ def run_tether(stage: str, a, model: str, data: dict, out: str) -> tuple[str, li
 
     online.collect_rollout = timed
     try:
-        kw = dict(common, batch_size=a.batch, samples_per_prompt=a.group, max_new_tokens=a.new_tokens, eval_every=a.steps,
-                  eval_max_prompts=8, eval_samples=1, sample_every=0, kl_estimator="k3" if stage == "grpo" else "k1")
+        kw = dict(
+            common,
+            batch_size=a.batch,
+            samples_per_prompt=a.group,
+            max_new_tokens=a.new_tokens,
+            eval_every=a.steps,
+            eval_max_prompts=8,
+            eval_samples=1,
+            sample_every=0,
+            kl_estimator="k3" if stage == "grpo" else "k1",
+        )
         reward = CallableSource(vowel_reward, name="vowels")
         if stage == "grpo":
             from tether.trainers.grpo import GRPOConfig, train_grpo
@@ -222,11 +264,26 @@ def run_trl(stage: str, a, model: str, data: dict, out: str, device: str) -> flo
         def on_step_end(self, *args, **kw):
             stamps.append(time.perf_counter())
 
-    common = dict(output_dir=out, per_device_train_batch_size=a.batch, gradient_accumulation_steps=1, max_steps=a.steps,
-                  learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-                  logging_steps=1, save_strategy="no", report_to="none", seed=0, disable_tqdm=True,
-                  dataloader_num_workers=0, use_cpu=device == "cpu", bf16=a.precision == "autocast",
-                  gradient_checkpointing=False)
+    common = dict(
+        output_dir=out,
+        per_device_train_batch_size=a.batch,
+        gradient_accumulation_steps=1,
+        max_steps=a.steps,
+        learning_rate=a.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        use_cpu=device == "cpu",
+        bf16=a.precision == "autocast",
+        gradient_checkpointing=False,
+    )
     if stage == "dpo":
         from trl import DPOConfig, DPOTrainer
 
@@ -234,8 +291,13 @@ def run_trl(stage: str, a, model: str, data: dict, out: str, device: str) -> flo
 
         per_pair = [pair_tokens(p) for p in tokenize_pairs(data["pairs"], tok)[0]]
         cfg = DPOConfig(**common, beta=0.1, max_length=a.max_length, loss_type=["sigmoid"])
-        trainer = DPOTrainer(model=policy, args=cfg, train_dataset=Dataset.from_list(data["pairs"]), processing_class=tok,
-                             callbacks=[Stamp()])
+        trainer = DPOTrainer(
+            model=policy,
+            args=cfg,
+            train_dataset=Dataset.from_list(data["pairs"]),
+            processing_class=tok,
+            callbacks=[Stamp()],
+        )
         trainer.remove_callback(PrinterCallback)  # keep this script's output readable
         mean = sum(per_pair) / len(per_pair)  # per-step tokens: TRL draws its own order; the mean pair is what counts
         trainer.train()
@@ -249,11 +311,29 @@ def run_trl(stage: str, a, model: str, data: dict, out: str, device: str) -> flo
 
     n = a.steps * a.batch // a.group
     ds = Dataset.from_dict({"prompt": [data["prompts"][i % len(data["prompts"])] for i in range(n)]})
-    cfg = GRPOConfig(**common, num_generations=a.group, max_completion_length=a.new_tokens, temperature=1.0, top_p=1.0,
-                     top_k=0, beta=0.04, epsilon=0.2, num_iterations=1, use_vllm=False, loss_type="grpo",
-                     scale_rewards="group", disable_dropout=True)
-    trainer = GRPOTrainer(model=policy, reward_funcs=vowel_reward, args=cfg, train_dataset=ds, processing_class=tok,
-                          callbacks=[Stamp(), Count()])
+    cfg = GRPOConfig(
+        **common,
+        num_generations=a.group,
+        max_completion_length=a.new_tokens,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        beta=0.04,
+        epsilon=0.2,
+        num_iterations=1,
+        use_vllm=False,
+        loss_type="grpo",
+        scale_rewards="group",
+        disable_dropout=True,
+    )
+    trainer = GRPOTrainer(
+        model=policy,
+        reward_funcs=vowel_reward,
+        args=cfg,
+        train_dataset=ds,
+        processing_class=tok,
+        callbacks=[Stamp(), Count()],
+    )
     trainer.remove_callback(PrinterCallback)
     trainer.train()
     per_step = [toks[0]] + [b - c for c, b in zip(toks, toks[1:])] if toks else [float("nan")] * len(stamps)
@@ -269,7 +349,9 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="a ~0.2M-parameter model and a few steps (CPU smoke run)")
     p.add_argument("--precision", default="autocast", choices=("autocast", "bf16", "fp32"))
     p.add_argument("--steps", type=int, default=None, help="optimiser steps per stage (default 8; --tiny 3)")
-    p.add_argument("--batch", type=int, default=None, help="examples (online: completions) per step (default 32; --tiny 4)")
+    p.add_argument(
+        "--batch", type=int, default=None, help="examples (online: completions) per step (default 32; --tiny 4)"
+    )
     p.add_argument("--group", type=int, default=4, help="GRPO/PPO completions per prompt")
     p.add_argument("--new_tokens", type=int, default=None, help="completion tokens (default 64; --tiny 8)")
     p.add_argument("--max_length", type=int, default=None, help="SFT/DPO sequence length (default 128; --tiny 48)")
@@ -293,15 +375,19 @@ def main(argv=None) -> int:
     transformers.logging.disable_progress_bar()
 
     if a.device == "cuda" and not torch.cuda.is_available():
-        print("gpu-check: no CUDA device here (torch.cuda.is_available() is False); use --device cpu --tiny for the CPU run")
+        print(
+            "gpu-check: no CUDA device here (torch.cuda.is_available() is False); use --device cpu --tiny for the CPU run"
+        )
         return 2
     if a.device == "cpu" and not a.tiny:
         print("gpu-check: --device cpu runs the --tiny model only (a 100M model on CPU takes hours); add --tiny")
         return 2
     tok_dir = a.tokenizer or os.path.join(os.environ.get("TETHER_ASSETS", ""), "stories260K")
     if not os.path.isdir(tok_dir):
-        print(f"gpu-check: no tokenizer folder at {tok_dir!r}: set TETHER_ASSETS to the assets folder (it holds "
-              "stories260K) or pass --tokenizer DIR")
+        print(
+            f"gpu-check: no tokenizer folder at {tok_dir!r}: set TETHER_ASSETS to the assets folder (it holds "
+            "stories260K) or pass --tokenizer DIR"
+        )
         return 2
     card = torch.cuda.get_device_name() if a.device == "cuda" else "CPU"
     work = Path(a.workdir or tempfile.mkdtemp(prefix="tether-gpu-check-"))
@@ -309,16 +395,23 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     model, n_params = make_model(work / "init", tok_dir, a.tiny)
     data = write_data(work, max(a.batch // a.group, 1) * a.steps, a.max_length)
-    print(f"gpu-check on {card}: Llama {n_params / 1e6:.1f}M parameters (seeded, random), precision {a.precision}, "
-          f"{a.steps} steps per stage, batch {a.batch}, {a.new_tokens} new tokens, torch {torch.__version__}")
+    print(
+        f"gpu-check on {card}: Llama {n_params / 1e6:.1f}M parameters (seeded, random), precision {a.precision}, "
+        f"{a.steps} steps per stage, batch {a.batch}, {a.new_tokens} new tokens, torch {torch.__version__}"
+    )
     failures: list[str] = []
     speed: dict = {}
     for stage in ("sft", "dpo", "grpo", "ppo"):
         out = str(work / stage)
         t0 = time.perf_counter()
         tokens = a.new_tokens
-        bound = kl_bound(model, data["prompts"] if stage != "dpo" else [r["prompt"] for r in data["pairs"]], tokens,
-                         a.device) if stage != "sft" else None
+        bound = (
+            kl_bound(
+                model, data["prompts"] if stage != "dpo" else [r["prompt"] for r in data["pairs"]], tokens, a.device
+            )
+            if stage != "sft"
+            else None
+        )
         final, rows, rate = run_tether(stage, a, model, data, out)
         bad = nonfinite(rows)
         if not rows:
@@ -336,8 +429,10 @@ def main(argv=None) -> int:
                     failures.append(f"{stage}: {key} at step {first[0].get('step')} = {kl0:.3g}, bound {bound:.3g}")
         speed[stage] = rate
         note = "" if kl0 is None else f", KL at step 0 = {kl0:.3g} (bound {bound:.2g})"
-        print(f"  {stage}: {len(rows)} metric rows, all finite: {not bad}{note}, {time.perf_counter() - t0:.0f} s"
-              + (f", {rate:,.0f} tokens/s" if rate == rate else ""))
+        print(
+            f"  {stage}: {len(rows)} metric rows, all finite: {not bad}{note}, {time.perf_counter() - t0:.0f} s"
+            + (f", {rate:,.0f} tokens/s" if rate == rate else "")
+        )
         model = final
     if a.no_trl:
         print("TRL: skipped (--no_trl)")
@@ -354,8 +449,10 @@ def main(argv=None) -> int:
                 except Exception as e:  # a TRL version mismatch is reported, not fatal: tether's checks stand
                     print(f"  TRL {stage}: failed ({type(e).__name__}: {str(e)[:200]})")
                     continue
-                print(f"  {stage} tokens/s: tether {speed[stage]:,.0f}, TRL {trl.__version__} {rate:,.0f} "
-                      f"({speed[stage] / rate:.2f}x)")
+                print(
+                    f"  {stage} tokens/s: tether {speed[stage]:,.0f}, TRL {trl.__version__} {rate:,.0f} "
+                    f"({speed[stage] / rate:.2f}x)"
+                )
     total = time.perf_counter() - t_start
     if failures:
         print("gpu-check FAILED:\n  " + "\n  ".join(failures))

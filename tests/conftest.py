@@ -121,11 +121,18 @@ def assert_close(got, want, *, abs: float = 0.0, rel: float = 0.0, what: str = "
         frame = inspect.stack()[1]
         site = f"{Path(frame.filename).name}:{frame.lineno}"
         with open(os.environ["TETHER_TOL_LOG"], "a") as f:
-            f.write(json.dumps({"site": site, "what": what, "ratio": worst, "max_err": float(err.max()) if err.numel() else 0.0}) + "\n")
+            f.write(
+                json.dumps(
+                    {"site": site, "what": what, "ratio": worst, "max_err": float(err.max()) if err.numel() else 0.0}
+                )
+                + "\n"
+            )
     if not worst <= 1.0:
         i = int(ratio.argmax())
-        raise AssertionError(f"{what or 'values'} differ at index {i}: {float(g[i])!r} vs {float(w[i])!r} "
-                             f"(|diff| {float(err[i]):.3g} > budget {float(budget[i]):.3g})")
+        raise AssertionError(
+            f"{what or 'values'} differ at index {i}: {float(g[i])!r} vs {float(w[i])!r} "
+            f"(|diff| {float(err[i]):.3g} > budget {float(budget[i]):.3g})"
+        )
 
 
 def _test_site() -> str | None:
@@ -169,8 +176,13 @@ def _record_every_tolerance(log: str) -> None:
             a, e = torch.as_tensor(actual).double(), torch.as_tensor(expected).double()
             if rtol is None or atol is None:  # torch's defaults for the expected dtype
                 dt = torch.as_tensor(expected).dtype
-                rtol, atol = {torch.float64: (1e-7, 1e-7), torch.float16: (1e-3, 1e-5),
-                              torch.bfloat16: (1.6e-2, 1e-5)}.get(dt, (1.3e-6, 1e-5)) if dt.is_floating_point else (0, 0)
+                rtol, atol = (
+                    {torch.float64: (1e-7, 1e-7), torch.float16: (1e-3, 1e-5), torch.bfloat16: (1.6e-2, 1e-5)}.get(
+                        dt, (1.3e-6, 1e-5)
+                    )
+                    if dt.is_floating_point
+                    else (0, 0)
+                )
             err = (a - e).abs()
             ratio = torch.where(err == 0, torch.zeros_like(err), err / (atol + rtol * e.abs()))
             if ratio.numel():

@@ -53,9 +53,13 @@ def reference_sample(
     pos = position_ids(attn)
     try:
         for t in range(max_new_tokens):
-            out = model(input_ids=step_ids, attention_mask=step_attn, position_ids=pos, use_cache=True, **{CACHE_KW: past})
+            out = model(
+                input_ids=step_ids, attention_mask=step_attn, position_ids=pos, use_cache=True, **{CACHE_KW: past}
+            )
             past = getattr(out, CACHE_KW)
-            logits = apply_sampling_filters(out.logits[:, -1, :].float(), temperature=temperature, top_k=top_k, top_p=top_p)
+            logits = apply_sampling_filters(
+                out.logits[:, -1, :].float(), temperature=temperature, top_k=top_k, top_p=top_p
+            )
             probs = torch.softmax(logits, dim=-1)  # (B, V)
             tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
             live = ~done

@@ -15,14 +15,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import dpo_log2_tol
 
-from tether.distributed import Dist
 from tether.errors import UserError
 from tether.modeling import load_causal_lm
 from tether.training import (
-    TrainConfig, adapt_model, is_checkpointed, lora_targets, set_train_mode, with_epochs,
+    TrainConfig,
+    adapt_model,
+    is_checkpointed,
+    lora_targets,
+    set_train_mode,
+    with_epochs,
 )
+
+from conftest import dpo_log2_tol
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,10 +41,24 @@ PAIRS = [
 # The module-name suffixes LoRA must adapt with all-linear: every Linear/Conv1D but the LM head.
 LINEAR = {
     "gpt2": {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"},
-    "llama": {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"},
-    "qwen2": {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"},
+    "llama": {
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    },
+    "qwen2": {
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    },
 }
 N_LAYERS = 2
 
@@ -49,10 +68,26 @@ def _config(arch: str, tok):
 
     ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     if arch == "gpt2":
-        return GPT2Config(n_positions=128, n_embd=32, n_layer=N_LAYERS, n_head=2, resid_pdrop=0.1, embd_pdrop=0.1,
-                          attn_pdrop=0.1, **ids)
-    kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=N_LAYERS, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=128, attention_dropout=0.1, **ids)
+        return GPT2Config(
+            n_positions=128,
+            n_embd=32,
+            n_layer=N_LAYERS,
+            n_head=2,
+            resid_pdrop=0.1,
+            embd_pdrop=0.1,
+            attn_pdrop=0.1,
+            **ids,
+        )
+    kw = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=N_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        attention_dropout=0.1,
+        **ids,
+    )
     return LlamaConfig(**kw) if arch == "llama" else Qwen2Config(**kw)
 
 
@@ -89,8 +124,19 @@ def _metrics(out) -> list[dict]:
 def _dpo_cfg(model, dataset, out, **kw):
     from tether.trainers.dpo import DPOConfig
 
-    base = dict(model=model, dataset=dataset, output_dir=str(out), max_steps=2, batch_size=4, max_length=32,
-                eval_fraction=0.0, kl_prompts=0, progress=False, learning_rate=1e-2, report_to="none")
+    base = dict(
+        model=model,
+        dataset=dataset,
+        output_dir=str(out),
+        max_steps=2,
+        batch_size=4,
+        max_length=32,
+        eval_fraction=0.0,
+        kl_prompts=0,
+        progress=False,
+        learning_rate=1e-2,
+        report_to="none",
+    )
     return DPOConfig(**{**base, **kw})
 
 
@@ -107,8 +153,11 @@ def test_lora_targets_reads_all_linear_in_any_spelling():
 def test_lora_default_adapts_every_linear_layer_but_the_head(tiny, arch):
     model = adapt_model(load_causal_lm(tiny[arch]), TrainConfig(lora_r=4))
     adapted = {name for name, m in model.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)}
-    expected = {f"base_model.model.{'transformer.h' if arch == 'gpt2' else 'model.layers'}.{i}.{s}"
-                for i in range(N_LAYERS) for s in LINEAR[arch]}
+    expected = {
+        f"base_model.model.{'transformer.h' if arch == 'gpt2' else 'model.layers'}.{i}.{s}"
+        for i in range(N_LAYERS)
+        for s in LINEAR[arch]
+    }
     assert adapted == expected  # the head (lm_head) is not adapted, nor anything else
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
@@ -241,8 +290,18 @@ def test_grpo_epochs_count_prompts(tiny, tmp_path):
     from tether.trainers.grpo import GRPOConfig
     from tether.trainers.online import train_online
 
-    cfg = GRPOConfig(model=tiny["qwen2"], output_dir=str(tmp_path / "grpo"), epochs=1, max_steps=100, batch_size=4,
-                     samples_per_prompt=2, max_new_tokens=4, progress=False, report_to="none", sample_every=0)
+    cfg = GRPOConfig(
+        model=tiny["qwen2"],
+        output_dir=str(tmp_path / "grpo"),
+        epochs=1,
+        max_steps=100,
+        batch_size=4,
+        samples_per_prompt=2,
+        max_new_tokens=4,
+        progress=False,
+        report_to="none",
+        sample_every=0,
+    )
     prompts = [p for p, _, _ in PAIRS] + ["A bird", "The sun"]
     result = train_online(cfg, prompts=prompts, reward=lambda completions: [float(len(c)) for c in completions])
     assert [h["step"] for h in result["history"]] == [1, 2, 3]
@@ -260,12 +319,32 @@ def test_sft_and_rm_with_lora_checkpointing_and_epochs(tiny, pairs_file, tmp_pat
     texts = tmp_path / "texts.jsonl"
     texts.write_text("".join(json.dumps({"text": p + c}) + "\n" for p, c, _ in (PAIRS * 3)[:10]))  # 10 texts
     common = dict(lora_r=4, gradient_checkpointing=True, progress=False, report_to="none", learning_rate=1e-2)
-    sft = train_sft(SFTConfig(model=tiny["llama"], dataset=str(texts), eval_dataset=str(texts), output_dir=str(tmp_path / "sft"),
-                              epochs=2, batch_size=4, max_length=32, **common))
+    sft = train_sft(
+        SFTConfig(
+            model=tiny["llama"],
+            dataset=str(texts),
+            eval_dataset=str(texts),
+            output_dir=str(tmp_path / "sft"),
+            epochs=2,
+            batch_size=4,
+            max_length=32,
+            **common,
+        )
+    )
     assert [r["step"] for r in _metrics(tmp_path / "sft")] == [1, 2, 3, 4, 5] and math.isfinite(sft["eval/loss"])
     AutoModelForCausalLM.from_pretrained(tmp_path / "sft" / "final")
-    train_reward_model(RMConfig(model=tiny["gpt2"], dataset=pairs_file, eval_fraction=0.0, output_dir=str(tmp_path / "rm"),
-                                epochs=1, batch_size=8, max_length=32, **common))
+    train_reward_model(
+        RMConfig(
+            model=tiny["gpt2"],
+            dataset=pairs_file,
+            eval_fraction=0.0,
+            output_dir=str(tmp_path / "rm"),
+            epochs=1,
+            batch_size=8,
+            max_length=32,
+            **common,
+        )
+    )
     assert [r["step"] for r in _metrics(tmp_path / "rm")] == [1, 2]
     AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm" / "final")
 
@@ -279,7 +358,10 @@ def test_report_to_parsing():
     assert parse_report_to("tensorboard") == ["tensorboard"]
     assert parse_report_to(" TensorBoard , wandb,wandb") == ["tensorboard", "wandb"]
     assert parse_report_to("none") == [] and parse_report_to(["trackio"]) == ["trackio"]
-    assert parse_report_to(str(["wandb", "tensorboard"])) == ["wandb", "tensorboard"]  # TRL's YAML list, as the str field reads it
+    assert parse_report_to(str(["wandb", "tensorboard"])) == [
+        "wandb",
+        "tensorboard",
+    ]  # TRL's YAML list, as the str field reads it
     for bad in ("mlflow", "none,wandb"):
         with pytest.raises(UserError, match="report_to"):
             parse_report_to(bad)
@@ -301,8 +383,9 @@ def test_report_to_tensorboard_none_and_a_mirrored_tracker(monkeypatch, tmp_path
 
     logged, finished = [], []
     fake = types.ModuleType("wandb")
-    fake.init = lambda **kw: types.SimpleNamespace(log=lambda row, step: logged.append((step, row)),
-                                                   finish=lambda: finished.append(kw["name"]))
+    fake.init = lambda **kw: types.SimpleNamespace(
+        log=lambda row, step: logged.append((step, row)), finish=lambda: finished.append(kw["name"])
+    )
     monkeypatch.setitem(sys.modules, "wandb", fake)
     for report_to in ("tensorboard", "none", "wandb"):
         run = RunDir(tmp_path / report_to, report_to=report_to)
@@ -325,9 +408,30 @@ def test_other_ranks_print_nothing(tiny, pairs_file, tmp_path):
 
     assert quiet_other_ranks() is False
     env = {**os.environ, "RANK": "1", "WORLD_SIZE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "tether", "dpo", "--model", tiny["llama"], "--dataset", pairs_file, "--max_steps", "1",
-           "--batch_size", "4", "--max_length", "32", "--eval_fraction", "0", "--kl_prompts", "0",
-           "--output_dir", str(tmp_path / "run"), "--report_to", "none"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tether",
+        "dpo",
+        "--model",
+        tiny["llama"],
+        "--dataset",
+        pairs_file,
+        "--max_steps",
+        "1",
+        "--batch_size",
+        "4",
+        "--max_length",
+        "32",
+        "--eval_fraction",
+        "0",
+        "--kl_prompts",
+        "0",
+        "--output_dir",
+        str(tmp_path / "run"),
+        "--report_to",
+        "none",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout == "" and proc.stderr.strip() == "", proc.stderr[-3000:]
@@ -337,12 +441,41 @@ def test_other_ranks_print_nothing(tiny, pairs_file, tmp_path):
 def test_torchrun_two_processes_print_each_line_once(tiny, pairs_file, tmp_path):
     """``torchrun --nproc_per_node 2 -m tether dpo``: the final JSON summary appears once on stdout,
     and every log line on stderr once (rank 1 is silent). Slow: two processes import torch (~30 s)."""
-    flags = ["--model", tiny["gpt2"], "--dataset", pairs_file, "--max_steps", "2", "--batch_size", "4",
-             "--max_length", "32", "--eval_fraction", "0.25", "--kl_prompts", "0", "--progress", "true",
-             "--report_to", "none", "--output_dir", str(tmp_path / "two")]
+    flags = [
+        "--model",
+        tiny["gpt2"],
+        "--dataset",
+        pairs_file,
+        "--max_steps",
+        "2",
+        "--batch_size",
+        "4",
+        "--max_length",
+        "32",
+        "--eval_fraction",
+        "0.25",
+        "--kl_prompts",
+        "0",
+        "--progress",
+        "true",
+        "--report_to",
+        "none",
+        "--output_dir",
+        str(tmp_path / "two"),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "tether", "dpo",
-           *flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "tether",
+        "dpo",
+        *flags,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)  # one JSON object: a second copy would not parse

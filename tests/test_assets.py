@@ -49,12 +49,24 @@ def hf_to_llama2c_checkpoint(model) -> dict:
         out[l + "feed_forward.w3.weight"] = sd[h + "mlp.up_proj.weight"]
         out[l + "attention_norm.weight"] = sd[h + "input_layernorm.weight"]
         out[l + "ffn_norm.weight"] = sd[h + "post_attention_layernorm.weight"]
-    model_args = dict(dim=cfg.hidden_size, n_layers=cfg.num_hidden_layers, n_heads=cfg.num_attention_heads,
-                      n_kv_heads=cfg.num_key_value_heads, vocab_size=cfg.vocab_size, multiple_of=4,
-                      max_seq_len=cfg.max_position_embeddings, dropout=0.0)
+    model_args = dict(
+        dim=cfg.hidden_size,
+        n_layers=cfg.num_hidden_layers,
+        n_heads=cfg.num_attention_heads,
+        n_kv_heads=cfg.num_key_value_heads,
+        vocab_size=cfg.vocab_size,
+        multiple_of=4,
+        max_seq_len=cfg.max_position_embeddings,
+        dropout=0.0,
+    )
     state = {"_orig_mod." + k: v.clone() if k != "output.weight" else emb for k, v in out.items()}
-    return {"model": state, "model_args": model_args, "iter_num": 0, "best_val_loss": 1.0,
-            "config": {"batch_size": 128}}
+    return {
+        "model": state,
+        "model_args": model_args,
+        "iter_num": 0,
+        "best_val_loss": 1.0,
+        "config": {"batch_size": 128},
+    }
 
 
 def llama2c_forward(sd, args, ids):
@@ -204,8 +216,14 @@ def test_download_converts_to_the_real_folder(downloaded, stories_path, stories,
     from tether.modeling import load_causal_lm
 
     real = Path(stories_path)
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "generation_config.json", "LICENSE-llama2c"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "LICENSE-llama2c",
+    ):
         assert (downloaded / name).is_file(), name
     assert not list(downloaded.parent.glob(".stories260K.tmp*"))  # temporary folder cleaned up
 
@@ -248,14 +266,16 @@ def test_sentencepiece_model_converts_to_the_real_tokenizer(downloaded, stories_
     assert [tok.decode(ids, skip_special_tokens=True) for ids in got[:50]] == sample[:50]
 
 
-def test_wrong_rotary_permutation_fails_the_round_trip(monkeypatch, tmp_path, hub_files, stories_path, stories,
-                                                       text_ids):
+def test_wrong_rotary_permutation_fails_the_round_trip(
+    monkeypatch, tmp_path, hub_files, stories_path, stories, text_ids
+):
     """Control for the round trip: without the permutation the converted model is far off."""
     from tether.modeling import load_causal_lm
 
     monkeypatch.setattr(llama2c, "permute_rotary", lambda w, n_heads: w)
-    out = llama2c.convert_llama2c_checkpoint(hub_files["stories260K/stories260K.pt"],
-                                             Path(stories_path) / "tokenizer.json", tmp_path / "m")
+    out = llama2c.convert_llama2c_checkpoint(
+        hub_files["stories260K/stories260K.pt"], Path(stories_path) / "tokenizer.json", tmp_path / "m"
+    )
     with torch.no_grad():
         diff = (load_causal_lm(str(out))(text_ids).logits - stories[1](text_ids).logits).abs().max()
     assert diff > 0.1
@@ -291,8 +311,9 @@ def test_conversion_errors_name_the_problem(tmp_path, hub_files, stories_path):
         llama2c.convert_llama2c_checkpoint(bad, Path(stories_path) / "tokenizer.json", tmp_path / "m")
 
     with pytest.raises(llama2c.Llama2cError, match=r"tokenizer .*vocab\.txt"):
-        llama2c.convert_llama2c_checkpoint(hub_files["stories260K/stories260K.pt"], tmp_path / "vocab.txt",
-                                           tmp_path / "m")
+        llama2c.convert_llama2c_checkpoint(
+            hub_files["stories260K/stories260K.pt"], tmp_path / "vocab.txt", tmp_path / "m"
+        )
     assert not (tmp_path / "m" / "config.json").exists()
 
 

@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
-from conftest import f32_tol
 from tether.errors import UserError
 from tether.ops.behaviour import CORRECTION_NAMES, CORRECTIONS, correction_weights, mismatch_stats
+
+from conftest import f32_tol
 
 # two sequences, the second one token shorter; ratios r = π_old/μ = [[2.5, 1, 3], [0.25, 1, (off)]]
 OLD = torch.log(torch.tensor([[0.5, 0.2, 0.9], [0.1, 0.4, 0.3]], dtype=torch.float64))
@@ -54,7 +55,11 @@ def test_corrections_have_the_bias_they_state():
     mu = torch.tensor([0.2, 0.3, 0.3, 0.2], dtype=torch.float64)
     g = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
     r = pi / mu  # 2.5, 1, 0.5, 0.25
-    old, beh, mask = pi.log()[:, None], mu.log()[:, None], torch.ones(4, 1, dtype=torch.bool)  # 4 "sequences" of 1 token
+    old, beh, mask = (
+        pi.log()[:, None],
+        mu.log()[:, None],
+        torch.ones(4, 1, dtype=torch.bool),
+    )  # 4 "sequences" of 1 token
     for C in (2.0, 10.0):
         for name in ("token_tis", "seq_tis"):
             w = correction_weights(old, beh, mask, correction=name, cap=C).weights[:, 0]
@@ -81,7 +86,9 @@ def test_mismatch_stats_by_hand():
     assert mean["mismatch/kl_k3"] == pytest.approx(float(k3_seq.mean()), abs=1e-12)
     assert mean["mismatch/ratio_max"] == pytest.approx(3.0) and mean["mismatch/ratio_min"] == pytest.approx(0.25)
     assert mean["mismatch/ratio_p50"] == pytest.approx(1.0)
-    assert mean["mismatch/cut_token_frac"] == pytest.approx(2 / 5) and mean["mismatch/cut_seq_frac"] == pytest.approx(1 / 2)
+    assert mean["mismatch/cut_token_frac"] == pytest.approx(2 / 5) and mean["mismatch/cut_seq_frac"] == pytest.approx(
+        1 / 2
+    )
     assert mean["mismatch/weight_mean"] == pytest.approx((2 + 1 + 2 + 0.25 + 1) / 5)
 
 
@@ -99,8 +106,16 @@ def test_builtin_sampler_logs_log_mu_equal_to_the_scorer(stories):
     prompts = [tok("Once upon a time")["input_ids"], tok("The cat")["input_ids"]] * 3
     for decoder in ("hf", "lean"):
         for filters in ({"temperature": 1.0, "top_k": 0, "top_p": 1.0}, {"temperature": 0.7, "top_k": 0, "top_p": 0.9}):
-            batch, _ = sample(model, prompts, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=16,
-                              generator=torch.Generator().manual_seed(0), decoder=decoder, **filters)
+            batch, _ = sample(
+                model,
+                prompts,
+                pad_id=tok.pad_token_id,
+                eos_id=tok.eos_token_id,
+                max_new_tokens=16,
+                generator=torch.Generator().manual_seed(0),
+                decoder=decoder,
+                **filters,
+            )
             with torch.no_grad():
                 logits, _ = forward_completion(model, batch, filters=filters)
                 old = selective_logps(logits, batch.completion_ids).masked_fill(~batch.mask, 0.0)
@@ -144,8 +159,14 @@ def test_builtin_backend_mismatch_is_zero_and_corrections_change_nothing(tmp_pat
     for row in base.history:
         for k in ("mismatch/kl_k1", "mismatch/kl_k3", "mismatch/kl_k1_stderr", "mismatch/kl_k3_stderr"):
             assert abs(row[k]) <= T * tok_tol, (k, row[k])
-        for k in ("mismatch/ratio_min", "mismatch/ratio_p01", "mismatch/ratio_p50", "mismatch/ratio_p99",
-                  "mismatch/ratio_max", "mismatch/weight_mean"):
+        for k in (
+            "mismatch/ratio_min",
+            "mismatch/ratio_p01",
+            "mismatch/ratio_p50",
+            "mismatch/ratio_p99",
+            "mismatch/ratio_max",
+            "mismatch/weight_mean",
+        ):
             assert abs(row[k] - 1.0) <= tok_tol, (k, row[k])
         assert row["mismatch/cut_token_frac"] == 0.0 and row["mismatch/cut_seq_frac"] == 0.0
     corrected = _tabular_run(tmp_path / "b", cls, behaviour_correction="seq_mis", behaviour_cap=1.5, **kw)
@@ -176,14 +197,22 @@ def test_perturbed_backend_metrics_measure_the_true_mismatch():
         model = load_causal_lm(str(save_tabular_lm(problem, Path(d) / "m")))
     V = problem.space.vocab_size
     batch, _ = PerturbedBackend(model, delta=DELTA_T1).generate(
-        [[V + p] for p in range(2)] * 2000, SamplingSettings(max_new_tokens=1),
-        torch.Generator().manual_seed(0), pad_id=0, eos_id=None)
+        [[V + p] for p in range(2)] * 2000,
+        SamplingSettings(max_new_tokens=1),
+        torch.Generator().manual_seed(0),
+        pad_id=0,
+        eos_id=None,
+    )
     filters = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
     with torch.no_grad():
         logits, _ = forward_completion(model, batch, filters=filters)
     old = selective_logps(logits, batch.completion_ids).masked_fill(~batch.mask, 0.0)
-    s, c = mismatch_stats(old, batch.behaviour_logps, batch.mask,
-                          correction_weights(old, batch.behaviour_logps, batch.mask, correction="none", cap=2.0))
+    s, c = mismatch_stats(
+        old,
+        batch.behaviour_logps,
+        batch.mask,
+        correction_weights(old, batch.behaviour_logps, batch.mask, correction="none", cap=2.0),
+    )
     m = {k: s[k] / c[k] for k in s}
     z = logits[:2, 0].double()
     delta = torch.zeros(z.shape[-1], dtype=torch.float64)
@@ -209,9 +238,17 @@ def test_loss_gradient_carries_the_weights():
     counts = Counts(tokens=5.0, seqs=2.0)
     for corr in ("none", "token_tis", "seq_tis", "token_mis", "seq_mis"):
         w = correction_weights(OLD, MU, MASK, correction=corr, cap=2.0).weights.float()
-        x = LossInputs(logps=logps, old_logps=logps.detach(), ref_logps=ref, mask=MASK, advantages=adv,
-                       behaviour_logps=MU.float(), values=torch.zeros(2, 3), old_values=torch.zeros(2, 3),
-                       returns=torch.zeros(2, 3))
+        x = LossInputs(
+            logps=logps,
+            old_logps=logps.detach(),
+            ref_logps=ref,
+            mask=MASK,
+            advantages=adv,
+            behaviour_logps=MU.float(),
+            values=torch.zeros(2, 3),
+            old_values=torch.zeros(2, 3),
+            returns=torch.zeros(2, 3),
+        )
         cfg = ppo.PPOConfig(behaviour_correction=corr, loss_aggregation="token_mean", vf_coef=0.0)
         (g,) = torch.autograd.grad(ppo.loss(x, cfg=cfg, beta=0.1, counts=counts)[0], logps)
         assert torch.allclose(g, (-w * adv / 5.0) * MASK, atol=f32_tol(3.0)), corr

@@ -73,12 +73,16 @@ def test_estimate_never_exceeds_bound_and_converges():
     # Many samples of a discrete reward: the estimate approaches the exact KL.
     idx = torch.multinomial(PROBS, 20000, replacement=True, generator=g)
     est = best_of_n_kl_estimate(REWARDS[idx], n=4).item()
-    assert est == pytest.approx(best_of_n_kl_exact(REWARDS, PROBS, n=4).item(), abs=0.02)  # sampling error ~ 1/sqrt(20000)
+    assert est == pytest.approx(
+        best_of_n_kl_exact(REWARDS, PROBS, n=4).item(), abs=0.02
+    )  # sampling error ~ 1/sqrt(20000)
 
 
 def test_summarize_selects_first_maximum():
     scored = {
-        "prompts": ["a", "b"], "texts": [["x0", "x1", "x2"], ["y0", "y1", "y2"]], "name": "proxy",
+        "prompts": ["a", "b"],
+        "texts": [["x0", "x1", "x2"], ["y0", "y1", "y2"]],
+        "name": "proxy",
         "scores": torch.tensor([[1.0, 3.0, 2.0], [0.0, 0.0, 5.0]]),
         "gold": {"gold": torch.tensor([[10.0, 20.0, 30.0], [40.0, 50.0, 60.0]])},
     }
@@ -116,9 +120,27 @@ def test_bon_command(tmp_path, stories_path, assets_dir):
     from tether.cli import main
 
     (tmp_path / "prompts.txt").write_text("the movie was\nonce upon a time\n")
-    rc = main(["bon", "--model", stories_path, "--prompts", str(tmp_path / "prompts.txt"), "--n", "1,2",
-               "--reward", "vader", "--gold", "len=reward_fns:length_reward", "--max_new_tokens", "6",
-               "--output_dir", str(tmp_path / "bon"), "--progress", "false"])
+    rc = main(
+        [
+            "bon",
+            "--model",
+            stories_path,
+            "--prompts",
+            str(tmp_path / "prompts.txt"),
+            "--n",
+            "1,2",
+            "--reward",
+            "vader",
+            "--gold",
+            "len=reward_fns:length_reward",
+            "--max_new_tokens",
+            "6",
+            "--output_dir",
+            str(tmp_path / "bon"),
+            "--progress",
+            "false",
+        ]
+    )
     assert rc == 0
     res = json.loads((tmp_path / "bon" / "results.json").read_text())
     assert [r["n"] for r in res] == [1, 2] and "reward/len" in res[1]
@@ -132,8 +154,17 @@ def test_prompt_ids_and_frontier_keys(stories):
     ids = tok("the movie was great")["input_ids"][:3]
     text = tok.decode(ids, skip_special_tokens=True)
     gold = VaderSource(name="gold")
-    r = best_of_n(model, tok, [text], prompt_ids=[ids], n=3, reward="vader", gold=gold,
-                  sampling=SamplingSettings(max_new_tokens=6), seed=0)
+    r = best_of_n(
+        model,
+        tok,
+        [text],
+        prompt_ids=[ids],
+        n=3,
+        reward="vader",
+        gold=gold,
+        sampling=SamplingSettings(max_new_tokens=6),
+        seed=0,
+    )
     assert r["kl"] == r["kl_estimate"] and r["kl_stderr"] == r["kl_estimate_stderr"]
     assert r["gold_reward"] == r["gold"] == r["reward/gold"] and r["proxy_reward"] == r["score"]
     assert r["samples"][0]["prompt"] == text and set(r["samples"][0]) == {"prompt", "completion", "score", "gold"}

@@ -9,16 +9,28 @@ import pytest
 import torch
 
 from tether.commands import certify as command
-from tether.oracle import (
-    forward_kl_optimum, forward_kl_optimum_sequence, make_problem, optimal_policy, sequence_kl, tilted_sequence_probs,
-)
-from tether.oracle import certify
-from tether.oracle.certify_targets import (
-    beta_for_kl, bt_preferences, cdpo_optimum_sequence, f_optimum_sequence, group_advantage_table, grpo_fixed_point,
-    ipo_optimum_sequence, local_kl_optimum, optimum_kl,
-)
 from tether.ops.policy import group_advantages
 from tether.ops.preference import LOSS_TYPES
+from tether.oracle import (
+    certify,
+    forward_kl_optimum,
+    forward_kl_optimum_sequence,
+    make_problem,
+    optimal_policy,
+    sequence_kl,
+    tilted_sequence_probs,
+)
+from tether.oracle.certify_targets import (
+    beta_for_kl,
+    bt_preferences,
+    cdpo_optimum_sequence,
+    f_optimum_sequence,
+    group_advantage_table,
+    grpo_fixed_point,
+    ipo_optimum_sequence,
+    local_kl_optimum,
+    optimum_kl,
+)
 
 EXACT = 1e-10  # two exact float64 computations of the same quantity (actual agreement ~1e-14)
 
@@ -29,8 +41,24 @@ def certificate():
     return certify.run_certification(jobs=2)
 
 
-SHIPPED = {"ppo", "grpo", "rloo", "dpo", "cdpo", "robust_dpo", "ipo", "hinge", "simpo", "fdpo_reverse_kl",
-           "fdpo_forward_kl", "fdpo_js", "fdpo_alpha", "adaptive_kl", "constraint_kl", "scheduled_beta"}
+SHIPPED = {
+    "ppo",
+    "grpo",
+    "rloo",
+    "dpo",
+    "cdpo",
+    "robust_dpo",
+    "ipo",
+    "hinge",
+    "simpo",
+    "fdpo_reverse_kl",
+    "fdpo_forward_kl",
+    "fdpo_js",
+    "fdpo_alpha",
+    "adaptive_kl",
+    "constraint_kl",
+    "scheduled_beta",
+}
 
 
 @pytest.mark.slow
@@ -58,7 +86,9 @@ def test_every_trainer_row_is_trained_by_the_shipped_trainer(certificate):
     that trained them; only the estimator-theory rows (pg_*) use the exact tier, and best-of-n trains nothing."""
     for c in certificate:
         if c.method in SHIPPED:
-            assert c.trainer.startswith(("tether.trainers.online.train_online", "tether.trainers.dpo.train_dpo")), c.name
+            assert c.trainer.startswith(("tether.trainers.online.train_online", "tether.trainers.dpo.train_dpo")), (
+                c.name
+            )
         elif c.method.startswith("pg_kl"):
             assert c.trainer == "", c.name
     assert any("2 processes" in c.trainer for c in certificate)
@@ -70,7 +100,11 @@ def test_the_suite_covers_what_tether_ships(certificate):
     assert SHIPPED | {"pg_kl_loss_k3", "best_of_n"} <= methods
     loss_types = {c.config.get("loss_type") for c in certificate}
     assert set(LOSS_TYPES) <= loss_types  # every preference loss (simpo as "no KL anchor")
-    grid = {(c.config.get("kl_estimator"), c.config.get("kl_placement")) for c in certificate if c.method.startswith("pg_kl")}
+    grid = {
+        (c.config.get("kl_estimator"), c.config.get("kl_placement"))
+        for c in certificate
+        if c.method.startswith("pg_kl")
+    }
     for est in ("k1", "k2", "k3", "exact"):
         assert {(est, "reward"), (est, "loss"), (est, "loss_is")} <= grid, est
     grpo = {(c.config["kl_estimator"], c.config["kl_placement"]) for c in certificate if c.method == "grpo"}
@@ -91,7 +125,9 @@ def test_the_suite_covers_what_tether_ships(certificate):
     assert "β trajectory =" in by_name["scheduled_beta"].note
     # top-k / top-p (docs/theory.md §3): the fixed reference by default, the restricted form's bias shown
     for name in ("ppo_top_k", "ppo_top_p", "ppo_top_k_t1", "ppo_top_p_t1", "ppo_top_k_branches"):
-        assert by_name[name].target == "fixed_reference_optimum" and by_name[name].config["kl_reference_filter"] == "none"
+        assert (
+            by_name[name].target == "fixed_reference_optimum" and by_name[name].config["kl_reference_filter"] == "none"
+        )
     assert by_name["ppo_top_k_branches_restricted"].target == "restricted_reference_optimum"
     assert by_name["adaptive_kl_top_p"].config["top_p"] == 0.9
     # a sampler that is not the trainer (docs/theory.md §3): each corrected row has an uncorrected twin
@@ -99,7 +135,10 @@ def test_the_suite_covers_what_tether_ships(certificate):
 
     for name in CORRECTED_ROWS:
         twin = name.replace("seq_tis", "uncorrected").replace("token_tis", "uncorrected")
-        assert by_name[name].config["behaviour_correction"] != "none" and by_name[twin].config["behaviour_correction"] == "none"
+        assert (
+            by_name[name].config["behaviour_correction"] != "none"
+            and by_name[twin].config["behaviour_correction"] == "none"
+        )
     assert {by_name[name].method for name in CORRECTED_ROWS} == {"ppo", "grpo", "rloo"}
     # position-dependent β: PPO (k1, exact) and RLOO against the soft backup with β_t = β·w_t
     for name in ("ppo_beta_position_decay", "rloo_beta_position_weights", "ppo_exact_beta_position_decay"):
@@ -114,8 +153,19 @@ def test_json_table_only_and_plot(tmp_path, capsys):
     assert {r["method"] for r in rows} == {"pg_kl_loss_k3", "best_of_n"}
     assert len(rows) == 1 + 3  # the k3-in-loss row + best-of-n (n = 2, 4, 16)
     for r in rows:
-        assert {"method", "config", "target", "kl_to_target", "kl_to_optimum", "tolerance", "ok", "objective_gap",
-                "steps", "expected", "trainer"} <= set(r)
+        assert {
+            "method",
+            "config",
+            "target",
+            "kl_to_target",
+            "kl_to_optimum",
+            "tolerance",
+            "ok",
+            "objective_gap",
+            "steps",
+            "expected",
+            "trainer",
+        } <= set(r)
         assert r["ok"] is True
     assert {r["trainer"] for r in rows if r["method"] == "best_of_n"} == {"tether.ops.best_of_n.best_of_n_kl_exact"}
     table = capsys.readouterr().out
@@ -159,7 +209,9 @@ def test_best_of_n_enumeration_is_independent_and_exact():
     tie = certify.best_of_n_enumerated(torch.tensor([1.0, 1.0, 0.0]), torch.tensor([0.25, 0.25, 0.5]), 3)
     assert float(tie[0]) == pytest.approx(float(tie[1])) and float(tie[2]) == pytest.approx(0.125)
     f64 = dict(dtype=torch.float64)
-    draw_by_draw = certify.best_of_n_enumerated(torch.tensor([0.3, -1.0, 2.0], **f64), torch.tensor([0.2, 0.5, 0.3], **f64), 5)
+    draw_by_draw = certify.best_of_n_enumerated(
+        torch.tensor([0.3, -1.0, 2.0], **f64), torch.tensor([0.2, 0.5, 0.3], **f64), 5
+    )
     torch.testing.assert_close(draw_by_draw.sum(), torch.tensor(1.0, dtype=torch.float64))
     assert float(draw_by_draw[2]) == pytest.approx(1 - 0.7**5, abs=1e-12)  # the best outcome, drawn at least once
 
@@ -172,7 +224,10 @@ def test_local_kl_optimum_is_pistar_for_single_tokens_and_not_for_sequences():
     one-word prefix s the local solution is the tilt of π_ref(·|s) by r/β (as π*), but at the root it
     tilts by the *expected reward* E_π[r | a] instead of π*'s soft value β log E_ref[e^{r/β} | a]."""
     one = make_problem(4, 1, n_prompts=2, seed=3)
-    assert sequence_kl(local_kl_optimum(one.ref, one.rewards, 0.7), optimal_policy(one.ref, one.rewards, 0.7)).max() < EXACT
+    assert (
+        sequence_kl(local_kl_optimum(one.ref, one.rewards, 0.7), optimal_policy(one.ref, one.rewards, 0.7)).max()
+        < EXACT
+    )
     pb = make_problem(3, 2, n_prompts=1, seed=1)
     beta, sp = 0.6, pb.space
     local = local_kl_optimum(pb.ref, pb.rewards, beta)
@@ -219,13 +274,20 @@ def test_preference_targets():
     pb = make_problem(3, 2, n_prompts=2, seed=5)
     ref, r, beta = pb.ref, pb.rewards, 0.8
     tilt = tilted_sequence_probs(ref, r, beta)
-    assert torch.allclose(f_optimum_sequence(ref, r, beta, divergence="forward_kl"), forward_kl_optimum_sequence(ref, r, beta), atol=EXACT)
+    assert torch.allclose(
+        f_optimum_sequence(ref, r, beta, divergence="forward_kl"), forward_kl_optimum_sequence(ref, r, beta), atol=EXACT
+    )
     assert torch.allclose(f_optimum_sequence(ref, r, beta, divergence="reverse_kl"), tilt, atol=EXACT)
     assert (f_optimum_sequence(ref, r, beta, divergence="alpha", alpha=1e-4) - tilt).abs().max() < 1e-3
-    assert torch.allclose(f_optimum_sequence(ref, r, beta, divergence="alpha", alpha=1.0),
-                          forward_kl_optimum_sequence(ref, r, beta), atol=1e-8)  # α = 1 is the forward KL
+    assert torch.allclose(
+        f_optimum_sequence(ref, r, beta, divergence="alpha", alpha=1.0),
+        forward_kl_optimum_sequence(ref, r, beta),
+        atol=1e-8,
+    )  # α = 1 is the forward KL
     for div in ("js", "alpha"):
-        assert torch.allclose(f_optimum_sequence(ref, r, beta, divergence=div).sum(-1), torch.ones(2, dtype=torch.float64))
+        assert torch.allclose(
+            f_optimum_sequence(ref, r, beta, divergence=div).sum(-1), torch.ones(2, dtype=torch.float64)
+        )
     assert torch.allclose(cdpo_optimum_sequence(ref, r, beta, label_smoothing=0.0), tilt, atol=1e-9)
     assert (cdpo_optimum_sequence(ref, r, beta, label_smoothing=0.2) - tilt).abs().max() > 1e-3
     mu = ref.sequence_probs().detach()
@@ -264,7 +326,10 @@ def test_fixed_reference_optimum_is_the_soft_backup_of_the_unnormalised_restrict
     J = E_π[r] - β KL[π‖π^τ_ref] equals V(root) = β log Z_F, and the restricted optimum does worse. The
     restricted-reference optimum differs for T > 1 and coincides at T = 1 (the cost -log m is a constant)."""
     from tether.oracle.certify_targets import (
-        filter_sets, fixed_reference_kl, fixed_reference_optimum, restricted_reference_optimum,
+        filter_sets,
+        fixed_reference_kl,
+        fixed_reference_optimum,
+        restricted_reference_optimum,
     )
     from tether.oracle.tabular import TabularPolicy
 
@@ -278,8 +343,9 @@ def test_fixed_reference_optimum_is_the_soft_backup_of_the_unnormalised_restrict
         V = torch.zeros(sp.n_prompts, sp.n_prefixes, dtype=torch.float64)
         table = torch.zeros(sp.n_prompts, sp.n_prefixes, sp.vocab_size, dtype=torch.float64)
         for s in reversed(range(sp.n_prefixes)):  # prefixes are ordered by length: children first
-            q = torch.where(sp.child_seq[s] >= 0, pr.rewards[:, sp.child_seq[s].clamp(min=0)],
-                            V[:, sp.child_prefix[s].clamp(min=0)])  # (P, V)
+            q = torch.where(
+                sp.child_seq[s] >= 0, pr.rewards[:, sp.child_seq[s].clamp(min=0)], V[:, sp.child_prefix[s].clamp(min=0)]
+            )  # (P, V)
             V[:, s] = beta * torch.logsumexp(logq[:, s] + q / beta, -1)
             table[:, s] = logq[:, s] + (q - V[:, s, None]) / beta
         backup = TabularPolicy(sp, table, trainable=False)
@@ -287,7 +353,9 @@ def test_fixed_reference_optimum_is_the_soft_backup_of_the_unnormalised_restrict
         J = (got.sequence_probs() * pr.rewards).sum(-1) - beta * fixed_reference_kl(got, pr.ref, temperature=tau)
         torch.testing.assert_close(J, V[:, 0], rtol=0, atol=EXACT)  # V already carries β
         other = restricted_reference_optimum(pr.ref, pr.rewards, beta, sets, temperature=tau)
-        J_other = (other.sequence_probs() * pr.rewards).sum(-1) - beta * fixed_reference_kl(other, pr.ref, temperature=tau)
+        J_other = (other.sequence_probs() * pr.rewards).sum(-1) - beta * fixed_reference_kl(
+            other, pr.ref, temperature=tau
+        )
         gap = float(sequence_kl(other, got).mean())
         if T == 1:
             assert gap < EXACT, top
@@ -336,7 +404,11 @@ def test_position_beta_optimum_is_the_optimum_of_the_weighted_objective():
         (grad,) = torch.autograd.grad(J.sum(), pol.table)
         assert float(grad.abs().max()) < EXACT, w
         for _ in range(5):
-            other = TabularPolicy(problem.space, target.table.detach() + 0.1 * torch.randn(target.table.shape, generator=g,
-                                                                                           dtype=target.table.dtype))
+            other = TabularPolicy(
+                problem.space,
+                target.table.detach() + 0.1 * torch.randn(target.table.shape, generator=g, dtype=target.table.dtype),
+            )
             assert bool((position_objective(other, problem.ref, problem.rewards, beta, w) < J.detach()).all())
-        assert float(sequence_kl(target, optimal_policy(problem.ref, problem.rewards, beta)).mean()) > certify.SEPARATION
+        assert (
+            float(sequence_kl(target, optimal_policy(problem.ref, problem.rewards, beta)).mean()) > certify.SEPARATION
+        )

@@ -27,8 +27,10 @@ def _rows(names):
 
 def _scaled_beta(fn, factor):
     """``fn`` (token_rewards or kl_loss_term's caller) with β multiplied by ``factor``."""
+
     def patched(*args, beta, **kwargs):
         return fn(*args, beta=beta * factor, **kwargs)
+
     return patched
 
 
@@ -78,7 +80,9 @@ def test_moving_reference_rows_fail_when_the_reference_stays_fixed(monkeypatch):
     monkeypatch.setattr(reference_mod.SyncedReference, "on_step", lambda self, policy, step: False)
     monkeypatch.setattr(reference_mod.LaggedReference, "on_step", lambda self, policy, step: False)
     got = _rows(["ppo_ref_reset", "ppo_ref_lag"])
-    assert not got["ppo_ref_reset"].ok and not got["ppo_ref_lag"].ok, {k: (c.kl_to_target, c.note) for k, c in got.items()}
+    assert not got["ppo_ref_reset"].ok and not got["ppo_ref_lag"].ok, {
+        k: (c.kl_to_target, c.note) for k, c in got.items()
+    }
 
 
 def test_filter_rows_fail_when_the_kl_is_to_the_restricted_reference(monkeypatch):
@@ -126,8 +130,12 @@ def test_mismatch_rows_fail_when_the_behaviour_correction_is_off(monkeypatch):
 
     for mod in (ppo_mod, grpo_mod, rloo_mod):
         monkeypatch.setattr(mod, "loss_weights", uncorrected)
-    names = ["grpo_mismatch_seq_tis", "ppo_exact_mismatch_seq_tis", "rloo_exact_mismatch_seq_tis",
-             "ppo_exact_mismatch_token_tis_t1"]
+    names = [
+        "grpo_mismatch_seq_tis",
+        "ppo_exact_mismatch_seq_tis",
+        "rloo_exact_mismatch_seq_tis",
+        "ppo_exact_mismatch_token_tis_t1",
+    ]
     got = _rows(names)
     for name in names:
         assert not got[name].ok and got[name].kl_to_target > certify.SAMPLED_TOL, (name, got[name].kl_to_target)

@@ -15,16 +15,19 @@ import math
 import pytest
 import torch
 
-import reward_fns
 from tether.data.chat import assistant_spans, render_prompt
 from tether.data.prompts import Prompt, load_prompts
-from tether.data.text import column_map, load_text_examples, rename_columns, row_to_example, tokenize_example
+from tether.data.text import column_map, rename_columns, row_to_example, tokenize_example
 from tether.errors import UserError
 from tether.measure import encode_prompts
 from tether.rewards import CHAT_PROMPTS, CallableSource, RewardSet, reward_columns
 
-TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}"
-            "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+import reward_fns
+
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
 
 DIALOGUE = [
     {"role": "user", "content": "Tell me a story."},
@@ -59,8 +62,9 @@ def test_messages_targets_are_exactly_the_assistant_tokens(tok):
     after it (the model must learn to end its turn), and nothing of the user turns or the
     'assistant: ' generation prompts: listed here from the tokenizer's pieces."""
     ex = row_to_example({"messages": DIALOGUE}, where="row 0", tokenizer=tok, chat_template=TEMPLATE)
-    assert ex.completion == ("<s>user: Tell me a story.</s>assistant: Once upon a time.</s>"
-                             "user: More?</s>assistant: The end.</s>")
+    assert ex.completion == (
+        "<s>user: Tell me a story.</s>assistant: Once upon a time.</s>user: More?</s>assistant: The end.</s>"
+    )
     assert [ex.completion[a:b] for a, b in ex.spans] == ["Once upon a time.</s>", "The end.</s>"]
     t = tokenize_example(tok, ex)
     pieces = tok.convert_ids_to_tokens(t.ids)
@@ -116,13 +120,18 @@ def test_generation_blocks_mark_the_assistant_tokens(tok):
     method refuses it, and with {% generation %} blocks the targets are exactly the tokens of
     transformers' own assistant mask."""
     turn = "{{ m['content'] | upper if not loop.last else m['content'] }}"
-    plain = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}{{ 'assistant: ' }}" + turn +
-             "{{ eos_token }}{% else %}{{ m['role'] + ': ' + m['content'] + eos_token }}{% endif %}{% endfor %}"
-             "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    plain = (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}{{ 'assistant: ' }}"
+        + turn
+        + "{{ eos_token }}{% else %}{{ m['role'] + ': ' + m['content'] + eos_token }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
     with pytest.raises(UserError, match="not a prefix.*generation"):
         row_to_example({"messages": DIALOGUE}, where="r", tokenizer=tok, chat_template=plain)
-    marked = plain.replace("{{ 'assistant: ' }}" + turn + "{{ eos_token }}",
-                           "{{ 'assistant: ' }}{% generation %}" + turn + "{{ eos_token }}{% endgeneration %}")
+    marked = plain.replace(
+        "{{ 'assistant: ' }}" + turn + "{{ eos_token }}",
+        "{{ 'assistant: ' }}{% generation %}" + turn + "{{ eos_token }}{% endgeneration %}",
+    )
     ex = row_to_example({"messages": DIALOGUE}, where="r", tokenizer=tok, chat_template=marked)
     # a span starts at its first token's offset, which for '▁ONCE' includes the space before it
     assert [ex.completion[a:b].lstrip() for a, b in ex.spans] == ["ONCE UPON A TIME.</s>", "The end.</s>"]
@@ -154,8 +163,10 @@ def test_column_map_reads_yaml_cli_and_field_flags():
 
 def test_prompts_keep_their_columns_and_render_conversations(tok, tmp_path):
     path = tmp_path / "p.jsonl"
-    path.write_text('{"question": "Say cat.", "ground_truth": "cat"}\n'
-                    '{"question": [{"role": "user", "content": "Say dog."}], "ground_truth": "dog", "id": 7}\n')
+    path.write_text(
+        '{"question": "Say cat.", "ground_truth": "cat"}\n'
+        '{"question": [{"role": "user", "content": "Say dog."}], "ground_truth": "dog", "id": 7}\n'
+    )
     rows = load_prompts(str(path), tokenizer=tok, chat_template=TEMPLATE, prompt_field="question")
     assert rows[0] == Prompt("Say cat.", "Say cat.", {"ground_truth": "cat"})
     assert rows[1].text == "<s>user: Say dog.</s>assistant: " and rows[1].conversational
@@ -163,8 +174,12 @@ def test_prompts_keep_their_columns_and_render_conversations(tok, tmp_path):
     ids = encode_prompts(tok, [rows[1].text])[0]  # the template's BOS, not a second one from the tokenizer
     assert ids == tok(rows[1].text, add_special_tokens=False)["input_ids"] and ids.count(tok.bos_token_id) == 1
     cols = reward_columns(rows, completion_ids=[[5, 6], [7]])
-    assert cols == {"ground_truth": ["cat", "dog"], "id": [None, 7], CHAT_PROMPTS: ["Say cat.", rows[1].prompt],
-                    "completion_ids": [[5, 6], [7]]}
+    assert cols == {
+        "ground_truth": ["cat", "dog"],
+        "id": [None, 7],
+        CHAT_PROMPTS: ["Say cat.", rows[1].prompt],
+        "completion_ids": [[5, 6], [7]],
+    }
     with pytest.raises(UserError, match="no 'prompt' field.*--prompt_field"):
         load_prompts(str(path), tokenizer=tok, chat_template=TEMPLATE)
 
@@ -173,18 +188,32 @@ def test_reward_functions_get_what_their_signature_names():
     """TRL's convention: fn(prompts, completions, **columns); older fn(completions) and
     fn(completions, prompts) keep working; conversational rows pass messages both ways."""
     prompts, comps = ["a", "b"], ["x", "yy"]
-    cols = {"ground_truth": ["x", "z"], CHAT_PROMPTS: [[{"role": "user", "content": "a"}], "b"], "completion_ids": [[1], [2, 3]]}
+    cols = {
+        "ground_truth": ["x", "z"],
+        CHAT_PROMPTS: [[{"role": "user", "content": "a"}], "b"],
+        "completion_ids": [[1], [2, 3]],
+    }
     seen = {}
 
     def trl(prompts, completions, ground_truth, **kwargs):
         seen.update(prompts=prompts, completions=completions, gt=ground_truth, kw=sorted(kwargs))
-        return [float(c == g) if isinstance(c, str) else float(c[0]["content"] == g) for c, g in zip(completions, ground_truth)]
+        return [
+            float(c == g) if isinstance(c, str) else float(c[0]["content"] == g)
+            for c, g in zip(completions, ground_truth)
+        ]
 
     assert CallableSource(trl)(prompts, comps, **cols).tolist() == [1.0, 0.0]
-    assert seen == {"prompts": [[{"role": "user", "content": "a"}], "b"],
-                    "completions": [[{"role": "assistant", "content": "x"}], "yy"], "gt": ["x", "z"], "kw": ["completion_ids"]}
+    assert seen == {
+        "prompts": [[{"role": "user", "content": "a"}], "b"],
+        "completions": [[{"role": "assistant", "content": "x"}], "yy"],
+        "gt": ["x", "z"],
+        "kw": ["completion_ids"],
+    }
     assert CallableSource(lambda cs: [len(c) for c in cs])(prompts, comps, **cols).tolist() == [1.0, 2.0]
-    assert CallableSource(lambda completions, prompts: [len(p) for p in prompts])(["a", "bb"], comps).tolist() == [1.0, 2.0]
+    assert CallableSource(lambda completions, prompts: [len(p) for p in prompts])(["a", "bb"], comps).tolist() == [
+        1.0,
+        2.0,
+    ]
     with pytest.raises(UserError, match=r"needs \['answer'\].*columns: \['ground_truth'\]"):
         CallableSource(lambda completions, answer: [0.0] * 2)(prompts, comps, **cols)
     # a RewardSet passes the columns on (and the logged source too)
@@ -203,9 +232,21 @@ def test_grpo_on_conversational_prompts_with_a_ground_truth_reward(stories_path,
     words = ["cat", "dog", "sun", "tree", "ball", "bird", "fish", "cake"]
     row = lambda w: {"prompt": [{"role": "user", "content": f"Say {w}."}], "ground_truth": w}  # noqa: E731
     data = _save(tmp_path, "prompts", {"train": [row(w) for w in words], "test": [row("moon"), row("star")]})
-    cfg = GRPOConfig(model=stories_path, output_dir=str(tmp_path / "grpo"), prompts=data, chat_template=TEMPLATE,
-                     reward="reward_fns:ground_truth_match", batch_size=8, samples_per_prompt=4, max_steps=2,
-                     max_new_tokens=6, eval_samples=1, progress=False, sample_every=0, seed=0)
+    cfg = GRPOConfig(
+        model=stories_path,
+        output_dir=str(tmp_path / "grpo"),
+        prompts=data,
+        chat_template=TEMPLATE,
+        reward="reward_fns:ground_truth_match",
+        batch_size=8,
+        samples_per_prompt=4,
+        max_steps=2,
+        max_new_tokens=6,
+        eval_samples=1,
+        progress=False,
+        sample_every=0,
+        seed=0,
+    )
     reward_fns.CALLS.clear()
     out = train_grpo(cfg)
     train_calls, eval_calls = reward_fns.CALLS[:2], reward_fns.CALLS[2:]
@@ -214,8 +255,9 @@ def test_grpo_on_conversational_prompts_with_a_ground_truth_reward(stories_path,
         assert all(c["ground_truth"][i] == c["ground_truth"][i - i % 4] for i in range(8))  # a group shares its row
         assert all(isinstance(p, list) and p[0]["role"] == "user" for p in c["prompts"])
         assert all(len(m) == 1 and m[0]["role"] == "assistant" for m in c["completions"])
-        assert [len(ids) for ids in c["completion_ids"]] == [len(x) for x in c["completion_ids"]] and \
-            all(1 <= len(ids) <= 6 for ids in c["completion_ids"])
+        assert [len(ids) for ids in c["completion_ids"]] == [len(x) for x in c["completion_ids"]] and all(
+            1 <= len(ids) <= 6 for ids in c["completion_ids"]
+        )
     assert {g for c in eval_calls for g in c["ground_truth"]} == {"moon", "star"}  # the test split
     assert math.isfinite(out["metrics"]["reward/score"]) and "eval/reward/ground_truth_match" in out["metrics"]
 
@@ -230,8 +272,16 @@ def test_sft_on_messages_uses_the_test_split_for_eval(stories_path, tmp_path, to
     conv = lambda a: {"messages": [{"role": "user", "content": "Go on."}, {"role": "assistant", "content": a}]}  # noqa: E731
     train = [conv(s) for s in ["Tom ran.", "Lily sang.", "The dog sat.", "A cat slept.", "Ben ate.", "Mia hid."]]
     data = _save(tmp_path, "chat", {"train": train, "test": [conv("The sun set."), conv("It was fun.")]})
-    cfg = SFTConfig(model=stories_path, output_dir=str(tmp_path / "sft"), dataset=data, chat_template=TEMPLATE,
-                    batch_size=2, max_steps=2, eval_examples=4, progress=False)
+    cfg = SFTConfig(
+        model=stories_path,
+        output_dir=str(tmp_path / "sft"),
+        dataset=data,
+        chat_template=TEMPLATE,
+        batch_size=2,
+        max_steps=2,
+        eval_examples=4,
+        progress=False,
+    )
     items, evals = load_sft_data(cfg, tok)
     assert (len(items), len(evals)) == (6, 2)  # nothing held out of train: the test split is the eval set
     trained = [tok.decode([i for i, m in zip(e.ids, e.targets) if m]) for e in evals]
@@ -249,13 +299,24 @@ def test_dpo_from_a_datasets_folder_with_mapped_columns(stories_path, tmp_path, 
     def se(q, j, k):
         return {"question": q, "response_j": j, "response_k": k, "qid": 1}
 
-    train = [se("The dog", " ran to the park.", " sat and cried."), se("Lily was", " very happy.", " very sad."),
-             se("The sun", " was warm and bright.", " was gone."), se("Tom had", " a nice toy.", " a bad day.")]
+    train = [
+        se("The dog", " ran to the park.", " sat and cried."),
+        se("Lily was", " very happy.", " very sad."),
+        se("The sun", " was warm and bright.", " was gone."),
+        se("Tom had", " a nice toy.", " a bad day."),
+    ]
     data = _save(tmp_path, "se", {"train": train, "test": [se("A cat", " played.", " hissed.")]})
     base = dict(model=stories_path, dataset=data, batch_size=2, max_steps=2, progress=False, kl_prompts=0)
-    by_flags = DPOConfig(output_dir=str(tmp_path / "a"), prompt_field="question", chosen_field="response_j",
-                         rejected_field="response_k", **base)
-    by_map = DPOConfig(output_dir=str(tmp_path / "b"), columns="question=prompt,response_j=chosen,response_k=rejected", **base)
+    by_flags = DPOConfig(
+        output_dir=str(tmp_path / "a"),
+        prompt_field="question",
+        chosen_field="response_j",
+        rejected_field="response_k",
+        **base,
+    )
+    by_map = DPOConfig(
+        output_dir=str(tmp_path / "b"), columns="question=prompt,response_j=chosen,response_k=rejected", **base
+    )
     pairs_a, held_a, info = load_pairs(by_flags, tok)
     pairs_b, held_b, _ = load_pairs(by_map, tok)
     assert pairs_a == pairs_b and held_a == held_b
@@ -282,16 +343,58 @@ def test_commands_take_chat_prompts_from_a_datasets_folder(stories_path, tmp_pat
 
     tpl = tmp_path / "chat.jinja"
     tpl.write_text(TEMPLATE)
-    rows = [{"question": [{"role": "user", "content": f"Say {w}."}], "ground_truth": w} for w in ["cat", "dog", "sun", "owl"]]
+    rows = [
+        {"question": [{"role": "user", "content": f"Say {w}."}], "ground_truth": w}
+        for w in ["cat", "dog", "sun", "owl"]
+    ]
     data = _save(tmp_path, "q", {"train": rows})
     common = ["--prompts", data, "--prompt_field", "question", "--chat_template", str(tpl), "--max_new_tokens", "4"]
     reward_fns.CALLS.clear()
-    assert main(["grpo", "--model", stories_path, *common, "--reward", "reward_fns:ground_truth_match",
-                 "--batch_size", "4", "--samples_per_prompt", "2", "--max_steps", "1", "--eval_samples", "1",
-                 "--progress", "false", "--output_dir", str(tmp_path / "grpo")]) == 0
+    assert (
+        main(
+            [
+                "grpo",
+                "--model",
+                stories_path,
+                *common,
+                "--reward",
+                "reward_fns:ground_truth_match",
+                "--batch_size",
+                "4",
+                "--samples_per_prompt",
+                "2",
+                "--max_steps",
+                "1",
+                "--eval_samples",
+                "1",
+                "--progress",
+                "false",
+                "--output_dir",
+                str(tmp_path / "grpo"),
+            ]
+        )
+        == 0
+    )
     assert reward_fns.CALLS and all(len(c["ground_truth"]) == len(c["prompts"]) for c in reward_fns.CALLS)
-    assert main(["bon", "--model", stories_path, *common, "--n", "1,2", "--reward", "reward_fns:ground_truth_match",
-                 "--output_dir", str(tmp_path / "bon"), "--progress", "false"]) == 0
+    assert (
+        main(
+            [
+                "bon",
+                "--model",
+                stories_path,
+                *common,
+                "--n",
+                "1,2",
+                "--reward",
+                "reward_fns:ground_truth_match",
+                "--output_dir",
+                str(tmp_path / "bon"),
+                "--progress",
+                "false",
+            ]
+        )
+        == 0
+    )
     first = json.loads((tmp_path / "bon" / "samples.jsonl").read_text().splitlines()[0])
     assert first["prompt"] == "<s>user: Say cat.</s>assistant: "
     assert main(["kl", "--policy", stories_path, "--reference", stories_path, *common, "--samples", "2"]) == 0
@@ -302,8 +405,11 @@ def test_reward_model_data_maps_columns_and_uses_the_test_split(stories_path, tm
 
     rows = [{"question": f"Q{i}", "response_j": f" good {i}", "response_k": f" bad {i}"} for i in range(5)]
     data = _save(tmp_path, "se", {"train": rows, "validation": rows[:2]})
-    cfg = RMConfig(model=stories_path, dataset=data, columns={"question": "prompt", "response_j": "chosen",
-                                                               "response_k": "rejected"})
+    cfg = RMConfig(
+        model=stories_path,
+        dataset=data,
+        columns={"question": "prompt", "response_j": "chosen", "response_k": "rejected"},
+    )
     train, evals = load_rm_data(cfg, tok)
     assert (len(train), len(evals)) == (5, 2)
     assert tok.decode(evals[1]["prompt_ids"], skip_special_tokens=True) == "Q1"
@@ -325,8 +431,15 @@ def tiny_model(request, tmp_path_factory, stories_path):
     if request.param == "gpt2":
         cfg = GPT2Config(n_positions=128, n_embd=32, n_layer=2, n_head=2, **ids)
     else:
-        cfg = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, max_position_embeddings=128, **ids)
+        cfg = Qwen2Config(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            **ids,
+        )
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp(request.param)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
@@ -339,24 +452,65 @@ def test_chat_sft_grpo_and_mapped_dpo_on_other_architectures(tiny_model, tmp_pat
     from tether.trainers.grpo import GRPOConfig, train_grpo
     from tether.trainers.sft import SFTConfig, train_sft
 
-    conv = [{"messages": [{"role": "user", "content": "Go on."}, {"role": "assistant", "content": a}]}
-            for a in ["Tom ran.", "Lily sang.", "The dog sat.", "Ben ate."]]
-    sft = train_sft(SFTConfig(model=tiny_model, output_dir=str(tmp_path / "sft"), chat_template=TEMPLATE,
-                              dataset=_save(tmp_path, "chat", {"train": conv, "test": conv[:1]}), batch_size=2,
-                              max_steps=2, max_length=64, progress=False))  # within the tiny model's 128 positions
+    conv = [
+        {"messages": [{"role": "user", "content": "Go on."}, {"role": "assistant", "content": a}]}
+        for a in ["Tom ran.", "Lily sang.", "The dog sat.", "Ben ate."]
+    ]
+    sft = train_sft(
+        SFTConfig(
+            model=tiny_model,
+            output_dir=str(tmp_path / "sft"),
+            chat_template=TEMPLATE,
+            dataset=_save(tmp_path, "chat", {"train": conv, "test": conv[:1]}),
+            batch_size=2,
+            max_steps=2,
+            max_length=64,
+            progress=False,
+        )
+    )  # within the tiny model's 128 positions
     assert math.isfinite(sft["eval/loss"])
 
     words = ["cat", "dog", "sun", "owl"]
     prompts = [{"prompt": [{"role": "user", "content": f"Say {w}."}], "ground_truth": w} for w in words]
     reward_fns.CALLS.clear()
-    train_grpo(GRPOConfig(model=tiny_model, output_dir=str(tmp_path / "grpo"), prompts=_save(tmp_path, "p", {"train": prompts}),
-                          chat_template=TEMPLATE, reward="reward_fns:ground_truth_match", batch_size=4, samples_per_prompt=2,
-                          max_steps=1, max_new_tokens=4, eval_samples=1, progress=False, sample_every=0))
+    train_grpo(
+        GRPOConfig(
+            model=tiny_model,
+            output_dir=str(tmp_path / "grpo"),
+            prompts=_save(tmp_path, "p", {"train": prompts}),
+            chat_template=TEMPLATE,
+            reward="reward_fns:ground_truth_match",
+            batch_size=4,
+            samples_per_prompt=2,
+            max_steps=1,
+            max_new_tokens=4,
+            eval_samples=1,
+            progress=False,
+            sample_every=0,
+        )
+    )
     assert reward_fns.CALLS[0]["ground_truth"][0] == reward_fns.CALLS[0]["ground_truth"][1]  # one group, one row
 
-    pairs = [{"question": q, "response_j": j, "response_k": k} for q, j, k in
-             [("The dog", " ran.", " sat."), ("Lily was", " happy.", " sad."), ("Tom had", " a toy.", " a cold.")]]
-    out = train_dpo(DPOConfig(model=tiny_model, output_dir=str(tmp_path / "dpo"), dataset=_save(tmp_path, "se", {"train": pairs}),
-                              columns={"question": "prompt", "response_j": "chosen", "response_k": "rejected"},
-                              eval_fraction=0.0, batch_size=2, max_steps=1, kl_prompts=0, max_length=64, progress=False))
+    pairs = [
+        {"question": q, "response_j": j, "response_k": k}
+        for q, j, k in [
+            ("The dog", " ran.", " sat."),
+            ("Lily was", " happy.", " sad."),
+            ("Tom had", " a toy.", " a cold."),
+        ]
+    ]
+    out = train_dpo(
+        DPOConfig(
+            model=tiny_model,
+            output_dir=str(tmp_path / "dpo"),
+            dataset=_save(tmp_path, "se", {"train": pairs}),
+            columns={"question": "prompt", "response_j": "chosen", "response_k": "rejected"},
+            eval_fraction=0.0,
+            batch_size=2,
+            max_steps=1,
+            kl_prompts=0,
+            max_length=64,
+            progress=False,
+        )
+    )
     assert out["loss"] == pytest.approx(math.log(2), abs=1e-5)  # step 1: policy = reference (float32 rounding)

@@ -23,18 +23,46 @@ ROOT = Path(__file__).resolve().parents[1]
 CASES = [
     # tether kl
     ("kl-samples-0", "kl --policy stories260K --reference stories260K --prompts {d}/p.txt --samples 0", "samples"),
-    ("kl-null-prompt", "kl --policy stories260K --reference stories260K --prompts {d}/null.jsonl", "null.jsonl row 1: field 'prompt'"),
+    (
+        "kl-null-prompt",
+        "kl --policy stories260K --reference stories260K --prompts {d}/null.jsonl",
+        "null.jsonl row 1: field 'prompt'",
+    ),
     ("kl-non-utf8", "kl --policy stories260K --reference stories260K --prompts {d}/latin1.txt", "latin1.txt: line 2"),
-    ("kl-prompts-is-folder", "kl --policy stories260K --reference stories260K --prompts {d}/folder", "folder is neither"),  # a datasets folder is a prompt source
+    (
+        "kl-prompts-is-folder",
+        "kl --policy stories260K --reference stories260K --prompts {d}/folder",
+        "folder is neither",
+    ),  # a datasets folder is a prompt source
     ("kl-empty-prompts", "kl --policy stories260K --reference stories260K --prompts {d}/empty.txt", "empty.txt"),
     ("kl-missing-prompts", "kl --policy stories260K --reference stories260K --prompts {d}/nope.txt", "nope.txt"),
-    ("kl-bad-json-line", "kl --policy stories260K --reference stories260K --prompts {d}/broken.jsonl", "broken.jsonl:2"),
-    ("kl-jsonl-no-prompt", "kl --policy stories260K --reference stories260K --prompts {d}/noprompt.jsonl", "'prompt' field"),
+    (
+        "kl-bad-json-line",
+        "kl --policy stories260K --reference stories260K --prompts {d}/broken.jsonl",
+        "broken.jsonl:2",
+    ),
+    (
+        "kl-jsonl-no-prompt",
+        "kl --policy stories260K --reference stories260K --prompts {d}/noprompt.jsonl",
+        "'prompt' field",
+    ),
     ("kl-policy-missing-path", "kl --policy {d}/no_model --reference stories260K --prompts {d}/p.txt", "--policy"),
-    ("kl-policy-hub-offline", "kl --policy someone/not-a-model --reference stories260K --prompts {d}/p.txt", "neither a local model folder"),
+    (
+        "kl-policy-hub-offline",
+        "kl --policy someone/not-a-model --reference stories260K --prompts {d}/p.txt",
+        "neither a local model folder",
+    ),
     ("kl-reference-not-model", "kl --policy stories260K --reference {d}/folder --prompts {d}/p.txt", "--reference"),
-    ("kl-context-too-long", "kl --policy stories260K --reference stories260K --prompts {d}/p.txt --max_new_tokens 600", "max_new_tokens"),
-    ("kl-temperature-0", "kl --policy stories260K --reference stories260K --prompts {d}/p.txt --temperature 0", "temperature"),
+    (
+        "kl-context-too-long",
+        "kl --policy stories260K --reference stories260K --prompts {d}/p.txt --max_new_tokens 600",
+        "max_new_tokens",
+    ),
+    (
+        "kl-temperature-0",
+        "kl --policy stories260K --reference stories260K --prompts {d}/p.txt --temperature 0",
+        "temperature",
+    ),
     ("kl-top-p", "kl --policy stories260K --reference stories260K --prompts {d}/p.txt --top_p 1.5", "top_p"),
     ("kl-missing-policy", "kl --reference stories260K --prompts {d}/p.txt", "--policy"),
     # tether ppo / grpo / rloo
@@ -47,7 +75,11 @@ CASES = [
     ("ppo-kl-estimator", "ppo --prompts {d}/p.txt --kl_estimator k9", "kl_estimator"),
     ("ppo-kl-reference-filter", "ppo --prompts {d}/p.txt --kl_reference_filter matched", "kl_reference_filter"),
     ("ppo-behaviour-correction", "ppo --prompts {d}/p.txt --behaviour_correction tis", "behaviour_correction"),
-    ("grpo-behaviour-cap", "grpo --prompts {d}/p.txt --behaviour_correction seq_mis --behaviour_cap 1", "behaviour_cap"),
+    (
+        "grpo-behaviour-cap",
+        "grpo --prompts {d}/p.txt --behaviour_correction seq_mis --behaviour_cap 1",
+        "behaviour_cap",
+    ),
     ("grpo-vllm-head-dim-8", "grpo --prompts {d}/p.txt --backend vllm", "backend=vllm"),
     ("grpo-decoder-unknown", "grpo --prompts {d}/p.txt --decoder fast", "--decoder"),
     ("grpo-decoder-with-vllm", "grpo --prompts {d}/p.txt --backend vllm --decoder hf", "backend builtin"),
@@ -59,9 +91,17 @@ CASES = [
     ("ppo-lora-reference", "ppo --prompts {d}/p.txt --reference lora", "lora_r"),
     ("ppo-kl-target-negative", "ppo --prompts {d}/p.txt --kl_target -3", "kl_target"),
     ("ppo-beta-position-decay", "ppo --prompts {d}/p.txt --beta_position_decay -1", "beta_position_decay"),
-    ("rloo-beta-position-both", "rloo --prompts {d}/p.txt --beta_position_weights 4,1 --beta_position_decay 0.5", "not both"),
+    (
+        "rloo-beta-position-both",
+        "rloo --prompts {d}/p.txt --beta_position_weights 4,1 --beta_position_decay 0.5",
+        "not both",
+    ),
     ("dpo-beta-zero", "dpo --dataset {d}/pairs.jsonl --beta 0", "--beta"),
-    ("ppo-context-too-long", "ppo --prompts {d}/p.txt --max_prompt_length 500 --max_new_tokens 32", "max_prompt_length"),
+    (
+        "ppo-context-too-long",
+        "ppo --prompts {d}/p.txt --max_prompt_length 500 --max_new_tokens 32",
+        "max_prompt_length",
+    ),
     ("ppo-missing-prompts", "ppo --prompts {d}/nope.txt", "nope.txt"),
     ("ppo-wrong-type", "ppo --prompts {d}/p.txt --max_steps abc", "max_steps"),
     ("ppo-unknown-flag", "ppo --prompts {d}/p.txt --bogus_flag 1", "--bogus_flag"),
@@ -104,8 +144,11 @@ def make_inputs(d: Path) -> None:
     (d / "p.txt").write_text("Once upon a time\nThe dog ran\n")
     (d / "null.jsonl").write_text('{"prompt": "fine"}\n{"prompt": null}\n')
     (d / "latin1.txt").write_bytes("a good film\nun caf\u00e9 tr\u00e8s bon\n".encode("latin-1"))
-    (d / "latin1.jsonl").write_bytes('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "caf\u00e9", "chosen": "b", "rejected": "c"}\n'
-                                     .encode("latin-1"))
+    (d / "latin1.jsonl").write_bytes(
+        '{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "caf\u00e9", "chosen": "b", "rejected": "c"}\n'.encode(
+            "latin-1"
+        )
+    )
     (d / "folder").mkdir()
     (d / "empty.txt").write_text("\n\n")
     (d / "broken.jsonl").write_text('{"prompt": "ok"}\n{"prompt": "unterminated\n')
@@ -118,10 +161,16 @@ def make_inputs(d: Path) -> None:
 
 def run_tether(argv: list[str], cwd: Path, **env_extra) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TETHER_DEBUG"}
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""), **env_extra)
-    return subprocess.run([sys.executable, "-m", "tether", *argv], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=120)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+        **env_extra,
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "tether", *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def _verdict(case, proc) -> str | None:
@@ -162,8 +211,17 @@ def test_every_bad_input_ends_as_one_clean_error(tmp_path, assets_dir):
 @pytest.mark.parametrize("how", ["flag", "env"])
 def test_debug_shows_the_traceback(tmp_path, assets_dir, how):
     make_inputs(tmp_path)
-    argv = ["kl", "--policy", "stories260K", "--reference", "stories260K", "--prompts", str(tmp_path / "p.txt"),
-            "--samples", "0"]
+    argv = [
+        "kl",
+        "--policy",
+        "stories260K",
+        "--reference",
+        "stories260K",
+        "--prompts",
+        str(tmp_path / "p.txt"),
+        "--samples",
+        "0",
+    ]
     extra = {"TETHER_ASSETS": str(assets_dir)}
     if how == "flag":
         argv.insert(3, "--debug")  # anywhere on the line, removed before the command parses it
@@ -272,7 +330,9 @@ def test_context_check_names_both_fields_and_the_limit():
     assert model_positions(SimpleNamespace()) is None
     cfg = SimpleNamespace(max_position_embeddings=512)
     check_context(cfg, need=512, fields="max_prompt_length (480) + max_new_tokens (32)")  # exactly full: fine
-    with pytest.raises(UserError, match=r"max_prompt_length \(481\) \+ max_new_tokens \(32\) = 513 tokens.*512 positions"):
+    with pytest.raises(
+        UserError, match=r"max_prompt_length \(481\) \+ max_new_tokens \(32\) = 513 tokens.*512 positions"
+    ):
         check_context(cfg, need=513, fields="max_prompt_length (481) + max_new_tokens (32)")
 
 

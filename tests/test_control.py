@@ -28,6 +28,7 @@ def _run(ctrl, kls, n=1):
 
 # ---- fixed and scheduled -------------------------------------------------------------------------------
 
+
 def test_fixed_beta():
     c = FixedBeta(0.05)
     assert c.value == 0.05
@@ -80,6 +81,7 @@ def test_schedule_errors(args, kwargs, match):
 
 # ---- Ziegler's adaptive controller ---------------------------------------------------------------------
 
+
 def test_adaptive_hand_values():
     """β0 = 0.15, target 6, horizon 10000 (Ziegler et al. 2019 released settings).
     kl=9,   n=256: e = clip(9/6 - 1 = 0.5) = +0.2; β = 0.15·(1 + 0.2·256/1e4) = 0.15·1.00512 = 0.150768
@@ -87,8 +89,12 @@ def test_adaptive_hand_values():
     kl=6.6, n=100: e = 0.1 (inside the clip);       β = 0.14999606784·1.001 = 0.15014606390784
     kl=6,   n=100: e = 0: unchanged."""
     c = AdaptiveKLController(0.15, target=6.0, horizon=10000)
-    got = [c.update(kl=9.0, n_episodes=256), c.update(kl=3.0, n_episodes=256),
-           c.update(kl=6.6, n_episodes=100), c.update(kl=6.0, n_episodes=100)]
+    got = [
+        c.update(kl=9.0, n_episodes=256),
+        c.update(kl=3.0, n_episodes=256),
+        c.update(kl=6.6, n_episodes=100),
+        c.update(kl=6.0, n_episodes=100),
+    ]
     assert got == pytest.approx([0.150768, 0.14999606784, 0.15014606390784, 0.15014606390784], rel=1e-12)
     assert c.step == 4
 
@@ -116,6 +122,7 @@ def test_adaptive_errors():
 
 # ---- the adaptive controller's horizon, saturation stats and warning ---------------------------------
 
+
 def test_auto_horizon_hand_values():
     """H = clip·total_episodes/log_range, rounded, at least one step's episodes:
     60 steps x 8 episodes, clip 0.2, log_range 4: H = 0.2·480/4 = 24;  log_range 5: 96/5 = 19.2 -> 19;
@@ -141,7 +148,8 @@ def test_auto_horizon_saturated_updates_hand_values():
     down = build_controller(BetaConfig(beta=0.05, kl_target=3.0), total_steps=60, episodes_per_step=8)
     assert up.horizon == down.horizon == 19
     assert _run(up, [9.0, 3.61, 4.0], n=8) == pytest.approx(
-        [0.05 * 103 / 95, 0.05 * 103**2 / 95**2, 0.05 * 1092727 / 857375], rel=1e-12)
+        [0.05 * 103 / 95, 0.05 * 103**2 / 95**2, 0.05 * 1092727 / 857375], rel=1e-12
+    )
     assert _run(down, [0.0, 2.0, 2.39], n=8)[-1] == pytest.approx(0.05 * 658503 / 857375, rel=1e-12)
     _run(up, [30.0] * 57, n=8)
     assert math.log(up.value / 0.05) == pytest.approx(60 * math.log(103 / 95), rel=1e-12)
@@ -176,7 +184,10 @@ def test_kl_horizon_from_the_command_line_and_yaml(tmp_path):
     cfg = parse_config(BetaConfig, ["--config", str(f)])[0]
     assert cfg.kl_horizon == 64 and build_controller(cfg, total_steps=60, episodes_per_step=8).horizon == 64
     f.write_text("kl_target: 3\nkl_horizon: ziegler\n")
-    assert build_controller(parse_config(BetaConfig, ["--config", str(f)])[0], total_steps=60, episodes_per_step=8).horizon == 10000
+    assert (
+        build_controller(parse_config(BetaConfig, ["--config", str(f)])[0], total_steps=60, episodes_per_step=8).horizon
+        == 10000
+    )
 
 
 def test_adaptive_stats_report_error_and_saturation():
@@ -232,6 +243,7 @@ def test_adaptive_state_dict_keeps_the_horizon():
 
 # ---- constraint (Lagrangian) controller ------------------------------------------------------------------
 
+
 def test_constraint_hand_values():
     """β0 = 0.1, budget 2, η = 0.01: kl=5 -> 0.1 + 0.01·3 = 0.13; kl=0 -> 0.13 - 0.02 = 0.11;
     five more kl=0 -> 0.01; one more -> max(0, -0.01) = 0 (β_min). A huge KL is capped at β_max."""
@@ -248,6 +260,7 @@ def test_constraint_hand_values():
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     "make",
@@ -281,6 +294,7 @@ def test_load_state_dict_refuses_another_kind():
 
 # ---- build_controller --------------------------------------------------------------------------------------
 
+
 def test_build_controller():
     assert isinstance(build_controller(BetaConfig(beta=0.3)), FixedBeta)
     a = build_controller(BetaConfig(beta=0.15, kl_target=6.0, kl_horizon=777))
@@ -311,6 +325,7 @@ def test_build_controller_errors(cfg, match):
 
 
 # ---- closed loops on a toy plant -----------------------------------------------------------------------
+
 
 def _plant(beta, rng, c, noise):
     """Measured mean sequence KL of a policy trained at β: ≈ c/β (a stronger pull toward π_ref gives a

@@ -12,11 +12,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import f32_tol
 from tether import decode
 from tether.decode import LlamaDecoder, supports
 from tether.modeling import position_ids
 from tether.sampling import sample
+
+from conftest import f32_tol
 
 
 @pytest.mark.parametrize("fuse", [True, False])
@@ -74,8 +75,12 @@ def test_sampler_tokens_equal_with_either_decoder(stories, filters):
     texts = ["Once upon a time", "The little dog", "One day, a girl", "Tom was", "Lily saw a", "The big tree"]
     ids = [tok(t)["input_ids"] for t in texts] * 3
     g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
-    a, a_no = sample(model, ids, pad_id=tok.pad_token_id, eos_id=eos, max_new_tokens=30, generator=g1, decoder="hf", **filters)
-    b, b_no = sample(model, ids, pad_id=tok.pad_token_id, eos_id=eos, max_new_tokens=30, generator=g2, decoder="lean", **filters)
+    a, a_no = sample(
+        model, ids, pad_id=tok.pad_token_id, eos_id=eos, max_new_tokens=30, generator=g1, decoder="hf", **filters
+    )
+    b, b_no = sample(
+        model, ids, pad_id=tok.pad_token_id, eos_id=eos, max_new_tokens=30, generator=g2, decoder="lean", **filters
+    )
     assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.mask, b.mask) and torch.equal(a_no, b_no)
     assert (a.allowed is None) == (b.allowed is None) and (a.allowed is None or torch.equal(a.allowed, b.allowed))
     assert torch.equal(g1.get_state(), g2.get_state())
@@ -108,7 +113,9 @@ def test_builtin_backend_takes_the_decoder_option(stories):
     tok, model = stories
     ids = [tok(t)["input_ids"] for t in ("Once upon a time", "Tom was")]
     settings, ends = SamplingSettings(max_new_tokens=8), dict(pad_id=tok.pad_token_id, eos_id=None)
-    a, _ = make_backend("builtin", model, decoder="hf").generate(ids, settings, torch.Generator().manual_seed(2), **ends)
+    a, _ = make_backend("builtin", model, decoder="hf").generate(
+        ids, settings, torch.Generator().manual_seed(2), **ends
+    )
     b, _ = make_backend("builtin", model).generate(ids, settings, torch.Generator().manual_seed(2), **ends)
     assert make_backend("builtin", model, decoder="hf").decoder == "hf"
     assert torch.equal(a.input_ids, b.input_ids)
@@ -136,9 +143,8 @@ def test_decoder_field_reaches_the_backend_and_is_checked(stories):
     from transformers import GPT2Config
 
     from tether.checks import check_backend_model
-    from tether.generation import check_backend
     from tether.errors import UserError
-    from tether.generation import backend_for
+    from tether.generation import backend_for, check_backend
     from tether.trainers.grpo import GRPOConfig
 
     _, model = stories

@@ -13,11 +13,21 @@ from tether.commands.demo import main as demo_main
 def test_tiny_demo_end_to_end(tmp_path, assets_dir):
     out = tmp_path / "demo"
     assert demo_main(["--tiny", "--output_dir", str(out), "--assets", str(assets_dir), "--workers", "2"]) == 0
-    for name in ("report.html", "frontier.png", "frontier.csv", "overoptimisation.png", "beta_kl.png", "finals.csv", "samples.jsonl"):
+    for name in (
+        "report.html",
+        "frontier.png",
+        "frontier.csv",
+        "overoptimisation.png",
+        "beta_kl.png",
+        "finals.csv",
+        "samples.jsonl",
+    ):
         assert (out / name).stat().st_size > 0, name
     with open(out / "frontier.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {"method", "run", "seed", "step", "kl", "kl_stderr", "gold_reward", "gold_stderr", "proxy_reward"} <= set(rows[0])
+    assert {"method", "run", "seed", "step", "kl", "kl_stderr", "gold_reward", "gold_stderr", "proxy_reward"} <= set(
+        rows[0]
+    )
     assert all(r["seed"] == "0" and float(r["gold_stderr"]) >= 0 for r in rows)
     methods = {r["method"] for r in rows}
     assert methods == {"reference", "dpo", "ppo", "ppo_gt", "best_of_n"}

@@ -15,6 +15,7 @@ from tether.demo.task import Prompt, evaluate_policy, within_prompt_variance
 from tether.engine import evaluate, mean_stderr
 from tether.errors import UserError
 
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Sampling a 260K-parameter model: a second intra-op thread only adds synchronisation."""
@@ -120,9 +121,22 @@ def test_evaluate_policy_with_several_samples_per_prompt(stories_path):
     texts = ["Once upon a time", "The little dog", "Lily wanted to", "One day"]
     prompts = [Prompt(tok(t)["input_ids"], t) for t in texts]
     length = CallableSource(lambda completions: [float(len(c)) for c in completions], name="len")
-    out = evaluate_policy(policy, reference, tok, prompts, gold=length, proxy=length, max_new_tokens=8, seed=3,
-                          samples_per_prompt=3, return_scores=True, n_keep=2)
-    res = evaluate(policy, reference, [p.ids for p in prompts], tokenizer=tok, seed=3, samples_per_prompt=3, max_new_tokens=8)
+    out = evaluate_policy(
+        policy,
+        reference,
+        tok,
+        prompts,
+        gold=length,
+        proxy=length,
+        max_new_tokens=8,
+        seed=3,
+        samples_per_prompt=3,
+        return_scores=True,
+        n_keep=2,
+    )
+    res = evaluate(
+        policy, reference, [p.ids for p in prompts], tokenizer=tok, seed=3, samples_per_prompt=3, max_new_tokens=8
+    )
     lengths = torch.tensor([float(len(c)) for c in res["texts"]])
     kl = torch.tensor(res["per_sequence"]["exact"])
     assert out["scores"]["gold"] == lengths.tolist()
@@ -159,8 +173,9 @@ def test_best_of_n_points_share_one_draw(stories_path):
     prompts = [Prompt(tok(t)["input_ids"], t) for t in texts]
     proxy = CallableSource(lambda completions: [float(len(c)) for c in completions], name="proxy")
     gold = CallableSource(lambda completions: [float(c.count("a")) for c in completions], name="gold")
-    pts = best_of_n_points(model, tok, prompts, [1, 2, 4], gold=gold, proxy=proxy, max_new_tokens=8, seed=1,
-                           samples_per_prompt=2)
+    pts = best_of_n_points(
+        model, tok, prompts, [1, 2, 4], gold=gold, proxy=proxy, max_new_tokens=8, seed=1, samples_per_prompt=2
+    )
     proxies = [pts[n]["proxy_reward"] for n in (1, 2, 4)]
     assert proxies == sorted(proxies) and proxies[0] < proxies[-1]
     for n in (1, 2, 4):

@@ -54,8 +54,15 @@ class HostRead(Exception):
     """The host asked the device for a value."""
 
 
-_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.cpu, torch.Tensor.__int__,
-          torch.Tensor.__float__, torch.Tensor.numpy}
+_READS = {
+    torch.Tensor.item,
+    torch.Tensor.tolist,
+    torch.Tensor.__bool__,
+    torch.Tensor.cpu,
+    torch.Tensor.__int__,
+    torch.Tensor.__float__,
+    torch.Tensor.numpy,
+}
 
 
 class DeviceCheck(TorchFunctionMode):
@@ -93,8 +100,15 @@ class TinyLM(torch.nn.Module):
 
 
 def _meta_llama():
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     with torch.device("meta"):
         return transformers.LlamaForCausalLM(cfg)
 
@@ -121,8 +135,15 @@ def test_generator_is_made_on_the_model_device(tagged, make, decoder, filters):
     model = make()
     check = DeviceCheck()
     with check, pytest.raises(HostRead):  # the run stops at the loop's first read of the (data-less) device
-        generate(model, PROMPTS, tokenizer=TOKENIZER, seed=0, max_new_tokens=2 * SYNC_EVERY, sampling=filters,
-                 backend=BuiltinBackend(model, decoder=decoder))
+        generate(
+            model,
+            PROMPTS,
+            tokenizer=TOKENIZER,
+            seed=0,
+            max_new_tokens=2 * SYNC_EVERY,
+            sampling=filters,
+            backend=BuiltinBackend(model, decoder=decoder),
+        )
     assert check.draws, "no random draw reached"
     assert all(g == t == "meta" for g, t in check.draws), check.draws
 
@@ -135,8 +156,16 @@ def test_decode_loop_reads_the_device_every_sync_every_steps(tagged, make, decod
     model = make()
     check = DeviceCheck()
     with check, pytest.raises(HostRead):
-        sample(model, PROMPTS, pad_id=0, eos_id=1, max_new_tokens=3 * SYNC_EVERY, decoder=decoder,
-               generator=rng.generator(0, "meta"), top_p=0.9)
+        sample(
+            model,
+            PROMPTS,
+            pad_id=0,
+            eos_id=1,
+            max_new_tokens=3 * SYNC_EVERY,
+            decoder=decoder,
+            generator=rng.generator(0, "meta"),
+            top_p=0.9,
+        )
     assert len(check.draws) == SYNC_EVERY
     assert sync_interval(torch.device("meta")) == SYNC_EVERY > 1 and sync_interval(torch.device("cpu")) == 1
 
@@ -171,10 +200,19 @@ def test_sync_interval_changes_no_sample(stories, filters, every):
     g1, g2 = rng.generator(3), rng.generator(3)
     undone = 0  # batches whose last EOS fell between two reads (the generator was set back)
     for _ in range(2):
-        want, want_no_eos = sample(model, ids, pad_id=tok.pad_token_id, eos_id=eos, max_new_tokens=40, generator=g1,
-                                   sync_every=1, **filters)
-        got, got_no_eos = sample(model, ids, pad_id=tok.pad_token_id, eos_id=eos, max_new_tokens=40, generator=g2,
-                                 sync_every=every, **filters)
+        want, want_no_eos = sample(
+            model, ids, pad_id=tok.pad_token_id, eos_id=eos, max_new_tokens=40, generator=g1, sync_every=1, **filters
+        )
+        got, got_no_eos = sample(
+            model,
+            ids,
+            pad_id=tok.pad_token_id,
+            eos_id=eos,
+            max_new_tokens=40,
+            generator=g2,
+            sync_every=every,
+            **filters,
+        )
         assert torch.equal(got.input_ids, want.input_ids) and torch.equal(got.mask, want.mask)
         assert torch.equal(got_no_eos, want_no_eos)
         assert (got.allowed is None) == (want.allowed is None)

@@ -4,7 +4,6 @@ alone), the trainer's one warning, and a short real DPO run at a high learning r
 
 import json
 import logging
-import math
 
 import pytest
 
@@ -33,7 +32,9 @@ def test_threshold_is_the_implied_preference_probability():
     """exp(-mean of -log σ(z_i)) = (Π σ(z_i))^(1/n): the geometric-mean preference probability; 0.95 at the threshold."""
     assert SATURATION_LOSS == pytest.approx(0.051293, abs=1e-6)
     v = dpo_overfit(history([SATURATION_LOSS] * 10, []))
-    assert v.implied_preference == pytest.approx(0.95, abs=1e-12) and not v.saturated  # strict: at the threshold, not below
+    assert (
+        v.implied_preference == pytest.approx(0.95, abs=1e-12) and not v.saturated
+    )  # strict: at the threshold, not below
 
 
 def test_fires_on_saturation_and_growth_only():
@@ -87,9 +88,22 @@ def test_short_dpo_run_at_high_lr_trips_the_detector(stories_path, assets_dir, t
     pos = (assets_dir / "rt-polarity" / "rt-polarity.pos").read_text(errors="replace").splitlines()
     neg = (assets_dir / "rt-polarity" / "rt-polarity.neg").read_text(errors="replace").splitlines()
     rows = sentiment_pairs(pos, neg, n=16, seed=0)
-    cfg = DPOConfig(model=stories_path, output_dir=str(tmp_path / "run"), max_steps=24, batch_size=8, learning_rate=3e-3,
-                    max_length=32, eval_every=8, eval_pairs=8, kl_prompts=8, kl_samples=2, kl_max_new_tokens=16,
-                    progress=False, seed=0, beta=0.1)
+    cfg = DPOConfig(
+        model=stories_path,
+        output_dir=str(tmp_path / "run"),
+        max_steps=24,
+        batch_size=8,
+        learning_rate=3e-3,
+        max_length=32,
+        eval_every=8,
+        eval_pairs=8,
+        kl_prompts=8,
+        kl_samples=2,
+        kl_max_new_tokens=16,
+        progress=False,
+        seed=0,
+        beta=0.1,
+    )
     with caplog.at_level(logging.WARNING, logger="tether.diagnostics.overfit"):
         train_dpo(cfg, rows=rows[:8], eval_rows=rows[8:])
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

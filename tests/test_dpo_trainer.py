@@ -13,15 +13,37 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_close, dpo_log2_tol, f32_tol, logit_magnitude, measured_tol, seq_logps_tol
 from tether.data.preference import StepBatches, collate_pairs, load_preference_rows, pair_width, sentiment_pairs
 from tether.trainers.dpo import DPOConfig, load_pairs, train_dpo
 
+from conftest import assert_close, dpo_log2_tol, f32_tol, logit_magnitude, measured_tol, seq_logps_tol
+
 ROOT = Path(__file__).resolve().parents[1]
-FIXED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy", "logps/chosen",
-         "logps/rejected", "kl/ref", "kl/ref_stderr", "beta", "opt/lr", "opt/grad_norm", "eval/rewards/accuracy")
-TRAJ = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy", "logps/chosen",
-        "logps/rejected", "opt/grad_norm")
+FIXED = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracy",
+    "logps/chosen",
+    "logps/rejected",
+    "kl/ref",
+    "kl/ref_stderr",
+    "beta",
+    "opt/lr",
+    "opt/grad_norm",
+    "eval/rewards/accuracy",
+)
+TRAJ = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracy",
+    "logps/chosen",
+    "logps/rejected",
+    "opt/grad_norm",
+)
 
 
 def metrics(out) -> list[dict]:
@@ -49,8 +71,18 @@ def movie_rows(assets_dir):
 
 
 def small(stories_path, out, **kw) -> DPOConfig:
-    base = dict(model=stories_path, output_dir=str(out), max_steps=3, batch_size=4, learning_rate=1e-3, max_length=48,
-                eval_pairs=4, kl_prompts=0, progress=False, seed=0)
+    base = dict(
+        model=stories_path,
+        output_dir=str(out),
+        max_steps=3,
+        batch_size=4,
+        learning_rate=1e-3,
+        max_length=48,
+        eval_pairs=4,
+        kl_prompts=0,
+        progress=False,
+        seed=0,
+    )
     base.update(kw)
     return DPOConfig(**base)
 
@@ -110,15 +142,19 @@ def test_padding_free_logps_and_gradients_equal_padded(stories, movie_rows):
     model = copy.deepcopy(model).train()
     pairs = tokenize_pairs(movie_rows[:12], tok)[0]
     out = {}
-    for name, batch in (("padded", collate_pairs(pairs, pad_id=tok.pad_token_id)), ("packed", pack_pairs(pairs, pad_id=tok.pad_token_id))):
+    for name, batch in (
+        ("padded", collate_pairs(pairs, pad_id=tok.pad_token_id)),
+        ("packed", pack_pairs(pairs, pad_id=tok.pad_token_id)),
+    ):
         model.zero_grad()
         logps, lengths = pair_logps(model, batch)
         (logps * torch.linspace(-1, 1, logps.numel())).sum().backward()
         out[name] = (logps.detach(), lengths, [p.grad.clone() for p in model.parameters()])
     assert out["packed"][1].tolist() == out["padded"][1].tolist()
     padded = collate_pairs(pairs, pad_id=tok.pad_token_id)
-    tol = seq_logps_tol(logit_magnitude(model, padded.input_ids, attention_mask=padded.attention_mask),
-                        padded.input_ids.shape[1])
+    tol = seq_logps_tol(
+        logit_magnitude(model, padded.input_ids, attention_mask=padded.attention_mask), padded.input_ids.shape[1]
+    )
     assert_close(out["packed"][0], out["padded"][0], abs=tol, what="packed logps")
     # Per tensor, the relative error of the whole gradient: tensors with small gradients (norm weights)
     # carry the largest relative rounding; worst 7.6e-6 over the kernel settings (SSE4.2), 2.7e-6 AVX2.
@@ -130,7 +166,10 @@ def test_every_reference_form_gives_the_same_trajectory(stories_path, other_refe
     runs = {}
     for form in ("precomputed", "copy", "offload", "sync"):
         out = tmp_path / form
-        train_dpo(small(stories_path, out, reference=form, reference_model=other_reference, ref_sync_every=100), rows=movie_rows)
+        train_dpo(
+            small(stories_path, out, reference=form, reference_model=other_reference, ref_sync_every=100),
+            rows=movie_rows,
+        )
         runs[form] = [m["loss"] for m in metrics(out)]
     # Three steps of training on reference log-probs that differ by rounding (the precomputed pass packs
     # rows, the others score padded batches): worst deviation 3.4e-6 over the kernel settings of
@@ -148,8 +187,15 @@ def test_lora_reference_forms_agree_and_final_model_loads(stories_path, movie_ro
     runs = {}
     for form in ("lora", "precomputed", "sync", "copy"):
         out = tmp_path / form
-        cfg = small(stories_path, out, reference=form, lora_r=4, learning_rate=1e-2, ref_sync_every=100,
-                    merge_lora=form != "lora")
+        cfg = small(
+            stories_path,
+            out,
+            reference=form,
+            lora_r=4,
+            learning_rate=1e-2,
+            ref_sync_every=100,
+            merge_lora=form != "lora",
+        )
         train_dpo(cfg, rows=movie_rows)
         runs[form] = [m["loss"] for m in metrics(out)]
     # The reference's log-probs differ by rounding between forms (adapter switched off inside the
@@ -196,12 +242,41 @@ def test_two_processes_equal_one(stories_path, movie_rows, tmp_path):
     """torchrun with 2 CPU processes (gloo) follows the 1-process trajectory with the same global batch."""
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in movie_rows))
-    flags = ["--model", stories_path, "--dataset", str(data), "--max_steps", "3", "--batch_size", "4",
-             "--learning_rate", "1e-3", "--max_length", "48", "--eval_pairs", "4", "--kl_prompts", "0",
-             "--progress", "false"]
+    flags = [
+        "--model",
+        stories_path,
+        "--dataset",
+        str(data),
+        "--max_steps",
+        "3",
+        "--batch_size",
+        "4",
+        "--learning_rate",
+        "1e-3",
+        "--max_length",
+        "48",
+        "--eval_pairs",
+        "4",
+        "--kl_prompts",
+        "0",
+        "--progress",
+        "false",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "tether", "dpo", *flags, "--output_dir", str(tmp_path / "two")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "tether",
+        "dpo",
+        *flags,
+        "--output_dir",
+        str(tmp_path / "two"),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     train_dpo(small(stories_path, tmp_path / "one", dataset=str(data)))
@@ -222,10 +297,41 @@ def test_cli_config_overrides_outputs_and_beta_schedule(stories_path, movie_rows
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in movie_rows))
     out = tmp_path / "run"
-    rc = main(["dpo", "--config", str(ROOT / "examples" / "dpo_hh.yaml"), "--model", stories_path, "--dataset", str(data),
-               "--output_dir", str(out), "--max_steps", "4", "--batch_size", "4", "--max_length", "48", "--eval_every", "2",
-               "--eval_pairs", "4", "--kl_prompts", "2", "--kl_max_new_tokens", "8", "--beta", "0.2",
-               "--beta_schedule", "linear", "--beta_end", "0.1", "--progress", "false"])
+    rc = main(
+        [
+            "dpo",
+            "--config",
+            str(ROOT / "examples" / "dpo_hh.yaml"),
+            "--model",
+            stories_path,
+            "--dataset",
+            str(data),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "4",
+            "--batch_size",
+            "4",
+            "--max_length",
+            "48",
+            "--eval_every",
+            "2",
+            "--eval_pairs",
+            "4",
+            "--kl_prompts",
+            "2",
+            "--kl_max_new_tokens",
+            "8",
+            "--beta",
+            "0.2",
+            "--beta_schedule",
+            "linear",
+            "--beta_end",
+            "0.1",
+            "--progress",
+            "false",
+        ]
+    )
     assert rc == 0
     saved = (out / "config.yaml").read_text()
     assert "beta: 0.2" in saved and "max_steps: 4" in saved and "loss_type: sigmoid" in saved
@@ -235,20 +341,40 @@ def test_cli_config_overrides_outputs_and_beta_schedule(stories_path, movie_rows
     assert set(FIXED) <= set(rows[1]) and set(FIXED) <= set(rows[3])
     assert rows[1]["kl/ref"] >= 0 and rows[1]["kl/ref_stderr"] >= 0
     assert any(p.name.startswith("events.out.tfevents") for p in (out / "tb").iterdir())
-    assert {p.name for p in (out / "checkpoints" / "step-4").iterdir()} == {"model", "trainer_state.json",
-                                                                             "trainer_state.safetensors"}  # no pickle
+    assert {p.name for p in (out / "checkpoints" / "step-4").iterdir()} == {
+        "model",
+        "trainer_state.json",
+        "trainer_state.safetensors",
+    }  # no pickle
     AutoModelForCausalLM.from_pretrained(out / "final")
 
 
-@pytest.mark.parametrize("flag, message", [
-    (["--loss_type", "nope"], "loss_type must be one of"),
-    (["--reference", "mirror"], "reference must be one of"),
-])
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        (["--loss_type", "nope"], "loss_type must be one of"),
+        (["--reference", "mirror"], "reference must be one of"),
+    ],
+)
 def test_bad_config_is_refused(stories_path, movie_rows, tmp_path, flag, message):
     from tether.config import parse_config
 
-    cfg, _ = parse_config(DPOConfig, ["--model", stories_path, "--output_dir", str(tmp_path), "--max_steps", "1",
-                                      "--batch_size", "4", "--progress", "false", *flag])
+    cfg, _ = parse_config(
+        DPOConfig,
+        [
+            "--model",
+            stories_path,
+            "--output_dir",
+            str(tmp_path),
+            "--max_steps",
+            "1",
+            "--batch_size",
+            "4",
+            "--progress",
+            "false",
+            *flag,
+        ],
+    )
     with pytest.raises(ValueError, match=message):
         train_dpo(cfg, rows=movie_rows)
 
@@ -274,9 +400,24 @@ HH_STEPS = 24
 
 def hh_config(stories_path, out, **kw) -> DPOConfig:
     """stories260K on real HH-RLHF harmless pairs (10% held out: 231), 128 tokens, 24 steps of 8 pairs."""
-    base = dict(model=stories_path, output_dir=str(out), max_steps=HH_STEPS, batch_size=8, learning_rate=1e-4,
-                max_length=128, eval_every=12, save_every=12, eval_fraction=0.1, eval_pairs=0, kl_prompts=16,
-                kl_samples=2, kl_max_new_tokens=24, progress=False, seed=0, beta=0.05)
+    base = dict(
+        model=stories_path,
+        output_dir=str(out),
+        max_steps=HH_STEPS,
+        batch_size=8,
+        learning_rate=1e-4,
+        max_length=128,
+        eval_every=12,
+        save_every=12,
+        eval_fraction=0.1,
+        eval_pairs=0,
+        kl_prompts=16,
+        kl_samples=2,
+        kl_max_new_tokens=24,
+        progress=False,
+        seed=0,
+        beta=0.05,
+    )
     base.update(kw)
     return DPOConfig(**base)
 

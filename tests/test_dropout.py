@@ -11,9 +11,10 @@ import math
 import pytest
 import torch
 
-from conftest import dpo_log2_tol
 from tether.distributed import Dist
 from tether.trainers.dpo import DPOConfig, train_dpo
+
+from conftest import dpo_log2_tol
 
 PAIRS = [
     ("Once upon a time", " there was a happy cat.", " the cat was sad."),
@@ -31,9 +32,20 @@ def gpt2_path(tmp_path_factory, stories_path):
     out = tmp_path_factory.mktemp("gpt2_dropout")
     tok = AutoTokenizer.from_pretrained(stories_path)
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_positions=128, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.1,
-                                       embd_pdrop=0.1, attn_pdrop=0.1, bos_token_id=tok.bos_token_id,
-                                       eos_token_id=tok.eos_token_id))
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=512,
+            n_positions=128,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            resid_pdrop=0.1,
+            embd_pdrop=0.1,
+            attn_pdrop=0.1,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    )
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)
@@ -48,8 +60,20 @@ def pairs_file(tmp_path_factory):
 
 
 def dpo_step1_loss(model, dataset, out, **kw) -> dict:
-    cfg = DPOConfig(model=model, dataset=dataset, output_dir=str(out), max_steps=1, batch_size=4, max_length=32,
-                    reference="copy", eval_fraction=0.0, kl_prompts=0, progress=False, seed=0, **kw)
+    cfg = DPOConfig(
+        model=model,
+        dataset=dataset,
+        output_dir=str(out),
+        max_steps=1,
+        batch_size=4,
+        max_length=32,
+        reference="copy",
+        eval_fraction=0.0,
+        kl_prompts=0,
+        progress=False,
+        seed=0,
+        **kw,
+    )
     train_dpo(cfg)
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert first["step"] == 1

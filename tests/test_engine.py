@@ -12,7 +12,13 @@ import pytest
 import torch
 
 from tether.engine import (
-    EVAL_BATCH_SIZE, EVAL_SEED_OFFSET, eval_seed, generate, generate_batches, measure, score,
+    EVAL_BATCH_SIZE,
+    EVAL_SEED_OFFSET,
+    eval_seed,
+    generate,
+    generate_batches,
+    measure,
+    score,
 )
 from tether.groups import SamplingSettings
 from tether.modeling import load_causal_lm
@@ -54,11 +60,32 @@ def test_rollout_kl_equals_measure_per_sequence(models):
     cfg = PPOConfig(max_new_tokens=12, temperature=0.8, top_k=30, top_p=0.95, kl_estimator="k3")
     gen = seeded(3, 1)
     seed = int(gen.initial_seed())
-    ro = collect_rollout(policy, reference, None, RewardSet(VaderSource()), tok, prompts, ids, cfg=cfg, generator=gen,
-                         chunk=3, device="cpu")
-    res = measure(policy, reference, ids, tokenizer=tok, max_new_tokens=12, batch_size=len(ids), seed=seed,
-                  estimators=("exact", "k3"), sampling={"temperature": 0.8, "top_k": 30, "top_p": 0.95}, chunk=3,
-                  return_samples=True)
+    ro = collect_rollout(
+        policy,
+        reference,
+        None,
+        RewardSet(VaderSource()),
+        tok,
+        prompts,
+        ids,
+        cfg=cfg,
+        generator=gen,
+        chunk=3,
+        device="cpu",
+    )
+    res = measure(
+        policy,
+        reference,
+        ids,
+        tokenizer=tok,
+        max_new_tokens=12,
+        batch_size=len(ids),
+        seed=seed,
+        estimators=("exact", "k3"),
+        sampling={"temperature": 0.8, "top_k": 30, "top_p": 0.95},
+        chunk=3,
+        return_samples=True,
+    )
     assert float(ro.kl_exact.abs().max()) > 0  # a real KL, not the trivial 0 of a model against itself
     assert res["completions"] == [ro.batch.completion_ids[i][ro.mask[i]].tolist() for i in range(len(ids))]
     assert res["texts"] == ro.completions
@@ -78,17 +105,33 @@ def test_online_dpo_and_demo_evaluations_use_one_seed_and_protocol(models):
     tok, policy, reference = models
     ids = _ids(tok)
     length = CallableSource(lambda completions: [float(len(c)) for c in completions], name="len")
-    on = online_evaluate(policy, reference, RewardSet(length), tok, PROMPTS, ids,
-                         cfg=PPOConfig(seed=5, eval_samples=1, max_new_tokens=10))
+    on = online_evaluate(
+        policy,
+        reference,
+        RewardSet(length),
+        tok,
+        PROMPTS,
+        ids,
+        cfg=PPOConfig(seed=5, eval_samples=1, max_new_tokens=10),
+    )
     dpo = measure_ref_kl(DPOConfig(seed=5, kl_samples=1, kl_max_new_tokens=10), policy, reference, ids, tok)
-    demo = evaluate_policy(policy, reference, tok, [Prompt(i, t) for i, t in zip(ids, PROMPTS)], gold=length,
-                           max_new_tokens=10, seed=5)
+    demo = evaluate_policy(
+        policy, reference, tok, [Prompt(i, t) for i, t in zip(ids, PROMPTS)], gold=length, max_new_tokens=10, seed=5
+    )
     assert on["eval/kl"] > 0
     assert on["eval/kl"] == dpo["kl/ref"] == demo["kl"]
     assert on["eval/kl_stderr"] == dpo["kl/ref_stderr"] == demo["kl_stderr"]
     assert on["eval/reward/len"] == demo["gold_reward"]  # the same texts
-    want = measure(policy, reference, ids, tokenizer=tok, max_new_tokens=10, batch_size=EVAL_BATCH_SIZE,
-                   seed=5 + EVAL_SEED_OFFSET, estimators=("exact",))
+    want = measure(
+        policy,
+        reference,
+        ids,
+        tokenizer=tok,
+        max_new_tokens=10,
+        batch_size=EVAL_BATCH_SIZE,
+        seed=5 + EVAL_SEED_OFFSET,
+        estimators=("exact",),
+    )
     assert want["estimators"]["exact"]["mean"] == on["eval/kl"]
     assert eval_seed(5) == 5 + EVAL_SEED_OFFSET
 
@@ -103,20 +146,53 @@ def test_best_of_n_and_preference_pairs_sample_with_the_engine(models):
     model = reference.model
     ids = _ids(tok)
     length = CallableSource(lambda completions: [float(len(c)) for c in completions], name="len")
-    scored = sample_and_score(model, tok, PROMPTS, samples=3, reward=length, seed=2, batch_size=4,
-                              sampling=SamplingSettings(max_new_tokens=8, temperature=0.9, top_k=10))
-    texts = [t for s in generate_batches(model, ids, tokenizer=tok, sampling={"temperature": 0.9, "top_k": 10},
-                                         max_new_tokens=8, batch_size=4, seed=2, samples_per_prompt=3)
-             for t in s.completions]
+    scored = sample_and_score(
+        model,
+        tok,
+        PROMPTS,
+        samples=3,
+        reward=length,
+        seed=2,
+        batch_size=4,
+        sampling=SamplingSettings(max_new_tokens=8, temperature=0.9, top_k=10),
+    )
+    texts = [
+        t
+        for s in generate_batches(
+            model,
+            ids,
+            tokenizer=tok,
+            sampling={"temperature": 0.9, "top_k": 10},
+            max_new_tokens=8,
+            batch_size=4,
+            seed=2,
+            samples_per_prompt=3,
+        )
+        for t in s.completions
+    ]
     assert [t for row in scored["texts"] for t in row] == texts
 
     def gold(prompts, completions):  # distinct scores: every pair of distinct texts is a preference
         return torch.tensor([float(len(c)) + 1e-3 * i for i, c in enumerate(completions)])
 
-    rows = preference_pairs(model, tok, [Prompt(i, t) for i, t in zip(ids, PROMPTS)], gold, samples_per_prompt=3,
-                            max_new_tokens=8, seed=2, batch_size=4, progress=False)
-    plain = [t for s in generate_batches(model, ids, tokenizer=tok, max_new_tokens=8, batch_size=4, seed=2,
-                                         samples_per_prompt=3) for t in s.completions]
+    rows = preference_pairs(
+        model,
+        tok,
+        [Prompt(i, t) for i, t in zip(ids, PROMPTS)],
+        gold,
+        samples_per_prompt=3,
+        max_new_tokens=8,
+        seed=2,
+        batch_size=4,
+        progress=False,
+    )
+    plain = [
+        t
+        for s in generate_batches(
+            model, ids, tokenizer=tok, max_new_tokens=8, batch_size=4, seed=2, samples_per_prompt=3
+        )
+        for t in s.completions
+    ]
     per_prompt = {p: set(plain[3 * k : 3 * k + 3]) for k, p in enumerate(PROMPTS)}
     assert rows and all({r["chosen"], r["rejected"]} <= per_prompt[r["prompt"]] for r in rows)
 
@@ -147,14 +223,41 @@ def test_online_and_dpo_trainers_call_one_eval_hook_signature(stories_path, tmp_
         calls.append((step, beta))
         return {"eval/hooked": 1.0}
 
-    train_grpo(GRPOConfig(model=stories_path, output_dir=str(tmp_path / "grpo"), batch_size=4, samples_per_prompt=2,
-                          max_new_tokens=4, max_steps=1, eval_every=1, progress=False, sample_every=0, beta=0.3),
-               prompts=PROMPTS, eval_hook=hook)
+    train_grpo(
+        GRPOConfig(
+            model=stories_path,
+            output_dir=str(tmp_path / "grpo"),
+            batch_size=4,
+            samples_per_prompt=2,
+            max_new_tokens=4,
+            max_steps=1,
+            eval_every=1,
+            progress=False,
+            sample_every=0,
+            beta=0.3,
+        ),
+        prompts=PROMPTS,
+        eval_hook=hook,
+    )
     assert calls == [(0, 0.3), (1, 0.3)]
     pos = (assets_dir / "rt-polarity" / "rt-polarity.pos").read_text(errors="replace").splitlines()
     neg = (assets_dir / "rt-polarity" / "rt-polarity.neg").read_text(errors="replace").splitlines()
     calls.clear()
-    train_dpo(DPOConfig(model=stories_path, output_dir=str(tmp_path / "dpo"), max_steps=1, batch_size=4, max_length=48,
-                        eval_pairs=2, kl_prompts=0, eval_every=1, progress=False, seed=0, beta=0.2),
-              rows=sentiment_pairs(pos, neg, n=8, seed=0), eval_hook=hook)
+    train_dpo(
+        DPOConfig(
+            model=stories_path,
+            output_dir=str(tmp_path / "dpo"),
+            max_steps=1,
+            batch_size=4,
+            max_length=48,
+            eval_pairs=2,
+            kl_prompts=0,
+            eval_every=1,
+            progress=False,
+            seed=0,
+            beta=0.2,
+        ),
+        rows=sentiment_pairs(pos, neg, n=8, seed=0),
+        eval_hook=hook,
+    )
     assert calls == [(0, 0.2), (1, 0.2)]

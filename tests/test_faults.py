@@ -8,7 +8,6 @@ live run's folder) are in tests/test_preemption.py.
 
 import errno
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,9 +16,9 @@ from pathlib import Path
 import pytest
 import safetensors
 import torch
+from test_reliability import rows, sft_cfg, weights
 
 import tether.runs as runs
-from test_reliability import rows, sft_cfg, weights
 from tether import preempt
 from tether.errors import UserError
 from tether.trainers.sft import train_sft
@@ -44,10 +43,12 @@ def _enospc(*_a, **_k):
 
 def _partial_model(real):
     """save_model that writes part of the weights file, then finds the disk full."""
+
     def save_model(model, path, **kw):
         Path(path).mkdir(parents=True, exist_ok=True)
         (Path(path) / "model.safetensors").write_bytes(b"\0" * 1000)
         _enospc()
+
     return save_model
 
 
@@ -60,7 +61,9 @@ def _state_tensors_fail(monkeypatch):
     def save_file(tensors, filename, *a, **k):
         if Path(filename).name == "trainer_state.safetensors":
             Path(filename).write_bytes(b"\0" * 100)
-            raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+            raise safetensors.SafetensorError(
+                "Error while serializing: I/O error: No space left on device (os error 28)"
+            )
         return real(tensors, filename, *a, **k)
 
     monkeypatch.setattr(st, "save_file", save_file)
@@ -90,7 +93,10 @@ def _rename_fails(monkeypatch):
 
 
 FAULTS = {
-    "model weights": (lambda mp: mp.setattr(runs, "save_model", _partial_model(runs.save_model)), "No space left on device"),
+    "model weights": (
+        lambda mp: mp.setattr(runs, "save_model", _partial_model(runs.save_model)),
+        "No space left on device",
+    ),
     "trainer state tensors": (_state_tensors_fail, "No space left on device"),
     "trainer state json": (_state_json_fails, "Input/output error"),
     "fsync": (lambda mp: mp.setattr(runs, "_fsync_tree", lambda p: _enospc()), "No space left on device"),
@@ -99,8 +105,9 @@ FAULTS = {
 
 
 @pytest.mark.parametrize("point", list(FAULTS))
-def test_a_failing_checkpoint_write_keeps_the_previous_checkpoint_and_final(point, assets_dir, tmp_path, monkeypatch,
-                                                                            straight3):
+def test_a_failing_checkpoint_write_keeps_the_previous_checkpoint_and_final(
+    point, assets_dir, tmp_path, monkeypatch, straight3
+):
     """A 2-step run (save_total_limit=1: only step-2 is kept) is resumed to step 3, whose checkpoint
     write fails at ``point``. The run ends with a UserError naming checkpoints/step-3 and the cause;
     step-2 and final/ are byte for byte as they were, no partial folder is left; once the disk is
@@ -112,8 +119,11 @@ def test_a_failing_checkpoint_write_keeps_the_previous_checkpoint_and_final(poin
     inject, cause = FAULTS[point]
     with monkeypatch.context() as mp:
         inject(mp)
-        with pytest.raises(UserError, match=rf"could not write {out / 'checkpoints' / 'step-3'}: {cause}.*left as they "
-                                            rf"were: {out / 'checkpoints' / 'step-2'}, {out / 'final'}.*--resume"):
+        with pytest.raises(
+            UserError,
+            match=rf"could not write {out / 'checkpoints' / 'step-3'}: {cause}.*left as they "
+            rf"were: {out / 'checkpoints' / 'step-2'}, {out / 'final'}.*--resume",
+        ):
             train_sft(sft_cfg(assets_dir, out, max_steps=3, save_total_limit=1), resume=True)
     assert files(out / "checkpoints") == before_ckpt and files(out / "final") == before_final
     assert not list(out.glob("final.*"))
@@ -130,9 +140,16 @@ def test_a_failing_final_write_keeps_the_previous_final(assets_dir, tmp_path, mo
     before = files(out / "final")
     real = runs.save_model
     with monkeypatch.context() as mp:
-        mp.setattr(runs, "save_model", lambda model, path, **kw: _partial_model(real)(model, path, **kw)
-                   if Path(path).name == "final.tmp" else real(model, path, **kw))
-        with pytest.raises(UserError, match=rf"could not write {out / 'final'}: No space left on device.*previous final/"):
+        mp.setattr(
+            runs,
+            "save_model",
+            lambda model, path, **kw: (
+                _partial_model(real)(model, path, **kw) if Path(path).name == "final.tmp" else real(model, path, **kw)
+            ),
+        )
+        with pytest.raises(
+            UserError, match=rf"could not write {out / 'final'}: No space left on device.*previous final/"
+        ):
             train_sft(sft_cfg(assets_dir, out, max_steps=2), resume=True)
     assert files(out / "final") == before and not (out / "final.tmp").exists()
     assert (out / "checkpoints" / "step-2").is_dir()  # the checkpoint before it was written: --resume finishes
@@ -155,11 +172,15 @@ def test_replacing_a_checkpoint_of_the_same_step_puts_the_old_one_back_if_the_re
 def test_a_full_metrics_log_is_one_line_naming_the_file(tmp_path, monkeypatch):
     run = runs.RunDir(tmp_path, tensorboard=False)
     monkeypatch.setattr("builtins.open", lambda *a, **k: _enospc())
-    with pytest.raises(UserError, match=rf"could not write {tmp_path / 'metrics.jsonl'}: No space left on device \(ENOSPC\)"):
+    with pytest.raises(
+        UserError, match=rf"could not write {tmp_path / 'metrics.jsonl'}: No space left on device \(ENOSPC\)"
+    ):
         run.log(1, {"loss": 1.0})
 
 
-@pytest.mark.parametrize("limit,kept", [(1, ["step-4"]), (2, ["step-3", "step-4"]), (0, ["step-1", "step-2", "step-3", "step-4"])])
+@pytest.mark.parametrize(
+    "limit,kept", [(1, ["step-4"]), (2, ["step-3", "step-4"]), (0, ["step-1", "step-2", "step-3", "step-4"])]
+)
 def test_save_total_limit(limit, kept, tmp_path):
     """save_total_limit checkpoints are kept (0: all), the newest; TRL's key reads as the same field."""
     run = runs.RunDir(tmp_path, tensorboard=False)
@@ -190,24 +211,50 @@ def test_full_tmpfs(assets_dir, tmp_path, capsys):
     second checkpoint. ``tether sft --resume`` to step 2 ends with exit 2 and one line (safetensors'
     ENOSPC) naming step-2; step-1 and final/ are intact; after growing the tmpfs, --resume finishes."""
     from tether.cli import main
+
     mnt = tmp_path / "disk"
     mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mnt)],
-                                           capture_output=True).returncode != 0:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mnt)], capture_output=True).returncode
+        != 0
+    ):
         pytest.skip("mounting a tmpfs needs root (and a container that allows it)")
     try:
         out = mnt / "run"
         train_sft(sft_cfg(assets_dir, out, max_steps=1, save_every=1))
         before_ckpt, before_final = files(out / "checkpoints"), files(out / "final")
         capsys.readouterr()
-        argv = ["sft", "--model", str(assets_dir / "stories260K"), "--dataset", str(assets_dir / "rt-polarity" / "rt-polarity.pos"),
-                "--output_dir", str(out), "--eval_examples", "0", "--batch_size", "4", "--max_length", "16",
-                "--learning_rate", "1e-3", "--progress", "false", "--max_steps", "2", "--save_every", "1", "--resume"]
+        argv = [
+            "sft",
+            "--model",
+            str(assets_dir / "stories260K"),
+            "--dataset",
+            str(assets_dir / "rt-polarity" / "rt-polarity.pos"),
+            "--output_dir",
+            str(out),
+            "--eval_examples",
+            "0",
+            "--batch_size",
+            "4",
+            "--max_length",
+            "16",
+            "--learning_rate",
+            "1e-3",
+            "--progress",
+            "false",
+            "--max_steps",
+            "2",
+            "--save_every",
+            "1",
+            "--resume",
+        ]
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
             f"tether sft: error: could not write {out / 'checkpoints' / 'step-2'}: No space left on device (ENOSPC); left as "
-            f"they were: {out / 'checkpoints' / 'step-1'}, {out / 'final'}; free space")
+            f"they were: {out / 'checkpoints' / 'step-1'}, {out / 'final'}; free space"
+        )
         assert files(out / "checkpoints") == before_ckpt and files(out / "final") == before_final
         subprocess.run(["mount", "-o", "remount,size=32m", str(mnt)], check=True)
         train_sft(sft_cfg(assets_dir, out, max_steps=2, save_every=1), resume=True)
@@ -224,14 +271,23 @@ def test_a_second_writer_in_another_process_is_refused_and_overwrite_deletes_not
     the folder, --overwrite included; the message names its PID. When it dies the lock goes with it."""
     out = tmp_path / "run"
     train_sft(sft_cfg(assets_dir, out, max_steps=1))
-    holder = subprocess.Popen([sys.executable, "-c", f"import fcntl, os, sys, time; fd = os.open({str(out / 'run.lock')!r}, os.O_RDWR); "
-                               "fcntl.flock(fd, fcntl.LOCK_EX); os.ftruncate(fd, 0); "
-                               "os.write(fd, f'pid {os.getpid()} on host h'.encode()); print(flush=True); time.sleep(60)"],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import fcntl, os, sys, time; fd = os.open({str(out / 'run.lock')!r}, os.O_RDWR); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); os.ftruncate(fd, 0); "
+            "os.write(fd, f'pid {os.getpid()} on host h'.encode()); print(flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         holder.stdout.readline()
         before = files(out)
-        with pytest.raises(UserError, match=rf"output_dir {out} is in use by another run \(pid {holder.pid} on host h\)"):
+        with pytest.raises(
+            UserError, match=rf"output_dir {out} is in use by another run \(pid {holder.pid} on host h\)"
+        ):
             train_sft(sft_cfg(assets_dir, out, max_steps=1, overwrite=True, seed=1))
         assert files(out) == before
     finally:
@@ -287,8 +343,11 @@ def test_every_process_stops_after_the_same_step_when_one_is_signalled(tmp_path)
         preempt.stop_if_signalled(10, 10, _Ranks(theirs=True), ck)
         assert ck.saved == []
         dist = _Ranks(theirs=True)
-        with pytest.raises(preempt.Preempted, match=r"stopped by a signal on another process after step 3; checkpoint "
-                                                    rf"{tmp_path / 'checkpoints' / 'step-3'}; continue with --resume"):
+        with pytest.raises(
+            preempt.Preempted,
+            match=r"stopped by a signal on another process after step 3; checkpoint "
+            rf"{tmp_path / 'checkpoints' / 'step-3'}; continue with --resume",
+        ):
             preempt.stop_if_signalled(3, 10, dist, ck)
         assert ck.saved == [3] and dist.finished
         ck.saved_step = 4  # this step's periodic checkpoint is written already: not twice

@@ -11,8 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from tether.diagnostics.forgetting import (
-    ForgettingProbe, default_texts, forgetting_on_texts, forward_kl_on_prompts, read_texts, teacher_forced_sums,
-    text_batches, trained_on,
+    ForgettingProbe,
+    default_texts,
+    forgetting_on_texts,
+    forward_kl_on_prompts,
+    read_texts,
+    teacher_forced_sums,
+    text_batches,
+    trained_on,
 )
 
 RT_PROMPTS = ["the film is", "a movie that", "it's a", "this is one of"]
@@ -64,8 +70,9 @@ def test_model_against_itself_is_exactly_zero(stories, stories_path, texts):
     assert res["tokens"] > 100
     for k in ("kl_ref_to_policy", "kl_policy_to_ref", "nll_delta", "ppl_delta"):
         assert res[k] == 0.0, k
-    fwd = forward_kl_on_prompts(model, other, [tok(p)["input_ids"] for p in RT_PROMPTS], tokenizer=tok,
-                                samples_per_prompt=2, max_new_tokens=8)
+    fwd = forward_kl_on_prompts(
+        model, other, [tok(p)["input_ids"] for p in RT_PROMPTS], tokenizer=tok, samples_per_prompt=2, max_new_tokens=8
+    )
     assert fwd["forward_kl_on_prompts"] == 0.0 and fwd["forward_kl_next_token"] == 0.0
 
 
@@ -138,8 +145,10 @@ def test_default_text_is_an_asset_the_run_did_not_train_on(assets_dir, tmp_path)
 
     from tether.diagnostics.forgetting import run_config_of
 
-    for run, cfg in (("sft", {"model": "stories260K", "dataset": str(prompts)}),
-                     ("dpo", {"model": str(tmp_path / "sft" / "final"), "dataset": "pairs.jsonl"})):
+    for run, cfg in (
+        ("sft", {"model": "stories260K", "dataset": str(prompts)}),
+        ("dpo", {"model": str(tmp_path / "sft" / "final"), "dataset": "pairs.jsonl"}),
+    ):
         (tmp_path / run / "final").mkdir(parents=True)
         (tmp_path / run / "config.yaml").write_text(yaml.safe_dump(cfg))
     assert run_config_of(str(tmp_path / "dpo" / "final"))["dataset"] == "pairs.jsonl"
@@ -159,16 +168,49 @@ def test_command_end_to_end(stories, stories_path, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(RT_PROMPTS) + "\n")
     out = tmp_path / "f.json"
-    assert main(["--policy", str(drifted), "--reference", stories_path, "--texts", str(texts), "--prompts", str(prompts),
-                 "--samples", "2", "--max_new_tokens", "8", "--json", str(out), "--no_progress"]) == 0
+    assert (
+        main(
+            [
+                "--policy",
+                str(drifted),
+                "--reference",
+                stories_path,
+                "--texts",
+                str(texts),
+                "--prompts",
+                str(prompts),
+                "--samples",
+                "2",
+                "--max_new_tokens",
+                "8",
+                "--json",
+                str(out),
+                "--no_progress",
+            ]
+        )
+        == 0
+    )
     got = json.loads(out.read_text())
-    direct = forgetting_on_texts(perturbed(model), model, text_batches(tok, ["The film is a mess.", "A quiet, lovely movie."]))
+    direct = forgetting_on_texts(
+        perturbed(model), model, text_batches(tok, ["The film is a mess.", "A quiet, lovely movie."])
+    )
     for k in ("nll_policy", "nll_reference", "kl_ref_to_policy", "kl_policy_to_ref"):  # the interface
         assert got[k] == pytest.approx(direct[k], rel=1e-6), k
     assert got["kl_ref_to_policy"] > 0.01 and got["forward_kl_on_prompts"] > 0 and got["on_texts"]["texts"] == 2
     same = tmp_path / "same.json"
-    main(["--policy", stories_path, "--reference", stories_path, "--max_texts", "8", "--output", str(same),
-          "--no_progress"])
+    main(
+        [
+            "--policy",
+            stories_path,
+            "--reference",
+            stories_path,
+            "--max_texts",
+            "8",
+            "--output",
+            str(same),
+            "--no_progress",
+        ]
+    )
     zero = json.loads(same.read_text())
     assert zero["texts_source"] == "rt-polarity" and zero["kl_ref_to_policy"] == 0.0 and zero["nll_delta"] == 0.0
 
@@ -183,8 +225,20 @@ def test_dpo_logs_the_probe_and_it_equals_the_command_on_final(stories, stories_
     pos = (assets_dir / "rt-polarity" / "rt-polarity.pos").read_text(errors="replace").splitlines()
     neg = (assets_dir / "rt-polarity" / "rt-polarity.neg").read_text(errors="replace").splitlines()
     out = tmp_path / "dpo"
-    cfg = DPOConfig(model=stories_path, output_dir=str(out), max_steps=2, batch_size=4, learning_rate=3e-3, max_length=32,
-                    eval_pairs=4, kl_prompts=0, progress=False, seed=0, forgetting_text="auto", forgetting_max_texts=6)
+    cfg = DPOConfig(
+        model=stories_path,
+        output_dir=str(out),
+        max_steps=2,
+        batch_size=4,
+        learning_rate=3e-3,
+        max_length=32,
+        eval_pairs=4,
+        kl_prompts=0,
+        progress=False,
+        seed=0,
+        forgetting_text="auto",
+        forgetting_max_texts=6,
+    )
     res = train_dpo(cfg, rows=sentiment_pairs(pos, neg, n=16, seed=0))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     last = rows[-1]
@@ -206,9 +260,23 @@ def test_online_trainer_logs_the_probe_from_step_0(stories_path, tmp_path):
     from tether.trainers.online import train_online
 
     prompts = ["Once upon a time", "The little dog", "One day, a girl", "Tom was"]
-    cfg = GRPOConfig(model=stories_path, output_dir=str(tmp_path / "grpo"), batch_size=8, samples_per_prompt=4,
-                     max_new_tokens=8, learning_rate=3e-3, progress=False, sample_every=0, eval_max_prompts=2,
-                     eval_samples=1, max_steps=1, eval_every=1, forgetting_text="auto", forgetting_max_texts=6, seed=0)
+    cfg = GRPOConfig(
+        model=stories_path,
+        output_dir=str(tmp_path / "grpo"),
+        batch_size=8,
+        samples_per_prompt=4,
+        max_new_tokens=8,
+        learning_rate=3e-3,
+        progress=False,
+        sample_every=0,
+        eval_max_prompts=2,
+        eval_samples=1,
+        max_steps=1,
+        eval_every=1,
+        forgetting_text="auto",
+        forgetting_max_texts=6,
+        seed=0,
+    )
     res = train_online(cfg, prompts=prompts, reward=lambda texts: torch.tensor([float(len(t)) for t in texts]))
     ev = res["eval_history"]
     assert [e["step"] for e in ev] == [0, 1]
@@ -234,9 +302,20 @@ def test_sft_logs_the_probe_against_its_starting_model(stories_path, assets_dir,
     data = tmp_path / "reviews.txt"
     data.write_text("\n".join(read_texts("rt-polarity", assets=str(assets_dir), max_texts=16, seed=3)) + "\n")
     out = tmp_path / "sft"
-    cfg = SFTConfig(model=stories_path, dataset=str(data), output_dir=str(out), max_steps=2, batch_size=4,
-                    learning_rate=3e-3, max_length=32, eval_examples=0, progress=False, seed=0,
-                    forgetting_text="auto", forgetting_max_texts=4)
+    cfg = SFTConfig(
+        model=stories_path,
+        dataset=str(data),
+        output_dir=str(out),
+        max_steps=2,
+        batch_size=4,
+        learning_rate=3e-3,
+        max_length=32,
+        eval_examples=0,
+        progress=False,
+        seed=0,
+        forgetting_text="auto",
+        forgetting_max_texts=4,
+    )
     res = train_sft(cfg)
     last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
     tok = load_tokenizer(stories_path)
@@ -247,7 +326,9 @@ def test_sft_logs_the_probe_against_its_starting_model(stories_path, assets_dir,
         assert last[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
     assert last["eval/forgetting/kl_ref_policy"] > 1e-3
     with pytest.raises(UserError, match="forgetting_text"):
-        train_reward_model(RMConfig(model=stories_path, dataset="hh-rlhf", output_dir=str(tmp_path / "rm"), forgetting_text="auto"))
+        train_reward_model(
+            RMConfig(model=stories_path, dataset="hh-rlhf", output_dir=str(tmp_path / "rm"), forgetting_text="auto")
+        )
 
 
 def test_bad_texts_are_one_line_user_errors(tmp_path):

@@ -20,10 +20,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import assert_close, measured_tol
-import torch
 
 from tether.data.preference import sentiment_pairs
+
+from conftest import assert_close, measured_tol
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["The little dog", "Once upon a time", "The sun was", "Lily and Tom", "A big tree", "The cat sat"]
@@ -57,10 +57,25 @@ def run_two(kind: str, cfg: dict, extra: dict | None = None) -> None:
         port = s.getsockname()[1]
     procs = []
     for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
-        procs.append(subprocess.Popen([sys.executable, "-c", _WORKER, kind, json.dumps(cfg), json.dumps(extra or {})],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", _WORKER, kind, json.dumps(cfg), json.dumps(extra or {})],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     logs = [p.communicate(timeout=240)[0] for p in procs]
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-3000:]
@@ -113,9 +128,22 @@ def test_dpo_two_sharded_processes_equal_one_and_resume(stories_path, pairs_file
     moments loaded from full tensors): step 3 and final/ come out the same again."""
     from tether.trainers.dpo import DPOConfig, train_dpo
 
-    base = dict(model=stories_path, dataset=pairs_file, max_steps=3, batch_size=4, learning_rate=1e-3, max_length=48,
-                eval_pairs=4, kl_prompts=0, progress=False, seed=0, reference="copy", save_every=2, report_to="none",
-                padding_free=False)  # fsdp trains padded (the packed path skips the root's all-gather)
+    base = dict(
+        model=stories_path,
+        dataset=pairs_file,
+        max_steps=3,
+        batch_size=4,
+        learning_rate=1e-3,
+        max_length=48,
+        eval_pairs=4,
+        kl_prompts=0,
+        progress=False,
+        seed=0,
+        reference="copy",
+        save_every=2,
+        report_to="none",
+        padding_free=False,
+    )  # fsdp trains padded (the packed path skips the root's all-gather)
     train_dpo(DPOConfig(**base, output_dir=str(tmp_path / "one")))
     run_two("dpo", {**base, "output_dir": str(tmp_path / "two"), "fsdp": True})
     one, two = rows(tmp_path / "one"), rows(tmp_path / "two")
@@ -124,8 +152,9 @@ def test_dpo_two_sharded_processes_equal_one_and_resume(stories_path, pairs_file
     # Sharded against unsharded over three steps: worst deviation 6.5e-6 over the kernel settings
     # (SSE4.2; 1.9e-6 native: tests/tolerance_report.py); log-prob sums (~-100) also get 1e-5 relative.
     for k in ("loss", "logps/chosen", "logps/rejected", "rewards/margins", "opt/grad_norm", "eval/rewards/accuracy"):
-        assert_close([r[k] for r in two if k in r], [r[k] for r in one if k in r], abs=measured_tol(6.5e-6), rel=1e-5,
-                     what=k)
+        assert_close(
+            [r[k] for r in two if k in r], [r[k] for r in one if k in r], abs=measured_tol(6.5e-6), rel=1e-5, what=k
+        )
     # Weights: Adam's first steps move each weight by ~lr·g/|g|, so a gradient element of rounding size
     # (two half-batch sums vs one batch) can move by up to 2·lr whatever the summation error: compare
     # the whole update instead. Measured: |Δ(two) - Δ(one)| / |Δ(one)| = 4.2e-5, 2 of 260,032
@@ -152,9 +181,22 @@ def test_dpo_two_sharded_processes_equal_one_and_resume(stories_path, pairs_file
 def test_grpo_sharded_equals_unsharded(stories_path, tmp_path):
     """GRPO, 2 processes, reference=copy: fsdp=true logs the rows of fsdp=false (same samples: each rank's
     generator is seeded by (seed, step, rank)) and ends with the same full weights."""
-    base = dict(model=stories_path, batch_size=8, samples_per_prompt=4, max_new_tokens=8, max_steps=2, learning_rate=1e-3,
-                progress=False, sample_every=0, eval_max_prompts=2, eval_samples=1, report_to="none", beta=0.1,
-                reward="reward_fns:length_reward", reference="copy")  # a reward that varies within a group: updates
+    base = dict(
+        model=stories_path,
+        batch_size=8,
+        samples_per_prompt=4,
+        max_new_tokens=8,
+        max_steps=2,
+        learning_rate=1e-3,
+        progress=False,
+        sample_every=0,
+        eval_max_prompts=2,
+        eval_samples=1,
+        report_to="none",
+        beta=0.1,
+        reward="reward_fns:length_reward",
+        reference="copy",
+    )  # a reward that varies within a group: updates
     run_two("grpo", {**base, "output_dir": str(tmp_path / "dp")}, {"prompts": PROMPTS})
     run_two("grpo", {**base, "output_dir": str(tmp_path / "fsdp"), "fsdp": True}, {"prompts": PROMPTS})
     dp, sh = rows(tmp_path / "dp"), rows(tmp_path / "fsdp")
@@ -197,8 +239,25 @@ def test_cli_refuses_fsdp_with_lora_before_loading(stories_path, pairs_file, tmp
     """``tether dpo --fsdp true --lora_r 4``: exit 2, one line naming fsdp and lora_r, nothing written."""
     from tether.cli import main
 
-    rc = main(["dpo", "--model", stories_path, "--dataset", pairs_file, "--output_dir", str(tmp_path / "r"),
-               "--fsdp", "true", "--lora_r", "4", "--max_steps", "1", "--progress", "false"])
+    rc = main(
+        [
+            "dpo",
+            "--model",
+            stories_path,
+            "--dataset",
+            pairs_file,
+            "--output_dir",
+            str(tmp_path / "r"),
+            "--fsdp",
+            "true",
+            "--lora_r",
+            "4",
+            "--max_steps",
+            "1",
+            "--progress",
+            "false",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "fsdp=true" in err[0] and "lora_r" in err[0], err
     assert not (tmp_path / "r" / "metrics.jsonl").exists()

@@ -22,7 +22,7 @@ def test_spearman_hand_values():
     # monotone (not linear) relation: ρ = 1 exactly; reversed: -1
     x = torch.tensor([0.1, 0.5, 2.0, 7.0])
     assert spearman(x, x.exp()) == pytest.approx(1.0, abs=1e-12)
-    assert spearman(x, -x ** 3) == pytest.approx(-1.0, abs=1e-12)
+    assert spearman(x, -(x**3)) == pytest.approx(-1.0, abs=1e-12)
     assert math.isnan(spearman(x, torch.ones(4)))  # a constant has no ranking
     assert math.isnan(spearman(x[:1], x[:1]))
 

@@ -38,8 +38,11 @@ def _imports(body, *, in_type_checking: bool = False):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             yield node
             continue
-        if isinstance(node, ast.If) and isinstance(node.test, (ast.Name, ast.Attribute)) and \
-                getattr(node.test, "id", getattr(node.test, "attr", None)) == "TYPE_CHECKING":
+        if (
+            isinstance(node, ast.If)
+            and isinstance(node.test, (ast.Name, ast.Attribute))
+            and getattr(node.test, "id", getattr(node.test, "attr", None)) == "TYPE_CHECKING"
+        ):
             yield from _imports(node.orelse)
             continue
         for child in ast.iter_child_nodes(node):
@@ -124,7 +127,9 @@ def test_the_method_contract_imports_no_loop_code():
         if m not in seen:
             seen.add(m)
             todo += graph[m]
-    assert not seen & {"tether.trainers.online", "tether.trainers.rollout", "tether.engine", "tether.generation"}, sorted(seen)
+    assert not seen & {"tether.trainers.online", "tether.trainers.rollout", "tether.engine", "tether.generation"}, (
+        sorted(seen)
+    )
 
 
 def test_the_checker_finds_a_circle_through_a_function_level_import(tmp_path):

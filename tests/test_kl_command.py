@@ -14,8 +14,25 @@ def _run(tmp_path, policy, reference, samples=32, extra=()):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(PROMPTS)
     out = tmp_path / "kl.json"
-    rc = kl_main(["--policy", policy, "--reference", reference, "--prompts", str(prompts), "--samples", str(samples),
-                  "--max_new_tokens", "32", "--seed", "0", "--json", str(out), *extra])
+    rc = kl_main(
+        [
+            "--policy",
+            policy,
+            "--reference",
+            reference,
+            "--prompts",
+            str(prompts),
+            "--samples",
+            str(samples),
+            "--max_new_tokens",
+            "32",
+            "--seed",
+            "0",
+            "--json",
+            str(out),
+            *extra,
+        ]
+    )
     assert rc == 0
     return json.loads(out.read_text())
 
@@ -137,11 +154,11 @@ def test_tether_kl_under_filters_matches_an_independent_float64_computation(tmp_
     plain float64 forward of both models on the same samples (regenerated from the same seed and batch
     size, with the sets the sampler stored), to float32 rounding of 32-token sums of log-probs of
     magnitude ≲ 20 (f32_tol). The exact KL exceeds the filter cost: the perturbation moved the policy."""
-    from conftest import f32_tol
-
     from tether.engine import generate_batches
     from tether.measure import encode_prompts
     from tether.modeling import load_causal_lm, load_tokenizer
+
+    from conftest import f32_tol
 
     f = FILTERS[setting]
     path = _perturbed(tmp_path, stories_path)
@@ -149,8 +166,9 @@ def test_tether_kl_under_filters_matches_an_independent_float64_computation(tmp_
     res = _run(tmp_path, path, stories_path, samples=4, extra=extra)
     tok, policy, reference = load_tokenizer(path), load_causal_lm(path), load_causal_lm(stories_path)
     ids = encode_prompts(tok, PROMPTS.strip().split("\n"))
-    (smp,) = generate_batches(policy, ids, tokenizer=tok, sampling=f, max_new_tokens=32, batch_size=64, seed=0,
-                              samples_per_prompt=4)  # tether kl's draw: the same seed, batch size and sampler
+    (smp,) = generate_batches(
+        policy, ids, tokenizer=tok, sampling=f, max_new_tokens=32, batch_size=64, seed=0, samples_per_prompt=4
+    )  # tether kl's draw: the same seed, batch size and sampler
     exact, k1, cost = _independent_kl(policy.double(), reference.double(), smp.batch, f.get("temperature", 1.0))
     tol = f32_tol(32 * 20.0)
     assert res["estimators"]["exact"]["mean"] == pytest.approx(float(exact.mean()), abs=tol)
@@ -160,12 +178,12 @@ def test_tether_kl_under_filters_matches_an_independent_float64_computation(tmp_
 
 
 @pytest.mark.parametrize("setting", list(FILTERS))
-def test_kl_ref_of_the_online_rollout_under_filters_matches_the_independent_computation(tmp_path, stories_path, setting):
+def test_kl_ref_of_the_online_rollout_under_filters_matches_the_independent_computation(
+    tmp_path, stories_path, setting
+):
     """The online trainers' kl/ref and kl/filter_cost (collect_rollout -> rollout_stats, what every
     controller is fed) on a perturbed stories260K rollout of 8 x 24 tokens: the same independent float64
     computation of KL[π^{τ,F}_θ‖π^τ_ref] on the rollout's own samples and stored sets."""
-    from conftest import f32_tol
-
     from tether.measure import encode_prompts
     from tether.modeling import load_causal_lm, load_tokenizer
     from tether.reference import FrozenReference
@@ -174,6 +192,8 @@ def test_kl_ref_of_the_online_rollout_under_filters_matches_the_independent_comp
     from tether.trainers.ppo import PPOConfig
     from tether.trainers.rollout import collect_rollout, rollout_stats
 
+    from conftest import f32_tol
+
     f = FILTERS[setting]
     path = _perturbed(tmp_path, stories_path)
     tok, policy = load_tokenizer(path), load_causal_lm(path)
@@ -181,11 +201,23 @@ def test_kl_ref_of_the_online_rollout_under_filters_matches_the_independent_comp
     prompts = [p for p in PROMPTS.strip().split("\n") for _ in range(2)]
     cfg = PPOConfig(max_new_tokens=24, kl_estimator="k1", **f)
     length = CallableSource(lambda completions: [float(len(c)) for c in completions], name="len")
-    ro = collect_rollout(policy, reference, None, RewardSet(length), tok, prompts, encode_prompts(tok, prompts), cfg=cfg,
-                         generator=seeded(0, 1), chunk=4, device="cpu")
+    ro = collect_rollout(
+        policy,
+        reference,
+        None,
+        RewardSet(length),
+        tok,
+        prompts,
+        encode_prompts(tok, prompts),
+        cfg=cfg,
+        generator=seeded(0, 1),
+        chunk=4,
+        device="cpu",
+    )
     sums, counts = rollout_stats(ro, beta=0.1)
-    exact, k1, cost = _independent_kl(load_causal_lm(path).double(), load_causal_lm(stories_path).double(), ro.batch,
-                                      f.get("temperature", 1.0))
+    exact, k1, cost = _independent_kl(
+        load_causal_lm(path).double(), load_causal_lm(stories_path).double(), ro.batch, f.get("temperature", 1.0)
+    )
     tol = f32_tol(24 * 20.0)
     assert sums["kl/ref"] / counts["kl/ref"] == pytest.approx(float(exact.mean()), abs=tol)
     assert sums["kl/filter_cost"] / counts["kl/filter_cost"] == pytest.approx(float(cost.mean()), abs=tol)

@@ -18,8 +18,6 @@ import math
 import pytest
 import torch
 
-from tether.oracle import TabularPolicy, expected_kl_gradient, kl_surrogate, sequence_kl
-from tether.oracle.tabular import make_problem
 from tether.ops.kl import (
     ESTIMATOR_NAMES,
     ESTIMATORS,
@@ -33,11 +31,14 @@ from tether.ops.kl import (
     seq_sum,
 )
 from tether.ops.logprobs import selective_logps
+from tether.oracle import TabularPolicy, expected_kl_gradient, kl_surrogate, sequence_kl
+from tether.oracle.tabular import make_problem
 
 TIGHT = dict(rtol=1e-10, atol=1e-12)  # float64 sums of O(1) terms over at most a few hundred sequences
 
 
 # ---- testbeds --------------------------------------------------------------------------------------
+
 
 def _categorical(V=5, seed=0):
     """θ (trainable) and reference logits of one categorical, with its whole support as a batch of
@@ -91,6 +92,7 @@ def _expect_tokens(pol, ref, fn):
 
 # ---- values: E[estimator] by exact summation -----------------------------------------------------------
 
+
 def test_values_on_a_categorical():
     """E_p[k1] = E_p[k3] = E_p[exact] = KL[p‖q]; E_p[k2] = Σ p lr²/2 ≠ KL; the forward estimators
     (importance-weighted, samples from p) have E = KL[q‖p] (k1, k3, exact) and Σ q lr²/2 (k2)."""
@@ -101,14 +103,19 @@ def test_values_on_a_categorical():
     kl_rev, kl_fwd = (p * (lp - lq)).sum(), (q * (lq - lp)).sum()
     k2_exact, fk2_exact = (p * (lp - lq) ** 2 / 2).sum(), (q * (lp - lq) ** 2 / 2).sum()
     expected = {
-        ("k1", "reverse"): kl_rev, ("k3", "reverse"): kl_rev, ("exact", "reverse"): kl_rev,
+        ("k1", "reverse"): kl_rev,
+        ("k3", "reverse"): kl_rev,
+        ("exact", "reverse"): kl_rev,
         ("k2", "reverse"): k2_exact,
-        ("k1", "forward"): kl_fwd, ("k3", "forward"): kl_fwd, ("exact", "forward"): kl_fwd,
+        ("k1", "forward"): kl_fwd,
+        ("k3", "forward"): kl_fwd,
+        ("exact", "forward"): kl_fwd,
         ("k2", "forward"): fk2_exact,
     }
     for (est, direction), want in expected.items():
-        vals = kl_per_token(logps, ref_logps, mask, estimator=est, direction=direction,
-                            logits=logits, ref_logits=ref_logits).per_token[:, 0]
+        vals = kl_per_token(
+            logps, ref_logps, mask, estimator=est, direction=direction, logits=logits, ref_logits=ref_logits
+        ).per_token[:, 0]
         got = (p * vals).sum()
         assert got.item() == pytest.approx(want.item(), rel=1e-12), (est, direction)
     assert abs(k2_exact - kl_rev) > 1e-2  # k2 is biased: here ~25% off (π_θ and π_ref are far apart)
@@ -132,12 +139,22 @@ def test_values_on_a_tree():
     fk2_states = (d * q * (lp - lq) ** 2 / 2).sum()
     assert kl_rev.item() == pytest.approx(kl_rev_states.item(), rel=1e-12)
     for est, direction, want in [
-        ("k1", "reverse", kl_rev), ("k3", "reverse", kl_rev), ("exact", "reverse", kl_rev), ("k2", "reverse", k2_states),
-        ("k1", "forward", kl_fwd_visited), ("k3", "forward", kl_fwd_visited), ("exact", "forward", kl_fwd_visited),
+        ("k1", "reverse", kl_rev),
+        ("k3", "reverse", kl_rev),
+        ("exact", "reverse", kl_rev),
+        ("k2", "reverse", k2_states),
+        ("k1", "forward", kl_fwd_visited),
+        ("k3", "forward", kl_fwd_visited),
+        ("exact", "forward", kl_fwd_visited),
         ("k2", "forward", fk2_states),
     ]:
-        got = _expect_tokens(pol, ref, lambda lps, rlps, m, lg, rlg: seq_sum(kl_per_token(
-            lps, rlps, m, estimator=est, direction=direction, logits=lg, ref_logits=rlg).per_token, m))
+        got = _expect_tokens(
+            pol,
+            ref,
+            lambda lps, rlps, m, lg, rlg: seq_sum(
+                kl_per_token(lps, rlps, m, estimator=est, direction=direction, logits=lg, ref_logits=rlg).per_token, m
+            ),
+        )
         assert got.item() == pytest.approx(want.item(), rel=1e-12), (est, direction)
     assert abs(kl_fwd_visited - kl_fwd) > 0.05  # the per-token forward sum is a different quantity for T > 1
     seq_fwd = _expect_tokens(pol, ref, lambda lps, rlps, m, lg, rlg: forward_k3(seq_sum(lps - rlps, m)))
@@ -194,8 +211,12 @@ def _targets(pol, ref):
 
     k2_total = _grad(k2_states(pol.state_probs()), pol)  # ∇ E_θ[Σ_t k2_t], states differentiated too
     return {
-        "rev": rev, "zero": torch.zeros_like(rev), "local": local, "fwdloc": fwdloc,
-        "rev_minus_fwdloc": rev - fwdloc, "rev_minus_local": rev - local,
+        "rev": rev,
+        "zero": torch.zeros_like(rev),
+        "local": local,
+        "fwdloc": fwdloc,
+        "rev_minus_fwdloc": rev - fwdloc,
+        "rev_minus_local": rev - local,
         "k2_score": k2_total - local,  # score part = total derivative - pathwise part (the k2 loss = local)
         "k2_local_value": _grad(k2_states(pol.state_probs().detach()), pol),
     }
@@ -228,9 +249,15 @@ def test_single_token_gradients_are_the_textbook_ones():
     torch.testing.assert_close(_grad(sequence_kl(pol, ref), pol), rev, **TIGHT)
     torch.testing.assert_close(_grad(sequence_kl(ref, pol), pol), fwd, **TIGHT)
     for (est, pl), want in {
-        ("k1", "reward"): rev, ("k2", "loss"): rev, ("k3", "loss_is"): rev, ("exact", "loss"): rev,
-        ("k1", "loss_is"): rev, ("k3", "loss"): fwd, ("k3", "reward"): rev - fwd,
-        ("k1", "loss"): 0 * rev, ("exact", "reward"): 0 * rev,
+        ("k1", "reward"): rev,
+        ("k2", "loss"): rev,
+        ("k3", "loss_is"): rev,
+        ("exact", "loss"): rev,
+        ("k1", "loss_is"): rev,
+        ("k3", "loss"): fwd,
+        ("k3", "reward"): rev - fwd,
+        ("k1", "loss"): 0 * rev,
+        ("exact", "reward"): 0 * rev,
     }.items():
         torch.testing.assert_close(expected_kl_gradient(pol, ref, estimator=est, placement=pl), want, **TIGHT)
 
@@ -265,7 +292,8 @@ def test_score_plus_pathwise_is_the_total_derivative():
     rev = _grad(sequence_kl(pol, ref), pol)
     for est in ("k1", "k3", "exact"):
         total = expected_kl_gradient(pol, ref, estimator=est, placement="reward") + expected_kl_gradient(
-            pol, ref, estimator=est, placement="loss")
+            pol, ref, estimator=est, placement="loss"
+        )
         torch.testing.assert_close(total, rev, **TIGHT)
 
 
@@ -315,6 +343,7 @@ def test_monte_carlo_gradient_matches_exact(est, pl, wrong):
 
 # ---- sign: the KL term pulls toward π_ref --------------------------------------------------------------
 
+
 def test_one_step_on_the_kl_term_reduces_the_kl():
     """θ ← θ - η β g with g the expected gradient of the penalty: the exact KL goes down (and goes up
     for the opposite step, so the check can fail). Categorical (T = 1): every pair whose gradient is
@@ -325,8 +354,10 @@ def test_one_step_on_the_kl_term_reduces_the_kl():
         moved = TabularPolicy(pol.space, pol.table.detach() - sign * lr * beta * g, trainable=False)
         return (sequence_kl(ref, moved) if fwd else sequence_kl(moved, ref)).sum().item()
 
-    for T, pairs in [(1, [("k1", "reward"), ("k2", "loss"), ("k3", "loss_is"), ("exact", "loss"), ("k3", "loss")]),
-                     (3, [("k1", "reward")])]:
+    for T, pairs in [
+        (1, [("k1", "reward"), ("k2", "loss"), ("k3", "loss_is"), ("exact", "loss"), ("k3", "loss")]),
+        (3, [("k1", "reward")]),
+    ]:
         space, pol, ref = _tree(T=T, seed=4)
         for est, pl in pairs:
             fwd = (est, pl) == ("k3", "loss")
@@ -335,7 +366,8 @@ def test_one_step_on_the_kl_term_reduces_the_kl():
             assert kl_after(pol, ref, g, +1, fwd) < before < kl_after(pol, ref, g, -1, fwd), (T, est, pl)
     space, pol, ref = _tree(T=3, seed=4)
     g = expected_kl_gradient(pol, ref, estimator="exact", placement="loss") + expected_kl_gradient(
-        pol, ref, estimator="exact", placement="reward")
+        pol, ref, estimator="exact", placement="reward"
+    )
     before = sequence_kl(pol, ref).sum().item()
     assert kl_after(pol, ref, g, +1) < before < kl_after(pol, ref, g, -1)
 
@@ -353,6 +385,7 @@ def test_kl_loss_term_is_the_penalty_not_the_objective():
 
 
 # ---- clamps --------------------------------------------------------------------------------------------
+
 
 def test_clamps_report_the_clamped_fraction_and_zero_the_gradient():
     """lr = [[0, 25, -25, 1], [3, 30(masked), 0(masked), 0(masked)]]: 5 counted tokens.
@@ -401,8 +434,10 @@ def test_unknown_estimator_and_missing_logits_raise():
 FILTER_TABLE = {
     "k1": ("unbiased for KL[π^{τ,F}_θ‖π^τ_ref] with the fixed reference", "unbiased for KL[π^{τ,F}_θ‖π^{τ,F}_ref]"),
     "k2": ("biased", "biased"),
-    "k3": ("biased by -(reference mass outside F_t) per token with the fixed reference",
-           "Unbiased for KL[π^{τ,F}_θ‖π^{τ,F}_ref] with the restricted reference"),
+    "k3": (
+        "biased by -(reference mass outside F_t) per token with the fixed reference",
+        "Unbiased for KL[π^{τ,F}_θ‖π^{τ,F}_ref] with the restricted reference",
+    ),
     "exact": ("exact for KL[π^{τ,F}_θ‖π^τ_ref]", "minus the filter cost"),
 }
 
@@ -446,9 +481,16 @@ def test_values_under_sampling_filters():
     kl = sum(a * math.log(a / b) for a, b in zip(p, q))
     k2 = sum(a * math.log(a / b) ** 2 / 2 for a, b in zip(p, q))
     got = _filtered_expectations((0.5, 0.3, 0.2), (0.2, 0.3, 0.5), top_k=2)
-    want = {("restricted", "k1"): kl, ("restricted", "k3"): kl, ("restricted", "exact"): kl, ("restricted", "k2"): k2,
-            ("none", "k1"): kl - math.log(0.5), ("none", "exact"): kl - math.log(0.5),
-            ("none", "k3"): kl - math.log(0.5) - 0.5, "cost": -math.log(0.5)}
+    want = {
+        ("restricted", "k1"): kl,
+        ("restricted", "k3"): kl,
+        ("restricted", "exact"): kl,
+        ("restricted", "k2"): k2,
+        ("none", "k1"): kl - math.log(0.5),
+        ("none", "exact"): kl - math.log(0.5),
+        ("none", "k3"): kl - math.log(0.5) - 0.5,
+        "cost": -math.log(0.5),
+    }
     for key, v in want.items():
         assert got[key] == pytest.approx(v, rel=1e-12, abs=1e-14), key
     assert k2 > kl * 1.005  # k2 stays biased
@@ -475,7 +517,9 @@ def test_restricted_reference_hides_a_policy_that_left_the_reference_top_k():
         assert got["restricted", est] == pytest.approx(0.0, abs=1e-15), est
     for est in ("k1", "exact"):
         assert got["none", est] == pytest.approx(math.log(25), rel=1e-12), est
-    assert got["kl/ref"] == pytest.approx(math.log(25), rel=1e-12) and got["cost"] == pytest.approx(-math.log(0.04), rel=1e-12)
+    assert got["kl/ref"] == pytest.approx(math.log(25), rel=1e-12) and got["cost"] == pytest.approx(
+        -math.log(0.04), rel=1e-12
+    )
     assert round(got["kl/ref"], 2) == 3.22
     for pol in ((0.001, 0.5, 0.499), (0.2, 0.5, 0.3), (0.9, 0.06, 0.04)):  # no ties: top-k keeps ties
         one = _filtered_expectations(pol, (0.96, 0.02, 0.02), top_k=1)
@@ -507,6 +551,7 @@ def test_restricted_reference_drops_to_zero_at_the_top_p_threshold():
 
 # ---- Schulman's blog check (docs/theory.md §2) -----------------------------------------------------------------
 
+
 def test_gaussian_blog_numbers():
     """q = N(0, 1) samples, p = N(μ, 1), μ = 1, true KL[q‖p] = μ²/2 = 0.5. In the repo's convention
     π_θ = q, π_ref = p: lr = log q(x) - log p(x) = μ²/2 - μx. Closed forms (x ~ N(0, 1)):
@@ -520,7 +565,7 @@ def test_gaussian_blog_numbers():
     1.7': ±0.05)."""
     mu = 1.0
     x = torch.linspace(-12, 12, 240001, dtype=torch.float64)
-    w = torch.exp(-x**2 / 2) / math.sqrt(2 * math.pi)
+    w = torch.exp(-(x**2) / 2) / math.sqrt(2 * math.pi)
     lr = mu**2 / 2 - mu * x
     true = mu**2 / 2
 
@@ -565,9 +610,12 @@ def _two_step_sums(bd: float):
         ref_logits[i, 1, 2:] = 0.0  # uniform on {c, d}
     mask = torch.ones(4, 2, dtype=torch.bool)
     logps, ref_logps = selective_logps(logits, tokens), selective_logps(ref_logits, tokens)
-    sums = {est: seq_sum(kl_per_token(logps, ref_logps, mask, estimator=est, logits=logits, ref_logits=ref_logits).per_token,
-                         mask)
-            for est in ("k1", "exact")}
+    sums = {
+        est: seq_sum(
+            kl_per_token(logps, ref_logps, mask, estimator=est, logits=logits, ref_logits=ref_logits).per_token, mask
+        )
+        for est in ("k1", "exact")
+    }
     return mass[keep], sums["k1"][keep], sums["exact"][keep]
 
 

@@ -15,8 +15,20 @@ from tether.trainers.grpo import GRPOConfig, train_grpo
 from tether.trainers.ppo import PPOConfig, train_ppo
 from tether.trainers.rloo import RLOOConfig, train_rloo
 
-PROMPTS = ["Once upon a time", "The little dog", "One day, a girl", "Tom was", "The sun was", "Lily saw a",
-           "The cat", "In the park,", "Ben and Mia", "The big tree", "Sam had a", "At night,"]
+PROMPTS = [
+    "Once upon a time",
+    "The little dog",
+    "One day, a girl",
+    "Tom was",
+    "The sun was",
+    "Lily saw a",
+    "The cat",
+    "In the park,",
+    "Ben and Mia",
+    "The big tree",
+    "Sam had a",
+    "At night,",
+]
 
 
 def _length(completions):
@@ -34,11 +46,32 @@ def test_beta_zero_logs_kl_ref_and_position_buckets(method, stories_path, tmp_pa
     (a decomposition of the same float64 sums, so to float rounding). A length reward is logged beside
     the optimised VADER: reward/rank_corr/words lies in [-1, 1] and the evaluation carries its stderr
     and eval/hacking (0: two evaluations cannot show a turn)."""
-    cls, train = {"ppo": (PPOConfig, train_ppo), "grpo": (GRPOConfig, train_grpo), "rloo": (RLOOConfig, train_rloo)}[method]
-    cfg = cls(model=stories_path, output_dir=str(tmp_path / method), beta=0.0, batch_size=8, samples_per_prompt=2 if method != "ppo" else 1,
-              max_new_tokens=8, learning_rate=1e-2, max_steps=2, eval_every=2, eval_max_prompts=4, eval_samples=2,
-              progress=False, sample_every=0, seed=0, **({"kl_placement": "loss"} if method == "grpo" else {}))
-    res = train(cfg, prompts=PROMPTS, reward=CallableSource(_length, name="len"), log_rewards=[CallableSource(_words, name="words")])
+    cls, train = {"ppo": (PPOConfig, train_ppo), "grpo": (GRPOConfig, train_grpo), "rloo": (RLOOConfig, train_rloo)}[
+        method
+    ]
+    cfg = cls(
+        model=stories_path,
+        output_dir=str(tmp_path / method),
+        beta=0.0,
+        batch_size=8,
+        samples_per_prompt=2 if method != "ppo" else 1,
+        max_new_tokens=8,
+        learning_rate=1e-2,
+        max_steps=2,
+        eval_every=2,
+        eval_max_prompts=4,
+        eval_samples=2,
+        progress=False,
+        sample_every=0,
+        seed=0,
+        **({"kl_placement": "loss"} if method == "grpo" else {}),
+    )
+    res = train(
+        cfg,
+        prompts=PROMPTS,
+        reward=CallableSource(_length, name="len"),
+        log_rewards=[CallableSource(_words, name="words")],
+    )
     h = res["history"]
     assert [r["step"] for r in h] == [1, 2]
     for r in h:
@@ -64,8 +97,20 @@ def test_dpo_refuses_beta_zero_and_logs_kl_ref_at_small_beta(stories_path, asset
     pos = (assets_dir / "rt-polarity" / "rt-polarity.pos").read_text(errors="replace").splitlines()
     neg = (assets_dir / "rt-polarity" / "rt-polarity.neg").read_text(errors="replace").splitlines()
     rows = sentiment_pairs(pos, neg, n=16, seed=0)
-    kw = dict(model=stories_path, max_steps=2, eval_every=2, batch_size=4, learning_rate=1e-2, max_length=48, eval_pairs=4,
-              kl_prompts=4, kl_samples=1, kl_max_new_tokens=8, progress=False, seed=0)
+    kw = dict(
+        model=stories_path,
+        max_steps=2,
+        eval_every=2,
+        batch_size=4,
+        learning_rate=1e-2,
+        max_length=48,
+        eval_pairs=4,
+        kl_prompts=4,
+        kl_samples=1,
+        kl_max_new_tokens=8,
+        progress=False,
+        seed=0,
+    )
     with pytest.raises(UserError, match="beta=0.0.*--beta 0"):
         train_dpo(DPOConfig(output_dir=str(tmp_path / "zero"), beta=0.0, **kw), rows=rows)
     res = train_dpo(DPOConfig(output_dir=str(tmp_path / "tiny"), beta=1e-6, reference="copy", **kw), rows=rows)
@@ -79,13 +124,28 @@ def test_position_weights_of_one_are_bit_identical_and_others_change_the_penalty
     floats). w = (4, 2, 1) changes the training: with the exact KL in PPO's reward the applied penalty is
     β Σ_t w_t kl_t > β·kl/ref (the default's penalty equals β·kl/ref)."""
     cls, train = (PPOConfig, train_ppo) if method == "ppo" else (GRPOConfig, train_grpo)
-    base = dict(model=stories_path, beta=0.1, batch_size=8, max_new_tokens=8, learning_rate=1e-2, max_steps=2 if method == "ppo" else 3,
-                eval_every=0,
-                progress=False, sample_every=0, seed=0, kl_estimator="exact" if method == "ppo" else "k3",
-                **({"samples_per_prompt": 2} if method == "grpo" else {}))
-    runs = {name: train(cls(output_dir=str(tmp_path / name), **base, **kw), prompts=PROMPTS)["history"]
-            for name, kw in [("default", {}), ("ones", {"beta_position_weights": [1.0]}),
-                             ("weighted", {"beta_position_weights": [4.0, 2.0, 1.0]})]}
+    base = dict(
+        model=stories_path,
+        beta=0.1,
+        batch_size=8,
+        max_new_tokens=8,
+        learning_rate=1e-2,
+        max_steps=2 if method == "ppo" else 3,
+        eval_every=0,
+        progress=False,
+        sample_every=0,
+        seed=0,
+        kl_estimator="exact" if method == "ppo" else "k3",
+        **({"samples_per_prompt": 2} if method == "grpo" else {}),
+    )
+    runs = {
+        name: train(cls(output_dir=str(tmp_path / name), **base, **kw), prompts=PROMPTS)["history"]
+        for name, kw in [
+            ("default", {}),
+            ("ones", {"beta_position_weights": [1.0]}),
+            ("weighted", {"beta_position_weights": [4.0, 2.0, 1.0]}),
+        ]
+    }
     for a, b in zip(runs["default"], runs["ones"]):
         assert a == b
     assert runs["weighted"][0]["kl/ref"] == runs["default"][0]["kl/ref"] == 0.0  # the same first rollout, from π_ref

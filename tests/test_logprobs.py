@@ -54,6 +54,7 @@ def _value_and_grads(fn, inputs, weights):
 
 # ---- value and gradient equivalence, float64 (the math, with no rounding to hide behind) ------------
 
+
 @pytest.mark.parametrize("chunk", CHUNKS)
 def test_selective_logps_equals_naive_fp64(chunk):
     logits = _logits(3, 7, 11)  # (B, T, V)
@@ -115,6 +116,7 @@ def test_dtypes_and_shape_errors():
 
 # ---- bf16 logits: computed in fp32 -------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("chunk", [5, 100])
 def test_bf16_logits_match_naive_upcast(chunk):
     logits = _logits(3, 7, 50, seed=8, dtype=torch.bfloat16)
@@ -139,6 +141,7 @@ def test_bf16_logits_match_naive_upcast(chunk):
 
 
 # ---- sampling filters ---------------------------------------------------------------------------------
+
 
 def test_temperature_divides_logits():
     x = torch.tensor([1.0, 2.0, -4.0])

@@ -29,8 +29,14 @@ def _inputs(*, log_ratio=(math.log(1.5), math.log(0.5)), adv=(1.0, -1.0), ref_sh
     old = torch.tensor([[-1.0, -2.0]], dtype=torch.float64)
     logps = (old + torch.tensor([log_ratio], dtype=torch.float64)).requires_grad_(True)
     ref = logps.detach() - torch.tensor([ref_shift], dtype=torch.float64)  # logps - ref_logps = ref_shift
-    return LossInputs(logps=logps, old_logps=old, ref_logps=ref, mask=torch.ones(1, 2, dtype=torch.bool),
-                      advantages=torch.tensor([adv], dtype=torch.float64), **kw)
+    return LossInputs(
+        logps=logps,
+        old_logps=old,
+        ref_logps=ref,
+        mask=torch.ones(1, 2, dtype=torch.bool),
+        advantages=torch.tensor([adv], dtype=torch.float64),
+        **kw,
+    )
 
 
 ONE = Counts(tokens=2.0, seqs=1.0)
@@ -42,8 +48,11 @@ def test_ppo_loss_clipped_surrogate_plus_value_loss():
     Value token mean 0.3125; total = -0.2 + vf_coef 0.1 x 0.3125 = -0.16875. The policy gradient is 0
     (both tokens clipped); dL/dV = vf_coef x (V - R)/N = 0.1 x (0.5, -1)/2 = (0.025, -0.05)."""
     values = torch.tensor([[1.0, 0.0]], dtype=torch.float64, requires_grad=True)
-    x = _inputs(values=values, old_values=torch.zeros(1, 2, dtype=torch.float64),
-                returns=torch.tensor([[0.5, 1.0]], dtype=torch.float64))
+    x = _inputs(
+        values=values,
+        old_values=torch.zeros(1, 2, dtype=torch.float64),
+        returns=torch.tensor([[0.5, 1.0]], dtype=torch.float64),
+    )
     cfg = PPOConfig(clip_eps=0.2, clip_value=0.2, vf_coef=0.1, loss_aggregation="token_mean")
     loss, stats = ppo_loss(x, cfg=cfg, beta=0.1, counts=ONE)
     assert float(loss) == pytest.approx(-0.16875, abs=1e-12)
@@ -55,8 +64,12 @@ def test_ppo_loss_clipped_surrogate_plus_value_loss():
 
 def test_ppo_loss_unclipped_gradient_is_minus_advantage_times_ratio():
     """Inside the clip range (log ρ = 0, ρ = 1): L_t = -A_t·ρ_t, dL/dlogps_t = -A_t·ρ_t / N = (-0.5, 0.5)."""
-    x = _inputs(log_ratio=(0.0, 0.0), values=torch.zeros(1, 2, dtype=torch.float64),
-                old_values=torch.zeros(1, 2, dtype=torch.float64), returns=torch.zeros(1, 2, dtype=torch.float64))
+    x = _inputs(
+        log_ratio=(0.0, 0.0),
+        values=torch.zeros(1, 2, dtype=torch.float64),
+        old_values=torch.zeros(1, 2, dtype=torch.float64),
+        returns=torch.zeros(1, 2, dtype=torch.float64),
+    )
     loss, _ = ppo_loss(x, cfg=PPOConfig(vf_coef=0.0), beta=0.1, counts=ONE)
     loss.backward()
     torch.testing.assert_close(x.logps.grad, torch.tensor([[-0.5, 0.5]], dtype=torch.float64))
@@ -68,8 +81,14 @@ def test_ppo_exact_estimator_adds_its_direct_term_scaled_by_adv_scale():
     ½ ln(2/3) + ½ ln 2 = 0.143841; β = 0.5, adv_scale = 2 -> + 0.25 x 0.143841 = 0.035960."""
     logits = torch.zeros(1, 2, 2, dtype=torch.float64, requires_grad=True)
     ref_logits = torch.tensor([[[math.log(3), 0.0]] * 2], dtype=torch.float64)
-    common = dict(values=torch.zeros(1, 2, dtype=torch.float64), old_values=torch.zeros(1, 2, dtype=torch.float64),
-                  returns=torch.zeros(1, 2, dtype=torch.float64), adv_scale=2.0, logits=logits, ref_logits=ref_logits)
+    common = dict(
+        values=torch.zeros(1, 2, dtype=torch.float64),
+        old_values=torch.zeros(1, 2, dtype=torch.float64),
+        returns=torch.zeros(1, 2, dtype=torch.float64),
+        adv_scale=2.0,
+        logits=logits,
+        ref_logits=ref_logits,
+    )
     cfg = PPOConfig(vf_coef=0.0, kl_estimator="exact")
     with_term, _ = ppo_loss(_inputs(**common), cfg=cfg, beta=0.5, counts=ONE)
     without, _ = ppo_loss(_inputs(**common), cfg=PPOConfig(vf_coef=0.0, kl_estimator="k1"), beta=0.5, counts=ONE)

@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-from conftest import assert_close, f32_tol, logit_magnitude
 
 from tether.modeling import completion_logits, completion_logps, make_batch, position_ids
 from tether.ops.logprobs import apply_sampling_filters
 from tether.sampling import sample
+
+from conftest import assert_close, f32_tol, logit_magnitude
 
 
 def test_make_batch_layout():
@@ -25,7 +26,7 @@ def test_padded_scoring_equals_unpadded(stories):
     """Left padding with explicit position ids reproduces each row scored alone."""
     tok, model = stories
     prompts = [tok("Once upon a time")["input_ids"], tok("Tom")["input_ids"]]
-    comps = [tok("Once upon a time there was")["input_ids"][len(prompts[0]):], [263, 304, 341, 265, 284, 414, 435]]
+    comps = [tok("Once upon a time there was")["input_ids"][len(prompts[0]) :], [263, 304, 341, 265, 284, 414, 435]]
     batch = make_batch(prompts, comps, pad_id=tok.pad_token_id)
     lp = completion_logps(model, batch)
     for i in range(2):
@@ -37,14 +38,16 @@ def test_padded_scoring_equals_unpadded(stories):
         # a few float32 spacings of the dot products its logits come from (logit and logsumexp).
         tol = f32_tol(2 * logit_magnitude(model, full))
         assert_close(lp[i, : len(comps[i])], naive, abs=tol, what=f"row {i}")
-        assert (lp[i, len(comps[i]):] == 0).all()
+        assert (lp[i, len(comps[i]) :] == 0).all()
 
 
 def test_sampling_masks_after_eos_and_is_seeded(stories):
     tok, model = stories
     prompts = [tok("Once upon a time")["input_ids"]] * 6
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    b1, no_eos1 = sample(model, prompts, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=60, generator=g1)
+    b1, no_eos1 = sample(
+        model, prompts, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=60, generator=g1
+    )
     b2, _ = sample(model, prompts, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=60, generator=g2)
     assert torch.equal(b1.input_ids, b2.input_ids)
     comp = b1.completion_ids
@@ -64,7 +67,16 @@ def test_sampled_distribution_is_the_scored_one(stories):
     tok, model = stories
     prompts = [tok("The cat")["input_ids"]] * 4
     g = torch.Generator().manual_seed(0)
-    b, _ = sample(model, prompts, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=12, generator=g, top_k=3, temperature=0.7)
+    b, _ = sample(
+        model,
+        prompts,
+        pad_id=tok.pad_token_id,
+        eos_id=tok.eos_token_id,
+        max_new_tokens=12,
+        generator=g,
+        top_k=3,
+        temperature=0.7,
+    )
     lp = completion_logps(model, b, temperature=0.7, top_k=3)
     assert torch.isfinite(lp[b.mask]).all()
     raw = completion_logits(model, b)

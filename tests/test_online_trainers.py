@@ -22,9 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import f32_tol
 
-from conftest import assert_close, f32_tol, logit_magnitude, measured_tol
 from tether.distributed import Dist
 from tether.modeling import completion_logps, make_batch
 from tether.ops.kl import kl_loss_term
@@ -33,26 +31,60 @@ from tether.reference import FrozenReference
 from tether.rewards import RewardSet, VaderSource
 from tether.trainers.grpo import GRPO, GRPOConfig, train_grpo
 from tether.trainers.online import OnlineConfig, _validate, derive_sizes, seeded
-from tether.trainers.rollout import Rollout, apply_no_eos_penalty, collect_rollout
 from tether.trainers.ppo import PPO, PPOConfig, train_ppo
 from tether.trainers.ppo import prepare as ppo_prepare
 from tether.trainers.rloo import RLOOConfig, train_rloo
 from tether.trainers.rloo import prepare as rloo_prepare
+from tether.trainers.rollout import Rollout, apply_no_eos_penalty, collect_rollout
+
+from conftest import assert_close, f32_tol, logit_magnitude, measured_tol
 
 PROMPTS = [
-    "Once upon a time", "The little dog", "One day, a girl", "Tom was", "The sun was", "Lily saw a",
-    "The cat", "In the park,", "Ben and Mia", "The big tree", "Sam had a", "At night,",
+    "Once upon a time",
+    "The little dog",
+    "One day, a girl",
+    "Tom was",
+    "The sun was",
+    "Lily saw a",
+    "The cat",
+    "In the park,",
+    "Ben and Mia",
+    "The big tree",
+    "Sam had a",
+    "At night,",
 ]
 
 FIXED_METRICS = [
-    "kl/ref", "kl/ref_token_mean", "kl/filter_cost", "kl/penalty", "beta", "reward/score", "reward/total", "policy/entropy",
-    "gen/response_len", "gen/no_eos_frac", "opt/lr", "opt/grad_norm", "ppo/clipfrac", "ppo/approx_kl_old",
+    "kl/ref",
+    "kl/ref_token_mean",
+    "kl/filter_cost",
+    "kl/penalty",
+    "beta",
+    "reward/score",
+    "reward/total",
+    "policy/entropy",
+    "gen/response_len",
+    "gen/no_eos_frac",
+    "opt/lr",
+    "opt/grad_norm",
+    "ppo/clipfrac",
+    "ppo/approx_kl_old",
 ]
 
 
 def _cfg(cls, stories_path, tmp_path, name, **kw):
-    base = dict(model=stories_path, output_dir=str(tmp_path / name), batch_size=16, max_new_tokens=16,
-                learning_rate=5e-4, progress=False, sample_every=0, eval_max_prompts=12, eval_samples=2, seed=0)
+    base = dict(
+        model=stories_path,
+        output_dir=str(tmp_path / name),
+        batch_size=16,
+        max_new_tokens=16,
+        learning_rate=5e-4,
+        progress=False,
+        sample_every=0,
+        eval_max_prompts=12,
+        eval_samples=2,
+        seed=0,
+    )
     if cls is PPOConfig:
         base["num_epochs"] = 2
     base.update(kw)
@@ -67,9 +99,17 @@ def _rollout(lengths, *, T, scores, kl, values=None):
     mask = batch.mask
     z = torch.zeros(B, T)
     return Rollout(
-        batch=batch, prompts=["p"] * B, completions=["c"] * B, no_eos=torch.zeros(B, dtype=torch.bool),
-        scores=torch.tensor(scores), reward_metrics={}, old_logps=z, ref_logps=z,
-        kl_tokens=torch.where(mask, torch.full((B, T), kl), 0.0), kl_exact=z, entropy=z,
+        batch=batch,
+        prompts=["p"] * B,
+        completions=["c"] * B,
+        no_eos=torch.zeros(B, dtype=torch.bool),
+        scores=torch.tensor(scores),
+        reward_metrics={},
+        old_logps=z,
+        ref_logps=z,
+        kl_tokens=torch.where(mask, torch.full((B, T), kl), 0.0),
+        kl_exact=z,
+        entropy=z,
         values=z.clone() if values is None else values,
     )
 
@@ -86,8 +126,8 @@ def test_ppo_score_lands_on_last_token_and_returns_are_reward_to_go():
     ro = _rollout([3, 1, 4], T=4, scores=[1.0, 2.0, -1.0], kl=0.5)
     cfg = PPOConfig(gamma=1.0, lam=1.0, whiten_advantages=False)
     prep = ppo_prepare(scores=ro.scores, kl_tokens=ro.kl_tokens, mask=ro.mask, values=ro.values, cfg=cfg, beta=0.1)
-    want_r = torch.tensor([[-.05, -.05, .95, 0], [1.95, 0, 0, 0], [-.05, -.05, -.05, -1.05]])
-    want_g = torch.tensor([[.85, .9, .95, 0], [1.95, 0, 0, 0], [-1.2, -1.15, -1.1, -1.05]])
+    want_r = torch.tensor([[-0.05, -0.05, 0.95, 0], [1.95, 0, 0, 0], [-0.05, -0.05, -0.05, -1.05]])
+    want_g = torch.tensor([[0.85, 0.9, 0.95, 0], [1.95, 0, 0, 0], [-1.2, -1.15, -1.1, -1.05]])
     tol = f32_tol(want_r.abs().sum(-1).max())  # a return adds up to a row's rewards in float32
     assert_close(prep.rewards, want_r, abs=tol, what="rewards")
     assert_close(prep.returns, want_g, abs=tol, what="returns")
@@ -96,8 +136,14 @@ def test_ppo_score_lands_on_last_token_and_returns_are_reward_to_go():
     assert not hasattr(ro, "advantages")  # prepare returns; it writes nothing into the rollout
 
     ro = _rollout([3, 1, 4], T=4, scores=[1.0, 2.0, -1.0], kl=0.5)
-    prep = ppo_prepare(scores=ro.scores, kl_tokens=ro.kl_tokens, mask=ro.mask, values=ro.values,
-                       cfg=PPOConfig(gamma=1.0, lam=1.0, whiten_advantages=True), beta=0.1)
+    prep = ppo_prepare(
+        scores=ro.scores,
+        kl_tokens=ro.kl_tokens,
+        mask=ro.mask,
+        values=ro.values,
+        cfg=PPOConfig(gamma=1.0, lam=1.0, whiten_advantages=True),
+        beta=0.1,
+    )
     counted = want_g[ro.mask]
     assert prep.adv_scale == pytest.approx(float(counted.std(unbiased=False)), rel=1e-5)
     torch.testing.assert_close(prep.advantages[ro.mask], (counted - counted.mean()) / prep.adv_scale, atol=1e-5, rtol=0)
@@ -109,7 +155,9 @@ def test_rloo_sequence_reward_and_leave_one_out_advantage():
     sequence rewards = score - 0.5·len = (1 - 1, 0 - 1.5, 2 - 0.5, 1 - 2) = (0, -1.5, 1.5, -1);
     with k = 2 the leave-one-out baseline is the other sample: A = (1.5, -1.5, 2.5, -2.5)."""
     ro = _rollout([2, 3, 1, 4], T=4, scores=[1.0, 0.0, 2.0, 1.0], kl=1.0)
-    prep = rloo_prepare(scores=ro.scores, kl_tokens=ro.kl_tokens, mask=ro.mask, cfg=RLOOConfig(samples_per_prompt=2), beta=0.5)
+    prep = rloo_prepare(
+        scores=ro.scores, kl_tokens=ro.kl_tokens, mask=ro.mask, cfg=RLOOConfig(samples_per_prompt=2), beta=0.5
+    )
     torch.testing.assert_close(prep.advantages, torch.tensor([1.5, -1.5, 2.5, -2.5]), atol=1e-6, rtol=0)
 
 
@@ -176,8 +224,14 @@ def test_exact_kl_in_reward_needs_its_direct_term():
             logits = torch.stack([theta0, theta1[a]]).unsqueeze(0)  # (1, 2, V)
             ref_logits = torch.stack([ref0, ref1[a]]).unsqueeze(0)
             tokens_lp = torch.stack([logp0, logp1]).unsqueeze(0)  # (1, 2)
-            local = kl_loss_term(tokens_lp, tokens_lp.detach(), torch.ones(1, 2, dtype=torch.bool), estimator="exact",
-                                 logits=logits, ref_logits=ref_logits).per_token
+            local = kl_loss_term(
+                tokens_lp,
+                tokens_lp.detach(),
+                torch.ones(1, 2, dtype=torch.bool),
+                estimator="exact",
+                logits=logits,
+                ref_logits=ref_logits,
+            ).per_token
             direct_part = direct_part + w * local.sum()
     g_score = torch.autograd.grad(score_part, [theta0, theta1], retain_graph=True)
     g_direct = torch.autograd.grad(direct_part, [theta0, theta1])
@@ -206,12 +260,34 @@ def test_rollout_masks_after_eos_and_penalises_no_eos(stories):
     ids = [tok(p)["input_ids"] for p in prompts]
     cfg = OnlineConfig(max_new_tokens=12, no_eos_penalty=0.5, kl_estimator="k1")
     # Pick as "EOS" the most frequent token of a plain sample, so some rows stop and some do not.
-    probe = collect_rollout(model, FrozenReference(copy.deepcopy(model)), None, RewardSet(VaderSource()), tok, prompts, ids,
-                            cfg=cfg, generator=seeded(0, 0), chunk=4, device="cpu")
+    probe = collect_rollout(
+        model,
+        FrozenReference(copy.deepcopy(model)),
+        None,
+        RewardSet(VaderSource()),
+        tok,
+        prompts,
+        ids,
+        cfg=cfg,
+        generator=seeded(0, 0),
+        chunk=4,
+        device="cpu",
+    )
     counted = probe.batch.completion_ids[probe.mask]
     eos = int(torch.bincount(counted).argmax())
-    ro = collect_rollout(model, FrozenReference(copy.deepcopy(model)), None, RewardSet(VaderSource()), _EosAs(tok, eos),
-                         prompts, ids, cfg=cfg, generator=seeded(0, 0), chunk=3, device="cpu")
+    ro = collect_rollout(
+        model,
+        FrozenReference(copy.deepcopy(model)),
+        None,
+        RewardSet(VaderSource()),
+        _EosAs(tok, eos),
+        prompts,
+        ids,
+        cfg=cfg,
+        generator=seeded(0, 0),
+        chunk=3,
+        device="cpu",
+    )
     mask, comp = ro.mask, ro.batch.completion_ids
     lengths = mask.sum(-1)
     assert bool(ro.no_eos.any()) and bool((~ro.no_eos).any()), "want rows with and without EOS"
@@ -224,7 +300,7 @@ def test_rollout_masks_after_eos_and_penalises_no_eos(stories):
         else:
             assert row.index(eos) == n - 1  # the first EOS is the last counted token
         # the text continues the prompt (leading space kept) and stops at EOS
-        assert ro.completions[i] == tok.decode(ids[i] + row, skip_special_tokens=True)[len(prompts[i]):]
+        assert ro.completions[i] == tok.decode(ids[i] + row, skip_special_tokens=True)[len(prompts[i]) :]
         assert ro.completions[i].strip() == tok.decode(row, skip_special_tokens=True).strip()
     for name in ("old_logps", "ref_logps", "kl_tokens", "kl_exact", "entropy"):
         assert float(getattr(ro, name)[~mask].abs().sum()) == 0.0, name
@@ -252,15 +328,31 @@ def test_update_is_invariant_to_micro_batching(stories, stories_path, method):
     if method == "ppo":
         cfg, m = PPOConfig(batch_size=8, num_epochs=1, max_grad_norm=0.0, value_model="head", max_new_tokens=10), PPO
     else:
-        cfg, m = GRPOConfig(batch_size=8, samples_per_prompt=4, max_grad_norm=0.0, max_new_tokens=10, kl_placement="loss_is"), GRPO
+        cfg, m = (
+            GRPOConfig(
+                batch_size=8, samples_per_prompt=4, max_grad_norm=0.0, max_new_tokens=10, kl_placement="loss_is"
+            ),
+            GRPO,
+        )
     policy = copy.deepcopy(model)
     vm = build_value_model("head", policy, model_path=stories_path) if method == "ppo" else None
     if vm is not None:
         torch.nn.init.normal_(vm.head.weight, std=0.1)  # non-zero values, so the value loss has a gradient everywhere
     reference = FrozenReference(copy.deepcopy(model))
     prompts = [p for p in PROMPTS[:2] for _ in range(4)]
-    ro = collect_rollout(policy, reference, vm, RewardSet(VaderSource()), tok, prompts, [tok(p)["input_ids"] for p in prompts],
-                         cfg=cfg, generator=seeded(1, 2), chunk=8, device="cpu")
+    ro = collect_rollout(
+        policy,
+        reference,
+        vm,
+        RewardSet(VaderSource()),
+        tok,
+        prompts,
+        [tok(p)["input_ids"] for p in prompts],
+        cfg=cfg,
+        generator=seeded(1, 2),
+        chunk=8,
+        device="cpu",
+    )
     prep = m.prepare(scores=ro.scores, kl_tokens=ro.kl_tokens, mask=ro.mask, values=ro.values, cfg=cfg, beta=0.1)
     out = []
     for micro in (8, 2):
@@ -268,10 +360,26 @@ def test_update_is_invariant_to_micro_batching(stories, stories_path, method):
         v = copy.deepcopy(vm)
         params, vparams = [x for x in p.parameters() if x.requires_grad], list(v.parameters()) if v is not None else []
         opt = torch.optim.SGD(params + vparams, lr=1.0)
-        optimise(p, v, opt, params, vparams, ro, prep, m, cfg=cfg, beta=0.1, sizes=Sizes(2, 8, 8, micro), dist=Dist(),
-                 ref_logits=None, step=0)
+        optimise(
+            p,
+            v,
+            opt,
+            params,
+            vparams,
+            ro,
+            prep,
+            m,
+            cfg=cfg,
+            beta=0.1,
+            sizes=Sizes(2, 8, 8, micro),
+            dist=Dist(),
+            ref_logits=None,
+            step=0,
+        )
         out.append(torch.cat([x.detach().flatten() for x in params + vparams]))
-    before = torch.cat([x.detach().flatten() for x in list(policy.parameters()) + (list(vm.parameters()) if vm else [])])
+    before = torch.cat(
+        [x.detach().flatten() for x in list(policy.parameters()) + (list(vm.parameters()) if vm else [])]
+    )
     assert float((out[0] - before).abs().max()) > 1e-4  # the update did something
     torch.testing.assert_close(out[1], out[0], atol=2e-6, rtol=1e-5)  # float summation order only
 
@@ -289,8 +397,12 @@ def _last(history, key, n):
 def test_ppo_raises_vader_and_larger_beta_keeps_kl_smaller(stories_path, tmp_path):
     """Fixed β, 12 steps of 16 completions. β = 0.02: the held-out mean VADER rises clearly over the
     reference's while the KL stays bounded. β = 0.5 (same seed, same prompts): a smaller final KL."""
-    small = train_ppo(_cfg(PPOConfig, stories_path, tmp_path, "small", beta=0.02, max_steps=12, eval_every=12), prompts=PROMPTS)
-    large = train_ppo(_cfg(PPOConfig, stories_path, tmp_path, "large", beta=0.5, max_steps=12, eval_every=12), prompts=PROMPTS)
+    small = train_ppo(
+        _cfg(PPOConfig, stories_path, tmp_path, "small", beta=0.02, max_steps=12, eval_every=12), prompts=PROMPTS
+    )
+    large = train_ppo(
+        _cfg(PPOConfig, stories_path, tmp_path, "large", beta=0.5, max_steps=12, eval_every=12), prompts=PROMPTS
+    )
     ev0, ev = small["eval_history"][0], small["eval_history"][-1]
     assert ev0["step"] == 0 and abs(ev0["eval/kl"]) < 1e-6  # the reference itself
     assert ev["eval/reward/vader"] > ev0["eval/reward/vader"] + 0.2, (ev0, ev)
@@ -309,8 +421,17 @@ def test_adaptive_controller_settles_near_target_kl(stories_path, tmp_path):
     gradient term) gives the controller the least noisy penalty. Tolerance ±30% of the target on the
     mean kl/ref of the last 10 steps: the per-step KL of 16 samples has a standard error of ~0.3 nats
     and the loop lags β by a few steps."""
-    cfg = _cfg(PPOConfig, stories_path, tmp_path, "adaptive", beta=0.2, kl_target=3.0, kl_horizon=16, kl_estimator="exact",
-               max_steps=30)
+    cfg = _cfg(
+        PPOConfig,
+        stories_path,
+        tmp_path,
+        "adaptive",
+        beta=0.2,
+        kl_target=3.0,
+        kl_horizon=16,
+        kl_estimator="exact",
+        max_steps=30,
+    )
     res = train_ppo(cfg, prompts=PROMPTS)
     kl = _last(res["history"], "kl/ref", 10)
     assert abs(kl - 3.0) < 0.3 * 3.0, [round(h["kl/ref"], 2) for h in res["history"]]
@@ -320,6 +441,7 @@ def test_adaptive_controller_settles_near_target_kl(stories_path, tmp_path):
 
 def _movie_prompts(assets_dir, n=100):
     """The first three words of the first n positive and n negative rt-polarity snippets, interleaved."""
+
     def firsts(name):
         lines = (assets_dir / "rt-polarity" / name).read_text(encoding="latin-1").splitlines()
         return [" ".join(ln.split()[:3]) for ln in lines if len(ln.split()) >= 4][:n]
@@ -337,8 +459,15 @@ def test_adaptive_controller_default_horizon_reaches_its_target(assets_dir, stor
     0.70; kl/ref ends at 3.41 (last 5 steps: 3.15; seeds 1/2 via the CLI: 3.38, 3.50). Checked on the
     last step (the bug's criterion) and on the mean of the last 5 (one step's KL from 8 samples has
     ~10% noise). ~35 s on one core."""
-    cfg = PPOConfig(model=stories_path, output_dir=str(tmp_path / "auto"), kl_target=3.0, max_steps=60,
-                    progress=False, sample_every=0, seed=0)
+    cfg = PPOConfig(
+        model=stories_path,
+        output_dir=str(tmp_path / "auto"),
+        kl_target=3.0,
+        max_steps=60,
+        progress=False,
+        sample_every=0,
+        seed=0,
+    )
     res = train_ppo(cfg, prompts=_movie_prompts(assets_dir))
     kls = [round(h["kl/ref"], 2) for h in res["history"]]
     assert res["history"][-1]["kl_ctl/horizon"] == 19.0
@@ -356,8 +485,19 @@ def test_bf16_ppo_with_top_k_and_top_p_logs_only_finite_metrics(stories_path, tm
     k1 became +inf and GAE/whitening turned it into NaN. Every logged metric must be finite (NaN rows are
     no longer dropped before logging, so a NaN would show here). The first step samples from π_θ = π_ref, so
     its KL to the fixed reference is the filter cost alone (docs/theory.md §3), > 0 under top-k/top-p."""
-    cfg = _cfg(PPOConfig, stories_path, tmp_path, "bf16", dtype="bfloat16", top_k=20, top_p=0.9, max_steps=20,
-               batch_size=8, max_new_tokens=24, learning_rate=3e-3)
+    cfg = _cfg(
+        PPOConfig,
+        stories_path,
+        tmp_path,
+        "bf16",
+        dtype="bfloat16",
+        top_k=20,
+        top_p=0.9,
+        max_steps=20,
+        batch_size=8,
+        max_new_tokens=24,
+        learning_rate=3e-3,
+    )
     res = train_ppo(cfg, prompts=PROMPTS)
     keys = set(res["history"][0])
     for h in res["history"]:
@@ -375,8 +515,20 @@ def test_bf16_ppo_with_top_k_and_top_p_logs_only_finite_metrics(stories_path, tm
 def test_resume_continues_the_same_trajectory(stories_path, tmp_path):
     """Interrupt after step 2 (delete the step-4 checkpoint), resume: steps 3-4 reproduce the
     uninterrupted run exactly — controller, reward normaliser, critic, optimiser and RNG included."""
-    cfg = _cfg(PPOConfig, stories_path, tmp_path, "run", max_steps=4, save_every=2, eval_every=2, batch_size=8,
-               max_new_tokens=8, kl_target=2.0, kl_horizon=8, reward_normalize=True)
+    cfg = _cfg(
+        PPOConfig,
+        stories_path,
+        tmp_path,
+        "run",
+        max_steps=4,
+        save_every=2,
+        eval_every=2,
+        batch_size=8,
+        max_new_tokens=8,
+        kl_target=2.0,
+        kl_horizon=8,
+        reward_normalize=True,
+    )
     full = train_ppo(cfg, prompts=PROMPTS)
     ckpts = Path(cfg.output_dir) / "checkpoints"
     ref_weights = (ckpts / "step-4" / "model" / "model.safetensors").read_bytes()
@@ -401,7 +553,10 @@ def test_group_methods_raise_vader(method, stories_path, tmp_path):
     zero KL to π_old) and starts at KL 0; the optimised score rises by a clear margin (the step means
     of 16 samples have a standard error of ~0.08)."""
     cls, train = (GRPOConfig, train_grpo) if method == "grpo" else (RLOOConfig, train_rloo)
-    res = train(_cfg(cls, stories_path, tmp_path, method, samples_per_prompt=4, learning_rate=1e-3, max_steps=10), prompts=PROMPTS)
+    res = train(
+        _cfg(cls, stories_path, tmp_path, method, samples_per_prompt=4, learning_rate=1e-3, max_steps=10),
+        prompts=PROMPTS,
+    )
     h = res["history"]
     assert h[0][f"{method}/approx_kl_old"] < 1e-6 and h[0][f"{method}/clipfrac"] == 0.0 and abs(h[0]["kl/ref"]) < 1e-6
     assert not any(k.startswith("ppo/") for k in h[0])  # each method logs under its own name
@@ -423,14 +578,55 @@ def test_cli_ppo_value_head_ptx_and_run_directory(stories_path, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     ptx = tmp_path / "ptx.txt"
-    ptx.write_text("Once upon a time there was a happy cat.\nThe dog ran to the park and played.\n"
-                   "Lily liked to draw pictures of the sun.\nTom and Sam shared their toys.\n")
+    ptx.write_text(
+        "Once upon a time there was a happy cat.\nThe dog ran to the park and played.\n"
+        "Lily liked to draw pictures of the sun.\nTom and Sam shared their toys.\n"
+    )
     out = tmp_path / "cli"
-    rc = main(["--model", stories_path, "--prompts", str(prompts), "--reward", "vader", "--log_rewards", "gold=vader",
-               "--output_dir", str(out), "--max_steps", "2", "--batch_size", "4", "--max_new_tokens", "8",
-               "--value_model", "head", "--ptx_coef", "0.5", "--ptx_dataset", str(ptx), "--ptx_batch_size", "2",
-               "--beta", "0.1", "--kl_estimator", "k3", "--sample_every", "1", "--progress", "false", "--seed", "3",
-               "--top_k", "40", "--temperature", "0.9", "--target_kl_old", "1e-9"])
+    rc = main(
+        [
+            "--model",
+            stories_path,
+            "--prompts",
+            str(prompts),
+            "--reward",
+            "vader",
+            "--log_rewards",
+            "gold=vader",
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "2",
+            "--batch_size",
+            "4",
+            "--max_new_tokens",
+            "8",
+            "--value_model",
+            "head",
+            "--ptx_coef",
+            "0.5",
+            "--ptx_dataset",
+            str(ptx),
+            "--ptx_batch_size",
+            "2",
+            "--beta",
+            "0.1",
+            "--kl_estimator",
+            "k3",
+            "--sample_every",
+            "1",
+            "--progress",
+            "false",
+            "--seed",
+            "3",
+            "--top_k",
+            "40",
+            "--temperature",
+            "0.9",
+            "--target_kl_old",
+            "1e-9",
+        ]
+    )
     assert rc == 0
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     last = rows[-1]
@@ -480,14 +676,39 @@ def test_two_processes_run_and_agree(stories_path, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "ddp"
-    cfg = dict(model=stories_path, output_dir=str(out), batch_size=8, samples_per_prompt=4, max_new_tokens=8, max_steps=2,
-               learning_rate=1e-3, progress=False, sample_every=0, eval_max_prompts=2, eval_samples=1)
+    cfg = dict(
+        model=stories_path,
+        output_dir=str(out),
+        batch_size=8,
+        samples_per_prompt=4,
+        max_new_tokens=8,
+        max_steps=2,
+        learning_rate=1e-3,
+        progress=False,
+        sample_every=0,
+        eval_max_prompts=2,
+        eval_samples=1,
+    )
     procs = []
     for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-c", _WORKER, json.dumps(cfg), json.dumps(PROMPTS)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", _WORKER, json.dumps(cfg), json.dumps(PROMPTS)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     for p in procs:
         log, _ = p.communicate(timeout=240)
         assert p.returncode == 0, log[-3000:]
@@ -523,15 +744,28 @@ def _count_policy_forwards(monkeypatch):
     return calls
 
 
-SAME_TRAJECTORY = ["kl/ref", "kl/penalty", "kl/ref_token_mean", "policy/entropy", "reward/score", "opt/grad_norm",
-                   "gen/response_len"]
+SAME_TRAJECTORY = [
+    "kl/ref",
+    "kl/penalty",
+    "kl/ref_token_mean",
+    "policy/entropy",
+    "reward/score",
+    "opt/grad_norm",
+    "gen/response_len",
+]
 
 
-@pytest.mark.parametrize("method,kw", [
-    ("grpo", dict(grad_accum=2)),  # advantages from rewards alone: any micro-batching
-    ("grpo", dict(kl_estimator="exact", kl_clamp_output=1e-4)),  # reference logits in the loss; a clamp that bites after step 1
-    ("rloo", dict()),  # KL in the reward: prepared inside the update (one micro-batch)
-])
+@pytest.mark.parametrize(
+    "method,kw",
+    [
+        ("grpo", dict(grad_accum=2)),  # advantages from rewards alone: any micro-batching
+        (
+            "grpo",
+            dict(kl_estimator="exact", kl_clamp_output=1e-4),
+        ),  # reference logits in the loss; a clamp that bites after step 1
+        ("rloo", dict()),  # KL in the reward: prepared inside the update (one micro-batch)
+    ],
+)
 def test_scores_from_update_match_the_scoring_pass(method, kw, stories_path, tmp_path, monkeypatch):
     """With one update per rollout the update's forward is π_old's: the trajectory (every metric of every
     step, and the final weights) equals the one with a separate scoring pass to float rounding, the ratio is
@@ -543,8 +777,17 @@ def test_scores_from_update_match_the_scoring_pass(method, kw, stories_path, tmp
     runs = {}
     for on in (False, True):
         calls = _count_policy_forwards(monkeypatch)
-        cfg = _cfg(cls, stories_path, tmp_path, f"{method}{on}", max_steps=3, eval_every=0, samples_per_prompt=4,
-                   score_from_update=on, **kw)
+        cfg = _cfg(
+            cls,
+            stories_path,
+            tmp_path,
+            f"{method}{on}",
+            max_steps=3,
+            eval_every=0,
+            samples_per_prompt=4,
+            score_from_update=on,
+            **kw,
+        )
         res = train(cfg, prompts=PROMPTS)
         runs[on] = (res, len(calls))
         monkeypatch.undo()
@@ -566,7 +809,11 @@ def test_scores_from_update_match_the_scoring_pass(method, kw, stories_path, tmp
     # Bit-identical with AVX-512 and SSE4.2 kernels; with AVX2 the update's forward (with grad) and the
     # scoring pass (without) round differently and three Adam steps carry it to 1.87e-5 in a weight.
     tol = measured_tol(1.87e-5)
-    moved = max(float((wa[n] - w0).abs().max()) for n, w0 in load_file(Path(stories_path) / "model.safetensors").items() if n in wa)
+    moved = max(
+        float((wa[n] - w0).abs().max())
+        for n, w0 in load_file(Path(stories_path) / "model.safetensors").items()
+        if n in wa
+    )
     assert moved > 10 * tol  # the weights moved far more than the tolerance (1.5e-3 at most, 20x)
     for name in wa:
         assert_close(wb[name], wa[name], abs=tol, rel=1e-4, what=name)

@@ -44,6 +44,7 @@ def _grad(value, pol):
 
 # ---- the space and the policy interface ----------------------------------------------------------------
 
+
 def test_enumeration_by_hand():
     """V = 3 (eos = 0, words 1, 2), T = 2: prefixes (), (1,), (2,); complete sequences: (0,), then
     each one-word prefix followed by 0, 1 or 2: 1 + 2·3 = 7. In general S = Σ_{k<T} (V-1)^k and
@@ -66,7 +67,11 @@ def test_masks_prefixes_and_sequence_ids():
     sp = TabularSpace(3, 3)
     tokens = torch.tensor([[1, 0, 0], [0, 0, 0], [2, 1, 2], [2, 2, 0]])
     assert sp.completion_mask(tokens).tolist() == [
-        [True, True, False], [True, False, False], [True, True, True], [True, True, True]]
+        [True, True, False],
+        [True, False, False],
+        [True, True, True],
+        [True, True, True],
+    ]
     pid = sp.prefix_ids(tokens)
     assert [[sp.prefixes[i] for i in row] for row in pid.tolist()][2] == [(), (2,), (2, 1)]
     ids = sp.sequence_ids(tokens)
@@ -92,8 +97,9 @@ def test_policy_interface_is_consistent():
     seq = pol.sequence_log_probs()
     torch.testing.assert_close(logps.sum(-1).view(3, -1), seq, rtol=0, atol=1e-14)
     torch.testing.assert_close(seq.exp().sum(-1), torch.ones(3, dtype=F64), rtol=0, atol=1e-14)
-    through = torch.tensor([[float(y[: len(s)] == s and len(y) > len(s)) for y in sp.sequences] for s in sp.prefixes],
-                           dtype=F64)  # (S, K): does sequence y pass through prefix s
+    through = torch.tensor(
+        [[float(y[: len(s)] == s and len(y) > len(s)) for y in sp.sequences] for s in sp.prefixes], dtype=F64
+    )  # (S, K): does sequence y pass through prefix s
     torch.testing.assert_close(pol.state_probs(), seq.exp() @ through.T, rtol=0, atol=1e-14)
 
 
@@ -116,7 +122,10 @@ def test_sampling_matches_exact_probabilities():
 
 def test_constructors():
     sp = TabularSpace(3, 2, n_prompts=2)
-    a, b = TabularPolicy.dirichlet(sp, seed=3, concentration=0.3), TabularPolicy.dirichlet(sp, seed=3, concentration=0.3)
+    a, b = (
+        TabularPolicy.dirichlet(sp, seed=3, concentration=0.3),
+        TabularPolicy.dirichlet(sp, seed=3, concentration=0.3),
+    )
     assert torch.equal(a.table, b.table)
     torch.testing.assert_close(TabularPolicy.from_probs(sp, a.probs().detach()).probs(), a.probs(), rtol=0, atol=1e-15)
     seq = TabularPolicy.random(sp, seed=4).sequence_probs().detach()
@@ -144,6 +153,7 @@ def test_rewards_by_hand():
 
 # ---- the reverse-KL optimum ----------------------------------------------------------------------------
 
+
 def test_optimum_v2_t1_by_hand():
     """V = 2 (eos = 0, word 1), T = 1: the sequences are (0,) and (1,). π_ref = (1/4, 3/4), r = (0, 1),
     β = 1/2: π*(1) = (3/4)e² / (1/4 + (3/4)e²) = 0.956836..., Z = 1/4 + (3/4)e² = 5.79179...,
@@ -162,8 +172,13 @@ def test_optimum_v2_t1_by_hand():
 
 
 PROBLEMS = [  # (V, T, seed, reward, β): vocabularies 2-6, horizons 1-5, three reward kinds
-    (2, 1, 0, "random", 0.5), (2, 5, 1, "count", 0.3), (3, 3, 2, "random", 0.1), (4, 2, 3, "length", 1.0),
-    (5, 4, 4, "random", 2.0), (6, 3, 5, "count", 0.05), (6, 5, 6, "random", 0.7),
+    (2, 1, 0, "random", 0.5),
+    (2, 5, 1, "count", 0.3),
+    (3, 3, 2, "random", 0.1),
+    (4, 2, 3, "length", 1.0),
+    (5, 4, 4, "random", 2.0),
+    (6, 3, 5, "count", 0.05),
+    (6, 5, 6, "random", 0.7),
 ]
 
 
@@ -213,6 +228,7 @@ def test_length_reward_invites_length_hacking():
 
 # ---- exact KLs ---------------------------------------------------------------------------------------------
 
+
 def test_sequence_kl_chain_rule_and_basics():
     """KL over sequences = Σ_s d_p(s) KL[p(·|s)‖q(·|s)] (chain rule); KL[p‖p] = 0; KL ≥ 0; both directions."""
     sp = TabularSpace(4, 3, n_prompts=2)
@@ -230,6 +246,7 @@ def test_sequence_kl_chain_rule_and_basics():
 
 
 # ---- the forward-KL optimum ------------------------------------------------------------------------------
+
 
 def test_forward_optimum_v2_t1_by_hand():
     """π_ref = (1/4, 3/4), r = (0, 1), β = 1/2: π(y) = β π_ref(y)/(λ - r(y)) gives π0 = 0.125/λ,
@@ -249,7 +266,8 @@ def _k3_loss_residual(pol, prob, beta):
     """Expected on-policy update of [reward through the score function] - β·[k3 in the loss], exact:
     ∇E_π[r] - β E[∇ Σ_t k3_t]."""
     return _grad(expected_reward(pol, prob.rewards), pol) - beta * expected_kl_gradient(
-        pol, prob.ref, estimator="k3", placement="loss")
+        pol, prob.ref, estimator="k3", placement="loss"
+    )
 
 
 @pytest.mark.parametrize("V, T, seed, reward, beta", PROBLEMS[:5])
@@ -306,8 +324,11 @@ def test_k3_loss_dynamics_converge_to_the_token_level_target():
     prob = make_problem(3, 3, seed=1)
     beta = 0.5
     target = forward_kl_optimum(prob.ref, prob.rewards, beta).log_probs()
-    seq_target = TabularPolicy.from_sequence_probs(
-        prob.space, forward_kl_optimum_sequence(prob.ref, prob.rewards, beta)).log_probs().detach()
+    seq_target = (
+        TabularPolicy.from_sequence_probs(prob.space, forward_kl_optimum_sequence(prob.ref, prob.rewards, beta))
+        .log_probs()
+        .detach()
+    )
     pol = TabularPolicy(prob.space, prob.ref.table.detach())
     for _ in range(1000):
         g = _k3_loss_residual(pol, prob, beta)
@@ -318,6 +339,7 @@ def test_k3_loss_dynamics_converge_to_the_token_level_target():
 
 
 # ---- best-of-n -----------------------------------------------------------------------------------------------
+
 
 def test_best_of_n_by_hand():
     """π_ref = (1/2, 1/2), r = (0, 1), n = 2: the best is outcome 1 unless both draws are 0:

@@ -11,11 +11,29 @@ import math
 import pytest
 import torch
 
-from conftest import f32_tol
-from tether.modeling import completion_logits, completion_logps, forward_completion, load_causal_lm, load_tokenizer, make_batch
-from tether.oracle.lm import (PROMPT_LOGIT, TabularLM, completion_text, parse_completion, preference_rows, prompt_texts,
-                              reward_function, save_tabular_lm, tabular_lm, tabular_policy)
+from tether.modeling import (
+    completion_logits,
+    completion_logps,
+    forward_completion,
+    load_causal_lm,
+    load_tokenizer,
+    make_batch,
+)
+from tether.oracle.lm import (
+    PROMPT_LOGIT,
+    TabularLM,
+    completion_text,
+    parse_completion,
+    preference_rows,
+    prompt_texts,
+    reward_function,
+    save_tabular_lm,
+    tabular_lm,
+    tabular_policy,
+)
 from tether.oracle.tabular import Completions, TabularPolicy, make_problem, reward_of
+
+from conftest import f32_tol
 
 V, T, P = 3, 3, 2
 
@@ -105,8 +123,9 @@ def test_sampling_matches_sequence_probs(problem, model):
 
     sp, n = problem.space, 10_000
     prompts = [[sp.vocab_size + p] for p in range(P) for _ in range(n)]
-    batch, no_eos = sample(model, prompts, pad_id=sp.eos, eos_id=sp.eos, max_new_tokens=T,
-                           generator=torch.Generator().manual_seed(0))
+    batch, no_eos = sample(
+        model, prompts, pad_id=sp.eos, eos_id=sp.eos, max_new_tokens=T, generator=torch.Generator().manual_seed(0)
+    )
     comp = as_completions(sp, batch)
     ids = sp.sequence_ids(comp.tokens, comp.mask)
     counts = torch.zeros(P, sp.n_sequences, dtype=torch.float64)
@@ -127,8 +146,11 @@ def test_packed_dpo_path(problem, model, tok):
 
     sp = problem.space
     full = next(k for k, y in enumerate(sp.sequences) if len(y) == T and sp.eos not in y)
-    pairs_idx = [(0, sp.seq_index[(sp.eos,)], full, 2), (1, sp.seq_index[(1, 2, sp.eos)], sp.seq_index[(2, sp.eos)]),
-                 (1, full, 3)]
+    pairs_idx = [
+        (0, sp.seq_index[(sp.eos,)], full, 2),
+        (1, sp.seq_index[(1, 2, sp.eos)], sp.seq_index[(2, sp.eos)]),
+        (1, full, 3),
+    ]
     rows = preference_rows(problem, pairs_idx)
     assert len(rows) == 4 and rows[0] == rows[1] and rows[0]["chosen"] == " </s>"
     pairs, _ = tokenize_pairs(rows, tok, add_eos=False)
@@ -138,8 +160,11 @@ def test_packed_dpo_path(problem, model, tok):
     assert packing_works(model, pairs, pad_id=tok.pad_token_id, device="cpu")
     lp = packed_logps(model, pack_pairs(pairs, pad_id=tok.pad_token_id))  # (2N,) chosen then rejected
     seq_lp = problem.ref.sequence_log_probs()
-    want = [seq_lp[p, sp.seq_index[tuple(pr[key])]] for key in ("chosen_ids", "rejected_ids")
-            for pr, p in zip(pairs, [0, 0, 1, 1])]
+    want = [
+        seq_lp[p, sp.seq_index[tuple(pr[key])]]
+        for key in ("chosen_ids", "rejected_ids")
+        for pr, p in zip(pairs, [0, 0, 1, 1])
+    ]
     assert torch.allclose(lp.double(), torch.stack(want), atol=1e-5, rtol=0)
 
 
@@ -150,13 +175,15 @@ def test_round_trip_lora_and_bf16(problem, folder, model):
     from peft import LoraConfig, get_peft_model
 
     sp = problem.space
-    assert torch.allclose(tabular_policy(model, sp).table, problem.ref.table, rtol=0,
-                          atol=f32_tol(problem.ref.table.abs().max()))  # stored as fp32
+    assert torch.allclose(
+        tabular_policy(model, sp).table, problem.ref.table, rtol=0, atol=f32_tol(problem.ref.table.abs().max())
+    )  # stored as fp32
     other = TabularPolicy.random(sp, seed=7, scale=2.0)
     assert torch.allclose(tabular_policy(tabular_lm(sp, other), sp).table, other.table, atol=2e-6, rtol=0)
 
-    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, lora_alpha=4, target_modules=["lm_head"],
-                                                                 task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(
+        copy.deepcopy(model), LoraConfig(r=2, lora_alpha=4, target_modules=["lm_head"], task_type="CAUSAL_LM")
+    )
     lora = peft_model.base_model.model.lm_head
     with torch.no_grad():
         lora.lora_B["default"].weight.normal_(generator=torch.Generator().manual_seed(0))
@@ -186,8 +213,14 @@ def test_reward_function_on_decoded_samples(problem, model, tok):
 
     sp = problem.space
     prompts = [[sp.vocab_size + p] for p in range(P) for _ in range(200)]
-    batch, _ = sample(model, prompts, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=T,
-                      generator=torch.Generator().manual_seed(1))
+    batch, _ = sample(
+        model,
+        prompts,
+        pad_id=tok.pad_token_id,
+        eos_id=tok.eos_token_id,
+        max_new_tokens=T,
+        generator=torch.Generator().manual_seed(1),
+    )
     texts = decode_completions(tok, batch)
     prompt_strs = [prompt_texts(sp)[p] for p in range(P) for _ in range(200)]
     got = reward_function(problem)(prompt_strs, texts)
@@ -195,8 +228,16 @@ def test_reward_function_on_decoded_samples(problem, model, tok):
     assert got.shape == (2 * 200,) and torch.allclose(got.double(), want, atol=f32_tol(want.abs().max()), rtol=0)
     assert len(set(texts)) > 5  # many distinct sequences were drawn
     for k, y in enumerate(sp.sequences):  # both text forms: eos spelled, or dropped as decoded
-        assert parse_completion(sp, completion_text(sp, y)) == k == parse_completion(sp, completion_text(sp, y, eos=False))
-    for bad_prompt, bad in [("<p0>", "a b c a"), ("<p0>", "a z"), ("<p0>", "a b c </s>"), ("<p0>", "</s> a"), ("<p2>", "a")]:
+        assert (
+            parse_completion(sp, completion_text(sp, y)) == k == parse_completion(sp, completion_text(sp, y, eos=False))
+        )
+    for bad_prompt, bad in [
+        ("<p0>", "a b c a"),
+        ("<p0>", "a z"),
+        ("<p0>", "a b c </s>"),
+        ("<p0>", "</s> a"),
+        ("<p2>", "a"),
+    ]:
         with pytest.raises(ValueError):
             reward_function(problem)([bad_prompt], [bad])
 
@@ -218,7 +259,9 @@ def test_critic_is_a_tabular_value_function(problem, model, folder):
     assert values.shape == (P * sp.n_sequences, T)
     assert torch.equal(values, torch.where(c.mask, state.float() + 0.5, 0.0))
     _, hidden = forward_completion(model, batch, hidden=True)  # (B, T, H)
-    assert torch.equal(hidden.argmax(-1)[c.mask], state[c.mask]) and math.isclose(float(hidden.sum()), hidden.numel() / H)
+    assert torch.equal(hidden.argmax(-1)[c.mask], state[c.mask]) and math.isclose(
+        float(hidden.sum()), hidden.numel() / H
+    )
 
 
 def test_import_stays_light_and_lm_names_resolve():
@@ -228,8 +271,9 @@ def test_import_stays_light_and_lm_names_resolve():
     import subprocess
     import sys
 
-    import tether.oracle
     from transformers import AutoModelForCausalLM
+
+    import tether.oracle
 
     code = "import sys, tether.oracle; assert 'transformers' not in sys.modules, 'tether.oracle imported transformers'"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 
-from tether.ops.kl import k3
 from tether.ops.policy import (
     aggregate_loss,
     best_of_n_kl_bound,
@@ -105,8 +104,10 @@ def test_masked_mean_and_whiten():
     _close(w, [[-1.5 / s, -0.5 / s, 0.0], [0.5 / s, 1.5 / s, 0.0]])
     _close(masked_mean(w, m), 0.0)
     _close(masked_mean(w**2, m), 1.0)
-    _close(masked_whiten(v, m, shift_mean=False, eps=0.0), [[-1.5 / s + 2.5, -0.5 / s + 2.5, 0.0],
-                                                              [0.5 / s + 2.5, 1.5 / s + 2.5, 0.0]])
+    _close(
+        masked_whiten(v, m, shift_mean=False, eps=0.0),
+        [[-1.5 / s + 2.5, -0.5 / s + 2.5, 0.0], [0.5 / s + 2.5, 1.5 / s + 2.5, 0.0]],
+    )
 
 
 # ------------------------------------------------------------------------------------------ PPO
@@ -216,8 +217,10 @@ def test_token_rewards_places_score_at_last_counted_token():
     Row 2: prompt position first (False), tokens at 1..2, kl (1, 1), score 5 -> (0, -0.1, -0.1 + 5, 0).
     Row 3: no counted token -> all zero, the score is dropped.
     The KL is detached: rewards carry no gradient."""
-    kl = torch.tensor([[1.0, 2.0, 3.0, GARBAGE], [4.0, GARBAGE, GARBAGE, GARBAGE],
-                       [GARBAGE, 1.0, 1.0, GARBAGE], [GARBAGE] * 4], requires_grad=True)
+    kl = torch.tensor(
+        [[1.0, 2.0, 3.0, GARBAGE], [4.0, GARBAGE, GARBAGE, GARBAGE], [GARBAGE, 1.0, 1.0, GARBAGE], [GARBAGE] * 4],
+        requires_grad=True,
+    )
     mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 1, 1, 0], [0, 0, 0, 0]], dtype=torch.bool)
     scores = torch.tensor([2.0, -1.0, 5.0, 7.0])
     rewards = token_rewards(scores, kl, mask, beta=0.1)
@@ -278,7 +281,9 @@ def test_aggregate_loss_local_token_mean_is_not_the_full_batch_mean():
     x, mask, w = _lm_like_batch()
     loss = (x @ w) ** 2
     full = aggregate_loss(loss, mask, mode="token_mean")
-    local = (aggregate_loss(loss[:3], mask[:3], mode="token_mean") + aggregate_loss(loss[3:], mask[3:], mode="token_mean")) / 2
+    local = (
+        aggregate_loss(loss[:3], mask[:3], mode="token_mean") + aggregate_loss(loss[3:], mask[3:], mode="token_mean")
+    ) / 2
     assert (full - local).abs() > 1e-3
 
 

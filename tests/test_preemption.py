@@ -43,8 +43,13 @@ sys.exit(main(sys.argv[5:]))
 
 
 def env() -> dict:
-    return {**{k: v for k, v in os.environ.items() if k != "TETHER_DEBUG"}, "OMP_NUM_THREADS": "1",
-            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+    return {
+        **{k: v for k, v in os.environ.items() if k != "TETHER_DEBUG"},
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": str(ROOT),
+    }
 
 
 def tether(*argv, at: tuple = ()) -> list[str]:
@@ -79,7 +84,9 @@ def stopped_at(proc: subprocess.CompletedProcess, command: str, signame: str, ou
     """Checks a preempted run's exit (75) and its last line; returns the step it stopped after."""
     assert proc.returncode == 75, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
-    m = re.fullmatch(rf"tether {command}: stopped by {signame} after step (\d+); checkpoint (\S+); continue with --resume", last)
+    m = re.fullmatch(
+        rf"tether {command}: stopped by {signame} after step (\d+); checkpoint (\S+); continue with --resume", last
+    )
     assert m, last
     step = int(m.group(1))
     assert m.group(2) == str(out / "checkpoints" / f"step-{step}") and (out / "checkpoints" / f"step-{step}").is_dir()
@@ -98,9 +105,30 @@ def dpo_flags(assets_dir, tmp_path_factory):
     neg = (assets_dir / "rt-polarity" / "rt-polarity.neg").read_text(errors="replace").splitlines()
     data = tmp_path_factory.mktemp("data") / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in sentiment_pairs(pos, neg, n=48, seed=0)))
-    return ["--model", str(assets_dir / "stories260K"), "--dataset", str(data), "--max_steps", "8", "--batch_size", "4",
-            "--learning_rate", "1e-3", "--max_length", "48", "--eval_pairs", "4", "--kl_prompts", "0", "--eval_every", "3",
-            "--save_every", "2", "--progress", "false"]
+    return [
+        "--model",
+        str(assets_dir / "stories260K"),
+        "--dataset",
+        str(data),
+        "--max_steps",
+        "8",
+        "--batch_size",
+        "4",
+        "--learning_rate",
+        "1e-3",
+        "--max_length",
+        "48",
+        "--eval_pairs",
+        "4",
+        "--kl_prompts",
+        "0",
+        "--eval_every",
+        "3",
+        "--save_every",
+        "2",
+        "--progress",
+        "false",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -132,13 +160,20 @@ def test_dpo_signalled_during_a_step_resumes_bit_identically(point, dpo_flags, d
 
 def test_dpo_sigterm_from_outside_after_step_2_is_logged(dpo_flags, dpo_straight, tmp_path):
     out = tmp_path / "dpo"
-    proc = subprocess.Popen(tether("dpo", *dpo_flags, "--output_dir", str(out)), env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        tether("dpo", *dpo_flags, "--output_dir", str(out)),
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None:
             log = out / "metrics.jsonl"
-            if log.exists() and any(json.loads(ln)["step"] >= 2 for ln in log.read_text().splitlines() if ln.endswith("}")):
+            if log.exists() and any(
+                json.loads(ln)["step"] >= 2 for ln in log.read_text().splitlines() if ln.endswith("}")
+            ):
                 break
             time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
@@ -163,9 +198,24 @@ def test_two_processes_stop_after_the_same_step_when_one_is_signalled(dpo_flags,
     straight, out = tmp_path / "straight", tmp_path / "two"
     proc = run([*torchrun, "-m", "tether", "dpo", *flags, "--output_dir", str(straight)], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = subprocess.run([*torchrun, str(wrapper), "tether.trainers.dpo", "optimizer_step", "2", "SIGTERM", "dpo", *flags,
-                           "--output_dir", str(out)], env={**env(), "SIGNAL_RANK": "1"}, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [
+            *torchrun,
+            str(wrapper),
+            "tether.trainers.dpo",
+            "optimizer_step",
+            "2",
+            "SIGTERM",
+            "dpo",
+            *flags,
+            "--output_dir",
+            str(out),
+        ],
+        env={**env(), "SIGNAL_RANK": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode != 0  # torchrun reports its workers' exit 75 as a failure
     assert f"tether dpo: stopped by SIGTERM after step 2; checkpoint {out / 'checkpoints' / 'step-2'}" in proc.stderr
     assert "tether dpo: stopped by a signal on another process after step 2" in proc.stderr, proc.stderr[-3000:]
@@ -181,13 +231,36 @@ def test_two_processes_stop_after_the_same_step_when_one_is_signalled(dpo_flags,
 def test_grpo_signalled_during_sampling_resumes_bit_identically(assets_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(["Once upon a time", "The dog", "A girl named Lily", "The sun was"]) + "\n")
-    flags = ["--model", str(assets_dir / "stories260K"), "--prompts", str(prompts), "--reward", "vader", "--max_steps", "4",
-             "--batch_size", "8", "--samples_per_prompt", "4", "--max_new_tokens", "8", "--learning_rate", "1e-3",
-             "--eval_every", "0", "--sample_every", "0", "--progress", "false"]
+    flags = [
+        "--model",
+        str(assets_dir / "stories260K"),
+        "--prompts",
+        str(prompts),
+        "--reward",
+        "vader",
+        "--max_steps",
+        "4",
+        "--batch_size",
+        "8",
+        "--samples_per_prompt",
+        "4",
+        "--max_new_tokens",
+        "8",
+        "--learning_rate",
+        "1e-3",
+        "--eval_every",
+        "0",
+        "--sample_every",
+        "0",
+        "--progress",
+        "false",
+    ]
     straight, out = tmp_path / "straight", tmp_path / "grpo"
     proc = run(tether("grpo", *flags, "--output_dir", str(straight)))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = run(tether("grpo", *flags, "--output_dir", str(out), at=("tether.trainers.online", "collect_rollout", 2, "SIGTERM")))
+    proc = run(
+        tether("grpo", *flags, "--output_dir", str(out), at=("tether.trainers.online", "collect_rollout", 2, "SIGTERM"))
+    )
     assert stopped_at(proc, "grpo", "SIGTERM", out) == 2
     resumed = run(tether("grpo", *flags, "--output_dir", str(out), "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -212,9 +285,12 @@ def test_a_second_process_on_a_live_run_exits_2_and_kill_9_leaves_no_stale_lock(
             second = run(tether("dpo", *flags, *extra))
             lines = second.stderr.strip().splitlines()
             assert second.returncode == 2, second.stderr[-3000:]
-            assert re.fullmatch(rf"tether dpo: error: output_dir {out} is in use by another run \(pid {first.pid} on host "
-                                r"\S+, since \S+\); wait for it to end or stop it \(its lock goes with the process\), or "
-                                r"choose another --output_dir", lines[-1]), lines[-1]
+            assert re.fullmatch(
+                rf"tether dpo: error: output_dir {out} is in use by another run \(pid {first.pid} on host "
+                r"\S+, since \S+\); wait for it to end or stop it \(its lock goes with the process\), or "
+                r"choose another --output_dir",
+                lines[-1],
+            ), lines[-1]
             assert "Traceback" not in second.stderr
             assert first.poll() is None and (out / "config.yaml").exists() and (out / "metrics.jsonl").exists()
     finally:
@@ -238,11 +314,26 @@ def test_sweep_stopped_by_sigterm_continues_to_the_same_frontier(stories_path, t
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Once upon a time\nThe little dog\nLily was sad\nTom found a box\n")
-    sweep = {"method": "ppo",
-             "base": {"model": stories_path, "prompts": str(prompts), "reward": "vader", "max_steps": 4, "batch_size": 4,
-                      "max_new_tokens": 6, "learning_rate": 1e-3},
-             "grid": {"beta": [0.05, 0.5]},
-             "eval": {"prompts": str(prompts), "gold": "vader", "samples_per_prompt": 2, "max_new_tokens": 6, "eval_every": 1}}
+    sweep = {
+        "method": "ppo",
+        "base": {
+            "model": stories_path,
+            "prompts": str(prompts),
+            "reward": "vader",
+            "max_steps": 4,
+            "batch_size": 4,
+            "max_new_tokens": 6,
+            "learning_rate": 1e-3,
+        },
+        "grid": {"beta": [0.05, 0.5]},
+        "eval": {
+            "prompts": str(prompts),
+            "gold": "vader",
+            "samples_per_prompt": 2,
+            "max_new_tokens": 6,
+            "eval_every": 1,
+        },
+    }
     cfg = tmp_path / "sweep.yaml"
     cfg.write_text(yaml.safe_dump(sweep))
     argv = ["sweep", "--config", str(cfg), "--workers", "1"]
@@ -250,21 +341,28 @@ def test_sweep_stopped_by_sigterm_continues_to_the_same_frontier(stories_path, t
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     out = tmp_path / "out"
-    sweep_proc = subprocess.Popen(tether(*argv, "--output_dir", str(out)), env=env(), stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
+    sweep_proc = subprocess.Popen(
+        tether(*argv, "--output_dir", str(out)), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.time() + 400
-        while time.time() < deadline and sweep_proc.poll() is None and not any(
-                p.stat().st_size for p in (out / "runs").glob("*/train/metrics.jsonl")):
+        while (
+            time.time() < deadline
+            and sweep_proc.poll() is None
+            and not any(p.stat().st_size for p in (out / "runs").glob("*/train/metrics.jsonl"))
+        ):
             time.sleep(0.05)
         sweep_proc.send_signal(signal.SIGTERM)
         _, stderr = sweep_proc.communicate(timeout=400)
     finally:
         sweep_proc.kill()
     assert sweep_proc.returncode == 75, stderr[-3000:]
-    assert re.fullmatch(r"tether sweep: stopped by SIGTERM before every run finished: 1 run\(s\) stopped, 1 not started; "
-                        r"run the same command again to continue \(finished runs are not redone, stopped ones resume "
-                        r"from their checkpoints\)", stderr.strip().splitlines()[-1]), stderr[-2000:]
+    assert re.fullmatch(
+        r"tether sweep: stopped by SIGTERM before every run finished: 1 run\(s\) stopped, 1 not started; "
+        r"run the same command again to continue \(finished runs are not redone, stopped ones resume "
+        r"from their checkpoints\)",
+        stderr.strip().splitlines()[-1],
+    ), stderr[-2000:]
     stopped = [p.parent.parent for p in (out / "runs").glob("*/train/checkpoints")]
     assert len(stopped) == 1 and not (stopped[0] / "result.json").exists()
     assert "tether worker: stopped by SIGTERM after step" in (stopped[0] / "worker.log").read_text()
@@ -273,11 +371,16 @@ def test_sweep_stopped_by_sigterm_continues_to_the_same_frontier(stories_path, t
 
     def frontier(d):
         with open(d / "frontier.csv") as f:
-            return sorted(({k: v for k, v in r.items() if not k.endswith("_s")} for r in csv.DictReader(f)),
-                          key=lambda r: (r["run"], int(r["step"])))
+            return sorted(
+                ({k: v for k, v in r.items() if not k.endswith("_s")} for r in csv.DictReader(f)),
+                key=lambda r: (r["run"], int(r["step"])),
+            )
 
     assert frontier(out) == frontier(tmp_path / "straight")
-    a, b = weights(tmp_path / "straight" / "runs" / stopped[0].name / "train" / "final"), weights(stopped[0] / "train" / "final")
+    a, b = (
+        weights(tmp_path / "straight" / "runs" / stopped[0].name / "train" / "final"),
+        weights(stopped[0] / "train" / "final"),
+    )
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -294,27 +397,36 @@ def test_tiny_demo_stopped_by_sigterm_continues_to_the_same_frontier(assets_dir,
     straight, out = tmp_path / "straight", tmp_path / "demo"
     proc = run(tether(*argv, "--output_dir", str(straight)), timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    demo = subprocess.Popen(tether(*argv, "--output_dir", str(out)), env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    demo = subprocess.Popen(
+        tether(*argv, "--output_dir", str(out)), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.time() + 600
-        while time.time() < deadline and demo.poll() is None and not any(
-                p.stat().st_size for p in (out / "work" / "runs").glob("*/train/metrics.jsonl")):
+        while (
+            time.time() < deadline
+            and demo.poll() is None
+            and not any(p.stat().st_size for p in (out / "work" / "runs").glob("*/train/metrics.jsonl"))
+        ):
             time.sleep(0.05)
         demo.send_signal(signal.SIGTERM)
         _, stderr = demo.communicate(timeout=600)
     finally:
         demo.kill()
     assert demo.returncode == 75, stderr[-3000:]
-    assert re.fullmatch(r"tether demo: stopped by SIGTERM before every run finished: [1-9]\d* run\(s\) stopped, \d+ not "
-                        r"started; run the same command again to continue \(finished runs are not redone, stopped ones "
-                        r"resume from their checkpoints\)", stderr.strip().splitlines()[-1]), stderr[-2000:]
+    assert re.fullmatch(
+        r"tether demo: stopped by SIGTERM before every run finished: [1-9]\d* run\(s\) stopped, \d+ not "
+        r"started; run the same command again to continue \(finished runs are not redone, stopped ones "
+        r"resume from their checkpoints\)",
+        stderr.strip().splitlines()[-1],
+    ), stderr[-2000:]
     proc = run(tether(*argv, "--output_dir", str(out)), timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     def frontier(d):
         with open(d / "frontier.csv") as f:
-            return sorted(({k: v for k, v in r.items() if not k.endswith("_s")} for r in csv.DictReader(f)),
-                          key=lambda r: (r["run"], float(r["step"])))
+            return sorted(
+                ({k: v for k, v in r.items() if not k.endswith("_s")} for r in csv.DictReader(f)),
+                key=lambda r: (r["run"], float(r["step"])),
+            )
 
     assert frontier(out) == frontier(straight)

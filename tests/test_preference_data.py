@@ -7,16 +7,31 @@ import random
 import pytest
 
 from tether.data.preference import (
-    PreferenceDataError, StepBatches, check_row, check_rows, collate_pairs, epoch_batches, implicit_prompt, pack_pairs,
-    load_preference_rows, pair_width, read_raw_rows, sentiment_pairs, split_holdout, tokenize_pairs, truncate_pair,
+    PreferenceDataError,
+    StepBatches,
+    check_row,
+    check_rows,
+    collate_pairs,
+    epoch_batches,
+    implicit_prompt,
+    load_preference_rows,
+    pack_pairs,
+    pair_width,
+    read_raw_rows,
+    sentiment_pairs,
+    split_holdout,
+    tokenize_pairs,
+    truncate_pair,
 )
 
 HH = {
     "chosen": "\n\nHuman: Can you help me?\n\nAssistant: Sure, what is it?\n\nHuman: A pen prank.\n\nAssistant: Sure, draw a smile.",
     "rejected": "\n\nHuman: Can you help me?\n\nAssistant: Sure, what is it?\n\nHuman: A pen prank.\n\nAssistant: Sure, stab them.",
 }
-TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -53,19 +68,29 @@ def test_conversational_rows_use_the_chat_template(tok):
 
     t = copy.deepcopy(tok)
     user = [{"role": "user", "content": "Hi"}]
-    implicit = {"chosen": user + [{"role": "assistant", "content": "Hello!"}],
-                "rejected": user + [{"role": "assistant", "content": "Go away."}]}
+    implicit = {
+        "chosen": user + [{"role": "assistant", "content": "Hello!"}],
+        "rejected": user + [{"role": "assistant", "content": "Go away."}],
+    }
     explicit = {"prompt": user, "chosen": implicit["chosen"][1:], "rejected": implicit["rejected"][1:]}
     for row in (implicit, explicit):
         out = check_row(row, 3, tokenizer=t, chat_template=TEMPLATE)
-        assert out == {"prompt": "<|user|>Hi\n<|assistant|>", "chosen": "Hello!\n", "rejected": "Go away.\n", "templated": True}
+        assert out == {
+            "prompt": "<|user|>Hi\n<|assistant|>",
+            "chosen": "Hello!\n",
+            "rejected": "Go away.\n",
+            "templated": True,
+        }
 
 
 def test_conversational_rows_without_template_fail_clearly(tok):
     import copy
 
-    row = {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "a"}],
-           "rejected": [{"role": "assistant", "content": "b"}]}
+    row = {
+        "prompt": [{"role": "user", "content": "Hi"}],
+        "chosen": [{"role": "assistant", "content": "a"}],
+        "rejected": [{"role": "assistant", "content": "b"}],
+    }
     with pytest.raises(PreferenceDataError, match="row 0: conversational data.*--chat_template"):
         check_row(row, 0, tokenizer=copy.deepcopy(tok))
 
@@ -81,7 +106,10 @@ def test_conversational_rows_without_template_fail_clearly(tok):
         ({"prompt": 5, "chosen": "a", "rejected": "b"}, "row 2: field 'prompt' must be a string"),
         ({"prompt": "p", "chosen": "  ", "rejected": "b"}, "row 2: field 'chosen' is empty"),
         ({"prompt": "p", "chosen": "same", "rejected": "same"}, "row 2: 'chosen' and 'rejected' are identical"),
-        ({"chosen": "\n\nHuman: x\n\nAssistant:", "rejected": "\n\nHuman: x\n\nAssistant: y"}, "row 2: field 'chosen' is empty"),
+        (
+            {"chosen": "\n\nHuman: x\n\nAssistant:", "rejected": "\n\nHuman: x\n\nAssistant: y"},
+            "row 2: field 'chosen' is empty",
+        ),
         ([1, 2], "row 2: expected an object"),
     ],
 )
@@ -172,7 +200,9 @@ def test_truncation_never_drops_completion_starts():
         mp = rng.choice([None, rng.randrange(2, 8)])
         p2, c2, r2, pc, cc = truncate_pair(p, c, r, max_length=L, max_prompt_length=mp, bos_id=1)
         assert len(p2) + max(len(c2), len(r2)) <= L
-        assert c2 == c[: len(c2)] and r2 == r[: len(r2)] and len(c2) >= 1 and len(r2) >= 1  # completions keep their start
+        assert (
+            c2 == c[: len(c2)] and r2 == r[: len(r2)] and len(c2) >= 1 and len(r2) >= 1
+        )  # completions keep their start
         assert p2[0] == 1 and p2[1:] == p[len(p) - len(p2) + 1 :]  # prompt keeps BOS and its end
         assert pc == (len(p2) < len(p)) and cc == (len(c2) < len(c) or len(r2) < len(r))
 
@@ -222,8 +252,10 @@ def test_group_by_length_cuts_padding():
 
 
 def test_collate_puts_chosen_then_rejected_after_the_same_prompt():
-    pairs = [{"prompt_ids": [1, 5], "chosen_ids": [7, 8, 2], "rejected_ids": [9, 2]},
-             {"prompt_ids": [1], "chosen_ids": [6, 2], "rejected_ids": [4, 4, 4, 2]}]
+    pairs = [
+        {"prompt_ids": [1, 5], "chosen_ids": [7, 8, 2], "rejected_ids": [9, 2]},
+        {"prompt_ids": [1], "chosen_ids": [6, 2], "rejected_ids": [4, 4, 4, 2]},
+    ]
     b = collate_pairs(pairs, pad_id=0)
     assert b.prompt_len == 2 and b.input_ids.shape == (4, 6)
     assert b.input_ids.tolist() == [[1, 5, 7, 8, 2, 0], [0, 1, 6, 2, 0, 0], [1, 5, 9, 2, 0, 0], [0, 1, 4, 4, 4, 2]]
@@ -234,8 +266,10 @@ def test_pack_pairs_hand_example():
     """Sequences (prompt + completion): c0 = [1,5|7,8,2] (5), c1 = [1|6,2] (3), r0 = [1,5|9,2] (4),
     r1 = [1|4,4,4,2] (5). Width 5; first-fit decreasing (ties by index): c0 -> row 0, r1 -> row 1,
     r0 -> row 2, c1 -> row 3 (no row has room for 3 more)."""
-    pairs = [{"prompt_ids": [1, 5], "chosen_ids": [7, 8, 2], "rejected_ids": [9, 2]},
-             {"prompt_ids": [1], "chosen_ids": [6, 2], "rejected_ids": [4, 4, 4, 2]}]
+    pairs = [
+        {"prompt_ids": [1, 5], "chosen_ids": [7, 8, 2], "rejected_ids": [9, 2]},
+        {"prompt_ids": [1], "chosen_ids": [6, 2], "rejected_ids": [4, 4, 4, 2]},
+    ]
     b = pack_pairs(pairs, pad_id=0)
     assert b.input_ids.tolist() == [[1, 5, 7, 8, 2], [1, 4, 4, 4, 2], [1, 5, 9, 2, 0], [1, 6, 2, 0, 0]]
     assert b.position_ids.tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 3, 4], [0, 1, 2, 3, 0], [0, 1, 2, 0, 1]]

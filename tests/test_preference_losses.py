@@ -117,7 +117,8 @@ def test_robust_is_unbiased_under_label_flips(eps):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     # and the noisy *DPO* loss is biased, so the check above can fail:
     noisy_dpo = (1 - eps) * clean_dpo(chosen, rejected) + eps * preference_loss(
-        rejected, chosen, ref_l, ref_w, beta=0.3, loss_type="sigmoid")[0]
+        rejected, chosen, ref_l, ref_w, beta=0.3, loss_type="sigmoid"
+    )[0]
     assert (noisy_dpo - clean_dpo(chosen, rejected)).abs().max() > 1e-2
 
 
@@ -200,10 +201,12 @@ def test_fdpo_alpha_value_grad_and_limits():
 
     lr = torch.linspace(-5, 5, 11)
     assert torch.equal(f_divergence_score(lr, divergence="alpha", alpha=0.0), lr)
-    torch.testing.assert_close(f_divergence_score(lr, divergence="alpha", alpha=1.0),
-                               f_divergence_score(lr, divergence="forward_kl") + 1.0)  # f′ = 1 - 1/u vs -1/u
-    for a, b in zip(_loss_and_grads("fdpo_alpha", LR_W, LR_L, alpha=1.0)[:3],
-                    _loss_and_grads("fdpo_forward_kl", LR_W, LR_L)[:3]):
+    torch.testing.assert_close(
+        f_divergence_score(lr, divergence="alpha", alpha=1.0), f_divergence_score(lr, divergence="forward_kl") + 1.0
+    )  # f′ = 1 - 1/u vs -1/u
+    for a, b in zip(
+        _loss_and_grads("fdpo_alpha", LR_W, LR_L, alpha=1.0)[:3], _loss_and_grads("fdpo_forward_kl", LR_W, LR_L)[:3]
+    ):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
@@ -213,8 +216,9 @@ def test_simpo_value_and_grad():
     dL/dlogπ_w = -σ(-z)·β/|y_w| = -σ(-1.5); dL/dlogπ_l = σ(-z)·β/|y_l| = σ(-1.5)·2/3. No reference needed."""
     c = torch.tensor([-2.0], requires_grad=True)
     r = torch.tensor([-6.0], requires_grad=True)
-    losses, stats = preference_loss(c, r, None, None, torch.tensor([2]), torch.tensor([3]),
-                                    beta=2.0, loss_type="simpo", simpo_gamma=0.5)
+    losses, stats = preference_loss(
+        c, r, None, None, torch.tensor([2]), torch.tensor([3]), beta=2.0, loss_type="simpo", simpo_gamma=0.5
+    )
     losses.sum().backward()
     _close(losses.detach(), [-math.log(sig(1.5))])
     _close(c.grad, [-sig(-1.5)])
@@ -277,14 +281,16 @@ def _minimise(loss_type, r=R, pi_ref=PI_REF, mu=MU, flip=0.0, beta=B_POP, length
     log_ref = pi_ref.log()
     lens = (None, None) if lengths is None else (lengths[i], lengths[j])
     theta = log_ref.clone().requires_grad_()  # start at π = π_ref
-    opt = torch.optim.LBFGS([theta], lr=1, max_iter=200, tolerance_grad=1e-10, tolerance_change=1e-14,
-                            line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [theta], lr=1, max_iter=200, tolerance_grad=1e-10, tolerance_change=1e-14, line_search_fn="strong_wolfe"
+    )
 
     def closure():
         opt.zero_grad()
         logp = theta.log_softmax(-1)
-        losses, _ = preference_loss(logp[i], logp[j], log_ref[i], log_ref[j], *lens,
-                                    beta=beta, loss_type=loss_type, **kw)
+        losses, _ = preference_loss(
+            logp[i], logp[j], log_ref[i], log_ref[j], *lens, beta=beta, loss_type=loss_type, **kw
+        )
         total = (w * losses).sum()
         total.backward()
         return total
@@ -297,11 +303,14 @@ def _spread(x):
     return (x.max() - x.min()).item()
 
 
-@pytest.mark.parametrize("loss_type,flip,kw", [
-    ("sigmoid", 0.0, {}),
-    ("fdpo_reverse_kl", 0.0, {}),
-    ("robust", 0.2, {"label_smoothing": 0.2}),  # labels flipped at exactly the assumed rate
-])
+@pytest.mark.parametrize(
+    "loss_type,flip,kw",
+    [
+        ("sigmoid", 0.0, {}),
+        ("fdpo_reverse_kl", 0.0, {}),
+        ("robust", 0.2, {"label_smoothing": 0.2}),  # labels flipped at exactly the assumed rate
+    ],
+)
 def test_population_minimiser_is_reverse_kl_optimum(loss_type, flip, kw):
     """DPO / f-DPO reverse / robust DPO with matched noise reach π* ∝ π_ref exp(r/β) (docs/theory.md §5)."""
     logp = _minimise(loss_type, flip=flip, **kw)
@@ -389,18 +398,37 @@ def _trl_loss(loss_type, chosen, rejected, ref_c, ref_r, len_c, len_r, *, beta, 
     counted = torch.arange(T)[None, :] < lens[:, None]  # (2B, T)
     log_probs = torch.where(counted, seq[:, None] / lens[:, None], 0.0).requires_grad_()  # sums to seq
     completion_mask = torch.cat([torch.zeros(2 * B, 1, dtype=torch.long), counted.long()], dim=1)  # (2B, T+1)
-    outputs = SimpleNamespace(log_probs=log_probs, entropy=torch.zeros(2 * B, T),
-                              mean_logits=torch.zeros(2 * B, T), is_top1=torch.zeros(2 * B, T, dtype=torch.bool))
+    outputs = SimpleNamespace(
+        log_probs=log_probs,
+        entropy=torch.zeros(2 * B, T),
+        mean_logits=torch.zeros(2 * B, T),
+        is_top1=torch.zeros(2 * B, T, dtype=torch.bool),
+    )
     stub = SimpleNamespace(
         model=SimpleNamespace(training=True),
         accelerator=SimpleNamespace(device="cpu", gather_for_metrics=lambda x: x, gather=lambda x: x),
-        aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True, use_weighting=False,
-        f_divergence_type=f_div, f_alpha_divergence_coef=coef, loss_types=[loss_type], loss_weights=[1.0],
-        beta=beta, label_smoothing=eps, _metrics=defaultdict(lambda: defaultdict(list)),
-        _total_train_tokens=0, _tp_size=1, args=SimpleNamespace(discopop_tau=0.05),
+        aux_loss_enabled=False,
+        ld_alpha=None,
+        precompute_ref_logps=True,
+        use_weighting=False,
+        f_divergence_type=f_div,
+        f_alpha_divergence_coef=coef,
+        loss_types=[loss_type],
+        loss_weights=[1.0],
+        beta=beta,
+        label_smoothing=eps,
+        _metrics=defaultdict(lambda: defaultdict(list)),
+        _total_train_tokens=0,
+        _tp_size=1,
+        args=SimpleNamespace(discopop_tau=0.05),
     )
-    inputs = {"input_ids": torch.zeros(2 * B, T + 1, dtype=torch.long), "attention_mask": torch.ones(2 * B, T + 1),
-              "completion_mask": completion_mask, "ref_chosen_logps": ref_c, "ref_rejected_logps": ref_r}
+    inputs = {
+        "input_ids": torch.zeros(2 * B, T + 1, dtype=torch.long),
+        "attention_mask": torch.ones(2 * B, T + 1),
+        "completion_mask": completion_mask,
+        "ref_chosen_logps": ref_c,
+        "ref_rejected_logps": ref_r,
+    }
     try:
         loss = dpo.DPOTrainer._compute_loss(stub, lambda **kw: outputs, inputs, False)
     except (AttributeError, KeyError, TypeError) as err:
@@ -410,15 +438,18 @@ def _trl_loss(loss_type, chosen, rejected, ref_c, ref_r, len_c, len_r, *, beta, 
     return loss.detach(), grad[:B], grad[B:]
 
 
-@pytest.mark.parametrize("trl_type,ours,kw,trl_kw", [
-    ("sigmoid", "sigmoid", {}, {}),
-    ("hinge", "hinge", {}, {}),
-    ("ipo", "ipo", {"ipo_length_normalize": True}, {}),  # TRL normalises IPO per token
-    ("robust", "robust", {"label_smoothing": 0.1}, {"eps": 0.1}),
-    ("sigmoid", "fdpo_forward_kl", {}, {"f_div": "forward_kl"}),
-    ("sigmoid", "fdpo_js", {}, {"f_div": "js_divergence"}),
-    ("sigmoid", "fdpo_alpha", {"alpha": 0.3}, {"f_div": "alpha_divergence", "coef": 0.7}),  # TRL coef = 1 - α
-])
+@pytest.mark.parametrize(
+    "trl_type,ours,kw,trl_kw",
+    [
+        ("sigmoid", "sigmoid", {}, {}),
+        ("hinge", "hinge", {}, {}),
+        ("ipo", "ipo", {"ipo_length_normalize": True}, {}),  # TRL normalises IPO per token
+        ("robust", "robust", {"label_smoothing": 0.1}, {"eps": 0.1}),
+        ("sigmoid", "fdpo_forward_kl", {}, {"f_div": "forward_kl"}),
+        ("sigmoid", "fdpo_js", {}, {"f_div": "js_divergence"}),
+        ("sigmoid", "fdpo_alpha", {"alpha": 0.3}, {"f_div": "alpha_divergence", "coef": 0.7}),  # TRL coef = 1 - α
+    ],
+)
 def test_matches_trl_dpo_trainer(trl_type, ours, kw, trl_kw):
     g = torch.Generator().manual_seed(3)
     B = 5

@@ -4,7 +4,6 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_close, f32_tol, logit_magnitude
 
 from tether.modeling import completion_logps, make_batch
 from tether.reference import (
@@ -18,6 +17,8 @@ from tether.reference import (
     build_reference,
 )
 
+from conftest import assert_close, f32_tol, logit_magnitude
+
 PROMPTS = ["Once upon a time", "The little dog", "Lily"]
 COMPLETIONS = [" there was a big cat.", " ran to the park and played", " smiled"]
 
@@ -28,7 +29,7 @@ def batch_rows(stories):
     rows = []
     for i, (p, c) in enumerate(zip(PROMPTS, COMPLETIONS)):
         p_ids = tok(p)["input_ids"]
-        c_ids = tok(p + c)["input_ids"][len(p_ids):]
+        c_ids = tok(p + c)["input_ids"][len(p_ids) :]
         rows.append((i, p_ids, c_ids))
     batch = make_batch([r[1] for r in rows], [r[2] for r in rows], pad_id=tok.pad_token_id)
     return rows, batch
@@ -37,7 +38,9 @@ def batch_rows(stories):
 def _lora(model, r=4):
     from peft import LoraConfig, get_peft_model
 
-    m = get_peft_model(copy.deepcopy(model), LoraConfig(r=r, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.1))
+    m = get_peft_model(
+        copy.deepcopy(model), LoraConfig(r=r, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.1)
+    )
     # Make the adapter non-trivial (peft initialises B = 0): the reference must still ignore it.
     with torch.no_grad():
         for n, p in m.named_parameters():
@@ -109,15 +112,22 @@ def test_precomputed_packed_pass_equals_the_padded_pass(stories, tmp_path):
     rows = []
     for i in range(14):
         p_ids = tok(texts[i % len(texts)])["input_ids"]
-        c_ids = tok(" there was a little girl who liked to play in the sun with her cat", add_special_tokens=False)["input_ids"]
+        c_ids = tok(" there was a little girl who liked to play in the sun with her cat", add_special_tokens=False)[
+            "input_ids"
+        ]
         rows.append((100 + i, p_ids, c_ids[: 1 + (5 * i) % 17]))
     ref = FrozenReference(copy.deepcopy(model))
-    padded = PrecomputedReference.build(ref, model, rows, pad_id=tok.pad_token_id, cache_dir=tmp_path / "a", batch_size=5)
-    packed = PrecomputedReference.build(ref, model, rows, pad_id=tok.pad_token_id, cache_dir=tmp_path / "b", batch_size=5,
-                                        packed=True)
+    padded = PrecomputedReference.build(
+        ref, model, rows, pad_id=tok.pad_token_id, cache_dir=tmp_path / "a", batch_size=5
+    )
+    packed = PrecomputedReference.build(
+        ref, model, rows, pad_id=tok.pad_token_id, cache_dir=tmp_path / "b", batch_size=5, packed=True
+    )
     batch = make_batch([r[1] for r in rows], [r[2] for r in rows], pad_id=tok.pad_token_id)
     with torch.no_grad():
-        h = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True).hidden_states[-1]
+        h = model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True
+        ).hidden_states[-1]
     mag = float((h.abs() @ model.lm_head.weight.abs().t()).max())
     for rid, _, comp in rows:
         a, b = padded.table[rid], packed.table[rid]
@@ -262,9 +272,15 @@ def test_reference_from_config_builds_each_form(stories, stories_path, batch_row
     _, batch = batch_rows
     expected = completion_logps(model.eval(), batch)
     build = lambda cfg, policy=model, policy_path=stories_path, **kw: reference_from_config(  # noqa: E731
-        cfg, policy=policy, tokenizer=tok, policy_path=policy_path, device="cpu", **kw)
+        cfg, policy=policy, tokenizer=tok, policy_path=policy_path, device="cpu", **kw
+    )
     dpo = lambda form, **kw: DPOConfig(model=stories_path, reference=form, **kw)  # noqa: E731
-    want = {"copy": FrozenReference, "precomputed": FrozenReference, "offload": OffloadedReference, "sync": SyncedReference}
+    want = {
+        "copy": FrozenReference,
+        "precomputed": FrozenReference,
+        "offload": OffloadedReference,
+        "sync": SyncedReference,
+    }
     for form, cls in want.items():
         ref = build(dpo(form, ref_sync_mode="soft", ref_sync_every=3, ref_sync_alpha=0.25))
         assert type(ref) is cls, form
@@ -277,8 +293,12 @@ def test_reference_from_config_builds_each_form(stories, stories_path, batch_row
     assert type(ref) is OffloadedReference and next(ref.model.parameters()).device.type == "cpu"
 
     # A LoRA policy: no second model for lora / precomputed / sync; a model loaded from disk for copy.
-    peft_forms = {"lora": LoraDisabledReference, "precomputed": LoraDisabledReference, "sync": LoraSyncedReference,
-                  "copy": FrozenReference}
+    peft_forms = {
+        "lora": LoraDisabledReference,
+        "precomputed": LoraDisabledReference,
+        "sync": LoraSyncedReference,
+        "copy": FrozenReference,
+    }
     for form, cls in peft_forms.items():
         ref = build(dpo(form), policy=_lora(model))
         assert type(ref) is cls, form
@@ -297,8 +317,12 @@ def test_reference_from_config_errors_name_the_field(stories, stories_path, tmp_
 
     tok, model = stories
     build = lambda cfg, policy=model, policy_path=stories_path, **kw: reference_from_config(  # noqa: E731
-        cfg, policy=policy, tokenizer=tok, policy_path=policy_path, device="cpu", **kw)
-    with pytest.raises(ValueError, match=r"^reference must be one of \('copy', 'lora', 'offload'\), got 'precomputed'; set --reference$"):
+        cfg, policy=policy, tokenizer=tok, policy_path=policy_path, device="cpu", **kw
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"^reference must be one of \('copy', 'lora', 'offload'\), got 'precomputed'; set --reference$",
+    ):
         build(PPOConfig(reference="precomputed"), forms=("copy", "lora", "offload"))
     with pytest.raises(ValueError, match=r"^reference must be one of .*'sync'\), got 'mirror'; set --reference$"):
         build(DPOConfig(reference="mirror"))
@@ -327,7 +351,15 @@ def test_only_a_plain_frozen_copy_is_a_static_copy():
     from tether.diagnostics.forgetting import ModelReference
     from tether.reference_prompt import PromptMappedReference
 
-    forms = [ref_mod.FrozenReference, ref_mod.OffloadedReference, ref_mod.SyncedReference, ref_mod.LoraDisabledReference,
-             ref_mod.LoraSyncedReference, ref_mod.LaggedReference, ref_mod.PrecomputedReference, ModelReference,
-             PromptMappedReference]
+    forms = [
+        ref_mod.FrozenReference,
+        ref_mod.OffloadedReference,
+        ref_mod.SyncedReference,
+        ref_mod.LoraDisabledReference,
+        ref_mod.LoraSyncedReference,
+        ref_mod.LaggedReference,
+        ref_mod.PrecomputedReference,
+        ModelReference,
+        PromptMappedReference,
+    ]
     assert [f.__name__ for f in forms if f.static_copy] == ["FrozenReference"]

@@ -28,11 +28,14 @@ def _expected(policy: TabularPolicy, space, threshold: float) -> dict:
     ll = torch.tensor([float(slp[p, j]) for p, _, j in PAIRS], dtype=torch.float64)
     nw = torch.tensor([len(space.sequences[c]) for _, c, _ in PAIRS], dtype=torch.float64)
     nl = torch.tensor([len(space.sequences[j]) for _, _, j in PAIRS], dtype=torch.float64)
-    return {"nll_chosen": float(-lw.sum() / nw.sum()), "nll_rejected": float(-ll.sum() / nl.sum()),
-            "prefers_chosen": float((lw > ll).double().mean()),
-            "prefers_chosen_per_token": float((lw / nw > ll / nl).double().mean()),
-            "chosen_likely": float((-lw / nw <= threshold).double().mean()),
-            "rejected_likely": float((-ll / nl <= threshold).double().mean())}
+    return {
+        "nll_chosen": float(-lw.sum() / nw.sum()),
+        "nll_rejected": float(-ll.sum() / nl.sum()),
+        "prefers_chosen": float((lw > ll).double().mean()),
+        "prefers_chosen_per_token": float((lw / nw > ll / nl).double().mean()),
+        "chosen_likely": float((-lw / nw <= threshold).double().mean()),
+        "rejected_likely": float((-ll / nl <= threshold).double().mean()),
+    }
 
 
 def test_tabular_numbers_equal_the_enumeration_and_a_tuned_reference_scores_higher(tmp_path):
@@ -51,8 +54,26 @@ def test_tabular_numbers_equal_the_enumeration_and_a_tuned_reference_scores_high
     tuned = save_tabular_lm(problem, tmp_path / "tuned", table=tuned_policy)
     threshold = 1.0
     out = tmp_path / "rc.json"
-    assert cli_main(["reference-check", "--references", f"{base},{tuned}", "--dataset", str(data), "--no_add_eos",
-                     "--likely_threshold", str(threshold), "--json", str(out), "--no_progress", "--batch_size", "4"]) == 0
+    assert (
+        cli_main(
+            [
+                "reference-check",
+                "--references",
+                f"{base},{tuned}",
+                "--dataset",
+                str(data),
+                "--no_add_eos",
+                "--likely_threshold",
+                str(threshold),
+                "--json",
+                str(out),
+                "--no_progress",
+                "--batch_size",
+                "4",
+            ]
+        )
+        == 0
+    )
     res = json.loads(out.read_text())["references"]
     for r, pol in zip(res, (problem.ref, tuned_policy)):
         want = _expected(pol, sp, threshold)
@@ -67,9 +88,31 @@ def test_tabular_numbers_equal_the_enumeration_and_a_tuned_reference_scores_high
 
 def test_stories260k_on_hh_rlhf_gives_finite_numbers(assets_dir, tmp_path):
     out = tmp_path / "rc.json"
-    assert cli_main(["reference-check", "--references", "stories260K", "--dataset", "hh-rlhf", "--assets", str(assets_dir),
-                     "--limit", "6", "--max_length", "48", "--max_new_tokens", "8", "--samples", "2",
-                     "--json", str(out), "--no_progress"]) == 0
+    assert (
+        cli_main(
+            [
+                "reference-check",
+                "--references",
+                "stories260K",
+                "--dataset",
+                "hh-rlhf",
+                "--assets",
+                str(assets_dir),
+                "--limit",
+                "6",
+                "--max_length",
+                "48",
+                "--max_new_tokens",
+                "8",
+                "--samples",
+                "2",
+                "--json",
+                str(out),
+                "--no_progress",
+            ]
+        )
+        == 0
+    )
     r = json.loads(out.read_text())["references"][0]
     assert r["pairs"] == 6 and r["own_samples"] == 12 and r["threshold_source"] == "median of own samples"
     for k in ("nll_chosen", "nll_rejected", "likely_threshold"):
@@ -80,11 +123,14 @@ def test_stories260k_on_hh_rlhf_gives_finite_numbers(assets_dir, tmp_path):
     assert r["nll_chosen"] > r["own_sample_nll_mean"]
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--references", ",", "--dataset", "x.jsonl"], "--references is empty"),
-    (["--references", "stories260K", "--dataset", "x.jsonl", "--likely_threshold", "-1"], "--likely_threshold"),
-    (["--references", "stories260K", "--dataset", "x.jsonl", "--samples", "0"], "--samples must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--references", ",", "--dataset", "x.jsonl"], "--references is empty"),
+        (["--references", "stories260K", "--dataset", "x.jsonl", "--likely_threshold", "-1"], "--likely_threshold"),
+        (["--references", "stories260K", "--dataset", "x.jsonl", "--samples", "0"], "--samples must be >= 1"),
+    ],
+)
 def test_bad_input_is_one_line(capsys, args, needle):
     assert cli_main(["reference-check", *args]) == 2
     err = capsys.readouterr().err.strip()

@@ -28,8 +28,17 @@ def problem():
 
 def _cfg(problem, tmp_path, name, **kw):
     model = save_tabular_lm(problem, tmp_path / "model")
-    base = dict(beta=0.5, kl_estimator="k1", num_epochs=2, lam=1.0, gamma=1.0, max_steps=4, samples=8,
-                learning_rate=0.2, lr_schedule="constant")
+    base = dict(
+        beta=0.5,
+        kl_estimator="k1",
+        num_epochs=2,
+        lam=1.0,
+        gamma=1.0,
+        max_steps=4,
+        samples=8,
+        learning_rate=0.2,
+        lr_schedule="constant",
+    )
     cfg = shipped.online_config(PPOConfig, problem, **{**base, **kw})
     return dataclasses.replace(cfg, model=str(model), output_dir=str(tmp_path / name))
 
@@ -67,10 +76,15 @@ def test_lagged_reference_is_the_policy_n_steps_ago_bit_for_bit(problem):
         assert len(ref.snapshots) == min(step, 3)
 
 
-@pytest.mark.parametrize("kw", [
-    dict(ref_lag=2), dict(ref_reset_every=2, ref_reset_optimizer=True),
-    dict(ref_lag=2, reference="lora", lora_r=4, lora_alpha=8, lora_target_modules=["lm_head"]),
-], ids=["lag", "reset_optimizer", "lag_lora"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(ref_lag=2),
+        dict(ref_reset_every=2, ref_reset_optimizer=True),
+        dict(ref_lag=2, reference="lora", lora_r=4, lora_alpha=8, lora_target_modules=["lm_head"]),
+    ],
+    ids=["lag", "reset_optimizer", "lag_lora"],
+)
 def test_resume_is_bit_identical(problem, tmp_path, kw):
     """Interrupt after step 3 (delete the later checkpoints), resume: every logged number and the final
     weights equal the uninterrupted run's (the snapshots / reference weights are in the checkpoint)."""
@@ -85,8 +99,12 @@ def test_resume_is_bit_identical(problem, tmp_path, kw):
     assert full["history"] == resumed["history"]
     assert (Path(cfg.output_dir) / "final" / "model.safetensors").read_bytes() == weights
     # and the moving reference mattered: the run differs from a fixed-reference one
-    fixed = _train(problem, dataclasses.replace(cfg, ref_lag=0, ref_reset_every=0, ref_reset_optimizer=False,
-                                                output_dir=str(tmp_path / "fixed")))
+    fixed = _train(
+        problem,
+        dataclasses.replace(
+            cfg, ref_lag=0, ref_reset_every=0, ref_reset_optimizer=False, output_dir=str(tmp_path / "fixed")
+        ),
+    )
     assert fixed["history"][-1]["kl/ref"] != full["history"][-1]["kl/ref"]
 
 
@@ -105,12 +123,15 @@ def test_reset_optimizer_clears_adam_state(problem, tmp_path):
     assert state2["optimizer"]["state"] != {}
 
 
-@pytest.mark.parametrize("kw, field", [
-    (dict(ref_lag=2, ref_reset_every=2), "ref_reset_every and ref_lag"),
-    (dict(ref_lag=-1), "ref_lag must be >= 0"),
-    (dict(ref_lag=2, reference="offload"), "reference 'copy'"),
-    (dict(ref_reset_optimizer=True), "ref_reset_optimizer needs ref_reset_every"),
-])
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        (dict(ref_lag=2, ref_reset_every=2), "ref_reset_every and ref_lag"),
+        (dict(ref_lag=-1), "ref_lag must be >= 0"),
+        (dict(ref_lag=2, reference="offload"), "reference 'copy'"),
+        (dict(ref_reset_optimizer=True), "ref_reset_optimizer needs ref_reset_every"),
+    ],
+)
 def test_bad_settings_are_user_errors(problem, tmp_path, kw, field):
     with pytest.raises(UserError, match=field):
         _train(problem, _cfg(problem, tmp_path, "bad", max_steps=1, **kw))

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from tether import cli, registry
-from tether.ops.policy import aggregate_loss, masked_mean, reinforce_loss, token_rewards
 from tether.ops.kl import seq_sum
+from tether.ops.policy import aggregate_loss, masked_mean, reinforce_loss, token_rewards
 from tether.registry import METHODS, MethodSpec, register_method
 from tether.trainers.method import Counts, LossInputs, OnlineMethod, Prepared
 from tether.trainers.online import OnlineConfig
@@ -50,15 +50,21 @@ def gm_prepare(*, scores, kl_tokens, mask, values=None, cfg, beta) -> Prepared:
 def gm_loss(x: LossInputs, *, cfg, beta, counts: Counts):
     """-A_i Σ_t log π_θ(y_t|s_t), the mean over sequences (on-policy REINFORCE; no ratio)."""
     per_token, _ = reinforce_loss(x.logps, x.advantages, x.mask)
-    total = aggregate_loss(per_token, x.mask, mode=cfg.loss_aggregation, num_tokens=counts.tokens, num_seqs=counts.seqs,
-                           weights=x.weights)
+    total = aggregate_loss(
+        per_token, x.mask, mode=cfg.loss_aggregation, num_tokens=counts.tokens, num_seqs=counts.seqs, weights=x.weights
+    )
     return total, {"policy_loss": masked_mean(per_token, x.mask).detach()}
 
 
 GROUP_MEAN = OnlineMethod(name="reinforce_gm", prepare=gm_prepare, loss=gm_loss)
 
-ROW = MethodSpec("reinforce_gm", "online RL: REINFORCE with a group-mean baseline (test only)", config=GroupMeanConfig,
-                 train="tether.trainers.online:train_online", online=GROUP_MEAN)
+ROW = MethodSpec(
+    "reinforce_gm",
+    "online RL: REINFORCE with a group-mean baseline (test only)",
+    config=GroupMeanConfig,
+    train="tether.trainers.online:train_online",
+    online=GROUP_MEAN,
+)
 
 
 @pytest.fixture
@@ -114,7 +120,9 @@ def _expected_grad(algo: str, estimator: str, **kw) -> torch.Tensor:
     ctx = Context(problem, OnlineSetup(algo, estimator, "reward", **kw))
     logits, logps = scores_of(policy, ctx.full)
     ro = collect(ctx, policy, 0.5, logits_full=logits, logps_full=logps, generator=torch.Generator())
-    (grad,) = torch.autograd.grad(update_loss(ctx, policy, ro, 0.5, logits_full=logits, logps_full=logps), [policy.table])
+    (grad,) = torch.autograd.grad(
+        update_loss(ctx, policy, ro, 0.5, logits_full=logits, logps_full=logps), [policy.table]
+    )
     return grad
 
 
@@ -152,10 +160,39 @@ def test_a_registered_method_trains_from_the_cli(registered, stories_path, tmp_p
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Once upon a time\nThe little dog\nOne day, a girl\nTom was\n")
     out = tmp_path / "run"
-    rc = cli.main(["reinforce_gm", "--model", stories_path, "--prompts", str(prompts), "--reward", "reward_fns:length_reward",
-                   "--output_dir", str(out), "--batch_size", "4", "--max_new_tokens", "8", "--max_steps", "2",
-                   "--learning_rate", "1e-2", "--eval_every", "0", "--eval_max_prompts", "2", "--eval_samples", "1",
-                   "--sample_every", "0", "--progress", "false", "--report_to", "none"])
+    rc = cli.main(
+        [
+            "reinforce_gm",
+            "--model",
+            stories_path,
+            "--prompts",
+            str(prompts),
+            "--reward",
+            "reward_fns:length_reward",
+            "--output_dir",
+            str(out),
+            "--batch_size",
+            "4",
+            "--max_new_tokens",
+            "8",
+            "--max_steps",
+            "2",
+            "--learning_rate",
+            "1e-2",
+            "--eval_every",
+            "0",
+            "--eval_max_prompts",
+            "2",
+            "--eval_samples",
+            "1",
+            "--sample_every",
+            "0",
+            "--progress",
+            "false",
+            "--report_to",
+            "none",
+        ]
+    )
     assert rc == 0
     assert json.loads(capsys.readouterr().out)["final"] == str(out / "final")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

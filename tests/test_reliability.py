@@ -23,9 +23,20 @@ from tether.trainers.sft import SFTConfig, train_sft
 
 
 def sft_cfg(assets_dir, out, **kw) -> SFTConfig:
-    base = dict(model=str(assets_dir / "stories260K"), assets=str(assets_dir), output_dir=str(out),
-                dataset=str(assets_dir / "rt-polarity" / "rt-polarity.pos"), eval_examples=0, batch_size=4,
-                max_length=16, learning_rate=1e-3, progress=False, seed=0, max_steps=3, save_every=1)
+    base = dict(
+        model=str(assets_dir / "stories260K"),
+        assets=str(assets_dir),
+        output_dir=str(out),
+        dataset=str(assets_dir / "rt-polarity" / "rt-polarity.pos"),
+        eval_examples=0,
+        batch_size=4,
+        max_length=16,
+        learning_rate=1e-3,
+        progress=False,
+        seed=0,
+        max_steps=3,
+        save_every=1,
+    )
     base.update(kw)
     return SFTConfig(**base)
 
@@ -103,8 +114,20 @@ def test_dpo_with_infinite_beta_stops_and_saves_no_nan(assets_dir, tmp_path):
     pos = (assets_dir / "rt-polarity" / "rt-polarity.pos").read_text(errors="replace").splitlines()
     neg = (assets_dir / "rt-polarity" / "rt-polarity.neg").read_text(errors="replace").splitlines()
     out = tmp_path / "dpo"
-    cfg = DPOConfig(model=str(assets_dir / "stories260K"), output_dir=str(out), max_steps=5, batch_size=4, beta=math.inf,
-                    learning_rate=1e-3, max_length=48, eval_pairs=4, kl_prompts=0, progress=False, seed=0, save_every=1)
+    cfg = DPOConfig(
+        model=str(assets_dir / "stories260K"),
+        output_dir=str(out),
+        max_steps=5,
+        batch_size=4,
+        beta=math.inf,
+        learning_rate=1e-3,
+        max_length=48,
+        eval_pairs=4,
+        kl_prompts=0,
+        progress=False,
+        seed=0,
+        save_every=1,
+    )
     with pytest.raises(UserError, match="non-finite loss or gradient"):
         train_dpo(cfg, rows=sentiment_pairs(pos, neg, n=16, seed=0))
     r = rows(out)
@@ -169,8 +192,12 @@ def test_trainer_state_round_trip_is_exact_without_pickle(tmp_path):
     m(torch.randn(4, 3)).sum().backward()
     opt.step()
     random.random(), np.random.rand(), torch.rand(1)
-    state = {"optimizer": opt.state_dict(), "rng": rng_state(), "adapter": {0: torch.ones(2, dtype=torch.bfloat16)},
-             "history": [{"step": 1, "loss": math.nan, "x": 0.1 + 0.2}]}
+    state = {
+        "optimizer": opt.state_dict(),
+        "rng": rng_state(),
+        "adapter": {0: torch.ones(2, dtype=torch.bfloat16)},
+        "history": [{"step": 1, "loss": math.nan, "x": 0.1 + 0.2}],
+    }
     write_state(tmp_path, state)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["trainer_state.json", "trainer_state.safetensors"]
     back = read_state(tmp_path)
@@ -223,7 +250,9 @@ def test_run_identity(assets_dir, tmp_path):
     assert [x["step"] for x in rows(out)] == [1, 2, 3] and rows(out)[:2] == first
     assert "max_steps: 3" in (out / "config.yaml").read_text()  # the config in effect
     train_sft(dataclasses.replace(cfg, seed=1, overwrite=True, max_steps=1))
-    assert [x["step"] for x in rows(out)] == [1] and sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1"]
+    assert [x["step"] for x in rows(out)] == [1] and sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step-1"
+    ]
     assert json.loads((out / "run.json").read_text())["fields"]["seed"] == 1
 
 
@@ -241,9 +270,25 @@ def test_resume_without_checkpoint_in_another_runs_folder_is_refused(assets_dir,
 def test_cli_refuses_a_used_output_dir_with_exit_2(assets_dir, tmp_path, capsys):
     from tether.cli import main
 
-    args = ["sft", "--model", str(assets_dir / "stories260K"), "--dataset", str(assets_dir / "rt-polarity" / "rt-polarity.pos"),
-            "--output_dir", str(tmp_path / "run"), "--eval_examples", "0", "--batch_size", "4", "--max_length", "16",
-            "--progress", "false", "--max_steps", "1"]
+    args = [
+        "sft",
+        "--model",
+        str(assets_dir / "stories260K"),
+        "--dataset",
+        str(assets_dir / "rt-polarity" / "rt-polarity.pos"),
+        "--output_dir",
+        str(tmp_path / "run"),
+        "--eval_examples",
+        "0",
+        "--batch_size",
+        "4",
+        "--max_length",
+        "16",
+        "--progress",
+        "false",
+        "--max_steps",
+        "1",
+    ]
     assert main(args) == 0
     capsys.readouterr()
     assert main(args + ["--learning_rate", "0.5"]) == 2
@@ -282,10 +327,23 @@ def test_ppo_with_absurd_rewards_stops_instead_of_learning_nothing(stories_path,
     first step (2 epochs x 2 minibatches >= 3 updates) with the error naming the reward scale."""
     from tether.trainers.ppo import PPOConfig, train_ppo
 
-    cfg = PPOConfig(model=stories_path, output_dir=str(tmp_path / "ppo"), batch_size=8, max_new_tokens=8, max_steps=3,
-                    num_epochs=2, num_minibatches=2, progress=False, sample_every=0, eval_every=0, seed=0)
+    cfg = PPOConfig(
+        model=stories_path,
+        output_dir=str(tmp_path / "ppo"),
+        batch_size=8,
+        max_new_tokens=8,
+        max_steps=3,
+        num_epochs=2,
+        num_minibatches=2,
+        progress=False,
+        sample_every=0,
+        eval_every=0,
+        seed=0,
+    )
     with pytest.raises(UserError, match="rewards of an extreme scale"):
-        train_ppo(cfg, prompts=["Once upon a time", "The dog", "A girl", "The sun"] * 2, reward=lambda c: [1e30] * len(c))
+        train_ppo(
+            cfg, prompts=["Once upon a time", "The dog", "A girl", "The sun"] * 2, reward=lambda c: [1e30] * len(c)
+        )
     assert not (tmp_path / "ppo" / "final").exists()
 
 

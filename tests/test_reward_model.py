@@ -6,13 +6,14 @@ import math
 
 import pytest
 import torch
-from conftest import assert_close, f32_tol
 
 from tether.distributed import Dist
 from tether.ops.reward_model import bradley_terry_loss
 from tether.rewards import RewardModelSource, build_reward, sequence_scores
 from tether.runs import save_final
 from tether.trainers.reward_model import RMConfig, load_reward_backbone, train_reward_model
+
+from conftest import assert_close, f32_tol
 
 # ------------------------------------------------------------------------------------------ BT loss
 
@@ -119,9 +120,20 @@ def test_accumulation_gives_the_full_batch_step(stories_path, tmp_path, assets_d
     """batch 8 in one micro-batch == batch 8 as 4 micro-batches of 2 (loss weighted by m / batch)."""
     runs = {}
     for accum in (1, 4):
-        cfg = RMConfig(model=stories_path, assets=str(assets_dir), dataset="rt-polarity", limit=48, eval_fraction=0.0,
-                       output_dir=str(tmp_path / f"a{accum}"), batch_size=8, grad_accum=accum, max_steps=2,
-                       max_length=24, learning_rate=1e-3, progress=False)
+        cfg = RMConfig(
+            model=stories_path,
+            assets=str(assets_dir),
+            dataset="rt-polarity",
+            limit=48,
+            eval_fraction=0.0,
+            output_dir=str(tmp_path / f"a{accum}"),
+            batch_size=8,
+            grad_accum=accum,
+            max_steps=2,
+            max_length=24,
+            learning_rate=1e-3,
+            progress=False,
+        )
         train_reward_model(cfg)
         runs[accum] = [json.loads(x) for x in (tmp_path / f"a{accum}" / "metrics.jsonl").read_text().splitlines()]
     for a, b in zip(runs[1], runs[4]):
@@ -134,9 +146,19 @@ def test_reward_model_learns_movie_review_sentiment(stories_path, tmp_path, asse
     """Definition of done: on pairs (positive snippet chosen over negative snippet) the held-out
     accuracy is well above chance. 213 held-out pairs: chance is 0.50 ± 0.034, so > 0.60 is ~3σ;
     this config reached 0.68 when written."""
-    cfg = RMConfig(model=stories_path, assets=str(assets_dir), dataset="rt-polarity", eval_fraction=0.04,
-                   output_dir=str(tmp_path / "rm"), batch_size=32, max_steps=120, max_length=56, learning_rate=3e-4,
-                   progress=False, seed=0)
+    cfg = RMConfig(
+        model=stories_path,
+        assets=str(assets_dir),
+        dataset="rt-polarity",
+        eval_fraction=0.04,
+        output_dir=str(tmp_path / "rm"),
+        batch_size=32,
+        max_steps=120,
+        max_length=56,
+        learning_rate=3e-4,
+        progress=False,
+        seed=0,
+    )
     result = train_reward_model(cfg)
     rows = [json.loads(x) for x in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "rm/accuracy", "rm/margin", "opt/lr", "opt/grad_norm"} <= set(rows[0])
@@ -154,8 +176,30 @@ def test_rm_command_on_jsonl_pairs(tmp_path, stories_path):
 
     rows = [{"prompt": f"review {i}:", "chosen": " great , moving", "rejected": " dull , boring"} for i in range(10)]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert main(["rm", "--model", stories_path, "--dataset", str(tmp_path / "p.jsonl"), "--output_dir", str(tmp_path / "rm"),
-                 "--eval_fraction", "0.2", "--batch_size", "4", "--max_steps", "2", "--progress", "false"]) == 0
+    assert (
+        main(
+            [
+                "rm",
+                "--model",
+                stories_path,
+                "--dataset",
+                str(tmp_path / "p.jsonl"),
+                "--output_dir",
+                str(tmp_path / "rm"),
+                "--eval_fraction",
+                "0.2",
+                "--batch_size",
+                "4",
+                "--max_steps",
+                "2",
+                "--progress",
+                "false",
+            ]
+        )
+        == 0
+    )
     last = [json.loads(x) for x in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()][-1]
     assert {"loss", "rm/accuracy", "eval/loss", "eval/rm/accuracy"} <= set(last)
-    assert build_reward(str(tmp_path / "rm"))(["review 1:"], [" great"]).shape == (1,)  # a run folder resolves to final/
+    assert build_reward(str(tmp_path / "rm"))(["review 1:"], [" great"]).shape == (
+        1,
+    )  # a run folder resolves to final/

@@ -29,11 +29,14 @@ def test_vader_hand_values():
 
 def test_vader_orders_sentences_and_ignores_prompt():
     v = VaderSource()
-    pos, neu, neg = v(["I hated it."] * 3, [
-        "this movie is wonderful , i loved every minute of it !",
-        "the film is ninety minutes long .",
-        "a dull , boring and painful mess .",
-    ]).tolist()
+    pos, neu, neg = v(
+        ["I hated it."] * 3,
+        [
+            "this movie is wonderful , i loved every minute of it !",
+            "the film is ninety minutes long .",
+            "a dull , boring and painful mess .",
+        ],
+    ).tolist()
     assert pos > 0.5 and neu == 0.0 and neg < -0.5  # the negative prompt does not count
     with_prompt = VaderSource(include_prompt=True)(["I hated it."], ["the film is ninety minutes long ."])
     assert with_prompt.item() < 0

@@ -15,8 +15,9 @@ import math
 import pytest
 import torch
 
-from reference_sampler import reference_sample
 from tether.sampling import draw_tokens, sample
+
+from reference_sampler import reference_sample
 
 
 def test_draw_tokens_is_torch_multinomial():
@@ -68,10 +69,12 @@ def test_sampler_equals_the_plain_loop(stories, filters):
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     finished_at = set()
     for _ in range(2):
-        want, want_no_eos = reference_sample(model, ids, pad_id=tok.pad_token_id, eos_id=eos, max_new_tokens=40,
-                                             generator=g1, **filters)
-        got, got_no_eos = sample(model, ids, pad_id=tok.pad_token_id, eos_id=eos, max_new_tokens=40, generator=g2,
-                                 **filters)
+        want, want_no_eos = reference_sample(
+            model, ids, pad_id=tok.pad_token_id, eos_id=eos, max_new_tokens=40, generator=g1, **filters
+        )
+        got, got_no_eos = sample(
+            model, ids, pad_id=tok.pad_token_id, eos_id=eos, max_new_tokens=40, generator=g2, **filters
+        )
         assert torch.equal(got.input_ids, want.input_ids)
         assert torch.equal(got.mask, want.mask) and torch.equal(got.attention_mask, want.attention_mask)
         assert torch.equal(got_no_eos, want_no_eos)
@@ -87,8 +90,14 @@ def test_sampler_equals_the_plain_loop(stories, filters):
 def test_sampler_without_eos_runs_every_step(stories):
     """eos_id=None: every row gets exactly max_new_tokens tokens, none finished."""
     tok, model = stories
-    b, no_eos = sample(model, _prompts(tok)[:4], pad_id=tok.pad_token_id, eos_id=None, max_new_tokens=6,
-                       generator=torch.Generator().manual_seed(0))
+    b, no_eos = sample(
+        model,
+        _prompts(tok)[:4],
+        pad_id=tok.pad_token_id,
+        eos_id=None,
+        max_new_tokens=6,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert b.mask.shape == (4, 6) and bool(b.mask.all()) and bool(no_eos.all())
 
 
@@ -116,15 +125,23 @@ def test_engine_samples_through_the_backend_it_is_given(stories):
     b = generate(model, ids, tokenizer=tok, sampling={"top_k": 5}, max_new_tokens=5, seed=1)
     assert a.completion_ids == b.completion_ids and torch.equal(a.batch.allowed, b.batch.allowed)
     assert seen == [(SamplingSettings(max_new_tokens=5, top_k=5), tok.pad_token_id, tok.eos_token_id)]
-    m = measure(model, FrozenReference(copy.deepcopy(model)), ids, tokenizer=tok, max_new_tokens=3, batch_size=2, seed=0,
-                estimators=("exact",), backend=backend)
+    m = measure(
+        model,
+        FrozenReference(copy.deepcopy(model)),
+        ids,
+        tokenizer=tok,
+        max_new_tokens=3,
+        batch_size=2,
+        seed=0,
+        estimators=("exact",),
+        backend=backend,
+    )
     assert len(seen) == 3 and m["samples"] == 4 and m["estimators"]["exact"]["mean"] == 0.0
 
 
 def test_unknown_backend_is_a_user_error():
-    from tether.generation import check_backend
     from tether.errors import UserError
-    from tether.generation import make_backend
+    from tether.generation import check_backend, make_backend
 
     with pytest.raises(UserError, match="backend"):
         make_backend("nope", None)

@@ -9,11 +9,10 @@ import math
 
 import pytest
 import torch
-from conftest import f32_tol
 
 from tether.engine import generate_batches, measure, score
 from tether.modeling import completion_logits, completion_logps, load_causal_lm, make_batch, with_allowed
-from tether.ops.kl import ESTIMATOR_NAMES, kl_per_token, seq_sum
+from tether.ops.kl import ESTIMATOR_NAMES, seq_sum
 from tether.ops.logprobs import (
     allowed_set,
     apply_sampling_filters,
@@ -25,6 +24,8 @@ from tether.ops.logprobs import (
 )
 from tether.reference import FrozenReference
 from tether.sampling import sample
+
+from conftest import f32_tol
 
 SETTINGS = {
     "temperature": {"temperature": 0.7},
@@ -129,10 +130,22 @@ def test_sampler_records_the_allowed_sets(stories):
     tok, model = stories
     ids = _prompt_ids(tok) * 2
     g = torch.Generator().manual_seed(0)
-    b, _ = sample(model, ids, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=24, generator=g,
-                  top_k=7, temperature=0.8)
+    b, _ = sample(
+        model,
+        ids,
+        pad_id=tok.pad_token_id,
+        eos_id=tok.eos_token_id,
+        max_new_tokens=24,
+        generator=g,
+        top_k=7,
+        temperature=0.8,
+    )
     V = model.config.vocab_size
-    assert b.allowed is not None and b.allowed.dtype == torch.uint8 and b.allowed.shape == (*b.mask.shape, math.ceil(V / 8))
+    assert (
+        b.allowed is not None
+        and b.allowed.dtype == torch.uint8
+        and b.allowed.shape == (*b.mask.shape, math.ceil(V / 8))
+    )
     a = unpack_allowed(b.allowed, V)  # (B, T, V)
     picked = a.gather(-1, b.completion_ids[..., None])[..., 0]
     assert picked[b.mask].all()
@@ -142,10 +155,14 @@ def test_sampler_records_the_allowed_sets(stories):
     top = completion_logits(model, b).topk(7, dim=-1).indices
     same = torch.zeros_like(a).scatter(-1, top, True)
     assert (same == a).all(-1)[b.mask].float().mean() > 0.99
-    b2, _ = sample(model, ids, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=4, generator=g, top_p=0.9)
+    b2, _ = sample(
+        model, ids, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=4, generator=g, top_p=0.9
+    )
     a2 = unpack_allowed(b2.allowed, V)
     assert a2.gather(-1, b2.completion_ids[..., None])[..., 0][b2.mask].all()
-    b3, _ = sample(model, ids, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=4, generator=g, temperature=0.7)
+    b3, _ = sample(
+        model, ids, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=4, generator=g, temperature=0.7
+    )
     assert b3.allowed is None
     assert b.select(slice(1, 3)).allowed.shape[0] == 2 and b.to("cpu").allowed is not None
 
@@ -162,8 +179,15 @@ def test_bf16_scoring_has_no_minus_inf(stories_path):
     reference = FrozenReference(load_causal_lm(stories_path, dtype="bfloat16"))
     f = {"top_k": 20, "top_p": 0.9}
     g = torch.Generator().manual_seed(0)
-    b, _ = sample(model, _prompt_ids(tok) * 16, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=48,
-                  generator=g, **f)
+    b, _ = sample(
+        model,
+        _prompt_ids(tok) * 16,
+        pad_id=tok.pad_token_id,
+        eos_id=tok.eos_token_id,
+        max_new_tokens=48,
+        generator=g,
+        **f,
+    )
     raw = completion_logits(model, b)  # (B, T, V) bf16, τ = 1, unfiltered
     old = selective_logps(apply_sampling_filters(raw, **f), b.completion_ids)  # the old scorer's re-filter
     n_old = int((torch.isinf(old) & b.mask).sum())
@@ -199,8 +223,9 @@ def test_model_against_its_copy_is_its_filter_cost(stories, stories_path, settin
     tok, model = stories
     reference = FrozenReference(load_causal_lm(stories_path))
     f = SETTINGS[setting]
-    res = measure(model, reference, _prompt_ids(tok), tokenizer=tok, samples_per_prompt=2, max_new_tokens=16, seed=0,
-                  sampling=f)
+    res = measure(
+        model, reference, _prompt_ids(tok), tokenizer=tok, samples_per_prompt=2, max_new_tokens=16, seed=0, sampling=f
+    )
     if "top_k" not in f and "top_p" not in f:
         for name, v in res["estimators"].items():
             assert v["mean"] == 0.0 and v["stderr"] == 0.0, (name, v)
@@ -211,8 +236,16 @@ def test_model_against_its_copy_is_its_filter_cost(stories, stories_path, settin
     for name in ("k1", "exact"):
         assert res["estimators"][name]["mean"] == pytest.approx(cost, abs=_seq_cost_tol()), name
     assert res["estimators"]["k3"]["mean"] < cost  # k3 undercounts by Σ_t (1 - m_t) ≤ Σ_t -log m_t
-    (smp,) = generate_batches(model, _prompt_ids(tok), tokenizer=tok, sampling=f, max_new_tokens=16, batch_size=8,
-                              seed=0, samples_per_prompt=2)
+    (smp,) = generate_batches(
+        model,
+        _prompt_ids(tok),
+        tokenizer=tok,
+        sampling=f,
+        max_new_tokens=16,
+        batch_size=8,
+        seed=0,
+        samples_per_prompt=2,
+    )
     restricted = score(model, reference, smp, estimators=ESTIMATOR_NAMES, reference_filter="restricted")
     for name in ESTIMATOR_NAMES:
         assert restricted.seq(name).abs().max() == 0, name
@@ -226,9 +259,31 @@ def test_cli_model_against_itself_reports_the_filter_cost(tmp_path, stories_path
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     out = tmp_path / "kl.json"
-    assert kl_main(["--policy", stories_path, "--reference", stories_path, "--prompts", str(prompts), "--samples", "2",
-                    "--max_new_tokens", "16", "--temperature", "0.7", "--top_k", "20", "--top_p", "0.9",
-                    "--json", str(out)]) == 0
+    assert (
+        kl_main(
+            [
+                "--policy",
+                stories_path,
+                "--reference",
+                stories_path,
+                "--prompts",
+                str(prompts),
+                "--samples",
+                "2",
+                "--max_new_tokens",
+                "16",
+                "--temperature",
+                "0.7",
+                "--top_k",
+                "20",
+                "--top_p",
+                "0.9",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     res = json.loads(out.read_text())
     cost = res["filter_cost"]["mean"]
     assert cost > 0.05
@@ -237,8 +292,25 @@ def test_cli_model_against_itself_reports_the_filter_cost(tmp_path, stories_path
     text = capsys.readouterr().out
     assert "filter cost:" in text and "a model against itself has exactly this KL" in text
     assert "KL without it (to the reference restricted to the sampled sets): 0.00000" in text
-    assert kl_main(["--policy", stories_path, "--reference", stories_path, "--prompts", str(prompts), "--samples", "2",
-                    "--max_new_tokens", "16", "--temperature", "0.7"]) == 0
+    assert (
+        kl_main(
+            [
+                "--policy",
+                stories_path,
+                "--reference",
+                stories_path,
+                "--prompts",
+                str(prompts),
+                "--samples",
+                "2",
+                "--max_new_tokens",
+                "16",
+                "--temperature",
+                "0.7",
+            ]
+        )
+        == 0
+    )
     assert "filter cost" not in capsys.readouterr().out  # no top-k/top-p: no cost, no line
 
 
@@ -250,8 +322,9 @@ def test_batch_without_stored_sets_falls_back_to_the_policys_fp32_filter(stories
     reference = FrozenReference(load_causal_lm(stories_path))
     ids = _prompt_ids(tok)
     g = torch.Generator().manual_seed(1)
-    sampled, _ = sample(model, ids, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=12, generator=g,
-                        top_k=20)
+    sampled, _ = sample(
+        model, ids, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=12, generator=g, top_k=20
+    )
     comps = [sampled.completion_ids[i][sampled.mask[i]].tolist() for i in range(len(ids))]
     b = make_batch(ids, comps, pad_id=tok.pad_token_id)
     f = {"temperature": 0.7, "top_k": 20}
@@ -273,14 +346,19 @@ def test_every_reference_form_scores_with_the_same_temperature_and_stored_sets(s
     from peft import LoraConfig, get_peft_model
 
     from tether.reference import (
-        LoraDisabledReference, LoraSyncedReference, OffloadedReference, PrecomputedReference, SyncedReference,
+        LoraDisabledReference,
+        LoraSyncedReference,
+        OffloadedReference,
+        PrecomputedReference,
+        SyncedReference,
     )
 
     tok, model = stories
     f = SETTINGS["combined"]
     g = torch.Generator().manual_seed(0)
-    b, _ = sample(model, _prompt_ids(tok), pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=10,
-                  generator=g, **f)
+    b, _ = sample(
+        model, _prompt_ids(tok), pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=10, generator=g, **f
+    )
     want = completion_logits(model.eval(), b, temperature=f["temperature"])  # (B, T, V) π^τ_ref, unfiltered
     lora = lambda: get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))  # noqa: E731
     forms = {
@@ -315,8 +393,16 @@ def test_perturbed_copy_at_top_k_k1_and_exact_agree_and_k3_undercounts(stories, 
     tok, _ = stories
     reference = FrozenReference(load_causal_lm(stories_path))
     f = {"top_k": 20}
-    res = measure(perturbed, reference, _prompt_ids(tok), tokenizer=tok, samples_per_prompt=32, max_new_tokens=32, seed=0,
-                  sampling=f)
+    res = measure(
+        perturbed,
+        reference,
+        _prompt_ids(tok),
+        tokenizer=tok,
+        samples_per_prompt=32,
+        max_new_tokens=32,
+        seed=0,
+        sampling=f,
+    )
     est = res["estimators"]
     ex = est["exact"]
     assert 0.5 < ex["mean"] < 30.0, ex
@@ -324,8 +410,15 @@ def test_perturbed_copy_at_top_k_k1_and_exact_agree_and_k3_undercounts(stories, 
     assert abs(est["k1"]["mean"] - ex["mean"]) < tol, (est["k1"], ex, tol)
 
     g = torch.Generator().manual_seed(0)
-    b, _ = sample(perturbed, _prompt_ids(tok) * 32, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
-                  max_new_tokens=32, generator=g, **f)
+    b, _ = sample(
+        perturbed,
+        _prompt_ids(tok) * 32,
+        pad_id=tok.pad_token_id,
+        eos_id=tok.eos_token_id,
+        max_new_tokens=32,
+        generator=g,
+        **f,
+    )
     sc = score(perturbed, reference, b, sampling=f, estimators=("k3", "exact"))
     rs = score(perturbed, reference, b, sampling=f, estimators=("exact",), reference_filter="restricted")
     with torch.no_grad():
@@ -337,7 +430,10 @@ def test_perturbed_copy_at_top_k_k1_and_exact_agree_and_k3_undercounts(stories, 
     torch.testing.assert_close(cost, seq_sum(sc.filter_cost, b.mask), rtol=0, atol=f32_tol(32 * 20.0))
     missing = ((1 - m) * b.mask).sum(-1)  # (B,)
     unbiased = (sc.seq("k3") - (sc.seq("exact") - missing)).double()
-    assert abs(unbiased.mean()) < 4 * unbiased.std() / math.sqrt(unbiased.numel()), (sc.seq("k3").mean(), missing.mean())
+    assert abs(unbiased.mean()) < 4 * unbiased.std() / math.sqrt(unbiased.numel()), (
+        sc.seq("k3").mean(),
+        missing.mean(),
+    )
     bias = (sc.seq("exact") - sc.seq("k3")).double()
     assert bias.mean() > 3 * bias.std() / math.sqrt(bias.numel()), (bias.mean(), missing.mean())
 
@@ -353,8 +449,9 @@ def test_rollout_scores_step0_kl_is_the_filter_cost_and_clamp_mask_is_returned(s
     tok, model = stories
     f = SETTINGS["combined"]
     g = torch.Generator().manual_seed(0)
-    b, _ = sample(model, _prompt_ids(tok), pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=16,
-                  generator=g, **f)
+    b, _ = sample(
+        model, _prompt_ids(tok), pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=16, generator=g, **f
+    )
     reference = FrozenReference(load_causal_lm(stories_path))
     out = score(model, reference, b, sampling=f, estimators=("k3",), chunk=3)  # what collect_rollout scores with
     assert out.kl_clamped is None
@@ -366,8 +463,15 @@ def test_rollout_scores_step0_kl_is_the_filter_cost_and_clamp_mask_is_returned(s
     assert same.kl["k3"].abs().max() == 0 and torch.equal(same.logps, same.ref_logps)
     assert torch.equal(same.kl_exact, out.kl_exact)  # kl/ref is always the fixed reference's
 
-    pb, _ = sample(perturbed, _prompt_ids(tok), pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=16,
-                   generator=g, **f)
+    pb, _ = sample(
+        perturbed,
+        _prompt_ids(tok),
+        pad_id=tok.pad_token_id,
+        eos_id=tok.eos_token_id,
+        max_new_tokens=16,
+        generator=g,
+        **f,
+    )
     free = score(perturbed, reference, pb, sampling=f, estimators=("k3",), chunk=4)
     clamped = score(perturbed, reference, pb, sampling=f, estimators=("k3",), chunk=4, clamp_output=0.05)
     over = (free.kl["k3"] > 0.05) & pb.mask
@@ -381,14 +485,21 @@ def test_loss_side_policy_stays_finite_after_the_policy_moves(stories, perturbed
     """The loss scores the *updated* π_θ on the rollout's tokens with the stored F_t (groups.sampling_settings):
     every log-prob finite and differentiable. Re-running top-k on the moved policy would drop some
     sampled tokens (-inf, ratio 0) — the reason the loss used to skip top-k/top-p altogether."""
-    from tether.modeling import forward_completion
     from tether.groups import sampling_settings  # what online.optimise passes to the loss's forward
+    from tether.modeling import forward_completion
 
     tok, model = stories
     f = {"temperature": 0.9, "top_k": 5}
     g = torch.Generator().manual_seed(0)
-    b, _ = sample(model, _prompt_ids(tok) * 2, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=24,
-                  generator=g, **f)
+    b, _ = sample(
+        model,
+        _prompt_ids(tok) * 2,
+        pad_id=tok.pad_token_id,
+        eos_id=tok.eos_token_id,
+        max_new_tokens=24,
+        generator=g,
+        **f,
+    )
     from tether.trainers.ppo import PPOConfig
 
     loss_filters = sampling_settings(PPOConfig(**f))

@@ -6,14 +6,22 @@ import gzip
 import json
 
 import pytest
-from conftest import assert_close, measured_tol
 import torch
 import torch.nn.functional as F
 
 from tether.data.text import (
-    TextExample, Tokenized, batch_indices, collate, load_text_examples, pack, prepare_sft, tokenize_example,
+    TextExample,
+    Tokenized,
+    batch_indices,
+    collate,
+    load_text_examples,
+    pack,
+    prepare_sft,
+    tokenize_example,
 )
 from tether.trainers.sft import SFTConfig, token_nll, train_sft
+
+from conftest import assert_close, measured_tol
 
 # ------------------------------------------------------------------------------------------ data
 
@@ -29,11 +37,19 @@ def test_every_file_format(tmp_path):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"text": ["parquet row"]}), tmp_path / "f.parquet")
-    got = load_text_examples(",".join(str(tmp_path / n) for n in ("a.txt", "b.jsonl", "c.json", "d.json", "e.jsonl.gz", "f.parquet")))
+    got = load_text_examples(
+        ",".join(str(tmp_path / n) for n in ("a.txt", "b.jsonl", "c.json", "d.json", "e.jsonl.gz", "f.parquet"))
+    )
     assert got == [
-        TextExample("", "first line"), TextExample("", "second line"), TextExample("", "plain"),
-        TextExample("Q:", " A"), TextExample("p", "c"), TextExample("", "col1"), TextExample("", "col2"),
-        TextExample("", "zipped"), TextExample("", "parquet row"),
+        TextExample("", "first line"),
+        TextExample("", "second line"),
+        TextExample("", "plain"),
+        TextExample("Q:", " A"),
+        TextExample("p", "c"),
+        TextExample("", "col1"),
+        TextExample("", "col2"),
+        TextExample("", "zipped"),
+        TextExample("", "parquet row"),
     ]
 
 
@@ -116,12 +132,16 @@ def test_batch_order_is_a_function_of_seed_and_step():
 def test_token_nll_equals_cross_entropy(stories):
     """Slow reference: F.cross_entropy over shifted logits with non-targets ignored."""
     tok, model = stories
-    items = [tokenize_example(tok, TextExample("the movie", " was great .")),
-             tokenize_example(tok, TextExample("", "once upon a time"))]
+    items = [
+        tokenize_example(tok, TextExample("the movie", " was great .")),
+        tokenize_example(tok, TextExample("", "once upon a time")),
+    ]
     b = collate(items, pad_id=tok.pad_token_id)
     with torch.no_grad():
         nll, n = token_nll(model, b)
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # right padding: positions agree
+        logits = model(
+            input_ids=b["input_ids"], attention_mask=b["attention_mask"]
+        ).logits  # right padding: positions agree
     labels = b["input_ids"][:, 1:].masked_fill(~b["targets"][:, 1:], -100)
     ref = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum")
     assert int(n) == sum(sum(t.targets) for t in items)
@@ -129,9 +149,18 @@ def test_token_nll_equals_cross_entropy(stories):
 
 
 def _cfg(tmp_path, name, assets_dir, **kw):
-    base = dict(model=str(assets_dir / "stories260K"), assets=str(assets_dir), output_dir=str(tmp_path / name),
-                dataset=str(assets_dir / "rt-polarity" / "rt-polarity.pos"), eval_examples=16, batch_size=8,
-                max_length=32, learning_rate=1e-3, progress=False, seed=0)
+    base = dict(
+        model=str(assets_dir / "stories260K"),
+        assets=str(assets_dir),
+        output_dir=str(tmp_path / name),
+        dataset=str(assets_dir / "rt-polarity" / "rt-polarity.pos"),
+        eval_examples=16,
+        batch_size=8,
+        max_length=32,
+        learning_rate=1e-3,
+        progress=False,
+        seed=0,
+    )
     base.update(kw)
     return SFTConfig(**base)
 
@@ -190,8 +219,23 @@ def test_sft_command_and_resume_flag(tmp_path, stories_path):
     from tether.cli import main
 
     (tmp_path / "d.txt").write_text("".join(f"review number {i} was fine .\n" for i in range(12)))
-    args = ["sft", "--model", stories_path, "--dataset", str(tmp_path / "d.txt"), "--output_dir", str(tmp_path / "run"),
-            "--eval_examples", "4", "--batch_size", "4", "--max_length", "16", "--progress", "false"]
+    args = [
+        "sft",
+        "--model",
+        stories_path,
+        "--dataset",
+        str(tmp_path / "d.txt"),
+        "--output_dir",
+        str(tmp_path / "run"),
+        "--eval_examples",
+        "4",
+        "--batch_size",
+        "4",
+        "--max_length",
+        "16",
+        "--progress",
+        "false",
+    ]
     assert main(args + ["--max_steps", "1"]) == 0
     assert main(args + ["--max_steps", "2", "--resume"]) == 0
     assert [r["step"] for r in _rows(tmp_path / "run")] == [1, 2]
@@ -208,12 +252,42 @@ def test_two_processes_equal_one(tmp_path, stories_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    (tmp_path / "d.txt").write_text("".join(f"review {i} was {'fine' if i % 2 else 'a long and dull mess'} .\n" for i in range(40)))
-    flags = ["--model", stories_path, "--dataset", str(tmp_path / "d.txt"), "--eval_examples", "6", "--batch_size", "4",
-             "--max_length", "16", "--max_steps", "3", "--learning_rate", "1e-3", "--progress", "false"]
+    (tmp_path / "d.txt").write_text(
+        "".join(f"review {i} was {'fine' if i % 2 else 'a long and dull mess'} .\n" for i in range(40))
+    )
+    flags = [
+        "--model",
+        stories_path,
+        "--dataset",
+        str(tmp_path / "d.txt"),
+        "--eval_examples",
+        "6",
+        "--batch_size",
+        "4",
+        "--max_length",
+        "16",
+        "--max_steps",
+        "3",
+        "--learning_rate",
+        "1e-3",
+        "--progress",
+        "false",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "tether", "sft",
-           *flags, "--output_dir", str(tmp_path / "two")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "tether",
+        "sft",
+        *flags,
+        "--output_dir",
+        str(tmp_path / "two"),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     from tether.cli import main

@@ -11,13 +11,18 @@ import math
 import pytest
 import torch
 
-from conftest import f32_tol
 from tether.diagnostics.shift import policy_kls, prefixed, search_prefix, shift_delta, shift_rows, target_logps
 from tether.reference import FrozenReference
 from tether.reference_prompt import (
-    PromptMappedReference, load_prompt_transform, prefixed_prompt_map, remap_prompts, strip_prefix,
+    PromptMappedReference,
+    load_prompt_transform,
+    prefixed_prompt_map,
+    remap_prompts,
+    strip_prefix,
     transformed_prompt_map,
 )
+
+from conftest import f32_tol
 
 PROMPTS = ["Once upon a time", "Tom went to the park.", "The cat"]
 TARGET = " the dragon ate the moon."
@@ -54,7 +59,10 @@ def test_target_logps_equal_brute_force_float64(stories):
     tok, model = stories
     p, y = _ids(tok)
     pf = prefixed(p, tok(" dragon", add_special_tokens=False)["input_ids"], bos_id=tok.bos_token_id)
-    assert pf[0][0] == tok.bos_token_id and pf[0][1:-len(p[0]) + 1] == tok(" dragon", add_special_tokens=False)["input_ids"]
+    assert (
+        pf[0][0] == tok.bos_token_id
+        and pf[0][1 : -len(p[0]) + 1] == tok(" dragon", add_special_tokens=False)["input_ids"]
+    )
     got = target_logps(model, p + pf, y + y, pad_id=tok.pad_token_id)
     for i, prompt in enumerate(p + pf):
         want, mag = _brute_logp(model, prompt + y[0], len(y[0]))
@@ -66,14 +74,38 @@ def test_prefix_search_raises_the_objective_monotonically(stories, method):
     tok, model = stories
     p, y = _ids(tok)
     vocab = [i for i in range(len(tok)) if i not in tok.all_special_ids]
-    r = search_prefix(model, p, y, pad_id=tok.pad_token_id, bos_id=tok.bos_token_id, vocab=vocab, method=method,
-                      prefix_tokens=2, steps=4, candidates=8, seed=0)
+    r = search_prefix(
+        model,
+        p,
+        y,
+        pad_id=tok.pad_token_id,
+        bos_id=tok.bos_token_id,
+        vocab=vocab,
+        method=method,
+        prefix_tokens=2,
+        steps=4,
+        candidates=8,
+        seed=0,
+    )
     assert len(r.history) == 4 and all(b >= a for a, b in zip([r.start] + r.history, r.history))
     assert r.objective > r.start  # 4 steps x 8 candidates found something better than a random start
-    again = float(target_logps(model, prefixed(p, r.prefix, bos_id=tok.bos_token_id), y, pad_id=tok.pad_token_id).mean())
+    again = float(
+        target_logps(model, prefixed(p, r.prefix, bos_id=tok.bos_token_id), y, pad_id=tok.pad_token_id).mean()
+    )
     assert again == pytest.approx(r.objective, abs=f32_tol(r.objective, ulps=64))
-    r2 = search_prefix(model, p, y, pad_id=tok.pad_token_id, bos_id=tok.bos_token_id, vocab=vocab, method=method,
-                       prefix_tokens=2, steps=4, candidates=8, seed=0)
+    r2 = search_prefix(
+        model,
+        p,
+        y,
+        pad_id=tok.pad_token_id,
+        bos_id=tok.bos_token_id,
+        vocab=vocab,
+        method=method,
+        prefix_tokens=2,
+        steps=4,
+        candidates=8,
+        seed=0,
+    )
     assert r2.prefix == r.prefix and r2.history == r.history  # seeded
 
 
@@ -81,12 +113,32 @@ def test_model_against_itself_has_zero_policy_kl(stories):
     tok, model = stories
     p, _ = _ids(tok)
     prefix = tok(" The dragon was big.", add_special_tokens=False)["input_ids"]
-    k = policy_kls(model, model, p, prefix, tokenizer=tok, bos_id=tok.bos_token_id, samples_per_prompt=2,
-                   max_new_tokens=8, batch_size=8, seed=0)
+    k = policy_kls(
+        model,
+        model,
+        p,
+        prefix,
+        tokenizer=tok,
+        bos_id=tok.bos_token_id,
+        samples_per_prompt=2,
+        max_new_tokens=8,
+        batch_size=8,
+        seed=0,
+    )
     assert k["kl_plain"] == 0.0 and k["kl_plain_per_prompt"] == [0.0] * 3
     assert k["kl_prefixed"] > 0.05  # the prefixed reference differs: the same completions score differently
-    empty = policy_kls(model, model, p, [], tokenizer=tok, bos_id=tok.bos_token_id, samples_per_prompt=2,
-                       max_new_tokens=8, batch_size=8, seed=0)
+    empty = policy_kls(
+        model,
+        model,
+        p,
+        [],
+        tokenizer=tok,
+        bos_id=tok.bos_token_id,
+        samples_per_prompt=2,
+        max_new_tokens=8,
+        batch_size=8,
+        seed=0,
+    )
     assert empty["kl_prefixed"] == 0.0
 
 
@@ -101,14 +153,16 @@ def test_prompt_mapped_reference_aligns_completion_tokens(stories):
     enc = lambda ts: [tok(t)["input_ids"] for t in ts]  # noqa: E731
     pm = transformed_prompt_map(strip_prefix("JAILBREAK"), texts, ids, enc)
     assert pm(ids[0]) == tok(PROMPTS[0])["input_ids"] and pm([1, 5]) == [1, 5]  # unknown prompts unchanged
-    ref = PromptMappedReference(FrozenReference(copy.deepcopy(model)), pm, pad_id=tok.pad_token_id)  # (freezing the shared model would leak)
+    ref = PromptMappedReference(
+        FrozenReference(copy.deepcopy(model)), pm, pad_id=tok.pad_token_id
+    )  # (freezing the shared model would leak)
     smp = generate(model, ids, tokenizer=tok, max_new_tokens=6, seed=3)
     sc = score(model, ref, smp, estimators=("k1", "k3", "exact"))
     for i in range(len(ids)):
         comp = smp.completion_ids[i]
         n = len(comp)
         with torch.no_grad():
-            lg = model(input_ids=torch.tensor([tok(PROMPTS[i])["input_ids"] + comp])).logits[0, -n - 1:-1].double()
+            lg = model(input_ids=torch.tensor([tok(PROMPTS[i])["input_ids"] + comp])).logits[0, -n - 1 : -1].double()
         want = torch.log_softmax(lg, -1).gather(-1, torch.tensor(comp)[:, None])[:, 0]  # (n,)
         got = sc.ref_logps[i, :n].double()
         assert torch.allclose(got, want, atol=f32_tol(*want.abs().tolist(), ulps=64)), i
@@ -149,10 +203,36 @@ def test_shift_command_end_to_end(stories_path, tmp_path, capsys):
     (tmp_path / "y.txt").write_text(TARGET + "\n")
     (tmp_path / "pf.txt").write_text("The dragon\n")
     out = tmp_path / "s.json"
-    rc = main(["shift", "--reference", stories_path, "--prompts", str(tmp_path / "p.txt"), "--targets",
-               str(tmp_path / "y.txt"), "--prefixes", str(tmp_path / "pf.txt"), "--search", "greedy", "--prefix_tokens",
-               "2", "--search_steps", "2", "--candidates", "4", "--policy", stories_path, "--samples", "2",
-               "--max_new_tokens", "6", "--json", str(out), "--no_progress"])
+    rc = main(
+        [
+            "shift",
+            "--reference",
+            stories_path,
+            "--prompts",
+            str(tmp_path / "p.txt"),
+            "--targets",
+            str(tmp_path / "y.txt"),
+            "--prefixes",
+            str(tmp_path / "pf.txt"),
+            "--search",
+            "greedy",
+            "--prefix_tokens",
+            "2",
+            "--search_steps",
+            "2",
+            "--candidates",
+            "4",
+            "--policy",
+            stories_path,
+            "--samples",
+            "2",
+            "--max_new_tokens",
+            "6",
+            "--json",
+            str(out),
+            "--no_progress",
+        ]
+    )
     assert rc == 0
     d = json.loads(out.read_text())
     assert len(d["rows"]) == 4 and [(r["prompt"], r["prefix"]) for r in d["rows"]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
@@ -161,17 +241,39 @@ def test_shift_command_end_to_end(stories_path, tmp_path, capsys):
         assert r["kl_plain"] == 0.0 and math.isfinite(r["logp_prefixed"])  # the policy is the reference
     assert d["prefixes"][1]["searched"] and d["search"]["objective"] >= d["search"]["start"]
     (tmp_path / "y2.txt").write_text("a\nb\nc\n")
-    rc = main(["shift", "--reference", stories_path, "--prompts", str(tmp_path / "p.txt"), "--targets",
-               str(tmp_path / "y2.txt"), "--prefixes", str(tmp_path / "pf.txt")])
+    rc = main(
+        [
+            "shift",
+            "--reference",
+            stories_path,
+            "--prompts",
+            str(tmp_path / "p.txt"),
+            "--targets",
+            str(tmp_path / "y2.txt"),
+            "--prefixes",
+            str(tmp_path / "pf.txt"),
+        ]
+    )
     assert rc == 2 and "--targets has 3 lines for 2 prompts" in capsys.readouterr().err
 
 
 def _grpo(stories_path, tmp_path, name, prompts, **kw):
     from tether.trainers.grpo import GRPOConfig, train_grpo
 
-    cfg = GRPOConfig(model=stories_path, output_dir=str(tmp_path / name), batch_size=8, samples_per_prompt=4,
-                     max_new_tokens=8, learning_rate=5e-4, progress=False, sample_every=0, eval_every=0, max_steps=2,
-                     seed=0, **kw)
+    cfg = GRPOConfig(
+        model=stories_path,
+        output_dir=str(tmp_path / name),
+        batch_size=8,
+        samples_per_prompt=4,
+        max_new_tokens=8,
+        learning_rate=5e-4,
+        progress=False,
+        sample_every=0,
+        eval_every=0,
+        max_steps=2,
+        seed=0,
+        **kw,
+    )
     return train_grpo(cfg, prompts=prompts)["history"]
 
 

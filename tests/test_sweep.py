@@ -51,19 +51,24 @@ def test_settings_seed_spread_and_budget_table():
 
 def test_read_points_keeps_the_later_row_of_a_step(tmp_path):
     """A resumed run re-evaluates the step it resumed from: that step's later row wins."""
-    (tmp_path / "eval.jsonl").write_text('{"step": 0, "kl": 0}\n{"step": 2, "kl": 1}\n{"step": 2, "kl": 3}\n{"step": 4, "kl": 5}\n')
+    (tmp_path / "eval.jsonl").write_text(
+        '{"step": 0, "kl": 0}\n{"step": 2, "kl": 1}\n{"step": 2, "kl": 3}\n{"step": 4, "kl": 5}\n'
+    )
     assert [(p["step"], p["kl"]) for p in read_points(tmp_path)] == [(0, 0), (2, 3), (4, 5)]
 
 
-@pytest.mark.parametrize("data, needle", [
-    ({"base": {}, "eval": {"prompts": "p.txt"}}, "'method' is missing"),
-    ({"method": "sft", "eval": {"prompts": "p.txt"}}, "choose one of dpo, ppo"),
-    ({"method": "ppo", "eval": {}}, "eval.prompts is missing"),
-    ({"method": "ppo", "grid": {"beta": 0.1}, "eval": {"prompts": "p.txt"}}, "non-empty list"),
-    ({"method": "ppo", "grid": {"beta": [0.1, "x"]}, "eval": {"prompts": "p.txt"}}, "beta"),
-    ({"method": "ppo", "gird": {}, "eval": {"prompts": "p.txt"}}, "unknown sweep field"),
-    ({"method": "dpo", "grid": {"kl_target": [3.0]}, "eval": {"prompts": "p.txt"}}, "kl_target"),
-])
+@pytest.mark.parametrize(
+    "data, needle",
+    [
+        ({"base": {}, "eval": {"prompts": "p.txt"}}, "'method' is missing"),
+        ({"method": "sft", "eval": {"prompts": "p.txt"}}, "choose one of dpo, ppo"),
+        ({"method": "ppo", "eval": {}}, "eval.prompts is missing"),
+        ({"method": "ppo", "grid": {"beta": 0.1}, "eval": {"prompts": "p.txt"}}, "non-empty list"),
+        ({"method": "ppo", "grid": {"beta": [0.1, "x"]}, "eval": {"prompts": "p.txt"}}, "beta"),
+        ({"method": "ppo", "gird": {}, "eval": {"prompts": "p.txt"}}, "unknown sweep field"),
+        ({"method": "dpo", "grid": {"kl_target": [3.0]}, "eval": {"prompts": "p.txt"}}, "kl_target"),
+    ],
+)
 def test_bad_sweep_configs_are_one_line_user_errors(tmp_path, data, needle):
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -83,8 +88,10 @@ def _chromium() -> str:
         subprocess.run(["apt-get", "install", "-y", "chromium"], capture_output=True, timeout=600)
         exe = shutil.which("chromium")
     if exe is None:
-        pytest.skip("chromium is not installed and cannot be installed here (needs root and apt-get): "
-                    "the headless-browser check of report.html is skipped")
+        pytest.skip(
+            "chromium is not installed and cannot be installed here (needs root and apt-get): "
+            "the headless-browser check of report.html is skipped"
+        )
     return exe
 
 
@@ -97,11 +104,26 @@ def test_miniature_sweep_end_to_end(tmp_path, stories_path, assets_dir):
     (six worker processes, each importing torch): slow."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Once upon a time\nThe little dog\nLily was sad\nTom found a box\n")
-    sweep = {"method": "ppo",
-             "base": {"model": stories_path, "prompts": str(prompts), "reward": "vader", "max_steps": 2, "batch_size": 4,
-                      "max_new_tokens": 6, "learning_rate": 1e-3},
-             "grid": {"beta": [0.05, 0.5], "seed": [0, 1]},
-             "eval": {"prompts": str(prompts), "gold": "vader", "samples_per_prompt": 2, "max_new_tokens": 6, "eval_every": 1}}
+    sweep = {
+        "method": "ppo",
+        "base": {
+            "model": stories_path,
+            "prompts": str(prompts),
+            "reward": "vader",
+            "max_steps": 2,
+            "batch_size": 4,
+            "max_new_tokens": 6,
+            "learning_rate": 1e-3,
+        },
+        "grid": {"beta": [0.05, 0.5], "seed": [0, 1]},
+        "eval": {
+            "prompts": str(prompts),
+            "gold": "vader",
+            "samples_per_prompt": 2,
+            "max_new_tokens": 6,
+            "eval_every": 1,
+        },
+    }
     cfg_path = tmp_path / "sweep.yaml"
     cfg_path.write_text(yaml.safe_dump(sweep))
     out = tmp_path / "out"
@@ -109,7 +131,18 @@ def test_miniature_sweep_end_to_end(tmp_path, stories_path, assets_dir):
 
     with open(out / "frontier.csv") as f:
         rows = list(csv.DictReader(f))
-    for col in ("method", "run", "seed", "step", "kl", "kl_stderr", "gold_reward", "gold_stderr", "proxy_reward", "beta"):
+    for col in (
+        "method",
+        "run",
+        "seed",
+        "step",
+        "kl",
+        "kl_stderr",
+        "gold_reward",
+        "gold_stderr",
+        "proxy_reward",
+        "beta",
+    ):
         assert col in rows[0], col
     runs = sorted({r["run"] for r in rows} - {"reference"})
     assert runs == ["ppo-beta0.05-seed0", "ppo-beta0.05-seed1", "ppo-beta0.5-seed0", "ppo-beta0.5-seed1"]
@@ -122,7 +155,9 @@ def test_miniature_sweep_end_to_end(tmp_path, stories_path, assets_dir):
     assert {r["gold_reward"] for r in step0} == {step0[0]["gold_reward"]} and all(float(r["kl"]) == 0 for r in step0)
 
     # resume: nothing is redone (no worker starts: worker.log, eval.jsonl and result.json untouched)
-    watched = [p for p in (out / "runs").rglob("*") if p.name in ("worker.log", "eval.jsonl", "result.json", "spec.json")]
+    watched = [
+        p for p in (out / "runs").rglob("*") if p.name in ("worker.log", "eval.jsonl", "result.json", "spec.json")
+    ]
     assert len(watched) == 5 * 4
     before = {p: p.stat().st_mtime_ns for p in watched}
     assert cli_main(["sweep", "--config", str(cfg_path), "--output_dir", str(out), "--workers", "2"]) == 0
@@ -135,18 +170,33 @@ def test_miniature_sweep_end_to_end(tmp_path, stories_path, assets_dir):
     (run / "result.json").unlink()
     assert any((run / "train" / "checkpoints").glob("step-*"))
     assert cli_main(["sweep", "--config", str(cfg_path), "--output_dir", str(out), "--workers", "2"]) == 0
-    assert (run / "result.json").exists() and [(p["step"], p["kl"], p["gold_reward"]) for p in read_points(run)] == points
+    assert (run / "result.json").exists() and [
+        (p["step"], p["kl"], p["gold_reward"]) for p in read_points(run)
+    ] == points
     changed = {p for p in watched if p.exists() and p.stat().st_mtime_ns != before[p]}
     assert changed and all(p.parent == run for p in changed)
 
     exe = _chromium()
-    dom = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                          "--run-all-compositor-stages-before-draw", "--virtual-time-budget=5000", "--dump-dom",
-                          (out / "report.html").as_uri()], capture_output=True, text=True, timeout=120).stdout
+    dom = subprocess.run(
+        [
+            exe,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--run-all-compositor-stages-before-draw",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            (out / "report.html").as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     body = re.search(r"<body[^>]*>", dom)
     assert body is not None, dom[:500]
     assert 'data-images="2"' in body.group(0) and 'data-images-loaded="2"' in body.group(0), body.group(0)
-    assert dom.count("class=\"run-row\"") == 4 and dom.count("class=\"ref-row\"") == 1
+    assert dom.count('class="run-row"') == 4 and dom.count('class="ref-row"') == 1
     assert "best setting" in dom and "Pareto front" in dom
 
 
@@ -159,8 +209,16 @@ def test_preflight_names_the_bad_run_before_any_process(tmp_path, stories_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("Once upon a time\n")
     path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump({"method": "ppo", "base": {"model": stories_path, "prompts": str(prompts), "reward": "no/such/rm"},
-                                    "grid": {"beta": [0.1]}, "eval": {"prompts": str(prompts), "gold": "vader"}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "method": "ppo",
+                "base": {"model": stories_path, "prompts": str(prompts), "reward": "no/such/rm"},
+                "grid": {"beta": [0.1]},
+                "eval": {"prompts": str(prompts), "gold": "vader"},
+            }
+        )
+    )
     cfg = load_sweep(path)
     with pytest.raises(UserError, match=r"sweep run ppo-beta0\.1: .*no/such/rm"):
         preflight(cfg, expand(cfg))
@@ -175,13 +233,41 @@ def test_report_from_synthetic_rows(tmp_path):
     from tether.sweep.report import write_report
 
     def pt(run, beta, seed, step, kl, proxy):
-        return {"method": "ppo", "run": run, "seed": seed, "step": step, "kl": kl, "kl_stderr": 0.1, "proxy_reward": proxy,
-                "proxy_stderr": 0.01, "beta": beta, "beta_set": beta, "swept": ["beta", "seed"],
-                "samples": [{"prompt": "p", "completion": f"{run}@{step}", "proxy": proxy}]}
-    rows = [{"method": "reference", "run": "reference", "seed": 0, "step": 0, "kl": 0.0, "kl_stderr": 0.0, "proxy_reward": 0.0,
-             "proxy_stderr": 0.01, "samples": [{"prompt": "p", "completion": "ref", "proxy": 0.0}]}]
-    rows += [pt("a", 0.1, 0, 0, 0.0, 0.0), pt("a", 0.1, 0, 1, 2.5, 0.5), pt("a", 0.1, 0, 2, 8.0, 0.9),
-             pt("b", 1.0, 0, 0, 0.0, 0.0), pt("b", 1.0, 0, 2, 2.0, 0.3)]
+        return {
+            "method": "ppo",
+            "run": run,
+            "seed": seed,
+            "step": step,
+            "kl": kl,
+            "kl_stderr": 0.1,
+            "proxy_reward": proxy,
+            "proxy_stderr": 0.01,
+            "beta": beta,
+            "beta_set": beta,
+            "swept": ["beta", "seed"],
+            "samples": [{"prompt": "p", "completion": f"{run}@{step}", "proxy": proxy}],
+        }
+
+    rows = [
+        {
+            "method": "reference",
+            "run": "reference",
+            "seed": 0,
+            "step": 0,
+            "kl": 0.0,
+            "kl_stderr": 0.0,
+            "proxy_reward": 0.0,
+            "proxy_stderr": 0.01,
+            "samples": [{"prompt": "p", "completion": "ref", "proxy": 0.0}],
+        }
+    ]
+    rows += [
+        pt("a", 0.1, 0, 0, 0.0, 0.0),
+        pt("a", 0.1, 0, 1, 2.5, 0.5),
+        pt("a", 0.1, 0, 2, 8.0, 0.9),
+        pt("b", 1.0, 0, 0, 0.0, 0.0),
+        pt("b", 1.0, 0, 2, 2.0, 0.3),
+    ]
     finals = [{k: v for k, v in r.items() if k != "samples"} for r in (rows[0], rows[3], rows[5])]
     page = write_report(tmp_path, rows, finals, {}, meta={}).read_text()
     assert "the proxy reward stands in" in page
@@ -199,16 +285,30 @@ def test_base_reads_trl_names_nested_groups_and_a_trainer_file(tmp_path):
     group (lora: {r: 4}); base: {from: FILE, ...} reads the trainer YAML beside the sweep file, then
     replaces fields; the grid's product names the runs in the order written."""
     (tmp_path / "dpo.yaml").write_text("model_name_or_path: stories260K\ndataset_name: hh-rlhf\nmax_steps: 50\n")
-    (tmp_path / "s.yaml").write_text(yaml.safe_dump({
-        "method": "dpo", "base": {"from": "dpo.yaml", "lora": {"r": 4}, "max_steps": 7},
-        "grid": {"beta": [0.1], "learning_rate": [1e-4, 1e-3]}, "eval": {"prompts": "p.txt", "gold": "vader"}}))
+    (tmp_path / "s.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "method": "dpo",
+                "base": {"from": "dpo.yaml", "lora": {"r": 4}, "max_steps": 7},
+                "grid": {"beta": [0.1], "learning_rate": [1e-4, 1e-3]},
+                "eval": {"prompts": "p.txt", "gold": "vader"},
+            }
+        )
+    )
     from tether.sweep.spec import expand
 
     runs = expand(load_sweep(tmp_path / "s.yaml"))
     assert [r.name for r in runs] == ["dpo-beta0.1-learning_rate0.0001", "dpo-beta0.1-learning_rate0.001"]
     for r, lr in zip(runs, (1e-4, 1e-3)):
         c = r.config
-        assert (c["model"], c["dataset"], c["lora_r"], c["max_steps"], c["beta"], c["learning_rate"]) == ("stories260K", "hh-rlhf", 4, 7, 0.1, lr)
+        assert (c["model"], c["dataset"], c["lora_r"], c["max_steps"], c["beta"], c["learning_rate"]) == (
+            "stories260K",
+            "hh-rlhf",
+            4,
+            7,
+            0.1,
+            lr,
+        )
 
 
 def test_plot_labels_colours_and_gao_fit_range():
@@ -218,14 +318,18 @@ def test_plot_labels_colours_and_gao_fit_range():
 
     assert _label("ppo beta=0.0423817, kl_target=6") == "ppo beta=0.0424, kl_target=6"
     assert _label("dpo beta=1e-05") == "dpo beta=1e-05" and _label("bon n=16") == "bon n=16"
-    sets = [{"method": "ppo", "setting": f"ppo beta={i}"} for i in range(18)] + [{"method": "reference", "setting": "reference"}]
+    sets = [{"method": "ppo", "setting": f"ppo beta={i}"} for i in range(18)] + [
+        {"method": "reference", "setting": "reference"}
+    ]
     cols = _colours(sets)
     assert len({cols[s["setting"]] for s in sets if s["method"] == "ppo"}) == 18
     rows = [{"method": "reference", "run": "r", "kl": 0.0, "gold_reward": 0.0}]
-    rows += [{"method": "bon", "run": f"n{n}", "kl": kl, "gold_reward": 0.1 * kl ** 0.5 - 0.01 * kl}
-             for n, kl in ((2, 0.3), (4, 1.0), (8, 1.9), (16, 3.24))]
+    rows += [
+        {"method": "bon", "run": f"n{n}", "kl": kl, "gold_reward": 0.1 * kl**0.5 - 0.01 * kl}
+        for n, kl in ((2, 0.3), (4, 1.0), (8, 1.9), (16, 3.24))
+    ]
     fits = gao_fits(rows, ykey="gold_reward")
     assert fits["bon"]["d_max"] == pytest.approx(1.8)
     xs, ys = fit_curve(fits["bon"])  # what plot_overoptimisation draws: up to the data's largest d, not past it
     assert max(xs) == pytest.approx(1.8) and min(xs) > 0
-    assert ys[-1] == pytest.approx(fits["bon"]["fit"].predict(1.8 ** 2))
+    assert ys[-1] == pytest.approx(fits["bon"]["fit"].predict(1.8**2))

@@ -43,24 +43,53 @@ def test_trl_dpo_yaml_runs_through_tether_dpo(stories_path, assets_dir, tmp_path
     data = tmp_path / "prefs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"
-    config = _yaml(tmp_path, {
-        "model_name_or_path": stories_path, "dataset_name": str(data), "per_device_train_batch_size": 2,
-        "gradient_accumulation_steps": 2, "learning_rate": 5.0e-4, "max_steps": 2, "beta": 0.1, "loss_type": "sigmoid",
-        "max_length": 64, "max_prompt_length": 32, "logging_steps": 1, "save_steps": 2, "output_dir": str(out),
-        "bf16": False, "report_to": "none", "lr_scheduler_type": "constant_with_warmup", "warmup_steps": 0,
-        "gradient_checkpointing": False, "seed": 0, "run_name": "trl-dpo", "logging_first_step": True,
-        "push_to_hub": False, "remove_unused_columns": False, "use_peft": False, "torch_dtype": "float32",
-    })
+    config = _yaml(
+        tmp_path,
+        {
+            "model_name_or_path": stories_path,
+            "dataset_name": str(data),
+            "per_device_train_batch_size": 2,
+            "gradient_accumulation_steps": 2,
+            "learning_rate": 5.0e-4,
+            "max_steps": 2,
+            "beta": 0.1,
+            "loss_type": "sigmoid",
+            "max_length": 64,
+            "max_prompt_length": 32,
+            "logging_steps": 1,
+            "save_steps": 2,
+            "output_dir": str(out),
+            "bf16": False,
+            "report_to": "none",
+            "lr_scheduler_type": "constant_with_warmup",
+            "warmup_steps": 0,
+            "gradient_checkpointing": False,
+            "seed": 0,
+            "run_name": "trl-dpo",
+            "logging_first_step": True,
+            "push_to_hub": False,
+            "remove_unused_columns": False,
+            "use_peft": False,
+            "torch_dtype": "float32",
+        },
+    )
     with caplog.at_level(logging.INFO, logger="tether.config"):
         rc = main(["--config", config, "--kl-prompts", "0", "--eval-pairs", "2", "--progress", "false"])
     assert rc == 0
     ignored = [r.getMessage() for r in caplog.records if "ignored:" in r.getMessage()]
     assert len(ignored) == 1 and ignored[0].endswith(
-        "ignored: bf16, run_name, logging_first_step, push_to_hub, remove_unused_columns")  # bf16 false: float32 anyway
+        "ignored: bf16, run_name, logging_first_step, push_to_hub, remove_unused_columns"
+    )  # bf16 false: float32 anyway
     saved = load_config(DPOConfig, out / "config.yaml")  # the resolved config round-trips through load
     assert (saved.model, saved.dataset, saved.output_dir) == (stories_path, str(data), str(out))
     assert (saved.batch_size, saved.grad_accum) == (4, 2)  # global batch = 2 per device x 2 accumulation x 1 process
-    assert (saved.log_every, saved.save_every, saved.lr_schedule, saved.dtype, saved.lora_r) == (1, 2, "constant", "float32", 0)
+    assert (saved.log_every, saved.save_every, saved.lr_schedule, saved.dtype, saved.lora_r) == (
+        1,
+        2,
+        "constant",
+        "float32",
+        0,
+    )
     assert saved.report_to == "none" and saved.max_prompt_length == 32 and saved.learning_rate == 5e-4
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [s for s in steps if s] == [1, 2]
@@ -77,21 +106,60 @@ def test_trl_grpo_yaml_runs_through_tether_grpo(stories_path, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(STORY_PROMPTS) + "\n")
     out = tmp_path / "run"
-    config = _yaml(tmp_path, {
-        "model_name_or_path": stories_path, "dataset_name": str(prompts), "reward_funcs": ["reward_fns.length_reward"],
-        "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "num_generations": 2,
-        "max_completion_length": 8, "temperature": 0.9, "learning_rate": 1.0e-3, "beta": 0.04, "max_steps": 2,
-        "loss_type": "dapo", "scale_rewards": "group", "num_iterations": 1, "epsilon": 0.2, "logging_steps": 1,
-        "output_dir": str(out), "bf16": False, "report_to": ["none"], "use_vllm": False, "use_peft": True,
-        "lora_alpha": 32, "lora_target_modules": "all-linear", "seed": 0, "save_strategy": "no",
-    })
-    rc = main(["--config", config, "--eval-max-prompts", "2", "--eval-samples", "1", "--sample-every", "0",
-               "--progress", "false"])
+    config = _yaml(
+        tmp_path,
+        {
+            "model_name_or_path": stories_path,
+            "dataset_name": str(prompts),
+            "reward_funcs": ["reward_fns.length_reward"],
+            "per_device_train_batch_size": 4,
+            "gradient_accumulation_steps": 1,
+            "num_generations": 2,
+            "max_completion_length": 8,
+            "temperature": 0.9,
+            "learning_rate": 1.0e-3,
+            "beta": 0.04,
+            "max_steps": 2,
+            "loss_type": "dapo",
+            "scale_rewards": "group",
+            "num_iterations": 1,
+            "epsilon": 0.2,
+            "logging_steps": 1,
+            "output_dir": str(out),
+            "bf16": False,
+            "report_to": ["none"],
+            "use_vllm": False,
+            "use_peft": True,
+            "lora_alpha": 32,
+            "lora_target_modules": "all-linear",
+            "seed": 0,
+            "save_strategy": "no",
+        },
+    )
+    rc = main(
+        [
+            "--config",
+            config,
+            "--eval-max-prompts",
+            "2",
+            "--eval-samples",
+            "1",
+            "--sample-every",
+            "0",
+            "--progress",
+            "false",
+        ]
+    )
     assert rc == 0
     saved = load_config(GRPOConfig, out / "config.yaml")
     assert (saved.model, saved.prompts, saved.reward) == (stories_path, str(prompts), "reward_fns:length_reward")
     assert (saved.batch_size, saved.samples_per_prompt, saved.max_new_tokens, saved.temperature) == (4, 2, 8, 0.9)
-    assert (saved.loss_aggregation, saved.scale_rewards, saved.num_epochs, saved.clip_eps) == ("token_mean", True, 1, 0.2)
+    assert (saved.loss_aggregation, saved.scale_rewards, saved.num_epochs, saved.clip_eps) == (
+        "token_mean",
+        True,
+        1,
+        0.2,
+    )
     assert (saved.lora_r, saved.lora_alpha) == (16, 32)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "grpo/policy_loss" in r] == [1, 2]
@@ -108,8 +176,24 @@ def test_the_trl_names_example_is_the_dpo_example():
     root = Path(__file__).resolve().parents[1] / "examples"
     trl = load_config(DPOConfig, root / "dpo_hh_trl_names.yaml")
     ours = load_config(DPOConfig, root / "dpo_hh.yaml")
-    for name in ("model", "dataset", "batch_size", "learning_rate", "max_steps", "beta", "loss_type", "max_length",
-                 "eval_every", "save_every", "skip_bad_rows", "kl_prompts", "seed", "reference", "dtype", "lora_r"):
+    for name in (
+        "model",
+        "dataset",
+        "batch_size",
+        "learning_rate",
+        "max_steps",
+        "beta",
+        "loss_type",
+        "max_length",
+        "eval_every",
+        "save_every",
+        "skip_bad_rows",
+        "kl_prompts",
+        "seed",
+        "reference",
+        "dtype",
+        "lora_r",
+    ):
         assert getattr(trl, name) == getattr(ours, name), name
     assert (trl.grad_accum, trl.warmup_steps, trl.log_every, trl.report_to) == (2, 10, 1, "none")
 
@@ -118,8 +202,21 @@ def test_the_trl_names_example_is_the_dpo_example():
 
 
 def test_kebab_case_and_bare_boolean_flags():
-    cfg, _ = parse_config(SFTConfig, ["--packing", "--output-dir", "runs/x", "--learning-rate", "1e-3",
-                                      "--completion-only-loss", "false", "--max-steps=3", "--lora-r=4", "--progress"])
+    cfg, _ = parse_config(
+        SFTConfig,
+        [
+            "--packing",
+            "--output-dir",
+            "runs/x",
+            "--learning-rate",
+            "1e-3",
+            "--completion-only-loss",
+            "false",
+            "--max-steps=3",
+            "--lora-r=4",
+            "--progress",
+        ],
+    )
     assert (cfg.packing, cfg.output_dir, cfg.learning_rate, cfg.completion_only_loss) == (True, "runs/x", 1e-3, False)
     assert (cfg.max_steps, cfg.lora_r, cfg.progress) == (3, 4, True)
     assert parse_config(SFTConfig, ["--packing", "false"])[0].packing is False
@@ -132,16 +229,36 @@ def test_kebab_case_and_bare_boolean_flags():
 def test_trl_names_map_to_tether_fields(monkeypatch):
     """Global batch = per_device x grad_accum x WORLD_SIZE: 2 x 3 x 2 = 12 (hand-computed)."""
     monkeypatch.setenv("WORLD_SIZE", "2")
-    cfg = from_dict(GRPOConfig, {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 3,
-                                 "num_generations": 4, "max_completion_length": 16, "logging_steps": 5,
-                                 "save_steps": 7, "eval_steps": 9, "lr_scheduler_type": "cosine",
-                                 "dataset_name": "p.txt", "disable_dropout": True, "num_iterations": 2})
+    cfg = from_dict(
+        GRPOConfig,
+        {
+            "per_device_train_batch_size": 2,
+            "gradient_accumulation_steps": 3,
+            "num_generations": 4,
+            "max_completion_length": 16,
+            "logging_steps": 5,
+            "save_steps": 7,
+            "eval_steps": 9,
+            "lr_scheduler_type": "cosine",
+            "dataset_name": "p.txt",
+            "disable_dropout": True,
+            "num_iterations": 2,
+        },
+    )
     assert (cfg.batch_size, cfg.grad_accum, cfg.samples_per_prompt, cfg.max_new_tokens) == (12, 3, 4, 16)
     assert (cfg.log_every, cfg.save_every, cfg.eval_every, cfg.lr_schedule) == (5, 7, 9, "cosine")
     assert (cfg.prompts, cfg.keep_dropout, cfg.num_epochs) == ("p.txt", False, 2)
     monkeypatch.delenv("WORLD_SIZE")
-    dpo = from_dict(DPOConfig, {"dataset_name": "pairs.jsonl", "max_completion_length": 24, "use_peft": False,
-                                "lora_r": 16, "num_train_epochs": 1.5})
+    dpo = from_dict(
+        DPOConfig,
+        {
+            "dataset_name": "pairs.jsonl",
+            "max_completion_length": 24,
+            "use_peft": False,
+            "lora_r": 16,
+            "num_train_epochs": 1.5,
+        },
+    )
     assert (dpo.dataset, dpo.max_completion_length, dpo.lora_r, dpo.epochs) == ("pairs.jsonl", 24, 0, 1.5)
     # GRPO's loss_type is tether's loss_aggregation; dpo's is its own field
     assert from_dict(GRPOConfig, {"loss_type": "grpo"}).loss_aggregation == "seq_mean_token_mean"
@@ -153,20 +270,57 @@ def test_trl_names_map_to_tether_fields(monkeypatch):
 def test_a_trl_sft_yaml_reads_as_tether_sft(tmp_path, capsys):
     """The keys of a typical TRL SFT recipe. warmup_ratio 0.05 x max_steps 100 = 5 warm-up steps
     (transformers' get_warmup_steps rounds up: 0.05 x 30 = 1.5 -> 2)."""
-    config = _yaml(tmp_path, {
-        "model_name_or_path": "m", "model_revision": "main", "torch_dtype": "bfloat16", "attn_implementation": "sdpa",
-        "dataset_name": "data/chat", "dataset_text_field": "text", "max_length": 512, "packing": True,
-        "per_device_train_batch_size": 4, "gradient_accumulation_steps": 4, "learning_rate": 2.0e-5,
-        "lr_scheduler_type": "cosine", "warmup_ratio": 0.05, "max_steps": 100, "gradient_checkpointing": True,
-        "gradient_checkpointing_kwargs": {"use_reentrant": False}, "bf16": True, "logging_steps": 10,
-        "save_strategy": "steps", "save_steps": 50, "eval_strategy": "no", "output_dir": "runs/sft", "report_to": "none",
-        "use_peft": True, "lora_r": 32, "lora_alpha": 16, "lora_dropout": 0.05, "lora_target_modules": "all-linear",
-        "push_to_hub": False, "seed": 42,
-    })
+    config = _yaml(
+        tmp_path,
+        {
+            "model_name_or_path": "m",
+            "model_revision": "main",
+            "torch_dtype": "bfloat16",
+            "attn_implementation": "sdpa",
+            "dataset_name": "data/chat",
+            "dataset_text_field": "text",
+            "max_length": 512,
+            "packing": True,
+            "per_device_train_batch_size": 4,
+            "gradient_accumulation_steps": 4,
+            "learning_rate": 2.0e-5,
+            "lr_scheduler_type": "cosine",
+            "warmup_ratio": 0.05,
+            "max_steps": 100,
+            "gradient_checkpointing": True,
+            "gradient_checkpointing_kwargs": {"use_reentrant": False},
+            "bf16": True,
+            "logging_steps": 10,
+            "save_strategy": "steps",
+            "save_steps": 50,
+            "eval_strategy": "no",
+            "output_dir": "runs/sft",
+            "report_to": "none",
+            "use_peft": True,
+            "lora_r": 32,
+            "lora_alpha": 16,
+            "lora_dropout": 0.05,
+            "lora_target_modules": "all-linear",
+            "push_to_hub": False,
+            "seed": 42,
+        },
+    )
     cfg, _ = parse_config(SFTConfig, ["--config", config])
     assert (cfg.model, cfg.dtype, cfg.dataset, cfg.text_field, cfg.max_length, cfg.packing) == (
-        "m", "bfloat16", "data/chat", "text", 512, True)
-    assert (cfg.batch_size, cfg.grad_accum, cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps) == (16, 4, "cosine", 5, 100)
+        "m",
+        "bfloat16",
+        "data/chat",
+        "text",
+        512,
+        True,
+    )
+    assert (cfg.batch_size, cfg.grad_accum, cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps) == (
+        16,
+        4,
+        "cosine",
+        5,
+        100,
+    )
     assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.gradient_checkpointing) == (32, 16, 0.05, True)
     assert (cfg.log_every, cfg.save_every, cfg.report_to, cfg.seed) == (10, 50, "none", 42)
     # warmup_ratio follows the steps the command line sets: ceil(0.05 x 30) = 2
@@ -175,14 +329,17 @@ def test_a_trl_sft_yaml_reads_as_tether_sft(tmp_path, capsys):
     assert "warmup_ratio with num_train_epochs" in err
 
 
-@pytest.mark.parametrize("key, value, advice", [
-    ("epsilon_high", 0.28, "tether clips symmetrically"),
-    ("use_vllm", True, "tether samples with the policy itself"),
-    ("fp16", True, "use bf16: true"),
-    ("optim", "adafactor", "tether uses torch AdamW"),
-    ("loss_type", "dr_grpo", "use loss_aggregation"),
-    ("reward_funcs", ["a", "b"], "tether optimises one reward"),
-])
+@pytest.mark.parametrize(
+    "key, value, advice",
+    [
+        ("epsilon_high", 0.28, "tether clips symmetrically"),
+        ("use_vllm", True, "tether samples with the policy itself"),
+        ("fp16", True, "use bf16: true"),
+        ("optim", "adafactor", "tether uses torch AdamW"),
+        ("loss_type", "dr_grpo", "use loss_aggregation"),
+        ("reward_funcs", ["a", "b"], "tether optimises one reward"),
+    ],
+)
 def test_a_trl_field_tether_cannot_honour_fails_with_one_message(tmp_path, capsys, key, value, advice):
     config = _yaml(tmp_path, {"model_name_or_path": "m", "learning_rate": 1e-5, key: value})
     err = _parse_error(GRPOConfig, ["--config", config], capsys)
@@ -203,8 +360,12 @@ def test_alias_conflicts_name_both_keys(tmp_path, capsys):
     assert "batch_size" in err and "per_device_train_batch_size" in err
     # the same value twice is fine, and the command line overrides the file (no conflict)
     assert from_dict(DPOConfig, {"model": "a", "model_name_or_path": "a"}).model == "a"
-    assert parse_config(DPOConfig, ["--config", _yaml(tmp_path, {"model_name_or_path": "b"}, "b.yaml"),
-                                    "--model", "c"])[0].model == "c"
+    assert (
+        parse_config(DPOConfig, ["--config", _yaml(tmp_path, {"model_name_or_path": "b"}, "b.yaml"), "--model", "c"])[
+            0
+        ].model
+        == "c"
+    )
     file_batch = _yaml(tmp_path, {"per_device_train_batch_size": 2, "grad_accum": 2}, "c.yaml")
     assert parse_config(DPOConfig, ["--config", file_batch])[0].batch_size == 4
     assert parse_config(DPOConfig, ["--config", file_batch, "--grad_accum", "4"])[0].batch_size == 8
@@ -215,10 +376,16 @@ def test_alias_conflicts_name_both_keys(tmp_path, capsys):
 
 
 def test_nested_yaml_groups_and_round_trip(tmp_path, capsys):
-    config = _yaml(tmp_path, {
-        "model": "m", "sampling": {"temperature": 0.7, "top-k": 5}, "lora": {"r": 8, "alpha": 32, "target_modules": ["q_proj"]},
-        "beta": {"beta": 0.02, "target": 3.0, "horizon": 64}, "reference": {"model": "ref", "reference": "offload"},
-    })
+    config = _yaml(
+        tmp_path,
+        {
+            "model": "m",
+            "sampling": {"temperature": 0.7, "top-k": 5},
+            "lora": {"r": 8, "alpha": 32, "target_modules": ["q_proj"]},
+            "beta": {"beta": 0.02, "target": 3.0, "horizon": 64},
+            "reference": {"model": "ref", "reference": "offload"},
+        },
+    )
     cfg, _ = parse_config(GRPOConfig, ["--config", config, "--top_p", "0.9"])
     assert (cfg.temperature, cfg.top_k, cfg.top_p, cfg.max_new_tokens) == (0.7, 5, 0.9, 32)
     assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules) == (8, 32, ["q_proj"])
@@ -237,8 +404,15 @@ def test_nested_yaml_groups_and_round_trip(tmp_path, capsys):
 
 def test_help_lists_flags_under_group_headings():
     grpo = build_parser(GRPOConfig, prog="tether grpo").format_help()
-    for heading in ("training group:", "lora group:", "beta group:", "sampling group:", "reference group:",
-                    "data group:", "tether grpo options:"):
+    for heading in (
+        "training group:",
+        "lora group:",
+        "beta group:",
+        "sampling group:",
+        "reference group:",
+        "data group:",
+        "tether grpo options:",
+    ):
         assert heading in grpo
     assert "--model_name_or_path" not in grpo  # TRL's names are accepted, not listed
     dpo = build_parser(DPOConfig, prog="tether dpo").format_help()
@@ -251,8 +425,9 @@ def test_kl_and_bon_use_the_shared_sampling_group():
     from tether.trainers.online import OnlineConfig
 
     assert all(issubclass(c, SamplingConfig) for c in (KLConfig, BoNConfig, OnlineConfig))
-    cfg, _ = parse_config(KLConfig, ["--policy", "p", "--reference", "r", "--prompts", "x.txt", "--top-p", "0.9",
-                                     "--max-new-tokens", "8"])
+    cfg, _ = parse_config(
+        KLConfig, ["--policy", "p", "--reference", "r", "--prompts", "x.txt", "--top-p", "0.9", "--max-new-tokens", "8"]
+    )
     assert (cfg.top_p, cfg.max_new_tokens, cfg.samples) == (0.9, 8, 8)
     with pytest.raises(ValueError, match="TRL field bf16 sets dtype, which this command does not have"):
         from_dict(KLConfig, {"bf16": True})

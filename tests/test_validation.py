@@ -21,7 +21,7 @@ def _cli_message(argv, capsys) -> str:
     line = capsys.readouterr().err.strip().splitlines()[-1]
     prefix = f"tether {argv[0]}: error: "
     assert line.startswith(prefix), line
-    return line[len(prefix):]
+    return line[len(prefix) :]
 
 
 def _python_message(fn, *args, **kwargs) -> str:
@@ -54,8 +54,9 @@ def test_rm_python_and_cli_refuse_alike(stories_path, tmp_path, capsys):
     assert _cli_message(["rm", *[a for k, v in flags.items() for a in (f"--{k}", str(v))]], capsys) == msg
 
 
-@pytest.mark.parametrize("bad", [{"loss_type": "nope"}, {"loss_type": "sigmoid", "label_smoothing": 0.1},
-                                 {"reference": "mirror"}])
+@pytest.mark.parametrize(
+    "bad", [{"loss_type": "nope"}, {"loss_type": "sigmoid", "label_smoothing": 0.1}, {"reference": "mirror"}]
+)
 def test_dpo_python_and_cli_refuse_alike(stories_path, tmp_path, capsys, bad):
     """train_dpo(cfg) runs ``tether dpo``'s preflight (loss options were checked by the CLI only before)."""
     from tether.trainers.dpo import DPOConfig, train_dpo
@@ -70,10 +71,16 @@ def test_dpo_python_and_cli_refuse_alike(stories_path, tmp_path, capsys, bad):
     assert _python_message(train_dpo, DPOConfig(**rows), rows=PAIRS) == msg
 
 
-@pytest.mark.parametrize("method,bad,field", [("ppo", {"top_p": 1.5}, "top_p"), ("ppo", {"temperature": 0.0}, "temperature"),
-                                              ("grpo", {"samples_per_prompt": 1}, "samples_per_prompt"),
-                                              ("rloo", {"kl_estimator": "k9"}, "kl_estimator"),
-                                              ("ppo", {"reference": "precomputed"}, "reference")])
+@pytest.mark.parametrize(
+    "method,bad,field",
+    [
+        ("ppo", {"top_p": 1.5}, "top_p"),
+        ("ppo", {"temperature": 0.0}, "temperature"),
+        ("grpo", {"samples_per_prompt": 1}, "samples_per_prompt"),
+        ("rloo", {"kl_estimator": "k9"}, "kl_estimator"),
+        ("ppo", {"reference": "precomputed"}, "reference"),
+    ],
+)
 def test_online_python_and_cli_refuse_alike(stories_path, tmp_path, capsys, method, bad, field):
     """train_ppo / train_grpo / train_rloo run the registry's preflight (sampling ranges included, which
     only ``tether kl`` checked before), with prompts given in memory as with a prompts file."""
@@ -81,8 +88,15 @@ def test_online_python_and_cli_refuse_alike(stories_path, tmp_path, capsys, meth
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
-    flags = {"model": stories_path, "prompts": str(prompts), "reward": "vader", "output_dir": str(tmp_path / "run"),
-             "batch_size": 4, "samples_per_prompt": 2, **bad}
+    flags = {
+        "model": stories_path,
+        "prompts": str(prompts),
+        "reward": "vader",
+        "output_dir": str(tmp_path / "run"),
+        "batch_size": 4,
+        "samples_per_prompt": 2,
+        **bad,
+    }
     spec = METHODS[method]
     msg = _python_message(spec.load("train"), spec.load("config")(**flags))
     assert field in msg
@@ -99,8 +113,19 @@ def test_best_of_n_python_and_cli_refuse_alike(stories, stories_path, tmp_path, 
     prompts.write_text("\n".join(PROMPTS) + "\n")
     msg = _python_message(best_of_n, model, tok, PROMPTS, n=0, reward="vader")
     assert msg.startswith("n=[0]")
-    argv = ["bon", "--model", stories_path, "--prompts", str(prompts), "--reward", "vader", "--n", "0",
-            "--output_dir", str(tmp_path / "run")]
+    argv = [
+        "bon",
+        "--model",
+        stories_path,
+        "--prompts",
+        str(prompts),
+        "--reward",
+        "vader",
+        "--n",
+        "0",
+        "--output_dir",
+        str(tmp_path / "run"),
+    ]
     assert _cli_message(argv, capsys) == msg
 
 
@@ -166,9 +191,14 @@ def test_each_rule_is_one_function_with_one_message(stories):
     assert "live model" in message(_validate, cfg, method_for(cfg))
     x, m = torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool)
     rule = "is an unknown estimator; choose from k1, k2, k3, exact"
-    assert message(_validate, PPOConfig(kl_estimator="k9"), method_for(cfg)) == f"kl_estimator='k9' {rule} (set --kl_estimator)"
+    assert (
+        message(_validate, PPOConfig(kl_estimator="k9"), method_for(cfg))
+        == f"kl_estimator='k9' {rule} (set --kl_estimator)"
+    )
     assert message(kl_per_token, x, x, m, estimator="k9") == f"estimator='k9' {rule} (set --estimator)"
-    assert "reference_filter" in message(score_rows, x[..., None], x[..., None], None, estimators=(), reference_filter="x")
+    assert "reference_filter" in message(
+        score_rows, x[..., None], x[..., None], None, estimators=(), reference_filter="x"
+    )
     loss = message(check_config, DPOConfig(dataset="x", loss_type="nope"))
     c = torch.zeros(2)
     assert loss == message(preference_loss, c, c, c, c, beta=0.1, loss_type="nope")
@@ -188,7 +218,9 @@ def test_sampling_settings_are_derived_once_from_any_sampling_group():
     for cls in (KLConfig, BoNConfig, GRPOConfig):
         assert sampling_settings(cls(max_new_tokens=12, temperature=0.7, top_k=5, top_p=0.9)) == want
     assert sampling_settings(want) == want and sampling_settings(None) == SamplingSettings()
-    assert sampling_settings({"temperature": 0.7}, max_new_tokens=3) == SamplingSettings(max_new_tokens=3, temperature=0.7)
+    assert sampling_settings({"temperature": 0.7}, max_new_tokens=3) == SamplingSettings(
+        max_new_tokens=3, temperature=0.7
+    )
     assert want.for_reference() == SamplingSettings(max_new_tokens=12, temperature=0.7)
     assert want.same_distribution(SamplingSettings(max_new_tokens=1, temperature=0.7, top_k=5, top_p=0.9))
     assert isinstance(SamplingSettings(top_k=2.0).top_k, int)
@@ -200,9 +232,13 @@ def test_sampling_settings_are_derived_once_from_any_sampling_group():
 def test_train_result_reads_like_the_old_dicts():
     from tether.trainers.result import TrainResult
 
-    r = TrainResult(final="out/final", metrics={"loss": 0.5, "eval/loss": 0.7, "opt/lr": 1e-3},
-                    history=[{"step": 1, "loss": 0.5}], eval_history=[{"step": 1, "eval/loss": 0.7}],
-                    info={"train_pairs": 8})
+    r = TrainResult(
+        final="out/final",
+        metrics={"loss": 0.5, "eval/loss": 0.7, "opt/lr": 1e-3},
+        history=[{"step": 1, "loss": 0.5}],
+        eval_history=[{"step": 1, "eval/loss": 0.7}],
+        info={"train_pairs": 8},
+    )
     assert (r["final"], r["loss"], r["eval/loss"], r["train_pairs"]) == ("out/final", 0.5, 0.7, 8)
     assert r["metrics"] is r.metrics and r["history"][0]["step"] == 1
     assert "loss" in r and "missing" not in r and r.get("missing") is None
@@ -224,8 +260,17 @@ def test_dpo_eval_hook_is_the_sampled_evaluation(stories_path, tmp_path):
         seen.append(step)
         return {"eval/kl": float(step)}
 
-    cfg = DPOConfig(model=stories_path, output_dir=str(tmp_path / "run"), max_steps=2, batch_size=2, eval_every=1,
-                    kl_prompts=2, max_length=32, progress=False, report_to="none")
+    cfg = DPOConfig(
+        model=stories_path,
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        batch_size=2,
+        eval_every=1,
+        kl_prompts=2,
+        max_length=32,
+        progress=False,
+        report_to="none",
+    )
     res = train_dpo(cfg, rows=PAIRS, eval_rows=PAIRS[:2], eval_hook=hook)
     assert isinstance(res, TrainResult) and seen == [0, 1, 2]
     assert [e["step"] for e in res.eval_history] == [0, 1, 2]

@@ -43,8 +43,9 @@ def test_head_dim_from_config():
     vb.check_model(C(), device="cuda")  # the range is the CPU attention's
 
 
-@pytest.mark.parametrize("settings, field", [({"top_k": 5}, "top_k"), ({"top_p": 0.9}, "top_p"),
-                                             ({"temperature": 0.0}, "temperature")])
+@pytest.mark.parametrize(
+    "settings, field", [({"top_k": 5}, "top_k"), ({"top_p": 0.9}, "top_p"), ({"temperature": 0.0}, "temperature")]
+)
 def test_filters_refused(settings, field):
     with pytest.raises(UserError, match=field):
         vb.check_settings(settings)
@@ -70,8 +71,12 @@ def test_sleep_mode_needs_cuda_and_the_vllm_backend():
     with pytest.raises(UserError, match="vllm_enable_sleep_mode needs a CUDA GPU"):
         vb.check_gpu_options(0.3, True, cuda=False)
     with pytest.raises(UserError, match="applies to backend vllm only"):
-        check_vllm_options(SimpleNamespace(backend="builtin", vllm_enable_sleep_mode=True, vllm_gpu_memory_utilization=0.3))
-    check_vllm_options(SimpleNamespace(backend="builtin", vllm_enable_sleep_mode=False, vllm_gpu_memory_utilization=0.3))
+        check_vllm_options(
+            SimpleNamespace(backend="builtin", vllm_enable_sleep_mode=True, vllm_gpu_memory_utilization=0.3)
+        )
+    check_vllm_options(
+        SimpleNamespace(backend="builtin", vllm_enable_sleep_mode=False, vllm_gpu_memory_utilization=0.3)
+    )
 
 
 def test_sampling_group_settings_reach_the_backend(monkeypatch):
@@ -112,7 +117,9 @@ class _FakeLLM:
         from types import SimpleNamespace
 
         _FakeLLM.calls.append(("generate", len(prompts)))
-        out = SimpleNamespace(token_ids=[3, 4], logprobs=[{3: SimpleNamespace(logprob=-1.0)}, {4: SimpleNamespace(logprob=-2.0)}])
+        out = SimpleNamespace(
+            token_ids=[3, 4], logprobs=[{3: SimpleNamespace(logprob=-1.0)}, {4: SimpleNamespace(logprob=-2.0)}]
+        )
         return [SimpleNamespace(outputs=[out]) for _ in prompts]
 
 

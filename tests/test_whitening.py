@@ -17,8 +17,14 @@ def test_masked_whiten_loo_by_hand():
     out, scale = masked_whiten_loo(x, mask, eps=0.0)
     want_scale = torch.tensor([[8 / 3], [5.6875], [2 / 3]], dtype=torch.float64).sqrt()
     assert torch.allclose(scale, want_scale, rtol=1e-12)
-    want = torch.tensor([[(1 - 5) / want_scale[0, 0], (2 - 5) / want_scale[0, 0]], [(3 - 3.75) / want_scale[1, 0], 0.0],
-                         [(5 - 2) / want_scale[2, 0], (7 - 2) / want_scale[2, 0]]], dtype=torch.float64)
+    want = torch.tensor(
+        [
+            [(1 - 5) / want_scale[0, 0], (2 - 5) / want_scale[0, 0]],
+            [(3 - 3.75) / want_scale[1, 0], 0.0],
+            [(5 - 2) / want_scale[2, 0], (7 - 2) / want_scale[2, 0]],
+        ],
+        dtype=torch.float64,
+    )
     assert torch.allclose(out, want, rtol=1e-12)
     with pytest.raises(ValueError):
         masked_whiten_loo(x[:1], mask[:1])
@@ -48,16 +54,27 @@ def _mean_gradient_ratio(loo: bool, K: int = 1500, n: int = 64) -> float:
         with torch.no_grad():
             ref_logits, ref_logps = scores_of(problem.ref, comp)
         mask, zeros = comp.mask, torch.zeros_like(logps.detach())
-        kl = kl_per_token(logps.detach(), ref_logps, mask, estimator="exact", logits=logits.detach(),
-                          ref_logits=ref_logits).per_token
+        kl = kl_per_token(
+            logps.detach(), ref_logps, mask, estimator="exact", logits=logits.detach(), ref_logits=ref_logits
+        ).per_token
         scores = reward_of(problem.rewards, problem.space, comp)
         prep = ppo.prepare(scores=scores, kl_tokens=kl, mask=mask, values=zeros, cfg=cfg, beta=beta)  # leave-one-out
         if not loo:  # the batch's own statistics instead (what PPO does with k1 in the reward)
             raw, _ = gae(token_rewards(scores, kl, mask, beta=beta), zeros, mask, gamma=1.0, lam=1.0)
             prep.advantages, prep.adv_scale = masked_whiten(raw, mask), float(masked_std(raw, mask))
-        x = LossInputs(logps=logps, old_logps=logps.detach(), ref_logps=ref_logps, mask=mask, advantages=prep.advantages,
-                       adv_scale=prep.adv_scale, logits=logits, ref_logits=ref_logits, values=zeros, old_values=zeros,
-                       returns=prep.returns)
+        x = LossInputs(
+            logps=logps,
+            old_logps=logps.detach(),
+            ref_logps=ref_logps,
+            mask=mask,
+            advantages=prep.advantages,
+            adv_scale=prep.adv_scale,
+            logits=logits,
+            ref_logits=ref_logits,
+            values=zeros,
+            old_values=zeros,
+            returns=prep.returns,
+        )
         loss, _ = ppo.loss(x, cfg=cfg, beta=beta, counts=Counts(tokens=float(mask.sum()), seqs=float(mask.shape[0])))
         grads.append(torch.autograd.grad(loss, pol.table)[0].detach().flatten())
     G = torch.stack(grads)

@@ -25,10 +25,18 @@ from pathlib import Path
 
 SETTINGS = {
     "native-1t": {"OMP_NUM_THREADS": "1"},
-    "avx2-2t": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-                "OMP_NUM_THREADS": "2"},
-    "default-1t": {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "ONEDNN_MAX_CPU_ISA": "SSE41",
-                   "OMP_NUM_THREADS": "1"},
+    "avx2-2t": {
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "OMP_NUM_THREADS": "2",
+    },
+    "default-1t": {
+        "ATEN_CPU_CAPABILITY": "default",
+        "MKL_ENABLE_INSTRUCTIONS": "SSE4_2",
+        "ONEDNN_MAX_CPU_ISA": "SSE41",
+        "OMP_NUM_THREADS": "1",
+    },
 }
 
 
@@ -41,8 +49,11 @@ def main(argv: list[str]) -> int:
         for name, env in SETTINGS.items():
             log = Path(keep or tmp) / f"{name}.jsonl"
             log.unlink(missing_ok=True)
-            proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *argv],
-                                  cwd=root, env={**os.environ, **env, "TETHER_TOL_LOG": str(log)})
+            proc = subprocess.run(
+                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *argv],
+                cwd=root,
+                env={**os.environ, **env, "TETHER_TOL_LOG": str(log)},
+            )
             if proc.returncode not in (0, 5):
                 failed.append(name)
             for line in log.read_text().splitlines() if log.exists() else []:

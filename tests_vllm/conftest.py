@@ -12,14 +12,26 @@ import pytest
 import torch
 
 # The main suite's fixtures and tolerances (tests/conftest.py), loaded under another module name.
-_spec = importlib.util.spec_from_file_location("tether_main_conftest", Path(__file__).resolve().parents[1] / "tests" / "conftest.py")
+_spec = importlib.util.spec_from_file_location(
+    "tether_main_conftest", Path(__file__).resolve().parents[1] / "tests" / "conftest.py"
+)
 main_conftest = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(main_conftest)
 assets_dir, stories_path, f32_tol = main_conftest.assets_dir, main_conftest.stories_path, main_conftest.f32_tol
 
-SMALL = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-             num_key_value_heads=2, head_dim=64, max_position_embeddings=256, tie_word_embeddings=False,
-             bos_token_id=1, eos_token_id=2)
+SMALL = dict(
+    vocab_size=512,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    head_dim=64,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 """A random-init Llama with head size 64 (vLLM's CPU attention needs 32-512; stories260K has 8) over
 stories260K's 512-token vocabulary, so the real tokenizer and text prompts work unchanged."""
 

@@ -3,12 +3,10 @@
 One engine per module (building it takes ~20 s on two cores, its first generation ~10 s more)."""
 
 import copy
-import math
 
 import pytest
 import torch
 
-from conftest import f32_tol  # tests_vllm/conftest.py re-exports tests/conftest.py's
 from tether.engine import generate, score
 from tether.errors import UserError
 from tether.generation import make_backend
@@ -16,8 +14,18 @@ from tether.groups import SamplingSettings
 from tether.modeling import forward_completion, load_causal_lm, load_tokenizer
 from tether.reference import FrozenReference
 
-PROMPTS = ["Once upon a time", "The little dog", "One day, a girl", "Tom was", "The sun was", "Lily saw a",
-           "The cat", "In the park,"]
+from conftest import f32_tol  # tests_vllm/conftest.py re-exports tests/conftest.py's
+
+PROMPTS = [
+    "Once upon a time",
+    "The little dog",
+    "One day, a girl",
+    "Tom was",
+    "The sun was",
+    "Lily saw a",
+    "The cat",
+    "In the park,",
+]
 TAU = 0.8  # a temperature != 1: the engine's processed log-probs are of softmax(z/τ), tether scores the same
 
 
@@ -47,8 +55,9 @@ def _agreement(policy, backend, smp):
 def test_logps_agree_before_and_after_a_weight_push(setup):
     tok, policy, backend, prompts = setup
     gen = torch.Generator().manual_seed(0)
-    smp = generate(policy, prompts, tokenizer=tok, sampling={"temperature": TAU}, max_new_tokens=16, generator=gen,
-                   backend=backend)
+    smp = generate(
+        policy, prompts, tokenizer=tok, sampling={"temperature": TAU}, max_new_tokens=16, generator=gen, backend=backend
+    )
     assert smp.batch.allowed is None  # no filter: F_t is the whole vocabulary at sampling and at scoring
     diff, tol = _agreement(policy, backend, smp)
     assert diff <= tol, (diff, tol)
@@ -58,12 +67,14 @@ def test_logps_agree_before_and_after_a_weight_push(setup):
         g = torch.Generator().manual_seed(1)
         for p in moved.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
-    stale = generate(moved, prompts, tokenizer=tok, sampling={"temperature": TAU}, max_new_tokens=16, generator=gen,
-                     backend=backend)  # engine still holds the old weights: its log-probs must not match `moved`
+    stale = generate(
+        moved, prompts, tokenizer=tok, sampling={"temperature": TAU}, max_new_tokens=16, generator=gen, backend=backend
+    )  # engine still holds the old weights: its log-probs must not match `moved`
     assert _agreement(moved, backend, stale)[0] > 1e-2
     backend.update_weights(moved)
-    fresh = generate(moved, prompts, tokenizer=tok, sampling={"temperature": TAU}, max_new_tokens=16, generator=gen,
-                     backend=backend)
+    fresh = generate(
+        moved, prompts, tokenizer=tok, sampling={"temperature": TAU}, max_new_tokens=16, generator=gen, backend=backend
+    )
     diff, tol = _agreement(moved, backend, fresh)
     assert diff <= tol, (diff, tol)
     backend.update_weights(policy)  # back, for the other tests
@@ -99,10 +110,12 @@ def test_eos_ends_a_completion_and_counts(setup):
     backend.update_weights(forced)
     try:
         s = SamplingSettings(max_new_tokens=8)
-        batch, no_eos = backend.generate(prompts, s, torch.Generator().manual_seed(0), pad_id=tok.pad_token_id,
-                                         eos_id=tok.eos_token_id)
-        full, full_no_eos = backend.generate(prompts, s, torch.Generator().manual_seed(0), pad_id=tok.pad_token_id,
-                                             eos_id=None)  # no stop: vLLM's EOS rule is off
+        batch, no_eos = backend.generate(
+            prompts, s, torch.Generator().manual_seed(0), pad_id=tok.pad_token_id, eos_id=tok.eos_token_id
+        )
+        full, full_no_eos = backend.generate(
+            prompts, s, torch.Generator().manual_seed(0), pad_id=tok.pad_token_id, eos_id=None
+        )  # no stop: vLLM's EOS rule is off
     finally:
         backend.update_weights(policy)
     assert batch.mask.shape == (len(prompts), 1) and bool(batch.mask.all())
@@ -129,8 +142,15 @@ def test_behaviour_logps_are_the_engines_and_the_mismatch_is_float_rounding(setu
     from tether.ops.behaviour import CORRECTION_NAMES, correction_weights, mismatch_stats
 
     tok, policy, backend, prompts = setup
-    smp = generate(policy, prompts, tokenizer=tok, sampling={"temperature": TAU}, max_new_tokens=16,
-                   generator=torch.Generator().manual_seed(2), backend=backend)
+    smp = generate(
+        policy,
+        prompts,
+        tokenizer=tok,
+        sampling={"temperature": TAU},
+        max_new_tokens=16,
+        generator=torch.Generator().manual_seed(2),
+        backend=backend,
+    )
     mu = smp.batch.behaviour_logps
     assert mu is not None and torch.equal(mu.cpu(), backend.last_logps)
     _, tol = _agreement(policy, backend, smp)

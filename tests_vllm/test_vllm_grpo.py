@@ -11,8 +11,20 @@ from tether.modeling import load_tokenizer
 from tether.reference import FrozenReference
 from tether.trainers.grpo import GRPOConfig, train_grpo
 
-PROMPTS = ["Once upon a time", "The little dog", "One day, a girl", "Tom was", "The sun was", "Lily saw a",
-           "The cat", "In the park,", "Ben and Mia", "The big tree", "Sam had a", "At night,"]
+PROMPTS = [
+    "Once upon a time",
+    "The little dog",
+    "One day, a girl",
+    "Tom was",
+    "The sun was",
+    "Lily saw a",
+    "The cat",
+    "In the park,",
+    "Ben and Mia",
+    "The big tree",
+    "Sam had a",
+    "At night,",
+]
 STEPS = 6
 T_995_5 = 4.032  # two-sided 99% quantile of Student's t with STEPS - 1 = 5 degrees of freedom
 STATS = ("reward/score", "kl/ref", "gen/response_len")
@@ -38,9 +50,23 @@ def _run(model_dir, tmp_path, backend, monkeypatch):
         return out
 
     monkeypatch.setattr(online, "optimise", checked)
-    cfg = GRPOConfig(model=model_dir, output_dir=str(tmp_path / backend), backend=backend, reward="reward_fns_vllm:chars",
-                     batch_size=16, samples_per_prompt=4, max_new_tokens=16, learning_rate=3e-3, max_steps=STEPS,
-                     progress=False, sample_every=0, eval_every=0, eval_max_prompts=4, eval_samples=1, seed=0)
+    cfg = GRPOConfig(
+        model=model_dir,
+        output_dir=str(tmp_path / backend),
+        backend=backend,
+        reward="reward_fns_vllm:chars",
+        batch_size=16,
+        samples_per_prompt=4,
+        max_new_tokens=16,
+        learning_rate=3e-3,
+        max_steps=STEPS,
+        progress=False,
+        sample_every=0,
+        eval_every=0,
+        eval_max_prompts=4,
+        eval_samples=1,
+        seed=0,
+    )
     return train_grpo(cfg, prompts=PROMPTS)["history"], made
 
 
@@ -59,7 +85,7 @@ def test_grpo_trajectory_matches_builtin(small_model_dir, tmp_path, monkeypatch)
     assert hv[0]["kl/ref"] == pytest.approx(0.0, abs=1e-6) and hv[-1]["kl/ref"] > 1e-3  # it trained
     for key in STATS:
         d = torch.tensor([v[key] - b[key] for v, b in zip(hv, hb)], dtype=torch.float64)
-        se = d.std() / STEPS ** 0.5
+        se = d.std() / STEPS**0.5
         print(key, [round(b[key], 4) for b in hb], [round(v[key], 4) for v in hv])
         assert abs(float(d.mean())) <= T_995_5 * float(se) + 1e-9, (key, d.tolist())
     print("engine vs old_logps, per step:", made["gaps"])
@@ -94,10 +120,25 @@ def test_grpo_logs_the_mismatch_and_weights_the_loss_with_the_engines_logps(smal
 
     monkeypatch.setattr(grpo_mod, "loss_weights", spy)
     monkeypatch.setattr(online, "backend_for", keep)
-    cfg = GRPOConfig(model=small_model_dir, output_dir=str(tmp_path / "run"), backend="vllm",
-                     behaviour_correction="seq_tis", behaviour_cap=2.0, reward="reward_fns_vllm:chars",
-                     batch_size=16, samples_per_prompt=4, max_new_tokens=16, learning_rate=3e-3, max_steps=2,
-                     progress=False, sample_every=0, eval_every=0, eval_max_prompts=4, eval_samples=1, seed=0)
+    cfg = GRPOConfig(
+        model=small_model_dir,
+        output_dir=str(tmp_path / "run"),
+        backend="vllm",
+        behaviour_correction="seq_tis",
+        behaviour_cap=2.0,
+        reward="reward_fns_vllm:chars",
+        batch_size=16,
+        samples_per_prompt=4,
+        max_new_tokens=16,
+        learning_rate=3e-3,
+        max_steps=2,
+        progress=False,
+        sample_every=0,
+        eval_every=0,
+        eval_max_prompts=4,
+        eval_samples=1,
+        seed=0,
+    )
     history = train_grpo(cfg, prompts=PROMPTS)["history"]
     bar = 16 * 1e-4
     for row in history:

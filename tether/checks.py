@@ -62,7 +62,9 @@ def check_train_config(cfg: Any) -> None:
     _at_least(cfg, "batch_size", 1)
     _at_least(cfg, "grad_accum", 1)
     if cfg.batch_size % cfg.grad_accum:
-        raise UserError(f"batch_size={cfg.batch_size} must be divisible by grad_accum={cfg.grad_accum}; change one of them")
+        raise UserError(
+            f"batch_size={cfg.batch_size} must be divisible by grad_accum={cfg.grad_accum}; change one of them"
+        )
     _at_least(cfg, "learning_rate", 0.0)
     _at_least(cfg, "weight_decay", 0.0)
     _at_least(cfg, "warmup_steps", 0)
@@ -71,8 +73,10 @@ def check_train_config(cfg: Any) -> None:
     _choice(cfg, "lr_schedule", LR_SCHEDULES)
     _choice(cfg, "dtype", sorted(DTYPES))
     if getattr(cfg, "autocast", False) and DTYPES[cfg.dtype] != DTYPES["float32"]:
-        raise UserError(f"autocast keeps float32 weights and computes in bf16; dtype={cfg.dtype} already computes in "
-                        "its own precision: set --dtype float32 or --autocast false")
+        raise UserError(
+            f"autocast keeps float32 weights and computes in bf16; dtype={cfg.dtype} already computes in "
+            "its own precision: set --dtype float32 or --autocast false"
+        )
     _at_least(cfg, "lora_r", 0, " (0 = full fine-tuning)")
     if not 0.0 <= cfg.lora_dropout < 1.0:
         raise UserError(f"lora_dropout={cfg.lora_dropout} must lie in [0, 1); set --lora_dropout")
@@ -107,8 +111,13 @@ def _world_size() -> SimpleNamespace:
 
 def _looks_like_path(spec: str) -> bool:
     """A spec the user meant as a local path (rather than a hub name such as 'org/name')."""
-    return (spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or os.sep != "/" and os.sep in spec
-            or spec.lower().endswith(DATA_SUFFIXES))
+    return (
+        spec.startswith(("/", ".", "~"))
+        or spec.count("/") > 1
+        or os.sep != "/"
+        and os.sep in spec
+        or spec.lower().endswith(DATA_SUFFIXES)
+    )
 
 
 def check_text_file(path: str | os.PathLike, *, field: str) -> Path:
@@ -130,7 +139,9 @@ def check_text_file(path: str | os.PathLike, *, field: str) -> Path:
         raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise UserError(f"--{field} {path}: line {line} is not UTF-8 text ({e.reason}); save the file as UTF-8") from None
+        raise UserError(
+            f"--{field} {path}: line {line} is not UTF-8 text ({e.reason}); save the file as UTF-8"
+        ) from None
     return p
 
 
@@ -139,7 +150,9 @@ def check_dataset(spec: Optional[str], *, field: str, assets: Optional[str] = No
     name (hh-rlhf, rt-polarity) or a hub name (checked by the loader, which says when it is offline)."""
     if not spec or not str(spec).strip():
         if required:
-            raise UserError(f"--{field} is empty; pass a data file (.jsonl, .json, .parquet, text), a folder, or a hub name")
+            raise UserError(
+                f"--{field} is empty; pass a data file (.jsonl, .json, .parquet, text), a folder, or a hub name"
+            )
         return
     for part in [s.strip() for s in str(spec).split(",") if s.strip()]:
         p = Path(part).expanduser()
@@ -160,8 +173,10 @@ def check_prompts_file(path: Optional[str], *, field: str = "prompts", tokenizer
     from .data.prompts import load_prompts, prompt_options
 
     if not path:
-        raise UserError(f"--{field} is required: a text file (one prompt per line), JSONL with a 'prompt' field, "
-                        "or a datasets folder")
+        raise UserError(
+            f"--{field} is required: a text file (one prompt per line), JSONL with a 'prompt' field, "
+            "or a datasets folder"
+        )
     p = Path(path).expanduser()
     if p.is_file() or (not p.is_dir() and _looks_like_path(path)):
         check_text_file(path, field=field)
@@ -178,7 +193,9 @@ def check_model(spec: Optional[str], *, field: str = "model", assets: Optional[s
     from .assets import resolve_model
 
     if not spec:
-        raise UserError(f"--{field} is empty; pass a model folder (with config.json), an asset name such as stories260K, or a hub id")
+        raise UserError(
+            f"--{field} is empty; pass a model folder (with config.json), an asset name such as stories260K, or a hub id"
+        )
     path = resolve_model(spec, assets)
     p = Path(path).expanduser()
     if p.is_dir():
@@ -194,7 +211,9 @@ def check_model(spec: Optional[str], *, field: str = "model", assets: Optional[s
     elif p.exists():
         raise UserError(f"--{field} {spec}: is a file, not a model folder; pass the folder that holds config.json")
     elif _looks_like_path(spec):
-        raise UserError(f"--{field} {spec}: no such model folder; check the path (or use an asset name such as stories260K)")
+        raise UserError(
+            f"--{field} {spec}: no such model folder; check the path (or use an asset name such as stories260K)"
+        )
     return path, _model_config(path, spec, field)
 
 
@@ -205,11 +224,15 @@ def _model_config(path: str, spec: str, field: str):
         return AutoConfig.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - offline hub, bad repo id, malformed config.json: all the user's to fix
         if Path(path).is_dir():
-            raise UserError(f"--{field} {spec}: config.json cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                            "fix or replace the model folder") from None
-        raise UserError(f"--{field} {spec}: neither a local model folder nor reachable on the Hugging Face hub "
-                        f"({type(e).__name__}); pass a folder with config.json, an asset name such as stories260K, "
-                        "or a hub id while online") from None
+            raise UserError(
+                f"--{field} {spec}: config.json cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                "fix or replace the model folder"
+            ) from None
+        raise UserError(
+            f"--{field} {spec}: neither a local model folder nor reachable on the Hugging Face hub "
+            f"({type(e).__name__}); pass a folder with config.json, an asset name such as stories260K, "
+            "or a hub id while online"
+        ) from None
 
 
 def model_positions(config) -> Optional[int]:
@@ -225,8 +248,10 @@ def check_context(config, *, need: int, fields: str, model_field: str = "model",
     """``need`` tokens fit in the model's positions, or a UserError naming ``fields`` and the limit."""
     limit = model_positions(config)
     if limit is not None and need > limit:
-        raise UserError(f"{fields} = {need} tokens, more than the {limit} positions of --{model_field} {spec}; "
-                        f"lower them so the total is at most {limit}")
+        raise UserError(
+            f"{fields} = {need} tokens, more than the {limit} positions of --{model_field} {spec}; "
+            f"lower them so the total is at most {limit}"
+        )
 
 
 def _tokenizer(path: str):
@@ -251,7 +276,9 @@ def check_reward_spec(spec: Any, *, field: str = "reward", assets: Optional[str]
     from .rewards import _NAMED, _check_is_reward_model
 
     if not isinstance(spec, str) or not spec.strip():
-        raise UserError(f"--{field} is empty; pass 'vader', a reward-model folder (tether rm's final/), or 'module:function'")
+        raise UserError(
+            f"--{field} is empty; pass 'vader', a reward-model folder (tether rm's final/), or 'module:function'"
+        )
     spec = spec.strip()
     m = _NAMED.match(spec)
     if m and not Path(spec).exists():
@@ -265,7 +292,9 @@ def check_reward_spec(spec: Any, *, field: str = "reward", assets: Optional[str]
         if not (p / "config.json").exists() and (p / "final" / "config.json").exists():
             p = p / "final"
         if not (p / "config.json").exists():
-            raise UserError(f"--{field} {spec}: folder has no config.json; pass the final/ folder written by `tether rm`")
+            raise UserError(
+                f"--{field} {spec}: folder has no config.json; pass the final/ folder written by `tether rm`"
+            )
         try:
             _check_is_reward_model(str(p))
         except ValueError as e:
@@ -273,8 +302,10 @@ def check_reward_spec(spec: Any, *, field: str = "reward", assets: Optional[str]
         return
     target, sep, attr = spec.rpartition(":")
     if not sep:
-        raise UserError(f"--{field} {spec!r} is not 'vader', an existing reward-model folder, or 'module:function'; "
-                        "check the path (reward models are the final/ folder of `tether rm`)")
+        raise UserError(
+            f"--{field} {spec!r} is not 'vader', an existing reward-model folder, or 'module:function'; "
+            "check the path (reward models are the final/ folder of `tether rm`)"
+        )
     if not target or not attr:
         raise UserError(f"--{field} {spec!r} must look like 'module.path:function' or 'file.py:function'")
     if target.endswith(".py"):
@@ -285,7 +316,9 @@ def check_reward_spec(spec: Any, *, field: str = "reward", assets: Optional[str]
     except (ImportError, ValueError):
         found = None
     if found is None:
-        raise UserError(f"--{field} {spec}: cannot find module {target!r}; put it on PYTHONPATH or use 'file.py:function'")
+        raise UserError(
+            f"--{field} {spec}: cannot find module {target!r}; put it on PYTHONPATH or use 'file.py:function'"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -316,38 +349,56 @@ def preflight_online(cfg, *, prompts=None, eval_prompts=None, reward=None, log_r
     path, config = check_model(cfg.model, assets=cfg.assets)
     check_backend_model(getattr(cfg, "backend", "builtin"), config, sampling_settings(cfg), decoder=cfg.decoder)
     tok = _tokenizer(path)
-    prompts = _prompt_texts(prompts, tok, cfg) if prompts is not None else check_prompts_file(cfg.prompts, tokenizer=tok, cfg=cfg)
+    prompts = (
+        _prompt_texts(prompts, tok, cfg)
+        if prompts is not None
+        else check_prompts_file(cfg.prompts, tokenizer=tok, cfg=cfg)
+    )
     if not prompts:
         raise UserError("the prompt list is empty; pass at least one prompt")
     if eval_prompts is not None:
         eval_prompts = _prompt_texts(eval_prompts, tok, cfg, where="eval_prompts")
     else:
-        eval_prompts = check_prompts_file(cfg.eval_prompts, field="eval_prompts", tokenizer=tok, cfg=cfg) if cfg.eval_prompts else []
+        eval_prompts = (
+            check_prompts_file(cfg.eval_prompts, field="eval_prompts", tokenizer=tok, cfg=cfg)
+            if cfg.eval_prompts
+            else []
+        )
     if reward is None:
         check_reward_spec(cfg.reward, assets=cfg.assets)
-    for spec in (cfg.log_rewards if log_rewards is None else []):
+    for spec in cfg.log_rewards if log_rewards is None else []:
         check_reward_spec(spec, field="log_rewards", assets=cfg.assets)
     if getattr(cfg, "ptx_dataset", None):
         check_dataset(cfg.ptx_dataset, field="ptx_dataset", assets=cfg.assets)
     if cfg.reference_model:
         check_model(cfg.reference_model, field="reference_model", assets=cfg.assets)
     if cfg.max_prompt_length is not None:
-        check_context(config, need=cfg.max_prompt_length + cfg.max_new_tokens,
-                      fields=f"max_prompt_length ({cfg.max_prompt_length}) + max_new_tokens ({cfg.max_new_tokens})",
-                      spec=cfg.model)
+        check_context(
+            config,
+            need=cfg.max_prompt_length + cfg.max_new_tokens,
+            fields=f"max_prompt_length ({cfg.max_prompt_length}) + max_new_tokens ({cfg.max_new_tokens})",
+            spec=cfg.model,
+        )
     else:
         longest = _longest_prompt(path, prompts + eval_prompts)
-        check_context(config, need=longest + cfg.max_new_tokens,
-                      fields=f"the longest prompt in --prompts ({longest} tokens) + max_new_tokens ({cfg.max_new_tokens})",
-                      spec=cfg.model)
+        check_context(
+            config,
+            need=longest + cfg.max_new_tokens,
+            fields=f"the longest prompt in --prompts ({longest} tokens) + max_new_tokens ({cfg.max_new_tokens})",
+            spec=cfg.model,
+        )
 
 
 def _prompt_texts(items, tok, cfg, where: str = "prompts") -> list[str]:
     """The texts of prompts given in memory, read as ``train_online`` reads them (``data.prompts.as_prompts``)."""
     from .data.prompts import as_prompts
 
-    return [p.text for p in as_prompts(items, tokenizer=tok, chat_template=cfg.chat_template,
-                                       prompt_field=cfg.prompt_field, where=where)]
+    return [
+        p.text
+        for p in as_prompts(
+            items, tokenizer=tok, chat_template=cfg.chat_template, prompt_field=cfg.prompt_field, where=where
+        )
+    ]
 
 
 def preflight_dpo(cfg, *, rows=None, eval_rows=None) -> None:
@@ -401,13 +452,16 @@ def check_backend_model(backend: str, config, sampling, *, decoder: str = "auto"
     any weights load; the built-in sampler: decoder=lean only on a Llama (``decode.supports`` then
     checks the loaded model itself)."""
     if decoder == "lean" and getattr(config, "model_type", None) != "llama":
-        raise UserError(f"decoder=lean runs a plain Llama's decode step; this model is {getattr(config, 'model_type', '?')!r}: "
-                        "set --decoder auto or hf")
+        raise UserError(
+            f"decoder=lean runs a plain Llama's decode step; this model is {getattr(config, 'model_type', '?')!r}: "
+            "set --decoder auto or hf"
+        )
     if backend != "vllm":
         return
-    from .backends.vllm import check_model as check_vllm_model, check_settings
-
     import torch
+
+    from .backends.vllm import check_model as check_vllm_model
+    from .backends.vllm import check_settings
 
     check_vllm_model(config, device="cuda" if torch.cuda.is_available() else "cpu")
     check_settings(sampling)
@@ -423,12 +477,16 @@ def check_vllm_options(cfg) -> None:
     sleep = bool(getattr(cfg, "vllm_enable_sleep_mode", False))
     if sleep and getattr(cfg, "backend", "builtin") != "vllm":
         raise UserError("vllm_enable_sleep_mode applies to backend vllm only; drop it or set --backend vllm")
-    check_gpu_options(getattr(cfg, "vllm_gpu_memory_utilization", 0.3), sleep and getattr(cfg, "backend", "") == "vllm",
-                      cuda=torch.cuda.is_available())
+    check_gpu_options(
+        getattr(cfg, "vllm_gpu_memory_utilization", 0.3),
+        sleep and getattr(cfg, "backend", "") == "vllm",
+        cuda=torch.cuda.is_available(),
+    )
 
 
-def preflight_sampling(cfg, *, model: str, model_field: str, prompts_path: Optional[str], batch_size: int,
-                       assets: Optional[str] = None) -> tuple[str, list[str]]:
+def preflight_sampling(
+    cfg, *, model: str, model_field: str, prompts_path: Optional[str], batch_size: int, assets: Optional[str] = None
+) -> tuple[str, list[str]]:
     """Shared by ``tether kl`` and ``tether bon``: the sampling group of ``cfg`` (``groups.sampling_settings``
     checks its ranges), prompts, model, context."""
     settings = sampling_settings(cfg)
@@ -442,6 +500,11 @@ def preflight_sampling(cfg, *, model: str, model_field: str, prompts_path: Optio
     check_backend_model(getattr(cfg, "backend", "builtin"), config, settings, decoder=getattr(cfg, "decoder", "auto"))
     prompts = check_prompts_file(prompts_path, tokenizer=_tokenizer(path), cfg=cfg)
     longest = _longest_prompt(path, prompts)
-    check_context(config, need=longest + max_new_tokens, model_field=model_field, spec=model,
-                  fields=f"the longest prompt in --prompts ({longest} tokens) + max_new_tokens ({max_new_tokens})")
+    check_context(
+        config,
+        need=longest + max_new_tokens,
+        model_field=model_field,
+        spec=model,
+        fields=f"the longest prompt in --prompts ({longest} tokens) + max_new_tokens ({max_new_tokens})",
+    )
     return path, prompts

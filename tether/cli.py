@@ -43,9 +43,11 @@ def commands() -> dict[str, str]:
 COMMANDS = commands()  # as tether was installed (``commands()`` also lists methods registered later)
 
 
-EXIT_CODES = ("exit codes: 0 done; 2 bad input, output_dir in use by another run, or a failing write (full disk); "
-              "75 stopped by SIGTERM/SIGINT/SIGUSR1 after writing a checkpoint (continue with --resume); "
-              "1 a bug (docs/reliability.md)")
+EXIT_CODES = (
+    "exit codes: 0 done; 2 bad input, output_dir in use by another run, or a failing write (full disk); "
+    "75 stopped by SIGTERM/SIGINT/SIGUSR1 after writing a checkpoint (continue with --resume); "
+    "1 a bug (docs/reliability.md)"
+)
 
 
 def usage() -> str:
@@ -71,13 +73,18 @@ def user_error_message(e: BaseException) -> str | None:
     if isinstance(e, UserError):
         return " ".join(str(e).split()) or type(e).__name__
     if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)) and e.filename:
-        what = {FileNotFoundError: "no such file or folder", IsADirectoryError: "is a folder, not a file",
-                NotADirectoryError: "a part of this path is not a folder",
-                PermissionError: "permission denied"}.get(type(e), e.strerror)
+        what = {
+            FileNotFoundError: "no such file or folder",
+            IsADirectoryError: "is a folder, not a file",
+            NotADirectoryError: "a part of this path is not a folder",
+            PermissionError: "permission denied",
+        }.get(type(e), e.strerror)
         return f"{e.filename}: {what}; check the path"
     if isinstance(e, UnicodeDecodeError):
-        return (f"a file is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8 "
-                "(run with --debug to see which read failed)")
+        return (
+            f"a file is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8 "
+            "(run with --debug to see which read failed)"
+        )
     return None
 
 

@@ -99,14 +99,18 @@ def coerce(name: str, tp: Any, value: Any) -> Any:
             return str(value)
         if base is list or typing.get_origin(base) is list:
             if isinstance(value, str):
-                parsed = yaml.safe_load(value) if value.strip().startswith("[") else [
-                    yaml.safe_load(v) for v in value.split(",") if v.strip()
-                ]
+                parsed = (
+                    yaml.safe_load(value)
+                    if value.strip().startswith("[")
+                    else [yaml.safe_load(v) for v in value.split(",") if v.strip()]
+                )
                 return list(parsed)
             return list(value)
     except (TypeError, ValueError):
-        tname = getattr(base, '__name__', base)
-        raise UserError(f"config field {name!r}: cannot read {value!r} as {tname}; give a value of type {tname}") from None
+        tname = getattr(base, "__name__", base)
+        raise UserError(
+            f"config field {name!r}: cannot read {value!r} as {tname}; give a value of type {tname}"
+        ) from None
     return value
 
 
@@ -134,6 +138,7 @@ def config_group(name: str, *, prefixes: Sequence[str] = (), fields: Optional[Se
     ``fields``) form the config group ``name``. A YAML file may then give them as one nested mapping,
     ``name: {key: value}``, where ``key`` is the field's name or the name without one of ``prefixes``
     (``lora: {r: 8}`` for ``lora_r``); ``--help`` lists them under the group's heading."""
+
     def decorate(cls):
         own = dict(cls.__dict__.get("__tether_groups__", {}))
         own[name] = (tuple(prefixes), None if fields is None else tuple(fields))
@@ -154,7 +159,7 @@ def config_groups(cls: type) -> dict[str, tuple[tuple[str, ...], list[str]]]:
         # groups that list their fields claim them before a group of "the rest of this class body"
         for gname, (pre, listed) in sorted(declared.items(), key=lambda item: item[1][1] is None):
             prefixes.setdefault(gname, pre)
-            for f in (listed if listed is not None else own_fields):
+            for f in listed if listed is not None else own_fields:
                 owner.setdefault(f, gname)
     names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     return {g: (pre, [f for f in names if owner.get(f) == g]) for g, pre in prefixes.items()}
@@ -197,8 +202,10 @@ def resolve_names(cls: type, data: dict, *, source: str = "config") -> tuple[dic
 
     def put(target: str, value: Any, written: str) -> None:
         if target in out and said[target] != written and not _value_equal(hints[target], target, out[target], value):
-            raise UserError(f"{source}: {said[target]} ({out[target]!r}) and {written} ({value!r}) both set "
-                            f"{target}; keep one of them")
+            raise UserError(
+                f"{source}: {said[target]} ({out[target]!r}) and {written} ({value!r}) both set "
+                f"{target}; keep one of them"
+            )
         out[target] = value
         said.setdefault(target, written)
 
@@ -217,8 +224,9 @@ def resolve_names(cls: type, data: dict, *, source: str = "config") -> tuple[dic
                 ignored.append(written)
             for target, v in pairs or ():
                 if target not in names:  # e.g. bf16 (-> dtype) given to tether kl, which loads in float32
-                    raise UserError(f"{source}: TRL field {written} sets {target}, which this command does not have; "
-                                    "remove it")
+                    raise UserError(
+                        f"{source}: TRL field {written} sets {target}, which this command does not have; remove it"
+                    )
                 put(target, v, written)
 
     for key, value in data.items():
@@ -229,17 +237,22 @@ def resolve_names(cls: type, data: dict, *, source: str = "config") -> tuple[dic
         else:
             take(k, value, str(key))
     if unknown:
-        raise UserError(f"{source}: unknown field(s) {unknown}; {cls.__name__} has: {', '.join(sorted(names))} "
-                        "(TRL's names are read too: docs/from-trl.md)")
+        raise UserError(
+            f"{source}: unknown field(s) {unknown}; {cls.__name__} has: {', '.join(sorted(names))} "
+            "(TRL's names are read too: docs/from-trl.md)"
+        )
     if ignored:
         log.info("%s: TRL field(s) with no effect in tether, ignored: %s", source, ", ".join(ignored))
     if "per_device_train_batch_size" in pending and "batch_size" in out:
-        global_batch = finish_names(cls, {k: v for k, v in out.items() if k != "batch_size"}, pending,
-                                    source=source)["batch_size"]
+        global_batch = finish_names(cls, {k: v for k, v in out.items() if k != "batch_size"}, pending, source=source)[
+            "batch_size"
+        ]
         if not _value_equal(int, "batch_size", out["batch_size"], global_batch):
-            raise UserError(f"{source}: {said['batch_size']} ({out['batch_size']!r}) and "
-                            f"per_device_train_batch_size x grad_accum x processes ({global_batch}) disagree; "
-                            "keep one of them (tether's batch_size is the global batch per optimiser step)")
+            raise UserError(
+                f"{source}: {said['batch_size']} ({out['batch_size']!r}) and "
+                f"per_device_train_batch_size x grad_accum x processes ({global_batch}) disagree; "
+                "keep one of them (tether's batch_size is the global batch per optimiser step)"
+            )
     return out, pending
 
 
@@ -255,14 +268,22 @@ def finish_names(cls: type, fields: dict, pending: dict, *, source: str = "confi
         accum = coerce("grad_accum", int, fields.get("grad_accum", defaults.get("grad_accum", 1)))
         world = int(os.environ.get("WORLD_SIZE", "1") or 1)
         fields["batch_size"] = per * accum * world
-        log.info("%s: batch_size = per_device_train_batch_size %d x grad_accum %d x %d process(es) = %d",
-                 source, per, accum, world, fields["batch_size"])
+        log.info(
+            "%s: batch_size = per_device_train_batch_size %d x grad_accum %d x %d process(es) = %d",
+            source,
+            per,
+            accum,
+            world,
+            fields["batch_size"],
+        )
     if "use_peft" in pending:
         value, written = pending["use_peft"]
         if coerce(written, bool, value):
             r = coerce("lora_r", int, fields.get("lora_r", 16))
             if r <= 0:
-                raise UserError(f"{source}: use_peft: true and lora_r: {r} disagree; give lora_r > 0 (or drop use_peft)")
+                raise UserError(
+                    f"{source}: use_peft: true and lora_r: {r} disagree; give lora_r > 0 (or drop use_peft)"
+                )
             fields["lora_r"] = r
         else:
             if coerce("lora_r", int, fields.get("lora_r", 0)):
@@ -273,13 +294,17 @@ def finish_names(cls: type, fields: dict, pending: dict, *, source: str = "confi
         ratio = coerce(written, float, value)
         if ratio:
             if fields.get("epochs") is not None:
-                raise UserError(f"{source}: warmup_ratio with num_train_epochs: the number of steps is known only once "
-                                "the data is read; give warmup_steps instead")
+                raise UserError(
+                    f"{source}: warmup_ratio with num_train_epochs: the number of steps is known only once "
+                    "the data is read; give warmup_steps instead"
+                )
             steps = coerce("max_steps", int, fields.get("max_steps", defaults.get("max_steps", 0)))
             warm = math.ceil(ratio * steps)  # transformers' TrainingArguments.get_warmup_steps
             if "warmup_steps" in fields and coerce("warmup_steps", int, fields["warmup_steps"]) not in (0, warm):
-                raise UserError(f"{source}: warmup_steps ({fields['warmup_steps']}) and warmup_ratio ({value}) x "
-                                f"max_steps ({steps}) = {warm} disagree; keep one of them")
+                raise UserError(
+                    f"{source}: warmup_steps ({fields['warmup_steps']}) and warmup_ratio ({value}) x "
+                    f"max_steps ({steps}) = {warm} disagree; keep one of them"
+                )
             fields["warmup_steps"] = warm
     return fields
 
@@ -304,7 +329,6 @@ ALIAS_DEST = "alias:"
 """argparse dest prefix of the hidden flags that carry TRL names and refused fields."""
 
 
-
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -318,7 +342,9 @@ def read_yaml_config(path: str | Path) -> dict:
     naming the file (and the line of a YAML syntax error)."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"--config {path}: {'is a folder' if p.is_dir() else 'no such file'}; pass a YAML file of field: value")
+        raise UserError(
+            f"--config {path}: {'is a folder' if p.is_dir() else 'no such file'}; pass a YAML file of field: value"
+        )
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
@@ -332,7 +358,9 @@ def read_yaml_config(path: str | Path) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UserError(f"--config {path}: a config file must be a YAML mapping of field: value, got a {type(data).__name__}")
+        raise UserError(
+            f"--config {path}: a config file must be a YAML mapping of field: value, got a {type(data).__name__}"
+        )
     return data
 
 
@@ -357,22 +385,26 @@ def check_finite(cfg: Any) -> None:
         for v in values:
             if isinstance(v, float) and not math.isfinite(v):
                 kind = "a list of finite numbers" if isinstance(value, (list, tuple)) else "a finite number"
-                raise UserError(f"config field {f.name!r} is {v!r}; it must be {kind} "
-                                f"(set --{f.name} to a real value{', or null for off' if _optional(hints[f.name]) else ''})")
+                raise UserError(
+                    f"config field {f.name!r} is {v!r}; it must be {kind} "
+                    f"(set --{f.name} to a real value{', or null for off' if _optional(hints[f.name]) else ''})"
+                )
 
 
 def _optional(tp: Any) -> bool:
     return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
 
 
-def build_parser(cls: type, *, prog: str, description: str = "", extra: Sequence[tuple] = (),
-                 raw_description: bool = False) -> argparse.ArgumentParser:
+def build_parser(
+    cls: type, *, prog: str, description: str = "", extra: Sequence[tuple] = (), raw_description: bool = False
+) -> argparse.ArgumentParser:
     """The command line of config ``cls``: one flag per field under its group's heading, bare booleans,
     hidden flags for TRL's names and refused fields; ``raw_description`` keeps the description's
     paragraphs as written."""
     docs = field_docs(cls)
-    parser = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS,
-                                     allow_abbrev=False)  # --lr must not silently mean --lr_schedule
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, argument_default=argparse.SUPPRESS, allow_abbrev=False
+    )  # --lr must not silently mean --lr_schedule
     # A value that looks like a negative number (-1, -1e-3, -.5, -inf, -nan) is a value, not a flag;
     # argparse's own matcher knows only -1 and -1.5, so ``--learning_rate -1e-3`` failed.
     parser._negative_number_matcher = NEGATIVE_NUMBER
@@ -389,25 +421,35 @@ def build_parser(cls: type, *, prog: str, description: str = "", extra: Sequence
         if groups[g][1]:
             sections[f"{g} group"] = parser.add_argument_group(f"{g} group")
     for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+            )
         )
         help_text = docs.get(f.name, "").replace("%", "%%")  # argparse %-formats help: "10% per step" broke --help
         title = f"{owner[f.name]} group" if f.name in owner else f"{prog} options"
         if title not in sections:
             sections[title] = parser.add_argument_group(title)
-        kind = {"nargs": "?", "const": "true", "metavar": "BOOL"} if _base_type(hints[f.name]) is bool else {"metavar": "V"}
+        kind = (
+            {"nargs": "?", "const": "true", "metavar": "BOOL"}
+            if _base_type(hints[f.name]) is bool
+            else {"metavar": "V"}
+        )
         sections[title].add_argument(f"--{f.name}", dest=f.name, help=f"{help_text} (default: {default!r})", **kind)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     for name in sorted((trl_names.KNOWN | set(getattr(cls, "refused_fields", {}))) - names):
         kind = {"nargs": "?", "const": "true"} if name in trl_names.BOOLEAN else {}
         parser.add_argument(f"--{name}", dest=ALIAS_DEST + name, help=argparse.SUPPRESS, **kind)
-    parser.epilog = ("Flags may be written --snake_case or --kebab-case; a bare boolean flag means true. "
-                     "TRL's field names (model_name_or_path, per_device_train_batch_size, ...) are read as "
-                     "aliases, in YAML and here: docs/from-trl.md. YAML may nest a group: lora: {r: 8}. "
-                     "Exit codes: 0 done; 2 bad input, output_dir in use by another run, or a failing write (full "
-                     "disk); 75 stopped by SIGTERM/SIGINT/SIGUSR1 after writing a checkpoint (continue with "
-                     "--resume); 1 a bug (docs/reliability.md).")
+    parser.epilog = (
+        "Flags may be written --snake_case or --kebab-case; a bare boolean flag means true. "
+        "TRL's field names (model_name_or_path, per_device_train_batch_size, ...) are read as "
+        "aliases, in YAML and here: docs/from-trl.md. YAML may nest a group: lora: {r: 8}. "
+        "Exit codes: 0 done; 2 bad input, output_dir in use by another run, or a failing write (full "
+        "disk); 75 stopped by SIGTERM/SIGINT/SIGUSR1 after writing a checkpoint (continue with "
+        "--resume); 1 a bug (docs/reliability.md)."
+    )
     return parser
 
 
@@ -419,13 +461,21 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse
 def flag_values(cls: type, ns: argparse.Namespace) -> dict:
     """The config keys given on the command line (fields, TRL names, refused fields), for ``resolve_names``."""
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    return {(k[len(ALIAS_DEST):] if k.startswith(ALIAS_DEST) else k): v for k, v in vars(ns).items()
-            if k in names or k.startswith(ALIAS_DEST)}
+    return {
+        (k[len(ALIAS_DEST) :] if k.startswith(ALIAS_DEST) else k): v
+        for k, v in vars(ns).items()
+        if k in names or k.startswith(ALIAS_DEST)
+    }
 
 
 def parse_config(
-    cls: type[T], argv: Optional[Sequence[str]] = None, *, prog: str = "tether", description: str = "",
-    extra: Sequence[tuple] = (), raw_description: bool = False,
+    cls: type[T],
+    argv: Optional[Sequence[str]] = None,
+    *,
+    prog: str = "tether",
+    description: str = "",
+    extra: Sequence[tuple] = (),
+    raw_description: bool = False,
 ) -> tuple[T, argparse.Namespace]:
     """YAML (``--config``) then command-line overrides -> a ``cls`` instance, plus the parsed namespace
     (for ``extra`` arguments that are not config fields, such as ``--resume``)."""

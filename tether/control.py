@@ -142,8 +142,15 @@ class AdaptiveKLController(BetaController):
     kind = "adaptive"
     SATURATION_WARN_STEPS = 10
 
-    def __init__(self, init_beta: float, *, target: float, horizon: int = 10000, clip: float = 0.2,
-                 total_steps: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        init_beta: float,
+        *,
+        target: float,
+        horizon: int = 10000,
+        clip: float = 0.2,
+        total_steps: Optional[int] = None,
+    ) -> None:
         super().__init__()
         if target <= 0:
             raise UserError(f"kl_target must be > 0, got {target}; set --kl_target (nats per sequence)")
@@ -180,20 +187,36 @@ class AdaptiveKLController(BetaController):
         log.warning(
             "adaptive KL controller: the KL has been %s the target (%.3g nats) by more than %d%% for %d consecutive "
             "steps (step %d, beta now %.4g): beta moves at most %.2f%% a step with kl_horizon=%d and cannot keep up. "
-            "Use a smaller kl_horizon%s.", "above" if above else "below", self.target, round(100 * self.clip),
-            self.saturated_run, self.step, self.value, 100 * self.clip * n_episodes / self.horizon, self.horizon,
-            ", or a larger initial beta" if above else
-            ", a smaller initial beta, or a larger learning rate (the target may be out of reach in this run)",
+            "Use a smaller kl_horizon%s.",
+            "above" if above else "below",
+            self.target,
+            round(100 * self.clip),
+            self.saturated_run,
+            self.step,
+            self.value,
+            100 * self.clip * n_episodes / self.horizon,
+            self.horizon,
+            ", or a larger initial beta"
+            if above
+            else ", a smaller initial beta, or a larger learning rate (the target may be out of reach in this run)",
         )
 
     def stats(self) -> dict:
         if self.error is None:
             return {}
-        return {"kl_ctl/error": self.error, "kl_ctl/saturated": float(abs(self.error) >= self.clip),
-                "kl_ctl/horizon": float(self.horizon)}
+        return {
+            "kl_ctl/error": self.error,
+            "kl_ctl/saturated": float(abs(self.error) >= self.clip),
+            "kl_ctl/horizon": float(self.horizon),
+        }
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "horizon": self.horizon, "error": self.error, "saturated_run": self.saturated_run}
+        return {
+            **super().state_dict(),
+            "horizon": self.horizon,
+            "error": self.error,
+            "saturated_run": self.saturated_run,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Restores β, the step and the horizon it was run with (a resumed run keeps its horizon even if
@@ -201,8 +224,11 @@ class AdaptiveKLController(BetaController):
         without one keep the configured horizon)."""
         super().load_state_dict(state)
         if state.get("horizon") is not None and int(state["horizon"]) != self.horizon:
-            log.warning("adaptive KL controller: the checkpoint's kl_horizon %s replaces the configured %s",
-                        state["horizon"], self.horizon)
+            log.warning(
+                "adaptive KL controller: the checkpoint's kl_horizon %s replaces the configured %s",
+                state["horizon"],
+                self.horizon,
+            )
             self.horizon = int(state["horizon"])
         self.error = state.get("error")
         self.saturated_run = int(state.get("saturated_run", 0))
@@ -238,8 +264,9 @@ AUTO_KL_LOG_RANGE = 5.0
 """ln(β_end/β_0) that ``auto_kl_horizon`` lets a run reach when every step's error is clipped (e^5 ≈ 150x)."""
 
 
-def auto_kl_horizon(total_episodes: int, episodes_per_step: int, *, clip: float = 0.2,
-                    log_range: float = AUTO_KL_LOG_RANGE) -> int:
+def auto_kl_horizon(
+    total_episodes: int, episodes_per_step: int, *, clip: float = 0.2, log_range: float = AUTO_KL_LOG_RANGE
+) -> int:
     """The adaptive controller's horizon scaled to the run, so that β can move by e^±log_range over it.
 
     Derivation: a step whose error is clipped multiplies β by (1 ± clip·n/H), n = episodes per step;
@@ -260,8 +287,10 @@ def auto_kl_horizon(total_episodes: int, episodes_per_step: int, *, clip: float 
     H is at least n: one step never moves β by more than the factor 1 ± clip (so short runs reach less
     than e^log_range)."""
     if total_episodes < 1 or episodes_per_step < 1:
-        raise UserError(f"auto kl_horizon needs total_episodes >= 1 and episodes_per_step >= 1, "
-                         f"got {total_episodes} and {episodes_per_step}")
+        raise UserError(
+            f"auto kl_horizon needs total_episodes >= 1 and episodes_per_step >= 1, "
+            f"got {total_episodes} and {episodes_per_step}"
+        )
     return max(round(clip * total_episodes / log_range), int(episodes_per_step))
 
 
@@ -277,25 +306,32 @@ def initial_beta_for_kl(reward_var: float, kl_target: float) -> float:
     second-order amount (a rare-success reward, Bernoulli p = 0.1: 1.28x, 1.97x, 2.43x the target at
     0.01, 0.1, 0.5 nats; docs/theory.md §4), and a run of a few dozen steps is not at its optimum."""
     if reward_var <= 0 or kl_target <= 0:
-        raise UserError(f"a starting beta from the reward's spread needs a within-prompt reward variance > 0 and "
-                        f"kl_target > 0, got {reward_var:g} and {kl_target:g}; if the reward is constant among one "
-                        f"prompt's reference samples, give the starting beta yourself (the demo's --ppo_init_beta)")
+        raise UserError(
+            f"a starting beta from the reward's spread needs a within-prompt reward variance > 0 and "
+            f"kl_target > 0, got {reward_var:g} and {kl_target:g}; if the reward is constant among one "
+            f"prompt's reference samples, give the starting beta yourself (the demo's --ppo_init_beta)"
+        )
     return math.sqrt(reward_var / (2.0 * kl_target))
 
 
-def resolve_kl_horizon(horizon: Union[int, str, None], *, total_steps: int, episodes_per_step: Optional[int],
-                       clip: float = 0.2) -> int:
+def resolve_kl_horizon(
+    horizon: Union[int, str, None], *, total_steps: int, episodes_per_step: Optional[int], clip: float = 0.2
+) -> int:
     """``kl_horizon`` -> episodes: an integer as given, a name of ``KL_HORIZONS``, or ``auto`` (None too):
     ``auto_kl_horizon(total_steps·episodes_per_step, episodes_per_step)``."""
     if horizon is None or horizon == "auto":
         if episodes_per_step is None:
-            raise UserError("kl_horizon: auto needs the run's episodes per step (build_controller(episodes_per_step=...))")
+            raise UserError(
+                "kl_horizon: auto needs the run's episodes per step (build_controller(episodes_per_step=...))"
+            )
         return auto_kl_horizon(total_steps * episodes_per_step, episodes_per_step, clip=clip)
     if isinstance(horizon, str) and horizon in KL_HORIZONS:
         return KL_HORIZONS[horizon]
     if isinstance(horizon, int) and not isinstance(horizon, bool) and horizon > 0:
         return horizon
-    raise UserError(f"kl_horizon must be a positive number of episodes, 'auto' or one of {sorted(KL_HORIZONS)}; got {horizon!r}")
+    raise UserError(
+        f"kl_horizon must be a positive number of episodes, 'auto' or one of {sorted(KL_HORIZONS)}; got {horizon!r}"
+    )
 
 
 @config_group("beta", prefixes=("beta", "kl"))
@@ -333,7 +369,9 @@ class BetaConfig(BetaScheduleConfig):
     """Dual-ascent step size of the constraint controller."""
 
 
-def build_controller(cfg: BetaScheduleConfig, *, total_steps: int = 1, episodes_per_step: Optional[int] = None) -> BetaController:
+def build_controller(
+    cfg: BetaScheduleConfig, *, total_steps: int = 1, episodes_per_step: Optional[int] = None
+) -> BetaController:
     """The one place a BetaConfig (or a BetaScheduleConfig: fixed or scheduled β only) becomes a
     controller. ``total_steps``: the run's optimisation steps (schedules; the adaptive controller's auto
     horizon and warning); ``episodes_per_step``: the ``n_episodes`` each ``update`` will be given (the
@@ -349,7 +387,11 @@ def build_controller(cfg: BetaScheduleConfig, *, total_steps: int = 1, episodes_
         return ConstraintBeta(cfg.beta, budget=cfg.kl_budget, lr=cfg.kl_budget_lr)
     if chosen[2]:
         return ScheduledBeta(
-            cfg.beta_schedule, start=cfg.beta, end=cfg.beta_end, total_steps=total_steps,
-            milestones=cfg.beta_milestones, values=cfg.beta_values,
+            cfg.beta_schedule,
+            start=cfg.beta,
+            end=cfg.beta_end,
+            total_steps=total_steps,
+            milestones=cfg.beta_milestones,
+            values=cfg.beta_values,
         )
     return FixedBeta(cfg.beta)

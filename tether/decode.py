@@ -35,7 +35,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-
 FUSE_MAX_BYTES = 256 * 2**20
 """Fuse q/k/v and gate/up weights (a copy of about 2/3 of the parameters, made per ``sample`` call) only for
 models up to this size: a small model's step is per-call overhead, which fusing saves; a large model's is
@@ -50,7 +49,11 @@ def supports(model) -> bool:
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
     if (rope.get("rope_type") or rope.get("type") or "default") != "default":
         return False
-    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False) or getattr(cfg, "hidden_act", "silu") != "silu":
+    if (
+        getattr(cfg, "attention_bias", False)
+        or getattr(cfg, "mlp_bias", False)
+        or getattr(cfg, "hidden_act", "silu") != "silu"
+    ):
         return False
     if getattr(cfg, "pretraining_tp", 1) != 1:
         return False
@@ -81,13 +84,19 @@ class LlamaDecoder:
         self.layers = []
         for layer in inner.layers:
             a, m = layer.self_attn, layer.mlp
-            self.layers.append((
-                layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
-                _fused([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], fuse),  # (Hq·d + 2·Hkv·d, D)
-                a.o_proj.weight, a.scaling,
-                layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
-                _fused([m.gate_proj.weight, m.up_proj.weight], fuse), m.down_proj.weight,  # (2·I, D), (D, I)
-            ))
+            self.layers.append(
+                (
+                    layer.input_layernorm.weight,
+                    layer.input_layernorm.variance_epsilon,
+                    _fused([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], fuse),  # (Hq·d + 2·Hkv·d, D)
+                    a.o_proj.weight,
+                    a.scaling,
+                    layer.post_attention_layernorm.weight,
+                    layer.post_attention_layernorm.variance_epsilon,
+                    _fused([m.gate_proj.weight, m.up_proj.weight], fuse),
+                    m.down_proj.weight,  # (2·I, D), (D, I)
+                )
+            )
         self.norm_w, self.norm_eps = inner.norm.weight, inner.norm.variance_epsilon
         self.head = model.lm_head.weight
         positions = torch.arange(max_len, device=self.device)[None]  # (1, L)
@@ -131,8 +140,9 @@ class LlamaDecoder:
             q = qk[:, :H]  # (b, H, s, d)
             self.k[i][:, :, start:end] = qk[:, H:]  # (b, Hkv, s, d)
             self.v[i][:, :, start:end] = qkv[:, H + Hkv :]
-            att = F.scaled_dot_product_attention(q, self.k[i][:, :, :end], self.v[i][:, :, :end], attn_mask=bias,
-                                                 scale=scale, enable_gqa=H != Hkv)  # (b, H, s, d)
+            att = F.scaled_dot_product_attention(
+                q, self.k[i][:, :, :end], self.v[i][:, :, :end], attn_mask=bias, scale=scale, enable_gqa=H != Hkv
+            )  # (b, H, s, d)
             h = h + F.linear(att.transpose(1, 2).reshape(b, s, H * d), w_o)
             gate, up = _linear(_rms(h, w_post, eps_post), w_gu).chunk(2, dim=-1)  # (b, s, I) each
             h = h + F.linear(F.silu(gate) * up, w_down)

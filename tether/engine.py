@@ -38,14 +38,14 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
+from . import rng
+from .generation import BuiltinBackend, GenerationBackend
+from .groups import SamplingSettings, sampling_settings
 from .modeling import CompletionBatch, forward_completion
 from .ops.kl import ESTIMATOR_NAMES, check_estimator, check_reference_filter, kl_per_token, seq_sum
 from .ops.logprobs import entropy_from_logits, filter_cost_from_logits, restrict_like, selective_logps
 from .ops.positions import POSITION_BUCKETS, bucket_label, bucket_of, position_means
-from .generation import BuiltinBackend, GenerationBackend
-from .groups import SamplingSettings, sampling_settings
 from .reference import eval_mode
-from . import rng
 
 EVAL_SEED_OFFSET = 7_777_777
 """Every evaluation samples with ``seed + EVAL_SEED_OFFSET`` (``eval_seed``): the online trainers, DPO's
@@ -77,7 +77,7 @@ def decode_completion(tok, prompt_ids: Sequence[int], completion_ids: Sequence[i
     prompt_ids, completion_ids = list(prompt_ids), list(completion_ids)
     full = tok.decode(prompt_ids + completion_ids, skip_special_tokens=True)
     head = tok.decode(prompt_ids, skip_special_tokens=True)
-    return full[len(head):] if full.startswith(head) else tok.decode(completion_ids, skip_special_tokens=True)
+    return full[len(head) :] if full.startswith(head) else tok.decode(completion_ids, skip_special_tokens=True)
 
 
 def decode_completions(tok, batch: CompletionBatch) -> list[str]:
@@ -85,8 +85,10 @@ def decode_completions(tok, batch: CompletionBatch) -> list[str]:
     each row's prompt (``decode_completion``)."""
     ids, attn, mask = batch.input_ids.cpu(), batch.attention_mask.cpu(), batch.mask.cpu()
     P = batch.prompt_len
-    return [decode_completion(tok, ids[i, :P][attn[i, :P].bool()].tolist(), ids[i, P:][mask[i]].tolist())
-            for i in range(ids.shape[0])]
+    return [
+        decode_completion(tok, ids[i, :P][attn[i, :P].bool()].tolist(), ids[i, P:][mask[i]].tolist())
+        for i in range(ids.shape[0])
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -97,7 +99,9 @@ def decode_completions(tok, batch: CompletionBatch) -> list[str]:
 class Samples:
     """Completions of one sampling batch, rows in prompt order."""
 
-    batch: CompletionBatch  # (B, P + T) on the policy's device; batch.allowed = the stored F_t (None without top-k/top-p)
+    batch: (
+        CompletionBatch  # (B, P + T) on the policy's device; batch.allowed = the stored F_t (None without top-k/top-p)
+    )
     no_eos: torch.Tensor  # (B,) bool: hit max_new_tokens without EOS
     prompt_ids: list  # (B,) token-id lists
     completion_ids: list  # (B,) counted completion tokens (through the first EOS)
@@ -118,8 +122,16 @@ def _generator(generator: Optional[torch.Generator], seed: Optional[int], policy
 
 @torch.no_grad()
 def generate(
-    policy, prompt_ids: Sequence[Sequence[int]], *, tokenizer, sampling=None, max_new_tokens: Optional[int] = None,
-    generator: Optional[torch.Generator] = None, seed: Optional[int] = None, samples_per_prompt: int = 1, device=None,
+    policy,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    tokenizer,
+    sampling=None,
+    max_new_tokens: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    seed: Optional[int] = None,
+    samples_per_prompt: int = 1,
+    device=None,
     backend: Optional[GenerationBackend] = None,
 ) -> Samples:
     """One completion per row of ``prompt_ids`` (each prompt ``samples_per_prompt`` times, contiguous),
@@ -130,19 +142,40 @@ def generate(
     settings = sampling_settings(sampling, max_new_tokens=max_new_tokens)
     rows = [list(p) for p in prompt_ids for _ in range(samples_per_prompt)]
     backend = BuiltinBackend(policy) if backend is None else backend
-    batch, no_eos = backend.generate(rows, settings, _generator(generator, seed, policy), pad_id=tokenizer.pad_token_id,
-                                     eos_id=tokenizer.eos_token_id)
+    batch, no_eos = backend.generate(
+        rows,
+        settings,
+        _generator(generator, seed, policy),
+        pad_id=tokenizer.pad_token_id,
+        eos_id=tokenizer.eos_token_id,
+    )
     comps = [batch.completion_ids[i][batch.mask[i]].tolist() for i in range(len(rows))]
     texts = [decode_completion(tokenizer, p, c) for p, c in zip(rows, comps)]
     device = rng.device_of(policy) if device is None else device
-    return Samples(batch=batch.to(device), no_eos=no_eos.to(device), prompt_ids=rows, completion_ids=comps,
-                   completions=texts, sampling=settings)
+    return Samples(
+        batch=batch.to(device),
+        no_eos=no_eos.to(device),
+        prompt_ids=rows,
+        completion_ids=comps,
+        completions=texts,
+        sampling=settings,
+    )
 
 
 def generate_batches(
-    policy, prompt_ids: Sequence[Sequence[int]], *, tokenizer, sampling=None, max_new_tokens: Optional[int] = None,
-    batch_size: int, generator: Optional[torch.Generator] = None, seed: Optional[int] = None, samples_per_prompt: int = 1,
-    progress: bool = False, desc: str = "sampling", backend: Optional[GenerationBackend] = None,
+    policy,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    tokenizer,
+    sampling=None,
+    max_new_tokens: Optional[int] = None,
+    batch_size: int,
+    generator: Optional[torch.Generator] = None,
+    seed: Optional[int] = None,
+    samples_per_prompt: int = 1,
+    progress: bool = False,
+    desc: str = "sampling",
+    backend: Optional[GenerationBackend] = None,
 ) -> Iterator[Samples]:
     """``generate`` over the rows (each prompt ``samples_per_prompt`` times, prompt-major) in batches
     of ``batch_size``, one generator throughout: the batches, concatenated, are in prompt order."""
@@ -155,8 +188,9 @@ def generate_batches(
 
         starts = tqdm(starts, desc=desc, unit="batch")
     for s in starts:
-        yield generate(policy, flat[s : s + batch_size], tokenizer=tokenizer, sampling=settings, generator=gen,
-                       backend=backend)
+        yield generate(
+            policy, flat[s : s + batch_size], tokenizer=tokenizer, sampling=settings, generator=gen, backend=backend
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -169,7 +203,9 @@ class Scores:
 
     mask: torch.Tensor  # (B, T) bool
     logps: torch.Tensor  # (B, T) log π^{τ,F}_θ(y_t): tempered, restricted to the stored F_t (the rollout's old_logps)
-    ref_logps: torch.Tensor  # (B, T) log π^τ_ref(y_t): tempered, unfiltered (restricted to F_t with reference_filter="restricted")
+    ref_logps: (
+        torch.Tensor
+    )  # (B, T) log π^τ_ref(y_t): tempered, unfiltered (restricted to F_t with reference_filter="restricted")
     kl: dict  # estimator name -> (B, T) per-token KL (clamped when a clamp is given)
     kl_exact: torch.Tensor  # (B, T) exact per-token KL[π^{τ,F}_θ‖π^τ_ref], never clamped (what kl/ref reports)
     entropy: torch.Tensor  # (B, T) entropy of π^{τ,F}_θ(·|s_t)
@@ -182,9 +218,16 @@ class Scores:
         return seq_sum(self.kl_exact if name == "exact" and name not in self.kl else self.kl[name], self.mask)
 
 
-def score_rows(logits: torch.Tensor, ref_logits: torch.Tensor, b: CompletionBatch, *, estimators: Sequence[str],
-               clamp_input: Optional[float] = None, clamp_output: Optional[float] = None,
-               reference_filter: str = "none") -> dict:
+def score_rows(
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    b: CompletionBatch,
+    *,
+    estimators: Sequence[str],
+    clamp_input: Optional[float] = None,
+    clamp_output: Optional[float] = None,
+    reference_filter: str = "none",
+) -> dict:
     """The per-token scores of rows ``b`` from the policy's logits of the sampled distribution π^{τ,F}_θ
     (tempered, -inf off the stored F_t) and the reference's tempered, unfiltered logits π^τ_ref, both
     (b, T, V) as ``score`` computes them: ``logps``, ``ref_logps``, ``kl_exact``, ``filter_cost``,
@@ -209,9 +252,13 @@ def score_rows(logits: torch.Tensor, ref_logits: torch.Tensor, b: CompletionBatc
     if reference_filter == "restricted":
         pen_logits = restrict_like(ref_logits, logits)  # (b, T, V) π^τ_ref restricted to F_t
         ref_logps = selective_logps(pen_logits, ids).masked_fill(~mask, 0.0)
-    row = {"logps": logps, "ref_logps": ref_logps, "kl_exact": exact,
-           "filter_cost": filter_cost_from_logits(logits, ref_logits).masked_fill(~mask, 0.0),
-           "entropy": entropy_from_logits(logits).masked_fill(~mask, 0.0)}
+    row = {
+        "logps": logps,
+        "ref_logps": ref_logps,
+        "kl_exact": exact,
+        "filter_cost": filter_cost_from_logits(logits, ref_logits).masked_fill(~mask, 0.0),
+        "entropy": entropy_from_logits(logits).masked_fill(~mask, 0.0),
+    }
     for name in estimators:
         if name == "exact" and clamp_output is None and reference_filter == "none":  # the same values
             est, clamped = exact, torch.zeros_like(mask)  # (clamp_input does not apply to exact)
@@ -226,9 +273,17 @@ def score_rows(logits: torch.Tensor, ref_logits: torch.Tensor, b: CompletionBatc
 
 @torch.no_grad()
 def score(
-    policy, reference, samples: Union[Samples, CompletionBatch], *, sampling=None,
-    estimators: Sequence[str] = ("exact",), chunk: Optional[int] = None, value_model=None,
-    clamp_input: Optional[float] = None, clamp_output: Optional[float] = None, reference_filter: str = "none",
+    policy,
+    reference,
+    samples: Union[Samples, CompletionBatch],
+    *,
+    sampling=None,
+    estimators: Sequence[str] = ("exact",),
+    chunk: Optional[int] = None,
+    value_model=None,
+    clamp_input: Optional[float] = None,
+    clamp_output: Optional[float] = None,
+    reference_filter: str = "none",
 ) -> Scores:
     """Policy, reference (and value-model) scores of a sampled batch, ``chunk`` rows per forward pass
     (None: all rows at once); the policy in eval mode (no dropout, TRL #506), the reference too.
@@ -250,9 +305,11 @@ def score(
     (their gradient through a loss-side KL is 0): kl/clamped_frac = kl_clamped.sum() / mask.sum()."""
     if isinstance(samples, Samples):
         if sampling is not None and not sampling_settings(sampling).same_distribution(samples.sampling):
-            raise ValueError(f"samples were drawn with {samples.sampling.filters()}, not "
-                             f"{sampling_settings(sampling).filters()}: the KL is defined under the sampled distribution "
-                             "(docs/theory.md §3)")
+            raise ValueError(
+                f"samples were drawn with {samples.sampling.filters()}, not "
+                f"{sampling_settings(sampling).filters()}: the KL is defined under the sampled distribution "
+                "(docs/theory.md §3)"
+            )
         f, batch = samples.sampling, samples.batch
     else:
         f, batch = sampling_settings(sampling), samples
@@ -267,17 +324,31 @@ def score(
             b = batch.select(slice(s, s + (chunk or B)))
             logits, hidden = forward_completion(policy, b, filters=f, hidden=want_hidden)  # (b, T, V) π^{τ,F}_θ
             ref_logits = reference.logits(b, filters=f).to(logits.device)  # (b, T, V) π^τ_ref, eval mode
-            row = score_rows(logits, ref_logits, b, estimators=estimators, clamp_input=clamp_input,
-                             clamp_output=clamp_output, reference_filter=reference_filter)
+            row = score_rows(
+                logits,
+                ref_logits,
+                b,
+                estimators=estimators,
+                clamp_input=clamp_input,
+                clamp_output=clamp_output,
+                reference_filter=reference_filter,
+            )
             if value_model is not None:
                 row["values"] = value_model.values(b, policy_hidden=hidden)
             for k, v in row.items():
                 parts.setdefault(k, []).append(v)
     out = {k: torch.cat(v) for k, v in parts.items()}
-    return Scores(mask=batch.mask, logps=out["logps"], ref_logps=out["ref_logps"],
-                  kl={n: out[f"kl/{n}"] for n in estimators}, kl_exact=out["kl_exact"], entropy=out["entropy"],
-                  values=out.get("values"), kl_clamped={n: out[f"clamped/{n}"] for n in estimators} if clamping else None,
-                  filter_cost=out["filter_cost"])
+    return Scores(
+        mask=batch.mask,
+        logps=out["logps"],
+        ref_logps=out["ref_logps"],
+        kl={n: out[f"kl/{n}"] for n in estimators},
+        kl_exact=out["kl_exact"],
+        entropy=out["entropy"],
+        values=out.get("values"),
+        kl_clamped={n: out[f"clamped/{n}"] for n in estimators} if clamping else None,
+        filter_cost=out["filter_cost"],
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -306,10 +377,22 @@ def mean_stderr(x: torch.Tensor, *, per_prompt: int = 1) -> tuple[float, float]:
 
 @torch.no_grad()
 def measure(
-    policy, reference, prompt_ids: Sequence[Sequence[int]], *, tokenizer, samples_per_prompt: int = 1,
-    max_new_tokens: Optional[int] = None, batch_size: int = 32, seed: int = 0, estimators: Sequence[str] = ESTIMATOR_NAMES,
-    sampling=None, chunk: Optional[int] = None, progress: bool = False, return_samples: bool = False,
-    by_position: bool = False, backend: Optional[GenerationBackend] = None,
+    policy,
+    reference,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    tokenizer,
+    samples_per_prompt: int = 1,
+    max_new_tokens: Optional[int] = None,
+    batch_size: int = 32,
+    seed: int = 0,
+    estimators: Sequence[str] = ESTIMATOR_NAMES,
+    sampling=None,
+    chunk: Optional[int] = None,
+    progress: bool = False,
+    return_samples: bool = False,
+    by_position: bool = False,
+    backend: Optional[GenerationBackend] = None,
 ) -> dict:
     """Sample ``samples_per_prompt`` completions per prompt from ``policy`` (``generate_batches``, drawn by
     ``backend``, default the built-in sampler,
@@ -342,9 +425,18 @@ def measure(
     texts: list[str] = []
     settings = sampling_settings(sampling, max_new_tokens=max_new_tokens)
     max_new_tokens = settings.max_new_tokens
-    for smp in generate_batches(policy, prompt_ids, tokenizer=tokenizer, sampling=settings,
-                                batch_size=batch_size, seed=seed, samples_per_prompt=samples_per_prompt,
-                                progress=progress, desc="sampling + scoring", backend=backend):
+    for smp in generate_batches(
+        policy,
+        prompt_ids,
+        tokenizer=tokenizer,
+        sampling=settings,
+        batch_size=batch_size,
+        seed=seed,
+        samples_per_prompt=samples_per_prompt,
+        progress=progress,
+        desc="sampling + scoring",
+        backend=backend,
+    ):
         sc = score(policy, reference, smp, estimators=estimators, chunk=chunk)
         for name in estimators:
             per_seq[name].extend(sc.seq(name).tolist())
@@ -354,13 +446,19 @@ def measure(
         tok_n += int(smp.mask.sum())
         if by_position:
             for name in estimators:  # KL of the first L tokens of each sample (all of it when shorter)
-                per_tok = (sc.kl_exact if name == "exact" and name not in sc.kl else sc.kl[name]).masked_fill(~smp.mask, 0.0)
+                per_tok = (sc.kl_exact if name == "exact" and name not in sc.kl else sc.kl[name]).masked_fill(
+                    ~smp.mask, 0.0
+                )
                 for L in PREFIX_LENGTHS:
                     prefix.setdefault(L, {}).setdefault(name, []).extend(per_tok[:, :L].sum(-1).tolist())
             ps, pn = position_means(sc.kl_exact.cpu(), smp.mask.cpu())  # (T,), (T,)
             T = max(pos_sum.numel(), ps.numel())
-            pos_sum = torch.nn.functional.pad(pos_sum, (0, T - pos_sum.numel())) + torch.nn.functional.pad(ps, (0, T - ps.numel()))
-            pos_n = torch.nn.functional.pad(pos_n, (0, T - pos_n.numel())) + torch.nn.functional.pad(pn, (0, T - pn.numel()))
+            pos_sum = torch.nn.functional.pad(pos_sum, (0, T - pos_sum.numel())) + torch.nn.functional.pad(
+                ps, (0, T - ps.numel())
+            )
+            pos_n = torch.nn.functional.pad(pos_n, (0, T - pos_n.numel())) + torch.nn.functional.pad(
+                pn, (0, T - pn.numel())
+            )
         if return_samples:
             completions.extend(smp.completion_ids)
             texts.extend(smp.completions)
@@ -380,9 +478,16 @@ def measure(
         result["by_position"] = (pos_sum[keep] / pos_n[keep]).tolist()
         result["by_position_n"] = [int(n) for n in pos_n[keep].tolist()]
         result["by_length"] = length_buckets(per_seq, lengths)
-        result["by_prefix"] = [{"tokens": L, "estimators": {n: dict(zip(("mean", "stderr"), mean_stderr(torch.tensor(v))))
-                                                            for n, v in prefix[L].items()}}
-                               for L in PREFIX_LENGTHS if L in prefix and (L < max_new_tokens or L == PREFIX_LENGTHS[0])]
+        result["by_prefix"] = [
+            {
+                "tokens": L,
+                "estimators": {
+                    n: dict(zip(("mean", "stderr"), mean_stderr(torch.tensor(v)))) for n, v in prefix[L].items()
+                },
+            }
+            for L in PREFIX_LENGTHS
+            if L in prefix and (L < max_new_tokens or L == PREFIX_LENGTHS[0])
+        ]
     if return_samples:
         result["completions"], result["texts"] = completions, texts
     return result
@@ -411,12 +516,29 @@ def length_buckets(per_seq: dict, lengths: Sequence[int], buckets=POSITION_BUCKE
 
 
 def evaluate(
-    policy, reference, prompt_ids: Sequence[Sequence[int]], *, tokenizer, seed: int, samples_per_prompt: int = 1,
-    max_new_tokens: Optional[int] = None, sampling=None,
+    policy,
+    reference,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    tokenizer,
+    seed: int,
+    samples_per_prompt: int = 1,
+    max_new_tokens: Optional[int] = None,
+    sampling=None,
 ) -> dict:
     """``measure`` as every evaluation runs it (online ``evaluate``, DPO's kl/ref, the demo): the exact
     estimator, at ``eval_seed(seed)`` with ``EVAL_BATCH_SIZE`` rows per batch, samples returned. So two
     trainers evaluating one policy on the same prompts and settings see the same samples and KL."""
-    return measure(policy, reference, prompt_ids, tokenizer=tokenizer, samples_per_prompt=samples_per_prompt,
-                   max_new_tokens=max_new_tokens, batch_size=EVAL_BATCH_SIZE, seed=eval_seed(seed), estimators=("exact",),
-                   sampling=sampling, return_samples=True)
+    return measure(
+        policy,
+        reference,
+        prompt_ids,
+        tokenizer=tokenizer,
+        samples_per_prompt=samples_per_prompt,
+        max_new_tokens=max_new_tokens,
+        batch_size=EVAL_BATCH_SIZE,
+        seed=eval_seed(seed),
+        estimators=("exact",),
+        sampling=sampling,
+        return_samples=True,
+    )

@@ -84,8 +84,11 @@ def unsharded(*models: Optional[torch.nn.Module]) -> Iterator[None]:
     numbers of them. Models that are not sharded (or None) are passed over; nesting is harmless."""
     from torch.distributed.fsdp import FSDPModule
 
-    units = list({id(m): m for model in models if model is not None for m in model.modules()
-                  if isinstance(m, FSDPModule)}.values())
+    units = list(
+        {
+            id(m): m for model in models if model is not None for m in model.modules() if isinstance(m, FSDPModule)
+        }.values()
+    )
     if not units or any(getattr(u, "_tether_unsharded", False) for u in units):
         yield
         return
@@ -160,8 +163,9 @@ def full_optimizer_state(opt: torch.optim.Optimizer) -> dict:
     """``opt.state_dict()`` with every sharded tensor gathered in full (collective: every process
     calls it), so the checkpoint has the format of an unsharded run."""
     state = opt.state_dict()
-    state["state"] = {k: {n: (v.full_tensor() if is_dtensor(v) else v) for n, v in s.items()}
-                      for k, s in state["state"].items()}
+    state["state"] = {
+        k: {n: (v.full_tensor() if is_dtensor(v) else v) for n, v in s.items()} for k, s in state["state"].items()
+    }
     return state
 
 
@@ -177,7 +181,9 @@ def shard_optimizer_state(opt: torch.optim.Optimizer) -> None:
             st = opt.state[p]
             for name, v in list(st.items()):
                 if torch.is_tensor(v) and not is_dtensor(v) and tuple(v.shape) == tuple(p.shape):
-                    st[name] = distribute_tensor(v.to(p.to_local().device), p.device_mesh, p.placements, src_data_rank=None)
+                    st[name] = distribute_tensor(
+                        v.to(p.to_local().device), p.device_mesh, p.placements, src_data_rank=None
+                    )
 
 
 def load_full_weights(model: torch.nn.Module, state: dict) -> None:

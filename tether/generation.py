@@ -47,8 +47,13 @@ class GenerationBackend(Protocol):
     name: str
 
     def generate(
-        self, prompt_ids: Sequence[Sequence[int]], settings: SamplingSettings, generator: torch.Generator, *,
-        pad_id: int, eos_id: Optional[int],
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        settings: SamplingSettings,
+        generator: torch.Generator,
+        *,
+        pad_id: int,
+        eos_id: Optional[int],
     ) -> tuple[CompletionBatch, torch.Tensor]:
         """One completion per row of ``prompt_ids`` under ``settings`` (``groups.SamplingSettings``: τ,
         top-k, top-p, max_new_tokens); prompts left-padded and completions right-padded with ``pad_id``,
@@ -71,12 +76,21 @@ class BuiltinBackend:
             raise UserError(f"decoder: unknown decoder {decoder!r}; choose auto, hf or lean")
         self.model, self.decoder = model, decoder
 
-    def generate(self, prompt_ids, settings: SamplingSettings, generator: torch.Generator, *, pad_id: int,
-                 eos_id: Optional[int]):
+    def generate(
+        self, prompt_ids, settings: SamplingSettings, generator: torch.Generator, *, pad_id: int, eos_id: Optional[int]
+    ):
         from .sampling import sample
 
-        return sample(self.model, prompt_ids, pad_id=pad_id, eos_id=eos_id, max_new_tokens=settings.max_new_tokens,
-                      generator=generator, decoder=self.decoder, **settings.filters())
+        return sample(
+            self.model,
+            prompt_ids,
+            pad_id=pad_id,
+            eos_id=eos_id,
+            max_new_tokens=settings.max_new_tokens,
+            generator=generator,
+            decoder=self.decoder,
+            **settings.filters(),
+        )
 
     def update_weights(self, model) -> None:
         self.model = model  # the live module: nothing to copy
@@ -101,7 +115,9 @@ def check_backend(name: str, decoder: str = "auto") -> None:
     ``decoder`` is one the builtin backend has (only the builtin backend takes one). The CLI's preflight
     (``tether.checks``) and ``backend_for`` both run it."""
     if name not in BACKEND_NAMES:
-        raise UserError(f"backend={name!r} is not a generation backend; set --backend to one of {', '.join(BACKEND_NAMES)}")
+        raise UserError(
+            f"backend={name!r} is not a generation backend; set --backend to one of {', '.join(BACKEND_NAMES)}"
+        )
     if decoder not in ("auto", "hf", "lean"):
         raise UserError(f"decoder={decoder!r} is not a decoder; set --decoder to auto, hf or lean")
     if decoder != "auto" and name != "builtin":
@@ -114,8 +130,10 @@ def backend_for(cfg, model) -> GenerationBackend:
     check_backend(cfg.backend, decoder)
     options = {"decoder": decoder} if cfg.backend == "builtin" else {}
     if cfg.backend == "vllm":  # the GPU settings users set (sampling group)
-        options = {"gpu_memory_utilization": getattr(cfg, "vllm_gpu_memory_utilization", 0.3),
-                   "enable_sleep_mode": getattr(cfg, "vllm_enable_sleep_mode", False)}
+        options = {
+            "gpu_memory_utilization": getattr(cfg, "vllm_gpu_memory_utilization", 0.3),
+            "enable_sleep_mode": getattr(cfg, "vllm_enable_sleep_mode", False),
+        }
     return make_backend(cfg.backend, model, **options)
 
 
@@ -129,6 +147,8 @@ def make_backend(name: str, model, **options) -> GenerationBackend:
         try:
             factory = getattr(importlib.import_module(module), attr)
         except ImportError as e:
-            raise UserError(f"backend: {name!r} needs an optional dependency that is not importable ({e}); "
-                            f"install it (see README) or use backend: builtin") from e
+            raise UserError(
+                f"backend: {name!r} needs an optional dependency that is not importable ({e}); "
+                f"install it (see README) or use backend: builtin"
+            ) from e
     return factory(model, **options)

@@ -95,7 +95,9 @@ def check_sampling(s: Any) -> None:
     if s.max_new_tokens < 1:
         raise UserError(f"max_new_tokens={s.max_new_tokens} must be >= 1; set --max_new_tokens")
     if not s.temperature > 0:
-        raise UserError(f"temperature={s.temperature} must be > 0 (a small value samples near-greedily); set --temperature")
+        raise UserError(
+            f"temperature={s.temperature} must be > 0 (a small value samples near-greedily); set --temperature"
+        )
     if s.top_k < 0:
         raise UserError(f"top_k={s.top_k} must be >= 0 (0 = off); set --top_k")
     if not 0.0 < s.top_p <= 1.0:
@@ -135,10 +137,33 @@ class ReferenceConfig:
 
 
 DATA_FIELDS = (
-    "dataset", "dataset_split", "prompts", "eval_dataset", "eval_prompts", "eval_fraction", "eval_examples",
-    "eval_pairs", "eval_max_prompts", "limit", "skip_bad_rows", "chat_template", "text_field", "prompt_field",
-    "completion_field", "messages_field", "chosen_field", "rejected_field", "columns", "max_length",
-    "max_prompt_length", "max_completion_length", "packing", "completion_only_loss", "append_eos", "add_eos", "shuffle",
+    "dataset",
+    "dataset_split",
+    "prompts",
+    "eval_dataset",
+    "eval_prompts",
+    "eval_fraction",
+    "eval_examples",
+    "eval_pairs",
+    "eval_max_prompts",
+    "limit",
+    "skip_bad_rows",
+    "chat_template",
+    "text_field",
+    "prompt_field",
+    "completion_field",
+    "messages_field",
+    "chosen_field",
+    "rejected_field",
+    "columns",
+    "max_length",
+    "max_prompt_length",
+    "max_completion_length",
+    "packing",
+    "completion_only_loss",
+    "append_eos",
+    "add_eos",
+    "shuffle",
 )
 """The data group (what is read and how it is cut into tokens): a config declares it with
 ``@config_group("data", prefixes=("dataset",), fields=DATA_FIELDS)`` and gets those it has."""

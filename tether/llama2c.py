@@ -78,7 +78,7 @@ def load_llama2c_checkpoint(ckpt_path: str | os.PathLike) -> tuple[dict[str, tor
             f"{ckpt_path} is not a llama2.c train.py checkpoint: expected a dict with 'model' and 'model_args', "
             f"found {found}"
         )
-    state = {k[len(_PREFIX):] if k.startswith(_PREFIX) else k: v for k, v in ckpt["model"].items()}
+    state = {k[len(_PREFIX) :] if k.startswith(_PREFIX) else k: v for k, v in ckpt["model"].items()}
     return state, dict(ckpt["model_args"])
 
 
@@ -97,16 +97,20 @@ def llama2c_to_hf_state_dict(state: dict[str, torch.Tensor], args: dict) -> tupl
         needed += [f"layers.{i}.attention_norm.weight", f"layers.{i}.ffn_norm.weight"]
     missing = [k for k in needed if k not in state]
     if missing:
-        raise Llama2cError(f"llama2.c checkpoint lacks {missing[:4]}{' ...' if len(missing) > 4 else ''} "
-                           f"(model_args n_layers={n_layers})")
+        raise Llama2cError(
+            f"llama2.c checkpoint lacks {missing[:4]}{' ...' if len(missing) > 4 else ''} "
+            f"(model_args n_layers={n_layers})"
+        )
     vocab_size, dim = state["tok_embeddings.weight"].shape
     hidden_dim = state["layers.0.feed_forward.w1.weight"].shape[0]
     for key, got in (("dim", dim), ("vocab_size", vocab_size), ("hidden_dim", hidden_dim)):
         if args.get(key) is not None and int(args[key]) != got:
             raise Llama2cError(f"model_args {key}={args[key]} disagrees with the weights ({got})")
     if dim % n_heads or (dim // n_heads) % 2 or n_heads % n_kv_heads:
-        raise Llama2cError(f"model_args dim={dim}, n_heads={n_heads}, n_kv_heads={n_kv_heads}: need dim divisible "
-                           "by n_heads, an even head_dim and n_heads divisible by n_kv_heads")
+        raise Llama2cError(
+            f"model_args dim={dim}, n_heads={n_heads}, n_kv_heads={n_kv_heads}: need dim divisible "
+            "by n_heads, an even head_dim and n_heads divisible by n_kv_heads"
+        )
     output = state.get("output.weight", state["tok_embeddings.weight"])
     tied = torch.equal(output, state["tok_embeddings.weight"])  # llama2.c ties them (shared Parameter)
 
@@ -187,8 +191,10 @@ def convert_llama2c_checkpoint(
     hf_state, config_kwargs = llama2c_to_hf_state_dict(state, args)
     tokenizer = _tokenizer(tokenizer_path)
     if len(tokenizer) != config_kwargs["vocab_size"]:
-        raise Llama2cError(f"tokenizer {tokenizer_path} has {len(tokenizer)} tokens but the checkpoint "
-                           f"{ckpt_path} has vocab_size {config_kwargs['vocab_size']}")
+        raise Llama2cError(
+            f"tokenizer {tokenizer_path} has {len(tokenizer)} tokens but the checkpoint "
+            f"{ckpt_path} has vocab_size {config_kwargs['vocab_size']}"
+        )
 
     config = LlamaConfig(**config_kwargs)
     config.architectures = ["LlamaForCausalLM"]

@@ -16,9 +16,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from .ops.logprobs import allowed_set, apply_sampling_filters, pack_allowed, selective_logps
 from .errors import UserError
 from .groups import sampling_settings
+from .ops.logprobs import allowed_set, apply_sampling_filters, pack_allowed, selective_logps
+
 
 def _cache_name() -> str:
     """The keyword (and output field) of the decoding cache: ``cache`` in transformers >= 5.2x, where
@@ -34,8 +35,14 @@ CACHE_KW = _cache_name()
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def load_tokenizer(path: str, *, padding_side: str = "left"):
@@ -59,8 +66,9 @@ def load_tokenizer(path: str, *, padding_side: str = "left"):
     return tok
 
 
-def load_causal_lm(path: str, *, dtype: str = "float32", device: str | torch.device = "cpu", autocast: bool = False,
-                   **kwargs):
+def load_causal_lm(
+    path: str, *, dtype: str = "float32", device: str | torch.device = "cpu", autocast: bool = False, **kwargs
+):
     """AutoModelForCausalLM in eval mode on ``device``; ``dtype`` is a name from ``DTYPES``; ``autocast``:
     every forward under bf16 autocast (``autocast_forward``)."""
     from transformers import AutoModelForCausalLM
@@ -168,16 +176,26 @@ class CompletionBatch:
     def to(self, device) -> "CompletionBatch":
         allowed = None if self.allowed is None else self.allowed.to(device)
         mu = None if self.behaviour_logps is None else self.behaviour_logps.to(device)
-        return CompletionBatch(self.input_ids.to(device), self.attention_mask.to(device), self.mask.to(device), self.prompt_len,
-                               allowed, mu)
+        return CompletionBatch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.mask.to(device),
+            self.prompt_len,
+            allowed,
+            mu,
+        )
 
     def select(self, idx) -> "CompletionBatch":
         allowed = None if self.allowed is None else self.allowed[idx]
         mu = None if self.behaviour_logps is None else self.behaviour_logps[idx]
-        return CompletionBatch(self.input_ids[idx], self.attention_mask[idx], self.mask[idx], self.prompt_len, allowed, mu)
+        return CompletionBatch(
+            self.input_ids[idx], self.attention_mask[idx], self.mask[idx], self.prompt_len, allowed, mu
+        )
 
 
-def make_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *, pad_id: int) -> CompletionBatch:
+def make_batch(
+    prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *, pad_id: int
+) -> CompletionBatch:
     """Build a ``CompletionBatch`` from token-id lists (prompts must be non-empty)."""
     if len(prompts) != len(completions):
         raise ValueError("need as many completions as prompts")
@@ -211,8 +229,9 @@ def packed_token_logps(model, batch) -> torch.Tensor:
     then attend block-diagonally: ``find_packed_sequence_indices``), and the LM head on the N predicting
     positions only. Token n belongs to sequence ``batch.seq[n]``."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: LoRA layers stay active
-    hidden = base.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                                use_cache=False).last_hidden_state  # (R, W, H)
+    hidden = base.get_decoder()(
+        input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
+    ).last_hidden_state  # (R, W, H)
     h = hidden.reshape(-1, hidden.shape[-1])[batch.src]  # (N, H)
     logits = base.get_output_embeddings()(h)  # (N, V)
     return selective_logps(logits[None], batch.targets[None])[0]  # (N,)
@@ -281,7 +300,9 @@ def with_allowed(batch: CompletionBatch, logits: torch.Tensor) -> CompletionBatc
     return dataclasses.replace(batch, allowed=pack_allowed(logits > float("-inf")))
 
 
-def completion_logps(model, batch: CompletionBatch, *, logits: Optional[torch.Tensor] = None, **filters) -> torch.Tensor:
+def completion_logps(
+    model, batch: CompletionBatch, *, logits: Optional[torch.Tensor] = None, **filters
+) -> torch.Tensor:
     """Per-token log-probs of the completion tokens: (B, T) fp32, 0 where ``batch.mask`` is False."""
     if logits is None:
         logits = completion_logits(model, batch, **filters)

@@ -38,8 +38,14 @@ class Preempted(BaseException):
     """A run stopped by a signal after checkpointing ``step`` in ``checkpoint``. A BaseException (like
     KeyboardInterrupt), so ``except Exception`` in user code does not swallow the stop request."""
 
-    def __init__(self, signame: str, step: Optional[int] = None, checkpoint: Optional[str] = None, *,
-                 detail: Optional[str] = None):
+    def __init__(
+        self,
+        signame: str,
+        step: Optional[int] = None,
+        checkpoint: Optional[str] = None,
+        *,
+        detail: Optional[str] = None,
+    ):
         self.signame, self.step, self.checkpoint = signame, step, checkpoint
         where = f"; checkpoint {checkpoint}" if checkpoint else ""
         super().__init__(f"stopped by {signame} " + (detail or f"after step {step}{where}; continue with --resume"))
@@ -83,9 +89,13 @@ def _handler(signum, frame) -> None:
         restore()
         raise KeyboardInterrupt
     if _state["signum"] is None:
-        log.warning("%s received: finishing this step, then writing a checkpoint and stopping (exit %d; continue with "
-                    "--resume)%s", signal.Signals(signum).name, EXIT_PREEMPTED,
-                    "; press Ctrl-C again to stop at once" if signum == signal.SIGINT else "")
+        log.warning(
+            "%s received: finishing this step, then writing a checkpoint and stopping (exit %d; continue with "
+            "--resume)%s",
+            signal.Signals(signum).name,
+            EXIT_PREEMPTED,
+            "; press Ctrl-C again to stop at once" if signum == signal.SIGINT else "",
+        )
     _state["signum"] = signum
 
 

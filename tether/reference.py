@@ -39,9 +39,9 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-from .modeling import CompletionBatch, check_compatible, completion_logps, forward_completion, model_fingerprint
 from .errors import UserError
 from .groups import SamplingSettings, sampling_settings
+from .modeling import CompletionBatch, check_compatible, completion_logps, forward_completion, model_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,9 @@ class Reference:
 
     kind = "base"
     has_distributions = True
-    static_copy = False  # its own weights, loaded once and never written (copy): may be sharded or moved off the accelerator
+    static_copy = (
+        False  # its own weights, loaded once and never written (copy): may be sharded or moved off the accelerator
+    )
 
     def logits(self, batch: CompletionBatch, *, filters: Optional[SamplingSettings] = None) -> torch.Tensor:
         """(B, T, V) reference logits at the completion positions, scored like the policy.
@@ -82,7 +84,9 @@ class Reference:
         docs/theory.md §3). None = the reference itself (τ = 1)."""
         raise NotImplementedError
 
-    def logps(self, batch: CompletionBatch, *, ids: Optional[Sequence] = None, filters: Optional[SamplingSettings] = None) -> torch.Tensor:
+    def logps(
+        self, batch: CompletionBatch, *, ids: Optional[Sequence] = None, filters: Optional[SamplingSettings] = None
+    ) -> torch.Tensor:
         """(B, T) fp32 reference log-probs of ``batch``'s completion tokens (0 off-mask), under
         ``filters`` as in ``logits``.
 
@@ -223,12 +227,20 @@ class LoraSyncedReference(Reference):
 
     kind = "sync"
 
-    def __init__(self, peft_model, *, mode: str = "hard", every: int = 512, alpha: float = 0.6, adapter: str = "default"):
+    def __init__(
+        self, peft_model, *, mode: str = "hard", every: int = 512, alpha: float = 0.6, adapter: str = "default"
+    ):
         if not hasattr(peft_model, "peft_config"):
             raise UserError("LoraSyncedReference needs a peft model")
         if mode not in ("hard", "soft"):
             raise UserError(f"ref_sync mode must be 'hard' or 'soft', got {mode!r}")
-        self.model, self.mode, self.every, self.alpha, self.adapter = peft_model, mode, int(every), float(alpha), adapter
+        self.model, self.mode, self.every, self.alpha, self.adapter = (
+            peft_model,
+            mode,
+            int(every),
+            float(alpha),
+            adapter,
+        )
         self.syncs = 0
         cfg = copy.deepcopy(peft_model.peft_config[adapter])
         cfg.inference_mode = True
@@ -278,7 +290,10 @@ class LoraSyncedReference(Reference):
                 dst.copy_(v.to(dst.device, dst.dtype))
 
     def state_dict(self):
-        return {"syncs": self.syncs, "adapter": {id_: dst.detach().clone() for id_, (_, dst) in enumerate(self._pairs())}}
+        return {
+            "syncs": self.syncs,
+            "adapter": {id_: dst.detach().clone() for id_, (_, dst) in enumerate(self._pairs())},
+        }
 
     def load_state_dict(self, state):
         self.syncs = int(state.get("syncs", 0))
@@ -317,7 +332,9 @@ class LaggedReference(Reference):
 
     @torch.no_grad()
     def on_step(self, policy, step):
-        self.snapshots.append({n: p.detach().to("cpu", copy=True) for n, p in policy.named_parameters() if p.requires_grad})
+        self.snapshots.append(
+            {n: p.detach().to("cpu", copy=True) for n, p in policy.named_parameters() if p.requires_grad}
+        )
         if len(self.snapshots) <= self.lag:
             return False  # steps 1..N: the reference is still θ_0
         self.inner.load_policy_tensors(self.snapshots.pop(0))  # θ_{step-N}
@@ -325,12 +342,18 @@ class LaggedReference(Reference):
         return True
 
     def state_dict(self):
-        return {"lag": self.lag, "syncs": self.syncs, "inner": self.inner.state_dict(),
-                "snapshots": [dict(s) for s in self.snapshots]}
+        return {
+            "lag": self.lag,
+            "syncs": self.syncs,
+            "inner": self.inner.state_dict(),
+            "snapshots": [dict(s) for s in self.snapshots],
+        }
 
     def load_state_dict(self, state):
         if int(state.get("lag", self.lag)) != self.lag:
-            raise UserError(f"the checkpoint's ref_lag is {state['lag']} but this run's is {self.lag}; resume with the same ref_lag")
+            raise UserError(
+                f"the checkpoint's ref_lag is {state['lag']} but this run's is {self.lag}; resume with the same ref_lag"
+            )
         self.syncs = int(state.get("syncs", 0))
         self.inner.load_state_dict(state["inner"])
         self.snapshots = [{k: v.clone() for k, v in s.items()} for s in state.get("snapshots", [])]
@@ -406,7 +429,9 @@ class PrecomputedReference(Reference):
             if packed:
                 model = reference.model
                 with eval_mode(model):
-                    pb = pack_sequences([(r[1], r[2]) for r in chunk], pad_id=pad_id).to(next(model.parameters()).device)
+                    pb = pack_sequences([(r[1], r[2]) for r in chunk], pad_id=pad_id).to(
+                        next(model.parameters()).device
+                    )
                     lp = packed_token_logps(model, pb).cpu().split(pb.lengths.tolist())  # per row, in order
                 for (rid, _, _), row in zip(chunk, lp):
                     table[rid] = row.clone()
@@ -429,8 +454,10 @@ class PrecomputedReference(Reference):
 
     def logps(self, batch, *, ids=None, filters=None):
         if sampling_settings(filters).temperature != 1.0:  # top-k/top-p never filter the reference
-            raise ValueError("the precomputed reference stores log-probs at temperature 1; scoring completions sampled "
-                             "at another temperature needs a live reference form ('copy', 'offload' or 'lora')")
+            raise ValueError(
+                "the precomputed reference stores log-probs at temperature 1; scoring completions sampled "
+                "at another temperature needs a live reference form ('copy', 'offload' or 'lora')"
+            )
         if ids is None:
             raise ValueError("the precomputed reference needs the row ids of the batch (ids=...)")
         out = torch.zeros(batch.mask.shape, dtype=torch.float32)
@@ -478,8 +505,10 @@ def check_reference_form(form: str, forms: Sequence[str] = REFERENCE_FORMS, *, w
 def check_lora_reference(cfg) -> None:
     """reference 'lora' (the policy with its adapters off) needs a LoRA policy: ``lora_r`` >= 1."""
     if getattr(cfg, "reference", None) == "lora" and getattr(cfg, "lora_r", 1) < 1:
-        raise UserError("reference='lora' reads the policy with its LoRA adapters off, so it needs --lora_r >= 1; "
-                        "set --lora_r or choose --reference copy")
+        raise UserError(
+            "reference='lora' reads the policy with its LoRA adapters off, so it needs --lora_r >= 1; "
+            "set --lora_r or choose --reference copy"
+        )
 
 
 def build_reference(
@@ -504,8 +533,10 @@ def build_reference(
         return LoraSyncedReference(policy, mode=sync_mode, every=sync_every, alpha=sync_alpha)
     if reference_model is None:
         if is_peft:
-            raise UserError(f"reference {form!r} with a LoRA policy: load the reference model separately "
-                             "(reference_model=...), or use reference 'lora' (adapters disabled)")
+            raise UserError(
+                f"reference {form!r} with a LoRA policy: load the reference model separately "
+                "(reference_model=...), or use reference 'lora' (adapters disabled)"
+            )
         reference_model = copy.deepcopy(policy)
     check_compatible(policy, reference_model, policy_tokenizer, reference_tokenizer)
     if form == "copy" or form == "precomputed":  # precomputed starts live; the trainer converts it
@@ -518,8 +549,15 @@ def build_reference(
 SYNC_DEFAULTS = {"ref_sync_mode": "hard", "ref_sync_every": 512, "ref_sync_alpha": 0.6}
 
 
-def reference_from_config(cfg, *, policy, tokenizer, policy_path: Optional[str], device: str | torch.device,
-                          forms: Sequence[str] = REFERENCE_FORMS) -> Reference:
+def reference_from_config(
+    cfg,
+    *,
+    policy,
+    tokenizer,
+    policy_path: Optional[str],
+    device: str | torch.device,
+    forms: Sequence[str] = REFERENCE_FORMS,
+) -> Reference:
     """The live reference a trainer's config asks for: the one place that reads the reference fields
     of a config (DPO's and the online methods'), loads the reference model and calls ``build_reference``.
 
@@ -545,10 +583,12 @@ def reference_from_config(cfg, *, policy, tokenizer, policy_path: Optional[str],
     is_peft = hasattr(policy, "peft_config")
     if cfg.reference_model and (form == "lora" or (is_peft and form == "sync")):
         # Refused rather than ignored: both forms are built from the policy's own weights.
-        raise UserError(f"reference_model cannot be used with reference={form!r}"
-                         f"{' and a LoRA policy' if form == 'sync' else ''}: the reference is the policy's own base "
-                         "(adapters off, or a second adapter for sync); drop reference_model or use reference "
-                         "'copy' or 'offload'")
+        raise UserError(
+            f"reference_model cannot be used with reference={form!r}"
+            f"{' and a LoRA policy' if form == 'sync' else ''}: the reference is the policy's own base "
+            "(adapters off, or a second adapter for sync); drop reference_model or use reference "
+            "'copy' or 'offload'"
+        )
     reset, lag = int(getattr(cfg, "ref_reset_every", 0) or 0), int(getattr(cfg, "ref_lag", 0) or 0)
     if reset or lag:  # a moving reference (ProRL reset / rolling lag): TR-DPO's hard sync machinery
         if reset and lag:
@@ -556,15 +596,20 @@ def reference_from_config(cfg, *, policy, tokenizer, policy_path: Optional[str],
         if reset < 0 or lag < 0:
             raise UserError(f"ref_reset_every and ref_lag must be >= 0 (0 = off), got {reset} and {lag}")
         if form not in ("copy", "lora"):
-            raise UserError(f"ref_reset_every / ref_lag need reference 'copy' (or 'lora' with a LoRA policy), got {form!r}")
+            raise UserError(
+                f"ref_reset_every / ref_lag need reference 'copy' (or 'lora' with a LoRA policy), got {form!r}"
+            )
         if form == "lora" and not is_peft:
             raise UserError("reference 'lora' needs a peft (LoRA) policy; enable LoRA or choose reference 'copy'")
         if lag and cfg.reference_model:
-            raise UserError("ref_lag with reference_model: the lagged reference is the policy N steps ago, so it starts "
-                             "from the policy's own weights; drop reference_model (or use ref_reset_every)")
+            raise UserError(
+                "ref_lag with reference_model: the lagged reference is the policy N steps ago, so it starts "
+                "from the policy's own weights; drop reference_model (or use ref_reset_every)"
+            )
         if is_peft and cfg.reference_model:
-            raise UserError("ref_reset_every with a LoRA policy resets a second adapter on the policy's base; drop "
-                             "reference_model")
+            raise UserError(
+                "ref_reset_every with a LoRA policy resets a second adapter on the policy's base; drop reference_model"
+            )
         sync = {"sync_mode": "hard", "sync_every": reset or 2**62, "sync_alpha": 1.0}
         form = "sync"
     if form == "lora" or (is_peft and form in ("precomputed", "sync") and not cfg.reference_model):
@@ -576,9 +621,20 @@ def reference_from_config(cfg, *, policy, tokenizer, policy_path: Optional[str],
         from .modeling import load_causal_lm, load_tokenizer
 
         path = resolve_model(cfg.reference_model, cfg.assets) if cfg.reference_model else policy_path
-        ref_model = load_causal_lm(path, dtype=cfg.dtype, device="cpu" if form == "offload" else device,
-                                   autocast=getattr(cfg, "autocast", False))  # computed as the policy is
+        ref_model = load_causal_lm(
+            path,
+            dtype=cfg.dtype,
+            device="cpu" if form == "offload" else device,
+            autocast=getattr(cfg, "autocast", False),
+        )  # computed as the policy is
         ref_tok = load_tokenizer(path) if cfg.reference_model else tokenizer
-    ref = build_reference("copy" if form == "precomputed" else form, policy=policy, reference_model=ref_model,
-                          policy_tokenizer=tokenizer, reference_tokenizer=ref_tok, compute_device=device, **sync)
+    ref = build_reference(
+        "copy" if form == "precomputed" else form,
+        policy=policy,
+        reference_model=ref_model,
+        policy_tokenizer=tokenizer,
+        reference_tokenizer=ref_tok,
+        compute_device=device,
+        **sync,
+    )
     return LaggedReference(ref, lag=lag) if lag else ref

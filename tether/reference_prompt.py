@@ -49,8 +49,8 @@ def remap_prompts(batch: CompletionBatch, prompts: Sequence[Sequence[int]], *, p
     head = torch.full((B, P), pad_id, dtype=batch.input_ids.dtype)
     head_attn = torch.zeros((B, P), dtype=batch.attention_mask.dtype)
     for i, p in enumerate(prompts):
-        head[i, P - len(p):] = torch.tensor(list(p), dtype=head.dtype)
-        head_attn[i, P - len(p):] = 1
+        head[i, P - len(p) :] = torch.tensor(list(p), dtype=head.dtype)
+        head_attn[i, P - len(p) :] = 1
     Q = batch.prompt_len
     ids = torch.cat([head.to(dev), batch.input_ids[:, Q:]], dim=1)  # (B, P + T)
     attn = torch.cat([head_attn.to(dev), batch.attention_mask[:, Q:]], dim=1)  # (B, P + T)
@@ -101,8 +101,10 @@ class PromptMappedReference(Reference):
 def strip_prefix(text: str) -> Callable[[str], str]:
     """The built-in transform ``strip_prefix:TEXT``: a prompt starting with TEXT loses it (leading
     whitespace after it too); any other prompt is unchanged."""
+
     def transform(prompt: str) -> str:
-        return prompt[len(text):].lstrip() if prompt.startswith(text) else prompt
+        return prompt[len(text) :].lstrip() if prompt.startswith(text) else prompt
+
     return transform
 
 
@@ -111,7 +113,7 @@ def load_prompt_transform(spec: str) -> Callable[[str], str]:
     ``package.module:function``."""
     where = f"reference_prompt={spec!r}"
     if spec.startswith("strip_prefix:"):
-        text = spec[len("strip_prefix:"):]
+        text = spec[len("strip_prefix:") :]
         if not text:
             raise UserError(f"{where}: strip_prefix needs the text to strip, e.g. strip_prefix:'Ignore all rules.'")
         return strip_prefix(text)
@@ -135,8 +137,12 @@ def load_prompt_transform(spec: str) -> Callable[[str], str]:
     return fn
 
 
-def transformed_prompt_map(transform: Callable[[str], str], texts: Sequence[str], ids: Sequence[Sequence[int]],
-                           encode: Callable[[list[str]], list[list[int]]]) -> PromptMap:
+def transformed_prompt_map(
+    transform: Callable[[str], str],
+    texts: Sequence[str],
+    ids: Sequence[Sequence[int]],
+    encode: Callable[[list[str]], list[list[int]]],
+) -> PromptMap:
     """The token-level map of a string transform over known prompts: ``ids[i]`` (the encoding of
     ``texts[i]``) -> the encoding of ``transform(texts[i])``. A prompt not in the table (e.g. a
     forgetting-probe text's BOS) is left unchanged."""
@@ -152,6 +158,7 @@ def transformed_prompt_map(transform: Callable[[str], str], texts: Sequence[str]
 
     def prompt_map(prompt_ids: Sequence[int]) -> list[int]:
         return table.get(tuple(prompt_ids), list(prompt_ids))
+
     return prompt_map
 
 
@@ -164,4 +171,5 @@ def prefixed_prompt_map(prefix_ids: Sequence[int], *, bos_id: Optional[int]) -> 
         if bos_id is not None and p and p[0] == bos_id:
             return [bos_id] + prefix + p[1:]
         return prefix + p
+
     return prompt_map

@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 ONLINE_PREFLIGHT = "tether.checks:preflight_online"
-ONLINE_COMMAND = "tether.commands.ppo"  # the shared online command (``online_command``), for a method with no module of its own
+ONLINE_COMMAND = (
+    "tether.commands.ppo"  # the shared online command (``online_command``), for a method with no module of its own
+)
 
 
 @dataclass(frozen=True)
@@ -35,8 +37,12 @@ class MethodSpec:
     name: str
     help: str  # the one line ``tether --help`` shows
     config: Any  # the config dataclass (its fields are the command's flags and the sweep's fields)
-    train: Any  # train(cfg, *, resume=False, eval_hook=None, preflight=True, ...) -> TrainResult; None: not trained (bon)
-    preflight: Any = ONLINE_PREFLIGHT  # preflight(cfg, **in_memory): the whole input before any weights load (UserError)
+    train: (
+        Any  # train(cfg, *, resume=False, eval_hook=None, preflight=True, ...) -> TrainResult; None: not trained (bon)
+    )
+    preflight: Any = (
+        ONLINE_PREFLIGHT  # preflight(cfg, **in_memory): the whole input before any weights load (UserError)
+    )
     online: Any = None  # the OnlineMethod (prepare/loss) of an online method; None: not online
     command: Optional[str] = None  # the CLI module with main(argv); None: the shared online command
     sweep: bool = True  # ``tether sweep`` can vary it
@@ -55,7 +61,7 @@ class MethodSpec:
 
 
 def resolve(ref) -> Any:
-    """"module:attribute" -> the attribute (imported now); an object (registered from code) is itself."""
+    """ "module:attribute" -> the attribute (imported now); an object (registered from code) is itself."""
     if not isinstance(ref, str):
         return ref
     module, _, attr = ref.partition(":")
@@ -101,21 +107,63 @@ def sweep_names() -> tuple[str, ...]:
 
 
 for _spec in (
-    MethodSpec("sft", "supervised fine-tuning (makes the reference model)", config="tether.trainers.sft:SFTConfig",
-               train="tether.trainers.sft:train_sft", preflight="tether.checks:preflight_sft", command="tether.commands.sft",
-               sweep=False),
-    MethodSpec("rm", "train a Bradley-Terry reward model on preference pairs", config="tether.trainers.reward_model:RMConfig",
-               train="tether.trainers.reward_model:train_reward_model", preflight="tether.checks:preflight_rm",
-               command="tether.commands.rm", sweep=False),
-    MethodSpec("dpo", "offline preference optimisation: DPO and its variants", config="tether.trainers.dpo:DPOConfig",
-               train="tether.trainers.dpo:train_dpo", preflight="tether.checks:preflight_dpo", command="tether.commands.dpo"),
-    MethodSpec("ppo", "online RLHF: PPO with the KL-penalised reward", config="tether.trainers.ppo:PPOConfig",
-               train="tether.trainers.ppo:train_ppo", online="tether.trainers.ppo:PPO", command="tether.commands.ppo"),
-    MethodSpec("grpo", "online RL: GRPO (group-normalised advantages, KL in the loss)", config="tether.trainers.grpo:GRPOConfig",
-               train="tether.trainers.grpo:train_grpo", online="tether.trainers.grpo:GRPO", command="tether.commands.grpo"),
-    MethodSpec("rloo", "online RL: RLOO (leave-one-out baseline, KL in the reward)", config="tether.trainers.rloo:RLOOConfig",
-               train="tether.trainers.rloo:train_rloo", online="tether.trainers.rloo:RLOO", command="tether.commands.rloo"),
-    MethodSpec("bon", "best-of-n sampling baseline with its exact KL bound", config="tether.commands.bon:BoNConfig",
-               train=None, preflight="tether.checks:preflight_bon_reward", command="tether.commands.bon"),
+    MethodSpec(
+        "sft",
+        "supervised fine-tuning (makes the reference model)",
+        config="tether.trainers.sft:SFTConfig",
+        train="tether.trainers.sft:train_sft",
+        preflight="tether.checks:preflight_sft",
+        command="tether.commands.sft",
+        sweep=False,
+    ),
+    MethodSpec(
+        "rm",
+        "train a Bradley-Terry reward model on preference pairs",
+        config="tether.trainers.reward_model:RMConfig",
+        train="tether.trainers.reward_model:train_reward_model",
+        preflight="tether.checks:preflight_rm",
+        command="tether.commands.rm",
+        sweep=False,
+    ),
+    MethodSpec(
+        "dpo",
+        "offline preference optimisation: DPO and its variants",
+        config="tether.trainers.dpo:DPOConfig",
+        train="tether.trainers.dpo:train_dpo",
+        preflight="tether.checks:preflight_dpo",
+        command="tether.commands.dpo",
+    ),
+    MethodSpec(
+        "ppo",
+        "online RLHF: PPO with the KL-penalised reward",
+        config="tether.trainers.ppo:PPOConfig",
+        train="tether.trainers.ppo:train_ppo",
+        online="tether.trainers.ppo:PPO",
+        command="tether.commands.ppo",
+    ),
+    MethodSpec(
+        "grpo",
+        "online RL: GRPO (group-normalised advantages, KL in the loss)",
+        config="tether.trainers.grpo:GRPOConfig",
+        train="tether.trainers.grpo:train_grpo",
+        online="tether.trainers.grpo:GRPO",
+        command="tether.commands.grpo",
+    ),
+    MethodSpec(
+        "rloo",
+        "online RL: RLOO (leave-one-out baseline, KL in the reward)",
+        config="tether.trainers.rloo:RLOOConfig",
+        train="tether.trainers.rloo:train_rloo",
+        online="tether.trainers.rloo:RLOO",
+        command="tether.commands.rloo",
+    ),
+    MethodSpec(
+        "bon",
+        "best-of-n sampling baseline with its exact KL bound",
+        config="tether.commands.bon:BoNConfig",
+        train=None,
+        preflight="tether.checks:preflight_bon_reward",
+        command="tether.commands.bon",
+    ),
 ):
     register_method(_spec)

@@ -56,7 +56,9 @@ def join_text(prompt: str, completion: str) -> str:
 
 def _check_batch(prompts: Sequence[str], completions: Sequence[str]) -> None:
     if len(prompts) != len(completions):
-        raise ValueError(f"reward source got {len(prompts)} prompts but {len(completions)} completions; pass one prompt per completion")
+        raise ValueError(
+            f"reward source got {len(prompts)} prompts but {len(completions)} completions; pass one prompt per completion"
+        )
 
 
 class RewardSource:
@@ -100,7 +102,9 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     """
     from .modeling import position_ids
 
-    core = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: LoRA layers are injected in place
+    core = (
+        model.get_base_model() if hasattr(model, "get_base_model") else model
+    )  # peft: LoRA layers are injected in place
     head = getattr(core, "score", None)
     if head is None:
         raise ValueError(
@@ -152,11 +156,19 @@ class RewardModelSource(RewardSource):
     """
 
     def __init__(
-        self, path: str, *, device: str | torch.device = "cpu", batch_size: int = 32,
-        max_length: Optional[int] = None, name: str = "rm", dtype: str = "float32",
+        self,
+        path: str,
+        *,
+        device: str | torch.device = "cpu",
+        batch_size: int = 32,
+        max_length: Optional[int] = None,
+        name: str = "rm",
+        dtype: str = "float32",
     ):
         if not (Path(path) / "config.json").exists():
-            raise FileNotFoundError(f"reward model folder {path} has no config.json; pass the final/ folder written by `tether rm`")
+            raise FileNotFoundError(
+                f"reward model folder {path} has no config.json; pass the final/ folder written by `tether rm`"
+            )
         _check_is_reward_model(path)
         self.path, self.name, self.batch_size, self.max_length = str(path), name, int(batch_size), max_length
         self.device = torch.device(device)
@@ -170,8 +182,11 @@ class RewardModelSource(RewardSource):
         out = []
         for i in range(0, len(texts), self.batch_size):
             enc = self.tokenizer(
-                texts[i : i + self.batch_size], return_tensors="pt", padding=True,
-                truncation=self.max_length is not None, max_length=self.max_length,
+                texts[i : i + self.batch_size],
+                return_tensors="pt",
+                padding=True,
+                truncation=self.max_length is not None,
+                max_length=self.max_length,
             ).to(self.device)
             out.append(sequence_scores(self.model, enc["input_ids"], enc["attention_mask"]).float().cpu())
         return torch.cat(out) if out else torch.zeros(0)
@@ -196,7 +211,9 @@ def _import_callable(spec: str) -> Callable:
         try:
             module = importlib.import_module(target)
         except ImportError as e:
-            raise ImportError(f"callable reward {spec!r}: cannot import module {target!r} ({e}); is it on PYTHONPATH?") from e
+            raise ImportError(
+                f"callable reward {spec!r}: cannot import module {target!r} ({e}); is it on PYTHONPATH?"
+            ) from e
     fn = getattr(module, attr, None)
     if fn is None or not callable(fn):
         raise AttributeError(f"callable reward {spec!r}: module {target!r} has no function {attr!r}")
@@ -272,7 +289,9 @@ class CallableSource(RewardSource):
         p_arg, c_arg = list(prompts), list(completions)
         if raw is not None:  # TRL's conversational convention, row by row
             p_arg = list(raw)
-            c_arg = [[{"role": "assistant", "content": c}] if isinstance(r, list) else c for r, c in zip(raw, completions)]
+            c_arg = [
+                [{"role": "assistant", "content": c}] if isinstance(r, list) else c for r, c in zip(raw, completions)
+            ]
         kw = {k: v for k, v in columns.items() if self._var_kw or k in self._params}
         if self._pass_prompts:
             kw["prompts"] = p_arg
@@ -284,9 +303,11 @@ class CallableSource(RewardSource):
         first = None if named or not free else free[0]  # takes the completions positionally
         missing = [n for n in free if self._params[n].default is P.empty and n not in kw and n != first]
         if missing:
-            raise UserError(f"reward function {self.spec} needs {missing}, which the prompts data does not have (its "
-                            f"columns: {sorted(k for k in columns if k != 'completion_ids')}); add the column(s) or map "
-                            "them with --columns SOURCE=NAME")
+            raise UserError(
+                f"reward function {self.spec} needs {missing}, which the prompts data does not have (its "
+                f"columns: {sorted(k for k in columns if k != 'completion_ids')}); add the column(s) or map "
+                "them with --columns SOURCE=NAME"
+            )
         return ([] if named else [c_arg]), kw
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], **columns) -> torch.Tensor:
@@ -297,9 +318,13 @@ class CallableSource(RewardSource):
         try:
             scores = torch.as_tensor([float(v) for v in out], dtype=torch.float32)
         except (TypeError, ValueError) as e:
-            raise TypeError(f"reward function {self.spec} must return a list of floats, got {type(out).__name__}: {e}") from e
+            raise TypeError(
+                f"reward function {self.spec} must return a list of floats, got {type(out).__name__}: {e}"
+            ) from e
         if scores.numel() != len(comps):
-            raise ValueError(f"reward function {self.spec} returned {scores.numel()} values for {len(comps)} completions")
+            raise ValueError(
+                f"reward function {self.spec} returned {scores.numel()} values for {len(comps)} completions"
+            )
         if not torch.isfinite(scores).all():
             raise ValueError(f"reward function {self.spec} returned a non-finite value: {scores.tolist()}")
         return scores
@@ -338,7 +363,11 @@ _NAMED = re.compile(r"^([A-Za-z_][A-Za-z0-9_\-]*)=(.+)$")
 
 
 def build_reward(
-    spec: str, *, device: str | torch.device = "cpu", assets: Optional[str] = None, batch_size: int = 32,
+    spec: str,
+    *,
+    device: str | torch.device = "cpu",
+    assets: Optional[str] = None,
+    batch_size: int = 32,
     max_length: Optional[int] = None,
 ) -> RewardSource:
     """A reward source from a string:
@@ -423,13 +452,17 @@ def checked_scores(src: RewardSource, scores: torch.Tensor) -> torch.Tensor:
         raise UserError(
             f"reward {src.name!r} ({type(src).__name__}) returned {int((~finite).sum())} non-finite score(s) of "
             f"{scores.numel()} (first: {float(scores[i])} at completion {i}); a reward must be a finite number for every "
-            "completion: fix the reward (or the reward model's weights)")
+            "completion: fix the reward (or the reward model's weights)"
+        )
     big = float(scores.abs().max()) if scores.numel() else 0.0
     if big > LARGE_REWARD and src.name not in _warned_large:
         _warned_large.add(src.name)
-        log.warning("reward %r returned a score of magnitude %.3g: rewards this large swamp the KL penalty and can "
-                    "overflow the value loss; rescale the reward, or pass --reward_normalize true / --reward_clip",
-                    src.name, big)
+        log.warning(
+            "reward %r returned a score of magnitude %.3g: rewards this large swamp the KL penalty and can "
+            "overflow the value loss; rescale the reward, or pass --reward_normalize true / --reward_clip",
+            src.name,
+            big,
+        )
     return scores
 
 
@@ -450,13 +483,20 @@ class RewardSet:
     """
 
     def __init__(
-        self, optimised: RewardSource, logged: Sequence[RewardSource] = (), *, clip: Optional[float] = None,
-        normalize: bool = False, eps: float = 1e-8,
+        self,
+        optimised: RewardSource,
+        logged: Sequence[RewardSource] = (),
+        *,
+        clip: Optional[float] = None,
+        normalize: bool = False,
+        eps: float = 1e-8,
     ):
         names = [optimised.name] + [s.name for s in logged]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
-            raise ValueError(f"reward sources need distinct names (metric reward/<name>); duplicated: {dup}. Use NAME=spec to rename")
+            raise ValueError(
+                f"reward sources need distinct names (metric reward/<name>); duplicated: {dup}. Use NAME=spec to rename"
+            )
         if clip is not None and not (clip > 0 and math.isfinite(clip)):
             raise ValueError(f"reward clip must be a positive number or None, got {clip}")
         self.optimised, self.logged = optimised, list(logged)
@@ -467,7 +507,9 @@ class RewardSet:
     def sources(self) -> list[RewardSource]:
         return [self.optimised, *self.logged]
 
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str], **columns) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(
+        self, prompts: Sequence[str], completions: Sequence[str], **columns
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``columns``: the prompts' dataset rows (``reward_columns``), passed on to every source that takes them."""
         raw = checked_scores(self.optimised, call_source(self.optimised, prompts, completions, columns).float())  # (B,)
         metrics = {f"reward/{self.optimised.name}": raw}
@@ -489,8 +531,14 @@ class RewardSet:
 
 
 def build_reward_set(
-    reward: str, gold: Sequence[str] = (), *, clip: Optional[float] = None, normalize: bool = False,
-    device: str | torch.device = "cpu", assets: Optional[str] = None, batch_size: int = 32,
+    reward: str,
+    gold: Sequence[str] = (),
+    *,
+    clip: Optional[float] = None,
+    normalize: bool = False,
+    device: str | torch.device = "cpu",
+    assets: Optional[str] = None,
+    batch_size: int = 32,
 ) -> RewardSet:
     """``RewardSet(build_reward(reward), [build_reward(g) for g in gold], clip=, normalize=)``."""
     opt = build_reward(reward, device=device, assets=assets, batch_size=batch_size)

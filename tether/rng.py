@@ -44,5 +44,7 @@ def check(gen: Optional[torch.Generator], tensor: torch.Tensor, *, what: str = "
     """Refuse a generator whose device type is not the tensor's, with the fix in the message (torch's own
     error names neither the caller nor the cure)."""
     if gen is not None and gen.device.type != tensor.device.type:
-        raise ValueError(f"{what} is on {gen.device} but draws for a tensor on {tensor.device}; make it with "
-                         f"tether.rng.generator(seed, device) on the model's device")
+        raise ValueError(
+            f"{what} is on {gen.device} but draws for a tensor on {tensor.device}; make it with "
+            f"tether.rng.generator(seed, device) on the model's device"
+        )

@@ -38,7 +38,6 @@ cause. At most ``save_total_limit`` checkpoints are kept (TrainConfig; default 2
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import hashlib
 import json
@@ -107,8 +106,10 @@ def encode_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
         return {"__items__": [[encode_state(k, tensors), encode_state(v, tensors)] for k, v in obj.items()]}
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
-    raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint (tensors, numbers, strings, lists, "
-                    "tuples, dicts and numpy arrays only)")
+    raise TypeError(
+        f"cannot store a {type(obj).__name__} in a checkpoint (tensors, numbers, strings, lists, "
+        "tuples, dicts and numpy arrays only)"
+    )
 
 
 def decode_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -204,8 +205,10 @@ def writing(path: Path, *, tmp: Optional[Path] = None, intact: str = ""):
             raise
         if tmp is not None:
             _remove(Path(tmp))
-        raise UserError(f"could not write {path}: {cause}; {intact + '; ' if intact else ''}free space on that disk "
-                        "(or fix it) and run again (--resume continues from the last checkpoint)") from e
+        raise UserError(
+            f"could not write {path}: {cause}; {intact + '; ' if intact else ''}free space on that disk "
+            "(or fix it) and run again (--resume continues from the last checkpoint)"
+        ) from e
 
 
 def _remove(path: Path) -> None:
@@ -267,13 +270,18 @@ def lock_run_dir(path: Path) -> None:
                 holder = " ".join(lock.read_text().split()) or "its host and PID not written yet"
             except OSError:
                 holder = "unknown holder"
-            raise UserError(f"output_dir {path} is in use by another run ({holder}); wait for it to end or stop it "
-                            "(its lock goes with the process), or choose another --output_dir") from None
+            raise UserError(
+                f"output_dir {path} is in use by another run ({holder}); wait for it to end or stop it "
+                "(its lock goes with the process), or choose another --output_dir"
+            ) from None
         log.warning("%s: the file system refuses locks (%s); two runs on this folder would not be stopped", lock, e)
         return
     os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}, "
-                 f"since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n".encode())
+    os.write(
+        fd,
+        f"pid {os.getpid()} on host {socket.gethostname()}, "
+        f"since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n".encode(),
+    )
     _LOCKS[key] = fd
 
 
@@ -301,18 +309,32 @@ def check_finite_weights(model, where: str, weights: Optional[dict] = None) -> N
     named = weights.items() if weights is not None else model.named_parameters()
     bad = [n for n, p in named if p.is_floating_point() and not bool(torch.isfinite(p.detach()).all())]
     if bad:
-        raise RuntimeError(f"refusing to save {where}: {len(bad)} parameter tensors hold NaN or inf "
-                           f"(first: {bad[0]}); the previous checkpoint is left as it was")
+        raise RuntimeError(
+            f"refusing to save {where}: {len(bad)} parameter tensors hold NaN or inf "
+            f"(first: {bad[0]}); the previous checkpoint is left as it was"
+        )
 
 
 # Run identity. Fields a resumed run may change: they decide how long the run goes on and what it
 # writes, not the trajectory of the steps already taken. max_steps may also reshape what is left of a
 # decaying lr schedule (cosine/linear) or a β schedule, which are defined over max_steps: extending a
 # run is what it is for.
-SAFE_TO_CHANGE = frozenset({
-    "max_steps", "save_every", "log_every", "eval_every", "progress", "output_dir", "overwrite", "assets",
-    "sample_every", "num_logged_samples", "max_nonfinite_steps", "save_total_limit",
-})
+SAFE_TO_CHANGE = frozenset(
+    {
+        "max_steps",
+        "save_every",
+        "log_every",
+        "eval_every",
+        "progress",
+        "output_dir",
+        "overwrite",
+        "assets",
+        "sample_every",
+        "num_logged_samples",
+        "max_nonfinite_steps",
+        "save_total_limit",
+    }
+)
 RUN_FILES = ("config.yaml", "run.json", "metrics.jsonl", "samples.jsonl", "tb", "checkpoints", "final")
 
 
@@ -366,8 +388,14 @@ def latest_checkpoint_step(output_dir: str | os.PathLike) -> Optional[int]:
 class RunDir:
     """Owns a run's output folder. Only the main process (``is_main``) writes."""
 
-    def __init__(self, output_dir: str | os.PathLike, *, is_main: bool = True, tensorboard: bool = True,
-                 report_to: Optional[str] = None):
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        *,
+        is_main: bool = True,
+        tensorboard: bool = True,
+        report_to: Optional[str] = None,
+    ):
         """``report_to`` (TrainConfig.report_to; tether.trackers) replaces ``tensorboard`` when given."""
         self.path = Path(output_dir)
         self.is_main = is_main
@@ -407,8 +435,10 @@ class RunDir:
     def _start(self, cfg, *, resume: bool) -> None:
         limit = getattr(cfg, "save_total_limit", 2)
         if limit is not None and (isinstance(limit, bool) or int(limit) != limit or limit < 0):
-            raise UserError(f"save_total_limit={limit!r}: give the number of checkpoints to keep (2 by default; 0 or "
-                            "null keeps all)")
+            raise UserError(
+                f"save_total_limit={limit!r}: give the number of checkpoints to keep (2 by default; 0 or "
+                "null keeps all)"
+            )
         self.keep = 0 if limit is None else int(limit)
         overwrite = bool(getattr(cfg, "overwrite", False))
         present = [n for n in RUN_FILES if (self.path / n).exists()]
@@ -424,17 +454,21 @@ class RunDir:
         elif present and not resume:
             raise UserError(
                 f"output_dir {self.path} already holds a run ({', '.join(present)}); pass --resume to continue it, "
-                f"--overwrite to replace it, or choose another --output_dir")
+                f"--overwrite to replace it, or choose another --output_dir"
+            )
         elif present:
             old = self._recorded_identity()
             if old is None:
                 raise UserError(
                     f"output_dir {self.path} holds files of a run ({', '.join(present)}) but no config.yaml or run.json "
-                    "to check --resume against; pass --overwrite to replace it, or choose another --output_dir")
+                    "to check --resume against; pass --overwrite to replace it, or choose another --output_dir"
+                )
             if (old.get("config") and old["config"] != new["config"]) or old["fields"] != new["fields"]:
-                raise UserError(f"--resume: output_dir {self.path} holds a different run: {_describe_change(old, new)}; "
-                                f"resume with the run's own config ({self.path / 'config.yaml'}), change only "
-                                f"{', '.join(sorted(SAFE_TO_CHANGE))}, or pass --overwrite / another --output_dir")
+                raise UserError(
+                    f"--resume: output_dir {self.path} holds a different run: {_describe_change(old, new)}; "
+                    f"resume with the run's own config ({self.path / 'config.yaml'}), change only "
+                    f"{', '.join(sorted(SAFE_TO_CHANGE))}, or pass --overwrite / another --output_dir"
+                )
         tmp = self.path / "config.yaml.tmp"
         with writing(self.path / "config.yaml", tmp=tmp):
             save_config(cfg, tmp)
@@ -464,8 +498,10 @@ class RunDir:
         if not self.is_main:
             return
         row = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
-        with writing(self.path / "metrics.jsonl", intact="the rows before it are kept"), \
-                open(self.path / "metrics.jsonl", "a") as f:
+        with (
+            writing(self.path / "metrics.jsonl", intact="the rows before it are kept"),
+            open(self.path / "metrics.jsonl", "a") as f,
+        ):
             f.write(json.dumps(row) + "\n")  # allow_nan: NaN / Infinity as they are
         if self._tensorboard:
             if self._tb is None:
@@ -520,8 +556,9 @@ class RunDir:
         ckpts = self.checkpoints_newest_first()
         return ckpts[0] if ckpts else None
 
-    def save_checkpoint(self, step: int, *, model, state: dict, keep: Optional[int] = None,
-                        weights: Optional[dict] = None) -> Optional[Path]:
+    def save_checkpoint(
+        self, step: int, *, model, state: dict, keep: Optional[int] = None, weights: Optional[dict] = None
+    ) -> Optional[Path]:
         """Atomically write ``checkpoints/step-N``: the model in HF format (safetensors) and the
         trainer ``state`` (optimizer, scheduler, controller, RNG, data position...) as
         ``trainer_state.safetensors`` + ``trainer_state.json`` (``encode_state``). Non-finite weights
@@ -574,12 +611,15 @@ def read_state(folder: Path) -> dict:
         raise UserError(
             f"checkpoint {folder} was written by an older tether (trainer_state.pt, a pickle, which tether no longer "
             "loads because unpickling can run code); start the run again with --overwrite, or finish it with the "
-            "tether version that wrote it")
+            "tether version that wrote it"
+        )
     data = json.loads((folder / "trainer_state.json").read_text())
     return decode_state(data, load_file(str(folder / "trainer_state.safetensors")))
 
 
-def save_model(model, path: Path, *, tokenizer=None, merge_lora: bool = False, state_dict: Optional[dict] = None) -> None:
+def save_model(
+    model, path: Path, *, tokenizer=None, merge_lora: bool = False, state_dict: Optional[dict] = None
+) -> None:
     """Save in Hugging Face format (safetensors). A peft model is saved as an adapter, or merged into
     the base weights (loadable with ``AutoModelForCausalLM``) with ``merge_lora``."""
     path = Path(path)
@@ -590,7 +630,9 @@ def save_model(model, path: Path, *, tokenizer=None, merge_lora: bool = False, s
 
         to_save = copy.deepcopy(model).merge_and_unload()
     # state_dict: full tensors of a sharded (fsdp) model, gathered by every process beforehand
-    to_save.save_pretrained(str(path), safe_serialization=True, **({} if state_dict is None else {"state_dict": state_dict}))
+    to_save.save_pretrained(
+        str(path), safe_serialization=True, **({} if state_dict is None else {"state_dict": state_dict})
+    )
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))
 
@@ -644,4 +686,6 @@ def load_model_weights(model, ckpt_model_dir: Path) -> None:
     # Tied embeddings are saved once: lm_head.weight may legitimately be "missing".
     missing = [m for m in missing if not m.endswith("lm_head.weight")]
     if missing or unexpected:
-        raise RuntimeError(f"checkpoint {ckpt_model_dir} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise RuntimeError(
+            f"checkpoint {ckpt_model_dir} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )

@@ -27,7 +27,6 @@ from .errors import UserError
 from .modeling import CACHE_KW, CompletionBatch, autocast_dtype, make_batch, position_ids
 from .ops.logprobs import apply_sampling_filters, pack_allowed, uses_token_filter
 
-
 COMPACT_FRACTION = 0.25
 """Drop finished rows from the forward pass (and their KV cache) once at least this fraction of the rows
 still computed has finished: one cache gather buys every later step a smaller batch."""
@@ -45,7 +44,9 @@ def sync_interval(device: torch.device) -> int:
     return 1 if torch.device(device).type == "cpu" else SYNC_EVERY
 
 
-def draw_tokens(probs: torch.Tensor, rows: torch.Tensor, batch_size: int, generator: Optional[torch.Generator]) -> torch.Tensor:
+def draw_tokens(
+    probs: torch.Tensor, rows: torch.Tensor, batch_size: int, generator: Optional[torch.Generator]
+) -> torch.Tensor:
     """``torch.multinomial(full_probs, 1)`` for the rows ``rows`` of a (batch_size, V) batch, given only
     their probabilities ``probs`` (len(rows), V): the same tokens and the same generator state.
 
@@ -104,8 +105,10 @@ def sample(
     if decoder not in ("auto", "hf", "lean"):
         raise ValueError(f"decoder must be 'auto', 'hf' or 'lean', got {decoder!r}")
     if decoder == "lean" and not decode.supports(model):
-        raise UserError(f"decoder='lean' needs a plain LlamaForCausalLM (decode.supports), got {type(model).__name__}; "
-                         "set --decoder auto or hf")
+        raise UserError(
+            f"decoder='lean' needs a plain LlamaForCausalLM (decode.supports), got {type(model).__name__}; "
+            "set --decoder auto or hf"
+        )
     lean = decoder == "lean" or (decoder == "auto" and decode.supports(model))
     was_training = model.training
     model.eval()
@@ -118,7 +121,9 @@ def sample(
     base = make_batch(prompts, [[]] * len(prompts), pad_id=pad_id)
     P = base.prompt_len
     B = base.input_ids.shape[0]
-    attn = torch.ones((B, P + max_new_tokens), dtype=base.attention_mask.dtype, device=device)  # (B, P + N), preallocated
+    attn = torch.ones(
+        (B, P + max_new_tokens), dtype=base.attention_mask.dtype, device=device
+    )  # (B, P + N), preallocated
     attn[:, :P] = base.attention_mask[:, :P].to(device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     out_tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -142,8 +147,13 @@ def sample(
                 if dec is not None:  # slots: the prompt at 0..P-1, step t's input token at P + t - 1
                     last = dec.forward(step_ids, pos, 0 if t == 0 else P + t - 1)  # (b, V)
                 else:
-                    out = model(input_ids=step_ids, attention_mask=attn[rows, : P + t], position_ids=pos,
-                                use_cache=True, **{CACHE_KW: past})
+                    out = model(
+                        input_ids=step_ids,
+                        attention_mask=attn[rows, : P + t],
+                        position_ids=pos,
+                        use_cache=True,
+                        **{CACHE_KW: past},
+                    )
                     past, last = getattr(out, CACHE_KW), out.logits[:, -1, :]
                 logits = apply_sampling_filters(last.float(), temperature=temperature, top_k=top_k, top_p=top_p)
                 tok = draw_tokens(torch.softmax(logits, dim=-1), rows, B, generator)  # (b,)

@@ -42,8 +42,10 @@ def parse_report_to(value) -> list[str]:
     bad = [n for n in names if n not in TRACKERS]
     if bad:
         hint = " ('none' cannot be combined with a tracker)" if "none" in bad else ""
-        raise UserError(f"report_to: unknown tracker(s) {bad}{hint}; choose from {', '.join(TRACKERS)} or none, "
-                        "comma-separated (e.g. report_to=tensorboard,wandb)")
+        raise UserError(
+            f"report_to: unknown tracker(s) {bad}{hint}; choose from {', '.join(TRACKERS)} or none, "
+            "comma-separated (e.g. report_to=tensorboard,wandb)"
+        )
     return names
 
 
@@ -54,9 +56,11 @@ def require(names: list[str]) -> None:
             try:
                 importlib.import_module(OPTIONAL[name])
             except ImportError:
-                raise UserError(f"report_to={name} needs the {OPTIONAL[name]} package, which is not installed: "
-                                f"pip install 'tether[{name}]' (or {OPTIONAL[name]}), or set report_to=tensorboard "
-                                "or none") from None
+                raise UserError(
+                    f"report_to={name} needs the {OPTIONAL[name]} package, which is not installed: "
+                    f"pip install 'tether[{name}]' (or {OPTIONAL[name]}), or set report_to=tensorboard "
+                    "or none"
+                ) from None
 
 
 class ExternalTracker:
@@ -74,8 +78,12 @@ class ExternalTracker:
         # Project from the tracker's usual variable, else "tether"; the run is named after output_dir.
         module = importlib.import_module(OPTIONAL[self.name])
         if self.name == "wandb":
-            return module.init(project=os.environ.get("WANDB_PROJECT", "tether"), name=self.path.name,
-                               dir=str(self.path), config=config)
+            return module.init(
+                project=os.environ.get("WANDB_PROJECT", "tether"),
+                name=self.path.name,
+                dir=str(self.path),
+                config=config,
+            )
         return module.init(project=os.environ.get("TRACKIO_PROJECT", "tether"), name=self.path.name, config=config)
 
     def log(self, step: int, row: dict) -> None:
@@ -97,4 +105,3 @@ def open_trackers(report_to, path: Path, *, is_main: bool) -> tuple[bool, list[E
     require(names)
     external = [ExternalTracker(n, path) for n in names if n in OPTIONAL] if is_main else []
     return "tensorboard" in names, external
-

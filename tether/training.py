@@ -21,8 +21,15 @@ from .config import config_group
 from .control import BetaController
 from .distributed import Dist
 from .errors import UserError
-from .fsdp import (full_optimizer_state, full_state_dict, is_dtensor, is_sharded, load_weights_file, shard_model,
-                   shard_optimizer_state)
+from .fsdp import (
+    full_optimizer_state,
+    full_state_dict,
+    is_dtensor,
+    is_sharded,
+    load_weights_file,
+    shard_model,
+    shard_optimizer_state,
+)
 from .fsdp import grad_norm as fsdp_grad_norm
 from .modeling import load_causal_lm, load_tokenizer
 from .runs import RunDir, load_model_weights, rng_state, seed_everything, set_rng_state
@@ -31,7 +38,9 @@ log = logging.getLogger(__name__)
 
 
 @config_group("training")
-@config_group("lora", prefixes=("lora",), fields=("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "merge_lora"))
+@config_group(
+    "lora", prefixes=("lora",), fields=("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "merge_lora")
+)
 @dataclass
 class TrainConfig:
     """Fields common to every trainer (each trainer's config subclasses this)."""
@@ -147,7 +156,9 @@ def with_epochs(cfg: TrainConfig, n_examples: int, *, per_step: int, unit: str =
     if cfg.epochs is None:
         return cfg
     if not (cfg.epochs > 0 and math.isfinite(cfg.epochs)):
-        raise UserError(f"epochs={cfg.epochs}: give a positive number of passes over the data (or leave it unset and use max_steps)")
+        raise UserError(
+            f"epochs={cfg.epochs}: give a positive number of passes over the data (or leave it unset and use max_steps)"
+        )
     steps = max(1, math.ceil(cfg.epochs * n_examples / per_step - 1e-9))  # 1e-9: 0.1 x 30 / 3 is not exactly 1
     log.info("epochs=%g over %d %s at %d per step: max_steps=%d", cfg.epochs, n_examples, unit, per_step, steps)
     return dataclasses.replace(cfg, max_steps=steps)
@@ -167,7 +178,9 @@ def adapt_model(model, cfg: TrainConfig, *, task_type: str = "CAUSAL_LM"):
     on a freshly loaded model; returns the model to train (a peft model with LoRA)."""
     if cfg.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
-            raise UserError(f"gradient_checkpointing: {type(model).__name__} does not support it; set gradient_checkpointing=false")
+            raise UserError(
+                f"gradient_checkpointing: {type(model).__name__} does not support it; set gradient_checkpointing=false"
+            )
         # Non-reentrant: recomputes with the same RNG state and needs no input that requires grad.
         # transformers >= 5.2x names it activation_checkpointing_enable (the old name warns).
         enable = getattr(model, "activation_checkpointing_enable", None)
@@ -178,8 +191,16 @@ def adapt_model(model, cfg: TrainConfig, *, task_type: str = "CAUSAL_LM"):
     if cfg.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                                 target_modules=lora_targets(cfg.lora_target_modules), task_type=task_type))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=cfg.lora_r,
+                lora_alpha=cfg.lora_alpha,
+                lora_dropout=cfg.lora_dropout,
+                target_modules=lora_targets(cfg.lora_target_modules),
+                task_type=task_type,
+            ),
+        )
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()  # peft's requirement for checkpointed layers with frozen embeddings
     return model
@@ -210,12 +231,16 @@ def fsdp_requested(cfg) -> bool:
 def check_fsdp(cfg) -> None:
     """What ``fsdp`` cannot be combined with (a UserError naming the field and the fix)."""
     if cfg.lora_r > 0:
-        raise UserError("fsdp=true (or an accelerate FSDP config) with lora_r > 0: LoRA is not sharded; set fsdp=false "
-                        "and launch without the FSDP config (or lora_r=0)")
+        raise UserError(
+            "fsdp=true (or an accelerate FSDP config) with lora_r > 0: LoRA is not sharded; set fsdp=false "
+            "and launch without the FSDP config (or lora_r=0)"
+        )
     ref = getattr(cfg, "reference", None)
     if ref in ("lora", "sync"):
-        raise UserError(f"fsdp=true with reference={ref}: that reference shares or copies the policy's weights; "
-                        "use reference=copy (or precomputed for dpo), or fsdp=false")
+        raise UserError(
+            f"fsdp=true with reference={ref}: that reference shares or copies the policy's weights; "
+            "use reference=copy (or precomputed for dpo), or fsdp=false"
+        )
 
 
 def set_train_mode(model: torch.nn.Module, *, keep_dropout: bool) -> torch.nn.Module:
@@ -242,7 +267,9 @@ def set_train_mode(model: torch.nn.Module, *, keep_dropout: bool) -> torch.nn.Mo
     if not keep_dropout:
         n = sum(1 for m in model.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0)
         if n:
-            log.info("dropout off in %d modules (p > 0) and in functional attention dropout; keep_dropout=true keeps it", n)
+            log.info(
+                "dropout off in %d modules (p > 0) and in functional attention dropout; keep_dropout=true keeps it", n
+            )
     return model
 
 
@@ -265,7 +292,10 @@ def zero_dropout(model: torch.nn.Module) -> int:
                 setattr(m, name, 0.0)
                 n += 1
     if n:
-        log.info("gradient checkpointing: train mode with %d dropout probabilities set to 0 (keep_dropout=true keeps them)", n)
+        log.info(
+            "gradient checkpointing: train mode with %d dropout probabilities set to 0 (keep_dropout=true keeps them)",
+            n,
+        )
     return n
 
 
@@ -335,14 +365,19 @@ class StepGuard:
         self.skipped += 1
         self.in_a_row += 1
         self.this_step += 1
-        log.warning("non-finite loss or gradient (%s): update skipped (%d in a row, %d in the run)",
-                    ", ".join(f"{float(v):.3g}" for v in values), self.in_a_row, self.skipped)
+        log.warning(
+            "non-finite loss or gradient (%s): update skipped (%d in a row, %d in the run)",
+            ", ".join(f"{float(v):.3g}" for v in values),
+            self.in_a_row,
+            self.skipped,
+        )
         if self.in_a_row >= self.limit:
             raise UserError(
                 f"{self.in_a_row} optimiser updates in a row had a non-finite loss or gradient, so the run stopped "
                 f"(max_nonfinite_steps={self.limit}); no NaN weights were saved and the last checkpoint is kept. Usual "
                 "causes: beta too large (or inf/nan), learning_rate too high, or rewards of an extreme scale (try "
-                "--reward_normalize true or --reward_clip); fix the config and rerun")
+                "--reward_normalize true or --reward_clip); fix the config and rerun"
+            )
         return False
 
     def stats(self) -> dict:
@@ -358,8 +393,16 @@ class StepGuard:
         self.skipped, self.in_a_row = int(state.get("skipped", 0)), int(state.get("in_a_row", 0))
 
 
-def optimizer_step(opt: torch.optim.Optimizer, sched, params, *, dist: Dist, max_grad_norm: float,
-                   guard: Optional[StepGuard] = None, loss: float = 0.0) -> tuple[float, float]:
+def optimizer_step(
+    opt: torch.optim.Optimizer,
+    sched,
+    params,
+    *,
+    dist: Dist,
+    max_grad_norm: float,
+    guard: Optional[StepGuard] = None,
+    loss: float = 0.0,
+) -> tuple[float, float]:
     """All-reduce gradients, clip, step optimiser and schedule, zero gradients. With a ``guard``, a
     non-finite ``loss`` (this process's) or gradient norm skips the optimiser step (StepGuard).
     Returns (grad norm before clipping, the learning rate this step used)."""
@@ -399,7 +442,9 @@ class Checkpointer:
         weights = full_state_dict(self.model)  # fsdp: every process gathers; rank 0 writes full tensors
         state = {
             "step": step,
-            "optimizer": full_optimizer_state(self.optimizer) if is_sharded(self.model) else self.optimizer.state_dict(),
+            "optimizer": full_optimizer_state(self.optimizer)
+            if is_sharded(self.model)
+            else self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "controller": None if self.controller is None else self.controller.state_dict(),
             "reference": None if self.reference is None else self.reference.state_dict(),
@@ -431,11 +476,17 @@ class Checkpointer:
             except UserError:
                 raise
             except Exception as e:  # noqa: BLE001 - any unreadable file: try the previous checkpoint
-                log.warning("checkpoint %s is unreadable (%s: %s); falling back to the previous one",
-                            ckpt, type(e).__name__, str(e)[:200])
+                log.warning(
+                    "checkpoint %s is unreadable (%s: %s); falling back to the previous one",
+                    ckpt,
+                    type(e).__name__,
+                    str(e)[:200],
+                )
         else:
-            raise UserError(f"no readable checkpoint in {self.run.checkpoints} ({', '.join(p.name for p in ckpts)} "
-                            "all failed to load, see the warnings above); pass --overwrite to start the run again")
+            raise UserError(
+                f"no readable checkpoint in {self.run.checkpoints} ({', '.join(p.name for p in ckpts)} "
+                "all failed to load, see the warnings above); pass --overwrite to start the run again"
+            )
         self.optimizer.load_state_dict(state["optimizer"])
         shard_optimizer_state(self.optimizer)  # fsdp: the saved moments are full tensors
         self.scheduler.load_state_dict(state["scheduler"])

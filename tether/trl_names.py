@@ -52,24 +52,78 @@ RENAMED: dict[str, str] = {
 DEFERRED = ("per_device_train_batch_size", "use_peft", "warmup_ratio")
 """Keys finished by ``config.finish_trl`` once every key is read (they depend on other fields)."""
 
-IGNORED = frozenset({
-    # Bookkeeping: accepted whatever the value, changes nothing tether does (one INFO line lists them).
-    "run_name", "logging_first_step", "overwrite_output_dir", "do_train", "do_eval", "do_predict",
-    "remove_unused_columns", "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
-    "dataloader_prefetch_factor", "hub_model_id", "hub_strategy", "hub_private_repo", "hub_token",
-    "save_strategy", "logging_strategy", "eval_strategy", "evaluation_strategy",
-    "save_only_model", "save_safetensors", "logging_dir", "logging_nan_inf_filter", "attn_implementation",
-    "dataset_config", "dataset_test_split", "dataset_streaming", "tf32", "ddp_find_unused_parameters",
-    "ddp_timeout", "ddp_backend", "include_tokens_per_second", "include_num_input_tokens_seen",
-    "gradient_checkpointing_kwargs", "lora_task_type", "log_completions", "num_completions_to_print",
-    "wandb_log_unique_prompts", "ds3_gather_for_generation", "model_init_kwargs", "ref_model_init_kwargs",
-    "dataset_num_proc", "use_logits_to_keep", "eval_on_start", "label_names", "disable_dropout_in_model",
-    "precompute_ref_log_probs", "precompute_ref_batch_size", "seed_data", "data_seed", "log_level",
-    "log_level_replica", "local_rank", "use_cpu", "bf16_full_eval", "fp16_full_eval", "prediction_loss_only",
-    "eval_accumulation_steps", "torch_empty_cache_steps", "ignore_data_skip", "resume_from_checkpoint",
-    "vllm_mode", "vllm_gpu_memory_utilization", "vllm_server_host", "vllm_server_port",
-    "vllm_tensor_parallel_size", "shuffle_dataset",
-})
+IGNORED = frozenset(
+    {
+        # Bookkeeping: accepted whatever the value, changes nothing tether does (one INFO line lists them).
+        "run_name",
+        "logging_first_step",
+        "overwrite_output_dir",
+        "do_train",
+        "do_eval",
+        "do_predict",
+        "remove_unused_columns",
+        "dataloader_num_workers",
+        "dataloader_pin_memory",
+        "dataloader_persistent_workers",
+        "dataloader_prefetch_factor",
+        "hub_model_id",
+        "hub_strategy",
+        "hub_private_repo",
+        "hub_token",
+        "save_strategy",
+        "logging_strategy",
+        "eval_strategy",
+        "evaluation_strategy",
+        "save_only_model",
+        "save_safetensors",
+        "logging_dir",
+        "logging_nan_inf_filter",
+        "attn_implementation",
+        "dataset_config",
+        "dataset_test_split",
+        "dataset_streaming",
+        "tf32",
+        "ddp_find_unused_parameters",
+        "ddp_timeout",
+        "ddp_backend",
+        "include_tokens_per_second",
+        "include_num_input_tokens_seen",
+        "gradient_checkpointing_kwargs",
+        "lora_task_type",
+        "log_completions",
+        "num_completions_to_print",
+        "wandb_log_unique_prompts",
+        "ds3_gather_for_generation",
+        "model_init_kwargs",
+        "ref_model_init_kwargs",
+        "dataset_num_proc",
+        "use_logits_to_keep",
+        "eval_on_start",
+        "label_names",
+        "disable_dropout_in_model",
+        "precompute_ref_log_probs",
+        "precompute_ref_batch_size",
+        "seed_data",
+        "data_seed",
+        "log_level",
+        "log_level_replica",
+        "local_rank",
+        "use_cpu",
+        "bf16_full_eval",
+        "fp16_full_eval",
+        "prediction_loss_only",
+        "eval_accumulation_steps",
+        "torch_empty_cache_steps",
+        "ignore_data_skip",
+        "resume_from_checkpoint",
+        "vllm_mode",
+        "vllm_gpu_memory_utilization",
+        "vllm_server_host",
+        "vllm_server_port",
+        "vllm_tensor_parallel_size",
+        "shuffle_dataset",
+    }
+)
 
 SAME_AS_TETHER: dict[str, tuple[set, str]] = {
     # Accepted (and ignored) only at the value that matches what tether does; any other value is
@@ -83,7 +137,10 @@ SAME_AS_TETHER: dict[str, tuple[set, str]] = {
     "trust_remote_code": ({False}, "tether loads transformers' built-in architectures only"),
     "torch_compile": ({False}, "remove torch_compile"),
     "use_liger_kernel": ({False}, "remove use_liger_kernel (tether computes log-probs chunked itself)"),
-    "optim": ({"adamw_torch", "adamw_torch_fused", "adamw_hf"}, "tether uses torch AdamW; set weight_decay and learning_rate"),
+    "optim": (
+        {"adamw_torch", "adamw_torch_fused", "adamw_hf"},
+        "tether uses torch AdamW; set weight_decay and learning_rate",
+    ),
     "adam_beta1": ({0.9}, "tether's AdamW uses betas (0.9, 0.999)"),
     "adam_beta2": ({0.999}, "tether's AdamW uses betas (0.9, 0.999)"),
     "adam_epsilon": ({1e-8}, "tether's AdamW uses eps 1e-8"),
@@ -104,17 +161,59 @@ SAME_AS_TETHER: dict[str, tuple[set, str]] = {
 
 LR_SCHEDULES = {"constant": "constant", "constant_with_warmup": "constant", "linear": "linear", "cosine": "cosine"}
 GRPO_LOSS_TYPES = {"grpo": "seq_mean_token_mean", "dapo": "token_mean", "bnpo": "token_mean"}
-BOOLEAN = frozenset({"use_peft", "bf16", "fp16", "gradient_checkpointing", "push_to_hub", "disable_dropout",
-                     "disable_tqdm", "use_vllm", "load_in_4bit", "load_in_8bit", "trust_remote_code",
-                     "logging_first_step", "overwrite_output_dir", "do_train", "do_eval", "remove_unused_columns",
-                     "sync_ref_model", "torch_compile", "use_liger_kernel", "mask_truncated_completions",
-                     "tf32", "precompute_ref_log_probs", "padding_free", "generate_during_eval", "whiten_rewards"})
+BOOLEAN = frozenset(
+    {
+        "use_peft",
+        "bf16",
+        "fp16",
+        "gradient_checkpointing",
+        "push_to_hub",
+        "disable_dropout",
+        "disable_tqdm",
+        "use_vllm",
+        "load_in_4bit",
+        "load_in_8bit",
+        "trust_remote_code",
+        "logging_first_step",
+        "overwrite_output_dir",
+        "do_train",
+        "do_eval",
+        "remove_unused_columns",
+        "sync_ref_model",
+        "torch_compile",
+        "use_liger_kernel",
+        "mask_truncated_completions",
+        "tf32",
+        "precompute_ref_log_probs",
+        "padding_free",
+        "generate_during_eval",
+        "whiten_rewards",
+    }
+)
 """TRL keys that are booleans (a bare ``--bf16`` on the command line means true)."""
 
-KNOWN = frozenset(RENAMED) | frozenset(DEFERRED) | IGNORED | frozenset(SAME_AS_TETHER) | frozenset({
-    "dataset_name", "max_completion_length", "reward_funcs", "reward_model_name_or_path", "bf16", "lr_scheduler_type", "disable_dropout", "disable_tqdm",
-    "report_to", "gradient_checkpointing", "loss_type", "scale_rewards",
-})
+KNOWN = (
+    frozenset(RENAMED)
+    | frozenset(DEFERRED)
+    | IGNORED
+    | frozenset(SAME_AS_TETHER)
+    | frozenset(
+        {
+            "dataset_name",
+            "max_completion_length",
+            "reward_funcs",
+            "reward_model_name_or_path",
+            "bf16",
+            "lr_scheduler_type",
+            "disable_dropout",
+            "disable_tqdm",
+            "report_to",
+            "gradient_checkpointing",
+            "loss_type",
+            "scale_rewards",
+        }
+    )
+)
 """Every TRL key this module reads (the command line accepts each as a hidden flag)."""
 
 
@@ -229,7 +328,9 @@ def translate(name: str, value: Any, fields: set[str]) -> Optional[list[tuple[st
     if name == "loss_type":  # a field of dpo; GRPO's loss_type is tether's loss_aggregation
         if "loss_aggregation" in fields and str(value) in GRPO_LOSS_TYPES:
             return [("loss_aggregation", GRPO_LOSS_TYPES[str(value)])]
-        raise refuse(name, value, "use loss_aggregation: token_mean (dapo, bnpo), seq_mean_token_mean (grpo) or seq_sum")
+        raise refuse(
+            name, value, "use loss_aggregation: token_mean (dapo, bnpo), seq_mean_token_mean (grpo) or seq_sum"
+        )
     if name == "scale_rewards":  # a field of grpo; newer TRL writes it as group | batch | none
         if str(value).lower() == "group":
             return [("scale_rewards", True)] if "scale_rewards" in fields else []

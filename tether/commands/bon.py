@@ -19,14 +19,13 @@ from typing import Optional
 
 from ..assets import resolve_model
 from ..checks import check_reward_spec, preflight_sampling
-from ..trainers.best_of_n import check_bon_sizes
 from ..config import parse_config, save_config
-from ..groups import SamplingConfig, sampling_settings
-from ..errors import UserError
 from ..data.prompts import load_prompts, prompt_options
+from ..errors import UserError
+from ..groups import SamplingConfig, sampling_settings
 from ..modeling import load_causal_lm, load_tokenizer
 from ..runs import seed_everything
-from ..trainers.best_of_n import best_of_n_curve
+from ..trainers.best_of_n import best_of_n_curve, check_bon_sizes
 
 
 @dataclass
@@ -70,8 +69,14 @@ def format_table(results: list[dict]) -> str:
     head = ["n", "KL bound", "KL estimate", *gold_keys]
     rows = [head]
     for r in results:
-        rows.append([str(r["n"]), f"{r['kl_bound']:.4f}", f"{r['kl_estimate']:.4f} ± {r['kl_estimate_stderr']:.4f}",
-                     *[f"{r[k]:.4f}" for k in gold_keys]])
+        rows.append(
+            [
+                str(r["n"]),
+                f"{r['kl_bound']:.4f}",
+                f"{r['kl_estimate']:.4f} ± {r['kl_estimate_stderr']:.4f}",
+                *[f"{r[k]:.4f}" for k in gold_keys],
+            ]
+        )
     rows.append(["ref", "0", "0", *[f"{results[0][k + '_ref']:.4f}" for k in gold_keys]])
     w = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in rows]
@@ -87,8 +92,14 @@ def check_bon_config(cfg: BoNConfig) -> list[int]:
     check_reward_spec(cfg.reward, assets=cfg.assets)
     for spec in cfg.gold:
         check_reward_spec(spec, field="gold", assets=cfg.assets)
-    preflight_sampling(cfg, model=cfg.model, model_field="model", prompts_path=cfg.prompts, batch_size=cfg.batch_size,
-                       assets=cfg.assets)
+    preflight_sampling(
+        cfg,
+        model=cfg.model,
+        model_field="model",
+        prompts_path=cfg.prompts,
+        batch_size=cfg.batch_size,
+        assets=cfg.assets,
+    )
     return ns
 
 
@@ -96,15 +107,27 @@ def main(argv=None) -> int:
     cfg, _ = parse_config(BoNConfig, argv, prog="tether bon", description=__doc__.split("\n\n")[0])
     ns = check_bon_config(cfg)
     if cfg.backend != "builtin":  # best_of_n_curve samples through engine.generate_batches with the built-in sampler
-        raise UserError(f"backend={cfg.backend!r}: tether bon samples with the built-in sampler only for now; set --backend builtin")
+        raise UserError(
+            f"backend={cfg.backend!r}: tether bon samples with the built-in sampler only for now; set --backend builtin"
+        )
     seed_everything(cfg.seed)
     path = resolve_model(cfg.model, cfg.assets)
     tok, model = load_tokenizer(path), load_causal_lm(path)
     prompts = load_prompts(cfg.prompts, tokenizer=tok, **prompt_options(cfg))
     prompts = prompts[: cfg.limit] if cfg.limit else prompts
     results = best_of_n_curve(
-        model, tok, prompts, ns=ns, reward=cfg.reward, gold=list(cfg.gold), kl_samples=cfg.kl_samples,
-        sampling=sampling_settings(cfg), batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress, decoder=cfg.decoder,
+        model,
+        tok,
+        prompts,
+        ns=ns,
+        reward=cfg.reward,
+        gold=list(cfg.gold),
+        kl_samples=cfg.kl_samples,
+        sampling=sampling_settings(cfg),
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        progress=cfg.progress,
+        decoder=cfg.decoder,
     )
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

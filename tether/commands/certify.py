@@ -17,24 +17,46 @@ from pathlib import Path
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tether certify", description=__doc__.split("\n\n")[0])
-    p.add_argument("--json", default=None, metavar="FILE", help="write the certificate (a list, one object per configuration) to FILE")
-    p.add_argument("--only", default=None, metavar="NAME",
-                   help="run a subset: configuration names (see --list) or method names (ppo, grpo, ...), comma-separated; "
-                        "a configuration name wins over a method of the same name")
-    p.add_argument("--plot", default=None, metavar="FILE.png",
-                   help="draw the convergence curves of the exact-tier rows (distance to target vs steps, log scale)")
-    p.add_argument("--jobs", type=int, default=None,
-                   help="processes to spread the configurations over (default: min(2, CPU count); 1 = sequential)")
+    p.add_argument(
+        "--json",
+        default=None,
+        metavar="FILE",
+        help="write the certificate (a list, one object per configuration) to FILE",
+    )
+    p.add_argument(
+        "--only",
+        default=None,
+        metavar="NAME",
+        help="run a subset: configuration names (see --list) or method names (ppo, grpo, ...), comma-separated; "
+        "a configuration name wins over a method of the same name",
+    )
+    p.add_argument(
+        "--plot",
+        default=None,
+        metavar="FILE.png",
+        help="draw the convergence curves of the exact-tier rows (distance to target vs steps, log scale)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="processes to spread the configurations over (default: min(2, CPU count); 1 = sequential)",
+    )
     p.add_argument("--list", action="store_true", help="list the methods and configurations and exit")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     return p
 
 
 FAMILIES = (  # (method prefix, panel title), first match wins; then the online methods of tether.registry
-    ("pg_kl_reward", "REINFORCE, KL in the reward"), ("pg_kl_loss_is", "REINFORCE + KL in the loss x π/π_old"),
+    ("pg_kl_reward", "REINFORCE, KL in the reward"),
+    ("pg_kl_loss_is", "REINFORCE + KL in the loss x π/π_old"),
     ("pg_kl_loss", "REINFORCE + KL in the loss"),
-    ("adaptive_kl", "β controllers"), ("constraint_kl", "β controllers"), ("scheduled_beta", "β controllers"),
-    ("fdpo", "f-DPO"), ("hinge", "hinge, SimPO (no target: KL to π*)"), ("simpo", "hinge, SimPO (no target: KL to π*)"),
+    ("adaptive_kl", "β controllers"),
+    ("constraint_kl", "β controllers"),
+    ("scheduled_beta", "β controllers"),
+    ("fdpo", "f-DPO"),
+    ("hinge", "hinge, SimPO (no target: KL to π*)"),
+    ("simpo", "hinge, SimPO (no target: KL to π*)"),
 )
 
 
@@ -75,7 +97,7 @@ def plot(certs, path: str) -> None:
         ax.set_xlabel("steps")
         ax.set_ylabel("KL[π‖target]  (π* if none)")
         ax.legend(fontsize=6)
-    for ax in list(axes.flat)[len(families):]:
+    for ax in list(axes.flat)[len(families) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -124,8 +146,10 @@ def main(argv=None) -> int:
     total = time.perf_counter() - t0
     print(certify.format_table(certs, markdown=args.markdown))
     failed = [c.name for c in certs if not c.ok]
-    print(f"\n{len(certs) - len(failed)}/{len(certs)} configurations certified in {total:.1f}s"
-          + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    print(
+        f"\n{len(certs) - len(failed)}/{len(certs)} configurations certified in {total:.1f}s"
+        + (f"; FAILED: {', '.join(failed)}" if failed else "")
+    )
     if args.json:
         Path(args.json).write_text(json.dumps([c.to_json() for c in certs], indent=2, ensure_ascii=False))
     if args.plot:

@@ -31,8 +31,9 @@ def main(argv=None) -> int:
         (("--full",), {"action": "store_true", "help": "the larger sweep"}),
         (("--tiny",), {"action": "store_true", "help": "a miniature run of every stage (for tests)"}),
     ]
-    parser = build_parser(DemoConfig, prog="tether demo", description=__doc__.replace("``", ""), extra=extra,
-                          raw_description=True)
+    parser = build_parser(
+        DemoConfig, prog="tether demo", description=__doc__.replace("``", ""), extra=extra, raw_description=True
+    )
     ns = parse_args(parser, argv)  # --kebab-case too
     chosen = [p for p in ("quick", "full", "tiny") if getattr(ns, p, False)]
     if len(chosen) > 1:

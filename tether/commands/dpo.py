@@ -22,7 +22,10 @@ from ..trainers.dpo import DPOConfig, train_dpo
 
 def main(argv=None) -> int:
     cfg, ns = parse_config(
-        DPOConfig, argv, prog="tether dpo", description=__doc__.split("\n\n")[0],
+        DPOConfig,
+        argv,
+        prog="tether dpo",
+        description=__doc__.split("\n\n")[0],
         extra=[(("--resume",), {"action": "store_true", "help": "continue from the latest checkpoint in output_dir"})],
     )
     preflight_dpo(cfg)  # the whole input, before any weights load

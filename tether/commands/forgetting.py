@@ -22,7 +22,13 @@ from pathlib import Path
 
 from ..assets import resolve_model
 from ..diagnostics.forgetting import (
-    default_texts, forgetting_on_texts, forward_kl_on_prompts, lineage, read_texts, run_config_of, text_batches,
+    default_texts,
+    forgetting_on_texts,
+    forward_kl_on_prompts,
+    lineage,
+    read_texts,
+    run_config_of,
+    text_batches,
 )
 from ..errors import UserError
 from ..measure import encode_prompts, read_prompts
@@ -31,21 +37,38 @@ from ..runs import seed_everything
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tether forgetting", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--policy", required=True, help="fine-tuned model: a Hugging Face folder (e.g. RUN/final) or hub name")
+    p = argparse.ArgumentParser(
+        prog="tether forgetting", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--policy", required=True, help="fine-tuned model: a Hugging Face folder (e.g. RUN/final) or hub name"
+    )
     p.add_argument("--reference", required=True, help="its reference model: a folder, hub name or asset short name")
-    p.add_argument("--texts", "--text", dest="texts", default=None,
-                   help="off-distribution text: a text file (one per line), .jsonl/.json/.parquet (text, chosen, or "
-                        "prompt + completion), a datasets folder, or rt-polarity / hh-rlhf (default: an asset the run "
-                        "did not train on)")
-    p.add_argument("--prompts", default=None,
-                   help="the run's training prompts (text file or JSONL with 'prompt'): adds the forward KL on them")
-    p.add_argument("--max_texts", type=int, default=256, help="texts scored at most, a seeded selection (0 = all; default 256)")
+    p.add_argument(
+        "--texts",
+        "--text",
+        dest="texts",
+        default=None,
+        help="off-distribution text: a text file (one per line), .jsonl/.json/.parquet (text, chosen, or "
+        "prompt + completion), a datasets folder, or rt-polarity / hh-rlhf (default: an asset the run "
+        "did not train on)",
+    )
+    p.add_argument(
+        "--prompts",
+        default=None,
+        help="the run's training prompts (text file or JSONL with 'prompt'): adds the forward KL on them",
+    )
+    p.add_argument(
+        "--max_texts", type=int, default=256, help="texts scored at most, a seeded selection (0 = all; default 256)"
+    )
     p.add_argument("--max_length", type=int, default=128, help="tokens per text at most (default 128)")
     p.add_argument("--max_prompts", type=int, default=64, help="prompts used at most for the forward KL (default 64)")
-    p.add_argument("--samples", type=int, default=4, help="completions sampled from the reference per prompt (default 4)")
-    p.add_argument("--max_new_tokens", type=int, default=32, help="completion length limit for the forward KL (default 32)")
+    p.add_argument(
+        "--samples", type=int, default=4, help="completions sampled from the reference per prompt (default 4)"
+    )
+    p.add_argument(
+        "--max_new_tokens", type=int, default=32, help="completion length limit for the forward KL (default 32)"
+    )
     p.add_argument("--batch_size", type=int, default=8, help="texts (or sampled rows / 4) per forward pass (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed for the text selection and the reference's samples")
     p.add_argument("--assets", default=None, help="assets folder (for short names such as stories260K)")
@@ -56,22 +79,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 def format_table(result: dict) -> str:
     t = result["on_texts"]
-    rows = [("per token, on the texts", "policy", "reference", "change"),
-            ("NLL (nats)", f"{t['nll_policy']:.4f}", f"{t['nll_reference']:.4f}",
-             f"{t['nll_delta']:+.4f} ± {t['nll_delta_stderr']:.4f}"),
-            ("perplexity", f"{t['ppl_policy']:.2f}", f"{t['ppl_reference']:.2f}", f"{t['ppl_delta']:+.2f}"),
-            ("KL[π_ref‖π_θ] (nats)", "", "", f"{t['kl_ref_to_policy']:.4f} ± {t['kl_ref_to_policy_stderr']:.4f}"),
-            ("KL[π_θ‖π_ref] (nats)", "", "", f"{t['kl_policy_to_ref']:.4f} ± {t['kl_policy_to_ref_stderr']:.4f}")]
+    rows = [
+        ("per token, on the texts", "policy", "reference", "change"),
+        (
+            "NLL (nats)",
+            f"{t['nll_policy']:.4f}",
+            f"{t['nll_reference']:.4f}",
+            f"{t['nll_delta']:+.4f} ± {t['nll_delta_stderr']:.4f}",
+        ),
+        ("perplexity", f"{t['ppl_policy']:.2f}", f"{t['ppl_reference']:.2f}", f"{t['ppl_delta']:+.2f}"),
+        ("KL[π_ref‖π_θ] (nats)", "", "", f"{t['kl_ref_to_policy']:.4f} ± {t['kl_ref_to_policy_stderr']:.4f}"),
+        ("KL[π_θ‖π_ref] (nats)", "", "", f"{t['kl_policy_to_ref']:.4f} ± {t['kl_policy_to_ref_stderr']:.4f}"),
+    ]
     w = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in rows]
     lines.insert(1, "  ".join("-" * x for x in w))
-    lines.append(f"{t['texts']} texts from {result['texts_source']}, {t['tokens']} scored tokens "
-                 "(± = standard error over texts)")
+    lines.append(
+        f"{t['texts']} texts from {result['texts_source']}, {t['tokens']} scored tokens (± = standard error over texts)"
+    )
     if "forward_kl_on_prompts" in result:
-        lines.append(f"\nforward KL E_x[KL(π_ref‖π_θ)] on the prompts: {result['forward_kl_on_prompts']:.4f} ± "
-                     f"{result['forward_kl_on_prompts_stderr']:.4f} nats/completion "
-                     f"({result['forward_kl_token_mean']:.4f}/token, {result['prompts_samples']} completions of "
-                     f"{result['prompts_response_len']:.1f} tokens sampled from π_ref)")
+        lines.append(
+            f"\nforward KL E_x[KL(π_ref‖π_θ)] on the prompts: {result['forward_kl_on_prompts']:.4f} ± "
+            f"{result['forward_kl_on_prompts_stderr']:.4f} nats/completion "
+            f"({result['forward_kl_token_mean']:.4f}/token, {result['prompts_samples']} completions of "
+            f"{result['prompts_response_len']:.1f} tokens sampled from π_ref)"
+        )
         lines.append(f"next-token forward KL at the prompts (exact): {result['forward_kl_next_token']:.4f} nats")
     return "\n".join(lines)
 
@@ -94,22 +126,46 @@ def main(argv=None) -> int:
         source, texts = args.texts, read_texts(args.texts, assets=args.assets, max_texts=args.max_texts, seed=args.seed)
     else:
         run = {**run_config_of(policy_path), "_reference_run": lineage(run_config_of(ref_path))}  # what both trained on
-        source, texts = default_texts(run, assets=args.assets, max_texts=args.max_texts,
-                                      seed=args.seed)
+        source, texts = default_texts(run, assets=args.assets, max_texts=args.max_texts, seed=args.seed)
     batches = text_batches(tok, texts, max_length=args.max_length, batch_size=args.batch_size)
     res = forgetting_on_texts(policy, ref_model, batches, progress=not args.no_progress)
-    result: dict = {"policy": args.policy, "reference": args.reference, "texts_source": source, "on_texts": res,
-                    **{k: res[k] for k in ("nll_policy", "nll_reference", "nll_delta", "ppl_policy", "ppl_reference",
-                                            "kl_ref_to_policy", "kl_policy_to_ref")}}
+    result: dict = {
+        "policy": args.policy,
+        "reference": args.reference,
+        "texts_source": source,
+        "on_texts": res,
+        **{
+            k: res[k]
+            for k in (
+                "nll_policy",
+                "nll_reference",
+                "nll_delta",
+                "ppl_policy",
+                "ppl_reference",
+                "kl_ref_to_policy",
+                "kl_policy_to_ref",
+            )
+        },
+    }
     if args.prompts:
         texts_p = read_prompts(args.prompts)
         if args.max_prompts:
             texts_p = texts_p[: args.max_prompts]
-        fwd = forward_kl_on_prompts(policy, ref_model, encode_prompts(tok, texts_p), tokenizer=tok,
-                                    samples_per_prompt=args.samples, max_new_tokens=args.max_new_tokens,
-                                    batch_size=4 * args.batch_size, seed=args.seed, progress=not args.no_progress)
+        fwd = forward_kl_on_prompts(
+            policy,
+            ref_model,
+            encode_prompts(tok, texts_p),
+            tokenizer=tok,
+            samples_per_prompt=args.samples,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=4 * args.batch_size,
+            seed=args.seed,
+            progress=not args.no_progress,
+        )
         result.update({k: v for k, v in fwd.items() if k.startswith("forward_kl")})
-        result.update({"prompts": len(texts_p), "prompts_samples": fwd["samples"], "prompts_response_len": fwd["response_len"]})
+        result.update(
+            {"prompts": len(texts_p), "prompts_samples": fwd["samples"], "prompts_response_len": fwd["response_len"]}
+        )
     print(format_table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

@@ -22,18 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from ..assets import resolve_model
 from ..checks import preflight_sampling
 from ..config import parse_config
-from ..engine import measure
-from ..errors import UserError
-from ..groups import SamplingConfig, sampling_settings
 from ..data.prompts import load_prompts, prompt_options
 from ..distributed import process_device
-from ..measure import encode_prompts
+from ..engine import measure
+from ..errors import UserError
 from ..generation import backend_for
+from ..groups import SamplingConfig, sampling_settings
+from ..measure import encode_prompts
 from ..modeling import check_compatible, load_causal_lm, load_tokenizer
 from ..reference import FrozenReference
 from ..runs import seed_everything
@@ -93,9 +91,11 @@ def format_filter_cost(result: dict) -> str:
     """The top-k/top-p lines: the filter cost E Σ_t -log π^τ_ref(F_t) and the KL left without it."""
     fc = result["filter_cost"]
     se = f" ± {fc['stderr']:.5f}" if fc["stderr"] == fc["stderr"] else ""
-    out = [f"filter cost: {fc['mean']:.5f}{se} nats/seq = E Σ_t -log π_ref(F_t), π_ref(F_t) the reference's (tempered) "
-           "mass inside the sampled top-k/top-p set: the part of the KL above that the filter alone causes (a model "
-           "against itself has exactly this KL)"]
+    out = [
+        f"filter cost: {fc['mean']:.5f}{se} nats/seq = E Σ_t -log π_ref(F_t), π_ref(F_t) the reference's (tempered) "
+        "mass inside the sampled top-k/top-p set: the part of the KL above that the filter alone causes (a model "
+        "against itself has exactly this KL)"
+    ]
     if "exact" in result["estimators"]:
         rest = max(result["estimators"]["exact"]["mean"] - fc["mean"], 0.0)  # a KL: ≥ 0 up to float32 rounding
         out.append(f"KL without it (to the reference restricted to the sampled sets): {rest:.5f} nats/seq")
@@ -116,28 +116,45 @@ def format_by_position(result: dict) -> str:
     for row in result["by_length"]:
         est = row["estimators"]
         ses = [est[e]["stderr"] for e in names]
-        ratio = est["k1"]["stderr"] / est["exact"]["stderr"] if {"k1", "exact"} <= est.keys() and est["exact"]["stderr"] else float("nan")
+        ratio = (
+            est["k1"]["stderr"] / est["exact"]["stderr"]
+            if {"k1", "exact"} <= est.keys() and est["exact"]["stderr"]
+            else float("nan")
+        )
         lines.append("  " + "  ".join([row["lengths"], str(row["n"])] + [f"{x:.5f}" for x in ses] + [f"{ratio:.2f}x"]))
     lines.append("\nKL of the first L tokens: standard error across samples")
     lines.append("  " + "  ".join(["L"] + [f"{e} se" for e in names] + ["k1 se / exact se"]))
     for row in result.get("by_prefix", []):
         est = row["estimators"]
-        ratio = est["k1"]["stderr"] / est["exact"]["stderr"] if {"k1", "exact"} <= est.keys() and est["exact"]["stderr"] else float("nan")
-        lines.append("  " + "  ".join([str(row["tokens"])] + [f"{est[e]['stderr']:.5f}" for e in names] + [f"{ratio:.2f}x"]))
+        ratio = (
+            est["k1"]["stderr"] / est["exact"]["stderr"]
+            if {"k1", "exact"} <= est.keys() and est["exact"]["stderr"]
+            else float("nan")
+        )
+        lines.append(
+            "  " + "  ".join([str(row["tokens"])] + [f"{est[e]['stderr']:.5f}" for e in names] + [f"{ratio:.2f}x"])
+        )
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    args, _ = parse_config(KLConfig, argv, prog="tether kl", description="\n\n".join(__doc__.split("\n\n")[:3]),
-                           raw_description=True)
+    args, _ = parse_config(
+        KLConfig, argv, prog="tether kl", description="\n\n".join(__doc__.split("\n\n")[:3]), raw_description=True
+    )
     missing = [f"--{name}" for name in ("policy", "reference", "prompts") if not getattr(args, name)]
     if missing:
         raise UserError(f"tether kl needs {', '.join(missing)}: the policy, its reference and a prompts file")
     if args.samples < 1:
         raise UserError(f"samples={args.samples} must be >= 1 (completions per prompt); set --samples")
     for name in ("policy", "reference"):  # the whole input, before any weights load
-        preflight_sampling(args, model=getattr(args, name), model_field=name, prompts_path=args.prompts,
-                           batch_size=args.batch_size, assets=args.assets)
+        preflight_sampling(
+            args,
+            model=getattr(args, name),
+            model_field=name,
+            prompts_path=args.prompts,
+            batch_size=args.batch_size,
+            assets=args.assets,
+        )
     seed_everything(args.seed)
     policy_path = resolve_model(args.policy, args.assets)
     ref_path = resolve_model(args.reference, args.assets)
@@ -150,9 +167,17 @@ def main(argv=None) -> int:
     reference = FrozenReference(ref_model)
     prompts = encode_prompts(tok, [p.text for p in load_prompts(args.prompts, tokenizer=tok, **prompt_options(args))])
     result = measure(
-        policy, reference, prompts, tokenizer=tok, samples_per_prompt=args.samples, batch_size=args.batch_size,
-        seed=args.seed, sampling=sampling_settings(args), progress=True,
-        by_position=args.by_position, backend=backend_for(args, policy),
+        policy,
+        reference,
+        prompts,
+        tokenizer=tok,
+        samples_per_prompt=args.samples,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        sampling=sampling_settings(args),
+        progress=True,
+        by_position=args.by_position,
+        backend=backend_for(args, policy),
     )
     print(format_table(result))
     if args.json:

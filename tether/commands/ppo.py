@@ -23,7 +23,10 @@ def online_command(method: str, argv, *, doc: str | None = None) -> int:
     any registered one): parse (YAML + flags), preflight, train, print a summary."""
     spec = method_spec(method, online=True)
     cfg, ns = parse_config(
-        spec.load("config"), argv, prog=f"tether {method}", description=(doc or spec.help).split("\n\n")[0],
+        spec.load("config"),
+        argv,
+        prog=f"tether {method}",
+        description=(doc or spec.help).split("\n\n")[0],
         extra=[(("--resume",), {"action": "store_true", "help": "continue from the latest checkpoint in output_dir"})],
     )
     spec.load("preflight")(cfg)  # the whole input, before any weights load

@@ -19,7 +19,10 @@ from ..trainers.reward_model import RMConfig, train_reward_model
 
 def main(argv=None) -> int:
     cfg, ns = parse_config(
-        RMConfig, argv, prog="tether rm", description=__doc__.split("\n\n")[0],
+        RMConfig,
+        argv,
+        prog="tether rm",
+        description=__doc__.split("\n\n")[0],
         extra=[(("--resume",), {"action": "store_true", "help": "continue from the latest checkpoint in output_dir"})],
     )
     preflight_rm(cfg)  # the whole input, before any weights load

@@ -18,7 +18,10 @@ from ..trainers.sft import SFTConfig, train_sft
 
 def main(argv=None) -> int:
     cfg, ns = parse_config(
-        SFTConfig, argv, prog="tether sft", description=__doc__.split("\n\n")[0],
+        SFTConfig,
+        argv,
+        prog="tether sft",
+        description=__doc__.split("\n\n")[0],
         extra=[(("--resume",), {"action": "store_true", "help": "continue from the latest checkpoint in output_dir"})],
     )
     preflight_sft(cfg)  # the whole input, before any weights load

@@ -31,20 +31,39 @@ from ..runs import seed_everything
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tether shift", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="tether shift", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--reference", required=True, help="the reference model: a folder, hub name or asset short name")
     p.add_argument("--prompts", required=True, help="prompts, one per line (or JSONL with a 'prompt' field)")
-    p.add_argument("--targets", required=True, help="target completions, one per line paired with the prompts, or one line for all")
+    p.add_argument(
+        "--targets", required=True, help="target completions, one per line paired with the prompts, or one line for all"
+    )
     p.add_argument("--prefixes", default=None, help="prefixes to try on every prompt, one per line")
-    p.add_argument("--policy", default=None, help="a policy whose completions' KL is measured under the plain and prefixed reference")
-    p.add_argument("--threshold", type=float, default=2.0, help="flag a row when |Δ log p| exceeds this many nats (default 2)")
-    p.add_argument("--search", choices=("greedy", "random"), default=None,
-                   help="also search a prefix raising the reference's log-prob of the targets")
+    p.add_argument(
+        "--policy",
+        default=None,
+        help="a policy whose completions' KL is measured under the plain and prefixed reference",
+    )
+    p.add_argument(
+        "--threshold", type=float, default=2.0, help="flag a row when |Δ log p| exceeds this many nats (default 2)"
+    )
+    p.add_argument(
+        "--search",
+        choices=("greedy", "random"),
+        default=None,
+        help="also search a prefix raising the reference's log-prob of the targets",
+    )
     p.add_argument("--prefix_tokens", type=int, default=8, help="length of the searched prefix in tokens (default 8)")
-    p.add_argument("--search_steps", type=int, default=16, help="search steps (greedy: one prefix position each; default 16)")
-    p.add_argument("--candidates", type=int, default=0,
-                   help="candidates per step: greedy, tokens tried (0 = the whole vocabulary); random, prefixes (0 = 64)")
+    p.add_argument(
+        "--search_steps", type=int, default=16, help="search steps (greedy: one prefix position each; default 16)"
+    )
+    p.add_argument(
+        "--candidates",
+        type=int,
+        default=0,
+        help="candidates per step: greedy, tokens tried (0 = the whole vocabulary); random, prefixes (0 = 64)",
+    )
     p.add_argument("--samples", type=int, default=4, help="policy completions per prompt (default 4)")
     p.add_argument("--max_new_tokens", type=int, default=32, help="policy completion length limit (default 32)")
     p.add_argument("--batch_size", type=int, default=64, help="rows per forward pass (default 64)")
@@ -79,16 +98,24 @@ def _validate(args) -> None:
 def format_table(result: dict) -> str:
     lines = [f"{'prompt':>6}  {'prefix':>6}  {'log p(y|x)':>11}  {'log p(y|p+x)':>12}  {'Δ':>8}  flagged"]
     for r in result["rows"]:
-        lines.append(f"{r['prompt']:>6}  {r['prefix']:>6}  {r['logp_plain']:>11.3f}  {r['logp_prefixed']:>12.3f}  "
-                     f"{r['delta']:>+8.3f}  {'YES' if r['flagged'] else 'no'}")
-    lines.append(f"{sum(r['flagged'] for r in result['rows'])} of {len(result['rows'])} (prompt, prefix) rows flagged "
-                 f"(|Δ| > {result['threshold']} nats)")
+        lines.append(
+            f"{r['prompt']:>6}  {r['prefix']:>6}  {r['logp_plain']:>11.3f}  {r['logp_prefixed']:>12.3f}  "
+            f"{r['delta']:>+8.3f}  {'YES' if r['flagged'] else 'no'}"
+        )
+    lines.append(
+        f"{sum(r['flagged'] for r in result['rows'])} of {len(result['rows'])} (prompt, prefix) rows flagged "
+        f"(|Δ| > {result['threshold']} nats)"
+    )
     for j, pf in enumerate(result["prefixes"]):
-        lines.append(f"prefix {j}: {pf['text']!r} ({len(pf['ids'])} tokens{', searched' if pf.get('searched') else ''})")
+        lines.append(
+            f"prefix {j}: {pf['text']!r} ({len(pf['ids'])} tokens{', searched' if pf.get('searched') else ''})"
+        )
         if "policy_kl" in pf:
             k = pf["policy_kl"]
-            lines.append(f"  policy KL[π‖π_ref]: {k['kl_plain']:.4f} ± {k['kl_plain_stderr']:.4f} plain, "
-                         f"{k['kl_prefixed']:.4f} ± {k['kl_prefixed_stderr']:.4f} prefixed ({k['samples']} completions)")
+            lines.append(
+                f"  policy KL[π‖π_ref]: {k['kl_plain']:.4f} ± {k['kl_plain_stderr']:.4f} plain, "
+                f"{k['kl_prefixed']:.4f} ± {k['kl_prefixed_stderr']:.4f} prefixed ({k['samples']} completions)"
+            )
     return "\n".join(lines)
 
 
@@ -100,7 +127,9 @@ def main(argv=None) -> int:
     if len(targets) == 1:
         targets = targets * len(prompts)
     elif len(targets) != len(prompts):
-        raise UserError(f"--targets has {len(targets)} lines for {len(prompts)} prompts: give one per prompt, or one for all")
+        raise UserError(
+            f"--targets has {len(targets)} lines for {len(prompts)} prompts: give one per prompt, or one for all"
+        )
     prefix_texts = _lines(args.prefixes, "prefixes") if args.prefixes else []
     ref_path = resolve_model(args.reference, args.assets)
     tok = load_tokenizer(ref_path)
@@ -116,20 +145,57 @@ def main(argv=None) -> int:
     if args.search:
         vocab = [i for i in range(len(tok)) if i not in set(tok.all_special_ids)]
         cands = args.candidates or (0 if args.search == "greedy" else 64)
-        sr = search_prefix(reference, prompt_ids, target_ids, pad_id=pad, bos_id=bos, vocab=vocab, method=args.search,
-                           prefix_tokens=args.prefix_tokens, steps=args.search_steps, candidates=cands, seed=args.seed,
-                           batch_size=args.batch_size, progress=not args.no_progress)
+        sr = search_prefix(
+            reference,
+            prompt_ids,
+            target_ids,
+            pad_id=pad,
+            bos_id=bos,
+            vocab=vocab,
+            method=args.search,
+            prefix_tokens=args.prefix_tokens,
+            steps=args.search_steps,
+            candidates=cands,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+        )
         prefixes.append({"text": tok.decode(sr.prefix), "ids": sr.prefix, "searched": True})
-        result["search"] = {"method": args.search, "objective": sr.objective, "start": sr.start, "plain": sr.plain, "gain": sr.objective - sr.plain, "history": sr.history}
-    result["rows"] = shift_rows(reference, prompt_ids, target_ids, [p["ids"] for p in prefixes], pad_id=pad, bos_id=bos,
-                                threshold=args.threshold, batch_size=args.batch_size)
+        result["search"] = {
+            "method": args.search,
+            "objective": sr.objective,
+            "start": sr.start,
+            "plain": sr.plain,
+            "gain": sr.objective - sr.plain,
+            "history": sr.history,
+        }
+    result["rows"] = shift_rows(
+        reference,
+        prompt_ids,
+        target_ids,
+        [p["ids"] for p in prefixes],
+        pad_id=pad,
+        bos_id=bos,
+        threshold=args.threshold,
+        batch_size=args.batch_size,
+    )
     if args.policy:
         policy_path = resolve_model(args.policy, args.assets)
         policy = load_causal_lm(policy_path)
         check_compatible(policy, reference, load_tokenizer(policy_path), tok)
         for j, pf in enumerate(prefixes):
-            pk = policy_kls(policy, reference, prompt_ids, pf["ids"], tokenizer=tok, bos_id=bos, samples_per_prompt=args.samples,
-                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
+            pk = policy_kls(
+                policy,
+                reference,
+                prompt_ids,
+                pf["ids"],
+                tokenizer=tok,
+                bos_id=bos,
+                samples_per_prompt=args.samples,
+                max_new_tokens=args.max_new_tokens,
+                batch_size=args.batch_size,
+                seed=args.seed,
+            )
             pf["policy_kl"] = pk
             for r in result["rows"]:
                 if r["prefix"] == j:

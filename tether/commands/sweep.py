@@ -29,12 +29,23 @@ from ..errors import UserError
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="tether sweep", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        prog="tether sweep",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
     parser.add_argument("--config", required=True, help="the SWEEP.yaml (method, base, grid or runs, eval)")
-    parser.add_argument("--output_dir", "--output-dir", default=None, help="where the runs and the report go (default: the YAML's output_dir, else runs/sweep)")
-    parser.add_argument("--workers", type=int, default=0, help="parallel run processes (default: one per core, at most one per run)")
+    parser.add_argument(
+        "--output_dir",
+        "--output-dir",
+        default=None,
+        help="where the runs and the report go (default: the YAML's output_dir, else runs/sweep)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=0, help="parallel run processes (default: one per core, at most one per run)"
+    )
     ns = parser.parse_args(argv)
     if ns.workers < 0:
         raise UserError(f"--workers is {ns.workers}; give a positive number of processes (or 0 for one per core)")

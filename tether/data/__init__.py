@@ -20,7 +20,19 @@ from .preference import (
 )
 
 __all__ = [
-    "PackedPairs", "PreferenceDataError", "StepBatches", "TruncationReport", "check_rows", "collate_pairs",
-    "epoch_batches", "implicit_prompt", "load_preference_rows", "pack_pairs", "read_raw_rows", "sentiment_pairs",
-    "split_holdout", "tokenize_pairs", "truncate_pair",
+    "PackedPairs",
+    "PreferenceDataError",
+    "StepBatches",
+    "TruncationReport",
+    "check_rows",
+    "collate_pairs",
+    "epoch_batches",
+    "implicit_prompt",
+    "load_preference_rows",
+    "pack_pairs",
+    "read_raw_rows",
+    "sentiment_pairs",
+    "split_holdout",
+    "tokenize_pairs",
+    "truncate_pair",
 ]

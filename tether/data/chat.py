@@ -102,7 +102,9 @@ def generation_spans(tokenizer, messages: Sequence[dict]) -> Optional[tuple[str,
     tpl = getattr(tokenizer, "chat_template", None)
     if not (isinstance(tpl, str) and _GENERATION.search(tpl) and getattr(tokenizer, "is_fast", False)):
         return None
-    out = tokenizer.apply_chat_template(list(messages), tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    out = tokenizer.apply_chat_template(
+        list(messages), tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
     text = render(tokenizer, messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     if list(enc["input_ids"]) != list(out["input_ids"]):
@@ -118,8 +120,9 @@ def generation_spans(tokenizer, messages: Sequence[dict]) -> Optional[tuple[str,
     return text, spans
 
 
-def assistant_spans(tokenizer, messages: Sequence[dict], *, train_from: int = 0,
-                    roles: Sequence[str] = ("assistant",)) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(
+    tokenizer, messages: Sequence[dict], *, train_from: int = 0, roles: Sequence[str] = ("assistant",)
+) -> tuple[str, list[tuple[int, int]]]:
     """(text of the whole conversation, character spans ``[start, end)`` of the trained turns).
 
     A turn is trained when its index is >= ``train_from`` and its role is in ``roles`` (SFT on

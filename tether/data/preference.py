@@ -27,9 +27,8 @@ in ``TruncationReport`` and logged.
 
 from __future__ import annotations
 
-import heapq
-
 import gzip
+import heapq
 import io
 import json
 import logging
@@ -204,8 +203,9 @@ def _render_chat(tokenizer, prompt_msgs: list, chosen_msgs: list, rejected_msgs:
     return {"prompt": p, "chosen": c, "rejected": r, "templated": True}
 
 
-def check_row(row: Any, i: int, *, tokenizer=None, chat_template: Optional[str] = None,
-              prompt_marker: str = HH_MARKER) -> dict:
+def check_row(
+    row: Any, i: int, *, tokenizer=None, chat_template: Optional[str] = None, prompt_marker: str = HH_MARKER
+) -> dict:
     """One raw row -> ``{"prompt", "chosen", "rejected"}`` strings (+ ``"templated": True`` for
     conversational rows, whose text already holds the template's special tokens). Raises
     ``PreferenceDataError`` naming row ``i`` and the field."""
@@ -220,7 +220,9 @@ def check_row(row: Any, i: int, *, tokenizer=None, chat_template: Optional[str] 
     if conversational:
         for f, v in (("chosen", chosen), ("rejected", rejected)):
             if not _is_messages(v):
-                raise PreferenceDataError(f"{where}: field {f!r} must be a list of messages like the other, got {type(v).__name__}")
+                raise PreferenceDataError(
+                    f"{where}: field {f!r} must be a list of messages like the other, got {type(v).__name__}"
+                )
             _check_messages(v, f"{where} field {f!r}")
         if _is_messages(prompt):
             _check_messages(prompt, f"{where} field 'prompt'")
@@ -244,27 +246,42 @@ def check_row(row: Any, i: int, *, tokenizer=None, chat_template: Optional[str] 
         return _render_chat(tokenizer, p_msgs, c_msgs, r_msgs)
     for f, v in (("chosen", chosen), ("rejected", rejected)) + ((("prompt", prompt),) if prompt is not None else ()):
         if not isinstance(v, str):
-            raise PreferenceDataError(f"{where}: field {f!r} must be a string (or a list of messages), got {type(v).__name__}")
+            raise PreferenceDataError(
+                f"{where}: field {f!r} must be a string (or a list of messages), got {type(v).__name__}"
+            )
     if prompt is None:
         prompt, chosen, rejected = implicit_prompt(chosen, rejected, marker=prompt_marker)
     for f, v in (("chosen", chosen), ("rejected", rejected)):
         if not v.strip():
-            raise PreferenceDataError(f"{where}: field {f!r} is empty" + (" after the shared prompt" if "prompt" not in row else ""))
+            raise PreferenceDataError(
+                f"{where}: field {f!r} is empty" + (" after the shared prompt" if "prompt" not in row else "")
+            )
     if chosen == rejected:
         raise PreferenceDataError(f"{where}: 'chosen' and 'rejected' are identical")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
-def check_rows(raw: Iterable, *, skip_bad_rows: bool = False, tokenizer=None, chat_template: Optional[str] = None,
-               prompt_marker: str = HH_MARKER, source: str = "dataset") -> tuple[list[dict], dict[str, int]]:
+def check_rows(
+    raw: Iterable,
+    *,
+    skip_bad_rows: bool = False,
+    tokenizer=None,
+    chat_template: Optional[str] = None,
+    prompt_marker: str = HH_MARKER,
+    source: str = "dataset",
+) -> tuple[list[dict], dict[str, int]]:
     """Check every row; returns (rows, skipped) with ``skipped`` counting bad rows by reason."""
     rows, skipped = [], {}
     for i, row in enumerate(raw):
         try:
-            rows.append(check_row(row, i, tokenizer=tokenizer, chat_template=chat_template, prompt_marker=prompt_marker))
+            rows.append(
+                check_row(row, i, tokenizer=tokenizer, chat_template=chat_template, prompt_marker=prompt_marker)
+            )
         except PreferenceDataError as e:
             if not skip_bad_rows:
-                raise PreferenceDataError(f"{source}: {e}; fix the data or pass --skip_bad_rows to skip such rows") from None
+                raise PreferenceDataError(
+                    f"{source}: {e}; fix the data or pass --skip_bad_rows to skip such rows"
+                ) from None
             reason = str(e).split(": ", 1)[-1]
             skipped[reason] = skipped.get(reason, 0) + 1
     if skipped:
@@ -274,9 +291,18 @@ def check_rows(raw: Iterable, *, skip_bad_rows: bool = False, tokenizer=None, ch
     return rows, skipped
 
 
-def load_preference_rows(source: Any, *, split: str = "train", tokenizer=None, chat_template: Optional[str] = None,
-                         skip_bad_rows: bool = False, prompt_marker: str = HH_MARKER, assets: Optional[str] = None,
-                         limit: Optional[int] = None, columns: Optional[dict] = None) -> list[dict]:
+def load_preference_rows(
+    source: Any,
+    *,
+    split: str = "train",
+    tokenizer=None,
+    chat_template: Optional[str] = None,
+    skip_bad_rows: bool = False,
+    prompt_marker: str = HH_MARKER,
+    assets: Optional[str] = None,
+    limit: Optional[int] = None,
+    columns: Optional[dict] = None,
+) -> list[dict]:
     """Load and check preference data: a list of ``{"prompt", "chosen", "rejected"}`` strings.
 
     ``tokenizer`` is needed only for conversational rows (chat template). ``limit`` keeps the first
@@ -290,8 +316,14 @@ def load_preference_rows(source: Any, *, split: str = "train", tokenizer=None, c
         raw = raw[:limit]
     name = str(source) if isinstance(source, (str, os.PathLike)) else "rows"
     raw = rename_columns(raw, columns or {}, where=name)
-    rows, _ = check_rows(raw, skip_bad_rows=skip_bad_rows, tokenizer=tokenizer, chat_template=chat_template,
-                         prompt_marker=prompt_marker, source=name)
+    rows, _ = check_rows(
+        raw,
+        skip_bad_rows=skip_bad_rows,
+        tokenizer=tokenizer,
+        chat_template=chat_template,
+        prompt_marker=prompt_marker,
+        source=name,
+    )
     return rows
 
 
@@ -319,14 +351,24 @@ class TruncationReport:
         if self.prompt_truncated or self.completion_truncated or self.dropped_identical:
             log.warning(
                 "%s: of %d pairs, %d had prompts truncated (from the left), %d had completions truncated (from the "
-                "right), %d were dropped as identical after truncation", name, self.pairs, self.prompt_truncated,
-                self.completion_truncated, self.dropped_identical,
+                "right), %d were dropped as identical after truncation",
+                name,
+                self.pairs,
+                self.prompt_truncated,
+                self.completion_truncated,
+                self.dropped_identical,
             )
 
 
 def truncate_pair(
-    prompt: Sequence[int], chosen: Sequence[int], rejected: Sequence[int], *, max_length: Optional[int] = None,
-    max_prompt_length: Optional[int] = None, max_completion_length: Optional[int] = None, bos_id: Optional[int] = None,
+    prompt: Sequence[int],
+    chosen: Sequence[int],
+    rejected: Sequence[int],
+    *,
+    max_length: Optional[int] = None,
+    max_prompt_length: Optional[int] = None,
+    max_completion_length: Optional[int] = None,
+    bos_id: Optional[int] = None,
 ) -> tuple[list[int], list[int], list[int], bool, bool]:
     """Fit a pair into ``max_length`` tokens per sequence (prompt + completion).
 
@@ -345,8 +387,8 @@ def truncate_pair(
         if len(ids) <= n:
             return ids
         if bos_id is not None and ids and ids[0] == bos_id and n >= 2:
-            return [ids[0]] + ids[len(ids) - (n - 1):]
-        return ids[len(ids) - n:]
+            return [ids[0]] + ids[len(ids) - (n - 1) :]
+        return ids[len(ids) - n :]
 
     if max_completion_length is not None and max(len(c), len(r)) > max_completion_length:
         c, r, c_cut = c[:max_completion_length], r[:max_completion_length], True
@@ -361,7 +403,9 @@ def truncate_pair(
                 p, p_cut = cut_left(p, keep_p), True
             room = max_length - len(p)
             if room < 1:
-                raise UserError(f"max_length={max_length} leaves no room for a completion after a {len(p)}-token prompt")
+                raise UserError(
+                    f"max_length={max_length} leaves no room for a completion after a {len(p)}-token prompt"
+                )
             if longest > room:
                 c, r, c_cut = c[:room], r[:room], True
     return p, c, r, p_cut, c_cut
@@ -377,8 +421,14 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 def tokenize_pairs(
-    rows: Sequence[dict], tokenizer, *, max_length: Optional[int] = None, max_prompt_length: Optional[int] = None,
-    max_completion_length: Optional[int] = None, add_eos: bool = True, source: str = "data",
+    rows: Sequence[dict],
+    tokenizer,
+    *,
+    max_length: Optional[int] = None,
+    max_prompt_length: Optional[int] = None,
+    max_completion_length: Optional[int] = None,
+    add_eos: bool = True,
+    source: str = "data",
 ) -> tuple[list[dict], TruncationReport]:
     """Rows of strings -> ``[{"prompt_ids", "chosen_ids", "rejected_ids", "row"}]`` plus a report.
 
@@ -419,8 +469,13 @@ def tokenize_pairs(
                 "that adds BOS, or give a prompt)"
             )
         p_ids, c_ids, r_ids, p_cut, c_cut = truncate_pair(
-            p_ids, c_ids, r_ids, max_length=max_length, max_prompt_length=max_prompt_length,
-            max_completion_length=max_completion_length, bos_id=tokenizer.bos_token_id,
+            p_ids,
+            c_ids,
+            r_ids,
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+            max_completion_length=max_completion_length,
+            bos_id=tokenizer.bos_token_id,
         )
         report.pairs += 1
         report.prompt_truncated += p_cut
@@ -446,7 +501,7 @@ def split_holdout(n: int, fraction: float, *, seed: int) -> tuple[list[int], lis
         raise UserError(f"eval_fraction must be in [0, 1), got {fraction}")
     perm = torch.randperm(n, generator=rng.generator(seed)).tolist()
     k = int(round(n * fraction))
-    return sorted(perm[: n - k]), sorted(perm[n - k:])
+    return sorted(perm[: n - k]), sorted(perm[n - k :])
 
 
 def pair_width(pair: dict) -> int:
@@ -459,8 +514,16 @@ def pair_tokens(pair: dict) -> int:
     return 2 * len(pair["prompt_ids"]) + len(pair["chosen_ids"]) + len(pair["rejected_ids"])
 
 
-def epoch_batches(widths: Sequence[int], batch_size: int, *, seed: int, epoch: int, shuffle: bool = True,
-                  group_by_length: bool = True, window: int = 32) -> list[list[int]]:
+def epoch_batches(
+    widths: Sequence[int],
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    shuffle: bool = True,
+    group_by_length: bool = True,
+    window: int = 32,
+) -> list[list[int]]:
     """The global batches (index lists) of one epoch, a pure function of (seed, epoch).
 
     ``shuffle``: a permutation from ``rng.generator(seed + epoch)`` (else data order).
@@ -491,8 +554,16 @@ class StepBatches:
     """Step -> global batch, deterministic from (seed, step) so a resumed run continues exactly.
     Epoch e's order is ``epoch_batches(..., epoch=e)``; epochs are built on demand and cached."""
 
-    def __init__(self, widths: Sequence[int], batch_size: int, *, seed: int, shuffle: bool = True,
-                 group_by_length: bool = True, window: int = 32):
+    def __init__(
+        self,
+        widths: Sequence[int],
+        batch_size: int,
+        *,
+        seed: int,
+        shuffle: bool = True,
+        group_by_length: bool = True,
+        window: int = 32,
+    ):
         self.widths, self.batch_size, self.seed = list(widths), batch_size, seed
         self.kw = dict(shuffle=shuffle, group_by_length=group_by_length, window=window)
         self.per_epoch = len(self.widths) // batch_size
@@ -549,8 +620,9 @@ class PackedPairs:
         return int(self.lengths.shape[0])
 
     def to(self, device) -> "PackedPairs":
-        return PackedPairs(*(t.to(device) for t in (self.input_ids, self.position_ids, self.src, self.targets,
-                                                     self.seq, self.lengths)))
+        return PackedPairs(
+            *(t.to(device) for t in (self.input_ids, self.position_ids, self.src, self.targets, self.seq, self.lengths))
+        )
 
 
 def pack_pairs(pairs: Sequence[dict], *, pad_id: int) -> PackedPairs:
@@ -599,12 +671,19 @@ def pack_sequences(seqs: Sequence[tuple[Sequence[int], Sequence[int]]], *, pad_i
     for r, room in enumerate(free):
         if room:
             pos[r, W - room :] = torch.arange(room)  # padding tail: a block of its own
-    return PackedPairs(ids, pos, torch.tensor(src, dtype=torch.long), torch.tensor(tgt, dtype=torch.long),
-                       torch.tensor(seq, dtype=torch.long), torch.tensor([len(c) for _, c in seqs], dtype=torch.long))
+    return PackedPairs(
+        ids,
+        pos,
+        torch.tensor(src, dtype=torch.long),
+        torch.tensor(tgt, dtype=torch.long),
+        torch.tensor(seq, dtype=torch.long),
+        torch.tensor([len(c) for _, c in seqs], dtype=torch.long),
+    )
 
 
-def sentiment_pairs(positive: Sequence[str], negative: Sequence[str], *, n: int, prompt_words: tuple[int, int] = (2, 4),
-                    seed: int = 0) -> list[dict]:
+def sentiment_pairs(
+    positive: Sequence[str], negative: Sequence[str], *, n: int, prompt_words: tuple[int, int] = (2, 4), seed: int = 0
+) -> list[dict]:
     """Synthetic preference pairs from sentiment-labelled snippets (e.g. rt-polarity): the prompt is the
     first few words of a positive snippet, chosen its continuation, rejected the continuation of a
     negative snippet after as many words. A controlled-sentiment task in the spirit of the DPO

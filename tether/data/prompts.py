@@ -41,16 +41,21 @@ class Prompt:
         return isinstance(self.prompt, list)
 
 
-def prompt_from_row(row: Any, *, where: str, tokenizer=None, chat_template: Optional[str] = None,
-                    prompt_field: str = "prompt") -> Prompt:
+def prompt_from_row(
+    row: Any, *, where: str, tokenizer=None, chat_template: Optional[str] = None, prompt_field: str = "prompt"
+) -> Prompt:
     """One row (a string, or a dict with ``prompt_field``) -> ``Prompt``."""
     if isinstance(row, str):
         return Prompt(row, row)
     if not isinstance(row, dict):
-        raise UserError(f"{where}: expected a string or an object with a {prompt_field!r} field, got {type(row).__name__}")
+        raise UserError(
+            f"{where}: expected a string or an object with a {prompt_field!r} field, got {type(row).__name__}"
+        )
     if prompt_field not in row:
-        raise UserError(f"{where}: no {prompt_field!r} field (found {sorted(row)}); name the prompt column with "
-                        "--prompt_field NAME or map it with --columns SOURCE=prompt")
+        raise UserError(
+            f"{where}: no {prompt_field!r} field (found {sorted(row)}); name the prompt column with "
+            "--prompt_field NAME or map it with --columns SOURCE=prompt"
+        )
     p = row[prompt_field]
     cols = {k: v for k, v in row.items() if k != prompt_field}
     if isinstance(p, str):
@@ -61,23 +66,46 @@ def prompt_from_row(row: Any, *, where: str, tokenizer=None, chat_template: Opti
             raise UserError(f"{where}: conversational prompts need the model's tokenizer (to apply its chat template)")
         use_template(tokenizer, chat_template, where=where)
         return Prompt(render_prompt(tokenizer, msgs), msgs, cols)
-    raise UserError(f"{where}: field {prompt_field!r} must be a string or a list of {{'role', 'content'}} messages, "
-                    f"got {type(p).__name__}")
+    raise UserError(
+        f"{where}: field {prompt_field!r} must be a string or a list of {{'role', 'content'}} messages, "
+        f"got {type(p).__name__}"
+    )
 
 
-def as_prompts(items: Sequence, *, tokenizer=None, chat_template: Optional[str] = None, prompt_field: str = "prompt",
-               where: str = "prompts") -> list[Prompt]:
+def as_prompts(
+    items: Sequence,
+    *,
+    tokenizer=None,
+    chat_template: Optional[str] = None,
+    prompt_field: str = "prompt",
+    where: str = "prompts",
+) -> list[Prompt]:
     """Prompts from rows already in memory: strings, dicts (as in a data file) or ``Prompt`` objects."""
-    return [p if isinstance(p, Prompt) else prompt_from_row(p, where=f"{where} row {i}", tokenizer=tokenizer,
-                                                            chat_template=chat_template, prompt_field=prompt_field)
-            for i, p in enumerate(items)]
+    return [
+        p
+        if isinstance(p, Prompt)
+        else prompt_from_row(
+            p, where=f"{where} row {i}", tokenizer=tokenizer, chat_template=chat_template, prompt_field=prompt_field
+        )
+        for i, p in enumerate(items)
+    ]
 
 
-def load_prompts(spec: str, *, tokenizer=None, chat_template: Optional[str] = None, prompt_field: str = "prompt",
-                 columns=None, split: str = "train", assets: Optional[str] = None) -> list[Prompt]:
+def load_prompts(
+    spec: str,
+    *,
+    tokenizer=None,
+    chat_template: Optional[str] = None,
+    prompt_field: str = "prompt",
+    columns=None,
+    split: str = "train",
+    assets: Optional[str] = None,
+) -> list[Prompt]:
     """Every prompt of ``spec`` (see the module docstring), in file order."""
     if not spec or not str(spec).strip():
-        raise UserError("prompts is empty: pass --prompts FILE (text, .jsonl, .json, .parquet), a datasets folder or a hub name")
+        raise UserError(
+            "prompts is empty: pass --prompts FILE (text, .jsonl, .json, .parquet), a datasets folder or a hub name"
+        )
     rows = read_rows(spec, assets=assets, split=split)
     rows = rename_columns(rows, column_map(columns, prompt=prompt_field), where=spec)
     out = as_prompts(rows, tokenizer=tokenizer, chat_template=chat_template, where=spec)
@@ -94,5 +122,9 @@ def eval_prompts_split(spec: Optional[str], *, split: str = "train") -> Optional
 
 def prompt_options(cfg) -> dict:
     """The ``load_prompts`` keywords a command's config sets (its prompt_field, columns, chat_template, assets)."""
-    return dict(prompt_field=getattr(cfg, "prompt_field", "prompt"), columns=getattr(cfg, "columns", None),
-                chat_template=getattr(cfg, "chat_template", None), assets=getattr(cfg, "assets", None))
+    return dict(
+        prompt_field=getattr(cfg, "prompt_field", "prompt"),
+        columns=getattr(cfg, "columns", None),
+        chat_template=getattr(cfg, "chat_template", None),
+        assets=getattr(cfg, "assets", None),
+    )

@@ -174,7 +174,9 @@ def column_map(value, *, field: str = "columns", **renames: Optional[str]) -> di
         for v in value:
             src, sep, dst = str(v).partition("=")
             if not sep or not src.strip() or not dst.strip():
-                raise UserError(f"{field}: {v!r} is not SOURCE=TARGET (e.g. --{field} question=prompt,response_j=chosen)")
+                raise UserError(
+                    f"{field}: {v!r} is not SOURCE=TARGET (e.g. --{field} question=prompt,response_j=chosen)"
+                )
             items.append((src.strip(), dst.strip()))
     elif value is None:
         items = []
@@ -196,8 +198,10 @@ def rename_columns(rows: list, mapping: dict[str, str], *, where: str = "dataset
     if dicts:
         missing = [s for s in mapping if not any(s in r for r in dicts)]
         if missing:
-            raise UserError(f"{where}: column(s) {missing} named in the column mapping are not in the data "
-                            f"(its columns: {sorted(dicts[0])}); fix --columns / --*_field")
+            raise UserError(
+                f"{where}: column(s) {missing} named in the column mapping are not in the data "
+                f"(its columns: {sorted(dicts[0])}); fix --columns / --*_field"
+            )
     return [{mapping.get(k, k): v for k, v in r.items()} if isinstance(r, dict) else r for r in rows]
 
 
@@ -219,8 +223,9 @@ def eval_split_of(spec: Optional[str], *, split: str = "train") -> Optional[str]
     return None
 
 
-def _chat_example(tokenizer, chat_template: Optional[str], messages: list, *, where: str, train_from: Optional[int],
-                  roles) -> TextExample:
+def _chat_example(
+    tokenizer, chat_template: Optional[str], messages: list, *, where: str, train_from: Optional[int], roles
+) -> TextExample:
     """A conversation rendered whole; trained spans: messages from ``train_from`` with a role in
     ``roles`` (any role if None), or the whole text when ``train_from`` is None."""
     from .chat import assistant_spans, check_messages, render, use_template
@@ -238,10 +243,19 @@ def _chat_example(tokenizer, chat_template: Optional[str], messages: list, *, wh
     return TextExample("", text, tuple(spans))
 
 
-def row_to_example(row, *, where: str, text_field: str = "text", prompt_field: str = "prompt",
-                   completion_field: str = "completion", messages_field: str = "messages", tokenizer=None,
-                   chat_template: Optional[str] = None, completion_only_loss: bool = True,
-                   assistant_only_loss: bool = True) -> TextExample:
+def row_to_example(
+    row,
+    *,
+    where: str,
+    text_field: str = "text",
+    prompt_field: str = "prompt",
+    completion_field: str = "completion",
+    messages_field: str = "messages",
+    tokenizer=None,
+    chat_template: Optional[str] = None,
+    completion_only_loss: bool = True,
+    assistant_only_loss: bool = True,
+) -> TextExample:
     """One row -> TextExample. Conversational rows (``messages``, or ``prompt``/``completion`` lists of
     messages) are rendered with the chat template; their ``spans`` are the trained text: the
     assistant turns (``assistant_only_loss``) or the completion messages (``completion_only_loss``),
@@ -261,11 +275,13 @@ def row_to_example(row, *, where: str, text_field: str = "text", prompt_field: s
     if prompt_field in row and completion_field in row:
         p, c = row[prompt_field], row[completion_field]
         if is_messages(p) and is_messages(c):
-            return _chat_example(messages=list(p) + list(c), train_from=len(p) if completion_only_loss else None,
-                                 roles=None, **chat)
+            return _chat_example(
+                messages=list(p) + list(c), train_from=len(p) if completion_only_loss else None, roles=None, **chat
+            )
         if not isinstance(p, str) or not isinstance(c, str):
-            raise UserError(f"{where}: '{prompt_field}' and '{completion_field}' must both be strings or both lists of "
-                            "messages")
+            raise UserError(
+                f"{where}: '{prompt_field}' and '{completion_field}' must both be strings or both lists of messages"
+            )
         return TextExample(p, c)
     if text_field in row:
         if not isinstance(row[text_field], str):
@@ -279,20 +295,38 @@ def row_to_example(row, *, where: str, text_field: str = "text", prompt_field: s
 
 
 def load_text_examples(
-    dataset: str, *, assets: Optional[str] = None, split: str = "train", text_field: str = "text",
-    prompt_field: str = "prompt", completion_field: str = "completion", messages_field: str = "messages",
-    columns=None, tokenizer=None, chat_template: Optional[str] = None, completion_only_loss: bool = True,
+    dataset: str,
+    *,
+    assets: Optional[str] = None,
+    split: str = "train",
+    text_field: str = "text",
+    prompt_field: str = "prompt",
+    completion_field: str = "completion",
+    messages_field: str = "messages",
+    columns=None,
+    tokenizer=None,
+    chat_template: Optional[str] = None,
+    completion_only_loss: bool = True,
     assistant_only_loss: bool = True,
 ) -> list[TextExample]:
     """All examples of a (comma-separated list of) dataset argument(s), in file order. ``columns``
     renames source columns first (``column_map``); ``tokenizer`` / ``chat_template`` render
     conversational rows."""
     if not dataset or not dataset.strip():
-        raise UserError("dataset is empty: pass --dataset FILE (text, .jsonl, .json, .parquet), a folder, or a hub name")
+        raise UserError(
+            "dataset is empty: pass --dataset FILE (text, .jsonl, .json, .parquet), a folder, or a hub name"
+        )
     mapping = column_map(columns)
-    kw = dict(text_field=text_field, prompt_field=prompt_field, completion_field=completion_field,
-              messages_field=messages_field, tokenizer=tokenizer, chat_template=chat_template,
-              completion_only_loss=completion_only_loss, assistant_only_loss=assistant_only_loss)
+    kw = dict(
+        text_field=text_field,
+        prompt_field=prompt_field,
+        completion_field=completion_field,
+        messages_field=messages_field,
+        tokenizer=tokenizer,
+        chat_template=chat_template,
+        completion_only_loss=completion_only_loss,
+        assistant_only_loss=assistant_only_loss,
+    )
     out: list[TextExample] = []
     for spec in [s.strip() for s in dataset.split(",") if s.strip()]:
         rows = rename_columns(read_rows(spec, assets=assets, split=split), mapping, where=spec)
@@ -355,7 +389,11 @@ def _tokenize_spans(tokenizer, text: str, spans: Sequence[tuple[int, int]]) -> T
 
 
 def tokenize_example(
-    tokenizer, ex: TextExample, *, completion_only_loss: bool = True, append_eos: bool = True,
+    tokenizer,
+    ex: TextExample,
+    *,
+    completion_only_loss: bool = True,
+    append_eos: bool = True,
 ) -> Tokenized:
     """Prompt and completion are tokenised separately (prompt with the tokenizer's BOS, completion
     without special tokens, then EOS), the way the sampler sees them: prompt tokens, then generated
@@ -394,26 +432,45 @@ def pack(items: Sequence[Tokenized], max_length: int) -> list[Tokenized]:
 
 
 def prepare_sft(
-    tokenizer, examples: Sequence[TextExample], *, max_length: int, packing: bool, completion_only_loss: bool = True,
-    append_eos: bool = True, seed: int = 0,
+    tokenizer,
+    examples: Sequence[TextExample],
+    *,
+    max_length: int,
+    packing: bool,
+    completion_only_loss: bool = True,
+    append_eos: bool = True,
+    seed: int = 0,
 ) -> list[Tokenized]:
     """Tokenise (and pack, or truncate) a list of examples. Examples left with no target token (a
     prompt that fills ``max_length``) are dropped with a warning."""
     if max_length < 2:
         raise UserError(f"max_length must be >= 2 tokens, got {max_length}")
-    toks = [tokenize_example(tokenizer, e, completion_only_loss=completion_only_loss, append_eos=append_eos) for e in examples]
+    toks = [
+        tokenize_example(tokenizer, e, completion_only_loss=completion_only_loss, append_eos=append_eos)
+        for e in examples
+    ]
     if packing:
         # Shuffle before packing (seeded) so a block mixes examples from different files.
         perm = torch.randperm(len(toks), generator=rng.generator(seed + 104729)).tolist()
         return pack([toks[i] for i in perm], max_length)
     n_cut = sum(len(t.ids) > max_length for t in toks)
     if n_cut:  # truncation is the documented behaviour: counted, never silent
-        log.warning("truncated %d of %d examples to max_length=%d tokens (their tails are not trained on); raise "
-                    "max_length to keep them", n_cut, len(toks), max_length)
+        log.warning(
+            "truncated %d of %d examples to max_length=%d tokens (their tails are not trained on); raise "
+            "max_length to keep them",
+            n_cut,
+            len(toks),
+            max_length,
+        )
     out = [truncate(t, max_length) for t in toks]
     kept = [t for t in out if any(t.targets)]
     if len(kept) < len(out):
-        log.warning("dropped %d of %d examples with no completion token within max_length=%d", len(out) - len(kept), len(out), max_length)
+        log.warning(
+            "dropped %d of %d examples with no completion token within max_length=%d",
+            len(out) - len(kept),
+            len(out),
+            max_length,
+        )
     return kept
 
 
@@ -462,8 +519,9 @@ def _epoch_perm(n: int, seed: int, epoch: int) -> list[int]:
 # Preference pairs from labelled text
 
 
-def polarity_pairs(assets: Optional[str] = None, *, seed: int = 0, pos: Optional[str] = None,
-                   neg: Optional[str] = None) -> list[dict]:
+def polarity_pairs(
+    assets: Optional[str] = None, *, seed: int = 0, pos: Optional[str] = None, neg: Optional[str] = None
+) -> list[dict]:
     """Preference pairs from the rt-polarity movie-review snippets: ``{"prompt": "", "chosen": a
     positive snippet, "rejected": a negative snippet}``, positives and negatives each shuffled with
     ``seed`` and zipped (5,331 pairs). A reward model trained on them scores the sentiment of any

@@ -107,7 +107,9 @@ class DemoConfig:
         if "ppo" in self.methods:
             specs += [{"method": "ppo", "run": f"ppo-kl{t:g}", "kl_target": float(t)} for t in self.ppo_kl_targets]
         if "ppo_gt" in self.methods:
-            specs += [{"method": "ppo_gt", "run": f"ppo_gt-kl{t:g}", "kl_target": float(t)} for t in self.ppo_gt_kl_targets]
+            specs += [
+                {"method": "ppo_gt", "run": f"ppo_gt-kl{t:g}", "kl_target": float(t)} for t in self.ppo_gt_kl_targets
+            ]
         if "best_of_n" in self.methods:
             specs += [{"method": "best_of_n", "run": f"bon-n{n}", "n": int(n)} for n in self.bon_ns]
         return specs
@@ -116,15 +118,36 @@ class DemoConfig:
 PRESETS = {
     "quick": {},
     "full": {
-        "dpo_betas": [0.05, 0.1, 0.5, 1.0, 5.0], "ppo_kl_targets": [3.0, 6.0, 9.0, 12.0], "ppo_gt_kl_targets": [3.0, 6.0, 9.0],
-        "bon_ns": [2, 4, 8, 16, 32, 64], "n_sft": 8000, "sft_steps": 400, "n_pref_prompts": 1000, "rm_steps": 300,
-        "dpo_steps": 200, "ppo_steps": 120, "eval_every": 20, "max_new_tokens": 32, "ppo_kl_horizon": 480,
+        "dpo_betas": [0.05, 0.1, 0.5, 1.0, 5.0],
+        "ppo_kl_targets": [3.0, 6.0, 9.0, 12.0],
+        "ppo_gt_kl_targets": [3.0, 6.0, 9.0],
+        "bon_ns": [2, 4, 8, 16, 32, 64],
+        "n_sft": 8000,
+        "sft_steps": 400,
+        "n_pref_prompts": 1000,
+        "rm_steps": 300,
+        "dpo_steps": 200,
+        "ppo_steps": 120,
+        "eval_every": 20,
+        "max_new_tokens": 32,
+        "ppo_kl_horizon": 480,
     },
     # A miniature for the test suite: every stage runs, a few steps each.
     "tiny": {
-        "dpo_betas": [0.1, 1.0], "ppo_kl_targets": [4.0], "ppo_gt_kl_targets": [4.0], "bon_ns": [2, 4],
-        "n_sft": 200, "sft_steps": 4, "n_pref_prompts": 24, "rm_steps": 4, "n_eval_prompts": 8,
-        "dpo_steps": 4, "ppo_steps": 2, "eval_every": 2, "max_new_tokens": 8, "batch_size": 8,
+        "dpo_betas": [0.1, 1.0],
+        "ppo_kl_targets": [4.0],
+        "ppo_gt_kl_targets": [4.0],
+        "bon_ns": [2, 4],
+        "n_sft": 200,
+        "sft_steps": 4,
+        "n_pref_prompts": 24,
+        "rm_steps": 4,
+        "n_eval_prompts": 8,
+        "dpo_steps": 4,
+        "ppo_steps": 2,
+        "eval_every": 2,
+        "max_new_tokens": 8,
+        "batch_size": 8,
     },
 }
 
@@ -180,10 +203,24 @@ def stage_sft(cfg: DemoConfig, paths: Paths, splits: dict) -> None:
     paths.sft.mkdir(parents=True, exist_ok=True)
     data = paths.work / "sft_snippets.txt"
     data.write_text("\n".join(splits["sft"]) + "\n")
-    scfg = SFTConfig(model=cfg.model, assets=cfg.assets, dataset=str(data), output_dir=str(paths.sft), seed=cfg.seed,
-                     max_steps=cfg.sft_steps, batch_size=cfg.batch_size, learning_rate=3e-3, warmup_steps=10,
-                     lr_schedule="cosine", max_length=48, completion_only_loss=False, eval_examples=min(200, len(splits["sft"]) // 10),
-                     eval_every=0, save_every=0, overwrite=True)  # no marker: an unfinished stage starts over
+    scfg = SFTConfig(
+        model=cfg.model,
+        assets=cfg.assets,
+        dataset=str(data),
+        output_dir=str(paths.sft),
+        seed=cfg.seed,
+        max_steps=cfg.sft_steps,
+        batch_size=cfg.batch_size,
+        learning_rate=3e-3,
+        warmup_steps=10,
+        lr_schedule="cosine",
+        max_length=48,
+        completion_only_loss=False,
+        eval_examples=min(200, len(splits["sft"]) // 10),
+        eval_every=0,
+        save_every=0,
+        overwrite=True,
+    )  # no marker: an unfinished stage starts over
     out = train_sft(scfg)
     _mark(marker, {k: v for k, v in out.summary(("loss",)).items() if isinstance(v, (int, float, str))})
 
@@ -208,8 +245,15 @@ def stage_prefs(cfg: DemoConfig, paths: Paths, pref_prompts) -> list[dict]:
         from .task import preference_pairs
 
         tok, ref = load_tokenizer(str(paths.reference)), load_causal_lm(str(paths.reference))
-        rows = preference_pairs(ref, tok, pref_prompts, VaderSource(), samples_per_prompt=cfg.samples_per_prompt,
-                                max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 3)
+        rows = preference_pairs(
+            ref,
+            tok,
+            pref_prompts,
+            VaderSource(),
+            samples_per_prompt=cfg.samples_per_prompt,
+            max_new_tokens=cfg.max_new_tokens,
+            seed=cfg.seed + 3,
+        )
         tmp = prefs.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
         os.replace(tmp, prefs)
@@ -221,11 +265,24 @@ def stage_rm(cfg: DemoConfig, paths: Paths) -> dict:
     if not _done(marker):
         from ..trainers.reward_model import RMConfig, train_reward_model
 
-        rcfg = RMConfig(model=str(paths.reference), dataset=str(paths.work / "prefs.jsonl"), output_dir=str(paths.rm),
-                        seed=cfg.seed, max_steps=cfg.rm_steps, batch_size=cfg.batch_size, learning_rate=1e-3,
-                        eval_fraction=0.1, max_length=64, eval_every=0, save_every=0, overwrite=True)
+        rcfg = RMConfig(
+            model=str(paths.reference),
+            dataset=str(paths.work / "prefs.jsonl"),
+            output_dir=str(paths.rm),
+            seed=cfg.seed,
+            max_steps=cfg.rm_steps,
+            batch_size=cfg.batch_size,
+            learning_rate=1e-3,
+            eval_fraction=0.1,
+            max_length=64,
+            eval_every=0,
+            save_every=0,
+            overwrite=True,
+        )
         out = train_reward_model(rcfg)
-        _mark(marker, {k: v for k, v in out.summary(("loss", "rm/accuracy")).items() if isinstance(v, (int, float, str))})
+        _mark(
+            marker, {k: v for k, v in out.summary(("loss", "rm/accuracy")).items() if isinstance(v, (int, float, str))}
+        )
     return json.loads(marker.read_text())
 
 
@@ -243,18 +300,34 @@ def stage_best_of_n(cfg: DemoConfig, paths: Paths, specs: list[dict], eval_promp
     t0, c0 = time.time(), time.process_time()
     gold, proxy = VaderSource(), RewardModelSource(str(paths.proxy))
     gold.name, proxy.name = "gold", "proxy"
-    points = best_of_n_points(load_causal_lm(str(paths.reference)), load_tokenizer(str(paths.reference)), eval_prompts,
-                              [s["n"] for s in todo], gold=gold, proxy=proxy, max_new_tokens=cfg.max_new_tokens,
-                              seed=cfg.seed, samples_per_prompt=cfg.eval_samples)
+    points = best_of_n_points(
+        load_causal_lm(str(paths.reference)),
+        load_tokenizer(str(paths.reference)),
+        eval_prompts,
+        [s["n"] for s in todo],
+        gold=gold,
+        proxy=proxy,
+        max_new_tokens=cfg.max_new_tokens,
+        seed=cfg.seed,
+        samples_per_prompt=cfg.eval_samples,
+    )
     for spec in todo:
         run_dir = paths.runs / spec["run"]
         run_dir.mkdir(parents=True, exist_ok=True)
-        row = {"method": "best_of_n", "run": spec["run"], "step": 0, "seed": cfg.seed, "n": spec["n"], "swept": ["n"],
-               **points[spec["n"]]}
+        row = {
+            "method": "best_of_n",
+            "run": spec["run"],
+            "step": 0,
+            "seed": cfg.seed,
+            "n": spec["n"],
+            "swept": ["n"],
+            **points[spec["n"]],
+        }
         (run_dir / "eval.jsonl").write_text(json.dumps(row) + "\n")
         result = {k: v for k, v in row.items() if k != "samples"}
-        (run_dir / "result.json").write_text(json.dumps({**result, "wall_s": round(time.time() - t0, 1),
-                                                         "cpu_s": round(time.process_time() - c0, 1)}))
+        (run_dir / "result.json").write_text(
+            json.dumps({**result, "wall_s": round(time.time() - t0, 1), "cpu_s": round(time.process_time() - c0, 1)})
+        )
 
 
 def run_all(cfg: DemoConfig, specs: list[dict], paths: Paths, *, workers: int) -> None:
@@ -287,12 +360,26 @@ def reference_row(cfg: DemoConfig, paths: Paths, eval_prompts) -> dict:
         from .task import evaluate_policy, within_prompt_variance
 
         tok, ref = load_tokenizer(str(paths.reference)), load_causal_lm(str(paths.reference))
-        ev = evaluate_policy(ref, FrozenReference(load_causal_lm(str(paths.reference))), tok, eval_prompts, gold=VaderSource(),
-                             proxy=RewardModelSource(str(paths.proxy)), max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-                             samples_per_prompt=cfg.eval_samples, return_scores=True)
+        ev = evaluate_policy(
+            ref,
+            FrozenReference(load_causal_lm(str(paths.reference))),
+            tok,
+            eval_prompts,
+            gold=VaderSource(),
+            proxy=RewardModelSource(str(paths.proxy)),
+            max_new_tokens=cfg.max_new_tokens,
+            seed=cfg.seed,
+            samples_per_prompt=cfg.eval_samples,
+            return_scores=True,
+        )
         scores = ev.pop("scores")
-        _mark(spread, {"samples_per_prompt": cfg.eval_samples,
-                       **{name: within_prompt_variance(v, cfg.eval_samples) for name, v in scores.items()}})
+        _mark(
+            spread,
+            {
+                "samples_per_prompt": cfg.eval_samples,
+                **{name: within_prompt_variance(v, cfg.eval_samples) for name, v in scores.items()},
+            },
+        )
         _mark(marker, {"method": "reference", "run": "reference", "seed": cfg.seed, "step": 0, **ev})
     return json.loads(marker.read_text())
 
@@ -354,22 +441,40 @@ def run_demo(cfg: DemoConfig) -> Path:
         log.info("%s took %.1f s", stage, times[stage])
 
     with one_thread():  # the stages of this process; each worker process runs on one thread too
-        log.info("[1/6] SFT -> reference"); stage_sft(cfg, paths, splits); lap("SFT")
-        log.info("[2/6] prompts"); pref_prompts, eval_prompts = stage_prompts(cfg, paths, splits); lap("prompts")
-        log.info("[3/6] preference pairs"); pairs = stage_prefs(cfg, paths, pref_prompts); lap("preference pairs")
-        log.info("[4/6] proxy reward model (%d pairs)", len(pairs)); rm = stage_rm(cfg, paths); lap("reward model")
+        log.info("[1/6] SFT -> reference")
+        stage_sft(cfg, paths, splits)
+        lap("SFT")
+        log.info("[2/6] prompts")
+        pref_prompts, eval_prompts = stage_prompts(cfg, paths, splits)
+        lap("prompts")
+        log.info("[3/6] preference pairs")
+        pairs = stage_prefs(cfg, paths, pref_prompts)
+        lap("preference pairs")
+        log.info("[4/6] proxy reward model (%d pairs)", len(pairs))
+        rm = stage_rm(cfg, paths)
+        lap("reward model")
         specs = cfg.runs()
         workers = cfg.workers or default_workers(len(specs))
         log.info("[5/6] sweep: %d runs, %d in parallel", len(specs), workers)
-        ref_row = reference_row(cfg, paths, eval_prompts); lap("reference evaluation")
-        stage_best_of_n(cfg, paths, specs, eval_prompts); lap("best-of-n")
+        ref_row = reference_row(cfg, paths, eval_prompts)
+        lap("reference evaluation")
+        stage_best_of_n(cfg, paths, specs, eval_prompts)
+        lap("best-of-n")
     specs = initial_betas(cfg, specs, json.loads((paths.work / "reward_spread.json").read_text()))
-    run_all(cfg, specs, paths, workers=workers); lap("sweep")
+    run_all(cfg, specs, paths, workers=workers)
+    lap("sweep")
     log.info("[6/6] report")
     rows, finals, samples = collect(paths, specs, ref_row)
-    meta = {"model": cfg.model, "preference pairs": len(pairs), "proxy RM held-out accuracy": rm.get("eval/rm/accuracy"),
-            "eval prompts": len(eval_prompts), "eval samples per prompt": cfg.eval_samples,
-            "max new tokens": cfg.max_new_tokens, "seed": cfg.seed, "runs": len(specs),
-            "wall time (s)": round(time.time() - t0, 1),
-            "stage times (s)": ", ".join(f"{k} {v:g}" for k, v in times.items())}
+    meta = {
+        "model": cfg.model,
+        "preference pairs": len(pairs),
+        "proxy RM held-out accuracy": rm.get("eval/rm/accuracy"),
+        "eval prompts": len(eval_prompts),
+        "eval samples per prompt": cfg.eval_samples,
+        "max new tokens": cfg.max_new_tokens,
+        "seed": cfg.seed,
+        "runs": len(specs),
+        "wall time (s)": round(time.time() - t0, 1),
+        "stage times (s)": ", ".join(f"{k} {v:g}" for k, v in times.items()),
+    }
     return write_report(Path(cfg.output_dir), rows, finals, samples, meta=meta)

@@ -18,7 +18,13 @@ COLOURS = {
     "ppo_gt": "#2ca02c",
     "best_of_n": "#9467bd",
 }
-LABELS = {"dpo": "DPO", "ppo": "PPO (proxy RM)", "ppo_gt": "PPO-GT (gold reward)", "best_of_n": "best-of-n", "reference": "reference (SFT)"}
+LABELS = {
+    "dpo": "DPO",
+    "ppo": "PPO (proxy RM)",
+    "ppo_gt": "PPO-GT (gold reward)",
+    "best_of_n": "best-of-n",
+    "reference": "reference (SFT)",
+}
 
 
 def _plt():
@@ -56,11 +62,21 @@ ranked by it. Runs: DPO at several β, PPO against the proxy at adaptive KL targ
 reward, best-of-n by the proxy.</p>"""
 
 
-def write_report(out_dir: Path, rows: list[dict], finals: list[dict], samples: dict[str, list[dict]], *, meta: dict) -> Path:
+def write_report(
+    out_dir: Path, rows: list[dict], finals: list[dict], samples: dict[str, list[dict]], *, meta: dict
+) -> Path:
     from ..sweep.report import write_report as sweep_report
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_beta_kl(finals, out_dir / "beta_kl.png")
-    return sweep_report(out_dir, rows, finals, samples, meta=meta, title="tether demo: the reward–KL frontier on a real tiny model",
-                        intro=INTRO, extra_figs=(("β against final KL", "beta_kl.png"),))
+    return sweep_report(
+        out_dir,
+        rows,
+        finals,
+        samples,
+        meta=meta,
+        title="tether demo: the reward–KL frontier on a real tiny model",
+        intro=INTRO,
+        extra_figs=(("β against final KL", "beta_kl.png"),),
+    )

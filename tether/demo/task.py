@@ -44,7 +44,9 @@ def read_snippets(assets: Optional[str]) -> tuple[list[str], list[str]]:
     return pos, neg
 
 
-def split_snippets(pos: list[str], neg: list[str], *, n_sft: int, n_pref: int, n_eval: int, seed: int) -> dict[str, list[str]]:
+def split_snippets(
+    pos: list[str], neg: list[str], *, n_sft: int, n_pref: int, n_eval: int, seed: int
+) -> dict[str, list[str]]:
     """Disjoint, seeded, label-balanced splits: SFT text, preference-prompt snippets, eval snippets."""
     rng = random.Random(seed)
     both = [(s, 1) for s in pos] + [(s, 0) for s in neg]
@@ -60,7 +62,9 @@ def split_snippets(pos: list[str], neg: list[str], *, n_sft: int, n_pref: int, n
     }
 
 
-def make_prompts(tokenizer, snippets: Sequence[str], *, seed: int, min_tokens: int = 2, max_tokens: int = 8) -> list[Prompt]:
+def make_prompts(
+    tokenizer, snippets: Sequence[str], *, seed: int, min_tokens: int = 2, max_tokens: int = 8
+) -> list[Prompt]:
     """A 2–8-token prefix of each snippet (BOS + k tokens, k uniform in [min, max]), cut back to
     the last whole word so no prompt ends mid-word (with a 512-token vocabulary a word is often
     several tokens); the first word is kept whole even if it alone exceeds k."""
@@ -86,20 +90,41 @@ def make_prompts(tokenizer, snippets: Sequence[str], *, seed: int, min_tokens: i
 
 @torch.no_grad()
 def preference_pairs(
-    reference_model, tokenizer, prompts: Sequence[Prompt], gold, *, samples_per_prompt: int = 4,
-    max_new_tokens: int = 24, seed: int = 0, batch_size: int = 64, progress: bool = True,
+    reference_model,
+    tokenizer,
+    prompts: Sequence[Prompt],
+    gold,
+    *,
+    samples_per_prompt: int = 4,
+    max_new_tokens: int = 24,
+    seed: int = 0,
+    batch_size: int = 64,
+    progress: bool = True,
 ) -> list[dict]:
     """Rows {prompt, chosen, rejected} ranked by the gold reward (DPO paper §6.1: 4 samples per
     prefix -> 6 pairs). Pairs with equal gold scores carry no preference and are skipped."""
     flat = [p for p in prompts for _ in range(samples_per_prompt)]
-    texts = [t for smp in generate_batches(reference_model, [p.ids for p in prompts], tokenizer=tokenizer,
-                                           max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
-                                           samples_per_prompt=samples_per_prompt, progress=progress,
-                                           desc="preference samples") for t in smp.completions]
+    texts = [
+        t
+        for smp in generate_batches(
+            reference_model,
+            [p.ids for p in prompts],
+            tokenizer=tokenizer,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            seed=seed,
+            samples_per_prompt=samples_per_prompt,
+            progress=progress,
+            desc="preference samples",
+        )
+        for t in smp.completions
+    ]
     scores = gold([p.text for p in flat], texts).tolist()
     rows = []
     for i, p in enumerate(prompts):
-        group = [(texts[i * samples_per_prompt + j], scores[i * samples_per_prompt + j]) for j in range(samples_per_prompt)]
+        group = [
+            (texts[i * samples_per_prompt + j], scores[i * samples_per_prompt + j]) for j in range(samples_per_prompt)
+        ]
         for (ta, sa), (tb, sb) in itertools.combinations(group, 2):
             if sa == sb or ta.strip() == "" or tb.strip() == "" or ta == tb:
                 continue
@@ -110,8 +135,18 @@ def preference_pairs(
 
 @torch.no_grad()
 def evaluate_policy(
-    policy, reference: Reference, tokenizer, prompts: Sequence[Prompt], *, gold, proxy=None,
-    max_new_tokens: int = 24, seed: int = 0, n_keep: int = 6, samples_per_prompt: int = 1, return_scores: bool = False,
+    policy,
+    reference: Reference,
+    tokenizer,
+    prompts: Sequence[Prompt],
+    *,
+    gold,
+    proxy=None,
+    max_new_tokens: int = 24,
+    seed: int = 0,
+    n_keep: int = 6,
+    samples_per_prompt: int = 1,
+    return_scores: bool = False,
 ) -> dict:
     """One evaluation point: ``engine.evaluate`` of ``policy`` on held-out prompts
     (``samples_per_prompt`` samples each, at ``engine.eval_seed(seed)`` for every run and step, so
@@ -121,8 +156,15 @@ def evaluate_policy(
     per-prompt means), since a prompt's samples are correlated; with one sample each, over samples.
     ``return_scores`` adds ``"scores"``: {"gold", "proxy"}: every sample's reward, prompt-major."""
     k = samples_per_prompt
-    res = evaluate(policy, reference, [p.ids for p in prompts], tokenizer=tokenizer, seed=seed,
-                   max_new_tokens=max_new_tokens, samples_per_prompt=k)
+    res = evaluate(
+        policy,
+        reference,
+        [p.ids for p in prompts],
+        tokenizer=tokenizer,
+        seed=seed,
+        max_new_tokens=max_new_tokens,
+        samples_per_prompt=k,
+    )
     texts, ptexts = res["texts"], [p.text for p in prompts for _ in range(k)]  # prompt-major, the engine's order
     g = gold(ptexts, texts)
     out = {}
@@ -139,8 +181,17 @@ def evaluate_policy(
 
 @torch.no_grad()
 def best_of_n_points(
-    reference_model, tokenizer, prompts: Sequence[Prompt], ns: Sequence[int], *, gold, proxy, max_new_tokens: int = 24,
-    seed: int = 0, samples_per_prompt: int = 1, n_keep: int = 6,
+    reference_model,
+    tokenizer,
+    prompts: Sequence[Prompt],
+    ns: Sequence[int],
+    *,
+    gold,
+    proxy,
+    max_new_tokens: int = 24,
+    seed: int = 0,
+    samples_per_prompt: int = 1,
+    n_keep: int = 6,
 ) -> dict[int, dict]:
     """Best-of-n by the proxy for every n in ``ns`` from ONE draw (``trainers.best_of_n``'s
     ``sample_and_score`` + ``summarize``, as ``best_of_n_curve``): each of the ``samples_per_prompt``
@@ -155,9 +206,17 @@ def best_of_n_points(
 
     k = samples_per_prompt
     texts = [p.text for p in prompts for _ in range(k)]  # prompt-major, as evaluate_policy
-    scored = sample_and_score(reference_model, tokenizer, texts, prompt_ids=[p.ids for p in prompts for _ in range(k)],
-                              samples=max(ns), reward=proxy, gold=gold, sampling=SamplingSettings(max_new_tokens=max_new_tokens),
-                              seed=eval_seed(seed))
+    scored = sample_and_score(
+        reference_model,
+        tokenizer,
+        texts,
+        prompt_ids=[p.ids for p in prompts for _ in range(k)],
+        samples=max(ns),
+        reward=proxy,
+        gold=gold,
+        sampling=SamplingSettings(max_new_tokens=max_new_tokens),
+        seed=eval_seed(seed),
+    )
     out = {}
     for n in ns:
         res = summarize(scored, n)
@@ -165,8 +224,10 @@ def best_of_n_points(
         pt = {"kl": res["kl"], "kl_stderr": res["kl_stderr"], "kl_bound": res["kl_bound"]}
         pt["gold_reward"], pt["gold_stderr"] = mean_stderr(g, per_prompt=k)
         pt["proxy_reward"], pt["proxy_stderr"] = mean_stderr(proxy(texts, res["completions"]), per_prompt=k)
-        pt["samples"] = [{"prompt": texts[i], "completion": res["completions"][i], "gold": float(g[i])}
-                         for i in range(0, min(len(texts), k * n_keep), k)]  # the first selection of each prompt
+        pt["samples"] = [
+            {"prompt": texts[i], "completion": res["completions"][i], "gold": float(g[i])}
+            for i in range(0, min(len(texts), k * n_keep), k)
+        ]  # the first selection of each prompt
         out[int(n)] = pt
     return out
 

@@ -42,20 +42,36 @@ def main(spec_path: str) -> int:
     train_prompts = read_prompt_file(work / "pref_prompts.jsonl")
     eval_file = run_dir / "eval.jsonl"
     resumed = latest_checkpoint_step(run_dir / "train")  # a run stopped by a signal continues from its checkpoint
-    kept = [ln for ln in (eval_file.read_text().splitlines() if resumed and eval_file.exists() else [])
-            if ln.strip() and json.loads(ln)["step"] <= resumed]  # its curve up to the checkpoint
+    kept = [
+        ln
+        for ln in (eval_file.read_text().splitlines() if resumed and eval_file.exists() else [])
+        if ln.strip() and json.loads(ln)["step"] <= resumed
+    ]  # its curve up to the checkpoint
     eval_file.write_text("".join(ln + "\n" for ln in kept))  # otherwise a rerun starts its curve again
     tags = {k: spec[k] for k in ("beta", "kl_target", "n") if k in spec}
     tags = {"seed": cfg.seed, **tags, "swept": list(tags), **({"beta_set": spec["beta"]} if "beta" in spec else {})}
 
     def record(step: int, policy, extra: dict | None = None) -> dict:
-        ev = evaluate_policy(policy, reference, tok, eval_prompts, gold=gold, proxy=proxy,
-                             max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, samples_per_prompt=cfg.eval_samples)
+        ev = evaluate_policy(
+            policy,
+            reference,
+            tok,
+            eval_prompts,
+            gold=gold,
+            proxy=proxy,
+            max_new_tokens=cfg.max_new_tokens,
+            seed=cfg.seed,
+            samples_per_prompt=cfg.eval_samples,
+        )
         row = {"method": spec["method"], "run": spec["run"], "step": step, **tags, **(extra or {}), **ev}
         with open(eval_file, "a") as f:
             f.write(json.dumps(row) + "\n")
-        return {"eval/kl": ev["kl"], "eval/kl_stderr": ev["kl_stderr"], "eval/reward/gold": ev["gold_reward"],
-                "eval/reward/proxy": ev["proxy_reward"]}
+        return {
+            "eval/kl": ev["kl"],
+            "eval/kl_stderr": ev["kl_stderr"],
+            "eval/reward/gold": ev["gold_reward"],
+            "eval/reward/proxy": ev["proxy_reward"],
+        }
 
     def hook(step: int, policy, *, beta: float) -> dict:  # the eval_hook of train_dpo and train_online alike
         return record(step, policy, {"beta": beta})
@@ -64,29 +80,59 @@ def main(spec_path: str) -> int:
     if method == "dpo":
         from ..trainers.dpo import DPOConfig, train_dpo
 
-        dcfg = DPOConfig(model=ref_path, dataset=str(work / "prefs.jsonl"), output_dir=str(run_dir / "train"), seed=cfg.seed,
-                         beta=spec["beta"], loss_type="sigmoid", max_steps=cfg.dpo_steps, batch_size=cfg.batch_size,
-                         learning_rate=cfg.dpo_lr, eval_every=cfg.eval_every, kl_prompts=0, progress=False,
-                         max_length=96, overwrite=resumed is None)  # no checkpoint: an unfinished run starts over
+        dcfg = DPOConfig(
+            model=ref_path,
+            dataset=str(work / "prefs.jsonl"),
+            output_dir=str(run_dir / "train"),
+            seed=cfg.seed,
+            beta=spec["beta"],
+            loss_type="sigmoid",
+            max_steps=cfg.dpo_steps,
+            batch_size=cfg.batch_size,
+            learning_rate=cfg.dpo_lr,
+            eval_every=cfg.eval_every,
+            kl_prompts=0,
+            progress=False,
+            max_length=96,
+            overwrite=resumed is None,
+        )  # no checkpoint: an unfinished run starts over
         train_dpo(dcfg, eval_hook=hook, resume=resumed is not None)
     elif method in ("ppo", "ppo_gt"):
         from ..rewards import RewardSet
         from ..trainers.ppo import PPOConfig, train_ppo
 
         optimised, logged = (proxy, gold) if method == "ppo" else (gold, proxy)
-        pcfg = PPOConfig(model=ref_path, output_dir=str(run_dir / "train"), seed=cfg.seed, beta=spec.get("init_beta", 0.1),
-                         kl_target=spec["kl_target"], kl_horizon=cfg.ppo_kl_horizon or 2 * cfg.batch_size,
-                         max_steps=cfg.ppo_steps, batch_size=cfg.batch_size, learning_rate=cfg.ppo_lr,
-                         max_new_tokens=cfg.max_new_tokens, eval_every=cfg.eval_every, progress=False,
-                         overwrite=resumed is None)
-        train_ppo(pcfg, prompts=[p.text for p in train_prompts], reward=RewardSet(optimised, [logged]), eval_hook=hook,
-                  resume=resumed is not None)
+        pcfg = PPOConfig(
+            model=ref_path,
+            output_dir=str(run_dir / "train"),
+            seed=cfg.seed,
+            beta=spec.get("init_beta", 0.1),
+            kl_target=spec["kl_target"],
+            kl_horizon=cfg.ppo_kl_horizon or 2 * cfg.batch_size,
+            max_steps=cfg.ppo_steps,
+            batch_size=cfg.batch_size,
+            learning_rate=cfg.ppo_lr,
+            max_new_tokens=cfg.max_new_tokens,
+            eval_every=cfg.eval_every,
+            progress=False,
+            overwrite=resumed is None,
+        )
+        train_ppo(
+            pcfg,
+            prompts=[p.text for p in train_prompts],
+            reward=RewardSet(optimised, [logged]),
+            eval_hook=hook,
+            resume=resumed is not None,
+        )
     else:  # best-of-n runs in the pipeline (pipeline.stage_best_of_n: one draw for every n)
         raise ValueError(f"unknown demo method {method!r}")
     rows = read_points(run_dir)  # one row per step: a run resumed at its last step evaluates that step again
     eval_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = {**{k: v for k, v in rows[-1].items() if k != "samples"}, "wall_s": round(time.time() - t0, 1),
-              "cpu_s": round(time.process_time(), 1)}  # on a shared machine the CPU time is the steadier cost
+    result = {
+        **{k: v for k, v in rows[-1].items() if k != "samples"},
+        "wall_s": round(time.time() - t0, 1),
+        "cpu_s": round(time.process_time(), 1),
+    }  # on a shared machine the CPU time is the steadier cost
     (run_dir / "result.json").write_text(json.dumps(result))
     return 0
 

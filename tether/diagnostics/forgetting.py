@@ -61,8 +61,9 @@ _SUMS = ("nll_policy", "nll_reference", "kl_ref_to_policy", "kl_policy_to_ref")
 # the math: pure functions of tensors
 
 
-def teacher_forced_sums(logits: torch.Tensor, ref_logits: torch.Tensor, targets: torch.Tensor,
-                        mask: torch.Tensor) -> dict[str, torch.Tensor]:
+def teacher_forced_sums(
+    logits: torch.Tensor, ref_logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Per-text sums of the teacher-forced quantities (docs/theory.md §10).
 
     Args:
@@ -79,8 +80,13 @@ def teacher_forced_sums(logits: torch.Tensor, ref_logits: torch.Tensor, targets:
     fwd = exact_kl_from_logits(ref_logits, logits)  # (B, T) KL[π_ref‖π_θ] per position
     rev = exact_kl_from_logits(logits, ref_logits)  # (B, T) KL[π_θ‖π_ref] per position
     m = mask.to(logps.dtype)
-    return {"nll_policy": -(logps * m).sum(-1), "nll_reference": -(ref_logps * m).sum(-1),
-            "kl_ref_to_policy": (fwd * m).sum(-1), "kl_policy_to_ref": (rev * m).sum(-1), "tokens": m.sum(-1)}
+    return {
+        "nll_policy": -(logps * m).sum(-1),
+        "nll_reference": -(ref_logps * m).sum(-1),
+        "kl_ref_to_policy": (fwd * m).sum(-1),
+        "kl_policy_to_ref": (rev * m).sum(-1),
+        "tokens": m.sum(-1),
+    }
 
 
 def summarize(sums: dict[str, Sequence[float]]) -> dict:
@@ -98,8 +104,9 @@ def summarize(sums: dict[str, Sequence[float]]) -> dict:
         v = torch.tensor(list(sums[name]), dtype=torch.float64)
         out[name] = float(v.sum()) / n_tok
         out[f"{name}_stderr"] = mean_stderr(v / tokens.clamp(min=1))[1]
-    delta = torch.tensor(list(sums["nll_policy"]), dtype=torch.float64) - torch.tensor(list(sums["nll_reference"]),
-                                                                                       dtype=torch.float64)
+    delta = torch.tensor(list(sums["nll_policy"]), dtype=torch.float64) - torch.tensor(
+        list(sums["nll_reference"]), dtype=torch.float64
+    )
     out["nll_delta"] = float(delta.sum()) / n_tok
     out["nll_delta_stderr"] = mean_stderr(delta / tokens.clamp(min=1))[1]
     out["ppl_policy"] = math.exp(out["nll_policy"])
@@ -145,7 +152,9 @@ def read_texts(spec: str, *, assets: Optional[str] = None, max_texts: int = 0, s
             raise UserError(f"forgetting texts {spec!r}: {e}") from None
     texts = [t for i, r in enumerate(rows) if (t := text_of(r, where=f"{spec} row {i}")).strip()]
     if not texts:
-        raise UserError(f"forgetting texts {spec!r}: no non-empty text found; pass a text file, .jsonl or datasets folder")
+        raise UserError(
+            f"forgetting texts {spec!r}: no non-empty text found; pass a text file, .jsonl or datasets folder"
+        )
     if max_texts and len(texts) > max_texts:
         keep = sorted(random.Random(seed).sample(range(len(texts)), max_texts))
         texts = [texts[i] for i in keep]
@@ -168,7 +177,12 @@ def run_data_sample(config: dict, *, limit: int = 200) -> list[str]:
     out: list[str] = []
     for s in _strings(config):
         p = Path(s)
-        if len(s) < 256 and p.is_file() and p.stat().st_size < 50_000_000 and p.suffix not in (".safetensors", ".bin", ".pt"):
+        if (
+            len(s) < 256
+            and p.is_file()
+            and p.stat().st_size < 50_000_000
+            and p.suffix not in (".safetensors", ".bin", ".pt")
+        ):
             try:
                 out += [ln.strip() for ln in p.read_text(errors="replace").splitlines()[:limit] if ln.strip()]
             except OSError:
@@ -192,8 +206,12 @@ def trained_on(asset: str, config: dict, *, assets: Optional[str] = None) -> boo
         from ..assets import resolve
 
         root = resolve(asset, assets)
-        lines = sorted(ln.strip() for f in ("rt-polarity.pos", "rt-polarity.neg")
-                       for ln in (root / f).read_text(encoding="latin-1").splitlines() if ln.strip())
+        lines = sorted(
+            ln.strip()
+            for f in ("rt-polarity.pos", "rt-polarity.neg")
+            for ln in (root / f).read_text(encoding="latin-1").splitlines()
+            if ln.strip()
+        )
         for s in sample:
             if s.startswith("{"):  # a JSONL row: its prompt or text
                 try:
@@ -219,8 +237,13 @@ def run_config_of(model_dir: str) -> dict:
     if not p.is_dir():
         return {}
     p = p.resolve()
-    runs = [p.parent] if p.name == "final" else [q for q in (p.parent.parent, p.parent.parent.parent)
-                                                 if "checkpoints" in p.parts and q.name != "checkpoints"][:1]
+    runs = (
+        [p.parent]
+        if p.name == "final"
+        else [
+            q for q in (p.parent.parent, p.parent.parent.parent) if "checkpoints" in p.parts and q.name != "checkpoints"
+        ][:1]
+    )
     for run in runs:
         cand = run / "config.yaml"
         if cand.is_file():
@@ -239,7 +262,9 @@ def lineage(config: dict, *, depth: int = 3) -> dict:
     return {**config, "_model_run": lineage(parent, depth=depth - 1)} if parent else config
 
 
-def default_texts(config: dict, *, assets: Optional[str] = None, max_texts: int = 256, seed: int = 0) -> tuple[str, list[str]]:
+def default_texts(
+    config: dict, *, assets: Optional[str] = None, max_texts: int = 256, seed: int = 0
+) -> tuple[str, list[str]]:
     """(asset name, texts): a seeded slice of the first asset of ``ASSET_TEXTS`` the run (``config``:
     its resolved config, or {}) did not train on (``trained_on``), nor did the runs its model came from
     (``lineage``)."""
@@ -247,11 +272,15 @@ def default_texts(config: dict, *, assets: Optional[str] = None, max_texts: int 
     for name in ASSET_TEXTS:
         if not trained_on(name, config, assets=assets):
             return name, read_texts(name, assets=assets, max_texts=max_texts, seed=seed)
-    raise UserError(f"the run used every default forgetting text ({', '.join(ASSET_TEXTS)}); pass --texts FILE with "
-                     "text it did not train on")
+    raise UserError(
+        f"the run used every default forgetting text ({', '.join(ASSET_TEXTS)}); pass --texts FILE with "
+        "text it did not train on"
+    )
 
 
-def text_batches(tokenizer, texts: Sequence[str], *, max_length: int = 128, batch_size: int = 8) -> list[CompletionBatch]:
+def text_batches(
+    tokenizer, texts: Sequence[str], *, max_length: int = 128, batch_size: int = 8
+) -> list[CompletionBatch]:
     """Texts as ``CompletionBatch``es for teacher forcing: the first token (BOS where the tokenizer adds
     one) is the prompt, the next ``max_length - 1`` tokens the scored completion. Texts of fewer than 2
     tokens are skipped (nothing to predict)."""
@@ -292,8 +321,10 @@ def forgetting_on_texts(policy, reference, batches: Sequence[CompletionBatch], *
     model or any ``Reference`` with distributions (not ``precomputed``). Both in eval mode."""
     reference = as_reference(reference)
     if not reference.has_distributions:
-        raise UserError("the forgetting probe needs the reference's full next-token distributions: use a live "
-                         "reference (copy, lora, offload, sync), not precomputed log-probs")
+        raise UserError(
+            "the forgetting probe needs the reference's full next-token distributions: use a live "
+            "reference (copy, lora, offload, sync), not precomputed log-probs"
+        )
     device = next(policy.parameters()).device
     sums: dict[str, list] = {k: [] for k in (*_SUMS, "tokens")}
     it = batches
@@ -311,9 +342,18 @@ def forgetting_on_texts(policy, reference, batches: Sequence[CompletionBatch], *
     return summarize(sums)
 
 
-def forward_kl_on_prompts(policy, reference_model, prompt_ids: Sequence[Sequence[int]], *, tokenizer,
-                          samples_per_prompt: int = 4, max_new_tokens: int = 32, batch_size: int = 32, seed: int = 0,
-                          progress: bool = False) -> dict:
+def forward_kl_on_prompts(
+    policy,
+    reference_model,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    tokenizer,
+    samples_per_prompt: int = 4,
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict:
     """Measurement 2: E_x[KL(π_ref(·|x)‖π_θ(·|x))] on ``prompt_ids`` (docs/theory.md §10).
 
     Returns ``forward_kl_on_prompts`` (mean over prompts and samples of the exact per-position forward
@@ -321,18 +361,45 @@ def forward_kl_on_prompts(policy, reference_model, prompt_ids: Sequence[Sequence
     ``_stderr``, ``forward_kl_token_mean`` (per completion token), ``forward_kl_next_token`` (exact
     E_x of the next-token forward KL at the prompt), ``samples`` and ``response_len``."""
     policy_ref = ModelReference(policy)
-    seq = measure(reference_model, policy_ref, prompt_ids, tokenizer=tokenizer, samples_per_prompt=samples_per_prompt,
-                  max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, estimators=("exact",), progress=progress)
-    first = measure(reference_model, policy_ref, prompt_ids, tokenizer=tokenizer, samples_per_prompt=1, max_new_tokens=1,
-                    batch_size=batch_size, seed=seed, estimators=("exact",))  # one position: its state is x itself
+    seq = measure(
+        reference_model,
+        policy_ref,
+        prompt_ids,
+        tokenizer=tokenizer,
+        samples_per_prompt=samples_per_prompt,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
+        estimators=("exact",),
+        progress=progress,
+    )
+    first = measure(
+        reference_model,
+        policy_ref,
+        prompt_ids,
+        tokenizer=tokenizer,
+        samples_per_prompt=1,
+        max_new_tokens=1,
+        batch_size=batch_size,
+        seed=seed,
+        estimators=("exact",),
+    )  # one position: its state is x itself
     ex = seq["estimators"]["exact"]
-    return {"forward_kl_on_prompts": ex["mean"], "forward_kl_on_prompts_stderr": ex["stderr"],
-            "forward_kl_token_mean": seq["token_mean"], "forward_kl_next_token": first["estimators"]["exact"]["mean"],
-            "samples": seq["samples"], "response_len": seq["response_len"]}
+    return {
+        "forward_kl_on_prompts": ex["mean"],
+        "forward_kl_on_prompts_stderr": ex["stderr"],
+        "forward_kl_token_mean": seq["token_mean"],
+        "forward_kl_next_token": first["estimators"]["exact"]["mean"],
+        "samples": seq["samples"],
+        "response_len": seq["response_len"],
+    }
 
 
-TRAINER_METRICS = {"nll_delta": "eval/forgetting/nll_delta", "kl_ref_to_policy": "eval/forgetting/kl_ref_policy",
-                   "kl_policy_to_ref": "eval/forgetting/kl_policy_ref"}
+TRAINER_METRICS = {
+    "nll_delta": "eval/forgetting/nll_delta",
+    "kl_ref_to_policy": "eval/forgetting/kl_ref_policy",
+    "kl_policy_to_ref": "eval/forgetting/kl_policy_ref",
+}
 """The probe's numbers the trainers log, per token on the off-distribution texts."""
 
 
@@ -342,8 +409,18 @@ class ForgettingProbe:
 
     ``spec``: a text source (``read_texts``) or ``auto`` (``default_texts`` for the run ``config``)."""
 
-    def __init__(self, spec: str, tokenizer, *, config: Optional[dict] = None, assets: Optional[str] = None,
-                 max_texts: int = 64, max_length: int = 128, batch_size: int = 8, seed: int = 0):
+    def __init__(
+        self,
+        spec: str,
+        tokenizer,
+        *,
+        config: Optional[dict] = None,
+        assets: Optional[str] = None,
+        max_texts: int = 64,
+        max_length: int = 128,
+        batch_size: int = 8,
+        seed: int = 0,
+    ):
         if spec == "auto":
             self.source, texts = default_texts(config or {}, assets=assets, max_texts=max_texts, seed=seed)
         else:
@@ -368,6 +445,12 @@ def starting_model_probe(cfg, tokenizer, *, device, is_main: bool = True):
     from ..modeling import load_causal_lm
 
     ref = FrozenReference(load_causal_lm(resolve_model(cfg.model, cfg.assets), dtype=cfg.dtype, device=device))
-    probe = ForgettingProbe(cfg.forgetting_text, tokenizer, config=dataclasses.asdict(cfg), assets=cfg.assets,
-                            max_texts=cfg.forgetting_max_texts, seed=cfg.seed)
+    probe = ForgettingProbe(
+        cfg.forgetting_text,
+        tokenizer,
+        config=dataclasses.asdict(cfg),
+        assets=cfg.assets,
+        max_texts=cfg.forgetting_max_texts,
+        seed=cfg.seed,
+    )
     return lambda policy: probe(policy, ref)

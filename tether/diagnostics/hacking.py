@@ -52,7 +52,7 @@ def average_ranks(x: torch.Tensor) -> torch.Tensor:
         j = i
         while j + 1 < n and sorted_x[j + 1] == sorted_x[i]:
             j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1  # mean of ranks i+1 .. j+1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1  # mean of ranks i+1 .. j+1
         i = j + 1
     return ranks
 
@@ -137,8 +137,11 @@ def fit_gao(kl: Sequence[float], reward: Sequence[float], kind: str = "rl") -> G
     sbr = sum(x * r for x, r in zip(b, reward))
     det = saa * sbb - sab * sab
     if not det > 1e-12 * max(saa * sbb, 1e-300):
-        raise ValueError("fit_gao: the points do not determine α and β_g (need at least two distinct KL > 0"
-                         + (", not all at KL = 1" if kind == "rl" else "") + ")")
+        raise ValueError(
+            "fit_gao: the points do not determine α and β_g (need at least two distinct KL > 0"
+            + (", not all at KL = 1" if kind == "rl" else "")
+            + ")"
+        )
     alpha = (sar * sbb - sbr * sab) / det
     beta = (saa * sbr - sab * sar) / det
     if beta > 0:
@@ -178,11 +181,17 @@ def _mean_se(rows: Sequence[Mapping], key: str) -> tuple[float, Optional[float]]
     """Mean of rows[key] and its standard error sqrt(Σ se²)/k from rows[key + "_stderr"] (None if any is missing)."""
     vals = [float(r[key]) for r in rows]
     ses = [r.get(f"{key}_stderr") for r in rows]
-    se = math.sqrt(sum(float(s) ** 2 for s in ses)) / len(ses) if all(s is not None and math.isfinite(s) for s in ses) else None
+    se = (
+        math.sqrt(sum(float(s) ** 2 for s in ses)) / len(ses)
+        if all(s is not None and math.isfinite(s) for s in ses)
+        else None
+    )
     return sum(vals) / len(vals), se
 
 
-def reward_hacking(history: Sequence[Mapping], *, proxy: str, gold: str, z: float = 3.0, patience: int = 2) -> HackingVerdict:
+def reward_hacking(
+    history: Sequence[Mapping], *, proxy: str, gold: str, z: float = 3.0, patience: int = 2
+) -> HackingVerdict:
     """Has the gold reward stopped rising while the proxy still rises? A pure function of the evaluation
     history (rows in step order with ``eval/kl``, ``eval/reward/<proxy>``, ``eval/reward/<gold>`` and,
     optionally, their ``_stderr``).
@@ -215,8 +224,9 @@ def reward_hacking(history: Sequence[Mapping], *, proxy: str, gold: str, z: floa
         flagged = g_peak - g_now > z * math.hypot(g_se, g_pse)
     if flagged and x_se is not None and x_pse is not None:
         flagged = x_now - x_peak > z * math.hypot(x_se, x_pse)
-    return HackingVerdict(bool(flagged), p, float(evals[p]["eval/kl"]), float(evals[-1]["eval/kl"]),
-                          g_peak, g_now, x_peak, x_now)
+    return HackingVerdict(
+        bool(flagged), p, float(evals[p]["eval/kl"]), float(evals[-1]["eval/kl"]), g_peak, g_now, x_peak, x_now
+    )
 
 
 class HackingMonitor:
@@ -236,11 +246,21 @@ class HackingMonitor:
             flagged = flagged or v.flagged
             if v.flagged and g not in self.warned:
                 self.warned.add(g)
-                log.warning("eval/hacking at step %d: the gold reward %r stopped rising at KL %.3g nats (%.4g there, "
-                            "%.4g now at KL %.3g) while the proxy %r still rises (%.4g -> %.4g): the policy is "
-                            "exploiting the proxy (Gao et al. 2022). Stop here or raise beta.%s", step, g, v.kl_at_peak,
-                            v.gold_peak, v.gold_now, v.kl_now, self.proxy, v.proxy_peak, v.proxy_now,
-                            self._fit_note(eval_history, g))
+                log.warning(
+                    "eval/hacking at step %d: the gold reward %r stopped rising at KL %.3g nats (%.4g there, "
+                    "%.4g now at KL %.3g) while the proxy %r still rises (%.4g -> %.4g): the policy is "
+                    "exploiting the proxy (Gao et al. 2022). Stop here or raise beta.%s",
+                    step,
+                    g,
+                    v.kl_at_peak,
+                    v.gold_peak,
+                    v.gold_now,
+                    v.kl_now,
+                    self.proxy,
+                    v.proxy_peak,
+                    v.proxy_now,
+                    self._fit_note(eval_history, g),
+                )
         return {"eval/hacking": float(flagged)}
 
     @staticmethod
@@ -250,7 +270,11 @@ class HackingMonitor:
             return ""
         g0 = float(rows[0][f"eval/reward/{gold}"])  # relative to the first evaluation (step 0: the initial policy)
         try:
-            fit = fit_gao([max(float(h["eval/kl"]), 0.0) for h in rows], [float(h[f"eval/reward/{gold}"]) - g0 for h in rows], "rl")
+            fit = fit_gao(
+                [max(float(h["eval/kl"]), 0.0) for h in rows],
+                [float(h[f"eval/reward/{gold}"]) - g0 for h in rows],
+                "rl",
+            )
         except ValueError:
             return ""
         return f" Gao et al.'s RL curve fitted to the {len(rows)} evaluations peaks at KL {fit.peak_kl:.3g}."

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,10 @@ SATURATING_LOSSES = ("sigmoid", "fdpo_reverse_kl", "fdpo_forward_kl", "fdpo_js",
 (ipo and cdpo have finite target margins, hinge's gradient vanishes at margin 1/β, robust is a
 difference of two such terms: the detector is off for them.)"""
 
-REMEDIES = ("loss_type=ipo or loss_type=cdpo (with label_smoothing, e.g. 0.1), fewer epochs (a smaller max_steps), "
-            "or a lower learning_rate")
+REMEDIES = (
+    "loss_type=ipo or loss_type=cdpo (with label_smoothing, e.g. 0.1), fewer epochs (a smaller max_steps), "
+    "or a lower learning_rate"
+)
 
 
 @dataclass(frozen=True)
@@ -62,8 +64,14 @@ class OverfitVerdict:
         return math.exp(-self.running_loss) if math.isfinite(self.running_loss) else float("nan")
 
 
-def dpo_overfit(history: Sequence[Mapping], *, loss_threshold: float = SATURATION_LOSS, window: int = 10,
-                growth_evals: int = 3, z: float = 2.0) -> OverfitVerdict:
+def dpo_overfit(
+    history: Sequence[Mapping],
+    *,
+    loss_threshold: float = SATURATION_LOSS,
+    window: int = 10,
+    growth_evals: int = 3,
+    z: float = 2.0,
+) -> OverfitVerdict:
     """Decide from a run's metric history (rows in step order, as logged: ``loss`` on training steps,
     ``kl/ref`` and optionally ``kl/ref_stderr`` on evaluations) whether DPO is overfitting (module doc).
 
@@ -113,7 +121,11 @@ class OverfitMonitor:
             log.warning(
                 "dpo/overfit at step %d: the training loss has saturated (running mean %.4f, implied preference "
                 "probability %.3f) while kl/ref keeps growing (%s): with deterministic preferences β no longer bounds "
-                "the drift (Azar et al. 2023, IPO). Remedies: %s", step, v.running_loss, v.implied_preference,
-                " -> ".join(f"{k:.3g}" for k in v.kls), REMEDIES)
+                "the drift (Azar et al. 2023, IPO). Remedies: %s",
+                step,
+                v.running_loss,
+                v.implied_preference,
+                " -> ".join(f"{k:.3g}" for k in v.kls),
+                REMEDIES,
+            )
         return {"dpo/overfit": float(v.flagged)}
-

@@ -34,20 +34,22 @@ from ..reference import eval_mode
 from ..reference_prompt import PromptMappedReference, prefixed_prompt_map
 from .forgetting import as_reference
 
-
 # --------------------------------------------------------------------------------------------------
 # the math
 
 
-def shift_delta(logp_plain: torch.Tensor, logp_prefixed: torch.Tensor, *, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+def shift_delta(
+    logp_plain: torch.Tensor, logp_prefixed: torch.Tensor, *, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(Δ, flagged): Δ = log π_ref(y|p+x) - log π_ref(y|x), flagged = |Δ| > threshold. (N,), (N,) -> (N,), (N,) bool."""
     delta = logp_prefixed - logp_plain
     return delta, delta.abs() > threshold
 
 
 @torch.no_grad()
-def target_logps(model, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], *, pad_id: int,
-                 batch_size: int = 64) -> torch.Tensor:
+def target_logps(
+    model, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], *, pad_id: int, batch_size: int = 64
+) -> torch.Tensor:
     """(N,) float64 log π(y_i|x_i) = Σ_t log π(y_i,t | x_i, y_i,<t), teacher-forced (fp32 per-token
     log-probs, summed in float64), ``batch_size`` rows per forward pass, the model in eval mode."""
     if len(prompts) != len(targets):
@@ -72,27 +74,56 @@ def prefixed(prompts: Sequence[Sequence[int]], prefix: Sequence[int], *, bos_id:
 # the table
 
 
-def shift_rows(reference, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]],
-               prefixes: Sequence[Sequence[int]], *, pad_id: int, bos_id: Optional[int], threshold: float = 2.0,
-               batch_size: int = 64) -> list[dict]:
+def shift_rows(
+    reference,
+    prompts: Sequence[Sequence[int]],
+    targets: Sequence[Sequence[int]],
+    prefixes: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    bos_id: Optional[int],
+    threshold: float = 2.0,
+    batch_size: int = 64,
+) -> list[dict]:
     """One row per (prompt, prefix), prompt-major: ``prompt``, ``prefix`` (indices), ``logp_plain``,
     ``logp_prefixed``, ``delta``, ``flagged``, ``target_tokens``."""
     plain = target_logps(reference, prompts, targets, pad_id=pad_id, batch_size=batch_size)
     rows = []
-    per_prefix = [target_logps(reference, prefixed(prompts, pf, bos_id=bos_id), targets, pad_id=pad_id,
-                               batch_size=batch_size) for pf in prefixes]
+    per_prefix = [
+        target_logps(reference, prefixed(prompts, pf, bos_id=bos_id), targets, pad_id=pad_id, batch_size=batch_size)
+        for pf in prefixes
+    ]
     for i in range(len(prompts)):
         for j in range(len(prefixes)):
             d, f = shift_delta(plain[i : i + 1], per_prefix[j][i : i + 1], threshold=threshold)
-            rows.append({"prompt": i, "prefix": j, "logp_plain": float(plain[i]), "logp_prefixed": float(per_prefix[j][i]),
-                         "delta": float(d), "flagged": bool(f), "target_tokens": len(targets[i])})
+            rows.append(
+                {
+                    "prompt": i,
+                    "prefix": j,
+                    "logp_plain": float(plain[i]),
+                    "logp_prefixed": float(per_prefix[j][i]),
+                    "delta": float(d),
+                    "flagged": bool(f),
+                    "target_tokens": len(targets[i]),
+                }
+            )
     return rows
 
 
 @torch.no_grad()
-def policy_kls(policy, reference, prompts: Sequence[Sequence[int]], prefix: Sequence[int], *, tokenizer,
-               bos_id: Optional[int], samples_per_prompt: int = 4, max_new_tokens: int = 32, batch_size: int = 32,
-               seed: int = 0) -> dict:
+def policy_kls(
+    policy,
+    reference,
+    prompts: Sequence[Sequence[int]],
+    prefix: Sequence[int],
+    *,
+    tokenizer,
+    bos_id: Optional[int],
+    samples_per_prompt: int = 4,
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> dict:
     """Completions of ``policy`` on the plain prompts (seeded, τ = 1), each scored by the reference on
     the plain prompt and on prefix + prompt: per prompt, the mean over its samples of the exact
     sequence KL[π_θ(·|x)‖π_ref(·|x)] (``kl_plain``) and KL[π_θ(·|x)‖π_ref(·|p+x)] (``kl_prefixed``),
@@ -100,14 +131,24 @@ def policy_kls(policy, reference, prompts: Sequence[Sequence[int]], prefix: Sequ
     ref = as_reference(reference)
     shifted = PromptMappedReference(ref, prefixed_prompt_map(prefix, bos_id=bos_id), pad_id=tokenizer.pad_token_id)
     plain, pref = [], []
-    for smp in generate_batches(policy, prompts, tokenizer=tokenizer, max_new_tokens=max_new_tokens,
-                                batch_size=batch_size, seed=seed, samples_per_prompt=samples_per_prompt):
+    for smp in generate_batches(
+        policy,
+        prompts,
+        tokenizer=tokenizer,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
+        samples_per_prompt=samples_per_prompt,
+    ):
         plain.append(score(policy, ref, smp).seq("exact").double().cpu())  # (b,)
         pref.append(score(policy, shifted, smp).seq("exact").double().cpu())  # (b,) the same completions
     plain_t, pref_t = torch.cat(plain), torch.cat(pref)  # (N·S,) prompt-major
     n = len(prompts)
-    out = {"kl_plain_per_prompt": plain_t.view(n, samples_per_prompt).mean(-1).tolist(),
-           "kl_prefixed_per_prompt": pref_t.view(n, samples_per_prompt).mean(-1).tolist(), "samples": int(plain_t.numel())}
+    out = {
+        "kl_plain_per_prompt": plain_t.view(n, samples_per_prompt).mean(-1).tolist(),
+        "kl_prefixed_per_prompt": pref_t.view(n, samples_per_prompt).mean(-1).tolist(),
+        "samples": int(plain_t.numel()),
+    }
     out["kl_plain"], out["kl_plain_stderr"] = mean_stderr(plain_t)
     out["kl_prefixed"], out["kl_prefixed_stderr"] = mean_stderr(pref_t)
     return out
@@ -126,10 +167,22 @@ class SearchResult:
     history: list  # J after each step (non-decreasing)
 
 
-def search_prefix(model, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], *, pad_id: int,
-                  bos_id: Optional[int], vocab: Sequence[int], method: str = "greedy", prefix_tokens: int = 8,
-                  steps: int = 16, candidates: int = 0, seed: int = 0, batch_size: int = 256,
-                  progress: bool = False) -> SearchResult:
+def search_prefix(
+    model,
+    prompts: Sequence[Sequence[int]],
+    targets: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    bos_id: Optional[int],
+    vocab: Sequence[int],
+    method: str = "greedy",
+    prefix_tokens: int = 8,
+    steps: int = 16,
+    candidates: int = 0,
+    seed: int = 0,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> SearchResult:
     """Search a prefix of ``prefix_tokens`` tokens from ``vocab`` that raises J(p) = mean_i log π(y_i|p+x_i).
 
     ``greedy``: step k updates position k mod prefix_tokens: J of every candidate token there (all of
@@ -165,7 +218,7 @@ def search_prefix(model, prompts: Sequence[Sequence[int]], targets: Sequence[Seq
             pos = k % prefix_tokens
             toks = vocab_t.tolist() if not candidates else draw(candidates)
             toks = [prefix[pos]] + [t for t in dict.fromkeys(toks) if t != prefix[pos]]
-            cands = [prefix[:pos] + [t] + prefix[pos + 1:] for t in toks]
+            cands = [prefix[:pos] + [t] + prefix[pos + 1 :] for t in toks]
         else:
             cands = [prefix] + [draw(prefix_tokens) for _ in range(max(candidates, 1))]
         js = objective(cands)

@@ -59,13 +59,17 @@ class CorrectionInfo:
 
 CORRECTIONS: dict[str, CorrectionInfo] = {
     "none": CorrectionInfo(
-        "none", "none", weight="1",
+        "none",
+        "none",
+        weight="1",
         source="what a trainer does that ignores the sampler's log-probs",
         bias="E_μ[g] - E_{π_old}[g] = E_μ[(1 - r)·g] per token (with states and later tokens from μ too): "
         "unbounded in general; the fixed point moves with μ (the certificate's uncorrected rows measure it)",
     ),
     "token_tis": CorrectionInfo(
-        "token_tis", "token", weight="min(r_t, C) per token",
+        "token_tis",
+        "token",
+        weight="min(r_t, C) per token",
         source="truncated importance sampling, Yao et al. 2025, 'Your efficient RL framework secretly brings "
         "you off-policy RL training' (C = 2 there); Ionides 2008 for truncated IS",
         bias="at a state, E_μ[min(r, C)·g] = E_{π_old}[g] - E_μ[(r - C)_+·g]: unbiased per token where r ≤ C. "
@@ -74,7 +78,9 @@ CORRECTIONS: dict[str, CorrectionInfo] = {
         "for single tokens (T = 1) when r ≤ C",
     ),
     "seq_tis": CorrectionInfo(
-        "seq_tis", "sequence", weight="min(W, C) on every token of the sequence",
+        "seq_tis",
+        "sequence",
+        weight="min(W, C) on every token of the sequence",
         source="sequence-level truncated IS, Liu et al. 2025, 'When Speed Kills Stability: Demystifying RL "
         "Collapse from the Training-Inference Mismatch'",
         bias="E_μ[min(W, C)·G] = E_{π_old}[G] - E_μ[(W - C)_+·G] for any function G of the sequence: "
@@ -82,14 +88,18 @@ CORRECTIONS: dict[str, CorrectionInfo] = {
         "grows with the length, which is what C trades against the bias",
     ),
     "token_mis": CorrectionInfo(
-        "token_mis", "token", weight="r_t if 1/C ≤ r_t ≤ C, else 0 (the token is dropped)",
+        "token_mis",
+        "token",
+        weight="r_t if 1/C ≤ r_t ≤ C, else 0 (the token is dropped)",
         source="masked importance sampling: IcePop (Ling team 2025, two-sided token masking), Liu et al. 2025",
         bias="at a state, E_μ[r·1[r ∈ [1/C, C]]·g] = E_{π_old}[1[r ∈ [1/C, C]]·g]: the dropped tokens' share "
         "of the π_old gradient is missing, E_{π_old}[1[r ∉ [1/C, C]]·g]; states and later tokens stay μ's "
         "(as token_tis)",
     ),
     "seq_mis": CorrectionInfo(
-        "seq_mis", "sequence", weight="W if 1/C ≤ W ≤ C, else 0 (the sequence is dropped)",
+        "seq_mis",
+        "sequence",
+        weight="W if 1/C ≤ W ≤ C, else 0 (the sequence is dropped)",
         source="sequence-level masked IS, Liu et al. 2025",
         bias="E_μ[W·1[W ∈ [1/C, C]]·G] = E_{π_old}[1[W ∈ [1/C, C]]·G]: unbiased for the kept sequences; the "
         "dropped ones' share E_{π_old}[1[W ∉ [1/C, C]]·G] is missing",
@@ -113,8 +123,9 @@ def behaviour_log_ratio(old_logps: torch.Tensor, behaviour_logps: torch.Tensor, 
     return lr.masked_fill(~mask.bool(), 0.0)
 
 
-def correction_weights(old_logps: torch.Tensor, behaviour_logps: torch.Tensor, mask: torch.Tensor, *,
-                       correction: str, cap: float) -> CorrectionWeights:
+def correction_weights(
+    old_logps: torch.Tensor, behaviour_logps: torch.Tensor, mask: torch.Tensor, *, correction: str, cap: float
+) -> CorrectionWeights:
     """The weights of ``correction`` (``CORRECTIONS``) with cap C = ``cap`` > 1. (B, T) x3 -> CorrectionWeights.
 
     Computed in log space, so a sequence ratio W = exp(Σ_t lr^μ_t) never overflows before the cap."""
@@ -142,8 +153,9 @@ def correction_weights(old_logps: torch.Tensor, behaviour_logps: torch.Tensor, m
     return CorrectionWeights(w, state, cut, cut.any(-1))
 
 
-def mismatch_stats(old_logps: torch.Tensor, behaviour_logps: torch.Tensor, mask: torch.Tensor,
-                   weights: CorrectionWeights) -> tuple[dict, dict]:
+def mismatch_stats(
+    old_logps: torch.Tensor, behaviour_logps: torch.Tensor, mask: torch.Tensor, weights: CorrectionWeights
+) -> tuple[dict, dict]:
     """The ``mismatch/*`` metrics of one batch as (sums, counts), reduced by the caller (sum / count).
 
     - ``kl_k1``, ``kl_k3``: mean sequence sum of KL[μ‖π_old] with μ as the sampling distribution
@@ -159,16 +171,20 @@ def mismatch_stats(old_logps: torch.Tensor, behaviour_logps: torch.Tensor, mask:
     B, n_tok = float(mask.shape[0]), float(mask.sum())
     sums, counts = {}, {}
     for est in ("k1", "k3"):
-        seq = seq_sum(kl_per_token(behaviour_logps.detach(), old_logps.detach(), mask, estimator=est).per_token.double(),
-                      mask)  # (B,)
+        seq = seq_sum(
+            kl_per_token(behaviour_logps.detach(), old_logps.detach(), mask, estimator=est).per_token.double(), mask
+        )  # (B,)
         sums[f"mismatch/kl_{est}"], counts[f"mismatch/kl_{est}"] = float(seq.sum()), B
         se = float(seq.std(unbiased=True) / math.sqrt(seq.numel())) if seq.numel() > 1 else 0.0
         sums[f"mismatch/kl_{est}_stderr"], counts[f"mismatch/kl_{est}_stderr"] = se, 1.0
     if n_tok:
         r = torch.exp(behaviour_log_ratio(old_logps, behaviour_logps, mask).double()[mask])  # (n,)
         q = torch.quantile(r, torch.tensor(RATIO_QUANTILES, dtype=r.dtype, device=r.device))
-        per_batch = {"ratio_min": r.min(), "ratio_max": r.max(),
-                     **{f"ratio_p{round(p * 100):02d}": v for p, v in zip(RATIO_QUANTILES, q)}}
+        per_batch = {
+            "ratio_min": r.min(),
+            "ratio_max": r.max(),
+            **{f"ratio_p{round(p * 100):02d}": v for p, v in zip(RATIO_QUANTILES, q)},
+        }
         for k, v in per_batch.items():
             sums[f"mismatch/{k}"], counts[f"mismatch/{k}"] = float(v), 1.0
     sums["mismatch/weight_mean"], counts["mismatch/weight_mean"] = float(weights.weights[mask].double().sum()), n_tok

@@ -43,14 +43,18 @@ renormalised, a reference that moves with θ; its KL drops the filter cost E Σ_
 def check_estimator(name: str, *, field: str = "kl_estimator") -> None:
     """``name`` is a KL estimator (``ESTIMATOR_NAMES``): the one check of the rule, a ``UserError`` naming ``field``."""
     if name not in ESTIMATOR_NAMES:
-        raise UserError(f"{field}={name!r} is an unknown estimator; choose from {', '.join(ESTIMATOR_NAMES)} (set --{field})")
+        raise UserError(
+            f"{field}={name!r} is an unknown estimator; choose from {', '.join(ESTIMATOR_NAMES)} (set --{field})"
+        )
 
 
 def check_reference_filter(name: str) -> None:
     """``name`` is a reference of the KL under top-k/top-p (``REFERENCE_FILTERS``): the one check of the rule."""
     if name not in REFERENCE_FILTERS:
-        raise UserError(f"kl_reference_filter={name!r} is not one of {', '.join(REFERENCE_FILTERS)}; set "
-                        "--kl_reference_filter none (the fixed reference, default) or restricted")
+        raise UserError(
+            f"kl_reference_filter={name!r} is not one of {', '.join(REFERENCE_FILTERS)}; set "
+            "--kl_reference_filter none (the fixed reference, default) or restricted"
+        )
 
 
 @dataclass(frozen=True)
@@ -86,8 +90,12 @@ class EstimatorInfo:
     grad_loss: str
     grad_loss_is: str
     under_filters: str  # its value under τ/top-k/top-p: fixed reference π^τ_ref (tether) vs restricted
-    needs_logits: bool = False  # reads the full distributions (logits of policy and reference), not only the sampled token
-    reward_direct_term: bool = False  # in the reward (detached) it misses ∇KL_t at fixed states: a loss must add that term
+    needs_logits: bool = (
+        False  # reads the full distributions (logits of policy and reference), not only the sampled token
+    )
+    reward_direct_term: bool = (
+        False  # in the reward (detached) it misses ∇KL_t at fixed states: a loss must add that term
+    )
 
 
 _LOCAL = "Σ_t E_{s_t~π_θ}[∇ KL_t(s_t)] with states held fixed"
@@ -147,7 +155,8 @@ ESTIMATORS: dict[str, EstimatorInfo] = {
         under_filters="exact for KL[π^{τ,F}_θ‖π^τ_ref] per state with the fixed reference tether uses: "
         "Σ_{v∈F_t} π^{τ,F}_θ(v)(log π^{τ,F}_θ(v) - log π^τ_ref(v)) (tokens outside F_t have probability 0); "
         "with the restricted reference, the same minus the filter cost -log m_t",
-        needs_logits=True, reward_direct_term=True,
+        needs_logits=True,
+        reward_direct_term=True,
     ),
 }
 
@@ -306,9 +315,15 @@ def kl_loss_term(
     ``ESTIMATORS[estimator]``.
     """
     out = kl_per_token(
-        logps, ref_logps.detach(), mask, estimator=estimator, direction="reverse",
-        logits=logits, ref_logits=None if ref_logits is None else ref_logits.detach(),
-        clamp_input=clamp_input, clamp_output=clamp_output,
+        logps,
+        ref_logps.detach(),
+        mask,
+        estimator=estimator,
+        direction="reverse",
+        logits=logits,
+        ref_logits=None if ref_logits is None else ref_logits.detach(),
+        clamp_input=clamp_input,
+        clamp_output=clamp_output,
     )
     vals = out.per_token
     if old_logps is not None:

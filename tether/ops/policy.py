@@ -21,7 +21,6 @@ from typing import Literal, Optional, Union
 import torch
 
 from .best_of_n import best_of_n_kl_bound  # noqa: F401  (re-exported: the bound lives with best-of-n)
-
 from .kl import k3, kl_reward_penalty, log_ratio
 from .logprobs import upcast
 
@@ -66,7 +65,9 @@ def masked_whiten(
     return torch.where(mask, out, 0.0)
 
 
-def masked_whiten_loo(values: torch.Tensor, mask: torch.Tensor, *, eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_whiten_loo(
+    values: torch.Tensor, mask: torch.Tensor, *, eps: float = 1e-8
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Whiten each row with the statistics of the *other* rows: (values_i - mean_{-i}) / std_{-i}, where
     mean_{-i} and the population variance var_{-i} are over the counted entries of every row but i.
     (B, T), (B, T) -> (whitened (B, T), zero outside mask; scale (B, 1) = sqrt(var_{-i} + eps)).
@@ -96,9 +97,7 @@ def _last_index(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, pos, -1).amax(-1)
 
 
-def token_rewards(
-    scores: torch.Tensor, kl_tokens: torch.Tensor, mask: torch.Tensor, *, beta: float
-) -> torch.Tensor:
+def token_rewards(scores: torch.Tensor, kl_tokens: torch.Tensor, mask: torch.Tensor, *, beta: float) -> torch.Tensor:
     """Per-token rewards of KL-penalised PPO-RLHF (docs/theory.md §1; Stiennon et al. 2020; Ouyang et al. 2022 Eq. 2).
 
         rewards_t = -β·sg(kl_t)  on every counted token,  + scores  at each sequence's last counted token
@@ -123,8 +122,10 @@ def _check_one_run(mask: torch.Tensor) -> None:
     m = mask.int()
     starts = (m[:, 1:] > m[:, :-1]).sum(-1) + m[:, 0]  # False→True transitions per row
     if bool((starts > 1).any()):
-        raise ValueError("gae needs one contiguous run of True per row (prompt/padding False around it); "
-                         "a mask with holes would bootstrap across the gap")
+        raise ValueError(
+            "gae needs one contiguous run of True per row (prompt/padding False around it); "
+            "a mask with holes would bootstrap across the gap"
+        )
 
 
 def gae(
@@ -242,9 +243,7 @@ def _groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     return upcast(scores.detach()).view(-1, group_size)  # (B/G, G)
 
 
-def group_advantages(
-    scores: torch.Tensor, *, group_size: int, scale: bool = True, eps: float = 1e-4
-) -> torch.Tensor:
+def group_advantages(scores: torch.Tensor, *, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
     """GRPO outcome advantages (Shao et al. 2024, DeepSeekMath §4.1.2): (r_i - mean_g) / (std_g + ε).
 
     Args:

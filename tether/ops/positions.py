@@ -36,8 +36,9 @@ def bucket_of(n: int, buckets: Sequence[tuple] = POSITION_BUCKETS) -> int:
     raise ValueError(f"{n} is in no bucket of {buckets}")
 
 
-def position_bucket_sums(kl: torch.Tensor, mask: torch.Tensor, buckets: Sequence[tuple] = POSITION_BUCKETS
-                         ) -> tuple[list[float], list[float]]:
+def position_bucket_sums(
+    kl: torch.Tensor, mask: torch.Tensor, buckets: Sequence[tuple] = POSITION_BUCKETS
+) -> tuple[list[float], list[float]]:
     """(sums, counts) per bucket of the per-token ``kl`` (B, T) over counted tokens (``mask`` (B, T)) at
     positions in the bucket: the bucket's mean KL per token is sums[i] / counts[i] (decomposable, so a
     global mean is Σ sums / Σ counts over processes)."""
@@ -62,8 +63,9 @@ def position_means(kl: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, 
     return kl.double().masked_fill(~m, 0.0).sum(0), m.sum(0).double()
 
 
-def position_weights(T: int, *, decay: float = 0.0, weights: Optional[Sequence[float]] = None,
-                     device=None, dtype=torch.float32) -> Optional[torch.Tensor]:
+def position_weights(
+    T: int, *, decay: float = 0.0, weights: Optional[Sequence[float]] = None, device=None, dtype=torch.float32
+) -> Optional[torch.Tensor]:
     """The weights w_t (T,) that multiply β at completion position t, or None for w ≡ 1 (the default: the
     caller then takes the unweighted path, bit for bit).
 

@@ -36,17 +36,36 @@ from .kl import log_ratio
 from .logprobs import upcast
 
 LossType = Literal[
-    "sigmoid", "cdpo", "robust", "ipo", "hinge",
-    "fdpo_reverse_kl", "fdpo_forward_kl", "fdpo_js", "fdpo_alpha", "simpo",
+    "sigmoid",
+    "cdpo",
+    "robust",
+    "ipo",
+    "hinge",
+    "fdpo_reverse_kl",
+    "fdpo_forward_kl",
+    "fdpo_js",
+    "fdpo_alpha",
+    "simpo",
 ]
 LOSS_TYPES: tuple[str, ...] = (
-    "sigmoid", "cdpo", "robust", "ipo", "hinge",
-    "fdpo_reverse_kl", "fdpo_forward_kl", "fdpo_js", "fdpo_alpha", "simpo",
+    "sigmoid",
+    "cdpo",
+    "robust",
+    "ipo",
+    "hinge",
+    "fdpo_reverse_kl",
+    "fdpo_forward_kl",
+    "fdpo_js",
+    "fdpo_alpha",
+    "simpo",
 )
 FDivergence = Literal["reverse_kl", "forward_kl", "js", "alpha"]
 F_DIVERGENCES: tuple[str, ...] = ("reverse_kl", "forward_kl", "js", "alpha")
 _FDPO = {
-    "fdpo_reverse_kl": "reverse_kl", "fdpo_forward_kl": "forward_kl", "fdpo_js": "js", "fdpo_alpha": "alpha",
+    "fdpo_reverse_kl": "reverse_kl",
+    "fdpo_forward_kl": "forward_kl",
+    "fdpo_js": "js",
+    "fdpo_alpha": "alpha",
 }
 
 _BT = "under a Bradley–Terry model p(y≻y') = σ(r(y) - r(y')) with pairs from μ, on supp(μ): "
@@ -185,8 +204,10 @@ def fdpo_loss(
 
     With ``divergence="reverse_kl"`` this is DPO exactly (same floating-point operations).
     """
-    h = beta * (f_divergence_score(chosen_lr, divergence=divergence, alpha=alpha)
-                - f_divergence_score(rejected_lr, divergence=divergence, alpha=alpha))
+    h = beta * (
+        f_divergence_score(chosen_lr, divergence=divergence, alpha=alpha)
+        - f_divergence_score(rejected_lr, divergence=divergence, alpha=alpha)
+    )
     return -F.logsigmoid(h)  # docs/theory.md §6, f-DPO row
 
 
@@ -206,8 +227,14 @@ def simpo_loss(
     γ is the target reward margin in reward units (the paper's γ, not γ/β). All (B,) -> (B,).
     Here as a contrast: no π_ref, hence no KL anchor (see ``TARGETS["simpo"]``).
     """
-    z = beta * (upcast(chosen_logps) / upcast(chosen_lengths).clamp(min=1)
-                - upcast(rejected_logps) / upcast(rejected_lengths).clamp(min=1)) - gamma
+    z = (
+        beta
+        * (
+            upcast(chosen_logps) / upcast(chosen_lengths).clamp(min=1)
+            - upcast(rejected_logps) / upcast(rejected_lengths).clamp(min=1)
+        )
+        - gamma
+    )
     return -F.logsigmoid(z)  # Meng 2024 Eq. 6
 
 
@@ -231,8 +258,10 @@ def check_loss_options(loss_type: str, beta: float, label_smoothing: float) -> N
     if loss_type == "cdpo" and not 0.0 <= label_smoothing <= 0.5:
         raise UserError(f"cdpo needs label_smoothing in [0, 0.5], got {label_smoothing}; set --label_smoothing")
     if loss_type == "robust" and not 0.0 <= label_smoothing < 0.5:
-        raise UserError(f"robust needs label_smoothing (assumed flip rate) in [0, 0.5), got {label_smoothing}; "
-                        "set --label_smoothing")
+        raise UserError(
+            f"robust needs label_smoothing (assumed flip rate) in [0, 0.5), got {label_smoothing}; "
+            "set --label_smoothing"
+        )
     if loss_type not in ("cdpo", "robust") and label_smoothing != 0.0:
         raise UserError(
             f"label_smoothing={label_smoothing} has no meaning for loss_type={loss_type!r}; "
@@ -281,19 +310,26 @@ def preference_loss(
     if ipo_length_normalize and loss_type != "ipo":
         raise ValueError("ipo_length_normalize applies to loss_type='ipo' only")
     shape = chosen_logps.shape
-    for name, t in (("rejected_logps", rejected_logps), ("ref_chosen_logps", ref_chosen_logps),
-                    ("ref_rejected_logps", ref_rejected_logps), ("chosen_lengths", chosen_lengths),
-                    ("rejected_lengths", rejected_lengths)):
+    for name, t in (
+        ("rejected_logps", rejected_logps),
+        ("ref_chosen_logps", ref_chosen_logps),
+        ("ref_rejected_logps", ref_rejected_logps),
+        ("chosen_lengths", chosen_lengths),
+        ("rejected_lengths", rejected_lengths),
+    ):
         if t is not None and t.shape != shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)} like chosen_logps")
     needs_lengths = loss_type == "simpo" or ipo_length_normalize
     if needs_lengths and (chosen_lengths is None or rejected_lengths is None):
-        raise ValueError(f"loss_type={loss_type!r} (ipo_length_normalize={ipo_length_normalize}) needs "
-                         "chosen_lengths and rejected_lengths")
+        raise ValueError(
+            f"loss_type={loss_type!r} (ipo_length_normalize={ipo_length_normalize}) needs "
+            "chosen_lengths and rejected_lengths"
+        )
 
     if loss_type == "simpo":
-        losses = simpo_loss(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths,
-                            beta=beta, gamma=simpo_gamma)
+        losses = simpo_loss(
+            chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, beta=beta, gamma=simpo_gamma
+        )
         chosen_rewards = beta * upcast(chosen_logps.detach()) / upcast(chosen_lengths).clamp(min=1)
         rejected_rewards = beta * upcast(rejected_logps.detach()) / upcast(rejected_lengths).clamp(min=1)
     else:
@@ -312,8 +348,9 @@ def preference_loss(
             losses = hinge_loss(h)
         elif loss_type == "ipo":
             if ipo_length_normalize:
-                gap = (chosen_lr / upcast(chosen_lengths).clamp(min=1)
-                       - rejected_lr / upcast(rejected_lengths).clamp(min=1))
+                gap = chosen_lr / upcast(chosen_lengths).clamp(min=1) - rejected_lr / upcast(rejected_lengths).clamp(
+                    min=1
+                )
             else:
                 gap = chosen_lr - rejected_lr
             losses = ipo_loss(gap, beta=beta)

@@ -35,7 +35,9 @@ def bradley_terry_loss(
     s_w - s_l, ``chosen`` / ``rejected`` = mean scores.
     """
     if chosen_scores.shape != rejected_scores.shape or chosen_scores.dim() != 1:
-        raise ValueError(f"chosen and rejected scores must both be (B,), got {tuple(chosen_scores.shape)} and {tuple(rejected_scores.shape)}")
+        raise ValueError(
+            f"chosen and rejected scores must both be (B,), got {tuple(chosen_scores.shape)} and {tuple(rejected_scores.shape)}"
+        )
     gap = chosen_scores.float() - rejected_scores.float()  # (B,)
     logits = gap if margin is None else gap - torch.as_tensor(margin, dtype=gap.dtype, device=gap.device)
     loss = -F.logsigmoid(logits).mean()  # Stiennon Eq. 1 / Llama 2 Eq. 2

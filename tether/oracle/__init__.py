@@ -45,9 +45,20 @@ from .tabular import (
 )
 
 _LM_NAMES = (  # from tether.oracle.lm, imported on first use (__getattr__ below)
-    "TabularLM", "TabularLMConfig", "TabularReward", "completion_text", "parse_completion", "parse_prompt",
-    "preference_rows", "prompt_texts", "reward_function", "save_tabular_lm", "tabular_lm", "tabular_policy",
-    "tabular_tokenizer", "token_names",
+    "TabularLM",
+    "TabularLMConfig",
+    "TabularReward",
+    "completion_text",
+    "parse_completion",
+    "parse_prompt",
+    "preference_rows",
+    "prompt_texts",
+    "reward_function",
+    "save_tabular_lm",
+    "tabular_lm",
+    "tabular_policy",
+    "tabular_tokenizer",
+    "token_names",
 )
 
 __all__ = [

@@ -14,11 +14,13 @@ BETA = 0.5  # online methods: KL[π*‖π_ref] = 0.99 nats on this problem
 BETA_PREF = 1.0  # preference losses: KL[π*‖π_ref] = 0.21 nats; their targets (forward KL, JS) lie far out at 0.5
 PROBLEM = dict(vocab_size=3, horizon=3, n_prompts=2, seed=0, reward="random")
 SAMPLED_TOL = 1e-2  # KL[π‖target] for the rows trained by the shipped trainers on sampled batches
-SAMPLED_WHY = ("Monte-Carlo gradient noise: 64 samples per prompt per step and a cosine learning-rate decay leave "
-               "the policy 4e-5 (k1 in the reward) to 8e-3 (GRPO, exact in the reward) nats from its target, "
-               "deterministically given the seed; 1e-2 is still well below the distance between any two targets "
-               "certified here (the nearest pair, local_kl_optimum and forward_kl_optimum, is 0.052 apart; "
-               "local_kl_optimum and π*: 0.061), so a biased gradient cannot pass")
+SAMPLED_WHY = (
+    "Monte-Carlo gradient noise: 64 samples per prompt per step and a cosine learning-rate decay leave "
+    "the policy 4e-5 (k1 in the reward) to 8e-3 (GRPO, exact in the reward) nats from its target, "
+    "deterministically given the seed; 1e-2 is still well below the distance between any two targets "
+    "certified here (the nearest pair, local_kl_optimum and forward_kl_optimum, is 0.052 apart; "
+    "local_kl_optimum and π*: 0.061), so a biased gradient cannot pass"
+)
 
 
 @dataclass
@@ -51,8 +53,9 @@ class Certificate:
 # ---- the verdict ------------------------------------------------------------------------------------------
 
 
-def verdict(expected: str, kl_to_target: Optional[float], kl_to_optimum: Optional[float], tolerance: float,
-            extra: bool = True) -> bool:
+def verdict(
+    expected: str, kl_to_target: Optional[float], kl_to_optimum: Optional[float], tolerance: float, extra: bool = True
+) -> bool:
     """The rules of the module docstring; ``extra``: the row's own additional evidence (controllers'
     settled β, a divergence actually happening)."""
     reached = kl_to_target is not None and math.isfinite(kl_to_target) and kl_to_target < tolerance
@@ -69,8 +72,37 @@ def verdict(expected: str, kl_to_target: Optional[float], kl_to_optimum: Optiona
 
 
 # the config fields a row's JSON shows
-_SHOWN = ("beta", "kl_estimator", "kl_placement", "samples_per_prompt", "num_epochs", "clip_eps", "scale_rewards",
-          "loss_aggregation", "lam", "whiten_advantages", "batch_size", "learning_rate", "lr_schedule", "temperature",
-          "top_k", "top_p", "dtype", "lora_r", "reference", "grad_accum", "kl_target", "kl_horizon", "kl_budget",
-          "beta_schedule", "beta_end", "loss_type", "label_smoothing", "ipo_length_normalize", "f_alpha", "max_steps",
-          "ref_reset_every", "ref_lag")
+_SHOWN = (
+    "beta",
+    "kl_estimator",
+    "kl_placement",
+    "samples_per_prompt",
+    "num_epochs",
+    "clip_eps",
+    "scale_rewards",
+    "loss_aggregation",
+    "lam",
+    "whiten_advantages",
+    "batch_size",
+    "learning_rate",
+    "lr_schedule",
+    "temperature",
+    "top_k",
+    "top_p",
+    "dtype",
+    "lora_r",
+    "reference",
+    "grad_accum",
+    "kl_target",
+    "kl_horizon",
+    "kl_budget",
+    "beta_schedule",
+    "beta_end",
+    "loss_type",
+    "label_smoothing",
+    "ipo_length_normalize",
+    "f_alpha",
+    "max_steps",
+    "ref_reset_every",
+    "ref_lag",
+)

@@ -30,7 +30,11 @@ import torch
 
 from . import shipped
 from .certify_targets import (
-    beta_for_fixed_reference_kl, filter_sets, filtered_policy, fixed_reference_kl, fixed_reference_optimum,
+    beta_for_fixed_reference_kl,
+    filter_sets,
+    filtered_policy,
+    fixed_reference_kl,
+    fixed_reference_optimum,
     restricted_reference_optimum,
 )
 from .exact import sequence_kl
@@ -68,8 +72,19 @@ def _ppo(problem: TabularProblem, beta: float, **kw):
     return shipped.online_config(PPOConfig, problem, **{**base, **kw})
 
 
-def filter_row(problem: TabularProblem, *, name: str, label: str, filters: dict, beta: float, expected: str,
-               tolerance: float, tolerance_why: str, reference_filter: str = "none", **overrides):
+def filter_row(
+    problem: TabularProblem,
+    *,
+    name: str,
+    label: str,
+    filters: dict,
+    beta: float,
+    expected: str,
+    tolerance: float,
+    tolerance_why: str,
+    reference_filter: str = "none",
+    **overrides,
+):
     """Train PPO (k1 in the reward) with ``filters`` on ``problem`` with the shipped trainer, read back the
     sets of the saved policy, and judge the policy as sampled against the optimum of its objective
     within those sets: ``fixed_reference_optimum`` (default) or, with ``reference_filter="restricted"``,
@@ -92,22 +107,55 @@ def filter_row(problem: TabularProblem, *, name: str, label: str, filters: dict,
     target = "restricted_reference_optimum" if reference_filter == "restricted" else "fixed_reference_optimum"
     kl_target = kl_restricted if reference_filter == "restricted" else kl_fixed
     gap = float(sequence_kl(restricted, fixed).mean())
-    note = (f"sets of the saved policy: {int(sets.sum(-1).float().mean() * 100) / 100} tokens per state on average, "
-            f"changed during training at {moved} of the {int(visited.sum())} states it visits; "
-            f"KL[π‖fixed-reference optimum] = {kl_fixed:.1e}, KL[π‖restricted-reference optimum] = {kl_restricted:.1e} "
-            f"(the two optima are {gap:.3f} apart); final kl/ref = {run.history[-1]['kl/ref']:.3f}, "
-            f"kl/filter_cost = {run.history[-1].get('kl/filter_cost', float('nan')):.3f}")
-    config = {k: getattr(cfg, k) for k in ("beta", "kl_estimator", "num_epochs", "temperature", "top_k", "top_p",
-                                           "kl_reference_filter", "max_steps", "learning_rate")}
-    config.update({"trainer_config": "PPOConfig", "optimum_beta": beta, "tolerance_why": tolerance_why,
-                   "problem": f"V={problem.space.vocab_size}, T={problem.space.horizon}, {problem.space.n_prompts} prompt(s)",
-                   "certifies": "the distribution within the sets the trained policy ends with (a gradient does not "
-                                "choose the sets; docs/theory.md §3)"})
+    note = (
+        f"sets of the saved policy: {int(sets.sum(-1).float().mean() * 100) / 100} tokens per state on average, "
+        f"changed during training at {moved} of the {int(visited.sum())} states it visits; "
+        f"KL[π‖fixed-reference optimum] = {kl_fixed:.1e}, KL[π‖restricted-reference optimum] = {kl_restricted:.1e} "
+        f"(the two optima are {gap:.3f} apart); final kl/ref = {run.history[-1]['kl/ref']:.3f}, "
+        f"kl/filter_cost = {run.history[-1].get('kl/filter_cost', float('nan')):.3f}"
+    )
+    config = {
+        k: getattr(cfg, k)
+        for k in (
+            "beta",
+            "kl_estimator",
+            "num_epochs",
+            "temperature",
+            "top_k",
+            "top_p",
+            "kl_reference_filter",
+            "max_steps",
+            "learning_rate",
+        )
+    }
+    config.update(
+        {
+            "trainer_config": "PPOConfig",
+            "optimum_beta": beta,
+            "tolerance_why": tolerance_why,
+            "problem": f"V={problem.space.vocab_size}, T={problem.space.horizon}, {problem.space.n_prompts} prompt(s)",
+            "certifies": "the distribution within the sets the trained policy ends with (a gradient does not "
+            "choose the sets; docs/theory.md §3)",
+        }
+    )
     return Certificate(
-        method="ppo", config=config, target=target, expected=expected, kl_to_target=kl_target, kl_to_optimum=kl_fixed,
-        objective_gap=beta * kl_fixed, tolerance=tolerance, steps=cfg.max_steps,
-        ok=verdict(expected, kl_target, kl_fixed, tolerance), note=note,
-        seconds=time.perf_counter() - t0, name=name, label=label, trainer=run.trainer, curve=[])
+        method="ppo",
+        config=config,
+        target=target,
+        expected=expected,
+        kl_to_target=kl_target,
+        kl_to_optimum=kl_fixed,
+        objective_gap=beta * kl_fixed,
+        tolerance=tolerance,
+        steps=cfg.max_steps,
+        ok=verdict(expected, kl_target, kl_fixed, tolerance),
+        note=note,
+        seconds=time.perf_counter() - t0,
+        name=name,
+        label=label,
+        trainer=run.trainer,
+        curve=[],
+    )
 
 
 def filter_rows(suite) -> list:
@@ -120,21 +168,41 @@ def filter_rows(suite) -> list:
     def add(name, problem, label, **kw):
         def run():
             return filter_row(problem() if callable(problem) else problem, name=name, label=label, **kw)
+
         rows.append((name, "ppo", run))
 
     common = dict(expected="converges", tolerance=SAMPLED_TOL, tolerance_why=SAMPLED_WHY)
     add("ppo_top_k", suite.problem, "k1 in reward, top-k 2 (T = 3)", filters={"top_k": 2}, beta=BETA, **common)
-    add("ppo_top_p", suite.problem, "k1 in reward, top-p 0.8, temperature 0.7 (T = 3)",
-        filters={"top_p": 0.8, "temperature": 0.7}, beta=BETA, **common)
+    add(
+        "ppo_top_p",
+        suite.problem,
+        "k1 in reward, top-p 0.8, temperature 0.7 (T = 3)",
+        filters={"top_p": 0.8, "temperature": 0.7},
+        beta=BETA,
+        **common,
+    )
     add("ppo_top_k_t1", single, "k1 in reward, top-k 3 of 5 (T = 1)", filters={"top_k": 3}, beta=BETA, **common)
     add("ppo_top_p_t1", single, "k1 in reward, top-p 0.8 (T = 1)", filters={"top_p": 0.8}, beta=BETA, **common)
-    add("ppo_top_k_branches", branch_problem, "k1 in reward, top-k 2, two branches (default: fixed reference)",
-        filters={"top_k": 2}, beta=BRANCH_BETA, **common)
-    add("ppo_top_k_branches_restricted", branch_problem,
-        "k1 in reward, top-k 2, two branches, kl_reference_filter: restricted", filters={"top_k": 2}, beta=BRANCH_BETA,
-        reference_filter="restricted", expected="biased: reaches restricted_reference_optimum (the reference "
+    add(
+        "ppo_top_k_branches",
+        branch_problem,
+        "k1 in reward, top-k 2, two branches (default: fixed reference)",
+        filters={"top_k": 2},
+        beta=BRANCH_BETA,
+        **common,
+    )
+    add(
+        "ppo_top_k_branches_restricted",
+        branch_problem,
+        "k1 in reward, top-k 2, two branches, kl_reference_filter: restricted",
+        filters={"top_k": 2},
+        beta=BRANCH_BETA,
+        reference_filter="restricted",
+        expected="biased: reaches restricted_reference_optimum (the reference "
         "restricted to the policy's sets pays a bonus β·Σ_t -log π_ref(F_t) to the spread branch)",
-        tolerance=SAMPLED_TOL, tolerance_why=SAMPLED_WHY)
+        tolerance=SAMPLED_TOL,
+        tolerance_why=SAMPLED_WHY,
+    )
     add_controller = ("adaptive_kl_top_p", "adaptive_kl", lambda: controller_row(suite, top_p=0.9, kl_target=1.0))
     rows.append(add_controller)
     return rows
@@ -163,15 +231,37 @@ def controller_row(suite, *, top_p: float, kl_target: float, horizon: int = 2560
     beta = run.history[-1]["beta"]
     kl = float(fixed_reference_kl(policy, problem.ref).mean())
     settled = abs(beta - b_hat) / b_hat < 0.05
-    note = (f"final β = {beta:.4f} (β̂ = {b_hat:.4f} for the final sets), final KL[π^F‖π_ref] = {kl:.4f} (target "
-            f"{kl_target}), of which filter cost {run.history[-1].get('kl/filter_cost', float('nan')):.3f} (last rollout)")
-    config = {"beta": "controlled", "kl_target": kl_target, "kl_horizon": cfg.kl_horizon, "top_p": top_p,
-              "kl_estimator": cfg.kl_estimator, "max_steps": cfg.max_steps, "trainer_config": "PPOConfig",
-              "optimum_beta": b_hat, "tolerance_why": SAMPLED_WHY + "; also |β - β̂|/β̂ < 5% at the end",
-              "certifies": "the controller's fixed point measured by the fixed-reference KL, within the final sets"}
+    note = (
+        f"final β = {beta:.4f} (β̂ = {b_hat:.4f} for the final sets), final KL[π^F‖π_ref] = {kl:.4f} (target "
+        f"{kl_target}), of which filter cost {run.history[-1].get('kl/filter_cost', float('nan')):.3f} (last rollout)"
+    )
+    config = {
+        "beta": "controlled",
+        "kl_target": kl_target,
+        "kl_horizon": cfg.kl_horizon,
+        "top_p": top_p,
+        "kl_estimator": cfg.kl_estimator,
+        "max_steps": cfg.max_steps,
+        "trainer_config": "PPOConfig",
+        "optimum_beta": b_hat,
+        "tolerance_why": SAMPLED_WHY + "; also |β - β̂|/β̂ < 5% at the end",
+        "certifies": "the controller's fixed point measured by the fixed-reference KL, within the final sets",
+    }
     return Certificate(
-        method="adaptive_kl", config=config, target="fixed_reference_optimum(β̂)", expected="converges",
-        kl_to_target=kl_target_dist, kl_to_optimum=kl_target_dist, objective_gap=b_hat * kl_target_dist,
-        tolerance=SAMPLED_TOL, steps=cfg.max_steps, ok=verdict("converges", kl_target_dist, kl_target_dist, SAMPLED_TOL, settled),
-        note=note, seconds=time.perf_counter() - t0, name="adaptive_kl_top_p",
-        label=f"Ziegler controller, KL target {kl_target} (fixed reference), top-p {top_p}", trainer=run.trainer, curve=[])
+        method="adaptive_kl",
+        config=config,
+        target="fixed_reference_optimum(β̂)",
+        expected="converges",
+        kl_to_target=kl_target_dist,
+        kl_to_optimum=kl_target_dist,
+        objective_gap=b_hat * kl_target_dist,
+        tolerance=SAMPLED_TOL,
+        steps=cfg.max_steps,
+        ok=verdict("converges", kl_target_dist, kl_target_dist, SAMPLED_TOL, settled),
+        note=note,
+        seconds=time.perf_counter() - t0,
+        name="adaptive_kl_top_p",
+        label=f"Ziegler controller, KL target {kl_target} (fixed reference), top-p {top_p}",
+        trainer=run.trainer,
+        curve=[],
+    )

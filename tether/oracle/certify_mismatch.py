@@ -72,8 +72,16 @@ class PerturbedBackend(BuiltinBackend):
         vocab = int(self.model.config.vocab_size)
         delta = torch.zeros(vocab, dtype=torch.float32)
         delta[: len(self.delta)] = torch.tensor(self.delta)
-        return sample(PerturbedLM(self.model, delta), prompt_ids, pad_id=pad_id, eos_id=eos_id,
-                      max_new_tokens=settings.max_new_tokens, generator=generator, decoder="hf", **settings.filters())
+        return sample(
+            PerturbedLM(self.model, delta),
+            prompt_ids,
+            pad_id=pad_id,
+            eos_id=eos_id,
+            max_new_tokens=settings.max_new_tokens,
+            generator=generator,
+            decoder="hf",
+            **settings.filters(),
+        )
 
 
 def use_delta(delta) -> str:
@@ -82,13 +90,26 @@ def use_delta(delta) -> str:
     return BACKEND
 
 
-def mismatch_row(suite, *, name: str, method: str, label: str, problem: TabularProblem, config, delta, target: str,
-                 target_policy, corrected: bool, opt_beta: float, uncorrected_misses: bool = True):
+def mismatch_row(
+    suite,
+    *,
+    name: str,
+    method: str,
+    label: str,
+    problem: TabularProblem,
+    config,
+    delta,
+    target: str,
+    target_policy,
+    corrected: bool,
+    opt_beta: float,
+    uncorrected_misses: bool = True,
+):
     """Train ``config()`` with the perturbed backend and judge the saved policy against ``target_policy``.
     Corrected rows must reach it (< SAMPLED_TOL). Uncorrected rows must miss it (> SEPARATION), except
     where theory says μ cannot move the fixed point (``uncorrected_misses=False``: k1 in the reward,
     see ``K1_WHY``), where they must reach it too."""
-    from .certificate import SAMPLED_TOL, SAMPLED_WHY, SEPARATION, Certificate, _SHOWN
+    from .certificate import _SHOWN, SAMPLED_TOL, SAMPLED_WHY, SEPARATION, Certificate
     from .exact import log_partition, objective, optimal_policy, sequence_kl
 
     t0 = time.perf_counter()
@@ -100,14 +121,22 @@ def mismatch_row(suite, *, name: str, method: str, label: str, problem: TabularP
     kl_target = float(sequence_kl(policy, target_policy).detach().mean())
     pistar = optimal_policy(problem.ref, problem.rewards, opt_beta)
     kl_opt = float(sequence_kl(policy, pistar).detach().mean())
-    gap = float((opt_beta * log_partition(problem.ref, problem.rewards, opt_beta)
-                 - objective(policy, problem.ref, problem.rewards, opt_beta)).detach().mean())
+    gap = float(
+        (
+            opt_beta * log_partition(problem.ref, problem.rewards, opt_beta)
+            - objective(policy, problem.ref, problem.rewards, opt_beta)
+        )
+        .detach()
+        .mean()
+    )
     first, last = run.history[0], run.history[-1]
     nan = float("nan")
-    note = (f"μ = softmax(logits + δ), δ = {tuple(delta)}; step 1: mismatch/kl_k3 = {first.get('mismatch/kl_k3', nan):.4f} "
-            f"(k1 {first.get('mismatch/kl_k1', nan):.4f}), ratio π_old/μ in [{first.get('mismatch/ratio_min', nan):.3f}, "
-            f"{first.get('mismatch/ratio_max', nan):.3f}]; last step: mismatch/kl_k3 = {last.get('mismatch/kl_k3', nan):.4f}, "
-            f"cut_token_frac = {last.get('mismatch/cut_token_frac', nan):.3f}, weight_mean = {last.get('mismatch/weight_mean', nan):.3f}")
+    note = (
+        f"μ = softmax(logits + δ), δ = {tuple(delta)}; step 1: mismatch/kl_k3 = {first.get('mismatch/kl_k3', nan):.4f} "
+        f"(k1 {first.get('mismatch/kl_k1', nan):.4f}), ratio π_old/μ in [{first.get('mismatch/ratio_min', nan):.3f}, "
+        f"{first.get('mismatch/ratio_max', nan):.3f}]; last step: mismatch/kl_k3 = {last.get('mismatch/kl_k3', nan):.4f}, "
+        f"cut_token_frac = {last.get('mismatch/cut_token_frac', nan):.3f}, weight_mean = {last.get('mismatch/weight_mean', nan):.3f}"
+    )
     if corrected or not uncorrected_misses:  # reach the on-policy row's target
         expected, ok = "converges", kl_target < SAMPLED_TOL
         tol, why = SAMPLED_TOL, SAMPLED_WHY
@@ -117,22 +146,52 @@ def mismatch_row(suite, *, name: str, method: str, label: str, problem: TabularP
         expected = f"biased: misses {target} by more than SEPARATION = {SEPARATION} (no correction for μ ≠ π_old)"
         ok, tol, why = kl_target > SEPARATION, SEPARATION, "an uncorrected run must be measurably off its target"
     config_d = {k: getattr(cfg, k) for k in _SHOWN if hasattr(cfg, k)}
-    config_d.update({"trainer_config": type(cfg).__name__, "optimum_beta": opt_beta, "backend": BACKEND,
-                     "behaviour_correction": cfg.behaviour_correction, "behaviour_cap": cfg.behaviour_cap,
-                     "delta": list(delta), "tolerance_why": why,
-                     "problem": f"V={problem.space.vocab_size}, T={problem.space.horizon}, {problem.space.n_prompts} prompt(s)"})
+    config_d.update(
+        {
+            "trainer_config": type(cfg).__name__,
+            "optimum_beta": opt_beta,
+            "backend": BACKEND,
+            "behaviour_correction": cfg.behaviour_correction,
+            "behaviour_cap": cfg.behaviour_cap,
+            "delta": list(delta),
+            "tolerance_why": why,
+            "problem": f"V={problem.space.vocab_size}, T={problem.space.horizon}, {problem.space.n_prompts} prompt(s)",
+        }
+    )
     return Certificate(
-        method=method, config=config_d, target=target, expected=expected, kl_to_target=kl_target,
-        kl_to_optimum=kl_opt, objective_gap=gap, tolerance=tol, steps=cfg.max_steps, ok=bool(ok), note=note,
-        seconds=time.perf_counter() - t0, name=name, label=label, trainer=run.trainer, curve=[])
+        method=method,
+        config=config_d,
+        target=target,
+        expected=expected,
+        kl_to_target=kl_target,
+        kl_to_optimum=kl_opt,
+        objective_gap=gap,
+        tolerance=tol,
+        steps=cfg.max_steps,
+        ok=bool(ok),
+        note=note,
+        seconds=time.perf_counter() - t0,
+        name=name,
+        label=label,
+        trainer=run.trainer,
+        curve=[],
+    )
 
 
-K1_WHY = ("with k1 in the reward every penalised return r(y) - β·log(π*(y)/π_ref(y)) equals β·log Z at π*, so every "
-          "advantage is 0 there whichever μ drew y: π* is a fixed point under any μ of full support (the correction "
-          "changes the path and the variance, not the limit)")
+K1_WHY = (
+    "with k1 in the reward every penalised return r(y) - β·log(π*(y)/π_ref(y)) equals β·log Z at π*, so every "
+    "advantage is 0 there whichever μ drew y: π* is a fixed point under any μ of full support (the correction "
+    "changes the path and the variance, not the limit)"
+)
 
-CORRECTED_ROWS = ("ppo_mismatch_seq_tis", "grpo_mismatch_seq_tis", "rloo_mismatch_seq_tis", "ppo_exact_mismatch_seq_tis",
-                  "rloo_exact_mismatch_seq_tis", "ppo_exact_mismatch_token_tis_t1")
+CORRECTED_ROWS = (
+    "ppo_mismatch_seq_tis",
+    "grpo_mismatch_seq_tis",
+    "rloo_mismatch_seq_tis",
+    "ppo_exact_mismatch_seq_tis",
+    "rloo_exact_mismatch_seq_tis",
+    "ppo_exact_mismatch_token_tis_t1",
+)
 """The rows with the correction on (each has an ``*_uncorrected`` twin)."""
 
 
@@ -158,8 +217,18 @@ def mismatch_rows(suite) -> list:
         return lambda c: lambda: shipped.online_config(PPOConfig, problem, **base, **on(c))
 
     def grpo(**kw):
-        base = {**dict(beta=beta_g, samples_per_prompt=G, num_epochs=2, scale_rewards=False, loss_aggregation="token_mean",
-                       max_steps=150, kl_estimator="k3"), **kw}
+        base = {
+            **dict(
+                beta=beta_g,
+                samples_per_prompt=G,
+                num_epochs=2,
+                scale_rewards=False,
+                loss_aggregation="token_mean",
+                max_steps=150,
+                kl_estimator="k3",
+            ),
+            **kw,
+        }
         return lambda c: lambda: shipped.online_config(GRPOConfig, P, **base, **on(c))
 
     def rloo(**kw):
@@ -175,25 +244,79 @@ def mismatch_rows(suite) -> list:
         ("ppo", "ppo", "k1 in reward, GAE λ=1", ppo(P), P, DELTA, rev, pistar, "seq_tis", False),
         ("grpo", "grpo", "k3 in loss, centred adv.", grpo(), P, DELTA, "forward_kl_optimum", fwd, "seq_tis", True),
         ("rloo", "rloo", "k1 in reward, k=4", rloo(), P, DELTA, rev, pistar, "seq_tis", False),
-        ("ppo_exact", "ppo", "exact in reward (+ direct term)", ppo(P, kl_estimator="exact"), P, DELTA, rev, pistar,
-         "seq_tis", True),
-        ("rloo_exact", "rloo", "exact in reward (+ direct term), k=4", rloo(kl_estimator="exact"), P, DELTA, rev, pistar,
-         "seq_tis", True),
-        ("ppo_exact", "ppo", "exact in reward (+ direct term), T = 1", ppo(single, kl_estimator="exact"), single, DELTA_T1,
-         rev, pistar_t1, "token_tis", True),
+        (
+            "ppo_exact",
+            "ppo",
+            "exact in reward (+ direct term)",
+            ppo(P, kl_estimator="exact"),
+            P,
+            DELTA,
+            rev,
+            pistar,
+            "seq_tis",
+            True,
+        ),
+        (
+            "rloo_exact",
+            "rloo",
+            "exact in reward (+ direct term), k=4",
+            rloo(kl_estimator="exact"),
+            P,
+            DELTA,
+            rev,
+            pistar,
+            "seq_tis",
+            True,
+        ),
+        (
+            "ppo_exact",
+            "ppo",
+            "exact in reward (+ direct term), T = 1",
+            ppo(single, kl_estimator="exact"),
+            single,
+            DELTA_T1,
+            rev,
+            pistar_t1,
+            "token_tis",
+            True,
+        ),
     ]
     rows = []
     for prefix, method, what, config, problem, delta, target, target_policy, correction, misses in specs:
         suffix = "_t1" if problem is single else ""
         for corrected in (True, False):
             name = f"{prefix}_mismatch_{correction if corrected else 'uncorrected'}{suffix}"
-            label = f"{what}, sampler logits + δ, " + (f"behaviour_correction: {correction}" if corrected else "no correction")
+            label = f"{what}, sampler logits + δ, " + (
+                f"behaviour_correction: {correction}" if corrected else "no correction"
+            )
 
-            def run(name=name, method=method, label=label, config=config, problem=problem, delta=delta, target=target,
-                    target_policy=target_policy, corrected=corrected, correction=correction, misses=misses):
-                return mismatch_row(suite, name=name, method=method, label=label, problem=problem,
-                                    config=config(correction if corrected else "none"), delta=delta, target=target,
-                                    target_policy=target_policy, corrected=corrected, opt_beta=BETA,
-                                    uncorrected_misses=misses)
+            def run(
+                name=name,
+                method=method,
+                label=label,
+                config=config,
+                problem=problem,
+                delta=delta,
+                target=target,
+                target_policy=target_policy,
+                corrected=corrected,
+                correction=correction,
+                misses=misses,
+            ):
+                return mismatch_row(
+                    suite,
+                    name=name,
+                    method=method,
+                    label=label,
+                    problem=problem,
+                    config=config(correction if corrected else "none"),
+                    delta=delta,
+                    target=target,
+                    target_policy=target_policy,
+                    corrected=corrected,
+                    opt_beta=BETA,
+                    uncorrected_misses=misses,
+                )
+
             rows.append((name, method, run))
     return rows

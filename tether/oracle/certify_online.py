@@ -39,7 +39,6 @@ from tether.trainers.method import Counts, LossInputs, OnlineMethod, Prepared, r
 
 from .tabular import DTYPE, Completions, TabularPolicy, TabularProblem, reward_of
 
-
 # ---- REINFORCE: the certifier's own method (the theory's reference point; not a trainer) ------------------
 
 
@@ -71,13 +70,22 @@ def _reinforce_loss(x: LossInputs, *, cfg: ReinforceConfig, beta: float, counts:
             per_token = per_token + beta * direct
     else:
         full = ESTIMATORS[cfg.kl_estimator].needs_logits
-        per_token = per_token + beta * kl_loss_term(
-            x.logps, x.ref_logps, x.mask, estimator=cfg.kl_estimator,
-            old_logps=x.old_logps if cfg.kl_placement == "loss_is" else None,
-            logits=x.logits if full else None, ref_logits=x.ref_logits if full else None,
-        ).per_token
-    return aggregate_loss(per_token, x.mask, mode=cfg.loss_aggregation, num_tokens=counts.tokens, num_seqs=counts.seqs,
-                          weights=x.weights), {}
+        per_token = (
+            per_token
+            + beta
+            * kl_loss_term(
+                x.logps,
+                x.ref_logps,
+                x.mask,
+                estimator=cfg.kl_estimator,
+                old_logps=x.old_logps if cfg.kl_placement == "loss_is" else None,
+                logits=x.logits if full else None,
+                ref_logits=x.ref_logits if full else None,
+            ).per_token
+        )
+    return aggregate_loss(
+        per_token, x.mask, mode=cfg.loss_aggregation, num_tokens=counts.tokens, num_seqs=counts.seqs, weights=x.weights
+    ), {}
 
 
 REINFORCE = OnlineMethod(name="pg", prepare=_reinforce_prepare, loss=_reinforce_loss)
@@ -95,10 +103,19 @@ def method_and_config(setup: "OnlineSetup") -> tuple[OnlineMethod, object]:
         return REINFORCE, ReinforceConfig(setup.kl_estimator, setup.kl_placement, setup.aggregation, setup.group_size)
     spec = METHODS[setup.algo]
     cls = spec.load("config")
-    knobs = dict(kl_estimator=setup.kl_estimator, kl_placement=setup.kl_placement, samples_per_prompt=setup.group_size,
-                 clip_eps=setup.clip, loss_aggregation=setup.aggregation, num_epochs=setup.epochs,
-                 scale_rewards=setup.scale_rewards, gamma=1.0, lam=setup.gae_lambda, whiten_advantages=setup.whiten,
-                 normalize_advantages=False)
+    knobs = dict(
+        kl_estimator=setup.kl_estimator,
+        kl_placement=setup.kl_placement,
+        samples_per_prompt=setup.group_size,
+        clip_eps=setup.clip,
+        loss_aggregation=setup.aggregation,
+        num_epochs=setup.epochs,
+        scale_rewards=setup.scale_rewards,
+        gamma=1.0,
+        lam=setup.gae_lambda,
+        whiten_advantages=setup.whiten,
+        normalize_advantages=False,
+    )
     names = {f.name for f in dataclasses.fields(cls)}
     return spec.load("online"), cls(**{k: v for k, v in knobs.items() if k in names})
 
@@ -241,14 +258,23 @@ def exact_critic(batch: Batch, returns: torch.Tensor, space) -> torch.Tensor:
     pid = batch.comp.prompt_ids[:, None].expand_as(prefix_ids)
     w = batch.weights[:, None].expand_as(returns)
     shape = (space.n_prompts, space.n_prefixes)
-    num = torch.zeros(shape, dtype=DTYPE).index_put_((pid[mask], prefix_ids[mask]), (w * returns)[mask], accumulate=True)
+    num = torch.zeros(shape, dtype=DTYPE).index_put_(
+        (pid[mask], prefix_ids[mask]), (w * returns)[mask], accumulate=True
+    )
     den = torch.zeros(shape, dtype=DTYPE).index_put_((pid[mask], prefix_ids[mask]), w[mask], accumulate=True)
     values = num / den.clamp(min=1e-300)
     return torch.where(mask, values[pid, prefix_ids], 0.0)
 
 
-def collect(ctx: Context, policy: TabularPolicy, beta: float, *, logits_full: torch.Tensor, logps_full: torch.Tensor,
-            generator: torch.Generator) -> Rollout:
+def collect(
+    ctx: Context,
+    policy: TabularPolicy,
+    beta: float,
+    *,
+    logits_full: torch.Tensor,
+    logps_full: torch.Tensor,
+    generator: torch.Generator,
+) -> Rollout:
     """Score a rollout of π_old = the current policy and compute its advantages (the method's ``prepare``)."""
     setup, sp = ctx.setup, ctx.problem.space
     old = policy.frozen_copy() if ctx.seq is None else None  # sampled runs draw from (and score) a frozen π_old
@@ -257,9 +283,12 @@ def collect(ctx: Context, policy: TabularPolicy, beta: float, *, logits_full: to
     with torch.no_grad():
         logits, old_logps = ctx.rows(batch, logits_full.detach(), logps_full.detach(), old)
         ref_logits, ref_logps = ctx.rows(batch, ctx.ref_logits, ctx.ref_logps, ctx.problem.ref)
-        kl_exact = kl_per_token(old_logps, ref_logps, mask, estimator="exact", logits=logits, ref_logits=ref_logits).per_token
-        kl_tokens = kl_per_token(old_logps, ref_logps, mask, estimator=setup.kl_estimator, logits=logits,
-                                 ref_logits=ref_logits).per_token  # (the logits are read by an estimator that needs them)
+        kl_exact = kl_per_token(
+            old_logps, ref_logps, mask, estimator="exact", logits=logits, ref_logits=ref_logits
+        ).per_token
+        kl_tokens = kl_per_token(
+            old_logps, ref_logps, mask, estimator=setup.kl_estimator, logits=logits, ref_logits=ref_logits
+        ).per_token  # (the logits are read by an estimator that needs them)
     w = batch.weights
     kl_ref = float((w * seq_sum(kl_exact, mask)).sum() / w.sum())  # mean sequence KL (exact estimator)
     scores = ctx.scores(batch)  # (B,)
@@ -268,7 +297,9 @@ def collect(ctx: Context, policy: TabularPolicy, beta: float, *, logits_full: to
     if method.uses_value_model(cfg):  # a perfect value model: V^{π_old} (λ < 1), or none (λ = 1: reward-to-go)
         ro.values = torch.zeros_like(kl_tokens)
         if setup.gae_lambda < 1.0:
-            rewards = method.prepare(scores=scores, kl_tokens=kl_tokens, mask=mask, values=ro.values, cfg=cfg, beta=beta).rewards
+            rewards = method.prepare(
+                scores=scores, kl_tokens=kl_tokens, mask=mask, values=ro.values, cfg=cfg, beta=beta
+            ).rewards
             _, returns = gae(rewards, ro.values, mask, gamma=1.0, lam=1.0)  # reward-to-go of the method's own rewards
             ro.values = exact_critic(batch, returns, sp)
     ro.prep = method.prepare(scores=scores, kl_tokens=kl_tokens, mask=mask, values=ro.values, cfg=cfg, beta=beta)
@@ -278,15 +309,33 @@ def collect(ctx: Context, policy: TabularPolicy, beta: float, *, logits_full: to
 # ---- one update: the method's own ``loss`` ---------------------------------------------------------------
 
 
-def update_loss(ctx: Context, policy: TabularPolicy, ro: Rollout, beta: float, *, logits_full: torch.Tensor,
-                logps_full: torch.Tensor) -> torch.Tensor:
+def update_loss(
+    ctx: Context,
+    policy: TabularPolicy,
+    ro: Rollout,
+    beta: float,
+    *,
+    logits_full: torch.Tensor,
+    logps_full: torch.Tensor,
+) -> torch.Tensor:
     """The scalar loss of one update on the rollout: the method's ``loss`` on the whole (weighted) batch."""
     logits, logps = ctx.rows(ro.batch, logits_full, logps_full, policy)  # with gradients
     w = ro.batch.weights
     mask = ro.mask
-    x = LossInputs(logps=logps, old_logps=ro.old_logps, ref_logps=ro.ref_logps, mask=mask, advantages=ro.prep.advantages,
-                   adv_scale=ro.prep.adv_scale, logits=logits, ref_logits=ro.ref_logits, values=ro.values,
-                   old_values=ro.values, returns=ro.prep.returns, weights=None if ro.batch.seq is None else w)
+    x = LossInputs(
+        logps=logps,
+        old_logps=ro.old_logps,
+        ref_logps=ro.ref_logps,
+        mask=mask,
+        advantages=ro.prep.advantages,
+        adv_scale=ro.prep.adv_scale,
+        logits=logits,
+        ref_logits=ro.ref_logits,
+        values=ro.values,
+        old_values=ro.values,
+        returns=ro.prep.returns,
+        weights=None if ro.batch.seq is None else w,
+    )
     loss, _ = ctx.method.loss(x, cfg=ctx.cfg, beta=beta, counts=Counts(tokens=(w * mask.sum(-1)).sum(), seqs=w.sum()))
     return loss
 
@@ -302,9 +351,20 @@ class Trace:
     kls: list  # kl/ref of each rollout
 
 
-def train_online(problem: TabularProblem, setup: OnlineSetup, controller: BetaController, *, steps: int,
-                 lr: float, lr_end: float, distance: Callable[[TabularPolicy], float], seed: int = 0,
-                 n_episodes: int = 1, record: int = 60, init: Optional[TabularPolicy] = None) -> tuple[TabularPolicy, Trace]:
+def train_online(
+    problem: TabularProblem,
+    setup: OnlineSetup,
+    controller: BetaController,
+    *,
+    steps: int,
+    lr: float,
+    lr_end: float,
+    distance: Callable[[TabularPolicy], float],
+    seed: int = 0,
+    n_episodes: int = 1,
+    record: int = 60,
+    init: Optional[TabularPolicy] = None,
+) -> tuple[TabularPolicy, Trace]:
     """Train from π_ref (or ``init``): each step one rollout of the current policy, ``epochs`` Adam
     updates on it, then ``controller.update(kl=kl/ref)``. The learning rate decays geometrically from
     ``lr`` to ``lr_end`` (exact gradients: Adam's normalised steps would otherwise hover at a
@@ -347,7 +407,9 @@ def expected_update_norm(problem: TabularProblem, setup: OnlineSetup, policy: Ta
     pol = TabularPolicy(problem.space, policy.table.detach().clone())
     ctx = Context(problem, setup)
     logits_full, logps_full = scores_of(pol, ctx.full)
-    ro = collect(ctx, pol, beta, logits_full=logits_full, logps_full=logps_full, generator=rng.generator(0))  # unused: the batch is enumerated
+    ro = collect(
+        ctx, pol, beta, logits_full=logits_full, logps_full=logps_full, generator=rng.generator(0)
+    )  # unused: the batch is enumerated
     loss = update_loss(ctx, pol, ro, beta, logits_full=logits_full, logps_full=logps_full)
     (grad,) = torch.autograd.grad(loss, [pol.table])
     return float(grad.norm())

@@ -34,7 +34,9 @@ DECAY = 0.3
 WEIGHTS = (0.5, 1.0, 2.0)
 
 
-def position_beta_optimum(ref: TabularPolicy, rewards: torch.Tensor, beta: float, weights: Sequence[float]) -> TabularPolicy:
+def position_beta_optimum(
+    ref: TabularPolicy, rewards: torch.Tensor, beta: float, weights: Sequence[float]
+) -> TabularPolicy:
     """π*_w: the soft Bellman backup with β_t = β·w_t at depth t (module docstring). ``weights`` (T,) > 0,
     one per completion position (``ops.positions.position_weights``). (P, K) rewards -> frozen TabularPolicy."""
     sp = ref.space
@@ -48,15 +50,17 @@ def position_beta_optimum(ref: TabularPolicy, rewards: torch.Tensor, beta: float
     for k in reversed(range(sp.horizon)):  # depth k emits completion token k; children are final first
         ids = sp.prefixes_by_length[k]
         b = beta * w[k]
-        q = torch.where(terminal[ids], rewards[:, sp.child_seq[ids].clamp(min=0)],
-                        values[:, sp.child_prefix[ids].clamp(min=0)])  # (P, n_k, V)
+        q = torch.where(
+            terminal[ids], rewards[:, sp.child_seq[ids].clamp(min=0)], values[:, sp.child_prefix[ids].clamp(min=0)]
+        )  # (P, n_k, V)
         values[:, ids] = b * torch.logsumexp(logp_ref[:, ids] + q / b, dim=-1)
         table[:, ids] = logp_ref[:, ids] + (q - values[:, ids, None]) / b
     return TabularPolicy(sp, table, trainable=False)
 
 
-def position_objective(policy: TabularPolicy, ref: TabularPolicy, rewards: torch.Tensor, beta: float,
-                       weights: Sequence[float]) -> torch.Tensor:
+def position_objective(
+    policy: TabularPolicy, ref: TabularPolicy, rewards: torch.Tensor, beta: float, weights: Sequence[float]
+) -> torch.Tensor:
     """J_w(π) = E_π[r - Σ_t β·w_t·log(π/π_ref)(y_t|s_t)] by enumeration, differentiable in π: (P,)."""
     sp = policy.space
     comp = sp.all_completions()
@@ -74,7 +78,7 @@ def position_rows(suite) -> list:
     from tether.trainers.ppo import PPOConfig
     from tether.trainers.rloo import RLOOConfig
 
-    from .certificate import BETA, SAMPLED_TOL, SAMPLED_WHY, SEPARATION, Certificate, _SHOWN
+    from .certificate import _SHOWN, BETA, SAMPLED_TOL, SAMPLED_WHY, SEPARATION, Certificate
     from .exact import sequence_kl
 
     P = suite.problem
@@ -90,16 +94,40 @@ def position_rows(suite) -> list:
             kl_opt = float(sequence_kl(trained.policy, suite.optimum(BETA)).detach().mean())
             gap = float(sequence_kl(target, suite.optimum(BETA)).detach().mean())
             config = {k: getattr(cfg, k) for k in _SHOWN if hasattr(cfg, k)}
-            config.update({"trainer_config": type(cfg).__name__, "optimum_beta": BETA, "tolerance_why": SAMPLED_WHY,
-                           "beta_position_decay": cfg.beta_position_decay, "beta_position_weights": cfg.beta_position_weights,
-                           "w_t": [round(float(x), 4) for x in weights]})
-            note = (f"β_t = β·w_t, w = {[round(float(x), 3) for x in weights]}; the target is KL {gap:.3f} from π*(β) "
-                    f"(must exceed SEPARATION = {SEPARATION} for the row to tell the weights apart)")
+            config.update(
+                {
+                    "trainer_config": type(cfg).__name__,
+                    "optimum_beta": BETA,
+                    "tolerance_why": SAMPLED_WHY,
+                    "beta_position_decay": cfg.beta_position_decay,
+                    "beta_position_weights": cfg.beta_position_weights,
+                    "w_t": [round(float(x), 4) for x in weights],
+                }
+            )
+            note = (
+                f"β_t = β·w_t, w = {[round(float(x), 3) for x in weights]}; the target is KL {gap:.3f} from π*(β) "
+                f"(must exceed SEPARATION = {SEPARATION} for the row to tell the weights apart)"
+            )
             ok = kl_target < SAMPLED_TOL and kl_opt > SEPARATION and gap > SEPARATION
             return Certificate(
-                method=method, config=config, target="position_beta_optimum", expected="converges", kl_to_target=kl_target,
-                kl_to_optimum=kl_opt, objective_gap=None, tolerance=SAMPLED_TOL, steps=cfg.max_steps, ok=bool(ok),
-                note=note, seconds=time.perf_counter() - t0, name=name, label=label, trainer=trained.trainer, curve=[])
+                method=method,
+                config=config,
+                target="position_beta_optimum",
+                expected="converges",
+                kl_to_target=kl_target,
+                kl_to_optimum=kl_opt,
+                objective_gap=None,
+                tolerance=SAMPLED_TOL,
+                steps=cfg.max_steps,
+                ok=bool(ok),
+                note=note,
+                seconds=time.perf_counter() - t0,
+                name=name,
+                label=label,
+                trainer=trained.trainer,
+                curve=[],
+            )
+
         return (name, method, run)
 
     def ppo(samples=shipped.SAMPLES, **kw):
@@ -113,13 +141,28 @@ def position_rows(suite) -> list:
     decay_w = position_weights(T, decay=DECAY, dtype=torch.float64).tolist()
     listed_w = position_weights(T, weights=list(WEIGHTS), dtype=torch.float64).tolist()
     return [
-        row("ppo_beta_position_decay", "ppo", f"k1 in reward, beta_position_decay {DECAY}",
-            ppo(beta_position_decay=DECAY), decay_w),
-        row("rloo_beta_position_weights", "rloo", f"k1 in reward, k=4, beta_position_weights {list(WEIGHTS)}",
-            rloo(beta_position_weights=list(WEIGHTS)), listed_w),
+        row(
+            "ppo_beta_position_decay",
+            "ppo",
+            f"k1 in reward, beta_position_decay {DECAY}",
+            ppo(beta_position_decay=DECAY),
+            decay_w,
+        ),
+        row(
+            "rloo_beta_position_weights",
+            "rloo",
+            f"k1 in reward, k=4, beta_position_weights {list(WEIGHTS)}",
+            rloo(beta_position_weights=list(WEIGHTS)),
+            listed_w,
+        ),
         # the exact estimator's noise floor (docs/theory.md §3) sits at 1.2e-2 here with 64 samples per prompt, 4.2e-3
         # at a quarter of the learning rate over 4x the steps, 3.4e-3 with 256 samples: it shrinks with the
         # step size and the batch, so it is noise, not bias; the row uses 256 samples
-        row("ppo_exact_beta_position_decay", "ppo", f"exact in reward (+ direct term), beta_position_decay {DECAY}, "
-            "256 samples per prompt", ppo(samples=256, kl_estimator="exact", beta_position_decay=DECAY), decay_w),
+        row(
+            "ppo_exact_beta_position_decay",
+            "ppo",
+            f"exact in reward (+ direct term), beta_position_decay {DECAY}, 256 samples per prompt",
+            ppo(samples=256, kl_estimator="exact", beta_position_decay=DECAY),
+            decay_w,
+        ),
     ]

@@ -73,12 +73,21 @@ def population_pairs(problem: TabularProblem, *, flip: float = 0.0) -> Pairs:
     i, j = torch.meshgrid(torch.arange(K), torch.arange(K), indexing="ij")
     off = (i != j).reshape(-1)
     base = (torch.arange(P) * K)[:, None]  # (P, 1)
-    return Pairs((base + i.reshape(1, -1))[:, off].reshape(-1), (base + j.reshape(1, -1))[:, off].reshape(-1),
-                 w.reshape(P, -1)[:, off].reshape(-1).to(DTYPE))
+    return Pairs(
+        (base + i.reshape(1, -1))[:, off].reshape(-1),
+        (base + j.reshape(1, -1))[:, off].reshape(-1),
+        w.reshape(P, -1)[:, off].reshape(-1).to(DTYPE),
+    )
 
 
-def population_loss(policy: TabularPolicy, problem: TabularProblem, pairs: Pairs, setup: PreferenceSetup, beta: float,
-                    ref_seq_logps: torch.Tensor) -> torch.Tensor:
+def population_loss(
+    policy: TabularPolicy,
+    problem: TabularProblem,
+    pairs: Pairs,
+    setup: PreferenceSetup,
+    beta: float,
+    ref_seq_logps: torch.Tensor,
+) -> torch.Tensor:
     """E_{pairs, labels}[preference_loss] averaged over prompts: a () tensor with gradients."""
     full = problem.space.all_completions()
     _, logps = scores_of(policy, full)  # (P·K, T)
@@ -86,16 +95,34 @@ def population_loss(policy: TabularPolicy, problem: TabularProblem, pairs: Pairs
     lengths = full.mask.sum(-1)  # (P·K,)
     c, r = pairs.chosen, pairs.rejected
     losses, _ = preference_loss(
-        seq_logps[c], seq_logps[r], ref_seq_logps[c], ref_seq_logps[r], lengths[c], lengths[r],
-        beta=beta, loss_type=setup.loss_type, label_smoothing=setup.label_smoothing,
-        ipo_length_normalize=setup.ipo_length_normalize, alpha=setup.alpha, simpo_gamma=setup.simpo_gamma,
+        seq_logps[c],
+        seq_logps[r],
+        ref_seq_logps[c],
+        ref_seq_logps[r],
+        lengths[c],
+        lengths[r],
+        beta=beta,
+        loss_type=setup.loss_type,
+        label_smoothing=setup.label_smoothing,
+        ipo_length_normalize=setup.ipo_length_normalize,
+        alpha=setup.alpha,
+        simpo_gamma=setup.simpo_gamma,
     )  # (N,)
     return (pairs.weights * losses).sum() / problem.space.n_prompts
 
 
-def train_preference(problem: TabularProblem, setup: PreferenceSetup, beta: float, *, steps: int,
-                     distance: Callable[[TabularPolicy], float], optimizer: str = "lbfgs", lr: float = 1.0,
-                     lr_end: float = 1e-3, pairs: "Pairs | None" = None) -> tuple[TabularPolicy, list, int]:
+def train_preference(
+    problem: TabularProblem,
+    setup: PreferenceSetup,
+    beta: float,
+    *,
+    steps: int,
+    distance: Callable[[TabularPolicy], float],
+    optimizer: str = "lbfgs",
+    lr: float = 1.0,
+    lr_end: float = 1e-3,
+    pairs: "Pairs | None" = None,
+) -> tuple[TabularPolicy, list, int]:
     """Minimise the population loss from π_ref. ``lbfgs``: full-batch L-BFGS with a strong-Wolfe line
     search (the loss is deterministic and smooth); ``adam``: Adam with a geometric learning-rate decay
     (for the non-smooth hinge). ``steps``: L-BFGS iterations (each may evaluate the gradient more than
@@ -112,8 +139,15 @@ def train_preference(problem: TabularProblem, setup: PreferenceSetup, beta: floa
 
     curve = [(0, distance(policy))]
     if optimizer == "lbfgs":
-        opt = torch.optim.LBFGS(policy.parameters(), lr=lr, max_iter=steps, tolerance_grad=1e-9,
-                                tolerance_change=1e-15, history_size=20, line_search_fn="strong_wolfe")
+        opt = torch.optim.LBFGS(
+            policy.parameters(),
+            lr=lr,
+            max_iter=steps,
+            tolerance_grad=1e-9,
+            tolerance_change=1e-15,
+            history_size=20,
+            line_search_fn="strong_wolfe",
+        )
         evals = [0]
 
         def closure():

@@ -37,7 +37,9 @@ from .tabular import DTYPE, TabularPolicy, TabularSpace
 # ---- per-state fixed points (KL terms in the loss) ------------------------------------------------------
 
 
-def _backward(ref: TabularPolicy, rewards: torch.Tensor, solve: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> TabularPolicy:
+def _backward(
+    ref: TabularPolicy, rewards: torch.Tensor, solve: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+) -> TabularPolicy:
     """Backward induction over prefixes: ``solve(logp_ref (P, n, V), q (P, n, V)) -> log π (P, n, V)``
     at the n prefixes of one length, with q(s, a) the expected reward below s·a under the solution."""
     sp: TabularSpace = ref.space
@@ -71,8 +73,9 @@ def local_kl_optimum(ref: TabularPolicy, rewards: torch.Tensor, beta: float) -> 
 # ---- GRPO's own fixed point (DeepSeekMath §4.1.2 advantages, Eq. 3 aggregation) ----------------------------
 
 
-def group_advantage_table(rewards: torch.Tensor, seq_probs: torch.Tensor, *, group_size: int, scale: bool,
-                          eps: float = 1e-4) -> torch.Tensor:
+def group_advantage_table(
+    rewards: torch.Tensor, seq_probs: torch.Tensor, *, group_size: int, scale: bool, eps: float = 1e-4
+) -> torch.Tensor:
     """Ã(y) = E[A_1 | y_1 = y], the expected GRPO advantage of a sequence when the other G - 1 members of
     its group are drawn from π: (P, K). A_i = (r_i - mean_g)/(std_g + ε) (Bessel std; ``scale=False``:
     r_i - mean_g), by enumerating every group (K^G of them). Written from the definition, independently
@@ -104,8 +107,18 @@ def _hyperbolic_normalised(weights: torch.Tensor, offsets: torch.Tensor, iters: 
     return pi / pi.sum(-1, keepdim=True)
 
 
-def grpo_fixed_point(ref: TabularPolicy, rewards: torch.Tensor, beta: float, *, group_size: int, scale: bool = True,
-                     length_weighted: bool = True, eps: float = 1e-4, iters: int = 100, tol: float = 1e-12) -> TabularPolicy:
+def grpo_fixed_point(
+    ref: TabularPolicy,
+    rewards: torch.Tensor,
+    beta: float,
+    *,
+    group_size: int,
+    scale: bool = True,
+    length_weighted: bool = True,
+    eps: float = 1e-4,
+    iters: int = 100,
+    tol: float = 1e-12,
+) -> TabularPolicy:
     """Where on-policy GRPO with the k3 KL in the loss converges (DeepSeekMath Eq. 3), exactly.
 
     The expected gradient at the logits θ_s of a prefix s, with groups drawn from π and the loss
@@ -146,7 +159,9 @@ def grpo_fixed_point(ref: TabularPolicy, rewards: torch.Tensor, beta: float, *, 
             table[:, ids] = pi.log()
             v_R[:, ids], v_c[:, ids] = (pi * q).sum(-1), (pi * c).sum(-1)
         policy = TabularPolicy(sp, table, trainable=False)
-        new = group_advantage_table(rewards, policy.sequence_probs().detach(), group_size=group_size, scale=scale, eps=eps)
+        new = group_advantage_table(
+            rewards, policy.sequence_probs().detach(), group_size=group_size, scale=scale, eps=eps
+        )
         change = float((new - adv).abs().max())
         adv = new
         if change < tol:
@@ -182,11 +197,18 @@ def bt_preferences(rewards: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(rewards[:, :, None] - rewards[:, None, :])
 
 
-def _inverse_normalised(logp_ref: torch.Tensor, rewards: torch.Tensor, beta: float,
-                        log_u: Callable[[torch.Tensor], torch.Tensor], lo: torch.Tensor, hi: torch.Tensor,
-                        iters: int = 200) -> torch.Tensor:
+def _inverse_normalised(
+    logp_ref: torch.Tensor,
+    rewards: torch.Tensor,
+    beta: float,
+    log_u: Callable[[torch.Tensor], torch.Tensor],
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    iters: int = 200,
+) -> torch.Tensor:
     """log π(y) = log π_ref(y) + log_u((r(y) - λ)/β) with λ ∈ (lo, hi) such that Σ π = 1 (bisection;
     log_u increasing, so the mass falls in λ). (P, K) -> (P, K)."""
+
     def mass(lam):
         return torch.logsumexp(logp_ref + log_u((rewards - lam) / beta), dim=-1, keepdim=True).exp()
 
@@ -198,8 +220,9 @@ def _inverse_normalised(logp_ref: torch.Tensor, rewards: torch.Tensor, beta: flo
     return out - torch.logsumexp(out, dim=-1, keepdim=True)
 
 
-def f_optimum_sequence(ref: TabularPolicy, rewards: torch.Tensor, beta: float, *, divergence: str,
-                       alpha: float = 0.5) -> torch.Tensor:
+def f_optimum_sequence(
+    ref: TabularPolicy, rewards: torch.Tensor, beta: float, *, divergence: str, alpha: float = 0.5
+) -> torch.Tensor:
     """argmax of E_π[r] - β D_f(π‖π_ref) over sequence distributions (Wang et al. 2023, "Beyond
     Reverse KL", Thm 1): π(y) = π_ref(y)·(f′)⁻¹((r(y) - λ)/β), λ set by Σ π = 1. (P, K) probabilities.
 
@@ -213,12 +236,16 @@ def f_optimum_sequence(ref: TabularPolicy, rewards: torch.Tensor, beta: float, *
     if divergence == "reverse_kl":
         return torch.softmax(logp_ref + rewards / beta, dim=-1)
     if divergence == "forward_kl":
+
         def log_u(z):
             return -torch.log(-z)
+
         edge = r_max  # z < 0  <=>  λ > max r
     elif divergence == "js":
+
         def log_u(z):
             return z - torch.log(2.0 - z.exp())
+
         edge = r_max - beta * math.log(2.0)  # z < log 2
     elif divergence == "alpha":
         if not alpha > 0:
@@ -226,6 +253,7 @@ def f_optimum_sequence(ref: TabularPolicy, rewards: torch.Tensor, beta: float, *
 
         def log_u(z):
             return -torch.log1p(-alpha * z) / alpha
+
         edge = r_max - beta / alpha  # z < 1/α
     else:
         raise ValueError(f"unknown divergence {divergence!r}")
@@ -237,8 +265,9 @@ def f_optimum_sequence(ref: TabularPolicy, rewards: torch.Tensor, beta: float, *
     return _inverse_normalised(logp_ref, rewards, beta, log_u, lo, hi).exp()
 
 
-def ipo_optimum_sequence(ref: TabularPolicy, rewards: torch.Tensor, beta: float, *,
-                         length_normalize: bool = False) -> torch.Tensor:
+def ipo_optimum_sequence(
+    ref: TabularPolicy, rewards: torch.Tensor, beta: float, *, length_normalize: bool = False
+) -> torch.Tensor:
     """IPO's target (Azar et al. 2023, Ψ = identity) for pairs y, y' ~ π_ref ⊗ π_ref and BT labels:
     the least-squares fit of lr(y) - lr(y') to (p(y ≻ y') - 1/2)/β under the product measure μ⊗μ is
     lr(y) = P(y ≻ μ)/β + c, P(y ≻ μ) = Σ_{y'} μ(y') p(y ≻ y'). (P, K) probabilities.
@@ -284,7 +313,9 @@ def soft_label_bt_sequence(ref: TabularPolicy, labels: torch.Tensor, beta: float
     return torch.softmax(logp_ref + u, dim=-1)
 
 
-def cdpo_optimum_sequence(ref: TabularPolicy, rewards: torch.Tensor, beta: float, *, label_smoothing: float) -> torch.Tensor:
+def cdpo_optimum_sequence(
+    ref: TabularPolicy, rewards: torch.Tensor, beta: float, *, label_smoothing: float
+) -> torch.Tensor:
     """cDPO's target (``TARGETS["cdpo"]``): the soft-label fit with q = (1 - 2ε)·p + ε, p the BT label
     probability (E over the label of cDPO's dL/dh is σ(h) - q). ε = 0 gives π*. (P, K) probabilities."""
     eps = label_smoothing
@@ -302,10 +333,22 @@ def _check_beta(beta: float) -> None:
 
 
 __all__ = [
-    "as_policy", "beta_for_kl", "bt_preferences", "cdpo_optimum_sequence", "f_optimum_sequence", "group_advantage_table",
+    "as_policy",
+    "beta_for_kl",
+    "bt_preferences",
+    "cdpo_optimum_sequence",
+    "f_optimum_sequence",
+    "group_advantage_table",
     "grpo_fixed_point",
-    "ipo_optimum_sequence", "local_kl_optimum", "optimum_kl", "soft_label_bt_sequence",
-    "filter_sets", "filtered_policy", "fixed_reference_optimum", "restricted_reference_optimum", "fixed_reference_kl",
+    "ipo_optimum_sequence",
+    "local_kl_optimum",
+    "optimum_kl",
+    "soft_label_bt_sequence",
+    "filter_sets",
+    "filtered_policy",
+    "fixed_reference_optimum",
+    "restricted_reference_optimum",
+    "fixed_reference_kl",
     "beta_for_fixed_reference_kl",
 ]
 
@@ -324,12 +367,14 @@ def filter_sets(policy: TabularPolicy, *, temperature: float = 1.0, top_k: int =
 def filtered_policy(policy: TabularPolicy, sets: torch.Tensor, *, temperature: float = 1.0) -> TabularPolicy:
     """π^{τ,F}: softmax(table/τ) restricted to ``sets`` (P, S, V) and renormalised, frozen: the policy
     as the sampler draws from it."""
-    return TabularPolicy(policy.space, (policy.table.detach() / temperature).masked_fill(~sets, float("-inf")),
-                         trainable=False)
+    return TabularPolicy(
+        policy.space, (policy.table.detach() / temperature).masked_fill(~sets, float("-inf")), trainable=False
+    )
 
 
-def fixed_reference_optimum(ref: TabularPolicy, rewards: torch.Tensor, beta: float, sets: torch.Tensor, *,
-                            temperature: float = 1.0) -> TabularPolicy:
+def fixed_reference_optimum(
+    ref: TabularPolicy, rewards: torch.Tensor, beta: float, sets: torch.Tensor, *, temperature: float = 1.0
+) -> TabularPolicy:
     """argmax over policies π supported on the sets F(s) (P, S, V) of E_π[r] - β KL[π‖π^τ_ref], the KL to the
     fixed, tempered, unfiltered reference (docs/theory.md §3). By enumeration: π(y) ∝ π^τ_ref(y)·e^{r(y)/β} on
     the sequences whose every token lies in its state's set, 0 elsewhere (the tilt of §5 restricted to
@@ -343,8 +388,9 @@ def fixed_reference_optimum(ref: TabularPolicy, rewards: torch.Tensor, beta: flo
     return as_policy(ref, torch.softmax(seq + rewards / beta, -1))
 
 
-def restricted_reference_optimum(ref: TabularPolicy, rewards: torch.Tensor, beta: float, sets: torch.Tensor, *,
-                                 temperature: float = 1.0) -> TabularPolicy:
+def restricted_reference_optimum(
+    ref: TabularPolicy, rewards: torch.Tensor, beta: float, sets: torch.Tensor, *, temperature: float = 1.0
+) -> TabularPolicy:
     """The optimum when the KL is to the reference restricted to each state's set and renormalised
     (``kl_reference_filter: restricted``): π* of §5 with π^{τ,F}_ref as the reference, i.e. π(y) ∝
     π^τ_ref(y)·e^{r(y)/β} / Π_t π^τ_ref(F(s_t)|s_t). The objective pays a bonus β·Σ_t -log π^τ_ref(F(s_t)) to
@@ -359,14 +405,26 @@ def fixed_reference_kl(policy: TabularPolicy, ref: TabularPolicy, *, temperature
     return sequence_kl(policy, TabularPolicy(ref.space, ref.table.detach() / temperature, trainable=False))
 
 
-def beta_for_fixed_reference_kl(ref: TabularPolicy, rewards: torch.Tensor, kl: float, sets: torch.Tensor, *,
-                                temperature: float = 1.0, lo: float = 1e-3, hi: float = 1e3) -> float:
+def beta_for_fixed_reference_kl(
+    ref: TabularPolicy,
+    rewards: torch.Tensor,
+    kl: float,
+    sets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    lo: float = 1e-3,
+    hi: float = 1e3,
+) -> float:
     """The β whose ``fixed_reference_optimum`` within ``sets`` has mean KL[π‖π^τ_ref] = ``kl``, by bisection in
     log β (dKL/dβ = -Var/β³ < 0 within fixed sets, as in §4). The KL tends to the sets' own cost
     -log π^τ_ref(allowed sequences) as β → ∞, so ``kl`` must exceed it."""
+
     def kl_at(b: float) -> float:
-        return float(fixed_reference_kl(fixed_reference_optimum(ref, rewards, b, sets, temperature=temperature), ref,
-                                        temperature=temperature).mean())
+        return float(
+            fixed_reference_kl(
+                fixed_reference_optimum(ref, rewards, b, sets, temperature=temperature), ref, temperature=temperature
+            ).mean()
+        )
 
     floor = kl_at(hi)
     if not kl > floor:

@@ -19,8 +19,6 @@ Best-of-n (docs/theory.md §7; Stiennon et al. 2020 fn. 15; Beirami et al. 2024)
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from tether.ops.logprobs import exact_kl_from_logits
@@ -41,6 +39,7 @@ def _xlogratio(p: torch.Tensor, logp: torch.Tensor, logq: torch.Tensor) -> torch
 
 
 # ---- reverse-KL-regularised optimum ------------------------------------------------------------------
+
 
 def log_partition(ref: TabularPolicy, rewards: torch.Tensor, beta: float) -> torch.Tensor:
     """log Z(x) = log Σ_y π_ref(y|x) exp(r(x, y)/β), by enumeration: (P,)."""
@@ -88,6 +87,7 @@ def optimal_policy(ref: TabularPolicy, rewards: torch.Tensor, beta: float) -> Ta
 
 # ---- exact divergences and objectives --------------------------------------------------------------
 
+
 def sequence_kl(p: TabularPolicy, q: TabularPolicy) -> torch.Tensor:
     """KL[p(·|x)‖q(·|x)] between sequence distributions, by enumeration: (P,). Differentiable in
     both; reverse KL[π‖π_ref] is ``sequence_kl(pi, ref)``, forward KL[π_ref‖π] ``sequence_kl(ref, pi)``."""
@@ -125,6 +125,7 @@ def forward_objective(policy: TabularPolicy, ref: TabularPolicy, rewards: torch.
 
 
 # ---- forward-KL-regularised optimum -----------------------------------------------------------------
+
 
 def _forward_normalised(logp_ref: torch.Tensor, q: torch.Tensor, beta: float, iters: int = 200) -> torch.Tensor:
     """log π with π_k = β p_k / (λ - q_k), Σ π = 1, λ > max_{p_k > 0} q_k; over the last dim.

@@ -65,7 +65,12 @@ def kl_surrogate(
     if placement == "loss_is" and old_logps is None:
         old_logps = logps.detach()
     out = kl_loss_term(
-        logps, ref_logps, mask, estimator=estimator, logits=logits, ref_logits=ref_logits,
+        logps,
+        ref_logps,
+        mask,
+        estimator=estimator,
+        logits=logits,
+        ref_logits=ref_logits,
         old_logps=old_logps if placement == "loss_is" else None,
     )
     return out.per_token.sum(-1)

@@ -32,8 +32,14 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import (AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel,
-                          PreTrainedTokenizerFast)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GenerationMixin,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from tether.modeling import CACHE_KW
@@ -49,13 +55,16 @@ _CACHE = CACHE_KW  # the decoding state's name in this transformers (tether.mode
 
 # ---- the model -------------------------------------------------------------------------------------
 
+
 class TabularLMConfig(PretrainedConfig):
     """``tabular_vocab_size`` V, ``horizon`` T, ``eos_token_id``, ``n_prompts`` P of a ``TabularSpace``.
     Derived (Hugging Face meaning): ``vocab_size`` = V + P tokens, ``hidden_size`` = P·S + 1 states."""
 
     model_type = "tether_tabular"
 
-    def __init__(self, tabular_vocab_size: int = 3, horizon: int = 3, eos_token_id: int = 0, n_prompts: int = 1, **kwargs):
+    def __init__(
+        self, tabular_vocab_size: int = 3, horizon: int = 3, eos_token_id: int = 0, n_prompts: int = 1, **kwargs
+    ):
         for derived in ("vocab_size", "hidden_size"):
             kwargs.pop(derived, None)
         kwargs.setdefault("tie_word_embeddings", False)
@@ -95,8 +104,19 @@ class TabularBackbone(nn.Module):
             self._table = transition_table(self.config.space()).to(device)
         return self._table
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None,
-                output_hidden_states=None, return_dict=True, inputs_embeds=None, cache=None, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        use_cache=None,
+        output_hidden_states=None,
+        return_dict=True,
+        inputs_embeds=None,
+        cache=None,
+        **kwargs,
+    ):
         """(B, L) ids -> ``last_hidden_state`` (B, L, H) one-hot states; the cache is the (B,) last state."""
         past = cache if cache is not None else past_key_values
         if input_ids is None or inputs_embeds is not None:
@@ -113,8 +133,11 @@ class TabularBackbone(nn.Module):
             state = nxt if keep is None else torch.where(keep[:, i], nxt, state)  # masked: skipped
             states.append(state)
         hidden = F.one_hot(torch.stack(states, 1), off + 1).to(self.dtype_anchor.dtype)  # (B, L, H)
-        return BaseModelOutputWithPast(last_hidden_state=hidden, hidden_states=(hidden,) if output_hidden_states else None,
-                                       **{_CACHE: state if use_cache else None})
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden,
+            hidden_states=(hidden,) if output_hidden_states else None,
+            **{_CACHE: state if use_cache else None},
+        )
 
 
 class TabularHead(nn.Linear):
@@ -124,7 +147,7 @@ class TabularHead(nn.Linear):
     def __init__(self, config: TabularLMConfig):
         super().__init__(config.hidden_size, config.vocab_size, bias=False)
         offset = torch.zeros(config.vocab_size)
-        offset[config.tabular_vocab_size:] = PROMPT_LOGIT
+        offset[config.tabular_vocab_size :] = PROMPT_LOGIT
         self.register_buffer("prompt_offset", offset)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,7 +172,7 @@ class TabularLM(PreTrainedModel, GenerationMixin):
         if isinstance(module, TabularHead):  # uniform policy; prompt tokens masked
             module.weight.data.zero_()
             module.prompt_offset.data.zero_()
-            module.prompt_offset.data[self.config.tabular_vocab_size:] = PROMPT_LOGIT
+            module.prompt_offset.data[self.config.tabular_vocab_size :] = PROMPT_LOGIT
 
     def get_input_embeddings(self):
         return None  # no token embeddings: tokens move a discrete state (TabularBackbone)
@@ -160,15 +183,32 @@ class TabularLM(PreTrainedModel, GenerationMixin):
     def get_decoder(self):
         return self.model
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None,
-                output_hidden_states=None, return_dict=True, logits_to_keep: Union[int, torch.Tensor] = 0, labels=None,
-                cache=None, **kwargs) -> CausalLMOutputWithPast:
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        use_cache=None,
+        output_hidden_states=None,
+        return_dict=True,
+        logits_to_keep: Union[int, torch.Tensor] = 0,
+        labels=None,
+        cache=None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
         """Next-token logits (B, L', V + P) in the model's dtype; L' = ``logits_to_keep`` last positions (0: all)."""
         if labels is not None:
             raise ValueError("TabularLM computes no loss: score log-probs with tether.modeling")
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache if cache is not None else past_key_values, use_cache=use_cache,
-                         output_hidden_states=output_hidden_states, **kwargs)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache if cache is not None else past_key_values,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep  # 0: all
         logits = self.lm_head(out.last_hidden_state[:, keep, :])  # (B, L', V + P)
         return CausalLMOutputWithPast(logits=logits, hidden_states=out.hidden_states, **{_CACHE: getattr(out, _CACHE)})
@@ -180,11 +220,13 @@ AutoModelForCausalLM.register(TabularLMConfig, TabularLM, exist_ok=True)
 
 # ---- conversions between the oracle and the model ------------------------------------------------
 
+
 def tabular_lm(space: TabularSpace, table: Union[TabularPolicy, torch.Tensor, None] = None) -> TabularLM:
     """A fp32 ``TabularLM`` whose logits are ``table`` (P, S, V) (a policy's; default uniform).
     -inf logits become ``PROMPT_LOGIT`` (same probabilities, finite arithmetic)."""
-    config = TabularLMConfig(tabular_vocab_size=space.vocab_size, horizon=space.horizon, eos_token_id=space.eos,
-                             n_prompts=space.n_prompts)
+    config = TabularLMConfig(
+        tabular_vocab_size=space.vocab_size, horizon=space.horizon, eos_token_id=space.eos, n_prompts=space.n_prompts
+    )
     model = TabularLM(config).eval()
     if table is not None:
         t = (table.table if isinstance(table, TabularPolicy) else table).detach().to(DTYPE)
@@ -203,10 +245,16 @@ def tabular_policy(model, space: TabularSpace) -> TabularPolicy:
     """The (frozen, float64) ``TabularPolicy`` a ``TabularLM`` implements: the LM head evaluated on every
     state's one-hot vector, so LoRA deltas (peft-wrapped models) and the model's dtype are included."""
     config = model.config
-    if (config.tabular_vocab_size, config.horizon, config.eos_token_id, config.n_prompts) != \
-            (space.vocab_size, space.horizon, space.eos, space.n_prompts):
-        raise ValueError(f"model config (V={config.tabular_vocab_size}, T={config.horizon}, eos={config.eos_token_id}, "
-                         f"P={config.n_prompts}) does not match {space}")
+    if (config.tabular_vocab_size, config.horizon, config.eos_token_id, config.n_prompts) != (
+        space.vocab_size,
+        space.horizon,
+        space.eos,
+        space.n_prompts,
+    ):
+        raise ValueError(
+            f"model config (V={config.tabular_vocab_size}, T={config.horizon}, eos={config.eos_token_id}, "
+            f"P={config.n_prompts}) does not match {space}"
+        )
     head = model.get_output_embeddings()
     P, S, V = space.n_prompts, space.n_prefixes, space.vocab_size
     was_training = head.training
@@ -221,6 +269,7 @@ def tabular_policy(model, space: TabularSpace) -> TabularPolicy:
 
 
 # ---- tokenizer and text ----------------------------------------------------------------------------
+
 
 def token_names(space: TabularSpace) -> list[str]:
     """The V + P token strings, indexed by id: eos is ``</s>``, the other tabular tokens ``a``, ``b``, ...
@@ -242,15 +291,21 @@ def tabular_tokenizer(space: TabularSpace) -> PreTrainedTokenizerFast:
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     specials = [EOS_TEXT] + prompt_texts(space)
     tk.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=EOS_TEXT, additional_special_tokens=specials[1:],
-                                   clean_up_tokenization_spaces=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        eos_token=EOS_TEXT,
+        additional_special_tokens=specials[1:],
+        clean_up_tokenization_spaces=False,
+    )
 
 
 def save_tabular_lm(problem: TabularProblem, path, *, table: Union[TabularPolicy, torch.Tensor, None] = None) -> Path:
     """Write model (safetensors) and tokenizer to ``path``, loadable with ``tether.modeling.load_causal_lm``
     and ``load_tokenizer``. Logits: ``table`` if given, else the reference policy's."""
     path = Path(path)
-    tabular_lm(problem.space, problem.ref if table is None else table).save_pretrained(str(path), safe_serialization=True)
+    tabular_lm(problem.space, problem.ref if table is None else table).save_pretrained(
+        str(path), safe_serialization=True
+    )
     tabular_tokenizer(problem.space).save_pretrained(str(path))
     return path
 
@@ -294,8 +349,10 @@ def parse_completion(space: TabularSpace, text: str) -> int:
         raise ValueError(f"completion {text!r}: {bad} are not non-eos tokens of {space} ({token_names(space)})")
     seq = tuple(index[w] for w in words) + ((space.eos,) if ended or len(words) < space.horizon else ())
     if seq not in space.seq_index:
-        raise ValueError(f"completion {text!r} is not a sequence of {space}: at most T={space.horizon} tokens "
-                         "(sample with max_new_tokens = T)")
+        raise ValueError(
+            f"completion {text!r} is not a sequence of {space}: at most T={space.horizon} tokens "
+            "(sample with max_new_tokens = T)"
+        )
     return space.seq_index[seq]
 
 
@@ -337,7 +394,10 @@ def preference_rows(problem: TabularProblem, pairs) -> list[dict]:
         p, c, j = (int(x) for x in r[:3])
         if not (0 <= p < sp.n_prompts and 0 <= c < sp.n_sequences and 0 <= j < sp.n_sequences):
             raise ValueError(f"pair {r} is out of range for {sp}")
-        row = {"prompt": prompt_texts(sp)[p], "chosen": " " + completion_text(sp, sp.sequences[c]),
-               "rejected": " " + completion_text(sp, sp.sequences[j])}
+        row = {
+            "prompt": prompt_texts(sp)[p],
+            "chosen": " " + completion_text(sp, sp.sequences[c]),
+            "rejected": " " + completion_text(sp, sp.sequences[j]),
+        }
         out.extend(dict(row) for _ in range(int(r[3]) if len(r) == 4 else 1))
     return out

@@ -17,7 +17,7 @@ import dataclasses
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -50,9 +50,21 @@ def online_config(cls, problem: TabularProblem, *, samples: int = SAMPLES, **ove
     P = problem.space.n_prompts
     if samples % G:
         raise ValueError(f"samples={samples} per prompt must divide into groups of {G}")
-    base = dict(batch_size=P * samples, max_new_tokens=problem.space.horizon, learning_rate=0.05, lr_schedule="cosine",
-                max_steps=60, eval_every=0, save_every=0, sample_every=0, log_every=10_000, progress=False,
-                eval_max_prompts=P, eval_samples=2, seed=0)
+    base = dict(
+        batch_size=P * samples,
+        max_new_tokens=problem.space.horizon,
+        learning_rate=0.05,
+        lr_schedule="cosine",
+        max_steps=60,
+        eval_every=0,
+        save_every=0,
+        sample_every=0,
+        log_every=10_000,
+        progress=False,
+        eval_max_prompts=P,
+        eval_samples=2,
+        seed=0,
+    )
     base.update(overrides)
     return cls(**base)
 
@@ -87,8 +99,10 @@ def run_online_distributed(problem: TabularProblem, cfg, *, world_size: int = 2,
         model = save_tabular_lm(problem, Path(d) / "model")
         cfg = dataclasses.replace(cfg, model=str(model), output_dir=str(Path(d) / "run"))
         ctx = multiprocessing.get_context("spawn")
-        procs = [ctx.Process(target=_distributed_worker, args=(rank, world_size, port, problem, cfg, method))
-                 for rank in range(world_size)]
+        procs = [
+            ctx.Process(target=_distributed_worker, args=(rank, world_size, port, problem, cfg, method))
+            for rank in range(world_size)
+        ]
         for p in procs:
             p.start()
         for p in procs:
@@ -98,21 +112,33 @@ def run_online_distributed(problem: TabularProblem, cfg, *, world_size: int = 2,
         import json
 
         history = json.loads((Path(d) / "history.json").read_text())
-        return TrainerRun(_load_final(str(Path(d) / "run" / "final"), problem), history,
-                          f"tether.trainers.online.train_online ({world_size} processes)")
+        return TrainerRun(
+            _load_final(str(Path(d) / "run" / "final"), problem),
+            history,
+            f"tether.trainers.online.train_online ({world_size} processes)",
+        )
 
 
 def _distributed_worker(rank: int, world_size: int, port: int, problem: TabularProblem, cfg, method) -> None:
     import json
     import os
 
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
     torch.set_num_threads(1)
     from tether.trainers.online import train_online
 
     per_prompt = cfg.batch_size // (cfg.samples_per_prompt * problem.space.n_prompts)
-    res = train_online(cfg, method=method, prompts=prompt_texts(problem.space) * per_prompt, reward=reward_function(problem))
+    res = train_online(
+        cfg, method=method, prompts=prompt_texts(problem.space) * per_prompt, reward=reward_function(problem)
+    )
     if rank == 0:
         (Path(cfg.output_dir).parent / "history.json").write_text(json.dumps(res["history"]))
     import torch.distributed as tdist
@@ -131,8 +157,9 @@ def run_dpo(problem: TabularProblem, cfg, rows: Sequence[dict], *, workdir: Opti
     with _folder(workdir) as d:
         model = save_tabular_lm(problem, Path(d) / "model")
         cfg = dataclasses.replace(cfg, model=str(model), output_dir=str(Path(d) / "run"))
-        res = train_dpo(cfg, rows=list(rows), eval_rows=list(rows[:8]),
-                        callback=lambda step, m: history.append({"step": step, **m}))
+        res = train_dpo(
+            cfg, rows=list(rows), eval_rows=list(rows[:8]), callback=lambda step, m: history.append({"step": step, **m})
+        )
         return TrainerRun(_load_final(res["final"], problem), history, "tether.trainers.dpo.train_dpo")
 
 
@@ -141,9 +168,23 @@ def dpo_config(problem: TabularProblem, n_rows: int, **overrides):
     tabular sequences (no EOS appended: completions spell it), cosine decay, nothing evaluated."""
     from tether.trainers.dpo import DPOConfig
 
-    base = dict(batch_size=n_rows, max_steps=150, learning_rate=0.05, lr_schedule="cosine", add_eos=False,
-                max_length=2 * problem.space.horizon + 2, kl_prompts=0, eval_pairs=8, eval_every=0, save_every=0,
-                log_every=10_000, progress=False, shuffle=False, group_by_length=False, seed=0)
+    base = dict(
+        batch_size=n_rows,
+        max_steps=150,
+        learning_rate=0.05,
+        lr_schedule="cosine",
+        add_eos=False,
+        max_length=2 * problem.space.horizon + 2,
+        kl_prompts=0,
+        eval_pairs=8,
+        eval_every=0,
+        save_every=0,
+        log_every=10_000,
+        progress=False,
+        shuffle=False,
+        group_by_length=False,
+        seed=0,
+    )
     base.update(overrides)
     return DPOConfig(**base)
 
@@ -167,5 +208,13 @@ class _folder:
         return False
 
 
-__all__ = ["SAMPLES", "TrainerRun", "dpo_config", "online_config", "preference_rows", "run_dpo",
-           "run_online", "run_online_distributed"]
+__all__ = [
+    "SAMPLES",
+    "TrainerRun",
+    "dpo_config",
+    "online_config",
+    "preference_rows",
+    "run_dpo",
+    "run_online",
+    "run_online_distributed",
+]

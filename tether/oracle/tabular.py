@@ -66,7 +66,9 @@ class TabularSpace:
             raise ValueError(f"n_prompts must be >= 1, got {n_prompts}")
         n_seq = sum((vocab_size - 1) ** k for k in range(horizon)) + (vocab_size - 1) ** horizon
         if n_seq > MAX_SEQUENCES:
-            raise ValueError(f"V={vocab_size}, T={horizon} has {n_seq} sequences; the oracle enumerates at most {MAX_SEQUENCES}")
+            raise ValueError(
+                f"V={vocab_size}, T={horizon} has {n_seq} sequences; the oracle enumerates at most {MAX_SEQUENCES}"
+            )
         self.vocab_size, self.horizon, self.eos, self.n_prompts = vocab_size, horizon, eos, n_prompts
         self.words = tuple(a for a in range(vocab_size) if a != eos)  # the non-eos tokens
 
@@ -110,8 +112,10 @@ class TabularSpace:
         return len(self.sequences)
 
     def __repr__(self) -> str:
-        return (f"TabularSpace(V={self.vocab_size}, T={self.horizon}, eos={self.eos}, P={self.n_prompts}: "
-                f"S={self.n_prefixes} prefixes, K={self.n_sequences} sequences)")
+        return (
+            f"TabularSpace(V={self.vocab_size}, T={self.horizon}, eos={self.eos}, P={self.n_prompts}: "
+            f"S={self.n_prefixes} prefixes, K={self.n_sequences} sequences)"
+        )
 
     def completion_mask(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, T) tokens -> (B, T) bool: True up to and including the first eos."""
@@ -177,7 +181,9 @@ class TabularPolicy(nn.Module):
         return cls(space, scale * torch.randn(shape, generator=g, dtype=DTYPE), trainable=trainable)
 
     @classmethod
-    def dirichlet(cls, space: TabularSpace, *, seed: int, concentration: float = 1.0, trainable: bool = True) -> "TabularPolicy":
+    def dirichlet(
+        cls, space: TabularSpace, *, seed: int, concentration: float = 1.0, trainable: bool = True
+    ) -> "TabularPolicy":
         """Each next-token distribution ~ Dirichlet(concentration·1), seeded (small α: peaked)."""
         shape = (space.n_prompts, space.n_prefixes, space.vocab_size)
         with torch.random.fork_rng(devices=[]):
@@ -194,7 +200,9 @@ class TabularPolicy(nn.Module):
         return cls(space, probs.log(), trainable=trainable)
 
     @classmethod
-    def from_sequence_probs(cls, space: TabularSpace, seq_probs: torch.Tensor, *, trainable: bool = True) -> "TabularPolicy":
+    def from_sequence_probs(
+        cls, space: TabularSpace, seq_probs: torch.Tensor, *, trainable: bool = True
+    ) -> "TabularPolicy":
         """The autoregressive factorisation of any (P, K) sequence distribution:
         π(a|s) = M(s·a)/M(s), M(s) the mass of the sequences through s (uniform where M(s) = 0)."""
         seq_probs = seq_probs.to(DTYPE)
@@ -205,7 +213,9 @@ class TabularPolicy(nn.Module):
         for k in reversed(range(space.horizon)):
             ids = space.prefixes_by_length[k]
             cm = torch.where(
-                terminal[ids], seq_probs[:, space.child_seq[ids].clamp(min=0)], mass[:, space.child_prefix[ids].clamp(min=0)]
+                terminal[ids],
+                seq_probs[:, space.child_seq[ids].clamp(min=0)],
+                mass[:, space.child_prefix[ids].clamp(min=0)],
             )  # (P, n_k, V)
             child_mass[:, ids] = cm
             mass[:, ids] = cm.sum(-1)
@@ -235,12 +245,16 @@ class TabularPolicy(nn.Module):
         """
         return self.table[prompt_ids[:, None], self.space.prefix_ids(tokens)]  # (B, T, V)
 
-    def logps(self, prompt_ids: torch.Tensor, tokens: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def logps(
+        self, prompt_ids: torch.Tensor, tokens: torch.Tensor, mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """log π(y_t | x, y_<t) of given completions, (B, T), zero where ``mask`` is False."""
         mask = self.space.completion_mask(tokens) if mask is None else mask.bool()
         return selective_logps(self.logits(prompt_ids, tokens), tokens).masked_fill(~mask, 0.0)
 
-    def seq_logprobs(self, prompt_ids: torch.Tensor, tokens: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def seq_logprobs(
+        self, prompt_ids: torch.Tensor, tokens: torch.Tensor, mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """log π(y | x) = Σ_t logps_t of complete completions: (B,)."""
         return self.logps(prompt_ids, tokens, mask).sum(-1)
 
@@ -288,6 +302,7 @@ class TabularPolicy(nn.Module):
 
 
 # ---- rewards on complete sequences: (P, K) float64 tables -------------------------------------------
+
 
 def random_rewards(space: TabularSpace, *, seed: int, scale: float = 1.0) -> torch.Tensor:
     """r(x, y) i.i.d. N(0, scale²) per (prompt, sequence): ties have probability 0."""

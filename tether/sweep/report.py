@@ -28,8 +28,19 @@ import statistics
 from pathlib import Path
 from typing import Optional
 
-BASE_COLUMNS = ["method", "run", "seed", "step", "kl", "kl_stderr", "gold_reward", "gold_stderr", "proxy_reward",
-                "proxy_stderr", "beta"]
+BASE_COLUMNS = [
+    "method",
+    "run",
+    "seed",
+    "step",
+    "kl",
+    "kl_stderr",
+    "gold_reward",
+    "gold_stderr",
+    "proxy_reward",
+    "proxy_stderr",
+    "beta",
+]
 TEXT_COLUMNS = {"method", "run"}
 REFERENCE = "reference"
 PALETTE = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
@@ -111,10 +122,19 @@ def settings(finals: list[dict], ykey: str, swept: list[str]) -> list[dict]:
         ys = [x for x in (_num(r.get(ykey)) for r in rs) if x is not None]
         if not kls or not ys:
             continue
-        out.append({"setting": name, "method": rs[0]["method"], "runs": [r["run"] for r in rs], "n": len(rs),
-                    "kl": statistics.fmean(kls), "kl_seed_sd": statistics.stdev(kls) if len(kls) > 1 else 0.0,
-                    "y": statistics.fmean(ys), "y_seed_sd": statistics.stdev(ys) if len(ys) > 1 else 0.0,
-                    "beta": _num(rs[0].get("beta_set", rs[0].get("beta")))})
+        out.append(
+            {
+                "setting": name,
+                "method": rs[0]["method"],
+                "runs": [r["run"] for r in rs],
+                "n": len(rs),
+                "kl": statistics.fmean(kls),
+                "kl_seed_sd": statistics.stdev(kls) if len(kls) > 1 else 0.0,
+                "y": statistics.fmean(ys),
+                "y_seed_sd": statistics.stdev(ys) if len(ys) > 1 else 0.0,
+                "beta": _num(rs[0].get("beta_set", rs[0].get("beta"))),
+            }
+        )
     return out
 
 
@@ -203,24 +223,66 @@ def plot_frontier(rows, finals, sets, path: Path, *, ykey: str, swept: list[str]
             ax.plot(xs, ys, "-", color=c, alpha=0.3, lw=1)
             ax.scatter(xs[:-1], ys[:-1], s=10, color=c, alpha=0.4)
         last = pts[-1]
-        ax.errorbar([last["kl"]], [last[ykey]], xerr=[_num(last.get("kl_stderr")) or 0], yerr=[_num(last.get(ykey.replace("_reward", "_stderr"))) or 0],
-                    fmt="*" if last["method"] == REFERENCE else "o", ms=14 if last["method"] == REFERENCE else 5, color=c,
-                    elinewidth=0.8, capsize=2, alpha=0.8, zorder=4)
+        ax.errorbar(
+            [last["kl"]],
+            [last[ykey]],
+            xerr=[_num(last.get("kl_stderr")) or 0],
+            yerr=[_num(last.get(ykey.replace("_reward", "_stderr"))) or 0],
+            fmt="*" if last["method"] == REFERENCE else "o",
+            ms=14 if last["method"] == REFERENCE else 5,
+            color=c,
+            elinewidth=0.8,
+            capsize=2,
+            alpha=0.8,
+            zorder=4,
+        )
     for s in sets:  # the mean over seeds, with the spread across seeds (one seed: its run's point is it)
         if s["method"] == REFERENCE:
             continue
         if s["n"] == 1:
-            ax.scatter([s["kl"]], [s["y"]], s=30, marker="D" if s["method"] in BON_METHODS else "o",
-                       color=colours[s["setting"]], zorder=5, label=_label(s["setting"]))
+            ax.scatter(
+                [s["kl"]],
+                [s["y"]],
+                s=30,
+                marker="D" if s["method"] in BON_METHODS else "o",
+                color=colours[s["setting"]],
+                zorder=5,
+                label=_label(s["setting"]),
+            )
             continue
-        ax.errorbar([s["kl"]], [s["y"]], xerr=[s["kl_seed_sd"]], yerr=[s["y_seed_sd"]], fmt="s", ms=8, mfc="none",
-                    mec=colours[s["setting"]], color=colours[s["setting"]], elinewidth=2, capsize=4, zorder=5,
-                    label=f"{_label(s['setting'])} (mean of {s['n']} seed{'s' if s['n'] > 1 else ''})")
-    pts = [(r["kl"], r[ykey], r["run"]) for r in finals if _num(r.get("kl")) is not None and _num(r.get(ykey)) is not None]
+        ax.errorbar(
+            [s["kl"]],
+            [s["y"]],
+            xerr=[s["kl_seed_sd"]],
+            yerr=[s["y_seed_sd"]],
+            fmt="s",
+            ms=8,
+            mfc="none",
+            mec=colours[s["setting"]],
+            color=colours[s["setting"]],
+            elinewidth=2,
+            capsize=4,
+            zorder=5,
+            label=f"{_label(s['setting'])} (mean of {s['n']} seed{'s' if s['n'] > 1 else ''})",
+        )
+    pts = [
+        (r["kl"], r[ykey], r["run"]) for r in finals if _num(r.get("kl")) is not None and _num(r.get(ykey)) is not None
+    ]
     front = pareto_front(pts)
     if front:
-        ax.plot([p[0] for p in front], [p[1] for p in front], "-", color="gold", lw=5, alpha=0.45, zorder=2, label="Pareto front (final points)")
-        ax.scatter([p[0] for p in front], [p[1] for p in front], s=140, facecolor="none", edgecolor="goldenrod", lw=2, zorder=6)
+        ax.plot(
+            [p[0] for p in front],
+            [p[1] for p in front],
+            "-",
+            color="gold",
+            lw=5,
+            alpha=0.45,
+            zorder=2,
+            label="Pareto front (final points)",
+        )
+        ax.scatter(
+            [p[0] for p in front], [p[1] for p in front], s=140, facecolor="none", edgecolor="goldenrod", lw=2, zorder=6
+        )
     ax.set_xlabel("KL[π ‖ π_ref]  (nats per completion, exact estimator)")
     ax.set_ylabel(ykey.replace("_", " ") + ("" if ykey == "gold_reward" else "  (no gold reward: the proxy stands in)"))
     ax.set_title("Reward–KL frontier (up and to the left is better)")
@@ -243,10 +305,15 @@ def gao_fits(rows: list[dict], *, ykey: str) -> dict[str, dict]:
         return {}
     fits = {}
     for method in sorted({r["method"] for r in rows} - {REFERENCE}):
-        pts = [(r["kl"], r[ykey] - base) for r in rows if r["method"] == method and _num(r.get("kl")) is not None
-               and _num(r.get(ykey)) is not None]
+        pts = [
+            (r["kl"], r[ykey] - base)
+            for r in rows
+            if r["method"] == method and _num(r.get("kl")) is not None and _num(r.get(ykey)) is not None
+        ]
         try:
-            fit = fit_gao([max(p[0], 0.0) for p in pts], [p[1] for p in pts], kind="bon" if method in BON_METHODS else "rl")
+            fit = fit_gao(
+                [max(p[0], 0.0) for p in pts], [p[1] for p in pts], kind="bon" if method in BON_METHODS else "rl"
+            )
         except ValueError:  # too few distinct KLs to fix both coefficients: no curve for this method
             continue
         d_max = max(math.sqrt(max(p[0], 0.0)) for p in pts)  # the fit is drawn over its data's range only
@@ -275,13 +342,19 @@ def plot_overoptimisation(rows, sets, fits, path: Path, *, ykey: str, swept: lis
             ys = [_num(p.get(key)) for p in pts]
             if b is None or None in ys:
                 continue
-            ax.plot(d, [y - b for y in ys], "D" if pts[-1]["method"] in BON_METHODS else ("o-" if len(pts) > 1 else "*"), color=c, alpha=0.7, ms=4)
+            ax.plot(
+                d,
+                [y - b for y in ys],
+                "D" if pts[-1]["method"] in BON_METHODS else ("o-" if len(pts) > 1 else "*"),
+                color=c,
+                alpha=0.7,
+                ms=4,
+            )
     styles = ["--", ":", "-.", (0, (5, 1, 1, 1))]
     for i, (method, fit) in enumerate(fits.items()):  # each over [0, its own data's largest d]: no extrapolation
         xs, ys = fit_curve(fit)
         lab = f"Gao fit, {method} ({fit['kind']}): α={fit['alpha']:.3g}, β={fit['beta']:.3g}, peak KL={fit['peak_kl']:.3g}"
-        axes[0].plot(xs, ys, linestyle=styles[i % len(styles)], color="#444", lw=1.2,
-                     label=lab)
+        axes[0].plot(xs, ys, linestyle=styles[i % len(styles)], color="#444", lw=1.2, label=lab)
     for ax, (_, name) in zip(axes, keys):
         ax.axhline(0, color="#000", lw=0.6)
         ax.set_xlabel("d = sqrt(KL)  (nats^½)")
@@ -323,43 +396,87 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def write_html(out_dir: Path, rows, finals, sets, samples, budgets, fits, *, ykey: str, swept: list[str], meta: dict,
-               title: str = "tether sweep: the reward–KL frontier", intro: str = "", extra_figs: tuple = ()) -> Path:
+def write_html(
+    out_dir: Path,
+    rows,
+    finals,
+    sets,
+    samples,
+    budgets,
+    fits,
+    *,
+    ykey: str,
+    swept: list[str],
+    meta: dict,
+    title: str = "tether sweep: the reward–KL frontier",
+    intro: str = "",
+    extra_figs: tuple = (),
+) -> Path:
     esc = html.escape
     ylab = "gold" if ykey == "gold_reward" else "proxy (stands in for gold)"
     skey = ykey.replace("_reward", "_stderr")
-    cols = ["method", "run", "seed", "step", *[k for k in swept if k not in ("seed",)], "beta", "kl", "kl_stderr", ykey, skey]
+    cols = [
+        "method",
+        "run",
+        "seed",
+        "step",
+        *[k for k in swept if k not in ("seed",)],
+        "beta",
+        "kl",
+        "kl_stderr",
+        ykey,
+        skey,
+    ]
     cols = list(dict.fromkeys(cols + (["proxy_reward"] if ykey != "proxy_reward" else [])))
     head = "".join(f"<th>{esc(c)}</th>" for c in cols)
     body = "".join(
-        f"<tr class='{'ref-row' if r['method'] == REFERENCE else 'run-row'}'>" + "".join(f"<td>{esc(_fmt(r.get(c)))}</td>" for c in cols) + "</tr>"
-        for r in sorted(finals, key=lambda r: (r["method"] != REFERENCE, r["kl"] or 0)))
-    set_rows = "".join(f"<tr><td>{esc(s['setting'])}</td><td>{s['n']}</td><td>{s['kl']:.3g} ± {s['kl_seed_sd']:.2g}</td>"
-                       f"<td>{s['y']:.3g} ± {s['y_seed_sd']:.2g}</td></tr>" for s in sorted(sets, key=lambda s: s["kl"]))
+        f"<tr class='{'ref-row' if r['method'] == REFERENCE else 'run-row'}'>"
+        + "".join(f"<td>{esc(_fmt(r.get(c)))}</td>" for c in cols)
+        + "</tr>"
+        for r in sorted(finals, key=lambda r: (r["method"] != REFERENCE, r["kl"] or 0))
+    )
+    set_rows = "".join(
+        f"<tr><td>{esc(s['setting'])}</td><td>{s['n']}</td><td>{s['kl']:.3g} ± {s['kl_seed_sd']:.2g}</td>"
+        f"<td>{s['y']:.3g} ± {s['y_seed_sd']:.2g}</td></tr>"
+        for s in sorted(sets, key=lambda s: s["kl"])
+    )
     bud_rows = ""
     for b in budgets:
         best = b["best"]
-        what = (f"<b>{esc(best['setting'])}</b> ({ylab} {best['y']:.3g}, KL {best['kl']:.3g})" if best else "nothing fits")
+        what = (
+            f"<b>{esc(best['setting'])}</b> ({ylab} {best['y']:.3g}, KL {best['kl']:.3g})" if best else "nothing fits"
+        )
         beta = _fmt(b["min_beta"]) if b["min_beta"] is not None else "—"
         bud_rows += f"<tr><td>{b['budget']:g}</td><td>{what}</td><td>{esc(beta)}</td></tr>"
-    fit_rows = "".join(f"<tr><td>{esc(m)}</td><td>{f['kind']}</td><td>{f['alpha']:.4g}</td><td>{f['beta']:.4g}</td>"
-                       f"<td>{f['peak_kl']:.4g}</td><td>{f['n']}</td></tr>" for m, f in fits.items())
+    fit_rows = "".join(
+        f"<tr><td>{esc(m)}</td><td>{f['kind']}</td><td>{f['alpha']:.4g}</td><td>{f['beta']:.4g}</td>"
+        f"<td>{f['peak_kl']:.4g}</td><td>{f['n']}</td></tr>"
+        for m, f in fits.items()
+    )
     target, picks = matched_points(rows, sets)
     side = ""
     if picks:
         lists = [r.get("samples") or samples.get(r["run"], []) for r in picks]
         depth = min((len(x) for x in lists), default=0)
-        hdr = "".join(f"<th>{esc(r['run'])}<br><small>step {_fmt(r.get('step'))}, KL {r['kl']:.2f}</small></th>" for r in picks)
+        hdr = "".join(
+            f"<th>{esc(r['run'])}<br><small>step {_fmt(r.get('step'))}, KL {r['kl']:.2f}</small></th>" for r in picks
+        )
         trs = ""
         for i in range(min(depth, 6)):
             p = lists[0][i].get("prompt", "")
-            cells = "".join(f"<td>{esc(x[i].get('completion', ''))}<br><small>{ylab.split()[0]} "
-                            f"{_fmt(x[i].get('gold' if ykey == 'gold_reward' else 'proxy'))}</small></td>" for x in lists)
+            cells = "".join(
+                f"<td>{esc(x[i].get('completion', ''))}<br><small>{ylab.split()[0]} "
+                f"{_fmt(x[i].get('gold' if ykey == 'gold_reward' else 'proxy'))}</small></td>"
+                for x in lists
+            )
             trs += f"<tr><td class='p'>{esc(p)}</td>{cells}</tr>"
         side = f"<table class='side'><tr><th>prompt</th>{hdr}</tr>{trs}</table>"
-    proxy_note = ("" if ykey == "gold_reward" else
-                  "<p class='warn'><b>No gold reward was given: the proxy reward stands in for it on every plot and table.</b> "
-                  "A frontier measured with the reward being optimised cannot show overoptimisation.</p>")
+    proxy_note = (
+        ""
+        if ykey == "gold_reward"
+        else "<p class='warn'><b>No gold reward was given: the proxy reward stands in for it on every plot and table.</b> "
+        "A frontier measured with the reward being optimised cannot show overoptimisation.</p>"
+    )
     meta_html = "".join(f"<li><b>{esc(str(k))}</b>: {esc(str(v))}</li>" for k, v in meta.items())
     figs = "".join(f"<div><h2>{esc(t)}</h2><img src='{esc(f)}' alt='{esc(t)}'></div>" for t, f in extra_figs)
     page = f"""<!doctype html>
@@ -404,8 +521,16 @@ d = √KL: RL d(α − β log d), best-of-n d(α − β d) (docs/theory.md §8).
     return path
 
 
-def write_report(out_dir: Path, rows: list[dict], finals: list[dict], samples: dict, *, meta: dict,
-                 kl_budgets: Optional[list] = None, **page) -> Path:
+def write_report(
+    out_dir: Path,
+    rows: list[dict],
+    finals: list[dict],
+    samples: dict,
+    *,
+    meta: dict,
+    kl_budgets: Optional[list] = None,
+    **page,
+) -> Path:
     """Write every file of the report into ``out_dir``; returns the path of report.html. ``rows`` may
     keep each point's ``samples`` (for the side-by-side table); the CSVs leave them out."""
     out_dir = Path(out_dir)

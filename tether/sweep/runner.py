@@ -36,9 +36,9 @@ def default_workers(n_runs: int) -> int:
 @preempt.preemptible
 def launch_all(jobs: list[tuple[str, Path]], *, module: str, workers: int, desc: str = "sweep") -> None:
     """Run ``python -m MODULE SPEC`` for each (name, spec file) with ``workers`` at a time, each with
-    cores / workers threads; its output goes to worker.log beside the spec. Raises with the tail of
-    every failed run's log. On SIGTERM, SIGINT or SIGUSR1 (tether.preempt) no new run starts, the running
-workers are asked to stop (each checkpoints its step and exits 75) and ``Preempted`` is raised."""
+        cores / workers threads; its output goes to worker.log beside the spec. Raises with the tail of
+        every failed run's log. On SIGTERM, SIGINT or SIGUSR1 (tether.preempt) no new run starts, the running
+    workers are asked to stop (each checkpoints its step and exits 75) and ``Preempted`` is raised."""
     if not jobs:
         return
     from tqdm.auto import tqdm
@@ -52,10 +52,17 @@ workers are asked to stop (each checkpoints its step and exits 75) and ``Preempt
         if preempt.requested() is not None:  # stopping: start no new run
             not_started.append(name)
             return
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TETHER_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": str(threads),
+            "TETHER_THREADS": str(threads),
+            "TOKENIZERS_PARALLELISM": "false",
+        }
         logp = spec_file.parent / "worker.log"
         with open(logp, "w") as logf:
-            proc = subprocess.Popen([sys.executable, "-m", module, str(spec_file)], stdout=logf, stderr=subprocess.STDOUT, env=env)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", module, str(spec_file)], stdout=logf, stderr=subprocess.STDOUT, env=env
+            )
             rc, forwarded = wait_forwarding(proc)
         if rc == preempt.EXIT_PREEMPTED or (forwarded and rc == -signal.SIGTERM):  # (killed before its handlers)
             stopped.append(name)
@@ -67,13 +74,19 @@ workers are asked to stop (each checkpoints its step and exits 75) and ``Preempt
         list(pool.map(launch, jobs))
     bar.close()
     if failures:
-        tails = "\n".join(f"--- {name} (exit {rc}), last lines of {logp}:\n" + "\n".join(logp.read_text().splitlines()[-15:])
-                          for name, rc, logp in failures)
+        tails = "\n".join(
+            f"--- {name} (exit {rc}), last lines of {logp}:\n" + "\n".join(logp.read_text().splitlines()[-15:])
+            for name, rc, logp in failures
+        )
         raise RuntimeError(f"{len(failures)} run(s) failed:\n{tails}")
     if stopped or not_started:
-        raise preempt.Preempted(preempt.signal_name(), detail=(
-            f"before every run finished: {len(stopped)} run(s) stopped, {len(not_started)} not started; run the same "
-            "command again to continue (finished runs are not redone, stopped ones resume from their checkpoints)"))
+        raise preempt.Preempted(
+            preempt.signal_name(),
+            detail=(
+                f"before every run finished: {len(stopped)} run(s) stopped, {len(not_started)} not started; run the same "
+                "command again to continue (finished runs are not redone, stopped ones resume from their checkpoints)"
+            ),
+        )
 
 
 def wait_forwarding(proc: subprocess.Popen) -> int:
@@ -103,8 +116,9 @@ def read_points(run_dir: Path) -> list[dict]:
     return [by_step[k] for k in sorted(by_step)]
 
 
-def run_sweep(cfg: SweepConfig, *, output_dir: Optional[str] = None, workers: int = 0,
-              on_rows: Optional[Callable] = None) -> Path:
+def run_sweep(
+    cfg: SweepConfig, *, output_dir: Optional[str] = None, workers: int = 0, on_rows: Optional[Callable] = None
+) -> Path:
     """Run (or resume) the sweep ``cfg``; returns the path of report.html."""
     from .report import write_report
 
@@ -114,10 +128,35 @@ def run_sweep(cfg: SweepConfig, *, output_dir: Optional[str] = None, workers: in
     specs = expand(cfg)
     ev = asdict(cfg.eval)
     first = specs[0]
-    jobs_all = [(REFERENCE, {"role": "reference", "method": cfg.method, "tag_method": REFERENCE, "run": REFERENCE,
-                             "overrides": {}, "config": first.config, "eval": ev})]
-    jobs_all += [(s.name, {"role": "run", "method": s.method, "tag_method": s.method, "run": s.name, "overrides": s.overrides,
-                           "config": s.config, "eval": ev}) for s in specs]
+    jobs_all = [
+        (
+            REFERENCE,
+            {
+                "role": "reference",
+                "method": cfg.method,
+                "tag_method": REFERENCE,
+                "run": REFERENCE,
+                "overrides": {},
+                "config": first.config,
+                "eval": ev,
+            },
+        )
+    ]
+    jobs_all += [
+        (
+            s.name,
+            {
+                "role": "run",
+                "method": s.method,
+                "tag_method": s.method,
+                "run": s.name,
+                "overrides": s.overrides,
+                "config": s.config,
+                "eval": ev,
+            },
+        )
+        for s in specs
+    ]
     preflight(cfg, [s for s in specs if not (runs_dir / s.name / "result.json").exists()])
     todo = []
     for name, blob in jobs_all:
@@ -132,9 +171,16 @@ def run_sweep(cfg: SweepConfig, *, output_dir: Optional[str] = None, workers: in
     log.info("sweep: %d runs (+ the reference), %d to do, %d in parallel -> %s", len(specs), len(todo), n, out)
     launch_all(todo, module="tether.sweep.worker", workers=n)
     rows, finals, samples = collect(runs_dir, [REFERENCE] + [s.name for s in specs])
-    meta = {"method": cfg.method, "runs": len(specs), "eval prompts": ev["prompts"], "max eval prompts": ev["max_prompts"],
-            "samples per prompt": ev["samples_per_prompt"], "eval seed": ev["seed"], "gold reward": ev["gold"] or "none (the proxy stands in)",
-            "swept": ", ".join(sorted({k for s in specs for k in s.overrides})) or "-"}
+    meta = {
+        "method": cfg.method,
+        "runs": len(specs),
+        "eval prompts": ev["prompts"],
+        "max eval prompts": ev["max_prompts"],
+        "samples per prompt": ev["samples_per_prompt"],
+        "eval seed": ev["seed"],
+        "gold reward": ev["gold"] or "none (the proxy stands in)",
+        "swept": ", ".join(sorted({k for s in specs for k in s.overrides})) or "-",
+    }
     return write_report(out, rows, finals, samples, meta=meta, kl_budgets=ev["kl_budgets"])
 
 
@@ -144,12 +190,12 @@ def preflight(cfg: SweepConfig, specs: list[RunSpec]) -> None:
     import dataclasses
 
     from ..checks import check_reward_spec
-    from ..registry import METHODS
     from ..config import from_dict
     from ..errors import UserError
+    from ..registry import METHODS
     from .spec import trainer_class
 
-    assets = (specs[0].config.get("assets") if specs else None)
+    assets = specs[0].config.get("assets") if specs else None
     for key in ("gold", "proxy"):
         if getattr(cfg.eval, key):
             check_reward_spec(getattr(cfg.eval, key), field=f"eval.{key}", assets=assets)
@@ -157,8 +203,10 @@ def preflight(cfg: SweepConfig, specs: list[RunSpec]) -> None:
         check_reward_spec(spec, field=f"eval.rewards.{name}", assets=assets)
     optimises_reward = "reward" in {f.name for f in dataclasses.fields(trainer_class(cfg.method))}
     if not cfg.eval.gold and not cfg.eval.proxy and not optimises_reward:  # DPO
-        raise UserError(f"a {cfg.method.upper()} sweep needs eval.gold or eval.proxy (a reward spec): {cfg.method.upper()} "
-                        "optimises no reward the report could show")
+        raise UserError(
+            f"a {cfg.method.upper()} sweep needs eval.gold or eval.proxy (a reward spec): {cfg.method.upper()} "
+            "optimises no reward the report could show"
+        )
     for s in specs:
         tcfg = from_dict(trainer_class(s.method), s.config, source=f"sweep run {s.name}")
         try:

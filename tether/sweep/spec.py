@@ -17,7 +17,8 @@ from typing import Optional
 
 from ..config import check_finite, finish_names, from_dict, read_yaml_config, resolve_names
 from ..errors import UserError
-from ..registry import sweep_names, method_spec
+from ..registry import method_spec, sweep_names
+
 
 def trainer_class(method: str) -> type:
     """The config dataclass of a sweep method (``tether.registry``: every method with ``sweep=True``)."""
@@ -110,7 +111,9 @@ def load_sweep(path: str | Path) -> SweepConfig:
         raise UserError(f"{src}: field 'method' is missing; set it to one of {', '.join(sweep_names())}")
     trainer_class(method)  # refuses an unknown method
     base = data.get("base") or {}
-    if isinstance(base, dict) and "from" in base:  # base: {from: trainer.yaml, max_steps: 20}: the file, then these fields
+    if (
+        isinstance(base, dict) and "from" in base
+    ):  # base: {from: trainer.yaml, max_steps: 20}: the file, then these fields
         rest = {k: v for k, v in base.items() if k != "from"}
         base = {**_base_file(str(base["from"]), path), **rest}
     elif isinstance(base, str):
@@ -119,7 +122,9 @@ def load_sweep(path: str | Path) -> SweepConfig:
         raise UserError(f"{src}: field 'base' must be a trainer config mapping or a path to a trainer YAML")
     grid, runs = data.get("grid") or {}, data.get("runs") or []
     if not isinstance(grid, dict) or any(not isinstance(v, list) or not v for v in grid.values()):
-        raise UserError(f"{src}: field 'grid' must map each field to a non-empty list of values, e.g. grid: {{beta: [0.1, 1.0]}}")
+        raise UserError(
+            f"{src}: field 'grid' must map each field to a non-empty list of values, e.g. grid: {{beta: [0.1, 1.0]}}"
+        )
     if not isinstance(runs, list) or any(not isinstance(r, dict) for r in runs):
         raise UserError(f"{src}: field 'runs' must be a list of mappings (the overrides of each run)")
     ev = data.get("eval") or {}
@@ -134,8 +139,15 @@ def load_sweep(path: str | Path) -> SweepConfig:
     for name in ("samples_per_prompt", "max_prompts", "max_new_tokens", "eval_every"):
         if getattr(espec, name) < 1:
             raise UserError(f"{src}: eval.{name} is {getattr(espec, name)}; it must be at least 1")
-    cfg = SweepConfig(method=method, base=base, grid=grid, runs=runs, eval=espec,
-                      output_dir=str(data.get("output_dir", SweepConfig.output_dir)), workers=int(data.get("workers", 0)))
+    cfg = SweepConfig(
+        method=method,
+        base=base,
+        grid=grid,
+        runs=runs,
+        eval=espec,
+        output_dir=str(data.get("output_dir", SweepConfig.output_dir)),
+        workers=int(data.get("workers", 0)),
+    )
     expand(cfg, source=src)  # checks every run's config
     return cfg
 
@@ -165,6 +177,8 @@ def expand(cfg: SweepConfig, *, source: str = "sweep") -> list[RunSpec]:
         except (TypeError, ValueError) as e:
             raise UserError(f"{source}: run {name}: {e}") from None
         if cfg.method == "bon" and len(tcfg.n) != 1:
-            raise UserError(f"{source}: run {name}: a best-of-n run takes one n; sweep n in the grid (grid: {{n: [2, 4, 8]}})")
+            raise UserError(
+                f"{source}: run {name}: a best-of-n run takes one n; sweep n in the grid (grid: {{n: [2, 4, 8]}})"
+            )
         out.append(RunSpec(name, cfg.method, ov, dataclasses.asdict(tcfg)))
     return out

@@ -39,8 +39,15 @@ class Evaluator:
         from ..engine import evaluate, mean_stderr
 
         s = self.ev["samples_per_prompt"]
-        res = evaluate(policy, self.reference, self.ids, tokenizer=self.tok, seed=self.ev["seed"], samples_per_prompt=s,
-                       max_new_tokens=self.ev["max_new_tokens"])
+        res = evaluate(
+            policy,
+            self.reference,
+            self.ids,
+            tokenizer=self.tok,
+            seed=self.ev["seed"],
+            samples_per_prompt=s,
+            max_new_tokens=self.ev["max_new_tokens"],
+        )
         flat = [t for t in self.texts for _ in range(s)]  # the engine's order: prompt-major
         kl = torch.tensor(res["per_sequence"]["exact"])  # one exact sequence KL per sample, prompt-major
         m, se = mean_stderr(kl, per_prompt=s)  # over prompts, like the rewards (score)
@@ -63,8 +70,10 @@ class Evaluator:
             col = key if key in ("gold", "proxy") else f"reward_{key}"
             out[f"{col}_reward" if key in ("gold", "proxy") else col] = m
             out[f"{col}_stderr"] = se
-        out["samples"] = [{"prompt": p, "completion": c, **{k: v[i] for k, v in scores.items()}}
-                          for i, (p, c) in enumerate(zip(prompts, completions))][:8]
+        out["samples"] = [
+            {"prompt": p, "completion": c, **{k: v[i] for k, v in scores.items()}}
+            for i, (p, c) in enumerate(zip(prompts, completions))
+        ][:8]
         return out
 
 
@@ -73,12 +82,12 @@ def main(spec_path: str) -> int:
 
     torch.set_num_threads(int(os.environ.get("TETHER_THREADS", "1")))
     from ..assets import resolve_model
+    from ..config import from_dict
     from ..modeling import load_causal_lm, load_tokenizer
     from ..reference import FrozenReference
+    from ..registry import METHODS
     from ..rewards import build_reward
     from .spec import trainer_class
-    from ..config import from_dict
-    from ..registry import METHODS
 
     blob = json.loads(Path(spec_path).read_text())
     run_dir = Path(spec_path).parent
@@ -93,10 +102,17 @@ def main(spec_path: str) -> int:
     gold = build_reward(ev["gold"], assets=cfg.assets) if ev.get("gold") else None
     proxy = build_reward(proxy_spec, assets=cfg.assets) if proxy_spec else None
     others = {k: build_reward(v, assets=cfg.assets) for k, v in (ev.get("rewards") or {}).items()}
-    evaluator = Evaluator(ev, reference=reference, tokenizer=tok, gold=gold, proxy=proxy, others=others, assets=cfg.assets)
+    evaluator = Evaluator(
+        ev, reference=reference, tokenizer=tok, gold=gold, proxy=proxy, others=others, assets=cfg.assets
+    )
     eval_file = run_dir / "eval.jsonl"
-    tags = {"method": blob["tag_method"], "run": name, "seed": getattr(cfg, "seed", 0), **blob["overrides"],
-            "swept": list(blob["overrides"])}
+    tags = {
+        "method": blob["tag_method"],
+        "run": name,
+        "seed": getattr(cfg, "seed", 0),
+        **blob["overrides"],
+        "swept": list(blob["overrides"]),
+    }
     if "beta" in blob["overrides"]:
         tags["beta_set"] = blob["overrides"]["beta"]  # the hook's beta is the controller's current value
 
@@ -126,8 +142,17 @@ def main(spec_path: str) -> int:
         s = ev["samples_per_prompt"]
         texts = [t for t in evaluator.texts for _ in range(s)]
         ids = [i for i in evaluator.ids for _ in range(s)]
-        res = best_of_n(reference.model, tok, texts, prompt_ids=ids, n=cfg.n[0], reward=proxy, kl_samples=cfg.kl_samples,
-                        sampling=SamplingSettings(max_new_tokens=ev["max_new_tokens"]), seed=eval_seed(ev["seed"]))
+        res = best_of_n(
+            reference.model,
+            tok,
+            texts,
+            prompt_ids=ids,
+            n=cfg.n[0],
+            reward=proxy,
+            kl_samples=cfg.kl_samples,
+            sampling=SamplingSettings(max_new_tokens=ev["max_new_tokens"]),
+            seed=eval_seed(ev["seed"]),
+        )
         pt = evaluator.score(texts, res["completions"], kl={"mean": res["kl"], "stderr": res["kl_stderr"]})
         write({**tags, "step": 0, "n": cfg.n[0], "kl_bound": res["kl_bound"], **pt})
     else:

@@ -31,14 +31,13 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from ..data.prompts import Prompt
 from ..engine import generate_batches, mean_stderr
+from ..errors import UserError
 from ..generation import BuiltinBackend
 from ..groups import SamplingSettings, sampling_settings
 from ..measure import encode_prompts
-from ..ops.best_of_n import best_of_n_kl_estimate
-from ..ops.best_of_n import best_of_n_kl_bound
-from ..data.prompts import Prompt
-from ..errors import UserError
+from ..ops.best_of_n import best_of_n_kl_bound, best_of_n_kl_estimate
 from ..rewards import RewardSet, RewardSource, build_reward, call_source, reward_columns
 
 RewardLike = Union[RewardSource, RewardSet, str]
@@ -68,17 +67,30 @@ def _sampler(model):
 
     if isinstance(model, Reference):
         if not hasattr(model, "model"):
-            raise ValueError(f"best-of-n samples from the reference; a {type(model).__name__} has no model to sample from "
-                             "(pass the reference causal LM itself)")
+            raise ValueError(
+                f"best-of-n samples from the reference; a {type(model).__name__} has no model to sample from "
+                "(pass the reference causal LM itself)"
+            )
         return model.model
     return model
 
 
 @torch.no_grad()
 def sample_and_score(
-    model, tokenizer, prompts: Sequence[str], *, samples: int, reward: RewardLike, gold: GoldLike = (),
-    sampling: Optional[SamplingSettings] = None, batch_size: int = 64, seed: int = 0, max_prompt_length: Optional[int] = None, progress: bool = False,
-    prompt_ids: Optional[Sequence[Sequence[int]]] = None, decoder: str = "auto",
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    samples: int,
+    reward: RewardLike,
+    gold: GoldLike = (),
+    sampling: Optional[SamplingSettings] = None,
+    batch_size: int = 64,
+    seed: int = 0,
+    max_prompt_length: Optional[int] = None,
+    progress: bool = False,
+    prompt_ids: Optional[Sequence[Sequence[int]]] = None,
+    decoder: str = "auto",
 ) -> dict:
     """Draw ``samples`` completions per prompt from ``model`` (``engine.generate_batches``: the
     sampler and decoding every loop uses) and score every one.
@@ -102,14 +114,29 @@ def sample_and_score(
     selector, golds = _sources(reward, gold, device)
     if prompt_ids is not None:
         if len(prompt_ids) != len(prompts):
-            raise ValueError(f"got {len(prompt_ids)} prompt_ids for {len(prompts)} prompts; pass one token list per prompt")
+            raise ValueError(
+                f"got {len(prompt_ids)} prompt_ids for {len(prompts)} prompts; pass one token list per prompt"
+            )
         ids = [list(p) for p in prompt_ids]
     else:
         ids = encode_prompts(tokenizer, prompts, max_prompt_length=max_prompt_length)
     flat = [i for i in range(len(ids)) for _ in range(samples)]  # prompt-major: row p * M + j
-    texts = [t for smp in generate_batches(
-        model, ids, tokenizer=tokenizer, sampling=sampling_settings(sampling), batch_size=batch_size, seed=seed, samples_per_prompt=samples, progress=progress,
-        desc="best-of-n sampling", backend=BuiltinBackend(model, decoder=decoder)) for t in smp.completions]
+    texts = [
+        t
+        for smp in generate_batches(
+            model,
+            ids,
+            tokenizer=tokenizer,
+            sampling=sampling_settings(sampling),
+            batch_size=batch_size,
+            seed=seed,
+            samples_per_prompt=samples,
+            progress=progress,
+            desc="best-of-n sampling",
+            backend=BuiltinBackend(model, decoder=decoder),
+        )
+        for t in smp.completions
+    ]
     keys = sorted({(flat[r], texts[r]) for r in range(len(flat))})  # unique (prompt, completion)
     where = {k: j for j, k in enumerate(keys)}
     u_prompts, u_texts = [prompts[p] for p, _ in keys], [t for _, t in keys]
@@ -167,8 +194,12 @@ def summarize(scored: dict, n: int, *, n_keep: int = 6) -> dict:
     out["prompts"] = scored["prompts"]
     out["completions"] = [scored["texts"][p][int(best[p])] for p in range(P)]
     out["samples"] = [
-        {"prompt": scored["prompts"][p], "completion": out["completions"][p], "score": float(kept[p]),
-         **{g: float(v[p]) for g, v in kept_gold.items()}}
+        {
+            "prompt": scored["prompts"][p],
+            "completion": out["completions"][p],
+            "score": float(kept[p]),
+            **{g: float(v[p]) for g, v in kept_gold.items()},
+        }
         for p in range(min(P, n_keep))
     ]
     return out
@@ -189,19 +220,39 @@ def check_bon_sizes(ns, kl_samples: int = 0) -> list[int]:
 
 
 def best_of_n_curve(
-    model, tokenizer, prompts: Sequence[str], *, ns: Sequence[int], reward: RewardLike,
-    gold: GoldLike = (), kl_samples: int = 0, **options,
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    ns: Sequence[int],
+    reward: RewardLike,
+    gold: GoldLike = (),
+    kl_samples: int = 0,
+    **options,
 ) -> list[dict]:
     """``best_of_n`` for several n from one set of max(max(ns), kl_samples) samples per prompt (``options``:
     those of ``sample_and_score``)."""
     check_bon_sizes(ns, kl_samples)
-    scored = sample_and_score(model, tokenizer, prompts, samples=max(max(ns), kl_samples), reward=reward, gold=gold, **options)
+    scored = sample_and_score(
+        model, tokenizer, prompts, samples=max(max(ns), kl_samples), reward=reward, gold=gold, **options
+    )
     return [summarize(scored, n) for n in ns]
 
 
 def best_of_n(
-    model, tokenizer, prompts: Sequence[str], *, n: int, reward: RewardLike, gold: GoldLike = (),
-    kl_samples: int = 0, sampling: Optional[SamplingSettings] = None, batch_size: int = 64, seed: int = 0, max_prompt_length: Optional[int] = None, progress: bool = False,
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    n: int,
+    reward: RewardLike,
+    gold: GoldLike = (),
+    kl_samples: int = 0,
+    sampling: Optional[SamplingSettings] = None,
+    batch_size: int = 64,
+    seed: int = 0,
+    max_prompt_length: Optional[int] = None,
+    progress: bool = False,
     prompt_ids: Optional[Sequence[Sequence[int]]] = None,
 ) -> dict:
     """Best-of-n from the reference ``model`` (an HF causal LM, or a tether Reference with ``.model``).
@@ -219,7 +270,17 @@ def best_of_n(
     "proxy_reward" (= score), "samples" (a few {prompt, completion, score, <gold name>: value}).
     """
     return best_of_n_curve(
-        model, tokenizer, prompts, ns=[n], reward=reward, gold=gold, kl_samples=kl_samples, sampling=sampling,
-        batch_size=batch_size, seed=seed,
-        max_prompt_length=max_prompt_length, progress=progress, prompt_ids=prompt_ids,
+        model,
+        tokenizer,
+        prompts,
+        ns=[n],
+        reward=reward,
+        gold=gold,
+        kl_samples=kl_samples,
+        sampling=sampling,
+        batch_size=batch_size,
+        seed=seed,
+        max_prompt_length=max_prompt_length,
+        progress=progress,
+        prompt_ids=prompt_ids,
     )[0]

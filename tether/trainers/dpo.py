@@ -57,32 +57,55 @@ from ..assets import resolve_model
 from ..config import config_group
 from ..control import BetaScheduleConfig, build_controller
 from ..data.preference import (
-    PackedPairs, StepBatches, check_rows, collate_pairs, pack_pairs, pair_tokens, pair_width, read_raw_rows,
-    split_holdout, tokenize_pairs,
+    PackedPairs,
+    StepBatches,
+    check_rows,
+    collate_pairs,
+    pack_pairs,
+    pair_tokens,
+    pair_width,
+    read_raw_rows,
+    split_holdout,
+    tokenize_pairs,
 )
 from ..data.text import column_map, eval_split_of, rename_columns
 from ..diagnostics.forgetting import ForgettingProbe
 from ..diagnostics.overfit import OverfitMonitor
 from ..distributed import Dist
+from ..engine import evaluate as evaluate_kl
 from ..errors import UserError
-from ..registry import run_preflight
-from .result import TrainResult
 from ..fsdp import is_sharded, models_of, shard_reference, unsharded
 from ..groups import DATA_FIELDS, ReferenceConfig, SamplingSettings
-from ..engine import evaluate as evaluate_kl
 from ..modeling import completion_logps, packed_token_logps
 from ..ops.kl import seq_sum
 from ..ops.preference import check_loss_options, check_loss_type, preference_loss
+from ..preempt import preemptible, stop_if_signalled
 from ..reference import (
-    OffloadedReference, PrecomputedReference, Reference, check_lora_reference, check_reference_form, eval_mode,
+    OffloadedReference,
+    PrecomputedReference,
+    Reference,
+    check_lora_reference,
+    check_reference_form,
+    eval_mode,
     reference_from_config,
 )
-from ..preempt import preemptible, stop_if_signalled
+from ..registry import run_preflight
 from ..runs import RunDir, save_final
 from ..training import (
-    Checkpointer, TrainConfig, derive_micro_batch, load_policy, make_optimizer, make_scheduler,
-    progress_bar, trainable_params, optimizer_step, set_train_mode, with_epochs, StepGuard,
+    Checkpointer,
+    StepGuard,
+    TrainConfig,
+    derive_micro_batch,
+    load_policy,
+    make_optimizer,
+    make_scheduler,
+    optimizer_step,
+    progress_bar,
+    set_train_mode,
+    trainable_params,
+    with_epochs,
 )
+from .result import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +131,10 @@ class DPOReferenceConfig(ReferenceConfig):
     """Sequences per forward pass when precomputing reference log-probs."""
 
 
-BETA_CONTROLLERS_REFUSED = ("dpo supports a fixed or scheduled beta (beta, beta_schedule); kl_target/kl_budget need "
-                            "an on-policy KL every step, which offline DPO does not measure: use tether ppo, grpo or rloo")
+BETA_CONTROLLERS_REFUSED = (
+    "dpo supports a fixed or scheduled beta (beta, beta_schedule); kl_target/kl_budget need "
+    "an on-policy KL every step, which offline DPO does not measure: use tether ppo, grpo or rloo"
+)
 
 
 @config_group("data", prefixes=("dataset",), fields=DATA_FIELDS)
@@ -117,7 +142,9 @@ BETA_CONTROLLERS_REFUSED = ("dpo supports a fixed or scheduled beta (beta, beta_
 class DPOConfig(TrainConfig, BetaScheduleConfig, DPOReferenceConfig):
     """Config of ``tether dpo`` (the groups of TrainConfig, BetaScheduleConfig and DPOReferenceConfig plus these)."""
 
-    refused_fields: ClassVar[dict] = {k: BETA_CONTROLLERS_REFUSED for k in ("kl_target", "kl_budget", "kl_horizon", "kl_budget_lr")}
+    refused_fields: ClassVar[dict] = {
+        k: BETA_CONTROLLERS_REFUSED for k in ("kl_target", "kl_budget", "kl_horizon", "kl_budget_lr")
+    }
 
     dataset: str = ""
     """Preference pairs: .json/.jsonl/.parquet (optionally .gz), a datasets folder, a hub name, or hh-rlhf (asset)."""
@@ -185,35 +212,62 @@ class DPOConfig(TrainConfig, BetaScheduleConfig, DPOReferenceConfig):
 # ----------------------------------------------------------------------------------------------------
 
 
-def load_pairs(cfg: DPOConfig, tok, *, rows: Optional[Sequence[dict]] = None, eval_rows: Optional[Sequence[dict]] = None,
-               is_main: bool = True) -> tuple[list[dict], list[dict], dict]:
+def load_pairs(
+    cfg: DPOConfig,
+    tok,
+    *,
+    rows: Optional[Sequence[dict]] = None,
+    eval_rows: Optional[Sequence[dict]] = None,
+    is_main: bool = True,
+) -> tuple[list[dict], list[dict], dict]:
     """(train pairs, held-out pairs, data report). Each pair: prompt_ids, chosen_ids, rejected_ids.
     Held out: eval_dataset (or eval_rows), else the test/validation split of a saved DatasetDict
     given as dataset, else eval_fraction of dataset. Columns are renamed first (columns, *_field)."""
     check = dict(skip_bad_rows=cfg.skip_bad_rows, tokenizer=tok, chat_template=cfg.chat_template)
     mapping = column_map(cfg.columns, prompt=cfg.prompt_field, chosen=cfg.chosen_field, rejected=cfg.rejected_field)
     raw = list(rows) if rows is not None else read_raw_rows(cfg.dataset, split=cfg.dataset_split, assets=cfg.assets)
-    train_rows, skipped = check_rows(rename_columns(raw, mapping, where=cfg.dataset or "rows"), source=cfg.dataset or "rows", **check)
-    held_split = None if rows is not None or eval_rows is not None or cfg.eval_dataset else \
-        eval_split_of(cfg.dataset, split=cfg.dataset_split)
+    train_rows, skipped = check_rows(
+        rename_columns(raw, mapping, where=cfg.dataset or "rows"), source=cfg.dataset or "rows", **check
+    )
+    held_split = (
+        None
+        if rows is not None or eval_rows is not None or cfg.eval_dataset
+        else eval_split_of(cfg.dataset, split=cfg.dataset_split)
+    )
     if eval_rows is not None or cfg.eval_dataset or held_split:
-        raw_eval = list(eval_rows) if eval_rows is not None else read_raw_rows(
-            cfg.eval_dataset or cfg.dataset, split=held_split or cfg.dataset_split, assets=cfg.assets)
-        held_rows, _ = check_rows(rename_columns(raw_eval, mapping, where=cfg.eval_dataset or cfg.dataset or "eval rows"),
-                                  source=cfg.eval_dataset or cfg.dataset or "eval rows", **check)
+        raw_eval = (
+            list(eval_rows)
+            if eval_rows is not None
+            else read_raw_rows(
+                cfg.eval_dataset or cfg.dataset, split=held_split or cfg.dataset_split, assets=cfg.assets
+            )
+        )
+        held_rows, _ = check_rows(
+            rename_columns(raw_eval, mapping, where=cfg.eval_dataset or cfg.dataset or "eval rows"),
+            source=cfg.eval_dataset or cfg.dataset or "eval rows",
+            **check,
+        )
         if held_split and is_main:
             log.info("dpo data: evaluating on the %r split of %s", held_split, cfg.dataset)
     else:
         tr, ho = split_holdout(len(train_rows), cfg.eval_fraction, seed=cfg.seed)
         train_rows, held_rows = [train_rows[i] for i in tr], [train_rows[i] for i in ho]
-    trunc = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                 max_completion_length=cfg.max_completion_length, add_eos=cfg.add_eos)
+    trunc = dict(
+        max_length=cfg.max_length,
+        max_prompt_length=cfg.max_prompt_length,
+        max_completion_length=cfg.max_completion_length,
+        add_eos=cfg.add_eos,
+    )
     train, report = tokenize_pairs(train_rows, tok, source="train pairs", **trunc)
     held = tokenize_pairs(held_rows, tok, source="held-out pairs", **trunc)[0] if held_rows else []
     if cfg.eval_pairs and len(held) > cfg.eval_pairs:
         held = held[: cfg.eval_pairs]
-    info = {"train_pairs": len(train), "eval_pairs": len(held), "skipped_rows": sum(skipped.values()),
-            **{f"truncation/{k}": v for k, v in report.as_dict().items()}}
+    info = {
+        "train_pairs": len(train),
+        "eval_pairs": len(held),
+        "skipped_rows": sum(skipped.values()),
+        **{f"truncation/{k}": v for k, v in report.as_dict().items()},
+    }
     if is_main:
         log.info("dpo data: %s", info)
     return train, held, info
@@ -224,14 +278,17 @@ def load_pairs(cfg: DPOConfig, tok, *, rows: Optional[Sequence[dict]] = None, ev
 # ----------------------------------------------------------------------------------------------------
 
 
-def setup_reference(cfg: DPOConfig, policy, tok, pairs: list[dict], visited: list[int], dist: Dist) -> tuple[Reference, Reference]:
+def setup_reference(
+    cfg: DPOConfig, policy, tok, pairs: list[dict], visited: list[int], dist: Dist
+) -> tuple[Reference, Reference]:
     """(training reference, live reference for kl/ref). They are the same object except for
     'precomputed', whose live partner is the model that built the cache (kept for kl/ref).
 
     ``pairs``: every pair the run may score (training pairs, then held-out ones); pair i's chosen
     and rejected rows have reference ids 2i and 2i + 1. ``visited``: the pair indices to cache."""
-    live = reference_from_config(cfg, policy=policy, tokenizer=tok, policy_path=resolve_model(cfg.model, cfg.assets),
-                                 device=dist.device)
+    live = reference_from_config(
+        cfg, policy=policy, tokenizer=tok, policy_path=resolve_model(cfg.model, cfg.assets), device=dist.device
+    )
     if cfg.reference != "precomputed":
         return live, live
     rows = [(2 * i, pairs[i]["prompt_ids"], pairs[i]["chosen_ids"]) for i in visited]
@@ -240,11 +297,22 @@ def setup_reference(cfg: DPOConfig, policy, tok, pairs: list[dict], visited: lis
     cache = Path(cfg.ref_cache_dir or Path(cfg.output_dir) / "ref_cache")
     # padding-free like training where it gives this model's padded log-probs (a LoRA policy's base is
     # scored through its adapters-off context: padded)
-    packed = cfg.padding_free and live.kind == "copy" and bool(visited) and packing_works(
-        live.model, [pairs[i] for i in visited[:4]], pad_id=tok.pad_token_id, device=dist.device)
+    packed = (
+        cfg.padding_free
+        and live.kind == "copy"
+        and bool(visited)
+        and packing_works(live.model, [pairs[i] for i in visited[:4]], pad_id=tok.pad_token_id, device=dist.device)
+    )
     build = lambda: PrecomputedReference.build(  # noqa: E731
-        live, live.model, rows, pad_id=tok.pad_token_id, cache_dir=cache, batch_size=cfg.ref_batch_size,
-        progress=cfg.progress and dist.is_main, packed=packed)
+        live,
+        live.model,
+        rows,
+        pad_id=tok.pad_token_id,
+        cache_dir=cache,
+        batch_size=cfg.ref_batch_size,
+        progress=cfg.progress and dist.is_main,
+        packed=packed,
+    )
     ref = build() if dist.is_main else None
     dist.barrier()  # rank 0 writes the cache; the others then read it (no two writers)
     if ref is None:
@@ -289,12 +357,16 @@ def packing_works(model, pairs: list[dict], *, pad_id: int, device) -> bool:
             packed = packed_logps(model, pack_pairs(pairs, pad_id=pad_id).to(device))
             padded = pair_logps(model, collate_pairs(pairs, pad_id=pad_id).to(device))[0]
     except Exception as e:  # noqa: BLE001 - any failure means: use the padded layout
-        log.warning("padding-free batches unavailable for this model (%s: %s); using padded batches", type(e).__name__, e)
+        log.warning(
+            "padding-free batches unavailable for this model (%s: %s); using padded batches", type(e).__name__, e
+        )
         return False
     err = float(((packed - padded).abs() / (1 + padded.abs())).max())
     if err > 1e-4:
-        log.warning("padding-free log-probs differ from padded ones by %.2g (relative) for this model; using padded "
-                    "batches", err)
+        log.warning(
+            "padding-free log-probs differ from padded ones by %.2g (relative) for this model; using padded batches",
+            err,
+        )
         return False
     return True
 
@@ -305,8 +377,18 @@ def pair_loss(cfg: DPOConfig, logps, ref_logps, lengths, *, beta: float):
     rc, rr = ref_logps.chunk(2)
     lc, lr = lengths.chunk(2)
     return preference_loss(
-        c, r, rc, rr, lc, lr, beta=beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
-        ipo_length_normalize=cfg.ipo_length_normalize, alpha=cfg.f_alpha, simpo_gamma=cfg.simpo_gamma,
+        c,
+        r,
+        rc,
+        rr,
+        lc,
+        lr,
+        beta=beta,
+        loss_type=cfg.loss_type,
+        label_smoothing=cfg.label_smoothing,
+        ipo_length_normalize=cfg.ipo_length_normalize,
+        alpha=cfg.f_alpha,
+        simpo_gamma=cfg.simpo_gamma,
     )
 
 
@@ -316,8 +398,18 @@ def ref_ids(indices: Sequence[int]) -> list[int]:
 
 
 @torch.no_grad()
-def eval_pairs(cfg: DPOConfig, policy, reference: Reference, pairs: list[dict], ids: list[int], *, beta: float,
-               pad_id: int, dist: Dist, packed: bool = False) -> dict:
+def eval_pairs(
+    cfg: DPOConfig,
+    policy,
+    reference: Reference,
+    pairs: list[dict],
+    ids: list[int],
+    *,
+    beta: float,
+    pad_id: int,
+    dist: Dist,
+    packed: bool = False,
+) -> dict:
     """eval/loss, eval/rewards/accuracy, eval/rewards/margins over held-out pairs (strided over
     processes, reduced globally). ``ids``: each pair's index for the reference (see ``setup_reference``)."""
     mine = list(range(dist.rank, len(pairs), dist.world_size))
@@ -343,8 +435,15 @@ def kl_sampling(cfg: DPOConfig) -> SamplingSettings:
 def measure_ref_kl(cfg: DPOConfig, policy, reference: Reference, prompts: list[list[int]], tok) -> dict:
     """kl/ref and kl/ref_stderr: mean exact sequence KL[π_θ‖π_ref] of sampled completions
     (``engine.evaluate``: the evaluation seed and batch size the online trainers and the demo use)."""
-    res = evaluate_kl(policy, reference, prompts, tokenizer=tok, seed=cfg.seed, samples_per_prompt=cfg.kl_samples,
-                      sampling=kl_sampling(cfg))
+    res = evaluate_kl(
+        policy,
+        reference,
+        prompts,
+        tokenizer=tok,
+        seed=cfg.seed,
+        samples_per_prompt=cfg.kl_samples,
+        sampling=kl_sampling(cfg),
+    )
     ex = res["estimators"]["exact"]
     return {"kl/ref": ex["mean"], "kl/ref_stderr": ex["stderr"]}
 
@@ -354,12 +453,30 @@ def measure_ref_kl(cfg: DPOConfig, policy, reference: Reference, prompts: list[l
 # ----------------------------------------------------------------------------------------------------
 
 
-STEP_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy", "logps/chosen",
-                "logps/rejected")
+STEP_METRICS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracy",
+    "logps/chosen",
+    "logps/rejected",
+)
 
 
-def accumulate_gradients(cfg: DPOConfig, policy, reference: Reference, train: list[dict], idx: list[int], *, micro: int,
-                         beta: float, packed: bool, pad_id: int, device) -> tuple[dict, int, int]:
+def accumulate_gradients(
+    cfg: DPOConfig,
+    policy,
+    reference: Reference,
+    train: list[dict],
+    idx: list[int],
+    *,
+    micro: int,
+    beta: float,
+    packed: bool,
+    pad_id: int,
+    device,
+) -> tuple[dict, int, int]:
     """Forward + backward over this process's pairs ``idx`` in micro-batches of ``micro``; gradients
     accumulate in ``.grad``. Each micro-batch backpropagates Σ losses / batch_size (the *global*
     pair count), so N processes x accumulation steps give the full-batch gradient.
@@ -377,8 +494,10 @@ def accumulate_gradients(cfg: DPOConfig, policy, reference: Reference, train: li
         losses, st = pair_loss(cfg, logps, ref_logps, lengths, beta=beta)  # (B,)
         (losses.sum() / cfg.batch_size).backward()
         c, r = logps.detach().chunk(2)
-        for k, v in zip(STEP_METRICS, (losses.detach(), st["chosen_rewards"], st["rejected_rewards"], st["margins"],
-                                       st["accuracy"], c, r)):
+        for k, v in zip(
+            STEP_METRICS,
+            (losses.detach(), st["chosen_rewards"], st["rejected_rewards"], st["margins"], st["accuracy"], c, r),
+        ):
             sums[k] += float(v.sum())
         tokens += sum(pair_tokens(p) for p in pairs)
         slots += int(batch.input_ids.numel())
@@ -393,16 +512,27 @@ def check_config(cfg: DPOConfig) -> None:
         log.info("simpo ignores the reference; ref log-probs are still computed for logging")
     if not cfg.dataset:
         raise UserError("dpo needs preference data: pass --dataset PATH_OR_NAME (or rows=... from Python)")
-    if cfg.beta_schedule in ("none", None, "") and not cfg.beta > 0:  # the preference losses scale (or divide by) β: 0 means no signal
-        raise UserError(f"beta={cfg.beta}: DPO's loss is -log σ(β·margin), constant at β = 0 (nothing to learn); set --beta > 0. "
-                         "To train without a KL penalty and still monitor kl/ref, use ppo, grpo or rloo with --beta 0")
+    if (
+        cfg.beta_schedule in ("none", None, "") and not cfg.beta > 0
+    ):  # the preference losses scale (or divide by) β: 0 means no signal
+        raise UserError(
+            f"beta={cfg.beta}: DPO's loss is -log σ(β·margin), constant at β = 0 (nothing to learn); set --beta > 0. "
+            "To train without a KL penalty and still monitor kl/ref, use ppo, grpo or rloo with --beta 0"
+        )
     check_loss_options(cfg.loss_type, cfg.beta, cfg.label_smoothing)
 
 
 @preemptible
-def train_dpo(cfg: DPOConfig, *, rows: Optional[Sequence[dict]] = None, eval_rows: Optional[Sequence[dict]] = None,
-              resume: bool = False, callback: Optional[Callable[[int, dict], None]] = None,
-              eval_hook: Optional[Callable] = None, preflight: bool = True) -> TrainResult:
+def train_dpo(
+    cfg: DPOConfig,
+    *,
+    rows: Optional[Sequence[dict]] = None,
+    eval_rows: Optional[Sequence[dict]] = None,
+    resume: bool = False,
+    callback: Optional[Callable[[int, dict], None]] = None,
+    eval_hook: Optional[Callable] = None,
+    preflight: bool = True,
+) -> TrainResult:
     """Train with DPO (or a variant); returns a ``TrainResult`` (``result["loss"]`` etc.: the last step's
     metrics; ``result["train_pairs"]`` etc.: the data counts in ``info``).
 
@@ -428,8 +558,14 @@ def train_dpo(cfg: DPOConfig, *, rows: Optional[Sequence[dict]] = None, eval_row
     train, held, data_info = load_pairs(cfg, tok, rows=rows, eval_rows=eval_rows, is_main=dist.is_main)
     cfg = with_epochs(cfg, len(train), per_step=cfg.batch_size, unit="pairs")
     micro = derive_micro_batch(cfg, dist)
-    order = StepBatches([pair_width(p) for p in train], cfg.batch_size, seed=cfg.seed, shuffle=cfg.shuffle,
-                        group_by_length=cfg.group_by_length, window=cfg.bucket_window)
+    order = StepBatches(
+        [pair_width(p) for p in train],
+        cfg.batch_size,
+        seed=cfg.seed,
+        shuffle=cfg.shuffle,
+        group_by_length=cfg.group_by_length,
+        window=cfg.bucket_window,
+    )
     n = len(train)
     held_ids = list(range(n, n + len(held)))  # held-out pairs follow the training pairs in the reference's ids
     visited = order.visited(range(cfg.max_steps)) + held_ids
@@ -446,21 +582,37 @@ def train_dpo(cfg: DPOConfig, *, rows: Optional[Sequence[dict]] = None, eval_row
     kl_prompts = [p["prompt_ids"] for p in held[: cfg.kl_prompts]]
     if (not kl_prompts or eval_hook is not None) and not cfg.forgetting_text:  # nothing samples through it
         live_ref = None  # nothing samples: with the precomputed form, the reference model is freed here
-    forgetting = ForgettingProbe(cfg.forgetting_text, tok, config=dataclasses.asdict(cfg), assets=cfg.assets,
-                                 max_texts=cfg.forgetting_max_texts, seed=cfg.seed) \
-        if cfg.forgetting_text and dist.is_main else None
+    forgetting = (
+        ForgettingProbe(
+            cfg.forgetting_text,
+            tok,
+            config=dataclasses.asdict(cfg),
+            assets=cfg.assets,
+            max_texts=cfg.forgetting_max_texts,
+            seed=cfg.seed,
+        )
+        if cfg.forgetting_text and dist.is_main
+        else None
+    )
     overfit = OverfitMonitor(cfg.loss_type)  # dpo/overfit: loss saturated while kl/ref grows (diagnostics/overfit.py)
     pad_id = tok.pad_token_id
     # fsdp: the packed layout calls the decoder and the head directly, past the root unit's all-gather
-    packed = cfg.padding_free and not is_sharded(policy) and packing_works(policy, train[:4], pad_id=pad_id, device=dist.device)
+    packed = (
+        cfg.padding_free
+        and not is_sharded(policy)
+        and packing_works(policy, train[:4], pad_id=pad_id, device=dist.device)
+    )
 
     def evaluate(beta: float) -> dict:
         with unsharded(*models_of(policy, reference, live_ref)):  # fsdp: main-only sampling, uneven shards
             return _evaluate(beta)
 
     def _evaluate(beta: float) -> dict:
-        out = eval_pairs(cfg, policy, reference, held, held_ids, beta=beta, pad_id=pad_id, dist=dist,
-                         packed=packed) if held else {}
+        out = (
+            eval_pairs(cfg, policy, reference, held, held_ids, beta=beta, pad_id=pad_id, dist=dist, packed=packed)
+            if held
+            else {}
+        )
         if eval_hook is not None:  # the sampled evaluation: the hook's protocol instead of kl/ref (trainers.result)
             out.update((eval_hook(step, policy, beta=beta) or {}) if dist.is_main else {})
         elif kl_prompts and dist.is_main:  # sampling is replicated work: only the logging process measures
@@ -481,18 +633,28 @@ def train_dpo(cfg: DPOConfig, *, rows: Optional[Sequence[dict]] = None, eval_row
         t0 = time.perf_counter()
         beta = controller.value
         idx = dist.shard(order(step))
-        sums, tokens, slots = accumulate_gradients(cfg, policy, reference, train, idx, micro=micro, beta=beta,
-                                                   packed=packed, pad_id=pad_id, device=dist.device)
-        grad_norm, lr = optimizer_step(opt, sched, params, dist=dist, max_grad_norm=cfg.max_grad_norm, guard=guard,
-                                       loss=sums["loss"])
+        sums, tokens, slots = accumulate_gradients(
+            cfg, policy, reference, train, idx, micro=micro, beta=beta, packed=packed, pad_id=pad_id, device=dist.device
+        )
+        grad_norm, lr = optimizer_step(
+            opt, sched, params, dist=dist, max_grad_norm=cfg.max_grad_norm, guard=guard, loss=sums["loss"]
+        )
         step += 1
         reference.on_step(policy, step)
         controller.update()
         metrics = dist.reduce_metrics(sums, dict.fromkeys(sums, float(len(idx))))
         tokens, slots = dist.sum_float(tokens), dist.sum_float(slots)
-        metrics.update({"beta": beta, "opt/lr": lr, "opt/grad_norm": grad_norm, "data/tokens": tokens,
-                        "data/padding_frac": 1.0 - tokens / max(slots, 1.0),
-                        "perf/tokens_per_s": tokens / (time.perf_counter() - t0), **guard.stats()})
+        metrics.update(
+            {
+                "beta": beta,
+                "opt/lr": lr,
+                "opt/grad_norm": grad_norm,
+                "data/tokens": tokens,
+                "data/padding_frac": 1.0 - tokens / max(slots, 1.0),
+                "perf/tokens_per_s": tokens / (time.perf_counter() - t0),
+                **guard.stats(),
+            }
+        )
         evaluated = bool(cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps
         if evaluated:
             last_eval = evaluate(beta)
@@ -505,11 +667,19 @@ def train_dpo(cfg: DPOConfig, *, rows: Optional[Sequence[dict]] = None, eval_row
         history.append({"step": step, **metrics})
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
             ckpt.save(step, data_state={"history": history, "eval_history": eval_history})
-        stop_if_signalled(step, cfg.max_steps, dist, ckpt,  # SIGTERM/SIGINT/SIGUSR1: checkpoint, exit 75
-                          save=lambda: ckpt.save(step, data_state={"history": history, "eval_history": eval_history}))
+        stop_if_signalled(
+            step,
+            cfg.max_steps,
+            dist,
+            ckpt,  # SIGTERM/SIGINT/SIGUSR1: checkpoint, exit 75
+            save=lambda: ckpt.save(step, data_state={"history": history, "eval_history": eval_history}),
+        )
         bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['rewards/accuracy']:.2f}",
-                        kl=f"{last_eval.get('kl/ref', float('nan')):.2f}")
+        bar.set_postfix(
+            loss=f"{metrics['loss']:.3f}",
+            acc=f"{metrics['rewards/accuracy']:.2f}",
+            kl=f"{last_eval.get('kl/ref', float('nan')):.2f}",
+        )
         if callback is not None:
             callback(step, metrics)
     bar.close()

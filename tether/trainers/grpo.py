@@ -39,14 +39,14 @@ from typing import ClassVar
 
 import torch
 
+from ..errors import UserError
 from ..ops.kl import ESTIMATORS, kl_loss_term
 from ..ops.policy import aggregate_loss, group_advantages, masked_mean, ppo_policy_loss
 from ..ops.positions import weight_by_position
 from .method import Counts, LossInputs, OnlineMethod, Prepared, beta_weights
-from .result import TrainResult
-from .online import OnlineConfig, train_online
 from .mismatch import loss_weights
-from ..errors import UserError
+from .online import OnlineConfig, train_online
+from .result import TrainResult
 
 KL_PLACEMENTS = ("loss", "loss_is")
 
@@ -82,20 +82,30 @@ def loss(x: LossInputs, *, cfg: GRPOConfig, beta: float, counts: Counts) -> tupl
     pg, pg_stats = ppo_policy_loss(x.logps, x.old_logps, x.advantages, x.mask, clip=cfg.clip_eps)  # (B, T)
     full = ESTIMATORS[cfg.kl_estimator].needs_logits  # exact: reads both full distributions
     kl = kl_loss_term(
-        x.logps, x.ref_logps, x.mask, estimator=cfg.kl_estimator,
+        x.logps,
+        x.ref_logps,
+        x.mask,
+        estimator=cfg.kl_estimator,
         old_logps=x.old_logps if cfg.kl_placement == "loss_is" else None,
-        logits=x.logits if full else None, ref_logits=x.ref_logits if full else None,
-        clamp_input=cfg.kl_clamp_input, clamp_output=cfg.kl_clamp_output,
+        logits=x.logits if full else None,
+        ref_logits=x.ref_logits if full else None,
+        clamp_input=cfg.kl_clamp_input,
+        clamp_output=cfg.kl_clamp_output,
     )
     # behaviour_correction (trainers/mismatch.py): both terms are over the sampled token, so both take the
     # weight; a loss-side KL sampled from μ needs it to stay the stated gradient (with loss_is: π_θ/μ)
     w = loss_weights(x, cfg).weights  # (B, T), 1 with behaviour_correction: none
     per_token = w * (pg + beta * weight_by_position(kl.per_token, beta_weights(cfg, x.mask)))
-    total = aggregate_loss(per_token, x.mask, mode=cfg.loss_aggregation, num_tokens=counts.tokens, num_seqs=counts.seqs,
-                           weights=x.weights)
-    stats = {"policy_loss": masked_mean(pg, x.mask).detach(), "clipfrac": pg_stats["clipfrac"],
-             "approx_kl_old": pg_stats["approx_kl_old"], "kl_loss": masked_mean(kl.per_token, x.mask).detach(),
-             "kl_clamped_frac": kl.clamped_frac.detach()}
+    total = aggregate_loss(
+        per_token, x.mask, mode=cfg.loss_aggregation, num_tokens=counts.tokens, num_seqs=counts.seqs, weights=x.weights
+    )
+    stats = {
+        "policy_loss": masked_mean(pg, x.mask).detach(),
+        "clipfrac": pg_stats["clipfrac"],
+        "approx_kl_old": pg_stats["approx_kl_old"],
+        "kl_loss": masked_mean(kl.per_token, x.mask).detach(),
+        "kl_clamped_frac": kl.clamped_frac.detach(),
+    }
     return total, stats
 
 
@@ -105,12 +115,15 @@ def validate(cfg: GRPOConfig) -> None:
     if cfg.kl_placement not in KL_PLACEMENTS:
         raise UserError(f"kl_placement must be one of {KL_PLACEMENTS}, got {cfg.kl_placement!r}")
     if cfg.kl_estimator == "k1" and cfg.kl_placement == "loss":
-        raise UserError("kl_estimator=k1 with kl_placement=loss has zero expected gradient (no regularisation, docs/theory.md §3); "
-                         "use kl_placement=loss_is, or k3/k2")
+        raise UserError(
+            "kl_estimator=k1 with kl_placement=loss has zero expected gradient (no regularisation, docs/theory.md §3); "
+            "use kl_placement=loss_is, or k3/k2"
+        )
 
 
-GRPO = OnlineMethod(name="grpo", prepare=prepare, loss=loss, validate=validate,
-                    prepare_reads_scores=lambda cfg: False)  # advantages from the rewards alone
+GRPO = OnlineMethod(
+    name="grpo", prepare=prepare, loss=loss, validate=validate, prepare_reads_scores=lambda cfg: False
+)  # advantages from the rewards alone
 
 
 def train_grpo(cfg: GRPOConfig, **kwargs) -> TrainResult:

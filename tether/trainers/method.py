@@ -60,7 +60,9 @@ class LossInputs:
 
     logps: torch.Tensor  # (B, T) log π_θ of the sampled tokens (sampling filters applied), 0 off-mask
     old_logps: torch.Tensor  # (B, T) log π_old at rollout
-    ref_logps: torch.Tensor  # (B, T) log π^τ_ref: tempered, unfiltered (restricted to F_t with kl_reference_filter: restricted)
+    ref_logps: (
+        torch.Tensor
+    )  # (B, T) log π^τ_ref: tempered, unfiltered (restricted to F_t with kl_reference_filter: restricted)
     mask: torch.Tensor  # (B, T) bool
     advantages: torch.Tensor  # (B, T) or (B,)
     adv_scale: object = 1.0  # Prepared.adv_scale: float or (B, 1)
@@ -114,8 +116,12 @@ def beta_weights(cfg, mask: torch.Tensor) -> Optional[torch.Tensor]:
     """w_t (T,) multiplying β at completion position t (cfg.beta_position_decay / beta_position_weights;
     ``ops.positions.position_weights``), or None when w ≡ 1: the KL-in-reward (rollout kl_tokens, PPO/RLOO's
     exact direct term) and KL-in-loss (GRPO) placements all weight through here, consistently."""
-    return position_weights(mask.shape[-1], decay=getattr(cfg, "beta_position_decay", 0.0),
-                            weights=getattr(cfg, "beta_position_weights", None), device=mask.device)
+    return position_weights(
+        mask.shape[-1],
+        decay=getattr(cfg, "beta_position_decay", 0.0),
+        weights=getattr(cfg, "beta_position_weights", None),
+        device=mask.device,
+    )
 
 
 def reward_kl_direct_term(cfg, x: LossInputs) -> Optional[torch.Tensor]:
@@ -139,4 +145,6 @@ def exact_kl_direct_term(x: LossInputs) -> torch.Tensor:
     a constant at fixed F_t, so the gradient is the same."""
     if x.logits is None or x.ref_logits is None:
         raise ValueError("the exact KL term needs policy and reference logits (method.needs_ref_logits)")
-    return kl_loss_term(x.logps, x.ref_logps, x.mask, estimator="exact", logits=x.logits, ref_logits=x.ref_logits).per_token
+    return kl_loss_term(
+        x.logps, x.ref_logps, x.mask, estimator="exact", logits=x.logits, ref_logits=x.ref_logits
+    ).per_token

@@ -24,21 +24,27 @@ def check_correction(cfg) -> None:
     """One-line UserErrors for ``behaviour_correction`` / ``behaviour_cap``."""
     name = getattr(cfg, "behaviour_correction", "none")
     if name not in CORRECTION_NAMES:
-        raise UserError(f"behaviour_correction must be one of {', '.join(CORRECTION_NAMES)}, got {name!r}; "
-                        "set --behaviour_correction")
+        raise UserError(
+            f"behaviour_correction must be one of {', '.join(CORRECTION_NAMES)}, got {name!r}; "
+            "set --behaviour_correction"
+        )
     cap = getattr(cfg, "behaviour_cap", 2.0)
     if not (isinstance(cap, (int, float)) and cap > 1.0 and cap < float("inf")):
-        raise UserError(f"behaviour_cap must be a finite number > 1 (the cap C of the truncation, the band [1/C, C] "
-                        f"of the masking), got {cap!r}; set e.g. --behaviour_cap 2")
+        raise UserError(
+            f"behaviour_cap must be a finite number > 1 (the cap C of the truncation, the band [1/C, C] "
+            f"of the masking), got {cap!r}; set e.g. --behaviour_cap 2"
+        )
 
 
 def _weights(old_logps, behaviour_logps, mask, cfg) -> CorrectionWeights:
     name = getattr(cfg, "behaviour_correction", "none")
     if behaviour_logps is None:
         if name != "none":
-            raise UserError(f"behaviour_correction={name} needs the sampler's own log-probs, and this generation "
-                            "backend returns none (batch.behaviour_logps); use a backend that does, or set "
-                            "behaviour_correction: none")
+            raise UserError(
+                f"behaviour_correction={name} needs the sampler's own log-probs, and this generation "
+                "backend returns none (batch.behaviour_logps); use a backend that does, or set "
+                "behaviour_correction: none"
+            )
         behaviour_logps = old_logps  # μ unknown: no correction, weights 1
     return correction_weights(old_logps, behaviour_logps, mask, correction=name, cap=getattr(cfg, "behaviour_cap", 2.0))
 

@@ -50,39 +50,47 @@ from typing import Callable, ClassVar, Optional, Sequence
 
 import torch
 
-from ..control import BetaConfig, build_controller
+from .. import rng
 from ..config import config_group
-from ..groups import DATA_FIELDS, ReferenceConfig, SamplingConfig, SamplingSettings, sampling_settings
+from ..control import BetaConfig, build_controller
+from ..data.prompts import Prompt, as_prompts, eval_prompts_split, load_prompts
 from ..data.text import batch_indices
 from ..diagnostics.hacking import HackingMonitor
 from ..distributed import Dist
 from ..engine import evaluate as evaluate_kl
 from ..engine import mean_stderr, score_rows
+from ..errors import UserError
+from ..fsdp import models_of, shard_reference, unsharded
 from ..generation import backend_for
+from ..groups import DATA_FIELDS, ReferenceConfig, SamplingConfig, SamplingSettings, sampling_settings
 from ..measure import encode_prompts
-from ..modeling import CompletionBatch
+from ..modeling import CompletionBatch, forward_completion
 from ..ops.kl import check_estimator, check_reference_filter
 from ..ops.logprobs import selective_logps
 from ..ops.policy import AGGREGATION_MODES
 from ..ops.positions import check_position_weights
-from .result import TrainResult
-from ..reference import check_lora_reference, check_reference_form, reference_from_config
-from ..data.prompts import Prompt, as_prompts, eval_prompts_split, load_prompts
-from ..rewards import CallableSource, RewardSet, RewardSource, build_reward, call_source, reward_columns
 from ..preempt import preemptible, stop_if_signalled
+from ..reference import check_lora_reference, check_reference_form, reference_from_config
+from ..rewards import CallableSource, RewardSet, RewardSource, build_reward, call_source, reward_columns
 from ..runs import RunDir, save_final
 from ..training import (
-    Checkpointer, StepGuard, TrainConfig, clip_and_norm, load_policy, make_optimizer, make_scheduler, progress_bar,
-    step_schedule, trainable_params, with_epochs,
+    Checkpointer,
+    StepGuard,
+    TrainConfig,
+    clip_and_norm,
+    load_policy,
+    make_optimizer,
+    make_scheduler,
+    progress_bar,
+    step_schedule,
+    trainable_params,
+    with_epochs,
 )
-from ..modeling import forward_completion
 from ..value import build_value_model
 from .method import Counts, LossInputs, OnlineMethod, Prepared, beta_weights, exact_kl_direct_term  # noqa: F401 (re-exported)
-from .rollout import Rollout, collect_rollout, fill_scores, rollout_stats
 from .mismatch import add_mismatch_stats, check_correction
-from ..errors import UserError
-from .. import rng
-from ..fsdp import models_of, shard_reference, unsharded
+from .result import TrainResult
+from .rollout import Rollout, collect_rollout, fill_scores, rollout_stats
 
 log = logging.getLogger(__name__)
 
@@ -192,16 +200,24 @@ def derive_sizes(cfg: OnlineConfig, dist: Dist) -> Sizes:
     if G < 1:
         raise UserError(f"samples_per_prompt must be >= 1, got {G}")
     if cfg.batch_size % G:
-        raise UserError(f"batch_size={cfg.batch_size} must be divisible by samples_per_prompt={G} (batch_size counts completions)")
+        raise UserError(
+            f"batch_size={cfg.batch_size} must be divisible by samples_per_prompt={G} (batch_size counts completions)"
+        )
     n_prompts = cfg.batch_size // G
     if n_prompts % dist.world_size:
-        raise UserError(f"prompts per step (batch_size / samples_per_prompt = {n_prompts}) must divide over {dist.world_size} processes")
+        raise UserError(
+            f"prompts per step (batch_size / samples_per_prompt = {n_prompts}) must divide over {dist.world_size} processes"
+        )
     rollout = cfg.batch_size // dist.world_size
     if rollout % cfg.num_minibatches:
-        raise UserError(f"each process's rollout ({rollout} completions) must divide into num_minibatches={cfg.num_minibatches}")
+        raise UserError(
+            f"each process's rollout ({rollout} completions) must divide into num_minibatches={cfg.num_minibatches}"
+        )
     mb = rollout // cfg.num_minibatches
     if mb % cfg.grad_accum:
-        raise UserError(f"each minibatch ({mb} completions per process) must divide into grad_accum={cfg.grad_accum} micro-batches")
+        raise UserError(
+            f"each minibatch ({mb} completions per process) must divide into grad_accum={cfg.grad_accum} micro-batches"
+        )
     return Sizes(n_prompts // dist.world_size, rollout, mb, mb // cfg.grad_accum)
 
 
@@ -235,16 +251,29 @@ def policy_output(policy, value_model, batch: CompletionBatch, *, filters: Sampl
 
 def loss_inputs(out: PolicyOutput, ro: Rollout, prep: Prepared, ref_logits: Optional[torch.Tensor]) -> LossInputs:
     """The method's view of one micro-batch (``ro``, ``prep`` and ``ref_logits`` are its rows)."""
-    return LossInputs(logps=out.logps, old_logps=ro.old_logps, ref_logps=ro.ref_logps, mask=ro.mask,
-                      advantages=prep.advantages, adv_scale=prep.adv_scale, logits=out.logits, ref_logits=ref_logits,
-                      values=out.values, old_values=ro.values, returns=prep.returns,
-                      behaviour_logps=ro.behaviour_logps)
+    return LossInputs(
+        logps=out.logps,
+        old_logps=ro.old_logps,
+        ref_logps=ro.ref_logps,
+        mask=ro.mask,
+        advantages=prep.advantages,
+        adv_scale=prep.adv_scale,
+        logits=out.logits,
+        ref_logits=ref_logits,
+        values=out.values,
+        old_values=ro.values,
+        returns=prep.returns,
+        behaviour_logps=ro.behaviour_logps,
+    )
 
 
 def rollout_ref_logits(reference, ro: Rollout, *, chunk: int, filters: SamplingSettings) -> torch.Tensor:
     """(B, T, V) reference logits of the whole rollout, fetched once (``chunk`` rows per forward) for a
     method whose loss needs full reference distributions."""
-    parts = [reference.logits(ro.batch.select(slice(s, s + chunk)), filters=filters) for s in range(0, ro.mask.shape[0], chunk)]
+    parts = [
+        reference.logits(ro.batch.select(slice(s, s + chunk)), filters=filters)
+        for s in range(0, ro.mask.shape[0], chunk)
+    ]
     return torch.cat(parts).to(ro.mask.device)
 
 
@@ -260,14 +289,35 @@ def scores_from_update(cfg: OnlineConfig, method: OnlineMethod, sizes: Sizes, va
     micro-batch inside the update, so a step runs one policy forward fewer. A method whose advantages
     read the scores (RLOO, PPO: the KL in the reward) needs all of them before its loss, which the update
     has only when the rollout is one micro-batch; a value model keeps the pass."""
-    return (cfg.score_from_update and cfg.num_epochs == 1 and cfg.num_minibatches == 1 and value_model is None
-            and (not method.prepare_reads_scores(cfg) or sizes.micro == sizes.rollout))
+    return (
+        cfg.score_from_update
+        and cfg.num_epochs == 1
+        and cfg.num_minibatches == 1
+        and value_model is None
+        and (not method.prepare_reads_scores(cfg) or sizes.micro == sizes.rollout)
+    )
 
 
-def optimise(policy, value_model, opt, params: list, value_params: list, ro: Rollout, prep: Prepared,
-             method: OnlineMethod, *, cfg, beta: float, sizes: Sizes, dist: Dist, ref_logits: Optional[torch.Tensor],
-             step: int, aux=None, guard: Optional[StepGuard] = None,
-             reference=None) -> tuple[dict, dict, list, Prepared]:
+def optimise(
+    policy,
+    value_model,
+    opt,
+    params: list,
+    value_params: list,
+    ro: Rollout,
+    prep: Prepared,
+    method: OnlineMethod,
+    *,
+    cfg,
+    beta: float,
+    sizes: Sizes,
+    dist: Dist,
+    ref_logits: Optional[torch.Tensor],
+    step: int,
+    aux=None,
+    guard: Optional[StepGuard] = None,
+    reference=None,
+) -> tuple[dict, dict, list, Prepared]:
     """``num_epochs`` passes of ``num_minibatches`` optimiser updates over the rollout.
     Returns (stat sums, stat counts, policy grad norms, prep); stops early past ``target_kl_old``.
 
@@ -303,14 +353,25 @@ def optimise(policy, value_model, opt, params: list, value_params: list, ro: Rol
                         micro_ref = reference.logits(micro.batch, filters=filters)  # (b, T, V) π^τ_ref
                     out = policy_output(policy, value_model, micro.batch, filters=filters)
                     micro_ref = micro_ref.to(out.logits.device)
-                    fill_scores(ro, rows[part], score_rows(out.logits.detach(), micro_ref, micro.batch,
-                                                           estimators=(cfg.kl_estimator,), clamp_input=cfg.kl_clamp_input,
-                                                           clamp_output=cfg.kl_clamp_output,
-                                                           reference_filter=cfg.kl_reference_filter), cfg=cfg)
+                    fill_scores(
+                        ro,
+                        rows[part],
+                        score_rows(
+                            out.logits.detach(),
+                            micro_ref,
+                            micro.batch,
+                            estimators=(cfg.kl_estimator,),
+                            clamp_input=cfg.kl_clamp_input,
+                            clamp_output=cfg.kl_clamp_output,
+                            reference_filter=cfg.kl_reference_filter,
+                        ),
+                        cfg=cfg,
+                    )
                     micro = ro.select(rows[part])
                     if mb_prep is None:  # advantages read the scores: the rollout is this one micro-batch
-                        prep = method.prepare(scores=ro.scores, kl_tokens=ro.kl_tokens, mask=ro.mask, values=None,
-                                              cfg=cfg, beta=beta)
+                        prep = method.prepare(
+                            scores=ro.scores, kl_tokens=ro.kl_tokens, mask=ro.mask, values=None, cfg=cfg, beta=beta
+                        )
                         mb_prep = prep.select(rows)
                     if not method.needs_ref_logits(cfg):
                         micro_ref = None
@@ -329,7 +390,9 @@ def optimise(policy, value_model, opt, params: list, value_params: list, ro: Rol
                     kl_old[1] += w
             ro.pending = False  # (a pending rollout is one minibatch: every row is filled now)
             if aux is not None:
-                for k, v in aux(policy, step * cfg.num_epochs * cfg.num_minibatches + epoch * cfg.num_minibatches + m, dist).items():
+                for k, v in aux(
+                    policy, step * cfg.num_epochs * cfg.num_minibatches + epoch * cfg.num_minibatches + m, dist
+                ).items():
                     sums[f"{method.name}/{k}"] = sums.get(f"{method.name}/{k}", 0.0) + float(v)
                     counts[f"{method.name}/{k}"] = counts.get(f"{method.name}/{k}", 0.0) + 1.0
             dist.sync_gradients(params + value_params)
@@ -369,26 +432,48 @@ def _as_reward_set(cfg: OnlineConfig, reward, log_rewards) -> RewardSet:
             return build_reward(r, assets=cfg.assets)
         if callable(r):
             return CallableSource(r)
-        raise TypeError(f"a reward must be a spec string, a RewardSource or a function of completions; got {type(r).__name__}")
+        raise TypeError(
+            f"a reward must be a spec string, a RewardSource or a function of completions; got {type(r).__name__}"
+        )
 
     opt = source(cfg.reward if reward is None else reward)
     logged = [source(r) for r in (cfg.log_rewards if log_rewards is None else log_rewards)]
     return RewardSet(opt, logged, clip=cfg.reward_clip, normalize=cfg.reward_normalize)
 
 
-def evaluate(policy, reference, rewards: RewardSet, tok, prompt_texts: Sequence[str], prompt_ids, *, cfg: OnlineConfig,
-             rows: Optional[Sequence[Prompt]] = None) -> dict:
+def evaluate(
+    policy,
+    reference,
+    rewards: RewardSet,
+    tok,
+    prompt_texts: Sequence[str],
+    prompt_ids,
+    *,
+    cfg: OnlineConfig,
+    rows: Optional[Sequence[Prompt]] = None,
+) -> dict:
     """eval/kl (exact estimator, mean sequence KL) with its standard error, and the mean raw score
     of every reward source (optimised and logged) on the same samples. The normaliser is untouched.
     ``engine.evaluate``: the evaluation seed and batch size every trainer and the demo use (a fixed
     seed: eval noise is common to all steps). Every process evaluates the same prompts with the same
     seed (identical results; simple > fast). ``rows``: the prompts' dataset rows, for reward functions."""
-    res = evaluate_kl(policy, reference, prompt_ids, tokenizer=tok, seed=cfg.seed, samples_per_prompt=cfg.eval_samples,
-                      sampling=sampling_settings(cfg))
+    res = evaluate_kl(
+        policy,
+        reference,
+        prompt_ids,
+        tokenizer=tok,
+        seed=cfg.seed,
+        samples_per_prompt=cfg.eval_samples,
+        sampling=sampling_settings(cfg),
+    )
     flat = [p for p in prompt_texts for _ in range(cfg.eval_samples)]  # the engine's order: prompt-major
     completions = res["texts"]
-    out = {"eval/kl": res["estimators"]["exact"]["mean"], "eval/kl_stderr": res["estimators"]["exact"]["stderr"],
-           "eval/kl_token_mean": res["token_mean"], "eval/response_len": res["response_len"]}
+    out = {
+        "eval/kl": res["estimators"]["exact"]["mean"],
+        "eval/kl_stderr": res["estimators"]["exact"]["stderr"],
+        "eval/kl_token_mean": res["token_mean"],
+        "eval/response_len": res["response_len"],
+    }
     columns = reward_columns([r for r in rows for _ in range(cfg.eval_samples)]) if rows is not None else {}
     for src in rewards.sources:
         # mean and standard error across samples (float64, as the demo's and the sweep's evaluation); the
@@ -405,12 +490,17 @@ def evaluate(policy, reference, rewards: RewardSet, tok, prompt_texts: Sequence[
 def _validate(cfg: OnlineConfig, method: OnlineMethod) -> None:
     check_estimator(cfg.kl_estimator)
     check_reference_filter(cfg.kl_reference_filter)
-    check_reference_form(cfg.reference, ONLINE_REFERENCE_FORMS,
-                         why=" (online methods score fresh samples every step, so the reference must be a live model)")
+    check_reference_form(
+        cfg.reference,
+        ONLINE_REFERENCE_FORMS,
+        why=" (online methods score fresh samples every step, so the reference must be a live model)",
+    )
     check_lora_reference(cfg)
     sampling_settings(cfg)  # the sampling group's ranges (groups.check_sampling)
     if cfg.loss_aggregation not in AGGREGATION_MODES:
-        raise UserError(f"loss_aggregation must be one of {AGGREGATION_MODES}, got {cfg.loss_aggregation!r}; set --loss_aggregation")
+        raise UserError(
+            f"loss_aggregation must be one of {AGGREGATION_MODES}, got {cfg.loss_aggregation!r}; set --loss_aggregation"
+        )
     if cfg.num_epochs < 1 or cfg.num_minibatches < 1:
         raise UserError("num_epochs and num_minibatches must be >= 1")
     bad = check_position_weights(decay=cfg.beta_position_decay, weights=cfg.beta_position_weights)
@@ -419,16 +509,19 @@ def _validate(cfg: OnlineConfig, method: OnlineMethod) -> None:
     if cfg.ref_reset_optimizer and not cfg.ref_reset_every:
         raise UserError("ref_reset_optimizer needs ref_reset_every > 0 (the optimiser is reset with the reference)")
     if cfg.keep_dropout:
-        raise UserError("keep_dropout=true is not available for online methods: the sampler, the scorer and the loss "
-                         "must see one policy (with dropout, π_θ/π_old ≠ 1 and the step-0 KL ≠ 0, TRL #506); drop the flag")
+        raise UserError(
+            "keep_dropout=true is not available for online methods: the sampler, the scorer and the loss "
+            "must see one policy (with dropout, π_θ/π_old ≠ 1 and the step-0 KL ≠ 0, TRL #506); drop the flag"
+        )
     check_correction(cfg)
     method.validate(cfg)
 
 
 def _load_reference(cfg: OnlineConfig, policy, tok, path: str, dist: Dist):
     """The live reference (the online methods score fresh samples every step: no precomputed form)."""
-    return reference_from_config(cfg, policy=policy, tokenizer=tok, policy_path=path, device=dist.device,
-                                 forms=ONLINE_REFERENCE_FORMS)
+    return reference_from_config(
+        cfg, policy=policy, tokenizer=tok, policy_path=path, device=dist.device, forms=ONLINE_REFERENCE_FORMS
+    )
 
 
 def _prompt_mapped_reference(cfg: OnlineConfig, reference, tok, texts: Sequence[str]):
@@ -451,10 +544,14 @@ def _prompt_rows(cfg: OnlineConfig, tok, prompts, eval_prompts) -> tuple[list[Pr
     elif cfg.prompts:
         rows = load_prompts(cfg.prompts, columns=cfg.columns, assets=cfg.assets, **kw)
     else:
-        raise UserError("no prompts: pass --prompts FILE (one prompt per line, JSONL with a 'prompt' field, or a datasets folder)")
+        raise UserError(
+            "no prompts: pass --prompts FILE (one prompt per line, JSONL with a 'prompt' field, or a datasets folder)"
+        )
     if not rows:
         raise UserError("the prompt list is empty")
-    held = None if eval_prompts is not None or cfg.eval_prompts or prompts is not None else eval_prompts_split(cfg.prompts)
+    held = (
+        None if eval_prompts is not None or cfg.eval_prompts or prompts is not None else eval_prompts_split(cfg.prompts)
+    )
     if eval_prompts is not None:
         ev = as_prompts(eval_prompts, **kw)
     elif cfg.eval_prompts:
@@ -495,18 +592,27 @@ class Session:
     step: int = 0
     history: list = field(default_factory=list)
     eval_history: list = field(default_factory=list)
-    eval_hook: Optional[Callable] = None  # eval_hook(step, policy, *, beta) -> metrics: the sampled evaluation (trainers.result)
+    eval_hook: Optional[Callable] = (
+        None  # eval_hook(step, policy, *, beta) -> metrics: the sampled evaluation (trainers.result)
+    )
     prompt_rows: list = field(default_factory=list)  # the Prompt (dataset row) of each of texts / eval_texts
     eval_rows: list = field(default_factory=list)
-    forgetting: Optional[Callable] = None  # diagnostics.forgetting.ForgettingProbe (cfg.forgetting_text): eval/forgetting/*
+    forgetting: Optional[Callable] = (
+        None  # diagnostics.forgetting.ForgettingProbe (cfg.forgetting_text): eval/forgetting/*
+    )
     hacking: Optional[HackingMonitor] = None  # eval/hacking, with logged rewards beside the optimised one
 
     def save(self) -> None:
         """Checkpoint, with what Checkpointer does not know about in its data state."""
-        self.ckpt.save(self.step, data_state={
-            "value_model": None if self.value_model is None else self.value_model.state_dict(),
-            "rewards": self.rewards.state_dict(), "history": self.history, "eval_history": self.eval_history,
-        })
+        self.ckpt.save(
+            self.step,
+            data_state={
+                "value_model": None if self.value_model is None else self.value_model.state_dict(),
+                "rewards": self.rewards.state_dict(),
+                "history": self.history,
+                "eval_history": self.eval_history,
+            },
+        )
 
     def evaluate(self) -> dict:
         with unsharded(*models_of(self.policy, self.reference)):  # fsdp: main-only and uneven forwards
@@ -514,10 +620,22 @@ class Session:
 
     def _evaluate(self) -> dict:
         if self.eval_hook is not None:  # an external protocol (the demo's): same prompts and seeds for every method
-            ev = dict(self.eval_hook(self.step, self.policy, beta=self.controller.value) or {}) if self.dist.is_main else {}
+            ev = (
+                dict(self.eval_hook(self.step, self.policy, beta=self.controller.value) or {})
+                if self.dist.is_main
+                else {}
+            )
         else:
-            ev = evaluate(self.policy, self.reference, self.rewards, self.tok, self.eval_texts, self.eval_ids, cfg=self.cfg,
-                          rows=self.eval_rows or None)
+            ev = evaluate(
+                self.policy,
+                self.reference,
+                self.rewards,
+                self.tok,
+                self.eval_texts,
+                self.eval_ids,
+                cfg=self.cfg,
+                rows=self.eval_rows or None,
+            )
         if self.forgetting is not None:  # teacher-forced on off-distribution text, whichever protocol ran above
             ev.update(self.forgetting(self.policy, self.reference))
         self.eval_history.append({"step": self.step, **ev})
@@ -529,14 +647,31 @@ class Session:
 
     def log_samples(self, ro: Rollout) -> None:
         n = min(self.cfg.num_logged_samples, len(ro.prompts))
-        self.run.log_samples(self.step, [
-            {"prompt": ro.prompts[i], "completion": ro.completions[i], "score": float(ro.scores[i]),
-             **{k: float(v[i]) for k, v in ro.reward_metrics.items()}} for i in range(n)
-        ])
+        self.run.log_samples(
+            self.step,
+            [
+                {
+                    "prompt": ro.prompts[i],
+                    "completion": ro.completions[i],
+                    "score": float(ro.scores[i]),
+                    **{k: float(v[i]) for k, v in ro.reward_metrics.items()},
+                }
+                for i in range(n)
+            ],
+        )
 
 
-def setup(cfg: OnlineConfig, method: OnlineMethod, *, prompts=None, reward=None, log_rewards=None, eval_prompts=None,
-          resume: bool = False, validate: bool = True) -> Session:
+def setup(
+    cfg: OnlineConfig,
+    method: OnlineMethod,
+    *,
+    prompts=None,
+    reward=None,
+    log_rewards=None,
+    eval_prompts=None,
+    resume: bool = False,
+    validate: bool = True,
+) -> Session:
     """Validate, load policy / reference / value model / rewards / prompts, build the optimiser and
     β controller, and restore the latest checkpoint if ``resume``."""
     if validate:  # (the preflight, when it ran, has: its checks include these)
@@ -548,9 +683,13 @@ def setup(cfg: OnlineConfig, method: OnlineMethod, *, prompts=None, reward=None,
     tok, policy, path = load_policy(cfg, dist)
     reference = _load_reference(cfg, policy, tok, path, dist)
     shard_reference(reference, policy)  # fsdp with reference=copy
-    value_model = build_value_model(cfg.value_model, policy, model_path=path, dtype=cfg.dtype, device=dist.device,
-                                    autocast=cfg.autocast) \
-        if method.uses_value_model(cfg) else None
+    value_model = (
+        build_value_model(
+            cfg.value_model, policy, model_path=path, dtype=cfg.dtype, device=dist.device, autocast=cfg.autocast
+        )
+        if method.uses_value_model(cfg)
+        else None
+    )
     prompt_rows, eval_rows = _prompt_rows(cfg, tok, prompts, eval_prompts)
     texts, eval_texts = [p.text for p in prompt_rows], [p.text for p in eval_rows]
     if cfg.reference_prompt:  # the reference-shift remedy: π_ref scored on g(x), the policy on x
@@ -563,22 +702,44 @@ def setup(cfg: OnlineConfig, method: OnlineMethod, *, prompts=None, reward=None,
     controller = build_controller(cfg, total_steps=cfg.max_steps, episodes_per_step=cfg.batch_size)
     guard = StepGuard(cfg.max_nonfinite_steps)
     s = Session(
-        cfg=cfg, method=method, dist=dist, sizes=sizes, run=run, tok=tok, policy=policy, reference=reference,
-        value_model=value_model, rewards=_as_reward_set(cfg, reward, log_rewards),
-        texts=texts, ids=encode_prompts(tok, texts, max_prompt_length=cfg.max_prompt_length),
-        eval_texts=eval_texts, eval_ids=encode_prompts(tok, eval_texts, max_prompt_length=cfg.max_prompt_length),
-        prompt_rows=prompt_rows, eval_rows=eval_rows,
+        cfg=cfg,
+        method=method,
+        dist=dist,
+        sizes=sizes,
+        run=run,
+        tok=tok,
+        policy=policy,
+        reference=reference,
+        value_model=value_model,
+        rewards=_as_reward_set(cfg, reward, log_rewards),
+        texts=texts,
+        ids=encode_prompts(tok, texts, max_prompt_length=cfg.max_prompt_length),
+        eval_texts=eval_texts,
+        eval_ids=encode_prompts(tok, eval_texts, max_prompt_length=cfg.max_prompt_length),
+        prompt_rows=prompt_rows,
+        eval_rows=eval_rows,
         aux=method.make_aux(cfg, tok, dist) if method.make_aux is not None else None,
-        params=params, value_params=value_params, opt=opt, sched=sched, controller=controller,
-        ckpt=Checkpointer(run, policy, opt, sched, controller, reference, guard=guard), guard=guard,
+        params=params,
+        value_params=value_params,
+        opt=opt,
+        sched=sched,
+        controller=controller,
+        ckpt=Checkpointer(run, policy, opt, sched, controller, reference, guard=guard),
+        guard=guard,
     )
     if s.rewards.logged:
         s.hacking = HackingMonitor(s.rewards.optimised.name, [src.name for src in s.rewards.logged])
     if cfg.forgetting_text:
         from ..diagnostics.forgetting import ForgettingProbe
 
-        s.forgetting = ForgettingProbe(cfg.forgetting_text, tok, config={**vars(cfg), "prompts": cfg.prompts or texts},
-                                       assets=cfg.assets, max_texts=cfg.forgetting_max_texts, seed=cfg.seed)
+        s.forgetting = ForgettingProbe(
+            cfg.forgetting_text,
+            tok,
+            config={**vars(cfg), "prompts": cfg.prompts or texts},
+            assets=cfg.assets,
+            max_texts=cfg.forgetting_max_texts,
+            seed=cfg.seed,
+        )
     if resume:
         s.step, state = s.ckpt.resume()
         if state.get("value_model") is not None and value_model is not None:
@@ -591,9 +752,16 @@ def setup(cfg: OnlineConfig, method: OnlineMethod, *, prompts=None, reward=None,
 
 @preemptible
 def train_online(
-    cfg: OnlineConfig, *, method: Optional[OnlineMethod] = None, prompts: Optional[Sequence[str]] = None,
-    reward=None, log_rewards=None, eval_prompts: Optional[Sequence[str]] = None, resume: bool = False,
-    eval_hook: Optional[Callable] = None, preflight: bool = True,
+    cfg: OnlineConfig,
+    *,
+    method: Optional[OnlineMethod] = None,
+    prompts: Optional[Sequence[str]] = None,
+    reward=None,
+    log_rewards=None,
+    eval_prompts: Optional[Sequence[str]] = None,
+    resume: bool = False,
+    eval_hook: Optional[Callable] = None,
+    preflight: bool = True,
 ) -> TrainResult:
     """Train with PPO, GRPO or RLOO (chosen by ``method``, default: by the config class).
 
@@ -612,9 +780,19 @@ def train_online(
     if preflight:
         from ..registry import run_preflight
 
-        run_preflight(cfg.method, cfg, prompts=prompts, eval_prompts=eval_prompts, reward=reward, log_rewards=log_rewards)
-    s = setup(cfg, method or method_for(cfg), prompts=prompts, reward=reward, log_rewards=log_rewards,
-              eval_prompts=eval_prompts, resume=resume, validate=not preflight)
+        run_preflight(
+            cfg.method, cfg, prompts=prompts, eval_prompts=eval_prompts, reward=reward, log_rewards=log_rewards
+        )
+    s = setup(
+        cfg,
+        method or method_for(cfg),
+        prompts=prompts,
+        reward=reward,
+        log_rewards=log_rewards,
+        eval_prompts=eval_prompts,
+        resume=resume,
+        validate=not preflight,
+    )
     s.eval_hook = eval_hook
     cfg = s.cfg  # max_steps as setup derived it (epochs)
     backend = backend_for(cfg, s.policy)  # tether.generation: builtin (decoder auto | hf | lean) | vllm
@@ -631,23 +809,58 @@ def train_online(
         p_rows = [s.prompt_rows[i] for i in idx for _ in range(G)]
         # 2. rollout: sample, reward, score under policy / reference / value model
         beta = s.controller.value
-        with unsharded(*models_of(s.policy, s.reference)):  # fsdp: full weights to sample (ranks stop at different lengths)
-            ro = collect_rollout(s.policy, s.reference, s.value_model, s.rewards, s.tok, p_texts, p_ids, cfg=cfg,
-                                 generator=seeded(cfg.seed, s.step, dist.rank, 1, device=dist.device), chunk=s.sizes.micro, device=dist.device,
-                                 prompt_rows=p_rows, backend=backend, score_models=not in_update)
+        with unsharded(
+            *models_of(s.policy, s.reference)
+        ):  # fsdp: full weights to sample (ranks stop at different lengths)
+            ro = collect_rollout(
+                s.policy,
+                s.reference,
+                s.value_model,
+                s.rewards,
+                s.tok,
+                p_texts,
+                p_ids,
+                cfg=cfg,
+                generator=seeded(cfg.seed, s.step, dist.rank, 1, device=dist.device),
+                chunk=s.sizes.micro,
+                device=dist.device,
+                prompt_rows=p_rows,
+                backend=backend,
+                score_models=not in_update,
+            )
         # 3. advantages (method-specific, pure); when they read scores the update has yet to compute, there
-        prep = None if in_update and s.method.prepare_reads_scores(cfg) else \
-            s.method.prepare(scores=ro.scores, kl_tokens=ro.kl_tokens, mask=ro.mask, values=ro.values, cfg=cfg, beta=beta)
+        prep = (
+            None
+            if in_update and s.method.prepare_reads_scores(cfg)
+            else s.method.prepare(
+                scores=ro.scores, kl_tokens=ro.kl_tokens, mask=ro.mask, values=ro.values, cfg=cfg, beta=beta
+            )
+        )
         ref_logits = None
         if s.method.needs_ref_logits(cfg) and not in_update:
             with unsharded(*models_of(s.reference)):
                 ref_logits = rollout_ref_logits(s.reference, ro, chunk=s.sizes.micro, filters=sampling_settings(cfg))
         # 4. epochs x minibatches of updates
         lr = s.sched.get_last_lr()[0]
-        u_sums, u_counts, norms, prep = optimise(s.policy, s.value_model, s.opt, s.params, s.value_params, ro, prep,
-                                                 s.method, cfg=cfg, beta=beta, sizes=s.sizes, dist=dist,
-                                                 ref_logits=ref_logits, step=s.step, aux=s.aux, guard=s.guard,
-                                                 reference=s.reference)
+        u_sums, u_counts, norms, prep = optimise(
+            s.policy,
+            s.value_model,
+            s.opt,
+            s.params,
+            s.value_params,
+            ro,
+            prep,
+            s.method,
+            cfg=cfg,
+            beta=beta,
+            sizes=s.sizes,
+            dist=dist,
+            ref_logits=ref_logits,
+            step=s.step,
+            aux=s.aux,
+            guard=s.guard,
+            reference=s.reference,
+        )
         sums, counts = rollout_stats(ro, beta=beta)
         add_mismatch_stats(sums, counts, ro, cfg)  # mismatch/*: the sampler's μ against π_old (ops.behaviour)
         n_tok = float(ro.mask.sum())
@@ -660,9 +873,18 @@ def train_online(
             s.opt.state.clear()  # ProRL: the reset also restarts Adam's moments (checkpointed as cleared)
         # 5. metrics (one global reduction), β update, logs, evaluation, checkpoint
         metrics = dist.reduce_metrics({**sums, **u_sums}, {**counts, **u_counts})
-        metrics = {k: v for k, v in metrics.items() if v == v or not k.startswith("reward/rank_corr/")}  # constant rewards
-        metrics.update({"beta": beta, "opt/lr": lr, "opt/grad_norm": sum(norms) / max(len(norms), 1), "opt/updates": len(norms),
-                        **s.guard.stats()})
+        metrics = {
+            k: v for k, v in metrics.items() if v == v or not k.startswith("reward/rank_corr/")
+        }  # constant rewards
+        metrics.update(
+            {
+                "beta": beta,
+                "opt/lr": lr,
+                "opt/grad_norm": sum(norms) / max(len(norms), 1),
+                "opt/updates": len(norms),
+                **s.guard.stats(),
+            }
+        )
         s.controller.update(kl=metrics["kl/ref"], n_episodes=cfg.batch_size)
         metrics.update(s.controller.stats())  # kl_ctl/*: the adaptive controller's error and saturation
         if (cfg.eval_every and s.step % cfg.eval_every == 0) or s.step == cfg.max_steps:

@@ -29,17 +29,25 @@ from typing import ClassVar, Optional
 import torch
 
 from ..data.text import batch_indices, collate, load_text_examples, prepare_sft
-from ..ops.policy import (
-    aggregate_loss, gae, masked_mean, masked_std, masked_whiten, masked_whiten_loo, ppo_policy_loss, ppo_value_loss, token_rewards,
-)
-from ..value import VALUE_MODELS
-from ..ops.positions import weight_by_position
-from .method import Counts, LossInputs, OnlineMethod, Prepared, beta_weights, reward_kl_direct_term
-from .result import TrainResult
-from .online import OnlineConfig, train_online
-from .mismatch import loss_weights
-from .sft import token_nll
 from ..errors import UserError
+from ..ops.policy import (
+    aggregate_loss,
+    gae,
+    masked_mean,
+    masked_std,
+    masked_whiten,
+    masked_whiten_loo,
+    ppo_policy_loss,
+    ppo_value_loss,
+    token_rewards,
+)
+from ..ops.positions import weight_by_position
+from ..value import VALUE_MODELS
+from .method import Counts, LossInputs, OnlineMethod, Prepared, beta_weights, reward_kl_direct_term
+from .mismatch import loss_weights
+from .online import OnlineConfig, train_online
+from .result import TrainResult
+from .sft import token_nll
 
 
 @dataclass
@@ -77,14 +85,22 @@ class PPOConfig(OnlineConfig):
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """1 - Var[R - V] / Var[R] over counted tokens (openai/baselines ``explained_variance``): 1 = the
     critic predicts the returns, 0 = no better than a constant, < 0 = worse. (B, T) x3 -> ()."""
+
     def var(x):
         return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
 
     return 1.0 - var(returns - values) / var(returns).clamp(min=1e-8)
 
 
-def prepare(*, scores: torch.Tensor, kl_tokens: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, cfg: PPOConfig,
-            beta: float) -> Prepared:
+def prepare(
+    *,
+    scores: torch.Tensor,
+    kl_tokens: torch.Tensor,
+    mask: torch.Tensor,
+    values: torch.Tensor,
+    cfg: PPOConfig,
+    beta: float,
+) -> Prepared:
     """Per-token rewards -> GAE -> (whitened) advantages. scores (B,), kl_tokens / mask / values (B, T)."""
     rewards = token_rewards(scores, kl_tokens, mask, beta=beta)  # (B, T): -β·kl_t, + score at the end
     adv, returns = gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)  # (B, T) each
@@ -96,8 +112,10 @@ def prepare(*, scores: torch.Tensor, kl_tokens: torch.Tensor, mask: torch.Tensor
     elif cfg.whiten_advantages:
         scale = float(masked_std(adv, mask))
         adv = masked_whiten(adv, mask)
-    stats = {"explained_variance": float(explained_variance(values, returns, mask)),
-             "returns": float(masked_mean(returns, mask))}
+    stats = {
+        "explained_variance": float(explained_variance(values, returns, mask)),
+        "returns": float(masked_mean(returns, mask)),
+    }
     return Prepared(adv, returns=returns, rewards=rewards, adv_scale=scale, stats=stats)
 
 
@@ -112,10 +130,15 @@ def loss(x: LossInputs, *, cfg: PPOConfig, beta: float, counts: Counts) -> tuple
     if direct is not None:  # a function of s_t only: it takes the state weight
         pg = pg + (beta / x.adv_scale) * cw.state_weights * weight_by_position(direct, beta_weights(cfg, x.mask))
     n = {"num_tokens": counts.tokens, "num_seqs": counts.seqs, "weights": x.weights}
-    total = aggregate_loss(pg, x.mask, mode=cfg.loss_aggregation, **n) + cfg.vf_coef * aggregate_loss(vf, x.mask, mode="token_mean", **n)
+    total = aggregate_loss(pg, x.mask, mode=cfg.loss_aggregation, **n) + cfg.vf_coef * aggregate_loss(
+        vf, x.mask, mode="token_mean", **n
+    )
     stats = {
-        "policy_loss": masked_mean(pg, x.mask).detach(), "value_loss": masked_mean(vf, x.mask).detach(),
-        "clipfrac": pg_stats["clipfrac"], "approx_kl_old": pg_stats["approx_kl_old"], "vf_clipfrac": vf_stats["vf_clipfrac"],
+        "policy_loss": masked_mean(pg, x.mask).detach(),
+        "value_loss": masked_mean(vf, x.mask).detach(),
+        "clipfrac": pg_stats["clipfrac"],
+        "approx_kl_old": pg_stats["approx_kl_old"],
+        "vf_clipfrac": vf_stats["vf_clipfrac"],
     }
     return total, stats
 
@@ -127,8 +150,15 @@ class PtxTerm:
 
     def __init__(self, cfg: PPOConfig, tok, dist):
         examples = load_text_examples(cfg.ptx_dataset, assets=cfg.assets)
-        self.items = prepare_sft(tok, examples, max_length=cfg.ptx_max_length, packing=False,
-                                 completion_only_loss=False, append_eos=True, seed=cfg.seed)
+        self.items = prepare_sft(
+            tok,
+            examples,
+            max_length=cfg.ptx_max_length,
+            packing=False,
+            completion_only_loss=False,
+            append_eos=True,
+            seed=cfg.seed,
+        )
         if not self.items:
             raise ValueError(f"ptx_dataset {cfg.ptx_dataset!r} gives no examples with two or more tokens")
         self.cfg, self.pad_id = cfg, tok.pad_token_id
@@ -154,7 +184,11 @@ def validate(cfg: PPOConfig) -> None:
 
 
 PPO = OnlineMethod(
-    name="ppo", prepare=prepare, loss=loss, validate=validate, uses_value_model=lambda cfg: True,
+    name="ppo",
+    prepare=prepare,
+    loss=loss,
+    validate=validate,
+    uses_value_model=lambda cfg: True,
     make_aux=lambda cfg, tok, dist: PtxTerm(cfg, tok, dist) if cfg.ptx_coef > 0 else None,
 )
 

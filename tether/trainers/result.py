@@ -54,6 +54,9 @@ class TrainResult:
     def summary(self, keys: Optional[Sequence[str]] = None) -> dict:
         """``{"final", **info, **metrics}``: what the ``tether`` training commands print as JSON. ``keys``:
         only these metrics (those present) and every ``eval/`` one; None: all of them."""
-        metrics = self.metrics if keys is None else \
-            {k: v for k, v in self.metrics.items() if k in keys or k.startswith("eval/")}
+        metrics = (
+            self.metrics
+            if keys is None
+            else {k: v for k, v in self.metrics.items() if k in keys or k.startswith("eval/")}
+        )
         return {"final": self.final, **self.info, **metrics}

@@ -26,21 +26,38 @@ import torch
 
 from ..assets import resolve_model
 from ..config import config_group
-from ..data.preference import StepBatches, collate_pairs, load_preference_rows, pair_width, split_holdout, tokenize_pairs
+from ..data.preference import (
+    StepBatches,
+    collate_pairs,
+    load_preference_rows,
+    pair_width,
+    split_holdout,
+    tokenize_pairs,
+)
 from ..distributed import Dist
 from ..errors import UserError
-from ..registry import run_preflight
-from .result import TrainResult
 from ..groups import DATA_FIELDS
 from ..modeling import DTYPES, load_tokenizer
 from ..ops.reward_model import bradley_terry_loss
-from ..rewards import sequence_scores
 from ..preempt import preemptible, stop_if_signalled
+from ..registry import run_preflight
+from ..rewards import sequence_scores
 from ..runs import RunDir, save_final, seed_everything
 from ..training import (
-    Checkpointer, TrainConfig, derive_micro_batch, make_optimizer, make_scheduler, progress_bar,
-    trainable_params, optimizer_step, set_train_mode, adapt_model, with_epochs, StepGuard,
+    Checkpointer,
+    StepGuard,
+    TrainConfig,
+    adapt_model,
+    derive_micro_batch,
+    make_optimizer,
+    make_scheduler,
+    optimizer_step,
+    progress_bar,
+    set_train_mode,
+    trainable_params,
+    with_epochs,
 )
+from .result import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +128,16 @@ def load_pairs(source: str, cfg: RMConfig, tok, *, split: Optional[str] = None) 
     from ..data.text import column_map
 
     mapping = column_map(cfg.columns, prompt=cfg.prompt_field, chosen=cfg.chosen_field, rejected=cfg.rejected_field)
-    return load_preference_rows(source, split=split or cfg.dataset_split, tokenizer=tok, skip_bad_rows=cfg.skip_bad_rows,
-                                assets=cfg.assets, limit=cfg.limit, chat_template=cfg.chat_template, columns=mapping)
+    return load_preference_rows(
+        source,
+        split=split or cfg.dataset_split,
+        tokenizer=tok,
+        skip_bad_rows=cfg.skip_bad_rows,
+        assets=cfg.assets,
+        limit=cfg.limit,
+        chat_template=cfg.chat_template,
+        columns=mapping,
+    )
 
 
 def load_rm_data(cfg: RMConfig, tok) -> tuple[list[dict], list[dict]]:
@@ -172,8 +197,10 @@ def train_reward_model(cfg: RMConfig, *, resume: bool = False, preflight: bool =
     if not cfg.dataset:
         raise UserError("rm needs preference pairs: pass --dataset FILE (or hh-rlhf, or rt-polarity)")
     if cfg.forgetting_text:
-        raise UserError("forgetting_text: rm trains a reward model, not a policy; drop the flag (it applies to sft, dpo, "
-                        "ppo, grpo, rloo)")
+        raise UserError(
+            "forgetting_text: rm trains a reward model, not a policy; drop the flag (it applies to sft, dpo, "
+            "ppo, grpo, rloo)"
+        )
     dist = Dist()
     run = RunDir(cfg.output_dir, is_main=dist.is_main, report_to=cfg.report_to)
     run.save_config(cfg, resume=resume)
@@ -202,11 +229,16 @@ def train_reward_model(cfg: RMConfig, *, resume: bool = False, preflight: bool =
             sums["loss"] += float(loss.detach()) * len(chunk)
             sums["rm/accuracy"] += float(stats["accuracy"]) * len(chunk)
             sums["rm/margin"] += float(stats["margin"]) * len(chunk)
-        grad_norm, lr = optimizer_step(opt, sched, params, dist=dist, max_grad_norm=cfg.max_grad_norm, guard=guard,
-                                       loss=sums["loss"])
+        grad_norm, lr = optimizer_step(
+            opt, sched, params, dist=dist, max_grad_norm=cfg.max_grad_norm, guard=guard, loss=sums["loss"]
+        )
         step += 1
-        metrics = {**dist.reduce_metrics(sums, {k: float(len(idx)) for k in sums}), "opt/lr": lr, "opt/grad_norm": grad_norm,
-                   **guard.stats()}
+        metrics = {
+            **dist.reduce_metrics(sums, {k: float(len(idx)) for k in sums}),
+            "opt/lr": lr,
+            "opt/grad_norm": grad_norm,
+            **guard.stats(),
+        }
         if evals and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
             ev = evaluate()
             metrics.update(ev)
@@ -216,8 +248,13 @@ def train_reward_model(cfg: RMConfig, *, resume: bool = False, preflight: bool =
             run.log(step, metrics)
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
             ckpt.save(step, data_state={"history": history, "eval_history": eval_history})
-        stop_if_signalled(step, cfg.max_steps, dist, ckpt,  # SIGTERM/SIGINT/SIGUSR1: checkpoint, exit 75
-                          save=lambda: ckpt.save(step, data_state={"history": history, "eval_history": eval_history}))
+        stop_if_signalled(
+            step,
+            cfg.max_steps,
+            dist,
+            ckpt,  # SIGTERM/SIGINT/SIGUSR1: checkpoint, exit 75
+            save=lambda: ckpt.save(step, data_state={"history": history, "eval_history": eval_history}),
+        )
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['rm/accuracy']:.2f}")
     bar.close()

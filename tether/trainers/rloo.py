@@ -24,14 +24,22 @@ from typing import ClassVar
 
 import torch
 
+from ..errors import UserError
 from ..ops.kl import seq_sum
-from ..ops.policy import aggregate_loss, masked_mean, masked_std, masked_whiten, ppo_policy_loss, rloo_advantages, token_rewards
+from ..ops.policy import (
+    aggregate_loss,
+    masked_mean,
+    masked_std,
+    masked_whiten,
+    ppo_policy_loss,
+    rloo_advantages,
+    token_rewards,
+)
 from ..ops.positions import weight_by_position
 from .method import Counts, LossInputs, OnlineMethod, Prepared, beta_weights, reward_kl_direct_term
-from .result import TrainResult
-from .online import OnlineConfig, train_online
 from .mismatch import loss_weights
-from ..errors import UserError
+from .online import OnlineConfig, train_online
+from .result import TrainResult
 
 
 @dataclass
@@ -52,8 +60,9 @@ class RLOOConfig(OnlineConfig):
     method: ClassVar[str] = "rloo"
 
 
-def prepare(*, scores: torch.Tensor, kl_tokens: torch.Tensor, mask: torch.Tensor, values=None, cfg: RLOOConfig,
-            beta: float) -> Prepared:
+def prepare(
+    *, scores: torch.Tensor, kl_tokens: torch.Tensor, mask: torch.Tensor, values=None, cfg: RLOOConfig, beta: float
+) -> Prepared:
     """Sequence reward score - β·Σ_t kl_t -> leave-one-out advantages (B,). scores (B,), kl_tokens / mask (B, T)."""
     rewards = token_rewards(scores, kl_tokens, mask, beta=beta)  # (B, T)
     seq_rewards = seq_sum(rewards, mask)  # (B,) score - β·Σ_t kl_t
@@ -75,16 +84,22 @@ def loss(x: LossInputs, *, cfg: RLOOConfig, beta: float, counts: Counts) -> tupl
     direct = reward_kl_direct_term(cfg, x)  # exact: the direct part of ∇KL that a detached KL in the reward misses
     if direct is not None:  # a function of s_t only: it takes the state weight
         pg = pg + (beta / x.adv_scale) * cw.state_weights * weight_by_position(direct, beta_weights(cfg, x.mask))
-    total = aggregate_loss(pg, x.mask, mode=cfg.loss_aggregation, num_tokens=counts.tokens, num_seqs=counts.seqs,
-                           weights=x.weights)
-    stats = {"policy_loss": masked_mean(pg, x.mask).detach(), "clipfrac": pg_stats["clipfrac"],
-             "approx_kl_old": pg_stats["approx_kl_old"]}
+    total = aggregate_loss(
+        pg, x.mask, mode=cfg.loss_aggregation, num_tokens=counts.tokens, num_seqs=counts.seqs, weights=x.weights
+    )
+    stats = {
+        "policy_loss": masked_mean(pg, x.mask).detach(),
+        "clipfrac": pg_stats["clipfrac"],
+        "approx_kl_old": pg_stats["approx_kl_old"],
+    }
     return total, stats
 
 
 def validate(cfg: RLOOConfig) -> None:
     if cfg.samples_per_prompt < 2:
-        raise UserError(f"RLOO needs samples_per_prompt >= 2 (the leave-one-out baseline), got {cfg.samples_per_prompt}")
+        raise UserError(
+            f"RLOO needs samples_per_prompt >= 2 (the leave-one-out baseline), got {cfg.samples_per_prompt}"
+        )
 
 
 RLOO = OnlineMethod(name="rloo", prepare=prepare, loss=loss, validate=validate)

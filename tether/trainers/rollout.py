@@ -21,15 +21,14 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..diagnostics.hacking import spearman
 from ..engine import decode_completion, decode_completions, generate, score  # noqa: F401 (decode_*: re-exported)
 from ..groups import sampling_settings
 from ..modeling import CompletionBatch
 from ..ops.kl import seq_sum, token_mean
 from ..ops.positions import BUCKET_LABELS, position_bucket_sums, weight_by_position
-from ..diagnostics.hacking import spearman
 from ..rewards import RewardSet, reward_columns
 from .method import beta_weights
-
 
 
 @dataclass
@@ -43,15 +42,25 @@ class Rollout:
     no_eos: torch.Tensor  # (B,) bool: hit max_new_tokens without EOS
     scores: torch.Tensor  # (B,) optimised score (normalised/clipped, no-EOS penalty applied)
     reward_metrics: dict  # "reward/<name>" -> (B,) raw scores of every source
-    old_logps: torch.Tensor  # (B, T) log π_old, tempered and restricted to the stored filter sets (the ratio's denominator)
-    ref_logps: torch.Tensor  # (B, T) log π^τ_ref, tempered, unfiltered (restricted with kl_reference_filter; docs/theory.md §3)
-    kl_tokens: torch.Tensor  # (B, T) KL per token with cfg.kl_estimator, times w_t with a position-dependent β (what the method applies)
+    old_logps: (
+        torch.Tensor
+    )  # (B, T) log π_old, tempered and restricted to the stored filter sets (the ratio's denominator)
+    ref_logps: (
+        torch.Tensor
+    )  # (B, T) log π^τ_ref, tempered, unfiltered (restricted with kl_reference_filter; docs/theory.md §3)
+    kl_tokens: (
+        torch.Tensor
+    )  # (B, T) KL per token with cfg.kl_estimator, times w_t with a position-dependent β (what the method applies)
     kl_exact: torch.Tensor  # (B, T) exact per-token KL[π^{τ,F}_θ‖π^τ_ref] (what kl/ref reports)
     entropy: torch.Tensor  # (B, T) entropy of the sampled distribution
     values: Optional[torch.Tensor] = None  # (B, T) V(s_t) at rollout (PPO)
     kl_clamped: Optional[torch.Tensor] = None  # (B, T) bool: kl_tokens clamped (kl_clamp_input/output set)
-    filter_cost: Optional[torch.Tensor] = None  # (B, T) -log π^τ_ref(F_t), the filter's share of kl_exact (kl/filter_cost)
-    pending: bool = False  # True: old_logps .. kl_clamped are None until the update's own forward fills them (fill_scores)
+    filter_cost: Optional[torch.Tensor] = (
+        None  # (B, T) -log π^τ_ref(F_t), the filter's share of kl_exact (kl/filter_cost)
+    )
+    pending: bool = (
+        False  # True: old_logps .. kl_clamped are None until the update's own forward fills them (fill_scores)
+    )
 
     @property
     def mask(self) -> torch.Tensor:
@@ -93,9 +102,21 @@ def apply_no_eos_penalty(scores: torch.Tensor, no_eos: torch.Tensor, penalty: Op
 
 
 def collect_rollout(
-    policy, reference, value_model, rewards: RewardSet, tok, prompt_texts: Sequence[str], prompt_ids: Sequence[list],
-    *, cfg, generator: torch.Generator, chunk: int, device, prompt_rows: Optional[Sequence] = None,
-    backend=None, score_models: bool = True,
+    policy,
+    reference,
+    value_model,
+    rewards: RewardSet,
+    tok,
+    prompt_texts: Sequence[str],
+    prompt_ids: Sequence[list],
+    *,
+    cfg,
+    generator: torch.Generator,
+    chunk: int,
+    device,
+    prompt_rows: Optional[Sequence] = None,
+    backend=None,
+    score_models: bool = True,
 ) -> Rollout:
     """Sample one completion per (repeated) prompt, score it, and score it under every model
     (``engine.generate`` + ``engine.score``, ``chunk`` rows per scoring pass). ``prompt_rows``: each
@@ -106,24 +127,55 @@ def collect_rollout(
     ``score_models=False`` skips the scoring pass: the rollout comes back ``pending``, its model fields
     None, and the update fills them from its own forward (``fill_scores``; ``online.scores_from_update``
     says when that is exact)."""
-    smp = generate(policy, prompt_ids, tokenizer=tok, sampling=sampling_settings(cfg), generator=generator, device=device,
-                   backend=backend)
+    smp = generate(
+        policy,
+        prompt_ids,
+        tokenizer=tok,
+        sampling=sampling_settings(cfg),
+        generator=generator,
+        device=device,
+        backend=backend,
+    )
     ids = smp.batch.completion_ids.cpu()  # (B, T)
     columns = reward_columns(prompt_rows, [ids[i][m].tolist() for i, m in enumerate(smp.batch.mask.cpu())])
     scores, reward_metrics = rewards(list(prompt_texts), smp.completions, **columns)  # (B,), {"reward/<name>": (B,)}
     scores = apply_no_eos_penalty(scores.to(device), smp.no_eos, cfg.no_eos_penalty)
-    common = dict(batch=smp.batch, prompts=list(prompt_texts), completions=smp.completions, no_eos=smp.no_eos,
-                  scores=scores, reward_metrics={k: v.to(device) for k, v in reward_metrics.items()})
+    common = dict(
+        batch=smp.batch,
+        prompts=list(prompt_texts),
+        completions=smp.completions,
+        no_eos=smp.no_eos,
+        scores=scores,
+        reward_metrics={k: v.to(device) for k, v in reward_metrics.items()},
+    )
     if not score_models:
-        return Rollout(**common, old_logps=None, ref_logps=None, kl_tokens=None, kl_exact=None, entropy=None, pending=True)
-    sc = score(policy, reference, smp, estimators=(cfg.kl_estimator,), chunk=chunk, value_model=value_model,
-               clamp_input=cfg.kl_clamp_input, clamp_output=cfg.kl_clamp_output,
-               reference_filter=cfg.kl_reference_filter)
+        return Rollout(
+            **common, old_logps=None, ref_logps=None, kl_tokens=None, kl_exact=None, entropy=None, pending=True
+        )
+    sc = score(
+        policy,
+        reference,
+        smp,
+        estimators=(cfg.kl_estimator,),
+        chunk=chunk,
+        value_model=value_model,
+        clamp_input=cfg.kl_clamp_input,
+        clamp_output=cfg.kl_clamp_output,
+        reference_filter=cfg.kl_reference_filter,
+    )
 
     kl_tokens = weight_by_position(sc.kl[cfg.kl_estimator], beta_weights(cfg, smp.batch.mask))  # (B, T) w_t·kl_t
-    return Rollout(**common, old_logps=sc.logps, ref_logps=sc.ref_logps, kl_tokens=kl_tokens, kl_exact=sc.kl_exact,
-                   entropy=sc.entropy, values=sc.values, filter_cost=sc.filter_cost,
-                   kl_clamped=sc.kl_clamped[cfg.kl_estimator] if sc.kl_clamped is not None else None)
+    return Rollout(
+        **common,
+        old_logps=sc.logps,
+        ref_logps=sc.ref_logps,
+        kl_tokens=kl_tokens,
+        kl_exact=sc.kl_exact,
+        entropy=sc.entropy,
+        values=sc.values,
+        filter_cost=sc.filter_cost,
+        kl_clamped=sc.kl_clamped[cfg.kl_estimator] if sc.kl_clamped is not None else None,
+    )
 
 
 def fill_scores(ro: Rollout, rows: torch.Tensor, scored: dict, *, cfg) -> None:
@@ -132,8 +184,14 @@ def fill_scores(ro: Rollout, rows: torch.Tensor, scored: dict, *, cfg) -> None:
 
     mask = ro.mask[rows]
     est = cfg.kl_estimator
-    values = {"old_logps": scored["logps"], "ref_logps": scored["ref_logps"], "kl_exact": scored["kl_exact"],
-              "entropy": scored["entropy"], "filter_cost": scored["filter_cost"], "kl_tokens": weight_by_position(scored[f"kl/{est}"], beta_weights(cfg, mask))}
+    values = {
+        "old_logps": scored["logps"],
+        "ref_logps": scored["ref_logps"],
+        "kl_exact": scored["kl_exact"],
+        "entropy": scored["entropy"],
+        "filter_cost": scored["filter_cost"],
+        "kl_tokens": weight_by_position(scored[f"kl/{est}"], beta_weights(cfg, mask)),
+    }
     if f"clamped/{est}" in scored:
         values["kl_clamped"] = scored[f"clamped/{est}"]
     for name, v in values.items():
@@ -159,7 +217,10 @@ def rollout_stats(ro: Rollout, *, beta: float) -> tuple[dict, dict]:
     }
     if ro.filter_cost is not None:  # the filter's own share of kl/ref: E Σ_t -log π^τ_ref(F_t) (0 without top-k/top-p)
         seq["kl/filter_cost"] = seq_sum(ro.filter_cost, mask).sum()
-    tok = {"kl/ref_token_mean": token_mean(ro.kl_exact, mask) * n_tok, "policy/entropy": token_mean(ro.entropy, mask) * n_tok}
+    tok = {
+        "kl/ref_token_mean": token_mean(ro.kl_exact, mask) * n_tok,
+        "policy/entropy": token_mean(ro.entropy, mask) * n_tok,
+    }
     if ro.kl_clamped is not None:  # fraction of counted tokens whose KL value was clamped (its gradient is 0)
         tok["kl/clamped_frac"] = (ro.kl_clamped & mask).sum().float()
     sums = {k: float(v) for k, v in {**seq, **tok}.items()}
@@ -174,6 +235,6 @@ def rollout_stats(ro: Rollout, *, beta: float) -> tuple[dict, dict]:
     names = list(ro.reward_metrics)
     for key in names[1:]:
         rho = spearman(ro.reward_metrics[names[0]].cpu(), ro.reward_metrics[key].cpu())
-        k = "reward/rank_corr/" + key[len("reward/"):]
+        k = "reward/rank_corr/" + key[len("reward/") :]
         sums[k], counts[k] = (rho, 1.0) if rho == rho else (0.0, 0.0)  # nan (a constant reward): no value
     return sums, counts

@@ -23,22 +23,31 @@ from typing import Optional, Sequence
 import torch
 
 from ..config import config_group
-from ..diagnostics.forgetting import starting_model_probe
 from ..data.text import batch_indices, collate, eval_split_of, load_text_examples, prepare_sft, split_heldout
+from ..diagnostics.forgetting import starting_model_probe
 from ..distributed import Dist
-from ..fsdp import unsharded
 from ..errors import UserError
-from ..registry import run_preflight
-from .result import TrainResult
+from ..fsdp import unsharded
 from ..groups import DATA_FIELDS
 from ..modeling import position_ids
 from ..ops.logprobs import selective_logps
 from ..preempt import preemptible, stop_if_signalled
+from ..registry import run_preflight
 from ..runs import RunDir, save_final
 from ..training import (
-    Checkpointer, TrainConfig, derive_micro_batch, load_policy, make_optimizer, make_scheduler,
-    progress_bar, trainable_params, optimizer_step, with_epochs, StepGuard,
+    Checkpointer,
+    StepGuard,
+    TrainConfig,
+    derive_micro_batch,
+    load_policy,
+    make_optimizer,
+    make_scheduler,
+    optimizer_step,
+    progress_bar,
+    trainable_params,
+    with_epochs,
 )
+from .result import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +122,18 @@ def eval_loss(model, items: Sequence, *, pad_id: int, batch_size: int, dist: Opt
 def load_sft_data(cfg: SFTConfig, tok) -> tuple[list, list]:
     """(train items, held-out items). Held out: eval_dataset, else the test/validation split of a saved
     DatasetDict given as dataset, else eval_examples examples drawn from dataset."""
-    kw = dict(assets=cfg.assets, text_field=cfg.text_field, prompt_field=cfg.prompt_field, completion_field=cfg.completion_field,
-              messages_field=cfg.messages_field, columns=cfg.columns, tokenizer=tok, chat_template=cfg.chat_template,
-              completion_only_loss=cfg.completion_only_loss, assistant_only_loss=cfg.assistant_only_loss)
+    kw = dict(
+        assets=cfg.assets,
+        text_field=cfg.text_field,
+        prompt_field=cfg.prompt_field,
+        completion_field=cfg.completion_field,
+        messages_field=cfg.messages_field,
+        columns=cfg.columns,
+        tokenizer=tok,
+        chat_template=cfg.chat_template,
+        completion_only_loss=cfg.completion_only_loss,
+        assistant_only_loss=cfg.assistant_only_loss,
+    )
     examples = load_text_examples(cfg.dataset, **kw)
     held_split = None if cfg.eval_dataset else eval_split_of(cfg.dataset)
     if cfg.eval_dataset:
@@ -125,8 +143,13 @@ def load_sft_data(cfg: SFTConfig, tok) -> tuple[list, list]:
         log.info("sft data: evaluating on the %r split of %s", held_split, cfg.dataset)
     else:
         train_ex, eval_ex = split_heldout(examples, cfg.eval_examples, seed=cfg.seed)
-    prep = dict(max_length=cfg.max_length, packing=cfg.packing, completion_only_loss=cfg.completion_only_loss,
-                append_eos=cfg.append_eos, seed=cfg.seed)
+    prep = dict(
+        max_length=cfg.max_length,
+        packing=cfg.packing,
+        completion_only_loss=cfg.completion_only_loss,
+        append_eos=cfg.append_eos,
+        seed=cfg.seed,
+    )
     train = prepare_sft(tok, train_ex, **prep)
     evals = prepare_sft(tok, eval_ex, **prep) if eval_ex else []
     if not train:
@@ -162,29 +185,42 @@ def train_sft(cfg: SFTConfig, *, resume: bool = False, preflight: bool = True) -
     def evaluate() -> float:
         with unsharded(model):  # fsdp: the strided held-out shards may differ in batch count
             return eval_loss(model, evals, pad_id=tok.pad_token_id, batch_size=cfg.eval_batch_size, dist=dist)
-    forgetting = starting_model_probe(cfg, tok, device=dist.device, is_main=dist.is_main)  # eval/forgetting/* (optional)
+
+    forgetting = starting_model_probe(
+        cfg, tok, device=dist.device, is_main=dist.is_main
+    )  # eval/forgetting/* (optional)
     bar = progress_bar(cfg.max_steps, step, enabled=cfg.progress and dist.is_main, desc="sft")
     metrics: dict = {}
     while step < cfg.max_steps:
         idx = dist.shard(batch_indices(step, cfg.batch_size, len(train), seed=cfg.seed))
-        mbs = [collate([train[i] for i in idx[j : j + micro]], pad_id=tok.pad_token_id) for j in range(0, len(idx), micro)]
+        mbs = [
+            collate([train[i] for i in idx[j : j + micro]], pad_id=tok.pad_token_id) for j in range(0, len(idx), micro)
+        ]
         n_global = dist.sum_float(sum(float(mb["targets"][:, 1:].sum()) for mb in mbs))  # global normaliser
         nll_sum = 0.0
         for mb in mbs:
             nll, _ = token_nll(model, {k: v.to(dist.device) for k, v in mb.items()})
             (nll / n_global).backward()
             nll_sum += float(nll.detach())
-        grad_norm, lr = optimizer_step(opt, sched, params, dist=dist, max_grad_norm=cfg.max_grad_norm, guard=guard,
-                                       loss=nll_sum)
+        grad_norm, lr = optimizer_step(
+            opt, sched, params, dist=dist, max_grad_norm=cfg.max_grad_norm, guard=guard, loss=nll_sum
+        )
         step += 1
-        metrics = {"loss": dist.sum_float(nll_sum) / n_global, "opt/lr": lr, "opt/grad_norm": grad_norm, **guard.stats()}
+        metrics = {
+            "loss": dist.sum_float(nll_sum) / n_global,
+            "opt/lr": lr,
+            "opt/grad_norm": grad_norm,
+            **guard.stats(),
+        }
         if evals and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
             metrics["eval/loss"] = evaluate()
         if step == cfg.max_steps and evals:
             metrics["eval/loss"] = evaluate()
         if cfg.forgetting_text and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
             with unsharded(model):  # every process enters (collective); the probe runs on the main one
-                metrics.update(forgetting(model) if forgetting is not None else {})  # against the starting model, teacher-forced on off-distribution text
+                metrics.update(
+                    forgetting(model) if forgetting is not None else {}
+                )  # against the starting model, teacher-forced on off-distribution text
         history.append({"step": step, **metrics})
         if any(k.startswith("eval/") for k in metrics):
             eval_history.append({"step": step, **{k: v for k, v in metrics.items() if k.startswith("eval/")}})
@@ -192,8 +228,13 @@ def train_sft(cfg: SFTConfig, *, resume: bool = False, preflight: bool = True) -
             run.log(step, metrics)
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
             ckpt.save(step, data_state={"history": history, "eval_history": eval_history})
-        stop_if_signalled(step, cfg.max_steps, dist, ckpt,  # SIGTERM/SIGINT/SIGUSR1: checkpoint, exit 75
-                          save=lambda: ckpt.save(step, data_state={"history": history, "eval_history": eval_history}))
+        stop_if_signalled(
+            step,
+            cfg.max_steps,
+            dist,
+            ckpt,  # SIGTERM/SIGINT/SIGUSR1: checkpoint, exit 75
+            save=lambda: ckpt.save(step, data_state={"history": history, "eval_history": eval_history}),
+        )
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}")
     bar.close()
