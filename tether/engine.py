@@ -42,7 +42,7 @@ from . import rng
 from .generation import BuiltinBackend, GenerationBackend
 from .groups import SamplingSettings, sampling_settings
 from .modeling import CompletionBatch, forward_completion
-from .ops.kl import ESTIMATOR_NAMES, check_estimator, check_reference_filter, kl_per_token, seq_sum
+from .ops.kl import ESTIMATOR_NAMES, ESTIMATORS, check_estimator, check_reference_filter, kl_per_token, seq_sum
 from .ops.logprobs import entropy_from_logits, filter_cost_from_logits, restrict_like, selective_logps
 from .ops.positions import POSITION_BUCKETS, bucket_label, bucket_of, position_means
 from .reference import eval_mode
@@ -215,7 +215,8 @@ class Scores:
 
     def seq(self, name: str) -> torch.Tensor:
         """(B,) sequence-sum KL with estimator ``name`` ("exact": the unclamped exact KL)."""
-        return seq_sum(self.kl_exact if name == "exact" and name not in self.kl else self.kl[name], self.mask)
+        full = ESTIMATORS[name].needs_logits and name not in self.kl  # the full-vocabulary one: kl_exact itself
+        return seq_sum(self.kl_exact if full else self.kl[name], self.mask)
 
 
 def score_rows(
@@ -260,7 +261,7 @@ def score_rows(
         "entropy": entropy_from_logits(logits).masked_fill(~mask, 0.0),
     }
     for name in estimators:
-        if name == "exact" and clamp_output is None and reference_filter == "none":  # the same values
+        if ESTIMATORS[name].needs_logits and clamp_output is None and reference_filter == "none":  # = kl_exact
             est, clamped = exact, torch.zeros_like(mask)  # (clamp_input does not apply to exact)
         else:
             kt = kl_per_token(logps, ref_logps, mask, estimator=name, logits=logits, ref_logits=pen_logits, **clamps)
@@ -446,9 +447,8 @@ def measure(
         tok_n += int(smp.mask.sum())
         if by_position:
             for name in estimators:  # KL of the first L tokens of each sample (all of it when shorter)
-                per_tok = (sc.kl_exact if name == "exact" and name not in sc.kl else sc.kl[name]).masked_fill(
-                    ~smp.mask, 0.0
-                )
+                full = ESTIMATORS[name].needs_logits and name not in sc.kl  # the full-vocabulary one: kl_exact
+                per_tok = (sc.kl_exact if full else sc.kl[name]).masked_fill(~smp.mask, 0.0)
                 for L in PREFIX_LENGTHS:
                     prefix.setdefault(L, {}).setdefault(name, []).extend(per_tok[:, :L].sum(-1).tolist())
             ps, pn = position_means(sc.kl_exact.cpu(), smp.mask.cpu())  # (T,), (T,)

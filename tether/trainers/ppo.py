@@ -30,6 +30,7 @@ import torch
 
 from ..data.text import batch_indices, collate, load_text_examples, prepare_sft
 from ..errors import UserError
+from ..ops.kl import ESTIMATORS
 from ..ops.policy import (
     aggregate_loss,
     gae,
@@ -105,7 +106,7 @@ def prepare(
     rewards = token_rewards(scores, kl_tokens, mask, beta=beta)  # (B, T): -β·kl_t, + score at the end
     adv, returns = gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)  # (B, T) each
     scale = 1.0
-    if cfg.whiten_advantages and cfg.kl_estimator == "exact":
+    if cfg.whiten_advantages and ESTIMATORS[cfg.kl_estimator].reward_direct_term:
         # the batch's own σ̂ biases the direction where advantages fluctuate at the optimum (exact in the
         # reward, docs/theory.md §3): each row is whitened with the other rows' statistics instead
         adv, scale = masked_whiten_loo(adv, mask)  # (B, T), (B, 1)
