@@ -404,7 +404,8 @@ def throughput(
             results[name].append(res)
             print(
                 f"  {model_name:11s} {name:22s} rep {rep}: {res['tokens_per_s']:7.0f} tok/s  "
-                f"{res['cpu_tokens_per_s']:7.0f} tok/cpu-s  {res['steps_per_s']:6.2f} step/s  pad {res['padding_frac']:.2f}  "
+                f"{res['cpu_tokens_per_s']:7.0f} tok/cpu-s  {res['steps_per_s']:6.2f} step/s  pad "
+                f"{res['padding_frac']:.2f}  "
                 f"setup {res['setup_s']:5.1f}s  peak {res['peak_rss_mb']:6.0f} MB",
                 flush=True,
             )
@@ -485,14 +486,16 @@ def table(all_results: dict[str, dict[str, list[dict]]]) -> str:
 
         for name, m in med.items():
             lines.append(
-                f"{model_name:11s} {name:22s} {m['steps_per_s']:7.2f} {m['tokens_per_s']:8.0f} {ratio(m, 'tokens_per_s'):>5s} "
+                f"{model_name:11s} {name:22s} {m['steps_per_s']:7.2f} {m['tokens_per_s']:8.0f} "
+                f"{ratio(m, 'tokens_per_s'):>5s} "
                 f"{m['cpu_tokens_per_s']:9.0f} {ratio(m, 'cpu_tokens_per_s'):>5s} {100 * m['padding_frac']:5.1f} "
                 f"{m['setup_s']:7.1f} {m['total_s']:6.1f} {ratio(m, 'total_s', inverse=True):>5s} "
                 f"{m['peak_rss_mb']:8.0f} {m['delta_rss_mb']:7.0f} {ratio(m, 'delta_rss_mb'):>5s} "
                 f"{len(results[name]):4d}"
             )
     lines += [
-        "x = ratio to 'trl best' (TRL DPOTrainer, no gradient checkpointing, fp32). tokens/s: wall clock, steady state;",
+        "x = ratio to 'trl best' (TRL DPOTrainer, no gradient checkpointing, fp32). tokens/s: wall clock, steady "
+        "state;",
         "tok/cpu-s: tokens per second of process CPU time (robust to other load on a shared machine); pad %: padding",
         "share of the token slots each step computes; setup s: trainer start to first step (incl. reference cache);",
         "e2e s: trainer start to last step (x = speed-up, TRL time / this time); peak RSS (MB): whole process;",

@@ -163,7 +163,8 @@ def main() -> None:
     peak = max(peaks)
     print(f"llama-20M ({n_params / 1e6:.1f}M multiplying parameters), CPU, {args.threads} thread(s)")
     print(
-        f"| what | GFLOP/s (median) | share of peak |\n|---|---:|---:|\n| fp32 matmul peak ({args.n}³, best) | {peak / 1e9:.1f} | 1.00 |"
+        f"| what | GFLOP/s (median) | share of peak |\n|---|---:|---:|\n| fp32 matmul peak ({args.n}³, best) | "
+        f"{peak / 1e9:.1f} | 1.00 |"
     )
     for name, xs in (("DPO step (6·N·tokens)", dpo), ("GRPO step (10·N·tokens)", grpo)):
         m = statistics.median(xs)

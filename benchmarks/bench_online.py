@@ -257,7 +257,8 @@ def child(args) -> None:
 
 def table(rows: dict) -> str:
     lines = [
-        f"{'run':<24} {'samples/s cpu':>14} {'samples/s wall':>15} {'cpu s/step':>11} {'peak RSS MB':>12} {'Δ train MB':>11}"
+        f"{'run':<24} {'samples/s cpu':>14} {'samples/s wall':>15} {'cpu s/step':>11} {'peak RSS MB':>12} "
+        f"{'Δ train MB':>11}"
     ]
     for r in RUNS + ABLATIONS:
         if r in rows:
@@ -273,7 +274,8 @@ def table(rows: dict) -> str:
             lines.append(
                 f"{m}: tether/TRL samples/s (cpu) = {a['samples_per_s'] / b['samples_per_s']:.2f}x, "
                 f"(wall) = {a['wall_samples_per_s'] / b['wall_samples_per_s']:.2f}x, "
-                f"peak RSS = {a['peak_rss_mb'] / b['peak_rss_mb']:.2f}x, Δ train = {a['delta_mb'] / max(b['delta_mb'], 1e-9):.2f}x"
+                f"peak RSS = {a['peak_rss_mb'] / b['peak_rss_mb']:.2f}x, Δ train = "
+                f"{a['delta_mb'] / max(b['delta_mb'], 1e-9):.2f}x"
             )
         c = rows.get(f"tether-{m}-scoringpass")
         if a and c:
@@ -336,7 +338,8 @@ def main() -> None:
             res = json.loads(found[-1][len("RESULT ") :])
             results.setdefault(r, []).append(res)
             print(
-                f"repeat {rep + 1}: {r} {res['samples_per_s']:.1f} samples/s (cpu), {res['wall_samples_per_s']:.1f} (wall)",
+                f"repeat {rep + 1}: {r} {res['samples_per_s']:.1f} samples/s (cpu), {res['wall_samples_per_s']:.1f} "
+                "(wall)",
                 file=sys.stderr,
             )
     rows = {}
@@ -346,7 +349,8 @@ def main() -> None:
         rows[r] = {**med, "peak_rss_mb": max(x["peak_rss_mb"] for x in rs), "delta_mb": max(x["delta_mb"] for x in rs)}
     print(
         f"{args.model} on CPU, {args.threads} thread(s); {args.batch_size} completions/step = "
-        f"{args.batch_size // args.group} prompts x {args.group}; max_new_tokens={args.max_new_tokens}; {args.steps} steps; "
+        f"{args.batch_size // args.group} prompts x {args.group}; max_new_tokens={args.max_new_tokens}; {args.steps} "
+        "steps; "
         f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'} (both); median of {args.repeats}"
     )
     print(table(rows))

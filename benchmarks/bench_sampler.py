@@ -1,6 +1,6 @@
 """Tokens/s of tether's built-in sampler against transformers' ``model.generate`` (and against the
-sampler as it was before compaction and the lean decode step, ``tests/reference_sampler.py``, and against itself with the model's
-own forward instead of ``tether.decode.LlamaDecoder``, ``decoder="hf"``), on the real stories260K on CPU.
+sampler as it was before compaction and the lean decode step, ``tests/reference_sampler.py``, and against itself with
+the model's own forward instead of ``tether.decode.LlamaDecoder``, ``decoder="hf"``), on the real stories260K on CPU.
 
 All four sample the same prompts with temperature 1, fp32, a KV cache, the same number of torch
 threads, in one process, interleaved over ``--repeats`` rounds (the machine may be shared; the table
@@ -138,7 +138,8 @@ def main() -> None:
         f"median of {args.repeats}"
     )
     print(
-        "| workload | sampler | tokens | tokens/s (cpu) | tokens/s (wall) | vs generate (cpu) | vs before (cpu) | vs hf forward (cpu) |"
+        "| workload | sampler | tokens | tokens/s (cpu) | tokens/s (wall) | vs generate (cpu) | vs before (cpu) "
+        "| vs hf forward (cpu) |"
     )
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for eos in (False, True):

@@ -99,8 +99,10 @@ def main() -> None:
         res["vllm push+generate"].append((pw + gw, pc + gc))
     med = {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)) for k, v in res.items()}
     print(
-        f"model {args.model} ({n_params / 1e6:.1f}M parameters), {args.batch_size} rows x {args.max_new_tokens} tokens, "
-        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')}, engine build {build_s:.1f} s, {args.repeats} rounds (median)"
+        f"model {args.model} ({n_params / 1e6:.1f}M parameters), {args.batch_size} rows x {args.max_new_tokens} "
+        "tokens, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')}, engine build {build_s:.1f} s, {args.repeats} "
+        "rounds (median)"
     )
     print(f"tokens: builtin {tokens['builtin']}, vllm {tokens['vllm']}")
     print("| step | wall s | cpu s | wall / builtin | cpu / builtin |\n|---|---|---|---|---|")

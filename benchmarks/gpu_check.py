@@ -376,7 +376,8 @@ def main(argv=None) -> int:
 
     if a.device == "cuda" and not torch.cuda.is_available():
         print(
-            "gpu-check: no CUDA device here (torch.cuda.is_available() is False); use --device cpu --tiny for the CPU run"
+            "gpu-check: no CUDA device here (torch.cuda.is_available() is False); use --device cpu --tiny for the CPU "
+            "run"
         )
         return 2
     if a.device == "cpu" and not a.tiny:

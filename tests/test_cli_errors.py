@@ -145,9 +145,9 @@ def make_inputs(d: Path) -> None:
     (d / "null.jsonl").write_text('{"prompt": "fine"}\n{"prompt": null}\n')
     (d / "latin1.txt").write_bytes("a good film\nun caf\u00e9 tr\u00e8s bon\n".encode("latin-1"))
     (d / "latin1.jsonl").write_bytes(
-        '{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "caf\u00e9", "chosen": "b", "rejected": "c"}\n'.encode(
-            "latin-1"
-        )
+        (
+            '{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "caf\u00e9", "chosen": "b", "rejected": "c"}\n'
+        ).encode("latin-1")
     )
     (d / "folder").mkdir()
     (d / "empty.txt").write_text("\n\n")

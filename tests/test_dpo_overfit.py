@@ -29,7 +29,8 @@ LEARNING = [0.6] * 15
 
 
 def test_threshold_is_the_implied_preference_probability():
-    """exp(-mean of -log σ(z_i)) = (Π σ(z_i))^(1/n): the geometric-mean preference probability; 0.95 at the threshold."""
+    """exp(-mean of -log σ(z_i)) = (Π σ(z_i))^(1/n): the geometric-mean preference probability; 0.95 at the
+    threshold."""
     assert SATURATION_LOSS == pytest.approx(0.051293, abs=1e-6)
     v = dpo_overfit(history([SATURATION_LOSS] * 10, []))
     assert (

@@ -252,7 +252,8 @@ def test_full_tmpfs(assets_dir, tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
-            f"tether sft: error: could not write {out / 'checkpoints' / 'step-2'}: No space left on device (ENOSPC); left as "
+            f"tether sft: error: could not write {out / 'checkpoints' / 'step-2'}: No space left on device (ENOSPC); "
+            "left as "
             f"they were: {out / 'checkpoints' / 'step-1'}, {out / 'final'}; free space"
         )
         assert files(out / "checkpoints") == before_ckpt and files(out / "final") == before_final

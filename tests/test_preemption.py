@@ -33,7 +33,8 @@ mod, count = importlib.import_module(module), [0]
 real = getattr(mod, attr)
 def patched(*a, **k):
     count[0] += 1
-    if count[0] == int(nth) and os.environ.get("SIGNAL_RANK", os.environ.get("RANK", "0")) == os.environ.get("RANK", "0"):
+    if count[0] == int(nth) and os.environ.get("SIGNAL_RANK", os.environ.get("RANK", "0")) \
+== os.environ.get("RANK", "0"):
         os.kill(os.getpid(), getattr(signal, sig))  # the handler runs here, in the middle of the call
     return real(*a, **k)
 setattr(mod, attr, patched)

@@ -25,8 +25,14 @@ from tether.data.preference import (
 )
 
 HH = {
-    "chosen": "\n\nHuman: Can you help me?\n\nAssistant: Sure, what is it?\n\nHuman: A pen prank.\n\nAssistant: Sure, draw a smile.",
-    "rejected": "\n\nHuman: Can you help me?\n\nAssistant: Sure, what is it?\n\nHuman: A pen prank.\n\nAssistant: Sure, stab them.",
+    "chosen": (
+        "\n\nHuman: Can you help me?\n\nAssistant: Sure, what is it?"
+        "\n\nHuman: A pen prank.\n\nAssistant: Sure, draw a smile."
+    ),
+    "rejected": (
+        "\n\nHuman: Can you help me?\n\nAssistant: Sure, what is it?"
+        "\n\nHuman: A pen prank.\n\nAssistant: Sure, stab them."
+    ),
 }
 TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"

@@ -194,7 +194,8 @@ def check_model(spec: Optional[str], *, field: str = "model", assets: Optional[s
 
     if not spec:
         raise UserError(
-            f"--{field} is empty; pass a model folder (with config.json), an asset name such as stories260K, or a hub id"
+            f"--{field} is empty; pass a model folder (with config.json), an asset name such as stories260K, or a hub "
+            "id"
         )
     path = resolve_model(spec, assets)
     p = Path(path).expanduser()
@@ -225,7 +226,8 @@ def _model_config(path: str, spec: str, field: str):
     except Exception as e:  # noqa: BLE001 - offline hub, bad repo id, malformed config.json: all the user's to fix
         if Path(path).is_dir():
             raise UserError(
-                f"--{field} {spec}: config.json cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                f"--{field} {spec}: config.json cannot be read ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); "
                 "fix or replace the model folder"
             ) from None
         raise UserError(

@@ -29,7 +29,10 @@ TOOLS = {  # commands that are not training methods: tether/commands/<name>.py
     "sweep": "run a grid of one trainer's settings and draw the reward-KL frontier (choosing β)",
     "demo": "the reward-KL frontier on a real tiny model (the main job)",
     "forgetting": "forgetting probe: NLL change and exact KLs on off-distribution text, forward KL on prompts",
-    "reference-check": "score candidate references on preference data: NLL of chosen/rejected, how often the reference finds chosen likely",
+    "reference-check": (
+        "score candidate references on preference data: NLL of chosen/rejected, "
+        "how often the reference finds chosen likely"
+    ),
     "shift": "reference-shift diagnostic: does a prompt prefix move log π_ref(y|x) and the policy's KL?",
 }
 

@@ -27,19 +27,24 @@ class SamplingConfig:
     max_new_tokens: int = 32
     """Completion length limit (tokens)."""
     temperature: float = 1.0
-    """Sampling temperature τ; the KL and the losses score the filtered distribution actually sampled (docs/theory.md §3)."""
+    """Sampling temperature τ; the KL and the losses score the filtered distribution actually sampled (docs/theory.md
+    §3)."""
     top_k: int = 0
     """Top-k sampling filter (0 = off)."""
     top_p: float = 1.0
     """Nucleus sampling mass (1.0 = off)."""
     backend: str = "builtin"
-    """Generation backend (tether.generation): builtin (tether's KV-cache sampler) | vllm (optional colocated vLLM engine)."""
+    """Generation backend (tether.generation): builtin (tether's KV-cache sampler) | vllm (optional colocated vLLM
+    engine)."""
     decoder: str = "auto"
-    """Decode step of the builtin backend: auto (tether's lean step for a plain Llama, else the model's own forward) | hf (the model's own forward) | lean (plain Llama only)."""
+    """Decode step of the builtin backend: auto (tether's lean step for a plain Llama, else the model's own forward)
+    | hf (the model's own forward) | lean (plain Llama only)."""
     vllm_gpu_memory_utilization: float = 0.3
-    """backend vllm on a GPU: the fraction of the GPU's memory the colocated engine may take for its weights and KV cache, in (0, 1] (TRL's name and colocate default; the rest is the trainer's)."""
+    """backend vllm on a GPU: the fraction of the GPU's memory the colocated engine may take for its weights and KV
+    cache, in (0, 1] (TRL's name and colocate default; the rest is the trainer's)."""
     vllm_enable_sleep_mode: bool = False
-    """backend vllm on a GPU: put the engine to sleep after each rollout (its weights to CPU memory, its KV cache freed) so the update has the memory, and wake it before the next weight push (TRL's colocate sleep mode)."""
+    """backend vllm on a GPU: put the engine to sleep after each rollout (its weights to CPU memory, its KV cache
+    freed) so the update has the memory, and wake it before the next weight push (TRL's colocate sleep mode)."""
 
 
 SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p")
@@ -131,7 +136,8 @@ class ReferenceConfig:
     handled)."""
 
     reference: str = "copy"
-    """Reference form: copy (frozen copy) | lora (the LoRA policy with adapters off) | offload (copy kept in CPU memory)."""
+    """Reference form: copy (frozen copy) | lora (the LoRA policy with adapters off) | offload (copy kept in CPU
+    memory)."""
     reference_model: Optional[str] = None
     """Reference model path (default: the starting policy `model`)."""
 

@@ -57,7 +57,8 @@ def join_text(prompt: str, completion: str) -> str:
 def _check_batch(prompts: Sequence[str], completions: Sequence[str]) -> None:
     if len(prompts) != len(completions):
         raise ValueError(
-            f"reward source got {len(prompts)} prompts but {len(completions)} completions; pass one prompt per completion"
+            f"reward source got {len(prompts)} prompts but {len(completions)} completions; pass one prompt per "
+            "completion"
         )
 
 
@@ -451,7 +452,8 @@ def checked_scores(src: RewardSource, scores: torch.Tensor) -> torch.Tensor:
         i = int((~finite).nonzero()[0])
         raise UserError(
             f"reward {src.name!r} ({type(src).__name__}) returned {int((~finite).sum())} non-finite score(s) of "
-            f"{scores.numel()} (first: {float(scores[i])} at completion {i}); a reward must be a finite number for every "
+            f"{scores.numel()} (first: {float(scores[i])} at completion {i}); a reward must be a finite number for "
+            "every "
             "completion: fix the reward (or the reward model's weights)"
         )
     big = float(scores.abs().max()) if scores.numel() else 0.0

@@ -460,7 +460,8 @@ class RunDir:
             old = self._recorded_identity()
             if old is None:
                 raise UserError(
-                    f"output_dir {self.path} holds files of a run ({', '.join(present)}) but no config.yaml or run.json "
+                    f"output_dir {self.path} holds files of a run ({', '.join(present)}) but no config.yaml or "
+                    "run.json "
                     "to check --resume against; pass --overwrite to replace it, or choose another --output_dir"
                 )
             if (old.get("config") and old["config"] != new["config"]) or old["fields"] != new["fields"]:

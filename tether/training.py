@@ -145,7 +145,8 @@ def derive_micro_batch(cfg: TrainConfig, dist: Dist) -> int:
     per = cfg.grad_accum * dist.world_size
     if cfg.batch_size % per:
         raise UserError(
-            f"batch_size={cfg.batch_size} must be divisible by grad_accum ({cfg.grad_accum}) x processes ({dist.world_size})"
+            f"batch_size={cfg.batch_size} must be divisible by grad_accum ({cfg.grad_accum}) x processes "
+            f"({dist.world_size})"
         )
     return cfg.batch_size // per
 

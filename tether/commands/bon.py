@@ -35,7 +35,8 @@ class BoNConfig(SamplingConfig):
     model: str = "stories260K"
     """The reference policy to sample from: a Hugging Face folder (e.g. tether sft's final/), hub name or asset name."""
     prompts: str = ""
-    """Prompts: a text file (one per line), .jsonl/.json/.parquet with a 'prompt' column (a string or a list of messages; other columns reach reward functions), a saved datasets folder or a hub name."""
+    """Prompts: a text file (one per line), .jsonl/.json/.parquet with a 'prompt' column (a string or a list of
+    messages; other columns reach reward functions), a saved datasets folder or a hub name."""
     prompt_field: str = "prompt"
     """Column holding the prompt in table rows."""
     columns: Optional[dict] = None
@@ -49,7 +50,8 @@ class BoNConfig(SamplingConfig):
     reward: str = "vader"
     """Selecting reward: vader, a reward-model folder (tether rm's final/), or module:function; NAME=spec renames it."""
     gold: list = field(default_factory=list)
-    """Rewards evaluated on the kept completions (comma-separated specs), e.g. vader when selecting with a learned proxy."""
+    """Rewards evaluated on the kept completions (comma-separated specs), e.g. vader when selecting with a learned
+    proxy."""
     kl_samples: int = 0
     """Reference samples per prompt for the KL estimate (default max(n)); more gives a better estimate."""
     batch_size: int = 64

@@ -4,7 +4,8 @@ Example::
 
     tether grpo --model stories260K --prompts examples/story_prompts.txt --reward vader \\
         --output_dir runs/grpo --samples_per_prompt 4 --beta 0.04 --kl_estimator k3
-    accelerate launch --config_file examples/accelerate_fsdp.yaml -m tether grpo --config examples/grpo_stories_vader.yaml
+    accelerate launch --config_file examples/accelerate_fsdp.yaml -m tether grpo \\
+        --config examples/grpo_stories_vader.yaml
         # sharded over the GPUs with FSDP2 (same as torchrun ... --fsdp true)
 
 ``--kl_estimator k3 --kl_placement loss`` is DeepSeekMath's choice (its gradient is that of the

@@ -46,7 +46,8 @@ class KLConfig(SamplingConfig):
     reference: str = ""
     """Reference model: a Hugging Face folder, a hub name or an asset name (required)."""
     prompts: str = ""
-    """Prompts (required): a text file (one per line), .jsonl/.json/.parquet with a 'prompt' column (a string or a list of messages), a saved datasets folder or a hub name."""
+    """Prompts (required): a text file (one per line), .jsonl/.json/.parquet with a 'prompt' column (a string or a
+    list of messages), a saved datasets folder or a hub name."""
     prompt_field: str = "prompt"
     """Column holding the prompt in table rows."""
     columns: Optional[dict] = None
@@ -64,7 +65,10 @@ class KLConfig(SamplingConfig):
     json: Optional[str] = None
     """Also write the result as JSON to this file."""
     by_position: bool = False
-    """Also report the exact per-token KL at each completion position (mean over the samples reaching it) and, per completion-length bucket (0-3, 4-15, 16-63, 64+ tokens), every estimator's mean and standard error, and the same for the KL of each sample's first 4/16/64/256/1024 tokens: how the noise grows with length and how much the exact estimator removes. Adds by_position, by_position_n, by_length and by_prefix to the JSON."""
+    """Also report the exact per-token KL at each completion position (mean over the samples reaching it) and, per
+    completion-length bucket (0-3, 4-15, 16-63, 64+ tokens), every estimator's mean and standard error, and the same
+    for the KL of each sample's first 4/16/64/256/1024 tokens: how the noise grows with length and how much the exact
+    estimator removes. Adds by_position, by_position_n, by_length and by_prefix to the JSON."""
 
 
 def format_table(result: dict) -> str:

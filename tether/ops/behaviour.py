@@ -118,7 +118,8 @@ class CorrectionWeights(NamedTuple):
 
 
 def behaviour_log_ratio(old_logps: torch.Tensor, behaviour_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """lr^μ_t = log π_old(y_t|s_t) - log μ(y_t|s_t), detached, fp32 (fp64 if given fp64), 0 off-mask. (B, T) x3 -> (B, T)."""
+    """lr^μ_t = log π_old(y_t|s_t) - log μ(y_t|s_t), detached, fp32 (fp64 if given fp64), 0 off-mask. (B, T) x3 ->
+    (B, T)."""
     lr = upcast(old_logps.detach()) - upcast(behaviour_logps.detach())
     return lr.masked_fill(~mask.bool(), 0.0)
 

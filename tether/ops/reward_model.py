@@ -36,7 +36,8 @@ def bradley_terry_loss(
     """
     if chosen_scores.shape != rejected_scores.shape or chosen_scores.dim() != 1:
         raise ValueError(
-            f"chosen and rejected scores must both be (B,), got {tuple(chosen_scores.shape)} and {tuple(rejected_scores.shape)}"
+            f"chosen and rejected scores must both be (B,), got {tuple(chosen_scores.shape)} and "
+            f"{tuple(rejected_scores.shape)}"
         )
     gap = chosen_scores.float() - rejected_scores.float()  # (B,)
     logits = gap if margin is None else gap - torch.as_tensor(margin, dtype=gap.dtype, device=gap.device)

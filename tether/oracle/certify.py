@@ -241,7 +241,8 @@ def _diverging_forward_kl(suite: Suite):
         ok = fwd > 5 * fwd_opt
         return (
             ok,
-            f"forward KL[π_ref‖π] = {fwd:.1f} nats (π*: {fwd_opt:.2f}), min π(y) = {float(policy.sequence_probs().detach().min()):.1e}",
+            f"forward KL[π_ref‖π] = {fwd:.1f} nats (π*: {fwd_opt:.2f}), min π(y) = "
+            f"{float(policy.sequence_probs().detach().min()):.1e}",
             BETA,
         )
 
@@ -1206,7 +1207,8 @@ def _progress(
     frac = (l0 - l1) / (l0 - linf) if l0 > linf else float("nan")
     return (
         frac >= required,
-        f"loss {l0:.4f} (π_ref) -> {l1:.4f} (trained), infimum ≈ {linf:.4f}: {frac:.0%} of the way (≥ {required:.0%} required)",
+        f"loss {l0:.4f} (π_ref) -> {l1:.4f} (trained), infimum ≈ {linf:.4f}: {frac:.0%} of the way (≥ {required:.0%} "
+        "required)",
     )
 
 

@@ -134,8 +134,10 @@ def mismatch_row(
     note = (
         f"μ = softmax(logits + δ), δ = {tuple(delta)}; step 1: mismatch/kl_k3 = {first.get('mismatch/kl_k3', nan):.4f} "
         f"(k1 {first.get('mismatch/kl_k1', nan):.4f}), ratio π_old/μ in [{first.get('mismatch/ratio_min', nan):.3f}, "
-        f"{first.get('mismatch/ratio_max', nan):.3f}]; last step: mismatch/kl_k3 = {last.get('mismatch/kl_k3', nan):.4f}, "
-        f"cut_token_frac = {last.get('mismatch/cut_token_frac', nan):.3f}, weight_mean = {last.get('mismatch/weight_mean', nan):.3f}"
+        f"{first.get('mismatch/ratio_max', nan):.3f}]; last step: mismatch/kl_k3 = "
+        f"{last.get('mismatch/kl_k3', nan):.4f}, "
+        f"cut_token_frac = {last.get('mismatch/cut_token_frac', nan):.3f}, weight_mean = "
+        f"{last.get('mismatch/weight_mean', nan):.3f}"
     )
     if corrected or not uncorrected_misses:  # reach the on-policy row's target
         expected, ok = "converges", kl_target < SAMPLED_TOL

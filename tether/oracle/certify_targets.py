@@ -94,7 +94,8 @@ def group_advantage_table(
 
 def _hyperbolic_normalised(weights: torch.Tensor, offsets: torch.Tensor, iters: int = 64) -> torch.Tensor:
     """π_a = w_a / (μ - o_a) with μ > max o_a set by Σ_a π_a = 1 (unique: the sum falls from ∞ to 0 in μ);
-    over the last dim, w_a > 0. Bisection on t = μ - max o in [w_m, Σ w] (m an argmax of o); 64 halvings reach float64 resolution."""
+    over the last dim, w_a > 0. Bisection on t = μ - max o in [w_m, Σ w] (m an argmax of o); 64 halvings reach float64
+    resolution."""
     o_max = offsets.max(-1, keepdim=True).values
     gap = o_max - offsets  # ≥ 0
     lo = (weights * (gap == 0)).sum(-1, keepdim=True)  # Σ over argmaxes: g(lo) ≥ 1

@@ -353,7 +353,10 @@ def plot_overoptimisation(rows, sets, fits, path: Path, *, ykey: str, swept: lis
     styles = ["--", ":", "-.", (0, (5, 1, 1, 1))]
     for i, (method, fit) in enumerate(fits.items()):  # each over [0, its own data's largest d]: no extrapolation
         xs, ys = fit_curve(fit)
-        lab = f"Gao fit, {method} ({fit['kind']}): α={fit['alpha']:.3g}, β={fit['beta']:.3g}, peak KL={fit['peak_kl']:.3g}"
+        lab = (
+            f"Gao fit, {method} ({fit['kind']}): α={fit['alpha']:.3g}, β={fit['beta']:.3g}, "
+            f"peak KL={fit['peak_kl']:.3g}"
+        )
         axes[0].plot(xs, ys, linestyle=styles[i % len(styles)], color="#444", lw=1.2, label=lab)
     for ax, (_, name) in zip(axes, keys):
         ax.axhline(0, color="#000", lw=0.6)
@@ -474,7 +477,8 @@ def write_html(
     proxy_note = (
         ""
         if ykey == "gold_reward"
-        else "<p class='warn'><b>No gold reward was given: the proxy reward stands in for it on every plot and table.</b> "
+        else "<p class='warn'><b>No gold reward was given: the proxy reward stands in for it "
+        "on every plot and table.</b> "
         "A frontier measured with the reward being optimised cannot show overoptimisation.</p>"
     )
     meta_html = "".join(f"<li><b>{esc(str(k))}</b>: {esc(str(v))}</li>" for k, v in meta.items())
@@ -482,14 +486,19 @@ def write_html(
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>
-body {{ font-family: -apple-system, Segoe UI, Helvetica, Arial, sans-serif; max-width: 1150px; margin: 2em auto; color: #222; line-height: 1.45; }}
-table {{ border-collapse: collapse; font-size: 13px; margin: 0.5em 0; }} td, th {{ border: 1px solid #ddd; padding: 3px 8px; text-align: right; vertical-align: top; }}
-td:nth-child(-n+2) {{ text-align: left; }} th {{ background: #f3f3f3; }} .side td {{ text-align: left; font-family: Georgia, serif; max-width: 260px; }}
-img {{ max-width: 100%; border: 1px solid #eee; }} .p {{ color: #888; }} .warn {{ background: #fff3cd; padding: 6px 10px; }}
+body {{ font-family: -apple-system, Segoe UI, Helvetica, Arial, sans-serif; max-width: 1150px; margin: 2em auto; \
+color: #222; line-height: 1.45; }}
+table {{ border-collapse: collapse; font-size: 13px; margin: 0.5em 0; }} td, th {{ border: 1px solid #ddd; padding: \
+3px 8px; text-align: right; vertical-align: top; }}
+td:nth-child(-n+2) {{ text-align: left; }} th {{ background: #f3f3f3; }} .side td {{ text-align: left; font-family: \
+Georgia, serif; max-width: 260px; }}
+img {{ max-width: 100%; border: 1px solid #eee; }} .p {{ color: #888; }} .warn {{ background: #fff3cd; padding: 6px \
+10px; }}
 .figs {{ display: flex; gap: 12px; flex-wrap: wrap; }}
 </style>
 <script>/* for headless checks (tests/test_sweep.py): how many images decoded */
-window.addEventListener("load", () => {{ document.body.dataset.imagesLoaded = [...document.images].filter(i => i.complete && i.naturalWidth > 0).length;
+window.addEventListener("load", () => {{ document.body.dataset.imagesLoaded = [...document.images].filter(i => \
+i.complete && i.naturalWidth > 0).length;
 document.body.dataset.images = document.images.length; }});</script></head><body>
 <h1>{esc(title)}</h1>
 {intro}
@@ -502,19 +511,22 @@ evaluation samples. Up and to the left is better.</p>
 samples). Hollow squares: the mean over seeds of a setting, error bars one standard deviation across seeds.
 Gold band: the Pareto front of the final points.</p>
 <h2>Overoptimisation</h2><img src="overoptimisation.png" alt="overoptimisation plot">
-<table><tr><th>method</th><th>form</th><th>α</th><th>β (curvature)</th><th>peak KL</th><th>points</th></tr>{fit_rows}</table>
+<table><tr><th>method</th><th>form</th><th>α</th><th>β (curvature)</th><th>peak \
+KL</th><th>points</th></tr>{fit_rows}</table>
 <p>Gao, Schulman &amp; Hilton (2022) forms, fitted by least squares to the reward gain over the reference against
 d = √KL: RL d(α − β log d), best-of-n d(α − β d) (docs/theory.md §8).</p>
 <div class="figs">{figs}</div>
 <h2>Choosing β: the best setting within a KL budget</h2>
-<table><tr><th>KL budget (nats)</th><th>best setting (mean over seeds)</th><th>smallest β within the budget</th></tr>{bud_rows}</table>
+<table><tr><th>KL budget (nats)</th><th>best setting (mean over seeds)</th><th>smallest β within the \
+budget</th></tr>{bud_rows}</table>
 <h2>Settings (mean ± spread across seeds)</h2>
 <table><tr><th>setting</th><th>seeds</th><th>final KL</th><th>final {ylab}</th></tr>{set_rows}</table>
 <h2>Every run's final numbers</h2>
 <table id="runs"><tr>{head}</tr>{body}</table>
 <h2>Samples at a matched KL, side by side{f" (≈ {target:.2f} nats)" if target is not None else ""}</h2>{side}
 <h2>Settings of this sweep</h2><ul>{meta_html}</ul>
-<p>Data: <a href="frontier.csv">frontier.csv</a> (every evaluation point), <a href="finals.csv">finals.csv</a>, <a href="samples.jsonl">samples.jsonl</a>.</p>
+<p>Data: <a href="frontier.csv">frontier.csv</a> (every evaluation point), <a href="finals.csv">finals.csv</a>, <a \
+href="samples.jsonl">samples.jsonl</a>.</p>
 </body></html>"""
     path = out_dir / "report.html"
     path.write_text(page)

@@ -83,7 +83,8 @@ def launch_all(jobs: list[tuple[str, Path]], *, module: str, workers: int, desc:
         raise preempt.Preempted(
             preempt.signal_name(),
             detail=(
-                f"before every run finished: {len(stopped)} run(s) stopped, {len(not_started)} not started; run the same "
+                f"before every run finished: {len(stopped)} run(s) stopped, {len(not_started)} not started; run the "
+                "same "
                 "command again to continue (finished runs are not redone, stopped ones resume from their checkpoints)"
             ),
         )

@@ -34,9 +34,11 @@ class EvalSpec:
     prompt_field: str = "prompt"
     """Column holding the prompt in table rows."""
     gold: Optional[str] = None
-    """Gold reward spec (vader, a reward-model folder, module:function). None: the proxy stands in, and the report says so."""
+    """Gold reward spec (vader, a reward-model folder, module:function). None: the proxy stands in, and the report
+    says so."""
     proxy: Optional[str] = None
-    """Proxy reward spec; default: the reward the run optimises (online methods, best-of-n). DPO has none unless given."""
+    """Proxy reward spec; default: the reward the run optimises (online methods, best-of-n). DPO has none unless
+    given."""
     rewards: dict = field(default_factory=dict)
     """Other rewards to log, name: spec (columns reward_<name> in frontier.csv)."""
     samples_per_prompt: int = 1

@@ -20,8 +20,8 @@ best-of-n points sit on the same frontier plot. With a temperature or top-k/top-
 distribution best-of-n draws from, π^{τ,F}_ref (the reference tempered and filtered by its own sets).
 With a temperature alone that is the reference ``tether kl`` and the trainers score against; with
 top-k/top-p they score against the unfiltered π^τ_ref, and the KL of these points leaves out the
-filter cost of the reference's own sampling (docs/theory.md §3, the table at its end). ``best_of_n_curve`` reuses one set of M samples per
-prompt for several n (the first n samples for selection), so the points of a curve are coupled.
+filter cost of the reference's own sampling (docs/theory.md §3, the table at its end). ``best_of_n_curve`` reuses one
+set of M samples per prompt for several n (the first n samples for selection), so the points of a curve are coupled.
 """
 
 from __future__ import annotations

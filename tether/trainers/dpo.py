@@ -151,7 +151,8 @@ class DPOConfig(TrainConfig, BetaScheduleConfig, DPOReferenceConfig):
     dataset_split: str = "train"
     """Split to read from a datasets folder or hub dataset."""
     eval_dataset: Optional[str] = None
-    """Held-out pairs (same formats); default: the test/validation split of a saved DatasetDict, else eval_fraction of dataset held out (seeded)."""
+    """Held-out pairs (same formats); default: the test/validation split of a saved DatasetDict, else eval_fraction
+    of dataset held out (seeded)."""
     eval_fraction: float = 0.1
     """Fraction of dataset held out for eval/* and kl/ref prompts when eval_dataset is not given."""
     eval_pairs: int = 256
@@ -167,7 +168,8 @@ class DPOConfig(TrainConfig, BetaScheduleConfig, DPOReferenceConfig):
     rejected_field: str = "rejected"
     """Column holding the other completion (e.g. response_k)."""
     columns: Optional[dict] = None
-    """Rename source columns first: a YAML map {question: prompt, response_j: chosen} or 'question=prompt,response_j=chosen'."""
+    """Rename source columns first: a YAML map {question: prompt, response_j: chosen} or
+    'question=prompt,response_j=chosen'."""
     max_length: int = 256
     """Tokens per sequence (prompt + completion); prompts are cut from the left, completions from the right."""
     max_prompt_length: Optional[int] = None

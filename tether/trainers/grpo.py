@@ -60,9 +60,11 @@ class GRPOConfig(OnlineConfig):
     samples_per_prompt: int = 4
     """Group size G: completions per prompt (>= 2)."""
     kl_estimator: str = "k3"
-    """KL term in the loss: k3 (the paper; gradient of the *forward* KL) | k2 (reverse-KL gradient on-policy) | k1 (only with loss_is) | exact. See the module docstring."""
+    """KL term in the loss: k3 (the paper; gradient of the *forward* KL) | k2 (reverse-KL gradient on-policy) | k1
+    (only with loss_is) | exact. See the module docstring."""
     kl_placement: str = "loss"
-    """loss: the estimator's value differentiated as is | loss_is: weighted by π_θ/π_old (k3 + loss_is gives the per-token reverse-KL gradient; on sequences it is local: see the module docstring)."""
+    """loss: the estimator's value differentiated as is | loss_is: weighted by π_θ/π_old (k3 + loss_is gives the
+    per-token reverse-KL gradient; on sequences it is local: see the module docstring)."""
     scale_rewards: bool = True
     """Divide group-centred scores by the group std (DeepSeekMath); False only centres them (Dr. GRPO)."""
     loss_aggregation: str = "seq_mean_token_mean"

@@ -1,9 +1,9 @@
 """Online RL from a reward: the one rollout-and-update loop that PPO, GRPO and RLOO share.
 
 A method (``OnlineMethod``, the contract in ``method.py``: PPO in ``ppo.py``, GRPO in ``grpo.py``, RLOO in
-``rloo.py``, each a row of ``tether.registry``) supplies only what differs between them — how a rollout becomes advantages (``prepare``) and the per-token
-loss of a micro-batch (``loss``); everything else is this file (the rollout itself is
-``rollout.py``), read top to bottom in ``train_online``:
+``rloo.py``, each a row of ``tether.registry``) supplies only what differs between them — how a rollout becomes
+advantages (``prepare``) and the per-token loss of a micro-batch (``loss``); everything else is this file (the rollout
+itself is ``rollout.py``), read top to bottom in ``train_online``:
 
     for step in range(max_steps):
         prompts  = this step's prompts (a pure function of (seed, step)), each repeated G times
@@ -103,13 +103,17 @@ class OnlineReferenceConfig(ReferenceConfig):
     """The online trainers' reference group: the shared one plus a moving reference (docs/theory.md §14)."""
 
     ref_reset_every: int = 0
-    """Hard-reset the reference to the current policy every N steps (ProRL, arXiv:2505.24864; 0 = never): the KL then anchors to the new reference."""
+    """Hard-reset the reference to the current policy every N steps (ProRL, arXiv:2505.24864; 0 = never): the KL then
+    anchors to the new reference."""
     ref_reset_optimizer: bool = False
     """With ref_reset_every: also clear the optimiser state (Adam moments) at each reset, as ProRL does."""
     ref_lag: int = 0
-    """Rolling reference: score step t's rollout against the policy of step t-N (0 = off; snapshots of the trainable tensors kept in CPU memory)."""
+    """Rolling reference: score step t's rollout against the policy of step t-N (0 = off; snapshots of the trainable
+    tensors kept in CPU memory)."""
     reference_prompt: Optional[str] = None
-    """Score the reference on a transformed prompt g(x) while the policy sees x (the reference-shift remedy, docs/theory.md §13): strip_prefix:TEXT, file.py:function or module:function (str -> str). Every KL (penalty, loss, kl/ref, eval/kl) is then KL[π_θ(·|x)‖π_ref(·|g(x))]."""
+    """Score the reference on a transformed prompt g(x) while the policy sees x (the reference-shift remedy,
+    docs/theory.md §13): strip_prefix:TEXT, file.py:function or module:function (str -> str). Every KL (penalty,
+    loss, kl/ref, eval/kl) is then KL[π_θ(·|x)‖π_ref(·|g(x))]."""
 
 
 @config_group("data", prefixes=("dataset",), fields=DATA_FIELDS)
@@ -119,15 +123,18 @@ class OnlineConfig(TrainConfig, BetaConfig, SamplingConfig, OnlineReferenceConfi
     and lora, BetaConfig's beta, SamplingConfig's sampling, ReferenceConfig's reference)."""
 
     prompts: str = ""
-    """Training prompts: a text file (one per line), .jsonl/.json/.parquet with a 'prompt' column (a string or a list of {role, content} messages; other columns reach reward functions), a saved datasets folder or a hub name."""
+    """Training prompts: a text file (one per line), .jsonl/.json/.parquet with a 'prompt' column (a string or a list
+    of {role, content} messages; other columns reach reward functions), a saved datasets folder or a hub name."""
     prompt_field: str = "prompt"
     """Column holding the prompt in table rows."""
     columns: Optional[dict] = None
-    """Rename prompt-data columns first: a YAML map {question: prompt, answer: ground_truth} or 'question=prompt,answer=ground_truth'."""
+    """Rename prompt-data columns first: a YAML map {question: prompt, answer: ground_truth} or
+    'question=prompt,answer=ground_truth'."""
     chat_template: Optional[str] = None
     """Jinja chat template (string or file) for conversational prompts when the tokenizer has none."""
     reward: str = "vader"
-    """Reward to optimise: 'vader', a reward-model folder (tether rm's final/), or 'module:function' (NAME=spec renames its metric)."""
+    """Reward to optimise: 'vader', a reward-model folder (tether rm's final/), or 'module:function' (NAME=spec
+    renames its metric)."""
     log_rewards: list = field(default_factory=list)
     """Extra rewards to log but not optimise (gold vs proxy), e.g. gold=vader,other=mod:fn -> reward/<name>."""
     reward_normalize: bool = False
@@ -141,35 +148,57 @@ class OnlineConfig(TrainConfig, BetaConfig, SamplingConfig, OnlineReferenceConfi
     max_prompt_length: Optional[int] = None
     """Error on prompts longer than this many tokens (None = no limit)."""
     kl_estimator: str = "k1"
-    """Per-token KL estimator k1 | k2 | k3 | exact (docs/theory.md §2-3; tether.ops.kl.ESTIMATORS lists value and gradient bias per placement)."""
+    """Per-token KL estimator k1 | k2 | k3 | exact (docs/theory.md §2-3; tether.ops.kl.ESTIMATORS lists value and
+    gradient bias per placement)."""
     kl_reference_filter: str = "none"
-    """The reference of the KL penalty under top-k/top-p (docs/theory.md §3): none = the fixed reference π^τ_ref (tempered, unfiltered; the default); restricted = π^τ_ref restricted to the policy's own sampled sets and renormalised (a reference that moves with the policy: drops the filter cost from the penalty, e.g. 0 instead of 3.22 nats at top_k=2 for a policy that has left the reference's top token). kl/ref always measures the fixed reference."""
+    """The reference of the KL penalty under top-k/top-p (docs/theory.md §3): none = the fixed reference π^τ_ref
+    (tempered, unfiltered; the default); restricted = π^τ_ref restricted to the policy's own sampled sets and
+    renormalised (a reference that moves with the policy: drops the filter cost from the penalty, e.g. 0 instead of
+    3.22 nats at top_k=2 for a policy that has left the reference's top token). kl/ref always measures the fixed
+    reference."""
     kl_clamp_input: Optional[float] = None
-    """Clamp the log-ratio lr = log π_θ - log π_ref to [-c, c] before the k1/k2/k3 estimator (None = off; verl uses 20 for k3). Clamped tokens get no KL gradient: kl/clamped_frac logs their fraction."""
+    """Clamp the log-ratio lr = log π_θ - log π_ref to [-c, c] before the k1/k2/k3 estimator (None = off; verl uses
+    20 for k3). Clamped tokens get no KL gradient: kl/clamped_frac logs their fraction."""
     kl_clamp_output: Optional[float] = None
-    """Clamp the per-token KL value to [-c, c] (None = off; verl uses 10 for k3, OpenRLHF 10). Applies to the rollout's kl_tokens and the loss-side KL; kl/ref (exact) is never clamped."""
+    """Clamp the per-token KL value to [-c, c] (None = off; verl uses 10 for k3, OpenRLHF 10). Applies to the
+    rollout's kl_tokens and the loss-side KL; kl/ref (exact) is never clamped."""
     behaviour_correction: str = "none"
-    """Correct for a sampler whose distribution μ differs from the trainer's π_old (a fast inference engine, another precision or kernel; docs/theory.md §3): none | token_tis (weight min(π_old/μ, C) per token; Yao et al. 2025) | seq_tis (min(Π_t π_old/μ, C) per sequence) | token_mis, seq_mis (weight π_old/μ, token or sequence dropped when it leaves [1/C, C]; Liu et al. 2025). The weight multiplies the policy-gradient term and a loss-side KL; tether.ops.behaviour.CORRECTIONS states each one's bias. mismatch/* is logged whatever is chosen."""
+    """Correct for a sampler whose distribution μ differs from the trainer's π_old (a fast inference engine, another
+    precision or kernel; docs/theory.md §3): none | token_tis (weight min(π_old/μ, C) per token; Yao et al. 2025) |
+    seq_tis (min(Π_t π_old/μ, C) per sequence) | token_mis, seq_mis (weight π_old/μ, token or sequence dropped when
+    it leaves [1/C, C]; Liu et al. 2025). The weight multiplies the policy-gradient term and a loss-side KL;
+    tether.ops.behaviour.CORRECTIONS states each one's bias. mismatch/* is logged whatever is chosen."""
     behaviour_cap: float = 2.0
     """C of behaviour_correction (> 1): the truncation cap of *_tis, the band [1/C, C] of *_mis."""
     beta_position_decay: float = 0.0
-    """Position-dependent β (Qi et al. 2024, arXiv:2406.05946): the KL of completion token t is weighted by w_t = exp(-decay·t), so the penalty is Σ_t β·w_t·KL_t (0 = off, w ≡ 1). Changes the objective (docs/theory.md §12)."""
+    """Position-dependent β (Qi et al. 2024, arXiv:2406.05946): the KL of completion token t is weighted by w_t =
+    exp(-decay·t), so the penalty is Σ_t β·w_t·KL_t (0 = off, w ≡ 1). Changes the objective (docs/theory.md §12)."""
     beta_position_weights: Optional[list] = None
     """Explicit w_t instead: w_t = weights[t], the last one repeated for later tokens, e.g. 4,2,1 (None = off)."""
     num_epochs: int = 1
     """Passes over each rollout (PPO epochs; GRPO's μ). Epochs after the first are off-policy (ratio ≠ 1)."""
     num_minibatches: int = 1
-    """Optimiser updates per epoch; each process's rollout must divide into them (and each into grad_accum micro-batches)."""
+    """Optimiser updates per epoch; each process's rollout must divide into them (and each into grad_accum
+    micro-batches)."""
     score_from_update: bool = True
-    """With one update per rollout (num_epochs = num_minibatches = 1), take π_old's log-probs, the KLs and the entropy from the update's own forward instead of a separate scoring pass of the policy (exact: the weights are π_old's until the step; TRL does the same). GRPO always; RLOO only with one micro-batch per rollout (grad_accum=1, its KL is in the reward); PPO never (its value model scores the rollout); false keeps the pass. Memory: the reference's logits of a micro-batch (micro x length x vocabulary floats) are then alive next to the training graph, so the update's peak grows by about that much; with a large vocabulary and long completions, false (or a smaller micro-batch) may be needed."""
+    """With one update per rollout (num_epochs = num_minibatches = 1), take π_old's log-probs, the KLs and the
+    entropy from the update's own forward instead of a separate scoring pass of the policy (exact: the weights are
+    π_old's until the step; TRL does the same). GRPO always; RLOO only with one micro-batch per rollout
+    (grad_accum=1, its KL is in the reward); PPO never (its value model scores the rollout); false keeps the pass.
+    Memory: the reference's logits of a micro-batch (micro x length x vocabulary floats) are then alive next to the
+    training graph, so the update's peak grows by about that much; with a large vocabulary and long completions,
+    false (or a smaller micro-batch) may be needed."""
     clip_eps: float = 0.2
     """ε of the clipped surrogate min(ρA, clip(ρ, 1-ε, 1+ε)A) (PPO Eq. 7)."""
     loss_aggregation: str = "token_mean"
-    """token_mean | seq_mean_token_mean | seq_sum: how per-token losses become a scalar (tether.ops.policy.aggregate_loss)."""
+    """token_mean | seq_mean_token_mean | seq_sum: how per-token losses become a scalar
+    (tether.ops.policy.aggregate_loss)."""
     target_kl_old: Optional[float] = None
-    """Stop this step's remaining updates once the k3 KL to the behaviour policy (<method>/approx_kl_old, e.g. ppo/approx_kl_old) exceeds this (None = off)."""
+    """Stop this step's remaining updates once the k3 KL to the behaviour policy (<method>/approx_kl_old, e.g.
+    ppo/approx_kl_old) exceeds this (None = off)."""
     eval_prompts: Optional[str] = None
-    """Held-out prompts for eval/* (same formats); default: the test/validation split of a saved DatasetDict given as prompts, else the first eval_max_prompts training prompts (then not held out)."""
+    """Held-out prompts for eval/* (same formats); default: the test/validation split of a saved DatasetDict given as
+    prompts, else the first eval_max_prompts training prompts (then not held out)."""
     eval_max_prompts: int = 64
     """At most this many eval prompts are used."""
     eval_samples: int = 2
@@ -206,7 +235,8 @@ def derive_sizes(cfg: OnlineConfig, dist: Dist) -> Sizes:
     n_prompts = cfg.batch_size // G
     if n_prompts % dist.world_size:
         raise UserError(
-            f"prompts per step (batch_size / samples_per_prompt = {n_prompts}) must divide over {dist.world_size} processes"
+            f"prompts per step (batch_size / samples_per_prompt = {n_prompts}) must divide over {dist.world_size} "
+            "processes"
         )
     rollout = cfg.batch_size // dist.world_size
     if rollout % cfg.num_minibatches:

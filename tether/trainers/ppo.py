@@ -58,7 +58,8 @@ class PPOConfig(OnlineConfig):
     beta: float = 0.05
     """Fixed β, or the initial β of the adaptive controller (Stiennon et al. B.1: 0.05)."""
     value_model: str = "critic"
-    """critic (a separate copy of the policy backbone with a scalar head) | head (a scalar head on the policy's last hidden state)."""
+    """critic (a separate copy of the policy backbone with a scalar head) | head (a scalar head on the policy's last
+    hidden state)."""
     vf_coef: float = 0.1
     """Weight of the value loss in the total loss (TRL: 0.1)."""
     clip_value: float = 0.2
@@ -68,7 +69,8 @@ class PPOConfig(OnlineConfig):
     lam: float = 0.95
     """GAE λ (docs/theory.md §7: 0.95)."""
     whiten_advantages: bool = True
-    """Standardise advantages over the rollout (per process; with kl_estimator=exact each completion with the other completions' mean and std, which keeps the direction unbiased: docs/theory.md §3)."""
+    """Standardise advantages over the rollout (per process; with kl_estimator=exact each completion with the other
+    completions' mean and std, which keeps the direction unbiased: docs/theory.md §3)."""
     num_epochs: int = 4
     """PPO epochs over each rollout."""
     ptx_coef: float = 0.0

@@ -68,11 +68,14 @@ class RMConfig(TrainConfig):
     """Config of ``tether rm`` (fields of TrainConfig plus these)."""
 
     dataset: str = ""
-    """Preference pairs, as for tether dpo: .jsonl/.json/.parquet with prompt/chosen/rejected (or chosen/rejected sharing a prefix), a datasets folder, a hub name, hh-rlhf; or rt-polarity: a positive movie-review snippet chosen over a negative one."""
+    """Preference pairs, as for tether dpo: .jsonl/.json/.parquet with prompt/chosen/rejected (or chosen/rejected
+    sharing a prefix), a datasets folder, a hub name, hh-rlhf; or rt-polarity: a positive movie-review snippet chosen
+    over a negative one."""
     dataset_split: str = "train"
     """Split to read from a hub dataset or a saved DatasetDict."""
     eval_dataset: Optional[str] = None
-    """Held-out pairs (same formats); default: the test/validation split of a saved DatasetDict, else eval_fraction of dataset held out."""
+    """Held-out pairs (same formats); default: the test/validation split of a saved DatasetDict, else eval_fraction
+    of dataset held out."""
     eval_fraction: float = 0.05
     """Fraction of dataset held out for eval/rm/accuracy when eval_dataset is not given (0 = none)."""
     limit: Optional[int] = None
@@ -88,7 +91,8 @@ class RMConfig(TrainConfig):
     rejected_field: str = "rejected"
     """Column holding the other completion (e.g. response_k)."""
     columns: Optional[dict] = None
-    """Rename source columns first: a YAML map {question: prompt, response_j: chosen} or 'question=prompt,response_j=chosen'."""
+    """Rename source columns first: a YAML map {question: prompt, response_j: chosen} or
+    'question=prompt,response_j=chosen'."""
     max_length: int = 256
     """Tokens per sequence (prompt + completion); prompts lose tokens from the left, completions from the right."""
     max_prompt_length: Optional[int] = None

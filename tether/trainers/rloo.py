@@ -51,7 +51,9 @@ class RLOOConfig(OnlineConfig):
     samples_per_prompt: int = 4
     """k: completions per prompt (>= 2; the baseline of each is the mean of the other k - 1)."""
     kl_estimator: str = "k1"
-    """KL in the reward: k1 (the paper; unbiased gradient; recommended) | exact (unbiased with its direct term, added to the loss; lower variance per token, but not always per sequence, and a noise floor at π*: docs/theory.md §2) | k2, k3 (biased, docs/theory.md §3)."""
+    """KL in the reward: k1 (the paper; unbiased gradient; recommended) | exact (unbiased with its direct term, added
+    to the loss; lower variance per token, but not always per sequence, and a noise floor at π*: docs/theory.md §2) |
+    k2, k3 (biased, docs/theory.md §3)."""
     loss_aggregation: str = "seq_sum"
     """seq_sum (RLOO: one action per sequence) | token_mean | seq_mean_token_mean."""
     normalize_advantages: bool = False

@@ -58,11 +58,15 @@ class SFTConfig(TrainConfig):
     """Config of ``tether sft`` (fields of TrainConfig plus these)."""
 
     dataset: str = ""
-    """Training data: text file (one example per line), .jsonl/.json/.parquet (text, messages, or prompt + completion; strings or messages), a saved datasets folder, a hub name, or a comma-separated list (e.g. both rt-polarity files)."""
+    """Training data: text file (one example per line), .jsonl/.json/.parquet (text, messages, or prompt +
+    completion; strings or messages), a saved datasets folder, a hub name, or a comma-separated list (e.g. both
+    rt-polarity files)."""
     eval_dataset: Optional[str] = None
-    """Held-out data (same formats); default: the test/validation split of a saved DatasetDict, else eval_examples examples held out from dataset."""
+    """Held-out data (same formats); default: the test/validation split of a saved DatasetDict, else eval_examples
+    examples held out from dataset."""
     eval_examples: int = 200
-    """Examples held out from dataset (or read from its test split) for eval/loss when eval_dataset is not given (0 = no eval)."""
+    """Examples held out from dataset (or read from its test split) for eval/loss when eval_dataset is not given (0 =
+    no eval)."""
     max_length: int = 128
     """Tokens per example (truncated) or per packed block."""
     packing: bool = False
@@ -80,11 +84,13 @@ class SFTConfig(TrainConfig):
     messages_field: str = "messages"
     """Field holding a conversation (a list of {role, content} messages) in table rows."""
     columns: Optional[dict] = None
-    """Rename source columns first: a YAML map {question: prompt, answer: completion} or 'question=prompt,answer=completion'."""
+    """Rename source columns first: a YAML map {question: prompt, answer: completion} or
+    'question=prompt,answer=completion'."""
     chat_template: Optional[str] = None
     """Jinja chat template (string or file) for conversational rows when the tokenizer has none."""
     assistant_only_loss: bool = True
-    """For messages rows: train on the assistant turns only (each with the template's end-of-turn text); off = every token."""
+    """For messages rows: train on the assistant turns only (each with the template's end-of-turn text); off = every
+    token."""
     eval_batch_size: int = 32
     """Examples per forward pass when evaluating."""
 
