@@ -10,7 +10,7 @@ export TETHER_ASSETS
 DEMO_ARGS ?= --quick
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast test-kernels test-vllm bench clean venv gpu-check gpu-wheels
+.PHONY: demo test lint test-fast test-kernels test-vllm bench clean venv gpu-check gpu-wheels
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,13 @@ venv: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/tether demo $(DEMO_ARGS) --output_dir outputs/demo
 
-test: $(VENV)/.installed
+test: lint
 	$(PY) -m pytest -q -n 2 --durations=15 $(PYTEST_ARGS)
+
+# ruff (pyproject.toml: pycodestyle, pyflakes, isort at 120 columns; the formatter): part of `make test`.
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 -m "not slow" $(PYTEST_ARGS)
