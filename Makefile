@@ -31,7 +31,8 @@ demo: $(VENV)/.installed
 test: lint
 	$(PY) -m pytest -q -n 2 --durations=15 $(PYTEST_ARGS)
 
-# ruff (pinned in pyproject.toml: the formatter's output changes between versions; pycodestyle, pyflakes, isort at 120 columns; the formatter): part of `make test`.
+# ruff, pinned in pyproject.toml (the formatter's output changes between versions): pycodestyle, pyflakes
+# and isort at 120 columns, and the formatter. Part of `make test`.
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
