@@ -51,13 +51,14 @@ def metrics(out) -> list[dict]:
 
 
 def assert_same_trajectory(got: list[dict], want: list[dict]) -> None:
-    """Equal metrics step by step: the loss to 1e-5, the rest to a relative 1e-4. Padding-free rows
+    """Equal metrics step by step: the loss to 4x the worst deviation measured over the kernel settings
+    (2.1e-6, SSE4.2; tests/tolerance_report.py), the rest to a relative 1e-4. Padding-free rows
     are packed per micro-batch, so a different split packs sequences differently and their log-prob
     sums (~-100) differ by float rounding (~1e-6 relative); rewards and margins are β times
     differences of such sums, hence the looser relative tolerance. Step 1's accuracy is skipped:
     there π_θ = π_ref, each margin is rounding noise and its sign arbitrary."""
     assert [m["step"] for m in got] == [m["step"] for m in want]
-    assert_close([m["loss"] for m in got], [m["loss"] for m in want], abs=1e-5, what="loss")
+    assert_close([m["loss"] for m in got], [m["loss"] for m in want], abs=measured_tol(2.09e-6), what="loss")
     for k in TRAJ:
         start = 1 if k == "rewards/accuracy" else 0
         assert_close([m[k] for m in got][start:], [m[k] for m in want][start:], rel=1e-4, abs=1e-6, what=k)
