@@ -20,15 +20,18 @@ def _jsonl(path, rows) -> str:
 
 
 def _error(argv, capsys) -> str:
-    """Run ``tether ARGV``; it must fail as a user error (exit 2, one line). Returns that line."""
+    """Run ``tether ARGV``; it must fail as a user error (exit 2, no traceback). Returns the error line."""
     assert cli.main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]  # lines before it: progress bars of a model load
+    assert last.startswith(f"tether {argv[0]}: error: "), err
+    return last
 
 
 @pytest.fixture(autouse=True)
-def _no_debug(monkeypatch, assets_dir):
+def _no_debug(monkeypatch, assets_dir, tmp_path):
+    monkeypatch.chdir(tmp_path)  # a default output_dir lands in the test's folder
     monkeypatch.delenv("TETHER_DEBUG", raising=False)
     monkeypatch.setenv("TETHER_ASSETS", str(assets_dir))
 
@@ -80,3 +83,24 @@ def test_a_chat_template_file_and_jinja_text_are_read():
         f.write(tpl)
         f.flush()
         assert check_template(f.name) == tpl
+
+
+# ---------------------------------------------------------------- null cells in required columns
+
+
+@pytest.mark.parametrize("column", ["prompt", "chosen", "rejected"])
+def test_a_null_cell_in_a_preference_row_is_a_bad_row(column, tmp_path, capsys):
+    """``"prompt": null`` used to be read as an absent prompt (the pair's shared prefix became the prompt)."""
+    bad = dict(PAIRS[0], **{column: None})
+    data = _jsonl(tmp_path / "pairs.jsonl", PAIRS[:2] + [bad] + PAIRS[:1])
+    line = _error(["dpo", "--dataset", data, "--output_dir", str(tmp_path / "o"), "--max_steps", "1"], capsys)
+    assert f"row 2: field '{column}' is null" in line and "--skip_bad_rows" in line
+
+
+def test_skip_bad_rows_skips_and_counts_null_cells():
+    from tether.data.preference import check_rows
+
+    rows = PAIRS[:2] + [dict(PAIRS[0], prompt=None), dict(PAIRS[0], chosen=None)] + PAIRS[:1]
+    kept, skipped = check_rows(rows, skip_bad_rows=True)
+    assert len(kept) == 3
+    assert skipped == {"field 'prompt' is null": 1, "field 'chosen' is null": 1}
