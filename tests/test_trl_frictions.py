@@ -104,3 +104,23 @@ def test_skip_bad_rows_skips_and_counts_null_cells():
     kept, skipped = check_rows(rows, skip_bad_rows=True)
     assert len(kept) == 3
     assert skipped == {"field 'prompt' is null": 1, "field 'chosen' is null": 1}
+
+
+# ---------------------------------------------------------------- the progress bar
+
+
+def test_the_progress_bar_shows_no_kl_before_there_is_one(tmp_path, capsys):
+    """With no KL measured (``--kl_prompts 0``) the bar shows loss and accuracy only, never ``kl=nan``. ~3 s."""
+    data = _jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    argv = ["dpo", "--dataset", data, "--output_dir", str(tmp_path / "o"), "--max_steps", "2", "--batch_size", "2"]
+    assert cli.main(argv + ["--kl_prompts", "0", "--eval_fraction", "0", "--progress", "true"]) == 0
+    err = capsys.readouterr().err
+    assert "loss=" in err and "acc=" in err
+    assert "nan" not in err and "kl=" not in err
+
+
+def test_postfix_leaves_out_missing_values():
+    from tether.training import postfix
+
+    got = postfix(loss=(0.5, ".3f"), kl=(float("nan"), ".2f"), beta=(None, ".3g"), score=(2.0, ".1f"))
+    assert got == {"loss": "0.500", "score": "2.0"}

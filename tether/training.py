@@ -508,5 +508,11 @@ def progress_bar(total: int, initial: int, *, enabled: bool, desc: str):
     return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="step", dynamic_ncols=True)
 
 
+def postfix(**values: tuple) -> dict[str, str]:
+    """The progress bar's postfix from ``name=(value, format)`` pairs, leaving out a value that does not
+    exist yet (None or NaN: the KL before the first evaluation shows nothing, not ``kl=nan``)."""
+    return {k: format(v, fmt) for k, (v, fmt) in values.items() if v is not None and v == v}
+
+
 def final_dir(output_dir: str) -> Path:
     return Path(output_dir) / "final"

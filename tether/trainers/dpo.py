@@ -100,6 +100,7 @@ from ..training import (
     make_optimizer,
     make_scheduler,
     optimizer_step,
+    postfix,
     progress_bar,
     set_train_mode,
     trainable_params,
@@ -676,9 +677,11 @@ def train_dpo(
         )
         bar.update(1)
         bar.set_postfix(
-            loss=f"{metrics['loss']:.3f}",
-            acc=f"{metrics['rewards/accuracy']:.2f}",
-            kl=f"{last_eval.get('kl/ref', float('nan')):.2f}",
+            postfix(
+                loss=(metrics["loss"], ".3f"),
+                acc=(metrics["rewards/accuracy"], ".2f"),
+                kl=(last_eval.get("kl/ref"), ".2f"),  # none until the first evaluation
+            )
         )
         if callback is not None:
             callback(step, metrics)
