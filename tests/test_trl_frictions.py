@@ -21,7 +21,11 @@ def _jsonl(path, rows) -> str:
 
 def _error(argv, capsys) -> str:
     """Run ``tether ARGV``; it must fail as a user error (exit 2, no traceback). Returns the error line."""
-    assert cli.main(argv) == 2
+    try:
+        rc = cli.main(argv)
+    except SystemExit as e:  # a config-file error ends through argparse's parser.error (exit 2)
+        rc = e.code
+    assert rc == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]  # lines before it: progress bars of a model load
@@ -124,3 +128,35 @@ def test_postfix_leaves_out_missing_values():
 
     got = postfix(loss=(0.5, ".3f"), kl=(float("nan"), ".2f"), beta=(None, ".3g"), score=(2.0, ".1f"))
     assert got == {"loss": "0.500", "score": "2.0"}
+
+
+# ---------------------------------------------------------------- save_strategy
+
+
+def _dpo_yaml(tmp_path, **trl) -> str:
+    import yaml
+
+    data = _jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    cfg = {"dataset_name": data, "output_dir": str(tmp_path / "o"), "max_steps": 2, "kl_prompts": 0, **trl}
+    (tmp_path / "trl.yaml").write_text(yaml.safe_dump(cfg))
+    return str(tmp_path / "trl.yaml")
+
+
+def test_save_strategy_no_writes_no_checkpoint_but_the_final_model(tmp_path):
+    """TRL's ``save_strategy: "no"`` (with save_steps set, which it then ignores): no checkpoint, neither
+    periodic nor at the end; ``final/`` is written, as TRL's ``trainer.save_model()`` writes it. ~3 s."""
+    config = _dpo_yaml(tmp_path, save_strategy="no", save_steps=1, per_device_train_batch_size=2)
+    assert cli.main(["dpo", "--config", config, "--eval_fraction", "0", "--progress", "false"]) == 0
+    out = tmp_path / "o"
+    assert (out / "final").is_dir()
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
+
+
+def test_save_strategy_steps_keeps_checkpoints_and_epoch_is_refused(tmp_path, capsys):
+    from tether.config import parse_config
+    from tether.trainers.dpo import DPOConfig
+
+    assert parse_config(DPOConfig, ["--config", _dpo_yaml(tmp_path, save_strategy="steps")])[0].save_checkpoints
+    assert not parse_config(DPOConfig, ["--config", _dpo_yaml(tmp_path, save_strategy="no")])[0].save_checkpoints
+    line = _error(["dpo", "--config", _dpo_yaml(tmp_path, save_strategy="epoch")], capsys)
+    assert "save_strategy" in line and "save_steps" in line

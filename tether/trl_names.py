@@ -70,7 +70,6 @@ IGNORED = frozenset(
         "hub_strategy",
         "hub_private_repo",
         "hub_token",
-        "save_strategy",
         "logging_strategy",
         "eval_strategy",
         "evaluation_strategy",
@@ -200,6 +199,7 @@ KNOWN = (
     | frozenset(
         {
             "dataset_name",
+            "save_strategy",
             "max_completion_length",
             "reward_funcs",
             "reward_model_name_or_path",
@@ -275,6 +275,13 @@ def translate(name: str, value: Any, fields: set[str]) -> Optional[list[tuple[st
         if _same(value, allowed):
             return []
         raise refuse(name, value, advice)
+    if name == "save_strategy":  # "no": no checkpoints (final/ is still written, as TRL's save_model does)
+        strategy = str(value).strip().lower()
+        if strategy == "no":
+            return [("save_checkpoints", False)] if "save_checkpoints" in fields else []
+        if strategy == "steps":
+            return []
+        raise refuse(name, value, 'tether saves every save_steps steps ("steps") or not at all ("no")')
     if name == "dataset_name":
         for target in ("dataset", "prompts"):
             if target in fields:

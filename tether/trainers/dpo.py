@@ -577,7 +577,9 @@ def train_dpo(
     opt = make_optimizer(params, cfg)
     sched = make_scheduler(opt, cfg)
     guard = StepGuard(cfg.max_nonfinite_steps)
-    ckpt = Checkpointer(run, policy, opt, sched, controller=controller, reference=reference, guard=guard)
+    ckpt = Checkpointer(
+        run, policy, opt, sched, controller=controller, reference=reference, guard=guard, enabled=cfg.save_checkpoints
+    )
     step, state = ckpt.resume() if resume else (0, {})
     history, eval_history = list(state.get("history", [])), list(state.get("eval_history", []))
     kl_prompts = [p["prompt_ids"] for p in held[: cfg.kl_prompts]]

@@ -725,7 +725,7 @@ def setup(
         opt=opt,
         sched=sched,
         controller=controller,
-        ckpt=Checkpointer(run, policy, opt, sched, controller, reference, guard=guard),
+        ckpt=Checkpointer(run, policy, opt, sched, controller, reference, guard=guard, enabled=cfg.save_checkpoints),
         guard=guard,
     )
     if s.rewards.logged:
