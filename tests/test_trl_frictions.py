@@ -160,3 +160,46 @@ def test_save_strategy_steps_keeps_checkpoints_and_epoch_is_refused(tmp_path, ca
     assert not parse_config(DPOConfig, ["--config", _dpo_yaml(tmp_path, save_strategy="no")])[0].save_checkpoints
     line = _error(["dpo", "--config", _dpo_yaml(tmp_path, save_strategy="epoch")], capsys)
     assert "save_strategy" in line and "save_steps" in line
+
+
+# ---------------------------------------------------------------- TRL's vLLM switches
+
+
+def test_use_vllm_is_tethers_vllm_backend(tmp_path):
+    from tether.config import parse_config
+    from tether.trainers.dpo import DPOConfig
+    from tether.trainers.grpo import GRPOConfig
+
+    def cfg(cls, **trl):
+        import yaml
+
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(trl))
+        return parse_config(cls, ["--config", str(tmp_path / "c.yaml")])[0]
+
+    got = cfg(GRPOConfig, use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.5)
+    assert (got.backend, got.vllm_gpu_memory_utilization) == ("vllm", 0.5)
+    assert cfg(GRPOConfig, use_vllm=False).backend == "builtin"
+    assert cfg(DPOConfig, use_vllm=False).beta == DPOConfig().beta  # a no-op where nothing is sampled
+
+
+def test_use_vllm_reaches_the_vllm_backend_checks_and_server_mode_is_refused(tmp_path, capsys, no_weights):
+    """``use_vllm: true`` selects the vLLM backend, whose preflight runs (on a CPU machine it stops there,
+    before any weights load); ``vllm_mode: server`` is refused by name."""
+    import yaml
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Once upon a time\nThe dog ran\n")
+    base = {"dataset_name": str(prompts), "reward_funcs": "tests/reward_fns.py:length_reward", "max_steps": 1}
+    (tmp_path / "server.yaml").write_text(yaml.safe_dump({**base, "use_vllm": True, "vllm_mode": "server"}))
+    line = _error(["grpo", "--config", str(tmp_path / "server.yaml")], capsys)
+    assert "vllm_mode: 'server' is not supported" in line and "colocate" in line
+    (tmp_path / "colocate.yaml").write_text(yaml.safe_dump({**base, "use_vllm": True, "vllm_mode": "colocate"}))
+    try:
+        rc = cli.main(["grpo", "--config", str(tmp_path / "colocate.yaml"), "--top_k", "5"])
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err
+    assert "samples with the policy itself" not in err and "use_vllm" not in err
+    # the vLLM backend's own checks ran and refused (on any machine): top_k, which vLLM cannot score; on a
+    # CPU also stories260K's head size, outside vLLM's CPU attention; without vLLM, the missing package
+    assert rc == 2 and "backend=vllm" in err.strip().splitlines()[-1]
