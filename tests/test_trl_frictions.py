@@ -203,3 +203,32 @@ def test_use_vllm_reaches_the_vllm_backend_checks_and_server_mode_is_refused(tmp
     # the vLLM backend's own checks ran and refused (on any machine): top_k, which vLLM cannot score; on a
     # CPU also stories260K's head size, outside vLLM's CPU attention; without vLLM, the missing package
     assert rc == 2 and "backend=vllm" in err.strip().splitlines()[-1]
+
+
+# ---------------------------------------------------------------- SFT's hold-out
+
+
+def _sft(tmp_path, n: int, *extra: str) -> tuple[int, list[dict]]:
+    data = tmp_path / "stories.txt"
+    data.write_text("".join(f"Once upon a time there was a dog number {i}.\n" for i in range(n)))
+    out = tmp_path / "o"
+    argv = ["sft", "--dataset", str(data), "--output_dir", str(out), "--max_steps", "1", "--batch_size", "4"]
+    rc = cli.main(argv + ["--max_length", "32", "--progress", "false", *extra])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] if rc == 0 else []
+    return rc, rows
+
+
+def test_sft_holds_out_a_tenth_of_a_small_dataset_by_default(tmp_path, caplog):
+    """64 examples: 6 held out (10%, under the cap of 200), where the old default of 200 refused the run. ~2 s."""
+    from tether.data.text import heldout_size
+
+    assert [heldout_size(n, None) for n in (5, 64, 1999, 5000)] == [0, 6, 199, 200]
+    rc, rows = _sft(tmp_path, 64)
+    assert rc == 0 and any("eval/loss" in r for r in rows)
+
+
+def test_sft_never_refuses_a_small_dataset_for_its_hold_out(tmp_path, caplog):
+    """eval_examples as large as the data: a warning, and the run trains on all of it with no eval/loss."""
+    rc, rows = _sft(tmp_path, 8, "--eval_examples", "8")
+    assert rc == 0 and not any("eval/loss" in r for r in rows)
+    assert "would leave nothing to train on" in caplog.text
