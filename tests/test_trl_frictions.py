@@ -6,6 +6,7 @@ dataset. The error cases end before any weights load."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -189,7 +190,11 @@ def test_use_vllm_reaches_the_vllm_backend_checks_and_server_mode_is_refused(tmp
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("Once upon a time\nThe dog ran\n")
-    base = {"dataset_name": str(prompts), "reward_funcs": "tests/reward_fns.py:length_reward", "max_steps": 1}
+    base = {
+        "dataset_name": str(prompts),
+        "reward_funcs": f"{Path(__file__).parent / 'reward_fns.py'}:length_reward",
+        "max_steps": 1,
+    }
     (tmp_path / "server.yaml").write_text(yaml.safe_dump({**base, "use_vllm": True, "vllm_mode": "server"}))
     line = _error(["grpo", "--config", str(tmp_path / "server.yaml")], capsys)
     assert "vllm_mode: 'server' is not supported" in line and "colocate" in line
