@@ -333,7 +333,7 @@ def test_a_trl_sft_yaml_reads_as_tether_sft(tmp_path, capsys):
     "key, value, advice",
     [
         ("epsilon_high", 0.28, "tether clips symmetrically"),
-        ("use_vllm", True, "tether samples with the policy itself"),
+        ("vllm_mode", "server", "tether runs vLLM inside the training process only"),
         ("fp16", True, "use bf16: true"),
         ("optim", "adafactor", "tether uses torch AdamW"),
         ("loss_type", "dr_grpo", "use loss_aggregation"),
@@ -346,8 +346,8 @@ def test_a_trl_field_tether_cannot_honour_fails_with_one_message(tmp_path, capsy
     message = err.strip().splitlines()[-1]
     assert f"TRL field {key}: {value!r} is not supported by tether; {advice}" in message
     # the same setting at the value tether already uses is accepted
-    if key in ("epsilon_high", "use_vllm", "fp16"):
-        from_dict(GRPOConfig, {key: {"epsilon_high": None, "use_vllm": False, "fp16": False}[key]})
+    if key in ("epsilon_high", "vllm_mode", "fp16"):
+        from_dict(GRPOConfig, {key: {"epsilon_high": None, "vllm_mode": "colocate", "fp16": False}[key]})
 
 
 def test_alias_conflicts_name_both_keys(tmp_path, capsys):

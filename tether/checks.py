@@ -90,6 +90,16 @@ def check_train_config(cfg: Any) -> None:
 
     if fsdp_requested(cfg):
         check_fsdp(cfg)  # sharding's exclusions (LoRA, a reference sharing the policy's weights)
+    check_chat_template(cfg)
+
+
+def check_chat_template(cfg: Any) -> None:
+    """``chat_template``, when set, is a file or Jinja text that renders a user/assistant conversation
+    (``tether.data.chat.check_template``): a mistyped path fails here, not as a template that prints it."""
+    if getattr(cfg, "chat_template", None):
+        from .data.chat import check_template
+
+        check_template(cfg.chat_template)
 
 
 def check_beta(cfg: Any) -> None:
@@ -498,6 +508,7 @@ def preflight_sampling(
 
     check_backend(getattr(cfg, "backend", "builtin"), getattr(cfg, "decoder", "auto"))
     check_vllm_options(cfg)
+    check_chat_template(cfg)
     path, config = check_model(model, field=model_field, assets=assets)
     check_backend_model(getattr(cfg, "backend", "builtin"), config, settings, decoder=getattr(cfg, "decoder", "auto"))
     prompts = check_prompts_file(prompts_path, tokenizer=_tokenizer(path), cfg=cfg)

@@ -156,7 +156,12 @@ def stop_if_signalled(step: int, max_steps: int, dist, ckpt, save: Optional[Call
     signum = _state["signum"]
     name = signal.Signals(signum).name if signum is not None else "a signal on another process"
     path = ckpt.run.checkpoints / f"step-{step}"
-    log.warning("stopped by %s after step %d; checkpoint %s; continue with --resume", name, step, path)
+    if getattr(ckpt, "enabled", True):
+        log.warning("stopped by %s after step %d; checkpoint %s; continue with --resume", name, step, path)
+    else:
+        log.warning(
+            "stopped by %s after step %d; no checkpoint (save_checkpoints: false): it cannot resume", name, step
+        )
     ckpt.run.close()
     dist.finish()
     raise Preempted(name, step, str(path))

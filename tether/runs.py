@@ -323,6 +323,7 @@ SAFE_TO_CHANGE = frozenset(
     {
         "max_steps",
         "save_every",
+        "save_checkpoints",
         "log_every",
         "eval_every",
         "progress",

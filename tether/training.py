@@ -106,6 +106,9 @@ class TrainConfig:
     save_every: int = 0
     """Write a checkpoint every N steps (0 = only at the end). A run stopped by SIGTERM, SIGINT or SIGUSR1
     also writes one, after the step in flight, and exits 75 (docs/reliability.md)."""
+    save_checkpoints: bool = True
+    """Write checkpoints (every save_every steps, at the end, and on a stop signal). false (TRL's
+    save_strategy: "no"): none, so the run cannot be resumed; output_dir/final is still written."""
     save_total_limit: Optional[int] = 2
     """Checkpoints kept in output_dir/checkpoints (TRL's name); an older one is deleted only once its
     successor is complete. 2 lets --resume fall back on the previous one if the latest is unreadable.
@@ -438,8 +441,11 @@ class Checkpointer:
     extra: dict = field(default_factory=dict)
     guard: Optional[StepGuard] = None
     saved_step: Optional[int] = None  # the step of the last checkpoint written (tether.preempt skips a second one)
+    enabled: bool = True  # False: save writes nothing (save_checkpoints: false)
 
     def save(self, step: int, *, data_state: Optional[dict] = None) -> None:
+        if not self.enabled:
+            return
         weights = full_state_dict(self.model)  # fsdp: every process gathers; rank 0 writes full tensors
         state = {
             "step": step,
@@ -507,6 +513,12 @@ def progress_bar(total: int, initial: int, *, enabled: bool, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="step", dynamic_ncols=True)
+
+
+def postfix(**values: tuple) -> dict[str, str]:
+    """The progress bar's postfix from ``name=(value, format)`` pairs, leaving out a value that does not
+    exist yet (None or NaN: the KL before the first evaluation shows nothing, not ``kl=nan``)."""
+    return {k: format(v, fmt) for k, (v, fmt) in values.items() if v is not None and v == v}
 
 
 def final_dir(output_dir: str) -> Path:

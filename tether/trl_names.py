@@ -70,7 +70,6 @@ IGNORED = frozenset(
         "hub_strategy",
         "hub_private_repo",
         "hub_token",
-        "save_strategy",
         "logging_strategy",
         "eval_strategy",
         "evaluation_strategy",
@@ -116,7 +115,6 @@ IGNORED = frozenset(
         "torch_empty_cache_steps",
         "ignore_data_skip",
         "resume_from_checkpoint",
-        "vllm_mode",
         "vllm_gpu_memory_utilization",
         "vllm_server_host",
         "vllm_server_port",
@@ -130,7 +128,6 @@ SAME_AS_TETHER: dict[str, tuple[set, str]] = {
     # refused with the advice given.
     "push_to_hub": ({False}, "tether saves to output_dir/final; push it with `huggingface-cli upload`"),
     "fp16": ({False}, "use bf16: true (dtype: bfloat16) or dtype: float32"),
-    "use_vllm": ({False}, "tether samples with the policy itself (tether.engine); remove use_vllm"),
     "load_in_4bit": ({False}, "quantised training is not supported; use lora_r with a bf16 model"),
     "load_in_8bit": ({False}, "quantised training is not supported; use lora_r with a bf16 model"),
     "use_bnb_nested_quant": ({False}, "quantised training is not supported"),
@@ -200,6 +197,9 @@ KNOWN = (
     | frozenset(
         {
             "dataset_name",
+            "save_strategy",
+            "use_vllm",
+            "vllm_mode",
             "max_completion_length",
             "reward_funcs",
             "reward_model_name_or_path",
@@ -275,6 +275,28 @@ def translate(name: str, value: Any, fields: set[str]) -> Optional[list[tuple[st
         if _same(value, allowed):
             return []
         raise refuse(name, value, advice)
+    if name == "use_vllm":  # TRL's switch for sampling with vLLM: tether's backend: vllm
+        truth = _truth(value)
+        if truth is None:
+            raise UserError(f"TRL field use_vllm: cannot read {value!r} as a boolean; use true or false")
+        if "backend" in fields:
+            return [("backend", "vllm")] if truth else []
+        if truth:
+            raise refuse(name, value, "this command does not sample completions; remove use_vllm")
+        return []
+    if name == "vllm_mode":
+        if str(value).strip().lower() == "colocate":
+            return []
+        raise refuse(
+            name, value, "tether runs vLLM inside the training process only (vllm_mode: colocate, backend: vllm)"
+        )
+    if name == "save_strategy":  # "no": no checkpoints (final/ is still written, as TRL's save_model does)
+        strategy = str(value).strip().lower()
+        if strategy == "no":
+            return [("save_checkpoints", False)] if "save_checkpoints" in fields else []
+        if strategy == "steps":
+            return []
+        raise refuse(name, value, 'tether saves every save_steps steps ("steps") or not at all ("no")')
     if name == "dataset_name":
         for target in ("dataset", "prompts"):
             if target in fields:

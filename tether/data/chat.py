@@ -5,6 +5,8 @@ with these functions, so a prompt is the same string, and the same tokens, where
 
 - ``use_template(tokenizer, chat_template)``: installs ``--chat_template`` (a Jinja string or a file
   holding one) on the tokenizer; errors if neither it nor the tokenizer has a template.
+  ``check_template`` reads and renders it without a tokenizer, before any weights load: a value that
+  looks like a path and is not a file, or a template that cannot render a conversation, is an error.
 - ``render_prompt``: a prompt's messages with the template's generation prompt (the text after
   which the assistant's answer starts; ``add_generation_prompt=True``), what the sampler continues.
 - ``split_completion``: prompt messages + completion messages -> (prompt text, completion texts),
@@ -50,12 +52,71 @@ def check_messages(v: Sequence[dict], where: str) -> list[dict]:
     return out
 
 
+TEMPLATE_SUFFIXES = (".jinja", ".jinja2", ".j2", ".txt", ".tmpl")
+# A two-turn conversation every chat template must render, with both contents in its text.
+PROBE_CONVERSATION = (
+    {"role": "user", "content": "tether-probe-question"},
+    {"role": "assistant", "content": "tether-probe-answer"},
+)
+
+
+def looks_like_template_path(spec: str) -> bool:
+    """True for a ``--chat_template`` value meant as a file: one line, no Jinja markers, and a template
+    file suffix or a path separator (Jinja text holds ``{{`` / ``{%``, a path does not)."""
+    s = spec.strip()
+    if "\n" in s or "{{" in s or "{%" in s:
+        return False
+    return s.lower().endswith(TEMPLATE_SUFFIXES) or "/" in s or os.sep in s or s.startswith("~")
+
+
+def read_template(chat_template: str, *, field: str = "chat_template") -> str:
+    """The Jinja text of ``--chat_template``: the file's contents when it names a file, the value itself
+    when it is Jinja text. A value that looks like a path but is not a file is a UserError (it would
+    otherwise become a template that prints the path)."""
+    try:
+        p = Path(chat_template).expanduser()
+        if p.is_file():
+            return p.read_text()
+    except OSError:  # Jinja text too long to be a file name
+        return chat_template
+    if looks_like_template_path(chat_template):
+        what = "is a folder" if p.is_dir() else "no such file"
+        raise UserError(
+            f"--{field} {chat_template}: {what}; pass an existing template file (.jinja) or the Jinja text itself"
+        )
+    return chat_template
+
+
+def check_template(chat_template: str, *, field: str = "chat_template") -> str:
+    """Read ``--chat_template`` (``read_template``) and render ``PROBE_CONVERSATION`` with it, without a
+    tokenizer: a template that does not compile, fails on a user/assistant exchange, or drops the
+    messages' text is a one-line UserError. Returns the template text."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    text = read_template(chat_template, field=field)
+    try:
+        (rendered,), _ = render_jinja_template(
+            [list(PROBE_CONVERSATION)], chat_template=text, bos_token="", eos_token="", pad_token="", unk_token=""
+        )
+    except Exception as e:  # jinja2's TemplateSyntaxError / UndefinedError, or the template's raise_exception
+        reason = " ".join(f"{type(e).__name__}: {e}".split())
+        raise UserError(
+            f"--{field}: the template does not render a user/assistant conversation ({reason}); fix the template"
+        ) from None
+    missing = [m["role"] for m in PROBE_CONVERSATION if m["content"] not in rendered]
+    if missing:
+        raise UserError(
+            f"--{field}: the template renders a user/assistant conversation without the {' and '.join(missing)} "
+            f"message's text (got {rendered[:60]!r}); the template must print each message's content"
+        )
+    return text
+
+
 def use_template(tokenizer, chat_template: Optional[str], *, where: str = "data") -> str:
     """Install ``chat_template`` (Jinja text, or a path to a file holding it) on ``tokenizer`` and
     return the template in force. Raises UserError when there is none."""
     if chat_template:
-        text = Path(chat_template).read_text() if os.path.isfile(chat_template) else chat_template
-        tokenizer.chat_template = text
+        tokenizer.chat_template = read_template(chat_template)
     tpl = getattr(tokenizer, "chat_template", None)
     if not tpl:
         raise UserError(

@@ -213,8 +213,11 @@ def check_row(
     if not isinstance(row, dict):
         raise PreferenceDataError(f"{where}: expected an object with 'chosen' and 'rejected', got {type(row).__name__}")
     for f in ("chosen", "rejected"):
-        if f not in row or row[f] is None:
+        if f not in row:
             raise PreferenceDataError(f"{where}: missing field {f!r} (found {sorted(row)})")
+    for f in ("prompt", "chosen", "rejected"):  # a null cell is a bad row, never an empty or implicit prompt
+        if f in row and row[f] is None:
+            raise PreferenceDataError(f"{where}: field {f!r} is null")
     chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
     conversational = _is_messages(chosen) or _is_messages(rejected)
     if conversational:

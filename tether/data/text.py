@@ -337,12 +337,34 @@ def load_text_examples(
     return out
 
 
-def split_heldout(examples: Sequence, n_eval: int, *, seed: int) -> tuple[list, list]:
-    """(train, eval): a seeded random ``n_eval`` examples held out; n_eval must leave some to train on."""
+HELDOUT_FRACTION = 0.1
+HELDOUT_CAP = 200
+
+
+def heldout_size(n: int, n_eval: Optional[int]) -> int:
+    """Examples to hold out of ``n``: ``n_eval`` when given, else 10% capped at 200 (0 under 10
+    examples). A hold-out that would leave nothing to train on is dropped, with a warning: a small
+    dataset is never refused for its evaluation."""
+    if n_eval is None:
+        n_eval = min(HELDOUT_CAP, int(n * HELDOUT_FRACTION))
+        if n_eval == 0 and n:
+            log.warning("sft data: %d examples are too few to hold any out; no eval/loss (pass eval_dataset)", n)
+    if n_eval >= n > 0:
+        log.warning(
+            "sft data: eval_examples=%d would leave nothing to train on (%d examples); training on all of "
+            "them with no hold-out (no eval/loss; pass eval_dataset or a smaller eval_examples)",
+            n_eval,
+            n,
+        )
+        return 0
+    return max(n_eval, 0)
+
+
+def split_heldout(examples: Sequence, n_eval: Optional[int], *, seed: int) -> tuple[list, list]:
+    """(train, eval): a seeded random ``heldout_size(len(examples), n_eval)`` examples held out."""
+    n_eval = heldout_size(len(examples), n_eval)
     if n_eval <= 0:
         return list(examples), []
-    if n_eval >= len(examples):
-        raise UserError(f"eval_examples={n_eval} leaves nothing to train on ({len(examples)} examples); lower it")
     perm = torch.randperm(len(examples), generator=rng.generator(seed + 7919)).tolist()
     held = set(perm[:n_eval])
     return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]

@@ -100,6 +100,7 @@ from ..training import (
     make_optimizer,
     make_scheduler,
     optimizer_step,
+    postfix,
     progress_bar,
     set_train_mode,
     trainable_params,
@@ -578,7 +579,9 @@ def train_dpo(
     opt = make_optimizer(params, cfg)
     sched = make_scheduler(opt, cfg)
     guard = StepGuard(cfg.max_nonfinite_steps)
-    ckpt = Checkpointer(run, policy, opt, sched, controller=controller, reference=reference, guard=guard)
+    ckpt = Checkpointer(
+        run, policy, opt, sched, controller=controller, reference=reference, guard=guard, enabled=cfg.save_checkpoints
+    )
     step, state = ckpt.resume() if resume else (0, {})
     history, eval_history = list(state.get("history", [])), list(state.get("eval_history", []))
     kl_prompts = [p["prompt_ids"] for p in held[: cfg.kl_prompts]]
@@ -678,9 +681,11 @@ def train_dpo(
         )
         bar.update(1)
         bar.set_postfix(
-            loss=f"{metrics['loss']:.3f}",
-            acc=f"{metrics['rewards/accuracy']:.2f}",
-            kl=f"{last_eval.get('kl/ref', float('nan')):.2f}",
+            postfix(
+                loss=(metrics["loss"], ".3f"),
+                acc=(metrics["rewards/accuracy"], ".2f"),
+                kl=(last_eval.get("kl/ref"), ".2f"),  # none until the first evaluation
+            )
         )
         if callback is not None:
             callback(step, metrics)

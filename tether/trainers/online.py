@@ -81,6 +81,7 @@ from ..training import (
     load_policy,
     make_optimizer,
     make_scheduler,
+    postfix,
     progress_bar,
     step_schedule,
     trainable_params,
@@ -754,7 +755,7 @@ def setup(
         opt=opt,
         sched=sched,
         controller=controller,
-        ckpt=Checkpointer(run, policy, opt, sched, controller, reference, guard=guard),
+        ckpt=Checkpointer(run, policy, opt, sched, controller, reference, guard=guard, enabled=cfg.save_checkpoints),
         guard=guard,
     )
     if s.rewards.logged:
@@ -928,7 +929,9 @@ def train_online(
             s.save()
         stop_if_signalled(s.step, cfg.max_steps, dist, s.ckpt, save=s.save)  # a signal: checkpoint, exit 75
         bar.update(1)
-        bar.set_postfix(score=f"{metrics['reward/score']:.3f}", kl=f"{metrics['kl/ref']:.2f}", beta=f"{beta:.3g}")
+        bar.set_postfix(
+            postfix(score=(metrics.get("reward/score"), ".3f"), kl=(metrics.get("kl/ref"), ".2f"), beta=(beta, ".3g"))
+        )
     bar.close()
     s.save()
     final = save_final(s.policy, cfg.output_dir, tokenizer=s.tok, merge_lora=cfg.merge_lora, is_main=dist.is_main)

@@ -23,7 +23,15 @@ from typing import Optional, Sequence
 import torch
 
 from ..config import config_group
-from ..data.text import batch_indices, collate, eval_split_of, load_text_examples, prepare_sft, split_heldout
+from ..data.text import (
+    HELDOUT_CAP,
+    batch_indices,
+    collate,
+    eval_split_of,
+    load_text_examples,
+    prepare_sft,
+    split_heldout,
+)
 from ..diagnostics.forgetting import starting_model_probe
 from ..distributed import Dist
 from ..errors import UserError
@@ -64,9 +72,10 @@ class SFTConfig(TrainConfig):
     eval_dataset: Optional[str] = None
     """Held-out data (same formats); default: the test/validation split of a saved DatasetDict, else eval_examples
     examples held out from dataset."""
-    eval_examples: int = 200
-    """Examples held out from dataset (or read from its test split) for eval/loss when eval_dataset is not given (0 =
-    no eval)."""
+    eval_examples: Optional[int] = None
+    """Examples held out from dataset (or read from its test split) for eval/loss when eval_dataset is not given.
+    None (default): 10% of dataset, at most 200, none under 10 examples; 0 = no eval. A hold-out that would
+    leave nothing to train on is dropped with a warning (the run trains on everything)."""
     max_length: int = 128
     """Tokens per example (truncated) or per packed block."""
     packing: bool = False
@@ -144,8 +153,9 @@ def load_sft_data(cfg: SFTConfig, tok) -> tuple[list, list]:
     held_split = None if cfg.eval_dataset else eval_split_of(cfg.dataset)
     if cfg.eval_dataset:
         train_ex, eval_ex = examples, load_text_examples(cfg.eval_dataset, **kw)
-    elif held_split and cfg.eval_examples:
-        train_ex, eval_ex = examples, load_text_examples(cfg.dataset, split=held_split, **kw)[: cfg.eval_examples]
+    elif held_split and cfg.eval_examples != 0:
+        cap = HELDOUT_CAP if cfg.eval_examples is None else cfg.eval_examples
+        train_ex, eval_ex = examples, load_text_examples(cfg.dataset, split=held_split, **kw)[:cap]
         log.info("sft data: evaluating on the %r split of %s", held_split, cfg.dataset)
     else:
         train_ex, eval_ex = split_heldout(examples, cfg.eval_examples, seed=cfg.seed)
@@ -184,7 +194,7 @@ def train_sft(cfg: SFTConfig, *, resume: bool = False, preflight: bool = True) -
     opt = make_optimizer(params, cfg)
     sched = make_scheduler(opt, cfg)
     guard = StepGuard(cfg.max_nonfinite_steps)
-    ckpt = Checkpointer(run, model, opt, sched, guard=guard)
+    ckpt = Checkpointer(run, model, opt, sched, guard=guard, enabled=cfg.save_checkpoints)
     step, state = ckpt.resume() if resume else (0, {})
     history, eval_history = list(state.get("history", [])), list(state.get("eval_history", []))
 

@@ -1,0 +1,239 @@
+"""Frictions a TRL user met in a first hour with tether (docs/from-trl.md), each through the CLI in process
+(``tether.cli.main``): a mistyped ``--chat_template`` path, null cells in required columns, the progress bar
+before the first evaluation, ``save_strategy: "no"``, TRL's vLLM switches, and SFT's hold-out on a small
+dataset. The error cases end before any weights load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tether import cli
+
+PAIRS = [{"prompt": "The film", "chosen": " was good", "rejected": " was bad"}] * 4
+
+
+def _jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _error(argv, capsys) -> str:
+    """Run ``tether ARGV``; it must fail as a user error (exit 2, no traceback). Returns the error line."""
+    try:
+        rc = cli.main(argv)
+    except SystemExit as e:  # a config-file error ends through argparse's parser.error (exit 2)
+        rc = e.code
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]  # lines before it: progress bars of a model load
+    assert last.startswith(f"tether {argv[0]}: error: "), err
+    return last
+
+
+@pytest.fixture(autouse=True)
+def _no_debug(monkeypatch, assets_dir, tmp_path):
+    monkeypatch.chdir(tmp_path)  # a default output_dir lands in the test's folder
+    monkeypatch.delenv("TETHER_DEBUG", raising=False)
+    monkeypatch.setenv("TETHER_ASSETS", str(assets_dir))
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Fail the test if a command loads a model's weights."""
+    import transformers
+
+    def refuse(*a, **k):
+        raise AssertionError("weights loaded before the checks failed")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+# ---------------------------------------------------------------- --chat_template
+
+
+@pytest.mark.parametrize("value", ["templates/chatml.jinja", "chatml.jinja", "chat.j2", "tpl/chat"])
+def test_a_chat_template_path_that_is_not_a_file_is_an_error(value, tmp_path, capsys, no_weights):
+    data = _jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    line = _error(["dpo", "--dataset", data, "--chat_template", value, "--output_dir", str(tmp_path / "o")], capsys)
+    assert f"--chat_template {value}: no such file" in line
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "template, says",
+    [
+        ("{% for m in messages %}{{ m['content'] }", "TemplateSyntaxError"),  # unclosed expression
+        ("{{ raise_exception('no system message') }}", "no system message"),
+        ("<|im_start|>assistant\n", "without the user and assistant message's text"),  # constant text
+    ],
+)
+def test_a_chat_template_must_render_a_conversation(template, says, tmp_path, capsys, no_weights):
+    data = _jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    line = _error(["dpo", "--dataset", data, "--chat_template", template], capsys)
+    assert line.startswith("tether dpo: error: --chat_template") and says in line
+
+
+def test_a_chat_template_file_and_jinja_text_are_read():
+    from tether.data.chat import check_template
+
+    tpl = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+    assert check_template(tpl) == tpl  # Jinja text holding '/' is text, not a path
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".jinja") as f:
+        f.write(tpl)
+        f.flush()
+        assert check_template(f.name) == tpl
+
+
+# ---------------------------------------------------------------- null cells in required columns
+
+
+@pytest.mark.parametrize("column", ["prompt", "chosen", "rejected"])
+def test_a_null_cell_in_a_preference_row_is_a_bad_row(column, tmp_path, capsys):
+    """``"prompt": null`` used to be read as an absent prompt (the pair's shared prefix became the prompt)."""
+    bad = dict(PAIRS[0], **{column: None})
+    data = _jsonl(tmp_path / "pairs.jsonl", PAIRS[:2] + [bad] + PAIRS[:1])
+    line = _error(["dpo", "--dataset", data, "--output_dir", str(tmp_path / "o"), "--max_steps", "1"], capsys)
+    assert f"row 2: field '{column}' is null" in line and "--skip_bad_rows" in line
+
+
+def test_skip_bad_rows_skips_and_counts_null_cells():
+    from tether.data.preference import check_rows
+
+    rows = PAIRS[:2] + [dict(PAIRS[0], prompt=None), dict(PAIRS[0], chosen=None)] + PAIRS[:1]
+    kept, skipped = check_rows(rows, skip_bad_rows=True)
+    assert len(kept) == 3
+    assert skipped == {"field 'prompt' is null": 1, "field 'chosen' is null": 1}
+
+
+# ---------------------------------------------------------------- the progress bar
+
+
+def test_the_progress_bar_shows_no_kl_before_there_is_one(tmp_path, capsys):
+    """With no KL measured (``--kl_prompts 0``) the bar shows loss and accuracy only, never ``kl=nan``. ~3 s."""
+    data = _jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    argv = ["dpo", "--dataset", data, "--output_dir", str(tmp_path / "o"), "--max_steps", "2", "--batch_size", "2"]
+    assert cli.main(argv + ["--kl_prompts", "0", "--eval_fraction", "0", "--progress", "true"]) == 0
+    err = capsys.readouterr().err
+    assert "loss=" in err and "acc=" in err
+    assert "nan" not in err and "kl=" not in err
+
+
+def test_postfix_leaves_out_missing_values():
+    from tether.training import postfix
+
+    got = postfix(loss=(0.5, ".3f"), kl=(float("nan"), ".2f"), beta=(None, ".3g"), score=(2.0, ".1f"))
+    assert got == {"loss": "0.500", "score": "2.0"}
+
+
+# ---------------------------------------------------------------- save_strategy
+
+
+def _dpo_yaml(tmp_path, **trl) -> str:
+    import yaml
+
+    data = _jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    cfg = {"dataset_name": data, "output_dir": str(tmp_path / "o"), "max_steps": 2, "kl_prompts": 0, **trl}
+    (tmp_path / "trl.yaml").write_text(yaml.safe_dump(cfg))
+    return str(tmp_path / "trl.yaml")
+
+
+def test_save_strategy_no_writes_no_checkpoint_but_the_final_model(tmp_path):
+    """TRL's ``save_strategy: "no"`` (with save_steps set, which it then ignores): no checkpoint, neither
+    periodic nor at the end; ``final/`` is written, as TRL's ``trainer.save_model()`` writes it. ~3 s."""
+    config = _dpo_yaml(tmp_path, save_strategy="no", save_steps=1, per_device_train_batch_size=2)
+    assert cli.main(["dpo", "--config", config, "--eval_fraction", "0", "--progress", "false"]) == 0
+    out = tmp_path / "o"
+    assert (out / "final").is_dir()
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
+
+
+def test_save_strategy_steps_keeps_checkpoints_and_epoch_is_refused(tmp_path, capsys):
+    from tether.config import parse_config
+    from tether.trainers.dpo import DPOConfig
+
+    assert parse_config(DPOConfig, ["--config", _dpo_yaml(tmp_path, save_strategy="steps")])[0].save_checkpoints
+    assert not parse_config(DPOConfig, ["--config", _dpo_yaml(tmp_path, save_strategy="no")])[0].save_checkpoints
+    line = _error(["dpo", "--config", _dpo_yaml(tmp_path, save_strategy="epoch")], capsys)
+    assert "save_strategy" in line and "save_steps" in line
+
+
+# ---------------------------------------------------------------- TRL's vLLM switches
+
+
+def test_use_vllm_is_tethers_vllm_backend(tmp_path):
+    from tether.config import parse_config
+    from tether.trainers.dpo import DPOConfig
+    from tether.trainers.grpo import GRPOConfig
+
+    def cfg(cls, **trl):
+        import yaml
+
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(trl))
+        return parse_config(cls, ["--config", str(tmp_path / "c.yaml")])[0]
+
+    got = cfg(GRPOConfig, use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.5)
+    assert (got.backend, got.vllm_gpu_memory_utilization) == ("vllm", 0.5)
+    assert cfg(GRPOConfig, use_vllm=False).backend == "builtin"
+    assert cfg(DPOConfig, use_vllm=False).beta == DPOConfig().beta  # a no-op where nothing is sampled
+
+
+def test_use_vllm_reaches_the_vllm_backend_checks_and_server_mode_is_refused(tmp_path, capsys, no_weights):
+    """``use_vllm: true`` selects the vLLM backend, whose preflight runs (on a CPU machine it stops there,
+    before any weights load); ``vllm_mode: server`` is refused by name."""
+    import yaml
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Once upon a time\nThe dog ran\n")
+    base = {
+        "dataset_name": str(prompts),
+        "reward_funcs": f"{Path(__file__).parent / 'reward_fns.py'}:length_reward",
+        "max_steps": 1,
+    }
+    (tmp_path / "server.yaml").write_text(yaml.safe_dump({**base, "use_vllm": True, "vllm_mode": "server"}))
+    line = _error(["grpo", "--config", str(tmp_path / "server.yaml")], capsys)
+    assert "vllm_mode: 'server' is not supported" in line and "colocate" in line
+    (tmp_path / "colocate.yaml").write_text(yaml.safe_dump({**base, "use_vllm": True, "vllm_mode": "colocate"}))
+    try:
+        rc = cli.main(["grpo", "--config", str(tmp_path / "colocate.yaml"), "--top_k", "5"])
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err
+    assert "samples with the policy itself" not in err and "use_vllm" not in err
+    # the vLLM backend's own checks ran and refused (on any machine): top_k, which vLLM cannot score; on a
+    # CPU also stories260K's head size, outside vLLM's CPU attention; without vLLM, the missing package
+    assert rc == 2 and "backend=vllm" in err.strip().splitlines()[-1]
+
+
+# ---------------------------------------------------------------- SFT's hold-out
+
+
+def _sft(tmp_path, n: int, *extra: str) -> tuple[int, list[dict]]:
+    data = tmp_path / "stories.txt"
+    data.write_text("".join(f"Once upon a time there was a dog number {i}.\n" for i in range(n)))
+    out = tmp_path / "o"
+    argv = ["sft", "--dataset", str(data), "--output_dir", str(out), "--max_steps", "1", "--batch_size", "4"]
+    rc = cli.main(argv + ["--max_length", "32", "--progress", "false", *extra])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] if rc == 0 else []
+    return rc, rows
+
+
+def test_sft_holds_out_a_tenth_of_a_small_dataset_by_default(tmp_path, caplog):
+    """64 examples: 6 held out (10%, under the cap of 200), where the old default of 200 refused the run. ~2 s."""
+    from tether.data.text import heldout_size
+
+    assert [heldout_size(n, None) for n in (5, 64, 1999, 5000)] == [0, 6, 199, 200]
+    rc, rows = _sft(tmp_path, 64)
+    assert rc == 0 and any("eval/loss" in r for r in rows)
+
+
+def test_sft_never_refuses_a_small_dataset_for_its_hold_out(tmp_path, caplog):
+    """eval_examples as large as the data: a warning, and the run trains on all of it with no eval/loss."""
+    rc, rows = _sft(tmp_path, 8, "--eval_examples", "8")
+    assert rc == 0 and not any("eval/loss" in r for r in rows)
+    assert "would leave nothing to train on" in caplog.text
