@@ -237,3 +237,148 @@ def test_sft_never_refuses_a_small_dataset_for_its_hold_out(tmp_path, caplog):
     rc, rows = _sft(tmp_path, 8, "--eval_examples", "8")
     assert rc == 0 and not any("eval/loss" in r for r in rows)
     assert "would leave nothing to train on" in caplog.text
+
+
+# ---------------------------------------------------------------- a failed check leaves nothing behind
+
+
+def _dpo_argv(data, out, *extra) -> list[str]:
+    base = ["dpo", "--dataset", data, "--output_dir", str(out), "--max_steps", "1", "--batch_size", "2"]
+    return [*base, "--kl_prompts", "0", "--eval_fraction", "0", "--progress", "false", *extra]
+
+
+def test_a_run_that_fails_its_checks_leaves_no_folder_and_the_retry_needs_no_overwrite(tmp_path, capsys):
+    """A bad row found after the model loaded (the data are read then) ended with config.yaml and
+    run.json written, and the corrected retry was refused ("output_dir already holds a run"). ~3 s."""
+    bad = _jsonl(tmp_path / "bad.jsonl", PAIRS[:3] + [{"prompt": None, "chosen": " a", "rejected": " b"}])
+    out = tmp_path / "o"
+    line = _error(_dpo_argv(bad, out), capsys)
+    assert "null" in line
+    assert not out.exists()  # the folder the run made is gone
+    out.mkdir()  # a folder the user made stays, empty
+    _error(_dpo_argv(bad, out), capsys)
+    assert out.is_dir() and not any(out.iterdir())
+    good = _jsonl(tmp_path / "good.jsonl", PAIRS)
+    assert cli.main(_dpo_argv(good, out)) == 0  # no --overwrite needed
+    assert (out / "final").is_dir()
+
+
+def test_a_run_that_has_begun_is_kept_when_it_fails_later(tmp_path, monkeypatch):
+    """Only a run with no logged step or checkpoint is removed: a failure after step 1 keeps the run (it
+    resumes)."""
+    from tether import preempt, runs
+
+    out = tmp_path / "o"
+    runs_before = runs.started_runs()
+
+    @preempt.preemptible
+    def train():
+        out.mkdir()  # as RunDir.start leaves it: the run recorded, and then one step logged
+        (out / "config.yaml").write_text("x: 1\n")
+        runs._STARTED[str(out.resolve())] = True
+        (out / "metrics.jsonl").write_text('{"step": 1}\n')
+        raise RuntimeError("a failure after the first step")
+
+    with pytest.raises(RuntimeError):
+        train()
+    assert (out / "config.yaml").exists() and (out / "metrics.jsonl").exists()
+    assert runs.started_runs() == runs_before
+
+
+# ---------------------------------------------------------------- resume from another directory
+
+
+def test_the_recorded_config_holds_absolute_paths_and_resumes_from_anywhere(tmp_path, monkeypatch):
+    """config.yaml stored ``pairs.jsonl`` as given: resuming from another directory could not find it, and
+    the same file by its absolute path was refused as a changed config. ~6 s."""
+    import yaml
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    monkeypatch.chdir(a)
+    _jsonl(a / "pairs.jsonl", PAIRS)
+    assert cli.main(_dpo_argv("pairs.jsonl", "out", "--save_every", "1")) == 0
+    recorded = yaml.safe_load((a / "out" / "config.yaml").read_text())
+    assert recorded["dataset"] == str(a / "pairs.jsonl")
+    assert recorded["ref_cache_dir"] in (None, str(a / "out" / "ref_cache"))
+    monkeypatch.chdir(b)  # the run's own config, from another directory
+    assert cli.main(["dpo", "--config", str(a / "out" / "config.yaml"), "--resume", "--max_steps", "2"]) == 0
+    monkeypatch.chdir(a)  # the same file by its absolute path is the same run
+    argv = _dpo_argv(str(a / "pairs.jsonl"), "out", "--resume")
+    argv[argv.index("--max_steps") + 1] = "3"
+    assert cli.main(argv) == 0
+
+
+def test_paths_are_made_absolute_only_where_they_exist(tmp_path):
+    from tether.paths import absolute_path
+
+    (tmp_path / "r.py").write_text("def f(c): return [0.0] * len(c)\n")
+    (tmp_path / "a.jsonl").write_text("")
+    assert absolute_path("r.py:f", tmp_path) == f"{tmp_path / 'r.py'}:f"
+    assert absolute_path("a.jsonl,b.jsonl", tmp_path) == f"{tmp_path / 'a.jsonl'},b.jsonl"
+    for kept in ("stories260K", "vader", "Anthropic/hh-rlhf", "my_rewards.format_reward", "/abs/x.jsonl", ""):
+        assert absolute_path(kept, tmp_path) == kept
+    assert absolute_path("{% for m in messages %}{{ m.content }}{% endfor %}", tmp_path).startswith("{%")
+
+
+# ---------------------------------------------------------------- one line, no usage block
+
+
+def test_a_config_type_error_is_one_line_without_the_usage_block(tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("learning_rate: abc\n")
+    try:
+        rc = cli.main(["dpo", "--config", str(tmp_path / "bad.yaml")])
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2 and "usage:" not in err
+    assert err.strip().splitlines() == [
+        "tether dpo: error: config field 'learning_rate': cannot read 'abc' as float; give a value of type float"
+    ]
+
+
+@pytest.mark.parametrize("command", ["dpo", "grpo", "certify", "shift"])
+def test_an_unknown_flag_is_one_line_that_points_at_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--lerning_rate", "3"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "usage:" not in err
+    (line,) = err.strip().splitlines()
+    assert line.startswith(f"tether {command}: error: ") and line.endswith(f"(tether {command} --help lists the flags)")
+    assert "--lerning_rate" in line or "required" in line  # (shift names its required flags first)
+
+
+# ---------------------------------------------------------------- accelerate with one process
+
+
+def test_accelerate_asked_for_two_processes_but_started_one_is_said(monkeypatch, caplog):
+    from tether import distributed
+
+    one = {"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_USE_CPU": "False", "MASTER_ADDR": "127.0.0.1"}
+    assert distributed.launcher_gave_one_process(one)
+    assert not distributed.launcher_gave_one_process({**one, "WORLD_SIZE": "2", "RANK": "0"})  # it did launch two
+    assert not distributed.launcher_gave_one_process({k: v for k, v in one.items() if k != "MASTER_ADDR"})  # asked 1
+    assert not distributed.launcher_gave_one_process({"MASTER_ADDR": "127.0.0.1"})  # not accelerate
+    for k in ("WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in one.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(distributed, "_WARNED_LAUNCH", False)
+    with caplog.at_level("WARNING"):
+        distributed.Dist(), distributed.Dist()
+    said = [r.message for r in caplog.records if "accelerate launch asked for several processes" in r.message]
+    assert len(said) == 1 and "torchrun --nproc_per_node" in said[0]
+
+
+# ---------------------------------------------------------------- checkpoints load on their own
+
+
+def test_a_checkpoint_model_folder_holds_the_tokenizer(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data = _jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    assert cli.main(_dpo_argv(data, tmp_path / "o", "--save_every", "1", "--max_steps", "2")) == 0
+    folder = tmp_path / "o" / "checkpoints" / "step-1" / "model"
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert tok("The film")["input_ids"] and model.config.vocab_size == len(tok)

@@ -395,6 +395,14 @@ def _optional(tp: Any) -> bool:
     return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with errors in tether's one-line form: ``PROG: error: MESSAGE (PROG --help lists the
+    flags)``, exit 2, without the usage block that buries the line that matters."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the flags)\n")
+
+
 def build_parser(
     cls: type, *, prog: str, description: str = "", extra: Sequence[tuple] = (), raw_description: bool = False
 ) -> argparse.ArgumentParser:
@@ -402,7 +410,7 @@ def build_parser(
     hidden flags for TRL's names and refused fields; ``raw_description`` keeps the description's
     paragraphs as written."""
     docs = field_docs(cls)
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=prog, description=description, argument_default=argparse.SUPPRESS, allow_abbrev=False
     )  # --lr must not silently mean --lr_schedule
     # A value that looks like a negative number (-1, -1e-3, -.5, -inf, -nan) is a value, not a flag;
@@ -498,5 +506,5 @@ def parse_config(
         cfg = from_dict(cls, data, source=getattr(ns, "config", None) or "command line")
         check_finite(cfg)
     except (ValueError, TypeError) as e:
-        parser.error(str(e))
+        parser.exit(2, f"{parser.prog}: error: {' '.join(str(e).split())}\n")  # one line, without the usage block
     return cfg, ns

@@ -56,10 +56,31 @@ def process_group_backend(device: torch.device) -> str:
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
+_WARNED_LAUNCH = False
+
+
+def launcher_gave_one_process(env=os.environ) -> bool:
+    """Whether ``accelerate launch`` was asked for several processes but started one. Its single-process
+    launcher (used on a CPU-only machine unless MPI is configured) sets MASTER_ADDR / MASTER_PORT when
+    ``--num_processes`` > 1 but no RANK / WORLD_SIZE: the run then trains alone, at the full batch."""
+    launched_by_accelerate = "ACCELERATE_MIXED_PRECISION" in env or "ACCELERATE_USE_CPU" in env
+    return launched_by_accelerate and "MASTER_ADDR" in env and "WORLD_SIZE" not in env and "RANK" not in env
+
+
 class Dist:
     """Process-group facade; a single process behaves as world_size 1 with no communication."""
 
     def __init__(self) -> None:
+        global _WARNED_LAUNCH
+        if not _WARNED_LAUNCH and launcher_gave_one_process():
+            _WARNED_LAUNCH = True
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "accelerate launch asked for several processes but started one (on a machine without GPUs it "
+                "runs a single process unless MPI is set up): this run trains in 1 process; for several CPU "
+                "processes use torchrun --nproc_per_node N -m tether ... (docs/distributed.md)"
+            )
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.device = process_device()

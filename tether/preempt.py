@@ -120,17 +120,23 @@ def restore() -> None:
 def preemptible(train: Callable) -> Callable:
     """Decorator of a trainer's entry point: signals set a flag while it runs (its loop calls
     ``stop_if_signalled`` after each step); the previous handlers and the run directory's lock
-    (``runs.release_locks``) are restored / released however it ends."""
+    (``runs.release_locks``) are restored / released however it ends. A run that fails before it
+    logged a step or wrote a checkpoint removes what it wrote (``runs.abandon_runs``), so that the
+    corrected command can run in the same ``output_dir``."""
 
     @functools.wraps(train)
     def wrapper(*args, **kwargs):
-        from .runs import held_locks, release_locks
+        from .runs import abandon_runs, forget_runs, held_locks, release_locks, started_runs
 
         installed = install()
-        before = held_locks()
+        before, started = held_locks(), started_runs()
         try:
             return train(*args, **kwargs)
+        except Exception:  # (not Preempted, a BaseException: that run has its checkpoint)
+            abandon_runs(keep=started)  # failed before its first step: nothing left to block the retry
+            raise
         finally:
+            forget_runs(keep=started)
             release_locks(keep=before)
             if installed and _state["depth"] > 0:  # (a second Ctrl-C restored the handlers already)
                 _state["depth"] -= 1

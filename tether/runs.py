@@ -56,6 +56,7 @@ import torch
 
 from .config import save_config, to_dict
 from .errors import UserError
+from .paths import with_absolute_paths
 
 log = logging.getLogger(__name__)
 
@@ -291,6 +292,45 @@ def unlock_run_dir(path: Path) -> None:
         os.close(fd)  # closing the descriptor releases the flock
 
 
+_STARTED: dict[str, bool] = {}  # realpath of each output_dir a run started in -> whether it made the folder
+TRAINED_FILES = ("metrics.jsonl", "samples.jsonl", "checkpoints", "final", "final.tmp")  # a run that has begun
+
+
+def started_runs() -> set[str]:
+    """The run directories this process started runs in (``RunDir.start``)."""
+    return set(_STARTED)
+
+
+def abandon_runs(keep: frozenset | set = frozenset()) -> None:
+    """A run that failed before its first logged step (a check after the weights loaded, a bad row in
+    the data) leaves no trace that would block the retry: ``config.yaml``, ``run.json`` and the lock file
+    go, and the folder too if the run made it. A run that logged a step or wrote a checkpoint is kept
+    (it resumes). Runs in ``keep`` (started before the failing call) are left alone."""
+    for key in list(_STARTED):
+        if key not in keep:
+            created = _STARTED.pop(key)
+            unlock_run_dir(Path(key))
+            _remove_if_unused(Path(key), created=created)
+
+
+def forget_runs(keep: frozenset | set = frozenset()) -> None:
+    """Stop tracking the runs started since ``keep`` (their trainer returned or raised)."""
+    for key in list(_STARTED):
+        if key not in keep:
+            del _STARTED[key]
+
+
+def _remove_if_unused(path: Path, *, created: bool) -> None:
+    if any((path / n).exists() for n in TRAINED_FILES):
+        return
+    if created:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    for n in ("config.yaml", "run.json", LOCK_FILE):
+        with contextlib.suppress(FileNotFoundError):
+            (path / n).unlink()
+
+
 def held_locks() -> set[str]:
     """The run directories this process holds locked."""
     return set(_LOCKS)
@@ -408,8 +448,7 @@ class RunDir:
             self._tensorboard, self._external = open_trackers(report_to, self.path, is_main=is_main)
         self._purge_step: Optional[int] = None  # after a resume: TensorBoard drops events from this step on
         self.keep = 2  # checkpoints kept (TrainConfig.save_total_limit, set by start)
-        if is_main:
-            self.path.mkdir(parents=True, exist_ok=True)
+        # The folder is made by ``start``, after the run's checks: a run that fails them leaves nothing behind.
 
     @property
     def checkpoints(self) -> Path:
@@ -426,12 +465,17 @@ class RunDir:
         trajectory fields (only ``SAFE_TO_CHANGE`` fields may differ). Raises ``UserError``."""
         if not self.is_main:
             return
+        created = not self.path.exists()
+        self.path.mkdir(parents=True, exist_ok=True)
         lock_run_dir(self.path)  # before anything is read or deleted: a live run's folder is never touched
         try:
             self._start(cfg, resume=resume)
         except BaseException:
             unlock_run_dir(self.path)
+            if created:
+                _remove_if_unused(self.path, created=True)
             raise
+        _STARTED[os.path.realpath(self.path)] = created
 
     def _start(self, cfg, *, resume: bool) -> None:
         limit = getattr(cfg, "save_total_limit", 2)
@@ -441,6 +485,7 @@ class RunDir:
                 "null keeps all)"
             )
         self.keep = 0 if limit is None else int(limit)
+        cfg = with_absolute_paths(cfg)  # recorded and compared as absolute paths: resume from any directory
         overwrite = bool(getattr(cfg, "overwrite", False))
         present = [n for n in RUN_FILES if (self.path / n).exists()]
         new = identity(cfg)
@@ -559,9 +604,17 @@ class RunDir:
         return ckpts[0] if ckpts else None
 
     def save_checkpoint(
-        self, step: int, *, model, state: dict, keep: Optional[int] = None, weights: Optional[dict] = None
+        self,
+        step: int,
+        *,
+        model,
+        state: dict,
+        keep: Optional[int] = None,
+        weights: Optional[dict] = None,
+        tokenizer=None,
     ) -> Optional[Path]:
-        """Atomically write ``checkpoints/step-N``: the model in HF format (safetensors) and the
+        """Atomically write ``checkpoints/step-N``: the model in HF format (safetensors; with ``tokenizer``'s
+        files, so ``model/`` loads on its own with ``from_pretrained``) and the
         trainer ``state`` (optimizer, scheduler, controller, RNG, data position...) as
         ``trainer_state.safetensors`` + ``trainer_state.json`` (``encode_state``). Non-finite weights
         are refused. Then only the newest ``keep`` checkpoints are kept (default ``self.keep``, from
@@ -581,7 +634,7 @@ class RunDir:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
-            save_model(model, tmp / "model", state_dict=weights)
+            save_model(model, tmp / "model", state_dict=weights, tokenizer=tokenizer)
             write_state(tmp, state)
             _fsync_tree(tmp)
             _replace_dir(tmp, final)

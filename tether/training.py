@@ -442,6 +442,7 @@ class Checkpointer:
     guard: Optional[StepGuard] = None
     saved_step: Optional[int] = None  # the step of the last checkpoint written (tether.preempt skips a second one)
     enabled: bool = True  # False: save writes nothing (save_checkpoints: false)
+    tokenizer: Optional[object] = None  # saved beside the weights: a checkpoint's model/ loads on its own
 
     def save(self, step: int, *, data_state: Optional[dict] = None) -> None:
         if not self.enabled:
@@ -460,7 +461,7 @@ class Checkpointer:
             "guard": None if self.guard is None else self.guard.state_dict(),
             **self.extra,
         }
-        self.run.save_checkpoint(step, model=self.model, state=state, weights=weights)
+        self.run.save_checkpoint(step, model=self.model, state=state, weights=weights, tokenizer=self.tokenizer)
         self.saved_step = step
 
     def resume(self) -> tuple[int, dict]:

@@ -14,9 +14,11 @@ import sys
 import time
 from pathlib import Path
 
+from ..config import ArgumentParser
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tether certify", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="tether certify", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--json",
         default=None,

@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 
 from ..assets import resolve_model
+from ..config import ArgumentParser
 from ..diagnostics.forgetting import (
     default_texts,
     forgetting_on_texts,
@@ -37,7 +38,7 @@ from ..runs import seed_everything
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="tether forgetting", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(

@@ -36,11 +36,12 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..config import ArgumentParser
 from ..errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="tether reference-check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(

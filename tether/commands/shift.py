@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 
 from ..assets import resolve_model
+from ..config import ArgumentParser
 from ..diagnostics.shift import policy_kls, search_prefix, shift_rows
 from ..errors import UserError
 from ..measure import encode_prompts, read_prompts
@@ -31,9 +32,7 @@ from ..runs import seed_everything
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="tether shift", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = ArgumentParser(prog="tether shift", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reference", required=True, help="the reference model: a folder, hub name or asset short name")
     p.add_argument("--prompts", required=True, help="prompts, one per line (or JSONL with a 'prompt' field)")
     p.add_argument(

@@ -24,12 +24,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..config import ArgumentParser
 from ..errors import UserError
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="tether sweep",
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],

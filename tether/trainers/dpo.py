@@ -580,7 +580,15 @@ def train_dpo(
     sched = make_scheduler(opt, cfg)
     guard = StepGuard(cfg.max_nonfinite_steps)
     ckpt = Checkpointer(
-        run, policy, opt, sched, controller=controller, reference=reference, guard=guard, enabled=cfg.save_checkpoints
+        run,
+        policy,
+        opt,
+        sched,
+        controller=controller,
+        reference=reference,
+        guard=guard,
+        enabled=cfg.save_checkpoints,
+        tokenizer=tok,
     )
     step, state = ckpt.resume() if resume else (0, {})
     history, eval_history = list(state.get("history", [])), list(state.get("eval_history", []))

@@ -755,7 +755,9 @@ def setup(
         opt=opt,
         sched=sched,
         controller=controller,
-        ckpt=Checkpointer(run, policy, opt, sched, controller, reference, guard=guard, enabled=cfg.save_checkpoints),
+        ckpt=Checkpointer(
+            run, policy, opt, sched, controller, reference, guard=guard, enabled=cfg.save_checkpoints, tokenizer=tok
+        ),
         guard=guard,
     )
     if s.rewards.logged:

@@ -217,7 +217,7 @@ def train_reward_model(cfg: RMConfig, *, resume: bool = False, preflight: bool =
     opt = make_optimizer(params, cfg)
     sched = make_scheduler(opt, cfg)
     guard = StepGuard(cfg.max_nonfinite_steps)
-    ckpt = Checkpointer(run, model, opt, sched, guard=guard, enabled=cfg.save_checkpoints)
+    ckpt = Checkpointer(run, model, opt, sched, guard=guard, enabled=cfg.save_checkpoints, tokenizer=tok)
     step, state = ckpt.resume() if resume else (0, {})
     history, eval_history = list(state.get("history", [])), list(state.get("eval_history", []))
     evaluate = lambda: evaluate_rm(model, evals, pad_id=tok.pad_token_id, batch_size=cfg.eval_batch_size, dist=dist)  # noqa: E731

@@ -194,7 +194,7 @@ def train_sft(cfg: SFTConfig, *, resume: bool = False, preflight: bool = True) -
     opt = make_optimizer(params, cfg)
     sched = make_scheduler(opt, cfg)
     guard = StepGuard(cfg.max_nonfinite_steps)
-    ckpt = Checkpointer(run, model, opt, sched, guard=guard, enabled=cfg.save_checkpoints)
+    ckpt = Checkpointer(run, model, opt, sched, guard=guard, enabled=cfg.save_checkpoints, tokenizer=tok)
     step, state = ckpt.resume() if resume else (0, {})
     history, eval_history = list(state.get("history", [])), list(state.get("eval_history", []))
 
