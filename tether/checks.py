@@ -199,9 +199,13 @@ def check_prompts_file(path: Optional[str], *, field: str = "prompts", tokenizer
 
 def check_model(spec: Optional[str], *, field: str = "model", assets: Optional[str] = None):
     """(path, config) of a model argument without loading weights: a folder with config.json, an
-    asset short name (stories260K), or a hub id (which needs the network, or the hub cache)."""
+    asset short name (stories260K), or a hub id (which needs the network, or the hub cache). A model
+    object handed to the train call (``tether.inputs``) is the ``model``: its own config, path ``GIVEN``."""
     from .assets import resolve_model
+    from .inputs import given
 
+    if field == "model" and given().model is not None:
+        return GIVEN, given().model.config
     if not spec:
         raise UserError(
             f"--{field} is empty; pass a model folder (with config.json), an asset name such as stories260K, or a hub "
@@ -266,9 +270,16 @@ def check_context(config, *, need: int, fields: str, model_field: str = "model",
         )
 
 
+GIVEN = "<the model object given>"  # check_model's path for a model handed to the train call
+
+
 def _tokenizer(path: str):
     from .modeling import load_tokenizer
 
+    if path == GIVEN:
+        from .inputs import given_tokenizer
+
+        return given_tokenizer()
     return load_tokenizer(path)
 
 
@@ -437,24 +448,36 @@ def preflight_dpo(cfg, *, rows=None, eval_rows=None) -> None:
     check_context(config, need=cfg.max_length, fields=f"max_length ({cfg.max_length})", spec=cfg.model)
 
 
-def preflight_rm(cfg) -> None:
+def _check_data(cfg, rows, eval_rows) -> None:
+    """The dataset files, or the in-memory rows that stand for them (a non-empty list of dicts)."""
+    for field, given_rows in (("dataset", rows), ("eval_dataset", eval_rows)):
+        if given_rows is None:
+            check_dataset(getattr(cfg, field), field=field, assets=cfg.assets, required=field == "dataset")
+        elif not given_rows and field == "dataset":
+            raise UserError("train_dataset is empty; pass at least one row")
+        elif any(not isinstance(r, dict) for r in given_rows):
+            bad = next(i for i, r in enumerate(given_rows) if not isinstance(r, dict))
+            raise UserError(f"{'train' if field == 'dataset' else 'eval'}_dataset: row {bad} is not a dict of columns")
+
+
+def preflight_rm(cfg, *, rows=None, eval_rows=None) -> None:
+    """``rows`` / ``eval_rows``: data the train function was given in memory (they replace the dataset checks)."""
     check_train_config(cfg)
     _at_least(cfg, "max_length", 2)
     _at_least(cfg, "limit", 1)
     if not 0.0 <= cfg.eval_fraction < 1.0:
         raise UserError(f"eval_fraction={cfg.eval_fraction} must lie in [0, 1); set --eval_fraction")
-    check_dataset(cfg.dataset, field="dataset", assets=cfg.assets)
-    check_dataset(cfg.eval_dataset, field="eval_dataset", assets=cfg.assets, required=False)
+    _check_data(cfg, rows, eval_rows)
     _, config = check_model(cfg.model, assets=cfg.assets)
     check_context(config, need=cfg.max_length, fields=f"max_length ({cfg.max_length})", spec=cfg.model)
 
 
-def preflight_sft(cfg) -> None:
+def preflight_sft(cfg, *, rows=None, eval_rows=None) -> None:
+    """``rows`` / ``eval_rows``: data the train function was given in memory (they replace the dataset checks)."""
     check_train_config(cfg)
     _at_least(cfg, "max_length", 2)
     _at_least(cfg, "eval_examples", 0)
-    check_dataset(cfg.dataset, field="dataset", assets=cfg.assets)
-    check_dataset(cfg.eval_dataset, field="eval_dataset", assets=cfg.assets, required=False)
+    _check_data(cfg, rows, eval_rows)
     _, config = check_model(cfg.model, assets=cfg.assets)
     check_context(config, need=cfg.max_length, fields=f"max_length ({cfg.max_length})", spec=cfg.model)
 

@@ -53,11 +53,18 @@ def load_tokenizer(path: str, *, padding_side: str = "left"):
     """
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    return prepare_tokenizer(
+        AutoTokenizer.from_pretrained(path), padding_side=padding_side, where=f"tokenizer at {path}"
+    )
+
+
+def prepare_tokenizer(tok, *, padding_side: str = "left", where: str = "the tokenizer"):
+    """The tokenizer as tether uses it: a pad token (eos when it has none: masks decide what counts,
+    never pad ids) and ``padding_side``. Changes ``tok`` in place and returns it."""
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise UserError(
-                f"tokenizer at {path} has neither a pad token nor an eos token; add one "
+                f"{where} has neither a pad token nor an eos token; add one "
                 "(tokenizer.add_special_tokens({'pad_token': ...})) and resize the model's embeddings"
             )
         tok.pad_token = tok.eos_token

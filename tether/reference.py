@@ -503,8 +503,13 @@ def check_reference_form(form: str, forms: Sequence[str] = REFERENCE_FORMS, *, w
 
 
 def check_lora_reference(cfg) -> None:
-    """reference 'lora' (the policy with its adapters off) needs a LoRA policy: ``lora_r`` >= 1."""
-    if getattr(cfg, "reference", None) == "lora" and getattr(cfg, "lora_r", 1) < 1:
+    """reference 'lora' (the policy with its adapters off) needs a LoRA policy: ``lora_r`` >= 1, or a peft
+    ``peft_config`` or peft model handed to the train call (``tether.inputs``)."""
+    from .inputs import given
+
+    g = given()
+    lora_given = g.peft_config is not None or hasattr(g.model, "peft_config")
+    if getattr(cfg, "reference", None) == "lora" and getattr(cfg, "lora_r", 1) < 1 and not lora_given:
         raise UserError(
             "reference='lora' reads the policy with its LoRA adapters off, so it needs --lora_r >= 1; "
             "set --lora_r or choose --reference copy"
@@ -554,7 +559,7 @@ def reference_from_config(
     *,
     policy,
     tokenizer,
-    policy_path: Optional[str],
+    policy_path,
     device: str | torch.device,
     forms: Sequence[str] = REFERENCE_FORMS,
 ) -> Reference:
@@ -572,7 +577,8 @@ def reference_from_config(
       directly into CPU memory for ``offload``. From disk rather than deep-copied: a LoRA policy
       cannot be copied into a reference, the offloaded copy never visits the accelerator, and the
       weights equal the starting policy's exactly. Its tokenizer is checked against ``tokenizer``.
-      ``policy_path=None`` deep-copies the (non-LoRA) policy instead.
+      ``policy_path=None`` deep-copies the (non-LoRA) policy instead; ``policy_path`` may also be a
+      ``training.Start`` (a path, or a model object handed to the train call: copied, adapters merged).
     - ``precomputed`` returns its live partner, a frozen copy: the caller builds the cache from it
       (``PrecomputedReference.build``) and keeps it for the exact KL, which needs distributions.
 
@@ -621,12 +627,11 @@ def reference_from_config(
         from .modeling import load_causal_lm, load_tokenizer
 
         path = resolve_model(cfg.reference_model, cfg.assets) if cfg.reference_model else policy_path
-        ref_model = load_causal_lm(
-            path,
-            dtype=cfg.dtype,
-            device="cpu" if form == "offload" else device,
-            autocast=getattr(cfg, "autocast", False),
-        )  # computed as the policy is
+        load = dict(
+            dtype=cfg.dtype, device="cpu" if form == "offload" else device, autocast=getattr(cfg, "autocast", False)
+        )
+        # computed as the policy is
+        ref_model = load_causal_lm(path, **load) if isinstance(path, str) else path.load(**load)
         ref_tok = load_tokenizer(path) if cfg.reference_model else tokenizer
     ref = build_reference(
         "copy" if form == "precomputed" else form,

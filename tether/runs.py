@@ -448,6 +448,9 @@ class RunDir:
             self._tensorboard, self._external = open_trackers(report_to, self.path, is_main=is_main)
         self._purge_step: Optional[int] = None  # after a resume: TensorBoard drops events from this step on
         self.keep = 2  # checkpoints kept (TrainConfig.save_total_limit, set by start)
+        from .callbacks import Callbacks
+
+        self.callbacks = Callbacks(is_main=is_main)  # the caller's (tether.callbacks), set by the trainer
         # The folder is made by ``start``, after the run's checks: a run that fails them leaves nothing behind.
 
     @property
@@ -561,6 +564,7 @@ class RunDir:
                     self._tb.add_scalar(k, v, step)
         for tracker in self._external:  # wandb / trackio (report_to)
             tracker.log(step, row)
+        self.callbacks.log(int(step), {k: v for k, v in row.items() if k != "step"})
 
     def log_samples(self, step: int, samples: list[dict]) -> None:
         if self.is_main:
@@ -640,6 +644,7 @@ class RunDir:
             _replace_dir(tmp, final)
         for p in self.checkpoints_newest_first()[keep:] if keep > 0 else []:
             shutil.rmtree(p, ignore_errors=True)
+        self.callbacks.save(step, final)
         return final
 
     @staticmethod

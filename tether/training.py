@@ -177,9 +177,14 @@ def lora_targets(value) -> str | list:
     return [str(n) for n in names]
 
 
-def adapt_model(model, cfg: TrainConfig, *, task_type: str = "CAUSAL_LM"):
-    """Gradient checkpointing (if ``cfg.gradient_checkpointing``) and LoRA adapters (if lora_r > 0)
-    on a freshly loaded model; returns the model to train (a peft model with LoRA)."""
+def adapt_model(model, cfg: TrainConfig, *, task_type: str = "CAUSAL_LM", peft_config=None):
+    """Gradient checkpointing (if ``cfg.gradient_checkpointing``) and LoRA adapters (if lora_r > 0, or
+    a peft ``peft_config`` handed to the train call) on a freshly loaded model; returns the model to
+    train (a peft model with LoRA)."""
+    if cfg.lora_r > 0 and hasattr(model, "peft_config"):
+        raise UserError(
+            "lora_r > 0 with a model that is a peft model already: its adapters are trained as they are; set lora_r=0"
+        )
     if cfg.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise UserError(
@@ -192,12 +197,13 @@ def adapt_model(model, cfg: TrainConfig, *, task_type: str = "CAUSAL_LM"):
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.lora_r > 0:
+    if cfg.lora_r > 0 or peft_config is not None:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(
             model,
-            LoraConfig(
+            peft_config
+            or LoraConfig(
                 r=cfg.lora_r,
                 lora_alpha=cfg.lora_alpha,
                 lora_dropout=cfg.lora_dropout,
@@ -210,20 +216,59 @@ def adapt_model(model, cfg: TrainConfig, *, task_type: str = "CAUSAL_LM"):
     return model
 
 
+@dataclass
+class Start:
+    """A policy's starting weights, for what is built from them (the reference, the critic's backbone):
+    the folder they load from (``path``), or, for a model object handed to the train call
+    (``tether.inputs``), the policy itself before its first step (``model``: copied when needed)."""
+
+    path: Optional[str] = None
+    model: Optional[torch.nn.Module] = None
+
+    def load(self, *, dtype: str = "float32", device="cpu", autocast: bool = False) -> torch.nn.Module:
+        """A fresh causal LM with these weights, in eval mode on ``device`` (a model object's copy keeps its dtype)."""
+        if self.path is not None:
+            return load_causal_lm(self.path, dtype=dtype, device=device, autocast=autocast)
+        from .inputs import starting_copy
+        from .modeling import autocast_forward
+
+        model = starting_copy(self.model).to(device)
+        return autocast_forward(model) if autocast else model
+
+
 def load_policy(cfg: TrainConfig, dist: Dist):
-    """Tokenizer and policy (with LoRA adapters if lora_r > 0, checkpointed layers if
-    gradient_checkpointing), seeded and in training mode (``set_train_mode``: dropout off unless
-    keep_dropout)."""
+    """(tokenizer, policy, start): the policy (with LoRA adapters if lora_r > 0 or a peft_config was
+    given, checkpointed layers if gradient_checkpointing), seeded and in training mode
+    (``set_train_mode``: dropout off unless keep_dropout), and its starting weights (``Start``). The
+    model is ``cfg.model``, or the model object handed to the train call (``tether.inputs.given``)."""
+    from .inputs import given, given_tokenizer
+
     seed_everything(cfg.seed)
-    path = resolve_model(cfg.model, cfg.assets)
-    tok = load_tokenizer(path)
-    model = adapt_model(load_causal_lm(path, dtype=cfg.dtype, device=dist.device, autocast=cfg.autocast), cfg)
+    g = given()
+    if g.model is not None:
+        tok = given_tokenizer()
+        model = g.model.to(dist.device)
+        if cfg.autocast:
+            from .modeling import autocast_forward
+
+            autocast_forward(model)
+        model = adapt_model(model, cfg, peft_config=g.peft_config)
+        start = Start(model=model)
+    else:
+        path = resolve_model(cfg.model, cfg.assets)
+        tok = load_tokenizer(path)
+        model = adapt_model(
+            load_causal_lm(path, dtype=cfg.dtype, device=dist.device, autocast=cfg.autocast),
+            cfg,
+            peft_config=g.peft_config,
+        )
+        start = Start(path=path)
     dist.broadcast_params(model)
     if fsdp_requested(cfg) and dist.enabled:
         check_fsdp(cfg)
         shard_model(model)
     set_train_mode(model, keep_dropout=cfg.keep_dropout)
-    return tok, model, path
+    return tok, model, start
 
 
 def fsdp_requested(cfg) -> bool:

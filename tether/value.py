@@ -67,15 +67,22 @@ class ValueModel(nn.Module):
 
 
 def build_value_model(
-    kind: str, policy, *, model_path: str, dtype: str = "float32", device="cpu", autocast: bool = False
+    kind: str, policy, *, model_path, dtype: str = "float32", device="cpu", autocast: bool = False
 ) -> ValueModel:
     """The value model for ``policy``. ``critic`` loads a fresh copy of the starting weights from
-    ``model_path`` and keeps only the backbone (a LoRA policy still gets a fully trainable critic)."""
+    ``model_path`` (a folder, or a ``training.Start``) and keeps only the backbone (a LoRA policy still
+    gets a fully trainable critic)."""
     from .modeling import DTYPES, load_causal_lm
 
     hidden = int(policy.config.hidden_size) if hasattr(policy, "config") else None
     if kind == "critic":
-        lm = load_causal_lm(model_path, dtype=dtype, device=device)
+        lm = (
+            load_causal_lm(model_path, dtype=dtype, device=device)
+            if isinstance(model_path, str)
+            else model_path.load(dtype=dtype, device=device)
+        )
+        for p in lm.parameters():  # (a copied model object's weights come frozen) the critic trains
+            p.requires_grad_(True)
         backbone = lm.base_model  # the transformer without the LM head
         if autocast:
             from .modeling import autocast_forward

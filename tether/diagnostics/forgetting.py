@@ -433,10 +433,11 @@ class ForgettingProbe:
         return {name: res[key] for key, name in TRAINER_METRICS.items()}
 
 
-def starting_model_probe(cfg, tokenizer, *, device, is_main: bool = True):
+def starting_model_probe(cfg, tokenizer, *, device, is_main: bool = True, start=None):
     """For trainers with no reference of their own (sft): ``probe(policy) -> eval/forgetting/*`` against
     a frozen copy of the starting model ``cfg.model``, or None without ``cfg.forgetting_text`` (or off
-    the main process: only it logs)."""
+    the main process: only it logs). ``start``: the policy's starting weights (``training.Start``;
+    default: ``cfg.model``)."""
     if not cfg.forgetting_text or not is_main:
         return None
     import dataclasses
@@ -444,7 +445,11 @@ def starting_model_probe(cfg, tokenizer, *, device, is_main: bool = True):
     from ..assets import resolve_model
     from ..modeling import load_causal_lm
 
-    ref = FrozenReference(load_causal_lm(resolve_model(cfg.model, cfg.assets), dtype=cfg.dtype, device=device))
+    ref = FrozenReference(
+        load_causal_lm(resolve_model(cfg.model, cfg.assets), dtype=cfg.dtype, device=device)
+        if start is None
+        else start.load(dtype=cfg.dtype, device=device)
+    )
     probe = ForgettingProbe(
         cfg.forgetting_text,
         tokenizer,

@@ -54,6 +54,7 @@ from typing import Callable, ClassVar, Optional, Sequence
 import torch
 
 from ..assets import resolve_model
+from ..callbacks import Callbacks
 from ..config import config_group
 from ..control import BetaScheduleConfig, build_controller
 from ..data.preference import (
@@ -76,6 +77,7 @@ from ..engine import evaluate as evaluate_kl
 from ..errors import UserError
 from ..fsdp import is_sharded, models_of, shard_reference, unsharded
 from ..groups import DATA_FIELDS, ReferenceConfig, SamplingSettings
+from ..inputs import accepts_objects, as_rows, eval_split
 from ..modeling import completion_logps, packed_token_logps
 from ..ops.kl import seq_sum
 from ..ops.preference import check_loss_options, check_loss_type, preference_loss
@@ -282,16 +284,16 @@ def load_pairs(
 
 
 def setup_reference(
-    cfg: DPOConfig, policy, tok, pairs: list[dict], visited: list[int], dist: Dist
+    cfg: DPOConfig, policy, tok, pairs: list[dict], visited: list[int], dist: Dist, start=None
 ) -> tuple[Reference, Reference]:
     """(training reference, live reference for kl/ref). They are the same object except for
     'precomputed', whose live partner is the model that built the cache (kept for kl/ref).
 
     ``pairs``: every pair the run may score (training pairs, then held-out ones); pair i's chosen
-    and rejected rows have reference ids 2i and 2i + 1. ``visited``: the pair indices to cache."""
-    live = reference_from_config(
-        cfg, policy=policy, tokenizer=tok, policy_path=resolve_model(cfg.model, cfg.assets), device=dist.device
-    )
+    and rejected rows have reference ids 2i and 2i + 1. ``visited``: the pair indices to cache.
+    ``start``: the policy's starting weights (``training.Start``; default: ``cfg.model``)."""
+    start = resolve_model(cfg.model, cfg.assets) if start is None else start
+    live = reference_from_config(cfg, policy=policy, tokenizer=tok, policy_path=start, device=dist.device)
     if cfg.reference != "precomputed":
         return live, live
     rows = [(2 * i, pairs[i]["prompt_ids"], pairs[i]["chosen_ids"]) for i in visited]
@@ -525,14 +527,18 @@ def check_config(cfg: DPOConfig) -> None:
     check_loss_options(cfg.loss_type, cfg.beta, cfg.label_smoothing)
 
 
+@accepts_objects
 @preemptible
 def train_dpo(
     cfg: DPOConfig,
     *,
     rows: Optional[Sequence[dict]] = None,
     eval_rows: Optional[Sequence[dict]] = None,
+    train_dataset=None,
+    eval_dataset=None,
     resume: bool = False,
     callback: Optional[Callable[[int, dict], None]] = None,
+    callbacks: Optional[Sequence] = None,
     eval_hook: Optional[Callable] = None,
     preflight: bool = True,
 ) -> TrainResult:
@@ -545,9 +551,22 @@ def train_dpo(
     evaluation, instead of kl/ref (its one meaning in every loop: ``trainers.result``). ``callback(step,
     metrics)`` is called after each step's log and checkpoint (raising from it interrupts the run, as
     a kill would). ``preflight``: first run ``tether dpo``'s checks of the whole input
-    (``checks.preflight_dpo``; in-memory rows replace the dataset checks)."""
+    (``checks.preflight_dpo``; in-memory rows replace the dataset checks).
+
+    ``model`` (a path, or a loaded model, peft or not), ``tokenizer``, ``peft_config``: ``tether.inputs``.
+    ``train_dataset`` / ``eval_dataset``: ``rows`` / ``eval_rows`` as a ``datasets.Dataset``, a
+    ``DatasetDict`` (its train split, and its test/validation split when no eval_dataset is given) or a
+    list of dicts. ``callbacks``: ``tether.callbacks`` (TRL's form; ``callback`` is the older hook)."""
+    if train_dataset is not None or eval_dataset is not None:
+        if rows is not None or eval_rows is not None:
+            raise UserError("pass train_dataset / eval_dataset or rows / eval_rows, not both")
+        rows = as_rows(train_dataset, where="train_dataset")
+        eval_rows = as_rows(
+            eval_dataset if eval_dataset is not None else eval_split(train_dataset), where="eval_dataset"
+        )
     dist = Dist()
     run = RunDir(cfg.output_dir, is_main=dist.is_main, report_to=cfg.report_to)
+    run.callbacks = Callbacks(callbacks, cfg, is_main=dist.is_main)
     if rows is not None:
         cfg = dataclasses.replace(cfg, dataset=str(Path(cfg.output_dir) / "dataset.jsonl"))
     if preflight:
@@ -557,7 +576,7 @@ def train_dpo(
     run.save_config(cfg, resume=resume)  # refuses a folder holding another run before anything is written
     if rows is not None and dist.is_main:
         Path(cfg.dataset).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tok, policy, _ = load_policy(cfg, dist)
+    tok, policy, start = load_policy(cfg, dist)
     train, held, data_info = load_pairs(cfg, tok, rows=rows, eval_rows=eval_rows, is_main=dist.is_main)
     cfg = with_epochs(cfg, len(train), per_step=cfg.batch_size, unit="pairs")
     micro = derive_micro_batch(cfg, dist)
@@ -572,7 +591,7 @@ def train_dpo(
     n = len(train)
     held_ids = list(range(n, n + len(held)))  # held-out pairs follow the training pairs in the reference's ids
     visited = order.visited(range(cfg.max_steps)) + held_ids
-    reference, live_ref = setup_reference(cfg, policy, tok, train + held, visited, dist)
+    reference, live_ref = setup_reference(cfg, policy, tok, train + held, visited, dist, start=start)
     shard_reference(reference, policy)  # fsdp with reference=copy (the precomputed cache is built unsharded)
     controller = build_controller(cfg, total_steps=cfg.max_steps, episodes_per_step=cfg.batch_size)
     params = trainable_params(policy)
@@ -638,6 +657,7 @@ def train_dpo(
     if step == 0 and eval_hook is not None and cfg.eval_every:  # the start of the reward-KL curve (KL 0)
         run.log(0, evaluate(controller.value))
 
+    run.callbacks.begin(cfg)
     bar = progress_bar(cfg.max_steps, step, enabled=cfg.progress and dist.is_main, desc=f"dpo[{cfg.loss_type}]")
     metrics: dict = {}
     last_eval: dict = {}
@@ -697,6 +717,8 @@ def train_dpo(
         )
         if callback is not None:
             callback(step, metrics)
+        if run.callbacks.should_stop(dist):  # a callback asked to stop: this step is the last
+            break
     bar.close()
     if not last_eval:  # resumed at max_steps: still report the held-out metrics
         metrics = {k: v for k, v in (history[-1] if history else {}).items() if k != "step"}
@@ -706,4 +728,6 @@ def train_dpo(
     final = save_final(policy, cfg.output_dir, tokenizer=tok, merge_lora=cfg.merge_lora, is_main=dist.is_main)
     run.close()
     dist.finish()
-    return TrainResult(final=str(final), metrics=metrics, history=history, eval_history=eval_history, info=data_info)
+    result = TrainResult(final=str(final), metrics=metrics, history=history, eval_history=eval_history, info=data_info)
+    run.callbacks.end(result)
+    return result

@@ -51,6 +51,7 @@ from typing import Callable, ClassVar, Optional, Sequence
 import torch
 
 from .. import rng
+from ..callbacks import Callbacks
 from ..config import config_group
 from ..control import BetaConfig, build_controller
 from ..data.prompts import Prompt, as_prompts, eval_prompts_split, load_prompts
@@ -63,6 +64,7 @@ from ..errors import UserError
 from ..fsdp import models_of, shard_reference, unsharded
 from ..generation import backend_for
 from ..groups import DATA_FIELDS, ReferenceConfig, SamplingConfig, SamplingSettings, sampling_settings
+from ..inputs import accepts_objects, as_rows, eval_split
 from ..measure import encode_prompts
 from ..modeling import CompletionBatch, forward_completion
 from ..ops.kl import check_estimator, check_reference_filter
@@ -783,6 +785,7 @@ def setup(
     return s
 
 
+@accepts_objects
 @preemptible
 def train_online(
     cfg: OnlineConfig,
@@ -792,8 +795,11 @@ def train_online(
     reward=None,
     log_rewards=None,
     eval_prompts: Optional[Sequence[str]] = None,
+    train_dataset=None,
+    eval_dataset=None,
     resume: bool = False,
     eval_hook: Optional[Callable] = None,
+    callbacks: Optional[Sequence] = None,
     preflight: bool = True,
 ) -> TrainResult:
     """Train with PPO, GRPO or RLOO (chosen by ``method``, default: by the config class).
@@ -809,7 +815,20 @@ def train_online(
     eval/reward/<name>, from step 0 — the reference itself — when eval_every > 0, and at the last step).
     ``eval_hook(step, policy, *, beta) -> metrics``, if given, is the sampled evaluation at those same
     points, instead of the built-in one (its one meaning in every loop: ``trainers.result``).
+
+    ``model`` (a path, or a loaded model, peft or not), ``tokenizer``, ``peft_config``: ``tether.inputs``.
+    ``train_dataset`` / ``eval_dataset``: ``prompts`` / ``eval_prompts`` as a ``datasets.Dataset`` (rows
+    with a ``prompt`` column, text or chat messages, and any columns the reward functions read), a
+    ``DatasetDict`` (its train split, and its test/validation split when no eval_dataset is given) or a
+    list. ``callbacks``: ``tether.callbacks``.
     """
+    if train_dataset is not None or eval_dataset is not None:
+        if prompts is not None or eval_prompts is not None:
+            raise UserError("pass train_dataset / eval_dataset or prompts / eval_prompts, not both")
+        prompts = as_rows(train_dataset, where="train_dataset")
+        eval_prompts = as_rows(
+            eval_dataset if eval_dataset is not None else eval_split(train_dataset), where="eval_dataset"
+        )
     if preflight:
         from ..registry import run_preflight
 
@@ -827,6 +846,8 @@ def train_online(
         validate=not preflight,
     )
     s.eval_hook = eval_hook
+    s.run.callbacks = Callbacks(callbacks, cfg, is_main=s.dist.is_main)
+    s.run.callbacks.begin(cfg)
     cfg = s.cfg  # max_steps as setup derived it (epochs)
     backend = backend_for(cfg, s.policy)  # tether.generation: builtin (decoder auto | hf | lean) | vllm
     G, dist = cfg.samples_per_prompt, s.dist
@@ -934,12 +955,16 @@ def train_online(
         bar.set_postfix(
             postfix(score=(metrics.get("reward/score"), ".3f"), kl=(metrics.get("kl/ref"), ".2f"), beta=(beta, ".3g"))
         )
+        if s.run.callbacks.should_stop(dist):  # a callback asked to stop: this step is the last
+            break
     bar.close()
     s.save()
     final = save_final(s.policy, cfg.output_dir, tokenizer=s.tok, merge_lora=cfg.merge_lora, is_main=dist.is_main)
     s.run.close()
     dist.finish()
-    return TrainResult(final=str(final), metrics=metrics, history=s.history, eval_history=s.eval_history)
+    result = TrainResult(final=str(final), metrics=metrics, history=s.history, eval_history=s.eval_history)
+    s.run.callbacks.end(result)
+    return result
 
 
 def method_for(cfg: OnlineConfig) -> OnlineMethod:

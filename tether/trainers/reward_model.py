@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..assets import resolve_model
+from ..callbacks import Callbacks
 from ..config import config_group
 from ..data.preference import (
     StepBatches,
@@ -37,6 +38,7 @@ from ..data.preference import (
 from ..distributed import Dist
 from ..errors import UserError
 from ..groups import DATA_FIELDS
+from ..inputs import accepts_objects, in_memory_data, write_in_memory_data
 from ..modeling import DTYPES, load_tokenizer
 from ..ops.reward_model import bradley_terry_loss
 from ..preempt import preemptible, stop_if_signalled
@@ -105,17 +107,30 @@ def load_reward_backbone(cfg: RMConfig, dist: Dist):
     """(tokenizer, model): the causal LM at cfg.model with a fresh scalar head (LoRA if lora_r > 0)."""
     from transformers import AutoModelForSequenceClassification
 
+    from ..inputs import given, given_tokenizer
+
     seed_everything(cfg.seed)
-    path = resolve_model(cfg.model, cfg.assets)
-    tok = load_tokenizer(path, padding_side="right")
+    g = given()
+    if g.model is not None:  # handed to the train call: a sequence-classification model with one label
+        if getattr(g.model.config, "num_labels", None) != 1 or not hasattr(g.model, "score"):
+            raise UserError(
+                f"model: a reward model is a sequence classifier with one output; pass "
+                "AutoModelForSequenceClassification.from_pretrained(..., num_labels=1) "
+                f"(got {type(g.model).__name__}), or the causal LM's path"
+            )
+        tok = given_tokenizer(padding_side="right")
+        model = g.model
+    else:
+        path = resolve_model(cfg.model, cfg.assets)
+        tok = load_tokenizer(path, padding_side="right")
+        if cfg.dtype not in DTYPES:
+            raise UserError(f"dtype {cfg.dtype!r} not supported; choose from {sorted(DTYPES)}")
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[cfg.dtype])
     # Saved with final/: plain transformers then right-pads too, which its pooling (rightmost
     # non-pad token) and its position ids (counted from 0, not from the mask) both need.
     tok.init_kwargs["padding_side"] = "right"
-    if cfg.dtype not in DTYPES:
-        raise UserError(f"dtype {cfg.dtype!r} not supported; choose from {sorted(DTYPES)}")
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[cfg.dtype])
     model.config.pad_token_id = tok.pad_token_id  # HF's class needs it to find the last token of a batch row
-    model = adapt_model(model, cfg, task_type="SEQ_CLS")  # SEQ_CLS: LoRA also trains the head
+    model = adapt_model(model, cfg, task_type="SEQ_CLS", peft_config=g.peft_config)  # SEQ_CLS: LoRA trains the head
     model.to(dist.device)
     dist.broadcast_params(model)
     set_train_mode(model, keep_dropout=cfg.keep_dropout)
@@ -191,13 +206,28 @@ def evaluate_rm(model, pairs: Sequence[dict], *, pad_id: int, batch_size: int, d
     return dist.reduce_metrics(sums, {k: float(len(mine)) for k in sums})
 
 
+@accepts_objects
 @preemptible
-def train_reward_model(cfg: RMConfig, *, resume: bool = False, preflight: bool = True) -> TrainResult:
+def train_reward_model(
+    cfg: RMConfig,
+    *,
+    train_dataset=None,
+    eval_dataset=None,
+    resume: bool = False,
+    callbacks: Optional[Sequence] = None,
+    preflight: bool = True,
+) -> TrainResult:
     """Run reward-model training; returns a ``TrainResult`` (``result["loss"]``, ``["rm/accuracy"]``,
     ``["eval/rm/accuracy"]``, ``["eval/loss"]``: the last step's).
-    ``preflight``: first run ``tether rm``'s checks of the whole input (``checks.preflight_rm``)."""
+
+    ``model`` (a path, or an ``AutoModelForSequenceClassification`` with ``num_labels=1``), ``tokenizer``,
+    ``peft_config``: ``tether.inputs``. ``train_dataset`` / ``eval_dataset``: preference rows (prompt /
+    chosen / rejected) as a ``datasets.Dataset``, ``DatasetDict`` or list of dicts, written to the run's
+    folder as ``train_sft`` does. ``callbacks``: ``tether.callbacks``. ``preflight``: first run ``tether
+    rm``'s checks of the whole input (``checks.preflight_rm``)."""
+    cfg, rows, eval_rows = in_memory_data(cfg, train_dataset, eval_dataset)
     if preflight:
-        run_preflight("rm", cfg)
+        run_preflight("rm", cfg, rows=rows, eval_rows=eval_rows)
     if not cfg.dataset:
         raise UserError("rm needs preference pairs: pass --dataset FILE (or hh-rlhf, or rt-polarity)")
     if cfg.forgetting_text:
@@ -207,7 +237,9 @@ def train_reward_model(cfg: RMConfig, *, resume: bool = False, preflight: bool =
         )
     dist = Dist()
     run = RunDir(cfg.output_dir, is_main=dist.is_main, report_to=cfg.report_to)
+    run.callbacks = Callbacks(callbacks, cfg, is_main=dist.is_main)
     run.save_config(cfg, resume=resume)
+    write_in_memory_data(cfg, rows, eval_rows, dist)
     tok, model = load_reward_backbone(cfg, dist)
     train, evals = load_rm_data(cfg, tok)
     cfg = with_epochs(cfg, len(train), per_step=cfg.batch_size, unit="pairs")
@@ -221,6 +253,7 @@ def train_reward_model(cfg: RMConfig, *, resume: bool = False, preflight: bool =
     step, state = ckpt.resume() if resume else (0, {})
     history, eval_history = list(state.get("history", [])), list(state.get("eval_history", []))
     evaluate = lambda: evaluate_rm(model, evals, pad_id=tok.pad_token_id, batch_size=cfg.eval_batch_size, dist=dist)  # noqa: E731
+    run.callbacks.begin(cfg)
     bar = progress_bar(cfg.max_steps, step, enabled=cfg.progress and dist.is_main, desc="rm")
     metrics: dict = {}
     while step < cfg.max_steps:
@@ -261,6 +294,8 @@ def train_reward_model(cfg: RMConfig, *, resume: bool = False, preflight: bool =
         )
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['rm/accuracy']:.2f}")
+        if run.callbacks.should_stop(dist):  # a callback asked to stop: this step is the last
+            break
     bar.close()
     if evals and "eval/loss" not in metrics:  # resumed at max_steps
         metrics = {k: v for k, v in (history[-1] if history else {}).items() if k != "step"}
@@ -269,4 +304,6 @@ def train_reward_model(cfg: RMConfig, *, resume: bool = False, preflight: bool =
     final = save_final(model, cfg.output_dir, tokenizer=tok, merge_lora=cfg.merge_lora, is_main=dist.is_main)
     run.close()
     dist.finish()
-    return TrainResult(final=str(final), metrics=metrics, history=history, eval_history=eval_history)
+    result = TrainResult(final=str(final), metrics=metrics, history=history, eval_history=eval_history)
+    run.callbacks.end(result)
+    return result

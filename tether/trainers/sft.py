@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..callbacks import Callbacks
 from ..config import config_group
 from ..data.text import (
     HELDOUT_CAP,
@@ -37,6 +38,7 @@ from ..distributed import Dist
 from ..errors import UserError
 from ..fsdp import unsharded
 from ..groups import DATA_FIELDS
+from ..inputs import accepts_objects, in_memory_data, write_in_memory_data
 from ..modeling import position_ids
 from ..ops.logprobs import selective_logps
 from ..preempt import preemptible, stop_if_signalled
@@ -174,19 +176,38 @@ def load_sft_data(cfg: SFTConfig, tok) -> tuple[list, list]:
     return train, evals
 
 
+@accepts_objects
 @preemptible
-def train_sft(cfg: SFTConfig, *, resume: bool = False, preflight: bool = True) -> TrainResult:
+def train_sft(
+    cfg: SFTConfig,
+    *,
+    train_dataset=None,
+    eval_dataset=None,
+    resume: bool = False,
+    callbacks: Optional[Sequence] = None,
+    preflight: bool = True,
+) -> TrainResult:
     """Run SFT; returns a ``TrainResult`` (``result["loss"]``: the last loss, ``result["eval/loss"]``: the
     final held-out loss).
-    ``preflight``: first run ``tether sft``'s checks of the whole input (``checks.preflight_sft``)."""
+
+    ``model`` (a path, or a loaded model), ``tokenizer``, ``peft_config``: ``tether.inputs``.
+    ``train_dataset`` / ``eval_dataset``: a ``datasets.Dataset`` (a ``DatasetDict``: its train split, and
+    its test/validation split when no eval_dataset is given) or a list of row dicts, in the columns
+    ``--dataset`` files have; they are written to OUTPUT_DIR/dataset.jsonl (eval_dataset.jsonl) and the
+    saved config points at them, so the run resumes from the command line too. ``callbacks``:
+    ``tether.callbacks``. ``preflight``: first run ``tether sft``'s checks of the whole input
+    (``checks.preflight_sft``)."""
+    cfg, rows, eval_rows = in_memory_data(cfg, train_dataset, eval_dataset)
     if preflight:
-        run_preflight("sft", cfg)
+        run_preflight("sft", cfg, rows=rows, eval_rows=eval_rows)
     if not cfg.dataset:
         raise UserError("sft needs a dataset: pass --dataset FILE (or a comma-separated list)")
     dist = Dist()
     run = RunDir(cfg.output_dir, is_main=dist.is_main, report_to=cfg.report_to)
+    run.callbacks = Callbacks(callbacks, cfg, is_main=dist.is_main)
     run.save_config(cfg, resume=resume)
-    tok, model, _ = load_policy(cfg, dist)
+    write_in_memory_data(cfg, rows, eval_rows, dist)
+    tok, model, start = load_policy(cfg, dist)
     train, evals = load_sft_data(cfg, tok)
     cfg = with_epochs(cfg, len(train), per_step=cfg.batch_size, unit="blocks" if cfg.packing else "examples")
     micro = derive_micro_batch(cfg, dist)
@@ -203,8 +224,9 @@ def train_sft(cfg: SFTConfig, *, resume: bool = False, preflight: bool = True) -
             return eval_loss(model, evals, pad_id=tok.pad_token_id, batch_size=cfg.eval_batch_size, dist=dist)
 
     forgetting = starting_model_probe(
-        cfg, tok, device=dist.device, is_main=dist.is_main
+        cfg, tok, device=dist.device, is_main=dist.is_main, start=start
     )  # eval/forgetting/* (optional)
+    run.callbacks.begin(cfg)
     bar = progress_bar(cfg.max_steps, step, enabled=cfg.progress and dist.is_main, desc="sft")
     metrics: dict = {}
     while step < cfg.max_steps:
@@ -253,6 +275,8 @@ def train_sft(cfg: SFTConfig, *, resume: bool = False, preflight: bool = True) -
         )
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+        if run.callbacks.should_stop(dist):  # a callback asked to stop: this step is the last
+            break
     bar.close()
     if "eval/loss" not in metrics and evals:  # resumed at max_steps: still report the held-out loss
         metrics = {**(history[-1] if history else {}), **metrics, "eval/loss": evaluate()}
@@ -261,4 +285,6 @@ def train_sft(cfg: SFTConfig, *, resume: bool = False, preflight: bool = True) -
     final = save_final(model, cfg.output_dir, tokenizer=tok, merge_lora=cfg.merge_lora, is_main=dist.is_main)
     run.close()
     dist.finish()
-    return TrainResult(final=str(final), metrics=metrics, history=history, eval_history=eval_history)
+    result = TrainResult(final=str(final), metrics=metrics, history=history, eval_history=eval_history)
+    run.callbacks.end(result)
+    return result
