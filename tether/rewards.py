@@ -496,11 +496,12 @@ def reward_specs(value) -> list:
         specs = [v.strip() for v in value.split(",")]
     else:
         specs = [value]
+    what = "'vader', a reward-model folder, 'module:function' or a comma-separated list of them"
     if not specs or any(isinstance(v, str) and not v.strip() for v in specs):
-        raise UserError(
-            f"reward {value!r} has an empty entry; give 'vader', a reward-model folder, 'module:function' or a "
-            "comma-separated list of them"
-        )
+        raise UserError(f"reward {value!r} has an empty entry; give {what}")
+    for v in specs:
+        if not (isinstance(v, (str, RewardSource)) or callable(v)):
+            raise UserError(f"reward {value!r}: {v!r} is not a reward; give {what}")
     return specs
 
 

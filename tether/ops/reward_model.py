@@ -12,6 +12,7 @@ Pure torch. Sources:
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -104,5 +105,5 @@ def nan_mean_std(x: torch.Tensor) -> tuple[float, float]:
     if n == 0:
         return float("nan"), float("nan")
     mean = v.mean()
-    std = ((v - mean).square().sum() / (n - 1)).sqrt() if n > 1 else torch.tensor(float("nan"))
-    return float(mean), float(std)
+    var = float((v - mean).square().sum()) / (n - 1) if n > 1 else float("nan")
+    return float(mean), math.sqrt(var)  # math.sqrt: correctly rounded
