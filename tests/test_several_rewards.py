@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -70,7 +69,7 @@ def test_weighted_nansum_by_hand():
 def test_nan_mean_std_by_hand():
     """[1, NaN, 3]: mean 2, sample std sqrt(((1-2)² + (3-2)²) / (2-1)) = sqrt(2) (TRL's nanmean / nanstd)."""
     mean, std = nan_mean_std(torch.tensor([1.0, NAN, 3.0]))
-    assert mean == 2.0 and std == math.sqrt(2.0)  # exact: every step is exact in float64 but the sqrt, correctly rounded
+    assert mean == 2.0 and std == math.sqrt(2.0)  # exact: each step is exact in float64, the sqrt correctly rounded
     assert math.isnan(nan_mean_std(torch.tensor([5.0, NAN]))[1])  # one value: no std
     assert all(math.isnan(v) for v in nan_mean_std(torch.tensor([NAN, NAN])))
 

@@ -266,7 +266,8 @@ def test_trl_names_map_to_tether_fields(monkeypatch):
     assert from_dict(GRPOConfig, {"scale_rewards": "none"}).scale_rewards is False
     assert from_dict(GRPOConfig, {"reward_funcs": "my_lib.rewards.length"}).reward == "my_lib.rewards:length"
     # several: a list, each dotted name read as module:function; reward_weights is tether's name too
-    several = from_dict(GRPOConfig, {"reward_funcs": ["my_lib.fmt", "acc.py:f", "vader"], "reward_weights": [1, 0.5, 2]})
+    trl = {"reward_funcs": ["my_lib.fmt", "acc.py:f", "vader"], "reward_weights": [1, 0.5, 2]}
+    several = from_dict(GRPOConfig, trl)
     assert (several.reward, several.reward_weights) == (["my_lib:fmt", "acc.py:f", "vader"], [1, 0.5, 2])
 
 

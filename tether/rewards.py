@@ -19,10 +19,13 @@ names (``reward/<name>``). Three kinds:
   reward for the movie-review demo.
 
 ``build_reward(spec)`` makes one from a string (``vader``, a reward-model folder, ``module:function``,
-optionally prefixed ``name=`` to choose its metric name), and ``RewardSet`` is the "gold versus
-proxy" view used by online trainers (Gao, Schulman & Hilton 2022): the ``optimised`` source (often a
-learned proxy) is normalised/clipped and returned for optimisation, while every source, optimised and
-``logged`` (the gold), is reported raw as ``reward/<name>``.
+``file.py:function`` or TRL's ``module.function``, optionally prefixed ``name=`` to choose its metric
+name). ``WeightedRewards(sources, weights)`` is several rewards as one, TRL GRPOTrainer's
+``reward_funcs`` with ``reward_weights``: Σ_k w_k·r_k per completion, a function's ``None`` ("not
+applicable") left out. ``RewardSet`` is the "gold versus proxy" view used by online trainers (Gao,
+Schulman & Hilton 2022): the ``optimised`` source (often a learned proxy; or a ``WeightedRewards``) is
+normalised/clipped and returned for optimisation, while every source, optimised and ``logged`` (the
+gold), is reported raw as ``reward/<name>``, and each reward of a ``WeightedRewards`` separately.
 """
 
 from __future__ import annotations
@@ -454,7 +457,8 @@ def build_reward(
     - ``vader`` — ``VaderSource()``;
     - a folder with ``config.json`` — ``RewardModelSource(folder)`` (a ``tether rm`` output's final/,
       or a run folder containing final/);
-    - ``module.path:function`` or ``file.py:function`` — ``CallableSource``;
+    - ``module.path:function``, ``file.py:function`` or TRL's ``module.path.function`` — ``CallableSource``
+      (a string that is an existing folder is a reward model, whatever it looks like);
     - any of these prefixed by ``NAME=`` (e.g. ``gold=vader``, ``proxy=runs/rm/final``) to set the
       source's ``name`` (its metric is ``reward/NAME``).
 
@@ -551,8 +555,9 @@ class WeightedRewards(RewardSource):
     metric names (``reward/<name>/mean`` and ``/std``), the sources' names made distinct (f, f_2).
     """
 
-    def __init__(self, sources: Sequence[RewardSource], weights: Optional[Sequence[float]] = None, *,
-                 name: str = "weighted_sum"):
+    def __init__(
+        self, sources: Sequence[RewardSource], weights: Optional[Sequence[float]] = None, *, name: str = "weighted_sum"
+    ):
         self.sources = list(sources)
         if not self.sources:
             raise UserError("reward is an empty list; give at least one reward")

@@ -483,7 +483,8 @@ def _as_reward_set(cfg: OnlineConfig, reward, log_rewards) -> RewardSet:
             f"a reward must be a spec string, a RewardSource or a function of completions; got {type(r).__name__}"
         )
 
-    opt = combine_rewards([source(r) for r in reward_specs(cfg.reward if reward is None else reward)], cfg.reward_weights)
+    specs = reward_specs(cfg.reward if reward is None else reward)
+    opt = combine_rewards([source(r) for r in specs], cfg.reward_weights)
     logged = [source(r) for r in (cfg.log_rewards if log_rewards is None else log_rewards)]
     return RewardSet(opt, logged, clip=cfg.reward_clip, normalize=cfg.reward_normalize)
 
@@ -831,7 +832,8 @@ def train_online(
     checks of the files and specs they stand for).
 
     ``prompts``, ``eval_prompts`` (lists of strings), ``reward`` (a spec, a ``RewardSource``, a
-    function of completions, or a whole ``RewardSet``) and ``log_rewards`` (list of the same)
+    function of completions, a list of these, weighted by ``cfg.reward_weights``, or a whole
+    ``RewardSet``) and ``log_rewards`` (list of specs, sources or functions)
     override the config's file/spec fields. Returns a ``TrainResult``: ``final``, ``metrics`` (last step),
     ``history`` (every step's metrics), ``eval_history`` (rows of eval/kl, eval/kl_stderr,
     eval/reward/<name>, from step 0 — the reference itself — when eval_every > 0, and at the last step).
