@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -319,3 +320,73 @@ def test_a_reward_that_is_not_a_spec_is_a_user_error():
     for value in (None, 3, ["vader", 1.5]):
         with pytest.raises(UserError, match="is not a reward"):
             reward_specs(value)
+
+
+_WORKER = """
+import json, os, sys, torch
+torch.set_num_threads(1)
+from tether.trainers.grpo import GRPOConfig, train_grpo
+cfg = GRPOConfig(**json.loads(sys.argv[1]))
+res = train_grpo(cfg, prompts=json.loads(sys.argv[2]))
+json.dump(res.history, open(os.path.join(cfg.output_dir, f"history{os.environ['RANK']}.json"), "w"))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_log_each_reward_over_the_global_batch(stories_path, tmp_path):
+    """GRPO under 2 processes (gloo on CPU, as torchrun sets the env) with two integer-valued rewards weighted
+    0.5 and 2: each reward's mean is over both processes' completions, so the globally reduced mean of the
+    weighted sum equals 0.5·mean(length) + 2·mean(echo) exactly (integers and halves over 8 completions). A
+    per-process mean would miss it. ~30 s."""
+    import os
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp"
+    cfg = dict(
+        model=stories_path,
+        output_dir=str(out),
+        reward="reward_fns:length_reward,reward_fns:prompt_echo",
+        reward_weights=[0.5, 2.0],
+        batch_size=8,
+        samples_per_prompt=2,
+        max_new_tokens=8,
+        max_steps=2,
+        progress=False,
+        sample_every=0,
+        eval_max_prompts=2,
+        eval_samples=1,
+    )
+    tests = str(Path(__file__).resolve().parent)
+    procs = []
+    for rank in range(2):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", _WORKER, json.dumps(cfg), json.dumps(PROMPTS)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    for p in procs:
+        log, _ = p.communicate(timeout=240)
+        assert p.returncode == 0, log[-3000:]
+    h0, h1 = (json.loads((out / f"history{r}.json").read_text()) for r in range(2))
+    assert h0 == h1  # every process logs the same global numbers
+    for h in h0:
+        assert h["reward/weighted_sum"] == 0.5 * h["reward/length_reward/mean"] + 2.0 * h["reward/prompt_echo/mean"]
+        assert h["reward/length_reward/std"] >= 0 and "reward/prompt_echo/std" in h
