@@ -282,9 +282,13 @@ def test_weights_that_do_not_match_the_rewards_fail_before_weights_load(cli_env,
     assert not (cli_env / "run").exists()
 
 
-def test_python_api_takes_a_list_of_functions(cli_env, stories_path):
-    """``train_grpo(cfg, reward=[f, g])``, the weights from the config. ~4 s."""
-    from tether.trainers.grpo import GRPOConfig, train_grpo
+@pytest.mark.parametrize("method", ["grpo", "rloo", "ppo"])
+def test_python_api_takes_a_list_of_functions(method, cli_env, stories_path):
+    """``train_grpo(cfg, reward=[f, g])`` (and RLOO's, PPO's), the weights from the config. ~3 s each."""
+    import importlib
+
+    module = importlib.import_module(f"tether.trainers.{method}")
+    Config, train = getattr(module, f"{method.upper()}Config"), getattr(module, f"train_{method}")
 
     def fmt(completions, **kw):
         return [1.0 if c.startswith(" ") else 0.0 for c in completions]
@@ -292,7 +296,7 @@ def test_python_api_takes_a_list_of_functions(cli_env, stories_path):
     def acc(completions, **kw):
         return [float(len(c) > 10) for c in completions]
 
-    cfg = GRPOConfig(
+    cfg = Config(
         model=stories_path,
         prompts=str(cli_env / "prompts.txt"),
         output_dir=str(cli_env / "py"),
@@ -306,14 +310,14 @@ def test_python_api_takes_a_list_of_functions(cli_env, stories_path):
         reward_weights=[1.0, 0.25],
         progress=False,
     )
-    res = train_grpo(cfg, reward=[fmt, acc])
+    res = train(cfg, reward=[fmt, acc])
     assert {"reward/fmt/mean", "reward/fmt/std", "reward/acc/mean", "reward/weighted_sum"} <= set(res.metrics)
     m = res.metrics
     # the total's batch mean is the weighted sum of the means (no None here); values 0 / 1 / 0.25 / 1.25 over 4
     # completions: every sum and mean is exact, in float32 and float64 alike
     assert m["reward/weighted_sum"] == m["reward/fmt/mean"] + 0.25 * m["reward/acc/mean"]
     with pytest.raises(UserError, match=r"2 weight\(s\) for 3 reward\(s\)"):
-        train_grpo(cfg, reward=[fmt, acc, fmt])
+        train(cfg, reward=[fmt, acc, fmt])
 
 
 def test_a_reward_that_is_not_a_spec_is_a_user_error():
