@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tether.engine import decode_completion
+from tether.errors import UserError
 from tether.ops.reward_model import update_moments
 from tether.rewards import CallableSource, RewardSet, VaderSource, build_reward, join_text, last_token_index
 
@@ -77,7 +78,7 @@ def test_callable_errors_are_clear():
         CallableSource("reward_fns:missing")
     with pytest.raises(ImportError, match="cannot import module 'no_such_module_x'"):
         CallableSource("no_such_module_x:f")
-    with pytest.raises(TypeError, match="list of floats"):
+    with pytest.raises(UserError, match="list of floats"):  # a UserError: one line and exit 2 through the CLI
         CallableSource(lambda cs: ["high"] * len(cs))(["a"], ["b"])
 
 

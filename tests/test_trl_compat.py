@@ -265,6 +265,10 @@ def test_trl_names_map_to_tether_fields(monkeypatch):
     assert from_dict(DPOConfig, {"loss_type": "ipo"}).loss_type == "ipo"
     assert from_dict(GRPOConfig, {"scale_rewards": "none"}).scale_rewards is False
     assert from_dict(GRPOConfig, {"reward_funcs": "my_lib.rewards.length"}).reward == "my_lib.rewards:length"
+    # several: a list, each dotted name read as module:function; reward_weights is tether's name too
+    trl = {"reward_funcs": ["my_lib.fmt", "acc.py:f", "vader"], "reward_weights": [1, 0.5, 2]}
+    several = from_dict(GRPOConfig, trl)
+    assert (several.reward, several.reward_weights) == (["my_lib:fmt", "acc.py:f", "vader"], [1, 0.5, 2])
 
 
 def test_a_trl_sft_yaml_reads_as_tether_sft(tmp_path, capsys):
@@ -337,7 +341,6 @@ def test_a_trl_sft_yaml_reads_as_tether_sft(tmp_path, capsys):
         ("fp16", True, "use bf16: true"),
         ("optim", "adafactor", "tether uses torch AdamW"),
         ("loss_type", "dr_grpo", "use loss_aggregation"),
-        ("reward_funcs", ["a", "b"], "tether optimises one reward"),
     ],
 )
 def test_a_trl_field_tether_cannot_honour_fails_with_one_message(tmp_path, capsys, key, value, advice):

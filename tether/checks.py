@@ -20,7 +20,6 @@ trained on (1,150-token sequences on a 512-position model were seen to exit 0).
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -296,7 +295,8 @@ def _longest_prompt(path: str, prompts: Sequence[str]) -> int:
 def check_reward_spec(spec: Any, *, field: str = "reward", assets: Optional[str] = None) -> None:
     """A reward spec as ``tether.rewards.build_reward`` reads it, checked without loading a model or
     running user code (a ``module:function`` module is located, not imported)."""
-    from .rewards import _NAMED, _check_is_reward_model
+    from .rewards import _NAMED, _check_is_reward_model, find_module
+    from .trl_names import is_dotted_name
 
     if not isinstance(spec, str) or not spec.strip():
         raise UserError(
@@ -324,24 +324,35 @@ def check_reward_spec(spec: Any, *, field: str = "reward", assets: Optional[str]
             raise UserError(f"--{field} {spec}: {e}") from None
         return
     target, sep, attr = spec.rpartition(":")
+    if not sep and is_dotted_name(spec):  # TRL's module.function (an existing folder of that name was taken above)
+        target, sep, attr = spec.rpartition(".")
     if not sep:
         raise UserError(
-            f"--{field} {spec!r} is not 'vader', an existing reward-model folder, or 'module:function'; "
-            "check the path (reward models are the final/ folder of `tether rm`)"
+            f"--{field} {spec!r} is not 'vader', an existing reward-model folder, 'module:function' or "
+            "'module.function'; check the path (reward models are the final/ folder of `tether rm`)"
         )
     if not target or not attr:
         raise UserError(f"--{field} {spec!r} must look like 'module.path:function' or 'file.py:function'")
     if target.endswith(".py"):
         check_text_file(target, field=field)
         return
-    try:
-        found = importlib.util.find_spec(target)
-    except (ImportError, ValueError):
-        found = None
-    if found is None:
+    if find_module(target) is None:
         raise UserError(
-            f"--{field} {spec}: cannot find module {target!r}; put it on PYTHONPATH or use 'file.py:function'"
+            f"--{field} {spec}: cannot find module {target!r} (in the working directory or on PYTHONPATH); put it "
+            "there or use 'file.py:function'"
         )
+
+
+def check_reward_list(value: Any, weights: Any, *, assets: Optional[str] = None) -> None:
+    """The config's ``reward`` (one spec, a YAML list or a comma-separated list: ``rewards.reward_specs``; Python
+    objects given to ``train_online`` pass) and ``reward_weights`` (one weight per reward)."""
+    from .rewards import reward_specs, reward_weights_for
+
+    specs = reward_specs(value)
+    reward_weights_for(weights, len(specs))
+    for spec in specs:
+        if isinstance(spec, str):
+            check_reward_spec(spec, assets=assets)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -356,6 +367,7 @@ def preflight_bon_reward(cfg) -> None:
 def preflight_online(cfg, *, prompts=None, eval_prompts=None, reward=None, log_rewards=None) -> None:
     """ppo / grpo / rloo: config, prompts, rewards, models, context. ``prompts`` ... ``log_rewards``: what
     ``train_online`` was given in memory instead of the config's files and specs (read as it reads them)."""
+    from .rewards import RewardSet
     from .trainers.online import _validate, derive_sizes, method_for
 
     check_train_config(cfg)
@@ -387,8 +399,8 @@ def preflight_online(cfg, *, prompts=None, eval_prompts=None, reward=None, log_r
             if cfg.eval_prompts
             else []
         )
-    if reward is None:
-        check_reward_spec(cfg.reward, assets=cfg.assets)
+    if not isinstance(reward, RewardSet):  # Python objects in place of specs: their number against the weights
+        check_reward_list(cfg.reward if reward is None else reward, cfg.reward_weights, assets=cfg.assets)
     for spec in cfg.log_rewards if log_rewards is None else []:
         check_reward_spec(spec, field="log_rewards", assets=cfg.assets)
     if getattr(cfg, "ptx_dataset", None):

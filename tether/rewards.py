@@ -19,10 +19,13 @@ names (``reward/<name>``). Three kinds:
   reward for the movie-review demo.
 
 ``build_reward(spec)`` makes one from a string (``vader``, a reward-model folder, ``module:function``,
-optionally prefixed ``name=`` to choose its metric name), and ``RewardSet`` is the "gold versus
-proxy" view used by online trainers (Gao, Schulman & Hilton 2022): the ``optimised`` source (often a
-learned proxy) is normalised/clipped and returned for optimisation, while every source, optimised and
-``logged`` (the gold), is reported raw as ``reward/<name>``.
+``file.py:function`` or TRL's ``module.function``, optionally prefixed ``name=`` to choose its metric
+name). ``WeightedRewards(sources, weights)`` is several rewards as one, TRL GRPOTrainer's
+``reward_funcs`` with ``reward_weights``: Σ_k w_k·r_k per completion, a function's ``None`` ("not
+applicable") left out. ``RewardSet`` is the "gold versus proxy" view used by online trainers (Gao,
+Schulman & Hilton 2022): the ``optimised`` source (often a learned proxy; or a ``WeightedRewards``) is
+normalised/clipped and returned for optimisation, while every source, optimised and ``logged`` (the
+gold), is reported raw as ``reward/<name>``, and each reward of a ``WeightedRewards`` separately.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .errors import UserError
-from .ops.reward_model import update_moments
+from .ops.reward_model import update_moments, weighted_reward_sum
+from .trl_names import is_dotted_name
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +74,9 @@ class RewardSource:
     subclass whose ``__call__`` takes no ``**columns`` is called without them."""
 
     name: str = "reward"
+    may_abstain: bool = False
+    """True for a source whose scores may hold NaN meaning "not applicable" (a reward function's ``None``,
+    TRL's convention): allowed inside ``WeightedRewards``, where another reward scores that completion."""
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], **columns) -> torch.Tensor:
         raise NotImplementedError
@@ -197,11 +204,61 @@ class RewardModelSource(RewardSource):
 # Python callables
 
 
-def _import_callable(spec: str) -> Callable:
-    """``module.path:function`` or ``path/to/file.py:function`` -> the function."""
+def split_callable(spec: str) -> tuple[str, str]:
+    """``module.path:function``, ``file.py:function`` or TRL's dotted ``module.path.function`` ->
+    (module or file, function name)."""
     target, sep, attr = spec.rpartition(":")
-    if not sep or not target or not attr:
-        raise UserError(f"callable reward {spec!r} must look like 'module.path:function' or 'file.py:function'")
+    if not sep and is_dotted_name(spec):
+        target, _, attr = spec.rpartition(".")
+    elif not sep or not target or not attr:
+        raise UserError(
+            f"callable reward {spec!r} must look like 'module.path:function', 'file.py:function' or "
+            "'module.path.function'"
+        )
+    return target, attr
+
+
+def _with_working_directory(fn: Callable):
+    """``fn()``, retried with the working directory on ``sys.path`` (last) if its module was not found:
+    a ``tether`` console script's ``sys.path`` starts at the script's folder, not where it was run, and
+    ``my_rewards.format_reward`` next to the user's config should import as under ``python -m``."""
+    import os
+    import sys
+
+    try:
+        return fn()
+    except ModuleNotFoundError:
+        cwd = os.getcwd()
+        if cwd in sys.path or "" in sys.path:
+            raise
+        sys.path.append(cwd)
+        return fn()
+
+
+def import_module(target: str):
+    """``importlib.import_module(target)``, also from the working directory (``_with_working_directory``)."""
+    return _with_working_directory(lambda: importlib.import_module(target))
+
+
+def find_module(target: str):
+    """``importlib.util.find_spec(target)`` (None if absent), also in the working directory; imports
+    nothing but the parent packages of ``target``."""
+
+    def find():
+        found = importlib.util.find_spec(target)
+        if found is None:
+            raise ModuleNotFoundError(target)
+        return found
+
+    try:
+        return _with_working_directory(find)
+    except (ImportError, ValueError):
+        return None
+
+
+def _import_callable(spec: str) -> Callable:
+    """``module.path:function``, ``path/to/file.py:function`` or ``module.path.function`` -> the function."""
+    target, attr = split_callable(spec)
     if target.endswith(".py"):
         if not Path(target).exists():
             raise FileNotFoundError(f"callable reward {spec!r}: file {target} does not exist")
@@ -210,7 +267,7 @@ def _import_callable(spec: str) -> Callable:
         mod_spec.loader.exec_module(module)  # type: ignore[union-attr]
     else:
         try:
-            module = importlib.import_module(target)
+            module = import_module(target)
         except ImportError as e:
             raise ImportError(
                 f"callable reward {spec!r}: cannot import module {target!r} ({e}); is it on PYTHONPATH?"
@@ -269,8 +326,12 @@ class CallableSource(RewardSource):
     ``prompts`` and each column of ``reward_columns`` only if its signature names them or has
     ``**kwargs``. Conversational prompts (``CHAT_PROMPTS`` present) are passed as their messages, and
     their completions as ``[{"role": "assistant", "content": text}]``. A column the function requires
-    but the data lacks is an error naming it. It must return one finite number per completion.
+    but the data lacks is an error naming it. It must return one finite number per completion, or
+    ``None`` where it does not apply (TRL's convention; a NaN score, allowed only among several rewards:
+    ``WeightedRewards``); anything else is a ``UserError`` (``function_scores``).
     """
+
+    may_abstain = True
 
     def __init__(self, fn: Callable | str, *, name: Optional[str] = None):
         self.spec = fn if isinstance(fn, str) else f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', fn)}"
@@ -313,22 +374,42 @@ class CallableSource(RewardSource):
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], **columns) -> torch.Tensor:
         _check_batch(prompts, completions)
-        comps = list(completions)
         args, kw = self._arguments(prompts, completions, columns)
-        out = self.fn(*args, **kw)
+        return function_scores(self.spec, self.fn(*args, **kw), len(completions))
+
+
+def function_scores(spec: str, out, n: int) -> torch.Tensor:
+    """A reward function's return value ``out`` for ``n`` completions -> (n,) float32 scores, NaN where it
+    returned ``None`` ("not applicable", TRL's convention). Anything but a sequence of ``n`` finite
+    numbers or Nones is a ``UserError`` naming the function ``spec`` and the fix."""
+    fix = f"return a list with one float per completion (here {n}), e.g. [score(c) for c in completions]"
+    if isinstance(out, (int, float)) or getattr(out, "ndim", None) == 0:  # a float, numpy or 0-d tensor scalar
+        raise UserError(f"reward function {spec} returned one number ({out!r}), not one per completion; {fix}")
+    if out is None or isinstance(out, (str, bytes, dict)) or not hasattr(out, "__iter__"):
+        raise UserError(f"reward function {spec} returned {type(out).__name__}, not a list of floats; {fix}")
+    values = []
+    for i, v in enumerate(out):
+        if v is None:
+            values.append(float("nan"))
+            continue
         try:
-            scores = torch.as_tensor([float(v) for v in out], dtype=torch.float32)
-        except (TypeError, ValueError) as e:
-            raise TypeError(
-                f"reward function {self.spec} must return a list of floats, got {type(out).__name__}: {e}"
-            ) from e
-        if scores.numel() != len(comps):
-            raise ValueError(
-                f"reward function {self.spec} returned {scores.numel()} values for {len(comps)} completions"
+            if isinstance(v, (str, bytes)):
+                raise TypeError
+            x = float(v)
+        except (TypeError, ValueError):
+            raise UserError(
+                f"reward function {spec} must return a list of floats, and returned {type(v).__name__} {v!r} at "
+                f"completion {i}; {fix} (None where the reward does not apply)"
+            ) from None
+        if not math.isfinite(x):
+            raise UserError(
+                f"reward function {spec} returned a non-finite value ({x}) at completion {i}; a reward is a finite "
+                "number, or None where it does not apply (in a list of rewards)"
             )
-        if not torch.isfinite(scores).all():
-            raise ValueError(f"reward function {self.spec} returned a non-finite value: {scores.tolist()}")
-        return scores
+        values.append(x)
+    if len(values) != n:
+        raise UserError(f"reward function {spec} returned {len(values)} values for {n} completions; {fix}")
+    return torch.tensor(values, dtype=torch.float32)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -376,7 +457,8 @@ def build_reward(
     - ``vader`` — ``VaderSource()``;
     - a folder with ``config.json`` — ``RewardModelSource(folder)`` (a ``tether rm`` output's final/,
       or a run folder containing final/);
-    - ``module.path:function`` or ``file.py:function`` — ``CallableSource``;
+    - ``module.path:function``, ``file.py:function`` or TRL's ``module.path.function`` — ``CallableSource``
+      (a string that is an existing folder is a reward model, whatever it looks like);
     - any of these prefixed by ``NAME=`` (e.g. ``gold=vader``, ``proxy=runs/rm/final``) to set the
       source's ``name`` (its metric is ``reward/NAME``).
 
@@ -400,12 +482,124 @@ def build_reward(
         if not (path / "config.json").exists() and (path / "final" / "config.json").exists():
             path = path / "final"
         return RewardModelSource(str(path), device=device, batch_size=batch_size, max_length=max_length, **kw)
-    if ":" in spec:
+    if ":" in spec or is_dotted_name(spec):  # an existing folder of that name was taken above
         return CallableSource(spec, **kw)
     raise UserError(
         f"reward spec {spec!r} is not 'vader', an existing reward-model folder, or 'module:function'; "
         "check the path (reward models are the final/ folder of `tether rm`)"
     )
+
+
+def reward_specs(value) -> list:
+    """The config's ``reward`` as a list of specs: a YAML list as is, a string split at commas
+    (``--reward fmt.py:f,acc.py:g``) unless the whole string is an existing path. Python objects
+    (a ``RewardSource``, a function) pass through. An empty list is a ``UserError``."""
+    if isinstance(value, (list, tuple)):
+        specs = list(value)
+    elif isinstance(value, str) and "," in value and not Path(value).expanduser().exists():
+        specs = [v.strip() for v in value.split(",")]
+    else:
+        specs = [value]
+    what = "'vader', a reward-model folder, 'module:function' or a comma-separated list of them"
+    if not specs or any(isinstance(v, str) and not v.strip() for v in specs):
+        raise UserError(f"reward {value!r} has an empty entry; give {what}")
+    for v in specs:
+        if not (isinstance(v, (str, RewardSource)) or callable(v)):
+            raise UserError(f"reward {value!r}: {v!r} is not a reward; give {what}")
+    return specs
+
+
+def reward_weights_for(weights, n: int) -> Optional[list[float]]:
+    """``reward_weights`` checked against ``n`` rewards: None (every weight 1.0) or ``n`` finite floats."""
+    if weights is None:
+        return None
+    if not isinstance(weights, (list, tuple)):
+        weights = [weights]
+    try:
+        out = [float(w) for w in weights]
+    except (TypeError, ValueError):
+        raise UserError(f"reward_weights {list(weights)!r}: give one number per reward, e.g. 1.0,0.5") from None
+    if len(out) != n:
+        raise UserError(
+            f"reward_weights has {len(out)} weight(s) for {n} reward(s); give one weight per entry of reward, in the "
+            "same order (or leave reward_weights out: every weight 1.0)"
+        )
+    if not all(math.isfinite(w) for w in out):
+        raise UserError(f"reward_weights {out}: every weight must be a finite number")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Several rewards
+
+
+def distinct_names(names: Sequence[str]) -> list[str]:
+    """Names made distinct by suffixes: [f, f, g] -> [f, f_2, g] (two functions both called ``reward``)."""
+    out: list[str] = []
+    for n in names:
+        m, k = n, 2
+        while m in out or (m != n and m in names):
+            m, k = f"{n}_{k}", k + 1
+        out.append(m)
+    return out
+
+
+class WeightedRewards(RewardSource):
+    """Several rewards as one: ``Σ_k w_k·r_k`` per completion, TRL GRPOTrainer's ``reward_funcs`` with
+    ``reward_weights``. A reward function may return ``None`` for a completion it does not apply to
+    (NaN in ``per_func``): the sum leaves it out (``ops.reward_model.weighted_reward_sum``, a nansum). A
+    completion that no reward scores is refused with a ``UserError`` (TRL warns and trains on 0: a made-up
+    reward that moves the group's baseline).
+
+    sources: the rewards (``RewardSource``s); weights: one float each (None = all 1.0); ``names``: their
+    metric names (``reward/<name>/mean`` and ``/std``), the sources' names made distinct (f, f_2).
+    """
+
+    def __init__(
+        self, sources: Sequence[RewardSource], weights: Optional[Sequence[float]] = None, *, name: str = "weighted_sum"
+    ):
+        self.sources = list(sources)
+        if not self.sources:
+            raise UserError("reward is an empty list; give at least one reward")
+        w = reward_weights_for(weights, len(self.sources))
+        self.weights = torch.tensor([1.0] * len(self.sources) if w is None else w, dtype=torch.float32)  # (K,)
+        self.names = distinct_names([s.name for s in self.sources])
+        self.name = name
+
+    def per_func(self, prompts: Sequence[str], completions: Sequence[str], **columns) -> torch.Tensor:
+        """(B, K) float32: each reward's scores, NaN where a function returned None."""
+        _check_batch(prompts, completions)
+        cols = []
+        for src in self.sources:
+            s = call_source(src, prompts, completions, columns).float()
+            checked_scores(src, s[~torch.isnan(s)] if src.may_abstain else s)
+            cols.append(s)
+        m = torch.stack(cols, dim=1) if cols else torch.zeros(len(completions), 0)
+        none = torch.isnan(m).all(dim=1)
+        if bool(none.any()):
+            i = int(none.nonzero()[0])
+            raise UserError(
+                f"no reward scored completion {i} of {len(completions)} ({', '.join(self.names)} all returned None; "
+                f"prompt {str(prompts[i])[:60]!r}, completion {str(completions[i])[:60]!r}); at least one reward "
+                "must return a number for every completion (return 0.0 where that is meant)"
+            )
+        return m
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str], **columns) -> torch.Tensor:
+        return weighted_reward_sum(self.per_func(prompts, completions, **columns), self.weights)  # (B,)
+
+    def components(self, per_func: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{name: (B,) scores}`` of ``per_func``'s columns (NaN where not applicable)."""
+        return {n: per_func[:, k] for k, n in enumerate(self.names)}
+
+
+def combine_rewards(sources: Sequence[RewardSource], weights: Optional[Sequence[float]] = None) -> RewardSource:
+    """One source: the source itself when there is one with weight 1 (or none given; every metric as for
+    a single reward), else ``WeightedRewards(sources, weights)``."""
+    w = reward_weights_for(weights, len(sources))
+    if len(sources) == 1 and (w is None or w == [1.0]):
+        return sources[0]
+    return WeightedRewards(sources, w)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -450,6 +644,11 @@ def checked_scores(src: RewardSource, scores: torch.Tensor) -> torch.Tensor:
     finite = torch.isfinite(scores)
     if not bool(finite.all()):
         i = int((~finite).nonzero()[0])
+        if src.may_abstain and bool(torch.isnan(scores[i])):  # a function's None: "not applicable"
+            raise UserError(
+                f"reward {src.name!r} returned None for completion {i} of {scores.numel()}; None means 'does not "
+                "apply' and needs another reward to score that completion (--reward a,b); return a number"
+            )
         raise UserError(
             f"reward {src.name!r} ({type(src).__name__}) returned {int((~finite).sum())} non-finite score(s) of "
             f"{scores.numel()} (first: {float(scores[i])} at completion {i}); a reward must be a finite number for "
@@ -493,10 +692,10 @@ class RewardSet:
         normalize: bool = False,
         eps: float = 1e-8,
     ):
-        names = [optimised.name] + [s.name for s in logged]
+        names = [optimised.name] + list(getattr(optimised, "names", ())) + [s.name for s in logged]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
-            raise ValueError(
+            raise UserError(
                 f"reward sources need distinct names (metric reward/<name>); duplicated: {dup}. Use NAME=spec to rename"
             )
         if clip is not None and not (clip > 0 and math.isfinite(clip)):
@@ -513,7 +712,23 @@ class RewardSet:
         self, prompts: Sequence[str], completions: Sequence[str], **columns
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``columns``: the prompts' dataset rows (``reward_columns``), passed on to every source that takes them."""
-        raw = checked_scores(self.optimised, call_source(self.optimised, prompts, completions, columns).float())  # (B,)
+        scores, metrics, _ = self.score(prompts, completions, **columns)
+        return scores, metrics
+
+    def score(
+        self, prompts: Sequence[str], completions: Sequence[str], **columns
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """``(scores, metrics, components)``: as ``__call__``, plus, when the optimised source is a
+        ``WeightedRewards``, ``{name: (B,) raw scores}`` of each of its rewards (NaN where not applicable;
+        ``metrics`` then holds their weighted sum under ``reward/<its name>``), else ``{}``."""
+        components: dict[str, torch.Tensor] = {}
+        if isinstance(self.optimised, WeightedRewards):
+            per_func = self.optimised.per_func(prompts, completions, **columns)  # (B, K)
+            components = self.optimised.components(per_func)
+            raw = weighted_reward_sum(per_func, self.optimised.weights)  # (B,)
+        else:
+            raw = call_source(self.optimised, prompts, completions, columns).float()
+        raw = checked_scores(self.optimised, raw)  # (B,)
         metrics = {f"reward/{self.optimised.name}": raw}
         for src in self.logged:
             metrics[f"reward/{src.name}"] = checked_scores(src, call_source(src, prompts, completions, columns).float())
@@ -523,7 +738,7 @@ class RewardSet:
             scores = ((raw.double() - self.moments.mean) / torch.sqrt(self.moments.var + self.eps)).float()
         if self.clip is not None:
             scores = scores.clamp(-self.clip, self.clip)
-        return scores, metrics
+        return scores, metrics, components
 
     def state_dict(self) -> dict:
         return {"moments": self.moments.state_dict()}
@@ -533,16 +748,19 @@ class RewardSet:
 
 
 def build_reward_set(
-    reward: str,
+    reward,
     gold: Sequence[str] = (),
     *,
+    weights: Optional[Sequence[float]] = None,
     clip: Optional[float] = None,
     normalize: bool = False,
     device: str | torch.device = "cpu",
     assets: Optional[str] = None,
     batch_size: int = 32,
 ) -> RewardSet:
-    """``RewardSet(build_reward(reward), [build_reward(g) for g in gold], clip=, normalize=)``."""
-    opt = build_reward(reward, device=device, assets=assets, batch_size=batch_size)
+    """``RewardSet(combine_rewards([build_reward(r) for r in reward_specs(reward)], weights),
+    [build_reward(g) for g in gold], clip=, normalize=)``: ``reward`` one spec, a comma-separated list or a
+    list of specs (several: their weighted sum is optimised, ``WeightedRewards``)."""
+    sources = [build_reward(r, device=device, assets=assets, batch_size=batch_size) for r in reward_specs(reward)]
     logged = [build_reward(g, device=device, assets=assets, batch_size=batch_size) for g in gold]
-    return RewardSet(opt, logged, clip=clip, normalize=normalize)
+    return RewardSet(combine_rewards(sources, weights), logged, clip=clip, normalize=normalize)

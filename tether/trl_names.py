@@ -15,6 +15,8 @@ Sources for the names: TRL's ``TrainingArguments``-based ``SFTConfig``, ``DPOCon
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any, Optional
 
 from .errors import UserError
@@ -255,6 +257,22 @@ def refuse(name: str, value: Any, advice: str) -> UserError:
     return UserError(f"TRL field {name}: {value!r} is not supported by tether; {advice}")
 
 
+_DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
+
+
+def is_dotted_name(spec: str) -> bool:
+    """TRL's way to name a reward function, ``package.module.function`` (not a ``.py`` file name)."""
+    return bool(_DOTTED.match(spec)) and not spec.endswith(".py")
+
+
+def _dotted_to_colon(spec: str) -> str:
+    """TRL's dotted ``my_lib.rewards.fn`` as tether's ``my_lib.rewards:fn`` (unless it names an existing path:
+    a reward-model folder wins, as in ``tether.rewards.build_reward``)."""
+    if is_dotted_name(spec) and not Path(spec).exists():
+        return ":".join(spec.rsplit(".", 1))
+    return spec
+
+
 def translate(name: str, value: Any, fields: set[str]) -> Optional[list[tuple[str, Any]]]:
     """What TRL key ``name`` (not a tether field) means for a config with ``fields``: a list of
     (tether field, value) pairs to set ([] = ignore it), or None if ``name`` is not a TRL key.
@@ -306,12 +324,10 @@ def translate(name: str, value: Any, fields: set[str]) -> Optional[list[tuple[st
         if "reward" not in fields:
             raise refuse(name, value, "this command takes no reward")
         specs = list(value) if isinstance(value, (list, tuple)) else [value]
-        if len(specs) != 1:
-            raise refuse(name, value, "tether optimises one reward: give it as reward, and log others with log_rewards")
-        spec = str(specs[0])
-        if "." in spec and ":" not in spec and "/" not in spec:  # TRL's dotted path my_lib.rewards.fn
-            spec = ":".join(spec.rsplit(".", 1))
-        return [("reward", spec)]
+        if not specs:
+            raise refuse(name, value, "give at least one reward function or reward model")
+        specs = [_dotted_to_colon(str(spec)) for spec in specs]  # reward_weights is the same name in tether
+        return [("reward", specs[0] if len(specs) == 1 else specs)]
     if name == "max_completion_length":  # a field of dpo/rm; the sampling length of online trainers
         if "max_new_tokens" in fields:
             return [("max_new_tokens", value)]

@@ -12,6 +12,7 @@ Pure torch. Sources:
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -75,3 +76,34 @@ def update_moments(
     new_mean = mean + delta * b / n
     m2 = var * count + bvar * b + delta.pow(2) * count * b / n
     return new_mean, m2 / n, n
+
+
+def weighted_reward_sum(rewards_per_func: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The total of several rewards: Σ_k w_k·r_k per completion, NaN entries ("not applicable") left out.
+
+    rewards_per_func: (B, K) float32, one column per reward, NaN where a reward does not score that
+    completion (a reward function's ``None``); weights: (K,) w_k. Returns (B,) float32
+    ``(rewards_per_func * weights).nansum(dim=1)``: TRL's GRPOTrainer combines its ``reward_funcs`` with
+    ``reward_weights`` exactly so. A row of all NaN sums to 0 here; callers refuse such rows first
+    (``tether.rewards.WeightedRewards``).
+    """
+    if rewards_per_func.dim() != 2 or weights.shape != rewards_per_func.shape[1:]:
+        raise ValueError(
+            f"rewards_per_func must be (B, K) and weights (K,), got {tuple(rewards_per_func.shape)} and "
+            f"{tuple(weights.shape)}"
+        )
+    return (rewards_per_func * weights.to(rewards_per_func.dtype).unsqueeze(0)).nansum(dim=1)
+
+
+def nan_mean_std(x: torch.Tensor) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1 in the variance) of the non-NaN entries of ``x`` (any
+    shape), in float64: TRL's ``nanmean`` / ``nanstd`` of one reward's column. (nan, nan) with no value,
+    std nan with one."""
+    v = x.detach().double().flatten()
+    v = v[~torch.isnan(v)]
+    n = v.numel()
+    if n == 0:
+        return float("nan"), float("nan")
+    mean = v.mean()
+    var = float((v - mean).square().sum()) / (n - 1) if n > 1 else float("nan")
+    return float(mean), math.sqrt(var)  # math.sqrt: correctly rounded

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Optional, Sequence
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import torch
 
@@ -71,9 +71,21 @@ from ..ops.kl import check_estimator, check_reference_filter
 from ..ops.logprobs import selective_logps
 from ..ops.policy import AGGREGATION_MODES
 from ..ops.positions import check_position_weights
+from ..ops.reward_model import nan_mean_std, weighted_reward_sum
 from ..preempt import preemptible, stop_if_signalled
 from ..reference import check_lora_reference, check_reference_form, reference_from_config
-from ..rewards import CallableSource, RewardSet, RewardSource, build_reward, call_source, reward_columns
+from ..rewards import (
+    CallableSource,
+    RewardSet,
+    RewardSource,
+    WeightedRewards,
+    build_reward,
+    call_source,
+    checked_scores,
+    combine_rewards,
+    reward_columns,
+    reward_specs,
+)
 from ..runs import RunDir, save_final
 from ..training import (
     Checkpointer,
@@ -93,7 +105,7 @@ from ..value import build_value_model
 from .method import Counts, LossInputs, OnlineMethod, Prepared, beta_weights, exact_kl_direct_term  # noqa: F401 (re-exported)
 from .mismatch import add_mismatch_stats, check_correction
 from .result import TrainResult
-from .rollout import Rollout, collect_rollout, fill_scores, rollout_stats
+from .rollout import Rollout, collect_rollout, fill_scores, reward_component_stats, rollout_stats
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +147,13 @@ class OnlineConfig(TrainConfig, BetaConfig, SamplingConfig, OnlineReferenceConfi
     'question=prompt,answer=ground_truth'."""
     chat_template: Optional[str] = None
     """Jinja chat template (string or file) for conversational prompts when the tokenizer has none."""
-    reward: str = "vader"
-    """Reward to optimise: 'vader', a reward-model folder (tether rm's final/), or 'module:function' (NAME=spec
-    renames its metric)."""
+    reward: Any = "vader"
+    """Reward to optimise: 'vader', a reward-model folder (tether rm's final/), 'file.py:function', 'module:function'
+    or TRL's 'module.function' (NAME=spec renames its metric); or several, as a YAML list or comma-separated
+    (fmt.py:f,acc.py:g), whose weighted sum is optimised (TRL's reward_funcs)."""
+    reward_weights: Optional[list] = None
+    """One weight per entry of reward (the optimised score is Σ w_k·r_k; a function's None leaves its term out);
+    None = every weight 1.0."""
     log_rewards: list = field(default_factory=list)
     """Extra rewards to log but not optimise (gold vs proxy), e.g. gold=vader,other=mod:fn -> reward/<name>."""
     reward_normalize: bool = False
@@ -469,7 +485,8 @@ def _as_reward_set(cfg: OnlineConfig, reward, log_rewards) -> RewardSet:
             f"a reward must be a spec string, a RewardSource or a function of completions; got {type(r).__name__}"
         )
 
-    opt = source(cfg.reward if reward is None else reward)
+    specs = reward_specs(cfg.reward if reward is None else reward)
+    opt = combine_rewards([source(r) for r in specs], cfg.reward_weights)
     logged = [source(r) for r in (cfg.log_rewards if log_rewards is None else log_rewards)]
     return RewardSet(opt, logged, clip=cfg.reward_clip, normalize=cfg.reward_normalize)
 
@@ -511,7 +528,14 @@ def evaluate(
     for src in rewards.sources:
         # mean and standard error across samples (float64, as the demo's and the sweep's evaluation); the
         # stderr is the reward-hacking monitor's noise gate (diagnostics/hacking.py)
-        m, se = mean_stderr(call_source(src, flat, completions, columns).float())
+        if isinstance(src, WeightedRewards):  # several rewards: each one's mean over the samples it applies to
+            per_func = src.per_func(flat, completions, **columns)  # (n, K)
+            for name, values in src.components(per_func).items():
+                out[f"eval/reward/{name}/mean"] = nan_mean_std(values)[0]
+            scores = weighted_reward_sum(per_func, src.weights)
+        else:
+            scores = call_source(src, flat, completions, columns).float()
+        m, se = mean_stderr(checked_scores(src, scores))
         out[f"eval/reward/{src.name}"], out[f"eval/reward/{src.name}_stderr"] = m, se
     return out
 
@@ -688,10 +712,17 @@ class Session:
                     "completion": ro.completions[i],
                     "score": float(ro.scores[i]),
                     **{k: float(v[i]) for k, v in ro.reward_metrics.items()},
+                    **{f"reward/{k}": _value(v[i]) for k, v in ro.reward_components.items()},
                 }
                 for i in range(n)
             ],
         )
+
+
+def _value(x: torch.Tensor) -> Optional[float]:
+    """A reward's value for samples.jsonl: None where the function returned None (NaN)."""
+    v = float(x)
+    return None if v != v else v
 
 
 def setup(
@@ -809,7 +840,8 @@ def train_online(
     checks of the files and specs they stand for).
 
     ``prompts``, ``eval_prompts`` (lists of strings), ``reward`` (a spec, a ``RewardSource``, a
-    function of completions, or a whole ``RewardSet``) and ``log_rewards`` (list of the same)
+    function of completions, a list of these, weighted by ``cfg.reward_weights``, or a whole
+    ``RewardSet``) and ``log_rewards`` (list of specs, sources or functions)
     override the config's file/spec fields. Returns a ``TrainResult``: ``final``, ``metrics`` (last step),
     ``history`` (every step's metrics), ``eval_history`` (rows of eval/kl, eval/kl_stderr,
     eval/reward/<name>, from step 0 — the reference itself — when eval_every > 0, and at the last step).
@@ -930,6 +962,7 @@ def train_online(
         metrics = {
             k: v for k, v in metrics.items() if v == v or not k.startswith("reward/rank_corr/")
         }  # constant rewards
+        metrics.update(reward_component_stats(ro, dist))  # several rewards: reward/<name>/mean, /std
         metrics.update(
             {
                 "beta": beta,

@@ -27,6 +27,7 @@ from ..groups import sampling_settings
 from ..modeling import CompletionBatch
 from ..ops.kl import seq_sum, token_mean
 from ..ops.positions import BUCKET_LABELS, position_bucket_sums, weight_by_position
+from ..ops.reward_model import nan_mean_std
 from ..rewards import RewardSet, reward_columns
 from .method import beta_weights
 
@@ -61,6 +62,9 @@ class Rollout:
     pending: bool = (
         False  # True: old_logps .. kl_clamped are None until the update's own forward fills them (fill_scores)
     )
+    reward_components: dict = dataclasses.field(
+        default_factory=dict
+    )  # several rewards (rewards.WeightedRewards): name -> (B,) raw scores, NaN where a function returned None
 
     @property
     def mask(self) -> torch.Tensor:
@@ -138,7 +142,8 @@ def collect_rollout(
     )
     ids = smp.batch.completion_ids.cpu()  # (B, T)
     columns = reward_columns(prompt_rows, [ids[i][m].tolist() for i, m in enumerate(smp.batch.mask.cpu())])
-    scores, reward_metrics = rewards(list(prompt_texts), smp.completions, **columns)  # (B,), {"reward/<name>": (B,)}
+    # (B,), {"reward/<name>": (B,)}, {name: (B,)} of each of several optimised rewards
+    scores, reward_metrics, components = rewards.score(list(prompt_texts), smp.completions, **columns)
     scores = apply_no_eos_penalty(scores.to(device), smp.no_eos, cfg.no_eos_penalty)
     common = dict(
         batch=smp.batch,
@@ -147,6 +152,7 @@ def collect_rollout(
         no_eos=smp.no_eos,
         scores=scores,
         reward_metrics={k: v.to(device) for k, v in reward_metrics.items()},
+        reward_components=components,
     )
     if not score_models:
         return Rollout(
@@ -238,3 +244,18 @@ def rollout_stats(ro: Rollout, *, beta: float) -> tuple[dict, dict]:
         k = "reward/rank_corr/" + key[len("reward/") :]
         sums[k], counts[k] = (rho, 1.0) if rho == rho else (0.0, 0.0)  # nan (a constant reward): no value
     return sums, counts
+
+
+def reward_component_stats(ro: Rollout, dist) -> dict[str, float]:
+    """``reward/<name>/mean`` and ``reward/<name>/std`` of each of several optimised rewards over the global
+    batch (every process's values gathered; ``ops.reward_model.nan_mean_std``: the completions a function
+    returned None for are left out, the std has n - 1, as TRL's ``rewards/<name>/mean|std``). A reward with
+    no value in the step (None everywhere) logs nothing, one with a single value no std."""
+    out: dict[str, float] = {}
+    for name, values in ro.reward_components.items():
+        mean, std = nan_mean_std(torch.tensor(dist.all_gather_float(values.double().tolist()), dtype=torch.float64))
+        if mean == mean:
+            out[f"reward/{name}/mean"] = mean
+        if std == std:
+            out[f"reward/{name}/std"] = std
+    return out
