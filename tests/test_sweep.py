@@ -333,3 +333,55 @@ def test_plot_labels_colours_and_gao_fit_range():
     xs, ys = fit_curve(fits["bon"])  # what plot_overoptimisation draws: up to the data's largest d, not past it
     assert max(xs) == pytest.approx(1.8) and min(xs) > 0
     assert ys[-1] == pytest.approx(fits["bon"]["fit"].predict(1.8**2))
+
+
+def test_paths_are_read_relative_to_the_file_that_states_them(tmp_path, monkeypatch):
+    """The sweep file in proj/, its base trainer YAML in proj/conf/: the base's prompts, chat template,
+    reward file (file.py:function) and a named log reward are read from proj/conf/, the sweep's own
+    base fields, grid values and eval paths from proj/; a hub id, vader, an asset name, an absolute path
+    and a path that exists nowhere stay as written. Loaded from another working folder (elsewhere/),
+    where none of the relative paths exist."""
+    proj, conf, elsewhere = tmp_path / "proj", tmp_path / "proj" / "conf", tmp_path / "elsewhere"
+    for d in (conf, elsewhere):
+        d.mkdir(parents=True)
+    for f in (conf / "train.txt", conf / "chat.jinja", conf / "rw.py", proj / "held_out.txt", proj / "judge.py"):
+        f.write_text("x\n")
+    (proj / "rms" / "rm_a").mkdir(parents=True)
+    (conf / "ppo.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "model_name_or_path": "stories260K",  # an asset name: not a file beside either YAML
+                "prompts": "train.txt",
+                "chat_template": "chat.jinja",
+                "reward": "rw.py:score",
+                "log_rewards": ["judge=rw.py:other", "sent=vader"],
+                "eval_prompts": str(proj / "held_out.txt"),  # absolute: as written
+            }
+        )
+    )
+    (proj / "sweep.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "method": "ppo",
+                "base": {"from": "conf/ppo.yaml", "reference_model": "org/some-hub-model", "max_steps": 3},
+                "grid": {"reward": ["rw_missing.py:f", "rms/rm_a"]},
+                "eval": {"prompts": "held_out.txt", "gold": "judge.py:gold", "rewards": {"v": "vader"}},
+            }
+        )
+    )
+    monkeypatch.chdir(elsewhere)
+    from tether.sweep.spec import expand
+
+    cfg = load_sweep("../proj/sweep.yaml")
+    assert cfg.eval.prompts == str(proj / "held_out.txt")
+    assert cfg.eval.gold == f"{proj / 'judge.py'}:gold" and cfg.eval.rewards == {"v": "vader"}
+    runs = expand(cfg)
+    assert [r.name for r in runs] == ["ppo-rewardrw_missing.py_f", "ppo-rewardrms_rm_a"]  # names as written
+    c = runs[0].config
+    assert c["prompts"] == str(conf / "train.txt") and c["chat_template"] == str(conf / "chat.jinja")
+    assert c["log_rewards"] == [f"judge={conf / 'rw.py'}:other", "sent=vader"]
+    assert c["eval_prompts"] == str(proj / "held_out.txt")
+    assert c["model"] == "stories260K" and c["reference_model"] == "org/some-hub-model"
+    assert c["reward"] == "rw_missing.py:f"  # exists nowhere: left for the run's own check to name
+    assert runs[1].config["reward"] == str(proj / "rms" / "rm_a")
+    assert runs[1].overrides == {"reward": "rms/rm_a"}  # the report shows the grid as written
