@@ -96,19 +96,20 @@ def _chromium() -> str:
 
 
 @pytest.mark.slow
-def test_miniature_sweep_end_to_end(tmp_path, stories_path, assets_dir):
+def test_miniature_sweep_end_to_end(tmp_path, stories_path, assets_dir, monkeypatch):
     """Two β × two seeds of PPO, two steps each, evaluated at steps 0, 1, 2 on 4 prompts x 2 samples:
     the CSV has one row per evaluation point (4 runs x 3 steps + the reference), a second invocation
     starts no process, a run without its marker resumes from its checkpoint (only its worker runs),
-    and chromium renders the page with both images decoded and a row per run. ~40 s of CPU in all
-    (six worker processes, each importing torch): slow."""
+    and chromium renders the page, moved alone to another folder, with both images decoded and a row
+    per run. The sweep names its prompts relative to itself and runs from another working folder.
+    ~40 s of CPU in all (six worker processes, each importing torch): slow."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Once upon a time\nThe little dog\nLily was sad\nTom found a box\n")
     sweep = {
         "method": "ppo",
         "base": {
             "model": stories_path,
-            "prompts": str(prompts),
+            "prompts": "prompts.txt",  # beside the sweep file, not in the working folder
             "reward": "vader",
             "max_steps": 2,
             "batch_size": 4,
@@ -117,7 +118,7 @@ def test_miniature_sweep_end_to_end(tmp_path, stories_path, assets_dir):
         },
         "grid": {"beta": [0.05, 0.5], "seed": [0, 1]},
         "eval": {
-            "prompts": str(prompts),
+            "prompts": "prompts.txt",
             "gold": "vader",
             "samples_per_prompt": 2,
             "max_new_tokens": 6,
@@ -127,6 +128,8 @@ def test_miniature_sweep_end_to_end(tmp_path, stories_path, assets_dir):
     cfg_path = tmp_path / "sweep.yaml"
     cfg_path.write_text(yaml.safe_dump(sweep))
     out = tmp_path / "out"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
     assert cli_main(["sweep", "--config", str(cfg_path), "--output_dir", str(out), "--workers", "2"]) == 0
 
     with open(out / "frontier.csv") as f:
@@ -176,6 +179,9 @@ def test_miniature_sweep_end_to_end(tmp_path, stories_path, assets_dir):
     changed = {p for p in watched if p.exists() and p.stat().st_mtime_ns != before[p]}
     assert changed and all(p.parent == run for p in changed)
 
+    moved = tmp_path / "moved" / "report.html"  # the page alone: its figures travel inside it
+    moved.parent.mkdir()
+    shutil.copy(out / "report.html", moved)
     exe = _chromium()
     dom = subprocess.run(
         [
@@ -187,7 +193,7 @@ def test_miniature_sweep_end_to_end(tmp_path, stories_path, assets_dir):
             "--run-all-compositor-stages-before-draw",
             "--virtual-time-budget=5000",
             "--dump-dom",
-            (out / "report.html").as_uri(),
+            moved.as_uri(),
         ],
         capture_output=True,
         text=True,
