@@ -332,8 +332,8 @@ def plot_frontier(rows, finals, sets, path: Path, *, ykey: str, swept: list[str]
         ax.errorbar(
             [s["kl"]],
             [s["y"]],
-            xerr=[s["kl_seed_sd"]],
-            yerr=[s["y_seed_sd"]],
+            xerr=[s["kl_seed_sd"] or 0.0],  # None: fewer than two runs had the number
+            yerr=[s["y_seed_sd"] or 0.0],
             fmt="s",
             ms=8,
             mfc="none",
@@ -507,7 +507,9 @@ def matched_points(rows: list[dict], sets: list[dict], *, k: int = 3) -> tuple[O
 
 def spread(sd: Optional[float], n: int) -> str:
     """A spread across seeds for the page: "n/a" with one seed (it has none), else 2 significant digits."""
-    return "n/a (one seed)" if n < 2 or sd is None else f"{sd:.2g}"
+    if n < 2:
+        return "n/a (one seed)"
+    return "n/a" if sd is None else f"{sd:.2g}"
 
 
 def data_uri(path: Path) -> str:
