@@ -8,9 +8,12 @@ Example::
 SWEEP.yaml::
 
     method: dpo                      # dpo | ppo | grpo | rloo | bon
-    base: examples/dpo_hh.yaml       # a trainer YAML, or the trainer config inline (TRL names work)
+    base: dpo_hh.yaml                # a trainer YAML (beside this file), or the trainer config inline (TRL names work)
     grid: {beta: [0.05, 0.5], seed: [0, 1]}   # their product; or runs: [{beta: 0.1}, {beta: 1, seed: 2}]
-    eval: {prompts: examples/story_prompts.txt, gold: vader, samples_per_prompt: 2, max_prompts: 32, eval_every: 10}
+    eval: {prompts: story_prompts.txt, gold: vader, samples_per_prompt: 2, max_prompts: 32, eval_every: 10}
+
+Paths are read relative to the file that states them (the sweep file, or the trainer YAML named by
+base); a value that is no existing path there (a hub id, vader, an asset name) stays as written.
 
 Writes OUTPUT_DIR/report.html, frontier.png, frontier.csv (every evaluation point: method, run, seed,
 step, kl, kl_stderr, gold_reward, gold_stderr, proxy_reward, the swept fields), overoptimisation.png,

@@ -4,18 +4,25 @@ A sweep is one trainer config (``base``) and the settings to vary: ``grid`` (fie
 product) or ``runs`` (a list of overrides), each run evaluated with ``eval`` (one protocol for all:
 same held-out prompts, same sampling seed, same rewards). Field names go through ``tether.config``
 so TRL's names and nested groups work in ``base``, ``grid`` and ``runs`` alike.
+
+Paths are read relative to the file that states them: the sweep file's folder for ``base``, ``grid``,
+``runs`` and ``eval``, the trainer YAML's folder for the fields of ``base: {from: FILE}`` (``resolve_paths``).
+A value that is no existing path there (a hub id, ``vader``, an asset name such as ``stories260K``, an
+absolute path, a path that exists only from the working folder) is left as written.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..config import check_finite, finish_names, from_dict, read_yaml_config, resolve_names
+from .. import trl_names
+from ..config import _group_key, check_finite, config_groups, finish_names, from_dict, read_yaml_config, resolve_names
 from ..errors import UserError
 from ..registry import method_spec, sweep_names
 
@@ -73,6 +80,38 @@ class SweepConfig:
     """Where every run and the report go."""
     workers: int = 0
     """Parallel run processes (0: one per core, at most the number of runs)."""
+    folder: str = ""
+    """The sweep file's folder (set by ``load_sweep``, not written in the file): relative paths in ``grid`` and
+    ``runs`` are read from it."""
+
+
+FILE_ONLY = {"folder"}
+"""SweepConfig fields that are not sweep-file keys."""
+
+PATH_FIELDS = frozenset(
+    {
+        "model",
+        "reference_model",
+        "assets",
+        "dataset",
+        "eval_dataset",
+        "prompts",
+        "eval_prompts",
+        "chat_template",
+        "reward",
+        "log_rewards",
+        "reference_prompt",
+        "forgetting_text",
+        "ptx_dataset",
+        "ref_cache_dir",
+        "gold",
+    }
+)
+"""Trainer-config fields whose values may name files or folders (alone, as ``file.py:function``, as
+``NAME=spec``, or in a comma-separated or YAML list): ``resolve_paths`` reads them relative to their file."""
+
+EVAL_PATH_FIELDS = ("prompts", "gold", "proxy", "rewards")
+"""The same for the sweep's ``eval`` mapping."""
 
 
 @dataclass
@@ -93,10 +132,90 @@ def run_name(method: str, overrides: dict) -> str:
     return re.sub(r"[^A-Za-z0-9_.=+-]", "_", name)[:120]
 
 
-def _base_file(base: str, sweep_path: str | Path) -> dict:
-    """A trainer YAML named by the sweep: relative to the sweep file's folder, else to the working folder."""
+def _existing(path: str, folder: Path) -> Optional[str]:
+    """``folder/path`` as an absolute path if it exists and ``path`` is relative, else None."""
+    if not path or os.path.isabs(path) or path.startswith("~"):
+        return None
+    try:
+        cand = folder / path
+        return os.path.abspath(cand) if cand.exists() else None
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte: not a path
+        return None
+
+
+def _resolve_spec(spec: str, folder: Path) -> str:
+    """One path-like value read relative to ``folder``: the whole value if it names an existing file or
+    folder there; else ``NAME=spec`` (a named reward) or ``file.py:function`` with the part before the last
+    ':' resolved; else a comma-separated list with each item resolved. Anything else is returned as written."""
+    whole = _existing(spec, folder)
+    if whole is not None:
+        return whole
+    name, eq, rest = spec.partition("=")
+    if eq and name.strip().isidentifier() and rest:
+        return name + eq + _resolve_spec(rest, folder)
+    target, colon, attr = spec.rpartition(":")
+    if colon and target and "," not in spec:
+        found = _existing(target, folder)
+        return f"{found}:{attr}" if found is not None else spec
+    if "," in spec:
+        items = spec.split(",")
+        done = [_resolve_spec(x, folder) for x in items]
+        return ",".join(done) if done != items else spec
+    return spec
+
+
+def resolve_value(value, folder: str | Path):
+    """A config value with every relative path in it read from ``folder`` (strings, lists and mappings of
+    them; see ``_resolve_spec``). Other values are returned unchanged."""
+    folder = Path(folder)
+    if isinstance(value, str):
+        return _resolve_spec(value, folder)
+    if isinstance(value, list):
+        return [resolve_value(v, folder) for v in value]
+    if isinstance(value, dict):
+        return {k: resolve_value(v, folder) for k, v in value.items()}
+    return value
+
+
+def resolve_paths(cls: type, data: dict, folder: str | Path) -> dict:
+    """One source's trainer-config mapping with its path fields (``PATH_FIELDS``) read relative to
+    ``folder``: the folder of the file the mapping was written in. Keys may be tether names (kebab-case
+    too), TRL names (``model_name_or_path``, ``reward_funcs``, ...) or nested groups; a key that is none of
+    these is passed through (the config check names it afterwards)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    groups = config_groups(cls)
+
+    def targets(key: str, value) -> set:
+        if key in names:
+            return {key}
+        try:
+            return {t for t, _ in trl_names.translate(key, value, names) or ()}
+        except UserError:
+            return set()
+
+    out = {}
+    for key, value in data.items():
+        k = str(key).replace("-", "_")
+        if k in groups and isinstance(value, dict):
+            sub_out = {}
+            for sub, v in value.items():
+                try:
+                    field = _group_key(cls, k, str(sub).replace("-", "_"), source="sweep")
+                except UserError:
+                    field = ""
+                sub_out[sub] = resolve_value(v, folder) if field in PATH_FIELDS else v
+            out[key] = sub_out
+        else:
+            out[key] = resolve_value(value, folder) if targets(k, value) & PATH_FIELDS else value
+    return out
+
+
+def _base_file(base: str, sweep_path: str | Path, cls: type) -> dict:
+    """A trainer YAML named by the sweep: relative to the sweep file's folder, else to the working folder;
+    its relative paths are read from its own folder."""
     bpath = Path(base) if Path(base).is_absolute() else Path(sweep_path).parent / base
-    return read_yaml_config(bpath if bpath.exists() else base)
+    bpath = bpath if bpath.exists() else Path(base)
+    return resolve_paths(cls, read_yaml_config(bpath), bpath.parent)
 
 
 def load_sweep(path: str | Path) -> SweepConfig:
@@ -104,22 +223,25 @@ def load_sweep(path: str | Path) -> SweepConfig:
     one-line UserError before any process starts."""
     data = read_yaml_config(path)
     src = f"--config {path}"
-    known = {f.name for f in dataclasses.fields(SweepConfig)}
+    known = {f.name for f in dataclasses.fields(SweepConfig)} - FILE_ONLY
     extra = sorted(set(data) - known)
     if extra:
         raise UserError(f"{src}: unknown sweep field(s) {extra}; a sweep has {sorted(known)}")
     method = str(data.get("method", "")).strip()
     if not method:
         raise UserError(f"{src}: field 'method' is missing; set it to one of {', '.join(sweep_names())}")
-    trainer_class(method)  # refuses an unknown method
+    cls = trainer_class(method)  # refuses an unknown method
+    folder = Path(path).parent
     base = data.get("base") or {}
     if (
         isinstance(base, dict) and "from" in base
     ):  # base: {from: trainer.yaml, max_steps: 20}: the file, then these fields
-        rest = {k: v for k, v in base.items() if k != "from"}
-        base = {**_base_file(str(base["from"]), path), **rest}
+        rest = resolve_paths(cls, {k: v for k, v in base.items() if k != "from"}, folder)
+        base = {**_base_file(str(base["from"]), path, cls), **rest}
     elif isinstance(base, str):
-        base = _base_file(base, path)
+        base = _base_file(base, path, cls)
+    elif isinstance(base, dict):
+        base = resolve_paths(cls, base, folder)
     if not isinstance(base, dict):
         raise UserError(f"{src}: field 'base' must be a trainer config mapping or a path to a trainer YAML")
     grid, runs = data.get("grid") or {}, data.get("runs") or []
@@ -132,6 +254,7 @@ def load_sweep(path: str | Path) -> SweepConfig:
     ev = data.get("eval") or {}
     if not isinstance(ev, dict):
         raise UserError(f"{src}: field 'eval' must be a mapping (prompts, gold, samples_per_prompt, ...)")
+    ev = {k: resolve_value(v, folder) if k in EVAL_PATH_FIELDS else v for k, v in ev.items()}
     try:
         espec = from_dict(EvalSpec, ev, source=f"{src} eval")
     except (TypeError, ValueError) as e:
@@ -149,6 +272,7 @@ def load_sweep(path: str | Path) -> SweepConfig:
         eval=espec,
         output_dir=str(data.get("output_dir", SweepConfig.output_dir)),
         workers=int(data.get("workers", 0)),
+        folder=str(folder),
     )
     expand(cfg, source=src)  # checks every run's config
     return cfg
@@ -162,6 +286,7 @@ def expand(cfg: SweepConfig, *, source: str = "sweep") -> list[RunSpec]:
     if not overrides:
         overrides = [{}]
     cls = trainer_class(cfg.method)
+    folder = Path(cfg.folder or ".")
     out, seen = [], set()
     for ov in overrides:
         name = str(ov.pop("name", "")) or run_name(cfg.method, ov)
@@ -169,7 +294,7 @@ def expand(cfg: SweepConfig, *, source: str = "sweep") -> list[RunSpec]:
             raise UserError(f"{source}: two runs are both named {name!r}; give the runs distinct settings or a 'name'")
         seen.add(name)
         try:
-            data = {**cfg.base, **ov}
+            data = {**cfg.base, **resolve_paths(cls, ov, folder)}  # the run's name keeps the paths as written
             if cfg.method == "bon" and not isinstance(data.get("n", []), list):
                 data["n"] = [data["n"]]  # a best-of-n run has one n
             fields, pending = resolve_names(cls, data, source=f"{source} run {name}")
