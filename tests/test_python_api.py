@@ -49,6 +49,8 @@ def test_the_scripts_of_the_python_api_page_run(name, tmp_path, stories_path, as
     assert (out / "final" / "config.json").exists() and (out / "final" / "tokenizer_config.json").exists()
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 4 and rows[-1]["kl/ref"] >= 0
+    if name == "grpo":  # two weighted rewards: each logged, and their weighted sum
+        assert {"reward/reward_short/mean", "reward/reward_sentence/mean", "reward/weighted_sum"} <= rows[-1].keys()
 
 
 # --------------------------------------------------------------------------------------------------
