@@ -547,6 +547,7 @@ class RunDir:
     def log(self, step: int, metrics: dict) -> None:
         if not self.is_main:
             return
+        self.path.mkdir(parents=True, exist_ok=True)  # (made by start in a trainer; a bare RunDir logs too)
         row = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
         with (
             writing(self.path / "metrics.jsonl", intact="the rows before it are kept"),
@@ -568,6 +569,7 @@ class RunDir:
 
     def log_samples(self, step: int, samples: list[dict]) -> None:
         if self.is_main:
+            self.path.mkdir(parents=True, exist_ok=True)
             with writing(self.path / "samples.jsonl"), open(self.path / "samples.jsonl", "a") as f:
                 for s in samples:
                     f.write(json.dumps({"step": int(step), **s}) + "\n")
