@@ -148,3 +148,143 @@ def test_unknown_backend_is_a_user_error():
     with pytest.raises(UserError, match="--backend"):
         check_backend("nope")
     check_backend("builtin")
+
+
+# --- the prompt prefilled once per distinct prompt (sample(prefill_once=True)) ---------------------------
+
+
+def _tiny(arch: str):
+    """A seeded 2-layer GPT-2 or Qwen2 (vocabulary 512, stories260K's tokenizer ids), initialised with a
+    large spread so its next-token distributions are peaked and a common token can serve as EOS."""
+    from transformers import AutoModelForCausalLM, GPT2Config, Qwen2Config
+
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        cfg = GPT2Config(vocab_size=512, n_positions=128, n_embd=32, n_layer=2, n_head=2, initializer_range=0.3)
+    else:
+        cfg = Qwen2Config(
+            vocab_size=512,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            initializer_range=0.3,
+        )
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def _layouts(tok):
+    ids = [tok(t)["input_ids"] for t in ("Once upon a time", "The little dog", "One day, a girl", "Tom was")]
+    return {
+        "groups": [p for p in ids for _ in range(4)],  # the online trainers' layout: G contiguous copies
+        "scattered": [ids[i] for i in (0, 1, 0, 2, 3, 3, 1, 0, 2)],  # repeats, not contiguous
+        "distinct": ids,  # nothing to share: the plain prefill
+    }
+
+
+@pytest.mark.parametrize("arch,decoder", [("stories", "hf"), ("stories", "lean"), ("gpt2", "hf"), ("qwen2", "hf")])
+@pytest.mark.parametrize("layout", ["groups", "scattered", "distinct"])
+def test_prefill_once_samples_the_same(stories, arch, decoder, layout):
+    """prefill_once on and off: the same tokens, masks, no-EOS flags, stored sets F_t, behaviour log-probs
+    and generator state afterwards, to the bit, for the Hugging Face forward (Llama, GPT-2, Qwen2) and the
+    lean decoder. Exact by construction on the CPU: each row's cache and logits come from the same
+    operations on the same numbers, only fewer rows of them. EOS is the token most rows draw, so rows
+    finish at different steps and the batch is compacted after the copied prefill."""
+    torch.set_num_threads(1)
+    tok, model = stories
+    if arch != "stories":
+        model = _tiny(arch)
+    prompts = _layouts(tok)[layout]
+    for filters in ({}, {"top_k": 9, "temperature": 0.8}):
+        # EOS: the token most rows draw in a run without one (the same draws up to each row's first EOS)
+        free, _ = sample(
+            model,
+            prompts,
+            pad_id=0,
+            eos_id=None,
+            max_new_tokens=24,
+            generator=torch.Generator().manual_seed(3),
+            **filters,
+        )
+        ids = free.completion_ids
+        eos = max(range(ids.max() + 1), key=lambda v: int((ids == v).any(-1).sum()))
+        got = []
+        for once in (True, False):
+            g = torch.Generator().manual_seed(3)
+            b, no_eos = sample(
+                model, prompts, pad_id=0, eos_id=eos, max_new_tokens=24, generator=g, decoder=decoder,
+                prefill_once=once, **filters,
+            )  # fmt: skip
+            got.append((b, no_eos, g.get_state()))
+        (a, a_no, a_g), (b, b_no, b_g) = got
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.mask, b.mask) and torch.equal(a_no, b_no)
+        assert torch.equal(a.behaviour_logps, b.behaviour_logps) and torch.equal(a_g, b_g)
+        assert (a.allowed is None) == (b.allowed is None) and (a.allowed is None or torch.equal(a.allowed, b.allowed))
+        assert int((~a_no).sum()) >= 2 and len(set(a.mask.sum(-1).tolist())) >= 2  # rows ended at different steps
+
+
+def test_distinct_prompts():
+    """first rows of each distinct prompt in order of appearance, and every row's index into them."""
+    from tether.sampling import distinct_prompts
+
+    assert distinct_prompts([[1, 2], [3], [1, 2], [1], [3], [1, 2]]) == ([0, 1, 3], [0, 1, 0, 2, 1, 0])
+    assert distinct_prompts([[5, 6, 7]] * 3) == ([0], [0, 0, 0])
+    assert distinct_prompts([[1], [1, 0]]) == ([0, 1], [0, 1])  # a prefix is another prompt
+
+
+@pytest.mark.parametrize("arch", ["stories", "gpt2", "qwen2"])
+def test_prefill_once_cache_and_logits_equal_the_duplicated_prefill(stories, arch):
+    """The shared prefill's Hugging Face cache (every layer's keys and values) and last-position logits,
+    copied to the rows, equal the prefill of every row to the bit on the CPU (the same per-row arithmetic;
+    fewer rows in each product)."""
+    from tether.modeling import CACHE_KW, make_batch, position_ids
+    from tether.sampling import _prefill_distinct, distinct_prompts
+
+    torch.set_num_threads(1)
+    tok, model = stories
+    if arch != "stories":
+        model = _tiny(arch)
+    model.eval()
+    prompts = _layouts(tok)["scattered"]
+    base = make_batch(prompts, [[]] * len(prompts), pad_id=0)
+    ids, attn = base.input_ids[:, : base.prompt_len], base.attention_mask[:, : base.prompt_len]
+    pos = position_ids(attn)
+    first, inverse = (torch.tensor(x) for x in distinct_prompts(prompts))
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+        last, past = _prefill_distinct(model, None, ids, attn, pos, first, inverse)
+    assert len(first) == 4 and torch.equal(last, full.logits[:, -1])
+    want = getattr(full, CACHE_KW)
+    for lw, lg in zip(want.layers, past.layers, strict=True):
+        assert torch.equal(lg.keys, lw.keys) and torch.equal(lg.values, lw.values)
+
+
+def test_prefill_once_lean_cache_equals_the_duplicated_prefill(stories):
+    """The same for the lean decoder's static cache: U rows prefilled, then ``select``ed out to B rows,
+    equal the B-row prefill's keys, values, key mask and logits to the bit."""
+    from tether.decode import LlamaDecoder
+    from tether.modeling import make_batch, position_ids
+    from tether.sampling import _prefill_distinct, distinct_prompts
+
+    torch.set_num_threads(1)
+    tok, model = stories
+    model.eval()
+    prompts = _layouts(tok)["scattered"]
+    base = make_batch(prompts, [[]] * len(prompts), pad_id=0)
+    P = base.prompt_len
+    ids, attn = base.input_ids[:, :P], base.attention_mask
+    attn = torch.cat([attn, torch.ones(len(prompts), 5, dtype=attn.dtype)], 1)  # (B, P + 5)
+    pos = position_ids(attn[:, :P])
+    first, inverse = (torch.tensor(x) for x in distinct_prompts(prompts))
+    with torch.no_grad():
+        full = LlamaDecoder(model, len(prompts), P + 5)
+        full.set_mask(attn)
+        want = full.forward(ids, pos, 0)
+        dec = LlamaDecoder(model, len(first), P + 5)
+        dec.set_mask(attn[first])
+        got, _ = _prefill_distinct(model, dec, ids, attn[:, :P], pos, first, inverse)
+    assert torch.equal(got, want) and torch.equal(dec.key_bias, full.key_bias)
+    for i in range(len(dec.k)):
+        assert torch.equal(dec.k[i], full.k[i]) and torch.equal(dec.v[i], full.v[i])
