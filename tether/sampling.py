@@ -87,9 +87,11 @@ def _prefill_distinct(model, dec, input_ids, attention_mask, pos, first, inverse
     every row. Returns (logits (B, V), the Hugging Face cache or None with ``dec``, the lean decoder,
     whose static cache ``select`` expands in place)."""
     if dec is not None:
-        last = dec.forward(input_ids[first], pos[first], 0)  # (U, V)
+        hidden = dec.last_hidden(input_ids[first], pos[first], 0)  # (U, D)
         dec.select(inverse)  # (U, ...) -> (B, ...): row i's cache is the copy of its prompt's
-        return last.index_select(0, inverse), None
+        # the head over all B rows, as without sharing: a (U, D) product may take another kernel (MKL picks
+        # by shape) and round differently; the last position's head product is a small part of the prefill
+        return dec.logits(hidden.index_select(0, inverse)), None
     out = model(
         input_ids=input_ids[first],
         attention_mask=attention_mask[first],
@@ -145,10 +147,12 @@ def sample(
     is G copies of one prompt) are prefilled once, and the prompt's KV cache and last-position logits
     are copied to each of its rows before the first draw (``index_select`` along the batch dimension):
     the prompt's arithmetic is done U times instead of B. Each row's cache and logits are computed by
-    the same operations on the same numbers as in a prefill of every row, so on the CPU the samples are
-    the same to the bit (tests/test_sampler_fast.py); where a kernel picks its algorithm by batch size
-    (GPU matrix products) they may differ by float32 rounding of the logits, as they would with any
-    other batch size. False prefills every row (the same tokens on the CPU, more arithmetic).
+    the same operations on the same numbers as in a prefill of every row, only in products with fewer
+    rows; a BLAS picks its kernel (summation order) by shape, so the logits may differ by float32
+    rounding (on the CPU: equal to the bit on 128-256-token HH-RLHF prompts, up to 1e-5 in a log-prob
+    on 1-7-token ones), as they do when compaction shrinks the batch. The tokens, sets F_t and generator
+    state are then the same unless two tokens' p/q ratios tie to within that rounding
+    (tests/test_sampler_fast.py). False prefills every row (more arithmetic).
     """
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
