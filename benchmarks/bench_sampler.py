@@ -76,6 +76,7 @@ def main() -> None:
     p.add_argument("--model", default="stories260K", choices=("stories260K", "llama-20M"), help="with --long")
     p.add_argument("--groups", type=int, default=2, help="with --long: distinct prompts per batch")
     p.add_argument("--group_size", type=int, default=8, help="with --long: rows per prompt (G)")
+    p.add_argument("--decoder", default="auto", choices=("auto", "hf", "lean"), help="with --long: sample's decoder")
     p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "tether-bench"), help="llama-20M weights")
     args = p.parse_args()
     if args.long:
@@ -233,7 +234,7 @@ def long_prompts(args) -> None:
         def go():
             b, _ = sample(
                 model, rows, pad_id=tok.pad_token_id, eos_id=None, max_new_tokens=n,
-                generator=torch.Generator().manual_seed(0), prefill_once=once,
+                generator=torch.Generator().manual_seed(0), prefill_once=once, decoder=args.decoder,
             )  # fmt: skip
             return b
 
@@ -250,7 +251,7 @@ def long_prompts(args) -> None:
     med = {k: (statistics.median(c for c, _ in v), statistics.median(w for _, w in v)) for k, v in res.items()}
     lens = [len(p) for p in prompts]
     print(
-        f"{args.model} on CPU, {args.threads} thread(s), {args.groups} HH-RLHF prompts of {lens} tokens x G = "
+        f"{args.model} on CPU, decoder {args.decoder}, {args.threads} thread(s), {args.groups} HH-RLHF prompts of {lens} tokens x G = "
         f"{args.group_size}, {N} new tokens (no EOS), median of {args.repeats} interleaved repeats; "
         f"same tokens and log-probs on/off: {'yes' if same else 'NO'}"
     )
