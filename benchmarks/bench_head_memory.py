@@ -105,11 +105,12 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--paths", default="logits,head", help="which to run: logits, head or both (comma-separated)")
     p.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.variant:
         return child(args)
-    res: dict = {"logits": [], "head": []}
+    res: dict = {v: [] for v in args.paths.split(",")}
     for _ in range(args.repeats):
         for v in res:
             cmd = [sys.executable, __file__, "--variant", v] + [
