@@ -251,8 +251,9 @@ def long_prompts(args) -> None:
     med = {k: (statistics.median(c for c, _ in v), statistics.median(w for _, w in v)) for k, v in res.items()}
     lens = [len(p) for p in prompts]
     print(
-        f"{args.model} on CPU, decoder {args.decoder}, {args.threads} thread(s), {args.groups} HH-RLHF prompts of {lens} tokens x G = "
-        f"{args.group_size}, {N} new tokens (no EOS), median of {args.repeats} interleaved repeats; "
+        f"{args.model} on CPU, decoder {args.decoder}, {args.threads} thread(s), {args.groups} HH-RLHF prompts "
+        f"of {lens} tokens x G = {args.group_size}, {N} new tokens (no EOS), median of {args.repeats} "
+        "interleaved repeats; "
         f"same tokens and log-probs on/off: {'yes' if same else 'NO'}"
     )
     print("| prefill once | sample (cpu s) | sample (wall s) | prompt pass (cpu s) | prefill share | speed-up (cpu) |")
