@@ -123,6 +123,16 @@ class LlamaDecoder:
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, start: int) -> torch.Tensor:
         """Logits of the last input position, (b, V) in the model's dtype, for ``input_ids`` (b, s) at
         rotary ``positions`` (b, s), written to cache slots start .. start + s - 1."""
+        return self.logits(self.last_hidden(input_ids, positions, start))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(b, V) logits of ``last_hidden``'s (b, D) final-normed states: the LM head's product."""
+        return F.linear(hidden, self.head)
+
+    def last_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, start: int) -> torch.Tensor:
+        """``forward`` without the LM head: the final-normed hidden state of the last input position, (b, D).
+        The sampler's shared prefill copies it to the rows of each prompt and applies the head to all B
+        rows, so that product has the same shape (and so the same CPU kernel and rounding) as without it."""
         b, s = input_ids.shape
         end = start + s
         H, Hkv, d = self.n_heads, self.n_kv, self.head_dim
@@ -146,7 +156,7 @@ class LlamaDecoder:
             h = h + F.linear(att.transpose(1, 2).reshape(b, s, H * d), w_o)
             gate, up = _linear(_rms(h, w_post, eps_post), w_gu).chunk(2, dim=-1)  # (b, s, I) each
             h = h + F.linear(F.silu(gate) * up, w_down)
-        return F.linear(_rms(h[:, -1], self.norm_w, self.norm_eps), self.head)  # (b, V)
+        return _rms(h[:, -1], self.norm_w, self.norm_eps)  # (b, D)
 
 
 def _fused(weights: list, fuse: bool):

@@ -64,6 +64,48 @@ def _can_compact(past) -> bool:
     return hasattr(past, "batch_select_indices")
 
 
+def distinct_prompts(prompts: Sequence[Sequence[int]]) -> tuple[list[int], list[int]]:
+    """Rows with the same token ids, found once: (first, inverse), where ``first`` (U,) lists the first
+    row of each distinct prompt in order of appearance and ``inverse`` (B,) gives each row's position in
+    ``first``, so ``prompts[first[inverse[i]]] == prompts[i]``. Exact token-id equality; the rows of a
+    prompt need not be contiguous. The online trainers lay a group out as G contiguous copies of one
+    prompt, so U = B / G there."""
+    seen: dict[tuple, int] = {}
+    first, inverse = [], []
+    for i, p in enumerate(prompts):
+        key = tuple(int(x) for x in p)
+        if key not in seen:
+            seen[key] = len(first)
+            first.append(i)
+        inverse.append(seen[key])
+    return first, inverse
+
+
+def _prefill_distinct(model, dec, input_ids, attention_mask, pos, first, inverse):
+    """The prompt pass over the distinct rows ``first`` (U,) only, its KV cache and last-position logits
+    then copied to every row by ``inverse`` (B,). ``input_ids``, ``attention_mask``, ``pos``: (B, P) for
+    every row. Returns (logits (B, V), the Hugging Face cache or None with ``dec``, the lean decoder,
+    whose static cache ``select`` expands in place)."""
+    if dec is not None:
+        hidden = dec.last_hidden(input_ids[first], pos[first], 0)  # (U, D)
+        dec.select(inverse)  # (U, ...) -> (B, ...): row i's cache is the copy of its prompt's
+        # the head over all B rows, as without sharing: a (U, D) product may take another kernel (MKL picks
+        # by shape) and round differently; the last position's head product is a small part of the prefill
+        return dec.logits(hidden.index_select(0, inverse)), None
+    out = model(
+        input_ids=input_ids[first],
+        attention_mask=attention_mask[first],
+        position_ids=pos[first],
+        use_cache=True,
+    )
+    past, last = getattr(out, CACHE_KW), out.logits[:, -1, :]  # (U, V)
+    if not _can_compact(past):  # a cache that cannot be indexed by row: prefill every row instead
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=True)
+        return out.logits[:, -1, :], getattr(out, CACHE_KW)
+    past.batch_select_indices(inverse)  # every layer's keys and values: (U, ...) -> (B, ...)
+    return last.index_select(0, inverse), past
+
+
 @torch.no_grad()
 def sample(
     model,
@@ -78,6 +120,7 @@ def sample(
     generator: Optional[torch.Generator] = None,
     decoder: str = "auto",
     sync_every: Optional[int] = None,
+    prefill_once: bool = True,
 ) -> tuple[CompletionBatch, torch.Tensor]:
     """Sample one completion per prompt (token-id lists). Returns (batch, no_eos (B,) bool).
 
@@ -99,6 +142,17 @@ def sample(
     reads the device only every ``sync_every`` steps (default ``sync_interval(device)``: 1 on the CPU,
     ``SYNC_EVERY`` on an accelerator), to stop once every row has finished and to compact; the tokens,
     sets and generator state afterwards do not depend on it.
+
+    ``prefill_once`` (default True): rows with the same prompt (``distinct_prompts``: a GRPO/RLOO group
+    is G copies of one prompt) are prefilled once, and the prompt's KV cache and last-position logits
+    are copied to each of its rows before the first draw (``index_select`` along the batch dimension):
+    the prompt's arithmetic is done U times instead of B. Each row's cache and logits are computed by
+    the same operations on the same numbers as in a prefill of every row, only in products with fewer
+    rows; a BLAS picks its kernel (summation order) by shape, so the logits may differ by float32
+    rounding (on the CPU: equal to the bit on 128-256-token HH-RLHF prompts, up to 1e-5 in a log-prob
+    on 1-7-token ones), as they do when compaction shrinks the batch. The tokens, sets F_t and generator
+    state are then the same unless two tokens' p/q ratios tie to within that rounding
+    (tests/test_sampler_fast.py). False prefills every row (more arithmetic).
     """
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
@@ -121,6 +175,10 @@ def sample(
     base = make_batch(prompts, [[]] * len(prompts), pad_id=pad_id)
     P = base.prompt_len
     B = base.input_ids.shape[0]
+    first, inverse = distinct_prompts(prompts) if prefill_once else (list(range(B)), list(range(B)))
+    shared = len(first) < B  # some prompt repeats: prefill the U distinct rows, then copy to their rows
+    first_t = torch.tensor(first, dtype=torch.long, device=device)  # (U,)
+    inverse_t = torch.tensor(inverse, dtype=torch.long, device=device)  # (B,)
     attn = torch.ones(
         (B, P + max_new_tokens), dtype=base.attention_mask.dtype, device=device
     )  # (B, P + N), preallocated
@@ -137,14 +195,16 @@ def sample(
     step_ids = base.input_ids[:, :P].to(device)
     pos = position_ids(attn[:, :P])
     dec = None
-    if lean:
-        dec = decode.LlamaDecoder(model, B, P + max_new_tokens)
-        dec.set_mask(attn)
+    if lean:  # with a shared prefill the cache holds the U distinct rows until the copy (select) after it
+        dec = decode.LlamaDecoder(model, len(first) if shared else B, P + max_new_tokens)
+        dec.set_mask(attn[first_t] if shared else attn)
     amp = autocast_dtype(model)  # mixed precision asked for (TrainConfig.autocast): the lean step computes under it too
     try:
         with torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
             for t in range(max_new_tokens):
-                if dec is not None:  # slots: the prompt at 0..P-1, step t's input token at P + t - 1
+                if t == 0 and shared:  # (B, V) logits, the cache of every row: the U distinct prompts once
+                    last, past = _prefill_distinct(model, dec, step_ids, attn[:, :P], pos, first_t, inverse_t)
+                elif dec is not None:  # slots: the prompt at 0..P-1, step t's input token at P + t - 1
                     last = dec.forward(step_ids, pos, 0 if t == 0 else P + t - 1)  # (b, V)
                 else:
                     out = model(
