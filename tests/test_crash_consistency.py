@@ -275,9 +275,9 @@ def sweep_finished(out: Path) -> dict:
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, stories_path):
     """Two PPO runs (β 0.05, 0.5) of 4 steps, evaluated and checkpointed every step, and the
-    reference's evaluation; the number of parallel workers is left to the sweep (one per run left to
-    do, at most one per core: a rerun with fewer runs left gives each worker more threads). Returns
-    (argv without --output_dir, the uninterrupted sweep's folder, its wall time)."""
+    reference's evaluation, one worker at a time (the order of the writes, and so each scripted kill,
+    does not depend on which of two parallel workers is faster). Returns (argv without --output_dir,
+    the uninterrupted sweep's folder, its wall time)."""
     tmp = tmp_path_factory.mktemp("sweep")
     prompts = tmp / "prompts.txt"
     prompts.write_text("Once upon a time\nThe little dog\nLily was sad\nTom found a box\n")
@@ -303,14 +303,14 @@ def sweep(tmp_path_factory, stories_path):
     }
     cfg = tmp / "sweep.yaml"
     cfg.write_text(yaml.safe_dump(spec))
-    argv = ["sweep", "--config", str(cfg)]
+    argv = ["sweep", "--config", str(cfg), "--workers", "1"]
     seconds = run_to_end([*argv, "--output_dir", str(tmp / "straight")], tmp / "straight.log")
     return argv, tmp / "straight", seconds
 
 
-# Kills at exact writes of the sweep (file, nth write of it, the process writing it): the reference's
-# result.json (torn), the first run's first checkpoint (complete, not yet renamed: no checkpoint to resume), the other
-# run's result.json (torn).
+# Kills at exact writes of the sweep (file, nth write of it, the process writing it), in the order the
+# workers write them: the reference's result.json (torn), the first run's first checkpoint (complete,
+# not yet renamed: no checkpoint to resume from), the other run's result.json (torn).
 SWEEP_WRITES = [("result.json", 1, "reference"), ("step-1", 1, "ppo-beta0.05"), ("result.json", 1, "ppo-beta0.5")]
 
 
