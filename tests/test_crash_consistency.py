@@ -1,7 +1,9 @@
 """Crash consistency of ``tether sweep`` and ``tether demo`` through the real command line
 (docs/reliability.md): the command's whole process tree (the command and every worker, one process
-group) is killed with SIGKILL at seeded random moments, ``TETHER_CRASH_KILLS`` times (3 by default),
-and the same command is rerun until it exits 0. Then:
+group) is killed with SIGKILL, either at exact writes (``*_WRITES``: a ``sitecustomize`` kills the group
+just before a file is renamed into place, or with half of a directly written file on disk) or at
+seeded random moments, ``TETHER_CRASH_KILLS`` times (3 by default); then the same command is rerun
+until it exits 0. Then:
 
 - every result equals that of an uninterrupted run of the same command in the same test, exactly:
   ``frontier.csv``, ``finals.csv``, ``samples.jsonl``, each run's evaluation rows, ``result.json``
@@ -12,9 +14,10 @@ and the same command is rerun until it exits 0. Then:
   had when a kill struck keep their inode, size and mtime to the end, and its worker never started
   again (``worker.log`` is rewritten by every launch).
 
-Odd kills wait for a checkpoint being written (a ``*.tmp`` folder under a run's ``train/``, polled every
-few milliseconds after a random delay) and strike then; the others strike after a random delay in
-the uninterrupted run's time. Each kill is printed (``pytest -s``) with what it struck: the runs
+Of the random kills, every second one waits for a checkpoint being written (a ``*.tmp`` folder, polled
+every millisecond after a random delay) and strikes then; the others strike after a random delay
+within the uninterrupted run's time; a tree that finished before its kill is checked and started
+afresh. Each kill is printed (``pytest -s``) with what it struck: the runs
 finished by then, the runs with checkpoints, and any half-written ``*.tmp`` it left behind.
 ``TETHER_CRASH_SEED`` changes the moments.
 """
