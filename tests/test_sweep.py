@@ -542,3 +542,38 @@ def test_moved_report_renders_every_image(tmp_path):
     body = re.search(r"<body[^>]*>", dom)
     assert body is not None, dom[:500]
     assert 'data-images="2"' in body.group(0) and 'data-images-loaded="2"' in body.group(0), body.group(0)
+
+
+def test_a_rerun_gives_each_worker_the_same_threads(tmp_path, stories_path, monkeypatch):
+    """The pool is sized by the whole sweep (reference + 2 runs on 4 cores: 3 workers of 4 // 3 = 1
+    thread), also when a rerun has one run left: with 1 worker it would get 4 threads, and a sum split
+    over other threads rounds differently (torch: a 3e6-element sum differs by 2e-4 between 1 and 2
+    threads), so the resumed run would not repeat the uninterrupted one."""
+    import tether.sweep.report
+    import tether.sweep.runner as runner
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Once upon a time\n")
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "method": "ppo",
+                "base": {"model": stories_path, "prompts": str(prompts), "reward": "vader"},
+                "grid": {"beta": [0.1, 1.0]},
+                "eval": {"prompts": str(prompts), "gold": "vader"},
+            }
+        )
+    )
+    launched = []
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(
+        runner, "launch_all", lambda jobs, *, module, workers: launched.append(([n for n, _ in jobs], workers))
+    )
+    monkeypatch.setattr(tether.sweep.report, "write_report", lambda *a, **k: tmp_path / "report.html")
+    out = tmp_path / "out"
+    runner.run_sweep(load_sweep(path), output_dir=str(out))
+    for name in ("reference", "ppo-beta0.1"):  # finished before a kill
+        (out / "runs" / name / "result.json").write_text("{}")
+    runner.run_sweep(load_sweep(path), output_dir=str(out))
+    assert launched == [(["reference", "ppo-beta0.1", "ppo-beta1"], 3), (["ppo-beta1"], 3)]

@@ -295,6 +295,7 @@ def stage_best_of_n(cfg: DemoConfig, paths: Paths, specs: list[dict], eval_promp
         return
     from ..modeling import load_causal_lm, load_tokenizer
     from ..rewards import RewardModelSource, VaderSource
+    from ..runs import write_atomic
     from .task import best_of_n_points
 
     t0, c0 = time.time(), time.process_time()
@@ -323,11 +324,12 @@ def stage_best_of_n(cfg: DemoConfig, paths: Paths, specs: list[dict], eval_promp
             "swept": ["n"],
             **points[spec["n"]],
         }
-        (run_dir / "eval.jsonl").write_text(json.dumps(row) + "\n")
+        write_atomic(run_dir / "eval.jsonl", json.dumps(row) + "\n")
         result = {k: v for k, v in row.items() if k != "samples"}
-        (run_dir / "result.json").write_text(
-            json.dumps({**result, "wall_s": round(time.time() - t0, 1), "cpu_s": round(time.process_time() - c0, 1)})
-        )
+        write_atomic(
+            run_dir / "result.json",
+            json.dumps({**result, "wall_s": round(time.time() - t0, 1), "cpu_s": round(time.process_time() - c0, 1)}),
+        )  # whole or absent: a kill never leaves a half result taken for a finished run
 
 
 def run_all(cfg: DemoConfig, specs: list[dict], paths: Paths, *, workers: int) -> None:

@@ -243,9 +243,12 @@ def within_prompt_variance(scores: Sequence[float], samples_per_prompt: int) -> 
 
 
 def write_prompts(path: Path, prompts: Sequence[Prompt]) -> None:
+    """Whole or absent (``runs.write_atomic``): the demo takes an existing prompt file as done."""
     import json
 
-    path.write_text("".join(json.dumps({"prompt": p.text, "ids": p.ids}) + "\n" for p in prompts))
+    from ..runs import write_atomic
+
+    write_atomic(path, "".join(json.dumps({"prompt": p.text, "ids": p.ids}) + "\n" for p in prompts))
 
 
 def read_prompt_file(path: Path) -> list[Prompt]:

@@ -25,7 +25,7 @@ def main(spec_path: str) -> int:
     from ..modeling import load_causal_lm, load_tokenizer
     from ..reference import FrozenReference
     from ..rewards import RewardModelSource, VaderSource
-    from ..runs import latest_checkpoint_step
+    from ..runs import latest_checkpoint_step, write_atomic
     from ..sweep.runner import read_points
     from .pipeline import DemoConfig
     from .task import evaluate_policy, read_prompt_file
@@ -47,7 +47,7 @@ def main(spec_path: str) -> int:
         for ln in (eval_file.read_text().splitlines() if resumed and eval_file.exists() else [])
         if ln.strip() and json.loads(ln)["step"] <= resumed
     ]  # its curve up to the checkpoint
-    eval_file.write_text("".join(ln + "\n" for ln in kept))  # otherwise a rerun starts its curve again
+    write_atomic(eval_file, "".join(ln + "\n" for ln in kept))  # otherwise a rerun starts its curve again
     tags = {k: spec[k] for k in ("beta", "kl_target", "n") if k in spec}
     tags = {"seed": cfg.seed, **tags, "swept": list(tags), **({"beta_set": spec["beta"]} if "beta" in spec else {})}
 
@@ -127,13 +127,13 @@ def main(spec_path: str) -> int:
     else:  # best-of-n runs in the pipeline (pipeline.stage_best_of_n: one draw for every n)
         raise ValueError(f"unknown demo method {method!r}")
     rows = read_points(run_dir)  # one row per step: a run resumed at its last step evaluates that step again
-    eval_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_atomic(eval_file, "".join(json.dumps(r) + "\n" for r in rows))  # a kill leaves the old file or the new
     result = {
         **{k: v for k, v in rows[-1].items() if k != "samples"},
         "wall_s": round(time.time() - t0, 1),
         "cpu_s": round(time.process_time(), 1),
     }  # on a shared machine the CPU time is the steadier cost
-    (run_dir / "result.json").write_text(json.dumps(result))
+    write_atomic(run_dir / "result.json", json.dumps(result))
     return 0
 
 

@@ -168,7 +168,9 @@ def run_sweep(
         spec_file = run_dir / "spec.json"
         spec_file.write_text(json.dumps(blob, indent=1, default=str))
         todo.append((name, spec_file))
-    n = workers or cfg.workers or default_workers(len(todo) or 1)
+    # sized by the whole sweep, not by what is left: a rerun gives each worker the same number of threads
+    # (cores // workers), and a different thread count changes float sums, so a resumed run would differ
+    n = workers or cfg.workers or default_workers(len(jobs_all))
     log.info("sweep: %d runs (+ the reference), %d to do, %d in parallel -> %s", len(specs), len(todo), n, out)
     launch_all(todo, module="tether.sweep.worker", workers=n)
     rows, finals, samples = collect(runs_dir, [REFERENCE] + [s.name for s in specs])

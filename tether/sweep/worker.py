@@ -87,6 +87,7 @@ def main(spec_path: str) -> int:
     from ..reference import FrozenReference
     from ..registry import METHODS
     from ..rewards import build_reward
+    from ..runs import latest_checkpoint_step, write_atomic
     from .spec import trainer_class
 
     blob = json.loads(Path(spec_path).read_text())
@@ -130,7 +131,8 @@ def main(spec_path: str) -> int:
         return out
 
     train_dir = run_dir / "train"
-    resume = any((train_dir / "checkpoints").glob("step-*")) if (train_dir / "checkpoints").is_dir() else False
+    # a complete checkpoint: a step-N.tmp left by a kill is none (it would resume nothing, keeping old rows)
+    resume = latest_checkpoint_step(train_dir) is not None
     common = {"output_dir": str(train_dir), "eval_every": ev["eval_every"], "progress": False, "overwrite": not resume}
     if blob.get("role") == "reference":
         write({**tags, "step": 0, **evaluator(reference.model)})
@@ -166,7 +168,9 @@ def main(spec_path: str) -> int:
             eval_file.write_text("")
         train(cfg, resume=resume, eval_hook=hook, preflight=False)  # the sweep checked every run before starting
     rows = [json.loads(l) for l in eval_file.read_text().splitlines() if l.strip()]
-    (run_dir / "result.json").write_text(json.dumps({k: v for k, v in rows[-1].items() if k != "samples"}))
+    write_atomic(
+        run_dir / "result.json", json.dumps({k: v for k, v in rows[-1].items() if k != "samples"})
+    )  # whole or absent
     return 0
 
 
