@@ -87,6 +87,7 @@ from ..rewards import (
     reward_specs,
 )
 from ..runs import RunDir, save_final
+from ..shared_prompt import shared_prompt_mode
 from ..training import (
     Checkpointer,
     StepGuard,
@@ -207,6 +208,12 @@ class OnlineConfig(TrainConfig, BetaConfig, SamplingConfig, OnlineReferenceConfi
     Memory: the reference's logits of a micro-batch (micro x length x vocabulary floats) are then alive next to the
     training graph, so the update's peak grows by about that much; with a large vocabulary and long completions,
     false (or a smaller micro-batch) may be needed."""
+    shared_prompt: str = "auto"
+    """Score each group (the samples_per_prompt completions of one prompt) as one row, [prompt, completion_1, ...,
+    completion_G] under a prefix-tree attention mask, so the trunk computes the prompt once instead of G times, in the
+    update's forward, the reference's and the scoring pass (docs/speed.md): auto (where the model supports it — Llama,
+    GPT-2, Qwen2 with sdpa or eager attention — and it saves arithmetic: long prompts, G > 1) | true | false. The
+    numbers equal the padded layout's to float32 rounding; an unsupported model keeps the padded layout (logged)."""
     clip_eps: float = 0.2
     """ε of the clipped surrogate min(ρA, clip(ρ, 1-ε, 1+ε)A) (PPO Eq. 7)."""
     loss_aggregation: str = "token_mean"
@@ -388,6 +395,8 @@ def optimise(
         perm = torch.randperm(B, generator=g, device=g.device)  # (B,) on the rollout's device
         for m in range(cfg.num_minibatches):
             rows = perm[m * sizes.minibatch : (m + 1) * sizes.minibatch]
+            if ro.batch.shared_prompt != "off":  # groups together in the micro-batches, so they share their prompt
+                rows = rows.sort().values  # (the minibatch is the same set: the gradient sums the same rows)
             mb, mb_prep = ro.select(rows), prep.select(rows) if prep is not None else None
             mb_ref = ref_logits[rows] if ref_logits is not None else None
             n = Counts(tokens=dist.sum_float(mb.mask.sum()), seqs=dist.sum_float(mb.mask.shape[0]))
@@ -571,6 +580,7 @@ def _validate(cfg: OnlineConfig, method: OnlineMethod) -> None:
             "must see one policy (with dropout, π_θ/π_old ≠ 1 and the step-0 KL ≠ 0, TRL #506); drop the flag"
         )
     check_correction(cfg)
+    shared_prompt_mode(cfg.shared_prompt)
     method.validate(cfg)
 
 

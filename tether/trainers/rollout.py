@@ -29,6 +29,7 @@ from ..ops.kl import seq_sum, token_mean
 from ..ops.positions import BUCKET_LABELS, position_bucket_sums, weight_by_position
 from ..ops.reward_model import nan_mean_std
 from ..rewards import RewardSet, reward_columns
+from ..shared_prompt import shared_prompt_mode
 from .method import beta_weights
 
 
@@ -130,7 +131,10 @@ def collect_rollout(
 
     ``score_models=False`` skips the scoring pass: the rollout comes back ``pending``, its model fields
     None, and the update fills them from its own forward (``fill_scores``; ``online.scores_from_update``
-    says when that is exact)."""
+    says when that is exact).
+
+    The rollout's batch carries ``cfg.shared_prompt``: every forward over it (the scoring pass, the
+    reference, the update) lays each group out with its prompt once (``tether.shared_prompt``)."""
     smp = generate(
         policy,
         prompt_ids,
@@ -140,6 +144,8 @@ def collect_rollout(
         device=device,
         backend=backend,
     )
+    mode = shared_prompt_mode(getattr(cfg, "shared_prompt", "off"))
+    smp = dataclasses.replace(smp, batch=dataclasses.replace(smp.batch, shared_prompt=mode))
     ids = smp.batch.completion_ids.cpu()  # (B, T)
     columns = reward_columns(prompt_rows, [ids[i][m].tolist() for i, m in enumerate(smp.batch.mask.cpu())])
     # (B,), {"reward/<name>": (B,)}, {name: (B,)} of each of several optimised rewards
