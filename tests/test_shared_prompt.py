@@ -211,3 +211,78 @@ def test_mode_values():
     ]
     with pytest.raises(UserError, match="shared_prompt"):
         shared_prompt_mode("sometimes")
+
+
+# A long shared prompt (the stories260K tokenizer: ~4 characters a token), so each group's prompt is most of
+# its arithmetic, as on the real workloads (docs/speed.md).
+LONG = (
+    "Once upon a time, in a small town by the sea, there lived a little girl named Lily who loved to walk on "
+    "the beach with her dog. One sunny morning she found a shiny shell"
+)
+SAME_TRAJECTORY = [
+    "kl/ref",
+    "kl/penalty",
+    "kl/ref_token_mean",
+    "policy/entropy",
+    "reward/score",
+    "opt/grad_norm",
+    "gen/response_len",
+]
+TRAINER_PROMPTS = [LONG, LONG.replace("Lily", "Tom").replace("girl", "boy"), "The little dog", "One day, a cat"]
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_trainer_trajectory_with_and_without_the_shared_layout(method, stories_path, tmp_path, monkeypatch):
+    """GRPO and RLOO on stories260K, 3 steps, G = 4, two micro-batches (GRPO) or one (RLOO, whose KL is in
+    the reward): shared_prompt true against false. The rollouts are the same samples (sampling does not use
+    the layout), every forward of the update and of the reference runs in the shared layout (counted), and
+    the trajectory's metrics agree (KL, entropy, scores, gradient norm, every step). Tolerance: as for
+    score_from_update's comparison (tests/test_online_trainers.py), the two runs compute the same mathematics
+    in another summation order; a wrong position, mask or gathered row moves the log-probs by whole nats
+    (test above), and the run moves kl/ref by ~1e-2. The weights themselves are not compared: Adam turns a
+    rounding-sized gradient element into a ±lr step (measured here: up to 1e-4 of 1.5e-3 moved), so the
+    gradients are compared before any step, in the test above."""
+    import tether.modeling as modeling
+    from tether.trainers.grpo import GRPOConfig, train_grpo
+    from tether.trainers.rloo import RLOOConfig, train_rloo
+
+    cls, train = (GRPOConfig, train_grpo) if method == "grpo" else (RLOOConfig, train_rloo)
+    used = []
+    inner = modeling.forward_completion_shared
+
+    def counted(*a, **k):
+        out = inner(*a, **k)
+        used.append(out is not None)
+        return out
+
+    monkeypatch.setattr(modeling, "forward_completion_shared", counted)
+    runs = {}
+    for on in (False, True):
+        used.clear()
+        cfg = cls(
+            model=stories_path,
+            output_dir=str(tmp_path / f"{method}{on}"),
+            batch_size=16,
+            samples_per_prompt=4,
+            grad_accum=2 if method == "grpo" else 1,
+            max_steps=3,
+            max_new_tokens=12,
+            learning_rate=5e-4,
+            progress=False,
+            sample_every=0,
+            eval_every=0,
+            eval_max_prompts=4,
+            eval_samples=1,
+            seed=0,
+            shared_prompt=on,
+        )
+        runs[on] = (train(cfg, prompts=TRAINER_PROMPTS), list(used))
+    (off, used_off), (on, used_on) = runs[False], runs[True]
+    assert not used_off and used_on and all(used_on)  # off: never tried; on: every forward over a rollout shared
+    assert len(used_on) >= 3 * 2  # per step at least the reference's and the policy's forward
+    # (mismatch/* is left out: it measures the sampler's rounding against the scorer's, ~1e-7 either way)
+    keys = SAME_TRAJECTORY
+    for a, b in zip(off["history"], on["history"], strict=True):
+        for k in keys:
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)
+    assert off["history"][-1]["kl/ref"] > 1e-3  # the run moved

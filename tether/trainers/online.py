@@ -87,7 +87,7 @@ from ..rewards import (
     reward_specs,
 )
 from ..runs import RunDir, save_final
-from ..shared_prompt import shared_prompt_mode
+from ..shared_prompt import shared_prompt_mode, supports_shared_prompt
 from ..training import (
     Checkpointer,
     StepGuard,
@@ -894,6 +894,9 @@ def train_online(
     backend = backend_for(cfg, s.policy)  # tether.generation: builtin (decoder auto | hf | lean) | vllm
     G, dist = cfg.samples_per_prompt, s.dist
     in_update = scores_from_update(cfg, s.method, s.sizes, s.value_model)  # no separate scoring pass of the policy
+    shared = shared_prompt_mode(cfg.shared_prompt)  # each group's prompt computed once (tether.shared_prompt)
+    if shared != "off" and (G == 1 or not supports_shared_prompt(s.policy)):  # (logs why not, once)
+        shared = "off"
     if s.step == 0 and cfg.eval_every:  # the starting point (KL 0) of the reward-KL curve
         s.run.log(0, s.evaluate())
     bar = progress_bar(cfg.max_steps, s.step, enabled=cfg.progress and dist.is_main, desc=s.method.name)
@@ -923,6 +926,7 @@ def train_online(
                 prompt_rows=p_rows,
                 backend=backend,
                 score_models=not in_update,
+                shared_prompt=shared,
             )
         # 3. advantages (method-specific, pure); when they read scores the update has yet to compute, there
         prep = (

@@ -122,6 +122,7 @@ def collect_rollout(
     prompt_rows: Optional[Sequence] = None,
     backend=None,
     score_models: bool = True,
+    shared_prompt: str = "off",
 ) -> Rollout:
     """Sample one completion per (repeated) prompt, score it, and score it under every model
     (``engine.generate`` + ``engine.score``, ``chunk`` rows per scoring pass). ``prompt_rows``: each
@@ -133,8 +134,8 @@ def collect_rollout(
     None, and the update fills them from its own forward (``fill_scores``; ``online.scores_from_update``
     says when that is exact).
 
-    The rollout's batch carries ``cfg.shared_prompt``: every forward over it (the scoring pass, the
-    reference, the update) lays each group out with its prompt once (``tether.shared_prompt``)."""
+    ``shared_prompt`` (auto | on | off, ``tether.shared_prompt``) is carried by the rollout's batch: every
+    forward over it (the scoring pass, the reference, the update) lays each group out with its prompt once."""
     smp = generate(
         policy,
         prompt_ids,
@@ -144,8 +145,9 @@ def collect_rollout(
         device=device,
         backend=backend,
     )
-    mode = shared_prompt_mode(getattr(cfg, "shared_prompt", "off"))
-    smp = dataclasses.replace(smp, batch=dataclasses.replace(smp.batch, shared_prompt=mode))
+    smp = dataclasses.replace(
+        smp, batch=dataclasses.replace(smp.batch, shared_prompt=shared_prompt_mode(shared_prompt))
+    )
     ids = smp.batch.completion_ids.cpu()  # (B, T)
     columns = reward_columns(prompt_rows, [ids[i][m].tolist() for i, m in enumerate(smp.batch.mask.cpu())])
     # (B,), {"reward/<name>": (B,)}, {name: (B,)} of each of several optimised rewards
