@@ -231,10 +231,11 @@ SAME_TRAJECTORY = [
 TRAINER_PROMPTS = [LONG, LONG.replace("Lily", "Tom").replace("girl", "boy"), "The little dog", "One day, a cat"]
 
 
-@pytest.mark.parametrize("method", ["grpo", "rloo"])
+@pytest.mark.parametrize("method", ["grpo", "rloo", "ppo"])
 def test_trainer_trajectory_with_and_without_the_shared_layout(method, stories_path, tmp_path, monkeypatch):
-    """GRPO and RLOO on stories260K, 3 steps, G = 4, two micro-batches (GRPO) or one (RLOO, whose KL is in
-    the reward): shared_prompt true against false. The rollouts are the same samples (sampling does not use
+    """GRPO, RLOO and PPO on stories260K, 3 steps, G = 4, two micro-batches (GRPO), one (RLOO, whose KL is in
+    the reward), or PPO's scoring pass, value model (a critic: its own padded forward) and 2 epochs of 2
+    minibatches: shared_prompt true against false. The rollouts are the same samples (sampling does not use
     the layout), every forward of the update and of the reference runs in the shared layout (counted), and
     the trajectory's metrics agree (KL, entropy, scores, gradient norm, every step). Tolerance: as for
     score_from_update's comparison (tests/test_online_trainers.py), the two runs compute the same mathematics
@@ -244,9 +245,13 @@ def test_trainer_trajectory_with_and_without_the_shared_layout(method, stories_p
     gradients are compared before any step, in the test above."""
     import tether.modeling as modeling
     from tether.trainers.grpo import GRPOConfig, train_grpo
+    from tether.trainers.ppo import PPOConfig, train_ppo
     from tether.trainers.rloo import RLOOConfig, train_rloo
 
-    cls, train = (GRPOConfig, train_grpo) if method == "grpo" else (RLOOConfig, train_rloo)
+    cls, train = {"grpo": (GRPOConfig, train_grpo), "rloo": (RLOOConfig, train_rloo), "ppo": (PPOConfig, train_ppo)}[
+        method
+    ]
+    extra = dict(num_epochs=2, num_minibatches=2) if method == "ppo" else {}
     used = []
     inner = modeling.forward_completion_shared
 
@@ -275,6 +280,7 @@ def test_trainer_trajectory_with_and_without_the_shared_layout(method, stories_p
             eval_samples=1,
             seed=0,
             shared_prompt=on,
+            **extra,
         )
         runs[on] = (train(cfg, prompts=TRAINER_PROMPTS), list(used))
     (off, used_off), (on, used_on) = runs[False], runs[True]
