@@ -121,8 +121,9 @@ def test_logps_kl_and_gradients_equal_the_padded_layout(arch, models):
     Σ_v p_v (log p_v - log q_v): each log-prob carries 2·m of rounding for either model, weighted by p
     (summing to 1), plus p's own rounding times the largest |log p - log q|. Gradients: the
     reference value is the padded layout run in float64, and the shared layout's float32 gradient must be
-    no further from it than 4x the padded layout's own float32 distance from it plus 8 spacings of the
-    gradient's size: the layout may add another summation order's rounding, nothing else. (A float64 run is
+    no further from it than 8x the padded layout's own float32 distance from it plus 8 spacings of the
+    gradient's size: the layout may add another summation order's rounding (independent errors of the same
+    size; measured over the kernel settings of tests/tolerance_report.py: up to 1.9x), nothing else. (A float64 run is
     not exact here: Llama's and Qwen2's RMSNorm compute in float32 whatever the model's dtype, so even two
     float64 runs of one layout differ by float32-sized amounts when only their summation order differs.)"""
     model = models[arch]
@@ -172,7 +173,7 @@ def test_logps_kl_and_gradients_equal_the_padded_layout(arch, models):
     _, _, _, e0 = run(b, m64, r64)
     for n in e0:
         own = float((g0[n].double() - e0[n]).abs().max())  # the padded layout's own float32 error
-        assert_close(g1[n].double(), e0[n], abs=4 * own + f32_tol(float(e0[n].abs().max())), what=f"{arch} grad {n}")
+        assert_close(g1[n].double(), e0[n], abs=8 * own + f32_tol(float(e0[n].abs().max())), what=f"{arch} grad {n}")
 
 
 def test_unsupported_attention_falls_back_to_the_padded_layout(caplog):
