@@ -61,7 +61,7 @@ from ..distributed import Dist
 from ..engine import evaluate as evaluate_kl
 from ..engine import mean_stderr, score_rows
 from ..errors import UserError
-from ..fsdp import models_of, shard_reference, unsharded
+from ..fsdp import is_sharded, models_of, shard_reference, unsharded
 from ..generation import backend_for
 from ..groups import DATA_FIELDS, ReferenceConfig, SamplingConfig, SamplingSettings, sampling_settings
 from ..inputs import accepts_objects, as_rows, eval_split
@@ -895,6 +895,9 @@ def train_online(
     G, dist = cfg.samples_per_prompt, s.dist
     in_update = scores_from_update(cfg, s.method, s.sizes, s.value_model)  # no separate scoring pass of the policy
     shared = shared_prompt_mode(cfg.shared_prompt)  # each group's prompt computed once (tether.shared_prompt)
+    if shared != "off" and is_sharded(s.policy):  # it calls the decoder and head directly, past fsdp's root all-gather
+        log.info("shared_prompt: using the padded layout: the policy is sharded (fsdp)")
+        shared = "off"
     if shared != "off" and (G == 1 or not supports_shared_prompt(s.policy)):  # (logs why not, once)
         shared = "off"
     if s.step == 0 and cfg.eval_every:  # the starting point (KL 0) of the reward-KL curve
