@@ -55,9 +55,50 @@ PROMPTS = [
     "At night,",
 ]
 RUNS = ("tether-grpo", "trl-grpo", "tether-rloo", "trl-rloo")
-ABLATIONS = ("tether-grpo-scoringpass", "tether-rloo-scoringpass")
+ABLATIONS = ("tether-grpo-scoringpass", "tether-rloo-scoringpass", "tether-grpo-padded", "tether-rloo-padded")
 """Optional runs (``--runs``): tether as before ``score_from_update`` (a separate no-grad scoring pass of the
-policy each step), for a before/after ratio measured in the same run."""
+policy each step), and tether with ``shared_prompt: false`` (each completion scored as its own padded row,
+the prompt computed once per completion, as TRL does), for before/after ratios measured in the same run."""
+ABLATION_OVERRIDES = {"scoringpass": {"score_from_update": False}, "padded": {"shared_prompt": False}}
+
+
+def hh_prompts(n: int, assets: str, tok, lo: int = 128, hi: int = 256) -> list[str]:
+    """``n`` HH-RLHF dialogue prefixes (a chosen dialogue up to and including its last "Assistant:") whose
+    token count under ``tok`` lies in [lo, hi]: the long-prompt workload, prompts of real dialogue length."""
+    import gzip
+
+    out = []
+    with gzip.open(os.path.join(assets, "hh-rlhf", "harmless-base-test.jsonl.gz"), "rt") as f:
+        for line in f:
+            text = json.loads(line)["chosen"]
+            prefix = text[: text.rfind("Assistant:") + len("Assistant:")].strip()
+            if lo <= len(tok(prefix, add_special_tokens=False)["input_ids"]) <= hi:
+                out.append(prefix)
+            if len(out) == n:
+                break
+    return out
+
+
+class TrunkCounter:
+    """Token positions the models' decoders compute in full-sequence passes (training forward, reference,
+    scoring; calls with a KV cache — sampling — are not counted): a forward pre-hook on each decoder.
+    ``active`` gates counting (the same rule for both libraries)."""
+
+    def __init__(self):
+        self.tokens = 0
+        self.active = True
+
+    def attach(self, model) -> None:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.get_decoder().register_forward_pre_hook(lambda m, a, k: self._hook(m, a, k), with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        if not self.active or any(kwargs.get(k) is not None for k in ("past_key_values", "cache")):
+            return
+        x = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else (args[0] if args else None)
+        if x is None:
+            x = kwargs.get("inputs_embeds")[..., 0]
+        self.tokens += int(x.numel())
 
 
 def rss_mb() -> float:
@@ -84,6 +125,8 @@ def vader_reward_fn():
 
 
 def run_tether(method: str, args, model_path: str, out: str, **overrides) -> dict:
+    import torch
+
     import tether.trainers.online as online
     from tether.rewards import CallableSource
 
@@ -92,12 +135,27 @@ def run_tether(method: str, args, model_path: str, out: str, **overrides) -> dic
 
     rss0: list[float] = []
 
+    counter = TrunkCounter()
+    counts: list[int] = []
+
     def timed(*a, **k):  # step start = rollout start
         starts.append((time.perf_counter(), time.process_time()))
+        counts.append(counter.tokens)
         rss0.append(rss_mb())
         return inner(*a, **k)
 
     online.collect_rollout = timed
+    setup = online.setup
+
+    def setup_counted(*a, **k):  # the policy's decoder and the reference's
+        sess = setup(*a, **k)
+        counter.attach(sess.policy)
+        ref = getattr(sess.reference, "model", None)
+        if isinstance(ref, torch.nn.Module) and ref is not sess.policy:
+            counter.attach(ref)
+        return sess
+
+    online.setup = setup_counted
     common = dict(
         model=model_path,
         output_dir=out,
@@ -128,8 +186,8 @@ def run_tether(method: str, args, model_path: str, out: str, **overrides) -> dic
         from tether.trainers.rloo import RLOOConfig, train_rloo
 
         cfg, train = RLOOConfig(**common, beta=args.beta_rloo, kl_estimator="k1"), train_rloo
-    train(cfg, prompts=PROMPTS, reward=CallableSource(vader_reward_fn(), name="vader"))
-    return {"starts": starts, "rss_before": rss0[1]}
+    train(cfg, prompts=args.prompt_texts, reward=CallableSource(vader_reward_fn(), name="vader"))
+    return {"starts": starts, "rss_before": rss0[1], "trunk_tokens_per_step": per_step(counts)}
 
 
 def run_trl(method: str, args, model_path: str, out: str) -> dict:
@@ -142,14 +200,17 @@ def run_trl(method: str, args, model_path: str, out: str) -> dict:
     tok = load_tokenizer(model_path)  # pad = eos (stories260K has none), left padding
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     n = args.steps * args.batch_size // args.group
-    ds = Dataset.from_dict({"prompt": [PROMPTS[i % len(PROMPTS)] for i in range(n)]})
+    ds = Dataset.from_dict({"prompt": [args.prompt_texts[i % len(args.prompt_texts)] for i in range(n)]})
     starts: list[float] = []
     rss0: list[float] = []
+    counts: list[int] = []
+    counter = TrunkCounter()
 
     class Timer(TrainerCallback):
         def on_step_begin(self, *a, **k):
             starts.append((time.perf_counter(), time.process_time()))
             rss0.append(rss_mb())
+            counts.append(counter.tokens)
 
     common = dict(
         output_dir=out,
@@ -192,6 +253,7 @@ def run_trl(method: str, args, model_path: str, out: str) -> dict:
             processing_class=tok,
             callbacks=[Timer()],
         )
+        _count_trl(trainer, counter)
     else:
         from trl import RLOOConfig, RLOOTrainer
 
@@ -204,8 +266,20 @@ def run_trl(method: str, args, model_path: str, out: str) -> dict:
             processing_class=tok,
             callbacks=[Timer()],
         )
+        _count_trl(trainer, counter)
     trainer.train()
-    return {"starts": starts, "rss_before": rss0[1]}
+    return {"starts": starts, "rss_before": rss0[1], "trunk_tokens_per_step": per_step(counts)}
+
+
+def per_step(counts: list) -> float:
+    """Tokens per step over the timed steps (from the start of the 2nd step to the start of the last)."""
+    return (counts[-1] - counts[1]) / max(len(counts) - 2, 1)
+
+
+def _count_trl(trainer, counter: TrunkCounter) -> None:
+    for m in (trainer.model, getattr(trainer, "ref_model", None)):
+        if m is not None:
+            counter.attach(m)
 
 
 def child(args) -> None:
@@ -229,10 +303,18 @@ def child(args) -> None:
         model_path = make_llama20m(Path(args.cache) / "llama20m")
     else:
         model_path = resolve_model("stories260K", args.assets)
+    if args.workload == "hh-long":
+        from tether.modeling import load_tokenizer
+
+        args.prompt_texts = hh_prompts(
+            args.n_prompts, args.assets or os.environ["TETHER_ASSETS"], load_tokenizer(model_path)
+        )
+    else:
+        args.prompt_texts = PROMPTS
     lib, method, *ablation = args.run.split("-")
     with tempfile.TemporaryDirectory() as out:
         if lib == "tether":
-            res = run_tether(method, args, model_path, out, **({"score_from_update": False} if ablation else {}))
+            res = run_tether(method, args, model_path, out, **(ABLATION_OVERRIDES[ablation[0]] if ablation else {}))
         else:
             res = run_trl(method, args, model_path, out)
     s = res["starts"]
@@ -250,6 +332,7 @@ def child(args) -> None:
                 "cpu_s_per_step": cpu,
                 "peak_rss_mb": peak_mb(),
                 "delta_mb": peak_mb() - res["rss_before"],
+                "trunk_tokens_per_step": res["trunk_tokens_per_step"],
             }
         )
     )
@@ -258,14 +341,14 @@ def child(args) -> None:
 def table(rows: dict) -> str:
     lines = [
         f"{'run':<24} {'samples/s cpu':>14} {'samples/s wall':>15} {'cpu s/step':>11} {'peak RSS MB':>12} "
-        f"{'Δ train MB':>11}"
+        f"{'Δ train MB':>11} {'trunk tok/step':>15}"
     ]
     for r in RUNS + ABLATIONS:
         if r in rows:
             x = rows[r]
             lines.append(
                 f"{r:<24} {x['samples_per_s']:>14.1f} {x['wall_samples_per_s']:>15.1f} {x['cpu_s_per_step']:>11.3f} "
-                f"{x['peak_rss_mb']:>12.0f} {x['delta_mb']:>11.1f}"
+                f"{x['peak_rss_mb']:>12.0f} {x['delta_mb']:>11.1f} {x.get('trunk_tokens_per_step', 0):>15.0f}"
             )
     lines.append("")
     for m in ("grpo", "rloo"):
@@ -282,6 +365,13 @@ def table(rows: dict) -> str:
             lines.append(
                 f"{m}: score_from_update bought {a['samples_per_s'] / c['samples_per_s']:.2f}x samples/s (cpu) "
                 f"over a separate scoring pass"
+            )
+        d = rows.get(f"tether-{m}-padded")
+        if a and d:
+            lines.append(
+                f"{m}: the shared prompt bought {a['samples_per_s'] / d['samples_per_s']:.2f}x samples/s (cpu) over "
+                f"the padded layout (trunk positions per step {a['trunk_tokens_per_step']:.0f} vs "
+                f"{d['trunk_tokens_per_step']:.0f})"
             )
     return "\n".join(lines)
 
@@ -307,6 +397,13 @@ def main() -> None:
         help="both libraries recompute activations in the backward (TRL's GRPO/RLOO default; tether's is off)",
     )
     p.add_argument("--assets", default=None)
+    p.add_argument(
+        "--workload",
+        choices=("short", "hh-long"),
+        default="short",
+        help="short: 12 story openings of 2-5 tokens; hh-long: HH-RLHF dialogue prefixes of 128-256 tokens",
+    )
+    p.add_argument("--n_prompts", type=int, default=12, help="hh-long: how many dialogue prefixes")
     p.add_argument(
         "--model",
         choices=("stories260K", "llama-20M"),
@@ -349,7 +446,8 @@ def main() -> None:
         rows[r] = {**med, "peak_rss_mb": max(x["peak_rss_mb"] for x in rs), "delta_mb": max(x["delta_mb"] for x in rs)}
     print(
         f"{args.model} on CPU, {args.threads} thread(s); {args.batch_size} completions/step = "
-        f"{args.batch_size // args.group} prompts x {args.group}; max_new_tokens={args.max_new_tokens}; {args.steps} "
+        f"{args.batch_size // args.group} prompts x {args.group}; prompts {args.workload}; "
+        f"max_new_tokens={args.max_new_tokens}; {args.steps} "
         "steps; "
         f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'} (both); median of {args.repeats}"
     )

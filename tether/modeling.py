@@ -175,6 +175,10 @@ class CompletionBatch:
     prompt_len: int
     allowed: Optional[torch.Tensor] = None
     behaviour_logps: Optional[torch.Tensor] = None
+    shared_prompt: str = "off"
+    """How ``forward_completion`` lays the batch out: off (the padded layout above), on (rows with the same
+    prompt scored as one row, the prompt computed once: ``tether.shared_prompt``), auto (on where the model
+    supports it and it saves arithmetic). The numbers are the same either way, to float32 rounding."""
 
     @property
     def completion_ids(self) -> torch.Tensor:
@@ -190,13 +194,20 @@ class CompletionBatch:
             self.prompt_len,
             allowed,
             mu,
+            self.shared_prompt,
         )
 
     def select(self, idx) -> "CompletionBatch":
         allowed = None if self.allowed is None else self.allowed[idx]
         mu = None if self.behaviour_logps is None else self.behaviour_logps[idx]
         return CompletionBatch(
-            self.input_ids[idx], self.attention_mask[idx], self.mask[idx], self.prompt_len, allowed, mu
+            self.input_ids[idx],
+            self.attention_mask[idx],
+            self.mask[idx],
+            self.prompt_len,
+            allowed,
+            mu,
+            self.shared_prompt,
         )
 
 
@@ -261,7 +272,14 @@ def forward_completion(model, batch: CompletionBatch, *, filters=None, hidden: b
     for a batch not produced by the sampler (``batch.allowed`` None): F_t is recomputed from this
     model's logits in fp32 (``ops.logprobs.allowed_set``). Call it with the *policy*: the reference is
     scored at the temperature only (``reference.Reference.logits``), never with its own top-k.
+
+    ``batch.shared_prompt`` on or auto: the same numbers from the shared-prompt layout where the model
+    supports it (``forward_completion_shared``).
     """
+    if batch.shared_prompt != "off":
+        shared = forward_completion_shared(model, batch, filters=filters, hidden=hidden)
+        if shared is not None:
+            return shared
     T = batch.mask.shape[1]
     L = batch.input_ids.shape[1]
     # The kept positions as an index tensor, not the int T + 1: an int makes Hugging Face slice the hidden
@@ -279,17 +297,56 @@ def forward_completion(model, batch: CompletionBatch, *, filters=None, hidden: b
         output_hidden_states=hidden,
     )
     logits = out.logits[:, :-1, :]  # (B, T, V): position P-1+t predicts completion token t
+    h = out.hidden_states[-1][:, -(T + 1) : -1, :] if hidden else None  # (B, T, H), after the final norm
+    return sampled_logits(logits, batch, filters), h
+
+
+def sampled_logits(logits: torch.Tensor, batch: CompletionBatch, filters) -> torch.Tensor:
+    """(B, T, V) model logits -> those of π^{τ,F}: divided by the temperature and, with top_k/top_p,
+    restricted to ``batch.allowed`` (recomputed from ``logits`` when the batch has none); ``forward_completion``."""
     f = sampling_settings(filters)
     temperature = f.temperature
     if f.uses_token_filter:
         allowed = batch.allowed
         if allowed is None:  # fallback: not a sampler batch
             allowed = allowed_set(logits, temperature=temperature, top_k=f.top_k, top_p=f.top_p)
-        logits = apply_sampling_filters(logits, temperature=temperature, allowed=allowed)
-    elif temperature != 1.0:
-        logits = apply_sampling_filters(logits, temperature=temperature)
-    h = out.hidden_states[-1][:, -(T + 1) : -1, :] if hidden else None  # (B, T, H), after the final norm
-    return logits, h
+        return apply_sampling_filters(logits, temperature=temperature, allowed=allowed)
+    if temperature != 1.0:
+        return apply_sampling_filters(logits, temperature=temperature)
+    return logits
+
+
+def forward_completion_shared(model, batch: CompletionBatch, *, filters=None, hidden: bool = False):
+    """``forward_completion`` over the shared-prompt layout (``tether.shared_prompt``): rows with the same
+    prompt become one row [prompt, completion_1, ..., completion_k] under a prefix-tree mask, the decoder
+    runs once over it, and the LM head only on the positions that predict counted tokens. Returns the same
+    (B, T, V) logits and (B, T, H) hidden states (zeros off the mask), or None when this batch or model
+    takes the padded layout: the model is not supported (logged once), the batch cannot be laid out
+    exactly, or ``batch.shared_prompt`` is auto and the layout would not save arithmetic."""
+    from . import shared_prompt as sp
+
+    if not sp.supports_shared_prompt(model):
+        return None
+    lay = sp.shared_layout(batch)
+    if lay is None or (batch.shared_prompt == "auto" and not sp.prefer_shared(model, batch, lay)):
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: LoRA layers stay active
+    head = base.get_output_embeddings()
+    out = base.get_decoder()(
+        input_ids=lay.input_ids,
+        attention_mask=sp.attention_mask_4d(lay.allowed, base, head.weight.dtype),
+        position_ids=lay.position_ids,
+        use_cache=False,
+    ).last_hidden_state  # (R, W, H), after the final norm
+    h = out.reshape(-1, out.shape[-1])[lay.keep]  # (U, H): indexed, so a copy (the head's kernel: see above)
+    logits = head(h)  # (U, V)
+    B, T = batch.mask.shape
+    table = torch.cat([logits, logits.new_zeros(1, logits.shape[-1])])  # row U: off the mask
+    full = table[lay.src.reshape(-1)].reshape(B, T, -1)  # (B, T, V)
+    hs = None
+    if hidden:
+        hs = torch.cat([h, h.new_zeros(1, h.shape[-1])])[lay.src.reshape(-1)].reshape(B, T, -1)  # (B, T, H)
+    return sampled_logits(full, batch, filters), hs
 
 
 def completion_logits(

@@ -61,7 +61,7 @@ from ..distributed import Dist
 from ..engine import evaluate as evaluate_kl
 from ..engine import mean_stderr, score_rows
 from ..errors import UserError
-from ..fsdp import models_of, shard_reference, unsharded
+from ..fsdp import is_sharded, models_of, shard_reference, unsharded
 from ..generation import backend_for
 from ..groups import DATA_FIELDS, ReferenceConfig, SamplingConfig, SamplingSettings, sampling_settings
 from ..inputs import accepts_objects, as_rows, eval_split
@@ -87,6 +87,7 @@ from ..rewards import (
     reward_specs,
 )
 from ..runs import RunDir, save_final
+from ..shared_prompt import shared_prompt_mode, supports_shared_prompt
 from ..training import (
     Checkpointer,
     StepGuard,
@@ -207,6 +208,12 @@ class OnlineConfig(TrainConfig, BetaConfig, SamplingConfig, OnlineReferenceConfi
     Memory: the reference's logits of a micro-batch (micro x length x vocabulary floats) are then alive next to the
     training graph, so the update's peak grows by about that much; with a large vocabulary and long completions,
     false (or a smaller micro-batch) may be needed."""
+    shared_prompt: str = "auto"
+    """Score each group (the samples_per_prompt completions of one prompt) as one row, [prompt, completion_1, ...,
+    completion_G] under a prefix-tree attention mask, so the trunk computes the prompt once instead of G times, in the
+    update's forward, the reference's and the scoring pass (docs/speed.md): auto (where the model supports it — Llama,
+    GPT-2, Qwen2 with sdpa or eager attention — and it saves arithmetic: long prompts, G > 1) | true | false. The
+    numbers equal the padded layout's to float32 rounding; an unsupported model keeps the padded layout (logged)."""
     clip_eps: float = 0.2
     """ε of the clipped surrogate min(ρA, clip(ρ, 1-ε, 1+ε)A) (PPO Eq. 7)."""
     loss_aggregation: str = "token_mean"
@@ -388,6 +395,8 @@ def optimise(
         perm = torch.randperm(B, generator=g, device=g.device)  # (B,) on the rollout's device
         for m in range(cfg.num_minibatches):
             rows = perm[m * sizes.minibatch : (m + 1) * sizes.minibatch]
+            if ro.batch.shared_prompt != "off":  # groups together in the micro-batches, so they share their prompt
+                rows = rows.sort().values  # (the minibatch is the same set: the gradient sums the same rows)
             mb, mb_prep = ro.select(rows), prep.select(rows) if prep is not None else None
             mb_ref = ref_logits[rows] if ref_logits is not None else None
             n = Counts(tokens=dist.sum_float(mb.mask.sum()), seqs=dist.sum_float(mb.mask.shape[0]))
@@ -571,6 +580,7 @@ def _validate(cfg: OnlineConfig, method: OnlineMethod) -> None:
             "must see one policy (with dropout, π_θ/π_old ≠ 1 and the step-0 KL ≠ 0, TRL #506); drop the flag"
         )
     check_correction(cfg)
+    shared_prompt_mode(cfg.shared_prompt)
     method.validate(cfg)
 
 
@@ -884,6 +894,12 @@ def train_online(
     backend = backend_for(cfg, s.policy)  # tether.generation: builtin (decoder auto | hf | lean) | vllm
     G, dist = cfg.samples_per_prompt, s.dist
     in_update = scores_from_update(cfg, s.method, s.sizes, s.value_model)  # no separate scoring pass of the policy
+    shared = shared_prompt_mode(cfg.shared_prompt)  # each group's prompt computed once (tether.shared_prompt)
+    if shared != "off" and is_sharded(s.policy):  # it calls the decoder and head directly, past fsdp's root all-gather
+        log.info("shared_prompt: using the padded layout: the policy is sharded (fsdp)")
+        shared = "off"
+    if shared != "off" and (G == 1 or not supports_shared_prompt(s.policy)):  # (logs why not, once)
+        shared = "off"
     if s.step == 0 and cfg.eval_every:  # the starting point (KL 0) of the reward-KL curve
         s.run.log(0, s.evaluate())
     bar = progress_bar(cfg.max_steps, s.step, enabled=cfg.progress and dist.is_main, desc=s.method.name)
@@ -913,6 +929,7 @@ def train_online(
                 prompt_rows=p_rows,
                 backend=backend,
                 score_models=not in_update,
+                shared_prompt=shared,
             )
         # 3. advantages (method-specific, pure); when they read scores the update has yet to compute, there
         prep = (

@@ -29,6 +29,7 @@ from ..ops.kl import seq_sum, token_mean
 from ..ops.positions import BUCKET_LABELS, position_bucket_sums, weight_by_position
 from ..ops.reward_model import nan_mean_std
 from ..rewards import RewardSet, reward_columns
+from ..shared_prompt import shared_prompt_mode
 from .method import beta_weights
 
 
@@ -121,6 +122,7 @@ def collect_rollout(
     prompt_rows: Optional[Sequence] = None,
     backend=None,
     score_models: bool = True,
+    shared_prompt: str = "off",
 ) -> Rollout:
     """Sample one completion per (repeated) prompt, score it, and score it under every model
     (``engine.generate`` + ``engine.score``, ``chunk`` rows per scoring pass). ``prompt_rows``: each
@@ -130,7 +132,10 @@ def collect_rollout(
 
     ``score_models=False`` skips the scoring pass: the rollout comes back ``pending``, its model fields
     None, and the update fills them from its own forward (``fill_scores``; ``online.scores_from_update``
-    says when that is exact)."""
+    says when that is exact).
+
+    ``shared_prompt`` (auto | on | off, ``tether.shared_prompt``) is carried by the rollout's batch: every
+    forward over it (the scoring pass, the reference, the update) lays each group out with its prompt once."""
     smp = generate(
         policy,
         prompt_ids,
@@ -139,6 +144,9 @@ def collect_rollout(
         generator=generator,
         device=device,
         backend=backend,
+    )
+    smp = dataclasses.replace(
+        smp, batch=dataclasses.replace(smp.batch, shared_prompt=shared_prompt_mode(shared_prompt))
     )
     ids = smp.batch.completion_ids.cpu()  # (B, T)
     columns = reward_columns(prompt_rows, [ids[i][m].tolist() for i, m in enumerate(smp.batch.mask.cpu())])
