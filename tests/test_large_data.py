@@ -1,0 +1,81 @@
+"""Large prompt files are read on demand: line offsets over the memory-mapped file, each prompt parsed
+and tokenised when a step draws it (``data.text.LineRows``, ``data.prompts.PromptTable``,
+``measure.EncodedPrompts``). What they return must equal what the eager readers return, errors included;
+what they hold must not grow with the rows beyond the offsets. (Start-up time and peak memory on 10^6
+rows: benchmarks/large_data.py, docs/data.md.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tether import measure
+from tether.data.prompts import PromptTable, load_prompts, prompt_texts
+from tether.data.text import LineRows, read_rows
+from tether.errors import UserError
+from tether.measure import EncodedPrompts, encode_prompts, prompt_ids
+
+
+def _write(path, text: str):
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def test_line_rows_equal_read_rows(tmp_path):
+    """Blank lines, surrounding spaces, a line of Unicode spaces, non-ASCII text, a missing final newline."""
+    txt = _write(tmp_path / "p.txt", "  Once upon\n\n \u3000 \nLa niña\t\nlast line")
+    rows = [{"prompt": "a"}, {"prompt": "b", "x": 1}, {"prompt": [{"role": "user", "content": "é"}]}]
+    jl = _write(tmp_path / "p.jsonl", "\n".join(json.dumps(r) for r in rows[:2]) + "\n   \n" + json.dumps(rows[2]))
+    for spec in (txt, jl):
+        lazy = LineRows.open(spec)
+        assert lazy is not None and list(lazy) == read_rows(spec)
+        assert lazy[-1] == read_rows(spec)[-1] and lazy[1:] == read_rows(spec)[1:]
+    # what the offsets cannot reproduce falls back to the eager reader: str.splitlines()'s other breaks
+    assert LineRows.open(_write(tmp_path / "cr.txt", "a\rb\n")) is None
+    assert LineRows.open(_write(tmp_path / "ls.txt", "a\u2028b\n")) is None
+    assert LineRows.open(_write(tmp_path / "p.json", "[]")) is None
+
+
+def test_prompt_table_equals_load_prompts_and_its_errors(tmp_path):
+    good = _write(tmp_path / "good.jsonl", "".join(json.dumps({"q": f"p{i}", "k": i}) + "\n" for i in range(5)))
+    eager, lazy = load_prompts(good, prompt_field="q"), load_prompts(good, prompt_field="q", lazy=True)
+    assert isinstance(lazy, PromptTable) and list(lazy) == eager and lazy[1:3] == eager[1:3]
+    assert list(prompt_texts(lazy)) == [p.text for p in eager]
+    bad_json = _write(tmp_path / "bad.jsonl", '{"prompt": "a"}\n{"prompt": \n')
+    no_field = _write(tmp_path / "nofield.jsonl", '{"prompt": "a"}\n{"text": "b"}\n')
+    bad_type = _write(tmp_path / "badtype.jsonl", '{"prompt": 3}\n')
+    for spec, kw in (
+        (bad_json, {}),
+        (no_field, {}),
+        (bad_type, {}),
+        (no_field, {"columns": "typo=prompt"}),  # the mapping typo is reported before the row error
+        (good, {"columns": "typo=prompt", "prompt_field": "q"}),
+    ):
+        with pytest.raises(UserError) as e_eager:
+            load_prompts(spec, **kw)
+        with pytest.raises(UserError) as e_lazy:
+            load_prompts(spec, lazy=True, **kw)
+        assert str(e_lazy.value) == str(e_eager.value)
+
+
+def test_large_prompt_file_is_tokenised_only_where_steps_draw(tmp_path, stories, monkeypatch):
+    """10^4 rows, above a lowered eager limit: the table holds 16 bytes of offsets a row, and only the
+    prompts asked for are tokenised (the same ids as encode_prompts); a length error names the row."""
+    tok, _ = stories
+    n = 10_000
+    spec = _write(tmp_path / "big.jsonl", "".join(json.dumps({"prompt": f"The dog {i} ran"}) + "\n" for i in range(n)))
+    table = load_prompts(spec, lazy=True)
+    assert len(table) == n and table.rows.starts.nbytes + table.rows.ends.nbytes == 16 * n
+    texts = prompt_texts(table)
+    assert isinstance(prompt_ids(tok, texts), list)  # under the limit: tokenised at start-up, as always
+    monkeypatch.setattr(measure, "EAGER_ENCODE_PROMPTS", 1000)
+    ids = prompt_ids(tok, texts)
+    assert isinstance(ids, EncodedPrompts) and ids.encoded == 0
+    used = [7, 4242, 9999, 7]
+    got = [ids[i] for i in used]
+    assert ids.encoded == 3  # row 7 once: cached
+    assert got == encode_prompts(tok, [texts[i] for i in used])
+    short = EncodedPrompts(tok, texts, max_prompt_length=2)
+    with pytest.raises(UserError, match="prompt 4242 has"):
+        short[4242]
