@@ -79,3 +79,46 @@ def test_large_prompt_file_is_tokenised_only_where_steps_draw(tmp_path, stories,
     short = EncodedPrompts(tok, texts, max_prompt_length=2)
     with pytest.raises(UserError, match="prompt 4242 has"):
         short[4242]
+
+
+def _pairs_file(path, n: int, *, bad: bool = False):
+    rows = []
+    for i in range(n):
+        rows.append({"q": f"Story {i % 7}:", "good": f" the dog {i} ran home happy", "bad": f" the cat {i} sat"})
+    rows[3]["bad"] = rows[3]["good"]  # identical: a bad row (skipped with skip_bad_rows)
+    if not bad:
+        rows.pop(3)
+    return _write(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.mark.parametrize("max_length", [None, 6])  # 6: truncation, and pairs identical after it (dropped)
+def test_large_preference_file_gives_the_same_pairs(tmp_path, stories, stories_path, monkeypatch, max_length):
+    """dpo's data above a lowered EAGER_PAIRS (read in chunks of 16 rows into a PairStore) equals the
+    in-memory path pair for pair: train, held-out (first eval_pairs), counts, skipped rows."""
+    from tether.data import preference
+    from tether.trainers.dpo import DPOConfig, load_pairs
+
+    tok, _ = stories
+    spec = _pairs_file(tmp_path / "pairs.jsonl", 300, bad=True)
+    cfg = DPOConfig(
+        model=stories_path, dataset=spec, output_dir=str(tmp_path / "run"), columns="q=prompt,good=chosen,bad=rejected",
+        skip_bad_rows=True, eval_fraction=0.2, eval_pairs=20, max_length=max_length, max_prompt_length=3 if max_length else None,
+    )  # fmt: skip
+    eager = load_pairs(cfg, tok)
+    monkeypatch.setattr(preference, "EAGER_PAIRS", 50)
+    real = preference.load_large_pairs
+    monkeypatch.setattr("tether.trainers.dpo.load_large_pairs", lambda *a, **kw: real(*a, chunk=16, **kw))
+    large = load_pairs(cfg, tok)
+    assert isinstance(large[0], preference.PairStore)
+    assert list(large[0]) == eager[0] and large[1] == eager[1] and large[2] == eager[2]
+    assert large[2]["skipped_rows"] == 1 and large[2]["eval_pairs"] == 20
+    assert (large[0] + large[1])[len(eager[0])] == eager[1][0]
+    # without skip_bad_rows, the same error
+    strict = DPOConfig(**{**cfg.__dict__, "skip_bad_rows": False})
+    monkeypatch.setattr(preference, "EAGER_PAIRS", 10**9)
+    with pytest.raises(UserError) as e_eager:
+        load_pairs(strict, tok)
+    monkeypatch.setattr(preference, "EAGER_PAIRS", 50)
+    with pytest.raises(UserError) as e_large:
+        load_pairs(strict, tok)
+    assert str(e_large.value) == str(e_eager.value) and "row 3" in str(e_large.value)
