@@ -586,19 +586,21 @@ def batch_indices(step: int, batch_size: int, n: int, *, seed: int) -> list[int]
     out = []
     for k in range(step * batch_size, (step + 1) * batch_size):
         epoch, pos = divmod(k, n)
-        out.append(_epoch_perm(n, seed, epoch)[pos])
+        out.append(int(_epoch_perm(n, seed, epoch)[pos]))
     return out
 
 
-_PERM_CACHE: dict[tuple[int, int, int], list[int]] = {}
+_PERM_CACHE: dict[tuple[int, int, int], torch.Tensor] = {}
 
 
-def _epoch_perm(n: int, seed: int, epoch: int) -> list[int]:
+def _epoch_perm(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """Epoch ``epoch``'s permutation of ``n`` examples, as a tensor (8 bytes an example; a list of
+    Python ints would take 36)."""
     key = (n, seed, epoch)
     if key not in _PERM_CACHE:
         if len(_PERM_CACHE) > 8:
             _PERM_CACHE.clear()
-        _PERM_CACHE[key] = torch.randperm(n, generator=rng.generator(seed * 1_000_003 + epoch)).tolist()
+        _PERM_CACHE[key] = torch.randperm(n, generator=rng.generator(seed * 1_000_003 + epoch))
     return _PERM_CACHE[key]
 
 
