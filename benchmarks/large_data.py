@@ -7,6 +7,7 @@ for each N of ``--rows``, then runs each command through the real CLI in a fresh
 reading, checking and tokenising the data, loading the model, one step, the final save.
 
 - wall s: the subprocess's elapsed time, start to exit (one step included, the same for every N);
+- CPU s: its user + system CPU time (with one thread, the work done: robust on a shared machine);
 - peak RSS: the subprocess's high-water resident memory (``ru_maxrss`` of the child, from
   ``os.wait4``).
 
@@ -79,15 +80,16 @@ def command(name: str, data: Path, out: Path, model: str) -> list[str]:
     ]  # fmt: skip
 
 
-def run(cmd: list[str], env: dict) -> tuple[float, float, int, str]:
-    """(wall s, peak RSS MiB, exit code, output tail) of one subprocess."""
+def run(cmd: list[str], env: dict) -> tuple[float, float, float, int, str]:
+    """(wall s, CPU s, peak RSS MiB, exit code, output tail) of one subprocess."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return wall, usage.ru_maxrss / 1024, proc.returncode, out.decode(errors="replace")[-2000:]
+    cpu = usage.ru_utime + usage.ru_stime
+    return wall, cpu, usage.ru_maxrss / 1024, proc.returncode, out.decode(errors="replace")[-2000:]
 
 
 def main() -> None:
@@ -110,16 +112,16 @@ def main() -> None:
         print(f"data: {n:,} rows ready in {time.perf_counter() - t0:.1f} s ({data_dir})", file=sys.stderr)
         for name in a.commands:
             data = pairs if name == "dpo" else prompts
-            wall, peak, rc, tail = run(command(name, data, Path(tmp.name) / f"run-{name}-{n}", a.model), env)
+            wall, cpu, peak, rc, tail = run(command(name, data, Path(tmp.name) / f"run-{name}-{n}", a.model), env)
             if rc != 0:
                 sys.exit(f"tether {name} on {n:,} rows exited {rc}:\n{tail}")
-            results.append((name, n, data.stat().st_size, wall, peak))
-            print(f"  tether {name}: {wall:.1f} s, peak {peak:.0f} MiB", file=sys.stderr)
+            results.append((name, n, data.stat().st_size, wall, cpu, peak))
+            print(f"  tether {name}: {wall:.1f} s ({cpu:.1f} s CPU), peak {peak:.0f} MiB", file=sys.stderr)
     print(f"\ntether <command> --max_steps 1 --model {a.model}, OMP_NUM_THREADS={env['OMP_NUM_THREADS']}\n")
-    print("| command | rows | file MB | wall s (start-up + 1 step) | peak RSS MiB |")
-    print("|---|---:|---:|---:|---:|")
-    for name, n, size, wall, peak in results:
-        print(f"| {name} | {n:,} | {size / 1e6:.1f} | {wall:.1f} | {peak:.0f} |")
+    print("| command | rows | file MB | wall s (start-up + 1 step) | CPU s | peak RSS MiB |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, n, size, wall, cpu, peak in results:
+        print(f"| {name} | {n:,} | {size / 1e6:.1f} | {wall:.1f} | {cpu:.1f} | {peak:.0f} |")
     tmp.cleanup()
 
 
