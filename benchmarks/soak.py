@@ -260,7 +260,10 @@ def main() -> None:
     ):
         whole, h1, h2 = halves_slopes(samples + [{**final, "rss_mb": 0, "t": wall}], key, steps)
         rows.append(
-            (f"{name}: bytes/step (1st half, 2nd half)", f"{whole:.1f} ({h1:.1f}, {h2:.1f}); end {final[key] / 1e6:.2f} MB")
+            (
+                f"{name}: bytes/step (1st half, 2nd half)",
+                f"{whole:.1f} ({h1:.1f}, {h2:.1f}); end {final[key] / 1e6:.2f} MB",
+            )
         )
     rows.append(
         (
@@ -275,7 +278,9 @@ def main() -> None:
     for k, v in rows:
         print(f"| {k:<{w}} | {v} |")
     if a.json:
-        Path(a.json).write_text(json.dumps({"args": vars(a), "rows": dict(rows), "samples": samples, "final": final}, indent=1))
+        Path(a.json).write_text(
+            json.dumps({"args": vars(a), "rows": dict(rows), "samples": samples, "final": final}, indent=1)
+        )
     if tmp is not None:
         tmp.cleanup()
 

@@ -102,7 +102,8 @@ def test_large_preference_file_gives_the_same_pairs(tmp_path, stories, stories_p
     spec = _pairs_file(tmp_path / "pairs.jsonl", 300, bad=True)
     cfg = DPOConfig(
         model=stories_path, dataset=spec, output_dir=str(tmp_path / "run"), columns="q=prompt,good=chosen,bad=rejected",
-        skip_bad_rows=True, eval_fraction=0.2, eval_pairs=20, max_length=max_length, max_prompt_length=3 if max_length else None,
+        skip_bad_rows=True, eval_fraction=0.2, eval_pairs=20, max_length=max_length,
+        max_prompt_length=3 if max_length else None,
     )  # fmt: skip
     eager = load_pairs(cfg, tok)
     monkeypatch.setattr(preference, "EAGER_PAIRS", 50)

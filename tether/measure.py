@@ -59,7 +59,9 @@ def encode_prompts(
         # a chat-rendered prompt already starts with the template's BOS: do not add a second one
         ids = tokenizer(p, add_special_tokens=not (bos and p.startswith(bos)))["input_ids"]
         if not ids:
-            raise UserError(f"prompt {start + i} tokenizes to nothing; give it some text (or a tokenizer that adds BOS)")
+            raise UserError(
+                f"prompt {start + i} tokenizes to nothing; give it some text (or a tokenizer that adds BOS)"
+            )
         if max_prompt_length is not None and len(ids) > max_prompt_length:
             raise UserError(
                 f"prompt {start + i} has {len(ids)} tokens, more than max_prompt_length={max_prompt_length}; "
@@ -107,8 +109,6 @@ def prompt_ids(tokenizer, texts: Sequence[str], *, max_prompt_length: Optional[i
     """The token ids of ``texts``: ``encode_prompts`` (a list), or ``EncodedPrompts`` for more than
     ``EAGER_ENCODE_PROMPTS`` prompts given as a lazy sequence (``data.prompts.PromptTable.texts``)."""
     if not isinstance(texts, list) and len(texts) > EAGER_ENCODE_PROMPTS:
-        log.info(
-            "%d prompts: tokenised as steps draw them (a prompt's length errors surface at that step)", len(texts)
-        )
+        log.info("%d prompts: tokenised as steps draw them (a prompt's length errors surface at that step)", len(texts))
         return EncodedPrompts(tokenizer, texts, max_prompt_length=max_prompt_length)
     return encode_prompts(tokenizer, list(texts), max_prompt_length=max_prompt_length)

@@ -630,7 +630,9 @@ def load_large_pairs(
         except PreferenceDataError as e:
             if not skip_bad_rows:
                 _missing_columns(lines, mapping, seen, start=i + 1, where=source)
-                raise PreferenceDataError(f"{source}: {e}; fix the data or pass --skip_bad_rows to skip such rows") from None
+                raise PreferenceDataError(
+                    f"{source}: {e}; fix the data or pass --skip_bad_rows to skip such rows"
+                ) from None
             reason = str(e).split(": ", 1)[-1]
             skipped[reason] = skipped.get(reason, 0) + 1
             continue
@@ -657,7 +659,9 @@ def load_large_pairs(
     for s in range(0, len(ho), chunk):
         if eval_pairs and len(held) >= eval_pairs:
             break
-        held += _tokenized(checked(ho[s : s + chunk]), tokenizer, held_report, source="held-out pairs", start=s, **trunc)
+        held += _tokenized(
+            checked(ho[s : s + chunk]), tokenizer, held_report, source="held-out pairs", start=s, **trunc
+        )
     if ho and not held:
         raise PreferenceDataError("held-out pairs: no pairs left after tokenisation and truncation")
     return train, held[:eval_pairs] if eval_pairs else held, skipped, report
