@@ -9,7 +9,9 @@ reading, checking and tokenising the data, loading the model, one step, the fina
 - wall s: the subprocess's elapsed time, start to exit (one step included, the same for every N);
 - CPU s: its user + system CPU time (with one thread, the work done: robust on a shared machine);
 - peak RSS: the subprocess's high-water resident memory (``ru_maxrss`` of the child, from
-  ``os.wait4``).
+  ``os.wait4``); it counts the pages of memory-mapped files read (the data file itself, which the
+  kernel can drop at any time), so the last column is the peak of the private part alone
+  (``RssAnon`` of ``/proc/<pid>/status``, sampled every 0.2 s).
 
 The smallest N is the baseline: what grows with N is what the data costs.
 
@@ -28,6 +30,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -80,16 +83,37 @@ def command(name: str, data: Path, out: Path, model: str) -> list[str]:
     ]  # fmt: skip
 
 
-def run(cmd: list[str], env: dict) -> tuple[float, float, float, int, str]:
-    """(wall s, CPU s, peak RSS MiB, exit code, output tail) of one subprocess."""
+def _anon_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def run(cmd: list[str], env: dict) -> tuple[float, float, float, float, int, str]:
+    """(wall s, CPU s, peak RSS MiB, peak anonymous RSS MiB, exit code, output tail) of one subprocess."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
+    peak_anon, done = [0], threading.Event()
+
+    def watch():  # RssAnon: private memory, without the pages of mapped files (the data file, libraries)
+        while not done.wait(0.2):
+            peak_anon[0] = max(peak_anon[0], _anon_kib(proc.pid))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
+    done.set()
+    watcher.join()
     wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     cpu = usage.ru_utime + usage.ru_stime
-    return wall, cpu, usage.ru_maxrss / 1024, proc.returncode, out.decode(errors="replace")[-2000:]
+    return wall, cpu, usage.ru_maxrss / 1024, peak_anon[0] / 1024, proc.returncode, out.decode(errors="replace")[-2000:]
 
 
 def main() -> None:
@@ -112,16 +136,17 @@ def main() -> None:
         print(f"data: {n:,} rows ready in {time.perf_counter() - t0:.1f} s ({data_dir})", file=sys.stderr)
         for name in a.commands:
             data = pairs if name == "dpo" else prompts
-            wall, cpu, peak, rc, tail = run(command(name, data, Path(tmp.name) / f"run-{name}-{n}", a.model), env)
+            wall, cpu, peak, anon, rc, tail = run(command(name, data, Path(tmp.name) / f"run-{name}-{n}", a.model), env)
             if rc != 0:
                 sys.exit(f"tether {name} on {n:,} rows exited {rc}:\n{tail}")
-            results.append((name, n, data.stat().st_size, wall, cpu, peak))
-            print(f"  tether {name}: {wall:.1f} s ({cpu:.1f} s CPU), peak {peak:.0f} MiB", file=sys.stderr)
+            results.append((name, n, data.stat().st_size, wall, cpu, peak, anon))
+            line = f"  tether {name}: {wall:.1f} s ({cpu:.1f} s CPU), peak {peak:.0f} MiB ({anon:.0f} anonymous)"
+            print(line, file=sys.stderr)
     print(f"\ntether <command> --max_steps 1 --model {a.model}, OMP_NUM_THREADS={env['OMP_NUM_THREADS']}\n")
-    print("| command | rows | file MB | wall s (start-up + 1 step) | CPU s | peak RSS MiB |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, n, size, wall, cpu, peak in results:
-        print(f"| {name} | {n:,} | {size / 1e6:.1f} | {wall:.1f} | {cpu:.1f} | {peak:.0f} |")
+    print("| command | rows | file MB | wall s (start-up + 1 step) | CPU s | peak RSS MiB | of which anonymous |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, n, size, wall, cpu, peak, anon in results:
+        print(f"| {name} | {n:,} | {size / 1e6:.1f} | {wall:.1f} | {cpu:.1f} | {peak:.0f} | {anon:.0f} |")
     tmp.cleanup()
 
 
