@@ -443,8 +443,9 @@ def _tokenized(
 
     def enc(texts: list[str]) -> list[list[int]]:
         plain = [j for j, t in enumerate(texts) if not (bos and t.startswith(bos))]
+        templated = [j for j, t in enumerate(texts) if bos and t.startswith(bos)]  # (already hold BOS)
         ids: list = [None] * len(texts)
-        for idx, special in ((plain, True), ([j for j in range(len(texts)) if j not in set(plain)], False)):
+        for idx, special in ((plain, True), (templated, False)):
             if idx:
                 for j, x in zip(idx, tokenizer([texts[j] for j in idx], add_special_tokens=special)["input_ids"]):
                     ids[j] = list(x)
