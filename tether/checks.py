@@ -20,6 +20,7 @@ trained on (1,150-token sequences on a 512-position model were seen to exit 0).
 from __future__ import annotations
 
 import gzip
+import heapq
 import logging
 import os
 from pathlib import Path
@@ -175,11 +176,13 @@ def check_dataset(spec: Optional[str], *, field: str, assets: Optional[str] = No
             check_text_file(part, field=field)
 
 
-def check_prompts_file(path: Optional[str], *, field: str = "prompts", tokenizer=None, cfg=None) -> list[str]:
+def check_prompts_file(
+    path: Optional[str], *, field: str = "prompts", tokenizer=None, cfg=None, lazy: bool = False
+) -> Sequence[str]:
     """Read prompts as the command will (``tether.data.prompts.load_prompts`` with the config's
     prompt_field / columns / chat_template; ``tokenizer`` renders conversational prompts), after the
-    file checks. Returns the prompt texts."""
-    from .data.prompts import load_prompts, prompt_options
+    file checks. Returns the prompt texts (``lazy``: of a large file, built on demand)."""
+    from .data.prompts import load_prompts, prompt_options, prompt_texts
 
     if not path:
         raise UserError(
@@ -189,7 +192,7 @@ def check_prompts_file(path: Optional[str], *, field: str = "prompts", tokenizer
     p = Path(path).expanduser()
     if p.is_file() or (not p.is_dir() and _looks_like_path(path)):
         check_text_file(path, field=field)
-    return [r.text for r in load_prompts(path, tokenizer=tokenizer, **prompt_options(cfg))]
+    return prompt_texts(load_prompts(path, tokenizer=tokenizer, lazy=lazy, **prompt_options(cfg)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -282,9 +285,17 @@ def _tokenizer(path: str):
     return load_tokenizer(path)
 
 
-def _longest_prompt(path: str, prompts: Sequence[str]) -> int:
-    from .measure import encode_prompts
+LONGEST_BY_CHARACTERS = 1000
+"""Beyond ``measure.EAGER_ENCODE_PROMPTS`` prompts (a file too large to tokenise at start-up), the
+context check tokenises only this many, the longest in characters."""
 
+
+def _longest_prompt(path: str, prompts: Sequence[str]) -> int:
+    from .measure import EAGER_ENCODE_PROMPTS, encode_prompts
+
+    if not isinstance(prompts, list) and len(prompts) > EAGER_ENCODE_PROMPTS:
+        longest = heapq.nlargest(LONGEST_BY_CHARACTERS, range(len(prompts)), key=lambda i: len(prompts[i]))
+        prompts = [prompts[i] for i in longest]
     return max(len(ids) for ids in encode_prompts(_tokenizer(path), prompts))
 
 
@@ -387,7 +398,7 @@ def preflight_online(cfg, *, prompts=None, eval_prompts=None, reward=None, log_r
     prompts = (
         _prompt_texts(prompts, tok, cfg)
         if prompts is not None
-        else check_prompts_file(cfg.prompts, tokenizer=tok, cfg=cfg)
+        else check_prompts_file(cfg.prompts, tokenizer=tok, cfg=cfg, lazy=True)
     )
     if not prompts:
         raise UserError("the prompt list is empty; pass at least one prompt")
@@ -415,7 +426,7 @@ def preflight_online(cfg, *, prompts=None, eval_prompts=None, reward=None, log_r
             spec=cfg.model,
         )
     else:
-        longest = _longest_prompt(path, prompts + eval_prompts)
+        longest = max(_longest_prompt(path, prompts), _longest_prompt(path, eval_prompts) if eval_prompts else 0)
         check_context(
             config,
             need=longest + cfg.max_new_tokens,

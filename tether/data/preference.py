@@ -423,33 +423,29 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def tokenize_pairs(
+def _tokenized(
     rows: Sequence[dict],
     tokenizer,
+    report: TruncationReport,
     *,
-    max_length: Optional[int] = None,
-    max_prompt_length: Optional[int] = None,
-    max_completion_length: Optional[int] = None,
-    add_eos: bool = True,
-    source: str = "data",
-) -> tuple[list[dict], TruncationReport]:
-    """Rows of strings -> ``[{"prompt_ids", "chosen_ids", "rejected_ids", "row"}]`` plus a report.
-
-    As TRL: tokenise the prompt and prompt+completion, start the completion where they diverge,
-    end it with EOS (``add_eos``; not for chat-templated rows, whose template ends the turn).
-    Special tokens (BOS) are added unless the text already starts with the BOS string (rendered
-    chat templates). ``row`` is the index in ``rows``. Pairs identical after truncation are dropped.
-    """
-    report = TruncationReport()
-    out: list[dict] = []
+    max_length: Optional[int],
+    max_prompt_length: Optional[int],
+    max_completion_length: Optional[int],
+    add_eos: bool,
+    source: str,
+    start: int = 0,
+):
+    """``tokenize_pairs``' pairs, one at a time, counting into ``report``; ``start``: the index of
+    ``rows[0]`` in the whole list (its ``row`` and the error messages)."""
     bos, eos = tokenizer.bos_token, tokenizer.eos_token_id
     if add_eos and eos is None:
         raise UserError("add_eos=True but the tokenizer has no eos token; set add_eos=False or give it one")
 
     def enc(texts: list[str]) -> list[list[int]]:
         plain = [j for j, t in enumerate(texts) if not (bos and t.startswith(bos))]
+        templated = [j for j, t in enumerate(texts) if bos and t.startswith(bos)]  # (already hold BOS)
         ids: list = [None] * len(texts)
-        for idx, special in ((plain, True), ([j for j in range(len(texts)) if j not in set(plain)], False)):
+        for idx, special in ((plain, True), (templated, False)):
             if idx:
                 for j, x in zip(idx, tokenizer([texts[j] for j in idx], add_special_tokens=special)["input_ids"]):
                     ids[j] = list(x)
@@ -458,7 +454,7 @@ def tokenize_pairs(
     prompts = enc([r["prompt"] for r in rows])
     full_c = enc([r["prompt"] + r["chosen"] for r in rows])
     full_r = enc([r["prompt"] + r["rejected"] for r in rows])
-    for i, (row, p, fc, fr) in enumerate(zip(rows, prompts, full_c, full_r)):
+    for i, (row, p, fc, fr) in enumerate(zip(rows, prompts, full_c, full_r), start):
         k = min(_common_prefix(p, fc), _common_prefix(p, fr))
         if k < len(p):
             report.boundary_merges += 1
@@ -486,11 +482,208 @@ def tokenize_pairs(
         if c_ids == r_ids:
             report.dropped_identical += 1
             continue
-        out.append({"prompt_ids": p_ids, "chosen_ids": c_ids, "rejected_ids": r_ids, "row": i})
+        yield {"prompt_ids": p_ids, "chosen_ids": c_ids, "rejected_ids": r_ids, "row": i}
+
+
+def tokenize_pairs(
+    rows: Sequence[dict],
+    tokenizer,
+    *,
+    max_length: Optional[int] = None,
+    max_prompt_length: Optional[int] = None,
+    max_completion_length: Optional[int] = None,
+    add_eos: bool = True,
+    source: str = "data",
+) -> tuple[list[dict], TruncationReport]:
+    """Rows of strings -> ``[{"prompt_ids", "chosen_ids", "rejected_ids", "row"}]`` plus a report.
+
+    As TRL: tokenise the prompt and prompt+completion, start the completion where they diverge,
+    end it with EOS (``add_eos``; not for chat-templated rows, whose template ends the turn).
+    Special tokens (BOS) are added unless the text already starts with the BOS string (rendered
+    chat templates). ``row`` is the index in ``rows``. Pairs identical after truncation are dropped.
+    """
+    report = TruncationReport()
+    out = list(
+        _tokenized(
+            rows,
+            tokenizer,
+            report,
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+            max_completion_length=max_completion_length,
+            add_eos=add_eos,
+            source=source,
+        )
+    )
     report.log(source)
     if not out:
         raise PreferenceDataError(f"{source}: no pairs left after tokenisation and truncation")
     return out, report
+
+
+# ----------------------------------------------------------------------------------------------------
+# Large files: checked and tokenised in chunks, pairs kept as flat token arrays
+# ----------------------------------------------------------------------------------------------------
+
+EAGER_PAIRS = 100_000
+"""A ``.jsonl`` preference file with more rows than this is read by ``load_large_pairs`` (rows on
+demand, pairs in flat arrays); smaller ones as a list (``read_raw_rows`` ... ``tokenize_pairs``)."""
+
+
+class PairStore(Sequence):
+    """Tokenised pairs in three flat arrays instead of a list of dicts of lists: all token ids
+    (int32), three end offsets per pair (prompt, chosen, rejected) and the row index. ``store[i]`` is
+    the dict ``tokenize_pairs`` gives (``prompt_ids``, ``chosen_ids``, ``rejected_ids``, ``row``),
+    built when asked for; about 4 bytes a token and 32 a pair."""
+
+    def __init__(self):
+        from array import array
+
+        self._tokens, self._ends, self._rows = array("i"), array("q"), array("q")
+
+    def append(self, pair: dict) -> None:
+        for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            self._tokens.extend(pair[key])
+            self._ends.append(len(self._tokens))
+        self._rows.append(pair["row"])
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        a = self._ends[3 * i - 1] if i else 0
+        b, c, d = self._ends[3 * i], self._ends[3 * i + 1], self._ends[3 * i + 2]
+        t = self._tokens
+        return {"prompt_ids": t[a:b].tolist(), "chosen_ids": t[b:c].tolist(), "rejected_ids": t[c:d].tolist(),
+                "row": self._rows[i]}  # fmt: skip
+
+    def __add__(self, other: Sequence) -> "_Joined":
+        return _Joined(self, other)
+
+
+class _Joined(Sequence):
+    """``a + b`` of two sequences without copying them."""
+
+    def __init__(self, a: Sequence, b: Sequence):
+        self.a, self.b = a, b
+
+    def __len__(self) -> int:
+        return len(self.a) + len(self.b)
+
+    def __getitem__(self, i: int):
+        if i < 0:
+            i += len(self)
+        return self.a[i] if i < len(self.a) else self.b[i - len(self.a)]
+
+
+def large_pair_rows(source: Any):
+    """``text.LineRows`` of a preference ``.jsonl`` file with more than ``EAGER_PAIRS`` rows, else None."""
+    from .text import LineRows
+
+    if not isinstance(source, (str, os.PathLike)) or not str(source).endswith(".jsonl"):
+        return None
+    try:
+        lines = LineRows.open(str(source))
+    except UserError as e:  # a bad JSON line: the eager reader words it
+        raise PreferenceDataError(str(e)) from None
+    return lines if lines is not None and len(lines) > EAGER_PAIRS else None
+
+
+def load_large_pairs(
+    lines,
+    *,
+    tokenizer,
+    mapping: dict,
+    eval_fraction: float,
+    eval_pairs: Optional[int],
+    seed: int,
+    source: str,
+    skip_bad_rows: bool = False,
+    chat_template: Optional[str] = None,
+    chunk: int = 8192,
+    **trunc,
+) -> tuple[PairStore, list[dict], dict, TruncationReport]:
+    """(train pairs, held-out pairs, skipped, train report) of a large file, the pairs ``check_rows``,
+    ``split_holdout`` and ``tokenize_pairs`` would give, with peak memory bounded by ``chunk`` rows:
+    one pass checks every row (keeping only the indices of the good ones), then the training rows
+    are re-read, checked and tokenised ``chunk`` at a time into a ``PairStore``. Held-out rows are
+    tokenised until ``eval_pairs`` are kept."""
+    from array import array
+
+    def row(i):
+        raw = lines[i]
+        return {mapping.get(k, k): v for k, v in raw.items()} if mapping and isinstance(raw, dict) else raw
+
+    check = dict(tokenizer=tokenizer, chat_template=chat_template)
+    good, skipped, seen = array("q"), {}, set()
+    for i in range(len(lines)):
+        raw = lines[i]
+        if isinstance(raw, dict):
+            seen.update(k for k in mapping if k in raw)
+        try:
+            check_row(row(i), i, **check)
+        except PreferenceDataError as e:
+            if not skip_bad_rows:
+                _missing_columns(lines, mapping, seen, start=i + 1, where=source)
+                raise PreferenceDataError(
+                    f"{source}: {e}; fix the data or pass --skip_bad_rows to skip such rows"
+                ) from None
+            reason = str(e).split(": ", 1)[-1]
+            skipped[reason] = skipped.get(reason, 0) + 1
+            continue
+        good.append(i)
+    _missing_columns(lines, mapping, seen, start=len(lines), where=source)
+    if skipped:
+        log.warning("%s: skipped %d bad rows: %s", source, sum(skipped.values()), skipped)
+    if not good:
+        raise PreferenceDataError(f"{source}: no usable preference rows")
+    tr, ho = split_holdout(len(good), eval_fraction, seed=seed)
+
+    def checked(positions: Sequence[int]) -> list[dict]:
+        return [check_row(row(good[j]), good[j], **check) for j in positions]
+
+    train, report = PairStore(), TruncationReport()
+    for s in range(0, len(tr), chunk):
+        for pair in _tokenized(checked(tr[s : s + chunk]), tokenizer, report, source="train pairs", start=s, **trunc):
+            train.append(pair)
+    report.log("train pairs")
+    if not len(train):
+        raise PreferenceDataError("train pairs: no pairs left after tokenisation and truncation")
+    held: list[dict] = []
+    held_report = TruncationReport()
+    for s in range(0, len(ho), chunk):
+        if eval_pairs and len(held) >= eval_pairs:
+            break
+        held += _tokenized(
+            checked(ho[s : s + chunk]), tokenizer, held_report, source="held-out pairs", start=s, **trunc
+        )
+    if ho and not held:
+        raise PreferenceDataError("held-out pairs: no pairs left after tokenisation and truncation")
+    return train, held[:eval_pairs] if eval_pairs else held, skipped, report
+
+
+def _missing_columns(lines, mapping: dict, seen: set, *, start: int, where: str) -> None:
+    """``rename_columns``' error for a mapped column found in no row (rows from ``start`` on not yet seen)."""
+    missing = [c for c in mapping if c not in seen]
+    if not missing:
+        return
+    for j in range(start, len(lines)):
+        raw = lines[j]
+        if isinstance(raw, dict):
+            seen.update(k for k in missing if k in raw)
+    still = [c for c in missing if c not in seen]
+    first = next((r for r in (lines[j] for j in range(len(lines))) if isinstance(r, dict)), None)
+    if still and first is not None:
+        raise UserError(
+            f"{where}: column(s) {still} named in the column mapping are not in the data "
+            f"(its columns: {sorted(first)}); fix --columns / --*_field"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------

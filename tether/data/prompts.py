@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence
 
 from ..errors import UserError
 from .chat import check_messages, is_messages, render_prompt, use_template
-from .text import column_map, eval_split_of, read_rows, rename_columns
+from .text import LineRows, column_map, eval_split_of, read_rows, rename_columns
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,79 @@ def as_prompts(
     ]
 
 
+class PromptTable(Sequence):
+    """The prompts of a large text / ``.jsonl`` file, built on demand: ``table[i]`` is the ``Prompt``
+    that ``load_prompts`` would give as its i-th, but only the line offsets are held
+    (``tether.data.text.LineRows``), not a list of rows. Every row is checked once when the table is
+    built (the same errors as ``load_prompts``, in the same order), then dropped. ``texts`` is the
+    sequence of prompt texts, also built on demand."""
+
+    def __init__(self, rows: LineRows, mapping: dict, *, where: str, **kw):
+        self.rows, self.mapping, self.where, self.kw = rows, mapping, where, kw
+        seen: set = set()
+        for i in range(len(rows)):
+            row = rows[i]
+            if isinstance(row, dict):
+                seen.update(k for k in mapping if k in row)
+            try:
+                self[i]
+            except UserError:
+                self._check_columns(seen, start=i + 1)  # a mapping typo is reported first, as rename_columns does
+                raise
+        self._check_columns(seen, start=len(rows))
+
+    def _check_columns(self, seen: set, *, start: int) -> None:
+        missing = [c for c in self.mapping if c not in seen]
+        if not missing:
+            return
+        for j in range(start, len(self.rows)):
+            row = self.rows[j]
+            if isinstance(row, dict):
+                seen.update(k for k in missing if k in row)
+        still = [c for c in missing if c not in seen]
+        first = next((r for r in (self.rows[j] for j in range(len(self.rows))) if isinstance(r, dict)), None)
+        if still and first is not None:
+            raise UserError(
+                f"{self.where}: column(s) {still} named in the column mapping are not in the data "
+                f"(its columns: {sorted(first)}); fix --columns / --*_field"
+            )
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        row = self.rows[i]
+        if self.mapping and isinstance(row, dict):
+            row = {self.mapping.get(k, k): v for k, v in row.items()}
+        return prompt_from_row(row, where=f"{self.where} row {i}", **self.kw)
+
+    @property
+    def texts(self) -> "_Texts":
+        return _Texts(self)
+
+
+class _Texts(Sequence):
+    def __init__(self, table: PromptTable):
+        self.table = table
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [p.text for p in self.table[i]]
+        return self.table[i].text
+
+
+def prompt_texts(prompts: Sequence) -> Sequence[str]:
+    """The texts of ``prompts``: a list, or a ``PromptTable``'s texts built on demand."""
+    return prompts.texts if isinstance(prompts, PromptTable) else [p.text for p in prompts]
+
+
 def load_prompts(
     spec: str,
     *,
@@ -100,12 +173,19 @@ def load_prompts(
     columns=None,
     split: str = "train",
     assets: Optional[str] = None,
-) -> list[Prompt]:
-    """Every prompt of ``spec`` (see the module docstring), in file order."""
+    lazy: bool = False,
+) -> Sequence[Prompt]:
+    """Every prompt of ``spec`` (see the module docstring), in file order. ``lazy``: for an uncompressed
+    text or ``.jsonl`` file, a ``PromptTable`` (the same prompts, built on demand) instead of a list."""
     if not spec or not str(spec).strip():
         raise UserError(
             "prompts is empty: pass --prompts FILE (text, .jsonl, .json, .parquet), a datasets folder or a hub name"
         )
+    if lazy and (lines := LineRows.open(spec)) is not None:
+        if not len(lines):
+            raise UserError(f"{spec}: no prompts found")
+        mapping = column_map(columns, prompt=prompt_field)
+        return PromptTable(lines, mapping, where=spec, tokenizer=tokenizer, chat_template=chat_template)
     rows = read_rows(spec, assets=assets, split=split)
     rows = rename_columns(rows, column_map(columns, prompt=prompt_field), where=spec)
     out = as_prompts(rows, tokenizer=tokenizer, chat_template=chat_template, where=spec)

@@ -114,6 +114,71 @@ def read_text_lines(path: str | Path) -> list[str]:
     return [ln.strip() for ln in text.splitlines() if ln.strip()]
 
 
+# Bytes other than "\n" that str.splitlines() also breaks lines at; a file holding any of them is read whole.
+_OTHER_BREAKS = (b"\r", b"\x0b", b"\x0c", b"\x1c", b"\x1d", b"\x1e", b"\xc2\x85", b"\xe2\x80\xa8", b"\xe2\x80\xa9")
+
+
+class LineRows(Sequence):
+    """The rows of an uncompressed text or ``.jsonl`` file, read on demand: the byte offsets of its
+    non-blank lines (two int64 arrays, 16 bytes a row) over a memory-mapped file, instead of a list of
+    Python rows. ``rows[i]`` is exactly what ``read_rows`` gives as its i-th row (the stripped line of a
+    text file, the parsed object of a JSON line). Build with ``LineRows.open``, which returns None for
+    a file this reader does not cover (compressed, other formats, line breaks other than ``\\n``)."""
+
+    def __init__(self, path: Path, starts, ends, *, jsonl: bool):
+        import mmap
+
+        self.path, self.starts, self.ends, self.jsonl = path, starts, ends, jsonl
+        with open(path, "rb") as f:
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if len(starts) else b""
+
+    @classmethod
+    def open(cls, spec: str) -> Optional["LineRows"]:
+        import numpy as np
+
+        path = Path(spec).expanduser()
+        if not path.is_file() or path.name.lower().endswith(".gz"):
+            return None
+        name = path.name.lower()
+        jsonl = name.endswith(".jsonl")
+        if not jsonl and name.endswith(_TABLE_SUFFIXES):
+            return None
+        import mmap
+
+        if path.stat().st_size:
+            with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as whole:
+                if any(whole.find(b) >= 0 for b in _OTHER_BREAKS):
+                    return None
+        from array import array
+
+        starts, ends, pos = array("q"), array("q"), 0  # 8 bytes a row while scanning
+        with open(path, "rb") as f:
+            for i, line in enumerate(f, 1):
+                if line.decode("utf-8", errors="replace").strip():  # read_rows skips blank lines
+                    if jsonl:
+                        try:
+                            json.loads(line.decode("utf-8"))
+                        except json.JSONDecodeError as e:
+                            raise UserError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+                    starts.append(pos)
+                    ends.append(pos + len(line))
+                pos += len(line)
+        return cls(path, np.frombuffer(starts, dtype=np.int64), np.frombuffer(ends, dtype=np.int64), jsonl=jsonl)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        raw = self._map[int(self.starts[i]) : int(self.ends[i])]
+        return json.loads(raw.decode("utf-8")) if self.jsonl else raw.decode("utf-8", errors="replace").strip()
+
+
 def _read_dir(path: Path, split: str) -> list[dict]:
     if (path / "dataset_dict.json").exists() or (path / "state.json").exists() or (path / "dataset_info.json").exists():
         from datasets import DatasetDict, load_from_disk
@@ -521,19 +586,21 @@ def batch_indices(step: int, batch_size: int, n: int, *, seed: int) -> list[int]
     out = []
     for k in range(step * batch_size, (step + 1) * batch_size):
         epoch, pos = divmod(k, n)
-        out.append(_epoch_perm(n, seed, epoch)[pos])
+        out.append(int(_epoch_perm(n, seed, epoch)[pos]))
     return out
 
 
-_PERM_CACHE: dict[tuple[int, int, int], list[int]] = {}
+_PERM_CACHE: dict[tuple[int, int, int], torch.Tensor] = {}
 
 
-def _epoch_perm(n: int, seed: int, epoch: int) -> list[int]:
+def _epoch_perm(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """Epoch ``epoch``'s permutation of ``n`` examples, as a tensor (8 bytes an example; a list of
+    Python ints would take 36)."""
     key = (n, seed, epoch)
     if key not in _PERM_CACHE:
         if len(_PERM_CACHE) > 8:
             _PERM_CACHE.clear()
-        _PERM_CACHE[key] = torch.randperm(n, generator=rng.generator(seed * 1_000_003 + epoch)).tolist()
+        _PERM_CACHE[key] = torch.randperm(n, generator=rng.generator(seed * 1_000_003 + epoch))
     return _PERM_CACHE[key]
 
 

@@ -62,6 +62,8 @@ from ..data.preference import (
     StepBatches,
     check_rows,
     collate_pairs,
+    large_pair_rows,
+    load_large_pairs,
     pack_pairs,
     pair_tokens,
     pair_width,
@@ -230,6 +232,8 @@ def load_pairs(
     given as dataset, else eval_fraction of dataset. Columns are renamed first (columns, *_field)."""
     check = dict(skip_bad_rows=cfg.skip_bad_rows, tokenizer=tok, chat_template=cfg.chat_template)
     mapping = column_map(cfg.columns, prompt=cfg.prompt_field, chosen=cfg.chosen_field, rejected=cfg.rejected_field)
+    if rows is None and eval_rows is None and not cfg.eval_dataset and (large := large_pair_rows(cfg.dataset)):
+        return _load_large_pairs(cfg, tok, large, mapping, check, is_main)
     raw = list(rows) if rows is not None else read_raw_rows(cfg.dataset, split=cfg.dataset_split, assets=cfg.assets)
     train_rows, skipped = check_rows(
         rename_columns(raw, mapping, where=cfg.dataset or "rows"), source=cfg.dataset or "rows", **check
@@ -275,6 +279,30 @@ def load_pairs(
     }
     if is_main:
         log.info("dpo data: %s", info)
+    return train, held, info
+
+
+def _load_large_pairs(cfg: DPOConfig, tok, lines, mapping: dict, check: dict, is_main: bool):
+    """``load_pairs`` for a .jsonl file of more than ``preference.EAGER_PAIRS`` rows: the same pairs,
+    read on demand, checked and tokenised in chunks, kept in flat arrays (``preference.PairStore``)."""
+    trunc = dict(
+        max_length=cfg.max_length,
+        max_prompt_length=cfg.max_prompt_length,
+        max_completion_length=cfg.max_completion_length,
+        add_eos=cfg.add_eos,
+    )
+    train, held, skipped, report = load_large_pairs(
+        lines, mapping=mapping, eval_fraction=cfg.eval_fraction, eval_pairs=cfg.eval_pairs, seed=cfg.seed,
+        source=cfg.dataset, **check, **trunc,
+    )  # fmt: skip
+    info = {
+        "train_pairs": len(train),
+        "eval_pairs": len(held),
+        "skipped_rows": sum(skipped.values()),
+        **{f"truncation/{k}": v for k, v in report.as_dict().items()},
+    }
+    if is_main:
+        log.info("dpo data: %s (read in chunks)", info)
     return train, held, info
 
 

@@ -54,7 +54,7 @@ from .. import rng
 from ..callbacks import Callbacks
 from ..config import config_group
 from ..control import BetaConfig, build_controller
-from ..data.prompts import Prompt, as_prompts, eval_prompts_split, load_prompts
+from ..data.prompts import Prompt, as_prompts, eval_prompts_split, load_prompts, prompt_texts
 from ..data.text import batch_indices
 from ..diagnostics.hacking import HackingMonitor
 from ..distributed import Dist
@@ -65,7 +65,7 @@ from ..fsdp import is_sharded, models_of, shard_reference, unsharded
 from ..generation import backend_for
 from ..groups import DATA_FIELDS, ReferenceConfig, SamplingConfig, SamplingSettings, sampling_settings
 from ..inputs import accepts_objects, as_rows, eval_split
-from ..measure import encode_prompts
+from ..measure import encode_prompts, prompt_ids
 from ..modeling import CompletionBatch, forward_completion
 from ..ops.kl import check_estimator, check_reference_filter
 from ..ops.logprobs import selective_logps
@@ -609,7 +609,7 @@ def _prompt_rows(cfg: OnlineConfig, tok, prompts, eval_prompts) -> tuple[list[Pr
     if prompts is not None:
         rows = as_prompts(prompts, **kw)
     elif cfg.prompts:
-        rows = load_prompts(cfg.prompts, columns=cfg.columns, assets=cfg.assets, **kw)
+        rows = load_prompts(cfg.prompts, columns=cfg.columns, assets=cfg.assets, lazy=True, **kw)
     else:
         raise UserError(
             "no prompts: pass --prompts FILE (one prompt per line, JSONL with a 'prompt' field, or a datasets folder)"
@@ -765,9 +765,9 @@ def setup(
         else None
     )
     prompt_rows, eval_rows = _prompt_rows(cfg, tok, prompts, eval_prompts)
-    texts, eval_texts = [p.text for p in prompt_rows], [p.text for p in eval_rows]
+    texts, eval_texts = prompt_texts(prompt_rows), [p.text for p in eval_rows]  # a large file's: built on demand
     if cfg.reference_prompt:  # the reference-shift remedy: π_ref scored on g(x), the policy on x
-        reference = _prompt_mapped_reference(cfg, reference, tok, texts + eval_texts)
+        reference = _prompt_mapped_reference(cfg, reference, tok, list(texts) + eval_texts)
     cfg = with_epochs(cfg, len(texts), per_step=cfg.batch_size // cfg.samples_per_prompt, unit="prompts")
     params = trainable_params(policy)
     value_params = list(value_model.parameters()) if value_model is not None else []
@@ -787,7 +787,7 @@ def setup(
         value_model=value_model,
         rewards=_as_reward_set(cfg, reward, log_rewards),
         texts=texts,
-        ids=encode_prompts(tok, texts, max_prompt_length=cfg.max_prompt_length),
+        ids=prompt_ids(tok, texts, max_prompt_length=cfg.max_prompt_length),  # large: tokenised as steps draw them
         eval_texts=eval_texts,
         eval_ids=encode_prompts(tok, eval_texts, max_prompt_length=cfg.max_prompt_length),
         prompt_rows=prompt_rows,
