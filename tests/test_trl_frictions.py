@@ -382,3 +382,56 @@ def test_a_checkpoint_model_folder_holds_the_tokenizer(tmp_path):
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder)
     assert tok("The film")["input_ids"] and model.config.vocab_size == len(tok)
+
+
+# ---------------------------------------------------------------- online evaluation prompts are held out
+
+
+def test_online_evaluation_prompts_are_held_out_of_a_prompts_file(tmp_path, stories_path):
+    """The docstring said the evaluation read the first training prompts ("not held out"), the README that a
+    seeded part is held out. Now: a seeded 10% of the file (at most eval_max_prompts), never trained on; the
+    same split on every run; under 10 prompts, nothing is held out."""
+    from tether.trainers.grpo import GRPOConfig
+    from tether.trainers.online import _prompt_rows
+
+    texts = [f"Prompt number {i} is here" for i in range(40)]
+    (tmp_path / "p.txt").write_text("\n".join(texts) + "\n")
+    cfg = GRPOConfig(model=str(stories_path), prompts=str(tmp_path / "p.txt"), eval_max_prompts=3)
+    from tether.modeling import load_tokenizer
+
+    tok = load_tokenizer(str(stories_path))
+    train, ev = _prompt_rows(cfg, tok, None, None)
+    train_texts, ev_texts = [p.text for p in train], [p.text for p in ev]
+    assert len(ev_texts) == 3 and len(train_texts) == 37  # min(eval_max_prompts, 10% of 40)
+    assert not set(ev_texts) & set(train_texts) and sorted(train_texts + ev_texts) == sorted(texts)
+    assert train_texts == [t for t in texts if t not in ev_texts]  # file order kept
+    assert [p.text for p in _prompt_rows(cfg, tok, None, None)[1]] == ev_texts  # seeded: the same split
+    assert ev_texts != texts[:3]  # not the first prompts
+    everything, same = _prompt_rows(cfg, tok, None, None, hold_out=False)  # an eval_hook brings its own prompts
+    assert len(everything) == 40 and [p.text for p in same] == texts[:3]
+    (tmp_path / "few.txt").write_text("\n".join(texts[:9]) + "\n")
+    few = GRPOConfig(model=str(stories_path), prompts=str(tmp_path / "few.txt"))
+    train, ev = _prompt_rows(few, tok, None, None)
+    assert len(train) == 9 and [p.text for p in ev] == texts[:9]
+    in_memory, ev = _prompt_rows(cfg, tok, texts, None)  # prompts given in memory: the caller decides
+    assert len(in_memory) == 40 and [p.text for p in ev] == texts[:3]
+
+
+def test_a_large_prompts_file_holds_out_on_demand(tmp_path, stories_path, monkeypatch):
+    """The held-out split of a file read on demand (a PromptTable) leaves the training rows on demand too."""
+    from tether.data import prompts as P
+    from tether.data.prompts import PromptSubset, load_prompts
+    from tether.modeling import load_tokenizer
+
+    texts = [f"Prompt number {i} is here" for i in range(50)]
+    (tmp_path / "p.txt").write_text("\n".join(texts) + "\n")
+    tok = load_tokenizer(str(stories_path))
+    table = load_prompts(str(tmp_path / "p.txt"), tokenizer=tok, lazy=True)
+    eager = load_prompts(str(tmp_path / "p.txt"), tokenizer=tok)
+    a_train, a_ev = P.hold_out_prompts(table, 5, seed=3)
+    b_train, b_ev = P.hold_out_prompts(eager, 5, seed=3)
+    if not isinstance(table, list):
+        assert isinstance(a_train, PromptSubset)
+    assert [p.text for p in a_ev] == [p.text for p in b_ev]
+    assert list(P.prompt_texts(a_train)) == [p.text for p in b_train]
+    assert [p.text for p in a_train[2:4]] == [p.text for p in b_train[2:4]]

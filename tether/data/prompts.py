@@ -147,7 +147,7 @@ class PromptTable(Sequence):
 
 
 class _Texts(Sequence):
-    def __init__(self, table: PromptTable):
+    def __init__(self, table: "PromptTable | PromptSubset"):
         self.table = table
 
     def __len__(self) -> int:
@@ -159,9 +159,50 @@ class _Texts(Sequence):
         return self.table[i].text
 
 
+class PromptSubset(Sequence):
+    """The rows ``indices`` (a 1-D int64 tensor) of a ``PromptTable``, in that order, still built on demand:
+    what is left of a large prompt file to train on once evaluation prompts are held out of it."""
+
+    def __init__(self, table: Sequence, indices):
+        self.table, self.indices = table, indices
+
+    def __len__(self) -> int:
+        return int(self.indices.numel())
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.table[int(j)] for j in self.indices[i]]
+        return self.table[int(self.indices[i])]
+
+    @property
+    def texts(self) -> "_Texts":
+        return _Texts(self)
+
+
 def prompt_texts(prompts: Sequence) -> Sequence[str]:
     """The texts of ``prompts``: a list, or a ``PromptTable``'s texts built on demand."""
-    return prompts.texts if isinstance(prompts, PromptTable) else [p.text for p in prompts]
+    return prompts.texts if isinstance(prompts, (PromptTable, PromptSubset)) else [p.text for p in prompts]
+
+
+def hold_out_prompts(rows: Sequence, n_eval: int, *, seed: int) -> tuple[Sequence, list]:
+    """(training prompts, ``n_eval`` evaluation prompts): a seeded random part of ``rows`` held out, the
+    rest kept in file order (a ``PromptTable`` stays on demand: a ``PromptSubset`` of it)."""
+    import torch
+
+    from .. import rng
+
+    n = len(rows)
+    if n_eval <= 0:
+        return rows, []
+    perm = torch.randperm(n, generator=rng.generator(seed + 104729))
+    held = torch.sort(perm[:n_eval]).values
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[held] = False
+    kept = torch.nonzero(keep).flatten()
+    evals = [rows[int(i)] for i in held]
+    if isinstance(rows, list):
+        return [rows[int(i)] for i in kept], evals
+    return PromptSubset(rows, kept), evals
 
 
 def load_prompts(

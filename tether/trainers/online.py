@@ -54,7 +54,7 @@ from .. import rng
 from ..callbacks import Callbacks
 from ..config import config_group
 from ..control import BetaConfig, build_controller
-from ..data.prompts import Prompt, as_prompts, eval_prompts_split, load_prompts, prompt_texts
+from ..data.prompts import Prompt, as_prompts, eval_prompts_split, hold_out_prompts, load_prompts, prompt_texts
 from ..data.text import batch_indices
 from ..diagnostics.hacking import HackingMonitor
 from ..distributed import Dist
@@ -224,7 +224,8 @@ class OnlineConfig(TrainConfig, BetaConfig, SamplingConfig, OnlineReferenceConfi
     ppo/approx_kl_old) exceeds this (None = off)."""
     eval_prompts: Optional[str] = None
     """Held-out prompts for eval/* (same formats); default: the test/validation split of a saved DatasetDict given as
-    prompts, else the first eval_max_prompts training prompts (then not held out)."""
+    prompts, else a seeded 10% of the prompts file (at most eval_max_prompts; none under 10 prompts), held out of
+    training. Prompts given in memory (Python) are evaluated on eval_prompts, else on the first training prompts."""
     eval_max_prompts: int = 64
     """At most this many eval prompts are used."""
     eval_samples: int = 2
@@ -601,10 +602,18 @@ def _prompt_mapped_reference(cfg: OnlineConfig, reference, tok, texts: Sequence[
     return PromptMappedReference(reference, prompt_map, pad_id=tok.pad_token_id)
 
 
-def _prompt_rows(cfg: OnlineConfig, tok, prompts, eval_prompts) -> tuple[list[Prompt], list[Prompt]]:
+EVAL_HOLDOUT_FRACTION = 0.1  # of a prompts file, held out for eval/* when no evaluation prompts are given
+
+
+def _prompt_rows(
+    cfg: OnlineConfig, tok, prompts, eval_prompts, *, hold_out: bool = True
+) -> tuple[Sequence[Prompt], list[Prompt]]:
     """(training prompts, evaluation prompts) from the arguments of train_online (strings, row dicts or
-    Prompts) or the config's files (``tether.data.prompts``). Evaluation: eval_prompts, else a saved
-    DatasetDict's test/validation split, else the training prompts; at most eval_max_prompts."""
+    Prompts) or the config's files (``tether.data.prompts``). Evaluation prompts, the first of these
+    that applies: ``eval_prompts`` (argument or field); a saved DatasetDict's test/validation split of
+    ``--prompts``; a seeded 10% of a ``--prompts`` file (at most eval_max_prompts; none under 10
+    prompts), held out of training when ``hold_out`` (an evaluation will run and no eval_hook replaces
+    it); else the first training prompts, not held out (prompts given in memory: pass eval_prompts)."""
     kw = dict(tokenizer=tok, chat_template=cfg.chat_template, prompt_field=cfg.prompt_field)
     if prompts is not None:
         rows = as_prompts(prompts, **kw)
@@ -616,18 +625,25 @@ def _prompt_rows(cfg: OnlineConfig, tok, prompts, eval_prompts) -> tuple[list[Pr
         )
     if not rows:
         raise UserError("the prompt list is empty")
-    held = (
-        None if eval_prompts is not None or cfg.eval_prompts or prompts is not None else eval_prompts_split(cfg.prompts)
-    )
+    from_file = eval_prompts is None and not cfg.eval_prompts and prompts is None
+    held = eval_prompts_split(cfg.prompts) if from_file else None
     if eval_prompts is not None:
         ev = as_prompts(eval_prompts, **kw)
     elif cfg.eval_prompts:
         ev = load_prompts(cfg.eval_prompts, columns=cfg.columns, assets=cfg.assets, **kw)
     elif held:
         ev = load_prompts(cfg.prompts, columns=cfg.columns, assets=cfg.assets, split=held, **kw)
+    elif from_file and hold_out and len(rows) >= 10:
+        n_eval = min(cfg.eval_max_prompts, int(len(rows) * EVAL_HOLDOUT_FRACTION))
+        rows, ev = hold_out_prompts(rows, n_eval, seed=cfg.seed)
+        log.info(
+            "eval/*: %d prompts of %s held out of training (give eval_prompts to choose them)", n_eval, cfg.prompts
+        )
     else:
+        if from_file and hold_out:
+            log.info("eval/*: %d prompts are too few to hold any out; evaluating on training prompts", len(rows))
         ev = rows
-    return rows, ev[: cfg.eval_max_prompts]
+    return rows, list(ev[: cfg.eval_max_prompts])
 
 
 @dataclass
@@ -745,6 +761,7 @@ def setup(
     eval_prompts=None,
     resume: bool = False,
     validate: bool = True,
+    hold_out: bool = True,
 ) -> Session:
     """Validate, load policy / reference / value model / rewards / prompts, build the optimiser and
     β controller, and restore the latest checkpoint if ``resume``."""
@@ -764,7 +781,7 @@ def setup(
         if method.uses_value_model(cfg)
         else None
     )
-    prompt_rows, eval_rows = _prompt_rows(cfg, tok, prompts, eval_prompts)
+    prompt_rows, eval_rows = _prompt_rows(cfg, tok, prompts, eval_prompts, hold_out=hold_out)
     texts, eval_texts = prompt_texts(prompt_rows), [p.text for p in eval_rows]  # a large file's: built on demand
     if cfg.reference_prompt:  # the reference-shift remedy: π_ref scored on g(x), the policy on x
         reference = _prompt_mapped_reference(cfg, reference, tok, list(texts) + eval_texts)
@@ -886,6 +903,7 @@ def train_online(
         eval_prompts=eval_prompts,
         resume=resume,
         validate=not preflight,
+        hold_out=eval_hook is None,  # an eval_hook brings its own prompts: every training prompt trains
     )
     s.eval_hook = eval_hook
     s.run.callbacks = Callbacks(callbacks, cfg, is_main=s.dist.is_main)
