@@ -94,7 +94,7 @@ from ..reference import (
     reference_from_config,
 )
 from ..registry import run_preflight
-from ..runs import RunDir, save_final
+from ..runs import History, RunDir, save_final
 from ..training import (
     Checkpointer,
     StepGuard,
@@ -638,7 +638,7 @@ def train_dpo(
         tokenizer=tok,
     )
     step, state = ckpt.resume() if resume else (0, {})
-    history, eval_history = list(state.get("history", [])), list(state.get("eval_history", []))
+    history, eval_history = History(run, legacy=state.get("history")), list(state.get("eval_history", []))
     kl_prompts = [p["prompt_ids"] for p in held[: cfg.kl_prompts]]
     if (not kl_prompts or eval_hook is not None) and not cfg.forgetting_text:  # nothing samples through it
         live_ref = None  # nothing samples: with the precomputed form, the reference model is freed here
@@ -727,13 +727,13 @@ def train_dpo(
             run.log(step, metrics)
         history.append({"step": step, **metrics})
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-            ckpt.save(step, data_state={"history": history, "eval_history": eval_history})
+            ckpt.save(step, data_state={"eval_history": eval_history})
         stop_if_signalled(
             step,
             cfg.max_steps,
             dist,
             ckpt,  # SIGTERM/SIGINT/SIGUSR1: checkpoint, exit 75
-            save=lambda: ckpt.save(step, data_state={"history": history, "eval_history": eval_history}),
+            save=lambda: ckpt.save(step, data_state={"eval_history": eval_history}),
         )
         bar.update(1)
         bar.set_postfix(
@@ -752,10 +752,12 @@ def train_dpo(
         metrics = {k: v for k, v in (history[-1] if history else {}).items() if k != "step"}
         last_eval = evaluate(controller.value)
         metrics.update(last_eval)
-    ckpt.save(step, data_state={"history": history, "eval_history": eval_history})
+    ckpt.save(step, data_state={"eval_history": eval_history})
     final = save_final(policy, cfg.output_dir, tokenizer=tok, merge_lora=cfg.merge_lora, is_main=dist.is_main)
     run.close()
     dist.finish()
-    result = TrainResult(final=str(final), metrics=metrics, history=history, eval_history=eval_history, info=data_info)
+    result = TrainResult(
+        final=str(final), metrics=metrics, history=history.rows(), eval_history=eval_history, info=data_info
+    )
     run.callbacks.end(result)
     return result

@@ -86,7 +86,7 @@ from ..rewards import (
     reward_columns,
     reward_specs,
 )
-from ..runs import RunDir, save_final
+from ..runs import History, RunDir, save_final
 from ..shared_prompt import shared_prompt_mode, supports_shared_prompt
 from ..training import (
     Checkpointer,
@@ -673,7 +673,7 @@ class Session:
     ckpt: Checkpointer
     guard: StepGuard
     step: int = 0
-    history: list = field(default_factory=list)
+    history: Optional[History] = None  # every step's metrics (runs.History: a file, the last row in memory)
     eval_history: list = field(default_factory=list)
     eval_hook: Optional[Callable] = (
         None  # eval_hook(step, policy, *, beta) -> metrics: the sampled evaluation (trainers.result)
@@ -692,7 +692,6 @@ class Session:
             data_state={
                 "value_model": None if self.value_model is None else self.value_model.state_dict(),
                 "rewards": self.rewards.state_dict(),
-                "history": self.history,
                 "eval_history": self.eval_history,
             },
         )
@@ -819,6 +818,7 @@ def setup(
             run, policy, opt, sched, controller, reference, guard=guard, enabled=cfg.save_checkpoints, tokenizer=tok
         ),
         guard=guard,
+        history=History(run),
     )
     if s.rewards.logged:
         s.hacking = HackingMonitor(s.rewards.optimised.name, [src.name for src in s.rewards.logged])
@@ -839,7 +839,7 @@ def setup(
             value_model.load_state_dict(state["value_model"])
         if state.get("rewards") is not None:
             s.rewards.load_state_dict(state["rewards"])
-        s.history, s.eval_history = list(state.get("history", [])), list(state.get("eval_history", []))
+        s.history, s.eval_history = History(run, legacy=state.get("history")), list(state.get("eval_history", []))
     return s
 
 
@@ -1030,7 +1030,7 @@ def train_online(
     final = save_final(s.policy, cfg.output_dir, tokenizer=s.tok, merge_lora=cfg.merge_lora, is_main=dist.is_main)
     s.run.close()
     dist.finish()
-    result = TrainResult(final=str(final), metrics=metrics, history=s.history, eval_history=s.eval_history)
+    result = TrainResult(final=str(final), metrics=metrics, history=s.history.rows(), eval_history=s.eval_history)
     s.run.callbacks.end(result)
     return result
 

@@ -44,7 +44,7 @@ from ..ops.reward_model import bradley_terry_loss
 from ..preempt import preemptible, stop_if_signalled
 from ..registry import run_preflight
 from ..rewards import sequence_scores
-from ..runs import RunDir, save_final, seed_everything
+from ..runs import History, RunDir, save_final, seed_everything
 from ..training import (
     Checkpointer,
     StepGuard,
@@ -251,7 +251,7 @@ def train_reward_model(
     guard = StepGuard(cfg.max_nonfinite_steps)
     ckpt = Checkpointer(run, model, opt, sched, guard=guard, enabled=cfg.save_checkpoints, tokenizer=tok)
     step, state = ckpt.resume() if resume else (0, {})
-    history, eval_history = list(state.get("history", [])), list(state.get("eval_history", []))
+    history, eval_history = History(run, legacy=state.get("history")), list(state.get("eval_history", []))
     evaluate = lambda: evaluate_rm(model, evals, pad_id=tok.pad_token_id, batch_size=cfg.eval_batch_size, dist=dist)  # noqa: E731
     run.callbacks.begin(cfg)
     bar = progress_bar(cfg.max_steps, step, enabled=cfg.progress and dist.is_main, desc="rm")
@@ -284,13 +284,13 @@ def train_reward_model(
         if step % cfg.log_every == 0 or "eval/loss" in metrics or step == cfg.max_steps:
             run.log(step, metrics)
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-            ckpt.save(step, data_state={"history": history, "eval_history": eval_history})
+            ckpt.save(step, data_state={"eval_history": eval_history})
         stop_if_signalled(
             step,
             cfg.max_steps,
             dist,
             ckpt,  # SIGTERM/SIGINT/SIGUSR1: checkpoint, exit 75
-            save=lambda: ckpt.save(step, data_state={"history": history, "eval_history": eval_history}),
+            save=lambda: ckpt.save(step, data_state={"eval_history": eval_history}),
         )
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['rm/accuracy']:.2f}")
@@ -300,10 +300,10 @@ def train_reward_model(
     if evals and "eval/loss" not in metrics:  # resumed at max_steps
         metrics = {k: v for k, v in (history[-1] if history else {}).items() if k != "step"}
         metrics.update(evaluate())
-    ckpt.save(step, data_state={"history": history, "eval_history": eval_history})
+    ckpt.save(step, data_state={"eval_history": eval_history})
     final = save_final(model, cfg.output_dir, tokenizer=tok, merge_lora=cfg.merge_lora, is_main=dist.is_main)
     run.close()
     dist.finish()
-    result = TrainResult(final=str(final), metrics=metrics, history=history, eval_history=eval_history)
+    result = TrainResult(final=str(final), metrics=metrics, history=history.rows(), eval_history=eval_history)
     run.callbacks.end(result)
     return result

@@ -43,7 +43,7 @@ from ..modeling import position_ids
 from ..ops.logprobs import selective_logps
 from ..preempt import preemptible, stop_if_signalled
 from ..registry import run_preflight
-from ..runs import RunDir, save_final
+from ..runs import History, RunDir, save_final
 from ..training import (
     Checkpointer,
     StepGuard,
@@ -217,7 +217,7 @@ def train_sft(
     guard = StepGuard(cfg.max_nonfinite_steps)
     ckpt = Checkpointer(run, model, opt, sched, guard=guard, enabled=cfg.save_checkpoints, tokenizer=tok)
     step, state = ckpt.resume() if resume else (0, {})
-    history, eval_history = list(state.get("history", [])), list(state.get("eval_history", []))
+    history, eval_history = History(run, legacy=state.get("history")), list(state.get("eval_history", []))
 
     def evaluate() -> float:
         with unsharded(model):  # fsdp: the strided held-out shards may differ in batch count
@@ -265,13 +265,13 @@ def train_sft(
         if step % cfg.log_every == 0 or "eval/loss" in metrics or step == cfg.max_steps:
             run.log(step, metrics)
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-            ckpt.save(step, data_state={"history": history, "eval_history": eval_history})
+            ckpt.save(step, data_state={"eval_history": eval_history})
         stop_if_signalled(
             step,
             cfg.max_steps,
             dist,
             ckpt,  # SIGTERM/SIGINT/SIGUSR1: checkpoint, exit 75
-            save=lambda: ckpt.save(step, data_state={"history": history, "eval_history": eval_history}),
+            save=lambda: ckpt.save(step, data_state={"eval_history": eval_history}),
         )
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}")
@@ -281,10 +281,10 @@ def train_sft(
     if "eval/loss" not in metrics and evals:  # resumed at max_steps: still report the held-out loss
         metrics = {**(history[-1] if history else {}), **metrics, "eval/loss": evaluate()}
         metrics.pop("step", None)
-    ckpt.save(step, data_state={"history": history, "eval_history": eval_history})
+    ckpt.save(step, data_state={"eval_history": eval_history})
     final = save_final(model, cfg.output_dir, tokenizer=tok, merge_lora=cfg.merge_lora, is_main=dist.is_main)
     run.close()
     dist.finish()
-    result = TrainResult(final=str(final), metrics=metrics, history=history, eval_history=eval_history)
+    result = TrainResult(final=str(final), metrics=metrics, history=history.rows(), eval_history=eval_history)
     run.callbacks.end(result)
     return result
