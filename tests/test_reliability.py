@@ -373,3 +373,39 @@ def test_every_process_skips_when_one_sees_a_nonfinite_value():
     with pytest.raises(UserError, match="2 optimiser updates in a row"):
         guard.check(_TwoRanks(theirs=0.5), 1.0, math.nan)
     assert guard.stats() == {"opt/skipped_steps": 3, "opt/nonfinite": 2}
+
+
+# ---------------------------------------------------------------- the step history
+
+
+def test_the_step_history_lives_in_a_file_not_in_every_checkpoint(assets_dir, tmp_path):
+    """Every step's metrics go to history.jsonl (the last row alone in memory); checkpoints no longer carry
+    them (a 2,000-step run's trainer_state.json held 2.8 MB of rows). A run resumed from step 2 returns the
+    same history as one never stopped, and history.jsonl holds each step once."""
+    straight = tmp_path / "straight"
+    whole = train_sft(sft_cfg(assets_dir, straight))
+    out = tmp_path / "run"
+    train_sft(dataclasses.replace(sft_cfg(assets_dir, out), max_steps=2))
+    state = json.loads((out / "checkpoints" / "step-2" / "trainer_state.json").read_text())
+    assert "history" not in state["data"] and "eval_history" in state["data"]
+    resumed = train_sft(sft_cfg(assets_dir, out), resume=True)
+    assert resumed.history == whole.history and len(whole.history) == sft_cfg(assets_dir, out).max_steps
+    steps = [json.loads(ln)["step"] for ln in (out / "history.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, len(whole.history) + 1))
+
+
+def test_history_keeps_the_last_row_and_writes_an_old_checkpoints_rows(tmp_path):
+    from tether.runs import History
+
+    run = RunDir(tmp_path / "o")
+    h = History(run)
+    assert len(h) == 0 and not h
+    for s in (1, 2, 3):
+        h.append({"step": s, "loss": 1.0 / s, "t": torch.tensor(0.5)})
+    assert len(h) == 3 and h[-1]["step"] == 3 and [r["step"] for r in h.rows()] == [1, 2, 3]
+    assert h.rows()[0]["t"] == 0.5  # tensors written as numbers
+    with pytest.raises(IndexError):
+        h[0]  # only the last row is held in memory
+    old = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]  # a checkpoint of an older tether
+    h2 = History(RunDir(tmp_path / "p"), legacy=old)
+    assert h2.rows() == old and h2[-1] == old[-1] and len(h2) == 2

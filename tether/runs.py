@@ -447,6 +447,7 @@ class History:
         self.path, self.is_main = run.path / self.FILE, run.is_main
         rows = list(legacy) if legacy else (read_jsonl(self.path) if self.path.exists() else [])
         if legacy and self.is_main:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows))
         self.last: Optional[dict] = dict(rows[-1]) if rows else None
         self.count = len(rows)
