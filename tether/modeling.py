@@ -348,11 +348,7 @@ def prefix_tree_attention_mask(model, segment: torch.Tensor, branch: torch.Tenso
         from torch.nn.attention.flex_attention import create_block_mask
 
         def mask_mod(b, h, q, k):
-            return (
-                (segment[b, q] == segment[b, k])
-                & (k <= q)
-                & ((branch[b, k] == 0) | (branch[b, k] == branch[b, q]))
-            )
+            return (segment[b, q] == segment[b, k]) & (k <= q) & ((branch[b, k] == 0) | (branch[b, k] == branch[b, q]))
 
         R, W = segment.shape
         return create_block_mask(mask_mod, R, None, W, W, device=str(segment.device))
@@ -360,9 +356,7 @@ def prefix_tree_attention_mask(model, segment: torch.Tensor, branch: torch.Tenso
     if impl == "sdpa":
         return allowed
     dtype = next(model.parameters()).dtype
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-        ~allowed, torch.finfo(dtype).min
-    )
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def shared_prompt_token_logps(model, batch) -> torch.Tensor:

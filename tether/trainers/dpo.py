@@ -59,15 +59,15 @@ from ..config import config_group
 from ..control import BetaScheduleConfig, build_controller
 from ..data.preference import (
     PackedPairs,
-    pack_sequences,
-    share_prompts_pays,
     StepBatches,
     check_rows,
     collate_pairs,
     pack_pairs,
+    pack_sequences,
     pair_tokens,
     pair_width,
     read_raw_rows,
+    share_prompts_pays,
     split_holdout,
     tokenize_pairs,
 )
@@ -320,7 +320,9 @@ def setup_reference(
         shared
         if packed
         and shared != "off"
-        and shared_prompt_works(live.model, [pairs[i] for i in visited[:4]], pad_id=tok.pad_token_id, device=dist.device)
+        and shared_prompt_works(
+            live.model, [pairs[i] for i in visited[:4]], pad_id=tok.pad_token_id, device=dist.device
+        )
         else "off"
     )
     if share == "off":
@@ -497,7 +499,9 @@ def eval_pairs(
         for s in range(0, len(mine), cfg.eval_batch_size):
             chunk = [pairs[j] for j in mine[s : s + cfg.eval_batch_size]]
             padded = collate_pairs(chunk, pad_id=pad_id).to(dist.device)
-            batch = policy_batch(chunk, packed=packed, shared=shared, pad_id=pad_id).to(dist.device) if packed else padded
+            batch = (
+                policy_batch(chunk, packed=packed, shared=shared, pad_id=pad_id).to(dist.device) if packed else padded
+            )
             logps, lengths = pair_logps(policy, batch)
             ref = reference.logps(padded, ids=ref_ids([ids[j] for j in mine[s : s + cfg.eval_batch_size]]))
             losses, st = pair_loss(cfg, logps, seq_sum(ref.to(logps.device), padded.mask), lengths, beta=beta)
@@ -592,7 +596,9 @@ def check_config(cfg: DPOConfig) -> None:
     check_lora_reference(cfg)
     check_loss_type(cfg.loss_type)
     if shared_prompt_mode(cfg.shared_prompt) == "on" and not cfg.padding_free:
-        raise UserError("shared_prompt=true lays pairs out padding-free: set --padding_free true (or shared_prompt auto)")
+        raise UserError(
+            "shared_prompt=true lays pairs out padding-free: set --padding_free true (or shared_prompt auto)"
+        )
     if cfg.reference == "precomputed" and cfg.loss_type == "simpo":
         log.info("simpo ignores the reference; ref log-probs are still computed for logging")
     if not cfg.dataset:
@@ -683,9 +689,7 @@ def train_dpo(
         if shared == "on" and dist.is_main:
             log.warning("shared_prompt=true but this model cannot take the prefix-tree mask: two sequences per pair")
         shared = "off"
-    reference, live_ref = setup_reference(
-        cfg, policy, tok, train + held, visited, dist, start=start, shared=shared
-    )
+    reference, live_ref = setup_reference(cfg, policy, tok, train + held, visited, dist, start=start, shared=shared)
     shard_reference(reference, policy)  # fsdp with reference=copy (the precomputed cache is built unsharded)
     controller = build_controller(cfg, total_steps=cfg.max_steps, episodes_per_step=cfg.batch_size)
     params = trainable_params(policy)
@@ -729,7 +733,16 @@ def train_dpo(
     def _evaluate(beta: float) -> dict:
         out = (
             eval_pairs(
-                cfg, policy, reference, held, held_ids, beta=beta, pad_id=pad_id, dist=dist, packed=packed, shared=shared
+                cfg,
+                policy,
+                reference,
+                held,
+                held_ids,
+                beta=beta,
+                pad_id=pad_id,
+                dist=dist,
+                packed=packed,
+                shared=shared,
             )
             if held
             else {}
