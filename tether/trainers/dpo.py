@@ -17,7 +17,7 @@ Each optimiser step, top to bottom:
    one full batch (gradients all-reduced with SUM);
 5. clip, step, schedule, β update, reference sync; log the fixed metrics.
 
-Every ``eval_every`` steps (and at the end): held-out pair accuracy, and ``kl/ref`` — completions
+Every ``eval_every`` steps (and at the last step unless ``eval_final`` is false): held-out pair accuracy, and ``kl/ref`` — completions
 sampled from π_θ for held-out prompts, scored with the exact (Rao-Blackwellised) sequence KL
 against a live reference (with the precomputed form, the frozen copy that built the cache, or the
 LoRA-disabled policy; with TR-DPO ``sync``, the moving reference). The sampling seed is the same at
@@ -801,7 +801,7 @@ def train_dpo(
                 **guard.stats(),
             }
         )
-        evaluated = bool(cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps
+        evaluated = bool(cfg.eval_every and step % cfg.eval_every == 0) or (step == cfg.max_steps and cfg.eval_final)
         if evaluated:
             last_eval = evaluate(beta)
             metrics.update(last_eval)
@@ -833,7 +833,7 @@ def train_dpo(
         if run.callbacks.should_stop(dist):  # a callback asked to stop: this step is the last
             break
     bar.close()
-    if not last_eval:  # resumed at max_steps: still report the held-out metrics
+    if not last_eval and cfg.eval_final:  # resumed at max_steps: still report the held-out metrics
         metrics = {k: v for k, v in (history[-1] if history else {}).items() if k != "step"}
         last_eval = evaluate(controller.value)
         metrics.update(last_eval)
