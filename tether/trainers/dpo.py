@@ -17,12 +17,12 @@ Each optimiser step, top to bottom:
    one full batch (gradients all-reduced with SUM);
 5. clip, step, schedule, β update, reference sync; log the fixed metrics.
 
-Every ``eval_every`` steps (and at the last step unless ``eval_final`` is false): held-out pair accuracy, and ``kl/ref`` — completions
-sampled from π_θ for held-out prompts, scored with the exact (Rao-Blackwellised) sequence KL
-against a live reference (with the precomputed form, the frozen copy that built the cache, or the
-LoRA-disabled policy; with TR-DPO ``sync``, the moving reference). The sampling seed is the same at
-every evaluation (common random numbers, ``engine.eval_seed``: the one the online trainers and the demo
-evaluate with), so changes in ``kl/ref`` reflect the policy, not the draw.
+Every ``eval_every`` steps (and at the last step unless ``eval_final`` is false): held-out pair
+accuracy, and ``kl/ref`` — completions sampled from π_θ for held-out prompts, scored with the exact
+(Rao-Blackwellised) sequence KL against a live reference (with the precomputed form, the frozen copy
+that built the cache, or the LoRA-disabled policy; with TR-DPO ``sync``, the moving reference). The
+sampling seed is the same at every evaluation (common random numbers, ``engine.eval_seed``: the one the
+online trainers and the demo evaluate with), so changes in ``kl/ref`` reflect the policy, not the draw.
 
 Metrics (metrics.jsonl, TensorBoard): ``loss``, ``rewards/{chosen,rejected,margins,accuracy}``
 (implicit rewards β·(logπ_θ - logπ_ref), means over the global batch), ``logps/{chosen,rejected}``
