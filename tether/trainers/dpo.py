@@ -9,7 +9,8 @@ Each optimiser step, top to bottom:
    ``logps`` = Σ_t log π_θ(y_t|s_t): the 2B sequences are packed padding-free into rows (positions
    restart per sequence, so attention stays within a sequence) and the LM head runs only on the
    positions that predict completion tokens (``padding_free``; else a padded 2B-row batch with
-   ``logits_to_keep``);
+   ``logits_to_keep``); with ``shared_prompt`` a pair is one segment [prompt, chosen, rejected]
+   under a prefix-tree attention mask, its prompt computed once (Wang et al. 2024, arXiv:2410.20305);
 3. ``ref_logps`` come from the one reference object (precomputed cache by default, or a live copy,
    the LoRA-disabled policy, an offloaded copy, or a TR-DPO synced copy);
 4. ``ops.preference.preference_loss`` gives per-pair losses; each micro-batch backpropagates its
@@ -27,7 +28,7 @@ online trainers and the demo evaluate with), so changes in ``kl/ref`` reflect th
 Metrics (metrics.jsonl, TensorBoard): ``loss``, ``rewards/{chosen,rejected,margins,accuracy}``
 (implicit rewards β·(logπ_θ - logπ_ref), means over the global batch), ``logps/{chosen,rejected}``
 (mean sequence log-probs), ``beta``, ``opt/lr``, ``opt/grad_norm`` (before clipping),
-``data/tokens``, ``data/padding_frac``, ``perf/tokens_per_s``; at evaluations ``kl/ref``,
+``data/tokens``, ``data/tokens_computed``, ``data/padding_frac``, ``perf/tokens_per_s``; at evaluations ``kl/ref``,
 ``kl/ref_stderr``, ``eval/loss``, ``eval/rewards/accuracy``, ``eval/rewards/margins``.
 
 Deviations from the DPO reference code, and why:
@@ -35,7 +36,8 @@ Deviations from the DPO reference code, and why:
   the same reference weights and data), instead of a reference forward pass per step.
 - Batches are grouped by length (``group_by_length``) and packed (``padding_free``) so padding does
   not dominate compute; grouping changes which pairs share a step (as HF's ``group_by_length``), not
-  what each pair contributes; packing changes only float rounding (~1e-6 relative).
+  what each pair contributes; packing and sharing the prompt change only float rounding (~1e-6
+  relative).
 - β may follow a schedule (``BetaScheduleConfig``); adaptive/constraint controllers need on-policy KL
   every step, which offline DPO does not measure, so DPOConfig has no such fields (``refused_fields``
   says why when one is given).
