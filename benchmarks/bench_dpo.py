@@ -376,6 +376,11 @@ SYSTEMS = {
     "tether (shared prompt on)": {"tether": {"shared_prompt": "true"}},
     "tether (no bucketing)": {"tether": {"group_by_length": False}},
     "tether (live ref)": {"tether": {"reference": "copy"}},
+    # TRL's pairs in TRL's order (sequential, no bucketing): each step scores exactly TRL's step's pairs
+    "tether (trl order)": {"tether": {"shuffle": False, "group_by_length": False}},
+    "tether (trl order, shared off)": {
+        "tether": {"shuffle": False, "group_by_length": False, "shared_prompt": "false"}
+    },
     "trl best": {"trl": {"gradient_checkpointing": False, "bf16": False}},
     "trl best + precompute": {
         "trl": {"gradient_checkpointing": False, "bf16": False, "precompute_ref_log_probs": True}
