@@ -378,7 +378,7 @@ SYSTEMS = {
     "tether (live ref)": {"tether": {"reference": "copy"}},
     # TRL's pairs in TRL's order (sequential, no bucketing): each step scores exactly TRL's step's pairs
     "tether (trl order)": {"tether": {"shuffle": False, "group_by_length": False}},
-    "tether (trl order, shared off)": {
+    "tether (trl order; shared off)": {
         "tether": {"shuffle": False, "group_by_length": False, "shared_prompt": "false"}
     },
     "trl best": {"trl": {"gradient_checkpointing": False, "bf16": False}},
