@@ -15,11 +15,16 @@ Two parts:
    tether / TRL's precompute).
 
 Models: the real stories260K, and a randomly initialised Llama of ~20M parameters (same tokenizer)
-so that compute, not Python, dominates. Data: preference pairs built from the rt-polarity movie-review
-snippets (prompt = first 2-4 words of a positive snippet; chosen = its continuation; rejected = a
-negative snippet's continuation).
+so that compute, not Python, dominates. Data (``--workload``): ``movie``, preference pairs built from the
+rt-polarity movie-review snippets (prompt = first 2-4 words of a positive snippet; chosen = its
+continuation; rejected = a negative snippet's continuation: prompts of 2-5 tokens); ``hh``, real
+HH-RLHF dialogue pairs (the shared asset: prompts of hundreds of tokens, two responses), keeping the
+pairs whose prompt + longer response fit ``max_length`` (512) so neither trainer truncates anything.
+Per step, each side's tokens: ``tokens`` are the real tokens of both sequences of every pair (2P + R_c +
+R_r, how TRL lays a pair out); ``computed`` the token positions the policy's forward computed (P + R_c +
+R_r per pair with tether's shared prompt); ``slots`` those plus padding.
 
-    python benchmarks/bench_dpo.py [--repeats 3] [--threads 1] [--quick]
+    python benchmarks/bench_dpo.py [--repeats 3] [--threads 1] [--quick] [--workload movie|hh|both]
 """
 
 from __future__ import annotations
@@ -86,6 +91,23 @@ def make_llama20m(out: Path) -> str:
     return str(out)
 
 
+def hh_rows(n: int, max_length: int = 512) -> list[dict]:
+    """The first ``n`` HH-RLHF pairs (the harmless-base test split of the shared asset) whose prompt and
+    longer response fit ``max_length`` tokens of stories260K's tokenizer, so no trainer truncates."""
+    from tether.data.preference import load_preference_rows, pair_width, tokenize_pairs
+    from tether.modeling import load_tokenizer
+
+    tok = load_tokenizer(str(assets_dir() / "stories260K"))
+    rows = load_preference_rows("hh-rlhf", assets=str(assets_dir()), skip_bad_rows=True)
+    pairs = tokenize_pairs(rows, tok)[0]
+    keep = [rows[p["row"]] for p in pairs if pair_width(p) <= max_length]
+    return keep[:n]
+
+
+WORKLOADS = {"movie": (movie_rows, 256), "hh": (lambda n, seed=0: hh_rows(n), 512)}
+"""workload -> (rows(n, seed), max_length)."""
+
+
 def pair_tokens_of(rows: list[dict], tok) -> list[int]:
     """Real tokens per pair as both trainers see them (prompt twice + both completions + EOS)."""
     from tether.data.preference import pair_tokens, tokenize_pairs
@@ -113,6 +135,7 @@ def run_tether(spec: dict) -> dict:
     first: list[float] = []  # when the first step started
     cpu: list[float] = []
     tokens: list[float] = []
+    computed: list[float] = []
     padded: list[float] = []
     losses: list[float] = []
 
@@ -123,7 +146,9 @@ def run_tether(spec: dict) -> dict:
         stamps.append(now)
         cpu.append(time.process_time())
         tokens.append(metrics["data/tokens"])
-        padded.append(metrics["data/tokens"] / (1.0 - metrics["data/padding_frac"]))
+        done = metrics.get("data/tokens_computed", metrics["data/tokens"])  # positions the forward computed
+        computed.append(done)
+        padded.append(done / (1.0 - metrics["data/padding_frac"]))
         losses.append(metrics["loss"])
 
     tether_loss, _ = LOSSES[spec["loss"]]
@@ -150,6 +175,7 @@ def run_tether(spec: dict) -> dict:
         "stamps": stamps,
         "cpu": cpu,
         "tokens": tokens,
+        "computed": computed,
         "padded": padded,
         "start": t0,
         "first": first[0],
@@ -232,6 +258,7 @@ def run_trl(spec: dict) -> dict:
         "stamps": stamps,
         "cpu": cpu,
         "tokens": tokens,
+        "computed": tokens,  # TRL computes every real token: 2P + R_c + R_r per pair
         "padded": padded,
         "start": t0,
         "first": first[0],
@@ -291,7 +318,10 @@ def worker(spec: dict) -> dict:
         "steps_per_s": (n - 2) / dt,
         "tokens_per_s": sum(tk[steady]) / dt,
         "cpu_tokens_per_s": sum(tk[steady]) / dcpu,
-        "padding_frac": 1 - sum(tk[steady]) / sum(res["padded"][steady]),
+        "padding_frac": 1 - sum(res["computed"][steady]) / sum(res["padded"][steady]),
+        "tokens_per_step": sum(tk[steady]) / (n - 2),
+        "computed_per_step": sum(res["computed"][steady]) / (n - 2),
+        "slots_per_step": sum(res["padded"][steady]) / (n - 2),
         "setup_s": res["first"] - res["start"],
         "total_s": st[-1] - res["start"],
         "peak_rss_mb": peak_mb,
@@ -339,11 +369,18 @@ def loss_check(model: str, work: Path, steps: int, threads: int) -> list[tuple]:
     return out
 
 
-ONCE = ("tether (live ref)", "tether (no bucketing)", "trl defaults")
+ONCE = ("tether (live ref)", "trl defaults")
 SYSTEMS = {
     "tether": {"tether": {}},
-    "tether (live ref)": {"tether": {"reference": "copy"}},
+    "tether (shared prompt off)": {"tether": {"shared_prompt": "false"}},
+    "tether (shared prompt on)": {"tether": {"shared_prompt": "true"}},
     "tether (no bucketing)": {"tether": {"group_by_length": False}},
+    "tether (live ref)": {"tether": {"reference": "copy"}},
+    # TRL's pairs in TRL's order (sequential, no bucketing): each step scores exactly TRL's step's pairs
+    "tether (trl order)": {"tether": {"shuffle": False, "group_by_length": False}},
+    "tether (trl order; shared off)": {
+        "tether": {"shuffle": False, "group_by_length": False, "shared_prompt": "false"}
+    },
     "trl best": {"trl": {"gradient_checkpointing": False, "bf16": False}},
     "trl best + precompute": {
         "trl": {"gradient_checkpointing": False, "bf16": False, "precompute_ref_log_probs": True}
@@ -363,9 +400,11 @@ def throughput(
     batch: int,
     n_rows: int,
     threads: int,
+    workload: str = "movie",
 ) -> dict[str, list[dict]]:
-    rows = movie_rows(n_rows, seed=2)
-    data = work / f"rows_{model_name}.json"
+    make_rows, max_length = WORKLOADS[workload]
+    rows = make_rows(n_rows, seed=2)
+    data = work / f"rows_{model_name.replace('/', '_')}.json"
     data.write_text(json.dumps(rows))
     results: dict[str, list[dict]] = {s: [] for s in systems}
     for rep in range(repeats):
@@ -380,10 +419,10 @@ def throughput(
                 "steps": steps,
                 "batch": batch,
                 "lr": 1e-4,
-                "max_length": 256,
+                "max_length": max_length,
                 "loss": "sigmoid",
                 "threads": threads,
-                "out": str(work / f"run_{model_name}_{len(results[name])}_{name.replace(' ', '_')}"),
+                "out": str(work / f"run_{model_name.replace('/', '_')}_{len(results[name])}_{name.replace(' ', '_')}"),
                 **SYSTEMS[name],
             }
             env = {
@@ -403,9 +442,10 @@ def throughput(
             res = json.loads(proc.stdout.strip().splitlines()[-1])
             results[name].append(res)
             print(
-                f"  {model_name:11s} {name:22s} rep {rep}: {res['tokens_per_s']:7.0f} tok/s  "
+                f"  {model_name:20s} {name:26s} rep {rep}: {res['tokens_per_s']:7.0f} tok/s  "
                 f"{res['cpu_tokens_per_s']:7.0f} tok/cpu-s  {res['steps_per_s']:6.2f} step/s  pad "
-                f"{res['padding_frac']:.2f}  "
+                f"{res['padding_frac']:.2f}  computed/step {res['computed_per_step']:6.0f} of "
+                f"{res['tokens_per_step']:6.0f}  "
                 f"setup {res['setup_s']:5.1f}s  peak {res['peak_rss_mb']:6.0f} MB",
                 flush=True,
             )
@@ -454,7 +494,7 @@ def ref_pass(
     a, b = statistics.median(times[False]), statistics.median(times[True])
     tokens = sum(len(r[1]) + len(r[2]) for r in rows)
     return (
-        f"{model_name:11s} reference pass over {len(rows)} sequences ({tokens} tokens): padded {a:.2f} cpu-s, "
+        f"{model_name:20s} reference pass over {len(rows)} sequences ({tokens} tokens): padded {a:.2f} cpu-s, "
         f"packed {b:.2f} cpu-s = {a / b:.2f}x faster; max |Δ log-prob| {worst:.1e}"
     )
 
@@ -469,14 +509,19 @@ def table(all_results: dict[str, dict[str, list[dict]]]) -> str:
         "total_s",
         "peak_rss_mb",
         "delta_rss_mb",
+        "tokens_per_step",
+        "computed_per_step",
     )
     head = (
-        f"{'model':11s} {'system':22s} {'steps/s':>7s} {'tokens/s':>8s} {'x':>5s} {'tok/cpu-s':>9s} {'x':>5s} "
-        f"{'pad %':>5s} {'setup s':>7s} {'e2e s':>6s} {'x':>5s} {'peak RSS':>8s} {'dRSS MB':>7s} {'x':>5s} {'runs':>4s}"
+        f"{'model':20s} {'system':26s} {'steps/s':>7s} {'tokens/s':>8s} {'x':>5s} {'tok/cpu-s':>9s} {'x':>5s} "
+        f"{'pad %':>5s} {'tok/step':>8s} {'computed':>8s} {'setup s':>7s} {'e2e s':>6s} {'x':>5s} "
+        f"{'peak RSS':>8s} {'dRSS MB':>7s} {'x':>5s} {'runs':>4s}"
     )
     lines = [head, "-" * len(head)]
     for model_name, results in all_results.items():
-        med = {name: {k: statistics.median(r[k] for r in rs) for k in keys} for name, rs in results.items() if rs}
+        med = {
+            name: {k: statistics.median(r.get(k, 0.0) for r in rs) for k in keys} for name, rs in results.items() if rs
+        }
         base = med.get("trl best")
 
         def ratio(m, k, inverse=False):
@@ -486,9 +531,10 @@ def table(all_results: dict[str, dict[str, list[dict]]]) -> str:
 
         for name, m in med.items():
             lines.append(
-                f"{model_name:11s} {name:22s} {m['steps_per_s']:7.2f} {m['tokens_per_s']:8.0f} "
+                f"{model_name:20s} {name:26s} {m['steps_per_s']:7.2f} {m['tokens_per_s']:8.0f} "
                 f"{ratio(m, 'tokens_per_s'):>5s} "
                 f"{m['cpu_tokens_per_s']:9.0f} {ratio(m, 'cpu_tokens_per_s'):>5s} {100 * m['padding_frac']:5.1f} "
+                f"{m['tokens_per_step']:8.0f} {m['computed_per_step']:8.0f} "
                 f"{m['setup_s']:7.1f} {m['total_s']:6.1f} {ratio(m, 'total_s', inverse=True):>5s} "
                 f"{m['peak_rss_mb']:8.0f} {m['delta_rss_mb']:7.0f} {ratio(m, 'delta_rss_mb'):>5s} "
                 f"{len(results[name]):4d}"
@@ -497,7 +543,9 @@ def table(all_results: dict[str, dict[str, list[dict]]]) -> str:
         "x = ratio to 'trl best' (TRL DPOTrainer, no gradient checkpointing, fp32). tokens/s: wall clock, steady "
         "state;",
         "tok/cpu-s: tokens per second of process CPU time (robust to other load on a shared machine); pad %: padding",
-        "share of the token slots each step computes; setup s: trainer start to first step (incl. reference cache);",
+        "share of the token slots each step computes; tok/step: real tokens of the step's pairs (2P + R_c + R_r, the",
+        "tokens/s numerator on both sides); computed: token positions the policy's forward computed (P + R_c + R_r",
+        "per pair with the shared prompt); setup s: trainer start to first step (incl. reference cache);",
         "e2e s: trainer start to last step (x = speed-up, TRL time / this time); peak RSS (MB): whole process;",
         "dRSS: peak resident memory above the level before the trainer started (sampled every 2 ms).",
     ]
@@ -511,6 +559,11 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (the machine may be shared)")
     p.add_argument("--quick", action="store_true", help="fewer steps and no 20M model")
     p.add_argument("--check_steps", type=int, default=5, help="steps compared in the loss check")
+    p.add_argument("--workload", choices=("movie", "hh", "both"), default="both", help="pairs to time (see above)")
+    p.add_argument("--models", default="stories260K,llama-20M", help="comma list: stories260K, llama-20M")
+    p.add_argument("--systems", default=None, help="comma list of SYSTEMS names (default: all on stories260K)")
+    p.add_argument("--steps", type=int, default=None, help="steps per timed run (default 12 quick / 32; 20M: 6)")
+    p.add_argument("--skip_check", action="store_true", help="no loss agreement check, no reference-pass timing")
     args = p.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
@@ -522,51 +575,59 @@ def main() -> int:
 
     logging.basicConfig(level=logging.WARNING)
     stories = str(assets_dir() / "stories260K")
+    models = args.models.split(",")
+    if args.quick:
+        models = [m for m in models if m != "llama-20M"]
+    workloads = ("movie", "hh") if args.workload == "both" else (args.workload,)
     print(f"load average at start: {os.getloadavg()} on {os.cpu_count()} CPUs; torch threads per run: {args.threads}")
+    ok = True
     with tempfile.TemporaryDirectory(prefix="bench_dpo_") as tmp:
         work = Path(tmp)
-        print("== per-step loss, tether vs TRL DPOTrainer (same weights, data order, optimiser) ==", flush=True)
-        checks = loss_check(stories, work, args.check_steps, args.threads)
-        ok = True
-        for loss, t, r, worst, same_ids in checks:
-            ok &= worst <= 1e-4 and same_ids
-            print(f"{loss:8s} max |Δloss| over {len(t)} steps = {worst:.2e}  (same token ids: {same_ids})")
-            print(f"         tether {[round(x, 6) for x in t]}\n         trl    {[round(x, 6) for x in r]}")
-        print("loss agreement:", "PASS (<= 1e-4)" if ok else "FAIL", flush=True)
+        if not args.skip_check:
+            print("== per-step loss, tether vs TRL DPOTrainer (same weights, data order, optimiser) ==", flush=True)
+            for loss, t, r, worst, same_ids in loss_check(stories, work, args.check_steps, args.threads):
+                ok &= worst <= 1e-4 and same_ids
+                print(f"{loss:8s} max |Δloss| over {len(t)} steps = {worst:.2e}  (same token ids: {same_ids})")
+                print(f"         tether {[round(x, 6) for x in t]}\n         trl    {[round(x, 6) for x in r]}")
+            print("loss agreement:", "PASS (<= 1e-4)" if ok else "FAIL", flush=True)
 
         print("\n== throughput (median over alternating runs) ==", flush=True)
-        results = {
-            "stories260K": throughput(
-                "stories260K",
-                stories,
-                work,
-                systems=list(SYSTEMS),
-                repeats=args.repeats,
-                steps=12 if args.quick else 32,
-                batch=16,
-                n_rows=1024,
-                threads=args.threads,
-            )
-        }
-        if not args.quick:
-            big = make_llama20m(work / "llama20m")
-            results["llama-20M"] = throughput(
-                "llama-20M",
-                big,
-                work,
-                systems=["tether", "trl best", "trl best + precompute"],
-                repeats=args.repeats,
-                steps=6,
-                batch=8,
-                n_rows=256,
-                threads=args.threads,
-            )
-        print("\n== precomputed reference pass: padded vs packed like training (CPU time, alternating) ==", flush=True)
-        print(
-            ref_pass("stories260K", stories, work, n_rows=1024, repeats=args.repeats, threads=args.threads), flush=True
-        )
-        if not args.quick:
-            print(ref_pass("llama-20M", big, work, n_rows=256, repeats=args.repeats, threads=args.threads), flush=True)
+        results = {}
+        big = make_llama20m(work / "llama20m") if "llama-20M" in models else None
+        for workload in workloads:
+            if "stories260K" in models:
+                results[f"stories260K/{workload}"] = throughput(
+                    f"stories260K/{workload}",
+                    stories,
+                    work,
+                    systems=args.systems.split(",") if args.systems else list(SYSTEMS),
+                    repeats=args.repeats,
+                    steps=args.steps or (12 if args.quick else 32),
+                    batch=16,
+                    n_rows=1024,
+                    threads=args.threads,
+                    workload=workload,
+                )
+            if big:
+                results[f"llama-20M/{workload}"] = throughput(
+                    f"llama-20M/{workload}",
+                    big,
+                    work,
+                    systems=args.systems.split(",")
+                    if args.systems
+                    else ["tether", "trl best", "trl best + precompute"],
+                    repeats=args.repeats,
+                    steps=args.steps or 6,
+                    batch=8,
+                    n_rows=256,
+                    threads=args.threads,
+                    workload=workload,
+                )
+        if not args.skip_check:
+            print("\n== precomputed reference pass: padded vs packed like training (CPU time, alternating) ==")
+            print(ref_pass("stories260K", stories, work, n_rows=1024, repeats=args.repeats, threads=args.threads))
+            if big:
+                print(ref_pass("llama-20M", big, work, n_rows=256, repeats=args.repeats, threads=args.threads))
         print(f"\nload average at end: {os.getloadavg()}")
         print(table(results))
     return 0 if ok else 1

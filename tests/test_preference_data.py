@@ -309,3 +309,64 @@ def test_sentiment_pairs_from_movie_reviews(assets_dir):
         assert 2 <= len(r["prompt"].split()) <= 4
         assert r["prompt"] + r["chosen"] in pos_lines
     assert check_rows(rows)[0] == rows
+
+
+def test_pack_pairs_with_shared_prompts_hand_example():
+    """The pairs of test_pack_pairs_hand_example with shared prompts: each pair is one segment
+    [prompt, chosen, rejected]; pair 0 = [1,5 | 7,8,2 | 9,2] (7), pair 1 = [1 | 6,2 | 4,4,4,2] (7). Width 7,
+    one segment per row. A completion's positions continue from its prompt length; the first token of
+    each completion is predicted by the last prompt token, the others by their own predecessor."""
+    pairs = [
+        {"prompt_ids": [1, 5], "chosen_ids": [7, 8, 2], "rejected_ids": [9, 2]},
+        {"prompt_ids": [1], "chosen_ids": [6, 2], "rejected_ids": [4, 4, 4, 2]},
+    ]
+    b = pack_pairs(pairs, pad_id=0, share_prompts=True)
+    assert b.input_ids.tolist() == [[1, 5, 7, 8, 2, 9, 2], [1, 6, 2, 4, 4, 4, 2]]
+    assert b.position_ids.tolist() == [[0, 1, 2, 3, 4, 2, 3], [0, 1, 2, 1, 2, 3, 4]]
+    assert b.segment.tolist() == [[0] * 7, [1] * 7]
+    assert b.branch.tolist() == [[0, 0, 1, 1, 1, 2, 2], [0, 1, 1, 2, 2, 2, 2]]
+    assert b.seq.tolist() == [0, 0, 0, 1, 1, 2, 2, 3, 3, 3, 3]
+    assert b.src.tolist() == [1, 2, 3, 7, 8, 1, 5, 7, 10, 11, 12]
+    assert b.targets.tolist() == [7, 8, 2, 6, 2, 9, 2, 4, 4, 4, 2]
+    assert b.lengths.tolist() == [3, 2, 2, 4]
+    assert int((b.segment >= 0).sum()) == 14  # P + R_c + R_r: 7 + 7 positions instead of 17
+
+
+def test_prefix_tree_mask_hand_example():
+    """Row [p p c c c r r] (prompt 2, chosen 3, rejected 2) and a padding tail of one token: a chosen token
+    sees the prompt and the chosen tokens up to itself; a rejected token the prompt and the rejected
+    tokens up to itself, never the chosen ones; the padding token only itself."""
+    import torch
+
+    from tether.ops.attention import prefix_tree_mask
+
+    segment = torch.tensor([[0, 0, 0, 0, 0, 0, 0, -1]])
+    branch = torch.tensor([[0, 0, 1, 1, 1, 2, 2, 0]])
+    m = prefix_tree_mask(segment, branch)[0].int().tolist()
+    assert m == [
+        [1, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 0, 0, 0, 1, 0, 0],
+        [1, 1, 0, 0, 0, 1, 1, 0],
+        [0, 0, 0, 0, 0, 0, 0, 1],
+    ]
+
+
+def test_shared_prompts_group_equal_prompts_and_pay_only_for_long_ones():
+    """Sequences with equal prompts share one segment (here four completions of one prompt); ``auto``
+    shares where the planned slots (rows x width) drop by SHARED_PROMPT_MIN_SAVING or more."""
+    from tether.data.preference import pack_sequences, share_prompts_pays
+
+    long_p, short_p = list(range(3, 43)), [1, 5]
+    seqs = [(long_p, [7, 2]), (long_p, [8, 8, 2]), (short_p, [9, 2]), (long_p, [6, 2]), (long_p, [4, 2])]
+    b = pack_sequences(seqs, pad_id=0, share_prompts=True)
+    assert b.input_ids.shape == (2, 40 + 2 + 3 + 2 + 2)  # one 49-token segment; the 4-token one in a second row
+    assert b.branch[0, 40:].tolist() == [1, 1, 2, 2, 2, 3, 3, 4, 4]
+    assert b.position_ids[0, 40:].tolist() == [40, 41, 40, 41, 42, 40, 41, 40, 41]
+    assert b.input_ids[1, :4].tolist() == [1, 5, 9, 2] and b.segment[1].tolist() == [1] * 4 + [-1] * 45
+    assert share_prompts_pays(seqs, "auto") and share_prompts_pays(seqs, "on") and not share_prompts_pays(seqs, "off")
+    short = [([1, 5], list(range(3, 30))), ([1, 5], list(range(3, 28))), ([1, 6], [4, 2])]
+    assert not share_prompts_pays(short, "auto")  # 2 shared prompt tokens out of 58: wider rows, no saving

@@ -81,7 +81,7 @@ def check_train_config(cfg: Any) -> None:
     if not 0.0 <= cfg.lora_dropout < 1.0:
         raise UserError(f"lora_dropout={cfg.lora_dropout} must lie in [0, 1); set --lora_dropout")
     _at_least(cfg, "log_every", 1)
-    _at_least(cfg, "eval_every", 0, " (0 = only at the end)")
+    _at_least(cfg, "eval_every", 0, " (0 = no periodic evaluation; eval_final sets the last one)")
     _at_least(cfg, "save_every", 0, " (0 = only at the end)")
     for name in ("eval_batch_size", "ref_batch_size"):
         if hasattr(cfg, name):
@@ -385,7 +385,11 @@ def preflight_online(cfg, *, prompts=None, eval_prompts=None, reward=None, log_r
     _validate(cfg, method_for(cfg))
     derive_sizes(cfg, _world_size())
     check_beta(cfg)
-    _at_least(cfg, "eval_max_prompts", 1)
+    if cfg.eval_max_prompts is not None and cfg.eval_max_prompts < 1:
+        raise UserError(
+            f"eval_max_prompts={cfg.eval_max_prompts} must be >= 1; for no evaluation at all set "
+            "--eval_every 0 --eval_final false"
+        )
     _at_least(cfg, "eval_samples", 1)
     _at_least(cfg, "max_prompt_length", 1)
     from .generation import check_backend

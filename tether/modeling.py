@@ -383,3 +383,49 @@ def model_fingerprint(model) -> str:
         h.update(str(tuple(p.shape)).encode())
         h.update(p.detach().to("cpu").contiguous().float().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+SHARED_PROMPT_ATTENTION = ("sdpa", "eager", "flex_attention")
+"""Attention implementations that take the prefix-tree mask of a shared-prompt layout (a 4D tensor, or a
+FlexAttention BlockMask); others (flash_attention_2/3, paged kernels) take padding masks only."""
+
+
+def prefix_tree_attention_mask(model, segment: torch.Tensor, branch: torch.Tensor):
+    """The prefix-tree mask (``ops.attention.prefix_tree_mask``) in the form ``model``'s attention
+    implementation reads when given a prepared mask (transformers' ``masking_utils`` returns a 4D mask
+    as is): sdpa, a boolean (R, 1, W, W), True = attend; eager, an additive float (R, 1, W, W), 0 or
+    the dtype's minimum; flex_attention, a ``BlockMask`` over (R, 1, W, W). Raises ``ValueError``
+    naming the implementation for any other (the caller falls back to one sequence per completion)."""
+    from .ops.attention import prefix_tree_mask
+
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    if impl not in SHARED_PROMPT_ATTENTION:
+        raise ValueError(f"attention implementation {impl!r} takes no custom mask")
+    if impl == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def mask_mod(b, h, q, k):
+            return (segment[b, q] == segment[b, k]) & (k <= q) & ((branch[b, k] == 0) | (branch[b, k] == branch[b, q]))
+
+        R, W = segment.shape
+        return create_block_mask(mask_mod, R, None, W, W, device=str(segment.device))
+    allowed = prefix_tree_mask(segment, branch)[:, None]  # (R, 1, W, W)
+    if impl == "sdpa":
+        return allowed
+    dtype = next(model.parameters()).dtype
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def shared_prompt_token_logps(model, batch) -> torch.Tensor:
+    """``packed_token_logps`` for a shared-prompt layout (``data.preference.PackedPairs`` with
+    ``segment``/``branch``): the decoder over the (R, W) rows with the prefix-tree attention mask
+    (``prefix_tree_attention_mask``) and positions that continue from each prompt, then the LM head on
+    the N predicting positions only. (N,) fp32; token n belongs to sequence ``batch.seq[n]``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: LoRA layers stay active
+    mask = prefix_tree_attention_mask(base, batch.segment, batch.branch)
+    hidden = base.get_decoder()(
+        input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask, use_cache=False
+    ).last_hidden_state  # (R, W, H)
+    h = hidden.reshape(-1, hidden.shape[-1])[batch.src]  # (N, H)
+    logits = base.get_output_embeddings()(h)  # (N, V)
+    return selective_logps(logits[None], batch.targets[None])[0]  # (N,)

@@ -399,6 +399,7 @@ class PrecomputedReference(Reference):
         batch_size: int = 32,
         progress: bool = False,
         packed: bool = False,
+        share_prompts: str = "off",
     ) -> "PrecomputedReference":
         """rows: (id, prompt_ids, completion_ids). ``model_for_key``: the model whose weights key the cache.
 
@@ -406,11 +407,15 @@ class PrecomputedReference(Reference):
         (``data.preference.pack_sequences`` + ``modeling.packed_token_logps``: no padding, the LM head
         only on completion positions) instead of one left-padded batch; needs a ``FrozenReference``
         (a module to call) and a model that packing works for (``trainers.dpo.packing_works``). The
-        log-probs differ from the padded pass by float rounding only (tests/test_reference.py)."""
+        log-probs differ from the padded pass by float rounding only (tests/test_reference.py).
+        ``share_prompts`` (with ``packed``): "on" lays the rows of a pass that share a prompt out as one
+        [prompt, completion, completion, ...] segment (``modeling.shared_prompt_token_logps``), "auto"
+        where that saves enough token slots (``data.preference.share_prompts_pays``), "off" never; put
+        rows with the same prompt next to each other so they meet in one pass."""
         from safetensors.torch import load_file, save_file
 
-        from .data.preference import pack_sequences
-        from .modeling import make_batch, packed_token_logps
+        from .data.preference import pack_sequences, share_prompts_pays
+        from .modeling import make_batch, packed_token_logps, shared_prompt_token_logps
 
         key = f"{model_fingerprint(model_for_key)}-{_data_fingerprint(rows)}"
         path = Path(cache_dir) / f"ref_logps-{key}.safetensors"
@@ -429,10 +434,11 @@ class PrecomputedReference(Reference):
             if packed:
                 model = reference.model
                 with eval_mode(model):
-                    pb = pack_sequences([(r[1], r[2]) for r in chunk], pad_id=pad_id).to(
-                        next(model.parameters()).device
-                    )
-                    lp = packed_token_logps(model, pb).cpu().split(pb.lengths.tolist())  # per row, in order
+                    seqs = [(r[1], r[2]) for r in chunk]
+                    share = share_prompts_pays(seqs, share_prompts)
+                    pb = pack_sequences(seqs, pad_id=pad_id, share_prompts=share).to(next(model.parameters()).device)
+                    score = shared_prompt_token_logps if share else packed_token_logps
+                    lp = score(model, pb).cpu().split(pb.lengths.tolist())  # per row, in order
                 for (rid, _, _), row in zip(chunk, lp):
                     table[rid] = row.clone()
                 continue

@@ -94,7 +94,10 @@ class TrainConfig:
     log_every: int = 1
     """Log metrics every N steps."""
     eval_every: int = 0
-    """Measure kl/ref (and held-out metrics) every N steps (0 = only at the end)."""
+    """Evaluate (kl/ref, held-out metrics, eval/*) every N steps; 0 = no periodic evaluation."""
+    eval_final: bool = True
+    """Evaluate once more at the last step. With eval_every 0 and eval_final false the run evaluates never
+    (as TRL with eval_strategy "no"): no eval/* metrics, no evaluation time."""
     forgetting_text: Optional[str] = None
     """Off-distribution text for the forgetting probe, logged at every evaluation as eval/forgetting/nll_delta,
     eval/forgetting/kl_ref_policy, eval/forgetting/kl_policy_ref (teacher-forced, per token; docs/theory.md

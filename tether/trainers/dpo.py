@@ -9,7 +9,8 @@ Each optimiser step, top to bottom:
    ``logps`` = Σ_t log π_θ(y_t|s_t): the 2B sequences are packed padding-free into rows (positions
    restart per sequence, so attention stays within a sequence) and the LM head runs only on the
    positions that predict completion tokens (``padding_free``; else a padded 2B-row batch with
-   ``logits_to_keep``);
+   ``logits_to_keep``); with ``shared_prompt`` a pair is one segment [prompt, chosen, rejected]
+   under a prefix-tree attention mask, its prompt computed once (Wang et al. 2024, arXiv:2410.20305);
 3. ``ref_logps`` come from the one reference object (precomputed cache by default, or a live copy,
    the LoRA-disabled policy, an offloaded copy, or a TR-DPO synced copy);
 4. ``ops.preference.preference_loss`` gives per-pair losses; each micro-batch backpropagates its
@@ -17,17 +18,17 @@ Each optimiser step, top to bottom:
    one full batch (gradients all-reduced with SUM);
 5. clip, step, schedule, β update, reference sync; log the fixed metrics.
 
-Every ``eval_every`` steps (and at the end): held-out pair accuracy, and ``kl/ref`` — completions
-sampled from π_θ for held-out prompts, scored with the exact (Rao-Blackwellised) sequence KL
-against a live reference (with the precomputed form, the frozen copy that built the cache, or the
-LoRA-disabled policy; with TR-DPO ``sync``, the moving reference). The sampling seed is the same at
-every evaluation (common random numbers, ``engine.eval_seed``: the one the online trainers and the demo
-evaluate with), so changes in ``kl/ref`` reflect the policy, not the draw.
+Every ``eval_every`` steps (and at the last step unless ``eval_final`` is false): held-out pair
+accuracy, and ``kl/ref`` — completions sampled from π_θ for held-out prompts, scored with the exact
+(Rao-Blackwellised) sequence KL against a live reference (with the precomputed form, the frozen copy
+that built the cache, or the LoRA-disabled policy; with TR-DPO ``sync``, the moving reference). The
+sampling seed is the same at every evaluation (common random numbers, ``engine.eval_seed``: the one the
+online trainers and the demo evaluate with), so changes in ``kl/ref`` reflect the policy, not the draw.
 
 Metrics (metrics.jsonl, TensorBoard): ``loss``, ``rewards/{chosen,rejected,margins,accuracy}``
 (implicit rewards β·(logπ_θ - logπ_ref), means over the global batch), ``logps/{chosen,rejected}``
 (mean sequence log-probs), ``beta``, ``opt/lr``, ``opt/grad_norm`` (before clipping),
-``data/tokens``, ``data/padding_frac``, ``perf/tokens_per_s``; at evaluations ``kl/ref``,
+``data/tokens``, ``data/tokens_computed``, ``data/padding_frac``, ``perf/tokens_per_s``; at evaluations ``kl/ref``,
 ``kl/ref_stderr``, ``eval/loss``, ``eval/rewards/accuracy``, ``eval/rewards/margins``.
 
 Deviations from the DPO reference code, and why:
@@ -35,7 +36,8 @@ Deviations from the DPO reference code, and why:
   the same reference weights and data), instead of a reference forward pass per step.
 - Batches are grouped by length (``group_by_length``) and packed (``padding_free``) so padding does
   not dominate compute; grouping changes which pairs share a step (as HF's ``group_by_length``), not
-  what each pair contributes; packing changes only float rounding (~1e-6 relative).
+  what each pair contributes; packing and sharing the prompt change only float rounding (~1e-6
+  relative).
 - β may follow a schedule (``BetaScheduleConfig``); adaptive/constraint controllers need on-policy KL
   every step, which offline DPO does not measure, so DPOConfig has no such fields (``refused_fields``
   says why when one is given).
@@ -65,9 +67,11 @@ from ..data.preference import (
     large_pair_rows,
     load_large_pairs,
     pack_pairs,
+    pack_sequences,
     pair_tokens,
     pair_width,
     read_raw_rows,
+    share_prompts_pays,
     split_holdout,
     tokenize_pairs,
 )
@@ -80,7 +84,7 @@ from ..errors import UserError
 from ..fsdp import is_sharded, models_of, shard_reference, unsharded
 from ..groups import DATA_FIELDS, ReferenceConfig, SamplingSettings
 from ..inputs import accepts_objects, as_rows, eval_split
-from ..modeling import completion_logps, packed_token_logps
+from ..modeling import completion_logps, packed_token_logps, shared_prompt_token_logps
 from ..ops.kl import seq_sum
 from ..ops.preference import check_loss_options, check_loss_type, preference_loss
 from ..preempt import preemptible, stop_if_signalled
@@ -198,6 +202,11 @@ class DPOConfig(TrainConfig, BetaScheduleConfig, DPOReferenceConfig):
     padding_free: bool = True
     """Pack the policy's 2B sequences into rows with restarting positions (no padding inside a row);
     checked once against the padded layout, which is used instead if the model does not support it."""
+    shared_prompt: str = "auto"
+    """Lay a pair out as [prompt, chosen, rejected] (the prompt computed once, the rejected tokens attending
+    to the prompt and causally to themselves; Wang et al. 2024) instead of two sequences: auto (where the
+    model's attention takes the mask, it gives the two-sequence log-probs, and a batch computes >= 15% fewer
+    token slots) | true | false. Needs padding_free."""
     group_by_length: bool = True
     """Group pairs of similar length into the same step (windows of bucket_window batches) to cut padding."""
     bucket_window: int = 32
@@ -312,21 +321,22 @@ def _load_large_pairs(cfg: DPOConfig, tok, lines, mapping: dict, check: dict, is
 
 
 def setup_reference(
-    cfg: DPOConfig, policy, tok, pairs: list[dict], visited: list[int], dist: Dist, start=None
+    cfg: DPOConfig, policy, tok, pairs: list[dict], visited: list[int], dist: Dist, start=None, shared: str = "off"
 ) -> tuple[Reference, Reference]:
     """(training reference, live reference for kl/ref). They are the same object except for
     'precomputed', whose live partner is the model that built the cache (kept for kl/ref).
 
     ``pairs``: every pair the run may score (training pairs, then held-out ones); pair i's chosen
     and rejected rows have reference ids 2i and 2i + 1. ``visited``: the pair indices to cache.
-    ``start``: the policy's starting weights (``training.Start``; default: ``cfg.model``)."""
+    ``start``: the policy's starting weights (``training.Start``; default: ``cfg.model``). ``shared``: the
+    policy's shared-prompt mode (``shared_prompt_mode``); the packed cache build shares prompts the same
+    way where this model takes the mask."""
     start = resolve_model(cfg.model, cfg.assets) if start is None else start
     live = reference_from_config(cfg, policy=policy, tokenizer=tok, policy_path=start, device=dist.device)
     if cfg.reference != "precomputed":
         return live, live
     rows = [(2 * i, pairs[i]["prompt_ids"], pairs[i]["chosen_ids"]) for i in visited]
     rows += [(2 * i + 1, pairs[i]["prompt_ids"], pairs[i]["rejected_ids"]) for i in visited]
-    rows.sort(key=lambda r: (len(r[1]) + len(r[2]), r[0]))  # similar lengths share a batch: little padding
     cache = Path(cfg.ref_cache_dir or Path(cfg.output_dir) / "ref_cache")
     # padding-free like training where it gives this model's padded log-probs (a LoRA policy's base is
     # scored through its adapters-off context: padded)
@@ -336,6 +346,19 @@ def setup_reference(
         and bool(visited)
         and packing_works(live.model, [pairs[i] for i in visited[:4]], pad_id=tok.pad_token_id, device=dist.device)
     )
+    share = (
+        shared
+        if packed
+        and shared != "off"
+        and shared_prompt_works(
+            live.model, [pairs[i] for i in visited[:4]], pad_id=tok.pad_token_id, device=dist.device
+        )
+        else "off"
+    )
+    if share == "off":
+        rows.sort(key=lambda r: (len(r[1]) + len(r[2]), r[0]))  # similar lengths share a batch: little padding
+    else:  # a pair's two rows side by side (one shared prompt), pairs of similar width together
+        rows.sort(key=lambda r: (pair_width(pairs[r[0] // 2]), r[0]))
     build = lambda: PrecomputedReference.build(  # noqa: E731
         live,
         live.model,
@@ -345,6 +368,7 @@ def setup_reference(
         batch_size=cfg.ref_batch_size,
         progress=cfg.progress and dist.is_main,
         packed=packed,
+        share_prompts=share,
     )
     ref = build() if dist.is_main else None
     dist.barrier()  # rank 0 writes the cache; the others then read it (no two writers)
@@ -374,9 +398,10 @@ def pair_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 def packed_logps(model, batch: PackedPairs) -> torch.Tensor:
     """(2B,) sequence log-probs from the packed layout: decoder over (R, W) rows with restarting
-    positions and no attention mask (block-diagonal causal attention), then the LM head on the N
-    predicting positions only."""
-    lp = packed_token_logps(model, batch)  # (N,) fp32
+    positions and no attention mask (block-diagonal causal attention), or, with shared prompts, the
+    prefix-tree mask (``modeling.shared_prompt_token_logps``); then the LM head on the N predicting
+    positions only."""
+    lp = (shared_prompt_token_logps if batch.shared_prompts else packed_token_logps)(model, batch)  # (N,) fp32
     return torch.zeros(batch.n_seqs, dtype=lp.dtype, device=lp.device).index_add(0, batch.seq, lp)
 
 
@@ -402,6 +427,57 @@ def packing_works(model, pairs: list[dict], *, pad_id: int, device) -> bool:
         )
         return False
     return True
+
+
+@torch.no_grad()
+def shared_prompt_works(model, pairs: list[dict], *, pad_id: int, device) -> bool:
+    """True if the shared-prompt layout ([prompt, chosen, rejected] with the prefix-tree mask) gives this
+    model's padded-layout log-probs (to float rounding). Attention implementations that take no custom
+    mask (flash_attention_2/3, FlexAttention on CPU: no backward there) and models whose output is not
+    decoder → LM head fail here, with a log line, and keep one sequence per completion."""
+    if next(model.parameters()).device.type == "cpu" and model.config._attn_implementation == "flex_attention":
+        log.info("shared prompt off: FlexAttention has no backward pass on CPU; each completion gets its own prompt")
+        return False
+    try:
+        with eval_mode(model):
+            shared = packed_logps(model, pack_pairs(pairs, pad_id=pad_id, share_prompts=True).to(device))
+            padded = pair_logps(model, collate_pairs(pairs, pad_id=pad_id).to(device))[0]
+    except Exception as e:  # noqa: BLE001 - any failure means: one sequence per completion
+        log.info("shared prompt off for this model (%s: %s); each completion gets its own prompt", type(e).__name__, e)
+        return False
+    err = float(((shared - padded).abs() / (1 + padded.abs())).max())
+    if err > 1e-4:
+        log.info("shared prompt off: its log-probs differ from padded ones by %.2g (relative) for this model", err)
+        return False
+    return True
+
+
+def shared_prompt_mode(value) -> str:
+    """``shared_prompt`` as "auto" | "on" | "off" (YAML/CLI booleans accepted); UserError otherwise."""
+    text = str(value).strip().lower()
+    modes = {"auto": "auto", "true": "on", "on": "on", "yes": "on", "1": "on"}
+    modes.update({"false": "off", "off": "off", "no": "off", "0": "off"})
+    if text not in modes:
+        raise UserError(f"shared_prompt={value!r}: use auto, true or false")
+    return modes[text]
+
+
+def policy_batch(pairs: list[dict], *, packed: bool, shared: str, pad_id: int):
+    """The policy's layout of a micro-batch of pairs: padded (``collate_pairs``), packed one sequence per
+    completion (``pack_pairs``), or packed with shared prompts where ``shared`` ("on", or "auto" and
+    ``share_prompts_pays``) says so."""
+    if not packed:
+        return collate_pairs(pairs, pad_id=pad_id)
+    seqs = [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
+    return pack_sequences(seqs, pad_id=pad_id, share_prompts=share_prompts_pays(seqs, shared))
+
+
+def computed_tokens(batch, pairs: list[dict]) -> int:
+    """Token positions the trunk computes for ``pairs`` laid out as ``batch``, padding excluded:
+    2P + R_c + R_r per pair as two sequences, P + R_c + R_r with shared prompts."""
+    if isinstance(batch, PackedPairs) and batch.shared_prompts:
+        return int((batch.segment >= 0).sum())
+    return sum(pair_tokens(p) for p in pairs)
 
 
 def pair_loss(cfg: DPOConfig, logps, ref_logps, lengths, *, beta: float):
@@ -442,6 +518,7 @@ def eval_pairs(
     pad_id: int,
     dist: Dist,
     packed: bool = False,
+    shared: str = "off",
 ) -> dict:
     """eval/loss, eval/rewards/accuracy, eval/rewards/margins over held-out pairs (strided over
     processes, reduced globally). ``ids``: each pair's index for the reference (see ``setup_reference``)."""
@@ -452,7 +529,10 @@ def eval_pairs(
         for s in range(0, len(mine), cfg.eval_batch_size):
             chunk = [pairs[j] for j in mine[s : s + cfg.eval_batch_size]]
             padded = collate_pairs(chunk, pad_id=pad_id).to(dist.device)
-            logps, lengths = pair_logps(policy, pack_pairs(chunk, pad_id=pad_id).to(dist.device) if packed else padded)
+            batch = (
+                policy_batch(chunk, packed=packed, shared=shared, pad_id=pad_id).to(dist.device) if packed else padded
+            )
+            logps, lengths = pair_logps(policy, batch)
             ref = reference.logps(padded, ids=ref_ids([ids[j] for j in mine[s : s + cfg.eval_batch_size]]))
             losses, st = pair_loss(cfg, logps, seq_sum(ref.to(logps.device), padded.mask), lengths, beta=beta)
             for k, v in zip(keys, (losses, st["accuracy"], st["margins"])):
@@ -509,18 +589,21 @@ def accumulate_gradients(
     packed: bool,
     pad_id: int,
     device,
-) -> tuple[dict, int, int]:
+    shared: str = "off",
+) -> tuple[dict, int, int, int]:
     """Forward + backward over this process's pairs ``idx`` in micro-batches of ``micro``; gradients
     accumulate in ``.grad``. Each micro-batch backpropagates Σ losses / batch_size (the *global*
     pair count), so N processes x accumulation steps give the full-batch gradient.
-    Returns (metric sums over the pairs, real tokens, token slots computed)."""
+    ``shared``: the shared-prompt mode (``shared_prompt_mode``) of the packed layout.
+    Returns (metric sums over the pairs, real tokens of the pairs' 2B sequences, token positions
+    computed (fewer with shared prompts), token slots computed (with padding))."""
     sums = dict.fromkeys(STEP_METRICS, 0.0)
-    tokens = slots = 0
+    tokens = computed = slots = 0
     for j in range(0, len(idx), micro):
         mb = idx[j : j + micro]
         pairs = [train[i] for i in mb]
         padded = collate_pairs(pairs, pad_id=pad_id).to(device)  # the reference's layout (and ids)
-        batch = pack_pairs(pairs, pad_id=pad_id).to(device) if packed else padded
+        batch = policy_batch(pairs, packed=packed, shared=shared, pad_id=pad_id).to(device) if packed else padded
         logps, lengths = pair_logps(policy, batch)  # (2B,), (2B,)
         with torch.no_grad():
             ref_logps = seq_sum(reference.logps(padded, ids=ref_ids(mb)).to(logps.device), padded.mask)  # (2B,)
@@ -533,14 +616,19 @@ def accumulate_gradients(
         ):
             sums[k] += float(v.sum())
         tokens += sum(pair_tokens(p) for p in pairs)
+        computed += computed_tokens(batch, pairs)
         slots += int(batch.input_ids.numel())
-    return sums, tokens, slots
+    return sums, tokens, computed, slots
 
 
 def check_config(cfg: DPOConfig) -> None:
     check_reference_form(cfg.reference)
     check_lora_reference(cfg)
     check_loss_type(cfg.loss_type)
+    if shared_prompt_mode(cfg.shared_prompt) == "on" and not cfg.padding_free:
+        raise UserError(
+            "shared_prompt=true lays pairs out padding-free: set --padding_free true (or shared_prompt auto)"
+        )
     if cfg.reference == "precomputed" and cfg.loss_type == "simpo":
         log.info("simpo ignores the reference; ref log-probs are still computed for logging")
     if not cfg.dataset:
@@ -619,7 +707,19 @@ def train_dpo(
     n = len(train)
     held_ids = list(range(n, n + len(held)))  # held-out pairs follow the training pairs in the reference's ids
     visited = order.visited(range(cfg.max_steps)) + held_ids
-    reference, live_ref = setup_reference(cfg, policy, tok, train + held, visited, dist, start=start)
+    pad_id = tok.pad_token_id
+    # fsdp: the packed layout calls the decoder and the head directly, past the root unit's all-gather
+    packed = (
+        cfg.padding_free
+        and not is_sharded(policy)
+        and packing_works(policy, train[:4], pad_id=pad_id, device=dist.device)
+    )
+    shared = shared_prompt_mode(cfg.shared_prompt) if packed else "off"
+    if shared != "off" and not shared_prompt_works(policy, train[:4], pad_id=pad_id, device=dist.device):
+        if shared == "on" and dist.is_main:
+            log.warning("shared_prompt=true but this model cannot take the prefix-tree mask: two sequences per pair")
+        shared = "off"
+    reference, live_ref = setup_reference(cfg, policy, tok, train + held, visited, dist, start=start, shared=shared)
     shard_reference(reference, policy)  # fsdp with reference=copy (the precomputed cache is built unsharded)
     controller = build_controller(cfg, total_steps=cfg.max_steps, episodes_per_step=cfg.batch_size)
     params = trainable_params(policy)
@@ -655,13 +755,6 @@ def train_dpo(
         else None
     )
     overfit = OverfitMonitor(cfg.loss_type)  # dpo/overfit: loss saturated while kl/ref grows (diagnostics/overfit.py)
-    pad_id = tok.pad_token_id
-    # fsdp: the packed layout calls the decoder and the head directly, past the root unit's all-gather
-    packed = (
-        cfg.padding_free
-        and not is_sharded(policy)
-        and packing_works(policy, train[:4], pad_id=pad_id, device=dist.device)
-    )
 
     def evaluate(beta: float) -> dict:
         with unsharded(*models_of(policy, reference, live_ref)):  # fsdp: main-only sampling, uneven shards
@@ -669,7 +762,18 @@ def train_dpo(
 
     def _evaluate(beta: float) -> dict:
         out = (
-            eval_pairs(cfg, policy, reference, held, held_ids, beta=beta, pad_id=pad_id, dist=dist, packed=packed)
+            eval_pairs(
+                cfg,
+                policy,
+                reference,
+                held,
+                held_ids,
+                beta=beta,
+                pad_id=pad_id,
+                dist=dist,
+                packed=packed,
+                shared=shared,
+            )
             if held
             else {}
         )
@@ -694,8 +798,18 @@ def train_dpo(
         t0 = time.perf_counter()
         beta = controller.value
         idx = dist.shard(order(step))
-        sums, tokens, slots = accumulate_gradients(
-            cfg, policy, reference, train, idx, micro=micro, beta=beta, packed=packed, pad_id=pad_id, device=dist.device
+        sums, tokens, computed, slots = accumulate_gradients(
+            cfg,
+            policy,
+            reference,
+            train,
+            idx,
+            micro=micro,
+            beta=beta,
+            packed=packed,
+            pad_id=pad_id,
+            device=dist.device,
+            shared=shared,
         )
         grad_norm, lr = optimizer_step(
             opt, sched, params, dist=dist, max_grad_norm=cfg.max_grad_norm, guard=guard, loss=sums["loss"]
@@ -704,19 +818,20 @@ def train_dpo(
         reference.on_step(policy, step)
         controller.update()
         metrics = dist.reduce_metrics(sums, dict.fromkeys(sums, float(len(idx))))
-        tokens, slots = dist.sum_float(tokens), dist.sum_float(slots)
+        tokens, computed, slots = dist.sum_float(tokens), dist.sum_float(computed), dist.sum_float(slots)
         metrics.update(
             {
                 "beta": beta,
                 "opt/lr": lr,
                 "opt/grad_norm": grad_norm,
                 "data/tokens": tokens,
-                "data/padding_frac": 1.0 - tokens / max(slots, 1.0),
+                "data/tokens_computed": computed,
+                "data/padding_frac": 1.0 - computed / max(slots, 1.0),
                 "perf/tokens_per_s": tokens / (time.perf_counter() - t0),
                 **guard.stats(),
             }
         )
-        evaluated = bool(cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps
+        evaluated = bool(cfg.eval_every and step % cfg.eval_every == 0) or (step == cfg.max_steps and cfg.eval_final)
         if evaluated:
             last_eval = evaluate(beta)
             metrics.update(last_eval)
@@ -748,7 +863,7 @@ def train_dpo(
         if run.callbacks.should_stop(dist):  # a callback asked to stop: this step is the last
             break
     bar.close()
-    if not last_eval:  # resumed at max_steps: still report the held-out metrics
+    if not last_eval and cfg.eval_final:  # resumed at max_steps: still report the held-out metrics
         metrics = {k: v for k, v in (history[-1] if history else {}).items() if k != "step"}
         last_eval = evaluate(controller.value)
         metrics.update(last_eval)

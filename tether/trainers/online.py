@@ -1009,7 +1009,7 @@ def train_online(
         )
         s.controller.update(kl=metrics["kl/ref"], n_episodes=cfg.batch_size)
         metrics.update(s.controller.stats())  # kl_ctl/*: the adaptive controller's error and saturation
-        if (cfg.eval_every and s.step % cfg.eval_every == 0) or s.step == cfg.max_steps:
+        if (cfg.eval_every and s.step % cfg.eval_every == 0) or (s.step == cfg.max_steps and cfg.eval_final):
             metrics.update(s.evaluate())
         s.history.append({"step": s.step, **metrics})
         if s.step % cfg.log_every == 0 or s.step == cfg.max_steps or "eval/kl" in metrics:

@@ -276,7 +276,7 @@ def train_reward_model(
             "opt/grad_norm": grad_norm,
             **guard.stats(),
         }
-        if evals and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
+        if evals and ((cfg.eval_every and step % cfg.eval_every == 0) or (step == cfg.max_steps and cfg.eval_final)):
             ev = evaluate()
             metrics.update(ev)
             eval_history.append({"step": step, **ev})
@@ -297,7 +297,7 @@ def train_reward_model(
         if run.callbacks.should_stop(dist):  # a callback asked to stop: this step is the last
             break
     bar.close()
-    if evals and "eval/loss" not in metrics:  # resumed at max_steps
+    if evals and cfg.eval_final and "eval/loss" not in metrics:  # resumed at max_steps
         metrics = {k: v for k, v in (history[-1] if history else {}).items() if k != "step"}
         metrics.update(evaluate())
     ckpt.save(step, data_state={"eval_history": eval_history})

@@ -250,11 +250,10 @@ def train_sft(
             "opt/grad_norm": grad_norm,
             **guard.stats(),
         }
-        if evals and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+        evaluated = bool(cfg.eval_every and step % cfg.eval_every == 0) or (step == cfg.max_steps and cfg.eval_final)
+        if evals and evaluated:
             metrics["eval/loss"] = evaluate()
-        if step == cfg.max_steps and evals:
-            metrics["eval/loss"] = evaluate()
-        if cfg.forgetting_text and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
+        if cfg.forgetting_text and evaluated:
             with unsharded(model):  # every process enters (collective); the probe runs on the main one
                 metrics.update(
                     forgetting(model) if forgetting is not None else {}
@@ -278,7 +277,7 @@ def train_sft(
         if run.callbacks.should_stop(dist):  # a callback asked to stop: this step is the last
             break
     bar.close()
-    if "eval/loss" not in metrics and evals:  # resumed at max_steps: still report the held-out loss
+    if "eval/loss" not in metrics and evals and cfg.eval_final:  # resumed at max_steps: still report the held-out loss
         metrics = {**(history[-1] if history else {}), **metrics, "eval/loss": evaluate()}
         metrics.pop("step", None)
     ckpt.save(step, data_state={"eval_history": eval_history})
