@@ -1,4 +1,5 @@
-"""DPO's shared prompt (the online trainers': test_shared_prompt.py): a pair laid out as [prompt, chosen, rejected] with the prefix-tree attention mask
+"""DPO's shared prompt (the online trainers': test_shared_prompt.py): a pair laid out as [prompt, chosen,
+rejected] with the prefix-tree attention mask
 (Wang et al. 2024, arXiv:2410.20305) gives the two-sequence layout's log-probs and gradients, on the real
 stories260K (Llama) and tiny seeded GPT-2 / Qwen2 models, for the policy, the precomputed reference
 cache and a whole training run; an attention implementation that cannot take the mask falls back."""
