@@ -903,7 +903,8 @@ def train_online(
         eval_prompts=eval_prompts,
         resume=resume,
         validate=not preflight,
-        hold_out=eval_hook is None,  # an eval_hook brings its own prompts: every training prompt trains
+        # an eval_hook brings its own prompts, and a run without evaluation needs none: all prompts train
+        hold_out=eval_hook is None and bool(cfg.eval_every or cfg.eval_final),
     )
     s.eval_hook = eval_hook
     s.run.callbacks = Callbacks(callbacks, cfg, is_main=s.dist.is_main)
