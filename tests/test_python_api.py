@@ -333,3 +333,16 @@ def test_the_trainers_and_callbacks_are_exported():
         "TrainerCallback",
     ):
         assert name in tether.__all__ and getattr(tether, name).__name__ == name
+
+
+def test_datasets_or_rows_not_both():
+    from datasets import Dataset, DatasetDict
+
+    from tether.inputs import datasets_as_rows
+
+    with pytest.raises(UserError, match="pass train_dataset / eval_dataset or prompts, not both"):
+        datasets_as_rows(PROMPTS, None, PROMPTS, None, names="prompts")
+    assert datasets_as_rows(None, None, ["a"], ["b"], names="prompts") == (["a"], ["b"])
+    d = DatasetDict({"train": Dataset.from_list(PAIRS), "validation": Dataset.from_list(PAIRS[:1])})
+    rows, held = datasets_as_rows(d, None, None, None, names="rows")
+    assert rows == PAIRS and held == PAIRS[:1]

@@ -177,6 +177,18 @@ def as_rows(data, *, where: str) -> Optional[list]:
     return rows
 
 
+def datasets_as_rows(train_dataset, eval_dataset, rows, eval_rows, *, names: str) -> tuple[Any, Any]:
+    """(rows, eval_rows) of a train function that takes both forms: ``train_dataset`` / ``eval_dataset``
+    read by ``as_rows`` (no eval_dataset: a ``DatasetDict``'s test/validation split, if any), or, when
+    neither is given, the ``rows`` / ``eval_rows`` it was passed under its own ``names``."""
+    if train_dataset is None and eval_dataset is None:
+        return rows, eval_rows
+    if rows is not None or eval_rows is not None:
+        raise UserError(f"pass train_dataset / eval_dataset or {names}, not both")
+    held = eval_dataset if eval_dataset is not None else eval_split(train_dataset)
+    return as_rows(train_dataset, where="train_dataset"), as_rows(held, where="eval_dataset")
+
+
 def write_rows(path: Path, rows: Sequence[dict], *, where: str) -> str:
     """``rows`` (dicts) as JSONL at ``path`` (the run's copy of in-memory data: the saved config points at
     it, so the run resumes from the command line). Returns the path."""
@@ -199,9 +211,7 @@ def in_memory_data(cfg, train_dataset, eval_dataset) -> tuple[Any, Optional[list
     """(cfg, rows, eval_rows) for a trainer that reads its data from ``cfg.dataset`` files (sft, rm):
     rows given in memory go to OUTPUT_DIR/dataset.jsonl and eval_dataset.jsonl, which the returned
     config names (the files are written by ``write_in_memory_data`` once the run's checks pass)."""
-    rows = as_rows(train_dataset, where="train_dataset")
-    held = eval_dataset if eval_dataset is not None else eval_split(train_dataset)
-    eval_rows = as_rows(held, where="eval_dataset")
+    rows, eval_rows = datasets_as_rows(train_dataset, eval_dataset, None, None, names="rows")
     out = Path(cfg.output_dir)
     if rows is not None:
         cfg = dataclasses.replace(cfg, dataset=str(out / "dataset.jsonl"))

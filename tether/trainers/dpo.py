@@ -83,7 +83,7 @@ from ..engine import evaluate as evaluate_kl
 from ..errors import UserError
 from ..fsdp import is_sharded, models_of, shard_reference, unsharded
 from ..groups import DATA_FIELDS, ReferenceConfig, SamplingSettings
-from ..inputs import accepts_objects, as_rows, eval_split
+from ..inputs import accepts_objects, datasets_as_rows
 from ..modeling import completion_logps, packed_token_logps, shared_prompt_token_logps
 from ..ops.kl import seq_sum
 from ..ops.preference import check_loss_options, check_loss_type, preference_loss
@@ -673,13 +673,7 @@ def train_dpo(
     ``train_dataset`` / ``eval_dataset``: ``rows`` / ``eval_rows`` as a ``datasets.Dataset``, a
     ``DatasetDict`` (its train split, and its test/validation split when no eval_dataset is given) or a
     list of dicts. ``callbacks``: ``tether.callbacks`` (TRL's form; ``callback`` is the older hook)."""
-    if train_dataset is not None or eval_dataset is not None:
-        if rows is not None or eval_rows is not None:
-            raise UserError("pass train_dataset / eval_dataset or rows / eval_rows, not both")
-        rows = as_rows(train_dataset, where="train_dataset")
-        eval_rows = as_rows(
-            eval_dataset if eval_dataset is not None else eval_split(train_dataset), where="eval_dataset"
-        )
+    rows, eval_rows = datasets_as_rows(train_dataset, eval_dataset, rows, eval_rows, names="rows / eval_rows")
     dist = Dist()
     run = RunDir(cfg.output_dir, is_main=dist.is_main, report_to=cfg.report_to)
     run.callbacks = Callbacks(callbacks, cfg, is_main=dist.is_main)

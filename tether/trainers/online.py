@@ -64,7 +64,7 @@ from ..errors import UserError
 from ..fsdp import is_sharded, models_of, shard_reference, unsharded
 from ..generation import backend_for
 from ..groups import DATA_FIELDS, ReferenceConfig, SamplingConfig, SamplingSettings, sampling_settings
-from ..inputs import accepts_objects, as_rows, eval_split
+from ..inputs import accepts_objects, datasets_as_rows
 from ..measure import encode_prompts, prompt_ids
 from ..modeling import CompletionBatch, forward_completion
 from ..ops.kl import check_estimator, check_reference_filter
@@ -881,13 +881,9 @@ def train_online(
     ``DatasetDict`` (its train split, and its test/validation split when no eval_dataset is given) or a
     list. ``callbacks``: ``tether.callbacks``.
     """
-    if train_dataset is not None or eval_dataset is not None:
-        if prompts is not None or eval_prompts is not None:
-            raise UserError("pass train_dataset / eval_dataset or prompts / eval_prompts, not both")
-        prompts = as_rows(train_dataset, where="train_dataset")
-        eval_prompts = as_rows(
-            eval_dataset if eval_dataset is not None else eval_split(train_dataset), where="eval_dataset"
-        )
+    prompts, eval_prompts = datasets_as_rows(
+        train_dataset, eval_dataset, prompts, eval_prompts, names="prompts / eval_prompts"
+    )
     if preflight:
         from ..registry import run_preflight
 
