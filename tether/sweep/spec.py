@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Optional
 from .. import trl_names
 from ..config import _group_key, check_finite, config_groups, finish_names, from_dict, read_yaml_config, resolve_names
 from ..errors import UserError
+from ..paths import PATH_FIELDS, resolve_value
 from ..registry import method_spec, sweep_names
 
 
@@ -88,28 +88,6 @@ class SweepConfig:
 FILE_ONLY = {"folder"}
 """SweepConfig fields that are not sweep-file keys."""
 
-PATH_FIELDS = frozenset(
-    {
-        "model",
-        "reference_model",
-        "assets",
-        "dataset",
-        "eval_dataset",
-        "prompts",
-        "eval_prompts",
-        "chat_template",
-        "reward",
-        "log_rewards",
-        "reference_prompt",
-        "forgetting_text",
-        "ptx_dataset",
-        "ref_cache_dir",
-        "gold",
-    }
-)
-"""Trainer-config fields whose values may name files or folders (alone, as ``file.py:function``, as
-``NAME=spec``, or in a comma-separated or YAML list): ``resolve_paths`` reads them relative to their file."""
-
 EVAL_PATH_FIELDS = ("prompts", "gold", "proxy", "rewards")
 """The same for the sweep's ``eval`` mapping."""
 
@@ -130,51 +108,6 @@ def run_name(method: str, overrides: dict) -> str:
     parts = [f"{k}{_num(v)}" for k, v in overrides.items()]
     name = "-".join([method] + parts)
     return re.sub(r"[^A-Za-z0-9_.=+-]", "_", name)[:120]
-
-
-def _existing(path: str, folder: Path) -> Optional[str]:
-    """``folder/path`` as an absolute path if it exists and ``path`` is relative, else None."""
-    if not path or os.path.isabs(path) or path.startswith("~"):
-        return None
-    try:
-        cand = folder / path
-        return os.path.abspath(cand) if cand.exists() else None
-    except (OSError, ValueError):  # a name too long for the file system, a NUL byte: not a path
-        return None
-
-
-def _resolve_spec(spec: str, folder: Path) -> str:
-    """One path-like value read relative to ``folder``: the whole value if it names an existing file or
-    folder there; else ``NAME=spec`` (a named reward) or ``file.py:function`` with the part before the last
-    ':' resolved; else a comma-separated list with each item resolved. Anything else is returned as written."""
-    whole = _existing(spec, folder)
-    if whole is not None:
-        return whole
-    name, eq, rest = spec.partition("=")
-    if eq and name.strip().isidentifier() and rest:
-        return name + eq + _resolve_spec(rest, folder)
-    target, colon, attr = spec.rpartition(":")
-    if colon and target and "," not in spec:
-        found = _existing(target, folder)
-        return f"{found}:{attr}" if found is not None else spec
-    if "," in spec:
-        items = spec.split(",")
-        done = [_resolve_spec(x, folder) for x in items]
-        return ",".join(done) if done != items else spec
-    return spec
-
-
-def resolve_value(value, folder: str | Path):
-    """A config value with every relative path in it read from ``folder`` (strings, lists and mappings of
-    them; see ``_resolve_spec``). Other values are returned unchanged."""
-    folder = Path(folder)
-    if isinstance(value, str):
-        return _resolve_spec(value, folder)
-    if isinstance(value, list):
-        return [resolve_value(v, folder) for v in value]
-    if isinstance(value, dict):
-        return {k: resolve_value(v, folder) for k, v in value.items()}
-    return value
 
 
 def resolve_paths(cls: type, data: dict, folder: str | Path) -> dict:
