@@ -289,6 +289,9 @@ def test_trainer_trajectory_with_and_without_the_shared_layout(method, stories_p
     assert len(used_on) >= 3 * 2  # per step at least the reference's and the policy's forward
     # (mismatch/* is left out: it measures the sampler's rounding against the scorer's, ~1e-7 either way)
     keys = SAME_TRAJECTORY
+    # The score_from_update trajectory test's budget (rel 1e-4, abs 1e-6); tests/tolerance_report.py measured
+    # the worst |diff| / tolerance of these rows at 0.24 over the native, AVX2 and SSE4.2 kernels (~4x headroom),
+    # while the run's metrics move by > 1e-3 (the kl/ref check below).
     for a, b in zip(off["history"], on["history"], strict=True):
         for k in keys:
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)
