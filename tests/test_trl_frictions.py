@@ -435,3 +435,17 @@ def test_a_large_prompts_file_holds_out_on_demand(tmp_path, stories_path, monkey
     assert [p.text for p in a_ev] == [p.text for p in b_ev]
     assert list(P.prompt_texts(a_train)) == [p.text for p in b_train]
     assert [p.text for p in a_train[2:4]] == [p.text for p in b_train[2:4]]
+
+
+def test_eval_strategy_no_means_no_evaluation(tmp_path, capsys):
+    """TRL's ``eval_strategy: "no"`` was listed as ignored and the run still evaluated; it now turns evaluation
+    off (eval_every 0, eval_final false), eval_steps beside it notwithstanding, as in TRL."""
+    from tether.config import parse_config
+    from tether.trainers.dpo import DPOConfig
+
+    cfg = parse_config(DPOConfig, ["--config", _dpo_yaml(tmp_path, eval_strategy="no", eval_steps=5)])[0]
+    assert cfg.eval_every == 0 and cfg.eval_final is False
+    cfg = parse_config(DPOConfig, ["--config", _dpo_yaml(tmp_path, eval_strategy="steps", eval_steps=5)])[0]
+    assert cfg.eval_every == 5 and cfg.eval_final is True
+    line = _error(["dpo", "--config", _dpo_yaml(tmp_path, eval_strategy="epoch")], capsys)
+    assert "eval_strategy" in line and '"no"' in line

@@ -259,9 +259,24 @@ def resolve_names(cls: type, data: dict, *, source: str = "config") -> tuple[dic
 def finish_names(cls: type, fields: dict, pending: dict, *, source: str = "config") -> dict:
     """Fields with the pending TRL keys applied: per_device_train_batch_size -> batch_size (tether's is
     global: per-device x grad_accum x WORLD_SIZE processes), use_peft -> lora_r (16 unless given),
-    warmup_ratio -> warmup_steps = ceil(ratio x max_steps)."""
+    warmup_ratio -> warmup_steps = ceil(ratio x max_steps), eval_strategy "no" -> eval_every 0 and
+    eval_final false (no evaluation; TRL then ignores eval_steps too)."""
     fields = dict(fields)
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for key in ("eval_strategy", "evaluation_strategy"):
+        if key in pending:
+            value, written = pending[key]
+            strategy = str(value).strip().lower()
+            if strategy == "no":
+                for field, v in (("eval_every", 0), ("eval_final", False)):
+                    if field in defaults:
+                        fields[field] = v
+                log.info("%s: %s: no -> no evaluation (eval_every 0, eval_final false)", source, written)
+            elif strategy != "steps":
+                raise UserError(
+                    f"{source}: {written}: {value!r} is not supported; tether evaluates every eval_steps steps "
+                    '("steps") or not at all ("no")'
+                )
     if "per_device_train_batch_size" in pending:
         value, written = pending["per_device_train_batch_size"]
         per = coerce(written, int, value)

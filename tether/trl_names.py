@@ -51,7 +51,7 @@ RENAMED: dict[str, str] = {
     "torch_dtype": "dtype",
 }
 
-DEFERRED = ("per_device_train_batch_size", "use_peft", "warmup_ratio")
+DEFERRED = ("per_device_train_batch_size", "use_peft", "warmup_ratio", "eval_strategy", "evaluation_strategy")
 """Keys finished by ``config.finish_trl`` once every key is read (they depend on other fields)."""
 
 IGNORED = frozenset(
@@ -73,8 +73,6 @@ IGNORED = frozenset(
         "hub_private_repo",
         "hub_token",
         "logging_strategy",
-        "eval_strategy",
-        "evaluation_strategy",
         "save_only_model",
         "save_safetensors",
         "logging_dir",
