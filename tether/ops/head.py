@@ -29,9 +29,18 @@ import torch.nn.functional as F
 
 from .logprobs import unpack_allowed, upcast
 
-HEAD_CHUNK = 128
-"""Positions per chunk: 128 × 151,936 × 4 B = 78 MB per (chunk, V) float32 intermediate (a chunk holds
-about eight of them at once)."""
+HEAD_ELEMENTS = 1 << 22
+"""Logits per chunk by default: chunk_size = HEAD_ELEMENTS // V positions (within [16, 1024]), so one (chunk, V)
+float32 intermediate is about 16 MiB whatever the vocabulary (27 positions at V = 151,936, 128 at 32,768). A
+chunk holds about ten such tensors at once (the policy's and the reference's logits, log-probabilities, their
+products), so this is the chunked path's whole working set: ~160 MiB. Measured on a GRPO step at V = 151,936
+(benchmarks/bench_vocab_memory.py): 128 positions a chunk peaked ~0.6 GiB higher, and smaller chunks were no
+slower (the head's product of 16-128 rows by D x V runs at the same rate)."""
+
+
+def head_chunk(vocab: int) -> int:
+    """The default positions per chunk for a vocabulary of ``vocab`` tokens (``HEAD_ELEMENTS``)."""
+    return max(16, min(1024, HEAD_ELEMENTS // max(int(vocab), 1)))
 
 SCORES = ("logps", "ref_logps", "kl_exact", "entropy", "filter_cost")
 
@@ -119,7 +128,7 @@ def head_scores(
     ref_bias: Optional[torch.Tensor] = None,
     temperature: float = 1.0,
     allowed: Optional[torch.Tensor] = None,
-    chunk_size: int = HEAD_CHUNK,
+    chunk_size: Optional[int] = None,
 ) -> dict[str, torch.Tensor]:
     """Per-position scores of the policy (and the reference) from hidden states, never holding more than
     ``chunk_size`` positions' logits.
@@ -133,6 +142,7 @@ def head_scores(
         temperature: τ, dividing both models' logits.
         allowed: the sampled sets F_t, bool (..., V) or packed uint8 (..., ceil(V/8)) (``pack_allowed``);
             None = the whole vocabulary.
+        chunk_size: positions whose logits exist at once; None = ``head_chunk(V)`` (~16 MiB per (chunk, V) tensor).
     Returns:
         {"logps", "entropy"} and, with a reference, {"ref_logps", "kl_exact", "filter_cost"}: (...)
         float32 each (float64 for float64 inputs). ``logps``, ``entropy`` and ``kl_exact`` carry
@@ -155,5 +165,6 @@ def head_scores(
         return {k: torch.zeros(lead, dtype=torch.float32, device=hidden.device) for k in names}
     if rh is not None:
         rh = rh.detach()
-    out = _HeadScores.apply(h, weight, bias, rh, t, a, ref_weight, ref_bias, temperature, chunk_size)  # (N, k)
+    chunk = chunk_size or head_chunk(weight.shape[0])
+    out = _HeadScores.apply(h, weight, bias, rh, t, a, ref_weight, ref_bias, temperature, chunk)  # (N, k)
     return {k: c.reshape(lead) for k, c in zip(names, out.unbind(-1))}

@@ -213,9 +213,8 @@ class OnlineConfig(TrainConfig, BetaConfig, SamplingConfig, OnlineReferenceConfi
     entropy from the update's own forward instead of a separate scoring pass of the policy (exact: the weights are
     π_old's until the step; TRL does the same). GRPO always; RLOO only with one micro-batch per rollout
     (grad_accum=1, its KL is in the reward); PPO never (its value model scores the rollout); false keeps the pass.
-    Memory: the reference's logits of a micro-batch (micro x length x vocabulary floats) are then alive next to the
-    training graph, so the update's peak grows by about that much; with a large vocabulary and long completions,
-    false (or a smaller micro-batch) may be needed."""
+    Memory: on the logits path the reference's logits of a micro-batch (micro x length x vocabulary floats) are then
+    alive next to the training graph; with chunked_head (the default from a 32K vocabulary) no logits are held."""
     chunked_head: str = "auto"
     """Score the update from the final hidden states with the LM head applied a chunk of positions at a time
     (``tether.ops.head.head_scores``), so no (micro x length x vocabulary) logits of the policy or the reference are
