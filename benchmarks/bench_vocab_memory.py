@@ -202,7 +202,8 @@ def main() -> None:
                 raise SystemExit(f"{run} failed")
             rows[run] = json.loads(line[-1][7:])
             print(json.dumps(rows[run]), flush=True)
-    print(f"\nV = {args.vocab}, D = {args.hidden}, {args.layers} layers, G = {args.group}, {args.max_new_tokens} tokens")
+    shape = f"V = {args.vocab}, D = {args.hidden}, {args.layers} layers, G = {args.group}"
+    print(f"\n{shape}, {args.max_new_tokens} tokens")
     print("| run | peak RSS (MiB) | Δ train (MiB) |")
     print("|---|---:|---:|")
     for run, r in rows.items():
