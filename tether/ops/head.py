@@ -33,14 +33,16 @@ HEAD_ELEMENTS = 1 << 22
 """Logits per chunk by default: chunk_size = HEAD_ELEMENTS // V positions (within [16, 1024]), so one (chunk, V)
 float32 intermediate is about 16 MiB whatever the vocabulary (27 positions at V = 151,936, 128 at 32,768). A
 chunk holds about ten such tensors at once (the policy's and the reference's logits, log-probabilities, their
-products), so this is the chunked path's whole working set: ~160 MiB. Measured on a GRPO step at V = 151,936
-(benchmarks/bench_vocab_memory.py): 128 positions a chunk peaked ~0.6 GiB higher, and smaller chunks were no
-slower (the head's product of 16-128 rows by D x V runs at the same rate)."""
+products), so the chunked path's working set stays ~160 MiB at any vocabulary. Measured at V = 151,936, D = 256
+(one thread): the scores and backward of 512 positions took no longer in chunks of 32 than of 128; a GRPO step's
+peak (benchmarks/bench_vocab_memory.py, 128 tokens) was 2,642 MiB at 27 positions a chunk and 2,574 at 128, the
+same within the allocator's noise: the training state, not the chunk, sets that peak."""
 
 
 def head_chunk(vocab: int) -> int:
     """The default positions per chunk for a vocabulary of ``vocab`` tokens (``HEAD_ELEMENTS``)."""
     return max(16, min(1024, HEAD_ELEMENTS // max(int(vocab), 1)))
+
 
 SCORES = ("logps", "ref_logps", "kl_exact", "entropy", "filter_cost")
 
