@@ -1,8 +1,8 @@
 """The online update scored through the chunked LM head (``chunked_head``, ``ops.head.head_scores``): the
 per-token scores it fills a rollout with equal ``engine.score_rows``'s, the switch decides as documented,
-and GRPO, RLOO and PPO follow the same trajectory with it on as with it off, on stories260K and on a seeded
-Qwen2-shaped model with a 32K vocabulary, with the exact estimator in the loss and in the reward, k3, top-k
-sets and the shared-prompt layout on and off."""
+and GRPO, RLOO and PPO follow the same trajectory with it on as with it off, on stories260K, on a seeded
+Qwen2-shaped model with a 32K vocabulary and on a GPT-2 with a tied head, with the exact estimator in the
+loss and in the reward, k3, top-k sets and the shared-prompt layout on and off."""
 
 import shutil
 
@@ -70,31 +70,34 @@ def test_mode_values():
         chunked_head_mode("sometimes")
 
 
-def _qwen2_32k(stories_path, where) -> str:
-    """A seeded Qwen2-shaped model (2 layers, D = 32, GQA) with a 32,768-token vocabulary, saved with the
-    stories260K tokenizer (ids past its 512 decode to short strings: rewards still read text)."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
+def _seeded(stories_path, where, arch: str = "qwen2") -> str:
+    """A seeded 2-layer model saved with the stories260K tokenizer (ids past its 512 decode to short strings:
+    rewards still read text): Qwen2-shaped (D = 32, GQA, untied head) with a 32,768-token vocabulary, or GPT-2
+    (D = 32, its head tied to the token embedding) with 4,096 tokens."""
+    from transformers import AutoModelForCausalLM, GPT2Config, Qwen2Config
 
     torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=32768,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
+    if arch == "gpt2":
+        cfg = GPT2Config(vocab_size=4096, n_positions=128, n_embd=32, n_layer=2, n_head=2)
+    else:
+        cfg = Qwen2Config(
+            vocab_size=32768,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            tie_word_embeddings=False,
+        )
     model = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():  # a sharper head than the default init: the runs' KL and entropy move visibly
-        model.lm_head.weight.mul_(8.0)
-    path = where / "qwen2-32k"
+        model.get_output_embeddings().weight.mul_(8.0)
+    path = where / arch
     model.save_pretrained(path)
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
-        src = f"{stories_path}/{f}"
         try:
-            shutil.copy(src, path / f)
+            shutil.copy(f"{stories_path}/{f}", path / f)
         except FileNotFoundError:
             pass
     return str(path)
@@ -109,12 +112,12 @@ def test_auto_takes_large_vocabularies_and_falls_back(stories, stories_path, tmp
     from tether.reference import FrozenReference, Reference
     from tether.trainers.online import use_chunked_head
 
-    small, big = stories[1], load_causal_lm(_qwen2_32k(stories_path, tmp_path))
+    small, big = stories[1], load_causal_lm(_seeded(stories_path, tmp_path))
     cfg = SimpleNamespace(chunked_head="auto")
     ref = FrozenReference(load_causal_lm(stories_path))
     assert not use_chunked_head(cfg, small, ref, needs_reference=True)
     assert use_chunked_head(SimpleNamespace(chunked_head="on"), small, ref, needs_reference=True)
-    assert use_chunked_head(cfg, big, FrozenReference(load_causal_lm(tmp_path / "qwen2-32k")), needs_reference=True)
+    assert use_chunked_head(cfg, big, FrozenReference(load_causal_lm(tmp_path / "qwen2")), needs_reference=True)
     assert not use_chunked_head(cfg, big, Reference(), needs_reference=True)  # logits only
     assert use_chunked_head(cfg, big, Reference(), needs_reference=False)  # (not read: the policy side alone)
     from peft import LoraConfig, get_peft_model
@@ -139,6 +142,7 @@ CASES = [
     ("grpo", "qwen2", dict(kl_estimator="exact", shared_prompt=False)),
     ("grpo", "qwen2", dict(kl_estimator="k3", top_k=50, shared_prompt=True)),
     ("rloo", "qwen2", dict(kl_estimator="exact", shared_prompt=True)),
+    ("grpo", "gpt2", dict(kl_estimator="exact", shared_prompt=True, learning_rate=3e-3)),  # a head tied to the embedding
 ]
 
 
@@ -160,7 +164,7 @@ def test_trajectory_with_and_without_the_chunked_head(method, model, kw, stories
     cls, train = {"grpo": (GRPOConfig, train_grpo), "rloo": (RLOOConfig, train_rloo), "ppo": (PPOConfig, train_ppo)}[
         method
     ]
-    path = stories_path if model == "stories" else _qwen2_32k(stories_path, tmp_path)
+    path = stories_path if model == "stories" else _seeded(stories_path, tmp_path, model)
     calls = []
     inner = online.head_scores
 
@@ -179,14 +183,13 @@ def test_trajectory_with_and_without_the_chunked_head(method, model, kw, stories
             samples_per_prompt=4,
             max_steps=3,
             max_new_tokens=12,
-            learning_rate=5e-4,
             progress=False,
             sample_every=0,
             eval_every=0,
             eval_final=False,
             seed=0,
             chunked_head=on,
-            **kw,
+            **{"learning_rate": 5e-4, **kw},
         )
         runs[on] = (train(cfg, prompts=[LONG, *PROMPTS[1:]]), len(calls))
     (off, n_off), (on, n_on) = runs[False], runs[True]
