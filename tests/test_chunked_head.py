@@ -142,7 +142,8 @@ CASES = [
     ("grpo", "qwen2", dict(kl_estimator="exact", shared_prompt=False)),
     ("grpo", "qwen2", dict(kl_estimator="k3", top_k=50, shared_prompt=True)),
     ("rloo", "qwen2", dict(kl_estimator="exact", shared_prompt=True)),
-    ("grpo", "gpt2", dict(kl_estimator="exact", shared_prompt=True, learning_rate=3e-3)),  # a head tied to the embedding
+    # a head tied to the embedding
+    ("grpo", "gpt2", dict(kl_estimator="exact", shared_prompt=True, learning_rate=3e-3)),
 ]
 
 
