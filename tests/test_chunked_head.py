@@ -49,13 +49,6 @@ def test_scores_from_the_head_equal_score_rows(reference_filter):
     assert bool(want["clamped/k3"].any()) and float(want["filter_cost"].abs().max()) > 0.1  # both effects present
 
 
-def test_chunk_size_from_the_vocabulary():
-    """About 2^22 logits a chunk: 27 positions at Qwen2's vocabulary, 128 at 32K, capped at 1024 and floored at 16."""
-    from tether.ops.head import head_chunk
-
-    assert [head_chunk(v) for v in (151936, 32768, 512, 10**7)] == [27, 128, 1024, 16]
-
-
 def test_mode_values():
     assert [chunked_head_mode(v) for v in ("auto", True, "true", "on", False, "false", "off")] == [
         "auto",

@@ -29,20 +29,13 @@ import torch.nn.functional as F
 
 from .logprobs import unpack_allowed, upcast
 
-HEAD_ELEMENTS = 1 << 22
-"""Logits per chunk by default: chunk_size = HEAD_ELEMENTS // V positions (within [16, 1024]), so one (chunk, V)
-float32 intermediate is about 16 MiB whatever the vocabulary (27 positions at V = 151,936, 128 at 32,768). A
-chunk holds about ten such tensors at once (the policy's and the reference's logits, log-probabilities, their
-products), so the chunked path's working set stays ~160 MiB at any vocabulary. Measured at V = 151,936, D = 256
-(one thread): the scores and backward of 512 positions took no longer in chunks of 32 than of 128; a GRPO step's
-peak (benchmarks/bench_vocab_memory.py, 128 tokens) was 2,642 MiB at 27 positions a chunk and 2,574 at 128, the
-same within the allocator's noise: the training state, not the chunk, sets that peak."""
-
-
-def head_chunk(vocab: int) -> int:
-    """The default positions per chunk for a vocabulary of ``vocab`` tokens (``HEAD_ELEMENTS``)."""
-    return max(16, min(1024, HEAD_ELEMENTS // max(int(vocab), 1)))
-
+HEAD_CHUNK = 128
+"""Positions per chunk: 128 × 151,936 × 4 B = 78 MB per (chunk, V) float32 intermediate (a chunk holds about
+ten of them at once). Smaller chunks were tried and measured worse on the CPU: a GRPO step at V = 151,936
+(benchmarks/bench_vocab_memory.py, 512 tokens) peaked at 3,436 MiB with 27-position chunks (16 MiB tensors)
+against 2,741 MiB with 128, most likely because glibc serves allocations under its 32 MiB mmap threshold
+from the heap, which keeps and fragments them, while larger ones are mapped and returned on free. (Time:
+the scores and backward of 512 positions took no longer in chunks of 32 than of 128.)"""
 
 SCORES = ("logps", "ref_logps", "kl_exact", "entropy", "filter_cost")
 
@@ -144,7 +137,7 @@ def head_scores(
         temperature: τ, dividing both models' logits.
         allowed: the sampled sets F_t, bool (..., V) or packed uint8 (..., ceil(V/8)) (``pack_allowed``);
             None = the whole vocabulary.
-        chunk_size: positions whose logits exist at once; None = ``head_chunk(V)`` (~16 MiB per (chunk, V) tensor).
+        chunk_size: positions whose logits exist at once; None = ``HEAD_CHUNK``.
     Returns:
         {"logps", "entropy"} and, with a reference, {"ref_logps", "kl_exact", "filter_cost"}: (...)
         float32 each (float64 for float64 inputs). ``logps``, ``entropy`` and ``kl_exact`` carry
@@ -167,6 +160,6 @@ def head_scores(
         return {k: torch.zeros(lead, dtype=torch.float32, device=hidden.device) for k in names}
     if rh is not None:
         rh = rh.detach()
-    chunk = chunk_size or head_chunk(weight.shape[0])
+    chunk = chunk_size or HEAD_CHUNK
     out = _HeadScores.apply(h, weight, bias, rh, t, a, ref_weight, ref_bias, temperature, chunk)  # (N, k)
     return {k: c.reshape(lead) for k, c in zip(names, out.unbind(-1))}
