@@ -272,6 +272,47 @@ def score_rows(
     return row
 
 
+def score_rows_from_head(
+    scores: dict,
+    b: CompletionBatch,
+    *,
+    estimators: Sequence[str],
+    clamp_input: Optional[float] = None,
+    clamp_output: Optional[float] = None,
+    reference_filter: str = "none",
+) -> dict:
+    """``score_rows`` from the per-token scores ``ops.head.head_scores`` computed with a reference
+    (``logps``, ``ref_logps``, ``kl_exact``, ``entropy``, ``filter_cost``, each (b, T)) instead of (b, T, V)
+    logits: the same keys, the same numbers to float32 rounding, detached. The restricted reference
+    (``reference_filter: restricted``) needs no logits either: log π^τ_ref(y | F_t) = log π^τ_ref(y) +
+    filter_cost and its KL is kl_exact - filter_cost (docs/theory.md §3)."""
+    check_reference_filter(reference_filter)
+    clamps = {"clamp_input": clamp_input, "clamp_output": clamp_output}
+    clamping = clamp_input is not None or clamp_output is not None
+    mask = b.mask
+    off = ~mask
+    logps = scores["logps"].detach().masked_fill(off, 0.0)
+    fixed_logps = scores["ref_logps"].detach().masked_fill(off, 0.0)
+    exact = scores["kl_exact"].detach().masked_fill(off, 0.0)
+    cost = scores["filter_cost"].detach().masked_fill(off, 0.0)
+    ref_logps, pen_exact = fixed_logps, exact
+    if reference_filter == "restricted":
+        ref_logps, pen_exact = (fixed_logps + cost).masked_fill(off, 0.0), exact - cost
+    row = {
+        "logps": logps,
+        "ref_logps": ref_logps,
+        "kl_exact": exact,
+        "filter_cost": cost,
+        "entropy": scores["entropy"].detach().masked_fill(off, 0.0),
+    }
+    for name in estimators:
+        kt = kl_per_token(logps, ref_logps, mask, estimator=name, exact=pen_exact, **clamps)
+        row[f"kl/{name}"] = kt.per_token
+        if clamping:
+            row[f"clamped/{name}"] = kt.clamped
+    return row
+
+
 @torch.no_grad()
 def score(
     policy,

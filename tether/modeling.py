@@ -429,3 +429,62 @@ def shared_prompt_token_logps(model, batch) -> torch.Tensor:
     h = hidden.reshape(-1, hidden.shape[-1])[batch.src]  # (N, H)
     logits = base.get_output_embeddings()(h)  # (N, V)
     return selective_logps(logits[None], batch.targets[None])[0]  # (N,)
+
+
+HEAD_MODEL_TYPES = ("llama", "gpt2", "qwen2")
+"""Architectures whose logits are exactly the LM head of the decoder's final hidden state (no logit soft-capping
+or scale), so ``ops.head.head_scores`` can take (hidden, head) in their place (``chunked_head``)."""
+
+
+def head_unsupported_reason(model) -> Optional[str]:
+    """Why the update cannot score ``model`` from its hidden states and LM head (None: it can): another
+    architecture, autocast (its head runs in bf16 inside the forward), or a head that is not a plain
+    ``torch.nn.Linear`` (a LoRA-adapted head: peft wraps it)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kind = getattr(getattr(base, "config", None), "model_type", None)
+    if kind not in HEAD_MODEL_TYPES:
+        return f"model type {kind!r} is not one of {', '.join(HEAD_MODEL_TYPES)}"
+    if autocast_dtype(model) is not None or autocast_dtype(base) is not None:
+        return "autocast: the head's product would run in another precision than the forward's"
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear or not hasattr(base, "get_decoder"):
+        return "the LM head is not a plain Linear layer (adapted by LoRA, or none)"
+    return None
+
+
+def lm_head(model) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The LM head's (V, D) weight and (V,) bias or None (``head_unsupported_reason`` None first)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    return head.weight, head.bias
+
+
+def completion_hidden(model, batch: CompletionBatch) -> torch.Tensor:
+    """(B, T, D) the decoder's final (normed) hidden states at the positions that predict the completion
+    tokens: ``forward_completion`` without the LM head (the head is applied by ``ops.head.head_scores``,
+    chunk by chunk). The shared-prompt layout where ``forward_completion`` takes it (zeros off the mask
+    there), else the padded one."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: LoRA layers stay active
+    B, T = batch.mask.shape
+    if batch.shared_prompt != "off":
+        from . import shared_prompt as sp
+
+        if sp.supports_shared_prompt(model):
+            lay = sp.shared_layout(batch)
+            if lay is not None and (batch.shared_prompt != "auto" or sp.prefer_shared(model, batch, lay)):
+                dtype = base.get_output_embeddings().weight.dtype
+                out = base.get_decoder()(
+                    input_ids=lay.input_ids,
+                    attention_mask=sp.attention_mask_4d(lay.allowed, base, dtype),
+                    position_ids=lay.position_ids,
+                    use_cache=False,
+                ).last_hidden_state  # (R, W, D)
+                h = out.reshape(-1, out.shape[-1])[lay.keep]  # (U, D)
+                return torch.cat([h, h.new_zeros(1, h.shape[-1])])[lay.src.reshape(-1)].reshape(B, T, -1)
+    out = base.get_decoder()(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=position_ids(batch.attention_mask),
+        use_cache=False,
+    ).last_hidden_state  # (B, L, D)
+    return out[:, -(T + 1) : -1, :]  # position P-1+t predicts completion token t

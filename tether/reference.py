@@ -41,7 +41,15 @@ import torch
 
 from .errors import UserError
 from .groups import SamplingSettings, sampling_settings
-from .modeling import CompletionBatch, check_compatible, completion_logps, forward_completion, model_fingerprint
+from .modeling import (
+    CompletionBatch,
+    check_compatible,
+    completion_hidden,
+    completion_logps,
+    forward_completion,
+    lm_head,
+    model_fingerprint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +92,17 @@ class Reference:
         docs/theory.md §3). None = the reference itself (τ = 1)."""
         raise NotImplementedError
 
+    def head_model(self):
+        """The module whose decoder and LM head ``hidden`` runs (``modeling.head_unsupported_reason`` decides
+        whether its head can be applied apart), or None: this form gives logits only."""
+        return None
+
+    def hidden(self, batch: CompletionBatch) -> tuple:
+        """(hidden (B, T, D), head weight (V, D), head bias (V,) or None): the reference's final hidden states at
+        the completion positions and its LM head, for ``ops.head.head_scores`` (the update's ``chunked_head``),
+        no gradient, eval mode; ``logits`` is the head applied to them (before the temperature)."""
+        raise NotImplementedError(f"reference form {self.kind!r} gives logits only")
+
     def logps(
         self, batch: CompletionBatch, *, ids: Optional[Sequence] = None, filters: Optional[SamplingSettings] = None
     ) -> torch.Tensor:
@@ -118,6 +137,14 @@ class FrozenReference(Reference):
             device = next(self.model.parameters()).device
             return _scored(self.model, batch.to(device), filters)
 
+    def head_model(self):
+        return self.model
+
+    def hidden(self, batch):
+        with eval_mode(self.model):
+            device = next(self.model.parameters()).device
+            return (completion_hidden(self.model, batch.to(device)), *lm_head(self.model))
+
 
 class OffloadedReference(FrozenReference):
     """(d) A frozen copy kept in ``offload_device`` memory (CPU) and moved to ``compute_device``
@@ -129,6 +156,9 @@ class OffloadedReference(FrozenReference):
     def __init__(self, model, *, compute_device: str | torch.device = "cpu", offload_device: str = "cpu"):
         super().__init__(model.to(offload_device))
         self.compute_device, self.offload_device = torch.device(compute_device), torch.device(offload_device)
+
+    def head_model(self):  # the head must stay where the hidden states are: only when nothing moves
+        return self.model if self.compute_device == self.offload_device else None
 
     def logits(self, batch, *, filters=None):
         moved = self.compute_device != self.offload_device
@@ -157,6 +187,14 @@ class LoraDisabledReference(Reference):
         with eval_mode(self.model), self.model.disable_adapter():
             device = next(self.model.parameters()).device
             return _scored(self.model, batch.to(device), filters)
+
+    def head_model(self):
+        return self.model
+
+    def hidden(self, batch):
+        with eval_mode(self.model), self.model.disable_adapter():
+            device = next(self.model.parameters()).device
+            return (completion_hidden(self.model, batch.to(device)), *lm_head(self.model))
 
 
 class SyncedReference(FrozenReference):
@@ -326,6 +364,12 @@ class LaggedReference(Reference):
 
     def logits(self, batch, *, filters=None):
         return self.inner.logits(batch, filters=filters)
+
+    def head_model(self):
+        return self.inner.head_model()
+
+    def hidden(self, batch):
+        return self.inner.hidden(batch)
 
     def logps(self, batch, *, ids=None, filters=None):
         return self.inner.logps(batch, ids=ids, filters=filters)

@@ -76,6 +76,12 @@ class PromptMappedReference(Reference):
     def logits(self, batch, *, filters=None):
         return self.inner.logits(self.mapped(batch), filters=filters)
 
+    def head_model(self):
+        return self.inner.head_model()
+
+    def hidden(self, batch):
+        return self.inner.hidden(self.mapped(batch))
+
     def logps(self, batch, *, ids=None, filters=None):
         return self.inner.logps(self.mapped(batch), ids=ids, filters=filters)
 

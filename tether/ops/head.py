@@ -30,8 +30,12 @@ import torch.nn.functional as F
 from .logprobs import unpack_allowed, upcast
 
 HEAD_CHUNK = 128
-"""Positions per chunk: 128 × 151,936 × 4 B = 78 MB per (chunk, V) float32 intermediate (a chunk holds
-about eight of them at once)."""
+"""Positions per chunk: 128 × 151,936 × 4 B = 78 MB per (chunk, V) float32 intermediate (a chunk holds about
+ten of them at once). Smaller chunks were tried and measured worse on the CPU: a GRPO step at V = 151,936
+(benchmarks/bench_vocab_memory.py, 512 tokens) peaked at 3,436 MiB with 27-position chunks (16 MiB tensors)
+against 2,741 MiB with 128, most likely because glibc serves allocations under its 32 MiB mmap threshold
+from the heap, which keeps and fragments them, while larger ones are mapped and returned on free. (Time:
+the scores and backward of 512 positions took no longer in chunks of 32 than of 128.)"""
 
 SCORES = ("logps", "ref_logps", "kl_exact", "entropy", "filter_cost")
 
@@ -119,7 +123,7 @@ def head_scores(
     ref_bias: Optional[torch.Tensor] = None,
     temperature: float = 1.0,
     allowed: Optional[torch.Tensor] = None,
-    chunk_size: int = HEAD_CHUNK,
+    chunk_size: Optional[int] = None,
 ) -> dict[str, torch.Tensor]:
     """Per-position scores of the policy (and the reference) from hidden states, never holding more than
     ``chunk_size`` positions' logits.
@@ -133,6 +137,7 @@ def head_scores(
         temperature: τ, dividing both models' logits.
         allowed: the sampled sets F_t, bool (..., V) or packed uint8 (..., ceil(V/8)) (``pack_allowed``);
             None = the whole vocabulary.
+        chunk_size: positions whose logits exist at once; None = ``HEAD_CHUNK``.
     Returns:
         {"logps", "entropy"} and, with a reference, {"ref_logps", "kl_exact", "filter_cost"}: (...)
         float32 each (float64 for float64 inputs). ``logps``, ``entropy`` and ``kl_exact`` carry
@@ -155,5 +160,6 @@ def head_scores(
         return {k: torch.zeros(lead, dtype=torch.float32, device=hidden.device) for k in names}
     if rh is not None:
         rh = rh.detach()
-    out = _HeadScores.apply(h, weight, bias, rh, t, a, ref_weight, ref_bias, temperature, chunk_size)  # (N, k)
+    chunk = chunk_size or HEAD_CHUNK
+    out = _HeadScores.apply(h, weight, bias, rh, t, a, ref_weight, ref_bias, temperature, chunk)  # (N, k)
     return {k: c.reshape(lead) for k, c in zip(names, out.unbind(-1))}

@@ -229,6 +229,7 @@ def kl_per_token(
     ref_logits: Optional[torch.Tensor] = None,
     clamp_input: Optional[float] = None,
     clamp_output: Optional[float] = None,
+    exact: Optional[torch.Tensor] = None,
 ) -> KLTokens:
     """Per-token KL estimate for the sampled completion tokens.
 
@@ -242,6 +243,8 @@ def kl_per_token(
             Σ_t E_{s_t~π_θ} KL[π_ref(·|s_t)‖π_θ(·|s_t)], which is the sequence KL[π_ref‖π_θ] only
             for single tokens: the latter weights states by π_ref's visits.
         logits, ref_logits: (B, T, V) logits at the same positions; required for ``exact``.
+        exact: (B, T) the exact reverse KL per token already computed (``ops.head.head_scores``' ``kl_exact``,
+            with its gradient), used by ``exact`` instead of ``logits``/``ref_logits`` (reverse only).
         clamp_input: clamp lr to [-c, c] before the estimator (verl uses 20 for k3).
         clamp_output: clamp the value to [-c, c] (verl/OpenRLHF use 10). Clamping zeroes the
             gradient of the clamped tokens, so the clamped fraction is reported.
@@ -252,7 +255,11 @@ def kl_per_token(
     mask = mask.bool()
     clamped = torch.zeros_like(mask)
     check_estimator(estimator, field="estimator")
-    if ESTIMATORS[estimator].needs_logits:
+    if ESTIMATORS[estimator].needs_logits and exact is not None:
+        if direction != "reverse":
+            raise ValueError("a precomputed exact= KL is the reverse one; pass logits for direction='forward'")
+        vals = exact
+    elif ESTIMATORS[estimator].needs_logits:
         if logits is None or ref_logits is None:
             raise ValueError("estimator='exact' needs the full logits of policy and reference (logits=, ref_logits=)")
         if direction == "reverse":
@@ -303,12 +310,13 @@ def kl_loss_term(
     ref_logits: Optional[torch.Tensor] = None,
     clamp_input: Optional[float] = None,
     clamp_output: Optional[float] = None,
+    exact: Optional[torch.Tensor] = None,
 ) -> KLTokens:
     """The KL placed in the loss, per token (placement ``loss`` or, with ``old_logps``, ``loss_is``).
 
     Returns the per-token term to be *added* to the loss (multiplied by β by the caller), with
-    gradients through ``logps`` (and ``logits`` for exact). With ``old_logps`` each token is weighted
-    by π_θ/π_old (detached denominator), which makes k1 and k3 give the per-state gradient
+    gradients through ``logps`` (and ``logits``, or the precomputed ``exact``, for exact). With ``old_logps``
+    each token is weighted by π_θ/π_old (detached denominator), which makes k1 and k3 give the per-state gradient
     ∇KL[π_θ(·|s_t)‖π_ref(·|s_t)] at each sampled state, as needed when samples come from π_old
     (docs/theory.md §3); summed over a sequence that is ∇KL[π_θ‖π_ref] with the states held fixed, not
     the full sequence gradient (see ``EstimatorInfo``). The gradient each choice gives is in
@@ -324,6 +332,7 @@ def kl_loss_term(
         ref_logits=None if ref_logits is None else ref_logits.detach(),
         clamp_input=clamp_input,
         clamp_output=clamp_output,
+        exact=exact,
     )
     vals = out.per_token
     if old_logps is not None:

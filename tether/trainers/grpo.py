@@ -91,6 +91,7 @@ def loss(x: LossInputs, *, cfg: GRPOConfig, beta: float, counts: Counts) -> tupl
         old_logps=x.old_logps if cfg.kl_placement == "loss_is" else None,
         logits=x.logits if full else None,
         ref_logits=x.ref_logits if full else None,
+        exact=x.kl_exact if full else None,  # the chunked head's (chunked_head): the same KL, no (B, T, V) logits
         clamp_input=cfg.kl_clamp_input,
         clamp_output=cfg.kl_clamp_output,
     )

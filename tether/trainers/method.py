@@ -68,6 +68,8 @@ class LossInputs:
     adv_scale: object = 1.0  # Prepared.adv_scale: float or (B, 1)
     logits: Optional[torch.Tensor] = None  # (B, T, V) policy logits (exact estimator in a loss)
     ref_logits: Optional[torch.Tensor] = None  # (B, T, V), present when method.needs_ref_logits(cfg)
+    kl_exact: Optional[torch.Tensor] = None  # (B, T) exact KL[π_θ‖π^τ_ref] per token with its gradient, in place of
+    # logits/ref_logits when the update scores through the chunked LM head (ops.head.head_scores; chunked_head)
     values: Optional[torch.Tensor] = None  # (B, T) current value predictions (PPO)
     old_values: Optional[torch.Tensor] = None  # (B, T) values at rollout (PPO value clipping)
     returns: Optional[torch.Tensor] = None  # (B, T) value targets (PPO)
@@ -143,8 +145,8 @@ def exact_kl_direct_term(x: LossInputs) -> torch.Tensor:
     (k1 needs no such term: E_π[∇log π] = 0.) The reference logits are the fixed π^τ_ref; with
     ``kl_reference_filter: restricted`` the restricted KL differs from this one by -log π^τ_ref(F_t),
     a constant at fixed F_t, so the gradient is the same."""
-    if x.logits is None or x.ref_logits is None:
-        raise ValueError("the exact KL term needs policy and reference logits (method.needs_ref_logits)")
+    if x.kl_exact is None and (x.logits is None or x.ref_logits is None):
+        raise ValueError("the exact KL term needs policy and reference logits (method.needs_ref_logits) or kl_exact")
     return kl_loss_term(
-        x.logps, x.ref_logps, x.mask, estimator="exact", logits=x.logits, ref_logits=x.ref_logits
+        x.logps, x.ref_logps, x.mask, estimator="exact", logits=x.logits, ref_logits=x.ref_logits, exact=x.kl_exact
     ).per_token

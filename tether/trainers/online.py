@@ -59,14 +59,22 @@ from ..data.text import batch_indices
 from ..diagnostics.hacking import HackingMonitor
 from ..distributed import Dist
 from ..engine import evaluate as evaluate_kl
-from ..engine import mean_stderr, score_rows
+from ..engine import mean_stderr, score_rows, score_rows_from_head
 from ..errors import UserError
 from ..fsdp import is_sharded, models_of, shard_reference, unsharded
 from ..generation import backend_for
 from ..groups import DATA_FIELDS, ReferenceConfig, SamplingConfig, SamplingSettings, sampling_settings
 from ..inputs import accepts_objects, datasets_as_rows
 from ..measure import encode_prompts, prompt_ids
-from ..modeling import CompletionBatch, forward_completion
+from ..modeling import (
+    CompletionBatch,
+    completion_hidden,
+    forward_completion,
+    head_unsupported_reason,
+    lm_head,
+    vocab_size,
+)
+from ..ops.head import head_scores
 from ..ops.kl import check_estimator, check_reference_filter
 from ..ops.logprobs import selective_logps
 from ..ops.policy import AGGREGATION_MODES
@@ -205,9 +213,17 @@ class OnlineConfig(TrainConfig, BetaConfig, SamplingConfig, OnlineReferenceConfi
     entropy from the update's own forward instead of a separate scoring pass of the policy (exact: the weights are
     π_old's until the step; TRL does the same). GRPO always; RLOO only with one micro-batch per rollout
     (grad_accum=1, its KL is in the reward); PPO never (its value model scores the rollout); false keeps the pass.
-    Memory: the reference's logits of a micro-batch (micro x length x vocabulary floats) are then alive next to the
-    training graph, so the update's peak grows by about that much; with a large vocabulary and long completions,
-    false (or a smaller micro-batch) may be needed."""
+    Memory: on the logits path the reference's logits of a micro-batch (micro x length x vocabulary floats) are then
+    alive next to the training graph; with chunked_head (the default from a 32K vocabulary) no logits are held."""
+    chunked_head: str = "auto"
+    """Score the update from the final hidden states with the LM head applied a chunk of positions at a time
+    (``tether.ops.head.head_scores``), so no (micro x length x vocabulary) logits of the policy or the reference are
+    ever held: log-probs, the reference's, the exact KL, entropy and filter cost come out per token, the backward
+    recomputes each chunk's logits (docs/speed.md, "Memory at real vocabularies"): auto (on for a vocabulary of
+    at least 32,768 tokens, where the logits dominate the update's memory) | true | false. The numbers equal the
+    logits path's to float32 rounding. Where the model cannot take it (an architecture other than Llama, GPT-2,
+    Qwen2; autocast; a LoRA-adapted LM head; fsdp; a reference form without a decoder to call, e.g. an offloaded
+    one that moves between devices) the logits path is used (logged)."""
     shared_prompt: str = "auto"
     """Score each group (the samples_per_prompt completions of one prompt) as one row, [prompt, completion_1, ...,
     completion_G] under a prefix-tree attention mask, so the trunk computes the prompt once instead of G times, in the
@@ -293,13 +309,79 @@ def seeded(*keys: int, device=None) -> torch.Generator:
 class PolicyOutput:
     """The policy's forward pass over a micro-batch, with gradients."""
 
-    logits: torch.Tensor  # (B, T, V) of the sampled distribution (temperature, stored filter set)
+    logits: Optional[torch.Tensor]  # (B, T, V) of the sampled distribution (temperature, stored filter set); None
+    # under the chunked head, whose per-token scores are in ``scores``
     logps: torch.Tensor  # (B, T) fp32, 0 off-mask
     values: Optional[torch.Tensor] = None  # (B, T) (PPO)
+    scores: Optional[dict] = None  # ops.head.head_scores' (B, T) outputs (chunked_head): logps, entropy and, with a
+    # reference, ref_logps, kl_exact (with its gradient), filter_cost
 
 
-def policy_output(policy, value_model, batch: CompletionBatch, *, filters: SamplingSettings) -> PolicyOutput:
+CHUNKED_HEAD_VOCAB = 32768
+"""chunked_head auto: on from this vocabulary size. Below it the (micro, length, vocabulary) logits are small next to
+the model (stories260K's 512 tokens: kilobytes) and the chunked backward's recomputed head products only cost time;
+from 32K (Llama-2 and -3's 32,000/128,256, Qwen2's 151,936 are the vocabularies in use) the logits are the
+update's largest tensors (docs/speed.md, "Memory at real vocabularies")."""
+
+
+def chunked_head_mode(value) -> str:
+    """The config's ``chunked_head`` (auto | true | false, or on | off) as auto | on | off."""
+    try:
+        return shared_prompt_mode(value)
+    except UserError:
+        raise UserError(f"chunked_head must be auto, true or false, got {value!r}; set --chunked_head") from None
+
+
+def use_chunked_head(cfg, policy, reference, *, needs_reference: bool) -> bool:
+    """Whether the update scores through ``ops.head.head_scores`` (``OnlineConfig.chunked_head``): the mode, the
+    vocabulary (auto), and whether the policy (and, when the update reads it, the reference) can be scored from
+    hidden states and a plain LM head; logs why not when it was asked for or auto would take it."""
+    mode = chunked_head_mode(cfg.chunked_head)
+    if mode == "off" or (mode == "auto" and vocab_size(policy) < CHUNKED_HEAD_VOCAB):
+        return False
+    why = head_unsupported_reason(policy)
+    if why is None and is_sharded(policy):
+        why = "the policy is sharded (fsdp)"
+    if why is None and needs_reference:
+        ref_model = reference.head_model()
+        why = (
+            f"the {reference.kind!r} reference gives logits only"
+            if ref_model is None
+            else head_unsupported_reason(ref_model)
+        )
+    if why is not None:
+        log.info("chunked_head: using the logits path: %s", why)
+        return False
+    return True
+
+
+def policy_output(
+    policy, value_model, batch: CompletionBatch, *, filters: SamplingSettings, head: bool = False, ref=None
+) -> PolicyOutput:
+    """The policy's forward over ``batch``: (B, T, V) logits, or with ``head`` (chunked_head) the decoder's
+    hidden states scored by ``ops.head.head_scores``, with the reference's scores in the same pass when
+    ``ref`` = (hidden (B, T, D'), weight, bias) (``Reference.hidden``) is given."""
     want_hidden = value_model is not None and value_model.needs_policy_hidden
+    if head:
+        f = sampling_settings(filters)
+        hidden = completion_hidden(policy, batch)  # (B, T, D)
+        weight, bias = lm_head(policy)
+        rh, rw, rb = ref if ref is not None else (None, None, None)
+        sc = head_scores(
+            hidden,
+            weight,
+            batch.completion_ids,
+            bias=bias,
+            ref_hidden=None if rh is None else rh.to(hidden.device),
+            ref_weight=rw,
+            ref_bias=rb,
+            temperature=f.temperature,
+            allowed=batch.allowed if f.uses_token_filter else None,
+        )
+        logps = sc["logps"].masked_fill(~batch.mask, 0.0)
+        policy_hidden = hidden if want_hidden else None
+        values = value_model.values(batch, policy_hidden=policy_hidden) if value_model is not None else None
+        return PolicyOutput(None, logps, values, scores=sc)
     logits, hidden = forward_completion(policy, batch, filters=filters, hidden=want_hidden)
     logps = selective_logps(logits, batch.completion_ids).masked_fill(~batch.mask, 0.0)
     values = value_model.values(batch, policy_hidden=hidden) if value_model is not None else None
@@ -309,6 +391,7 @@ def policy_output(policy, value_model, batch: CompletionBatch, *, filters: Sampl
 def loss_inputs(out: PolicyOutput, ro: Rollout, prep: Prepared, ref_logits: Optional[torch.Tensor]) -> LossInputs:
     """The method's view of one micro-batch (``ro``, ``prep`` and ``ref_logits`` are its rows)."""
     return LossInputs(
+        kl_exact=out.scores.get("kl_exact") if out.scores is not None else None,
         logps=out.logps,
         old_logps=ro.old_logps,
         ref_logps=ro.ref_logps,
@@ -332,6 +415,16 @@ def rollout_ref_logits(reference, ro: Rollout, *, chunk: int, filters: SamplingS
         for s in range(0, ro.mask.shape[0], chunk)
     ]
     return torch.cat(parts).to(ro.mask.device)
+
+
+def rollout_ref_hidden(reference, ro: Rollout, *, chunk: int) -> tuple:
+    """``rollout_ref_logits`` under the chunked head: the reference's (B, T, D) final hidden states of the whole
+    rollout (``chunk`` rows per forward) and its head (weight, bias): D floats per token instead of V."""
+    parts, weight, bias = [], None, None
+    for s in range(0, ro.mask.shape[0], chunk):
+        h, weight, bias = reference.hidden(ro.batch.select(slice(s, s + chunk)))
+        parts.append(h)
+    return torch.cat(parts).to(ro.mask.device), weight, bias
 
 
 def scores_from_update(cfg: OnlineConfig, method: OnlineMethod, sizes: Sizes, value_model) -> bool:
@@ -374,6 +467,8 @@ def optimise(
     aux=None,
     guard: Optional[StepGuard] = None,
     reference=None,
+    chunked: bool = False,
+    ref_hidden: Optional[tuple] = None,
 ) -> tuple[dict, dict, list, Prepared]:
     """``num_epochs`` passes of ``num_minibatches`` optimiser updates over the rollout.
     Returns (stat sums, stat counts, policy grad norms, prep); stops early past ``target_kl_old``.
@@ -385,8 +480,14 @@ def optimise(
 
     Policy and value parameters are clipped separately: with one joint clip a large value loss
     (returns of a few nats once β·KL grows) would shrink the policy's step, and Adam's second-moment
-    memory would keep it small for hundreds of updates."""
+    memory would keep it small for hundreds of updates.
+
+    ``chunked`` (``use_chunked_head``): every forward scores through ``ops.head.head_scores`` from hidden states,
+    the reference's (``Reference.hidden``; ``ref_hidden`` = the whole rollout's, ``rollout_ref_hidden``, in
+    place of ``ref_logits``) in the same chunked pass, so no (micro, T, V) logits are held."""
     filters = sampling_settings(cfg)  # the loss differentiates the sampled π^{τ,F}_θ itself (stored F_t: always finite)
+    # a batch sampled with top-k/top-p but without stored sets (not the built-in sampler's) recomputes F_t from logits
+    head = chunked and (not filters.uses_token_filter or ro.batch.allowed is not None)
     sums: dict = {}
     counts: dict = {}
     norms: list = []
@@ -400,6 +501,7 @@ def optimise(
                 rows = rows.sort().values  # (the minibatch is the same set: the gradient sums the same rows)
             mb, mb_prep = ro.select(rows), prep.select(rows) if prep is not None else None
             mb_ref = ref_logits[rows] if ref_logits is not None else None
+            mb_ref_h = ref_hidden[0][rows] if ref_hidden is not None else None
             n = Counts(tokens=dist.sum_float(mb.mask.sum()), seqs=dist.sum_float(mb.mask.shape[0]))
             kl_old = [0.0, 0.0]
             loss_sum = 0.0  # this process's: a non-finite one skips the update (StepGuard)
@@ -407,25 +509,20 @@ def optimise(
                 part = slice(j, j + sizes.micro)
                 micro = mb.select(part)
                 micro_ref = mb_ref[part] if mb_ref is not None else None
-                if ro.pending:  # score here: reference, then the policy forward that also takes the gradient
+                kw = dict(estimators=(cfg.kl_estimator,), clamp_input=cfg.kl_clamp_input)
+                kw.update(clamp_output=cfg.kl_clamp_output, reference_filter=cfg.kl_reference_filter)
+                if ro.pending and head:  # the reference's hidden states, then one chunked pass scores both models
+                    with torch.no_grad():
+                        ref = reference.hidden(micro.batch)  # ((b, T, D'), weight, bias) of π_ref
+                    out = policy_output(policy, value_model, micro.batch, filters=filters, head=True, ref=ref)
+                    fill_scores(ro, rows[part], score_rows_from_head(out.scores, micro.batch, **kw), cfg=cfg)
+                elif ro.pending:  # score here: reference, then the policy forward that also takes the gradient
                     with torch.no_grad():
                         micro_ref = reference.logits(micro.batch, filters=filters)  # (b, T, V) π^τ_ref
                     out = policy_output(policy, value_model, micro.batch, filters=filters)
                     micro_ref = micro_ref.to(out.logits.device)
-                    fill_scores(
-                        ro,
-                        rows[part],
-                        score_rows(
-                            out.logits.detach(),
-                            micro_ref,
-                            micro.batch,
-                            estimators=(cfg.kl_estimator,),
-                            clamp_input=cfg.kl_clamp_input,
-                            clamp_output=cfg.kl_clamp_output,
-                            reference_filter=cfg.kl_reference_filter,
-                        ),
-                        cfg=cfg,
-                    )
+                    fill_scores(ro, rows[part], score_rows(out.logits.detach(), micro_ref, micro.batch, **kw), cfg=cfg)
+                if ro.pending:
                     micro = ro.select(rows[part])
                     if mb_prep is None:  # advantages read the scores: the rollout is this one micro-batch
                         prep = method.prepare(
@@ -434,6 +531,9 @@ def optimise(
                         mb_prep = prep.select(rows)
                     if not method.needs_ref_logits(cfg):
                         micro_ref = None
+                elif head:
+                    ref = (mb_ref_h[part], *ref_hidden[1:]) if mb_ref_h is not None else None
+                    out = policy_output(policy, value_model, micro.batch, filters=filters, head=True, ref=ref)
                 else:
                     out = policy_output(policy, value_model, micro.batch, filters=filters)
                 x = loss_inputs(out, micro, mb_prep.select(part), micro_ref)
@@ -582,6 +682,7 @@ def _validate(cfg: OnlineConfig, method: OnlineMethod) -> None:
         )
     check_correction(cfg)
     shared_prompt_mode(cfg.shared_prompt)
+    chunked_head_mode(cfg.chunked_head)
     method.validate(cfg)
 
 
@@ -915,6 +1016,8 @@ def train_online(
         shared = "off"
     if shared != "off" and (G == 1 or not supports_shared_prompt(s.policy)):  # (logs why not, once)
         shared = "off"
+    # the update's scores from hidden states, the LM head a chunk at a time (no (micro, T, V) logits held)
+    chunked = use_chunked_head(cfg, s.policy, s.reference, needs_reference=in_update or s.method.needs_ref_logits(cfg))
     if s.step == 0 and cfg.eval_every:  # the starting point (KL 0) of the reward-KL curve
         s.run.log(0, s.evaluate())
     bar = progress_bar(cfg.max_steps, s.step, enabled=cfg.progress and dist.is_main, desc=s.method.name)
@@ -954,8 +1057,11 @@ def train_online(
                 scores=ro.scores, kl_tokens=ro.kl_tokens, mask=ro.mask, values=ro.values, cfg=cfg, beta=beta
             )
         )
-        ref_logits = None
-        if s.method.needs_ref_logits(cfg) and not in_update:
+        ref_logits = ref_hidden = None
+        if s.method.needs_ref_logits(cfg) and not in_update and chunked:
+            with torch.no_grad():
+                ref_hidden = rollout_ref_hidden(s.reference, ro, chunk=s.sizes.micro)
+        elif s.method.needs_ref_logits(cfg) and not in_update:
             with unsharded(*models_of(s.reference)):
                 ref_logits = rollout_ref_logits(s.reference, ro, chunk=s.sizes.micro, filters=sampling_settings(cfg))
         # 4. epochs x minibatches of updates
@@ -978,6 +1084,8 @@ def train_online(
             aux=s.aux,
             guard=s.guard,
             reference=s.reference,
+            chunked=chunked,
+            ref_hidden=ref_hidden,
         )
         sums, counts = rollout_stats(ro, beta=beta)
         add_mismatch_stats(sums, counts, ro, cfg)  # mismatch/*: the sampler's μ against π_old (ops.behaviour)
