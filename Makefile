@@ -46,7 +46,8 @@ test-fast: $(VENV)/.installed
 KERNEL_TESTS ?= tests/test_dpo_trainer.py tests/test_online_trainers.py tests/test_kl_command.py \
 	tests/test_kl_monitoring.py tests/test_sampling_filters.py tests/test_shift.py tests/test_sampler_fast.py \
 	tests/test_reference.py tests/test_modeling.py tests/test_reward_model.py tests/test_decode.py \
-	tests/test_engine.py tests/test_logprobs.py tests/test_sft.py
+	tests/test_engine.py tests/test_logprobs.py tests/test_sft.py tests/test_shared_prompt.py \
+	tests/test_shared_prompt_dpo.py tests/test_chunked_head.py tests/test_head.py
 test-kernels: $(VENV)/.installed
 	ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 \
 		$(PY) -m pytest -q -n 2 -m "not slow" -p no:cacheprovider $(KERNEL_TESTS) $(PYTEST_ARGS)

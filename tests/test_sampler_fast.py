@@ -318,5 +318,11 @@ def test_prefill_once_logits_equal_the_duplicated_prefill(stories, assets_dir, a
     for g, w in zip(got, want):
         assert float((g - w).abs().max()) <= tol
     # the prompt pass's rows of one prompt are copies (later steps need not be: a CPU matrix product may
-    # round a row differently by its place in the batch, the main blocks or the remainder)
-    assert torch.equal(got[0], got[0][first][inverse])
+    # round a row differently by its place in the batch, the main blocks or the remainder). The lean decoder
+    # copies the last hidden state and then applies the LM head to all B rows, so there the same rounding
+    # applies (seen with MKL's AVX2 kernels): equal within the float32 budget; the Hugging Face path copies
+    # the logits themselves, bit for bit.
+    if decoder == "lean":
+        assert float((got[0] - got[0][first][inverse]).abs().max()) <= tol
+    else:
+        assert torch.equal(got[0], got[0][first][inverse])
