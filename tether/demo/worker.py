@@ -33,10 +33,10 @@ def main(spec_path: str) -> int:
     blob = json.loads(Path(spec_path).read_text())
     spec, cfg, work = blob["spec"], DemoConfig(**blob["demo"]), Path(blob["work"])
     run_dir = Path(spec_path).parent
-    ref_path = str(work / "sft" / "final")
+    ref_path = str(work / spec.get("reference", "sft") / "final")  # a weaker reference: "sft_weak"
     tok = load_tokenizer(ref_path)
     reference = FrozenReference(load_causal_lm(ref_path))
-    gold, proxy = VaderSource(), RewardModelSource(str(work / "rm" / "final"))
+    gold, proxy = VaderSource(), RewardModelSource(str(work / spec.get("proxy", "rm") / "final"))
     gold.name, proxy.name = "gold", "proxy"
     eval_prompts = read_prompt_file(work / "eval_prompts.jsonl")
     train_prompts = read_prompt_file(work / "pref_prompts.jsonl")
@@ -48,8 +48,10 @@ def main(spec_path: str) -> int:
         if ln.strip() and json.loads(ln)["step"] <= resumed
     ]  # its curve up to the checkpoint
     write_atomic(eval_file, "".join(ln + "\n" for ln in kept))  # otherwise a rerun starts its curve again
+    seed = int(spec.get("seed", cfg.seed))  # the training seed; every run is evaluated at cfg.seed's draw
     tags = {k: spec[k] for k in ("beta", "kl_target", "n") if k in spec}
-    tags = {"seed": cfg.seed, **tags, "swept": list(tags), **({"beta_set": spec["beta"]} if "beta" in spec else {})}
+    tags = {"seed": seed, **tags, "swept": list(tags), **({"beta_set": spec["beta"]} if "beta" in spec else {})}
+    tags.update({k: spec[k] for k in ("group", "task", "reference", "proxy") if k in spec})
 
     def record(step: int, policy, extra: dict | None = None) -> dict:
         ev = evaluate_policy(
@@ -70,8 +72,10 @@ def main(spec_path: str) -> int:
             "eval/kl": ev["kl"],
             "eval/kl_stderr": ev["kl_stderr"],
             "eval/reward/gold": ev["gold_reward"],
+            "eval/reward/gold_stderr": ev["gold_stderr"],
             "eval/reward/proxy": ev["proxy_reward"],
-        }
+            "eval/reward/proxy_stderr": ev["proxy_stderr"],
+        }  # with their standard errors: the hacking monitor fires only on a fall beyond the noise
 
     def hook(step: int, policy, *, beta: float) -> dict:  # the eval_hook of train_dpo and train_online alike
         return record(step, policy, {"beta": beta})
@@ -84,7 +88,7 @@ def main(spec_path: str) -> int:
             model=ref_path,
             dataset=str(work / "prefs.jsonl"),
             output_dir=str(run_dir / "train"),
-            seed=cfg.seed,
+            seed=seed,
             beta=spec["beta"],
             loss_type="sigmoid",
             max_steps=cfg.dpo_steps,
@@ -101,15 +105,19 @@ def main(spec_path: str) -> int:
         from ..rewards import RewardSet
         from ..trainers.ppo import PPOConfig, train_ppo
 
-        optimised, logged = (proxy, gold) if method == "ppo" else (gold, proxy)
+        # PPO-GT optimises the gold itself: the proxy is not logged as a second reward there (the evaluation
+        # measures it), so the hacking monitor, which watches a gold fall while the optimised proxy rises, is
+        # not set on a run that has no proxy to exploit
+        optimised, logged = (proxy, [gold]) if method == "ppo" else (gold, [])
+        fixed = spec.get("kl_target") is None  # the β ladder: a fixed β (0 = no penalty)
         pcfg = PPOConfig(
             model=ref_path,
             output_dir=str(run_dir / "train"),
-            seed=cfg.seed,
-            beta=spec.get("init_beta", 0.1),
-            kl_target=spec["kl_target"],
+            seed=seed,
+            beta=spec["beta"] if fixed else spec.get("init_beta", 0.1),
+            kl_target=None if fixed else spec["kl_target"],
             kl_horizon=cfg.ppo_kl_horizon or 2 * cfg.batch_size,
-            max_steps=cfg.ppo_steps,
+            max_steps=int(spec.get("steps", cfg.ppo_steps)),
             batch_size=cfg.batch_size,
             learning_rate=cfg.ppo_lr,
             max_new_tokens=cfg.max_new_tokens,
@@ -120,7 +128,7 @@ def main(spec_path: str) -> int:
         train_ppo(
             pcfg,
             prompts=[p.text for p in train_prompts],
-            reward=RewardSet(optimised, [logged]),
+            reward=RewardSet(optimised, logged),
             eval_hook=hook,
             resume=resumed is not None,
         )

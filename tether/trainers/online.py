@@ -822,8 +822,12 @@ class Session:
         if self.forgetting is not None:  # teacher-forced on off-distribution text, whichever protocol ran above
             ev.update(self.forgetting(self.policy, self.reference))
         self.eval_history.append({"step": self.step, **ev})
-        if self.hacking is None and {"eval/reward/gold", "eval/reward/proxy"} <= ev.keys():
-            self.hacking = HackingMonitor("proxy", ["gold"])  # an eval_hook's protocol (the demo, tether sweep)
+        if (
+            self.hacking is None
+            and {"eval/reward/gold", "eval/reward/proxy"} <= ev.keys()
+            and self.rewards.optimised.name != "gold"
+        ):  # an eval_hook's protocol (the demo, tether sweep); a run that optimises the gold has none to exploit
+            self.hacking = HackingMonitor("proxy", ["gold"])
         if self.hacking is not None:  # gold stopped rising while the proxy rises (diagnostics/hacking.py)
             ev.update(self.hacking.check(self.eval_history, self.step))
         return ev
