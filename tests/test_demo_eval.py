@@ -92,16 +92,25 @@ def test_initial_beta_for_a_skewed_reward_misses_by_the_square_root_of_the_targe
 
 
 def test_initial_betas_per_run():
-    """PPO runs get β₀ from the proxy's spread, PPO-GT from the gold reward's; DPO specs are untouched;
-    ``ppo_init_beta`` overrides both."""
-    cfg = DemoConfig(dpo_betas=[0.1], ppo_kl_targets=[2.0], ppo_gt_kl_targets=[8.0], bon_ns=[2])
-    spread = {"proxy": 4.0, "gold": 0.16}
-    specs = {s["run"]: s for s in initial_betas(cfg, cfg.runs(), spread)}
+    """PPO runs get β₀ from the proxy's spread, PPO-GT from the gold reward's, each under its own reference
+    (the weak reference's PPO-GT from the weak reference's spread); DPO, best-of-n and the fixed-β ladder
+    are untouched; ``ppo_init_beta`` overrides every adaptive run."""
+    cfg = DemoConfig(
+        dpo_betas=[0.1], ppo_kl_targets=[2.0], ppo_gt_kl_targets=[8.0], bon_ns=[2], ppo_seeds=[0, 3], ladder_betas=[0.0]
+    )
+    spreads = {"sft": {"proxy": 4.0, "gold": 0.16}, "sft_weak": {"proxy": 1.0, "gold": 0.64}}
+    specs = {s["run"]: s for s in initial_betas(cfg, cfg.runs(), spreads)}
     assert specs["ppo-kl2"]["init_beta"] == pytest.approx(1.0)  # sqrt(4 / 4)
+    assert specs["ppo-kl2-seed3"]["init_beta"] == pytest.approx(1.0) and specs["ppo-kl2-seed3"]["seed"] == 3
     assert specs["ppo_gt-kl8"]["init_beta"] == pytest.approx(0.1)  # sqrt(0.16 / 16)
-    assert "init_beta" not in specs["dpo-beta0.1"] and "init_beta" not in specs["bon-n2"]
-    fixed = DemoConfig(ppo_kl_targets=[2.0], ppo_gt_kl_targets=[8.0], ppo_init_beta=0.3, methods=["ppo", "ppo_gt"])
-    assert [s["init_beta"] for s in initial_betas(fixed, fixed.runs(), spread)] == [0.3, 0.3]
+    assert specs["ppo_gt-kl8-weakref"]["init_beta"] == pytest.approx(0.2)  # sqrt(0.64 / 16)
+    for run in ("dpo-beta0.1", "bon-n2", "ladder-beta0", "ladder-beta0-seed1", "ladder_small-beta0.05"):
+        assert "init_beta" not in specs[run], run
+    assert specs["ladder-beta0"]["beta"] == 0.0 and specs["ladder_small-beta0.05"]["proxy"] == "rm_small"
+    fixed = DemoConfig(
+        ppo_kl_targets=[2.0], ppo_gt_kl_targets=[8.0], ppo_init_beta=0.3, methods=["ppo", "ppo_gt"], ppo_seeds=[0]
+    )
+    assert [s["init_beta"] for s in initial_betas(fixed, fixed.runs(), spreads)] == [0.3, 0.3]
 
 
 def test_evaluate_policy_with_several_samples_per_prompt(stories_path):

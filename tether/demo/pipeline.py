@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,7 +30,11 @@ from typing import Optional
 
 log = logging.getLogger(__name__)
 
-METHODS = ("dpo", "ppo", "ppo_gt", "best_of_n")
+METHODS = ("dpo", "ppo", "ppo_gt", "best_of_n", "ladder", "small_proxy", "weak_reference")
+"""dpo, ppo (the proxy, adaptive KL targets), ppo_gt (the gold, adaptive), best_of_n: the frontier. ladder: PPO
+against the proxy at fixed β, β = 0 included (reward hacking, the β table, forgetting and KL noise). small_proxy:
+the same ladder against a proxy learned from fewer pairs (the second task). weak_reference: PPO-GT from a weaker
+SFT reference (the reference's ceiling)."""
 
 
 @dataclass
@@ -45,13 +50,33 @@ class DemoConfig:
     seed: int = 0
     """Seed of data splits, sampling and training."""
     methods: list = field(default_factory=lambda: list(METHODS))
-    """Which methods to run: dpo, ppo, ppo_gt, best_of_n."""
+    """Which parts to run: dpo, ppo, ppo_gt, best_of_n (the frontier), ladder, small_proxy, weak_reference."""
     dpo_betas: list = field(default_factory=lambda: [0.05, 0.2, 1.0])
     """DPO β values (DPO paper: 0.05, 0.1, 1, 5)."""
     ppo_kl_targets: list = field(default_factory=lambda: [3.0, 8.0])
     """PPO (proxy reward) adaptive KL targets, nats per completion (DPO paper: 3, 6, 9, 12)."""
     ppo_gt_kl_targets: list = field(default_factory=lambda: [6.0])
-    """PPO-GT (gold reward) adaptive KL targets."""
+    """PPO-GT (gold reward) adaptive KL targets (from the SFT reference, and from the weak one)."""
+    ppo_seeds: list = field(default_factory=lambda: [0, 1])
+    """Training seeds of every PPO-on-proxy KL target (PPO against a learned proxy varies between runs; the
+    report draws the spread). Every run is evaluated at ``seed``'s draw."""
+    ladder_betas: list = field(default_factory=lambda: [0.0, 0.01, 0.05, 0.3, 2.0])
+    """The β ladder: PPO against the proxy at these fixed β (0: no penalty), one per row of the practitioners'
+    rule of thumb (0–0.01 near-unconstrained, 0.02–0.1 standard, 0.2–0.5 conservative, > 1 barely moves)."""
+    ladder_steps: int = 120
+    """PPO steps of every ladder run (the unpenalised run's gold peaks and falls within them)."""
+    hack_seeds: list = field(default_factory=lambda: [1])
+    """Further training seeds of the ladder's smallest β (the hacking run), beside ``seed``."""
+    small_proxy_fraction: float = 0.25
+    """The second task's proxy: a reward model trained on the pairs of this fraction of the preference prompts
+    (Gao et al. 2022: a proxy learned from fewer labels is overoptimised sooner)."""
+    small_proxy_betas: list = field(default_factory=lambda: [0.0, 0.05, 0.3, 2.0])
+    """The ladder's β values for the second task."""
+    weak_sft_steps: int = 10
+    """SFT steps of the weak reference (the reference's ceiling: the same PPO-GT runs from it)."""
+    diagnostics: bool = True
+    """Forgetting (off-distribution NLL, forward KL) and KL noise (per position, standard error by length) of
+    the ladder's final policies."""
     bon_ns: list = field(default_factory=lambda: [2, 4, 8, 16])
     """Best-of-n sample counts (selection by the proxy reward model)."""
     n_sft: int = 4000
@@ -101,17 +126,57 @@ class DemoConfig:
     """Parallel run processes (0 = one per 2 cores... at least 1, at most the number of runs)."""
 
     def runs(self) -> list[dict]:
-        specs: list[dict] = []
-        if "dpo" in self.methods:
+        """Every trained run's spec: method, run (its folder name), the swept value, and where it differs from
+        the frontier's runs: seed, steps, fixed beta, proxy ("rm_small"), reference ("sft_weak"), group."""
+        m, specs = self.methods, []
+
+        def seeded(name: str, seed: int) -> str:
+            return name if seed == self.seed else f"{name}-seed{seed}"
+
+        if "dpo" in m:
             specs += [{"method": "dpo", "run": f"dpo-beta{b:g}", "beta": float(b)} for b in self.dpo_betas]
-        if "ppo" in self.methods:
-            specs += [{"method": "ppo", "run": f"ppo-kl{t:g}", "kl_target": float(t)} for t in self.ppo_kl_targets]
-        if "ppo_gt" in self.methods:
+        if "ppo" in m:
+            specs += [
+                {"method": "ppo", "run": seeded(f"ppo-kl{t:g}", s), "kl_target": float(t), "seed": int(s)}
+                for t in self.ppo_kl_targets
+                for s in (self.ppo_seeds or [self.seed])
+            ]
+        if "ppo_gt" in m:
             specs += [
                 {"method": "ppo_gt", "run": f"ppo_gt-kl{t:g}", "kl_target": float(t)} for t in self.ppo_gt_kl_targets
             ]
-        if "best_of_n" in self.methods:
+        if "best_of_n" in m:
             specs += [{"method": "best_of_n", "run": f"bon-n{n}", "n": int(n)} for n in self.bon_ns]
+        ladder = {"method": "ppo", "steps": self.ladder_steps}
+        if "ladder" in m:
+            for b in self.ladder_betas:
+                seeds = [self.seed] + ([int(s) for s in self.hack_seeds] if b == min(self.ladder_betas) else [])
+                specs += [
+                    {**ladder, "run": seeded(f"ladder-beta{b:g}", s), "beta": float(b), "seed": s, "group": "ladder"}
+                    for s in dict.fromkeys(seeds)
+                ]
+        if "small_proxy" in m:
+            specs += [
+                {
+                    **ladder,
+                    "run": f"ladder_small-beta{b:g}",
+                    "beta": float(b),
+                    "proxy": "rm_small",
+                    "group": "ladder_small",
+                }
+                for b in self.small_proxy_betas
+            ]
+        if "weak_reference" in m:
+            specs += [
+                {
+                    "method": "ppo_gt",
+                    "run": f"ppo_gt-kl{t:g}-weakref",
+                    "kl_target": float(t),
+                    "reference": "sft_weak",
+                    "group": "weak_reference",
+                }
+                for t in self.ppo_gt_kl_targets
+            ]
         return specs
 
 
@@ -164,6 +229,10 @@ class Paths:
     def reference(self) -> Path:
         return self.sft / "final"
 
+    def model(self, name: str) -> Path:
+        """A stage's final model by its folder name: "sft", "sft_weak", "rm", "rm_small"."""
+        return self.work / name / "final"
+
     @property
     def proxy(self) -> Path:
         return self.rm / "final"
@@ -194,25 +263,28 @@ def _mark(marker: Path, data: dict) -> None:
     os.replace(tmp, marker)
 
 
-def stage_sft(cfg: DemoConfig, paths: Paths, splits: dict) -> None:
-    marker = paths.work / "sft.done"
+def stage_sft(cfg: DemoConfig, paths: Paths, splits: dict, *, name: str = "sft", steps: Optional[int] = None) -> None:
+    """SFT of the starting model on the snippets -> ``work/<name>/final``: the reference ("sft", ``sft_steps``)
+    or the weak reference ("sft_weak", ``weak_sft_steps``: the same data and schedule, far fewer steps)."""
+    marker = paths.work / f"{name}.done"
     if _done(marker):
         return
     from ..trainers.sft import SFTConfig, train_sft
 
-    paths.sft.mkdir(parents=True, exist_ok=True)
+    (paths.work / name).mkdir(parents=True, exist_ok=True)
     data = paths.work / "sft_snippets.txt"
     data.write_text("\n".join(splits["sft"]) + "\n")
+    steps = cfg.sft_steps if steps is None else steps
     scfg = SFTConfig(
         model=cfg.model,
         assets=cfg.assets,
         dataset=str(data),
-        output_dir=str(paths.sft),
+        output_dir=str(paths.work / name),
         seed=cfg.seed,
-        max_steps=cfg.sft_steps,
+        max_steps=steps,
         batch_size=cfg.batch_size,
         learning_rate=3e-3,
-        warmup_steps=10,
+        warmup_steps=min(10, max(steps // 2, 1)),
         lr_schedule="cosine",
         max_length=48,
         completion_only_loss=False,
@@ -260,15 +332,24 @@ def stage_prefs(cfg: DemoConfig, paths: Paths, pref_prompts) -> list[dict]:
     return [json.loads(l) for l in prefs.read_text().splitlines() if l.strip()]
 
 
-def stage_rm(cfg: DemoConfig, paths: Paths) -> dict:
-    marker = paths.work / "rm.done"
+def stage_rm(cfg: DemoConfig, paths: Paths, *, name: str = "rm", prompt_fraction: float = 1.0) -> dict:
+    """The proxy reward model on the preference pairs -> ``work/<name>/final``. ``prompt_fraction`` < 1 (the
+    second task's "rm_small"): only the pairs of the first fraction of the preference prompts, the same steps."""
+    marker = paths.work / f"{name}.done"
     if not _done(marker):
         from ..trainers.reward_model import RMConfig, train_reward_model
 
+        data = paths.work / "prefs.jsonl"
+        if prompt_fraction < 1.0:
+            rows = [json.loads(ln) for ln in data.read_text().splitlines() if ln.strip()]
+            prompts = list(dict.fromkeys(r["prompt"] for r in rows))
+            keep = set(prompts[: max(1, round(prompt_fraction * len(prompts)))])
+            data = paths.work / f"prefs_{name}.jsonl"
+            data.write_text("".join(json.dumps(r) + "\n" for r in rows if r["prompt"] in keep))
         rcfg = RMConfig(
             model=str(paths.reference),
-            dataset=str(paths.work / "prefs.jsonl"),
-            output_dir=str(paths.rm),
+            dataset=str(data),
+            output_dir=str(paths.work / name),
             seed=cfg.seed,
             max_steps=cfg.rm_steps,
             batch_size=cfg.batch_size,
@@ -280,9 +361,9 @@ def stage_rm(cfg: DemoConfig, paths: Paths) -> dict:
             overwrite=True,
         )
         out = train_reward_model(rcfg)
-        _mark(
-            marker, {k: v for k, v in out.summary(("loss", "rm/accuracy")).items() if isinstance(v, (int, float, str))}
-        )
+        pairs = sum(1 for ln in data.read_text().splitlines() if ln.strip())
+        summary = {k: v for k, v in out.summary(("loss", "rm/accuracy")).items() if isinstance(v, (int, float, str))}
+        _mark(marker, {**summary, "pairs": pairs})
     return json.loads(marker.read_text())
 
 
@@ -351,20 +432,24 @@ def run_all(cfg: DemoConfig, specs: list[dict], paths: Paths, *, workers: int) -
     launch_all(jobs, module="tether.demo.worker", workers=workers, desc="demo sweep")
 
 
-def reference_row(cfg: DemoConfig, paths: Paths, eval_prompts) -> dict:
+def reference_row(cfg: DemoConfig, paths: Paths, eval_prompts, reference: str = "sft") -> dict:
     """The reference's evaluation point (KL = 0), and beside it ``reward_spread.json``: the within-prompt
-    variance of the gold and proxy rewards among its evaluation samples (``initial_betas`` uses it)."""
-    marker, spread = paths.work / "reference_eval.json", paths.work / "reward_spread.json"
+    variance of the gold and proxy rewards among its evaluation samples (``initial_betas`` uses it).
+    ``reference="sft_weak"``: the weak reference's (``reference_eval_sft_weak.json``,
+    ``reward_spread_sft_weak.json``)."""
+    tail = "" if reference == "sft" else f"_{reference}"
+    marker, spread = paths.work / f"reference_eval{tail}.json", paths.work / f"reward_spread{tail}.json"
     if not (marker.exists() and spread.exists()):
         from ..modeling import load_causal_lm, load_tokenizer
         from ..reference import FrozenReference
         from ..rewards import RewardModelSource, VaderSource
         from .task import evaluate_policy, within_prompt_variance
 
-        tok, ref = load_tokenizer(str(paths.reference)), load_causal_lm(str(paths.reference))
+        where = str(paths.model(reference))
+        tok, ref = load_tokenizer(where), load_causal_lm(where)
         ev = evaluate_policy(
             ref,
-            FrozenReference(load_causal_lm(str(paths.reference))),
+            FrozenReference(load_causal_lm(where)),
             tok,
             eval_prompts,
             gold=VaderSource(),
@@ -382,37 +467,125 @@ def reference_row(cfg: DemoConfig, paths: Paths, eval_prompts) -> dict:
                 **{name: within_prompt_variance(v, cfg.eval_samples) for name, v in scores.items()},
             },
         )
-        _mark(marker, {"method": "reference", "run": "reference", "seed": cfg.seed, "step": 0, **ev})
+        run = "reference" if reference == "sft" else f"reference-{reference}"
+        _mark(marker, {"method": "reference", "run": run, "reference": reference, "seed": cfg.seed, "step": 0, **ev})
     return json.loads(marker.read_text())
 
 
-def initial_betas(cfg: DemoConfig, specs: list[dict], spread: dict) -> list[dict]:
-    """Each PPO run's starting β (``init_beta`` in its spec): ``cfg.ppo_init_beta`` if set, else
-    ``control.initial_beta_for_kl`` of its KL target and the within-prompt variance, under the
-    reference, of the reward it optimises (the proxy for PPO, the gold reward for PPO-GT)."""
+def initial_betas(cfg: DemoConfig, specs: list[dict], spreads: dict[str, dict]) -> list[dict]:
+    """Each adaptive PPO run's starting β (``init_beta`` in its spec): ``cfg.ppo_init_beta`` if set, else
+    ``control.initial_beta_for_kl`` of its KL target and the within-prompt variance, under its reference
+    (``spreads[reference]``), of the reward it optimises (the proxy for PPO, the gold reward for PPO-GT).
+    The ladder's runs have a fixed β."""
     from ..control import initial_beta_for_kl
 
     out = []
     for spec in specs:
-        if spec["method"] in ("ppo", "ppo_gt"):
-            var = spread["proxy" if spec["method"] == "ppo" else "gold"]
+        if spec["method"] in ("ppo", "ppo_gt") and spec.get("kl_target") is not None:
+            var = spreads[spec.get("reference", "sft")]["proxy" if spec["method"] == "ppo" else "gold"]
             beta = cfg.ppo_init_beta if cfg.ppo_init_beta is not None else initial_beta_for_kl(var, spec["kl_target"])
             spec = {**spec, "init_beta": beta}
         out.append(spec)
     return out
 
 
+def stage_diagnostics(cfg: DemoConfig, paths: Paths, specs: list[dict], eval_prompts) -> dict:
+    """Part 5 of the report, on the final policies of the ladder's seed-``seed`` runs (``tether.demo.diagnose``):
+    forgetting (off-distribution NLL change and KL on text the demo never trained on, and the forward KL on the
+    evaluation prompts) against β, and the KL's noise (exact per-position KL; the standard error of k1, k3 and
+    exact by completion length) for the smallest β and a penalised one. Saved to ``work/diagnostics.json`` (a
+    resumed demo reuses it)."""
+    marker = paths.work / "diagnostics.json"
+    if marker.exists():
+        return json.loads(marker.read_text())
+    from .diagnose import forgetting_points, kl_noise, off_distribution_texts
+
+    ladder = sorted(
+        (s for s in specs if s.get("group") == "ladder" and s.get("seed", cfg.seed) == cfg.seed),
+        key=lambda s: s["beta"],
+    )
+    if not ladder:
+        return {}
+    ref = str(paths.reference)
+    runs = [
+        {"run": s["run"], "beta": s["beta"], "policy": str(paths.runs / s["run"] / "train" / "final")} for s in ladder
+    ]
+    source, texts = off_distribution_texts(cfg.assets, seed=cfg.seed)
+    points = forgetting_points(
+        runs, ref, texts=texts, prompts=eval_prompts, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed
+    )
+    penalised = [r for r in runs if r["beta"] > 0]
+    chosen = [runs[0]] + ([penalised[len(penalised) // 2]] if penalised else [])  # β = 0 and a mid-ladder β
+    noise = {
+        f"β = {r['beta']:g}": kl_noise(r["policy"], ref, eval_prompts, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+        for r in chosen
+    }
+    out = {"texts_source": source, "texts": len(texts), "forgetting": points, "kl_noise": noise}
+    _mark(marker, out)
+    return out
+
+
+def run_cost(spec: dict, cfg: DemoConfig) -> float:
+    """A run's relative cost (PPO steps; a DPO step ≈ 0.3 of one): the sweep starts the longest first, so
+    the last runs running are short ones and the processes finish together."""
+    if spec["method"] == "dpo":
+        return 0.3 * cfg.dpo_steps
+    return float(spec.get("steps", cfg.ppo_steps))
+
+
+def first_hacking_step(run_dir: Path) -> Optional[int]:
+    """The first step at which the run's own metrics (``train/metrics.jsonl``) hold ``eval/hacking`` = 1: the
+    trainer's monitor fired there (diagnostics/hacking.py). None: it never fired, or the run logs no monitor."""
+    f = run_dir / "train" / "metrics.jsonl"
+    if not f.exists():
+        return None
+    for ln in f.read_text().splitlines():
+        if '"eval/hacking"' in ln:
+            r = json.loads(ln)
+            if r.get("eval/hacking") == 1.0:
+                return int(r["step"])
+    return None
+
+
+DPO_UNSTABLE_LOSS = math.log(2)
+"""A DPO run whose training loss ends above ln 2 (the loss of a policy equal to its reference) is a failed run:
+it ended worse than where it started. The report lists it and leaves it off the frontier."""
+
+
+def final_train_loss(run_dir: Path, *, tail: float = 0.1) -> Optional[float]:
+    """Mean training loss over the last ``tail`` of the logged steps (at least 5): one batch's loss is noisy."""
+    f = run_dir / "train" / "history.jsonl"
+    if not f.exists():
+        return None
+    losses = [r["loss"] for r in map(json.loads, f.read_text().splitlines()) if r.get("loss") is not None]
+    if not losses:
+        return None
+    k = max(5, math.ceil(tail * len(losses)))
+    return sum(losses[-k:]) / len(losses[-k:])
+
+
 def collect(paths: Paths, specs: list[dict], ref_row: dict) -> tuple[list[dict], list[dict], dict]:
-    rows = [dict(ref_row)]  # rows keep their samples (the report's side-by-side table); the CSVs drop them
-    finals = [{k: v for k, v in ref_row.items() if k != "samples"}]
+    """Every evaluation row, each run's final row and its samples. A run's rows carry its spec's ``group``
+    ("frontier" unless the spec names another), and its final row ``hacking_step`` (``first_hacking_step``)
+    and, for DPO, ``final_loss`` and ``unstable`` (``final_train_loss`` > ln 2)."""
+    rows = [dict(ref_row, group="frontier")]  # rows keep their samples (the side-by-side tables); the CSVs drop them
+    finals = [{k: v for k, v in ref_row.items() if k != "samples"} | {"group": "frontier"}]
     samples = {"reference": ref_row.get("samples", [])}
     for spec in specs:
         run_dir = paths.runs / spec["run"]
-        pts = [json.loads(l) for l in (run_dir / "eval.jsonl").read_text().splitlines() if l.strip()]
+        group = spec.get("group", "frontier")
+        pts = [
+            json.loads(ln) | {"group": group} for ln in (run_dir / "eval.jsonl").read_text().splitlines() if ln.strip()
+        ]
         rows += pts
-        last = pts[-1]
-        finals.append({k: v for k, v in last.items() if k != "samples"})
-        samples[spec["run"]] = last.get("samples", [])
+        final = {k: v for k, v in pts[-1].items() if k != "samples"}
+        if spec["method"] in ("ppo", "ppo_gt"):
+            final["hacking_step"] = first_hacking_step(run_dir)
+        if spec["method"] == "dpo":
+            final["final_loss"] = final_train_loss(run_dir)
+            final["unstable"] = final["final_loss"] is not None and final["final_loss"] > DPO_UNSTABLE_LOSS
+        finals.append(final)
+        samples[spec["run"]] = pts[-1].get("samples", [])
     return rows, finals, samples
 
 
@@ -434,6 +607,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     n_pref = cfg.n_pref_prompts
     splits = split_snippets(pos, neg, n_sft=cfg.n_sft, n_pref=n_pref, n_eval=cfg.n_eval_prompts, seed=cfg.seed)
     times: dict[str, float] = {}  # stage -> seconds in this invocation (a resumed, skipped stage takes ~0)
+    weak, small = "weak_reference" in cfg.methods, "small_proxy" in cfg.methods
 
     last = t0
 
@@ -443,34 +617,55 @@ def run_demo(cfg: DemoConfig) -> Path:
         log.info("%s took %.1f s", stage, times[stage])
 
     with one_thread():  # the stages of this process; each worker process runs on one thread too
-        log.info("[1/6] SFT -> reference")
+        log.info("[1/7] SFT -> reference%s", " (and the weak reference)" if weak else "")
         stage_sft(cfg, paths, splits)
+        if weak:
+            stage_sft(cfg, paths, splits, name="sft_weak", steps=cfg.weak_sft_steps)
         lap("SFT")
-        log.info("[2/6] prompts")
+        log.info("[2/7] prompts")
         pref_prompts, eval_prompts = stage_prompts(cfg, paths, splits)
         lap("prompts")
-        log.info("[3/6] preference pairs")
+        log.info("[3/7] preference pairs")
         pairs = stage_prefs(cfg, paths, pref_prompts)
         lap("preference pairs")
-        log.info("[4/6] proxy reward model (%d pairs)", len(pairs))
+        log.info("[4/7] proxy reward model (%d pairs)%s", len(pairs), " and the small proxy" if small else "")
         rm = stage_rm(cfg, paths)
+        rm_small = stage_rm(cfg, paths, name="rm_small", prompt_fraction=cfg.small_proxy_fraction) if small else None
         lap("reward model")
         specs = cfg.runs()
         workers = cfg.workers or default_workers(len(specs))
-        log.info("[5/6] sweep: %d runs, %d in parallel", len(specs), workers)
+        log.info("[5/7] sweep: %d runs, %d in parallel", len(specs), workers)
         ref_row = reference_row(cfg, paths, eval_prompts)
+        weak_row = reference_row(cfg, paths, eval_prompts, reference="sft_weak") if weak else None
         lap("reference evaluation")
         stage_best_of_n(cfg, paths, specs, eval_prompts)
         lap("best-of-n")
-    specs = initial_betas(cfg, specs, json.loads((paths.work / "reward_spread.json").read_text()))
-    run_all(cfg, specs, paths, workers=workers)
+    spreads = {"sft": json.loads((paths.work / "reward_spread.json").read_text())}
+    if weak:
+        spreads["sft_weak"] = json.loads((paths.work / "reward_spread_sft_weak.json").read_text())
+    specs = initial_betas(cfg, specs, spreads)
+    run_all(cfg, sorted(specs, key=lambda s: -run_cost(s, cfg)), paths, workers=workers)
     lap("sweep")
-    log.info("[6/6] report")
+    diagnostics = None
+    if cfg.diagnostics and "ladder" in cfg.methods:
+        log.info("[6/7] forgetting and KL noise of the ladder's policies")
+        with one_thread():
+            diagnostics = stage_diagnostics(cfg, paths, specs, eval_prompts)
+        lap("diagnostics")
+    log.info("[7/7] report")
     rows, finals, samples = collect(paths, specs, ref_row)
     meta = {
         "model": cfg.model,
         "preference pairs": len(pairs),
         "proxy RM held-out accuracy": rm.get("eval/rm/accuracy"),
+        **(
+            {
+                "small proxy": f"{rm_small.get('pairs')} pairs (the first {cfg.small_proxy_fraction:g} of the "
+                f"preference prompts), held-out accuracy {rm_small.get('eval/rm/accuracy')}"
+            }
+            if rm_small
+            else {}
+        ),
         "eval prompts": len(eval_prompts),
         "eval samples per prompt": cfg.eval_samples,
         "max new tokens": cfg.max_new_tokens,
@@ -479,4 +674,13 @@ def run_demo(cfg: DemoConfig) -> Path:
         "wall time (s)": round(time.time() - t0, 1),
         "stage times (s)": ", ".join(f"{k} {v:g}" for k, v in times.items()),
     }
-    return write_report(Path(cfg.output_dir), rows, finals, samples, meta=meta)
+    return write_report(
+        Path(cfg.output_dir),
+        rows,
+        finals,
+        samples,
+        meta=meta,
+        weak_reference=weak_row,
+        diagnostics=diagnostics,
+        ladder_steps=cfg.ladder_steps,
+    )

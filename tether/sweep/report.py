@@ -550,7 +550,11 @@ def write_html(
     title: str = "tether sweep: the reward–KL frontier",
     intro: str = "",
     extra_figs: tuple = (),
+    sections_before: str = "",
+    sections_after: str = "",
 ) -> Path:
+    """The page. ``sections_before`` (HTML) goes before the frontier, ``sections_after`` after the frontier's
+    figures (the demo's own parts)."""
     esc = html.escape
     ylab = "gold" if ykey == "gold_reward" else "proxy (stands in for gold)"
     skey = ykey.replace("_reward", "_stderr")
@@ -664,6 +668,7 @@ document.body.dataset.images = document.images.length; }});</script></head><body
 sequence KL[π‖π_ref] with its standard error, and the mean {ylab} reward with its standard error over the
 evaluation samples. Up and to the left is better.</p>
 {proxy_note}
+{sections_before}
 <h2>Frontier</h2>{_img(out_dir, "frontier.png", "frontier plot")}
 <p>Small markers: each run's final point with error bars of one standard error (KL and reward, over evaluation
 samples). Hollow squares: the mean over seeds of a setting, error bars one standard deviation across seeds
@@ -677,6 +682,7 @@ d = √KL: RL d(α − β_g log d), best-of-n d(α − β_g d) (docs/theory.md �
 to the KL coefficient β. A fit is drawn only when it has at least {MIN_FIT_POINTS} distinct KL &gt; 0 for its 2
 coefficients, α &gt; 0, β_g ≥ 0 and R² ≥ {MIN_FIT_R2:g}; a flagged fit is listed with its reasons and not drawn.</p>
 <div class="figs">{figs}</div>
+{sections_after}
 <h2>Choosing β: the best setting within a KL budget</h2>
 <table><tr><th>KL budget (nats)</th><th>recommended setting</th><th>what the data say (mean ± standard error)</th>\
 <th>smallest β within the budget</th></tr>{bud_rows}</table>
