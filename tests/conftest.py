@@ -206,3 +206,30 @@ def _record_every_tolerance(log: str) -> None:
 
 if os.environ.get("TETHER_TOL_LOG"):
     _record_every_tolerance(os.environ["TETHER_TOL_LOG"])
+
+
+def rendered_dom(page: Path) -> tuple[str, tuple[int, int]]:
+    """``page`` rendered by headless Chromium (Debian's ``chromium``, installed when missing and root may):
+    (the DOM after load, (images on the page, images decoded)); the reports count both into the body's
+    data-images / data-images-loaded attributes on the load event. Skips when no chromium can be had."""
+    import re
+    import shutil
+    import subprocess
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None and hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "install", "-y", "chromium"], capture_output=True, timeout=600)
+        exe = shutil.which("chromium")
+    if exe is None:
+        pytest.skip(
+            "chromium is not installed and cannot be installed here (needs root and apt-get): "
+            "the headless-browser check of report.html is skipped"
+        )
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+    args += ["--run-all-compositor-stages-before-draw", "--virtual-time-budget=5000", "--dump-dom"]
+    dom = subprocess.run([exe, *args, Path(page).as_uri()], capture_output=True, text=True, timeout=120).stdout
+    body = re.search(r"<body[^>]*>", dom)
+    assert body is not None, dom[:500]
+    counts = [re.search(rf'{k}="(\\d+)"', body.group(0)) for k in ("data-images", "data-images-loaded")]
+    assert all(counts), body.group(0)
+    return dom, (int(counts[0].group(1)), int(counts[1].group(1)))

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import re
 import shutil
-import subprocess
 
 import pytest
 import yaml
@@ -18,6 +16,8 @@ from tether.errors import UserError
 from tether.sweep.report import budget_table, default_budgets, pareto_front, settings
 from tether.sweep.runner import read_points
 from tether.sweep.spec import load_sweep
+
+from conftest import rendered_dom
 
 
 def test_pareto_front_by_hand():
@@ -80,19 +80,6 @@ def test_cli_missing_config_is_exit_2(tmp_path, capsys):
     assert cli_main(["sweep", "--config", str(tmp_path / "nope.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no such file" in err[0]
-
-
-def _chromium() -> str:
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None and hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "install", "-y", "chromium"], capture_output=True, timeout=600)
-        exe = shutil.which("chromium")
-    if exe is None:
-        pytest.skip(
-            "chromium is not installed and cannot be installed here (needs root and apt-get): "
-            "the headless-browser check of report.html is skipped"
-        )
-    return exe
 
 
 @pytest.mark.slow
@@ -182,26 +169,8 @@ def test_miniature_sweep_end_to_end(tmp_path, stories_path, assets_dir, monkeypa
     moved = tmp_path / "moved" / "report.html"  # the page alone: its figures travel inside it
     moved.parent.mkdir()
     shutil.copy(out / "report.html", moved)
-    exe = _chromium()
-    dom = subprocess.run(
-        [
-            exe,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--run-all-compositor-stages-before-draw",
-            "--virtual-time-budget=5000",
-            "--dump-dom",
-            moved.as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    ).stdout
-    body = re.search(r"<body[^>]*>", dom)
-    assert body is not None, dom[:500]
-    assert 'data-images="2"' in body.group(0) and 'data-images-loaded="2"' in body.group(0), body.group(0)
+    dom, (images, loaded) = rendered_dom(moved)
+    assert images == loaded == 2, (images, loaded)
     assert dom.count('class="run-row"') == 4 and dom.count('class="ref-row"') == 1
     assert "best setting" in dom and "Pareto front" in dom
 
@@ -533,15 +502,8 @@ def test_moved_report_renders_every_image(tmp_path):
     moved = tmp_path / "elsewhere" / "report.html"
     moved.parent.mkdir()
     shutil.move(page, moved)
-    exe = _chromium()
-    dom = subprocess.run(
-        [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-         "--run-all-compositor-stages-before-draw", "--virtual-time-budget=5000", "--dump-dom", moved.as_uri()],
-        capture_output=True, text=True, timeout=120,
-    ).stdout  # fmt: skip
-    body = re.search(r"<body[^>]*>", dom)
-    assert body is not None, dom[:500]
-    assert 'data-images="2"' in body.group(0) and 'data-images-loaded="2"' in body.group(0), body.group(0)
+    _, (images, loaded) = rendered_dom(moved)
+    assert images == loaded == 2, (images, loaded)
 
 
 def test_a_rerun_gives_each_worker_the_same_threads(tmp_path, stories_path, monkeypatch):

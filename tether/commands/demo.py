@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from ..config import build_parser, check_finite, flag_values, from_dict, parse_args
-from ..demo.pipeline import PRESETS, DemoConfig, run_demo
+from ..demo.pipeline import METHODS, PRESETS, DemoConfig, run_demo
 
 
 def main(argv=None) -> int:
@@ -48,9 +48,9 @@ def main(argv=None) -> int:
         check_finite(cfg)
     except ValueError as e:
         parser.error(str(e))
-    unknown = [m for m in cfg.methods if m not in ("dpo", "ppo", "ppo_gt", "best_of_n")]
+    unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
-        parser.error(f"unknown demo method(s) {unknown}; choose from dpo, ppo, ppo_gt, best_of_n")
+        parser.error(f"unknown demo method(s) {unknown} in --methods; choose from {', '.join(METHODS)}")
     report = run_demo(cfg)
     print(f"report: {report}")
     print(f"frontier: {report.parent / 'frontier.png'}  data: {report.parent / 'frontier.csv'}")

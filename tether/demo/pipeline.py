@@ -213,6 +213,12 @@ PRESETS = {
         "eval_every": 2,
         "max_new_tokens": 8,
         "batch_size": 8,
+        "ppo_seeds": [0],
+        "ladder_betas": [0.0, 1.0],
+        "ladder_steps": 2,
+        "hack_seeds": [],
+        "small_proxy_betas": [0.1],
+        "weak_sft_steps": 2,
     },
 }
 
@@ -666,6 +672,7 @@ def run_demo(cfg: DemoConfig) -> Path:
             if rm_small
             else {}
         ),
+        **({"weak reference SFT steps": cfg.weak_sft_steps} if weak else {}),
         "eval prompts": len(eval_prompts),
         "eval samples per prompt": cfg.eval_samples,
         "max new tokens": cfg.max_new_tokens,

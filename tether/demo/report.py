@@ -9,7 +9,9 @@ method ``reference``), the final row of each run, and sample completions per run
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
+from typing import Optional
 
 COLOURS = {
     "reference": "#000000",
@@ -56,27 +58,78 @@ def plot_beta_kl(finals: list[dict], path: Path) -> None:
 
 
 INTRO = """<p>Controlled sentiment generation as in the DPO paper (Rafailov et al. 2023, Figure 2), at laptop scale.
-The reference is the real <code>stories260K</code> Llama fine-tuned on movie-review snippets; the gold
-reward is the VADER sentiment of the completion; the proxy is a reward model trained on preference pairs
-ranked by it. Runs: DPO at several β, PPO against the proxy at adaptive KL targets, PPO-GT against the gold
-reward, best-of-n by the proxy.</p>"""
+The reference is the real <code>stories260K</code> Llama fine-tuned on movie-review snippets. The <b>gold</b>
+reward, the judgement we care about, is the VADER sentiment of the completion. The <b>proxy</b> is what RLHF
+actually optimises: a reward model trained on a finite set of preference pairs (reference samples ranked by the
+gold), as in Gao et al. 2022. It agrees with the gold on the kind of text it was trained on and is blind off it:
+a policy free to drift finds text it scores highly and the gold does not. That gap, a learned reward from a few
+hundred labelled prompts, is the realistic one; the KL penalty is what keeps the policy where the proxy is
+right.</p>"""
 
 
 def write_report(
-    out_dir: Path, rows: list[dict], finals: list[dict], samples: dict[str, list[dict]], *, meta: dict
+    out_dir: Path,
+    rows: list[dict],
+    finals: list[dict],
+    samples: dict[str, list[dict]],
+    *,
+    meta: dict,
+    weak_reference: Optional[dict] = None,
+    diagnostics: Optional[dict] = None,
+    ladder_steps: Optional[int] = None,
 ) -> Path:
+    """The demo's page: part 1 (hacking), the sweep report's frontier (part 2: only the frontier's runs, DPO
+    runs that ended unstable left off and listed), parts 3-5 (``report_parts``), then the sweep report's
+    tables."""
+    from ..sweep.report import csv_columns, write_csv
     from ..sweep.report import write_report as sweep_report
+    from .report_parts import diagnostics_html, hacking_html, ladder_html, ladder_table, reference_html
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plot_beta_kl(finals, out_dir / "beta_kl.png")
+    unstable = {f["run"] for f in finals if f.get("unstable")}
+    frontier_rows = [r for r in rows if r.get("group", "frontier") == "frontier" and r["run"] not in unstable]
+    frontier_finals = [f for f in finals if f.get("group", "frontier") == "frontier" and f["run"] not in unstable]
+    frontier_samples = {k: v for k, v in samples.items() if k in {f["run"] for f in frontier_finals}}
+    plot_beta_kl(frontier_finals, out_dir / "beta_kl.png")
+    ref = next(f for f in finals if f["method"] == "reference")
+    ref_gold = (ref["gold_reward"], ref.get("gold_stderr") or 0.0)
+    ladder = ladder_table(rows, finals, "ladder", ref_gold)
+    small = ladder_table(rows, finals, "ladder_small", ref_gold)
+    tasks = {"task 1: sentiment, the proxy from every preference pair": ladder}
+    if small:
+        tasks["task 2: sentiment, a proxy from a quarter of the pairs"] = small
+    notes = {
+        next(iter(tasks)): "The proxy of the frontier below.",
+        "task 2: sentiment, a proxy from a quarter of the pairs": "A reward model trained the same way on the pairs "
+        "of a quarter of the preference prompts: a different reward on the same model, with a different scale and "
+        "more blind spots (Gao et al. 2022: a proxy learned from fewer labels is overoptimised sooner). Its proxy "
+        "column is that reward model's score.",
+    }
+    write_csv(rows, out_dir / "all_points.csv", csv_columns(rows))  # every group's evaluation points
+    write_csv(ladder + small, out_dir / "ladder.csv")
+    before = hacking_html(out_dir, rows, finals, ladder)
+    if unstable:
+        lines = ", ".join(
+            f"{f['run']} (final training loss {f['final_loss']:.3f})" for f in finals if f["run"] in unstable
+        )
+        before += (
+            "<p class='warn'><b>Failed runs, not drawn:</b> DPO runs whose training loss ended above ln 2 = 0.693 "
+            f"(the loss at the reference, before any training): {html.escape(lines)}.</p>"
+        )
+    refs = {"frontier": ref, **({"weak_reference": weak_reference} if weak_reference else {})}
+    after = ladder_html(out_dir, tasks, steps=ladder_steps or 0, notes=notes)
+    after += reference_html(out_dir, rows, refs, meta.get("weak reference SFT steps"))
+    after += diagnostics_html(out_dir, diagnostics)
     return sweep_report(
         out_dir,
-        rows,
-        finals,
-        samples,
+        frontier_rows,
+        frontier_finals,
+        frontier_samples,
         meta=meta,
-        title="tether demo: the reward–KL frontier on a real tiny model",
+        title="tether demo: the case for the KL penalty, on a real tiny model",
         intro=INTRO,
         extra_figs=(("β against final KL", "beta_kl.png"),),
+        sections_before=before,
+        sections_after=after,
     )

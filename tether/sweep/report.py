@@ -110,10 +110,14 @@ def _num(v) -> Optional[float]:
 
 
 def setting_of(row: dict, swept: list[str]) -> str:
-    """The run's setting: its swept fields other than the seed (runs differing only in seed share it)."""
+    """The run's setting: its swept fields other than the seed (runs differing only in seed share it). A row
+    that names its own ``swept`` fields is set by those alone: an adaptive run's final β, logged as ``beta``,
+    is an outcome that differs between seeds, not a setting, even where another method sweeps β."""
     if row["method"] == REFERENCE:
         return REFERENCE
-    parts = [f"{k}={row[k]:g}" if isinstance(row.get(k), float) else f"{k}={row.get(k)}" for k in swept if k in row]
+    own = row.get("swept")
+    keys = [k for k in swept if k in row and (not own or k in own)]
+    parts = [f"{k}={row[k]:g}" if isinstance(row.get(k), float) else f"{k}={row.get(k)}" for k in keys]
     return f"{row['method']} " + (", ".join(parts) if parts else row["run"])
 
 
