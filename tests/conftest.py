@@ -230,6 +230,6 @@ def rendered_dom(page: Path) -> tuple[str, tuple[int, int]]:
     dom = subprocess.run([exe, *args, Path(page).as_uri()], capture_output=True, text=True, timeout=120).stdout
     body = re.search(r"<body[^>]*>", dom)
     assert body is not None, dom[:500]
-    counts = [re.search(rf'{k}="(\\d+)"', body.group(0)) for k in ("data-images", "data-images-loaded")]
+    counts = [re.search(rf'{k}="(\d+)"', body.group(0)) for k in ("data-images", "data-images-loaded")]
     assert all(counts), body.group(0)
     return dom, (int(counts[0].group(1)), int(counts[1].group(1)))

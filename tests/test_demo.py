@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from conftest import rendered_dom
-
 from tether.commands.demo import main as demo_main
+
+from conftest import rendered_dom
 
 
 @pytest.mark.slow

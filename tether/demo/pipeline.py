@@ -70,8 +70,9 @@ class DemoConfig:
     small_proxy_fraction: float = 0.25
     """The second task's proxy: a reward model trained on the pairs of this fraction of the preference prompts
     (Gao et al. 2022: a proxy learned from fewer labels is overoptimised sooner)."""
-    small_proxy_betas: list = field(default_factory=lambda: [0.0, 0.05, 0.3, 2.0])
-    """The ladder's β values for the second task."""
+    small_proxy_betas: list = field(default_factory=lambda: [0.05, 0.3, 2.0])
+    """The ladder's β values for the second task (its β = 0 run would only repeat the first task's: without a
+    penalty every learned proxy is exploited)."""
     weak_sft_steps: int = 10
     """SFT steps of the weak reference (the reference's ceiling: the same PPO-GT runs from it)."""
     diagnostics: bool = True
@@ -196,6 +197,9 @@ PRESETS = {
         "eval_every": 20,
         "max_new_tokens": 32,
         "ppo_kl_horizon": 480,
+        "ppo_seeds": [0, 1, 2],
+        "hack_seeds": [1, 2],
+        "ladder_steps": 160,
     },
     # A miniature for the test suite: every stage runs, a few steps each.
     "tiny": {
@@ -218,7 +222,9 @@ PRESETS = {
         "ladder_steps": 2,
         "hack_seeds": [],
         "small_proxy_betas": [0.1],
+        "small_proxy_fraction": 1.0,  # 24 prompts' pairs: a quarter is less than one batch
         "weak_sft_steps": 2,
+        "ppo_init_beta": 0.1,  # 8 prompts x 2 samples of a 2-step SFT can all score 0: no spread to start from
     },
 }
 

@@ -1,0 +1,90 @@
+"""The demo report's readings (tether/demo/report_parts.py) on hand-made evaluation rows: the rule-of-thumb row
+of a β, the turn of a run in standard errors, what a ladder run did, the best β, and the DPO failure rule."""
+
+import json
+import math
+
+import pytest
+
+from tether.demo.pipeline import DPO_UNSTABLE_LOSS, DemoConfig, final_train_loss, first_hacking_step
+from tether.demo.report_parts import agrees, best_beta, hacking_verdict, ladder_table, rule_row
+
+
+def test_rule_of_thumb_rows():
+    assert rule_row(0.0)[0] == rule_row(0.01)[0] == "0–0.01"
+    assert rule_row(0.05) == ("0.02–0.1", "standard")
+    assert rule_row(0.3) == ("0.2–0.5", "conservative")
+    assert rule_row(1.0)[0] == rule_row(2.0)[0] == "> 1"
+    assert rule_row(0.15) == ("between 0.02–0.1 and 0.2–0.5", "")  # between rows: no prediction
+
+
+def _pts(golds, proxies, se=0.01, run="r"):
+    return [
+        {"run": run, "step": 20 * i, "kl": float(i), "gold_reward": g, "gold_stderr": se, "proxy_reward": p}
+        for i, (g, p) in enumerate(zip(golds, proxies))
+    ]
+
+
+def test_turn_in_standard_errors_by_hand():
+    v = hacking_verdict(_pts([0.1, 0.3, 0.1], [0.0, 1.0, 2.0]), 40)
+    assert v["peak_step"] == 20 and v["final_step"] == 40
+    assert v["fall_z"] == pytest.approx(0.2 / math.hypot(0.01, 0.01))  # 14.1 combined standard errors
+    assert v["hacked"] and v["proxy_rise"] == pytest.approx(1.0) and v["monitor_step"] == 40
+    assert not hacking_verdict(_pts([0.1, 0.3, 0.29], [0.0, 1.0, 2.0]), None)["hacked"]  # 0.7 s.e.: noise
+    assert not hacking_verdict(_pts([0.1, 0.3, 0.1], [0.0, 1.0, 0.5]), None)["hacked"]  # the proxy fell too
+    # the first maximum is the peak: a later equal value does not move it
+    assert hacking_verdict(_pts([0.1, 0.3, 0.3], [0.0, 1.0, 2.0]), None)["peak_step"] == 20
+
+
+def test_ladder_rows_say_what_each_run_did():
+    rows, finals = [], []
+    cases = {  # run: (β, golds, kls, monitor step)
+        "ladder-beta0": (0.0, [0.1, 0.3, 0.05], [0, 20, 40], 40),
+        "ladder-beta0.05": (0.05, [0.1, 0.2, 0.4], [0, 10, 20], None),
+        "ladder-beta2": (2.0, [0.1, 0.1, 0.11], [0, 1, 1.5], None),
+        "ladder-beta0.3": (0.3, [0.1, 0.1, 0.12], [0, 3, 6], None),  # gold unchanged but it moved 6 nats
+    }
+    for run, (beta, golds, kls, mon) in cases.items():
+        pts = [
+            {"method": "ppo", "run": run, "group": "ladder", "step": 20 * i, "kl": k, "kl_stderr": 0.1,
+             "gold_reward": g, "gold_stderr": 0.01, "proxy_reward": float(i), "beta": beta, "seed": 0}
+            for i, (g, k) in enumerate(zip(golds, kls))
+        ]  # fmt: skip
+        rows += pts
+        finals.append({**pts[-1], "hacking_step": mon})
+    table = {r["run"]: r for r in ladder_table(rows, finals, "ladder", (0.1, 0.01))}
+    assert table["ladder-beta0"]["did"] == "hacked" and agrees(table["ladder-beta0"]) == "yes"
+    assert table["ladder-beta0.05"]["did"] == "moved, no hacking" and agrees(table["ladder-beta0.05"]) == "yes"
+    assert table["ladder-beta2"]["did"] == "barely moved" and agrees(table["ladder-beta2"]) == "yes"
+    assert table["ladder-beta0.3"]["did"] == "moved, no hacking"  # KL 6 > 3 nats: not "barely"
+    best = best_beta(list(table.values()))
+    assert best["beta"] == 0.05 and best["runner_up"] == 0.3
+    assert best["margin_z"] == pytest.approx((0.4 - 0.12) / math.hypot(0.01, 0.01))
+
+
+def test_first_hacking_step_and_dpo_failure_read_the_runs_own_logs(tmp_path):
+    run = tmp_path / "run"
+    (run / "train").mkdir(parents=True)
+    assert first_hacking_step(run) is None and final_train_loss(run) is None  # nothing logged yet
+    metrics = [{"step": 0, "eval/hacking": 0.0}, {"step": 5, "loss": 1.0}, {"step": 40, "eval/hacking": 1.0}]
+    (run / "train" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
+    assert first_hacking_step(run) == 40
+    losses = [0.7] * 20 + [0.5] * 4 + [1.0] * 6  # 30 steps: the last max(5, 3) = 5 steps are all 1.0
+    (run / "train" / "history.jsonl").write_text(
+        "".join(json.dumps({"step": i, "loss": v}) + "\n" for i, v in enumerate(losses))
+    )
+    assert final_train_loss(run) == pytest.approx(1.0) and final_train_loss(run) > DPO_UNSTABLE_LOSS
+    assert final_train_loss(run, tail=0.5) == pytest.approx((0.7 * 5 + 0.5 * 4 + 1.0 * 6) / 15)
+
+
+def test_quick_preset_runs():
+    """The quick preset's runs: the frontier (two seeds of PPO-on-proxy), the ladder with a second seed of
+    β = 0, the second task's ladder against the small proxy, and PPO-GT from the weak reference."""
+    runs = {s["run"]: s for s in DemoConfig().runs()}
+    assert {"ppo-kl3", "ppo-kl3-seed1", "ppo-kl8", "ppo-kl8-seed1"} <= runs.keys()
+    assert [r for r in runs if r.startswith("ladder-")] == [
+        "ladder-beta0", "ladder-beta0-seed1", "ladder-beta0.01", "ladder-beta0.05", "ladder-beta0.3", "ladder-beta2"
+    ]  # fmt: skip
+    assert all("kl_target" not in s and s["steps"] == 120 for r, s in runs.items() if r.startswith("ladder"))
+    assert {s["proxy"] for r, s in runs.items() if r.startswith("ladder_small")} == {"rm_small"}
+    assert runs["ppo_gt-kl6-weakref"]["reference"] == "sft_weak"
