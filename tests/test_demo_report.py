@@ -88,3 +88,13 @@ def test_quick_preset_runs():
     assert all("kl_target" not in s and s["steps"] == 120 for r, s in runs.items() if r.startswith("ladder"))
     assert {s["proxy"] for r, s in runs.items() if r.startswith("ladder_small")} == {"rm_small"}
     assert runs["ppo_gt-kl6-weakref"]["reference"] == "sft_weak"
+
+
+def test_dpo_learning_rate_over_beta():
+    """The full preset divides DPO's learning rate by β above 1 only; the quick preset keeps one rate."""
+    from tether.demo.pipeline import PRESETS, dpo_lr_for
+
+    full = DemoConfig(**PRESETS["full"])
+    assert [dpo_lr_for(full, b) for b in (0.05, 1.0, 5.0)] == [1.5e-4, 1.5e-4, 1.5e-4 / 5]
+    quick = DemoConfig()
+    assert {dpo_lr_for(quick, b) for b in (0.05, 1.0, 5.0)} == {5e-4}

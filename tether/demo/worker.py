@@ -27,7 +27,7 @@ def main(spec_path: str) -> int:
     from ..rewards import RewardModelSource, VaderSource
     from ..runs import latest_checkpoint_step, write_atomic
     from ..sweep.runner import read_points
-    from .pipeline import DemoConfig
+    from .pipeline import DemoConfig, dpo_lr_for
     from .task import evaluate_policy, read_prompt_file
 
     blob = json.loads(Path(spec_path).read_text())
@@ -93,7 +93,7 @@ def main(spec_path: str) -> int:
             loss_type="sigmoid",
             max_steps=cfg.dpo_steps,
             batch_size=cfg.batch_size,
-            learning_rate=cfg.dpo_lr,
+            learning_rate=dpo_lr_for(cfg, spec["beta"]),
             eval_every=cfg.eval_every,
             kl_prompts=0,
             progress=False,
