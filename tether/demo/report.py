@@ -83,7 +83,14 @@ def write_report(
     tables."""
     from ..sweep.report import csv_columns, write_csv
     from ..sweep.report import write_report as sweep_report
-    from .report_parts import diagnostics_html, hacking_html, ladder_html, ladder_table, reference_html
+    from .report_parts import (
+        diagnostics_html,
+        frontier_notes_html,
+        hacking_html,
+        ladder_html,
+        ladder_table,
+        reference_html,
+    )
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -118,7 +125,8 @@ def write_report(
             f"(the loss at the reference, before any training): {html.escape(lines)}.</p>"
         )
     refs = {"frontier": ref, **({"weak_reference": weak_reference} if weak_reference else {})}
-    after = ladder_html(out_dir, tasks, steps=ladder_steps or 0, notes=notes)
+    after = frontier_notes_html(finals)
+    after += ladder_html(out_dir, tasks, steps=ladder_steps or 0, notes=notes)
     after += reference_html(out_dir, rows, refs, meta.get("weak reference SFT steps"))
     after += diagnostics_html(out_dir, diagnostics)
     return sweep_report(

@@ -516,3 +516,49 @@ visited states.</p>
 {_img(out_dir, "kl_noise.png", "KL by position and estimator noise by length")}
 <table><tr><th>policy</th><th>samples</th><th>mean length</th><th>exact ± s.e.</th><th>k1 ± s.e.</th>
 <th>k3 ± s.e.</th><th>k1 s.e. / exact s.e.</th></tr>{noise}</table>"""
+
+
+def _mean_se(groups: dict) -> float:
+    ses = [_se(f.get("gold_stderr")) for fs in groups.values() for f in fs]
+    return sum(ses) / len(ses) if ses else math.nan
+
+
+def frontier_notes_html(finals: list[dict]) -> str:
+    """Part 2's readings under the frontier: whether DPO's β orders its final KL (Spearman's ρ over the DPO
+    runs that did not fail; −1: the larger the β, the smaller the KL, as the objective says), and the spread
+    of PPO-on-proxy's final gold across training seeds at each KL target."""
+    import torch
+
+    from ..diagnostics.hacking import spearman
+
+    esc = html.escape
+    out = ""
+    dpo = sorted((f for f in finals if f["method"] == "dpo" and not f.get("unstable")), key=lambda f: f["beta"])
+    if len(dpo) >= 2:
+        rho = spearman(torch.tensor([f["beta"] for f in dpo]), torch.tensor([f["kl"] for f in dpo]))
+        kls = ", ".join(f"β = {f['beta']:g}: {f['kl']:.1f}" for f in dpo)
+        out += (
+            f"<p>DPO's β orders its final KL: Spearman ρ(β, KL) = {rho:.2f} over {len(dpo)} runs ({esc(kls)} nats).</p>"
+        )
+    ppo: dict[float, list[dict]] = {}
+    for f in finals:
+        if f["method"] == "ppo" and f.get("group", "frontier") == "frontier" and f.get("kl_target") is not None:
+            ppo.setdefault(f["kl_target"], []).append(f)
+    rows = ""
+    for t, fs in sorted(ppo.items()):
+        golds = [f["gold_reward"] for f in fs]
+        sd = (sum((g - sum(golds) / len(golds)) ** 2 for g in golds) / (len(golds) - 1)) ** 0.5 if len(fs) > 1 else None
+        each = ", ".join(f"seed {f.get('seed')}: {f['gold_reward']:.3f} at {f['kl']:.1f} nats" for f in fs)
+        rows += (
+            f"<tr><td>{t:g}</td><td>{len(fs)}</td><td>{sum(golds) / len(golds):.3f}</td>"
+            f"<td>{'n/a' if sd is None else f'{sd:.3f}'}</td><td>{esc(each)}</td></tr>"
+        )
+    if rows:
+        out += (
+            "<p>PPO against the learned proxy, across training seeds (every seed evaluated on the same draw). "
+            "Compare the spread between seeds with one evaluation's standard error (about "
+            f"{_mean_se(ppo):.3f}): where the spread is larger, the run-to-run noise dominates and one seed is not "
+            "a result.</p><table><tr><th>KL target</th><th>seeds</th><th>mean final gold</th><th>spread (sd)</th>"
+            f"<th>each seed</th></tr>{rows}</table>"
+        )
+    return f"<h2>2. The frontier: readings</h2>{out}" if out else ""
