@@ -55,7 +55,7 @@ def test_tiny_demo_end_to_end(tmp_path, assets_dir):
     }
     with open(out / "ladder.csv") as f:
         ladder = {r["run"]: r for r in csv.DictReader(f)}
-    assert ladder["ladder-beta0"]["rule_row"] == "0–0.01" and ladder["ladder-beta1"]["rule_row"] == "> 1"
+    assert ladder["ladder-beta0"]["rule_row"] == "0–0.01" and ladder["ladder-beta1"]["rule_row"] == "≥ 1"
     assert float(ladder["ladder-beta0"]["beta"]) == 0.0
     for run in ("dpo-beta0.1", "ppo-kl4"):  # evaluated at step 0, every 2 steps, and at the end
         steps = sorted(float(r["step"]) for r in rows if r["run"] == run)

@@ -96,7 +96,13 @@ def test_initial_betas_per_run():
     (the weak reference's PPO-GT from the weak reference's spread); DPO, best-of-n and the fixed-β ladder
     are untouched; ``ppo_init_beta`` overrides every adaptive run."""
     cfg = DemoConfig(
-        dpo_betas=[0.1], ppo_kl_targets=[2.0], ppo_gt_kl_targets=[8.0], bon_ns=[2], ppo_seeds=[0, 3], ladder_betas=[0.0]
+        dpo_betas=[0.1],
+        ppo_kl_targets=[2.0],
+        ppo_gt_kl_targets=[8.0],
+        bon_ns=[2],
+        ppo_seeds=[0, 3],
+        ppo_seeds_at=[2.0],
+        ladder_betas=[0.0],
     )
     spreads = {"sft": {"proxy": 4.0, "gold": 0.16}, "sft_weak": {"proxy": 1.0, "gold": 0.64}}
     specs = {s["run"]: s for s in initial_betas(cfg, cfg.runs(), spreads)}

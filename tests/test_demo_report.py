@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from tether.demo.pipeline import DPO_UNSTABLE_LOSS, DemoConfig, final_train_loss, first_hacking_step
+from tether.demo.pipeline import DPO_UNSTABLE_LOSS, PRESETS, DemoConfig, final_train_loss, first_hacking_step
 from tether.demo.report_parts import agrees, best_beta, hacking_verdict, ladder_table, rule_row
 
 
@@ -14,7 +14,7 @@ def test_rule_of_thumb_rows():
     assert rule_row(0.0)[0] == rule_row(0.01)[0] == "0–0.01"
     assert rule_row(0.05) == ("0.02–0.1", "standard")
     assert rule_row(0.3) == ("0.2–0.5", "conservative")
-    assert rule_row(1.0)[0] == rule_row(2.0)[0] == "> 1"
+    assert rule_row(1.0)[0] == rule_row(2.0)[0] == "≥ 1"
     assert rule_row(0.15) == ("between 0.02–0.1 and 0.2–0.5", "")  # between rows: no prediction
 
 
@@ -81,7 +81,9 @@ def test_quick_preset_runs():
     """The quick preset's runs: the frontier (two seeds of PPO-on-proxy), the ladder with a second seed of
     β = 0, the second task's ladder against the small proxy, and PPO-GT from the weak reference."""
     runs = {s["run"]: s for s in DemoConfig().runs()}
-    assert {"ppo-kl3", "ppo-kl3-seed1", "ppo-kl8", "ppo-kl8-seed1"} <= runs.keys()
+    assert {r for r in runs if r.startswith("ppo-")} == {"ppo-kl3", "ppo-kl8", "ppo-kl8-seed1"}
+    full = {s["run"] for s in DemoConfig(**PRESETS["full"]).runs() if s["run"].startswith("ppo-")}
+    assert len(full) == 12 and "ppo-kl3-seed2" in full  # 4 targets x 3 seeds
     assert [r for r in runs if r.startswith("ladder-")] == [
         "ladder-beta0", "ladder-beta0-seed1", "ladder-beta0.01", "ladder-beta0.05", "ladder-beta0.3", "ladder-beta2"
     ]  # fmt: skip
@@ -98,3 +100,16 @@ def test_dpo_learning_rate_over_beta():
     assert [dpo_lr_for(full, b) for b in (0.05, 1.0, 5.0)] == [1.5e-4, 1.5e-4, 1.5e-4 / 5]
     quick = DemoConfig()
     assert {dpo_lr_for(quick, b) for b in (0.05, 1.0, 5.0)} == {5e-4}
+
+
+@pytest.mark.parametrize(
+    "flag", ["--ladder_betas=-1", "--small_proxy_fraction=0", "--weak_sft_steps=0", "--ladder_steps=0"]
+)
+def test_bad_demo_fields_exit_2_with_one_line(flag, capsys, tmp_path):
+    from tether.commands.demo import main as demo_main
+
+    with pytest.raises(SystemExit) as e:
+        demo_main([flag, "--output_dir", str(tmp_path / "out")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert flag[2:].split("=")[0] in err[-1] and not (tmp_path / "out").exists()

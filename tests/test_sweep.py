@@ -539,3 +539,19 @@ def test_a_rerun_gives_each_worker_the_same_threads(tmp_path, stories_path, monk
         (out / "runs" / name / "result.json").write_text("{}")
     runner.run_sweep(load_sweep(path), output_dir=str(out))
     assert launched == [(["reference", "ppo-beta0.1", "ppo-beta1"], 3), (["ppo-beta1"], 3)]
+
+
+def test_a_setting_is_keyed_by_the_rows_own_swept_fields():
+    """Two seeds of an adaptive PPO run end at different β (an outcome, logged as ``beta``) while DPO sweeps β:
+    the PPO seeds are one setting, keyed by their own swept field (kl_target), and the DPO runs two."""
+    finals = [
+        {"method": "ppo", "run": "ppo-kl3", "seed": 0, "kl_target": 3.0, "beta": 0.69, "swept": ["kl_target"]},
+        {"method": "ppo", "run": "ppo-kl3-seed1", "seed": 1, "kl_target": 3.0, "beta": 0.63, "swept": ["kl_target"]},
+        {"method": "dpo", "run": "dpo-beta0.1", "seed": 0, "beta": 0.1, "swept": ["beta"]},
+        {"method": "dpo", "run": "dpo-beta1", "seed": 0, "beta": 1.0, "swept": ["beta"]},
+    ]
+    for i, f in enumerate(finals):
+        f.update(kl=1.0 + i, gold_reward=0.1 * i, gold_stderr=0.01)
+    sets = {s["setting"]: s for s in settings(finals, "gold_reward", ["kl_target", "beta"])}
+    assert set(sets) == {"ppo kl_target=3", "dpo beta=0.1", "dpo beta=1"}
+    assert sets["ppo kl_target=3"]["n"] == 2 and sets["ppo kl_target=3"]["y"] == pytest.approx(0.05)

@@ -60,6 +60,9 @@ class DemoConfig:
     ppo_seeds: list = field(default_factory=lambda: [0, 1])
     """Training seeds of every PPO-on-proxy KL target (PPO against a learned proxy varies between runs; the
     report draws the spread). Every run is evaluated at ``seed``'s draw."""
+    ppo_seeds_at: Optional[list] = field(default_factory=lambda: [8.0])
+    """The KL targets run at every seed of ``ppo_seeds``; the others at ``seed`` only. None: every target. The
+    quick preset seeds only its larger target, where the runs differ most (its 10-minute budget)."""
     ladder_betas: list = field(default_factory=lambda: [0.0, 0.01, 0.05, 0.3, 2.0])
     """The β ladder: PPO against the proxy at these fixed β (0: no penalty), one per row of the practitioners'
     rule of thumb (0–0.01 near-unconstrained, 0.02–0.1 standard, 0.2–0.5 conservative, > 1 barely moves)."""
@@ -145,7 +148,11 @@ class DemoConfig:
             specs += [
                 {"method": "ppo", "run": seeded(f"ppo-kl{t:g}", s), "kl_target": float(t), "seed": int(s)}
                 for t in self.ppo_kl_targets
-                for s in (self.ppo_seeds or [self.seed])
+                for s in (
+                    (self.ppo_seeds or [self.seed])
+                    if self.ppo_seeds_at is None or float(t) in map(float, self.ppo_seeds_at)
+                    else [self.seed]
+                )
             ]
         if "ppo_gt" in m:
             specs += [
@@ -205,6 +212,7 @@ PRESETS = {
         "max_new_tokens": 32,
         "ppo_kl_horizon": 480,
         "ppo_seeds": [0, 1, 2],
+        "ppo_seeds_at": None,
         "hack_seeds": [1, 2],
         "ladder_steps": 160,
     },
@@ -225,6 +233,7 @@ PRESETS = {
         "max_new_tokens": 8,
         "batch_size": 8,
         "ppo_seeds": [0],
+        "ppo_seeds_at": None,
         "ladder_betas": [0.0, 1.0],
         "ladder_steps": 2,
         "hack_seeds": [],
@@ -607,7 +616,8 @@ def collect(paths: Paths, specs: list[dict], ref_row: dict) -> tuple[list[dict],
             final["hacking_step"] = first_hacking_step(run_dir)
         if spec["method"] == "dpo":
             final["final_loss"] = final_train_loss(run_dir)
-            final["unstable"] = final["final_loss"] is not None and final["final_loss"] > DPO_UNSTABLE_LOSS
+            loss = final["final_loss"]
+            final["unstable"] = loss is not None and not loss <= DPO_UNSTABLE_LOSS  # NaN: failed too
         finals.append(final)
         samples[spec["run"]] = pts[-1].get("samples", [])
     return rows, finals, samples
@@ -631,7 +641,8 @@ def run_demo(cfg: DemoConfig) -> Path:
     n_pref = cfg.n_pref_prompts
     splits = split_snippets(pos, neg, n_sft=cfg.n_sft, n_pref=n_pref, n_eval=cfg.n_eval_prompts, seed=cfg.seed)
     times: dict[str, float] = {}  # stage -> seconds in this invocation (a resumed, skipped stage takes ~0)
-    weak, small = "weak_reference" in cfg.methods, "small_proxy" in cfg.methods
+    weak = "weak_reference" in cfg.methods and bool(cfg.ppo_gt_kl_targets)
+    small = "small_proxy" in cfg.methods and bool(cfg.small_proxy_betas)
 
     last = t0
 
@@ -685,7 +696,8 @@ def run_demo(cfg: DemoConfig) -> Path:
         **(
             {
                 "small proxy": f"{rm_small.get('pairs')} pairs (the first {cfg.small_proxy_fraction:g} of the "
-                f"preference prompts), held-out accuracy {rm_small.get('eval/rm/accuracy')}"
+                f"preference prompts), held-out accuracy {rm_small.get('eval/rm/accuracy')}",
+                "small proxy fraction": cfg.small_proxy_fraction,
             }
             if rm_small
             else {}

@@ -103,18 +103,25 @@ def write_report(
     ref_gold = (ref["gold_reward"], ref.get("gold_stderr") or 0.0)
     ladder = ladder_table(rows, finals, "ladder", ref_gold)
     small = ladder_table(rows, finals, "ladder_small", ref_gold)
-    tasks = {"task 1: sentiment, the proxy from every preference pair": ladder}
+    fraction = meta.get("small proxy fraction")
+    first_task = "task 1: sentiment, the proxy from every preference pair"
+    second_task = (
+        f"task 2: sentiment, a proxy from {fraction:g} of the preference prompts' pairs" if fraction else "task 2"
+    )
+    tasks = {first_task: ladder}
     if small:
-        tasks["task 2: sentiment, a proxy from a quarter of the pairs"] = small
+        tasks[second_task] = small
     notes = {
-        next(iter(tasks)): "The proxy of the frontier below.",
-        "task 2: sentiment, a proxy from a quarter of the pairs": "A reward model trained the same way on the pairs "
-        "of a quarter of the preference prompts: a different reward on the same model, with a different scale and "
-        "more blind spots (Gao et al. 2022: a proxy learned from fewer labels is overoptimised sooner). Its proxy "
-        "column is that reward model's score.",
+        first_task: "The proxy of the frontier above and of part 1.",
+        second_task: "A reward model trained the same way on the pairs of a fraction of the preference prompts: a "
+        "different reward on the same model, with a different scale and more blind spots (Gao et al. 2022: a proxy "
+        "learned from fewer labels is overoptimised sooner). Its proxy column is that reward model's score.",
     }
     write_csv(rows, out_dir / "all_points.csv", csv_columns(rows))  # every group's evaluation points
-    write_csv(ladder + small, out_dir / "ladder.csv")
+    write_csv(
+        [{"group": "ladder", **r} for r in ladder] + [{"group": "ladder_small", **r} for r in small],
+        out_dir / "ladder.csv",
+    )
     before = hacking_html(out_dir, rows, finals, ladder)
     if unstable:
         lines = ", ".join(

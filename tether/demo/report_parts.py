@@ -26,10 +26,11 @@ RULE_OF_THUMB = (
     (0.0, 0.01, "0–0.01", "near-unconstrained; reward hacking likely"),
     (0.02, 0.1, "0.02–0.1", "standard"),
     (0.2, 0.5, "0.2–0.5", "conservative"),
-    (1.0, math.inf, "> 1", "barely moves"),
+    (1.0, math.inf, "≥ 1", "barely moves"),
 )
-"""The rule of thumb for a fixed β against a learned reward model (InstructGPT, Ouyang et al. 2022; Stiennon et
-al. 2020 use β ≈ 0.05): (low, high, row, what it predicts). β = 1 is counted in the last row."""
+"""Practitioners' rule of thumb for a fixed β against a learned reward model: (low, high, row, what it
+predicts). Folklore, not a published table; its data points are the β of published runs (InstructGPT, Ouyang et
+al. 2022: 0.02; Stiennon et al. 2020: about 0.05), both in the "standard" row."""
 
 FALL_Z = 3.0
 """The report calls a gold fall real when it exceeds this many combined standard errors (the monitor's z)."""
@@ -134,7 +135,7 @@ def agrees(r: dict) -> str:
     """Does what the run did match its rule-of-thumb row? "yes", "no", or "" (β between rows)."""
     expected = {
         "0–0.01": "hacked",
-        "> 1": "barely moved",
+        "≥ 1": "barely moved",
         "0.02–0.1": "moved, no hacking",
         "0.2–0.5": "moved, no hacking",
     }
@@ -142,12 +143,19 @@ def agrees(r: dict) -> str:
     return "" if e is None else ("yes" if r["did"] == e else "no")
 
 
-def best_beta(table: list[dict]) -> Optional[dict]:
-    """The ladder row with the highest final gold among the first seed's runs, with ``margin_z``: its lead over
-    the runner-up in combined standard errors."""
-    first = {}
-    for r in table:
+def first_seed(table: list[dict]) -> dict[float, dict]:
+    """{β: the run of the demo's own seed} (its name has no "-seed" suffix; else the first listed)."""
+    first: dict[float, dict] = {}
+    for r in sorted(table, key=lambda r: "-seed" in r["run"]):
         first.setdefault(r["beta"], r)
+    return first
+
+
+def best_beta(table: list[dict]) -> Optional[dict]:
+    """The ladder row with the highest final gold among the demo seed's runs, with ``margin_z``: its lead over
+    the runner-up in combined standard errors (treating the two evaluations as independent; they share prompts
+    and the sampling draw, so this overstates the error of the difference: conservative)."""
+    first = first_seed(table)
     ranked = sorted(first.values(), key=lambda r: -r["gold"])
     if not ranked:
         return None
@@ -209,7 +217,7 @@ def plot_hacking(rows: list[dict], finals: list[dict], runs: list[str], path: Pa
                 fontsize=7,
                 color="red",
             )
-    a.set_title("gold reward (VADER): rises, peaks, falls without the penalty")
+    a.set_title("gold reward (VADER), the judgement")
     a.set_xlabel("PPO step")
     a.set_ylabel("mean gold reward (±1 s.e.)")
     b.set_title("proxy reward (the learned RM being optimised)")
@@ -228,11 +236,9 @@ def plot_ladder(tables: dict[str, list[dict]], path: Path) -> None:
     hacked runs drawn as red crosses."""
     plt = _plt()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    right = 2 * max((r["beta"] for t in tables.values() for r in t), default=2.0) or 1.0
     for name, table in tables.items():
-        first = {}
-        for r in table:
-            first.setdefault(r["beta"], r)
-        pts = sorted(first.values(), key=lambda r: r["beta"])
+        pts = sorted(first_seed(table).values(), key=lambda r: r["beta"])
         x = [r["beta"] for r in pts]
         (line,) = a.plot(x, [r["gold"] for r in pts], marker="o", label=name)
         a.errorbar(
@@ -252,10 +258,10 @@ def plot_ladder(tables: dict[str, list[dict]], path: Path) -> None:
             ax.axvspan(lo, hi, color="#2ca02c" if row == "0.02–0.1" else "#ff7f0e", alpha=0.08)
     a.set_ylabel("final gold reward (±1 s.e.; red x: the monitor fired)")
     b.set_ylabel("final KL[π‖π_ref] (nats)")
-    b.set_yscale("log")
+    b.set_yscale("symlog", linthresh=1.0)
     for ax in (a, b):
         ax.set_xscale("symlog", linthresh=0.01)
-        ax.set_xlim(-0.002, 4)
+        ax.set_xlim(-0.002, right)
         ax.set_xlabel("fixed β (symlog; shaded: 'standard' and 'conservative' rows)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -312,19 +318,36 @@ def _pm(v, se, fmt="{:.3f}") -> str:
     return fmt.format(v) + ("" if se is None else " ± " + fmt.format(se))
 
 
-def side_by_side(rows: list[dict], hacked_run: str, penalised_runs: list[str]) -> tuple[str, list[dict]]:
-    """The hacked run's final point and, among the penalised runs' points, the one with the nearest proxy
-    score (the two "look equally good" to the proxy). Returns (caption, [hacked point, penalised point])."""
-    h = max((r for r in rows if r["run"] == hacked_run), key=lambda r: r["step"])
+def side_by_side(rows: list[dict], hacked: dict[str, int], penalised_runs: list[str]) -> tuple[str, list[dict]]:
+    """The closest pair in proxy score between a hacked run's point at or after its monitor fired (``hacked``:
+    {run: step it fired}) and any point of a penalised run: the two "look equally good" to the proxy. Returns
+    (caption, [hacked point, penalised point])."""
+    after = [r for r in rows if r["run"] in hacked and r["step"] >= hacked[r["run"]] and r.get("samples")]
     cands = [r for r in rows if r["run"] in penalised_runs and r.get("samples")]
-    if not cands:
-        return "", [h]
-    p = min(cands, key=lambda r: abs(r["proxy_reward"] - h["proxy_reward"]))
-    return (
-        f"proxy {h['proxy_reward']:.2f} against {p['proxy_reward']:.2f}: the proxy rates them alike; the gold does not "
-        f"({h['gold_reward']:.3f} against {p['gold_reward']:.3f})",
-        [h, p],
+    if not after or not cands:
+        return "", []
+    h, p = min(
+        ((a, b) for a in after for b in cands), key=lambda ab: abs(ab[0]["proxy_reward"] - ab[1]["proxy_reward"])
     )
+    z_proxy = _z(h["proxy_reward"], h.get("proxy_stderr"), p["proxy_reward"], p.get("proxy_stderr"))
+    z_gold = _z(p["gold_reward"], p.get("gold_stderr"), h["gold_reward"], h.get("gold_stderr"))
+    numbers = (
+        f"proxy {h['proxy_reward']:.2f} against {p['proxy_reward']:.2f} ({z_proxy:+.1f} s.e.), gold "
+        f"{h['gold_reward']:.3f} against {p['gold_reward']:.3f} ({-z_gold:+.1f} s.e.)"
+    )
+    if abs(z_proxy) <= 2 and z_gold > 2:
+        verdict = "the proxy rates them alike; the gold does not"
+    elif z_proxy > 2 and z_gold > 2:
+        verdict = "the proxy rates the unpenalised run's completions higher; the gold rates them lower"
+    else:
+        verdict = "the proxy and the gold do not disagree beyond 2 standard errors here"
+    return f"{numbers}: {verdict}", [h, p]
+
+
+def _z(a: float, se_a, b: float, se_b) -> float:
+    """(a − b) in combined standard errors, sqrt(se_a² + se_b²) (independent evaluations: conservative here)."""
+    se = math.hypot(_se(se_a), _se(se_b))
+    return (a - b) / se if se > 0 else (math.inf if a > b else -math.inf if a < b else 0.0)
 
 
 def samples_table(points: list[dict], k: int = 6) -> str:
@@ -365,23 +388,47 @@ def hacking_html(out_dir: Path, rows: list[dict], finals: list[dict], table: lis
             f"<td>{_pm(r['gold'], r['gold_stderr'])}</td><td>{r['fall_z']:.1f}</td><td>{r['proxy']:.2f}</td>"
             f"<td>{r['kl']:.1f}</td><td>{esc(mon)}</td></tr>"
         )
-    hacked = [r for r in small if r["monitor_step"] is not None]
+    hacked = {r["run"]: r["monitor_step"] for r in small if r["monitor_step"] is not None}
     penalised = [r["run"] for r in table if r["monitor_step"] is None and r["beta"] > 0.01]
     side = ""
-    if hacked and penalised:
-        caption, pts = side_by_side(rows, hacked[0]["run"], penalised)
-        side = f"<p>Completions side by side at a matched proxy score: {esc(caption)}.</p>{samples_table(pts)}"
+    caption, pts = side_by_side(rows, hacked, penalised) if hacked and penalised else ("", [])
+    if pts:
+        side = (
+            "<p>Completions side by side at a matched proxy score (the closest pair in proxy score between an "
+            f"unpenalised run after its monitor fired and a penalised run): {esc(caption)}.</p>{samples_table(pts)}"
+        )
     false_alarms = [r["run"] for r in table if r["monitor_step"] is not None and not r["hacked"]]
     missed = [r["run"] for r in table if r["hacked"] and r["monitor_step"] is None]
-    checks = (
-        "Every run the monitor flagged has a gold fall of more than "
-        f"{FALL_Z:g} standard errors with a rising proxy, and every such run was flagged."
-        if not false_alarms and not missed
-        else f"Monitor and the {FALL_Z:g}-standard-error reading disagree on: {', '.join(false_alarms + missed)}."
-    )
-    return f"""<h2>1. Reward hacking without the penalty</h2>
-<p>PPO against the learned proxy at fixed β (β = 0: no KL penalty at all). Without the penalty the proxy keeps
-rising while the gold reward peaks and falls: the policy has found what the proxy rewards and the gold does not.
+    flagged = [r["run"] for r in table if r["monitor_step"] is not None]
+    if false_alarms or missed:
+        checks = (
+            f"The monitor and the {FALL_Z:g}-standard-error reading disagree on: {', '.join(false_alarms + missed)}."
+        )
+    elif flagged:
+        checks = (
+            f"The monitor fired on {', '.join(flagged)}: each has a final gold more than {FALL_Z:g} standard errors "
+            f"below its peak with a rising proxy, and no other run has one."
+        )
+    else:
+        checks = f"The monitor fired on no run, and no run's gold fell more than {FALL_Z:g} standard errors."
+    zero = [r for r in small if r["beta"] == 0]
+    if zero and all(r["hacked"] for r in zero):
+        lead = (
+            "Without the penalty (β = 0, every seed) the proxy kept rising while the gold reward peaked and fell, by "
+            + ", ".join(f"{r['fall_z']:.0f}" for r in zero)
+            + " standard errors: the policy found what the proxy rewards and the gold does not."
+        )
+    elif zero:
+        lead = (
+            "Without the penalty (β = 0) the gold's fall from its peak was "
+            + ", ".join(f"{r['fall_z']:.1f}" for r in zero)
+            + f" standard errors: not every seed turned within {zero[0]['final_step']} steps."
+        )
+    else:
+        lead = "This ladder has no β = 0 run; its smallest β are shown."
+    title = "1. Reward hacking without the penalty" if zero else "1. Reward hacking at the smallest β"
+    return f"""<h2>{title}</h2>
+<p>PPO against the learned proxy at fixed β (β = 0: no KL penalty at all). {esc(lead)}
 The red cross marks the step at which the trainer's own hacking monitor (<code>eval/hacking</code>, in the run's
 metrics) fired: the gold below its peak by more than {FALL_Z:g} combined standard errors at two evaluations
 running, while the proxy is above its value there by as much.</p>
@@ -399,7 +446,7 @@ def ladder_html(out_dir: Path, tables: dict[str, list[dict]], *, steps: int, not
     if not tables:
         return ""
     plot_ladder(tables, out_dir / "ladder.png")
-    body, bests = "", []
+    body, bests, best_betas = "", [], []
     for name, table in tables.items():
         trs = "".join(
             f"<tr><td>{r['beta']:g}</td><td>{r['seed']}</td><td>{esc(r['rule_row'])}</td><td>{esc(r['rule_says'])}</td>"
@@ -414,19 +461,29 @@ def ladder_html(out_dir: Path, tables: dict[str, list[dict]], *, steps: int, not
         )
         b = best_beta(table)
         if b:
-            margin = f", {b['margin_z']:.1f} standard errors above β = {b['runner_up']:g}" if "margin_z" in b else ""
+            margin = ""
+            if "margin_z" in b:
+                margin = f", {b['margin_z']:.1f} standard errors above β = {b['runner_up']:g}"
+                margin += "" if b["margin_z"] > 2 else ": not distinguishable from it"
             bests.append(f"{name}: β = {b['beta']:g} (gold {b['gold']:.3f}{margin})")
-    return f"""<h2>3. What β does on this task</h2>
-<p>The same PPO at a ladder of fixed β, {steps} steps each, against the learned proxy. The rule of thumb
-practitioners quote for a β on a reward model's scale (InstructGPT; Stiennon et al. 2020): 0–0.01
-near-unconstrained, reward hacking likely; 0.02–0.1 standard; 0.2–0.5 conservative; above 1 the policy barely
-moves. "What the run did" is measured: hacked (its monitor fired), barely moved (final KL under {BARELY_KL:g} nats
-and gold within 2 standard errors of the reference), or moved without hacking.</p>
+            best_betas.append(b["beta"])
+    moved = len(set(best_betas)) > 1
+    closing = (
+        "The best β moved between the tasks: β trades reward units against nats, so a β tuned on one reward "
+        "does not carry over to another."
+        if moved
+        else ("The best β is the same on both tasks here." if len(best_betas) > 1 else "")
+    )
+    return f"""<h2>3. What β does{" on two tasks" if len(tables) > 1 else ""}</h2>
+<p>The same PPO at a ladder of fixed β, {steps} steps each, against a learned proxy. The rule of thumb
+practitioners quote for β on a reward model's scale (folklore rather than a published table; InstructGPT ran
+at 0.02, Stiennon et al. 2020 at about 0.05): 0–0.01 near-unconstrained, reward hacking likely; 0.02–0.1
+standard; 0.2–0.5 conservative; 1 and above, the policy barely moves. "What the run did" is measured: hacked
+(its monitor fired), barely moved (final KL under {BARELY_KL:g} nats and gold within 2 standard errors of the
+reference), or moved without hacking.</p>
 {_img(out_dir, "ladder.png", "final gold and KL against β for both tasks")}
 {body}
-<p><b>The best β</b> (highest final gold): {esc("; ".join(bests))}. β trades reward units against nats, so the
-same β means a different KL on a reward of a different scale or sharpness; a β tuned on one reward does not carry
-over to another.</p>"""
+<p><b>The best β</b> (highest final gold of the demo's seed): {esc("; ".join(bests))}. {closing}</p>"""
 
 
 def reference_html(out_dir: Path, rows: list[dict], refs: dict[str, dict], weak_steps: Optional[int]) -> str:
@@ -452,6 +509,12 @@ def reference_html(out_dir: Path, rows: list[dict], refs: dict[str, dict], weak_
             f"from the SFT reference, {b['gold_reward']:.3f} ± {_se(b.get('gold_stderr')):.3f} at {b['kl']:.1f} nats "
             f"from the weak one ({z:+.1f} standard errors). "
         )
+        if z > 2 and b["kl"] >= a["kl"] - 0.5:
+            verdict += "From the weaker reference, as much KL or more bought less gold. "
+        elif z <= 2:
+            verdict += "The two are not separated by more than 2 standard errors here. "
+    if not verdict:
+        verdict = "There is no PPO-GT run from the SFT reference to compare with."
     trs = ""
     for group, label in (("frontier", "SFT reference"), ("weak_reference", "weak reference")):
         ref = refs[group]
@@ -465,8 +528,7 @@ def reference_html(out_dir: Path, rows: list[dict], refs: dict[str, dict], weak_
     return f"""<h2>4. The reference sets a ceiling</h2>
 <p>The optimum of the KL-regularised objective is π* ∝ π_ref·exp(r/β): it reweights what the reference already
 writes. The same PPO-GT (optimising the gold itself, same KL targets) from the SFT reference and from a weak one
-(the same SFT stopped after {weak_steps} steps). From the weaker reference, the same KL buys less gold.
-{html.escape(verdict)}</p>
+(the same SFT stopped after {weak_steps} steps). {html.escape(verdict)}</p>
 {_img(out_dir, "reference_ceiling.png", "PPO-GT frontier from two references")}
 <table><tr><th>reference</th><th>run</th><th>reference's gold (KL 0)</th><th>final gold</th><th>best point</th></tr>
 {trs}</table>"""
@@ -537,8 +599,11 @@ def frontier_notes_html(finals: list[dict]) -> str:
     if len(dpo) >= 2:
         rho = spearman(torch.tensor([f["beta"] for f in dpo]), torch.tensor([f["kl"] for f in dpo]))
         kls = ", ".join(f"β = {f['beta']:g}: {f['kl']:.1f}" for f in dpo)
+        says = "orders" if rho < 0 else "does not order"
+        by_construction = " (with two runs ρ is ±1 by construction)" if len(dpo) == 2 else ""
         out += (
-            f"<p>DPO's β orders its final KL: Spearman ρ(β, KL) = {rho:.2f} over {len(dpo)} runs ({esc(kls)} nats).</p>"
+            f"<p>DPO's β {says} its final KL: Spearman ρ(β, KL) = {rho:.2f} over {len(dpo)} runs{by_construction} "
+            f"({esc(kls)} nats).</p>"
         )
     ppo: dict[float, list[dict]] = {}
     for f in finals:
