@@ -113,3 +113,38 @@ def test_bad_demo_fields_exit_2_with_one_line(flag, capsys, tmp_path):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert flag[2:].split("=")[0] in err[-1] and not (tmp_path / "out").exists()
+
+
+def test_report_sentences_follow_the_numbers(tmp_path):
+    """The page's verdicts flip with the data: DPO's β orders its KL only when ρ < 0; the side-by-side pair
+    is called alike only within 2 s.e. of proxy; a β = 0 run that did not turn is reported as such."""
+    from tether.demo.report_parts import frontier_notes_html, hacking_html, side_by_side
+
+    def dpo(beta, kl):
+        return {"method": "dpo", "run": f"dpo-beta{beta:g}", "beta": beta, "kl": kl, "gold_reward": 0.1}
+
+    assert "β orders its final KL" in frontier_notes_html([dpo(0.1, 9.0), dpo(1.0, 2.0), dpo(5.0, 1.0)])
+    assert "does not order" in frontier_notes_html([dpo(0.1, 1.0), dpo(1.0, 2.0), dpo(5.0, 9.0)])
+    assert "by construction" in frontier_notes_html([dpo(0.1, 9.0), dpo(1.0, 2.0)])
+
+    def pt(run, step, proxy, gold):
+        return {"run": run, "step": step, "kl": 1.0, "proxy_reward": proxy, "proxy_stderr": 0.05,
+                "gold_reward": gold, "gold_stderr": 0.01, "samples": [{"prompt": "a", "completion": "b", "gold": gold}]}  # fmt: skip
+
+    caption, pair = side_by_side([pt("h", 40, 3.0, 0.05), pt("p", 40, 2.95, 0.4)], {"h": 40}, ["p"])
+    assert "alike; the gold does not" in caption and [p["run"] for p in pair] == ["h", "p"]
+    caption, _ = side_by_side([pt("h", 40, 3.0, 0.05), pt("p", 40, 1.0, 0.4)], {"h": 40}, ["p"])
+    assert "alike" not in caption and "higher" in caption  # 28 s.e. apart in proxy: not a matched pair
+    before_turn = [pt("h", 20, 3.0, 0.05), pt("p", 40, 2.9, 0.4)]
+    assert side_by_side(before_turn, {"h": 40}, ["p"])[1] == []  # only points at or after the monitor fired
+
+    rows = [
+        {"method": "ppo", "run": "ladder-beta0", "group": "ladder", "step": s, "kl": float(s), "kl_stderr": 0.1,
+         "gold_reward": g, "gold_stderr": 0.01, "proxy_reward": s / 10, "proxy_stderr": 0.05, "beta": 0.0, "seed": 0}
+        for s, g in ((0, 0.1), (20, 0.2), (40, 0.21))
+    ]  # fmt: skip
+    finals = [{**rows[-1], "hacking_step": None}]
+    table = ladder_table(rows, finals, "ladder", (0.1, 0.01))
+    page = hacking_html(tmp_path, rows, finals, table)
+    assert "not every seed turned within 40 steps" in page and "fired on no run" in page
+    assert (tmp_path / "hacking.png").stat().st_size > 0

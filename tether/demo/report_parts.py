@@ -125,7 +125,7 @@ def ladder_table(rows: list[dict], finals: list[dict], group: str, reference_gol
                 "gold_stderr": f.get("gold_stderr"),
                 "proxy": f["proxy_reward"],
                 "did": did,
-                **{k: v[k] for k in ("peak_gold", "peak_step", "fall_z", "monitor_step", "hacked")},
+                **{k: v[k] for k in ("peak_gold", "peak_step", "final_step", "fall_z", "monitor_step", "hacked")},
             }
         )
     return sorted(out, key=lambda r: (r["beta"], r["seed"] or 0))
