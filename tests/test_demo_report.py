@@ -128,8 +128,9 @@ def test_report_sentences_follow_the_numbers(tmp_path):
     assert "by construction" in frontier_notes_html([dpo(0.1, 9.0), dpo(1.0, 2.0)])
 
     def pt(run, step, proxy, gold):
+        sample = {"prompt": "a", "completion": "b", "gold": gold}
         return {"run": run, "step": step, "kl": 1.0, "proxy_reward": proxy, "proxy_stderr": 0.05,
-                "gold_reward": gold, "gold_stderr": 0.01, "samples": [{"prompt": "a", "completion": "b", "gold": gold}]}  # fmt: skip
+                "gold_reward": gold, "gold_stderr": 0.01, "samples": [sample]}  # fmt: skip
 
     caption, pair = side_by_side([pt("h", 40, 3.0, 0.05), pt("p", 40, 2.95, 0.4)], {"h": 40}, ["p"])
     assert "alike; the gold does not" in caption and [p["run"] for p in pair] == ["h", "p"]
