@@ -369,6 +369,31 @@ def samples_table(points: list[dict], k: int = 6) -> str:
     return f"<table class='side'><tr><th>prompt</th>{hdr}</tr>{trs}</table>"
 
 
+def gao_note(rows: list[dict], runs: list[str]) -> str:
+    """Gao et al.'s RL form d(α − β_g log d), d = √KL, fitted (``sweep.report.gao_fits``) to every evaluation
+    point of ``runs`` (the gold gain over the reference), as a sentence: its coefficients, its peak KL and R²,
+    or why it should not be read."""
+    from ..sweep.report import gao_fits
+
+    pts = [{**r, "method": "unpenalised"} for r in rows if r["run"] in runs]
+    ref = next((r for r in pts if r["step"] == 0), None)
+    if ref is None:
+        return ""
+    fits = gao_fits([{**ref, "method": "reference"}] + pts, ykey="gold_reward")
+    f = fits.get("unpenalised")
+    if f is None:
+        return "Too few distinct KLs to fit Gao et al.'s curve to these runs."
+    what = (
+        f"Gao et al.'s (2022) RL form d(α − β_g log d), d = √KL, fitted to these runs' {f['n']} points: "
+        f"α = {f['alpha']:.3g}, β_g = {f['beta']:.3g}, R² = {f['r2']:.2f}"
+        if f["r2"] is not None
+        else "Gao et al.'s RL form: R² undefined"
+    )
+    if f["problems"]:
+        return f"{what}; not a shape to read: {'; '.join(f['problems'])}."
+    return f"{what}; its peak is at KL {f['peak_kl']:.3g} nats: past it, more KL buys less gold."
+
+
 def hacking_html(out_dir: Path, rows: list[dict], finals: list[dict], table: list[dict]) -> str:
     """Part 1's section; draws hacking.png."""
     esc = html.escape
@@ -426,6 +451,7 @@ def hacking_html(out_dir: Path, rows: list[dict], finals: list[dict], table: lis
         )
     else:
         lead = "This ladder has no β = 0 run; its smallest β are shown."
+    fit_note = gao_note(rows, [r["run"] for r in small])
     title = "1. Reward hacking without the penalty" if zero else "1. Reward hacking at the smallest β"
     return f"""<h2>{title}</h2>
 <p>PPO against the learned proxy at fixed β (β = 0: no KL penalty at all). {esc(lead)}
@@ -436,6 +462,7 @@ running, while the proxy is above its value there by as much.</p>
 <table><tr><th>run</th><th>β</th><th>seed</th><th>gold peak</th><th>final gold ± s.e.</th>
 <th>fall below the peak (s.e.)</th><th>final proxy</th><th>final KL</th><th>hacking monitor</th></tr>{lines}</table>
 <p>{esc(checks)}</p>
+<p>{esc(fit_note)}</p>
 {side}"""
 
 
