@@ -128,6 +128,8 @@ def main(spec_path: str) -> int:
         for key in ("gold", "proxy"):
             if f"{key}_reward" in pt:
                 out[f"eval/reward/{key}"] = pt[f"{key}_reward"]
+                if pt.get(f"{key}_stderr") is not None:  # the hacking monitor's noise gate
+                    out[f"eval/reward/{key}_stderr"] = pt[f"{key}_stderr"]
         return out
 
     train_dir = run_dir / "train"
