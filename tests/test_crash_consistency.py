@@ -372,14 +372,15 @@ def demo(tmp_path_factory, assets_dir):
 
 
 # Kills at exact writes of the demo: the held-out prompt file (torn), the reward model's final/
-# (complete, not yet renamed; the SFT's is done by then), a best-of-n result.json (torn), a DPO
-# worker's last rewrite of its eval.jsonl (its first is at its start), a PPO worker's result.json.
+# (complete, not yet renamed; the SFT's is done by then), a best-of-n result.json (torn), a PPO
+# worker's result.json, a DPO worker's last rewrite of its eval.jsonl (its first is at its start). In
+# this order: the sweep starts its longest runs first (pipeline.run_cost), PPO's before DPO's.
 DEMO_WRITES = [
     ("eval_prompts.jsonl", 1, "--tiny"),
     ("final", 1, "--tiny"),
     ("result.json", 1, "--tiny"),
-    ("eval.jsonl", 2, "dpo-beta0.1"),
     ("result.json", 1, "ppo-kl4"),
+    ("eval.jsonl", 2, "dpo-beta0.1"),
 ]
 
 

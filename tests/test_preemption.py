@@ -394,7 +394,8 @@ def test_tiny_demo_stopped_by_sigterm_continues_to_the_same_frontier(assets_dir,
     (every evaluation point equal; wall-clock columns aside)."""
     import csv
 
-    argv = ["demo", "--tiny", "--assets", str(assets_dir), "--workers", "2"]
+    # runs long enough that the two started first (the longest: pipeline.run_cost) are mid-run at the signal
+    argv = ["demo", "--tiny", "--assets", str(assets_dir), "--workers", "2", "--ladder_steps", "8"]
     straight, out = tmp_path / "straight", tmp_path / "demo"
     proc = run(tether(*argv, "--output_dir", str(straight)), timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
